@@ -1,0 +1,52 @@
+# make demo: set up, train the tiny model on synthetic data, evaluate it and write pictures.
+# make test: set up, lint, run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_OUT ?= demo_output
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export MAX_JOBS ?= 2
+
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
+PYSRC_DIRS := m2f m2f_kernels tests benchmarks setup.py
+
+.PHONY: setup build lint format test demo bench clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1 setuptools wheel ninja
+	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	touch $@ m2f_kernels/_C.so
+
+setup: $(VENV)/.installed
+
+# Incremental rebuild of the kernel library (ninja) after csrc/ changes.
+m2f_kernels/_C.so: $(VENV)/.installed $(CSRC) csrc/sources.txt
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: m2f_kernels/_C.so
+
+lint: setup
+	$(VENV)/bin/ruff check $(PYSRC_DIRS)
+	$(VENV)/bin/ruff format --check $(PYSRC_DIRS)
+	$(VENV)/bin/clang-format --dry-run -Werror $(CSRC)
+
+format: setup
+	$(VENV)/bin/ruff check --fix $(PYSRC_DIRS)
+	$(VENV)/bin/ruff format $(PYSRC_DIRS)
+	$(VENV)/bin/clang-format -i $(CSRC)
+
+test: build lint
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(VENV)/bin/m2f demo --out $(DEMO_OUT)
+
+bench: build
+	$(PY) -m pytest benchmarks -q
+
+clean:
+	rm -rf build m2f_kernels/_C.so $(DEMO_OUT)

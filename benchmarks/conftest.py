@@ -1,0 +1,33 @@
+"""`pytest benchmarks/`: every benchmark records into one Recorder; the run ends with a markdown table and a
+results JSON (default .benchmarks/results-<device>.json; set M2F_BENCH_OUT to choose, e.g.
+benchmarks/results/<name>.json for results to commit)."""
+
+import os
+import re
+
+import pytest
+import torch
+
+from benchmarks.harness import Recorder, environment
+
+_recorder = Recorder()
+
+
+@pytest.fixture(scope="session")
+def bench() -> Recorder:
+    return _recorder
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _recorder.measurements:
+        return
+    terminalreporter.write_line("")
+    terminalreporter.write_line(_recorder.table())
+    device_name = re.sub(r"[^A-Za-z0-9]+", "-", environment()["device"]).strip("-").lower() or "cpu"
+    path = os.environ.get("M2F_BENCH_OUT", f".benchmarks/results-{device_name}.json")
+    terminalreporter.write_line(f"results written to {_recorder.write(path)}")

@@ -1,0 +1,237 @@
+"""Benchmark harness shared by every op and model benchmark.
+
+``measure`` times one callable in one mode (forward, backward or full = forward + backward), with warm-up,
+CUDA events on GPU and the wall clock on CPU, and the peak memory on GPU. ``Recorder`` (the ``bench``
+fixture of benchmarks/conftest.py) keeps the measurements of a run, reports each one as a ratio to its
+baseline measured in the same run, and writes them as JSON with the device, commit and versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+MODES = ("forward", "backward", "full")
+
+
+@dataclasses.dataclass
+class Measurement:
+    """One timed configuration: median and min milliseconds over ``repeats`` runs, peak bytes on GPU."""
+
+    group: str
+    name: str
+    mode: str
+    median_ms: float
+    min_ms: float
+    times_ms: list[float]
+    peak_memory_bytes: int | None
+    params: dict
+    bytes_moved: int | None = None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _outputs_and_grads(outputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    tensors = (
+        [outputs]
+        if isinstance(outputs, torch.Tensor)
+        else [t for t in outputs if isinstance(t, torch.Tensor)]
+    )
+    tensors = [t for t in tensors if t.requires_grad]
+    return tensors, [torch.ones_like(t) for t in tensors]
+
+
+def measure(
+    fn: Callable[[], object],
+    *,
+    mode: str = "full",
+    grad_inputs: Sequence[torch.Tensor] = (),
+    device: torch.device | str = "cpu",
+    warmup: int = 3,
+    repeats: int = 10,
+) -> tuple[float, float, list[float], int | None]:
+    """Times ``fn`` in ``mode``; returns (median_ms, min_ms, all times, peak memory bytes on GPU or None).
+
+    forward: fn() with autograd recording when ``grad_inputs`` require grad; backward: the backward of a
+    forward run outside the timed region; full: both.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    device = torch.device(device)
+
+    def clear_grads():
+        for tensor in grad_inputs:
+            tensor.grad = None
+
+    def run_once() -> float:
+        clear_grads()
+        if mode == "backward":
+            outputs, grads = _outputs_and_grads(fn())
+            _synchronize(device)
+            start = _Timer(device)
+            torch.autograd.backward(outputs, grads)
+            return start.stop()
+        start = _Timer(device)
+        result = fn()
+        if mode == "full":
+            outputs, grads = _outputs_and_grads(result)
+            torch.autograd.backward(outputs, grads)
+        return start.stop()
+
+    for _ in range(warmup):
+        run_once()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base_memory = torch.cuda.memory_allocated(device)
+    times = [run_once() for _ in range(repeats)]
+    peak = None
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base_memory
+    clear_grads()
+    return statistics.median(times), min(times), times, peak
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.end_event = torch.cuda.Event(enable_timing=True)
+            self.start_event.record()
+        else:
+            self.start = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.device.type == "cuda":
+            self.end_event.record()
+            self.end_event.synchronize()
+            return self.start_event.elapsed_time(self.end_event)
+        return (time.perf_counter() - self.start) * 1e3
+
+
+def device_peak_bandwidth_gbs(device: torch.device) -> float | None:
+    """Theoretical DRAM bandwidth in GB/s, from the device's memory clock and bus width where torch exposes them."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+
+
+def environment() -> dict:
+    """Device, commit and versions recorded with every result file."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "device_type": "cuda" if cuda else "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "commit": commit,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "peak_bandwidth_gbs": device_peak_bandwidth_gbs(torch.device("cuda")) if cuda else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+class Recorder:
+    """Collects the measurements of one benchmark run; ratios are against a baseline of the same group."""
+
+    def __init__(self):
+        self.measurements: list[Measurement] = []
+
+    def run(
+        self,
+        group: str,
+        name: str,
+        fn: Callable[[], object],
+        *,
+        mode: str = "full",
+        grad_inputs: Sequence[torch.Tensor] = (),
+        device: torch.device | str = "cpu",
+        warmup: int = 3,
+        repeats: int = 10,
+        params: dict | None = None,
+        bytes_moved: int | None = None,
+    ) -> Measurement:
+        """Measures ``fn`` and records it under (group, name, mode)."""
+        median_ms, min_ms, times, peak = measure(
+            fn, mode=mode, grad_inputs=grad_inputs, device=device, warmup=warmup, repeats=repeats
+        )
+        measurement = Measurement(
+            group, name, mode, median_ms, min_ms, times, peak, params or {}, bytes_moved
+        )
+        self.measurements.append(measurement)
+        return measurement
+
+    def ratio(self, group: str, name: str, baseline: str, mode: str) -> float | None:
+        """Speed-up of ``name`` over ``baseline``: baseline time / our time, same group and mode."""
+        by_name = {m.name: m for m in self.measurements if m.group == group and m.mode == mode}
+        if name not in by_name or baseline not in by_name:
+            return None
+        return by_name[baseline].median_ms / by_name[name].median_ms
+
+    def table(self) -> str:
+        """Markdown table of every measurement with its ratio to each other entry of its group and mode."""
+        lines = [
+            "| group | mode | name | median ms | peak MiB | GB/s | speed-up vs |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for m in self.measurements:
+            peers = [
+                o for o in self.measurements if o.group == m.group and o.mode == m.mode and o.name != m.name
+            ]
+            ratios = ", ".join(f"{o.name} {o.median_ms / m.median_ms:.2f}x" for o in peers)
+            memory = f"{m.peak_memory_bytes / 2**20:.1f}" if m.peak_memory_bytes is not None else "-"
+            bandwidth = f"{m.bytes_moved / m.median_ms / 1e6:.0f}" if m.bytes_moved else "-"
+            lines.append(
+                f"| {m.group} | {m.mode} | {m.name} | {m.median_ms:.3f} | {memory} | {bandwidth} | {ratios} |"
+            )
+        return "\n".join(lines)
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Writes the results JSON atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "environment": environment(),
+            "results": [dataclasses.asdict(m) for m in self.measurements],
+        }
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+            json.dump(payload, handle, indent=1)
+            temp_name = handle.name
+        os.replace(temp_name, path)
+        return path

@@ -1,0 +1,211 @@
+"""Finds the compiled kernel library and says which backends can run an op.
+
+Order: the prebuilt library (``m2f_kernels/_C.so`` from ``pip install``) -> a ninja JIT build of csrc/ (source
+checkouts only) -> unavailable, with one warning. Importing the package never compiles anything: the library is
+looked for the first time an op needs it.
+
+Environment variables:
+  M2F_KERNELS_BACKEND     default backend for ``backend="auto"`` (auto, cuda, triton, cpu, torch)
+  M2F_KERNELS_JIT=1       ignore the prebuilt library and JIT-build csrc/ (for kernel development)
+  M2F_KERNELS_NO_JIT=1    never JIT-build
+  M2F_KERNELS_BUILD_DIR   where the JIT build goes (default ~/.cache/m2f_kernels/jit-<torch version>)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_SOURCE_ROOT = _PACKAGE_DIR.parent
+_lock = threading.Lock()
+_library: dict[str, str | None] = {}
+
+
+def _source_list(kind: str) -> list[str]:
+    listing = _SOURCE_ROOT / "csrc" / "sources.txt"
+    entries = [line.split() for line in listing.read_text().splitlines() if line.strip() and line[0] != "#"]
+    return [str(_SOURCE_ROOT / path) for source_kind, path in entries if source_kind == kind]
+
+
+def _load_prebuilt() -> str | None:
+    candidates = sorted(_PACKAGE_DIR.glob("_C*.so")) + sorted(_PACKAGE_DIR.glob("_C*.pyd"))
+    if not candidates:
+        return None
+    torch.ops.load_library(str(candidates[0]))
+    return str(candidates[0])
+
+
+def _unique_named_sources(sources: list[str], build_dir: Path) -> list[str]:
+    """One-line wrappers named after the op directory: ninja needs unique object names (cpu.cpp, cuda.cu...)."""
+    wrapper_dir = build_dir / "sources"
+    wrapper_dir.mkdir(exist_ok=True)
+    wrappers = []
+    for source in map(Path, sources):
+        wrapper = wrapper_dir / f"{source.parent.name}_{source.name}"
+        text = f'#include "{source}"\n'
+        if not wrapper.exists() or wrapper.read_text() != text:
+            wrapper.write_text(text)
+        wrappers.append(str(wrapper))
+    return wrappers
+
+
+def _jit_build() -> str:
+    from torch.utils import cpp_extension
+
+    if not (_SOURCE_ROOT / "csrc" / "sources.txt").exists():
+        raise RuntimeError("no csrc/ sources next to the package (installed without the library)")
+    default_dir = Path.home() / ".cache" / "m2f_kernels" / f"jit-torch{torch.__version__}"
+    build_dir = Path(os.environ.get("M2F_KERNELS_BUILD_DIR", default_dir))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+    sources = _unique_named_sources(
+        _source_list("cpu") + (_source_list("cuda") if with_cuda else []), build_dir
+    )
+    warnings.warn(f"m2f_kernels: building the kernel library with ninja in {build_dir} (once)", stacklevel=3)
+    cpp_extension.load(
+        name="m2f_kernels_C",
+        sources=sources,
+        extra_include_paths=[str(_SOURCE_ROOT / "csrc")],
+        extra_cflags=["-O3", "-fopenmp"] + (["-DM2F_WITH_CUDA"] if with_cuda else []),
+        extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    return str(build_dir)
+
+
+def load_library() -> bool:
+    """Loads the compiled library once; returns whether it is available."""
+    with _lock:
+        if "path" in _library:
+            return _library["path"] is not None
+        errors = []
+        path = None
+        if os.environ.get("M2F_KERNELS_JIT", "0") != "1":
+            try:
+                path = _load_prebuilt()
+            except OSError as error:
+                errors.append(f"prebuilt library failed to load: {error}")
+        if path is None and os.environ.get("M2F_KERNELS_NO_JIT", "0") != "1":
+            try:
+                path = _jit_build()
+            except Exception as error:
+                errors.append(f"JIT build failed: {error}")
+        _library["path"] = path
+        _library["error"] = None if path else "; ".join(errors) or "not built"
+        if path is None:
+            warnings.warn(
+                "m2f_kernels: the compiled kernel library is not available "
+                f"({_library['error']}); using the Triton and PyTorch backends instead. "
+                "Build it with `pip install --no-build-isolation -e .`.",
+                stacklevel=3,
+            )
+        return path is not None
+
+
+def library_path() -> str | None:
+    """Where the loaded library came from (file or JIT build dir), None if unavailable."""
+    load_library()
+    return _library["path"]
+
+
+def has_kernel(kernel_name: str, device_type: str) -> bool:
+    """Whether the C++ library registers ``m2f_kernels::<kernel_name>`` for "cpu" or "cuda"."""
+    if not load_library():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    qualname = f"m2f_kernels::{kernel_name}"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
+
+
+@functools.cache
+def triton_module(op: str):
+    """The op's Triton module, or None if Triton (or the module) is missing."""
+    try:
+        return importlib.import_module(f"m2f_kernels.triton.{op}")
+    except ImportError:
+        return None
+
+
+def triton_runs_on(device_type: str) -> bool:
+    return device_type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends() -> list[str]:
+    """The backends that can run here: "cuda", "triton", "cpu" (compiled library) and "torch" (always)."""
+    names = []
+    if torch.cuda.is_available() and has_kernel("_ms_deform_attn_forward", "cuda"):
+        names.append("cuda")
+    if triton_module("ms_deform_attn") is not None and triton_runs_on(
+        "cuda" if torch.cuda.is_available() else "cpu"
+    ):
+        names.append("triton")
+    if has_kernel("_ms_deform_attn_forward", "cpu"):
+        names.append("cpu")
+    names.append("torch")
+    return names
+
+
+class OpKernels:
+    """Backend lookup for one op: C++ library, Triton module or the PyTorch ("torch") implementation.
+
+    ``torch_kernels`` maps each stage ("forward", "backward", or the op name for single-stage ops) to the
+    PyTorch implementation with the same signature as the compiled kernel.
+    """
+
+    def __init__(self, op: str, torch_kernels: dict[str, Callable]):
+        self.op = op
+        self.torch_kernels = torch_kernels
+
+    def _kernel_name(self, stage: str) -> str:
+        return self.op if stage == self.op else f"{self.op}_{stage}"
+
+    def _triton_kernel(self, stage: str) -> Callable | None:
+        module = triton_module(self.op)
+        return getattr(module, self._kernel_name(stage), None) if module is not None else None
+
+    def _available(self, backend: str, device_type: str, stage: str) -> bool:
+        if backend == "torch":
+            return True
+        if backend == "triton":
+            return triton_runs_on(device_type) and self._triton_kernel(stage) is not None
+        return backend == device_type and has_kernel("_" + self._kernel_name(stage), device_type)
+
+    def resolve(self, backend: str, device: torch.device, stage: str = "forward") -> str:
+        """Turns "auto" (or the M2F_KERNELS_BACKEND default) into a concrete backend that can run."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            backend = os.environ.get("M2F_KERNELS_BACKEND", "auto")
+            if backend not in BACKENDS:
+                raise ValueError(f"M2F_KERNELS_BACKEND must be one of {BACKENDS}, got {backend!r}")
+        device_type = device.type
+        if backend == "auto":
+            order = ("cuda", "triton", "torch") if device_type == "cuda" else ("cpu", "torch")
+            return next(name for name in order if self._available(name, device_type, stage))
+        if not self._available(backend, device_type, stage):
+            raise RuntimeError(
+                f"m2f_kernels.{self.op}: backend {backend!r} cannot run {stage} on {device_type} tensors here "
+                f"(available backends: {available_backends()}; Triton on CPU needs TRITON_INTERPRET=1)"
+            )
+        return backend
+
+    def get(self, backend: str, device: torch.device, stage: str = "forward") -> Callable:
+        """The callable for ``stage`` on the resolved backend."""
+        backend = self.resolve(backend, device, stage)
+        if backend == "torch":
+            return self.torch_kernels[stage]
+        if backend == "triton":
+            return self._triton_kernel(stage)
+        return getattr(torch.ops.m2f_kernels, "_" + self._kernel_name(stage))

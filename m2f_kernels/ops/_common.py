@@ -1,0 +1,112 @@
+"""Argument checks, autocast handling and the autograd helper shared by the op modules."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT32_MAX = 2**31 - 1
+
+
+def check_tensor(name: str, tensor, *, ndim: int | None = None, floating: bool = False) -> None:
+    """Raises TypeError/ValueError naming ``name`` unless it is a tensor of the given rank and kind."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+    if floating and tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
+    if any(size > INT32_MAX for size in tensor.shape):
+        raise ValueError(f"{name} has a dimension beyond int32 range: shape {tuple(tensor.shape)}")
+
+
+def check_shape(name: str, tensor: torch.Tensor, expected: Sequence[int | None], meaning: str) -> None:
+    """Raises ValueError unless ``tensor.shape`` matches ``expected`` (None matches any size)."""
+    actual = tuple(tensor.shape)
+    if len(actual) != len(expected) or any(e is not None and a != e for a, e in zip(actual, expected)):
+        shown = tuple("*" if e is None else e for e in expected)
+        raise ValueError(f"{name} must have shape {shown} ({meaning}), got {actual}")
+
+
+def check_same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, tensor in others.items():
+        if tensor is not None and tensor.device != reference.device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but {reference_name} is on {reference.device}; "
+                "all inputs must be on one device"
+            )
+
+
+def check_same_dtype(reference_name: str, reference: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, tensor in others.items():
+        if tensor.dtype != reference.dtype:
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype} but {reference_name} has {reference.dtype}; "
+                "floating inputs must share one dtype (or run under torch.autocast)"
+            )
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``device`` when autocast is on there, else None."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def cast_for_autocast(device: torch.device, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Under autocast, casts floating tensors to the autocast dtype so the op runs natively in it."""
+    dtype = autocast_dtype(device)
+    if dtype is None:
+        return tensors
+    return tuple(
+        t.to(dtype) if t is not None and t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+        for t in tensors
+    )
+
+
+def check_index(name: str, tensor, device: torch.device) -> torch.Tensor:
+    """Integer index tensors are accepted in any integer dtype and device; returned as int64 on ``device``."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {tensor.dtype}")
+    return tensor.to(device=device, dtype=torch.int64).contiguous()
+
+
+_reference_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2f_kernels_vjp")
+
+
+def reference_vjp(
+    function: Callable, inputs: Sequence, wrt: Sequence[int], grad_outputs: Sequence[torch.Tensor | None]
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of ``function(*inputs)`` w.r.t. ``inputs[i] for i in wrt``, by autograd.
+
+    Op kernels run with the autograd dispatch keys excluded for their thread, so the reference's graph is
+    built and differentiated in a worker thread (on the caller's CUDA stream). Unused inputs get zeros.
+    """
+    stream = None
+    devices = {t.device for t in inputs if isinstance(t, torch.Tensor)}
+    cuda_devices = [d for d in devices if d.type == "cuda"]
+    if cuda_devices:
+        stream = torch.cuda.current_stream(cuda_devices[0])
+
+    def run():
+        context = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with context, torch.enable_grad():
+            leaves = [x.detach().requires_grad_() if i in wrt else x for i, x in enumerate(inputs)]
+            outputs = function(*leaves)
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+            grads = torch.autograd.grad(
+                [o for o, _ in pairs],
+                [leaves[i] for i in wrt],
+                [g.to(o.dtype) for o, g in pairs],
+                allow_unused=True,
+            )
+        return tuple(torch.zeros_like(inputs[i]) if g is None else g.contiguous() for i, g in zip(wrt, grads))
+
+    return _reference_thread.submit(run).result()

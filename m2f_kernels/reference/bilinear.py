@@ -1,0 +1,36 @@
+"""Bilinear sampling with zero padding, the convention every backend follows.
+
+Pixel coordinates: pixel (i, j) has its centre at x = j, y = i, so a normalized location u in [0, 1] maps to
+x = u * W - 0.5 (align_corners=False). A sample contributes, in value and gradient, only when
+-1 < x < W and -1 < y < H (NaN never does); corners outside the image read zero. The cell is taken at
+x0 = floor(x), so gradients at integer coordinates are the one-sided derivatives of that cell.
+"""
+
+import torch
+
+
+def bilinear_sample(image: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Samples ``image`` (B, H, W, C) at pixel coordinates ``x``, ``y`` (B, *) -> (B, *, C)."""
+    batch, height, width, channels = image.shape
+    inside = (x > -1) & (x < width) & (y > -1) & (y < height)
+    x = torch.where(inside, x, torch.zeros_like(x))
+    y = torch.where(inside, y, torch.zeros_like(y))
+    x0 = torch.floor(x)
+    y0 = torch.floor(y)
+    frac_x = x - x0
+    frac_y = y - y0
+    corners = (
+        (x0, y0, (1 - frac_x) * (1 - frac_y)),
+        (x0 + 1, y0, frac_x * (1 - frac_y)),
+        (x0, y0 + 1, (1 - frac_x) * frac_y),
+        (x0 + 1, y0 + 1, frac_x * frac_y),
+    )
+    flat = image.reshape(batch, height * width, channels)
+    out = image.new_zeros(*x.shape, channels)
+    for corner_x, corner_y, weight in corners:
+        valid = inside & (corner_x >= 0) & (corner_x < width) & (corner_y >= 0) & (corner_y < height)
+        index = (corner_y.clamp(0, height - 1) * width + corner_x.clamp(0, width - 1)).long()
+        gathered = torch.gather(flat, 1, index.reshape(batch, -1, 1).expand(-1, -1, channels))
+        weight = torch.where(valid, weight, torch.zeros_like(weight))
+        out = out + gathered.reshape(*x.shape, channels) * weight.unsqueeze(-1)
+    return out

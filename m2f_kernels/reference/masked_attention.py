@@ -1,0 +1,63 @@
+"""Masked cross-attention (Mask2Former's transformer decoder), DESIGN.md 2.2."""
+
+import math
+
+import torch
+
+
+def threshold_to_logit(threshold: float) -> float:
+    """logit(threshold) rounded to float32, the value every backend compares mask logits against."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if threshold == 0.0:
+        return -math.inf
+    if threshold == 1.0:
+        return math.inf
+    return float(torch.tensor(math.log(threshold / (1.0 - threshold)), dtype=torch.float32))
+
+
+def blocked_keys(
+    mask_logits: torch.Tensor | None, attn_mask: torch.Tensor | None, threshold_logit: float
+) -> torch.Tensor | None:
+    """The (B, Hm, Q, K) bool mask of blocked keys (True = blocked) after the fully-blocked-row rule.
+
+    mask_logits (B, Q, K): key j is visible to query i iff logit >= threshold_logit, compared in float32 or
+    wider (NaN is blocked);
+    attn_mask (B, Hm, Q, K) bool, True = blocked. A row that blocks every key blocks none.
+    """
+    if mask_logits is not None:
+        compare_dtype = torch.promote_types(mask_logits.dtype, torch.float32)
+        blocked = ~(mask_logits.to(compare_dtype) >= threshold_logit).unsqueeze(1)
+    elif attn_mask is not None:
+        blocked = attn_mask
+    else:
+        return None
+    return blocked & ~blocked.all(dim=-1, keepdim=True)
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_logits: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    threshold: float = 0.5,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale, masked) v.
+
+    q (B, H, Q, d), k and v (B, H, K, d); mask_logits (B, Q, K) shared by the heads, or attn_mask
+    (B, Q, K) / (B * H, Q, K) bool with True = blocked. Returns the output (B, H, Q, d) and the attention
+    probabilities (B, H, Q, K), computed in float32 (float64 for float64 inputs).
+    """
+    batch = q.shape[0]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if attn_mask is not None:
+        attn_mask = attn_mask.reshape(batch, -1, *attn_mask.shape[-2:])
+    blocked = blocked_keys(mask_logits, attn_mask, threshold_to_logit(threshold))
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-1, -2)) * scale
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, -math.inf)
+    probs = scores.softmax(dim=-1)
+    return (probs @ v.to(compute_dtype)).to(q.dtype), probs

@@ -1,0 +1,38 @@
+"""Multi-scale deformable attention (Deformable-DETR), DESIGN.md 2.1."""
+
+import torch
+
+from .bilinear import bilinear_sample
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Weighted sum of bilinear samples over levels and points.
+
+    value (N, S, M, D) with S = sum_l H_l * W_l; spatial_shapes (L, 2) int64 rows (H_l, W_l);
+    level_start_index (L,) int64; sampling_locations (N, Q, M, L, P, 2) normalized (x, y);
+    attention_weights (N, Q, M, L, P). Returns (N, Q, M * D).
+    """
+    batch, _, heads, channels = value.shape
+    _, queries, _, _, points, _ = sampling_locations.shape
+    out = value.new_zeros(batch * heads, queries, channels)
+    starts = level_start_index.tolist()
+    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+        level_value = value[:, starts[level] : starts[level] + height * width]
+        level_value = level_value.reshape(batch, height, width, heads, channels).permute(0, 3, 1, 2, 4)
+        locations = (
+            sampling_locations[:, :, :, level].transpose(1, 2).reshape(batch * heads, queries, points, 2)
+        )
+        x = locations[..., 0] * width - 0.5
+        y = locations[..., 1] * height - 0.5
+        samples = bilinear_sample(level_value.reshape(batch * heads, height, width, channels), x, y)
+        weights = attention_weights[:, :, :, level].transpose(1, 2).reshape(batch * heads, queries, points)
+        out = out + (samples * weights.unsqueeze(-1)).sum(dim=2)
+    return (
+        out.reshape(batch, heads, queries, channels).transpose(1, 2).reshape(batch, queries, heads * channels)
+    )

@@ -1,0 +1,40 @@
+"""Multi-scale deformable attention from raw offsets and logits, DESIGN.md 2.1 (fused variant)."""
+
+import torch
+
+from .ms_deform_attn import ms_deform_attn
+
+
+def sampling_locations_and_weights(
+    spatial_shapes: torch.Tensor,
+    reference_points: torch.Tensor,
+    sampling_offsets: torch.Tensor,
+    attention_logits: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """location = reference + offset / (W_l, H_l); weights = softmax of the logits over the L * P samples.
+
+    reference_points (N, Q, L, 2) normalized (x, y); sampling_offsets (N, Q, M, L, P, 2) in pixels of level l;
+    attention_logits (N, Q, M, L * P). Returns locations (N, Q, M, L, P, 2) and weights (N, Q, M, L, P).
+    """
+    levels, points = sampling_offsets.shape[3], sampling_offsets.shape[4]
+    normalizer = spatial_shapes.flip(-1).to(sampling_offsets.dtype)  # (L, 2) as (W, H)
+    locations = (
+        reference_points[:, :, None, :, None, :] + sampling_offsets / normalizer[None, None, None, :, None]
+    )
+    weights = attention_logits.float().softmax(dim=-1).to(attention_logits.dtype)
+    return locations, weights.unflatten(-1, (levels, points))
+
+
+def ms_deform_attn_fused(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    reference_points: torch.Tensor,
+    sampling_offsets: torch.Tensor,
+    attention_logits: torch.Tensor,
+) -> torch.Tensor:
+    """ms_deform_attn with locations and softmaxed weights derived from offsets and logits. -> (N, Q, M * D)."""
+    locations, weights = sampling_locations_and_weights(
+        spatial_shapes, reference_points, sampling_offsets, attention_logits
+    )
+    return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)

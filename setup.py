@@ -1,0 +1,66 @@
+"""Builds the m2f_kernels C++ library (CPU always, CUDA when nvcc is available).
+
+Switches (environment variables):
+  FORCE_CUDA=1              build the CUDA sources even if no nvcc/CUDA_HOME is detected
+  M2F_KERNELS_SKIP_CUDA=1   never build the CUDA sources
+  TORCH_CUDA_ARCH_LIST      target architectures, e.g. "8.0;9.0"
+  MAX_JOBS                  parallel compile jobs (ninja)
+"""
+
+import os
+from pathlib import Path
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).parent
+
+
+def read_sources(kind: str) -> list[str]:
+    lines = (ROOT / "csrc" / "sources.txt").read_text().splitlines()
+    entries = [line.split() for line in lines if line.strip() and not line.startswith("#")]
+    return [path for source_kind, path in entries if source_kind == kind]
+
+
+def want_cuda() -> bool:
+    if os.environ.get("M2F_KERNELS_SKIP_CUDA", "0") == "1":
+        return False
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    return cpp_extension.CUDA_HOME is not None and Path(cpp_extension.CUDA_HOME, "bin", "nvcc").exists()
+
+
+def extension():
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    include_dirs = [str(ROOT / "csrc")]
+    if want_cuda():
+        nvcc_flags = [
+            "-O3",
+            "--expt-relaxed-constexpr",
+            "-lineinfo",
+            "-U__CUDA_NO_HALF_OPERATORS__",
+            "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_HALF2_OPERATORS__",
+            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        ]
+        return cpp_extension.CUDAExtension(
+            "m2f_kernels._C",
+            sources=read_sources("cpu") + read_sources("cuda"),
+            include_dirs=include_dirs,
+            define_macros=[("M2F_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    return cpp_extension.CppExtension(
+        "m2f_kernels._C",
+        sources=read_sources("cpu"),
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)},
+)

@@ -1,0 +1,230 @@
+"""The public ops: torch.library registration (opcheck), dispatch, autograd, empty inputs and bad input."""
+
+import pytest
+import torch
+
+import m2f_kernels
+from m2f_kernels import _backend, reference
+
+CPU_BACKENDS = [name for name in ("torch", "cpu") if name in m2f_kernels.available_backends()]
+
+
+def msda_inputs(dtype=torch.float64, queries=3, requires_grad=False):
+    shapes = torch.tensor([[3, 4], [2, 3]])
+    starts = torch.tensor([0, 12])
+    value = torch.randn(2, 18, 2, 3, dtype=dtype)
+    locations = torch.rand(2, queries, 2, 2, 2, 2, dtype=dtype) * 1.2 - 0.1
+    weights = torch.rand(2, queries, 2, 2, 2, dtype=dtype)
+    for t in (value, locations, weights):
+        t.requires_grad_(requires_grad)
+    return value, shapes, starts, locations, weights
+
+
+def fused_inputs(dtype=torch.float64, requires_grad=False):
+    value, shapes, starts, _, _ = msda_inputs(dtype)
+    ref = torch.rand(2, 3, 2, 2, dtype=dtype)
+    offsets = torch.randn(2, 3, 2, 2, 2, 2, dtype=dtype)
+    logits = torch.randn(2, 3, 2, 4, dtype=dtype)
+    for t in (value, ref, offsets, logits):
+        t.requires_grad_(requires_grad)
+    return value, shapes, starts, ref, offsets, logits
+
+
+def attention_inputs(dtype=torch.float64, requires_grad=False):
+    q = torch.randn(2, 2, 3, 4, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(2, 2, 5, 4, dtype=dtype, requires_grad=requires_grad)
+    v = torch.randn(2, 2, 5, 4, dtype=dtype, requires_grad=requires_grad)
+    logits = torch.randn(2, 3, 5, dtype=dtype)
+    logits[0, 0] = -3.0
+    return q, k, v, logits
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_every_op(backend):
+    value, shapes, starts, locations, weights = msda_inputs(requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.m2f_kernels.ms_deform_attn, (value, shapes, starts, locations, weights, backend)
+    )
+    value, shapes, starts, ref, offsets, logits = fused_inputs(requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.m2f_kernels.ms_deform_attn_fused, (value, shapes, starts, ref, offsets, logits, backend)
+    )
+    q, k, v, mask_logits = attention_inputs(requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.m2f_kernels.masked_attention, (q, k, v, mask_logits, None, 0.0, 0.5, backend)
+    )
+    image = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    coords = torch.rand(2, 7, 2, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.m2f_kernels.point_sample, (image, coords, backend))
+    mask = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    targets = (torch.rand(2, 8, 10) > 0.5).to(torch.uint8)
+    torch.library.opcheck(torch.ops.m2f_kernels.point_mask_loss, (mask, targets, coords.detach(), backend))
+    pred = torch.randn(4, 9, dtype=torch.float64)
+    labels = torch.rand(3, 9, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.m2f_kernels.pairwise_mask_cost, (pred, labels, backend))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_public_ops_match_reference_with_gradients(backend):
+    inputs = msda_inputs(requires_grad=True)
+    out = m2f_kernels.ms_deform_attn(*inputs, backend=backend)
+    expected = reference.ms_deform_attn(*inputs)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [inputs[0], inputs[3], inputs[4]], grad)
+    expected_grads = torch.autograd.grad(expected, [inputs[0], inputs[3], inputs[4]], grad)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+    inputs = fused_inputs(requires_grad=True)
+    out = m2f_kernels.ms_deform_attn_fused(*inputs, backend=backend)
+    expected = reference.ms_deform_attn_fused(*inputs)
+    torch.testing.assert_close(out, expected)
+    wrt = [inputs[0], inputs[3], inputs[4], inputs[5]]
+    for got, want in zip(torch.autograd.grad(out.sum(), wrt), torch.autograd.grad(expected.sum(), wrt)):
+        torch.testing.assert_close(got, want)
+
+    q, k, v, logits = attention_inputs(requires_grad=True)
+    out = m2f_kernels.masked_attention(q, k, v, logits, backend=backend)
+    expected, _ = reference.masked_attention(q, k, v, logits)
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(
+        torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(expected.sum(), (q, k, v))
+    ):
+        torch.testing.assert_close(got, want)
+
+
+def test_empty_inputs_give_empty_or_zero_results():
+    value, shapes, starts, locations, weights = msda_inputs(queries=0, requires_grad=True)
+    out = m2f_kernels.ms_deform_attn(value, shapes, starts, locations, weights)
+    assert out.shape == (2, 0, 6)
+    out.sum().backward()
+    assert torch.equal(value.grad, torch.zeros_like(value))
+    ce, dice = m2f_kernels.pairwise_mask_cost(torch.randn(4, 5), torch.zeros(0, 5))
+    assert ce.shape == dice.shape == (4, 0)
+    mask = torch.randn(0, 4, 4, requires_grad=True)
+    ce, dice = m2f_kernels.point_mask_loss(mask, torch.zeros(0, 8, 8), torch.rand(0, 10, 2), 1.0)
+    assert float(ce) == 0.0 and float(dice) == 0.0
+
+
+def test_nan_locations_contribute_nothing():
+    value, shapes, starts, locations, weights = msda_inputs()
+    locations[:, 1] = float("nan")
+    out = m2f_kernels.ms_deform_attn(value, shapes, starts, locations, weights)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
+
+
+def test_non_contiguous_inputs_are_accepted():
+    value, shapes, starts, locations, weights = msda_inputs()
+    value_t = value.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not value_t.is_contiguous()
+    out = m2f_kernels.ms_deform_attn(value_t, shapes, starts, locations, weights)
+    torch.testing.assert_close(out, reference.ms_deform_attn(value, shapes, starts, locations, weights))
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    value, shapes, starts, locations, weights = msda_inputs(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m2f_kernels.ms_deform_attn(value, shapes, starts, locations, weights)
+    assert out.dtype == torch.bfloat16
+
+
+def test_compile_fullgraph():
+    inputs = msda_inputs(dtype=torch.float32, requires_grad=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def layer(value, shapes, starts, locations, weights):
+        return m2f_kernels.ms_deform_attn(value, shapes, starts, locations, weights).relu().sum()
+
+    layer(*inputs).backward()
+    grad = inputs[0].grad.clone()
+    inputs[0].grad = None
+    m2f_kernels.ms_deform_attn(*inputs).relu().sum().backward()
+    torch.testing.assert_close(grad, inputs[0].grad)
+
+
+def test_backend_selection():
+    value, shapes, starts, locations, weights = msda_inputs()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        m2f_kernels.ms_deform_attn(value, shapes, starts, locations, weights, backend="gpu")
+    with pytest.raises(RuntimeError, match="cannot run"):
+        m2f_kernels.ms_deform_attn(value, shapes, starts, locations, weights, backend="cuda")
+    auto = m2f_kernels.ms_deform_attn(value, shapes, starts, locations, weights)
+    torch.testing.assert_close(auto, reference.ms_deform_attn(value, shapes, starts, locations, weights))
+
+
+def test_environment_variable_sets_the_default_backend(monkeypatch):
+    monkeypatch.setenv("M2F_KERNELS_BACKEND", "torch")
+    assert _backend.OpKernels("ms_deform_attn", {}).resolve("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("M2F_KERNELS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="M2F_KERNELS_BACKEND"):
+        _backend.OpKernels("ms_deform_attn", {}).resolve("auto", torch.device("cpu"))
+
+
+def test_available_backends_lists_the_compiled_library():
+    backends = m2f_kernels.available_backends()
+    assert backends[-1] == "torch"
+    assert ("cpu" in backends) == _backend.has_kernel("_ms_deform_attn_forward", "cpu")
+
+
+# Bad input: a clear error naming the argument.
+
+
+def test_msda_bad_inputs():
+    value, shapes, starts, locations, weights = msda_inputs()
+    with pytest.raises(ValueError, match="value must have 4 dimensions"):
+        m2f_kernels.ms_deform_attn(value[0], shapes, starts, locations, weights)
+    with pytest.raises(ValueError, match="sampling_locations must have shape"):
+        m2f_kernels.ms_deform_attn(value, shapes, starts, locations[:, :, :1], weights)
+    with pytest.raises(ValueError, match="attention_weights must have shape"):
+        m2f_kernels.ms_deform_attn(value, shapes, starts, locations, weights[..., :1])
+    with pytest.raises(TypeError, match="attention_weights has dtype"):
+        m2f_kernels.ms_deform_attn(value, shapes, starts, locations, weights.float())
+    with pytest.raises(TypeError, match="value must be float16"):
+        m2f_kernels.ms_deform_attn(value.long(), shapes, starts, locations, weights)
+    with pytest.raises(TypeError, match="spatial_shapes must be an integer tensor"):
+        m2f_kernels.ms_deform_attn(value, shapes.float(), starts, locations, weights)
+    with pytest.raises(ValueError, match="cover 17 positions but value has S=18"):
+        m2f_kernels.ms_deform_attn(value, torch.tensor([[3, 4], [1, 5]]), starts, locations, weights)
+    with pytest.raises(ValueError, match="level_start_index must be the running sum"):
+        m2f_kernels.ms_deform_attn(value, shapes, torch.tensor([0, 11]), locations, weights)
+    with pytest.raises(TypeError, match=r"sampling_locations must be a torch\.Tensor"):
+        m2f_kernels.ms_deform_attn(value, shapes, starts, locations.tolist(), weights)
+    meta_locations = locations.to("meta")
+    with pytest.raises(ValueError, match="sampling_locations is on meta"):
+        m2f_kernels.ms_deform_attn(value, shapes, starts, meta_locations, weights)
+
+
+def test_masked_attention_bad_inputs():
+    q, k, v, logits = attention_inputs()
+    with pytest.raises(ValueError, match="k must have shape"):
+        m2f_kernels.masked_attention(q, k[..., :2], v)
+    with pytest.raises(ValueError, match="mask_logits must have shape"):
+        m2f_kernels.masked_attention(q, k, v, logits[:, :2])
+    with pytest.raises(ValueError, match="either mask_logits or attn_mask"):
+        m2f_kernels.masked_attention(q, k, v, logits, attn_mask=logits > 0)
+    with pytest.raises(TypeError, match="attn_mask must be a bool tensor"):
+        m2f_kernels.masked_attention(q, k, v, attn_mask=logits)
+    with pytest.raises(ValueError, match="attn_mask must have shape"):
+        m2f_kernels.masked_attention(q, k, v, attn_mask=torch.zeros(3, 3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="threshold must be in"):
+        m2f_kernels.masked_attention(q, k, v, logits, threshold=2.0)
+    with pytest.raises(TypeError, match="v has dtype"):
+        m2f_kernels.masked_attention(q, k, v.float())
+
+
+def test_point_loss_bad_inputs():
+    mask = torch.randn(2, 4, 5)
+    with pytest.raises(ValueError, match="target_masks must have shape"):
+        m2f_kernels.point_mask_loss(mask, torch.zeros(3, 8, 8), torch.rand(2, 5, 2), 1.0)
+    with pytest.raises(ValueError, match="coords must have shape"):
+        m2f_kernels.point_mask_loss(mask, torch.zeros(2, 8, 8), torch.rand(2, 5, 3), 1.0)
+    with pytest.raises(ValueError, match="num_masks must be positive"):
+        m2f_kernels.point_mask_loss(mask, torch.zeros(2, 8, 8), torch.rand(2, 5, 2), 0.0)
+    with pytest.raises(TypeError, match="target_masks must be bool, uint8 or floating"):
+        m2f_kernels.point_mask_loss(mask, torch.zeros(2, 8, 8, dtype=torch.int32), torch.rand(2, 5, 2), 1.0)
+    with pytest.raises(ValueError, match="coords must have shape"):
+        m2f_kernels.point_sample(torch.randn(2, 1, 4, 4), torch.rand(3, 5, 2))
+    with pytest.raises(ValueError, match="same number of points"):
+        m2f_kernels.pairwise_mask_cost(torch.randn(4, 5), torch.rand(3, 6))
