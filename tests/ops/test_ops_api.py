@@ -228,3 +228,18 @@ def test_point_loss_bad_inputs():
         m2f_kernels.point_sample(torch.randn(2, 1, 4, 4), torch.rand(3, 5, 2))
     with pytest.raises(ValueError, match="same number of points"):
         m2f_kernels.pairwise_mask_cost(torch.randn(4, 5), torch.rand(3, 6))
+
+
+def test_export_keeps_the_custom_ops():
+    class Layer(torch.nn.Module):
+        def forward(self, value, shapes, starts, locations, weights, q, k, v, logits):
+            deformed = m2f_kernels.ms_deform_attn(value, shapes, starts, locations, weights)
+            attended = m2f_kernels.masked_attention(q, k, v, logits)
+            return deformed.sum() + attended.sum()
+
+    args = (*msda_inputs(dtype=torch.float32), *attention_inputs(dtype=torch.float32))
+    exported = torch.export.export(Layer(), args)
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert "m2f_kernels.ms_deform_attn.default" in targets
+    assert "m2f_kernels.masked_attention.default" in targets
+    torch.testing.assert_close(exported.module()(*args), Layer()(*args))
