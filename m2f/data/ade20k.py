@@ -1,0 +1,122 @@
+"""ADE20K scene parsing (ADEChallengeData2016): images/{training,validation}/*.jpg and
+annotations/{training,validation}/*.png with 150 classes; PNG value 0 is "other" and becomes ignore (255),
+value v in 1..150 becomes class v - 1."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from m2f.data.common import (
+    IGNORE_LABEL,
+    DatasetError,
+    DatasetMetadata,
+    SegmentationDataset,
+    check_image_size,
+    image_to_tensor,
+    masks_from_index_map,
+    read_image,
+)
+
+ADE20K_CLASS_NAMES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence",
+    "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
+    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
+    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
+    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
+    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
+    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
+    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
+    "glass", "clock", "flag",
+)  # fmt: skip
+
+ADE20K_SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
+
+
+def ade20k_metadata(class_names=ADE20K_CLASS_NAMES, image_root: str | None = None) -> DatasetMetadata:
+    """Category id = the PNG value (1..N), contiguous class = id - 1; all classes are stuff."""
+    categories = [{"id": i + 1, "name": name, "isthing": 0} for i, name in enumerate(class_names)]
+    return DatasetMetadata(categories, image_root=image_root)
+
+
+def ade20k_paths(root: str, split: str) -> tuple[str, str]:
+    """(image folder, annotation folder); `root` may be ADEChallengeData2016 or its parent."""
+    if split not in ADE20K_SPLITS:
+        raise ValueError(f"split must be one of {sorted(ADE20K_SPLITS)}, got {split!r}")
+    if os.path.isdir(os.path.join(root, "ADEChallengeData2016")):
+        root = os.path.join(root, "ADEChallengeData2016")
+    folder = ADE20K_SPLITS[split]
+    return os.path.join(root, "images", folder), os.path.join(root, "annotations", folder)
+
+
+def read_ade20k_labels(path: str, num_classes: int = len(ADE20K_CLASS_NAMES)) -> np.ndarray:
+    """(H, W) int64 contiguous classes, 255 for ignore."""
+    with Image.open(path) as png:
+        raw = np.asarray(png, dtype=np.int64)
+    if raw.ndim != 2:
+        raise DatasetError(f"{path}: expected a single-channel label PNG, got shape {raw.shape}")
+    return np.where((raw == 0) | (raw > num_classes), IGNORE_LABEL, raw - 1)
+
+
+class ADE20KDataset(SegmentationDataset):
+    """Items: image (3, H, W) uint8, labels (T,) int64 (the classes present), masks (T, H, W) bool (one per
+    class), sem_seg (H, W) int64 with 255 = ignore, image_id (position in the sorted file list), file_name,
+    orig_size (H, W)."""
+
+    def __init__(self, root: str, split: str, transforms=None, *, seed: int = 0):
+        super().__init__(transforms, seed)
+        self.image_root, self.annotation_root = ade20k_paths(root, split)
+        if not os.path.isdir(self.image_root):
+            raise DatasetError(f"{self.image_root}: image folder not found")
+        self.metadata = ade20k_metadata(image_root=self.image_root)
+        self.file_names = sorted(f for f in os.listdir(self.image_root) if f.lower().endswith(".jpg"))
+        annotations = set(os.listdir(self.annotation_root)) if os.path.isdir(self.annotation_root) else set()
+        missing = [f for f in self.file_names if os.path.splitext(f)[0] + ".png" not in annotations]
+        if missing:
+            raise DatasetError(
+                f"{len(missing)} images lack a label PNG in {self.annotation_root}, first: {missing[0]}",
+                [os.path.join(self.annotation_root, os.path.splitext(f)[0] + ".png") for f in missing],
+            )
+
+    def __len__(self) -> int:
+        return len(self.file_names)
+
+    def annotation_path(self, index: int) -> str:
+        return os.path.join(self.annotation_root, os.path.splitext(self.file_names[index])[0] + ".png")
+
+    def load_semantic_gt(self, index: int) -> np.ndarray:
+        """Ground truth of item `index` at its original size: (H, W) int64, 255 = ignore."""
+        return read_ade20k_labels(self.annotation_path(index), self.metadata.num_classes)
+
+    def __getitem__(self, index: int) -> dict:
+        image_path = os.path.join(self.image_root, self.file_names[index])
+        image = read_image(image_path)
+        labels_map = self.load_semantic_gt(index)
+        check_image_size(image, labels_map.shape, image_path)
+        geometry = self.geometry(index, *image.shape[:2])
+        labels_map = geometry.apply_segmentation(labels_map, fill=IGNORE_LABEL).astype(np.int64)
+
+        classes = np.unique(labels_map)
+        classes = classes[classes != IGNORE_LABEL]
+        index_map = np.searchsorted(classes, labels_map).astype(np.int32)
+        index_map[labels_map == IGNORE_LABEL] = -1
+        masks, _ = masks_from_index_map(index_map, len(classes))
+        return {
+            "image": image_to_tensor(geometry.apply_image(image)),
+            "labels": torch.from_numpy(classes),
+            "masks": masks,
+            "sem_seg": torch.from_numpy(labels_map),
+            "image_id": index,
+            "file_name": self.file_names[index],
+            "orig_size": tuple(image.shape[:2]),
+        }

@@ -1,0 +1,111 @@
+"""COCO instance segmentation: annotations/instances_{split}2017.json (polygons or RLE), images in
+{split}2017/."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from m2f.data.coco_panoptic import coco_paths
+from m2f.data.common import (
+    DatasetError,
+    DatasetMetadata,
+    SegmentationDataset,
+    check_image_size,
+    image_to_tensor,
+    read_image,
+    read_json,
+)
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
+    """A COCO segmentation (polygon list, uncompressed or compressed RLE) -> (height, width) uint8 mask."""
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if len(p) >= 6]
+        if not polygons:
+            return np.zeros((height, width), dtype=np.uint8)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    elif isinstance(segmentation, dict) and "counts" in segmentation:
+        rle = segmentation
+    else:
+        raise ValueError(f"unknown segmentation format {type(segmentation).__name__}")
+    return mask_utils.decode(rle)
+
+
+class CocoInstanceDataset(SegmentationDataset):
+    """Items: image (3, H, W) uint8, labels (T,) int64 contiguous over the JSON's categories, masks (T, H, W)
+    bool, image_id, file_name, orig_size (H, W). Crowd annotations are not targets.
+
+    Polygons are transformed as coordinates and rasterized at the training resolution; RLE masks are decoded
+    at the original size and resized with nearest neighbour. Instances empty after the crop are dropped.
+    """
+
+    def __init__(self, root: str, split: str, transforms=None, *, seed: int = 0):
+        super().__init__(transforms, seed)
+        paths = coco_paths(root, split)
+        data = read_json(paths["instances_json"])
+        self.metadata = DatasetMetadata(
+            data["categories"],
+            panoptic_json=paths["panoptic_json"] if os.path.isfile(paths["panoptic_json"]) else None,
+            panoptic_root=paths["panoptic_root"] if os.path.isdir(paths["panoptic_root"]) else None,
+            instances_json=paths["instances_json"],
+            image_root=paths["image_root"],
+        )
+        annotations_by_image: dict[int, list] = {}
+        for annotation in data["annotations"]:
+            if annotation.get("iscrowd", 0):
+                continue
+            label = self.metadata.category_id_to_contiguous.get(annotation["category_id"])
+            if label is None:
+                raise DatasetError(
+                    f"{paths['instances_json']}: annotation id {annotation.get('id')} has unknown "
+                    f"category_id {annotation['category_id']}"
+                )
+            annotations_by_image.setdefault(annotation["image_id"], []).append(
+                (label, annotation["segmentation"])
+            )
+        self.records = [
+            (
+                image["id"],
+                image["file_name"],
+                (image["height"], image["width"]),
+                annotations_by_image.get(image["id"], []),
+            )
+            for image in sorted(data["images"], key=lambda image: image["id"])
+        ]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id, file_name, size, annotations = self.records[index]
+        image_path = os.path.join(self.metadata.image_root, file_name)
+        image = read_image(image_path)
+        check_image_size(image, size, image_path)
+        geometry = self.geometry(index, *size)
+        out_h, out_w = geometry.output_size
+
+        masks = np.zeros((len(annotations), out_h, out_w), dtype=bool)
+        for i, (_, segmentation) in enumerate(annotations):
+            if isinstance(segmentation, list):
+                polygons = geometry.apply_polygons([p for p in segmentation if len(p) >= 6])
+                masks[i] = decode_segmentation(polygons, out_h, out_w) > 0
+            else:
+                mask = decode_segmentation(segmentation, *size)
+                masks[i] = geometry.apply_segmentation(mask, fill=0) > 0
+        masks = torch.from_numpy(masks)
+        keep = masks.flatten(1).any(1)
+        labels = torch.tensor([label for label, _ in annotations], dtype=torch.int64)
+        return {
+            "image": image_to_tensor(geometry.apply_image(image)),
+            "labels": labels[keep],
+            "masks": masks[keep],
+            "image_id": image_id,
+            "file_name": file_name,
+            "orig_size": size,
+        }

@@ -1,0 +1,111 @@
+"""COCO panoptic segmentation: annotations/panoptic_{split}2017.json + PNG folder, images in {split}2017/."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from m2f.data.common import (
+    DatasetError,
+    DatasetMetadata,
+    SegmentationDataset,
+    check_image_size,
+    image_to_tensor,
+    index_map_from_ids,
+    masks_from_index_map,
+    read_image,
+    read_json,
+    read_panoptic_png,
+)
+
+
+def coco_paths(root: str, split: str) -> dict[str, str]:
+    """Files of the COCO layout under `root` for split "train" or "val" (any name used as {split}2017)."""
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"split must be a non-empty string such as 'train' or 'val', got {split!r}")
+    annotations = os.path.join(root, "annotations")
+    return {
+        "panoptic_json": os.path.join(annotations, f"panoptic_{split}2017.json"),
+        "panoptic_root": os.path.join(annotations, f"panoptic_{split}2017"),
+        "instances_json": os.path.join(annotations, f"instances_{split}2017.json"),
+        "image_root": os.path.join(root, f"{split}2017"),
+    }
+
+
+class CocoPanopticDataset(SegmentationDataset):
+    """Items: image (3, H, W) uint8, labels (T,) int64 contiguous, masks (T, H, W) bool, segment_ids (T,)
+    int64 (the PNG ids), image_id, file_name, orig_size (H, W). Crowd segments and void are not targets.
+
+    Masks are decoded from the PNG's id-map after the geometric transform, at the training resolution.
+    """
+
+    def __init__(self, root: str, split: str, transforms=None, *, seed: int = 0):
+        super().__init__(transforms, seed)
+        paths = coco_paths(root, split)
+        data = read_json(paths["panoptic_json"])
+        instances_json = paths["instances_json"] if os.path.isfile(paths["instances_json"]) else None
+        self.metadata = DatasetMetadata(
+            data["categories"],
+            panoptic_json=paths["panoptic_json"],
+            panoptic_root=paths["panoptic_root"],
+            instances_json=instances_json,
+            image_root=paths["image_root"],
+        )
+        images = {image["id"]: image for image in data["images"]}
+        self.records = []
+        for annotation in data["annotations"]:
+            image_id = annotation["image_id"]
+            if image_id not in images:
+                raise DatasetError(f"{paths['panoptic_json']}: annotation for unknown image id {image_id}")
+            image = images[image_id]
+            segments = []
+            for segment in annotation["segments_info"]:
+                if segment.get("iscrowd", 0):
+                    continue
+                label = self.metadata.category_id_to_contiguous.get(segment["category_id"])
+                if label is None:
+                    raise DatasetError(
+                        f"{paths['panoptic_json']}: image id {image_id} segment id {segment['id']} has "
+                        f"unknown category_id {segment['category_id']}"
+                    )
+                segments.append((segment["id"], label))
+            self.records.append(
+                (
+                    image_id,
+                    image["file_name"],
+                    (image["height"], image["width"]),
+                    annotation["file_name"],
+                    segments,
+                )
+            )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id, file_name, size, png_name, segments = self.records[index]
+        image_path = os.path.join(self.metadata.image_root, file_name)
+        png_path = os.path.join(self.metadata.panoptic_root, png_name)
+        image = read_image(image_path)
+        check_image_size(image, size, image_path)
+        ids = read_panoptic_png(png_path)
+        check_image_size(ids, size, png_path)
+
+        segment_ids = np.array([s[0] for s in segments], dtype=np.int64)
+        labels = np.array([s[1] for s in segments], dtype=np.int64)
+        index_map = index_map_from_ids(ids, segment_ids)
+
+        geometry = self.geometry(index, *size)
+        index_map = geometry.apply_segmentation(index_map, fill=-1)
+        masks, keep = masks_from_index_map(index_map, len(segments))
+        return {
+            "image": image_to_tensor(geometry.apply_image(image)),
+            "labels": torch.from_numpy(labels)[keep],
+            "masks": masks[keep],
+            "segment_ids": torch.from_numpy(segment_ids)[keep],
+            "image_id": image_id,
+            "file_name": file_name,
+            "orig_size": size,
+        }

@@ -1,0 +1,219 @@
+"""Up-front dataset checks: every problem is named with its file and id before training or evaluation."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from m2f.data.ade20k import ADE20K_CLASS_NAMES, ade20k_paths
+from m2f.data.coco_panoptic import coco_paths
+from m2f.data.common import DatasetError, pool_context, read_json, read_panoptic_png
+
+TASKS = ("panoptic", "instance", "semantic")
+
+
+def _list_files(folder: str) -> set[str]:
+    return set(os.listdir(folder)) if os.path.isdir(folder) else set()
+
+
+def _check_categories(json_path: str, categories: list[dict], problems: list[str]) -> set[int]:
+    counts = Counter(c["id"] for c in categories)
+    for category_id, count in counts.items():
+        if count > 1:
+            problems.append(f"{json_path}: category id {category_id} appears {count} times")
+    return set(counts)
+
+
+def _check_images(
+    json_path: str, image_root: str, images: list[dict], problems: list[str]
+) -> dict[int, dict]:
+    present = _list_files(image_root)
+    by_id: dict[int, dict] = {}
+    for image in images:
+        if image["id"] in by_id:
+            problems.append(f"{json_path}: image id {image['id']} appears more than once")
+        by_id[image["id"]] = image
+        if image["file_name"] not in present:
+            problems.append(
+                f"{os.path.join(image_root, image['file_name'])}: missing image file (image id {image['id']})"
+            )
+    return by_id
+
+
+def check_panoptic_png(
+    png_path: str, image_id: int, height: int, width: int, segment_ids: list[int]
+) -> list[str]:
+    """Problems of one panoptic PNG against its JSON segments (missing file, size, ids in one but not the
+    other)."""
+    if not os.path.isfile(png_path):
+        return [f"{png_path}: missing panoptic PNG (image id {image_id})"]
+    ids = read_panoptic_png(png_path)
+    problems = []
+    if ids.shape != (height, width):
+        problems.append(
+            f"{png_path}: image id {image_id}: PNG size {ids.shape} differs from {(height, width)}"
+        )
+    present = set(np.unique(ids).tolist()) - {0}
+    for segment_id in sorted(set(segment_ids) - present):
+        problems.append(f"{png_path}: image id {image_id}: segment id {segment_id} in JSON but not in PNG")
+    for segment_id in sorted(present - set(segment_ids)):
+        problems.append(f"{png_path}: image id {image_id}: segment id {segment_id} in PNG but not in JSON")
+    return problems
+
+
+def _check_panoptic_png_job(job) -> list[str]:
+    return check_panoptic_png(*job)
+
+
+def _validate_panoptic(
+    root: str, split: str, check_files: bool, num_workers: int, problems: list[str]
+) -> dict:
+    paths = coco_paths(root, split)
+    json_path = paths["panoptic_json"]
+    data = read_json(json_path)
+    category_ids = _check_categories(json_path, data["categories"], problems)
+    images = _check_images(json_path, paths["image_root"], data["images"], problems)
+    annotated = set()
+    png_jobs = []
+    num_segments = 0
+    for annotation in data["annotations"]:
+        image_id = annotation["image_id"]
+        if image_id not in images:
+            problems.append(
+                f"{json_path}: annotation {annotation['file_name']} has unknown image id {image_id}"
+            )
+            continue
+        if image_id in annotated:
+            problems.append(f"{json_path}: image id {image_id} has more than one annotation")
+        annotated.add(image_id)
+        segment_ids = []
+        for segment in annotation["segments_info"]:
+            num_segments += 1
+            where = f"{json_path}: image id {image_id}: segment id {segment['id']}"
+            if segment["id"] in segment_ids:
+                problems.append(f"{where} appears more than once")
+            segment_ids.append(segment["id"])
+            if segment["id"] == 0:
+                problems.append(f"{where} is the void id")
+            if segment["category_id"] not in category_ids:
+                problems.append(f"{where} has unknown category_id {segment['category_id']}")
+            if segment.get("area", 1) <= 0:
+                problems.append(f"{where} is an empty segment (area {segment.get('area')})")
+        png_path = os.path.join(paths["panoptic_root"], annotation["file_name"])
+        image = images[image_id]
+        png_jobs.append((png_path, image_id, image["height"], image["width"], segment_ids))
+    for image_id in sorted(set(images) - annotated):
+        problems.append(
+            f"{json_path}: image id {image_id} ({images[image_id]['file_name']}) has no annotation"
+        )
+    if check_files:
+        if num_workers > 1 and len(png_jobs) > 1:
+            with pool_context().Pool(num_workers) as pool:
+                results = pool.map(
+                    _check_panoptic_png_job, png_jobs, chunksize=max(1, len(png_jobs) // (8 * num_workers))
+                )
+        else:
+            results = [_check_panoptic_png_job(job) for job in png_jobs]
+        for result in results:
+            problems.extend(result)
+    return {"images": len(images), "annotations": len(png_jobs), "segments": num_segments}
+
+
+def _is_empty_segmentation(segmentation, height: int, width: int) -> bool:
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if len(p) >= 6]
+        if not polygons:
+            return True
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return int(mask_utils.area(rle)) == 0
+
+
+def _validate_instance(root: str, split: str, problems: list[str]) -> dict:
+    paths = coco_paths(root, split)
+    json_path = paths["instances_json"]
+    data = read_json(json_path)
+    category_ids = _check_categories(json_path, data["categories"], problems)
+    images = _check_images(json_path, paths["image_root"], data["images"], problems)
+    seen_ids = set()
+    for annotation in data["annotations"]:
+        where = f"{json_path}: image id {annotation.get('image_id')}: annotation id {annotation.get('id')}"
+        if annotation.get("id") in seen_ids:
+            problems.append(f"{where} appears more than once")
+        seen_ids.add(annotation.get("id"))
+        image = images.get(annotation.get("image_id"))
+        if image is None:
+            problems.append(f"{where} has an unknown image id")
+            continue
+        if annotation.get("category_id") not in category_ids:
+            problems.append(f"{where} has unknown category_id {annotation.get('category_id')}")
+        segmentation = annotation.get("segmentation")
+        if isinstance(segmentation, dict) and "size" in segmentation:
+            if list(segmentation["size"]) != [image["height"], image["width"]]:
+                problems.append(f"{where}: RLE size {segmentation['size']} differs from the image's")
+                continue
+        if isinstance(segmentation, list) and any(len(p) % 2 for p in segmentation):
+            problems.append(f"{where}: polygon with an odd number of coordinates")
+            continue
+        if segmentation is None or _is_empty_segmentation(segmentation, image["height"], image["width"]):
+            problems.append(f"{where} is an empty segment")
+    return {"images": len(images), "annotations": len(data["annotations"])}
+
+
+def _validate_semantic(root: str, split: str, check_files: bool, problems: list[str]) -> dict:
+    image_root, annotation_root = ade20k_paths(root, split)
+    for folder in (image_root, annotation_root):
+        if not os.path.isdir(folder):
+            problems.append(f"{folder}: folder not found")
+    images = {os.path.splitext(f)[0] for f in _list_files(image_root) if f.lower().endswith(".jpg")}
+    labels = {os.path.splitext(f)[0] for f in _list_files(annotation_root) if f.lower().endswith(".png")}
+    for stem in sorted(images - labels):
+        problems.append(f"{os.path.join(annotation_root, stem + '.png')}: missing annotation PNG")
+    for stem in sorted(labels - images):
+        problems.append(f"{os.path.join(image_root, stem + '.jpg')}: missing image for this annotation")
+    if check_files:
+        for stem in sorted(images & labels):
+            png_path = os.path.join(annotation_root, stem + ".png")
+            with Image.open(png_path) as png, Image.open(os.path.join(image_root, stem + ".jpg")) as image:
+                values = np.unique(np.asarray(png))
+                if png.size != image.size:
+                    problems.append(f"{png_path}: size {png.size} differs from the image's {image.size}")
+            for value in values[values > len(ADE20K_CLASS_NAMES)].tolist():
+                problems.append(
+                    f"{png_path}: unknown category {value} (labels are 0..{len(ADE20K_CLASS_NAMES)})"
+                )
+    return {"images": len(images)}
+
+
+def validate_dataset(
+    root: str, split: str, task: str, *, check_files: bool = True, num_workers: int = 0, max_listed: int = 50
+) -> dict:
+    """Check a dataset before use. task: "panoptic" | "instance" (COCO layout) or "semantic" (ADE20K).
+
+    Checks category ids, image files, panoptic PNGs (missing, size, segment ids in the JSON but not in the PNG
+    and the reverse; skipped when check_files is False), empty segments and duplicates. Returns counts; raises
+    DatasetError listing every problem (the first max_listed in the message, all in `.problems`).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    problems: list[str] = []
+    if task == "panoptic":
+        summary = _validate_panoptic(root, split, check_files, num_workers, problems)
+    elif task == "instance":
+        summary = _validate_instance(root, split, problems)
+    else:
+        summary = _validate_semantic(root, split, check_files, problems)
+    if problems:
+        listed = "\n".join(problems[:max_listed])
+        more = f"\n... and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
+        raise DatasetError(
+            f"{len(problems)} problem(s) in the {task} {split} dataset at {root}:\n{listed}{more}", problems
+        )
+    return summary

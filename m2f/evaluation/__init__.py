@@ -1,0 +1,24 @@
+"""Evaluation: panoptic quality, COCO instance AP (pycocotools), semantic mIoU, result tables."""
+
+from m2f.evaluation.instance import InstanceEvaluator
+from m2f.evaluation.panoptic import (
+    PanopticEvaluator,
+    PQStats,
+    evaluate_panoptic_files,
+    image_pq_stats,
+    summarize_pq,
+)
+from m2f.evaluation.semantic import SemanticEvaluator
+from m2f.evaluation.table import format_table, write_results
+
+__all__ = [
+    "InstanceEvaluator",
+    "PQStats",
+    "PanopticEvaluator",
+    "SemanticEvaluator",
+    "evaluate_panoptic_files",
+    "format_table",
+    "image_pq_stats",
+    "summarize_pq",
+    "write_results",
+]

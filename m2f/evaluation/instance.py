@@ -1,0 +1,125 @@
+"""Instance segmentation AP with pycocotools: mask AP ("segm") and box AP computed from the boxes that enclose
+the predicted masks ("box AP (from masks)"; the model predicts no boxes). Standard COCO settings: IoU
+thresholds 0.50:0.05:0.95, 101 recall points, up to 100 detections per image, area ranges small < 32^2 <=
+medium < 96^2 <= large (mask area for segm, box area for boxes)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from m2f.data.common import DatasetMetadata
+
+AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def _to_numpy(value) -> np.ndarray:
+    return np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+
+
+def _evaluate(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list, class_names: dict) -> dict:
+    """COCOeval of `results`: AP values in percent plus per_class AP (classes without ground truth are left
+    out)."""
+    if not results:
+        return {**dict.fromkeys(AP_NAMES, 0.0), "per_class": {}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        evaluator.params.imgIds = sorted(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    # pycocotools reports -1 when no ground truth falls in an area range: NaN here, as detectron2 does.
+    metrics = {
+        name: float(100 * v) if v >= 0 else float("nan") for name, v in zip(AP_NAMES, evaluator.stats[:6])
+    }
+    precision = evaluator.eval["precision"]  # (iou thresholds, recall points, classes, areas, max dets)
+    per_class = {}
+    for k, category_id in enumerate(evaluator.params.catIds):
+        values = precision[:, :, k, 0, -1]
+        values = values[values > -1]
+        if values.size:
+            per_class[class_names.get(category_id, str(category_id))] = float(100 * values.mean())
+    metrics["per_class"] = per_class
+    return metrics
+
+
+class InstanceEvaluator:
+    """Accumulates predicted instances and computes COCO AP against `gt_json` (default
+    metadata.instances_json).
+
+    update(image_id, instances): instances dict with masks (K, H, W) bool at the original image size, scores
+    (K,), labels (K,) contiguous class indices of `metadata` (mapped to the JSON's category ids).
+    compute() -> {"task": "instance", "segm": {AP..., per_class}, "bbox_from_masks": {AP..., per_class},
+    "num_images"}.
+    """
+
+    def __init__(self, metadata: DatasetMetadata, gt_json: str | None = None):
+        gt_json = gt_json or metadata.instances_json
+        if not gt_json:
+            raise ValueError("gt_json is required when metadata has no instances_json")
+        self.metadata = metadata
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco_gt = COCO(gt_json)
+        self.class_names = {c["id"]: c["name"] for c in self.coco_gt.loadCats(self.coco_gt.getCatIds())}
+        self.reset()
+
+    def reset(self) -> None:
+        self.segm_results: list[dict] = []
+        self.box_results: list[dict] = []
+        self.image_ids: list = []
+
+    def update(self, image_id, instances: dict) -> None:
+        if image_id not in self.coco_gt.imgs:
+            raise ValueError(f"image_id {image_id} is not in the ground truth")
+        masks = _to_numpy(instances["masks"]).astype(np.uint8)
+        scores = _to_numpy(instances["scores"]).astype(np.float64)
+        labels = _to_numpy(instances["labels"]).astype(np.int64)
+        if masks.ndim != 3 or not len(masks) == len(scores) == len(labels):
+            raise ValueError(
+                f"instances need masks (K, H, W), scores (K,), labels (K,); got {masks.shape}, "
+                f"{scores.shape}, {labels.shape}"
+            )
+        image = self.coco_gt.imgs[image_id]
+        if len(masks) and masks.shape[1:] != (image["height"], image["width"]):
+            raise ValueError(
+                f"image_id {image_id}: masks have size {masks.shape[1:]}, the image is "
+                f"{(image['height'], image['width'])}"
+            )
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.metadata.num_classes):
+            raise ValueError(f"image_id {image_id}: labels must be in [0, {self.metadata.num_classes})")
+        self.image_ids.append(image_id)
+        if not len(masks):
+            return
+        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+        boxes = mask_utils.toBbox(rles)
+        for rle, box, score, label in zip(rles, boxes, scores.tolist(), labels.tolist()):
+            category_id = self.metadata.contiguous_to_category_id[label]
+            if category_id not in self.class_names:
+                continue  # a stuff class of a panoptic model: no instance ground truth
+            rle["counts"] = rle["counts"].decode("ascii")
+            common = {"image_id": image_id, "category_id": category_id, "score": score}
+            self.segm_results.append({**common, "segmentation": rle})
+            self.box_results.append({**common, "bbox": [float(v) for v in box]})
+
+    def get_state(self) -> dict:
+        return {"segm": self.segm_results, "box": self.box_results, "image_ids": self.image_ids}
+
+    def merge_state(self, state: dict) -> None:
+        self.segm_results.extend(state["segm"])
+        self.box_results.extend(state["box"])
+        self.image_ids.extend(state["image_ids"])
+
+    def compute(self) -> dict:
+        image_ids = sorted(set(self.image_ids))
+        return {
+            "task": "instance",
+            "segm": _evaluate(self.coco_gt, self.segm_results, "segm", image_ids, self.class_names),
+            "bbox_from_masks": _evaluate(self.coco_gt, self.box_results, "bbox", image_ids, self.class_names),
+            "num_images": len(image_ids),
+        }

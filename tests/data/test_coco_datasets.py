@@ -1,0 +1,167 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from panopticapi.utils import rgb2id
+from PIL import Image
+from pycocotools.coco import COCO
+
+from m2f.data import (
+    LSJ,
+    ADE20KDataset,
+    CocoInstanceDataset,
+    CocoPanopticDataset,
+    DatasetError,
+    collate,
+    make_synthetic_ade20k,
+)
+
+
+def _load_json(root, name):
+    with open(os.path.join(root, "annotations", name)) as f:
+        return json.load(f)
+
+
+def test_panoptic_items_match_png_and_json(synthetic_root):
+    dataset = CocoPanopticDataset(synthetic_root, "val")
+    data = _load_json(synthetic_root, "panoptic_val2017.json")
+    metadata = dataset.metadata
+    assert metadata.num_classes == 6
+    assert metadata.thing_classes == {0, 1, 2}
+    assert metadata.contiguous_to_category_id == [1, 3, 5, 100, 101, 102]
+    assert len(dataset) == len(data["annotations"])
+    for index, annotation in enumerate(data["annotations"]):
+        item = dataset[index]
+        png = os.path.join(synthetic_root, "annotations", "panoptic_val2017", annotation["file_name"])
+        ids = rgb2id(np.array(Image.open(png), dtype=np.uint32))
+        image = np.array(Image.open(os.path.join(synthetic_root, "val2017", item["file_name"])))
+        assert item["image_id"] == annotation["image_id"]
+        assert item["image"].dtype == torch.uint8 and item["masks"].dtype == torch.bool
+        assert np.array_equal(item["image"].permute(1, 2, 0).numpy(), image)
+        assert item["orig_size"] == ids.shape
+        segments = {s["id"]: s for s in annotation["segments_info"]}
+        assert sorted(item["segment_ids"].tolist()) == sorted(segments)
+        for segment_id, label, mask in zip(
+            item["segment_ids"].tolist(), item["labels"].tolist(), item["masks"]
+        ):
+            assert np.array_equal(mask.numpy(), ids == segment_id)
+            assert metadata.contiguous_to_category_id[label] == segments[segment_id]["category_id"]
+
+
+def test_instance_items_match_pycocotools(synthetic_root):
+    dataset = CocoInstanceDataset(synthetic_root, "val")
+    coco = COCO(os.path.join(synthetic_root, "annotations", "instances_val2017.json"))
+    assert dataset.metadata.num_classes == 3 and dataset.metadata.thing_classes == {0, 1, 2}
+    for index in range(len(dataset)):
+        item = dataset[index]
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=[item["image_id"]]))
+        assert len(item["masks"]) == len(annotations)
+        for annotation, label, mask in zip(annotations, item["labels"].tolist(), item["masks"]):
+            assert np.array_equal(mask.numpy(), coco.annToMask(annotation).astype(bool))
+            assert dataset.metadata.contiguous_to_category_id[label] == annotation["category_id"]
+
+
+def test_instance_and_panoptic_masks_agree_under_the_same_lsj(synthetic_root):
+    panoptic = CocoPanopticDataset(synthetic_root, "train", LSJ(80, min_scale=0.5, max_scale=2.0), seed=5)
+    instance = CocoInstanceDataset(synthetic_root, "train", LSJ(80, min_scale=0.5, max_scale=2.0), seed=5)
+    compared = 0
+    for index in range(len(panoptic)):
+        a, b = panoptic[index], instance[index]
+        assert a["image_id"] == b["image_id"] and torch.equal(a["image"], b["image"])
+        things = [
+            m
+            for label, m in zip(a["labels"].tolist(), a["masks"])
+            if label in panoptic.metadata.thing_classes
+        ]
+        for mask in b["masks"]:
+            best = max(((mask & m).sum() / (mask | m).sum()).item() for m in things)
+            if mask.sum() > 30:
+                assert best > 0.85
+                compared += 1
+    assert compared > 3
+
+
+def test_items_are_deterministic_per_seed_epoch_and_index(synthetic_root):
+    dataset = CocoPanopticDataset(synthetic_root, "train", LSJ(64), seed=1)
+    first = dataset[2]
+    again = CocoPanopticDataset(synthetic_root, "train", LSJ(64), seed=1)[2]
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["masks"], again["masks"])
+    dataset.set_epoch(1)
+    changed = [
+        not torch.equal(
+            dataset[i]["image"], CocoPanopticDataset(synthetic_root, "train", LSJ(64), seed=1)[i]["image"]
+        )
+        for i in range(len(dataset))
+    ]
+    assert any(changed)
+
+
+def test_dataloader_workers_give_the_same_batches(synthetic_root):
+    dataset = CocoInstanceDataset(synthetic_root, "train", LSJ(64), seed=2)
+    batches = []
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=workers, collate_fn=collate)
+        batches.append(list(loader))
+    for (images_a, targets_a, infos_a), (images_b, targets_b, infos_b) in zip(*batches):
+        assert torch.equal(images_a, images_b) and infos_a == infos_b
+        for ta, tb in zip(targets_a, targets_b):
+            assert torch.equal(ta["masks"], tb["masks"]) and torch.equal(ta["labels"], tb["labels"])
+
+
+def test_collate_pads_images_and_masks():
+    items = []
+    for h, w in ((30, 40), (50, 20)):
+        items.append(
+            {
+                "image": torch.full((3, h, w), 9, dtype=torch.uint8),
+                "labels": torch.tensor([1]),
+                "masks": torch.ones(1, h, w, dtype=torch.bool),
+                "image_id": h,
+                "file_name": f"{h}.jpg",
+                "orig_size": (h * 2, w * 2),
+            }
+        )
+    images, targets, infos = collate(items, size_divisibility=32)
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32
+    assert (
+        images[0, :, :30, :40].eq(9).all()
+        and images[0, :, 30:].eq(0).all()
+        and images[0, :, :, 40:].eq(0).all()
+    )
+    assert targets[1]["masks"].shape == (1, 64, 64)
+    assert targets[1]["masks"].sum() == 50 * 20 and targets[1]["masks"][0, :50, :20].all()
+    assert infos[1] == {"image_id": 50, "file_name": "50.jpg", "orig_size": (100, 40), "image_size": (50, 20)}
+    with pytest.raises(ValueError, match="batch"):
+        collate([])
+
+
+def test_ade20k_items_map_zero_to_ignore(tmp_path):
+    root = make_synthetic_ade20k(str(tmp_path), num_train=2, num_val=3, image_size=64, seed=0)
+    assert ADE20KDataset(str(tmp_path), "validation").image_root == ADE20KDataset(root, "val").image_root
+    dataset = ADE20KDataset(root, "val")
+    assert dataset.metadata.num_classes == 150 and dataset.metadata.class_names[0] == "wall"
+    assert len(dataset) == 3
+    for index in range(len(dataset)):
+        item = dataset[index]
+        raw = np.array(
+            Image.open(os.path.join(root, "annotations", "validation", item["file_name"][:-4] + ".png"))
+        )
+        expected = np.where(raw == 0, 255, raw.astype(np.int64) - 1)
+        assert np.array_equal(item["sem_seg"].numpy(), expected)
+        assert np.array_equal(dataset.load_semantic_gt(index), expected)
+        assert [v - 1 for v in np.unique(raw).tolist() if v] == item["labels"].tolist()
+        for label, mask in zip(item["labels"].tolist(), item["masks"]):
+            assert np.array_equal(mask.numpy(), expected == label)
+    batch = collate([ADE20KDataset(root, "train", LSJ(48))[i] for i in range(2)])
+    assert batch[1][0]["sem_seg"].shape == (64, 64) and batch[1][0]["sem_seg"][48:].eq(255).all()
+
+
+def test_ade20k_missing_annotation_names_the_file(tmp_path):
+    root = make_synthetic_ade20k(str(tmp_path), num_train=0, num_val=2, image_size=64)
+    os.remove(os.path.join(root, "annotations", "validation", "ADE_val_00000002.png"))
+    with pytest.raises(DatasetError, match="ADE_val_00000002"):
+        ADE20KDataset(root, "val")
+    with pytest.raises(ValueError, match="split"):
+        ADE20KDataset(root, "test")

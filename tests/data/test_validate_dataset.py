@@ -1,0 +1,146 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from m2f.data import DatasetError, make_synthetic, make_synthetic_ade20k, validate_dataset
+
+
+@pytest.fixture
+def root(tmp_path):
+    return make_synthetic(str(tmp_path), num_train=2, num_val=0, image_size=64, seed=0)
+
+
+def _json_path(root, kind):
+    return os.path.join(root, "annotations", f"{kind}_train2017.json")
+
+
+def _edit_json(root, kind, edit):
+    path = _json_path(root, kind)
+    with open(path) as f:
+        data = json.load(f)
+    edit(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return data
+
+
+def _problems(root, task, **kwargs):
+    with pytest.raises(DatasetError) as error:
+        validate_dataset(root, "train", task, **kwargs)
+    assert str(error.value).count("\n") >= len(error.value.problems[:50])
+    return error.value
+
+
+def test_clean_dataset_passes(root):
+    assert validate_dataset(root, "train", "panoptic") == {
+        "images": 2,
+        "annotations": 2,
+        "segments": _count_segments(root),
+    }
+    assert validate_dataset(root, "train", "instance")["images"] == 2
+
+
+def _count_segments(root):
+    with open(_json_path(root, "panoptic")) as f:
+        return sum(len(a["segments_info"]) for a in json.load(f)["annotations"])
+
+
+def test_unknown_category_is_named(root):
+    def edit(data):
+        data["annotations"][1]["segments_info"][0]["category_id"] = 999
+
+    data = _edit_json(root, "panoptic", edit)
+    segment = data["annotations"][1]["segments_info"][0]
+    error = _problems(root, "panoptic")
+    assert len(error.problems) == 1
+    message = error.problems[0]
+    assert "panoptic_train2017.json" in message and "unknown category_id 999" in message
+    assert (
+        f"image id {data['annotations'][1]['image_id']}" in message
+        and f"segment id {segment['id']}" in message
+    )
+    assert message in str(error)
+
+
+def test_missing_png_is_named(root):
+    os.remove(os.path.join(root, "annotations", "panoptic_train2017", "000000000002.png"))
+    (message,) = _problems(root, "panoptic").problems
+    assert "panoptic_train2017/000000000002.png" in message and "missing panoptic PNG" in message
+    assert "image id 2" in message
+
+
+def test_missing_image_is_named_for_both_tasks(root):
+    os.remove(os.path.join(root, "train2017", "000000000001.jpg"))
+    for task in ("panoptic", "instance"):
+        (message,) = _problems(root, task).problems
+        assert (
+            "train2017/000000000001.jpg" in message and "missing image" in message and "image id 1" in message
+        )
+
+
+def test_empty_segment_is_named(root):
+    def edit(data):
+        data["annotations"][0]["segments_info"][1]["area"] = 0
+
+    data = _edit_json(root, "panoptic", edit)
+    (message,) = _problems(root, "panoptic").problems
+    assert (
+        f"segment id {data['annotations'][0]['segments_info'][1]['id']}" in message
+        and "empty segment" in message
+    )
+
+
+def test_segment_in_json_but_not_in_png_and_the_reverse(root):
+    removed = {}
+
+    def edit(data):
+        data["annotations"][0]["segments_info"].append(
+            {"id": 4242, "category_id": 1, "area": 5, "iscrowd": 0}
+        )
+        removed.update(data["annotations"][1]["segments_info"].pop())
+
+    _edit_json(root, "panoptic", edit)
+    problems = _problems(root, "panoptic").problems
+    assert len(problems) == 2
+    assert "000000000001.png" in problems[0] and "segment id 4242 in JSON but not in PNG" in problems[0]
+    assert "000000000002.png" in problems[1]
+    assert f"segment id {removed['id']} in PNG but not in JSON" in problems[1]
+    assert _problems(root, "panoptic", num_workers=2).problems == problems
+    assert validate_dataset(root, "train", "panoptic", check_files=False)["annotations"] == 2
+
+
+def test_instance_problems_are_named(root):
+    def edit(data):
+        data["annotations"][0]["category_id"] = 77
+        data["annotations"][1]["segmentation"] = []
+        data["annotations"].append(dict(data["annotations"][2], id=500, image_id=31337))
+
+    data = _edit_json(root, "instances", edit)
+    problems = _problems(root, "instance").problems
+    assert len(problems) == 3
+    first, second = data["annotations"][0], data["annotations"][1]
+    assert f"annotation id {first['id']} has unknown category_id 77" in problems[0]
+    assert f"image id {second['image_id']}: annotation id {second['id']} is an empty segment" in problems[1]
+    assert "image id 31337: annotation id 500 has an unknown image id" in problems[2]
+    assert all("instances_train2017.json" in p for p in problems)
+
+
+def test_semantic_problems_are_named(tmp_path):
+    root = make_synthetic_ade20k(str(tmp_path), num_train=3, num_val=0, image_size=64)
+    labels = os.path.join(root, "annotations", "training")
+    os.remove(os.path.join(labels, "ADE_train_00000001.png"))
+    Image.fromarray(np.full((64, 64), 200, np.uint8)).save(os.path.join(labels, "ADE_train_00000002.png"))
+    problems = _problems(root, "semantic").problems
+    assert len(problems) == 2
+    assert "ADE_train_00000001.png" in problems[0] and "missing annotation" in problems[0]
+    assert "ADE_train_00000002.png" in problems[1] and "unknown category 200" in problems[1]
+
+
+def test_bad_task_and_missing_json(root):
+    with pytest.raises(ValueError, match="task"):
+        validate_dataset(root, "train", "detection")
+    with pytest.raises(DatasetError, match=r"panoptic_test2017\.json: file not found"):
+        validate_dataset(root, "test", "panoptic")

@@ -1,0 +1,127 @@
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+from m2f.data import CocoInstanceDataset, CocoPanopticDataset, DatasetMetadata
+from m2f.evaluation import InstanceEvaluator, format_table
+
+CATEGORIES = [{"id": 4, "name": "square", "isthing": 1}]
+
+
+def _square(top, left, size=6, shape=(24, 24)):
+    mask = np.zeros(shape, bool)
+    mask[top : top + size, left : left + size] = True
+    return mask
+
+
+@pytest.fixture
+def two_squares_gt(tmp_path):
+    """One 24x24 image with two 6x6 ground-truth squares of one category (small objects)."""
+    annotations = []
+    for i, (top, left) in enumerate([(1, 1), (12, 12)]):
+        polygon = [left, top, left + 6, top, left + 6, top + 6, left, top + 6]
+        annotations.append(
+            {"id": i + 1, "image_id": 7, "category_id": 4, "segmentation": [polygon], "area": 36,
+             "bbox": [left, top, 6, 6], "iscrowd": 0}
+        )  # fmt: skip
+    data = {
+        "images": [{"id": 7, "file_name": "x.jpg", "height": 24, "width": 24}],
+        "annotations": annotations,
+    }
+    data["categories"] = CATEGORIES
+    path = str(tmp_path / "gt.json")
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return path
+
+
+def _evaluate(gt_json, masks, scores):
+    evaluator = InstanceEvaluator(DatasetMetadata(CATEGORIES), gt_json)
+    labels = torch.zeros(len(masks), dtype=torch.int64)
+    evaluator.update(
+        7, {"masks": torch.from_numpy(np.stack(masks)), "scores": torch.tensor(scores), "labels": labels}
+    )
+    return evaluator.compute()
+
+
+def test_one_of_two_found_gives_51_of_101_recall_points(two_squares_gt):
+    # recall 0.5 at precision 1 for every IoU threshold: 51 of COCO's 101 recall points (0, 0.01, ..., 0.5)
+    results = _evaluate(two_squares_gt, [_square(1, 1)], [0.9])
+    for metrics in (results["segm"], results["bbox_from_masks"]):
+        assert metrics["AP"] == pytest.approx(100 * 51 / 101)
+        assert metrics["AP50"] == pytest.approx(100 * 51 / 101) and metrics["APs"] == pytest.approx(
+            100 * 51 / 101
+        )
+        assert math.isnan(metrics["APm"]) and math.isnan(metrics["APl"])  # no medium or large ground truth
+
+
+def test_false_positive_ranked_first_halves_precision(two_squares_gt):
+    later = _evaluate(two_squares_gt, [_square(1, 1), _square(0, 17)], [0.9, 0.5])
+    first = _evaluate(two_squares_gt, [_square(1, 1), _square(0, 17)], [0.9, 0.95])
+    assert later["segm"]["AP"] == pytest.approx(100 * 51 / 101)
+    assert first["segm"]["AP"] == pytest.approx(100 * 0.5 * 51 / 101)
+
+
+def test_box_from_masks_differs_from_mask_iou(two_squares_gt):
+    # An L-shaped mask: its enclosing box equals the ground-truth box, its mask IoU is 20/36 (< 0.75).
+    l_shape = _square(1, 1) & ~_square(3, 3, size=4)
+    results = _evaluate(two_squares_gt, [l_shape, _square(12, 12)], [0.9, 0.8])
+    assert results["bbox_from_masks"]["AP"] == pytest.approx(100.0)
+    assert results["segm"]["AP50"] == pytest.approx(100.0) and results["segm"]["AP75"] < 100
+    assert "box AP (from masks)" in format_table(results)
+
+
+def test_ground_truth_masks_score_100_on_synthetic(synthetic_root):
+    dataset = CocoInstanceDataset(synthetic_root, "val")
+    evaluator = InstanceEvaluator(dataset.metadata)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        scores = torch.linspace(1.0, 0.5, len(item["labels"]))
+        evaluator.update(
+            item["image_id"], {"masks": item["masks"], "scores": scores, "labels": item["labels"]}
+        )
+    results = evaluator.compute()
+    assert results["segm"]["AP"] == pytest.approx(100.0) and results["bbox_from_masks"][
+        "AP"
+    ] == pytest.approx(100.0)
+    assert results["num_images"] == len(dataset)
+    assert set(results["segm"]["per_class"]) <= {"circle", "rectangle", "triangle"}
+
+
+def test_panoptic_metadata_skips_stuff_labels(synthetic_root):
+    metadata = CocoPanopticDataset(synthetic_root, "val").metadata
+    evaluator = InstanceEvaluator(metadata)
+    coco = COCO(os.path.join(synthetic_root, "annotations", "instances_val2017.json"))
+    image_id = sorted(coco.imgs)[0]
+    annotation = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))[0]
+    thing = metadata.category_id_to_contiguous[annotation["category_id"]]
+    stuff = metadata.category_id_to_contiguous[100]
+    mask = torch.from_numpy(coco.annToMask(annotation).astype(bool))
+    evaluator.update(image_id, {"masks": torch.stack([mask, mask]), "scores": torch.tensor([0.9, 0.8]),
+                                "labels": torch.tensor([thing, stuff])})  # fmt: skip
+    assert (
+        len(evaluator.segm_results) == 1
+        and evaluator.segm_results[0]["category_id"] == annotation["category_id"]
+    )
+
+
+def test_bad_input_raises(two_squares_gt):
+    evaluator = InstanceEvaluator(DatasetMetadata(CATEGORIES), two_squares_gt)
+    good = {
+        "masks": torch.zeros(1, 24, 24, dtype=torch.bool),
+        "scores": torch.ones(1),
+        "labels": torch.zeros(1),
+    }
+    with pytest.raises(ValueError, match="image_id"):
+        evaluator.update(8, good)
+    with pytest.raises(ValueError, match="size"):
+        evaluator.update(7, dict(good, masks=torch.zeros(1, 20, 24, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="label"):
+        evaluator.update(7, dict(good, labels=torch.tensor([3])))
+    empty = InstanceEvaluator(DatasetMetadata(CATEGORIES), two_squares_gt).compute()
+    assert empty["segm"]["AP"] == 0.0

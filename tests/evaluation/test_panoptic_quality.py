@@ -1,0 +1,221 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from panopticapi.evaluation import pq_compute
+from PIL import Image
+
+from m2f.data import DatasetMetadata, id_to_rgb, read_panoptic_png
+from m2f.evaluation import PanopticEvaluator, evaluate_panoptic_files, image_pq_stats, summarize_pq
+
+
+def _stats_tuple(stats, k):
+    return stats.iou[k], stats.tp[k], stats.fp[k], stats.fn[k]
+
+
+def test_perfect_prediction():
+    gt = np.array([[1, 1, 2, 2], [1, 1, 2, 2], [0, 0, 3, 3]])
+    gt_segments = [{"id": 1, "category": 0}, {"id": 2, "category": 1}, {"id": 3, "category": 1}]
+    pred = gt * 10
+    pred_segments = [{"id": 10, "category": 0}, {"id": 20, "category": 1}, {"id": 30, "category": 1}]
+    stats = image_pq_stats(gt, gt_segments, pred, pred_segments, num_categories=2)
+    assert _stats_tuple(stats, 0) == (1.0, 1, 0, 0) and _stats_tuple(stats, 1) == (2.0, 2, 0, 0)
+
+
+def test_hand_computed_void_fp_fn():
+    # gt: A (category 0) is 8 pixels, B (category 1) 4 pixels, the rest void.
+    gt = np.array(
+        [
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [2, 2, 2, 2, 0, 0],
+        ]
+    )
+    # pred: P5 (category 0) covers 6 pixels of A and 2 void pixels -> IoU = 6 / (8 + 8 - 6 - 2) = 0.75.
+    # P6 (category 1) lies on void only -> ignored. P7 (category 0) covers B -> false positive; B is missed.
+    pred = np.array(
+        [
+            [5, 5, 5, 5, 5, 6],
+            [5, 5, 0, 0, 5, 6],
+            [7, 7, 7, 7, 0, 0],
+        ]
+    )
+    gt_segments = [{"id": 1, "category": 0}, {"id": 2, "category": 1}]
+    pred_segments = [{"id": 5, "category": 0}, {"id": 6, "category": 1}, {"id": 7, "category": 0}]
+    stats = image_pq_stats(gt, gt_segments, pred, pred_segments, num_categories=2)
+    assert _stats_tuple(stats, 0) == (0.75, 1, 1, 0)
+    assert _stats_tuple(stats, 1) == (0.0, 0, 0, 1)
+    metadata = DatasetMetadata(
+        [{"id": 7, "name": "thing", "isthing": 1}, {"id": 9, "name": "stuff", "isthing": 0}]
+    )
+    results = summarize_pq(stats, metadata)
+    assert results["PQ_th"] == pytest.approx(100 * 0.75 / 1.5)
+    assert results["SQ_th"] == pytest.approx(75.0) and results["RQ_th"] == pytest.approx(100 * 1 / 1.5)
+    assert results["PQ_st"] == 0.0 and results["N_st"] == 1
+    assert results["PQ"] == pytest.approx(25.0) and results["N"] == 2
+    assert results["per_class"]["thing"] == {
+        "category_id": 7, "PQ": pytest.approx(50.0), "SQ": 75.0, "RQ": pytest.approx(200 / 3), "TP": 1, "FP": 1, "FN": 0
+    }  # fmt: skip
+
+
+def test_iou_of_exactly_half_is_not_a_match():
+    gt = np.array([[1, 1, 1, 1]])
+    pred = np.array([[2, 2, 3, 3]])
+    stats = image_pq_stats(
+        gt, [{"id": 1, "category": 0}], pred, [{"id": 2, "category": 0}, {"id": 3, "category": 0}], 1
+    )
+    assert _stats_tuple(stats, 0) == (0.0, 0, 2, 1)
+
+
+def test_crowd_regions():
+    # gt: crowd region of category 0 (id 9) and a normal segment of category 0 (id 1).
+    gt = np.array([[9, 9, 9, 9, 1, 1], [9, 9, 9, 9, 1, 1]])
+    gt_segments = [{"id": 9, "category": 0, "iscrowd": 1}, {"id": 1, "category": 0, "iscrowd": 0}]
+    # P1 (category 0) mostly on the crowd -> ignored; P2 (category 1) on the crowd -> false positive;
+    # P3 (category 0) matches the normal segment exactly.
+    pred = np.array([[4, 4, 4, 5, 6, 6], [4, 4, 4, 5, 6, 6]])
+    pred_segments = [{"id": 4, "category": 0}, {"id": 5, "category": 1}, {"id": 6, "category": 0}]
+    stats = image_pq_stats(gt, gt_segments, pred, pred_segments, 2)
+    assert _stats_tuple(stats, 0) == (1.0, 1, 0, 0)  # the crowd itself is neither matched nor missed
+    assert _stats_tuple(stats, 1) == (0.0, 0, 1, 0)
+
+
+def test_inconsistent_predictions_raise():
+    gt = np.array([[1, 1]])
+    segments = [{"id": 1, "category": 0}]
+    with pytest.raises(ValueError, match="segment id 3 is in the predicted map"):
+        image_pq_stats(gt, segments, np.array([[1, 3]]), segments, 1, image_id=12)
+    with pytest.raises(ValueError, match="image 12: segment id 2 is in segments_info"):
+        image_pq_stats(
+            gt, segments, np.array([[1, 1]]), [*segments, {"id": 2, "category": 0}], 1, image_id=12
+        )
+    with pytest.raises(ValueError, match="size"):
+        image_pq_stats(gt, segments, np.array([[1]]), segments, 1)
+    with pytest.raises(ValueError, match="unknown category"):
+        image_pq_stats(gt, segments, gt, [{"id": 1, "category": 4}], 1)
+
+
+def _perturb(ids, segments, categories, rng):
+    """A prediction from ground truth: shifted, dropped, relabelled, merged segments and spurious blobs."""
+    pred = ids.copy()
+    info = [{"id": s["id"], "category_id": s["category_id"]} for s in segments]
+    for s in list(info):
+        mask = pred == s["id"]
+        action = rng.integers(6)
+        if action == 0:
+            pred[mask] = 0
+            info.remove(s)
+        elif action == 1:
+            shifted = np.roll(mask, int(rng.integers(-8, 9)), axis=int(rng.integers(2)))
+            pred[mask] = 0
+            pred[shifted] = s["id"]
+        elif action == 2:
+            s["category_id"] = int(rng.choice(categories))
+        elif action == 3:
+            eroded = mask & np.roll(mask, 2, 0) & np.roll(mask, -2, 1)
+            pred[mask & ~eroded] = 0
+    y, x = rng.integers(0, ids.shape[0] - 12, size=2)
+    blob_id = int(rng.integers(1, 256**3))
+    while blob_id in {s["id"] for s in info}:
+        blob_id = int(rng.integers(1, 256**3))
+    pred[y : y + 12, x : x + 12] = blob_id
+    info.append({"id": blob_id, "category_id": int(rng.choice(categories))})
+    present = set(np.unique(pred).tolist())
+    return pred, [s for s in info if s["id"] in present]
+
+
+def _ground_truth_with_void_and_crowd(root, out):
+    """Copy of the val ground truth where some segments became void or crowd (areas recounted)."""
+    with open(os.path.join(root, "annotations", "panoptic_val2017.json")) as f:
+        data = json.load(f)
+    rng = np.random.default_rng(11)
+    os.makedirs(os.path.join(out, "gt"))
+    for annotation in data["annotations"]:
+        ids = read_panoptic_png(
+            os.path.join(root, "annotations", "panoptic_val2017", annotation["file_name"])
+        )
+        kept = []
+        for segment in annotation["segments_info"]:
+            choice = rng.integers(5)
+            if choice == 0 and len(annotation["segments_info"]) > 2:
+                ids[ids == segment["id"]] = 0
+                continue
+            segment["iscrowd"] = int(choice == 1)
+            kept.append(segment)
+        for segment in kept:
+            segment["area"] = int((ids == segment["id"]).sum())
+        annotation["segments_info"] = kept
+        Image.fromarray(id_to_rgb(ids)).save(os.path.join(out, "gt", annotation["file_name"]))
+    gt_json = os.path.join(out, "gt.json")
+    with open(gt_json, "w") as f:
+        json.dump(data, f)
+    return gt_json, data
+
+
+def test_matches_official_pq_compute(synthetic_root, tmp_path):
+    gt_json, gt_data = _ground_truth_with_void_and_crowd(synthetic_root, str(tmp_path))
+    categories = [c["id"] for c in gt_data["categories"]]
+    rng = np.random.default_rng(3)
+    os.makedirs(tmp_path / "pred")
+    predictions = []
+    metadata = DatasetMetadata(
+        gt_data["categories"], panoptic_json=gt_json, panoptic_root=str(tmp_path / "gt")
+    )
+    evaluator = PanopticEvaluator(metadata)
+    for annotation in gt_data["annotations"]:
+        ids = read_panoptic_png(os.path.join(tmp_path, "gt", annotation["file_name"]))
+        pred, info = _perturb(ids, annotation["segments_info"], categories, rng)
+        Image.fromarray(id_to_rgb(pred)).save(tmp_path / "pred" / annotation["file_name"])
+        predictions.append(
+            {"image_id": annotation["image_id"], "file_name": annotation["file_name"], "segments_info": info}
+        )
+        contiguous = [
+            {"id": s["id"], "category_id": metadata.category_id_to_contiguous[s["category_id"]]} for s in info
+        ]
+        evaluator.update(annotation["image_id"], pred.astype(np.int32), contiguous)
+    pred_json = str(tmp_path / "pred.json")
+    with open(pred_json, "w") as f:
+        json.dump({"annotations": predictions}, f)
+
+    official = pq_compute(gt_json, pred_json, str(tmp_path / "gt"), str(tmp_path / "pred"))
+    ours_files = evaluate_panoptic_files(gt_json, pred_json, str(tmp_path / "gt"), str(tmp_path / "pred"))
+    ours_pool = evaluate_panoptic_files(
+        gt_json, pred_json, str(tmp_path / "gt"), str(tmp_path / "pred"), num_workers=2
+    )
+    ours_online = evaluator.compute()
+    assert 10 < official["All"]["pq"] * 100 < 90  # the perturbations leave a non-trivial score
+    for ours in (ours_files, ours_pool, ours_online):
+        for name, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+            for metric in ("pq", "sq", "rq"):
+                assert ours[metric.upper() + suffix] == pytest.approx(100 * official[name][metric], abs=1e-9)
+            assert ours["N" + suffix] == official[name]["n"]
+        for category in gt_data["categories"]:
+            expected = official["per_class"][category["id"]]
+            got = ours["per_class"][category["name"]]
+            assert got["PQ"] == pytest.approx(100 * expected["pq"], abs=1e-9)
+            assert got["SQ"] == pytest.approx(100 * expected["sq"], abs=1e-9)
+
+
+def test_evaluator_pool_equals_serial_and_checks_input(synthetic_root, tmp_path):
+    from m2f.data import CocoPanopticDataset
+
+    metadata = CocoPanopticDataset(synthetic_root, "val").metadata
+    with open(metadata.panoptic_json) as f:
+        data = json.load(f)
+    serial, pooled = PanopticEvaluator(metadata), PanopticEvaluator(metadata, num_workers=2)
+    rng = np.random.default_rng(0)
+    for annotation in data["annotations"]:
+        ids = read_panoptic_png(os.path.join(metadata.panoptic_root, annotation["file_name"]))
+        pred, info = _perturb(ids, annotation["segments_info"], metadata.contiguous_to_category_id, rng)
+        info = [
+            {"id": s["id"], "category_id": metadata.category_id_to_contiguous[s["category_id"]]} for s in info
+        ]
+        serial.update(annotation["image_id"], pred, info)
+        pooled.update(annotation["image_id"], pred, info)
+    assert serial.compute() == pooled.compute()
+    assert serial.compute()["num_images"] == len(data["annotations"])
+    with pytest.raises(ValueError, match="already evaluated"):
+        serial.update(data["annotations"][0]["image_id"], pred, info)
+    with pytest.raises(ValueError, match="not in"):
+        serial.update(-5, pred, info)

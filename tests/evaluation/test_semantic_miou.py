@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from m2f.evaluation import SemanticEvaluator
+
+
+def test_hand_computed_case():
+    evaluator = SemanticEvaluator(2, class_names=["a", "b"])
+    evaluator.update(np.array([[0, 1], [1, 1]]), np.array([[0, 0], [1, 255]]))
+    results = evaluator.compute()
+    # class a: TP 1, gt 2, pred 1 -> IoU 1/2, acc 1/2; class b: TP 1, gt 1, pred 2 -> IoU 1/2, acc 1
+    assert results["mIoU"] == pytest.approx(50.0)
+    assert results["mACC"] == pytest.approx(75.0)
+    assert results["pACC"] == pytest.approx(100 * 2 / 3)
+    assert results["fwIoU"] == pytest.approx(50.0)
+    assert results["per_class"] == {"a": {"IoU": 50.0, "ACC": 50.0}, "b": {"IoU": 50.0, "ACC": 100.0}}
+
+
+def test_against_a_per_class_loop():
+    rng = np.random.default_rng(0)
+    num_classes = 5
+    evaluator = SemanticEvaluator(num_classes)
+    gts, preds = [], []
+    for _ in range(3):
+        gt = rng.integers(0, num_classes, size=(17, 23))
+        gt[rng.uniform(size=gt.shape) < 0.1] = 255
+        gt[gt == 3] = 2  # class 3 never appears in the ground truth
+        pred = np.where(rng.uniform(size=gt.shape) < 0.6, gt, rng.integers(0, num_classes, size=gt.shape))
+        pred[pred == 255] = 4
+        evaluator.update(torch.from_numpy(pred), torch.from_numpy(gt))
+        gts.append(gt)
+        preds.append(pred)
+    gt, pred = np.concatenate(gts), np.concatenate(preds)
+    valid = gt != 255
+    ious, accs = [], []
+    for c in range(num_classes):
+        in_gt, in_pred = (gt == c) & valid, (pred == c) & valid
+        if in_gt.sum() == 0:
+            continue
+        ious.append((in_gt & in_pred).sum() / (in_gt | in_pred).sum())
+        accs.append((in_gt & in_pred).sum() / in_gt.sum())
+    results = evaluator.compute()
+    assert results["mIoU"] == pytest.approx(100 * np.mean(ious))
+    assert results["mACC"] == pytest.approx(100 * np.mean(accs))
+    assert results["pACC"] == pytest.approx(100 * (gt == pred)[valid].mean())
+    assert "3" not in results["per_class"] and len(results["per_class"]) == 4
+
+
+def test_scores_are_argmaxed():
+    scores = torch.zeros(3, 2, 2)
+    scores[2, 0, 0] = 1.0
+    scores[1, 1, :] = 1.0
+    a, b = SemanticEvaluator(3), SemanticEvaluator(3)
+    gt = np.array([[2, 0], [1, 1]])
+    a.update(scores, gt)
+    b.update(scores.argmax(0), gt)
+    assert np.array_equal(a.confusion, b.confusion) and a.compute()["pACC"] == 100.0
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="num_classes"):
+        SemanticEvaluator(0)
+    evaluator = SemanticEvaluator(2)
+    with pytest.raises(ValueError, match="same size"):
+        evaluator.update(np.zeros((2, 2)), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="gt has class indices"):
+        evaluator.update(np.zeros((1, 2)), np.array([[0, 7]]))
+    with pytest.raises(ValueError, match="no labeled"):
+        evaluator.compute()
