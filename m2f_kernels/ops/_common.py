@@ -68,13 +68,13 @@ def cast_for_autocast(device: torch.device, *tensors: torch.Tensor | None) -> tu
     )
 
 
-def check_index(name: str, tensor, device: torch.device) -> torch.Tensor:
-    """Integer index tensors are accepted in any integer dtype and device; returned as int64 on ``device``."""
+def check_index(name: str, tensor) -> torch.Tensor:
+    """Integer index tensors are accepted in any integer dtype; returned as contiguous int64."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {tensor.dtype}")
-    return tensor.to(device=device, dtype=torch.int64).contiguous()
+    return tensor.to(torch.int64).contiguous()
 
 
 _reference_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2f_kernels_vjp")

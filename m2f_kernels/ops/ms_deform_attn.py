@@ -113,10 +113,18 @@ _ms_deform_attn.register_autograd(_backward, setup_context=_setup_context)
 
 
 def check_levels(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor) -> None:
-    """Checks that the level table describes ``value``'s S rows (the data checks are skipped while compiling)."""
+    """Checks that the level table describes ``value``'s S rows.
+
+    The data checks run when the table is on the CPU (free); a table on an accelerator or the meta device is
+    trusted, so that an op call never waits for the device, and so is any table while compiling.
+    """
     levels = spatial_shapes.shape[0]
     check_shape("level_start_index", level_start_index, (levels,), "one start row per level")
-    if torch.compiler.is_compiling():
+    if (
+        torch.compiler.is_compiling()
+        or spatial_shapes.device.type != "cpu"
+        or level_start_index.device.type != "cpu"
+    ):
         return
     sizes = spatial_shapes.prod(dim=1)
     if bool((spatial_shapes < 0).any()):
@@ -156,8 +164,8 @@ def ms_deform_attn(
     check_same_device(
         "value", value, sampling_locations=sampling_locations, attention_weights=attention_weights
     )
-    spatial_shapes = check_index("spatial_shapes", spatial_shapes, value.device)
-    level_start_index = check_index("level_start_index", level_start_index, value.device)
+    spatial_shapes = check_index("spatial_shapes", spatial_shapes)
+    level_start_index = check_index("level_start_index", level_start_index)
     check_shape("spatial_shapes", spatial_shapes, (None, 2), "L levels of (H, W)")
     batch, _, heads, _ = value.shape
     levels = spatial_shapes.shape[0]
@@ -172,6 +180,8 @@ def ms_deform_attn(
         "attention_weights", attention_weights, (batch, queries, heads, levels, points), "N, Q, M, L, P"
     )
     check_levels(value, spatial_shapes, level_start_index)
+    spatial_shapes = spatial_shapes.to(value.device)
+    level_start_index = level_start_index.to(value.device)
     value, sampling_locations, attention_weights = cast_for_autocast(
         value.device, value, sampling_locations, attention_weights
     )

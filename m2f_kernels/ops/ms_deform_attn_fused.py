@@ -197,8 +197,8 @@ def ms_deform_attn_fused(
         sampling_offsets=sampling_offsets,
         attention_logits=attention_logits,
     )
-    spatial_shapes = check_index("spatial_shapes", spatial_shapes, value.device)
-    level_start_index = check_index("level_start_index", level_start_index, value.device)
+    spatial_shapes = check_index("spatial_shapes", spatial_shapes)
+    level_start_index = check_index("level_start_index", level_start_index)
     check_shape("spatial_shapes", spatial_shapes, (None, 2), "L levels of (H, W)")
     batch, _, heads, _ = value.shape
     levels = spatial_shapes.shape[0]
@@ -214,6 +214,8 @@ def ms_deform_attn_fused(
         "attention_logits", attention_logits, (batch, queries, heads, levels * points), "N, Q, M, L*P"
     )
     check_levels(value, spatial_shapes, level_start_index)
+    spatial_shapes = spatial_shapes.to(value.device)
+    level_start_index = level_start_index.to(value.device)
     value, reference_points, sampling_offsets, attention_logits = cast_for_autocast(
         value.device, value, reference_points, sampling_offsets, attention_logits
     )

@@ -13,7 +13,8 @@ def threshold_to_logit(threshold: float) -> float:
         return -math.inf
     if threshold == 1.0:
         return math.inf
-    return float(torch.tensor(math.log(threshold / (1.0 - threshold)), dtype=torch.float32))
+    mantissa, exponent = math.frexp(math.log(threshold / (1.0 - threshold)))
+    return math.ldexp(round(mantissa * 2**24) / 2**24, exponent)  # float32 rounding, traceable by dynamo
 
 
 def blocked_keys(

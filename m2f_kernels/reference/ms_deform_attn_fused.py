@@ -21,7 +21,8 @@ def sampling_locations_and_weights(
     locations = (
         reference_points[:, :, None, :, None, :] + sampling_offsets / normalizer[None, None, None, :, None]
     )
-    weights = attention_logits.float().softmax(dim=-1).to(attention_logits.dtype)
+    compute_dtype = torch.promote_types(attention_logits.dtype, torch.float32)
+    weights = attention_logits.to(compute_dtype).softmax(dim=-1).to(attention_logits.dtype)
     return locations, weights.unflatten(-1, (levels, points))
 
 

@@ -243,3 +243,21 @@ def test_export_keeps_the_custom_ops():
     assert "m2f_kernels.ms_deform_attn.default" in targets
     assert "m2f_kernels.masked_attention.default" in targets
     torch.testing.assert_close(exported.module()(*args), Layer()(*args))
+
+
+def test_compile_fullgraph_masked_attention_and_losses():
+    q, k, v, logits = attention_inputs(dtype=torch.float32, requires_grad=True)
+    mask = torch.randn(2, 4, 5, requires_grad=True)
+    targets = torch.rand(2, 8, 10) > 0.5
+    coords = torch.rand(2, 7, 2)
+
+    def step(q, k, v, logits, mask):
+        attended = m2f_kernels.masked_attention(q, k, v, logits, threshold=0.3)
+        ce, dice = m2f_kernels.point_mask_loss(mask, targets, coords, 2.0)
+        return attended.square().sum() + ce + dice
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    grads = torch.autograd.grad(compiled(q, k, v, logits, mask), (q, k, v, mask))
+    expected = torch.autograd.grad(step(q, k, v, logits, mask), (q, k, v, mask))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
