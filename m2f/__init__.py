@@ -1,0 +1,16 @@
+"""Mask2Former on m2f_kernels ops: configs, model, losses, data, evaluation and training.
+
+`build_model` is imported on first use so that `import m2f` stays light (no timm import).
+"""
+
+from .config import CONFIG_NAMES, ModelConfig, get_config
+
+__all__ = ["CONFIG_NAMES", "ModelConfig", "build_model", "get_config"]
+
+
+def __getattr__(name: str):
+    if name == "build_model":
+        from .models.mask2former import build_model
+
+        return build_model
+    raise AttributeError(f"module 'm2f' has no attribute {name!r}")

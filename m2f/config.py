@@ -1,0 +1,333 @@
+"""Model configurations: one per row of the Mask2Former results table, plus a tiny CPU demo.
+
+`get_config(name)` returns a fresh `ModelConfig`; change fields with `dataclasses.replace` (nested groups:
+`replace(cfg, loss=replace(cfg.loss, num_points=1024))`). `ModelConfig.to_dict()` / `ModelConfig.from_dict()`
+round-trip through plain Python types (for checkpoints and JSON).
+
+Units: image sizes and strides in pixels, learning rates per step, iterations are optimizer steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+TASKS = ("panoptic", "instance", "semantic")
+
+# ImageNet statistics on the 0..255 scale (detectron2 convention, RGB order).
+IMAGENET_PIXEL_MEAN = (123.675, 116.280, 103.530)
+IMAGENET_PIXEL_STD = (58.395, 57.120, 57.375)
+
+
+@dataclass
+class BackboneConfig:
+    """A timm backbone. `timm_kwargs` go to `timm.create_model` (e.g. drop_path_rate, img_size).
+
+    out_strides: the feature strides handed to the pixel decoder (res2..res5 = 4, 8, 16, 32).
+    frozen_batchnorm: replace BatchNorm2d by FrozenBatchNorm2d (detectron2's "FrozenBN" for ResNets).
+    output_norm: a LayerNorm on each returned feature map (Mask2Former's Swin: norm0..norm3).
+    """
+
+    timm_name: str = "resnet50"
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    out_strides: tuple[int, ...] = (4, 8, 16, 32)
+    frozen_batchnorm: bool = False
+    output_norm: bool = False
+
+
+@dataclass
+class PixelDecoderConfig:
+    """MSDeformAttn pixel decoder: a deformable encoder on the coarse levels, then an FPN down to 1/4."""
+
+    conv_dim: int = 256
+    mask_dim: int = 256
+    encoder_layers: int = 6
+    encoder_heads: int = 8
+    encoder_points: int = 4
+    encoder_ffn_dim: int = 1024
+    encoder_dropout: float = 0.0
+    transformer_strides: tuple[int, ...] = (8, 16, 32)
+    common_stride: int = 4
+
+
+@dataclass
+class DecoderConfig:
+    """Masked-attention transformer decoder."""
+
+    hidden_dim: int = 256
+    num_queries: int = 100
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    num_layers: int = 9
+    dropout: float = 0.0
+    pre_norm: bool = False
+    enforce_input_proj: bool = False
+    mask_threshold: float = 0.5
+
+
+@dataclass
+class LossConfig:
+    """Matcher costs and loss weights (the same numbers for both, as in Mask2Former)."""
+
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    deep_supervision: bool = True
+
+
+@dataclass
+class InferenceConfig:
+    """Post-processing thresholds (see m2f.models.postprocess)."""
+
+    object_mask_threshold: float = 0.8
+    overlap_threshold: float = 0.8
+    top_k: int = 100
+    panoptic_on: bool = True
+    instance_on: bool = False
+    semantic_on: bool = False
+    test_short_edge: int = 800
+    test_max_size: int = 1333
+
+
+@dataclass
+class SolverConfig:
+    """Optimizer and schedule. lr_schedule "step": x lr_gamma at each of lr_steps; "poly": power 0.9."""
+
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    weight_decay_norm: float = 0.0
+    weight_decay_embed: float = 0.0
+    backbone_lr_multiplier: float = 0.1
+    grad_clip_norm: float = 0.01
+    max_iter: int = 368750
+    lr_schedule: str = "step"
+    lr_steps: tuple[int, ...] = (331875, 350312)
+    lr_gamma: float = 0.1
+    poly_power: float = 0.9
+    warmup_iters: int = 10
+    warmup_factor: float = 1.0
+    batch_size: int = 16
+    image_size: int = 1024
+    min_scale: float = 0.1
+    max_scale: float = 2.0
+    amp: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build, train and run one Mask2Former variant.
+
+    num_classes counts the real classes (C); the classifier predicts C + 1 with the last index "no object".
+    size_divisibility: images are padded to a multiple of this before the backbone.
+    """
+
+    name: str = "custom"
+    task: str = "panoptic"
+    dataset: str = "coco"
+    num_classes: int = 133
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    pixel_mean: tuple[float, float, float] = IMAGENET_PIXEL_MEAN
+    pixel_std: tuple[float, float, float] = IMAGENET_PIXEL_STD
+    size_divisibility: int = 32
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+
+    @property
+    def num_queries(self) -> int:
+        return self.decoder.num_queries
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict`; lists become tuples where the field is a tuple."""
+        groups = {
+            "backbone": BackboneConfig,
+            "pixel_decoder": PixelDecoderConfig,
+            "decoder": DecoderConfig,
+            "loss": LossConfig,
+            "inference": InferenceConfig,
+            "solver": SolverConfig,
+        }
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        kwargs = {}
+        for key, value in data.items():
+            if key in groups:
+                kwargs[key] = _group_from_dict(groups[key], value)
+            elif isinstance(value, list):
+                kwargs[key] = tuple(value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+
+def _group_from_dict(group_cls: type, data: dict[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(group_cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {group_cls.__name__} fields: {unknown}")
+    return group_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _step_solver(max_iter: int, **overrides: Any) -> SolverConfig:
+    """x0.1 at 0.9 and 0.95 of training (the paper's COCO schedule)."""
+    steps = (int(0.9 * max_iter), int(0.95 * max_iter))
+    return SolverConfig(max_iter=max_iter, lr_steps=steps, **overrides)
+
+
+def _resnet(depth: int) -> BackboneConfig:
+    return BackboneConfig(timm_name=f"resnet{depth}", frozen_batchnorm=True)
+
+
+# (timm model, pretraining image size); Mask2Former uses windows of 7 (224 pretraining) or 12 (384).
+_SWIN = {
+    "t": ("swin_tiny_patch4_window7_224", 224),
+    "s": ("swin_small_patch4_window7_224", 224),
+    "b": ("swin_base_patch4_window12_384", 384),
+    "l": ("swin_large_patch4_window12_384", 384),
+}
+
+
+def _swin(size: str) -> BackboneConfig:
+    timm_name, img_size = _SWIN[size]
+    kwargs = {"img_size": img_size, "strict_img_size": False, "drop_path_rate": 0.3}
+    return BackboneConfig(timm_name=timm_name, timm_kwargs=kwargs, output_norm=True)
+
+
+COCO_50_EPOCHS = 368750
+COCO_100_EPOCHS = 737500
+ADE20K_160K = 160000
+
+
+def _coco_panoptic(
+    name: str, backbone: BackboneConfig, num_queries: int = 100, max_iter: int = COCO_50_EPOCHS
+):
+    return ModelConfig(
+        name=name,
+        task="panoptic",
+        dataset="coco",
+        num_classes=133,
+        backbone=backbone,
+        decoder=DecoderConfig(num_queries=num_queries),
+        inference=InferenceConfig(panoptic_on=True, instance_on=True, semantic_on=True),
+        solver=_step_solver(max_iter),
+    )
+
+
+def _coco_instance(name: str, backbone: BackboneConfig) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        task="instance",
+        dataset="coco",
+        num_classes=80,
+        backbone=backbone,
+        inference=InferenceConfig(panoptic_on=False, instance_on=True, semantic_on=False),
+        solver=_step_solver(COCO_50_EPOCHS),
+    )
+
+
+def _ade20k_semantic(name: str, backbone: BackboneConfig, crop: int) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        task="semantic",
+        dataset="ade20k",
+        num_classes=150,
+        backbone=backbone,
+        inference=InferenceConfig(
+            panoptic_on=False,
+            instance_on=False,
+            semantic_on=True,
+            test_short_edge=crop,
+            test_max_size=4 * crop,
+        ),
+        solver=SolverConfig(
+            max_iter=ADE20K_160K,
+            lr_schedule="poly",
+            lr_steps=(),
+            warmup_iters=0,
+            image_size=crop,
+            min_scale=0.5,
+            max_scale=2.0,
+        ),
+    )
+
+
+def _demo_tiny() -> ModelConfig:
+    """0.8M parameters, 128-pixel images: trains on the synthetic dataset on a CPU in minutes."""
+    return ModelConfig(
+        name="demo-tiny",
+        task="panoptic",
+        dataset="synthetic",
+        num_classes=4,
+        backbone=BackboneConfig(timm_name="test_resnet"),
+        pixel_decoder=PixelDecoderConfig(
+            conv_dim=64, mask_dim=64, encoder_layers=2, encoder_heads=4, encoder_points=2, encoder_ffn_dim=128
+        ),
+        decoder=DecoderConfig(hidden_dim=64, num_queries=16, num_heads=4, ffn_dim=128, num_layers=6),
+        loss=LossConfig(num_points=1024),
+        inference=InferenceConfig(
+            panoptic_on=True, instance_on=True, semantic_on=True, test_short_edge=128, test_max_size=128
+        ),
+        solver=SolverConfig(
+            lr=3e-4,
+            max_iter=1000,
+            lr_steps=(900, 950),
+            grad_clip_norm=1.0,
+            backbone_lr_multiplier=1.0,
+            batch_size=4,
+            image_size=128,
+            min_scale=0.5,
+            max_scale=1.5,
+            amp=False,
+        ),
+    )
+
+
+_BUILDERS = {
+    "panoptic-r50": lambda: _coco_panoptic("panoptic-r50", _resnet(50)),
+    "panoptic-r101": lambda: _coco_panoptic("panoptic-r101", _resnet(101)),
+    "panoptic-swin-t": lambda: _coco_panoptic("panoptic-swin-t", _swin("t")),
+    "panoptic-swin-s": lambda: _coco_panoptic("panoptic-swin-s", _swin("s")),
+    "panoptic-swin-b": lambda: _coco_panoptic("panoptic-swin-b", _swin("b")),
+    "panoptic-swin-b-in21k": lambda: _coco_panoptic("panoptic-swin-b-in21k", _swin("b")),
+    "panoptic-swin-l-in21k": lambda: _coco_panoptic(
+        "panoptic-swin-l-in21k", _swin("l"), num_queries=200, max_iter=COCO_100_EPOCHS
+    ),
+    "instance-r50": lambda: _coco_instance("instance-r50", _resnet(50)),
+    "instance-r101": lambda: _coco_instance("instance-r101", _resnet(101)),
+    "instance-swin-t": lambda: _coco_instance("instance-swin-t", _swin("t")),
+    "instance-swin-s": lambda: _coco_instance("instance-swin-s", _swin("s")),
+    "semantic-ade20k-r50": lambda: _ade20k_semantic("semantic-ade20k-r50", _resnet(50), crop=512),
+    "semantic-ade20k-swin-l": lambda: _ade20k_semantic("semantic-ade20k-swin-l", _swin("l"), crop=640),
+    "demo-tiny": _demo_tiny,
+}
+
+CONFIG_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def get_config(name: str) -> ModelConfig:
+    """A fresh ModelConfig for one of CONFIG_NAMES; ValueError listing the names otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown config name {name!r}; available: {', '.join(CONFIG_NAMES)}")
+    return _BUILDERS[name]()

@@ -1,0 +1,175 @@
+"""Mask2Former's set criterion: Hungarian matching, then class cross-entropy and point-sampled mask losses."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import m2f_kernels
+
+from ..config import ModelConfig
+from .matcher import HungarianMatcher
+
+
+class Criterion(nn.Module):
+    """criterion(outputs, targets) -> dict of WEIGHTED losses; their sum is the training loss.
+
+    outputs: pred_logits (B, Q, C+1), pred_masks (B, Q, h, w) logits, optionally aux_outputs (list of dicts
+    of the same keys); targets: B dicts of labels (T,) int64 in [0, C) and masks (T, H, W) bool at the padded
+    image resolution (pred masks cover the same image at 1/4 scale).
+
+    Keys: loss_ce = class_weight * cross-entropy over all queries (unmatched queries target "no object",
+    weighted no_object_weight), loss_mask = mask_weight * BCE and loss_dice = dice_weight * dice loss of the
+    matched masks on `num_points` points per mask (importance-sampled by uncertainty, m2f_kernels
+    sample_uncertain_points + point_mask_loss), summed over masks and divided by num_masks (the number of
+    target masks in the batch, averaged over processes when torch.distributed is initialized, at least 1).
+    Aux outputs add loss_ce_{i}, loss_mask_{i}, loss_dice_{i} (i = 0 for the first decoder prediction).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        class_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        no_object_weight: float = 0.1,
+        num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+        deep_supervision: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.class_weight = class_weight
+        self.mask_weight = mask_weight
+        self.dice_weight = dice_weight
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.deep_supervision = deep_supervision
+        self.backend = backend
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = no_object_weight
+        self.register_buffer("empty_weight", empty_weight, persistent=False)
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        self._check_targets(outputs, targets)
+        num_masks = self.average_num_masks(targets, outputs["pred_logits"].device)
+        losses = self.layer_losses(outputs, targets, num_masks)
+        if self.deep_supervision:
+            for i, aux in enumerate(outputs.get("aux_outputs", [])):
+                for key, value in self.layer_losses(aux, targets, num_masks).items():
+                    losses[f"{key}_{i}"] = value
+        return losses
+
+    def layer_losses(self, outputs: dict, targets: list[dict], num_masks: float) -> dict[str, torch.Tensor]:
+        """Weighted loss_ce, loss_mask, loss_dice of one prediction (its own matching)."""
+        indices = self.matcher(outputs, targets)
+        loss_ce = self.loss_labels(outputs["pred_logits"], targets, indices)
+        loss_mask, loss_dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks)
+        return {
+            "loss_ce": self.class_weight * loss_ce,
+            "loss_mask": self.mask_weight * loss_mask,
+            "loss_dice": self.dice_weight * loss_dice,
+        }
+
+    def loss_labels(self, pred_logits: torch.Tensor, targets: list[dict], indices) -> torch.Tensor:
+        """Unweighted cross-entropy (mean weighted by class weights, as F.cross_entropy with `weight`)."""
+        batch, num_queries, _ = pred_logits.shape
+        device = pred_logits.device
+        target_classes = torch.full((batch, num_queries), self.num_classes, dtype=torch.int64, device=device)
+        for b, (query_idx, target_idx) in enumerate(indices):
+            labels = targets[b]["labels"]
+            target_classes[b, query_idx.to(device)] = labels[target_idx.to(labels.device)].to(device)
+        weight = self.empty_weight.to(device)
+        return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, weight)
+
+    def loss_masks(
+        self, pred_masks: torch.Tensor, targets: list[dict], indices, num_masks: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unweighted (BCE, dice) of the matched masks on importance-sampled points, / num_masks."""
+        batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
+        query_idx = torch.cat([q for q, _ in indices])
+        if query_idx.numel() == 0:
+            zero = pred_masks.sum() * 0.0
+            return zero, zero.clone()
+        device = pred_masks.device
+        matched_logits = pred_masks[batch_idx.to(device), query_idx.to(device)]  # (N, h, w)
+        matched_targets = padded_target_masks(targets, indices, device)  # (N, H, W)
+        coords = m2f_kernels.sample_uncertain_points(
+            matched_logits.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio
+        )
+        return m2f_kernels.point_mask_loss(
+            matched_logits, matched_targets, coords, num_masks, backend=self.backend
+        )
+
+    @staticmethod
+    def average_num_masks(targets: list[dict], device: torch.device) -> float:
+        """Target masks in the batch, averaged over processes when torch.distributed is initialized; >= 1."""
+        num_masks = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+        world_size = 1
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(num_masks)
+            world_size = dist.get_world_size()
+        return max(num_masks.item() / world_size, 1.0)
+
+    def _check_targets(self, outputs: dict, targets: list[dict]) -> None:
+        if len(targets) != outputs["pred_logits"].shape[0]:
+            raise ValueError(f"got {len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")
+        for b, target in enumerate(targets):
+            labels, masks = target["labels"], target["masks"]
+            if labels.dim() != 1 or masks.dim() != 3 or masks.shape[0] != labels.shape[0]:
+                raise ValueError(
+                    f"targets[{b}]: labels must be (T,) and masks (T, H, W), got {tuple(labels.shape)} and "
+                    f"{tuple(masks.shape)}"
+                )
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(
+                    f"targets[{b}]['labels'] must be in [0, {self.num_classes}), got {labels.tolist()}"
+                )
+
+
+def padded_target_masks(targets: list[dict], indices, device: torch.device) -> torch.Tensor:
+    """The matched target masks in matching order, zero-padded to the largest (H, W) in the batch."""
+    height = max(t["masks"].shape[-2] for t in targets)
+    width = max(t["masks"].shape[-1] for t in targets)
+    selected = []
+    for b, (_, target_idx) in enumerate(indices):
+        masks = targets[b]["masks"][target_idx.to(targets[b]["masks"].device)]
+        pad_h, pad_w = height - masks.shape[-2], width - masks.shape[-1]
+        if pad_h or pad_w:
+            masks = F.pad(masks, (0, pad_w, 0, pad_h))
+        selected.append(masks.to(device))
+    return torch.cat(selected)
+
+
+def build_criterion(config: ModelConfig, num_classes: int | None = None, backend: str = "auto") -> Criterion:
+    """The criterion of a ModelConfig (its loss group); num_classes defaults to config.num_classes."""
+    loss = config.loss
+    matcher = HungarianMatcher(
+        cost_class=loss.class_weight,
+        cost_mask=loss.mask_weight,
+        cost_dice=loss.dice_weight,
+        num_points=loss.num_points,
+        backend=backend,
+    )
+    return Criterion(
+        num_classes=config.num_classes if num_classes is None else num_classes,
+        matcher=matcher,
+        class_weight=loss.class_weight,
+        mask_weight=loss.mask_weight,
+        dice_weight=loss.dice_weight,
+        no_object_weight=loss.no_object_weight,
+        num_points=loss.num_points,
+        oversample_ratio=loss.oversample_ratio,
+        importance_sample_ratio=loss.importance_sample_ratio,
+        deep_supervision=loss.deep_supervision,
+        backend=backend,
+    )

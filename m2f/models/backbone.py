@@ -1,0 +1,116 @@
+"""timm backbones returning detectron2-style feature dicts, with local-file weight loading.
+
+`Backbone(config)` wraps `timm.create_model(config.timm_name, pretrained=False)` (never a hub download),
+pruned to the stages it needs (no classifier, no final norm). State-dict keys under `body.` are timm's own
+names (e.g. `body.layer1.0.conv1.weight`, `body.layers.0.blocks.0.attn.qkv.weight`), so a timm checkpoint
+loads unchanged; `norms.{i}` are the per-output LayerNorms of transformer backbones (Mask2Former's Swin
+`norm0..norm3`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from timm.layers import freeze_batch_norm_2d
+from torch import nn
+
+from ..config import BackboneConfig
+
+
+def feature_name(stride: int) -> str:
+    """detectron2's name of the feature at `stride`: 4 -> "res2", ..., 32 -> "res5"."""
+    return f"res{int(math.log2(stride))}"
+
+
+class Backbone(nn.Module):
+    """forward(x (B, 3, H, W) normalized) -> {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)}.
+
+    Attributes: out_features (names, finest first), out_channels and out_strides (same order).
+    """
+
+    def __init__(self, config: BackboneConfig):
+        super().__init__()
+        self.timm_name = config.timm_name
+        body = timm.create_model(config.timm_name, pretrained=False, **config.timm_kwargs)
+        info = body.feature_info
+        reductions = [f["reduction"] for f in info]
+        self.indices = []
+        for stride in config.out_strides:
+            matches = [i for i, r in enumerate(reductions) if r == stride]
+            if not matches:
+                raise ValueError(
+                    f"backbone {config.timm_name!r} has no feature at stride {stride} (strides: {reductions})"
+                )
+            self.indices.append(matches[-1])
+        keys_before_pruning = set(body.state_dict())
+        body.prune_intermediate_layers(self.indices, prune_norm=True, prune_head=True)
+        if config.frozen_batchnorm:
+            body = freeze_batch_norm_2d(body)
+        self.body = body
+        # Checkpoint entries for the classifier and final norm that pruning removed; ignored when loading.
+        self.pruned_keys = keys_before_pruning - set(body.state_dict())
+        self.out_features = [feature_name(s) for s in config.out_strides]
+        self.out_channels = [info[i]["num_chs"] for i in self.indices]
+        self.out_strides = list(config.out_strides)
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels) if config.output_norm else None
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.body.forward_intermediates(x, indices=self.indices, intermediates_only=True)
+        if self.norms is not None:
+            features = [
+                norm(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for norm, f in zip(self.norms, features)
+            ]
+        return dict(zip(self.out_features, features))
+
+    def load_weights(self, path: str | Path) -> None:
+        """Loads a timm-format state dict (safetensors, or a torch file read with weights_only=True).
+
+        Accepts the dict at the top level or under "model" / "state_dict"; applies timm's own checkpoint
+        filter for the architecture (e.g. original Swin checkpoints). Classifier and final-norm entries are
+        ignored; any other missing or unexpected key raises ValueError listing them.
+        """
+        state = read_state_dict(path)
+        filter_fn = getattr(sys.modules[type(self.body).__module__], "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            state = filter_fn(state, self.body)
+        state = {
+            k: v
+            for k, v in state.items()
+            if k not in self.pruned_keys and not k.endswith("num_batches_tracked")
+        }
+        missing, unexpected = self.body.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        if missing or unexpected:
+            raise ValueError(
+                f"backbone weights {str(path)!r} do not match timm model {self.timm_name!r}: "
+                f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}, "
+                f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
+            )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a torch file (weights_only); FileNotFoundError names the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {str(path)!r}")
+    if path.suffix == ".safetensors":
+        import safetensors.torch
+
+        return safetensors.torch.load_file(str(path), device="cpu")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"{str(path)!r} is not a safetensors file or a torch file loadable with weights_only=True "
+            f"(convert other checkpoint formats with m2f.convert first): {error}"
+        ) from error
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+    return state

@@ -1,0 +1,126 @@
+"""The Mask2Former model: backbone -> pixel decoder -> masked-attention transformer decoder.
+
+Module tree: `backbone` (m2f.models.backbone.Backbone: timm names under `backbone.body.`, optional
+`backbone.norms.{i}`), `pixel_decoder` (m2f.models.pixel_decoder.MSDeformAttnPixelDecoder),
+`transformer_decoder` (m2f.models.transformer_decoder.MultiScaleMaskedTransformerDecoder). pixel_mean and
+pixel_std are non-persistent buffers (not in the state dict). The submodule docstrings list every name.
+
+Names in the original checkpoints (same tensor shapes and layouts unless noted):
+  detectron2 Mask2Former   sem_seg_head.pixel_decoder.X      -> pixel_decoder.X, except
+                           ...pixel_decoder.adapter_1 / layer_1 -> pixel_decoder.lateral_convs.0 / output_convs.0
+                           sem_seg_head.predictor.X          -> transformer_decoder.X
+                           backbone.normK (Swin)             -> backbone.norms.K
+  Hugging Face             model.pixel_level_module.decoder: input_projections -> pixel_decoder.input_proj,
+                           level_embed -> pixel_decoder.transformer.level_embed, encoder.layers.{j}.self_attn ->
+                           same, self_attn_layer_norm / fc1 / fc2 / final_layer_norm -> norm1 / linear1 / linear2
+                           / norm2, mask_projection -> mask_features, adapter_1.0 / adapter_1.1 ->
+                           lateral_convs.0 / lateral_convs.0.norm, layer_1.0 / layer_1.1 -> output_convs.0 /
+                           output_convs.0.norm;
+                           model.transformer_module: queries_features -> query_feat, queries_embedder ->
+                           query_embed, level_embed -> level_embed, decoder.layers.{i}.cross_attn (+ _layer_norm)
+                           -> transformer_cross_attention_layers.{i}.multihead_attn (+ .norm),
+                           decoder.layers.{i}.self_attn.{q,k,v}_proj -> transformer_self_attention_layers.{i}
+                           .self_attn.in_proj_weight / in_proj_bias (concatenated q, k, v), out_proj -> out_proj,
+                           self_attn_layer_norm -> .norm, fc1 / fc2 / final_layer_norm ->
+                           transformer_ffn_layers.{i}.linear1 / linear2 / norm, decoder.layernorm -> decoder_norm,
+                           decoder.mask_predictor.mask_embedder.{k}.0 -> mask_embed.layers.{k};
+                           class_predictor -> transformer_decoder.class_embed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig, get_config
+from .backbone import Backbone
+from .pixel_decoder import MSDeformAttnPixelDecoder
+from .transformer_decoder import MultiScaleMaskedTransformerDecoder
+
+
+class Mask2Former(nn.Module):
+    """forward(images (B, 3, H, W) float RGB 0..255) -> dict:
+    pred_logits (B, Q, C+1) class logits (last = no object), pred_masks (B, Q, ceil(H/4), ceil(W/4)) mask
+    logits, and in training mode aux_outputs (one dict of the same two keys per decoder layer, from the query
+    state before it). Images whose size is not a multiple of config.size_divisibility are zero-padded after
+    normalization (as detectron2 pads) and the masks cropped back to ceil(H/4) x ceil(W/4).
+    """
+
+    def __init__(self, config: ModelConfig, backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.num_classes = config.num_classes
+        self.size_divisibility = config.size_divisibility
+        self.backbone = Backbone(config.backbone)
+        channels = dict(zip(self.backbone.out_features, self.backbone.out_channels))
+        strides = dict(zip(self.backbone.out_features, self.backbone.out_strides))
+        self.pixel_decoder = MSDeformAttnPixelDecoder(
+            config.pixel_decoder, channels, strides, backend=backend
+        )
+        self.transformer_decoder = MultiScaleMaskedTransformerDecoder(
+            config.decoder,
+            in_channels=config.pixel_decoder.conv_dim,
+            mask_dim=config.pixel_decoder.mask_dim,
+            num_classes=config.num_classes,
+            num_levels=len(config.pixel_decoder.transformer_strides),
+            backend=backend,
+        )
+        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> dict:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        height, width = images.shape[-2:]
+        x = (images - self.pixel_mean) / self.pixel_std
+        div = self.size_divisibility
+        pad_h, pad_w = (-height) % div, (-width) % div
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        features = self.backbone(x)
+        mask_features, multi_scale_features = self.pixel_decoder(features)
+        outputs = self.transformer_decoder(multi_scale_features, mask_features)
+        if pad_h or pad_w:
+            mask_h, mask_w = -(-height // 4), -(-width // 4)
+            outputs["pred_masks"] = outputs["pred_masks"][..., :mask_h, :mask_w]
+            for aux in outputs["aux_outputs"]:
+                aux["pred_masks"] = aux["pred_masks"][..., :mask_h, :mask_w]
+        if not self.training:
+            del outputs["aux_outputs"]
+        return outputs
+
+
+def build_model(
+    name_or_config: str | ModelConfig,
+    *,
+    num_classes: int | None = None,
+    backbone_weights: str | Path | None = None,
+    backend: str = "auto",
+) -> Mask2Former:
+    """Builds a Mask2Former from a config name (see m2f.config.CONFIG_NAMES) or a ModelConfig.
+
+    num_classes overrides the config's; backbone_weights is a local timm-format state dict (.safetensors or a
+    torch file, loaded with weights_only=True); nothing is downloaded. Build under `with torch.device("meta")`
+    to count parameters without allocating them. backend goes to every m2f_kernels op.
+    """
+    if isinstance(name_or_config, str):
+        config = get_config(name_or_config)
+    elif isinstance(name_or_config, ModelConfig):
+        config = name_or_config
+    else:
+        raise TypeError(
+            f"name_or_config must be a config name or a ModelConfig, got {type(name_or_config).__name__}"
+        )
+    if num_classes is not None:
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        from dataclasses import replace
+
+        config = replace(config, num_classes=num_classes)
+    model = Mask2Former(config, backend=backend)
+    if backbone_weights is not None:
+        model.backbone.load_weights(backbone_weights)
+    return model

@@ -1,0 +1,160 @@
+"""Inference post-processing of one image's Mask2Former predictions (panoptic, instance, semantic).
+
+Inputs for one image: mask_cls (Q, C+1) class logits (last = no object) and mask_pred (Q, H, W) mask logits
+already resized to the output size with `resize_masks`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def resize_masks(
+    pred_masks: torch.Tensor,
+    padded_size: tuple[int, int],
+    image_size: tuple[int, int],
+    output_size: tuple[int, int],
+) -> torch.Tensor:
+    """Mask logits at 1/4 of the padded input -> logits at the output (original image) size.
+
+    pred_masks (Q, h, w) or (B, Q, h, w): upsampled to padded_size (the padded network input), cropped to
+    image_size (the resized image inside the padding), resized to output_size; bilinear, align_corners=False.
+    """
+    squeeze = pred_masks.dim() == 3
+    if squeeze:
+        pred_masks = pred_masks[None]
+    if pred_masks.dim() != 4:
+        raise ValueError(f"pred_masks must be (Q, h, w) or (B, Q, h, w), got {tuple(pred_masks.shape)}")
+    masks = F.interpolate(pred_masks, size=tuple(padded_size), mode="bilinear", align_corners=False)
+    masks = masks[..., : image_size[0], : image_size[1]]
+    masks = F.interpolate(masks, size=tuple(output_size), mode="bilinear", align_corners=False)
+    return masks[0] if squeeze else masks
+
+
+def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) class scores: sum over queries of softmax class probability (no-object dropped) x mask
+    probability. argmax over dim 0 gives the label map."""
+    _check(mask_cls, mask_pred)
+    probs = mask_cls.float().softmax(-1)[:, :-1]
+    return torch.einsum("qc,qhw->chw", probs, mask_pred.float().sigmoid())
+
+
+def panoptic_inference(
+    mask_cls: torch.Tensor,
+    mask_pred: torch.Tensor,
+    thing_classes: set[int],
+    object_mask_threshold: float = 0.8,
+    overlap_threshold: float = 0.8,
+) -> tuple[torch.Tensor, list[dict]]:
+    """Panoptic segmentation by non-overlapping assignment of pixels to confident queries.
+
+    Queries whose top class is not "no object" with probability > object_mask_threshold are kept. Each pixel
+    goes to the kept query maximizing class score x mask probability. A query's segment is its pixels that
+    also have mask probability >= 0.5; it is dropped if empty or if it keeps less than overlap_threshold of
+    the query's own (probability >= 0.5) area. Stuff segments of the same class merge into one segment (the
+    first one's id). Returns panoptic_seg (H, W) int32 (0 = void, segments numbered from 1) and segments_info
+    [{"id", "category_id" (contiguous class index), "isthing", "score"}] ("score" of a merged stuff segment
+    is that of its first query).
+    """
+    _check(mask_cls, mask_pred)
+    num_classes = mask_cls.shape[-1] - 1
+    scores, labels = mask_cls.float().softmax(-1).max(-1)
+    probs = mask_pred.float().sigmoid()
+    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], probs[keep]
+    height, width = mask_pred.shape[-2:]
+    panoptic_seg = torch.zeros((height, width), dtype=torch.int32, device=mask_pred.device)
+    segments_info: list[dict] = []
+    if cur_masks.shape[0] == 0:
+        return panoptic_seg, segments_info
+
+    owner = (cur_scores[:, None, None] * cur_masks).argmax(0)
+    stuff_segment_ids: dict[int, int] = {}
+    for k in range(cur_classes.shape[0]):
+        category = int(cur_classes[k])
+        is_thing = category in thing_classes
+        own = cur_masks[k] >= 0.5
+        original_area = int(own.sum())
+        owned_area = int((owner == k).sum())
+        segment = (owner == k) & own
+        if owned_area == 0 or original_area == 0 or not bool(segment.any()):
+            continue
+        if owned_area / original_area < overlap_threshold:
+            continue
+        if not is_thing and category in stuff_segment_ids:
+            panoptic_seg[segment] = stuff_segment_ids[category]
+            continue
+        segment_id = len(segments_info) + 1
+        if not is_thing:
+            stuff_segment_ids[category] = segment_id
+        panoptic_seg[segment] = segment_id
+        segments_info.append(
+            {"id": segment_id, "category_id": category, "isthing": is_thing, "score": float(cur_scores[k])}
+        )
+    return panoptic_seg, segments_info
+
+
+def instance_inference(
+    mask_cls: torch.Tensor,
+    mask_pred: torch.Tensor,
+    num_classes: int,
+    top_k: int = 100,
+    thing_classes: set[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Top-k (query, class) pairs by class probability; each is an instance.
+
+    score = class probability x mask score, mask score = mean mask probability inside the predicted mask
+    (logit > 0). With thing_classes (panoptic models), pairs of other classes are dropped after the top-k.
+    Returns masks (K, H, W) bool, scores (K,), labels (K,) int64 contiguous class indices, boxes (K, 4) xyxy
+    float in pixels, the tight box of each mask (max pixel index + 1; zeros for an empty mask); ordered by
+    descending score.
+    """
+    _check(mask_cls, mask_pred)
+    if mask_cls.shape[-1] != num_classes + 1:
+        raise ValueError(
+            f"mask_cls must have num_classes + 1 = {num_classes + 1} columns, got {mask_cls.shape[-1]}"
+        )
+    probs = mask_cls.float().softmax(-1)[:, :-1]
+    class_scores, flat_index = probs.flatten().topk(min(top_k, probs.numel()), sorted=True)
+    labels = flat_index % num_classes
+    query_index = flat_index // num_classes
+    if thing_classes is not None:
+        is_thing = torch.tensor([int(c) in thing_classes for c in labels.tolist()], dtype=torch.bool)
+        is_thing = is_thing.to(labels.device)
+        class_scores, labels, query_index = class_scores[is_thing], labels[is_thing], query_index[is_thing]
+    logits = mask_pred[query_index].float()
+    masks = logits > 0
+    mask_scores = (logits.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
+    scores = class_scores * mask_scores
+    order = scores.argsort(descending=True)
+    masks = masks[order]
+    return {"masks": masks, "scores": scores[order], "labels": labels[order], "boxes": masks_to_boxes(masks)}
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(K, H, W) bool -> (K, 4) float xyxy: [min x, min y, max x + 1, max y + 1]; zeros for empty masks."""
+    boxes = torch.zeros((masks.shape[0], 4), dtype=torch.float32, device=masks.device)
+    if masks.shape[0] == 0:
+        return boxes
+    rows = masks.any(dim=2)  # (K, H)
+    cols = masks.any(dim=1)  # (K, W)
+    height, width = masks.shape[-2:]
+    y_index = torch.arange(height, device=masks.device)
+    x_index = torch.arange(width, device=masks.device)
+    nonempty = rows.any(dim=1)
+    boxes[:, 0] = torch.where(cols, x_index, width).min(dim=1).values
+    boxes[:, 1] = torch.where(rows, y_index, height).min(dim=1).values
+    boxes[:, 2] = torch.where(cols, x_index, -1).max(dim=1).values + 1
+    boxes[:, 3] = torch.where(rows, y_index, -1).max(dim=1).values + 1
+    boxes[~nonempty] = 0
+    return boxes
+
+
+def _check(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> None:
+    if mask_cls.dim() != 2 or mask_cls.shape[-1] < 2:
+        raise ValueError(f"mask_cls must be (Q, C+1) with C >= 1, got {tuple(mask_cls.shape)}")
+    if mask_pred.dim() != 3 or mask_pred.shape[0] != mask_cls.shape[0]:
+        raise ValueError(
+            f"mask_pred must be (Q, H, W) with Q = {mask_cls.shape[0]}, got {tuple(mask_pred.shape)}"
+        )

@@ -1,0 +1,237 @@
+"""Mask2Former's multi-scale masked-attention transformer decoder.
+
+Module tree (names kept from Mask2Former's `sem_seg_head.predictor`):
+
+    pe_layer                                    PositionEmbeddingSine(hidden_dim / 2), no parameters
+    transformer_cross_attention_layers.{i}      CrossAttentionLayer: multihead_attn, norm
+    transformer_self_attention_layers.{i}       SelfAttentionLayer: self_attn, norm
+    transformer_ffn_layers.{i}                  FFNLayer: linear1, linear2, norm
+    decoder_norm                                LayerNorm(hidden_dim), before every prediction head
+    query_feat, query_embed                     Embedding(num_queries, hidden_dim): content and position
+    level_embed                                 Embedding(num_levels, hidden_dim)
+    input_proj.{l}                              Conv2d(in, hidden_dim, 1) or an empty Sequential (identity)
+    class_embed                                 Linear(hidden_dim, num_classes + 1)
+    mask_embed.layers.{0,1,2}                   MLP hidden_dim -> hidden_dim -> hidden_dim -> mask_dim, ReLU
+
+`multihead_attn` / `self_attn` hold nn.MultiheadAttention's parameters (`in_proj_weight` (3D, D) as [q; k; v],
+`in_proj_bias`, `out_proj.weight`, `out_proj.bias`). Layer i runs masked cross-attention on level i % L
+(L = 3: 1/32, 1/16, 1/8), then self-attention, then the FFN, each post-norm with a residual. A query sees the
+keys where the previous prediction's mask, bilinearly resized to the level, has sigmoid >= 0.5; a query that
+would see nothing sees everything (m2f_kernels.masked_attention's rule).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import m2f_kernels
+
+from ..config import DecoderConfig
+from .position_encoding import PositionEmbeddingSine
+
+
+class MultiheadAttention(nn.Module):
+    """Batch-first multi-head attention with nn.MultiheadAttention's parameter names.
+
+    forward(query (B, Q, D), key (B, K, D), value (B, K, D), mask_logits (B, Q, K) or None) -> (B, Q, D).
+    With mask_logits, key j is visible to query i iff sigmoid(mask_logits[b, i, j]) >= mask_threshold
+    (m2f_kernels.masked_attention); without, plain softmax attention.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, mask_threshold: float = 0.5, backend: str = "auto"):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.mask_threshold = mask_threshold
+        self.backend = backend
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.constant_(self.in_proj_bias, 0.0)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        nn.init.constant_(self.out_proj.bias, 0.0)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, L, d)
+
+    def forward(self, query, key, value, mask_logits: torch.Tensor | None = None) -> torch.Tensor:
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q = self._heads(F.linear(query, w_q, b_q))
+        k = self._heads(F.linear(key, w_k, b_k))
+        v = self._heads(F.linear(value, w_v, b_v))
+        if mask_logits is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = m2f_kernels.masked_attention(
+                q,
+                k,
+                v,
+                mask_logits=mask_logits.to(q.dtype),
+                threshold=self.mask_threshold,
+                backend=self.backend,
+            )
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class CrossAttentionLayer(nn.Module):
+    """tgt = norm(tgt + attn(tgt + query_pos, memory + pos, memory, mask))."""
+
+    def __init__(self, d_model: int, num_heads: int, mask_threshold: float, backend: str):
+        super().__init__()
+        self.multihead_attn = MultiheadAttention(d_model, num_heads, mask_threshold, backend)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tgt, memory, mask_logits, pos, query_pos):
+        return self.norm(tgt + self.multihead_attn(tgt + query_pos, memory + pos, memory, mask_logits))
+
+
+class SelfAttentionLayer(nn.Module):
+    """tgt = norm(tgt + attn(tgt + query_pos, tgt + query_pos, tgt))."""
+
+    def __init__(self, d_model: int, num_heads: int, backend: str):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, num_heads, backend=backend)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tgt, query_pos):
+        q = tgt + query_pos
+        return self.norm(tgt + self.self_attn(q, q, tgt))
+
+
+class FFNLayer(nn.Module):
+    """tgt = norm(tgt + linear2(relu(linear1(tgt))))."""
+
+    def __init__(self, d_model: int, ffn_dim: int):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
+
+    def forward(self, tgt):
+        return self.norm(tgt + self.linear2(F.relu(self.linear1(tgt))))
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them (none after the last)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(
+            nn.Linear(d_in, d_out) for d_in, d_out in zip(dims, [*dims[1:], output_dim])
+        )
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class MultiScaleMaskedTransformerDecoder(nn.Module):
+    """forward(multi_scale_features [L maps (B, C_l, H_l, W_l), coarsest first],
+    mask_features (B, mask_dim, H/4, W/4)) -> {"pred_logits": (B, Q, C+1), "pred_masks": (B, Q, H/4, W/4),
+    "aux_outputs": [num_layers dicts of the same keys, from the query state before each layer]}.
+    """
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        in_channels: int,
+        mask_dim: int,
+        num_classes: int,
+        num_levels: int = 3,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        d = config.hidden_dim
+        self.num_heads = config.num_heads
+        self.num_layers = config.num_layers
+        self.num_levels = num_levels
+        self.pe_layer = PositionEmbeddingSine(d // 2)
+        self.transformer_cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(d, config.num_heads, config.mask_threshold, backend)
+            for _ in range(config.num_layers)
+        )
+        self.transformer_self_attention_layers = nn.ModuleList(
+            SelfAttentionLayer(d, config.num_heads, backend) for _ in range(config.num_layers)
+        )
+        self.transformer_ffn_layers = nn.ModuleList(
+            FFNLayer(d, config.ffn_dim) for _ in range(config.num_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(d)
+        self.query_feat = nn.Embedding(config.num_queries, d)
+        self.query_embed = nn.Embedding(config.num_queries, d)
+        self.level_embed = nn.Embedding(num_levels, d)
+        self.input_proj = nn.ModuleList()
+        for _ in range(num_levels):
+            if in_channels != d or config.enforce_input_proj:
+                proj = nn.Conv2d(in_channels, d, 1)
+                nn.init.kaiming_uniform_(proj.weight, a=1)
+                nn.init.constant_(proj.bias, 0)
+                self.input_proj.append(proj)
+            else:
+                self.input_proj.append(nn.Sequential())
+        self.class_embed = nn.Linear(d, num_classes + 1)
+        self.mask_embed = MLP(d, d, mask_dim, 3)
+
+    def forward(self, multi_scale_features: list[torch.Tensor], mask_features: torch.Tensor) -> dict:
+        if len(multi_scale_features) != self.num_levels:
+            raise ValueError(f"expected {self.num_levels} feature levels, got {len(multi_scale_features)}")
+        sources, positions, sizes = [], [], []
+        for lvl, x in enumerate(multi_scale_features):
+            sizes.append(tuple(x.shape[-2:]))
+            positions.append(self.pe_layer(x).flatten(2).transpose(1, 2))  # (B, HW, D)
+            src = self.input_proj[lvl](x).flatten(2).transpose(1, 2) + self.level_embed.weight[lvl]
+            sources.append(src)
+        batch = mask_features.shape[0]
+        query_pos = self.query_embed.weight[None].expand(batch, -1, -1)
+        output = self.query_feat.weight[None].expand(batch, -1, -1)
+
+        predictions_class, predictions_mask = [], []
+        outputs_class, outputs_mask, mask_logits = self.forward_prediction_heads(
+            output, mask_features, sizes[0]
+        )
+        predictions_class.append(outputs_class)
+        predictions_mask.append(outputs_mask)
+        for i in range(self.num_layers):
+            lvl = i % self.num_levels
+            output = self.transformer_cross_attention_layers[i](
+                output, sources[lvl], mask_logits, positions[lvl], query_pos
+            )
+            output = self.transformer_self_attention_layers[i](output, query_pos)
+            output = self.transformer_ffn_layers[i](output)
+            next_size = sizes[(i + 1) % self.num_levels]
+            outputs_class, outputs_mask, mask_logits = self.forward_prediction_heads(
+                output, mask_features, next_size
+            )
+            predictions_class.append(outputs_class)
+            predictions_mask.append(outputs_mask)
+
+        return {
+            "pred_logits": predictions_class[-1],
+            "pred_masks": predictions_mask[-1],
+            "aux_outputs": [
+                {"pred_logits": c, "pred_masks": m}
+                for c, m in zip(predictions_class[:-1], predictions_mask[:-1])
+            ],
+        }
+
+    def forward_prediction_heads(self, output, mask_features, attn_size):
+        """-> class logits (B, Q, C+1), mask logits (B, Q, H/4, W/4), and the detached mask logits resized to
+        attn_size and flattened (B, Q, h*w) for the next layer's masked attention."""
+        decoder_output = self.decoder_norm(output)
+        outputs_class = self.class_embed(decoder_output)
+        mask_embed = self.mask_embed(decoder_output)
+        outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+        mask_logits = F.interpolate(outputs_mask, size=attn_size, mode="bilinear", align_corners=False)
+        return outputs_class, outputs_mask, mask_logits.flatten(2).detach()

@@ -1,0 +1,153 @@
+"""Drop-in multi-scale deformable attention module (Deformable-DETR's `MSDeformAttn`) on m2f_kernels ops.
+
+State-dict keys (all four are nn.Linear, `.weight` (out, in) and `.bias` (out,)):
+
+    sampling_offsets   d_model -> n_heads * n_levels * n_points * 2   output ordered (head, level, point, xy)
+    attention_weights  d_model -> n_heads * n_levels * n_points       output ordered (head, level, point)
+    value_proj         d_model -> d_model                             output ordered (head, channel)
+    output_proj        d_model -> d_model
+
+These are the names, shapes and layouts of
+  - the official Deformable-DETR `models/ops/modules/ms_deform_attn.py::MSDeformAttn` (also vendored by
+    Mask2Former / detectron2 as `pixel_decoder.transformer.encoder.layers.{i}.self_attn`),
+  - mmcv's `mmcv.ops.MultiScaleDeformableAttention` (e.g. mmdet's `...encoder.layers.{i}.attentions.0`;
+    mmcv's module also holds a dropout and adds the residual itself: callers do that around this module),
+  - Hugging Face transformers' `DeformableDetrMultiscaleDeformableAttention` and
+    `Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention`,
+so a checkpoint of any of them loads with `load_state_dict` after stripping the parent prefix, no renaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import m2f_kernels
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention.
+
+    forward(query (N, Lq, C), reference_points (N, Lq, L, 2) normalized (x, y) or (N, Lq, L, 4) boxes
+    (cx, cy, w, h), input_flatten (N, S, C), input_spatial_shapes (L, 2) int64 (H, W),
+    input_level_start_index (L,) int64, input_padding_mask (N, S) bool, True = padding) -> (N, Lq, C).
+
+    With 2-d reference points a sample sits at reference + offset / (W_l, H_l) (offsets in pixels of the
+    level); with boxes at reference[:2] + offset / n_points * reference[2:] / 2. Attention weights are a
+    softmax over the n_levels * n_points samples of each head. `im2col_step` is accepted for compatibility
+    and ignored (no batch-size rule). `backend` goes to the m2f_kernels ops.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        *,
+        im2col_step: int = 64,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        for arg, value in (
+            ("d_model", d_model),
+            ("n_levels", n_levels),
+            ("n_heads", n_heads),
+            ("n_points", n_points),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.im2col_step = im2col_step
+        self.backend = backend
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """Deformable-DETR's init: zero offset weights, biases pointing each head in its own direction at
+        distances 1..n_points, uniform attention, Xavier projections."""
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.reshape(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        input_flatten: torch.Tensor,
+        input_spatial_shapes: torch.Tensor,
+        input_level_start_index: torch.Tensor,
+        input_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, num_queries, channels = query.shape
+        _, num_values, _ = input_flatten.shape
+        if channels != self.d_model or input_flatten.shape[-1] != self.d_model:
+            raise ValueError(
+                f"query and input_flatten must have {self.d_model} channels, got {tuple(query.shape)} and "
+                f"{tuple(input_flatten.shape)}"
+            )
+        if input_spatial_shapes.shape != (self.n_levels, 2):
+            raise ValueError(
+                f"input_spatial_shapes must be ({self.n_levels}, 2), got {tuple(input_spatial_shapes.shape)}"
+            )
+        expected_leading = (batch, num_queries, self.n_levels)
+        if (
+            reference_points.dim() != 4
+            or reference_points.shape[:3] != expected_leading
+            or reference_points.shape[-1] not in (2, 4)
+        ):
+            raise ValueError(
+                f"reference_points must be (N={batch}, Lq={num_queries}, {self.n_levels}, 2 or 4), "
+                f"got {tuple(reference_points.shape)}"
+            )
+
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(batch, num_values, self.n_heads, self.d_model // self.n_heads)
+        offsets = self.sampling_offsets(query).view(
+            batch, num_queries, self.n_heads, self.n_levels, self.n_points, 2
+        )
+        logits = self.attention_weights(query).view(
+            batch, num_queries, self.n_heads, self.n_levels * self.n_points
+        )
+
+        if reference_points.shape[-1] == 2:
+            output = m2f_kernels.ms_deform_attn_fused(
+                value,
+                input_spatial_shapes,
+                input_level_start_index,
+                reference_points.to(offsets.dtype),
+                offsets,
+                logits,
+                backend=self.backend,
+            )
+        else:
+            boxes = reference_points.to(offsets.dtype)[:, :, None, :, None, :]
+            locations = boxes[..., :2] + offsets / self.n_points * boxes[..., 2:] * 0.5
+            weights = logits.softmax(-1).view(batch, num_queries, self.n_heads, self.n_levels, self.n_points)
+            output = m2f_kernels.ms_deform_attn(
+                value, input_spatial_shapes, input_level_start_index, locations, weights, backend=self.backend
+            )
+        return self.output_proj(output)

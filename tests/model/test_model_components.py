@@ -1,0 +1,101 @@
+"""Model building blocks against torch.nn / hand-written formulas."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from m2f.config import PixelDecoderConfig
+from m2f.models.pixel_decoder import MSDeformAttnPixelDecoder, encoder_reference_points
+from m2f.models.position_encoding import PositionEmbeddingSine
+from m2f.models.transformer_decoder import MultiheadAttention
+
+
+def detr_sine(batch, height, width, num_feats, temperature=10000.0):
+    """DETR's normalized sine encoding from a (all valid) padding mask, with cumsum."""
+    not_mask = torch.ones(batch, height, width)
+    y = not_mask.cumsum(1)
+    x = not_mask.cumsum(2)
+    y = y / (y[:, -1:, :] + 1e-6) * 2 * math.pi
+    x = x / (x[:, :, -1:] + 1e-6) * 2 * math.pi
+    dim_t = temperature ** (2 * (torch.arange(num_feats) // 2) / num_feats)
+    pos_x = x[..., None] / dim_t
+    pos_y = y[..., None] / dim_t
+    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+def test_position_embedding_matches_detr_formula():
+    x = torch.zeros(2, 7, 5, 6)
+    pos = PositionEmbeddingSine(16)(x)
+    assert pos.shape == (2, 32, 5, 6)
+    torch.testing.assert_close(pos, detr_sine(2, 5, 6, 16), rtol=1e-5, atol=1e-5)
+    assert len(PositionEmbeddingSine(16).state_dict()) == 0
+
+
+def test_encoder_reference_points_are_pixel_centers():
+    points = encoder_reference_points(
+        [(2, 3), (1, 2)], batch=2, device=torch.device("cpu"), dtype=torch.float32
+    )
+    assert points.shape == (2, 8, 2, 2)
+    expected_first = [
+        [1 / 6, 1 / 4],
+        [3 / 6, 1 / 4],
+        [5 / 6, 1 / 4],
+        [1 / 6, 3 / 4],
+        [3 / 6, 3 / 4],
+        [5 / 6, 3 / 4],
+    ]
+    expected = torch.tensor([*expected_first, [1 / 4, 1 / 2], [3 / 4, 1 / 2]])
+    for level in range(2):
+        torch.testing.assert_close(points[1, :, level], expected)
+
+
+def copy_into_torch_mha(ours: MultiheadAttention) -> nn.MultiheadAttention:
+    reference = nn.MultiheadAttention(ours.embed_dim, ours.num_heads, batch_first=True)
+    reference.load_state_dict(ours.state_dict())
+    return reference
+
+
+def test_self_attention_matches_torch_multihead_attention():
+    attn = MultiheadAttention(32, 4)
+    with torch.no_grad():
+        attn.in_proj_bias.normal_()
+    q, k, v = torch.randn(2, 5, 32), torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    expected, _ = copy_into_torch_mha(attn)(q, k, v)
+    torch.testing.assert_close(attn(q, k, v), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_masked_cross_attention_matches_torch_with_bool_mask(backend):
+    attn = MultiheadAttention(32, 4, mask_threshold=0.5, backend=backend)
+    q, k, v = torch.randn(2, 5, 32), torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+    mask_logits = torch.randn(2, 5, 9)
+    mask_logits[0, 1] = -1.0  # a query that sees no key: Mask2Former lets it see every key
+    blocked = mask_logits.sigmoid() < 0.5
+    blocked[blocked.all(-1)] = False
+    expected, _ = copy_into_torch_mha(attn)(q, k, v, attn_mask=blocked.repeat_interleave(4, dim=0))
+    torch.testing.assert_close(attn(q, k, v, mask_logits), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pixel_decoder_shapes_and_level_order():
+    config = PixelDecoderConfig(
+        conv_dim=32, mask_dim=16, encoder_layers=1, encoder_heads=2, encoder_ffn_dim=64
+    )
+    channels = {"res2": 8, "res3": 12, "res4": 16, "res5": 20}
+    strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+    decoder = MSDeformAttnPixelDecoder(config, channels, strides)
+    assert decoder.transformer_features == ["res5", "res4", "res3"]
+    assert decoder.fpn_features == ["res2"]
+    features = {
+        name: torch.randn(2, c, 64 // strides[name], 96 // strides[name]) for name, c in channels.items()
+    }
+    mask_features, multi_scale = decoder(features)
+    assert mask_features.shape == (2, 16, 16, 24)
+    assert [tuple(m.shape) for m in multi_scale] == [(2, 32, 2, 3), (2, 32, 4, 6), (2, 32, 8, 12)]
+    with pytest.raises(ValueError, match="conv_dim"):
+        MSDeformAttnPixelDecoder(PixelDecoderConfig(conv_dim=48), channels, strides)
+    with pytest.raises(ValueError, match="transformer_strides"):
+        MSDeformAttnPixelDecoder(PixelDecoderConfig(transformer_strides=(8, 16, 64)), channels, strides)

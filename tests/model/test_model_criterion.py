@@ -1,0 +1,230 @@
+"""Criterion against an unfused computation (grid_sample, explicit sums) with the same matches and points."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import m2f_kernels
+from m2f.config import get_config
+from m2f.losses import Criterion, HungarianMatcher, build_criterion
+
+NUM_CLASSES = 3
+
+
+def make_batch(
+    generator, batch=2, queries=6, layers=2, mask_size=(8, 8), image_size=(32, 32), targets_per_image=(2, 3)
+):
+    def prediction():
+        return {
+            "pred_logits": torch.randn(
+                batch, queries, NUM_CLASSES + 1, generator=generator, requires_grad=True
+            ),
+            "pred_masks": (torch.randn(batch, queries, *mask_size, generator=generator) * 2).requires_grad_(
+                True
+            ),
+        }
+
+    outputs = prediction()
+    outputs["aux_outputs"] = [prediction() for _ in range(layers)]
+    targets = []
+    for num in targets_per_image:
+        targets.append(
+            {
+                "labels": torch.randint(0, NUM_CLASSES, (num,), generator=generator),
+                "masks": torch.rand(num, *image_size, generator=generator) > 0.6,
+            }
+        )
+    return outputs, targets
+
+
+def spy_on(monkeypatch, criterion):
+    """Records the matches and the loss points the criterion uses, without changing them."""
+    calls = {"indices": [], "coords": []}
+    real_match = criterion.matcher.forward
+    real_sample = m2f_kernels.sample_uncertain_points
+
+    def match(outputs, targets, generator=None):
+        indices = real_match(outputs, targets, generator)
+        calls["indices"].append(indices)
+        return indices
+
+    def sample(*args, **kwargs):
+        coords = real_sample(*args, **kwargs)
+        calls["coords"].append(coords)
+        return coords
+
+    monkeypatch.setattr(criterion.matcher, "forward", match)
+    monkeypatch.setattr(m2f_kernels, "sample_uncertain_points", sample)
+    return calls
+
+
+def unfused_layer_losses(prediction, targets, indices, coords, num_masks, no_object_weight):
+    """Unweighted (ce, mask, dice) of one prediction, written out in float64."""
+    logits = prediction["pred_logits"].double()
+    batch, queries, _ = logits.shape
+    ce_sum, weight_sum = 0.0, 0.0
+    for b in range(batch):
+        matched = dict(zip(indices[b][0].tolist(), indices[b][1].tolist()))
+        for q in range(queries):
+            label = targets[b]["labels"][matched[q]].item() if q in matched else NUM_CLASSES
+            weight = no_object_weight if label == NUM_CLASSES else 1.0
+            ce_sum += -weight * logits[b, q].log_softmax(-1)[label]
+            weight_sum += weight
+    mask_ce, dice = 0.0, 0.0
+    row = 0
+    for b in range(batch):
+        for q, t in zip(indices[b][0].tolist(), indices[b][1].tolist()):
+            grid = (2 * coords[row].double() - 1)[None, None]
+            x = F.grid_sample(
+                prediction["pred_masks"][b, q][None, None].double(), grid, align_corners=False
+            ).flatten()
+            y = F.grid_sample(
+                targets[b]["masks"][t][None, None].double(), grid, align_corners=False
+            ).flatten()
+            mask_ce = mask_ce + F.binary_cross_entropy_with_logits(x, y)
+            p = x.sigmoid()
+            dice = dice + 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+            row += 1
+    return ce_sum / weight_sum, mask_ce / num_masks, dice / num_masks
+
+
+def make_criterion(num_points=40, deep_supervision=True):
+    matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=num_points)
+    return Criterion(
+        NUM_CLASSES,
+        matcher,
+        class_weight=2.0,
+        mask_weight=5.0,
+        dice_weight=5.0,
+        no_object_weight=0.1,
+        num_points=num_points,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+        deep_supervision=deep_supervision,
+    )
+
+
+def test_weighted_losses_match_unfused_computation(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    outputs, targets = make_batch(g)
+    criterion = make_criterion()
+    calls = spy_on(monkeypatch, criterion)
+    losses = criterion(outputs, targets)
+
+    assert set(losses) == {f"loss_{k}{s}" for k in ("ce", "mask", "dice") for s in ("", "_0", "_1")}
+    num_masks = 5.0
+    predictions = [outputs, *outputs["aux_outputs"]]
+    assert len(calls["indices"]) == len(calls["coords"]) == 3
+    for i, (prediction, suffix) in enumerate(zip(predictions, ["", "_0", "_1"])):
+        indices, coords = calls["indices"][i], calls["coords"][i]
+        assert coords.shape == (5, 40, 2)
+        ce, mask, dice = unfused_layer_losses(prediction, targets, indices, coords, num_masks, 0.1)
+        torch.testing.assert_close(losses[f"loss_ce{suffix}"].double(), 2.0 * ce, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(losses[f"loss_mask{suffix}"].double(), 5.0 * mask, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(losses[f"loss_dice{suffix}"].double(), 5.0 * dice, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_match_unfused_computation(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    outputs, targets = make_batch(g, layers=0)
+    criterion = make_criterion()
+    calls = spy_on(monkeypatch, criterion)
+    sum(criterion(outputs, targets).values()).backward()
+    grad_logits, grad_masks = outputs["pred_logits"].grad.clone(), outputs["pred_masks"].grad.clone()
+
+    leaves = {k: outputs[k].detach().double().requires_grad_(True) for k in ("pred_logits", "pred_masks")}
+    ce, mask, dice = unfused_layer_losses(leaves, targets, calls["indices"][0], calls["coords"][0], 5.0, 0.1)
+    (2.0 * ce + 5.0 * mask + 5.0 * dice).backward()
+    torch.testing.assert_close(grad_logits.double(), leaves["pred_logits"].grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_masks.double(), leaves["pred_masks"].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_points_are_importance_sampled_with_configured_counts(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    outputs, targets = make_batch(g, layers=0)
+    criterion = make_criterion(num_points=100)
+    seen = {}
+    real_sample = m2f_kernels.sample_uncertain_points
+
+    def sample(mask_logits, num_points, oversample_ratio, importance_ratio, **kwargs):
+        seen.update(
+            shape=tuple(mask_logits.shape), num_points=num_points, ratios=(oversample_ratio, importance_ratio)
+        )
+        assert not mask_logits.requires_grad
+        return real_sample(mask_logits, num_points, oversample_ratio, importance_ratio, **kwargs)
+
+    monkeypatch.setattr(m2f_kernels, "sample_uncertain_points", sample)
+    criterion(outputs, targets)
+    assert seen == {"shape": (5, 8, 8), "num_points": 100, "ratios": (3.0, 0.75)}
+
+
+def test_no_targets_gives_zero_mask_losses_and_no_object_ce():
+    g = torch.Generator().manual_seed(3)
+    outputs, targets = make_batch(g, layers=1, targets_per_image=(0, 0))
+    losses = make_criterion()(outputs, targets)
+    assert losses["loss_mask"].item() == 0 and losses["loss_dice_0"].item() == 0
+    expected_ce = F.cross_entropy(
+        outputs["pred_logits"].detach().flatten(0, 1), torch.full((12,), NUM_CLASSES)
+    )
+    torch.testing.assert_close(losses["loss_ce"], 2.0 * expected_ce)
+    sum(losses.values()).backward()
+    assert outputs["pred_masks"].grad is not None
+
+
+def test_deep_supervision_off_ignores_aux_outputs():
+    g = torch.Generator().manual_seed(4)
+    outputs, targets = make_batch(g, layers=2)
+    losses = make_criterion(deep_supervision=False)(outputs, targets)
+    assert set(losses) == {"loss_ce", "loss_mask", "loss_dice"}
+
+
+def test_build_criterion_uses_config_weights():
+    config = get_config("panoptic-r50")
+    criterion = build_criterion(config)
+    assert criterion.num_classes == 133
+    assert criterion.empty_weight[-1].item() == pytest.approx(0.1)
+    assert criterion.empty_weight[:-1].eq(1).all()
+    assert (criterion.class_weight, criterion.mask_weight, criterion.dice_weight) == (2.0, 5.0, 5.0)
+    assert criterion.num_points == criterion.matcher.num_points == 12544
+    assert (criterion.oversample_ratio, criterion.importance_sample_ratio) == (3.0, 0.75)
+    assert build_criterion(config, num_classes=7).num_classes == 7
+
+
+def test_bad_targets():
+    g = torch.Generator().manual_seed(5)
+    outputs, targets = make_batch(g, layers=0)
+    criterion = make_criterion()
+    with pytest.raises(ValueError, match="targets"):
+        criterion(outputs, targets[:1])
+    targets[1]["labels"] = torch.tensor([0, 1, NUM_CLASSES])
+    with pytest.raises(ValueError, match=r"targets\[1\]\['labels'\]"):
+        criterion(outputs, targets)
+    targets[1]["labels"] = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"targets\[1\]"):
+        criterion(outputs, targets)
+
+
+def num_masks_worker(rank, port, out_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        counts = [2, 5][rank]
+        targets = [{"labels": torch.zeros(counts, dtype=torch.int64), "masks": torch.zeros(counts, 4, 4)}]
+        value = Criterion.average_num_masks(targets, torch.device("cpu"))
+        torch.save(torch.tensor(value), f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_num_masks_is_averaged_over_processes(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(num_masks_worker, args=(port, str(tmp_path / "num_masks")), nprocs=2, join=True)
+    values = [torch.load(tmp_path / f"num_masks.{rank}", weights_only=True).item() for rank in range(2)]
+    assert values == [3.5, 3.5]
+    assert Criterion.average_num_masks([{"labels": torch.zeros(0)}], torch.device("cpu")) == 1.0

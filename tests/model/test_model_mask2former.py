@@ -1,0 +1,236 @@
+"""Mask2Former: configs, output shapes, parameter counts, backbone weights, training step."""
+
+import dataclasses
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+import m2f
+from m2f.config import ModelConfig
+from m2f.losses import build_criterion
+
+# Parameter counts of the paper's Table (millions).
+PAPER_PARAMS = {
+    "panoptic-r50": 44,
+    "panoptic-r101": 63,
+    "panoptic-swin-t": 47,
+    "panoptic-swin-s": 69,
+    "panoptic-swin-b": 107,
+    "panoptic-swin-l-in21k": 216,
+    "instance-r50": 44,
+    "semantic-ade20k-swin-l": 216,
+}
+
+
+def tiny_config(num_classes=2, **loss):
+    config = m2f.get_config("demo-tiny")
+    return dataclasses.replace(
+        config, num_classes=num_classes, loss=dataclasses.replace(config.loss, num_points=256, **loss)
+    )
+
+
+def test_config_names_and_bad_name():
+    assert set(m2f.CONFIG_NAMES) == {
+        "panoptic-r50",
+        "panoptic-r101",
+        "panoptic-swin-t",
+        "panoptic-swin-s",
+        "panoptic-swin-b",
+        "panoptic-swin-b-in21k",
+        "panoptic-swin-l-in21k",
+        "instance-r50",
+        "instance-r101",
+        "instance-swin-t",
+        "instance-swin-s",
+        "semantic-ade20k-r50",
+        "semantic-ade20k-swin-l",
+        "demo-tiny",
+    }
+    with pytest.raises(ValueError, match="panoptic-r50") as error:
+        m2f.build_model("panoptic-r5O")
+    assert "demo-tiny" in str(error.value) and "panoptic-r5O" in str(error.value)
+    with pytest.raises(TypeError, match="name_or_config"):
+        m2f.build_model(42)
+
+
+def test_config_values_and_round_trip():
+    swin_l = m2f.get_config("panoptic-swin-l-in21k")
+    assert swin_l.num_queries == 200 and swin_l.num_classes == 133
+    assert m2f.get_config("instance-r101").num_classes == 80
+    ade = m2f.get_config("semantic-ade20k-r50")
+    assert ade.num_classes == 150 and ade.task == "semantic"
+    r50 = m2f.get_config("panoptic-r50")
+    assert r50.solver.lr_steps == (int(0.9 * 368750), int(0.95 * 368750))
+    assert (r50.decoder.num_layers, r50.pixel_decoder.encoder_layers, r50.decoder.ffn_dim) == (9, 6, 2048)
+    for name in m2f.CONFIG_NAMES:
+        config = m2f.get_config(name)
+        assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="task"):
+        dataclasses.replace(r50, task="detection")
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        ModelConfig.from_dict({"num_querys": 3})
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_parameter_count_matches_paper(name):
+    with torch.device("meta"):
+        model = m2f.build_model(name)
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert count == pytest.approx(PAPER_PARAMS[name], rel=0.02)
+
+
+def test_big_config_structure_on_meta():
+    with torch.device("meta"):
+        model = m2f.build_model("panoptic-swin-l-in21k")
+    decoder = model.transformer_decoder
+    assert decoder.query_feat.weight.shape == (200, 256)
+    assert decoder.class_embed.weight.shape == (134, 256)
+    assert len(decoder.transformer_cross_attention_layers) == 9
+    assert len(model.pixel_decoder.transformer.encoder.layers) == 6
+    assert model.backbone.out_channels == [192, 384, 768, 1536]
+    assert [p[0].in_channels for p in model.pixel_decoder.input_proj] == [1536, 768, 384]
+    encoder_attn = model.pixel_decoder.transformer.encoder.layers[0].self_attn
+    assert (encoder_attn.n_levels, encoder_attn.n_heads, encoder_attn.n_points) == (3, 8, 4)
+    assert model.pixel_decoder.transformer.encoder.layers[0].linear1.out_features == 1024
+
+
+@pytest.mark.parametrize("name", ["panoptic-r50", "panoptic-swin-t"])
+def test_big_config_output_shapes(name):
+    model = m2f.build_model(name, num_classes=3).eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 64, 96) * 255)
+    assert out["pred_logits"].shape == (1, 100, 4)
+    assert out["pred_masks"].shape == (1, 100, 16, 24)
+    assert "aux_outputs" not in out
+
+
+def test_demo_tiny_shapes_and_deep_supervision():
+    config = tiny_config()
+    model = m2f.build_model(config)
+    images = torch.rand(2, 3, 64, 64) * 255
+    out = model.train()(images)
+    queries = config.num_queries
+    assert out["pred_logits"].shape == (2, queries, 3)
+    assert out["pred_masks"].shape == (2, queries, 16, 16)
+    assert len(out["aux_outputs"]) == config.decoder.num_layers
+    for aux in out["aux_outputs"]:
+        assert aux["pred_logits"].shape == (2, queries, 3)
+        assert aux["pred_masks"].shape == (2, queries, 16, 16)
+    with torch.no_grad():
+        out_eval = model.eval()(images)
+    assert set(out_eval) == {"pred_logits", "pred_masks"}
+    assert out_eval["pred_masks"].shape == (2, queries, 16, 16)
+    with torch.no_grad():
+        odd = model(torch.rand(1, 3, 70, 90) * 255)
+    assert odd["pred_masks"].shape == (1, queries, 18, 23)
+    with pytest.raises(ValueError, match="images"):
+        model(torch.rand(3, 64, 64))
+
+
+def test_every_parameter_gets_a_gradient_from_every_loss_term():
+    config = tiny_config()
+    model = m2f.build_model(config).train()
+    criterion = build_criterion(config)
+    images, targets = fixed_batch()
+    losses = criterion(model(images), targets)
+    assert set(losses) == {
+        f"loss_{k}{s}" for k in ("ce", "mask", "dice") for s in ["", *(f"_{i}" for i in range(6))]
+    }
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
+def fixed_batch():
+    """Two 64x64 images: class 0 is a bright square, class 1 a dark background."""
+    images = torch.zeros(2, 3, 64, 64)
+    targets = []
+    for b, (y, x) in enumerate([(8, 12), (30, 26)]):
+        square = torch.zeros(64, 64, dtype=torch.bool)
+        square[y : y + 24, x : x + 24] = True
+        images[b, :, square] = 230.0
+        images[b, :, ~square] = 20.0
+        targets.append({"labels": torch.tensor([0, 1]), "masks": torch.stack([square, ~square])})
+    return images, targets
+
+
+def total_loss(model, criterion, images, targets, seed):
+    torch.manual_seed(seed)  # same matcher and loss points for every evaluation
+    return sum(criterion(model(images), targets).values())
+
+
+def test_optimizer_steps_lower_the_loss():
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = m2f.build_model(config).train()
+    criterion = build_criterion(config)
+    images, targets = fixed_batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    initial = total_loss(model, criterion, images, targets, seed=1)
+    optimizer.zero_grad()
+    initial.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after_one = total_loss(model, criterion, images, targets, seed=1)
+    assert after_one < initial
+
+    for step in range(15):
+        loss = total_loss(model, criterion, images, targets, seed=100 + step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        final = total_loss(model, criterion, images, targets, seed=1)
+    assert final < 0.6 * initial
+
+
+def timm_checkpoint(tmp_path, suffix):
+    reference = timm.create_model("test_resnet", pretrained=False)
+    state = reference.state_dict()
+    path = tmp_path / f"backbone{suffix}"
+    if suffix == ".safetensors":
+        safetensors.torch.save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    return path, state
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_backbone_weights_from_local_file(tmp_path, suffix):
+    path, state = timm_checkpoint(tmp_path, suffix)
+    model = m2f.build_model("demo-tiny", backbone_weights=path)
+    loaded = model.backbone.body.state_dict()
+    for key, value in loaded.items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    assert "fc.weight" in state and "fc.weight" not in loaded
+
+
+def test_backbone_weights_errors(tmp_path):
+    missing_path = tmp_path / "nowhere" / "r50.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"nowhere/r50\.safetensors"):
+        m2f.build_model("demo-tiny", backbone_weights=missing_path)
+    pickled = tmp_path / "R-50.pkl"
+    pickled.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"R-50\.pkl"):
+        m2f.build_model("demo-tiny", backbone_weights=pickled)
+    _, state = timm_checkpoint(tmp_path, ".safetensors")
+    del state["layer1.0.conv1.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad.safetensors"
+    safetensors.torch.save_file(state, str(bad))
+    with pytest.raises(ValueError, match=r"layer1\.0\.conv1\.weight") as error:
+        m2f.build_model("demo-tiny", backbone_weights=bad)
+    assert "extra.weight" in str(error.value) and "bad.safetensors" in str(error.value)
+
+
+def test_frozen_batchnorm_and_swin_output_norms():
+    with torch.device("meta"):
+        r50 = m2f.build_model("panoptic-r50")
+        swin = m2f.build_model("panoptic-swin-b")
+    assert not any("bn" in n for n, _ in r50.backbone.named_parameters())
+    assert any(k.endswith("bn1.running_mean") for k in r50.backbone.state_dict())
+    assert r50.backbone.norms is None
+    assert [n.normalized_shape[0] for n in swin.backbone.norms] == [128, 256, 512, 1024]

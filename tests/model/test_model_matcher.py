@@ -1,0 +1,124 @@
+"""HungarianMatcher against costs written out with grid_sample and a brute-force assignment search."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from m2f.losses import HungarianMatcher
+
+
+def sample(maps, coords):
+    """maps (N, H, W), coords (P, 2) in [0, 1] (x, y) -> (N, P), bilinear, align_corners=False, zero padding."""
+    grid = (2 * coords - 1)[None, None].expand(maps.shape[0], 1, -1, 2)
+    return F.grid_sample(maps[:, None].double(), grid.double(), align_corners=False)[:, 0, 0]
+
+
+def loop_cost(pred_logits, pred_masks, labels, masks, coords, w_class, w_mask, w_dice):
+    """The matcher's cost, one (query, target) pair at a time."""
+    probs = pred_logits.double().softmax(-1)
+    pred_points = sample(pred_masks, coords)
+    target_points = sample(masks.double(), coords)
+    cost = torch.zeros(pred_masks.shape[0], masks.shape[0], dtype=torch.float64)
+    for q in range(pred_masks.shape[0]):
+        for t in range(masks.shape[0]):
+            x, y = pred_points[q], target_points[t]
+            ce = F.binary_cross_entropy_with_logits(x, y)
+            p = x.sigmoid()
+            dice = 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+            cost[q, t] = -w_class * probs[q, labels[t]] + w_mask * ce + w_dice * dice
+    return cost
+
+
+def brute_force_min(cost):
+    """Minimum total cost over all injective maps of targets to queries."""
+    num_queries, num_targets = cost.shape
+    return min(
+        sum(cost[q, t].item() for t, q in enumerate(perm))
+        for perm in itertools.permutations(range(num_queries), num_targets)
+    )
+
+
+def random_case(generator, num_queries=5, num_targets=3, num_classes=4, size=(12, 10)):
+    pred_logits = torch.randn(num_queries, num_classes + 1, generator=generator) * 2
+    pred_masks = torch.randn(num_queries, size[0] // 2, size[1] // 2, generator=generator) * 3
+    labels = torch.randint(0, num_classes, (num_targets,), generator=generator)
+    masks = torch.rand(num_targets, *size, generator=generator) > 0.5
+    return pred_logits, pred_masks, labels, masks
+
+
+def test_cost_matrix_matches_pairwise_loop():
+    g = torch.Generator().manual_seed(0)
+    pred_logits, pred_masks, labels, masks = random_case(g)
+    coords = torch.rand(64, 2, generator=g)
+    matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=64)
+    cost = matcher.cost_matrix(pred_logits, pred_masks, labels, masks, coords)
+    expected = loop_cost(pred_logits, pred_masks, labels, masks, coords, 2.0, 5.0, 5.0)
+    torch.testing.assert_close(cost.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_targets", [1, 3, 5])
+def test_assignment_is_optimal_against_brute_force(num_targets):
+    g = torch.Generator().manual_seed(num_targets)
+    cases = [random_case(g, num_queries=5, num_targets=num_targets) for _ in range(2)]
+    outputs = {
+        "pred_logits": torch.stack([c[0] for c in cases]),
+        "pred_masks": torch.stack([c[1] for c in cases]),
+    }
+    targets = [{"labels": c[2], "masks": c[3]} for c in cases]
+    matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=50)
+    indices = matcher(outputs, targets, generator=torch.Generator().manual_seed(7))
+
+    replay = torch.Generator().manual_seed(
+        7
+    )  # the matcher draws one (P, 2) set of points per image, in order
+    for (query_idx, target_idx), case in zip(indices, cases):
+        coords = torch.rand(50, 2, generator=replay)
+        cost = loop_cost(*case, coords, 2.0, 5.0, 5.0)
+        assert query_idx.dtype == torch.int64 and target_idx.dtype == torch.int64
+        assert len(query_idx) == num_targets
+        assert sorted(target_idx.tolist()) == list(range(num_targets))
+        assert len(set(query_idx.tolist())) == num_targets
+        total = cost[query_idx, target_idx].sum().item()
+        assert total == pytest.approx(brute_force_min(cost), abs=1e-4)
+
+
+def test_more_targets_than_queries_and_empty_targets():
+    g = torch.Generator().manual_seed(3)
+    pred_logits, pred_masks, labels, masks = random_case(g, num_queries=2, num_targets=4)
+    outputs = {"pred_logits": torch.stack([pred_logits] * 2), "pred_masks": torch.stack([pred_masks] * 2)}
+    targets = [
+        {"labels": labels, "masks": masks},
+        {"labels": labels[:0], "masks": masks[:0]},
+    ]
+    indices = HungarianMatcher(num_points=32)(outputs, targets)
+    assert len(indices[0][0]) == 2 and len(set(indices[0][1].tolist())) == 2
+    assert indices[1][0].numel() == 0 and indices[1][1].numel() == 0
+
+
+def test_class_cost_alone_picks_the_most_confident_query():
+    # Two targets of classes 1 and 2; query 3 is sure of class 1, query 0 of class 2.
+    pred_logits = torch.full((4, 4), -5.0)
+    pred_logits[3, 1] = 5.0
+    pred_logits[0, 2] = 5.0
+    outputs = {"pred_logits": pred_logits[None], "pred_masks": torch.zeros(1, 4, 3, 3)}
+    targets = [{"labels": torch.tensor([1, 2]), "masks": torch.zeros(2, 6, 6, dtype=torch.bool)}]
+    matcher = HungarianMatcher(cost_class=1.0, cost_mask=0.0, cost_dice=0.0, num_points=8)
+    ((query_idx, target_idx),) = matcher(outputs, targets)
+    assert dict(zip(target_idx.tolist(), query_idx.tolist())) == {0: 3, 1: 0}
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_points"):
+        HungarianMatcher(num_points=0)
+    with pytest.raises(ValueError, match="non-zero"):
+        HungarianMatcher(cost_class=0, cost_mask=0, cost_dice=0)
+    matcher = HungarianMatcher(num_points=8)
+    outputs = {"pred_logits": torch.zeros(2, 3, 3), "pred_masks": torch.zeros(2, 3, 4, 4)}
+    with pytest.raises(ValueError, match="targets"):
+        matcher(outputs, [{"labels": torch.tensor([0]), "masks": torch.zeros(1, 8, 8)}])
+    outputs["pred_logits"][0, 1, 2] = float("nan")
+    targets = [{"labels": torch.tensor([0]), "masks": torch.ones(1, 8, 8, dtype=torch.bool)}] * 2
+    with pytest.raises(FloatingPointError, match="image 0"):
+        matcher(outputs, targets)

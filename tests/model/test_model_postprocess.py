@@ -1,0 +1,170 @@
+"""Post-processing on hand-made predictions with hand-derived expected results."""
+
+import math
+
+import pytest
+import torch
+
+from m2f.models.postprocess import (
+    instance_inference,
+    masks_to_boxes,
+    panoptic_inference,
+    resize_masks,
+    semantic_inference,
+)
+
+ON, OFF = 10.0, -10.0
+
+
+def class_logits(probabilities):
+    """Logits whose softmax is exactly the given rows of probabilities."""
+    return torch.tensor(probabilities, dtype=torch.float64).log().float()
+
+
+def mask_from_pixels(height, width, pixels):
+    mask = torch.full((height, width), OFF)
+    for y, x in pixels:
+        mask[y, x] = ON
+    return mask
+
+
+def block(rows, cols):
+    return [(y, x) for y in rows for x in cols]
+
+
+def test_panoptic_thresholds_overlap_and_stuff_merging():
+    # Classes: 0 and 1 are things, 2 is stuff; column 3 of mask_cls is "no object". Image 4 x 6.
+    height, width = 4, 6
+    queries = [
+        ([0.90, 0.04, 0.03, 0.03], block(range(4), range(2))),  # q0: thing 0, left two columns
+        ([0.02, 0.01, 0.95, 0.02], block(range(2), range(2, 4))),  # q1: stuff 2, top right block
+        ([0.05, 0.05, 0.85, 0.05], block(range(2, 4), range(2, 4))),  # q2: stuff 2 again -> merged into q1
+        ([0.10, 0.70, 0.10, 0.10], block(range(4), range(6))),  # q3: best score 0.7 <= 0.8 -> dropped
+        ([0.02, 0.04, 0.04, 0.90], block(range(4), range(6))),  # q4: no object -> dropped
+        ([0.05, 0.85, 0.05, 0.05], block(range(4), range(2))),  # q5: loses every pixel to q0 -> dropped
+        ([0.82, 0.06, 0.06, 0.06], block(range(4), range(3, 5))),  # q6: keeps 3 of 8 pixels < 0.8 -> dropped
+        ([0.05, 0.90, 0.03, 0.02], [(0, 5), (1, 5), (2, 5), (3, 4)]),  # q7: thing 1, keeps all 4 pixels
+    ]
+    mask_cls = class_logits([p for p, _ in queries])
+    mask_pred = torch.stack([mask_from_pixels(height, width, px) for _, px in queries])
+
+    seg, info = panoptic_inference(mask_cls, mask_pred, thing_classes={0, 1})
+
+    expected = torch.tensor(
+        [
+            [1, 1, 2, 2, 0, 3],
+            [1, 1, 2, 2, 0, 3],
+            [1, 1, 2, 2, 0, 3],
+            [1, 1, 2, 2, 3, 0],
+        ],
+        dtype=torch.int32,
+    )
+    assert seg.dtype == torch.int32
+    assert torch.equal(seg, expected)
+    assert [(s["id"], s["category_id"], s["isthing"]) for s in info] == [
+        (1, 0, True),
+        (2, 2, False),
+        (3, 1, True),
+    ]
+    assert [s["score"] for s in info] == pytest.approx([0.90, 0.95, 0.90], abs=1e-6)
+
+
+def test_panoptic_nothing_confident_gives_void():
+    mask_cls = class_logits([[0.5, 0.2, 0.3], [0.1, 0.1, 0.8]])
+    mask_pred = torch.full((2, 3, 3), ON)
+    seg, info = panoptic_inference(mask_cls, mask_pred, thing_classes={0})
+    assert torch.equal(seg, torch.zeros(3, 3, dtype=torch.int32))
+    assert info == []
+
+
+def test_panoptic_overlap_threshold_is_configurable():
+    # q1 keeps 3 of its 8 pixels (ratio 0.375): dropped at 0.8, kept at 0.3.
+    mask_cls = class_logits([[0.9, 0.05, 0.05], [0.85, 0.1, 0.05]])
+    mask_pred = torch.stack(
+        [
+            mask_from_pixels(2, 4, [*block(range(2), range(2)), (0, 2)]),
+            mask_from_pixels(2, 4, block(range(2), range(4))),
+        ]
+    )
+    seg, info = panoptic_inference(mask_cls, mask_pred, thing_classes={0, 1}, overlap_threshold=0.8)
+    assert len(info) == 1
+    seg, info = panoptic_inference(mask_cls, mask_pred, thing_classes={0, 1}, overlap_threshold=0.3)
+    assert len(info) == 2
+    assert torch.equal(seg, torch.tensor([[1, 1, 1, 2], [1, 1, 2, 2]], dtype=torch.int32))
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def instance_case():
+    probs = [[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.05, 0.05, 0.9]]
+    mask_pred = torch.full((3, 4, 4), -3.0)
+    mask_pred[0, 0:2, 0:2] = 2.0
+    mask_pred[1, 2:4, 1:4] = 1.0
+    return class_logits(probs), mask_pred
+
+
+def test_instance_topk_scores_labels_boxes():
+    mask_cls, mask_pred = instance_case()
+    result = instance_inference(mask_cls, mask_pred, num_classes=2, top_k=3)
+    # Top 3 (query, class) pairs: (0, 0) 0.6, (1, 1) 0.5, (0, 1) 0.3, times the mean mask probability inside.
+    expected_scores = [0.6 * sigmoid(2.0), 0.5 * sigmoid(1.0), 0.3 * sigmoid(2.0)]
+    assert result["scores"].tolist() == pytest.approx(expected_scores, rel=1e-5)
+    assert result["labels"].tolist() == [0, 1, 1]
+    assert torch.equal(result["masks"][0], mask_pred[0] > 0)
+    assert torch.equal(result["masks"][1], mask_pred[1] > 0)
+    assert result["masks"].dtype == torch.bool
+    assert result["boxes"].tolist() == [[0, 0, 2, 2], [1, 2, 4, 4], [0, 0, 2, 2]]
+
+
+def test_instance_thing_filter_and_topk_larger_than_candidates():
+    mask_cls, mask_pred = instance_case()
+    result = instance_inference(mask_cls, mask_pred, num_classes=2, top_k=3, thing_classes={0})
+    assert result["labels"].tolist() == [0]
+    assert result["scores"].tolist() == pytest.approx([0.6 * sigmoid(2.0)], rel=1e-5)
+    result = instance_inference(mask_cls, mask_pred, num_classes=2, top_k=100)
+    assert len(result["scores"]) == 6
+    with pytest.raises(ValueError, match="num_classes"):
+        instance_inference(mask_cls, mask_pred, num_classes=3)
+
+
+def test_semantic_is_probability_weighted_sum():
+    mask_cls = class_logits([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]])
+    mask_pred = torch.tensor([[[2.0, -2.0]], [[-1.0, 3.0]]])
+    result = semantic_inference(mask_cls, mask_pred)
+    assert result.shape == (2, 1, 2)
+    expected = [
+        [[0.7 * sigmoid(2) + 0.1 * sigmoid(-1), 0.7 * sigmoid(-2) + 0.1 * sigmoid(3)]],
+        [[0.2 * sigmoid(2) + 0.6 * sigmoid(-1), 0.2 * sigmoid(-2) + 0.6 * sigmoid(3)]],
+    ]
+    assert result.tolist() == [[pytest.approx(row, rel=1e-5) for row in plane] for plane in expected]
+    assert result.argmax(0).tolist() == [[0, 1]]
+
+
+def test_masks_to_boxes_empty_and_single_pixel():
+    masks = torch.zeros(3, 5, 7, dtype=torch.bool)
+    masks[1, 2, 3] = True
+    masks[2, 1:4, 0:7] = True
+    assert masks_to_boxes(masks).tolist() == [[0, 0, 0, 0], [3, 2, 4, 3], [0, 1, 7, 4]]
+    assert masks_to_boxes(torch.zeros(0, 5, 7, dtype=torch.bool)).shape == (0, 4)
+
+
+def test_resize_masks_crops_padding_before_resizing():
+    # Left half of the 1/4-scale logits positive, right half negative; the image is the left half of the input.
+    pred = torch.tensor([[[1.0, 1.0, -1.0, -1.0], [1.0, 1.0, -1.0, -1.0]]])
+    cropped = resize_masks(pred, padded_size=(8, 16), image_size=(8, 8), output_size=(4, 4))
+    assert cropped.shape == (1, 4, 4)
+    assert bool((cropped > 0).all())
+    full = resize_masks(pred[None], padded_size=(8, 16), image_size=(8, 16), output_size=(4, 8))
+    assert full.shape == (1, 1, 4, 8)
+    assert bool((full[..., :4] > 0).all()) and bool((full[..., 4:] < 0).all())
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="mask_pred"):
+        semantic_inference(torch.zeros(3, 4), torch.zeros(2, 5, 5))
+    with pytest.raises(ValueError, match="mask_cls"):
+        panoptic_inference(torch.zeros(3), torch.zeros(3, 5, 5), thing_classes=set())
+    with pytest.raises(ValueError, match="pred_masks"):
+        resize_masks(torch.zeros(5, 5), (8, 8), (8, 8), (4, 4))
