@@ -1,0 +1,183 @@
+"""Hugging Face transformers Mask2Former checkpoints (`Mask2FormerForUniversalSegmentation`).
+
+Reads model.safetensors or pytorch_model.bin (`torch.load(weights_only=True)`), or a directory holding one.
+Backbones: HF `ResNetBackbone` (`use_timm_backbone=False`) and `SwinBackbone`, in both the current key names
+(`attention.q_proj`) and the older ones found in the published checkpoints (`attention.self.query`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .keymaps import BN_PARAM, ConversionError, Drop, Fuse, Rename, Rule, apply_rules, prefixed, reverse_rules
+
+HF_ENCODER = "model.pixel_level_module.encoder."
+HF_PIXEL_DECODER = "model.pixel_level_module.decoder."
+HF_TRANSFORMER = "model.transformer_module."
+D2_PIXEL_DECODER = "sem_seg_head.pixel_decoder."
+D2_PREDICTOR = "sem_seg_head.predictor."
+
+_RESNET: list[Rule] = [
+    Rename("embedder.embedder.convolution.weight", "backbone.stem.conv1.weight"),
+    Rename(f"embedder.embedder.normalization.{BN_PARAM}", f"backbone.stem.conv1.norm.{BN_PARAM}"),
+    Rename(
+        "encoder.stages.{s}.layers.{b}.shortcut.convolution.weight", "backbone.res{s+2}.{b}.shortcut.weight"
+    ),
+    Rename(
+        f"encoder.stages.{{s}}.layers.{{b}}.shortcut.normalization.{BN_PARAM}",
+        f"backbone.res{{s+2}}.{{b}}.shortcut.norm.{BN_PARAM}",
+    ),
+    Rename(
+        "encoder.stages.{s}.layers.{b}.layer.{c}.convolution.weight", "backbone.res{s+2}.{b}.conv{c+1}.weight"
+    ),
+    Rename(
+        f"encoder.stages.{{s}}.layers.{{b}}.layer.{{c}}.normalization.{BN_PARAM}",
+        f"backbone.res{{s+2}}.{{b}}.conv{{c+1}}.norm.{BN_PARAM}",
+    ),
+]
+
+_BLOCK = "swin.encoder.layers.{s}.blocks.{b}."
+_D2_BLOCK = "backbone.layers.{s}.blocks.{b}."
+_SWIN: list[Rule] = [
+    Rename("swin.embeddings.patch_embeddings.projection.{p:w}", "backbone.patch_embed.proj.{p}"),
+    Rename("swin.embeddings.norm.{p:w}", "backbone.patch_embed.norm.{p}"),
+    Fuse(
+        tuple(_BLOCK + f"attention.{name}.{{p:w}}" for name in ("q_proj", "k_proj", "v_proj")),
+        _D2_BLOCK + "attn.qkv.{p}",
+    ),
+    Rename(_BLOCK + "attention.o_proj.{p:w}", _D2_BLOCK + "attn.proj.{p}"),
+    Rename(
+        _BLOCK + "attention.relative_position_bias.relative_position_bias_table",
+        _D2_BLOCK + "attn.relative_position_bias_table",
+    ),
+    Drop(_BLOCK + "attention.relative_position_index"),
+    Rename(_BLOCK + "layernorm_before.{p:w}", _D2_BLOCK + "norm1.{p}"),
+    Rename(_BLOCK + "layernorm_after.{p:w}", _D2_BLOCK + "norm2.{p}"),
+    Rename(_BLOCK + "mlp.fc{i}.{p:w}", _D2_BLOCK + "mlp.fc{i}.{p}"),
+    Rename("swin.encoder.layers.{s}.downsample.{rest:*}", "backbone.layers.{s}.downsample.{rest}"),
+    Rename("hidden_states_norms.stage{s+1}.{p:w}", "backbone.norm{s}.{p}"),
+    # the final norm of the classification model: the backbone's outputs use hidden_states_norms instead
+    Drop("swin.layernorm.{p:w}"),
+]
+
+_PIXEL_DECODER: list[Rule] = [
+    Rename("input_projections.{i}.{j}.{p:w}", "input_proj.{i}.{j}.{p}"),
+    Rename("level_embed", "transformer.level_embed"),
+    Rename("encoder.layers.{i}.self_attn.{rest:*}", "transformer.encoder.layers.{i}.self_attn.{rest}"),
+    Rename("encoder.layers.{i}.self_attn_layer_norm.{p:w}", "transformer.encoder.layers.{i}.norm1.{p}"),
+    Rename("encoder.layers.{i}.fc{j}.{p:w}", "transformer.encoder.layers.{i}.linear{j}.{p}"),
+    Rename("encoder.layers.{i}.final_layer_norm.{p:w}", "transformer.encoder.layers.{i}.norm2.{p}"),
+    Rename("mask_projection.{p:w}", "mask_features.{p}"),
+    Rename("adapter_{i}.0.weight", "adapter_{i}.weight"),
+    Rename("adapter_{i}.1.{p:w}", "adapter_{i}.norm.{p}"),
+    Rename("layer_{i}.0.weight", "layer_{i}.weight"),
+    Rename("layer_{i}.1.{p:w}", "layer_{i}.norm.{p}"),
+]
+
+_LAYER = "decoder.layers.{i}."
+_TRANSFORMER: list[Rule] = [
+    Rename("queries_embedder.weight", "query_embed.weight"),
+    Rename("queries_features.weight", "query_feat.weight"),
+    Rename("level_embed.weight", "level_embed.weight"),
+    Rename("input_projections.{i}.{p:w}", "input_proj.{i}.{p}"),
+    Fuse(
+        tuple(_LAYER + f"self_attn.{name}.weight" for name in ("q_proj", "k_proj", "v_proj")),
+        "transformer_self_attention_layers.{i}.self_attn.in_proj_weight",
+    ),
+    Fuse(
+        tuple(_LAYER + f"self_attn.{name}.bias" for name in ("q_proj", "k_proj", "v_proj")),
+        "transformer_self_attention_layers.{i}.self_attn.in_proj_bias",
+    ),
+    Rename(
+        _LAYER + "self_attn.out_proj.{p:w}", "transformer_self_attention_layers.{i}.self_attn.out_proj.{p}"
+    ),
+    Rename(_LAYER + "self_attn_layer_norm.{p:w}", "transformer_self_attention_layers.{i}.norm.{p}"),
+    Rename(_LAYER + "cross_attn.{rest:*}", "transformer_cross_attention_layers.{i}.multihead_attn.{rest}"),
+    Rename(_LAYER + "cross_attn_layer_norm.{p:w}", "transformer_cross_attention_layers.{i}.norm.{p}"),
+    Rename(_LAYER + "fc{j}.{p:w}", "transformer_ffn_layers.{i}.linear{j}.{p}"),
+    Rename(_LAYER + "final_layer_norm.{p:w}", "transformer_ffn_layers.{i}.norm.{p}"),
+    Rename("decoder.layernorm.{p:w}", "decoder_norm.{p}"),
+    Rename("decoder.mask_predictor.mask_embedder.{j}.0.{p:w}", "mask_embed.layers.{j}.{p}"),
+]
+
+HF_TO_DETECTRON2: list[Rule] = [
+    *prefixed(HF_ENCODER, "", _RESNET),
+    *prefixed(HF_ENCODER, "", _SWIN),
+    *prefixed(HF_PIXEL_DECODER, D2_PIXEL_DECODER, _PIXEL_DECODER),
+    *prefixed(HF_TRANSFORMER, D2_PREDICTOR, _TRANSFORMER),
+    Rename("class_predictor.{p:w}", D2_PREDICTOR + "class_embed.{p}"),
+    Drop("criterion.empty_weight"),
+]
+
+# Older transformers releases (and the published facebook/mask2former-* checkpoints) name the Swin backbone
+# like the BERT family; these substitutions bring them to the current names before the rules run.
+_LEGACY_SWIN_NAMES = [
+    (re.compile(r"(pixel_level_module\.encoder\.)(embeddings\.|encoder\.layers\.)"), r"\1swin.\2"),
+    (re.compile(r"\.attention\.self\.(query|key|value)\."), lambda m: f".attention.{m.group(1)[0]}_proj."),
+    (
+        re.compile(r"\.attention\.self\.relative_position_bias_table$"),
+        ".attention.relative_position_bias.relative_position_bias_table",
+    ),
+    (re.compile(r"\.attention\.self\.relative_position_index$"), ".attention.relative_position_index"),
+    (re.compile(r"\.attention\.output\.dense\."), ".attention.o_proj."),
+    (re.compile(r"(\.blocks\.\d+)\.intermediate\.dense\."), r"\1.mlp.fc1."),
+    (re.compile(r"(\.blocks\.\d+)\.output\.dense\."), r"\1.mlp.fc2."),
+]
+
+
+def normalize_hf_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Current transformers key names: adds the `model.` prefix of a bare `Mask2FormerModel` and renames the
+    legacy Swin keys."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if key.startswith(("pixel_level_module.", "transformer_module.")):
+            key = "model." + key
+        for pattern, replacement in _LEGACY_SWIN_NAMES:
+            key = pattern.sub(replacement, key)
+        out[key] = tensor
+    return out
+
+
+def load_transformers_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a transformers checkpoint file (.safetensors or .bin) or of a model directory."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                return load_transformers_state_dict(path / name)
+        raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{path} is not a flat state dict of tensors")
+    return dict(state)
+
+
+def transformers_to_detectron2(
+    state_dict: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(detectron2-named tensors, unmatched source keys)."""
+    return apply_rules(normalize_hf_keys(state_dict), HF_TO_DETECTRON2)
+
+
+def detectron2_to_transformers(
+    state_dict: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The inverse map, in current transformers names (Swin's unused final norm is not produced)."""
+    return apply_rules(state_dict, reverse_rules(HF_TO_DETECTRON2))
+
+
+def check_transformers_source(keys: list[str]) -> None:
+    """ConversionError when the keys do not look like a transformers Mask2Former checkpoint."""
+    if not any(k.startswith("model.pixel_level_module.") for k in keys):
+        raise ConversionError(
+            "not a transformers Mask2Former checkpoint: no 'model.pixel_level_module.*' keys "
+            f"(first keys: {keys[:5]})"
+        )
