@@ -1,6 +1,6 @@
 // Schemas of the kernel ops. Kernels are registered per dispatch key in csrc/<op>/cpu.cpp (CPU) and
-// csrc/<op>/*.cu (CUDA). The Python package defines the public ops (m2f_kernels::ms_deform_attn, ...)
-// in the same namespace, so this is a fragment rather than the namespace's only definition.
+// csrc/<op>/*.cu (CUDA). The Python package defines the public ops (m2f_kernels::ms_deform_attn,
+// ...) in the same namespace, so this is a fragment rather than the namespace's only definition.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(m2f_kernels, m) {
@@ -12,7 +12,8 @@ TORCH_LIBRARY_FRAGMENT(m2f_kernels, m) {
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights, "
       "bool deterministic) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "_ms_deform_attn_fused_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "_ms_deform_attn_fused_forward(Tensor value, Tensor spatial_shapes, Tensor "
+      "level_start_index, "
       "Tensor reference_points, Tensor sampling_offsets, Tensor attention_logits) -> Tensor");
   m.def(
       "_ms_deform_attn_fused_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "

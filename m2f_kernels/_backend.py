@@ -58,6 +58,15 @@ def _unique_named_sources(sources: list[str], build_dir: Path) -> list[str]:
     return wrappers
 
 
+def _cuda_library_includes() -> list[str]:
+    """Headers of the pip CUDA libraries (cusparse.h, ...) that torch's CUDA headers include."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return [str(path) for base in nvidia.__path__ for path in Path(base).glob("cu*/include")]
+
+
 def _jit_build() -> str:
     from torch.utils import cpp_extension
 
@@ -74,7 +83,7 @@ def _jit_build() -> str:
     cpp_extension.load(
         name="m2f_kernels_C",
         sources=sources,
-        extra_include_paths=[str(_SOURCE_ROOT / "csrc")],
+        extra_include_paths=[str(_SOURCE_ROOT / "csrc"), *(_cuda_library_includes() if with_cuda else [])],
         extra_cflags=["-O3", "-fopenmp"] + (["-DM2F_WITH_CUDA"] if with_cuda else []),
         extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__"],
         extra_ldflags=["-fopenmp"],

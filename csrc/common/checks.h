@@ -1,5 +1,5 @@
-// Argument checks shared by the kernels. The Python ops layer validates inputs with clear messages first;
-// these checks keep the C++ entry points safe for C++ users who call the ops directly.
+// Argument checks shared by the kernels. The Python ops layer validates inputs with clear messages
+// first; these checks keep the C++ entry points safe for C++ users who call the ops directly.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -10,7 +10,7 @@
 #define M2F_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
 #define M2F_CHECK_DIM(x, n) \
   TORCH_CHECK((x).dim() == (n), #x " must have " #n " dimensions, got ", (x).dim())
-#define M2F_CHECK_SAME_DTYPE(x, y)                                                          \
+#define M2F_CHECK_SAME_DTYPE(x, y)                                                               \
   TORCH_CHECK((x).scalar_type() == (y).scalar_type(), #x " and " #y " must share a dtype, got ", \
               (x).scalar_type(), " and ", (y).scalar_type())
 #define M2F_CHECK_SAME_DEVICE(x, y) \

@@ -3,8 +3,9 @@
 
 #include <ATen/Dispatch.h>
 
-#define M2F_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
+#define M2F_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...)                                          \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, \
+                                  __VA_ARGS__)
 
 namespace m2f {
 
