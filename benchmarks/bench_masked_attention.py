@@ -1,0 +1,117 @@
+"""Masked cross-attention (DESIGN.md 2.2) against the usual Mask2Former computation, in the same run.
+
+Baselines: the bool (B*H, Q, K) mask built from the mask logits (threshold 0.5, fully blocked rows opened) and
+``F.scaled_dot_product_attention``; on GPU also ``flex_attention`` (compiled) with the same mask as a mask_mod
+over a block mask built per call (the mask changes at every decoder layer).
+
+GPU: decoder shapes at 1024 x 1024: B in {2, 8}, H=8, d=32, Q in {100, 200}, K in {1024, 4096, 16384}, mask
+density 10 / 50 / 100 %. CPU: B=2, H=8, d=32, Q=100, K in {1024, 4096} for the C++ kernel.
+
+    pytest benchmarks/bench_masked_attention.py -s
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import m2f_kernels
+from m2f_kernels import available_backends
+
+HEADS, HEAD_DIM = 8, 32
+DENSITIES = (0.1, 0.5, 1.0)
+GPU_SHAPES = list(itertools.product((2, 8), (100, 200), (1024, 4096, 16384)))  # (B, Q, K)
+CPU_SHAPES = [(2, 100, 1024), (2, 100, 4096)]
+MODES = ("forward", "backward", "full")
+
+
+def _configs(device: torch.device):
+    shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    return [(*shape, density) for shape in shapes for density in DENSITIES]
+
+
+def _inputs(batch, queries, keys, density, device):
+    """q, k, v (requiring grad) and mask logits where a fraction `density` of each row is visible."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, HEADS, queries, HEAD_DIM, generator=generator)
+    k = torch.randn(batch, HEADS, keys, HEAD_DIM, generator=generator)
+    v = torch.randn(batch, HEADS, keys, HEAD_DIM, generator=generator)
+    magnitude = torch.rand(batch, queries, keys, generator=generator) * 4 + 0.01
+    visible = torch.rand(batch, queries, keys, generator=generator) < density
+    mask_logits = torch.where(visible, magnitude, -magnitude)
+    q, k, v = (t.to(device).requires_grad_() for t in (q, k, v))
+    return q, k, v, mask_logits.to(device)
+
+
+def mask2former_sdpa(q, k, v, mask_logits):
+    """Mask2Former's decoder: a bool mask per head (True = blocked), empty rows opened, then dense attention."""
+    batch, heads, queries, keys = *q.shape[:3], k.shape[2]
+    blocked = (mask_logits.sigmoid() < 0.5).unsqueeze(1).repeat(1, heads, 1, 1).flatten(0, 1)
+    blocked[blocked.all(-1)] = False
+    allowed = ~blocked.view(batch, heads, queries, keys)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+_compiled_flex_attention = None
+
+
+def flex_attention_masked(q, k, v, mask_logits):
+    """flex_attention with the same rule as a mask_mod; the block mask is rebuilt per call, as per layer."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention)
+    batch, _, queries, keys = *q.shape[:3], k.shape[2]
+    visible = mask_logits >= 0
+    row_empty = ~visible.any(-1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return visible[b, q_idx, kv_idx] | row_empty[b, q_idx]
+
+    block_mask = create_block_mask(mask_mod, batch, None, queries, keys, device=q.device)
+    return _compiled_flex_attention(q, k, v, block_mask=block_mask)
+
+
+def _kernel_backends(device: torch.device) -> list[str]:
+    wanted = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    return [name for name in wanted if name in available_backends()]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("config", _configs(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+def test_masked_attention(bench, device, mode, config):
+    batch, queries, keys, density = config
+    q, k, v, mask_logits = _inputs(batch, queries, keys, density, device)
+    group = f"masked_attention B{batch} Q{queries} K{keys} density{density:.0%}"
+    params = {
+        "batch": batch,
+        "heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "queries": queries,
+        "keys": keys,
+        "density": density,
+        "dtype": "float32",
+    }
+    options = {"mode": mode, "grad_inputs": [q, k, v], "device": device, "params": params}
+    if device.type == "cpu":
+        options.update(warmup=1, repeats=5)
+    baseline = bench.run(group, "sdpa_bool_mask", lambda: mask2former_sdpa(q, k, v, mask_logits), **options)
+    if device.type == "cuda":
+        try:
+            bench.run(group, "flex_attention", lambda: flex_attention_masked(q, k, v, mask_logits), **options)
+        except Exception as error:  # flex_attention availability differs between torch builds and GPUs
+            print(f"flex_attention skipped: {type(error).__name__}: {error}")
+    for backend in _kernel_backends(device):
+        ours = bench.run(
+            group,
+            f"masked_attention_{backend}",
+            lambda backend=backend: m2f_kernels.masked_attention(
+                q, k, v, mask_logits=mask_logits, backend=backend
+            ),
+            **options,
+        )
+        print(f"{group} {mode} {backend}: {baseline.median_ms / ours.median_ms:.2f}x sdpa_bool_mask")

@@ -1,0 +1,736 @@
+// Masked cross-attention on the CPU: forward (online softmax over key blocks) and backward (P
+// recomputed from the forward's lse). The mask is read per (query, key) from mask_logits (B, Q, K)
+// or the bool attn_mask (B, Hm, Q, K); the fully-blocked-row rule is decided by a first pass that
+// stores one "row has a visible key" flag per mask row (shared by the heads when Hm == 1).
+//
+// Parallelism: at::parallel_for over (batch, chunk of keys); a task handles all heads and queries
+// of its keys, so K and V are read once and a mask block shared by the heads is tested once. The
+// forward merges the chunks' online-softmax states, the backward sums the chunks' dq slices, both
+// in chunk order; dk and dv belong to one task each. Results do not depend on the thread count, and
+// the backward is deterministic.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "masked_attention/attention.h"
+
+namespace m2f {
+namespace masked_attention {
+namespace {
+
+constexpr int64_t kKeyBlock = 128;
+
+// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked by the CPU at load.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define M2F_CPU_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define M2F_CPU_MULTIVERSION
+#endif
+
+// The hot loops work on kLanes values at a time with the GCC/Clang vector extension: the compiler
+// lowers a lane vector to the widest registers of the target (one AVX-512 register of floats), and
+// the fixed lane order keeps every sum independent of the vector width.
+constexpr int64_t kLanes = 16;
+#if defined(__GNUC__) && !defined(__clang__)
+// Lane vectors only cross inline helpers, so the vector-ABI notes GCC prints for them do not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+template <typename T>
+struct LaneTypes;
+template <>
+struct LaneTypes<float> {
+  typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
+  typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+};
+template <>
+struct LaneTypes<double> {
+  typedef double vec __attribute__((vector_size(kLanes * sizeof(double))));
+};
+template <typename T>
+using lanes_t = typename LaneTypes<T>::vec;
+
+template <typename T>
+inline lanes_t<T> load_lanes(const T* p) {
+  lanes_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void store_lanes(T* p, lanes_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+inline lanes_t<T> splat(T value) {
+  return lanes_t<T>{} + value;
+}
+
+// exp for float lanes: 2^n * polynomial of the remainder (relative error about 2e-7). Arguments are
+// clamped to [-87, 88] (exp(-87) ~ 1.6e-38); callers zero blocked entries themselves.
+inline lanes_t<float> exp_lanes(lanes_t<float> x) {
+  using vec = lanes_t<float>;
+  const vec low = splat(-87.0f), high = splat(88.0f);
+  x = x < low ? low : x;
+  x = x > high ? high : x;
+  // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+  const vec round_magic = splat(12582912.0f);
+  const vec n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  const vec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  vec p = splat(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const LaneTypes<float>::ivec exponent_bits =
+      (__builtin_convertvector(n, LaneTypes<float>::ivec) + 127) << 23;
+  vec two_to_n;
+  std::memcpy(&two_to_n, &exponent_bits, sizeof(vec));
+  return p * two_to_n;
+}
+inline lanes_t<double> exp_lanes(lanes_t<double> x) {
+  for (int64_t l = 0; l < kLanes; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+inline float exp_scalar(float x) { return exp_lanes(splat(x))[0]; }
+inline double exp_scalar(double x) { return std::exp(x); }
+
+struct Sizes {
+  int64_t batch, heads, queries, keys, head_dim, mask_heads;
+};
+
+Sizes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const std::optional<at::Tensor>& mask_logits,
+                   const std::optional<at::Tensor>& attn_mask) {
+  M2F_CHECK_DIM(q, 4);
+  M2F_CHECK_DIM(k, 4);
+  M2F_CHECK_DIM(v, 4);
+  M2F_CHECK_CONTIGUOUS(q);
+  M2F_CHECK_CONTIGUOUS(k);
+  M2F_CHECK_CONTIGUOUS(v);
+  M2F_CHECK_SAME_DTYPE(q, k);
+  M2F_CHECK_SAME_DTYPE(q, v);
+  Sizes s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 1};
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape");
+  TORCH_CHECK(k.size(0) == s.batch && k.size(1) == s.heads && k.size(3) == s.head_dim,
+              "k must be (B, H, K, d) matching q (B, H, Q, d)");
+  TORCH_CHECK(mask_logits.has_value() != attn_mask.has_value(),
+              "exactly one of mask_logits and attn_mask must be given");
+  if (mask_logits.has_value()) {
+    const at::Tensor& m = *mask_logits;
+    M2F_CHECK_CONTIGUOUS(m);
+    M2F_CHECK_SAME_DTYPE(q, m);
+    TORCH_CHECK(
+        m.dim() == 3 && m.size(0) == s.batch && m.size(1) == s.queries && m.size(2) == s.keys,
+        "mask_logits must be (B, Q, K)");
+  } else {
+    const at::Tensor& m = *attn_mask;
+    M2F_CHECK_CONTIGUOUS(m);
+    TORCH_CHECK(m.scalar_type() == at::kBool, "attn_mask must be bool");
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == s.batch && (m.size(1) == 1 || m.size(1) == s.heads) &&
+                    m.size(2) == s.queries && m.size(3) == s.keys,
+                "attn_mask must be (B, Hm, Q, K) with Hm in {1, H}");
+    s.mask_heads = m.size(1);
+  }
+  return s;
+}
+
+// visible[j] = 1 if logits[j] >= threshold_logit or the row has no visible key, else 0. The lane
+// comparison is logit_is_visible() for kLanes keys at a time (NaN compares false: blocked).
+template <typename scalar_t, typename acc_t>
+M2F_CPU_MULTIVERSION void logits_visibility(const scalar_t* logits, int64_t n,
+                                            acc_t threshold_logit, bool row_has_visible_key,
+                                            acc_t* visible) {
+  if (!row_has_visible_key) {
+    std::fill(visible, visible + n, acc_t(1));
+    return;
+  }
+  const lanes_t<acc_t> one = splat(acc_t(1)), zero{}, threshold = splat(threshold_logit);
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= n; j0 += kLanes) {
+    lanes_t<acc_t> values;
+    for (int64_t l = 0; l < kLanes; ++l) values[l] = static_cast<acc_t>(logits[j0 + l]);
+    store_lanes(visible + j0, values >= threshold ? one : zero);
+  }
+  for (; j0 < n; ++j0) {
+    visible[j0] = logit_is_visible<acc_t>(static_cast<acc_t>(logits[j0]), threshold_logit);
+  }
+}
+
+// visible[j] = 1 if blocked[j] is false or the row has no visible key, else 0.
+template <typename acc_t>
+M2F_CPU_MULTIVERSION void bool_mask_visibility(const bool* blocked, int64_t n,
+                                               bool row_has_visible_key, acc_t* visible) {
+  if (!row_has_visible_key) {
+    std::fill(visible, visible + n, acc_t(1));
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) visible[j] = bool_mask_is_visible(blocked[j]);
+}
+
+// Read-only view of the mask source plus the per-row flags of the fully-blocked-row rule.
+template <typename scalar_t, typename acc_t>
+struct MaskView {
+  const scalar_t* logits;  // (B, Q, K), or null
+  const bool* blocked;     // (B, Hm, Q, K), or null
+  acc_t threshold_logit;
+  Sizes sizes;
+  std::vector<uint8_t> row_has_visible_key;  // (B, Hm, Q)
+
+  int64_t row(int64_t b, int64_t h, int64_t i) const {
+    const int64_t mask_head = sizes.mask_heads > 1 ? h : 0;
+    return (b * sizes.mask_heads + mask_head) * sizes.queries + i;
+  }
+
+  // fill_visibility for every query row i of head h, written at visible + i * stride.
+  void fill_visibility_block(int64_t b, int64_t h, int64_t key_begin, int64_t nk, int64_t stride,
+                             acc_t* visible) const {
+    for (int64_t i = 0; i < sizes.queries; ++i) {
+      fill_visibility(row(b, h, i), key_begin, nk, visible + i * stride);
+    }
+  }
+
+  // visible[j] = 1 or 0 for the keys key_begin + j (j < n) of a row, after the row rule.
+  void fill_visibility(int64_t row_index, int64_t key_begin, int64_t n, acc_t* visible) const {
+    const int64_t offset = row_index * sizes.keys + key_begin;
+    const bool has_visible = row_has_visible_key[row_index] != 0;
+    if (logits != nullptr) {
+      logits_visibility(logits + offset, n, threshold_logit, has_visible, visible);
+    } else {
+      bool_mask_visibility(blocked + offset, n, has_visible, visible);
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+MaskView<scalar_t, acc_t> make_mask_view(const Sizes& sizes,
+                                         const std::optional<at::Tensor>& mask_logits,
+                                         const std::optional<at::Tensor>& attn_mask,
+                                         double threshold_logit) {
+  MaskView<scalar_t, acc_t> view{
+      mask_logits.has_value() ? mask_logits->data_ptr<scalar_t>() : nullptr,
+      attn_mask.has_value() ? attn_mask->data_ptr<bool>() : nullptr,
+      static_cast<acc_t>(threshold_logit),
+      sizes,
+      {}};
+  const int64_t num_rows = sizes.batch * sizes.mask_heads * sizes.queries;
+  view.row_has_visible_key.assign(num_rows, 0);
+  at::parallel_for(0, num_rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t offset = r * sizes.keys;
+      bool any_visible = false;
+      if (view.logits != nullptr) {
+        for (int64_t j = 0; j < sizes.keys && !any_visible; ++j) {
+          any_visible = logit_is_visible<acc_t>(static_cast<acc_t>(view.logits[offset + j]),
+                                                view.threshold_logit);
+        }
+      } else {
+        for (int64_t j = 0; j < sizes.keys && !any_visible; ++j) {
+          any_visible = bool_mask_is_visible(view.blocked[offset + j]);
+        }
+      }
+      view.row_has_visible_key[r] = any_visible;
+    }
+  });
+  return view;
+}
+
+// Converts rows [row_begin, row_begin + n) of a (rows, d) matrix to acc_t, row-major (n, d).
+template <typename scalar_t, typename acc_t>
+M2F_CPU_MULTIVERSION void load_rows(const scalar_t* src, int64_t row_begin, int64_t n, int64_t d,
+                                    acc_t* dst) {
+  const scalar_t* base = src + row_begin * d;
+  for (int64_t x = 0; x < n * d; ++x) dst[x] = static_cast<acc_t>(base[x]);
+}
+
+// Converts rows [row_begin, row_begin + n) of a (rows, d) matrix to acc_t, transposed (d, stride).
+template <typename scalar_t, typename acc_t>
+M2F_CPU_MULTIVERSION void load_rows_transposed(const scalar_t* src, int64_t row_begin, int64_t n,
+                                               int64_t d, int64_t stride, acc_t* dst) {
+  const scalar_t* base = src + row_begin * d;
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t c = 0; c < d; ++c) dst[c * stride + j] = static_cast<acc_t>(base[j * d + c]);
+  }
+}
+
+// Rows handled together by the matrix loops, so each loaded lane vector feeds kRowBlock products.
+constexpr int64_t kRowBlock = 4;
+
+// out[i * stride + j] = sum_c rows[i * d + c] * columns[c * stride + j] for i < num_rows, j < n.
+template <typename acc_t>
+M2F_CPU_MULTIVERSION void rows_times_columns(const acc_t* rows, int64_t num_rows,
+                                             const acc_t* columns, int64_t n, int64_t d,
+                                             int64_t stride, acc_t* out) {
+  int64_t i = 0;
+  for (; i + kRowBlock <= num_rows; i += kRowBlock) {
+    const acc_t* r = rows + i * d;
+    int64_t j0 = 0;
+    for (; j0 + kLanes <= n; j0 += kLanes) {
+      lanes_t<acc_t> sum0{}, sum1{}, sum2{}, sum3{};
+      for (int64_t c = 0; c < d; ++c) {
+        const lanes_t<acc_t> column = load_lanes(columns + c * stride + j0);
+        sum0 += r[c] * column;
+        sum1 += r[d + c] * column;
+        sum2 += r[2 * d + c] * column;
+        sum3 += r[3 * d + c] * column;
+      }
+      store_lanes(out + i * stride + j0, sum0);
+      store_lanes(out + (i + 1) * stride + j0, sum1);
+      store_lanes(out + (i + 2) * stride + j0, sum2);
+      store_lanes(out + (i + 3) * stride + j0, sum3);
+    }
+    for (int64_t row = i; row < i + kRowBlock; ++row) {
+      for (int64_t j = j0; j < n; ++j) {
+        acc_t sum = 0;
+        for (int64_t c = 0; c < d; ++c) sum += rows[row * d + c] * columns[c * stride + j];
+        out[row * stride + j] = sum;
+      }
+    }
+  }
+  for (; i < num_rows; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      acc_t sum = 0;
+      for (int64_t c = 0; c < d; ++c) sum += rows[i * d + c] * columns[c * stride + j];
+      out[i * stride + j] = sum;
+    }
+  }
+}
+
+// out[i * d + c] += sum_j weights[i * stride + j] * b[j * d + c].
+template <typename acc_t>
+M2F_CPU_MULTIVERSION void accumulate_weighted_rows(const acc_t* weights, int64_t num_rows,
+                                                   int64_t n, int64_t stride, const acc_t* b,
+                                                   int64_t d, acc_t* out) {
+  int64_t i = 0;
+  for (; i + kRowBlock <= num_rows; i += kRowBlock) {
+    const acc_t* w = weights + i * stride;
+    acc_t* o = out + i * d;
+    int64_t c0 = 0;
+    for (; c0 + kLanes <= d; c0 += kLanes) {
+      lanes_t<acc_t> sum0 = load_lanes(o + c0), sum1 = load_lanes(o + d + c0);
+      lanes_t<acc_t> sum2 = load_lanes(o + 2 * d + c0), sum3 = load_lanes(o + 3 * d + c0);
+      for (int64_t j = 0; j < n; ++j) {
+        const lanes_t<acc_t> b_row = load_lanes(b + j * d + c0);
+        sum0 += w[j] * b_row;
+        sum1 += w[stride + j] * b_row;
+        sum2 += w[2 * stride + j] * b_row;
+        sum3 += w[3 * stride + j] * b_row;
+      }
+      store_lanes(o + c0, sum0);
+      store_lanes(o + d + c0, sum1);
+      store_lanes(o + 2 * d + c0, sum2);
+      store_lanes(o + 3 * d + c0, sum3);
+    }
+    for (int64_t row = i; row < i + kRowBlock; ++row) {
+      for (int64_t c = c0; c < d; ++c) {
+        acc_t sum = out[row * d + c];
+        for (int64_t j = 0; j < n; ++j) sum += weights[row * stride + j] * b[j * d + c];
+        out[row * d + c] = sum;
+      }
+    }
+  }
+  for (; i < num_rows; ++i) {
+    for (int64_t c = 0; c < d; ++c) {
+      acc_t sum = out[i * d + c];
+      for (int64_t j = 0; j < n; ++j) sum += weights[i * stride + j] * b[j * d + c];
+      out[i * d + c] = sum;
+    }
+  }
+}
+
+// out[j * d + c] += sum_i weights[i * stride + j] * a[i * d + c].
+template <typename acc_t>
+M2F_CPU_MULTIVERSION void accumulate_weighted_rows_transposed(const acc_t* weights,
+                                                              int64_t num_rows, int64_t n,
+                                                              int64_t stride, const acc_t* a,
+                                                              int64_t d, acc_t* out) {
+  int64_t j = 0;
+  for (; j + kRowBlock <= n; j += kRowBlock) {
+    acc_t* o = out + j * d;
+    int64_t c0 = 0;
+    for (; c0 + kLanes <= d; c0 += kLanes) {
+      lanes_t<acc_t> sum0 = load_lanes(o + c0), sum1 = load_lanes(o + d + c0);
+      lanes_t<acc_t> sum2 = load_lanes(o + 2 * d + c0), sum3 = load_lanes(o + 3 * d + c0);
+      for (int64_t i = 0; i < num_rows; ++i) {
+        const lanes_t<acc_t> a_row = load_lanes(a + i * d + c0);
+        const acc_t* w = weights + i * stride + j;
+        sum0 += w[0] * a_row;
+        sum1 += w[1] * a_row;
+        sum2 += w[2] * a_row;
+        sum3 += w[3] * a_row;
+      }
+      store_lanes(o + c0, sum0);
+      store_lanes(o + d + c0, sum1);
+      store_lanes(o + 2 * d + c0, sum2);
+      store_lanes(o + 3 * d + c0, sum3);
+    }
+    for (int64_t key = j; key < j + kRowBlock; ++key) {
+      for (int64_t c = c0; c < d; ++c) {
+        acc_t sum = out[key * d + c];
+        for (int64_t i = 0; i < num_rows; ++i) sum += weights[i * stride + key] * a[i * d + c];
+        out[key * d + c] = sum;
+      }
+    }
+  }
+  for (; j < n; ++j) {
+    for (int64_t c = 0; c < d; ++c) {
+      acc_t sum = out[j * d + c];
+      for (int64_t i = 0; i < num_rows; ++i) sum += weights[i * stride + j] * a[i * d + c];
+      out[j * d + c] = sum;
+    }
+  }
+}
+
+// values[j] = visible[j] * exp(values[j] * scale - shift) for j < n (visible is 1 or 0); returns
+// the sum.
+template <typename acc_t>
+M2F_CPU_MULTIVERSION acc_t exp_visible(acc_t* values, const acc_t* visible, int64_t n, acc_t scale,
+                                       acc_t shift) {
+  lanes_t<acc_t> lane_sums{};
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= n; j0 += kLanes) {
+    const lanes_t<acc_t> e = exp_lanes(load_lanes(values + j0) * scale - shift);
+    const lanes_t<acc_t> kept = e * load_lanes(visible + j0);
+    store_lanes(values + j0, kept);
+    lane_sums += kept;
+  }
+  acc_t sum = 0;
+  for (int64_t l = 0; l < kLanes; ++l) sum += lane_sums[l];
+  for (; j0 < n; ++j0) {
+    values[j0] = visible[j0] * exp_scalar(values[j0] * scale - shift);
+    sum += values[j0];
+  }
+  return sum;
+}
+
+// Largest visible scaled score of a row, -inf if none.
+template <typename acc_t>
+M2F_CPU_MULTIVERSION acc_t visible_max(const acc_t* scores, const acc_t* visible, int64_t n,
+                                       acc_t scale) {
+  const lanes_t<acc_t> blocked = splat(negative_infinity<acc_t>());
+  const lanes_t<acc_t> zero{};
+  lanes_t<acc_t> lane_max = blocked;
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= n; j0 += kLanes) {
+    const lanes_t<acc_t> scaled = load_lanes(scores + j0) * scale;
+    const lanes_t<acc_t> candidate = load_lanes(visible + j0) != zero ? scaled : blocked;
+    lane_max = lane_max < candidate ? candidate : lane_max;
+  }
+  acc_t result = negative_infinity<acc_t>();
+  for (int64_t l = 0; l < kLanes; ++l) result = std::max(result, lane_max[l]);
+  for (; j0 < n; ++j0) {
+    if (visible[j0] != acc_t(0)) result = std::max(result, scores[j0] * scale);
+  }
+  return result;
+}
+
+// Tasks are (batch, chunk of kKeyChunk keys) with all heads and queries inside, so K and V are read
+// once and a mask block shared by the heads is tested once. Each task keeps the online-softmax
+// state (max, sum, acc) of its chunk; the chunks are merged in chunk order. Chunks do not depend on
+// the thread count.
+constexpr int64_t kKeyChunk = 4 * kKeyBlock;
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const std::optional<at::Tensor>& mask_logits,
+                    const std::optional<at::Tensor>& attn_mask, double threshold_logit,
+                    double scale_value, const Sizes& s, at::Tensor& out, at::Tensor& lse) {
+  using acc = acc_t<scalar_t>;
+  const auto mask = make_mask_view<scalar_t, acc>(s, mask_logits, attn_mask, threshold_logit);
+  const scalar_t* q_data = q.data_ptr<scalar_t>();
+  const scalar_t* k_data = k.data_ptr<scalar_t>();
+  const scalar_t* v_data = v.data_ptr<scalar_t>();
+  scalar_t* out_data = out.data_ptr<scalar_t>();
+  float* lse_data = lse.data_ptr<float>();
+  const acc scale = static_cast<acc>(scale_value);
+  const int64_t d = s.head_dim, heads = s.heads, nq = s.queries;
+  const int64_t rows_per_batch = heads * nq, num_rows = s.batch * rows_per_batch;
+  const int64_t num_chunks = (s.keys + kKeyChunk - 1) / kKeyChunk;
+  const bool mask_shared_by_heads = s.mask_heads == 1;
+  // Per chunk and row (b, h, i): running max, running sum and the unnormalized output (d values).
+  std::vector<acc> chunk_max(num_chunks * num_rows), chunk_sum(num_chunks * num_rows);
+  std::vector<acc> chunk_acc(num_chunks * num_rows * d);
+
+  at::parallel_for(0, s.batch * num_chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc> q_rows(rows_per_batch * d), k_transposed(d * kKeyBlock),
+        v_block(kKeyBlock * d);
+    std::vector<acc> weights(nq * kKeyBlock), visible(nq * kKeyBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / num_chunks, chunk = task % num_chunks;
+      const int64_t chunk_end = std::min(s.keys, (chunk + 1) * kKeyChunk);
+      const int64_t state0 = chunk * num_rows + b * rows_per_batch;
+      acc* row_max = chunk_max.data() + state0;
+      acc* row_sum = chunk_sum.data() + state0;
+      acc* row_acc = chunk_acc.data() + state0 * d;
+      std::fill(row_max, row_max + rows_per_batch, negative_infinity<acc>());
+      std::fill(row_sum, row_sum + rows_per_batch, acc(0));
+      std::fill(row_acc, row_acc + rows_per_batch * d, acc(0));
+      load_rows(q_data, b * rows_per_batch, rows_per_batch, d, q_rows.data());
+
+      for (int64_t key_begin = chunk * kKeyChunk; key_begin < chunk_end; key_begin += kKeyBlock) {
+        const int64_t nk = std::min(kKeyBlock, chunk_end - key_begin);
+        for (int64_t h = 0; h < heads; ++h) {
+          if (h == 0 || !mask_shared_by_heads) {
+            mask.fill_visibility_block(b, h, key_begin, nk, kKeyBlock, visible.data());
+          }
+          const int64_t kv_row0 = (b * heads + h) * s.keys + key_begin;
+          load_rows_transposed(k_data, kv_row0, nk, d, kKeyBlock, k_transposed.data());
+          load_rows(v_data, kv_row0, nk, d, v_block.data());
+          // weights holds the raw scores first, then the unnormalized softmax weights.
+          rows_times_columns(q_rows.data() + h * nq * d, nq, k_transposed.data(), nk, d, kKeyBlock,
+                             weights.data());
+          for (int64_t i = 0; i < nq; ++i) {
+            acc* row_weights = weights.data() + i * kKeyBlock;
+            const acc* row_visible = visible.data() + i * kKeyBlock;
+            const int64_t state = h * nq + i;
+            const acc new_max =
+                std::max(row_max[state], visible_max(row_weights, row_visible, nk, scale));
+            if (new_max == negative_infinity<acc>()) {
+              std::fill(row_weights, row_weights + nk, acc(0));
+              continue;
+            }
+            const acc alpha = rescale_factor(row_max[state], new_max);
+            if (alpha != acc(1)) {
+              for (int64_t c = 0; c < d; ++c) row_acc[state * d + c] *= alpha;
+            }
+            row_sum[state] =
+                row_sum[state] * alpha + exp_visible(row_weights, row_visible, nk, scale, new_max);
+            row_max[state] = new_max;
+          }
+          accumulate_weighted_rows(weights.data(), nq, nk, kKeyBlock, v_block.data(), d,
+                                   row_acc + h * nq * d);
+        }
+      }
+    }
+  });
+
+  at::parallel_for(0, num_rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc> merged(d);
+    for (int64_t row = begin; row < end; ++row) {
+      acc merged_max = negative_infinity<acc>();
+      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+        merged_max = std::max(merged_max, chunk_max[chunk * num_rows + row]);
+      }
+      acc merged_sum = 0;
+      std::fill(merged.begin(), merged.end(), acc(0));
+      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+        const int64_t state = chunk * num_rows + row;
+        const acc factor = rescale_factor(chunk_max[state], merged_max);
+        merged_sum += chunk_sum[state] * factor;
+        for (int64_t c = 0; c < d; ++c) merged[c] += chunk_acc[state * d + c] * factor;
+      }
+      for (int64_t c = 0; c < d; ++c) {
+        out_data[row * d + c] = static_cast<scalar_t>(merged[c] / merged_sum);
+      }
+      lse_data[row] = static_cast<float>(log_sum_exp(merged_max, merged_sum));
+    }
+  });
+}
+
+// row_lse[i] = log(sum_j exp(scaled score)) over the visible keys of each of the Q rows of head (b,
+// h), in acc_t. Scratch: k_transposed (d, kKeyBlock), scores (Q, kKeyBlock), visible (kKeyBlock).
+template <typename scalar_t, typename acc_t>
+void recompute_row_lse(const MaskView<scalar_t, acc_t>& mask, int64_t b, int64_t h,
+                       const acc_t* q_rows, const scalar_t* k_head, const Sizes& s, acc_t scale,
+                       acc_t* k_transposed, acc_t* scores, acc_t* visible, acc_t* row_lse) {
+  const int64_t d = s.head_dim, nq = s.queries;
+  std::vector<acc_t> row_max(nq, negative_infinity<acc_t>()), row_sum(nq, acc_t(0));
+  for (int64_t key_begin = 0; key_begin < s.keys; key_begin += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, s.keys - key_begin);
+    load_rows_transposed(k_head, key_begin, nk, d, kKeyBlock, k_transposed);
+    rows_times_columns(q_rows, nq, k_transposed, nk, d, kKeyBlock, scores);
+    for (int64_t i = 0; i < nq; ++i) {
+      acc_t* row_scores = scores + i * kKeyBlock;
+      mask.fill_visibility(mask.row(b, h, i), key_begin, nk, visible);
+      const acc_t new_max = std::max(row_max[i], visible_max(row_scores, visible, nk, scale));
+      if (new_max == negative_infinity<acc_t>()) continue;
+      const acc_t alpha = rescale_factor(row_max[i], new_max);
+      row_sum[i] = row_sum[i] * alpha + exp_visible(row_scores, visible, nk, scale, new_max);
+      row_max[i] = new_max;
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i) row_lse[i] = log_sum_exp(row_max[i], row_sum[i]);
+}
+
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                     const std::optional<at::Tensor>& mask_logits,
+                     const std::optional<at::Tensor>& attn_mask, double threshold_logit,
+                     double scale_value, const Sizes& s, at::Tensor& grad_q, at::Tensor& grad_k,
+                     at::Tensor& grad_v) {
+  using acc = acc_t<scalar_t>;
+  const auto mask = make_mask_view<scalar_t, acc>(s, mask_logits, attn_mask, threshold_logit);
+  const scalar_t* grad_out_data = grad_out.data_ptr<scalar_t>();
+  const scalar_t* q_data = q.data_ptr<scalar_t>();
+  const scalar_t* k_data = k.data_ptr<scalar_t>();
+  const scalar_t* v_data = v.data_ptr<scalar_t>();
+  const scalar_t* out_data = out.data_ptr<scalar_t>();
+  const float* lse_data = lse.data_ptr<float>();
+  scalar_t* grad_q_data = grad_q.data_ptr<scalar_t>();
+  scalar_t* grad_k_data = grad_k.data_ptr<scalar_t>();
+  scalar_t* grad_v_data = grad_v.data_ptr<scalar_t>();
+  const acc scale = static_cast<acc>(scale_value);
+  const int64_t d = s.head_dim, nq = s.queries, heads = s.heads;
+  const int64_t num_rows = s.batch * heads * nq;
+  const bool mask_shared_by_heads = s.mask_heads == 1;
+
+  // Per row: delta = sum_c dO * O, and the lse (recomputed in float64 for float64 inputs, where the
+  // float32 lse would cap the gradients at float32 precision).
+  std::vector<acc> row_delta(num_rows), row_lse(num_rows);
+  at::parallel_for(0, num_rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      acc delta = 0;
+      for (int64_t c = 0; c < d; ++c) {
+        delta +=
+            static_cast<acc>(grad_out_data[row * d + c]) * static_cast<acc>(out_data[row * d + c]);
+      }
+      row_delta[row] = delta;
+      row_lse[row] = static_cast<acc>(lse_data[row]);
+    }
+  });
+  if constexpr (std::is_same_v<acc, double>) {
+    at::parallel_for(0, s.batch * heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc> q_rows(nq * d), k_transposed(d * kKeyBlock), scores(nq * kKeyBlock);
+      std::vector<acc> visible(kKeyBlock);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        load_rows(q_data, bh * nq, nq, d, q_rows.data());
+        recompute_row_lse(mask, bh / heads, bh % heads, q_rows.data(), k_data + bh * s.keys * d, s,
+                          scale, k_transposed.data(), scores.data(), visible.data(),
+                          row_lse.data() + bh * nq);
+      }
+    });
+  }
+
+  // Tasks as in the forward: each owns dk and dv of its keys and writes its share of dq to its own
+  // slice of grad_q_partial; the slices are summed in chunk order.
+  const int64_t num_chunks = (s.keys + kKeyChunk - 1) / kKeyChunk;
+  std::vector<acc> grad_q_partial(num_chunks * num_rows * d, acc(0));
+  at::parallel_for(0, s.batch * num_chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc> q_rows(heads * nq * d), grad_out_rows(heads * nq * d);
+    std::vector<acc> k_block(kKeyBlock * d), k_transposed(d * kKeyBlock),
+        v_transposed(d * kKeyBlock);
+    std::vector<acc> grad_k_acc(kKeyBlock * d), grad_v_acc(kKeyBlock * d);
+    std::vector<acc> probs(nq * kKeyBlock), grad_scores(nq * kKeyBlock), visible(nq * kKeyBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / num_chunks, chunk = task % num_chunks;
+      const int64_t chunk_end = std::min(s.keys, (chunk + 1) * kKeyChunk);
+      load_rows(q_data, b * heads * nq, heads * nq, d, q_rows.data());
+      load_rows(grad_out_data, b * heads * nq, heads * nq, d, grad_out_rows.data());
+      for (int64_t key_begin = chunk * kKeyChunk; key_begin < chunk_end; key_begin += kKeyBlock) {
+        const int64_t nk = std::min(kKeyBlock, chunk_end - key_begin);
+        for (int64_t h = 0; h < heads; ++h) {
+          const int64_t bh = b * heads + h;
+          if (h == 0 || !mask_shared_by_heads) {
+            mask.fill_visibility_block(b, h, key_begin, nk, kKeyBlock, visible.data());
+          }
+          const acc* q_head = q_rows.data() + h * nq * d;
+          const acc* grad_out_head = grad_out_rows.data() + h * nq * d;
+          const int64_t kv_row0 = bh * s.keys + key_begin;
+          load_rows(k_data, kv_row0, nk, d, k_block.data());
+          load_rows_transposed(k_data, kv_row0, nk, d, kKeyBlock, k_transposed.data());
+          load_rows_transposed(v_data, kv_row0, nk, d, kKeyBlock, v_transposed.data());
+          std::fill(grad_k_acc.begin(), grad_k_acc.end(), acc(0));
+          std::fill(grad_v_acc.begin(), grad_v_acc.end(), acc(0));
+          // probs holds the raw scores first; grad_scores holds dP = dO V^T first.
+          rows_times_columns(q_head, nq, k_transposed.data(), nk, d, kKeyBlock, probs.data());
+          rows_times_columns(grad_out_head, nq, v_transposed.data(), nk, d, kKeyBlock,
+                             grad_scores.data());
+          for (int64_t i = 0; i < nq; ++i) {
+            acc* row_probs = probs.data() + i * kKeyBlock;
+            acc* row_grad_scores = grad_scores.data() + i * kKeyBlock;
+            const acc delta = row_delta[bh * nq + i];
+            exp_visible(row_probs, visible.data() + i * kKeyBlock, nk, scale, row_lse[bh * nq + i]);
+            for (int64_t j = 0; j < nk; ++j) {
+              row_grad_scores[j] = score_gradient(row_probs[j], row_grad_scores[j], delta);
+            }
+          }
+          accumulate_weighted_rows_transposed(probs.data(), nq, nk, kKeyBlock, grad_out_head, d,
+                                              grad_v_acc.data());
+          accumulate_weighted_rows_transposed(grad_scores.data(), nq, nk, kKeyBlock, q_head, d,
+                                              grad_k_acc.data());
+          accumulate_weighted_rows(grad_scores.data(), nq, nk, kKeyBlock, k_block.data(), d,
+                                   grad_q_partial.data() + (chunk * num_rows + bh * nq) * d);
+          for (int64_t x = 0; x < nk * d; ++x) {
+            grad_k_data[kv_row0 * d + x] = static_cast<scalar_t>(grad_k_acc[x] * scale);
+            grad_v_data[kv_row0 * d + x] = static_cast<scalar_t>(grad_v_acc[x]);
+          }
+        }
+      }
+    }
+  });
+  at::parallel_for(0, num_rows * d, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t x = begin; x < end; ++x) {
+      acc sum = 0;
+      for (int64_t chunk = 0; chunk < num_chunks; ++chunk)
+        sum += grad_q_partial[chunk * num_rows * d + x];
+      grad_q_data[x] = static_cast<scalar_t>(sum * scale);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask_logits, const std::optional<at::Tensor>& attn_mask,
+    double threshold_logit, double scale) {
+  const Sizes s = check_inputs(q, k, v, mask_logits, attn_mask);
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0 || s.keys == 0) return {out.zero_(), lse.fill_(0)};
+  M2F_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_attention_forward_cpu", [&] {
+    forward_kernel<scalar_t>(q, k, v, mask_logits, attn_mask, threshold_logit, scale, s, out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask_logits,
+    const std::optional<at::Tensor>& attn_mask, double threshold_logit, double scale,
+    bool /*deterministic: the CPU backward always is*/) {
+  const Sizes s = check_inputs(q, k, v, mask_logits, attn_mask);
+  M2F_CHECK_CONTIGUOUS(grad_out);
+  M2F_CHECK_CONTIGUOUS(out);
+  M2F_CHECK_CONTIGUOUS(lse);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "grad_out and out must have q's shape");
+  M2F_CHECK_SAME_DTYPE(q, grad_out);
+  M2F_CHECK_SAME_DTYPE(q, out);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == s.batch &&
+                  lse.size(1) == s.heads && lse.size(2) == s.queries,
+              "lse must be float32 (B, H, Q)");
+  at::Tensor grad_q = at::empty_like(q);
+  at::Tensor grad_k = at::empty_like(k);
+  at::Tensor grad_v = at::empty_like(v);
+  if (q.numel() == 0 || k.numel() == 0) return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
+  M2F_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_attention_backward_cpu", [&] {
+    backward_kernel<scalar_t>(grad_out, q, k, v, out, lse, mask_logits, attn_mask, threshold_logit,
+                              scale, s, grad_q, grad_k, grad_v);
+  });
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+}  // namespace masked_attention
+}  // namespace m2f
+
+TORCH_LIBRARY_IMPL(m2f_kernels, CPU, m) {
+  m.impl("_masked_attention_forward", &m2f::masked_attention::masked_attention_forward_cpu);
+  m.impl("_masked_attention_backward", &m2f::masked_attention::masked_attention_backward_cpu);
+}

@@ -1,0 +1,607 @@
+"""Triton kernels for masked cross-attention with the mask built in-kernel.
+
+Shapes: q (B, H, Q, d), k/v (B, H, K, d); the mask comes either from mask_logits (B, Q, K) (key visible iff
+logit >= threshold_logit, NaN blocked) or from attn_mask (B, Hm, Q, K) bool, Hm in {1, H}, True = blocked.
+A row with no visible key attends to all keys: a first pass over each row's mask (shared by the heads when the
+mask has one head) stores one "row has a visible key" flag per row, read by the attention kernels.
+
+Forward: online softmax over key blocks; the keys may be split across programs (split-K), each writing a
+partial (max, sum, acc) that a combine kernel merges. Backward: P is recomputed from the forward's lse; dq
+(split over keys, partials summed in a fixed order) and dk/dv (one program per key block looping over all
+queries) never use atomics, so the backward is always deterministic.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_MASK_LOGITS = 0
+_MASK_BOOL = 1
+
+
+def _interpreted():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _autotuned(kernel):
+    """On GPU, tunes warps and pipeline stages per shape class (queries, keys, head dim).
+
+    The block sizes stay fixed (the key splits are multiples of BLOCK_K); the interpreter runs one config.
+    """
+    if _interpreted():
+        return kernel
+    configs = [
+        triton.Config({}, num_warps=warps, num_stages=stages) for warps in (2, 4, 8) for stages in (2, 3)
+    ]
+    return triton.autotune(configs=configs, key=["num_queries", "num_keys", "head_dim"])(kernel)
+
+
+@triton.jit
+def _load_visibility(
+    mask_ptr,
+    mask_row_offsets,
+    key_index,
+    valid,
+    threshold_logit,
+    MASK_KIND: tl.constexpr,
+):
+    """Visibility of the keys `key_index` for the rows whose mask starts at `mask_row_offsets`."""
+    if MASK_KIND == 0:
+        logits = tl.load(mask_ptr + mask_row_offsets + key_index, mask=valid, other=float("nan"))
+        visible = logits.to(tl.float32) >= threshold_logit
+    else:
+        blocked = tl.load(mask_ptr + mask_row_offsets + key_index, mask=valid, other=1)
+        visible = blocked == 0
+    return visible & valid
+
+
+@triton.jit
+def _dot(a, b, INTERPRETED: tl.constexpr):
+    """a @ b accumulated in float32.
+
+    float32 tiles use three tf32 products (about float32 accuracy); 16-bit tiles use the tensor cores directly.
+    The CPU interpreter multiplies in float32 (it gets bfloat16 products wrong).
+    """
+    if INTERPRETED:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="tf32x3")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _row_has_visible_kernel(
+    mask_ptr,
+    flag_ptr,
+    num_rows,
+    num_keys,
+    threshold_logit,
+    MASK_KIND: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """flag[r] = 1 if row r of the (rows, K) mask has a visible key, else 0."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_valid = rows < num_rows
+    row_offsets = rows.to(tl.int64)[:, None] * num_keys
+    any_visible = tl.zeros((BLOCK_ROWS,), dtype=tl.int32)
+    for key_start in range(0, num_keys, BLOCK_K):
+        keys = key_start + tl.arange(0, BLOCK_K)
+        valid = row_valid[:, None] & (keys[None, :] < num_keys)
+        visible = _load_visibility(mask_ptr, row_offsets, keys[None, :], valid, threshold_logit, MASK_KIND)
+        any_visible = tl.maximum(any_visible, tl.max(visible.to(tl.int32), axis=1))
+    tl.store(flag_ptr + rows, any_visible.to(tl.int8), mask=row_valid)
+
+
+@_autotuned
+@triton.jit
+def _forward_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    flag_ptr,
+    out_ptr,
+    lse_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,
+    partial_acc_ptr,
+    num_heads,
+    num_queries,
+    num_keys,
+    head_dim,
+    mask_heads,
+    keys_per_split,
+    threshold_logit,
+    scale,
+    MASK_KIND: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    split = tl.program_id(2)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    mask_row_block = batch * mask_heads + head * (mask_heads > 1)
+
+    queries = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    dims = tl.arange(0, BLOCK_D)
+    query_valid = queries < num_queries
+    dim_valid = dims < head_dim
+
+    qkv_row_base = batch_head.to(tl.int64)
+    q_offsets = (qkv_row_base * num_queries + queries)[:, None] * head_dim + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=query_valid[:, None] & dim_valid[None, :], other=0.0)
+    mask_rows = mask_row_block.to(tl.int64) * num_queries + queries
+    row_has_visible = tl.load(flag_ptr + mask_rows, mask=query_valid, other=1) != 0
+    mask_row_offsets = mask_rows[:, None] * num_keys
+
+    row_max = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+
+    key_begin = split * keys_per_split
+    key_end = tl.minimum(key_begin + keys_per_split, num_keys)
+    for key_start in range(key_begin, key_end, BLOCK_K):
+        keys = key_start + tl.arange(0, BLOCK_K)
+        key_valid = keys < key_end
+        kv_offsets = (qkv_row_base * num_keys + keys)[:, None] * head_dim + dims[None, :]
+        kv_valid = key_valid[:, None] & dim_valid[None, :]
+        k = tl.load(k_ptr + kv_offsets, mask=kv_valid, other=0.0)
+        v = tl.load(v_ptr + kv_offsets, mask=kv_valid, other=0.0)
+
+        valid = query_valid[:, None] & key_valid[None, :]
+        visible = _load_visibility(
+            mask_ptr, mask_row_offsets, keys[None, :], valid, threshold_logit, MASK_KIND
+        )
+        visible = (visible | ~row_has_visible[:, None]) & valid
+        scores = _dot(q, tl.trans(k), INTERPRETED) * scale
+        scores = tl.where(visible, scores, float("-inf"))
+
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        # A row with nothing visible yet keeps max -inf; subtracting 0 then gives exp(-inf) = 0.
+        finite_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp(row_max - finite_max)
+        weights = tl.exp(scores - finite_max[:, None])
+        row_sum = row_sum * alpha + tl.sum(weights, axis=1)
+        acc = acc * alpha[:, None] + _dot(weights.to(v.dtype), v, INTERPRETED)
+        row_max = new_max
+
+    out_valid = query_valid[:, None] & dim_valid[None, :]
+    stat_rows = qkv_row_base * num_queries + queries
+    if SINGLE_SPLIT:
+        # Padding rows (query_valid False) have row_sum 0 and are not stored.
+        row_sum = tl.where(query_valid, row_sum, 1.0)
+        out = acc / row_sum[:, None]
+        tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=out_valid)
+        tl.store(lse_ptr + stat_rows, row_max + tl.log(row_sum), mask=query_valid)
+    else:
+        num_rows = tl.num_programs(1).to(tl.int64) * num_queries
+        split_rows = split * num_rows + stat_rows
+        tl.store(partial_max_ptr + split_rows, row_max, mask=query_valid)
+        tl.store(partial_sum_ptr + split_rows, row_sum, mask=query_valid)
+        acc_offsets = split_rows[:, None] * head_dim + dims[None, :]
+        tl.store(partial_acc_ptr + acc_offsets, acc, mask=out_valid)
+
+
+@triton.jit
+def _combine_kernel(
+    partial_max_ptr,
+    partial_sum_ptr,
+    partial_acc_ptr,
+    out_ptr,
+    lse_ptr,
+    num_rows,
+    head_dim,
+    num_splits,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Merges the split-K partials (max, sum, acc) of each row into out and lse."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    row_valid = rows < num_rows
+    valid = row_valid[:, None] & (dims[None, :] < head_dim)
+
+    row_max = tl.full((BLOCK_ROWS,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
+    for split in range(num_splits):
+        split_rows = split * num_rows + rows
+        part_max = tl.load(partial_max_ptr + split_rows, mask=row_valid, other=float("-inf"))
+        part_sum = tl.load(partial_sum_ptr + split_rows, mask=row_valid, other=0.0)
+        part_acc = tl.load(
+            partial_acc_ptr + split_rows[:, None] * head_dim + dims[None, :], mask=valid, other=0.0
+        )
+        new_max = tl.maximum(row_max, part_max)
+        finite_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp(row_max - finite_max)
+        beta = tl.exp(part_max - finite_max)
+        row_sum = row_sum * alpha + part_sum * beta
+        acc = acc * alpha[:, None] + part_acc * beta[:, None]
+        row_max = new_max
+
+    row_sum = tl.where(row_valid, row_sum, 1.0)
+    out = acc / row_sum[:, None]
+    tl.store(out_ptr + rows[:, None] * head_dim + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=valid)
+    tl.store(lse_ptr + rows, row_max + tl.log(row_sum), mask=row_valid)
+
+
+@_autotuned
+@triton.jit
+def _backward_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    grad_out_ptr,
+    lse_ptr,
+    delta_ptr,
+    mask_ptr,
+    flag_ptr,
+    grad_q_partial_ptr,
+    num_heads,
+    num_queries,
+    num_keys,
+    head_dim,
+    mask_heads,
+    keys_per_split,
+    threshold_logit,
+    scale,
+    MASK_KIND: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """grad_q_partial[split] = scale * sum over the split's keys of dS K (float32)."""
+    q_block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    split = tl.program_id(2)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    mask_row_block = batch * mask_heads + head * (mask_heads > 1)
+
+    queries = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    dims = tl.arange(0, BLOCK_D)
+    query_valid = queries < num_queries
+    dim_valid = dims < head_dim
+    qkv_row_base = batch_head.to(tl.int64)
+    stat_rows = qkv_row_base * num_queries + queries
+    q_offsets = stat_rows[:, None] * head_dim + dims[None, :]
+    q_valid = query_valid[:, None] & dim_valid[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=q_valid, other=0.0)
+    grad_out = tl.load(grad_out_ptr + q_offsets, mask=q_valid, other=0.0)
+    lse = tl.load(lse_ptr + stat_rows, mask=query_valid, other=0.0)
+    delta = tl.load(delta_ptr + stat_rows, mask=query_valid, other=0.0)
+    mask_rows = mask_row_block.to(tl.int64) * num_queries + queries
+    row_has_visible = tl.load(flag_ptr + mask_rows, mask=query_valid, other=1) != 0
+    mask_row_offsets = mask_rows[:, None] * num_keys
+
+    grad_q = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    key_begin = split * keys_per_split
+    key_end = tl.minimum(key_begin + keys_per_split, num_keys)
+    for key_start in range(key_begin, key_end, BLOCK_K):
+        keys = key_start + tl.arange(0, BLOCK_K)
+        key_valid = keys < key_end
+        kv_offsets = (qkv_row_base * num_keys + keys)[:, None] * head_dim + dims[None, :]
+        kv_valid = key_valid[:, None] & dim_valid[None, :]
+        k = tl.load(k_ptr + kv_offsets, mask=kv_valid, other=0.0)
+        v = tl.load(v_ptr + kv_offsets, mask=kv_valid, other=0.0)
+
+        valid = query_valid[:, None] & key_valid[None, :]
+        visible = _load_visibility(
+            mask_ptr, mask_row_offsets, keys[None, :], valid, threshold_logit, MASK_KIND
+        )
+        visible = (visible | ~row_has_visible[:, None]) & valid
+        scores = _dot(q, tl.trans(k), INTERPRETED) * scale
+        probs = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
+        grad_probs = _dot(grad_out, tl.trans(v), INTERPRETED)
+        grad_scores = probs * (grad_probs - delta[:, None])
+        grad_q += _dot(grad_scores.to(k.dtype), k, INTERPRETED)
+
+    num_rows = tl.num_programs(1).to(tl.int64) * num_queries
+    partial_offsets = (split * num_rows + stat_rows)[:, None] * head_dim + dims[None, :]
+    tl.store(grad_q_partial_ptr + partial_offsets, grad_q * scale, mask=q_valid)
+
+
+@_autotuned
+@triton.jit
+def _backward_dkdv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    grad_out_ptr,
+    lse_ptr,
+    delta_ptr,
+    mask_ptr,
+    flag_ptr,
+    grad_k_ptr,
+    grad_v_ptr,
+    num_heads,
+    num_queries,
+    num_keys,
+    head_dim,
+    mask_heads,
+    threshold_logit,
+    scale,
+    MASK_KIND: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One program per key block: dV = P^T dO and dK = scale * dS^T Q over all queries."""
+    key_block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    mask_row_block = batch * mask_heads + head * (mask_heads > 1)
+
+    keys = key_block * BLOCK_K + tl.arange(0, BLOCK_K)
+    dims = tl.arange(0, BLOCK_D)
+    key_valid = keys < num_keys
+    dim_valid = dims < head_dim
+    qkv_row_base = batch_head.to(tl.int64)
+    kv_offsets = (qkv_row_base * num_keys + keys)[:, None] * head_dim + dims[None, :]
+    kv_valid = key_valid[:, None] & dim_valid[None, :]
+    k = tl.load(k_ptr + kv_offsets, mask=kv_valid, other=0.0)
+    v = tl.load(v_ptr + kv_offsets, mask=kv_valid, other=0.0)
+
+    grad_k = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+    grad_v = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+    for query_start in range(0, num_queries, BLOCK_Q):
+        queries = query_start + tl.arange(0, BLOCK_Q)
+        query_valid = queries < num_queries
+        stat_rows = qkv_row_base * num_queries + queries
+        q_offsets = stat_rows[:, None] * head_dim + dims[None, :]
+        q_valid = query_valid[:, None] & dim_valid[None, :]
+        q = tl.load(q_ptr + q_offsets, mask=q_valid, other=0.0)
+        grad_out = tl.load(grad_out_ptr + q_offsets, mask=q_valid, other=0.0)
+        lse = tl.load(lse_ptr + stat_rows, mask=query_valid, other=0.0)
+        delta = tl.load(delta_ptr + stat_rows, mask=query_valid, other=0.0)
+        mask_rows = mask_row_block.to(tl.int64) * num_queries + queries
+        row_has_visible = tl.load(flag_ptr + mask_rows, mask=query_valid, other=1) != 0
+
+        # Transposed tiles: rows are keys, columns are queries.
+        valid = key_valid[:, None] & query_valid[None, :]
+        visible = _load_visibility(
+            mask_ptr, mask_rows[None, :] * num_keys, keys[:, None], valid, threshold_logit, MASK_KIND
+        )
+        visible = (visible | ~row_has_visible[None, :]) & valid
+        scores = _dot(k, tl.trans(q), INTERPRETED) * scale
+        probs = tl.where(visible, tl.exp(scores - lse[None, :]), 0.0)
+        grad_v += _dot(probs.to(grad_out.dtype), grad_out, INTERPRETED)
+        grad_probs = _dot(v, tl.trans(grad_out), INTERPRETED)
+        grad_scores = probs * (grad_probs - delta[None, :])
+        grad_k += _dot(grad_scores.to(q.dtype), q, INTERPRETED)
+
+    tl.store(grad_k_ptr + kv_offsets, (grad_k * scale).to(grad_k_ptr.dtype.element_ty), mask=kv_valid)
+    tl.store(grad_v_ptr + kv_offsets, grad_v.to(grad_v_ptr.dtype.element_ty), mask=kv_valid)
+
+
+def _mask_source(mask_logits, attn_mask, batch, num_queries, num_keys):
+    """Returns (mask tensor viewed for the kernels, mask kind, number of mask heads)."""
+    if (mask_logits is None) == (attn_mask is None):
+        raise ValueError("exactly one of mask_logits and attn_mask must be given")
+    if mask_logits is not None:
+        if tuple(mask_logits.shape) != (batch, num_queries, num_keys):
+            raise ValueError(f"mask_logits must have shape (B, Q, K), got {tuple(mask_logits.shape)}")
+        return mask_logits.contiguous(), _MASK_LOGITS, 1
+    if attn_mask.dtype != torch.bool or attn_mask.dim() != 4:
+        raise TypeError("attn_mask must be a bool tensor of shape (B, Hm, Q, K)")
+    return attn_mask.contiguous().view(torch.uint8), _MASK_BOOL, attn_mask.shape[1]
+
+
+def _block_sizes(head_dim):
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_k = 64 if block_d <= 32 else 32
+    return 32, block_k, block_d
+
+
+def _default_num_splits(device, num_programs, num_keys, block_k):
+    """Enough key splits to give every multiprocessor a few programs, each with several key blocks."""
+    if device.type != "cuda":
+        return 1
+    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(4 * multiprocessors, num_programs)
+    return max(1, min(wanted, triton.cdiv(num_keys, 4 * block_k)))
+
+
+def _row_flags(mask, mask_kind, num_keys, threshold_logit):
+    num_rows = mask.numel() // num_keys
+    flags = torch.empty(num_rows, device=mask.device, dtype=torch.int8)
+    block_rows = 16
+    _row_has_visible_kernel[(triton.cdiv(num_rows, block_rows),)](
+        mask,
+        flags,
+        num_rows,
+        num_keys,
+        threshold_logit,
+        MASK_KIND=mask_kind,
+        BLOCK_ROWS=block_rows,
+        BLOCK_K=64,
+    )
+    return flags
+
+
+def _check_inputs(q, k, v):
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"q must be float32, float16 or bfloat16 for the triton backend, got {q.dtype}")
+    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(
+            f"q must be (B, H, Q, d) and k, v (B, H, K, d), got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+
+
+def masked_attention_forward(q, k, v, mask_logits, attn_mask, threshold_logit, scale, *, num_splits=None):
+    """Masked attention forward.
+
+    q (B, H, Q, d), k/v (B, H, K, d); mask_logits (B, Q, K) or attn_mask bool (B, Hm, Q, K).
+    Returns out (B, H, Q, d) in q's dtype and lse (B, H, Q) float32 (natural log). `num_splits` overrides the
+    number of key splits (default: from the device's multiprocessor count).
+    """
+    _check_inputs(q, k, v)
+    batch, num_heads, num_queries, head_dim = q.shape
+    num_keys = k.shape[2]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    mask, mask_kind, mask_heads = _mask_source(mask_logits, attn_mask, batch, num_queries, num_keys)
+    flags = _row_flags(mask, mask_kind, num_keys, threshold_logit)
+
+    block_q, block_k, block_d = _block_sizes(head_dim)
+    q_blocks = triton.cdiv(num_queries, block_q)
+    if num_splits is None:
+        num_splits = _default_num_splits(q.device, q_blocks * batch * num_heads, num_keys, block_k)
+    keys_per_split = triton.cdiv(triton.cdiv(num_keys, num_splits), block_k) * block_k
+    num_splits = triton.cdiv(num_keys, keys_per_split)
+
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, num_heads, num_queries), device=q.device, dtype=torch.float32)
+    num_rows = batch * num_heads * num_queries
+    if num_splits == 1:
+        partial_max = partial_sum = partial_acc = lse
+    else:
+        partial_max = torch.empty((num_splits, num_rows), device=q.device, dtype=torch.float32)
+        partial_sum = torch.empty_like(partial_max)
+        partial_acc = torch.empty((num_splits, num_rows, head_dim), device=q.device, dtype=torch.float32)
+    _forward_kernel[(q_blocks, batch * num_heads, num_splits)](
+        q,
+        k,
+        v,
+        mask,
+        flags,
+        out,
+        lse,
+        partial_max,
+        partial_sum,
+        partial_acc,
+        num_heads,
+        num_queries,
+        num_keys,
+        head_dim,
+        mask_heads,
+        keys_per_split,
+        threshold_logit,
+        scale,
+        MASK_KIND=mask_kind,
+        INTERPRETED=_interpreted(),
+        SINGLE_SPLIT=num_splits == 1,
+        BLOCK_Q=block_q,
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
+    )
+    if num_splits > 1:
+        block_rows = 32
+        _combine_kernel[(triton.cdiv(num_rows, block_rows),)](
+            partial_max,
+            partial_sum,
+            partial_acc,
+            out,
+            lse,
+            num_rows,
+            head_dim,
+            num_splits,
+            BLOCK_ROWS=block_rows,
+            BLOCK_D=block_d,
+        )
+    return out, lse
+
+
+def masked_attention_backward(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    mask_logits,
+    attn_mask,
+    threshold_logit,
+    scale,
+    deterministic,
+    *,
+    num_splits=None,
+):
+    """Gradients (grad_q, grad_k, grad_v) of masked_attention_forward, in q's dtype.
+
+    Always deterministic (no atomics), so `deterministic` changes nothing here.
+    """
+    _check_inputs(q, k, v)
+    batch, num_heads, num_queries, head_dim = q.shape
+    num_keys = k.shape[2]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    grad_out = grad_out.contiguous()
+    lse = lse.contiguous()
+    mask, mask_kind, mask_heads = _mask_source(mask_logits, attn_mask, batch, num_queries, num_keys)
+    flags = _row_flags(mask, mask_kind, num_keys, threshold_logit)
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+
+    block_q, block_k, block_d = _block_sizes(head_dim)
+    q_blocks = triton.cdiv(num_queries, block_q)
+    if num_splits is None:
+        num_splits = _default_num_splits(q.device, q_blocks * batch * num_heads, num_keys, block_k)
+    keys_per_split = triton.cdiv(triton.cdiv(num_keys, num_splits), block_k) * block_k
+    num_splits = triton.cdiv(num_keys, keys_per_split)
+
+    grad_q_partial = torch.empty(
+        (num_splits, batch, num_heads, num_queries, head_dim), device=q.device, dtype=torch.float32
+    )
+    _backward_dq_kernel[(q_blocks, batch * num_heads, num_splits)](
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        mask,
+        flags,
+        grad_q_partial,
+        num_heads,
+        num_queries,
+        num_keys,
+        head_dim,
+        mask_heads,
+        keys_per_split,
+        threshold_logit,
+        scale,
+        MASK_KIND=mask_kind,
+        INTERPRETED=_interpreted(),
+        BLOCK_Q=block_q,
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
+    )
+    grad_q = grad_q_partial.sum(0).to(q.dtype)
+
+    grad_k = torch.empty_like(k)
+    grad_v = torch.empty_like(v)
+    _backward_dkdv_kernel[(triton.cdiv(num_keys, block_k), batch * num_heads)](
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        mask,
+        flags,
+        grad_k,
+        grad_v,
+        num_heads,
+        num_queries,
+        num_keys,
+        head_dim,
+        mask_heads,
+        threshold_logit,
+        scale,
+        MASK_KIND=mask_kind,
+        INTERPRETED=_interpreted(),
+        BLOCK_Q=block_q,
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
+    )
+    return grad_q, grad_k, grad_v

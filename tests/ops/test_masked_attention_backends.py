@@ -1,0 +1,320 @@
+"""masked_attention kernels (C++ CPU, Triton, CUDA) against the float64 reference (DESIGN.md 2.2).
+
+Every backend kernel is called with the kernel signature (q, k, v, mask_logits, attn_mask, threshold_logit,
+scale) and checked against softmax(q k^T * scale + mask) v of m2f_kernels.reference in float64 on the same
+(rounded) inputs: output, log-sum-exp and the gradients of q, k and v.
+"""
+
+import math
+
+import pytest
+import torch
+
+import m2f_kernels
+from m2f_kernels import _backend
+from m2f_kernels.ops.masked_attention import KERNELS
+from m2f_kernels.reference.masked_attention import blocked_keys, masked_attention, threshold_to_logit
+
+HAS_CPU_KERNEL = _backend.has_kernel("_masked_attention_forward", "cpu")
+HAS_TRITON_ON_CPU = _backend.triton_module("masked_attention") is not None and _backend.triton_runs_on("cpu")
+CPU_KERNEL_BACKENDS = [
+    name for name, available in (("cpu", HAS_CPU_KERNEL), ("triton", HAS_TRITON_ON_CPU)) if available
+]
+needs_cpu_kernel = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="C++ CPU kernel not built")
+needs_triton = pytest.mark.skipif(not HAS_TRITON_ON_CPU, reason="Triton (interpreter) not available")
+
+# (atol, rtol) of a backend against the float64 reference on the same rounded inputs. Low-precision outputs
+# and gradients are rounded once to their dtype (Triton also rounds P and dS before its matrix products).
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (3e-3, 3e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+LSE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+
+
+def mask_threshold(dtype):
+    """A threshold whose logit the dtype represents exactly (0.5 -> 0 for 16-bit logits)."""
+    return 0.3 if dtype in (torch.float32, torch.float64) else 0.5
+
+
+def make_mask_logits(batch, queries, keys, threshold_logit, dtype, device="cpu"):
+    """Mask logits (B, Q, K) covering the row cases of the Mask2Former rule.
+
+    Row 0: every key blocked; row 1: every key visible; row 2: one visible key, exactly at the threshold;
+    row 3: NaN logits with a few visible keys; row 4: only NaN (fully blocked); other rows: random density in
+    [0, 1], with some logits exactly at the threshold.
+    """
+    density = torch.rand(batch, queries, 1, dtype=torch.float64)
+    visible = torch.rand(batch, queries, keys, dtype=torch.float64) < density
+    magnitude = torch.rand(batch, queries, keys, dtype=torch.float64) * 4 + 0.01
+    logits = threshold_logit + torch.where(visible, magnitude, -magnitude)
+    logits[torch.rand(batch, queries, keys) < 0.05] = threshold_logit
+    special_rows = min(queries, 5)
+    logits[:, :special_rows] = threshold_logit - 1.0
+    if special_rows > 1:
+        logits[:, 1] = threshold_logit + 1.0
+    if special_rows > 2:
+        logits[:, 2, keys // 2] = threshold_logit
+    if special_rows > 3:
+        logits[:, 3, ::3] = math.nan
+        logits[:, 3, 1::7] = threshold_logit + 0.5
+    if special_rows > 4:
+        logits[:, 4] = math.nan
+    return logits.to(device=device, dtype=dtype)
+
+
+def make_inputs(batch, heads, queries, keys, head_dim, dtype, device="cpu"):
+    q = torch.randn(batch, heads, queries, head_dim, dtype=dtype, device=device)
+    k = torch.randn(batch, heads, keys, head_dim, dtype=dtype, device=device)
+    v = torch.randn(batch, heads, keys, head_dim, dtype=dtype, device=device)
+    grad_out = torch.randn(batch, heads, queries, head_dim, dtype=dtype, device=device)
+    return q, k, v, grad_out
+
+
+def reference_results(q, k, v, grad_out, mask_logits, attn_mask, threshold, scale):
+    """Float64 reference: output, lse and the gradients of q, k and v."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    logits64 = None if mask_logits is None else mask_logits.double()
+    out, _ = masked_attention(q64, k64, v64, logits64, attn_mask, threshold, scale)
+    grads = torch.autograd.grad(out, (q64, k64, v64), grad_out.double())
+    blocked = blocked_keys(logits64, attn_mask, threshold_to_logit(threshold))
+    scores = (q64.detach() @ k64.detach().transpose(-1, -2)) * scale
+    lse = scores.masked_fill(blocked, -math.inf).logsumexp(dim=-1)
+    return out.detach(), lse, grads
+
+
+def run_backend(backend, q, k, v, grad_out, mask_logits, attn_mask, threshold_logit, scale, **options):
+    if options:  # direct Triton call with launch options (key splits)
+        from m2f_kernels.triton import masked_attention as triton_kernels
+
+        out, lse = triton_kernels.masked_attention_forward(
+            q, k, v, mask_logits, attn_mask, threshold_logit, scale, **options
+        )
+        grads = triton_kernels.masked_attention_backward(
+            grad_out, q, k, v, out, lse, mask_logits, attn_mask, threshold_logit, scale, True, **options
+        )
+        return out, lse, grads
+    out, lse = KERNELS.get(backend, q.device, "forward")(
+        q, k, v, mask_logits, attn_mask, threshold_logit, scale
+    )
+    grads = KERNELS.get(backend, q.device, "backward")(
+        grad_out, q, k, v, out, lse, mask_logits, attn_mask, threshold_logit, scale, True
+    )
+    return out, lse, grads
+
+
+def check_backend(backend, dtype, shape, mask_kind, device="cpu", **options):
+    """Runs one backend on one shape and mask kind and compares everything with the reference."""
+    batch, heads, queries, keys, head_dim = shape
+    q, k, v, grad_out = make_inputs(batch, heads, queries, keys, head_dim, dtype, device)
+    threshold = mask_threshold(dtype)
+    threshold_logit = threshold_to_logit(threshold)
+    logits = make_mask_logits(batch, queries, keys, threshold_logit, dtype, device)
+    mask_logits, attn_mask = logits, None
+    if mask_kind == "bool":
+        mask_logits, attn_mask = None, ~(logits.double() >= threshold_logit).unsqueeze(1)
+    elif mask_kind == "bool_per_head":
+        per_head = torch.rand(batch, heads, queries, keys, device=device) < torch.rand(
+            batch, heads, queries, 1, device=device
+        )
+        per_head[:, 0, 0] = True  # a fully blocked row in one head only
+        mask_logits, attn_mask = None, per_head
+    scale = head_dim**-0.5
+
+    out, lse, grads = run_backend(
+        backend, q, k, v, grad_out, mask_logits, attn_mask, threshold_logit, scale, **options
+    )
+    ref_out, ref_lse, ref_grads = reference_results(
+        q, k, v, grad_out, mask_logits, attn_mask, threshold, scale
+    )
+    atol, rtol = TOLERANCES[dtype]
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (batch, heads, queries)
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_TOLERANCE[dtype], rtol=LSE_TOLERANCE[dtype])
+    for name, grad, ref_grad in zip(("grad_q", "grad_k", "grad_v"), grads, ref_grads):
+        assert grad.dtype == dtype, name
+        torch.testing.assert_close(
+            grad.double(), ref_grad, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+# (B, H, Q, K, d): Q in {1, 100, 200}, K in {1, 7, 1024, 4097}, d in {16, 32, 64}.
+CPU_SHAPES = [
+    (2, 2, 1, 1, 32),
+    (2, 2, 1, 4097, 16),
+    (1, 2, 100, 7, 32),
+    (1, 2, 100, 1024, 32),
+    (1, 2, 100, 4097, 32),
+    (1, 2, 200, 1, 64),
+    (1, 2, 200, 1024, 64),
+    (1, 1, 200, 4097, 16),
+    (2, 3, 9, 130, 64),
+]
+TRITON_SHAPES = [(1, 2, 1, 1, 16), (2, 2, 5, 7, 32), (1, 2, 33, 100, 64)]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", CPU_SHAPES)
+def test_cpu_kernel_matches_reference(dtype, shape):
+    check_backend("cpu", dtype, shape, "logits")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["bool", "bool_per_head"])
+@pytest.mark.parametrize("shape", [(2, 2, 100, 1024, 32), (1, 3, 7, 33, 16)])
+def test_cpu_kernel_bool_masks_match_reference(dtype, mask_kind, shape):
+    check_backend("cpu", dtype, shape, mask_kind)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+@pytest.mark.parametrize("mask_kind", ["logits", "bool", "bool_per_head"])
+def test_triton_matches_reference(dtype, shape, mask_kind):
+    check_backend("triton", dtype, shape, mask_kind)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [2, 3])
+@pytest.mark.parametrize("mask_kind", ["logits", "bool_per_head"])
+def test_triton_split_keys_match_reference(num_splits, mask_kind):
+    # 150 keys: the last split and the last key block are partial.
+    check_backend("triton", torch.float32, (1, 2, 40, 150, 32), mask_kind, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bool_mask_and_logits_give_identical_results(backend, dtype):
+    batch, heads, queries, keys, head_dim = 2, 2, 9, 70, 32
+    q, k, v, grad_out = make_inputs(batch, heads, queries, keys, head_dim, dtype)
+    threshold_logit = threshold_to_logit(0.5)
+    logits = make_mask_logits(batch, queries, keys, threshold_logit, dtype)
+    blocked = ~(logits.float() >= threshold_logit)
+    scale = head_dim**-0.5
+    from_logits = run_backend(backend, q, k, v, grad_out, logits, None, threshold_logit, scale)
+    shared = run_backend(backend, q, k, v, grad_out, None, blocked.unsqueeze(1), threshold_logit, scale)
+    per_head = blocked.unsqueeze(1).expand(batch, heads, queries, keys).contiguous()
+    from_per_head = run_backend(backend, q, k, v, grad_out, None, per_head, threshold_logit, scale)
+    for other in (shared, from_per_head):
+        assert torch.equal(from_logits[0], other[0])
+        assert torch.equal(from_logits[1], other[1])
+        for a, b in zip(from_logits[2], other[2]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+def test_fully_blocked_row_attends_to_all_keys(backend):
+    """Hand-built case: the output of a fully blocked row is plain softmax attention over every key."""
+    q, k, v, grad_out = make_inputs(1, 2, 3, 5, 16, torch.float32)
+    logits = torch.full((1, 3, 5), -3.0)
+    logits[0, 1, 2] = 3.0  # row 1 sees key 2 only; rows 0 and 2 see nothing
+    out, lse, _ = run_backend(backend, q, k, v, grad_out, logits, None, 0.0, 0.25)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 0.25
+    unmasked = scores.softmax(-1) @ v.double()
+    torch.testing.assert_close(out[:, :, 0].double(), unmasked[:, :, 0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[:, :, 2].double(), unmasked[:, :, 2], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[:, :, 1].double(), v[:, :, 2].double(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse[:, :, 1].double(), scores[:, :, 1, 2], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+def test_threshold_edge_logit_is_visible(backend):
+    """A logit equal to the threshold logit is visible; one float32 step below it is blocked."""
+    threshold_logit = threshold_to_logit(0.3)
+    below = torch.nextafter(torch.tensor(threshold_logit), torch.tensor(-math.inf)).item()
+    q, k, v, grad_out = make_inputs(1, 1, 2, 4, 16, torch.float32)
+    logits = torch.full((1, 2, 4), -5.0)
+    logits[0, 0, 1] = threshold_logit  # row 0: key 1 visible, exactly at the threshold
+    logits[0, 1, 1] = threshold_logit
+    logits[0, 1, 3] = below  # row 1: key 1 visible, key 3 just below
+    out, _, _ = run_backend(backend, q, k, v, grad_out, logits, None, threshold_logit, 0.25)
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0, 1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[0, 0, 1], v[0, 0, 1], atol=1e-6, rtol=1e-6)
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_gradcheck_float64():
+    q = torch.randn(1, 2, 5, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 9, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 9, 16, dtype=torch.float64, requires_grad=True)
+    logits = make_mask_logits(1, 5, 9, 0.0, torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: m2f_kernels.masked_attention(q, k, v, mask_logits=logits, backend="cpu"),
+        (q, k, v),
+        atol=1e-6,
+    )
+
+
+def backward_twice_is_bitwise_identical(backend, device):
+    q, k, v, grad_out = make_inputs(2, 2, 100, 300, 32, torch.float32, device)
+    threshold_logit = threshold_to_logit(0.5)
+    logits = make_mask_logits(2, 100, 300, threshold_logit, torch.float32, device)
+    forward = KERNELS.get(backend, q.device, "forward")
+    backward = KERNELS.get(backend, q.device, "backward")
+    out, lse = forward(q, k, v, logits, None, threshold_logit, 32**-0.5)
+    first = backward(grad_out, q, k, v, out, lse, logits, None, threshold_logit, 32**-0.5, True)
+    second = backward(grad_out, q, k, v, out, lse, logits, None, threshold_logit, 32**-0.5, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+def test_deterministic_backward_is_bitwise_reproducible(backend):
+    backward_twice_is_bitwise_identical(backend, "cpu")
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_does_not_depend_on_thread_count():
+    # 1100 keys: several key chunks, the last one partial.
+    q, k, v, grad_out = make_inputs(2, 2, 20, 1100, 32, torch.float32)
+    logits = make_mask_logits(2, 20, 1100, 0.0, torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        try:
+            results.append(run_backend("cpu", q, k, v, grad_out, logits, None, 0.0, 0.2))
+        finally:
+            torch.set_num_threads(threads)
+    (out1, lse1, grads1), (out2, lse2, grads2) = results
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+    for a, b in zip(grads1, grads2):
+        assert torch.equal(a, b)
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_rejects_two_masks():
+    q, k, v, _ = make_inputs(1, 1, 2, 3, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="exactly one of mask_logits and attn_mask"):
+        torch.ops.m2f_kernels._masked_attention_forward(q, k, v, None, None, 0.0, 1.0)
+
+
+# ---- CUDA (run on a GPU machine) ----
+
+CUDA_SHAPES = [*CPU_SHAPES, (2, 8, 100, 16384, 32), (8, 8, 200, 4096, 32)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+def test_cuda_backends_match_reference(backend, dtype, shape):
+    check_backend(backend, dtype, shape, "logits", device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("mask_kind", ["bool", "bool_per_head"])
+@pytest.mark.parametrize("shape", [(2, 8, 100, 1024, 32), (1, 3, 7, 4097, 64)])
+def test_cuda_backends_bool_masks_match_reference(backend, mask_kind, shape):
+    check_backend(backend, torch.float32, shape, mask_kind, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_deterministic_backward_is_bitwise_reproducible_cuda(backend):
+    backward_twice_is_bitwise_identical(backend, "cuda")
