@@ -22,7 +22,8 @@ IMAGENET_PIXEL_STD = (58.395, 57.120, 57.375)
 
 @dataclass
 class BackboneConfig:
-    """A timm backbone. `timm_kwargs` go to `timm.create_model` (e.g. drop_path_rate, img_size).
+    """A backbone named as in timm. ResNets are built by `timm.create_model(timm_name, **timm_kwargs)`; Swin
+    names by `m2f.models.swin.build_swin` (official pad-then-shift windows, timm's parameter names).
 
     out_strides: the feature strides handed to the pixel decoder (res2..res5 = 4, 8, 16, 32).
     frozen_batchnorm: replace BatchNorm2d by FrozenBatchNorm2d (detectron2's "FrozenBN" for ResNets).

@@ -1,8 +1,10 @@
 """timm backbones returning detectron2-style feature dicts, with local-file weight loading.
 
 `Backbone(config)` wraps `timm.create_model(config.timm_name, pretrained=False)` (never a hub download),
-pruned to the stages it needs (no classifier, no final norm). State-dict keys under `body.` are timm's own
-names (e.g. `body.layer1.0.conv1.weight`, `body.layers.0.blocks.0.attn.qkv.weight`), so a timm checkpoint
+pruned to the stages it needs (no classifier, no final norm). The Swin models (names in
+m2f.models.swin.SWIN_ARCHITECTURES) are built by m2f.models.swin instead, which computes the official Swin
+detection backbone at every input size under timm's parameter names. State-dict keys under `body.` are timm's
+own names (e.g. `body.layer1.0.conv1.weight`, `body.layers.0.blocks.0.attn.qkv.weight`), so a timm checkpoint
 loads unchanged; `norms.{i}` are the per-output LayerNorms of transformer backbones (Mask2Former's Swin
 `norm0..norm3`).
 """
@@ -19,6 +21,7 @@ from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
 from ..config import BackboneConfig
+from .swin import CLASSIFIER_KEYS, SWIN_ARCHITECTURES, build_swin
 
 
 def feature_name(stride: int) -> str:
@@ -35,7 +38,11 @@ class Backbone(nn.Module):
     def __init__(self, config: BackboneConfig):
         super().__init__()
         self.timm_name = config.timm_name
-        body = timm.create_model(config.timm_name, pretrained=False, **config.timm_kwargs)
+        self.is_swin = config.timm_name in SWIN_ARCHITECTURES
+        if self.is_swin:
+            body = build_swin(config.timm_name, config.timm_kwargs)
+        else:
+            body = timm.create_model(config.timm_name, pretrained=False, **config.timm_kwargs)
         info = body.feature_info
         reductions = [f["reduction"] for f in info]
         self.indices = []
@@ -47,11 +54,15 @@ class Backbone(nn.Module):
                 )
             self.indices.append(matches[-1])
         keys_before_pruning = set(body.state_dict())
-        body.prune_intermediate_layers(self.indices, prune_norm=True, prune_head=True)
+        if self.is_swin:
+            body.prune_stages(max(self.indices) + 1)
+            keys_before_pruning |= CLASSIFIER_KEYS
+        else:
+            body.prune_intermediate_layers(self.indices, prune_norm=True, prune_head=True)
         if config.frozen_batchnorm:
             body = freeze_batch_norm_2d(body)
         self.body = body
-        # Checkpoint entries for the classifier and final norm that pruning removed; ignored when loading.
+        # Checkpoint entries for the classifier, final norm and unused stages; ignored when loading.
         self.pruned_keys = keys_before_pruning - set(body.state_dict())
         self.out_features = [feature_name(s) for s in config.out_strides]
         self.out_channels = [info[i]["num_chs"] for i in self.indices]
@@ -59,7 +70,11 @@ class Backbone(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels) if config.output_norm else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.body.forward_intermediates(x, indices=self.indices, intermediates_only=True)
+        if self.is_swin:
+            stages = self.body(x)
+            features = [stages[i] for i in self.indices]
+        else:
+            features = self.body.forward_intermediates(x, indices=self.indices, intermediates_only=True)
         if self.norms is not None:
             features = [
                 norm(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for norm, f in zip(self.norms, features)
@@ -69,9 +84,10 @@ class Backbone(nn.Module):
     def load_weights(self, path: str | Path) -> None:
         """Loads a timm-format state dict (safetensors, or a torch file read with weights_only=True).
 
-        Accepts the dict at the top level or under "model" / "state_dict"; applies timm's own checkpoint
-        filter for the architecture (e.g. original Swin checkpoints). Classifier and final-norm entries are
-        ignored; any other missing or unexpected key raises ValueError listing them.
+        Accepts the dict at the top level or under "model" / "state_dict"; applies the architecture's
+        checkpoint filter (timm's; m2f.models.swin.checkpoint_filter_fn for Swin, which also reads the
+        original Microsoft layout). Classifier and final-norm entries are ignored; any other missing or
+        unexpected key, or a tensor of another shape, raises ValueError listing them.
         """
         state = read_state_dict(path)
         filter_fn = getattr(sys.modules[type(self.body).__module__], "checkpoint_filter_fn", None)
@@ -82,6 +98,17 @@ class Backbone(nn.Module):
             for k, v in state.items()
             if k not in self.pruned_keys and not k.endswith("num_batches_tracked")
         }
+        own = self.body.state_dict()
+        mismatched = [
+            f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and v.shape != own[k].shape
+        ]
+        if mismatched:
+            raise ValueError(
+                f"backbone weights {str(path)!r} do not match timm model {self.timm_name!r}: tensor shapes "
+                f"differ for {mismatched[:20]}{' ...' if len(mismatched) > 20 else ''}"
+            )
         missing, unexpected = self.body.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
         if missing or unexpected:
