@@ -1,0 +1,333 @@
+"""ms_deform_attn: every backend against the float64 reference, forward and all gradients (DESIGN.md 2.1, 3).
+
+Inputs include samples on the image borders, exactly on pixel centres (levels whose sizes are powers of two, so
+the coordinates are exact in every dtype), outside [0, 1] and NaN (zero contribution, zero gradient).
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import m2f_kernels
+from m2f_kernels import _backend, reference
+
+# Level sets (H, W): non-square levels, power-of-two levels (exact pixel centres) and odd sizes.
+LEVELS = {
+    1: [(4, 8)],
+    3: [(8, 4), (5, 7), (2, 2)],
+    4: [(8, 8), (3, 5), (4, 2), (1, 1)],
+}
+HEADS_CHANNELS = [(8, 32), (4, 16), (1, 64)]
+QUERIES = 5  # != S for every level set
+FLOAT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def cpu_backends(op_name: str) -> list[str]:
+    names = []
+    if _backend.has_kernel(f"_{op_name}_forward", "cpu"):
+        names.append("cpu")
+    if _backend.triton_module(op_name) is not None and _backend.triton_runs_on("cpu"):
+        names.append("triton")
+    return names
+
+
+def level_tables(levels, device="cpu"):
+    spatial_shapes = torch.tensor(levels, dtype=torch.int64, device=device)
+    sizes = spatial_shapes.prod(1)
+    return spatial_shapes, torch.cumsum(sizes, 0) - sizes
+
+
+def special_locations(height: int, width: int) -> list[tuple[float, float]]:
+    """Border, outside, NaN and (for power-of-two sizes) exact pixel-centre and x = -1 locations."""
+    points = [(0.0, 0.0), (1.0, 1.0), (0.0, 1.0), (1.0, 0.5), (-0.3, 0.5), (0.5, 1.25), (float("nan"), 0.5)]
+    if width & (width - 1) == 0 and height & (height - 1) == 0:
+        points += [(0.5 / width, 0.5 / height), ((width - 0.5) / width, 1.5 / height), (-0.5 / width, 0.5)]
+    return points
+
+
+def make_locations(batch, queries, heads, levels, points, dtype, device="cpu"):
+    """(N, Q, M, L, P, 2): uniform in [-0.2, 1.2]^2 with the special locations of each level written first."""
+    locations = torch.rand(batch, queries, heads, len(levels), points, 2, dtype=torch.float64) * 1.4 - 0.2
+    for level, (height, width) in enumerate(levels):
+        per_level = locations[:, :, :, level].reshape(batch, -1, 2)
+        special = torch.tensor(special_locations(height, width), dtype=torch.float64)
+        count = min(len(special), per_level.shape[1])
+        per_level[:, :count] = special[:count]
+        locations[:, :, :, level] = per_level.reshape(batch, queries, heads, points, 2)
+    return locations.to(device=device, dtype=dtype)
+
+
+def make_inputs(batch, queries, heads, channels, levels, points, dtype, device="cpu"):
+    spatial_shapes, level_start_index = level_tables(levels, device)
+    num_values = int(spatial_shapes.prod(1).sum())
+    value = torch.randn(batch, num_values, heads, channels, dtype=dtype, device=device)
+    locations = make_locations(batch, queries, heads, levels, points, dtype, device)
+    weights = torch.rand(batch, queries, heads, len(levels), points, dtype=dtype, device=device)
+    return value, spatial_shapes, level_start_index, locations, weights
+
+
+def forward_backward(function, tensors, grad_output, dtype=None):
+    """function(*tensors) and its gradients w.r.t. every floating tensor, optionally computed in ``dtype``."""
+    leaves = [
+        t.detach().to(dtype or t.dtype).requires_grad_() if t.is_floating_point() else t for t in tensors
+    ]
+    out = function(*leaves)
+    grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad_output.to(out.dtype))
+    return (out, *grads)
+
+
+def assert_matches_reference(actual, expected64, torch_low_precision, dtype):
+    """Each result of a backend against the float64 reference on the same inputs.
+
+    float32/float64: max error <= tol * (1 + max |expected|). float16/bfloat16: max error <= 2 * (the error of
+    the reference run in that dtype) + one ulp of the largest value (flash-attention's rule).
+    """
+    names = ["output", *[f"gradient {i}" for i in range(len(expected64) - 1)]]
+    for name, ours, exact, lowp in zip(names, actual, expected64, torch_low_precision):
+        assert ours.dtype == dtype, name
+        assert ours.shape == exact.shape, name
+        assert torch.isfinite(ours).all(), f"{name} has non-finite entries"
+        error = (ours.double() - exact).abs().max().item()
+        scale = exact.abs().max().item()
+        if dtype in FLOAT_TOL:
+            bound = FLOAT_TOL[dtype] * (1 + scale)
+        else:
+            bound = 2 * (lowp.double() - exact).abs().max().item() + torch.finfo(dtype).eps * scale
+        assert error <= bound, f"{name}: max error {error:.3g} > {bound:.3g}"
+
+
+def check_against_reference(backend, batch, heads, channels, levels, points, dtype, device="cpu"):
+    inputs = make_inputs(batch, QUERIES, heads, channels, levels, points, dtype, device)
+    grad_output = torch.randn(batch, QUERIES, heads * channels, dtype=dtype, device=device)
+    ours = forward_backward(lambda *t: m2f_kernels.ms_deform_attn(*t, backend=backend), inputs, grad_output)
+    exact = forward_backward(reference.ms_deform_attn, inputs, grad_output, torch.float64)
+    lowp = (
+        forward_backward(reference.ms_deform_attn, inputs, grad_output) if dtype in LOW_PRECISION else exact
+    )
+    assert_matches_reference(ours, exact, lowp, dtype)
+
+
+FULL_GRID = list(itertools.product([1, 3], sorted(LEVELS), [1, 4, 8], HEADS_CHANNELS))
+# The Triton interpreter is slow: every level count, point count and head shape once, both batch sizes.
+SMALL_GRID = [(1, 1, 4, (8, 32)), (3, 3, 1, (4, 16)), (1, 4, 8, (1, 64)), (3, 3, 4, (1, 64))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch, num_levels, points, heads_channels", FULL_GRID)
+def test_cpu_kernel_matches_reference(batch, num_levels, points, heads_channels, dtype):
+    if "cpu" not in cpu_backends("ms_deform_attn"):
+        pytest.skip("the C++ CPU kernel is not built")
+    heads, channels = heads_channels
+    check_against_reference("cpu", batch, heads, channels, LEVELS[num_levels], points, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch, num_levels, points, heads_channels", SMALL_GRID)
+def test_triton_interpreter_matches_reference(batch, num_levels, points, heads_channels, dtype):
+    if "triton" not in cpu_backends("ms_deform_attn"):
+        pytest.skip("Triton runs on CPU only with TRITON_INTERPRET=1")
+    heads, channels = heads_channels
+    check_against_reference("triton", batch, heads, channels, LEVELS[num_levels], points, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch, num_levels, points, heads_channels", FULL_GRID)
+def test_cuda_backends_match_reference(backend, batch, num_levels, points, heads_channels, dtype):
+    heads, channels = heads_channels
+    check_against_reference(backend, batch, heads, channels, LEVELS[num_levels], points, dtype, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# Odd channel counts and offsets exercise every vector width, idle lanes and the multi-chunk loop.
+@pytest.mark.parametrize("heads, channels", [(2, 5), (3, 6), (2, 24), (1, 96), (2, 264)])
+def test_cuda_channel_layouts(backend, deterministic, dtype, heads, channels):
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        check_against_reference(backend, 2, heads, channels, LEVELS[3], 4, dtype, "cuda")
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_kernel_with_misaligned_value(dtype):
+    """A contiguous value whose data pointer is not 16-byte aligned (the kernel falls back to narrow loads)."""
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        2, 7, 4, 32, LEVELS[3], 4, dtype
+    )
+    storage = torch.empty(value.numel() + 1, dtype=dtype, device="cuda")
+    shifted = storage[1:].view(value.shape)
+    shifted.copy_(value)
+    args = [t.cuda() for t in (spatial_shapes, level_start_index, locations, weights)]
+    out = torch.ops.m2f_kernels._ms_deform_attn_forward(shifted, *args)
+    expected = reference.ms_deform_attn(
+        value.double(), spatial_shapes, level_start_index, *[t.double() for t in (locations, weights)]
+    )
+    torch.testing.assert_close(out.double().cpu(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_second_device(backend):
+    """Tensors on cuda:1 while cuda:0 is current: the kernel must run on the tensors' device."""
+    with torch.cuda.device(0):
+        check_against_reference(backend, 2, 4, 16, LEVELS[3], 4, torch.float32, "cuda:1")
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_offsets_beyond_int32(backend):
+    """value with more than 2^31 elements: samples on the last level read and write past the int32 range.
+
+    Level 0 (8192 x 4100, D = 64) is never sampled (its locations are NaN), so the result equals the
+    reference on level 1 alone.
+    """
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs a GPU with 40 GiB")
+    levels = [(8192, 4100), (8, 8)]
+    spatial_shapes, level_start_index = level_tables(levels, "cuda")
+    start = int(level_start_index[1])
+    value = torch.zeros(1, start + 64, 1, 64, dtype=torch.float16, device="cuda")
+    assert value.numel() > 2**31
+    small_value = torch.randn(1, 64, 1, 64, dtype=torch.float16, device="cuda")
+    value[:, start:] = small_value
+    locations = make_locations(1, 6, 1, [(8, 8)], 4, torch.float16, "cuda").repeat(1, 1, 1, 2, 1, 1)
+    locations[:, :, :, 0] = float("nan")
+    weights = torch.rand(1, 6, 1, 2, 4, dtype=torch.float16, device="cuda")
+    grad_output = torch.randn(1, 6, 64, dtype=torch.float16, device="cuda")
+    value.requires_grad_()
+    out = m2f_kernels.ms_deform_attn(
+        value, spatial_shapes, level_start_index, locations, weights, backend=backend
+    )
+    (grad_value,) = torch.autograd.grad(out, value, grad_output)
+    small_tables = level_tables([(8, 8)], "cuda")
+    small = forward_backward(
+        reference.ms_deform_attn,
+        (small_value, *small_tables, locations[:, :, :, 1:], weights[:, :, :, 1:]),
+        grad_output,
+        torch.float64,
+    )
+    torch.testing.assert_close(out.double(), small[0], atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(grad_value[:, start:].double(), small[1], atol=1e-2, rtol=1e-2)
+    assert grad_value[:, :start].abs().max().item() == 0
+
+
+def deterministic_gradients(backend, device):
+    """Two backward passes with torch.use_deterministic_algorithms(True) on inputs where many samples share
+    the same value rows (so atomic accumulation order would matter)."""
+    levels = [(4, 4), (2, 2)]
+    value, spatial_shapes, level_start_index, _, weights = make_inputs(2, 24, 2, 8, levels, 4, torch.float32)
+    locations = torch.rand(2, 24, 2, 2, 4, 2, dtype=torch.float32) * 0.3 + 0.35  # crowded in the centre
+    inputs = [t.to(device) for t in (value, spatial_shapes, level_start_index, locations, weights)]
+    grad_output = torch.randn(2, 24, 16, device=device)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [
+            forward_backward(lambda *t: m2f_kernels.ms_deform_attn(*t, backend=backend), inputs, grad_output)
+            for _ in range(2)
+        ]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_deterministic_mode_is_bitwise_reproducible(backend):
+    if backend not in cpu_backends("ms_deform_attn"):
+        pytest.skip(f"{backend} does not run on CPU here")
+    deterministic_gradients(backend, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_deterministic_mode_is_bitwise_reproducible(backend):
+    deterministic_gradients(backend, "cuda")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_empty_queries(backend):
+    """Q = 0 through the public API: empty output and zero gradients."""
+    if backend not in cpu_backends("ms_deform_attn"):
+        pytest.skip(f"{backend} does not run on CPU here")
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        2, 0, 2, 8, LEVELS[3], 4, torch.float32
+    )
+    value.requires_grad_()
+    out = m2f_kernels.ms_deform_attn(
+        value, spatial_shapes, level_start_index, locations, weights, backend=backend
+    )
+    assert out.shape == (2, 0, 16)
+    out.sum().backward()
+    assert torch.equal(value.grad, torch.zeros_like(value))
+
+
+def test_cpu_kernel_gradcheck():
+    if "cpu" not in cpu_backends("ms_deform_attn"):
+        pytest.skip("the C++ CPU kernel is not built")
+    levels = [(3, 4), (2, 3)]
+    value, spatial_shapes, level_start_index, _, weights = make_inputs(2, 3, 2, 4, levels, 2, torch.float64)
+    # Inside the image and away from the cell edges, where the bilinear map is smooth.
+    locations = (torch.rand(2, 3, 2, 2, 2, 2, dtype=torch.float64) * 0.8 + 0.1).requires_grad_()
+    value.requires_grad_()
+    weights.requires_grad_()
+
+    def function(value, locations, weights):
+        return m2f_kernels.ms_deform_attn(
+            value, spatial_shapes, level_start_index, locations, weights, backend="cpu"
+        )
+
+    assert torch.autograd.gradcheck(function, (value, locations, weights))
+
+
+def test_hand_computed_sample():
+    """One sample between four pixels of a 2 x 2 image: a weighted bilinear mix computed by hand."""
+    backends = cpu_backends("ms_deform_attn")
+    if not backends:
+        pytest.skip("no kernel backend runs on CPU here")
+    image = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    value = image.reshape(1, 4, 1, 1)
+    spatial_shapes, level_start_index = level_tables([(2, 2)])
+    # x = 0.625 * 2 - 0.5 = 0.75, y = 0.375 * 2 - 0.5 = 0.25
+    locations = torch.tensor([0.625, 0.375]).reshape(1, 1, 1, 1, 1, 2)
+    weights = torch.tensor([0.5]).reshape(1, 1, 1, 1, 1)
+    # The image is 1 + x + 2y, so its bilinear interpolation is exact: 1 + 0.75 + 0.5 = 2.25.
+    expected = 0.5 * 2.25
+    for backend in backends:
+        out = m2f_kernels.ms_deform_attn(
+            value, spatial_shapes, level_start_index, locations, weights, backend=backend
+        )
+        torch.testing.assert_close(out.reshape(()), torch.tensor(expected))
+
+
+def test_cpu_kernel_rejects_inconsistent_shapes():
+    """The C++ entry points check shapes themselves (for C++ callers that skip the Python checks)."""
+    if "cpu" not in cpu_backends("ms_deform_attn"):
+        pytest.skip("the C++ CPU kernel is not built")
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        1, 3, 2, 4, LEVELS[3], 2, torch.float32
+    )
+    forward = torch.ops.m2f_kernels._ms_deform_attn_forward
+    with pytest.raises(RuntimeError, match="one entry per level"):
+        forward(
+            value,
+            spatial_shapes,
+            level_start_index,
+            locations[:, :, :, :2].contiguous(),
+            weights[:, :, :, :2].contiguous(),
+        )
+    with pytest.raises(RuntimeError, match="head count"):
+        forward(value[:, :, :1].contiguous(), spatial_shapes, level_start_index, locations, weights)
+    with pytest.raises(RuntimeError, match="grad_output"):
+        torch.ops.m2f_kernels._ms_deform_attn_backward(
+            torch.zeros(1, 3, 4), value, spatial_shapes, level_start_index, locations, weights, False
+        )
