@@ -9,6 +9,11 @@ from .. import reference
 from .._backend import OpKernels
 from ._common import check_same_device, check_tensor
 
+
+def _cost_dtype(pred_point_logits: Tensor) -> torch.dtype:
+    return torch.float64 if pred_point_logits.dtype == torch.float64 else torch.float32
+
+
 KERNELS = OpKernels("pairwise_mask_cost", {"pairwise_mask_cost": reference.pairwise_mask_cost})
 
 
@@ -18,7 +23,7 @@ def _pairwise_mask_cost(
 ) -> tuple[Tensor, Tensor]:
     queries, targets = pred_point_logits.shape[0], target_point_labels.shape[0]
     if queries == 0 or targets == 0:
-        empty = pred_point_logits.new_zeros(queries, targets, dtype=torch.float32)
+        empty = pred_point_logits.new_zeros(queries, targets, dtype=_cost_dtype(pred_point_logits))
         return empty, empty.clone()
     kernel = KERNELS.get(backend, pred_point_logits.device, "pairwise_mask_cost")
     return kernel(pred_point_logits, target_point_labels)
@@ -26,7 +31,7 @@ def _pairwise_mask_cost(
 
 @_pairwise_mask_cost.register_fake
 def _(pred_point_logits, target_point_labels, backend):
-    dtype = torch.float64 if pred_point_logits.dtype == torch.float64 else torch.float32
+    dtype = _cost_dtype(pred_point_logits)
     shape = (pred_point_logits.shape[0], target_point_labels.shape[0])
     return pred_point_logits.new_empty(shape, dtype=dtype), pred_point_logits.new_empty(shape, dtype=dtype)
 

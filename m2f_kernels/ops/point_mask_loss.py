@@ -145,7 +145,7 @@ def point_mask_loss(
         target_masks = target_masks.to(mask_logits.dtype)
     else:
         raise TypeError(f"target_masks must be bool, uint8 or floating, got {target_masks.dtype}")
-    coords = coords.to(mask_logits.dtype)
+    coords = coords.to(_loss_dtype(mask_logits))  # float32 even for half logits: a pixel of a 1024 map
     ce, dice, _ = _point_mask_loss(
         mask_logits.contiguous(), target_masks.contiguous(), coords.contiguous(), backend
     )

@@ -1,0 +1,69 @@
+"""Importance sampling of mask points by uncertainty (Mask2Former / PointRend training), DESIGN.md 2.3."""
+
+from __future__ import annotations
+
+import torch
+
+from .point_sample import point_sample
+
+# Oversampled candidates alive at once (coordinates and logits of about this many points per chunk).
+_CANDIDATES_PER_CHUNK = 1 << 20
+
+
+@torch.no_grad()
+def sample_uncertain_points(
+    mask_logits: torch.Tensor,
+    num_points: int,
+    oversample_ratio: float = 3.0,
+    importance_ratio: float = 0.75,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Point coordinates for the mask losses, biased towards uncertain logits.
+
+    mask_logits (N, H, W) -> coords (N, num_points, 2), normalized (x, y) in [0, 1], float32 (float64 for
+    float64 logits). Per mask, ``int(num_points * oversample_ratio)`` uniform candidates are drawn; the
+    ``int(importance_ratio * num_points)`` with the highest uncertainty -|logit| come first, followed by
+    uniform random points for the rest (Mask2Former's ``get_uncertain_point_coords_with_randomness``).
+    Masks are processed in chunks so that the oversampled candidates of all masks never exist at once.
+    """
+    if not isinstance(mask_logits, torch.Tensor):
+        raise TypeError(f"mask_logits must be a tensor, got {type(mask_logits).__name__}")
+    if mask_logits.dim() != 3:
+        raise ValueError(f"mask_logits must have shape (N, H, W), got {tuple(mask_logits.shape)}")
+    if not mask_logits.is_floating_point():
+        raise TypeError(f"mask_logits must be a floating-point tensor, got {mask_logits.dtype}")
+    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 0:
+        raise ValueError(f"num_points must be a non-negative int, got {num_points!r}")
+    if not oversample_ratio >= 1:
+        raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio!r}")
+    if not 0 <= importance_ratio <= 1:
+        raise ValueError(f"importance_ratio must be in [0, 1], got {importance_ratio!r}")
+
+    num_masks = mask_logits.shape[0]
+    num_candidates = int(num_points * oversample_ratio)
+    num_uncertain = int(importance_ratio * num_points)
+    num_random = num_points - num_uncertain
+    coords_dtype = torch.float64 if mask_logits.dtype == torch.float64 else torch.float32
+    device = mask_logits.device
+    coords = torch.empty(num_masks, num_points, 2, dtype=coords_dtype, device=device)
+    if num_masks == 0 or num_points == 0:
+        return coords
+
+    masks_per_chunk = max(1, _CANDIDATES_PER_CHUNK // max(num_candidates, 1))
+    for start in range(0, num_masks, masks_per_chunk):
+        end = min(start + masks_per_chunk, num_masks)
+        if num_uncertain > 0:
+            candidates = torch.rand(
+                end - start, num_candidates, 2, dtype=coords_dtype, device=device, generator=generator
+            )
+            logits = point_sample(mask_logits[start:end].unsqueeze(1), candidates.to(mask_logits.dtype))
+            uncertainty = -logits.squeeze(1).abs()
+            top = uncertainty.topk(num_uncertain, dim=1).indices
+            coords[start:end, :num_uncertain] = candidates.gather(1, top.unsqueeze(-1).expand(-1, -1, 2))
+            del candidates, logits, uncertainty, top
+        if num_random > 0:
+            coords[start:end, num_uncertain:] = torch.rand(
+                end - start, num_random, 2, dtype=coords_dtype, device=device, generator=generator
+            )
+    return coords

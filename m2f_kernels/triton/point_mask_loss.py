@@ -1,0 +1,267 @@
+"""Triton kernels of point_mask_loss: sigmoid CE and dice on bilinearly sampled points, DESIGN.md 2.3.
+
+The forward samples logits and targets at the points and reduces per mask; the backward samples them again
+(only the per-mask dice sums are kept) and scatters the point gradients to the four logit corners.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .point_sample import (
+    accumulate_dtype,
+    add_pairs_in_order,
+    locate_points,
+    sample_plane,
+    scatter_corners,
+    triton_accumulate_dtype,
+)
+
+BLOCK_POINTS = 512
+
+
+@triton.jit
+def _sample_logits_and_targets(
+    logits_ptr,
+    targets_ptr,
+    coords_ptr,
+    n,
+    points,
+    point_mask,
+    height,
+    width,
+    target_height,
+    target_width,
+    num_points,
+    ACC: tl.constexpr,
+):
+    coord_offset = (n * num_points + points) * 2
+    coord_x = tl.load(coords_ptr + coord_offset, mask=point_mask, other=0).to(ACC)
+    coord_y = tl.load(coords_ptr + coord_offset + 1, mask=point_mask, other=0).to(ACC)
+    x0, y0, lx, ly, valid = locate_points(coord_x, coord_y, point_mask, height, width)
+    logit = sample_plane(logits_ptr + n * height * width, x0, y0, lx, ly, valid, height, width, ACC)
+    tx0, ty0, tlx, tly, target_valid = locate_points(
+        coord_x, coord_y, point_mask, target_height, target_width
+    )
+    target = sample_plane(
+        targets_ptr + n * target_height * target_width,
+        tx0,
+        ty0,
+        tlx,
+        tly,
+        target_valid,
+        target_height,
+        target_width,
+        ACC,
+    )
+    return logit, target, x0, y0, lx, ly, valid
+
+
+@triton.jit
+def _point_mask_loss_forward_kernel(
+    logits_ptr,
+    targets_ptr,
+    coords_ptr,
+    ce_ptr,
+    dice_ptr,
+    sums_ptr,
+    height,
+    width,
+    target_height,
+    target_width,
+    num_points,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    ce_acc = tl.zeros([BLOCK], dtype=ACC)
+    prob_target_acc = tl.zeros([BLOCK], dtype=ACC)
+    prob_acc = tl.zeros([BLOCK], dtype=ACC)
+    target_acc = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, num_points, BLOCK):
+        points = start + tl.arange(0, BLOCK)
+        point_mask = points < num_points
+        logit, target, _, _, _, _, _ = _sample_logits_and_targets(
+            logits_ptr,
+            targets_ptr,
+            coords_ptr,
+            n,
+            points,
+            point_mask,
+            height,
+            width,
+            target_height,
+            target_width,
+            num_points,
+            ACC,
+        )
+        prob = tl.where(point_mask, 1.0 / (1.0 + tl.exp(-logit)), 0.0)
+        ce = tl.maximum(logit, 0.0) - logit * target + tl.log(1.0 + tl.exp(-tl.abs(logit)))
+        ce_acc += tl.where(point_mask, ce, 0.0)
+        prob_target_acc += prob * target
+        prob_acc += prob
+        target_acc += target
+    ce_sum = tl.sum(ce_acc, axis=0)
+    prob_target_sum = tl.sum(prob_target_acc, axis=0)
+    prob_sum = tl.sum(prob_acc, axis=0)
+    target_sum = tl.sum(target_acc, axis=0)
+    tl.store(ce_ptr + n, ce_sum / num_points)
+    tl.store(dice_ptr + n, 1.0 - (2.0 * prob_target_sum + 1.0) / (prob_sum + target_sum + 1.0))
+    tl.store(sums_ptr + 3 * n, prob_target_sum)
+    tl.store(sums_ptr + 3 * n + 1, prob_sum)
+    tl.store(sums_ptr + 3 * n + 2, target_sum)
+
+
+@triton.jit
+def _point_mask_loss_backward_kernel(
+    grad_ce_ptr,
+    grad_dice_ptr,
+    logits_ptr,
+    targets_ptr,
+    coords_ptr,
+    sums_ptr,
+    grad_ptr,
+    index_ptr,
+    value_ptr,
+    height,
+    width,
+    target_height,
+    target_width,
+    num_points,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    points = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    point_mask = points < num_points
+    logit, target, x0, y0, lx, ly, valid = _sample_logits_and_targets(
+        logits_ptr,
+        targets_ptr,
+        coords_ptr,
+        n,
+        points,
+        point_mask,
+        height,
+        width,
+        target_height,
+        target_width,
+        num_points,
+        ACC,
+    )
+    grad_ce = tl.load(grad_ce_ptr + n).to(ACC)
+    grad_dice = tl.load(grad_dice_ptr + n).to(ACC)
+    prob_target_sum = tl.load(sums_ptr + 3 * n).to(ACC)
+    prob_sum = tl.load(sums_ptr + 3 * n + 1).to(ACC)
+    target_sum = tl.load(sums_ptr + 3 * n + 2).to(ACC)
+    numerator = 2.0 * prob_target_sum + 1.0
+    inv_denominator = 1.0 / (prob_sum + target_sum + 1.0)
+    # d(dice)/d(p_i) = -(2 t_i * denominator - numerator) / denominator^2
+    dice_target_scale = -2.0 * grad_dice * inv_denominator
+    dice_constant = grad_dice * numerator * inv_denominator * inv_denominator
+    prob = 1.0 / (1.0 + tl.exp(-logit))
+    grad = grad_ce / num_points * (prob - target) + (dice_target_scale * target + dice_constant) * prob * (
+        1.0 - prob
+    )
+    grad = tl.where(valid, grad, 0.0)
+    pair_offset = (n * num_points + points) * 4
+    scatter_corners(
+        grad_ptr + n * height * width,
+        index_ptr + pair_offset,
+        value_ptr + pair_offset,
+        grad,
+        x0,
+        y0,
+        lx,
+        ly,
+        valid,
+        point_mask,
+        height,
+        width,
+        DETERMINISTIC,
+    )
+
+
+def _target_view(target_masks: torch.Tensor) -> torch.Tensor:
+    return target_masks.view(torch.uint8) if target_masks.dtype == torch.bool else target_masks
+
+
+def point_mask_loss_forward(
+    mask_logits: torch.Tensor, target_masks: torch.Tensor, coords: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mask_logits (N, H, W), target_masks (N, Ht, Wt) uint8/bool/logits' dtype, coords (N, P, 2).
+
+    Returns ce (N,) (mean over points), dice (N,) and dice_sums (N, 3) = [sum p t, sum p, sum t], float32
+    (float64 for float64 logits).
+    """
+    num_masks, height, width = mask_logits.shape
+    target_height, target_width = target_masks.shape[1:]
+    num_points = coords.shape[1]
+    acc_dtype = accumulate_dtype(mask_logits.dtype)
+    ce = torch.empty(num_masks, dtype=acc_dtype, device=mask_logits.device)
+    dice = torch.empty(num_masks, dtype=acc_dtype, device=mask_logits.device)
+    dice_sums = torch.empty(num_masks, 3, dtype=acc_dtype, device=mask_logits.device)
+    _point_mask_loss_forward_kernel[(num_masks,)](
+        mask_logits,
+        _target_view(target_masks),
+        coords,
+        ce,
+        dice,
+        dice_sums,
+        height,
+        width,
+        target_height,
+        target_width,
+        num_points,
+        ACC=triton_accumulate_dtype(mask_logits.dtype),
+        BLOCK=BLOCK_POINTS,
+    )
+    return ce, dice, dice_sums
+
+
+def point_mask_loss_backward(
+    grad_ce: torch.Tensor,
+    grad_dice: torch.Tensor,
+    mask_logits: torch.Tensor,
+    target_masks: torch.Tensor,
+    coords: torch.Tensor,
+    dice_sums: torch.Tensor,
+    deterministic: bool,
+) -> torch.Tensor:
+    """Gradient of sum(grad_ce * ce + grad_dice * dice) for mask_logits, (N, H, W) in the logits' dtype."""
+    num_masks, height, width = mask_logits.shape
+    target_height, target_width = target_masks.shape[1:]
+    num_points = coords.shape[1]
+    acc_dtype = accumulate_dtype(mask_logits.dtype)
+    device = mask_logits.device
+    grad = torch.zeros(num_masks, height * width, dtype=acc_dtype, device=device)
+    if deterministic:
+        index = torch.empty(num_masks, num_points * 4, dtype=torch.int64, device=device)
+        values = torch.empty(num_masks, num_points * 4, dtype=acc_dtype, device=device)
+    else:
+        index = values = grad  # unused
+    grid = (num_masks, triton.cdiv(num_points, BLOCK_POINTS))
+    _point_mask_loss_backward_kernel[grid](
+        grad_ce.to(acc_dtype).contiguous(),
+        grad_dice.to(acc_dtype).contiguous(),
+        mask_logits,
+        _target_view(target_masks),
+        coords,
+        dice_sums.to(acc_dtype).contiguous(),
+        grad,
+        index,
+        values,
+        height,
+        width,
+        target_height,
+        target_width,
+        num_points,
+        ACC=triton_accumulate_dtype(mask_logits.dtype),
+        BLOCK=BLOCK_POINTS,
+        DETERMINISTIC=deterministic,
+    )
+    if deterministic:
+        add_pairs_in_order(grad, index, values)
+    return grad.view(mask_logits.shape).to(mask_logits.dtype)

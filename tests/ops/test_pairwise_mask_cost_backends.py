@@ -1,0 +1,94 @@
+"""pairwise_mask_cost: every backend against the float64 reference (Mask2Former's matcher costs)."""
+
+import pytest
+import torch
+
+import m2f_kernels
+from m2f_kernels import _backend, reference
+from m2f_kernels.ops.pairwise_mask_cost import KERNELS
+
+CPU_KERNEL_BACKENDS = [
+    name
+    for name, available in (
+        ("cpu", lambda: _backend.has_kernel("_pairwise_mask_cost", "cpu")),
+        (
+            "triton",
+            lambda: (
+                _backend.triton_module("pairwise_mask_cost") is not None and _backend.triton_runs_on("cpu")
+            ),
+        ),
+    )
+    if available()
+]
+CUDA_BACKENDS = ["cuda", "triton"]
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-5, 1e-5),
+    torch.bfloat16: (1e-5, 1e-5),
+}
+
+
+def make_inputs(num_queries, num_targets, num_points, dtype, device="cpu"):
+    """Logits with large magnitudes (softplus stability) and fractional labels (bilinearly sampled masks)."""
+    logits = torch.randn(num_queries, num_points, dtype=torch.float64) * 8
+    if num_points > 2:
+        logits[:, :2] = torch.tensor([60.0, -60.0], dtype=torch.float64)
+    labels = torch.rand(num_targets, num_points, dtype=torch.float64)
+    labels = torch.where(labels < 0.4, 0.0, torch.where(labels > 0.8, 1.0, labels))
+    return logits.to(device=device, dtype=dtype), labels.to(device=device, dtype=dtype)
+
+
+def check_backend(backend, dtype, num_queries, num_targets, num_points, device):
+    logits, labels = make_inputs(num_queries, num_targets, num_points, dtype, device)
+    ce, dice = KERNELS.get(backend, logits.device, "pairwise_mask_cost")(logits, labels)
+    ref_ce, ref_dice = reference.pairwise_mask_cost(logits.double(), labels.double())
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert ce.dtype == acc_dtype and dice.dtype == acc_dtype
+    assert ce.shape == (num_queries, num_targets) and dice.shape == (num_queries, num_targets)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(ce.double(), ref_ce, atol=atol, rtol=rtol)
+    torch.testing.assert_close(dice.double(), ref_dice, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("num_queries", "num_targets"), [(1, 1), (1, 5), (37, 3), (5, 40)])
+@pytest.mark.parametrize("num_points", [1, 100])
+def test_cpu_backends_match_reference(backend, dtype, num_queries, num_targets, num_points):
+    check_backend(backend, dtype, num_queries, num_targets, num_points, "cpu")
+
+
+@pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
+def test_cpu_kernel_mask2former_size():
+    check_backend("cpu", torch.float32, 100, 50, 12544, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("num_queries", "num_targets"), [(1, 1), (1, 5), (37, 3), (100, 50)])
+@pytest.mark.parametrize("num_points", [1, 100, 12544])
+def test_cuda_backends_match_reference(backend, dtype, num_queries, num_targets, num_points):
+    check_backend(backend, dtype, num_queries, num_targets, num_points, "cuda")
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+def test_public_op_matches_reference_and_handles_no_targets(backend):
+    logits, labels = make_inputs(6, 4, 50, torch.float32)
+    ce, dice = m2f_kernels.pairwise_mask_cost(logits, labels > 0.5, backend=backend)
+    ref_ce, ref_dice = reference.pairwise_mask_cost(logits.double(), (labels > 0.5).double())
+    torch.testing.assert_close(ce.double(), ref_ce, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dice.double(), ref_dice, atol=1e-5, rtol=1e-5)
+    ce, dice = m2f_kernels.pairwise_mask_cost(logits, labels[:0], backend=backend)
+    assert ce.shape == (6, 0) and dice.shape == (6, 0)
+
+
+def test_costs_of_a_hand_computed_pair():
+    # One point, logit 0 (p = 1/2), label 1: ce = log 2, dice = 1 - (2 * 0.5 + 1) / (0.5 + 1 + 1) = 0.2.
+    for backend in CPU_KERNEL_BACKENDS:
+        ce, dice = KERNELS.get(backend, torch.device("cpu"), "pairwise_mask_cost")(
+            torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+        )
+        torch.testing.assert_close(ce, torch.tensor([[0.6931471805599453]], dtype=torch.float64))
+        torch.testing.assert_close(dice, torch.tensor([[0.2]], dtype=torch.float64))

@@ -1,0 +1,208 @@
+"""point_mask_loss: every backend against the float64 reference, per-mask values and gradients (DESIGN.md 2.3)."""
+
+import pytest
+import torch
+
+import m2f_kernels
+from m2f_kernels import _backend, reference
+from m2f_kernels.ops.point_mask_loss import KERNELS
+
+CPU_KERNEL_BACKENDS = [
+    name
+    for name, available in (
+        ("cpu", lambda: _backend.has_kernel("_point_mask_loss_forward", "cpu")),
+        (
+            "triton",
+            lambda: _backend.triton_module("point_mask_loss") is not None and _backend.triton_runs_on("cpu"),
+        ),
+    )
+    if available()
+]
+CUDA_BACKENDS = ["cuda", "triton"]
+
+# (atol, rtol) for the per-mask losses and for the logit gradients, against the float64 reference on the same
+# (rounded) inputs. Low-precision inputs are sampled in float32, so only the input rounding differs.
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-4, 1e-4),
+    torch.bfloat16: (1e-4, 1e-4),
+}
+# (logits H, W), (targets Ht, Wt)
+MASK_SIZES = [((7, 5), (13, 17)), ((1, 1), (1, 1)), ((4, 9), (4, 9)), ((6, 6), (1, 3))]
+
+
+def make_inputs(num_masks, logit_size, target_size, num_points, dtype, target_kind, device="cpu"):
+    logits = (torch.randn(num_masks, *logit_size, dtype=torch.float64) * 3).to(device=device, dtype=dtype)
+    binary = torch.rand(num_masks, *target_size) > 0.5
+    targets = {
+        "uint8": binary.to(torch.uint8),
+        "bool": binary,
+        "float": torch.rand(num_masks, *target_size, dtype=torch.float64).to(dtype),
+    }[target_kind].to(device)
+    coords = torch.rand(num_masks, num_points, 2, dtype=torch.float64) * 1.3 - 0.15
+    special = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.5, 0.5], [-0.5, 0.5]], dtype=torch.float64)
+    count = min(num_points, len(special))
+    coords[:, :count] = special[:count]
+    return logits, targets, coords.to(device=device, dtype=dtype)
+
+
+def reference_per_mask(logits, targets, coords, grad_ce, grad_dice):
+    logits64 = logits.detach().double().requires_grad_()
+    targets64 = targets.double() if targets.dtype.is_floating_point else targets
+    ce, dice, sums = reference.point_mask_loss_per_mask(logits64, targets64, coords.double())
+    (grad,) = torch.autograd.grad((ce * grad_ce.double()).sum() + (dice * grad_dice.double()).sum(), logits64)
+    return ce, dice, sums, grad
+
+
+def kernel_target(targets):
+    return targets.view(torch.uint8) if targets.dtype == torch.bool else targets
+
+
+def check_backend(
+    backend, dtype, logit_size, target_size, num_points, target_kind, device, deterministic=False
+):
+    num_masks = 3
+    logits, targets, coords = make_inputs(
+        num_masks, logit_size, target_size, num_points, dtype, target_kind, device
+    )
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    grad_ce = torch.randn(num_masks, dtype=acc_dtype, device=device)
+    grad_dice = torch.randn(num_masks, dtype=acc_dtype, device=device)
+    ce, dice, sums = KERNELS.get(backend, logits.device, "forward")(logits, kernel_target(targets), coords)
+    grad = KERNELS.get(backend, logits.device, "backward")(
+        grad_ce, grad_dice, logits, kernel_target(targets), coords, sums, deterministic
+    )
+    ref_ce, ref_dice, ref_sums, ref_grad = reference_per_mask(logits, targets, coords, grad_ce, grad_dice)
+    atol, rtol = TOLERANCES[dtype]
+    assert ce.dtype == acc_dtype and dice.dtype == acc_dtype and sums.dtype == acc_dtype
+    assert ce.shape == (num_masks,) and sums.shape == (num_masks, 3) and grad.dtype == dtype
+    torch.testing.assert_close(ce.double(), ref_ce, atol=atol, rtol=rtol)
+    torch.testing.assert_close(dice.double(), ref_dice, atol=atol, rtol=rtol)
+    torch.testing.assert_close(sums.double(), ref_sums, atol=atol * num_points, rtol=rtol)
+    grad_atol = (
+        atol
+        if dtype in (torch.float64, torch.float32)
+        else {torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    )
+    torch.testing.assert_close(
+        grad.double(), ref_grad, atol=grad_atol * ref_grad.abs().max().item(), rtol=rtol
+    )
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("logit_size", "target_size"), MASK_SIZES)
+@pytest.mark.parametrize("num_points", [1, 100])
+def test_cpu_backends_match_reference(backend, dtype, logit_size, target_size, num_points):
+    check_backend(backend, dtype, logit_size, target_size, num_points, "uint8", "cpu")
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("target_kind", ["bool", "float"])
+def test_cpu_backends_target_dtypes(backend, target_kind):
+    check_backend(backend, torch.float32, (7, 5), (13, 17), 100, target_kind, "cpu")
+
+
+@pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_kernel_mask2former_point_count(dtype):
+    check_backend("cpu", dtype, (32, 24), (128, 96), 12544, "uint8", "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("logit_size", "target_size"), [*MASK_SIZES, ((64, 48), (256, 192))])
+@pytest.mark.parametrize("num_points", [1, 100, 12544])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_backends_match_reference(backend, dtype, logit_size, target_size, num_points, deterministic):
+    check_backend(backend, dtype, logit_size, target_size, num_points, "uint8", "cuda", deterministic)
+
+
+def public_loss_and_grad(backend, device, dtype=torch.float64):
+    logits, targets, coords = make_inputs(4, (9, 7), (20, 15), 300, dtype, "bool", device)
+    logits.requires_grad_()
+    ce, dice = m2f_kernels.point_mask_loss(logits, targets, coords, 2.5, backend=backend)
+    (grad,) = torch.autograd.grad(5 * ce + 5 * dice, logits)
+    return logits, targets, coords, ce, dice, grad
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+def test_public_op_matches_reference(backend):
+    logits, targets, coords, ce, dice, grad = public_loss_and_grad(backend, "cpu")
+    logits64 = logits.detach().requires_grad_()
+    ref_ce, ref_dice = reference.point_mask_loss(logits64, targets, coords, 2.5)
+    (ref_grad,) = torch.autograd.grad(5 * ref_ce + 5 * ref_dice, logits64)
+    torch.testing.assert_close(ce, ref_ce, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(dice, ref_dice, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+def test_public_op_with_no_masks(backend):
+    logits = torch.zeros(0, 5, 5, requires_grad=True)
+    ce, dice = m2f_kernels.point_mask_loss(
+        logits, torch.zeros(0, 8, 8, dtype=torch.uint8), torch.zeros(0, 10, 2), 1.0
+    )
+    assert ce.item() == 0 and dice.item() == 0
+    (ce + dice).backward()
+    assert logits.grad.shape == logits.shape
+
+
+@pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
+def test_cpu_kernel_gradcheck_float64():
+    logits = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    targets = (torch.rand(3, 9, 7) > 0.5).to(torch.uint8)
+    coords = torch.rand(3, 50, 2, dtype=torch.float64) * 1.2 - 0.1
+
+    def losses(x):
+        return m2f_kernels.point_mask_loss(x, targets, coords, 3.0, backend="cpu")
+
+    assert torch.autograd.gradcheck(losses, (logits,))
+
+
+def deterministic_backward_twice(backend, device):
+    logits, targets, coords = make_inputs(3, (6, 5), (12, 10), 4000, torch.float32, "uint8", device)
+    grad_ce = torch.randn(3, device=device)
+    grad_dice = torch.randn(3, device=device)
+    forward = KERNELS.get(backend, logits.device, "forward")
+    backward = KERNELS.get(backend, logits.device, "backward")
+    _, _, sums = forward(logits, targets, coords)
+    first = backward(grad_ce, grad_dice, logits, targets, coords, sums, True)
+    second = backward(grad_ce, grad_dice, logits, targets, coords, sums, True)
+    assert torch.equal(first, second)
+    ref_grad = reference_per_mask(logits, targets, coords, grad_ce, grad_dice)[3]
+    torch.testing.assert_close(first.double(), ref_grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+def test_deterministic_backward_is_bitwise_reproducible(backend):
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        deterministic_backward_twice(backend, "cpu")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_deterministic_backward_is_bitwise_reproducible_cuda(backend):
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        deterministic_backward_twice(backend, "cuda")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
+def test_cpu_kernel_accepts_float32_coords_for_low_precision_logits():
+    logits, targets, _ = make_inputs(2, (40, 30), (400, 300), 200, torch.bfloat16, "uint8")
+    coords = torch.rand(2, 200, 2)
+    ce, dice, sums = KERNELS.get("cpu", logits.device, "forward")(logits, targets, coords)
+    ref_ce, ref_dice, ref_sums = reference.point_mask_loss_per_mask(logits.double(), targets, coords.double())
+    torch.testing.assert_close(ce.double(), ref_ce, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dice.double(), ref_dice, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sums.double(), ref_sums, atol=1e-4, rtol=1e-5)

@@ -1,0 +1,164 @@
+"""point_sample: every backend against the float64 reference, values and gradients (DESIGN.md 2.3)."""
+
+import pytest
+import torch
+
+import m2f_kernels
+from m2f_kernels import _backend, reference
+from m2f_kernels.ops.point_sample import KERNELS
+
+CPU_KERNEL_BACKENDS = [
+    name
+    for name, available in (
+        ("cpu", lambda: _backend.has_kernel("_point_sample_forward", "cpu")),
+        (
+            "triton",
+            lambda: _backend.triton_module("point_sample") is not None and _backend.triton_runs_on("cpu"),
+        ),
+    )
+    if available()
+]
+CUDA_BACKENDS = ["cuda", "triton"]
+
+# (dtype, atol, rtol) of a backend against the float64 reference evaluated on the same (rounded) inputs.
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+SHAPES = [(2, 3, 7, 5), (1, 1, 1, 1), (3, 2, 4, 9)]
+
+
+def make_coords(batch, num_points, dtype, device="cpu"):
+    """Uniform points in [-0.2, 1.2]^2 (some outside), with the borders 0 and 1 and the centre when P allows."""
+    coords = torch.rand(batch, num_points, 2, dtype=torch.float64) * 1.4 - 0.2
+    special = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.5, 0.5], [1.0, 0.3], [-0.5, 0.5]])
+    count = min(num_points, len(special))
+    coords[:, :count] = special[:count].to(torch.float64)
+    return coords.to(device=device, dtype=dtype)
+
+
+def reference_forward_backward(image, coords, grad_output):
+    image64 = image.detach().double().requires_grad_()
+    coords64 = coords.detach().double().requires_grad_()
+    out = reference.point_sample(image64, coords64)
+    grad_image, grad_coords = torch.autograd.grad(out, (image64, coords64), grad_output.double())
+    return out, grad_image, grad_coords
+
+
+def check_backend(backend, dtype, shape, num_points, device):
+    batch, channels, height, width = shape
+    image = torch.randn(shape, dtype=dtype, device=device)
+    coords = make_coords(batch, num_points, dtype, device)
+    grad_output = torch.randn(batch, channels, num_points, dtype=dtype, device=device)
+    out = KERNELS.get(backend, image.device, "forward")(image, coords)
+    grad_image, grad_coords = KERNELS.get(backend, image.device, "backward")(
+        grad_output, image, coords, False
+    )
+    ref_out, ref_grad_image, ref_grad_coords = reference_forward_backward(image, coords, grad_output)
+    atol, rtol = TOLERANCES[dtype]
+    assert out.dtype == dtype and grad_image.dtype == dtype and grad_coords.dtype == dtype
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad_image.double(), ref_grad_image, atol=atol, rtol=rtol)
+    # d/dcoord scales with the image size; its low-precision error with the corner values' rounding too.
+    scale = max(height, width)
+    torch.testing.assert_close(grad_coords.double(), ref_grad_coords, atol=atol * scale, rtol=rtol * scale)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("num_points", [1, 100])
+def test_cpu_backends_match_reference(backend, dtype, shape, num_points):
+    check_backend(backend, dtype, shape, num_points, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [*SHAPES, (4, 8, 64, 48)])
+@pytest.mark.parametrize("num_points", [1, 100, 12544])
+def test_cuda_backends_match_reference(backend, dtype, shape, num_points):
+    check_backend(backend, dtype, shape, num_points, "cuda")
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+def test_nan_and_far_points_sample_zero_with_zero_gradient(backend):
+    image = torch.randn(1, 2, 5, 6, dtype=torch.float32)
+    coords = torch.tensor([[[float("nan"), 0.5], [0.5, float("nan")], [3.0, 0.5], [0.5, -2.0]]])
+    out = KERNELS.get(backend, image.device, "forward")(image, coords)
+    grad_image, grad_coords = KERNELS.get(backend, image.device, "backward")(
+        torch.ones_like(out), image, coords, False
+    )
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(grad_image, torch.zeros_like(grad_image))
+    assert torch.equal(grad_coords, torch.zeros_like(grad_coords))
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+def test_public_op_gradients_match_reference(backend):
+    image = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    coords = make_coords(2, 40, torch.float64).requires_grad_()
+    out = m2f_kernels.point_sample(image, coords, backend=backend)
+    grad_output = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (image, coords), grad_output)
+    ref_out, *ref_grads = reference_forward_backward(image, coords, grad_output)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-12)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
+def test_cpu_kernel_gradcheck_float64():
+    image = torch.randn(2, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    # Points away from cell edges, where the bilinear map is smooth.
+    coords = ((torch.randint(0, 4, (2, 9, 2)) + 0.2 + 0.6 * torch.rand(2, 9, 2)) / 4).double()
+    coords.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda i, c: m2f_kernels.point_sample(i, c, backend="cpu"), (image, coords), atol=1e-8
+    )
+
+
+def deterministic_backward_twice(backend, device):
+    image = torch.randn(2, 3, 9, 7, dtype=torch.float32, device=device)
+    # Many points in few cells, so that the scatter has collisions.
+    coords = torch.rand(2, 3000, 2, device=device) * 0.3 + 0.3
+    grad_output = torch.randn(2, 3, 3000, device=device)
+    backward = KERNELS.get(backend, image.device, "backward")
+    first = backward(grad_output, image, coords, True)
+    second = backward(grad_output, image, coords, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    ref = reference_forward_backward(image, coords, grad_output)
+    torch.testing.assert_close(first[0].double(), ref[1], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+def test_deterministic_backward_is_bitwise_reproducible(backend):
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        deterministic_backward_twice(backend, "cpu")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_deterministic_backward_is_bitwise_reproducible_cuda(backend):
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        deterministic_backward_twice(backend, "cuda")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
+def test_cpu_kernel_accepts_float32_coords_for_low_precision_input():
+    image = torch.randn(2, 1, 300, 200, dtype=torch.bfloat16)
+    coords = torch.rand(2, 50, 2)
+    out = KERNELS.get("cpu", image.device, "forward")(image, coords)
+    ref = reference.point_sample(image.double(), coords.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
