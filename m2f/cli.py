@@ -1,0 +1,262 @@
+"""Command line: `m2f train|eval|predict|convert|bench|make-synthetic|demo` (also `python -m m2f ...`).
+
+Multi-GPU / multi-node training and evaluation: `torchrun --nproc_per_node=G [--nnodes ...] -m m2f train ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+AMP_CHOICES = ("bf16", "fp16")
+DATASET_CHOICES = ("coco-panoptic", "coco-instance", "ade20k")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
+    parser.add_argument("--amp", choices=AMP_CHOICES, help="mixed precision (fp16 uses a gradient scaler)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from m2f.engine.train import run_training
+
+    final = run_training(
+        args.config,
+        args.data_root,
+        args.out or str(Path("output") / args.config),
+        dataset_kind=args.dataset,
+        resume=args.resume,
+        amp=args.amp,
+        max_iters=args.max_iters,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        grad_accum_steps=args.grad_accum,
+        num_workers=args.num_workers,
+        checkpoint_period=args.checkpoint_period,
+        eval_period=args.eval_period,
+        log_period=args.log_period,
+        device=args.device,
+        backbone_weights=args.backbone_weights,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    from m2f.engine.distributed import is_main_process
+
+    if is_main_process():
+        print(f"final weights: {final}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from m2f.engine.evaluate import run_evaluation
+
+    run_evaluation(
+        args.checkpoint,
+        args.data_root,
+        config_name=args.config,
+        dataset_kind=args.dataset,
+        split=args.split,
+        output=args.output,
+        device=args.device,
+        amp=args.amp,
+        max_images=args.max_images,
+        num_workers=args.num_workers,
+        validate=not args.no_validate,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from m2f.engine.predict import run_prediction
+
+    written = run_prediction(
+        args.images,
+        args.checkpoint,
+        args.out,
+        config_name=args.config,
+        tasks=args.task,
+        device=args.device,
+        amp=args.amp,
+        score_threshold=args.score_threshold,
+    )
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from m2f.config import get_config
+    from m2f.convert import convert_checkpoint, save
+
+    state_dict = convert_checkpoint(args.src, args.format, args.config)
+    num_classes = state_dict["transformer_decoder.class_embed.weight"].shape[0] - 1
+    config = dataclasses.replace(get_config(args.config), num_classes=num_classes)
+    metadata = {
+        "config": json.dumps(config.to_dict()),
+        "converted_from": f"{args.format}:{Path(args.src).name}",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save(state_dict, args.out, metadata=metadata)
+    print(f"wrote {args.out} ({len(state_dict)} tensors, {num_classes} classes)")
+    return 0
+
+
+def benchmarks_dir() -> Path:
+    """benchmarks/ of the source checkout this package lives in, else of the current directory."""
+    beside_package = Path(__file__).resolve().parent.parent / "benchmarks"
+    return beside_package if beside_package.is_dir() else Path("benchmarks")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    folder = benchmarks_dir()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no benchmarks/ folder at {folder.resolve()} (run from the source checkout)")
+    return subprocess.call([sys.executable, "-m", "pytest", str(folder), *args.pytest_args])
+
+
+def cmd_make_synthetic(args: argparse.Namespace) -> int:
+    from m2f.data import make_synthetic, make_synthetic_ade20k
+
+    make = make_synthetic_ade20k if args.ade20k else make_synthetic
+    root = make(
+        args.out, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed
+    )
+    print(f"synthetic dataset written to {root}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from m2f.engine.demo import run_demo
+
+    run_demo(args.out, max_iters=args.max_iters, threads=args.threads)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="m2f", description="Mask2Former on fused kernels.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a config (torchrun for several GPUs/nodes)")
+    train.add_argument("--config", required=True, help="a name from m2f.config.CONFIG_NAMES")
+    train.add_argument(
+        "--data-root", required=True, help="dataset root (COCO layout, or ADEChallengeData2016)"
+    )
+    train.add_argument("--dataset", choices=DATASET_CHOICES, help="default: from the config's task")
+    train.add_argument("--out", help="output folder (default: output/CONFIG)")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from OUT/last_checkpoint if there is one"
+    )
+    train.add_argument(
+        "--max-iters", type=_positive_int, help="default: the config's (lr steps scale with it)"
+    )
+    train.add_argument("--batch-size", type=_positive_int, help="global batch (default: the config's)")
+    train.add_argument("--image-size", type=_positive_int, help="LSJ crop size (default: the config's)")
+    train.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps")
+    train.add_argument("--num-workers", type=int, default=4, help="data loader processes per rank")
+    train.add_argument("--checkpoint-period", type=_positive_int, default=5000)
+    train.add_argument(
+        "--eval-period", type=int, default=0, help="evaluate on the val split every N iterations"
+    )
+    train.add_argument(
+        "--log-period", type=_positive_int, default=20, help="metrics.csv row every N iterations"
+    )
+    train.add_argument("--backbone-weights", help="local timm backbone weights (.safetensors or torch file)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_device(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint (PQ, AP or mIoU) and write JSON")
+    evaluate.add_argument("--checkpoint", required=True, help="a .safetensors weights file")
+    evaluate.add_argument("--data-root", required=True)
+    evaluate.add_argument("--config", help="default: the config stored in the checkpoint")
+    evaluate.add_argument("--dataset", choices=DATASET_CHOICES, help="default: the checkpoint's / config's")
+    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--output", help="results JSON (default: beside the checkpoint)")
+    evaluate.add_argument("--max-images", type=_positive_int, help="evaluate only the first N images")
+    evaluate.add_argument("--num-workers", type=int, default=2)
+    evaluate.add_argument("--no-validate", action="store_true", help="skip the dataset check")
+    evaluate.add_argument("--no-progress", action="store_true")
+    _add_device(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    predict = commands.add_parser("predict", help="overlay PNGs and raw predictions for image files")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--out", required=True, help="output folder")
+    predict.add_argument("--config", help="default: the config stored in the checkpoint")
+    predict.add_argument(
+        "--task",
+        action="append",
+        choices=("panoptic", "instance", "semantic"),
+        help="repeatable; default: the config's",
+    )
+    predict.add_argument("--score-threshold", type=float, default=0.5, help="instances drawn from this score")
+    _add_device(predict)
+    predict.set_defaults(func=cmd_predict)
+
+    convert = commands.add_parser("convert", help="convert transformers/detectron2/mmdet weights to m2f")
+    convert.add_argument("src", help="the checkpoint file to convert")
+    convert.add_argument("--format", required=True, choices=("transformers", "detectron2", "mmdet"))
+    convert.add_argument("--config", required=True, help="the m2f config the weights belong to")
+    convert.add_argument("--out", required=True, help="output .safetensors file")
+    convert.set_defaults(func=cmd_convert)
+
+    bench = commands.add_parser(
+        "bench", help="run pytest benchmarks/ (every further argument goes to pytest)"
+    )
+    bench.set_defaults(func=cmd_bench)
+
+    synthetic = commands.add_parser(
+        "make-synthetic", help="write the synthetic dataset (COCO or ADE20K layout)"
+    )
+    synthetic.add_argument("--out", required=True)
+    synthetic.add_argument("--num-train", type=int, default=64)
+    synthetic.add_argument("--num-val", type=int, default=16)
+    synthetic.add_argument("--image-size", type=int, default=128)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--ade20k", action="store_true", help="ADE20K layout instead of COCO")
+    synthetic.set_defaults(func=cmd_make_synthetic)
+
+    demo = commands.add_parser("demo", help="synthetic data -> train demo-tiny on CPU -> PQ before/after")
+    demo.add_argument("--out", default="demo_output")
+    demo.add_argument("--max-iters", type=_positive_int, help="default: the demo's tuned value")
+    demo.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: 1)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `m2f` console script. Errors from bad input are printed as one line (exit 2)."""
+    from m2f.data import DatasetError
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.pytest_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, DatasetError) as error:
+        print(f"m2f {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except FloatingPointError as error:
+        print(f"m2f {args.command}: training stopped: {error}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

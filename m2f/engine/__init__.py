@@ -1,0 +1,9 @@
+"""Training, evaluation, prediction and the demo.
+
+train.py       Trainer (AdamW groups, lr schedule, AMP, accumulation, DDP, CSV log, checkpoints, resume)
+checkpoint.py  atomic safetensors + weights_only checkpoints
+distributed.py torchrun process-group helpers
+evaluate.py    inference over a dataset with the PQ / AP / mIoU evaluators
+predict.py     overlays and raw predictions for image files
+demo.py        synthetic data -> train demo-tiny on CPU -> PQ before and after
+"""

@@ -1,0 +1,249 @@
+"""Inference over a dataset with the evaluator that fits it: PQ (COCO panoptic), mask/box AP (COCO instance),
+mIoU (ADE20K). Under torchrun each rank predicts a shard and rank 0 merges the evaluator states.
+
+`m2f eval --config NAME --checkpoint F --data-root DIR` validates the dataset first, prints the result table
+and writes the results as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from m2f.engine import checkpoint as ckpt
+from m2f.engine import distributed as dist_utils
+from m2f.engine.train import AMP_DTYPES, build_dataset, default_dataset_kind
+
+EVAL_TASKS = {"coco-panoptic": "panoptic", "coco-instance": "instance", "ade20k": "semantic"}
+
+
+def inference_transform(config):
+    """detectron2's test-time resize: short side test_short_edge, long side at most test_max_size."""
+    from m2f.data import ResizeShortestEdge
+
+    return ResizeShortestEdge(config.inference.test_short_edge, config.inference.test_max_size)
+
+
+@torch.no_grad()
+def predict_masks(
+    model: nn.Module,
+    image: torch.Tensor,
+    output_size: tuple[int, int],
+    *,
+    device: torch.device,
+    amp: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image (3, h, w) uint8 (already resized for inference) -> (class logits (Q, C+1) float32,
+    mask logits (Q, H, W) float32 at output_size, the original image size)."""
+    from m2f.models.postprocess import resize_masks
+
+    height, width = image.shape[-2:]
+    amp_dtype = AMP_DTYPES.get(amp)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        outputs = model(image[None].to(device).float())
+    pred_masks = outputs["pred_masks"].float()
+    # The model crops its 1/4-resolution masks to ceil(H/4) x ceil(W/4): they cover 4x that in pixels.
+    padded_size = (pred_masks.shape[-2] * 4, pred_masks.shape[-1] * 4)
+    mask_pred = resize_masks(pred_masks, padded_size, (height, width), tuple(output_size))[0]
+    return outputs["pred_logits"][0].float(), mask_pred
+
+
+def postprocess(task: str, mask_cls: torch.Tensor, mask_pred: torch.Tensor, config, thing_classes: set[int]):
+    """Applies Mask2Former's inference for `task` ("panoptic", "instance" or "semantic").
+
+    Returns (panoptic_seg, segments_info) for panoptic, the instance dict (masks, scores, labels, boxes) for
+    instance, and the (H, W) int64 class map for semantic."""
+    from m2f.models import postprocess as post
+
+    inference = config.inference
+    if task == "panoptic":
+        return post.panoptic_inference(
+            mask_cls,
+            mask_pred,
+            thing_classes,
+            object_mask_threshold=inference.object_mask_threshold,
+            overlap_threshold=inference.overlap_threshold,
+        )
+    if task == "instance":
+        return post.instance_inference(
+            mask_cls, mask_pred, mask_cls.shape[-1] - 1, top_k=inference.top_k, thing_classes=thing_classes
+        )
+    if task == "semantic":
+        return post.semantic_inference(mask_cls, mask_pred).argmax(0)
+    raise ValueError(f"task must be 'panoptic', 'instance' or 'semantic', got {task!r}")
+
+
+def make_evaluator(task: str, dataset):
+    from m2f.evaluation import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator
+
+    metadata = dataset.metadata
+    if task == "panoptic":
+        return PanopticEvaluator(metadata)
+    if task == "instance":
+        return InstanceEvaluator(metadata)
+    return SemanticEvaluator(metadata.num_classes, metadata.ignore_label, list(metadata.class_names))
+
+
+def summarize(results: dict) -> dict[str, float]:
+    """The headline numbers of an evaluator result: top-level numbers, nested groups as "group/name"
+    (per-class values left out)."""
+    summary = {}
+    for key, value in results.items():
+        if isinstance(value, bool) or key in ("per_class", "num_images"):
+            continue
+        if isinstance(value, int | float):
+            summary[key] = float(value)
+        elif isinstance(value, dict):
+            summary.update({f"{key}/{k}": float(v) for k, v in summarize(value).items()})
+    return summary
+
+
+def _single_item(items: list):
+    return items[0]
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset,
+    config,
+    *,
+    task: str | None = None,
+    device: torch.device | str = "cpu",
+    amp: str | None = None,
+    max_images: int | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Runs `model` over `dataset` (built with inference_transform) and evaluates it.
+
+    task defaults to the dataset's kind (panoptic for COCO panoptic, instance for COCO instance, semantic for
+    ADE20K). Returns {"results": the evaluator's dict, "summary": summarize(results)} on every rank.
+    """
+    from tqdm import tqdm
+
+    from m2f.data import ADE20KDataset, CocoInstanceDataset
+
+    device = torch.device(device)
+    if task is None:
+        task = (
+            "semantic"
+            if isinstance(dataset, ADE20KDataset)
+            else "instance"
+            if isinstance(dataset, CocoInstanceDataset)
+            else "panoptic"
+        )
+    evaluator = make_evaluator(task, dataset)
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    indices = list(range(dist_utils.get_rank(), count, dist_utils.get_world_size()))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=1,
+        collate_fn=_single_item,
+        num_workers=num_workers,
+    )
+    thing_classes = set(dataset.metadata.thing_classes)
+    was_training = model.training
+    model.eval()
+    show = progress and dist_utils.is_main_process()
+    for item, index in zip(tqdm(loader, desc=f"eval {task}", disable=not show, dynamic_ncols=True), indices):
+        mask_cls, mask_pred = predict_masks(model, item["image"], item["orig_size"], device=device, amp=amp)
+        prediction = postprocess(task, mask_cls, mask_pred, config, thing_classes)
+        if task == "panoptic":
+            evaluator.update(item["image_id"], *prediction)
+        elif task == "instance":
+            evaluator.update(item["image_id"], prediction)
+        else:
+            evaluator.update(prediction, dataset.load_semantic_gt(index))
+    model.train(was_training)
+    states = dist_utils.all_gather_object(evaluator.get_state())
+    results = None
+    if dist_utils.is_main_process():
+        for state in states[1:]:
+            evaluator.merge_state(state)
+        results = evaluator.compute()
+    results = dist_utils.broadcast_object(results)
+    return {"results": results, "summary": summarize(results)}
+
+
+def load_config_for_checkpoint(config_name: str | None, metadata: dict[str, str]):
+    """The config named on the command line, else the one stored in the checkpoint's metadata."""
+    from m2f.config import ModelConfig, get_config
+
+    if config_name is not None:
+        return get_config(config_name)
+    if "config" not in metadata:
+        raise ValueError("the checkpoint stores no config; pass --config NAME")
+    return ModelConfig.from_dict(json.loads(metadata["config"]))
+
+
+def run_evaluation(
+    checkpoint: str | os.PathLike,
+    data_root: str | os.PathLike,
+    *,
+    config_name: str | None = None,
+    dataset_kind: str | None = None,
+    split: str = "val",
+    output: str | os.PathLike | None = None,
+    device: str | None = None,
+    amp: str | None = None,
+    max_images: int | None = None,
+    num_workers: int = 2,
+    validate: bool = True,
+    progress: bool = True,
+) -> dict:
+    """`m2f eval`: validates the dataset, evaluates the checkpoint, prints the table (rank 0) and writes the
+    results JSON (default: beside the checkpoint, <name>.eval-<dataset>-<split>.json). Returns the results."""
+    import dataclasses
+
+    from m2f.data import DatasetError, validate_dataset
+    from m2f.evaluation import format_table, write_results
+    from m2f.models import build_model
+
+    device = dist_utils.init_distributed(device)
+    _, metadata = ckpt.read_weights(checkpoint)
+    config = load_config_for_checkpoint(config_name, metadata)
+    dataset_kind = dataset_kind or metadata.get("dataset") or default_dataset_kind(config)
+    if dataset_kind not in EVAL_TASKS:
+        raise ValueError(f"dataset must be one of {tuple(EVAL_TASKS)}, got {dataset_kind!r}")
+    task = EVAL_TASKS[dataset_kind]
+    if validate:
+        problem = None
+        if dist_utils.is_main_process():
+            try:
+                validate_dataset(str(data_root), split, task)
+            except DatasetError as error:
+                problem = error
+        problem = dist_utils.broadcast_object(problem)  # every rank stops, not only rank 0
+        if problem is not None:
+            raise problem
+    dataset = build_dataset(dataset_kind, data_root, split, inference_transform(config))
+    config = dataclasses.replace(config, num_classes=dataset.metadata.num_classes)
+    model = build_model(config).to(device)
+    ckpt.load_model_weights(model, checkpoint)
+    evaluation = evaluate_model(
+        model,
+        dataset,
+        config,
+        task=task,
+        device=device,
+        amp=amp,
+        max_images=max_images,
+        num_workers=num_workers,
+        progress=progress,
+    )
+    results = evaluation["results"]
+    if dist_utils.is_main_process():
+        checkpoint = Path(checkpoint)
+        output = (
+            Path(output)
+            if output
+            else checkpoint.with_name(f"{checkpoint.stem}.eval-{dataset_kind}-{split}.json")
+        )
+        write_results(str(output), {"checkpoint": str(checkpoint), "dataset": dataset_kind, **results})
+        print(format_table(results))
+        print(f"results written to {output}")
+    return results

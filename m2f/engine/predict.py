@@ -1,0 +1,146 @@
+"""`m2f predict IMAGES... --checkpoint F --out DIR`: runs a checkpoint on image files and writes, per image,
+an overlay PNG with a legend and the raw predictions:
+
+  panoptic  <stem>.panoptic.png (overlay), <stem>.panoptic_ids.png (COCO panoptic PNG, id = R + 256 G +
+            256^2 B), <stem>.panoptic.json (segments_info: contiguous category ids, names, scores)
+  instance  <stem>.instances.png (overlay), <stem>.instances.npz (masks (K, H, W) bool, scores, labels, boxes
+            xyxy in pixels)
+  semantic  <stem>.semantic.png (overlay), <stem>.semantic_labels.png (class index per pixel, 8 or 16 bit)
+
+The model, its classes and the task come from the checkpoint's metadata (or --config for checkpoints that
+store none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from m2f import visualize
+from m2f.engine import checkpoint as ckpt
+from m2f.engine.evaluate import inference_transform, load_config_for_checkpoint, postprocess, predict_masks
+
+TASKS = ("panoptic", "instance", "semantic")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """(H, W, 3) uint8 RGB with the EXIF orientation applied; ValueError naming the file if unreadable."""
+    from m2f.data.common import read_image as read_rgb
+
+    try:
+        return read_rgb(str(path))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+def class_info(metadata: dict[str, str], num_classes: int) -> tuple[list[str], set[int]]:
+    """(class names, thing classes) from checkpoint metadata; generic names, all things, when absent."""
+    names = json.loads(metadata["class_names"]) if "class_names" in metadata else []
+    if len(names) != num_classes:
+        names = [f"class {i}" for i in range(num_classes)]
+    things = (
+        set(json.loads(metadata["thing_classes"])) if "thing_classes" in metadata else set(range(num_classes))
+    )
+    return names, things
+
+
+def save_prediction(
+    task: str, prediction, image: np.ndarray, stem: Path, class_names: list[str], score_threshold: float
+) -> list[Path]:
+    """Writes the overlay and the raw files of one prediction; returns their paths."""
+    from m2f.data import id_to_rgb
+
+    if task == "panoptic":
+        panoptic_seg, segments_info = prediction
+        panoptic_seg = panoptic_seg.cpu().numpy()
+        segments = [
+            {
+                **{k: (v.item() if hasattr(v, "item") else v) for k, v in s.items()},
+                "name": class_names[s["category_id"]],
+            }
+            for s in segments_info
+        ]
+        paths = [
+            Path(f"{stem}.panoptic.png"),
+            Path(f"{stem}.panoptic_ids.png"),
+            Path(f"{stem}.panoptic.json"),
+        ]
+        visualize.draw_panoptic(image, panoptic_seg, segments, class_names).save(paths[0])
+        Image.fromarray(id_to_rgb(panoptic_seg)).save(paths[1])
+        paths[2].write_text(json.dumps({"segments_info": segments}, indent=2))
+        return paths
+    if task == "instance":
+        arrays = {k: v.cpu().numpy() for k, v in prediction.items()}
+        paths = [Path(f"{stem}.instances.png"), Path(f"{stem}.instances.npz")]
+        visualize.draw_instances(
+            image,
+            arrays["masks"],
+            arrays["labels"].tolist(),
+            arrays["scores"].tolist(),
+            class_names,
+            score_threshold,
+        ).save(paths[0])
+        np.savez_compressed(paths[1], **arrays)
+        return paths
+    labels = prediction.cpu().numpy()
+    paths = [Path(f"{stem}.semantic.png"), Path(f"{stem}.semantic_labels.png")]
+    visualize.draw_semantic(image, labels, class_names).save(paths[0])
+    Image.fromarray(labels.astype(np.uint8 if len(class_names) < 256 else np.uint16)).save(paths[1])
+    return paths
+
+
+def run_prediction(
+    images: Sequence[str | os.PathLike],
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    config_name: str | None = None,
+    tasks: Sequence[str] | None = None,
+    device: str | None = None,
+    amp: str | None = None,
+    score_threshold: float = 0.5,
+) -> list[Path]:
+    """Predicts every image and writes the files described in the module docstring; returns their paths.
+
+    tasks defaults to the checkpoint config's task."""
+    from m2f.models import build_model
+
+    if not images:
+        raise ValueError("images must name at least one image file")
+    missing = [str(p) for p in images if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"image files not found: {', '.join(missing)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _, metadata = ckpt.read_weights(checkpoint)
+    config = load_config_for_checkpoint(config_name, metadata)
+    class_names, thing_classes = class_info(metadata, config.num_classes)
+    config = dataclasses.replace(config, num_classes=len(class_names))
+    tasks = list(tasks or [config.task])
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"tasks must be among {TASKS}, got {unknown}")
+    model = build_model(config).to(device)
+    ckpt.load_model_weights(model, checkpoint)
+    model.eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    transform = inference_transform(config)
+    written = []
+    for path in images:
+        image = read_image(path)
+        geometry = transform.get_geometry(*image.shape[:2])
+        resized = torch.from_numpy(np.ascontiguousarray(geometry.apply_image(image).transpose(2, 0, 1)))
+        mask_cls, mask_pred = predict_masks(model, resized, image.shape[:2], device=device, amp=amp)
+        for task in tasks:
+            prediction = postprocess(task, mask_cls, mask_pred, config, thing_classes)
+            written += save_prediction(
+                task, prediction, image, out_dir / Path(path).stem, class_names, score_threshold
+            )
+    return written

@@ -1,0 +1,674 @@
+"""The training loop: AdamW with Mask2Former's parameter groups, step schedule, full-model gradient clipping,
+AMP, gradient accumulation, DDP, CSV logging, periodic evaluation, atomic checkpoints and exact resume.
+
+Iterations are counted from 1: checkpoint model_0000100 holds the weights after 100 optimizer steps, and a
+non-finite loss in the 7th step is reported as "iteration 7".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import functools
+import io
+import itertools
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from m2f.engine import checkpoint as ckpt
+from m2f.engine import distributed as dist_utils
+
+EMBEDDING_PARAMETER_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainSettings:
+    """Solver and loop settings. batch_size is the global batch: images per optimizer step over all ranks
+    and accumulation steps (must be divisible by world_size * grad_accum_steps). lr_steps are iterations.
+    lr_schedule "step" multiplies the lr by lr_gamma at each of lr_steps; "poly" by (1 - i/max_iters)^power.
+    The first warmup_iters ramp linearly from warmup_factor * lr (1.0 = no warmup)."""
+
+    max_iters: int
+    batch_size: int = 16
+    base_lr: float = 1e-4
+    weight_decay: float = 0.05
+    weight_decay_norm: float = 0.0
+    weight_decay_embed: float = 0.0
+    backbone_lr_multiplier: float = 0.1
+    clip_grad_norm: float | None = 0.01
+    lr_schedule: str = "step"
+    lr_steps: tuple[int, ...] | None = None
+    lr_gamma: float = 0.1
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    warmup_factor: float = 1.0
+    grad_accum_steps: int = 1
+    amp: str | None = None
+    checkpoint_period: int = 5000
+    eval_period: int = 0
+    log_period: int = 20
+    num_workers: int = 4
+    seed: int = 0
+    progress: bool = True
+    find_unused_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_iters", "batch_size", "grad_accum_steps", "checkpoint_period", "log_period"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.amp not in (None, *AMP_DTYPES):
+            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
+        if self.lr_schedule not in ("step", "poly"):
+            raise ValueError(f"lr_schedule must be 'step' or 'poly', got {self.lr_schedule!r}")
+        if self.lr_steps is None:
+            self.lr_steps = (int(0.9 * self.max_iters), int(0.95 * self.max_iters))
+        if self.eval_period < 0 or self.num_workers < 0 or self.warmup_iters < 0:
+            raise ValueError("eval_period, num_workers and warmup_iters must be >= 0")
+        if self.base_lr <= 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"base_lr must be > 0 and weight_decay >= 0, got {self.base_lr}, {self.weight_decay}"
+            )
+
+    @classmethod
+    def from_solver(cls, solver, max_iters: int | None = None, **overrides) -> TrainSettings:
+        """Settings from an m2f.config.SolverConfig. A different max_iters scales the lr steps with it (the
+        paper's x0.1 at 0.9 and 0.95 of training stays at 0.9 and 0.95)."""
+        max_iters = solver.max_iter if max_iters is None else max_iters
+        steps = tuple(round(step * max_iters / solver.max_iter) for step in solver.lr_steps)
+        values = dict(
+            max_iters=max_iters,
+            batch_size=solver.batch_size,
+            base_lr=solver.lr,
+            weight_decay=solver.weight_decay,
+            weight_decay_norm=solver.weight_decay_norm,
+            weight_decay_embed=solver.weight_decay_embed,
+            backbone_lr_multiplier=solver.backbone_lr_multiplier,
+            clip_grad_norm=solver.grad_clip_norm,
+            lr_schedule=solver.lr_schedule,
+            lr_steps=steps,
+            lr_gamma=solver.lr_gamma,
+            poly_power=solver.poly_power,
+            warmup_iters=min(solver.warmup_iters, max_iters),
+            warmup_factor=solver.warmup_factor,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """Normalization layers: any class named *Norm* (BatchNorm, FrozenBatchNorm2d, LayerNorm, GroupNorm)."""
+    return "Norm" in type(module).__name__
+
+
+def build_param_groups(
+    model: nn.Module,
+    base_lr: float,
+    weight_decay: float,
+    backbone_lr_multiplier: float,
+    weight_decay_norm: float = 0.0,
+    weight_decay_embed: float = 0.0,
+) -> list[dict]:
+    """Mask2Former's AdamW groups: parameters under `backbone.` train at lr * backbone_lr_multiplier;
+    norm parameters get weight_decay_norm, embeddings (nn.Embedding, Swin's position tables)
+    weight_decay_embed. Frozen parameters are left out. One group per (backbone or not, kind), each with
+    `initial_lr`."""
+    groups: dict[tuple[bool, str], dict] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            full_name = f"{module_name}.{param_name}" if module_name else param_name
+            in_backbone = full_name.startswith("backbone.")
+            if isinstance(module, nn.Embedding) or param_name in EMBEDDING_PARAMETER_NAMES:
+                kind, decay = "embed", weight_decay_embed
+            elif is_norm_module(module):
+                kind, decay = "norm", weight_decay_norm
+            else:
+                kind, decay = "weight", weight_decay
+            key = (in_backbone, kind)
+            if key not in groups:
+                lr = base_lr * (backbone_lr_multiplier if in_backbone else 1.0)
+                groups[key] = {
+                    "name": ("backbone_" if in_backbone else "head_") + kind,
+                    "params": [],
+                    "lr": lr,
+                    "initial_lr": lr,
+                    "weight_decay": decay,
+                }
+            groups[key]["params"].append(param)
+    return [groups[key] for key in sorted(groups)]
+
+
+class LRSchedule:
+    """The lr factor after `iterations_done` optimizer steps (see TrainSettings for the rules)."""
+
+    STATE = ("max_iters", "kind", "steps", "gamma", "poly_power", "warmup_iters", "warmup_factor")
+
+    def __init__(self, settings: TrainSettings):
+        self.max_iters = settings.max_iters
+        self.kind = settings.lr_schedule
+        self.steps = [int(step) for step in settings.lr_steps]
+        self.gamma = settings.lr_gamma
+        self.poly_power = settings.poly_power
+        self.warmup_iters = settings.warmup_iters
+        self.warmup_factor = settings.warmup_factor
+
+    def factor(self, iterations_done: int) -> float:
+        if self.kind == "step":
+            factor = self.gamma ** sum(iterations_done >= step for step in self.steps)
+        else:
+            factor = (1.0 - iterations_done / self.max_iters) ** self.poly_power
+        if iterations_done < self.warmup_iters:
+            alpha = iterations_done / self.warmup_iters
+            factor *= self.warmup_factor * (1.0 - alpha) + alpha
+        return factor
+
+    def apply(self, optimizer: torch.optim.Optimizer, iterations_done: int) -> None:
+        factor = self.factor(iterations_done)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self.STATE:
+            setattr(self, name, state[name])
+
+
+class StreamBatchSampler:
+    """An endless, reproducible stream of shuffled samples, cut into this rank's micro-batches.
+
+    Global position p of the stream is sample perm_e[p mod N] with e = p div N and perm_e a permutation
+    seeded by (seed, e). Optimizer step i uses positions [i*B, (i+1)*B); its micro-batch a covers B/A of
+    them, of which rank r takes the r-th of W equal slices. So the samples of a global batch do not depend on
+    the number of ranks or accumulation steps, and resuming at step i needs only i. Yields lists of
+    (position, index).
+    """
+
+    def __init__(
+        self,
+        dataset_size: int,
+        batch_size: int,
+        grad_accum_steps: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start_iteration: int = 0,
+    ):
+        if dataset_size < 1:
+            raise ValueError("the training dataset is empty")
+        if batch_size % (grad_accum_steps * world_size) != 0:
+            raise ValueError(
+                f"batch_size {batch_size} must be divisible by grad_accum_steps ({grad_accum_steps}) x "
+                f"world size ({world_size})"
+            )
+        self.dataset_size = dataset_size
+        self.batch_size = batch_size
+        self.grad_accum_steps = grad_accum_steps
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.start_iteration = start_iteration
+        self.micro_batch_per_rank = batch_size // (grad_accum_steps * world_size)
+        self._epoch = -1
+        self._permutation: list[int] = []
+
+    def index_at(self, position: int) -> int:
+        epoch, offset = divmod(position, self.dataset_size)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._permutation = torch.randperm(self.dataset_size, generator=generator).tolist()
+            self._epoch = epoch
+        return self._permutation[offset]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        micro = self.batch_size // self.grad_accum_steps
+        for iteration in itertools.count(self.start_iteration):
+            for step in range(self.grad_accum_steps):
+                first = iteration * self.batch_size + step * micro + self.rank * self.micro_batch_per_rank
+                yield [(p, self.index_at(p)) for p in range(first, first + self.micro_batch_per_rank)]
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Reads dataset[index] for a (position, index) key with python/numpy/torch RNGs seeded from
+    (seed, position), so random augmentations are the same whatever the worker count or resume point. The
+    caller's RNG states are restored afterwards."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        position, index = key
+        sample_seed = (self.seed * 1_000_003 + position) % (2**32)
+        python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+        with torch.random.fork_rng(devices=[]):
+            random.seed(sample_seed)
+            np.random.seed(sample_seed)  # noqa: NPY002
+            torch.manual_seed(sample_seed)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(position // len(self.dataset))
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)  # noqa: NPY002
+
+
+def move_to_device(obj, device: torch.device):
+    """Moves tensors inside nested lists/tuples/dicts to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: move_to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(move_to_device(v, device) for v in obj)
+    return obj
+
+
+class CsvLog:
+    """Appends rows to a CSV (header written once); on resume, rows after the resume iteration are dropped."""
+
+    def __init__(self, path: Path, resume_iteration: int | None):
+        self.path = path
+        self.fieldnames: list[str] | None = None
+        if resume_iteration is not None and path.exists():
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                self.fieldnames = reader.fieldnames
+                kept = [row for row in reader if int(row["iteration"]) <= resume_iteration]
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=self.fieldnames)
+            writer.writeheader()
+            writer.writerows(kept)
+            ckpt.atomic_write_bytes(path, buffer.getvalue().encode())
+        elif path.exists():
+            path.unlink()
+
+    def write(self, row: dict[str, float]) -> None:
+        if self.fieldnames is None:
+            self.fieldnames = list(row)
+            with self.path.open("w", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fieldnames).writeheader()
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fieldnames, extrasaction="ignore").writerow(row)
+
+
+LossFunction = Callable[[object, list[dict]], dict[str, torch.Tensor]]
+
+
+class Trainer:
+    """Runs `settings.max_iters` optimizer steps of model + criterion over `dataset`.
+
+    model(images) -> outputs; criterion(outputs, targets) -> dict of weighted loss tensors (summed for the
+    total); collate_fn(list of dataset items) -> (images, targets, infos). metadata (str -> str) goes
+    into every checkpoint's safetensors header. evaluate_fn(model) -> dict of metrics runs every eval_period
+    iterations on every rank (results logged by rank 0). Call init_distributed() before a Trainer for DDP.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: LossFunction,
+        dataset: torch.utils.data.Dataset,
+        collate_fn: Callable,
+        settings: TrainSettings,
+        out_dir: str | os.PathLike,
+        *,
+        device: torch.device | str = "cpu",
+        metadata: dict[str, str] | None = None,
+        evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+        resume: bool = False,
+    ):
+        self.settings = settings
+        self.out_dir = Path(out_dir)
+        self.device = torch.device(device)
+        self.metadata = dict(metadata or {})
+        self.criterion = criterion
+        self.evaluate_fn = evaluate_fn
+        self.rank = dist_utils.get_rank()
+        self.world_size = dist_utils.get_world_size()
+        self.is_main = self.rank == 0
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        dist_utils.barrier()
+
+        torch.manual_seed(settings.seed)
+        model = model.to(self.device)
+        if isinstance(criterion, nn.Module):
+            criterion.to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            build_param_groups(
+                model,
+                settings.base_lr,
+                settings.weight_decay,
+                settings.backbone_lr_multiplier,
+                settings.weight_decay_norm,
+                settings.weight_decay_embed,
+            ),
+            lr=settings.base_lr,
+            weight_decay=settings.weight_decay,
+        )
+        self.schedule = LRSchedule(settings)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp == "fp16")
+        self.start_iteration = 0
+        self.last_checkpoint: Path | None = None
+        resume_from = ckpt.find_last_checkpoint(self.out_dir) if resume else None
+        if resume_from is not None:
+            self._load(resume_from, model)
+        elif resume and self.is_main:
+            print(f"no checkpoint in {self.out_dir}; starting from iteration 0")
+        self.module = model
+        if dist_utils.is_distributed():
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=device_ids, find_unused_parameters=settings.find_unused_parameters
+            )
+        self.model = model
+
+        self.sampler = StreamBatchSampler(
+            len(dataset),
+            settings.batch_size,
+            settings.grad_accum_steps,
+            self.rank,
+            self.world_size,
+            settings.seed,
+            start_iteration=self.start_iteration,
+        )
+        self.loader = torch.utils.data.DataLoader(
+            SeededSamples(dataset, settings.seed),
+            batch_sampler=self.sampler,
+            collate_fn=collate_fn,
+            num_workers=settings.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=settings.num_workers > 0,
+            # Its own generator: starting the loader must not draw from the global RNG that resume restores.
+            generator=torch.Generator().manual_seed(settings.seed),
+        )
+        self.batches = iter(self.loader)
+
+    def _load(self, weights_path: Path, model: nn.Module) -> None:
+        ckpt.load_model_weights(model, weights_path)
+        state = ckpt.load_training_state(weights_path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        rng_states = state["rng"]
+        ckpt.restore_rng_state(rng_states[self.rank % len(rng_states)])
+        self.start_iteration = int(state["iteration"])
+        self.last_checkpoint = weights_path
+        if self.is_main:
+            print(f"resumed from {weights_path} at iteration {self.start_iteration}")
+
+    def save(self, iterations_done: int) -> None:
+        """Writes a checkpoint (rank 0), with every rank's RNG state; all ranks must call it."""
+        rng_states = dist_utils.all_gather_object(ckpt.capture_rng_state())
+        if self.is_main:
+            training_state = {
+                "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng_states,
+                "sampler": {
+                    "seed": self.settings.seed,
+                    "samples_consumed": iterations_done * self.settings.batch_size,
+                },
+                "world_size": self.world_size,
+            }
+            self.last_checkpoint = ckpt.save_checkpoint(
+                self.out_dir, iterations_done, self.module, training_state, self.metadata
+            )
+        dist_utils.barrier()
+
+    def forward_backward(self, micro_batches: Sequence) -> torch.Tensor:
+        """Accumulates gradients of the mean loss over one step's micro-batches (DDP averages over ranks).
+
+        Returns the loss values, averaged over micro-batches, as a float64 tensor [total, *sorted terms].
+        """
+        amp_dtype = AMP_DTYPES.get(self.settings.amp)
+        summed: torch.Tensor | None = None
+        for step, (images, targets, _infos) in enumerate(micro_batches):
+            images = move_to_device(images, self.device)
+            targets = move_to_device(targets, self.device)
+            sync = step == len(micro_batches) - 1 or not isinstance(
+                self.model, nn.parallel.DistributedDataParallel
+            )
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    outputs = self.model(images)
+                    losses = self.criterion(outputs, targets)
+                self.loss_names = sorted(losses)
+                total = sum(losses[name].float() for name in self.loss_names)
+                self.scaler.scale(total / len(micro_batches)).backward()
+            values = torch.stack(
+                [total.detach()] + [losses[name].detach().float() for name in self.loss_names]
+            )
+            summed = values.double() if summed is None else summed + values.double()
+        return summed / len(micro_batches)
+
+    def optimizer_step(self) -> None:
+        """Clips the full-model gradient norm (fp16 gradients unscaled first), steps optimizer and scaler."""
+        if self.settings.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.settings.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def train(self) -> Path:
+        """Trains to max_iters; returns the final checkpoint's weights path.
+
+        Raises FloatingPointError with the iteration number when a loss is NaN/inf; nothing is saved for that
+        iteration, so the last good checkpoint stays the newest one.
+        """
+        from tqdm import tqdm
+
+        settings = self.settings
+        log = eval_log = None
+        if self.is_main:
+            log = CsvLog(self.out_dir / "metrics.csv", self.start_iteration or None)
+            eval_log = CsvLog(self.out_dir / "eval.csv", self.start_iteration or None)
+        progress = tqdm(
+            total=settings.max_iters,
+            initial=self.start_iteration,
+            disable=not (self.is_main and settings.progress),
+            dynamic_ncols=True,
+            desc="train",
+        )
+        self.model.train()
+        start_time = time.perf_counter()
+        window_start, window_data_time, window_iters = time.perf_counter(), 0.0, 0
+        try:
+            for iteration in range(self.start_iteration, settings.max_iters):
+                self.schedule.apply(self.optimizer, iteration)
+                self.optimizer.zero_grad(set_to_none=True)
+                data_start = time.perf_counter()
+                micro_batches = [next(self.batches) for _ in range(settings.grad_accum_steps)]
+                window_data_time += time.perf_counter() - data_start
+                values = dist_utils.all_reduce_sum(self.forward_backward(micro_batches)) / self.world_size
+                values_list = values.tolist()
+                if not all(math.isfinite(v) for v in values_list):
+                    terms = dict(zip(["total_loss", *self.loss_names], values_list))
+                    raise FloatingPointError(
+                        f"non-finite loss at iteration {iteration + 1}: {terms}; stopped without saving, the "
+                        f"last good checkpoint is {self.last_checkpoint or 'none (none was written)'}"
+                    )
+                self.optimizer_step()
+                done = iteration + 1
+                window_iters += 1
+                lr = settings.base_lr * self.schedule.factor(
+                    iteration
+                )  # the head's lr (backbone: x multiplier)
+                progress.update(1)
+                progress.set_postfix(loss=f"{values_list[0]:.4f}", lr=f"{lr:.2e}", refresh=False)
+                if self.is_main and (done % settings.log_period == 0 or done == settings.max_iters):
+                    now = time.perf_counter()
+                    row = {"iteration": done, "total_loss": values_list[0]}
+                    row.update(zip(self.loss_names, values_list[1:]))
+                    row.update(
+                        lr=lr,
+                        time=(now - window_start) / window_iters,
+                        data_time=window_data_time / window_iters,
+                        elapsed=now - start_time,
+                    )
+                    log.write(row)
+                    window_start, window_data_time, window_iters = now, 0.0, 0
+                if done % settings.checkpoint_period == 0 or done == settings.max_iters:
+                    self.save(done)
+                if self.evaluate_fn is not None and settings.eval_period and done % settings.eval_period == 0:
+                    self._evaluate(done, eval_log)
+        finally:
+            progress.close()
+            del self.batches
+        if self.is_main:
+            ckpt.save_weights(self.out_dir / "model_final.safetensors", self.module, self.metadata)
+        dist_utils.barrier()
+        return self.out_dir / "model_final.safetensors"
+
+    def _evaluate(self, iterations_done: int, eval_log: CsvLog | None) -> None:
+        self.model.eval()
+        with torch.no_grad():
+            results = self.evaluate_fn(self.module)
+        self.model.train()
+        if eval_log is not None:
+            eval_log.write({"iteration": iterations_done, **{k: float(v) for k, v in results.items()}})
+
+
+DATASET_KINDS = ("coco-panoptic", "coco-instance", "ade20k")
+
+
+def default_dataset_kind(config) -> str:
+    """coco-panoptic for panoptic configs (and the synthetic demo), coco-instance for instance, ade20k for
+    semantic."""
+    return {"panoptic": "coco-panoptic", "instance": "coco-instance", "semantic": "ade20k"}[config.task]
+
+
+def build_dataset(kind: str, data_root: str | os.PathLike, split: str, transforms=None, seed: int = 0):
+    """The dataset of `kind` (see DATASET_KINDS) under data_root; split "train" or "val"."""
+    from m2f import data
+
+    classes = {"coco-panoptic": data.CocoPanopticDataset, "coco-instance": data.CocoInstanceDataset}
+    classes["ade20k"] = data.ADE20KDataset
+    if kind not in classes:
+        raise ValueError(f"dataset must be one of {DATASET_KINDS}, got {kind!r}")
+    return classes[kind](str(data_root), split, transforms, seed=seed)
+
+
+def checkpoint_metadata(config, dataset_kind: str, dataset_metadata) -> dict[str, str]:
+    """What predict/eval need to rebuild the model and name its classes, as safetensors header strings."""
+    return {
+        "config": json.dumps(config.to_dict()),
+        "dataset": dataset_kind,
+        "class_names": json.dumps(list(dataset_metadata.class_names)),
+        "thing_classes": json.dumps(sorted(dataset_metadata.thing_classes)),
+        "categories": json.dumps(dataset_metadata.categories),
+    }
+
+
+def resolve_amp(amp: str | None, config, device: torch.device) -> str | None:
+    """An explicit amp wins; otherwise configs that train with AMP use bf16 on GPUs that support it, fp16
+    on other GPUs, and full precision on CPU."""
+    if amp is not None or not config.solver.amp or device.type != "cuda":
+        return amp
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def run_training(
+    config,
+    data_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dataset_kind: str | None = None,
+    resume: bool = False,
+    amp: str | None = None,
+    max_iters: int | None = None,
+    batch_size: int | None = None,
+    image_size: int | None = None,
+    grad_accum_steps: int = 1,
+    num_workers: int = 4,
+    checkpoint_period: int = 5000,
+    eval_period: int = 0,
+    log_period: int = 20,
+    device: str | None = None,
+    backbone_weights: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Trains a config (name or m2f.config.ModelConfig) on the train split of data_root, optionally evaluating
+    on the val split every eval_period iterations; returns the final weights path. Works under torchrun.
+    image_size overrides the config's LSJ crop size."""
+    from m2f.config import ModelConfig, get_config
+    from m2f.data import LSJ, collate
+    from m2f.losses import build_criterion
+    from m2f.models import build_model
+
+    config = config if isinstance(config, ModelConfig) else get_config(config)
+    dataset_kind = dataset_kind or default_dataset_kind(config)
+    if image_size is not None:
+        config = dataclasses.replace(config, solver=dataclasses.replace(config.solver, image_size=image_size))
+    device = dist_utils.init_distributed(device)
+    solver = config.solver
+    dataset = build_dataset(
+        dataset_kind,
+        data_root,
+        "train",
+        LSJ(solver.image_size, solver.min_scale, solver.max_scale),
+        seed=seed,
+    )
+    config = dataclasses.replace(config, num_classes=dataset.metadata.num_classes)
+    settings = TrainSettings.from_solver(
+        solver,
+        max_iters=max_iters,
+        batch_size=batch_size or solver.batch_size,
+        grad_accum_steps=grad_accum_steps,
+        amp=resolve_amp(amp, config, device),
+        checkpoint_period=checkpoint_period,
+        eval_period=eval_period,
+        log_period=log_period,
+        num_workers=num_workers,
+        seed=seed,
+        progress=progress,
+    )
+    torch.manual_seed(seed)
+    model = build_model(config, backbone_weights=backbone_weights)
+    criterion = build_criterion(config, config.num_classes)
+    evaluate_fn = None
+    if eval_period:
+        from m2f.engine.evaluate import evaluate_model, inference_transform
+
+        val_dataset = build_dataset(dataset_kind, data_root, "val", inference_transform(config))
+
+        def evaluate_fn(trained: nn.Module) -> dict[str, float]:
+            return evaluate_model(trained, val_dataset, config, device=device, progress=False)["summary"]
+
+    trainer = Trainer(
+        model,
+        criterion,
+        dataset,
+        functools.partial(collate, size_divisibility=config.size_divisibility),
+        settings,
+        out_dir,
+        device=device,
+        metadata=checkpoint_metadata(config, dataset_kind, dataset.metadata),
+        evaluate_fn=evaluate_fn,
+        resume=resume,
+    )
+    return trainer.train()

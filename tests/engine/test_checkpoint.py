@@ -1,0 +1,112 @@
+import hashlib
+import os
+
+import pytest
+import torch
+from engine_standins import TinyNet, make_trainer
+
+from m2f.engine import checkpoint as ckpt
+
+
+def saved_checkpoint(tmp_path):
+    model = TinyNet()
+    state = {"optimizer": {"step": 3}, "rng": [ckpt.capture_rng_state()]}
+    path = ckpt.save_checkpoint(tmp_path, 7, model, state, {"config": "tiny-test"})
+    return model, path
+
+
+def test_round_trip_and_layout(tmp_path):
+    model, path = saved_checkpoint(tmp_path)
+    assert path == tmp_path / "model_0000007.safetensors"
+    assert ckpt.find_last_checkpoint(tmp_path) == path
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "last_checkpoint",
+        "model_0000007.safetensors",
+        "model_0000007.state.pt",
+    ]
+    fresh = TinyNet()
+    metadata = ckpt.load_model_weights(fresh, path)
+    assert metadata["config"] == "tiny-test" and metadata["iteration"] == "7"
+    for (name, expected), got in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(expected, got), name
+    state = ckpt.load_training_state(path)
+    assert state["iteration"] == 7 and state["optimizer"] == {"step": 3}
+    assert state["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_truncated_weights_file_names_the_file(tmp_path):
+    _, path = saved_checkpoint(tmp_path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match=str(path)):
+        ckpt.load_model_weights(TinyNet(), path)
+
+
+def test_corrupt_state_file_names_the_file(tmp_path):
+    _, path = saved_checkpoint(tmp_path)
+    state_path = ckpt.state_path_for(path)
+    state_path.write_bytes(b"not a torch file")
+    with pytest.raises(ckpt.CheckpointError, match=str(state_path)):
+        ckpt.load_training_state(path)
+
+
+def test_weights_swapped_under_the_state_file_is_detected(tmp_path):
+    _, path = saved_checkpoint(tmp_path)
+    other = TinyNet()
+    with torch.no_grad():
+        other.head.bias.add_(1.0)
+    ckpt.save_weights(path, other, {"config": "tiny-test"})
+    with pytest.raises(ckpt.CheckpointError, match="does not match"):
+        ckpt.load_training_state(path)
+
+
+def test_state_file_refuses_to_run_code(tmp_path):
+    _, path = saved_checkpoint(tmp_path)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"format": ckpt.CHECKPOINT_FORMAT, "payload": Payload()}, ckpt.state_path_for(path))
+    with pytest.raises(ckpt.CheckpointError, match="corrupt training state"):
+        ckpt.load_training_state(path)
+
+
+def test_mismatched_model_lists_keys(tmp_path):
+    _, path = saved_checkpoint(tmp_path)
+    model = TinyNet()
+    model.extra = torch.nn.Linear(2, 2)
+    model.head = torch.nn.Linear(8, 5)
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.load_model_weights(model, path)
+    message = str(error.value)
+    assert str(path) in message and "extra.weight" in message and "head.weight" in message
+
+
+def test_resume_from_corrupt_checkpoint_names_the_file(tmp_path):
+    make_trainer(tmp_path, max_iters=3).train()
+    path = tmp_path / "model_0000003.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # flip a byte inside the tensor data: only the checksum can tell
+    path.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=str(path)):
+        make_trainer(tmp_path, max_iters=6, resume=True)
+
+
+def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
+    target = tmp_path / "file.bin"
+    ckpt.atomic_write_bytes(target, b"old")
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def test_last_checkpoint_pointing_nowhere_is_reported(tmp_path):
+    (tmp_path / ckpt.LAST_CHECKPOINT_FILE).write_text("model_0000009.safetensors\n")
+    with pytest.raises(ckpt.CheckpointError, match="model_0000009"):
+        ckpt.find_last_checkpoint(tmp_path)

@@ -1,0 +1,51 @@
+import socket
+
+import pytest
+import safetensors.torch
+import torch
+import torch.multiprocessing as mp
+from engine_standins import ddp_worker, first_step_gradients, make_trainer, real_model_ddp_worker
+
+from m2f.engine import checkpoint as ckpt
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_two_process_gloo_matches_single_process(tmp_path):
+    mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+
+    single = first_step_gradients(make_trainer(tmp_path / "single_grad", dropout=0.0, max_iters=2))
+    ddp = torch.load(tmp_path / "gradients.pt", weights_only=True)
+    assert ddp.keys() == single.keys()
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    single_final = make_trainer(tmp_path / "single", dropout=0.0, max_iters=2).train()
+    expected = safetensors.torch.load_file(str(single_final))
+    got = safetensors.torch.load_file(str(tmp_path / "run" / "model_final.safetensors"))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_demo_tiny_trains_under_two_process_ddp(tmp_path):
+    from m2f.data import make_synthetic
+
+    make_synthetic(str(tmp_path / "data"), num_train=4, num_val=1, image_size=64)
+    out = tmp_path / "run"
+    mp.spawn(
+        real_model_ddp_worker, args=(2, free_port(), str(tmp_path / "data"), str(out)), nprocs=2, join=True
+    )
+    weights = safetensors.torch.load_file(str(out / "model_final.safetensors"))
+    for name, tensor in weights.items():
+        assert torch.isfinite(tensor.float()).all(), name
+    with (out / "metrics.csv").open() as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["1", "2"]
+    assert ckpt.find_last_checkpoint(out).name == "model_0000002.safetensors"
+    state = ckpt.load_training_state(out / "model_0000002.safetensors")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2

@@ -1,0 +1,189 @@
+import csv
+
+import pytest
+import safetensors.torch
+import torch
+from engine_standins import TinyNet, first_step_gradients, make_trainer, tiny_criterion
+
+from m2f.engine import checkpoint as ckpt
+from m2f.engine.train import LRSchedule, StreamBatchSampler, TrainSettings, build_param_groups
+
+
+def test_param_groups_follow_mask2former_rules():
+    model = TinyNet()
+    groups = {g["name"]: g for g in build_param_groups(model, 1e-4, 0.05, 0.1)}
+    by_param = {id(p): g for g in groups.values() for p in g["params"]}
+    expected = {  # name -> (lr, weight decay), written out by hand
+        "backbone.0.weight": (1e-5, 0.05),
+        "backbone.0.bias": (1e-5, 0.05),
+        "backbone.1.weight": (1e-5, 0.0),
+        "backbone.1.bias": (1e-5, 0.0),
+        "query.weight": (1e-4, 0.0),
+        "head.weight": (1e-4, 0.05),
+        "head.bias": (1e-4, 0.05),
+        "head_norm.weight": (1e-4, 0.0),
+        "head_norm.bias": (1e-4, 0.0),
+    }
+    named = dict(model.named_parameters())
+    assert set(named) == set(expected)
+    for name, (lr, decay) in expected.items():
+        group = by_param[id(named[name])]
+        assert group["lr"] == pytest.approx(lr) and group["weight_decay"] == decay, name
+    assert sum(len(g["params"]) for g in groups.values()) == len(expected)
+
+
+def test_step_schedule_drops_at_90_and_95_percent():
+    schedule = LRSchedule(TrainSettings(max_iters=100))
+    factors = [schedule.factor(i) for i in (0, 89, 90, 94, 95, 99)]
+    assert factors == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_poly_schedule_with_warmup():
+    settings = TrainSettings(
+        max_iters=10, lr_schedule="poly", poly_power=2.0, warmup_iters=4, warmup_factor=0.5
+    )
+    schedule = LRSchedule(settings)
+    assert schedule.factor(0) == pytest.approx(0.5)
+    assert schedule.factor(2) == pytest.approx((1 - 0.2) ** 2 * 0.75)
+    assert schedule.factor(5) == pytest.approx(0.25)
+
+
+def test_settings_from_solver_scale_the_steps():
+    from m2f.config import get_config
+
+    settings = TrainSettings.from_solver(get_config("panoptic-r50").solver, max_iters=1000)
+    assert settings.lr_steps == (900, 950)
+    assert settings.clip_grad_norm == 0.01 and settings.backbone_lr_multiplier == 0.1
+
+
+def test_bad_settings_name_the_argument():
+    with pytest.raises(ValueError, match="max_iters"):
+        TrainSettings(max_iters=0)
+    with pytest.raises(ValueError, match="amp"):
+        TrainSettings(max_iters=1, amp="fp8")
+    with pytest.raises(ValueError, match="batch_size"):
+        StreamBatchSampler(10, batch_size=6, grad_accum_steps=4, rank=0, world_size=1, seed=0)
+
+
+def take(sampler, count):
+    iterator = iter(sampler)
+    return [next(iterator) for _ in range(count)]
+
+
+def test_sampler_global_batch_does_not_depend_on_ranks_or_accumulation():
+    single = take(StreamBatchSampler(10, 8, 1, 0, 1, seed=3), 3)
+    for accum, world in ((2, 1), (1, 2), (2, 2), (4, 2)):
+        per_rank = [take(StreamBatchSampler(10, 8, accum, r, world, seed=3), 3 * accum) for r in range(world)]
+        for step in range(3):
+            merged = [s for a in range(accum) for r in range(world) for s in per_rank[r][step * accum + a]]
+            assert merged == single[step]
+    positions = [p for batch in single for p, _ in batch]
+    assert positions == list(range(24))
+    first_epoch = [i for batch in single for _, i in batch][:10]
+    assert sorted(first_epoch) == list(range(10))
+    resumed = take(StreamBatchSampler(10, 8, 1, 0, 1, seed=3, start_iteration=2), 1)
+    assert resumed[0] == single[2]
+
+
+def read_weights(path):
+    return safetensors.torch.load_file(str(path))
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    reference = make_trainer(tmp_path / "full").train()
+
+    calls = {"n": 0}
+
+    def crashing_criterion(outputs, targets):
+        calls["n"] += 1
+        if calls["n"] == 5:  # inside iteration 5; the last checkpoint is after iteration 3
+            raise KeyboardInterrupt
+        return tiny_criterion(outputs, targets)
+
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path / "run", criterion=crashing_criterion).train()
+    assert ckpt.find_last_checkpoint(tmp_path / "run").name == "model_0000003.safetensors"
+    resumed = make_trainer(tmp_path / "run", resume=True)
+    assert resumed.start_iteration == 3
+    final = resumed.train()
+
+    expected, got = read_weights(reference), read_weights(final)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    state_full = ckpt.load_training_state(tmp_path / "full" / "model_0000006.safetensors")
+    state_run = ckpt.load_training_state(tmp_path / "run" / "model_0000006.safetensors")
+    for index, param_state in state_full["optimizer"]["state"].items():
+        for key, value in param_state.items():
+            torch.testing.assert_close(state_run["optimizer"]["state"][index][key], value, rtol=0, atol=1e-6)
+    with (tmp_path / "run" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    with (tmp_path / "full" / "metrics.csv").open() as f:
+        full_rows = list(csv.DictReader(f))
+    assert [float(r["total_loss"]) for r in rows] == pytest.approx(
+        [float(r["total_loss"]) for r in full_rows]
+    )
+    assert {"total_loss", "loss_mse", "loss_l1", "lr", "time"} <= set(rows[0])
+    # max_iters 6: both steps at int(0.9 * 6) = int(0.95 * 6) = 5 iterations done; the head's lr is logged
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-2] * 5 + [1e-4])
+
+
+def test_nan_loss_stops_with_iteration_and_keeps_last_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def nan_criterion(outputs, targets):
+        calls["n"] += 1
+        losses = tiny_criterion(outputs, targets)
+        if calls["n"] == 3:
+            losses["loss_mse"] = losses["loss_mse"] * float("nan")
+        return losses
+
+    trainer = make_trainer(tmp_path, criterion=nan_criterion, checkpoint_period=1)
+    with pytest.raises(FloatingPointError, match=r"iteration 3\b.*model_0000002\.safetensors"):
+        trainer.train()
+    assert ckpt.find_last_checkpoint(tmp_path).name == "model_0000002.safetensors"
+    assert not (tmp_path / "model_0000003.safetensors").exists()
+    ckpt.load_training_state(tmp_path / "model_0000002.safetensors")
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    whole = first_step_gradients(make_trainer(tmp_path / "a", dropout=0.0))
+    accumulated = first_step_gradients(make_trainer(tmp_path / "b", dropout=0.0, grad_accum_steps=2))
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path):
+    trainer = make_trainer(tmp_path, clip_grad_norm=1e-3)
+    first_step_gradients(trainer)
+    trainer.optimizer_step()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.module.parameters()]))
+    assert norm <= 1e-3 * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_runs_and_stays_finite(tmp_path, amp):
+    final = make_trainer(tmp_path, amp=amp, max_iters=2).train()
+    weights = read_weights(final)
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    if amp == "fp16":
+        state = ckpt.load_training_state(tmp_path / "model_0000002.safetensors")
+        assert state["scaler"]["scale"] > 0
+
+
+def test_periodic_evaluation_is_logged(tmp_path):
+    seen = []
+
+    def evaluate_fn(model):
+        seen.append(model.training)
+        return {"score": float(len(seen))}
+
+    trainer = make_trainer(tmp_path, eval_period=2)
+    trainer.evaluate_fn = evaluate_fn
+    trainer.train()
+    assert seen == [False, False, False]
+    with (tmp_path / "eval.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["iteration"]), float(r["score"])) for r in rows] == [(2, 1.0), (4, 2.0), (6, 3.0)]
+    assert trainer.module.training

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+
+from m2f import visualize
+
+
+def test_panoptic_overlay_blends_class_colours():
+    image = np.full((300, 300, 3), 100, dtype=np.uint8)
+    seg = np.zeros((300, 300), dtype=np.int32)
+    seg[:150] = 1
+    seg[150:, 150:] = 2
+    segments = [{"id": 1, "category_id": 0, "isthing": False}, {"id": 2, "category_id": 2, "isthing": True}]
+    overlay = np.asarray(visualize.draw_panoptic(image, seg, segments, ["sky", "grass", "car"]))
+    palette = visualize.class_colors(3)
+    expected_sky = np.round(
+        100 * (1 - visualize.MASK_ALPHA) + visualize.MASK_ALPHA * palette[0].astype(float)
+    )
+    np.testing.assert_array_equal(overlay[50, 50], expected_sky)
+    np.testing.assert_array_equal(overlay[200, 50], [100, 100, 100])  # void is left as it is
+    assert overlay.shape[1] > 300  # legend panel
+
+
+def test_small_images_are_enlarged_by_an_integer_factor():
+    image = np.zeros((64, 32, 3), dtype=np.uint8)
+    label_map = np.zeros((64, 32), dtype=np.int64)
+    label_map[:, 16:] = 1
+    overlay = np.asarray(visualize.draw_semantic(image, label_map, ["a", "b"]))
+    assert overlay.shape[0] == 256
+    palette = visualize.class_colors(2)
+    np.testing.assert_array_equal(overlay[10, 20], np.round(visualize.MASK_ALPHA * palette[0].astype(float)))
+    np.testing.assert_array_equal(overlay[10, 100], np.round(visualize.MASK_ALPHA * palette[1].astype(float)))
+
+
+def test_instances_respect_score_threshold():
+    image = np.full((256, 256, 3), 50, dtype=np.uint8)
+    masks = np.zeros((2, 256, 256), dtype=bool)
+    masks[0, 10:50, 10:50] = True
+    masks[1, 100:150, 100:150] = True
+    overlay = np.asarray(visualize.draw_instances(image, masks, [0, 1], [0.9, 0.2], ["a", "b"], 0.5))
+    assert not np.array_equal(overlay[30, 30], [50, 50, 50])
+    np.testing.assert_array_equal(overlay[125, 125], [50, 50, 50])
+
+
+def test_bad_inputs_name_the_argument():
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="image"):
+        visualize.draw_semantic(np.zeros((8, 8), dtype=np.uint8), np.zeros((8, 8)), ["a"])
+    with pytest.raises(ValueError, match="label_map"):
+        visualize.draw_semantic(image, np.zeros((4, 8)), ["a"])
+    with pytest.raises(ValueError, match="outside"):
+        visualize.draw_semantic(image, np.full((8, 8), 3), ["a"])
+
+
+def test_loss_curve_png(tmp_path):
+    csv_path = tmp_path / "metrics.csv"
+    rows = ["iteration,total_loss,loss_ce,loss_ce_0,lr"] + [
+        f"{i},{10 / i},{5 / i},{6 / i},0.1" for i in range(1, 6)
+    ]
+    csv_path.write_text("\n".join(rows) + "\n")
+    visualize.plot_loss_curve(csv_path, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,203 @@
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from m2f.cli import main
+from m2f.data import rgb_to_id
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    args = ["make-synthetic", "--out", str(root), "--num-train", "4", "--num-val", "2", "--image-size", "64"]
+    assert main(args) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    args = ["train", "--config", "demo-tiny", "--data-root", str(synthetic_root), "--out", str(out)]
+    args += ["--max-iters", "2", "--batch-size", "2", "--image-size", "64", "--num-workers", "0"]
+    args += ["--log-period", "1", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    return out
+
+
+def test_make_synthetic_writes_the_coco_layout(synthetic_root):
+    assert len(list((synthetic_root / "train2017").glob("*.jpg"))) == 4
+    assert len(list((synthetic_root / "val2017").glob("*.jpg"))) == 2
+    panoptic = json.loads((synthetic_root / "annotations" / "panoptic_val2017.json").read_text())
+    assert len(panoptic["annotations"]) == 2
+
+
+def test_train_writes_checkpoints_and_log(trained_run):
+    assert (trained_run / "model_0000002.safetensors").is_file()
+    assert (trained_run / "model_0000002.state.pt").is_file()
+    assert (trained_run / "model_final.safetensors").is_file()
+    with (trained_run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iteration"]) for r in rows] == [1, 2]
+    assert all(np.isfinite(float(r["total_loss"])) for r in rows)
+
+
+def test_train_resume_continues_from_the_last_checkpoint(synthetic_root, trained_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "resumed"
+    shutil.copytree(trained_run, out)
+    args = [
+        "train",
+        "--config",
+        "demo-tiny",
+        "--data-root",
+        str(synthetic_root),
+        "--out",
+        str(out),
+        "--resume",
+    ]
+    args += ["--max-iters", "3", "--batch-size", "2", "--image-size", "64", "--num-workers", "0"]
+    args += ["--log-period", "1", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    assert "at iteration 2" in capsys.readouterr().out
+    with (out / "metrics.csv").open() as f:
+        assert [int(r["iteration"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_eval_prints_table_and_writes_json(synthetic_root, trained_run, tmp_path, capsys):
+    output = tmp_path / "results.json"
+    args = ["eval", "--config", "demo-tiny", "--checkpoint", str(trained_run / "model_final.safetensors")]
+    args += [
+        "--data-root",
+        str(synthetic_root),
+        "--output",
+        str(output),
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "PQ" in printed and "Things" in printed
+    results = json.loads(output.read_text())
+    assert results["task"] == "panoptic" and 0 <= results["PQ"] <= 100
+    assert results["num_images"] == 2
+
+
+def test_predict_writes_overlays_and_raw_predictions(synthetic_root, trained_run, tmp_path):
+    images = sorted((synthetic_root / "val2017").glob("*.jpg"))
+    args = ["predict", *map(str, images), "--checkpoint", str(trained_run / "model_final.safetensors")]
+    args += ["--out", str(tmp_path), "--device", "cpu", "--task", "panoptic", "--task", "semantic"]
+    args += ["--task", "instance"]
+    assert main(args) == 0
+    for image in images:
+        overlay = Image.open(tmp_path / f"{image.stem}.panoptic.png")
+        assert overlay.width > 64 and overlay.height >= 64
+        ids = rgb_to_id(np.asarray(Image.open(tmp_path / f"{image.stem}.panoptic_ids.png").convert("RGB")))
+        assert ids.shape == (64, 64)
+        segments = json.loads((tmp_path / f"{image.stem}.panoptic.json").read_text())["segments_info"]
+        assert set(np.unique(ids).tolist()) <= {0} | {s["id"] for s in segments}
+        labels = np.asarray(Image.open(tmp_path / f"{image.stem}.semantic_labels.png"))
+        assert labels.shape == (64, 64) and labels.max() < 6
+        instances = np.load(tmp_path / f"{image.stem}.instances.npz")
+        assert instances["masks"].shape[1:] == (64, 64) and instances["masks"].dtype == bool
+        assert len(instances["scores"]) == len(instances["labels"]) == len(instances["boxes"])
+
+
+def test_bad_input_is_one_clear_line(synthetic_root, tmp_path, capsys):
+    args = ["train", "--config", "no-such-config", "--data-root", str(synthetic_root), "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "unknown config name 'no-such-config'" in capsys.readouterr().err
+
+
+def test_eval_of_corrupt_checkpoint_names_the_file(synthetic_root, tmp_path, capsys):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    args = ["eval", "--config", "demo-tiny", "--checkpoint", str(broken), "--data-root", str(synthetic_root)]
+    assert main(args) == 2
+    assert str(broken) in capsys.readouterr().err
+
+
+def test_eval_validates_the_dataset_first(synthetic_root, trained_run, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    json_path = data / "annotations" / "panoptic_val2017.json"
+    panoptic = json.loads(json_path.read_text())
+    panoptic["annotations"][0]["segments_info"][0]["category_id"] = 999
+    json_path.write_text(json.dumps(panoptic))
+    args = ["eval", "--checkpoint", str(trained_run / "model_final.safetensors"), "--data-root", str(data)]
+    assert main([*args, "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "panoptic_val2017.json" in error and "999" in error
+
+
+def test_predict_missing_image_is_reported(trained_run, tmp_path, capsys):
+    args = [
+        "predict",
+        str(tmp_path / "nope.jpg"),
+        "--checkpoint",
+        str(trained_run / "model_final.safetensors"),
+    ]
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    assert "nope.jpg" in capsys.readouterr().err
+
+
+def test_convert_writes_safetensors_with_the_config(monkeypatch, tmp_path):
+    import safetensors
+    import torch
+
+    import m2f.convert
+
+    state = {"transformer_decoder.class_embed.weight": torch.randn(7, 8), "other": torch.arange(3.0)}
+    calls = []
+    monkeypatch.setattr(m2f.convert, "convert_checkpoint", lambda *args: calls.append(args) or state)
+    out = tmp_path / "converted.safetensors"
+    args = [
+        "convert",
+        str(tmp_path / "model_final.pkl"),
+        "--format",
+        "detectron2",
+        "--config",
+        "panoptic-r50",
+    ]
+    assert main([*args, "--out", str(out)]) == 0
+    assert calls == [(str(tmp_path / "model_final.pkl"), "detectron2", "panoptic-r50")]
+    with safetensors.safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["config"])["num_classes"] == 6
+        assert f.metadata()["converted_from"] == "detectron2:model_final.pkl"
+        for key, tensor in state.items():
+            assert torch.equal(f.get_tensor(key), tensor)
+
+
+def test_bench_forwards_arguments_to_pytest(monkeypatch):
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda argv: calls.append(argv) or 0)
+    assert main(["bench", "-k", "deform", "--benchmark-only"]) == 0
+    assert calls[0][:3] == [sys.executable, "-m", "pytest"]
+    assert calls[0][3].endswith("benchmarks") and calls[0][4:] == ["-k", "deform", "--benchmark-only"]
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run(
+        [sys.executable, "-m", "m2f", "--help"], capture_output=True, text=True, check=True
+    )
+    for command in ("train", "eval", "predict", "convert", "bench", "make-synthetic", "demo"):
+        assert command in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--max-iters", "2"]) == 0
+    assert "PQ untrained" in capsys.readouterr().out
+    results = json.loads((tmp_path / "demo_results.json").read_text())
+    assert results["iterations"] == 2 and 0 <= results["PQ_trained"] <= 100
+    assert (tmp_path / "loss_curve.png").is_file()
+    assert len(list((tmp_path / "predictions").glob("*.panoptic.png"))) == 4
