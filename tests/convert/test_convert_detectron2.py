@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import small_config
+from convert_fixtures import small_config
 
 from m2f.convert import ConversionError, UnsafeCheckpointError, convert_checkpoint, export_checkpoint
 from m2f.convert.detectron2 import load_detectron2_state_dict, restricted_load, save_detectron2_pkl
@@ -128,7 +128,7 @@ def test_frozen_batchnorm_checkpoint_into_counting_batchnorm():
     """detectron2's FrozenBN stores no num_batches_tracked; a model with BatchNorm2d gets zeros."""
     from dataclasses import replace
 
-    from conftest import random_state
+    from convert_fixtures import random_state
 
     config = small_config("resnet")
     counting = replace(config, backbone=replace(config.backbone, frozen_batchnorm=False))
@@ -140,7 +140,7 @@ def test_frozen_batchnorm_checkpoint_into_counting_batchnorm():
 
 def test_errors_list_the_keys():
     config = small_config("resnet")
-    from conftest import random_state
+    from convert_fixtures import random_state
 
     exported = export_checkpoint(random_state(config), "detectron2", config)
 

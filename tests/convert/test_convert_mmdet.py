@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import small_config
+from convert_fixtures import small_config
 
 from m2f.convert import ConversionError, convert_checkpoint, export_checkpoint
 from m2f.convert.keymaps import apply_rules, detectron2_to_model_rules, swin_unfold_to_official

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import small_config
+from convert_fixtures import small_config
 
 from m2f.convert import ConversionError, convert_checkpoint, export_checkpoint, save
 from m2f.convert.transformers import normalize_hf_keys
@@ -74,7 +74,7 @@ def test_round_trip_with_legacy_names(small_model_state):
 
 
 def test_files_and_save(tmp_path):
-    from conftest import random_state
+    from convert_fixtures import random_state
 
     config = small_config("resnet")
     state = random_state(config)
@@ -104,7 +104,7 @@ def test_not_a_transformers_checkpoint():
 
 def test_incomplete_attention_is_reported():
     config = small_config("resnet")
-    from conftest import random_state
+    from convert_fixtures import random_state
 
     exported = export_checkpoint(random_state(config), "transformers", config)
     del exported["model.transformer_module.decoder.layers.1.self_attn.k_proj.weight"]
