@@ -40,6 +40,12 @@ constexpr int64_t kKeyBlock = 128;
 #else
 #define M2F_CPU_MULTIVERSION
 #endif
+// Helpers of the hot loops are inlined into each of their callers' versions.
+#if defined(__GNUC__)
+#define M2F_CPU_INLINE inline __attribute__((always_inline))
+#else
+#define M2F_CPU_INLINE inline
+#endif
 
 // The hot loops work on kLanes values at a time with the GCC/Clang vector extension: the compiler
 // lowers a lane vector to the widest registers of the target (one AVX-512 register of floats), and
@@ -259,18 +265,67 @@ M2F_CPU_MULTIVERSION void load_rows(const scalar_t* src, int64_t row_begin, int6
   for (int64_t x = 0; x < n * d; ++x) dst[x] = static_cast<acc_t>(base[x]);
 }
 
+// Rows [row_begin, row_begin + n) of a (rows, d) matrix in acc_t: the input itself when it already
+// is acc_t, else a converted copy in buffer.
+template <typename scalar_t, typename acc_t>
+const acc_t* rows_as_acc(const scalar_t* src, int64_t row_begin, int64_t n, int64_t d,
+                         std::vector<acc_t>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src + row_begin * d;
+  } else {
+    buffer.resize(n * d);
+    load_rows(src, row_begin, n, d, buffer.data());
+    return buffer.data();
+  }
+}
+
+// Where the acc_t results for the rows from row_begin of a (rows, d) output go: the output itself
+// when it is acc_t, else buffer (the caller converts).
+template <typename scalar_t, typename acc_t>
+acc_t* output_rows(scalar_t* dst, int64_t row_begin, int64_t d, std::vector<acc_t>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return dst + row_begin * d;
+  } else {
+    return buffer.data();
+  }
+}
+
 // Converts rows [row_begin, row_begin + n) of a (rows, d) matrix to acc_t, transposed (d, stride).
 template <typename scalar_t, typename acc_t>
 M2F_CPU_MULTIVERSION void load_rows_transposed(const scalar_t* src, int64_t row_begin, int64_t n,
                                                int64_t d, int64_t stride, acc_t* dst) {
   const scalar_t* base = src + row_begin * d;
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t c = 0; c < d; ++c) dst[c * stride + j] = static_cast<acc_t>(base[j * d + c]);
+  for (int64_t c = 0; c < d; ++c) {
+    for (int64_t j = 0; j < n; ++j) dst[c * stride + j] = static_cast<acc_t>(base[j * d + c]);
   }
 }
 
-// Rows handled together by the matrix loops, so each loaded lane vector feeds kRowBlock products.
-constexpr int64_t kRowBlock = 4;
+// Rows handled together by the matrix loops: each loaded lane vector feeds kRowBlock independent
+// sums, enough to keep the multiply-add units busy. Every output is one sum in index order, so the
+// blocking does not change any result.
+constexpr int64_t kRowBlock = 8;
+
+// rows_times_columns for the kRows rows at rows (row stride d), written at out (row stride stride).
+template <int64_t kRows, typename acc_t>
+M2F_CPU_INLINE void rows_times_columns_block(const acc_t* rows, const acc_t* columns, int64_t n,
+                                             int64_t d, int64_t stride, acc_t* out) {
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= n; j0 += kLanes) {
+    lanes_t<acc_t> sums[kRows] = {};
+    for (int64_t c = 0; c < d; ++c) {
+      const lanes_t<acc_t> column = load_lanes(columns + c * stride + j0);
+      for (int64_t r = 0; r < kRows; ++r) sums[r] += rows[r * d + c] * column;
+    }
+    for (int64_t r = 0; r < kRows; ++r) store_lanes(out + r * stride + j0, sums[r]);
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t j = j0; j < n; ++j) {
+      acc_t sum = 0;
+      for (int64_t c = 0; c < d; ++c) sum += rows[r * d + c] * columns[c * stride + j];
+      out[r * stride + j] = sum;
+    }
+  }
+}
 
 // out[i * stride + j] = sum_c rows[i * d + c] * columns[c * stride + j] for i < num_rows, j < n.
 template <typename acc_t>
@@ -279,35 +334,32 @@ M2F_CPU_MULTIVERSION void rows_times_columns(const acc_t* rows, int64_t num_rows
                                              int64_t stride, acc_t* out) {
   int64_t i = 0;
   for (; i + kRowBlock <= num_rows; i += kRowBlock) {
-    const acc_t* r = rows + i * d;
-    int64_t j0 = 0;
-    for (; j0 + kLanes <= n; j0 += kLanes) {
-      lanes_t<acc_t> sum0{}, sum1{}, sum2{}, sum3{};
-      for (int64_t c = 0; c < d; ++c) {
-        const lanes_t<acc_t> column = load_lanes(columns + c * stride + j0);
-        sum0 += r[c] * column;
-        sum1 += r[d + c] * column;
-        sum2 += r[2 * d + c] * column;
-        sum3 += r[3 * d + c] * column;
-      }
-      store_lanes(out + i * stride + j0, sum0);
-      store_lanes(out + (i + 1) * stride + j0, sum1);
-      store_lanes(out + (i + 2) * stride + j0, sum2);
-      store_lanes(out + (i + 3) * stride + j0, sum3);
-    }
-    for (int64_t row = i; row < i + kRowBlock; ++row) {
-      for (int64_t j = j0; j < n; ++j) {
-        acc_t sum = 0;
-        for (int64_t c = 0; c < d; ++c) sum += rows[row * d + c] * columns[c * stride + j];
-        out[row * stride + j] = sum;
-      }
-    }
+    rows_times_columns_block<kRowBlock>(rows + i * d, columns, n, d, stride, out + i * stride);
   }
   for (; i < num_rows; ++i) {
+    rows_times_columns_block<1>(rows + i * d, columns, n, d, stride, out + i * stride);
+  }
+}
+
+// accumulate_weighted_rows for the kRows rows at weights and out.
+template <int64_t kRows, typename acc_t>
+M2F_CPU_INLINE void accumulate_weighted_rows_block(const acc_t* weights, int64_t n, int64_t stride,
+                                                   const acc_t* b, int64_t d, acc_t* out) {
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= d; c0 += kLanes) {
+    lanes_t<acc_t> sums[kRows];
+    for (int64_t r = 0; r < kRows; ++r) sums[r] = load_lanes(out + r * d + c0);
     for (int64_t j = 0; j < n; ++j) {
-      acc_t sum = 0;
-      for (int64_t c = 0; c < d; ++c) sum += rows[i * d + c] * columns[c * stride + j];
-      out[i * stride + j] = sum;
+      const lanes_t<acc_t> b_row = load_lanes(b + j * d + c0);
+      for (int64_t r = 0; r < kRows; ++r) sums[r] += weights[r * stride + j] * b_row;
+    }
+    for (int64_t r = 0; r < kRows; ++r) store_lanes(out + r * d + c0, sums[r]);
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t c = c0; c < d; ++c) {
+      acc_t sum = out[r * d + c];
+      for (int64_t j = 0; j < n; ++j) sum += weights[r * stride + j] * b[j * d + c];
+      out[r * d + c] = sum;
     }
   }
 }
@@ -319,37 +371,34 @@ M2F_CPU_MULTIVERSION void accumulate_weighted_rows(const acc_t* weights, int64_t
                                                    int64_t d, acc_t* out) {
   int64_t i = 0;
   for (; i + kRowBlock <= num_rows; i += kRowBlock) {
-    const acc_t* w = weights + i * stride;
-    acc_t* o = out + i * d;
-    int64_t c0 = 0;
-    for (; c0 + kLanes <= d; c0 += kLanes) {
-      lanes_t<acc_t> sum0 = load_lanes(o + c0), sum1 = load_lanes(o + d + c0);
-      lanes_t<acc_t> sum2 = load_lanes(o + 2 * d + c0), sum3 = load_lanes(o + 3 * d + c0);
-      for (int64_t j = 0; j < n; ++j) {
-        const lanes_t<acc_t> b_row = load_lanes(b + j * d + c0);
-        sum0 += w[j] * b_row;
-        sum1 += w[stride + j] * b_row;
-        sum2 += w[2 * stride + j] * b_row;
-        sum3 += w[3 * stride + j] * b_row;
-      }
-      store_lanes(o + c0, sum0);
-      store_lanes(o + d + c0, sum1);
-      store_lanes(o + 2 * d + c0, sum2);
-      store_lanes(o + 3 * d + c0, sum3);
-    }
-    for (int64_t row = i; row < i + kRowBlock; ++row) {
-      for (int64_t c = c0; c < d; ++c) {
-        acc_t sum = out[row * d + c];
-        for (int64_t j = 0; j < n; ++j) sum += weights[row * stride + j] * b[j * d + c];
-        out[row * d + c] = sum;
-      }
-    }
+    accumulate_weighted_rows_block<kRowBlock>(weights + i * stride, n, stride, b, d, out + i * d);
   }
   for (; i < num_rows; ++i) {
-    for (int64_t c = 0; c < d; ++c) {
-      acc_t sum = out[i * d + c];
-      for (int64_t j = 0; j < n; ++j) sum += weights[i * stride + j] * b[j * d + c];
-      out[i * d + c] = sum;
+    accumulate_weighted_rows_block<1>(weights + i * stride, n, stride, b, d, out + i * d);
+  }
+}
+
+// accumulate_weighted_rows_transposed for the kRows columns at weights and rows at out.
+template <int64_t kRows, typename acc_t>
+M2F_CPU_INLINE void accumulate_weighted_rows_transposed_block(const acc_t* weights,
+                                                              int64_t num_rows, int64_t stride,
+                                                              const acc_t* a, int64_t d,
+                                                              acc_t* out) {
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= d; c0 += kLanes) {
+    lanes_t<acc_t> sums[kRows];
+    for (int64_t r = 0; r < kRows; ++r) sums[r] = load_lanes(out + r * d + c0);
+    for (int64_t i = 0; i < num_rows; ++i) {
+      const lanes_t<acc_t> a_row = load_lanes(a + i * d + c0);
+      for (int64_t r = 0; r < kRows; ++r) sums[r] += weights[i * stride + r] * a_row;
+    }
+    for (int64_t r = 0; r < kRows; ++r) store_lanes(out + r * d + c0, sums[r]);
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t c = c0; c < d; ++c) {
+      acc_t sum = out[r * d + c];
+      for (int64_t i = 0; i < num_rows; ++i) sum += weights[i * stride + r] * a[i * d + c];
+      out[r * d + c] = sum;
     }
   }
 }
@@ -362,38 +411,11 @@ M2F_CPU_MULTIVERSION void accumulate_weighted_rows_transposed(const acc_t* weigh
                                                               int64_t d, acc_t* out) {
   int64_t j = 0;
   for (; j + kRowBlock <= n; j += kRowBlock) {
-    acc_t* o = out + j * d;
-    int64_t c0 = 0;
-    for (; c0 + kLanes <= d; c0 += kLanes) {
-      lanes_t<acc_t> sum0 = load_lanes(o + c0), sum1 = load_lanes(o + d + c0);
-      lanes_t<acc_t> sum2 = load_lanes(o + 2 * d + c0), sum3 = load_lanes(o + 3 * d + c0);
-      for (int64_t i = 0; i < num_rows; ++i) {
-        const lanes_t<acc_t> a_row = load_lanes(a + i * d + c0);
-        const acc_t* w = weights + i * stride + j;
-        sum0 += w[0] * a_row;
-        sum1 += w[1] * a_row;
-        sum2 += w[2] * a_row;
-        sum3 += w[3] * a_row;
-      }
-      store_lanes(o + c0, sum0);
-      store_lanes(o + d + c0, sum1);
-      store_lanes(o + 2 * d + c0, sum2);
-      store_lanes(o + 3 * d + c0, sum3);
-    }
-    for (int64_t key = j; key < j + kRowBlock; ++key) {
-      for (int64_t c = c0; c < d; ++c) {
-        acc_t sum = out[key * d + c];
-        for (int64_t i = 0; i < num_rows; ++i) sum += weights[i * stride + key] * a[i * d + c];
-        out[key * d + c] = sum;
-      }
-    }
+    accumulate_weighted_rows_transposed_block<kRowBlock>(weights + j, num_rows, stride, a, d,
+                                                         out + j * d);
   }
   for (; j < n; ++j) {
-    for (int64_t c = 0; c < d; ++c) {
-      acc_t sum = out[j * d + c];
-      for (int64_t i = 0; i < num_rows; ++i) sum += weights[i * stride + j] * a[i * d + c];
-      out[j * d + c] = sum;
-    }
+    accumulate_weighted_rows_transposed_block<1>(weights + j, num_rows, stride, a, d, out + j * d);
   }
 }
 
@@ -417,6 +439,25 @@ M2F_CPU_MULTIVERSION acc_t exp_visible(acc_t* values, const acc_t* visible, int6
     sum += values[j0];
   }
   return sum;
+}
+
+// For one row of the backward: probs[j] = P = visible[j] * exp(probs[j] * scale - lse) from the
+// raw score, and grad_scores[j] = score_gradient(P, dP = grad_scores[j], delta).
+template <typename acc_t>
+M2F_CPU_MULTIVERSION void probabilities_and_score_gradients(acc_t* probs, acc_t* grad_scores,
+                                                            const acc_t* visible, int64_t n,
+                                                            acc_t scale, acc_t lse, acc_t delta) {
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= n; j0 += kLanes) {
+    const lanes_t<acc_t> p =
+        exp_lanes(load_lanes(probs + j0) * scale - lse) * load_lanes(visible + j0);
+    store_lanes(probs + j0, p);
+    store_lanes(grad_scores + j0, p * (load_lanes(grad_scores + j0) - delta));
+  }
+  for (; j0 < n; ++j0) {
+    probs[j0] = visible[j0] * exp_scalar(probs[j0] * scale - lse);
+    grad_scores[j0] = score_gradient(probs[j0], grad_scores[j0], delta);
+  }
 }
 
 // Largest visible scaled score of a row, -inf if none.
@@ -623,16 +664,16 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const int64_t num_chunks = (s.keys + kKeyChunk - 1) / kKeyChunk;
   std::vector<acc> grad_q_partial(num_chunks * num_rows * d, acc(0));
   at::parallel_for(0, s.batch * num_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> q_rows(heads * nq * d), grad_out_rows(heads * nq * d);
-    std::vector<acc> k_block(kKeyBlock * d), k_transposed(d * kKeyBlock),
-        v_transposed(d * kKeyBlock);
-    std::vector<acc> grad_k_acc(kKeyBlock * d), grad_v_acc(kKeyBlock * d);
+    std::vector<acc> q_buffer, grad_out_buffer, k_buffer;
+    std::vector<acc> k_transposed(d * kKeyBlock), v_transposed(d * kKeyBlock);
+    std::vector<acc> grad_k_buffer(kKeyBlock * d), grad_v_buffer(kKeyBlock * d);
     std::vector<acc> probs(nq * kKeyBlock), grad_scores(nq * kKeyBlock), visible(nq * kKeyBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / num_chunks, chunk = task % num_chunks;
       const int64_t chunk_end = std::min(s.keys, (chunk + 1) * kKeyChunk);
-      load_rows(q_data, b * heads * nq, heads * nq, d, q_rows.data());
-      load_rows(grad_out_data, b * heads * nq, heads * nq, d, grad_out_rows.data());
+      const acc* q_rows = rows_as_acc(q_data, b * heads * nq, heads * nq, d, q_buffer);
+      const acc* grad_out_rows =
+          rows_as_acc(grad_out_data, b * heads * nq, heads * nq, d, grad_out_buffer);
       for (int64_t key_begin = chunk * kKeyChunk; key_begin < chunk_end; key_begin += kKeyBlock) {
         const int64_t nk = std::min(kKeyBlock, chunk_end - key_begin);
         for (int64_t h = 0; h < heads; ++h) {
@@ -640,36 +681,38 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           if (h == 0 || !mask_shared_by_heads) {
             mask.fill_visibility_block(b, h, key_begin, nk, kKeyBlock, visible.data());
           }
-          const acc* q_head = q_rows.data() + h * nq * d;
-          const acc* grad_out_head = grad_out_rows.data() + h * nq * d;
+          const acc* q_head = q_rows + h * nq * d;
+          const acc* grad_out_head = grad_out_rows + h * nq * d;
           const int64_t kv_row0 = bh * s.keys + key_begin;
-          load_rows(k_data, kv_row0, nk, d, k_block.data());
+          const acc* k_rows = rows_as_acc(k_data, kv_row0, nk, d, k_buffer);
           load_rows_transposed(k_data, kv_row0, nk, d, kKeyBlock, k_transposed.data());
           load_rows_transposed(v_data, kv_row0, nk, d, kKeyBlock, v_transposed.data());
-          std::fill(grad_k_acc.begin(), grad_k_acc.end(), acc(0));
-          std::fill(grad_v_acc.begin(), grad_v_acc.end(), acc(0));
-          // probs holds the raw scores first; grad_scores holds dP = dO V^T first.
+          // float32 gradients are summed in place; other dtypes go through acc_t buffers.
+          acc* grad_k_rows = output_rows(grad_k_data, kv_row0, d, grad_k_buffer);
+          acc* grad_v_rows = output_rows(grad_v_data, kv_row0, d, grad_v_buffer);
+          std::fill(grad_k_rows, grad_k_rows + nk * d, acc(0));
+          std::fill(grad_v_rows, grad_v_rows + nk * d, acc(0));
+          // probs holds the raw scores S = Q K^T first; grad_scores holds dP = dO V^T first.
           rows_times_columns(q_head, nq, k_transposed.data(), nk, d, kKeyBlock, probs.data());
           rows_times_columns(grad_out_head, nq, v_transposed.data(), nk, d, kKeyBlock,
                              grad_scores.data());
           for (int64_t i = 0; i < nq; ++i) {
-            acc* row_probs = probs.data() + i * kKeyBlock;
-            acc* row_grad_scores = grad_scores.data() + i * kKeyBlock;
-            const acc delta = row_delta[bh * nq + i];
-            exp_visible(row_probs, visible.data() + i * kKeyBlock, nk, scale, row_lse[bh * nq + i]);
-            for (int64_t j = 0; j < nk; ++j) {
-              row_grad_scores[j] = score_gradient(row_probs[j], row_grad_scores[j], delta);
-            }
+            probabilities_and_score_gradients(probs.data() + i * kKeyBlock,
+                                              grad_scores.data() + i * kKeyBlock,
+                                              visible.data() + i * kKeyBlock, nk, scale,
+                                              row_lse[bh * nq + i], row_delta[bh * nq + i]);
           }
           accumulate_weighted_rows_transposed(probs.data(), nq, nk, kKeyBlock, grad_out_head, d,
-                                              grad_v_acc.data());
+                                              grad_v_rows);
           accumulate_weighted_rows_transposed(grad_scores.data(), nq, nk, kKeyBlock, q_head, d,
-                                              grad_k_acc.data());
-          accumulate_weighted_rows(grad_scores.data(), nq, nk, kKeyBlock, k_block.data(), d,
+                                              grad_k_rows);
+          accumulate_weighted_rows(grad_scores.data(), nq, nk, kKeyBlock, k_rows, d,
                                    grad_q_partial.data() + (chunk * num_rows + bh * nq) * d);
           for (int64_t x = 0; x < nk * d; ++x) {
-            grad_k_data[kv_row0 * d + x] = static_cast<scalar_t>(grad_k_acc[x] * scale);
-            grad_v_data[kv_row0 * d + x] = static_cast<scalar_t>(grad_v_acc[x]);
+            grad_k_data[kv_row0 * d + x] = static_cast<scalar_t>(grad_k_rows[x] * scale);
+            if constexpr (!std::is_same_v<scalar_t, acc>) {
+              grad_v_data[kv_row0 * d + x] = static_cast<scalar_t>(grad_v_rows[x]);
+            }
           }
         }
       }
