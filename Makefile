@@ -7,23 +7,31 @@ DEMO_OUT ?= demo_output
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= 2
+export M2F_KERNELS_SKIP_CUDA ?= 0
 
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 PYSRC_DIRS := m2f m2f_kernels tests benchmarks setup.py
 
-.PHONY: setup build lint format test demo bench clean
+.PHONY: setup build lint format test demo bench clean FORCE
 
+# The Python packages and dependencies; the kernel library is built by the rule below, in place.
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1 setuptools wheel ninja
-	$(PY) -m pip install --no-build-isolation -e ".[test]"
-	touch $@ m2f_kernels/_C.so
+	M2F_KERNELS_NO_EXTENSION=1 $(PY) -m pip install --no-build-isolation -e ".[test]"
+	touch $@
 
 setup: $(VENV)/.installed
 
-# Incremental rebuild of the kernel library (ninja) after csrc/ changes.
-m2f_kernels/_C.so: $(VENV)/.installed $(CSRC) csrc/sources.txt
+# The library is rebuilt (incrementally, by ninja) when csrc/ changes or the CUDA switch differs from the
+# last build's.
+BUILD_FLAGS = skip_cuda=$(M2F_KERNELS_SKIP_CUDA) arch=$(TORCH_CUDA_ARCH_LIST)
+build/flags: FORCE
+	@mkdir -p build
+	@echo '$(BUILD_FLAGS)' | cmp -s - $@ || echo '$(BUILD_FLAGS)' > $@
+
+m2f_kernels/_C.so: $(VENV)/.installed $(CSRC) csrc/sources.txt build/flags
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
@@ -42,6 +50,8 @@ format: setup
 test: build lint
 	$(PY) -m pytest -q tests
 
+# Without a GPU the demo needs only the CPU kernels, which build in a fraction of the CUDA build's time.
+demo: export M2F_KERNELS_SKIP_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 0 || echo 1)
 demo: build
 	$(VENV)/bin/m2f demo --out $(DEMO_OUT)
 

@@ -5,6 +5,8 @@ Switches (environment variables):
   M2F_KERNELS_SKIP_CUDA=1   never build the CUDA sources
   TORCH_CUDA_ARCH_LIST      target architectures, e.g. "8.0;9.0"
   MAX_JOBS                  parallel compile jobs (ninja)
+  M2F_KERNELS_NO_EXTENSION=1  install the Python packages only (the Makefile then builds the library in
+                            place with `setup.py build_ext --inplace`, incrementally)
 """
 
 import os
@@ -70,6 +72,6 @@ def extension():
 
 
 setup(
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("M2F_KERNELS_NO_EXTENSION", "0") == "1" else [extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)},
 )
