@@ -58,7 +58,7 @@ class MSDeformAttnEncoderLayer(nn.Module):
         src = self.norm1(
             src + self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
         )
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.linear2(F.relu(self.linear1(src), inplace=True)))
 
 
 class MSDeformAttnEncoder(nn.Module):
