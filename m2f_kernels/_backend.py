@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 import threading
 import warnings
@@ -79,7 +80,9 @@ def _jit_build() -> str:
     sources = _unique_named_sources(
         _source_list("cpu") + (_source_list("cuda") if with_cuda else []), build_dir
     )
-    warnings.warn(f"m2f_kernels: building the kernel library with ninja in {build_dir} (once)", stacklevel=3)
+    logging.getLogger(__name__).warning(
+        "m2f_kernels: building the kernel library with ninja in %s", build_dir
+    )
     cpp_extension.load(
         name="m2f_kernels_C",
         sources=sources,

@@ -104,7 +104,9 @@ def test_empty_inputs_give_empty_or_zero_results():
     assert ce.shape == dice.shape == (4, 0)
     mask = torch.randn(0, 4, 4, requires_grad=True)
     ce, dice = m2f_kernels.point_mask_loss(mask, torch.zeros(0, 8, 8), torch.rand(0, 10, 2), 1.0)
-    assert float(ce) == 0.0 and float(dice) == 0.0
+    assert ce.item() == 0.0 and dice.item() == 0.0
+    ce.backward()
+    assert mask.grad is not None and mask.grad.shape == mask.shape
 
 
 def test_nan_locations_contribute_nothing():
