@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._backend import OpKernels
@@ -142,6 +143,15 @@ def _backward(ctx, grad_out, grad_lse):
 _masked_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _gpu_fallback(q: Tensor, backend: str) -> str:
+    """The CUDA and Triton kernels take float16/bfloat16/float32 with head dims 16, 32 and 64; "auto" sends
+    other GPU inputs to the PyTorch backend instead of failing."""
+    if backend == "auto" and q.device.type == "cuda":
+        if q.dtype == torch.float64 or q.shape[-1] not in (16, 32, 64):
+            return "torch"
+    return backend
+
+
 def _check_mask_inputs(q: Tensor, k: Tensor, mask_logits: Tensor | None, attn_mask: Tensor | None):
     """Validates the masks and returns attn_mask in the kernel layout (B, Hm, Q, K), Hm in {1, H}."""
     batch, heads, queries, _ = q.shape
@@ -183,7 +193,8 @@ def masked_attention(
     NaN is blocked), or attn_mask (B, Q, K) / (B * H, Q, K) bool with True = blocked. A query whose row
     blocks every key attends to all keys (Mask2Former's rule). scale defaults to d ** -0.5.
     Returns (B, H, Q, d), and with return_attn_probs=True also the probabilities (B, H, Q, K) float32,
-    computed separately for debugging (never on the fast path). Gradients flow to q, k and v.
+    computed separately for debugging (never on the fast path). Gradients flow to q, k and v. Without a
+    mask this is dense attention (torch's scaled_dot_product_attention).
     """
     check_tensor("q", q, ndim=4, floating=True)
     check_tensor("k", k, ndim=4, floating=True)
@@ -191,25 +202,28 @@ def masked_attention(
     batch, heads, _, head_dim = q.shape
     keys = k.shape[2]
     check_shape("k", k, (batch, heads, keys, head_dim), "B, H, K, d like q")
-    check_shape("v", v, (batch, heads, keys, None), "B, H, K, dv")
+    check_shape("v", v, (batch, heads, keys, head_dim), "B, H, K, d like k")
     check_same_device("q", q, k=k, v=v, mask_logits=mask_logits, attn_mask=attn_mask)
     attn_mask = _check_mask_inputs(q, k, mask_logits, attn_mask)
     threshold_logit = threshold_to_logit(float(threshold))
     scale = head_dim**-0.5 if scale is None else float(scale)
     q, k, v, mask_logits = cast_for_autocast(q.device, q, k, v, mask_logits)
     check_same_dtype("q", q, k=k, v=v)
-    if mask_logits is not None:
-        mask_logits = mask_logits.to(q.dtype).contiguous()
-    out, _ = _masked_attention(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        mask_logits,
-        attn_mask,
-        threshold_logit,
-        scale,
-        backend,
-    )
+    if mask_logits is None and attn_mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        if mask_logits is not None:
+            mask_logits = mask_logits.to(q.dtype).contiguous()
+        out, _ = _masked_attention(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            mask_logits,
+            attn_mask,
+            threshold_logit,
+            scale,
+            _gpu_fallback(q, backend),
+        )
     if not return_attn_probs:
         return out
     with torch.no_grad():

@@ -198,8 +198,22 @@ def test_msda_bad_inputs():
         m2f_kernels.ms_deform_attn(value, shapes, starts, meta_locations, weights)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_masked_attention_without_a_mask_is_dense_attention(backend):
+    q, k, v, _ = attention_inputs(requires_grad=True)
+    out, probs = m2f_kernels.masked_attention(q, k, v, return_attn_probs=True, backend=backend)
+    expected, expected_probs = reference.masked_attention(q, k, v)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(probs, expected_probs.float())
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad(expected.sum(), (q, k, v))):
+        torch.testing.assert_close(got, want)
+
+
 def test_masked_attention_bad_inputs():
     q, k, v, logits = attention_inputs()
+    with pytest.raises(ValueError, match="v must have shape"):
+        m2f_kernels.masked_attention(q, k, v[..., :2], logits)
     with pytest.raises(ValueError, match="k must have shape"):
         m2f_kernels.masked_attention(q, k[..., :2], v)
     with pytest.raises(ValueError, match="mask_logits must have shape"):
