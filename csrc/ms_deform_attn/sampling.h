@@ -1,26 +1,18 @@
 // Per-sample math of multi-scale deformable attention, shared by the CPU and CUDA kernels.
 //
 // Torch-free: every function here is plain arithmetic on the accumulation type (float or double).
-// Convention (all backends): a normalized location (loc_x, loc_y) in [0, 1] maps to the pixel
-// coordinate x = loc_x * W - 0.5, y = loc_y * H - 0.5 (align_corners=False). The sample contributes
-// (value and gradient) only if -1 < x < W and -1 < y < H, so NaN contributes nothing. Bilinear
-// interpolation uses the floor cell (x0 = floor(x)); corners outside the image read zero.
+// Locations follow the bilinear convention of common/bilinear.h (align_corners=False, a sample
+// outside -1 < x < W, -1 < y < H contributes nothing, corners outside the image read zero).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define M2F_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define M2F_HOST_DEVICE inline
-#endif
+#include "common/bilinear.h"
 
 namespace m2f {
 namespace msda {
 
-M2F_HOST_DEVICE float floor_acc(float x) { return floorf(x); }
-M2F_HOST_DEVICE double floor_acc(double x) { return floor(x); }
 M2F_HOST_DEVICE float exp_acc(float x) { return expf(x); }
 M2F_HOST_DEVICE double exp_acc(double x) { return exp(x); }
 
@@ -40,10 +32,8 @@ template <typename acc_t>
 M2F_HOST_DEVICE BilinearPoint<acc_t> bilinear_point(acc_t loc_x, acc_t loc_y, int64_t height,
                                                     int64_t width) {
   BilinearPoint<acc_t> pt;
-  const acc_t x = loc_x * static_cast<acc_t>(width) - static_cast<acc_t>(0.5);
-  const acc_t y = loc_y * static_cast<acc_t>(height) - static_cast<acc_t>(0.5);
-  pt.valid = x > static_cast<acc_t>(-1) && x < static_cast<acc_t>(width) &&
-             y > static_cast<acc_t>(-1) && y < static_cast<acc_t>(height);
+  const BilinearCell<acc_t> cell = bilinear_cell<acc_t>(loc_x, loc_y, height, width);
+  pt.valid = cell.valid;
   if (!pt.valid) {
     for (int k = 0; k < 4; ++k) {
       pt.corner[k] = -1;
@@ -51,14 +41,12 @@ M2F_HOST_DEVICE BilinearPoint<acc_t> bilinear_point(acc_t loc_x, acc_t loc_y, in
     }
     return pt;
   }
-  const acc_t x_floor = floor_acc(x);
-  const acc_t y_floor = floor_acc(y);
-  const int64_t x0 = static_cast<int64_t>(x_floor);
-  const int64_t y0 = static_cast<int64_t>(y_floor);
+  const int64_t x0 = cell.x0;
+  const int64_t y0 = cell.y0;
   const int64_t x1 = x0 + 1;
   const int64_t y1 = y0 + 1;
-  const acc_t lx = x - x_floor;
-  const acc_t ly = y - y_floor;
+  const acc_t lx = cell.lx;
+  const acc_t ly = cell.ly;
   const acc_t hx = 1 - lx;
   const acc_t hy = 1 - ly;
 

@@ -1,57 +1,31 @@
 // Per-point math of the point-sampled mask losses, shared by the CPU and CUDA kernels.
 //
-// Coordinates are normalized (x, y) in [0, 1]; the pixel coordinate is x * W - 0.5
-// (align_corners=False). A point contributes (value and gradient) only if -1 < x < W and -1 < y < H
-// (NaN contributes nothing); corners outside the image read 0. Gradients use the floor cell.
+// Coordinates are normalized (x, y) in [0, 1] and follow the bilinear convention of
+// common/bilinear.h (align_corners=False, a point outside -1 < x < W, -1 < y < H contributes
+// nothing, corners outside the image read 0, gradients use the floor cell).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define M2F_POINT_HD __host__ __device__ __forceinline__
-#else
-#define M2F_POINT_HD inline
-#endif
+#include "common/bilinear.h"
 
 namespace m2f {
 namespace point_loss {
 
-M2F_POINT_HD float exp_acc(float v) { return expf(v); }
-M2F_POINT_HD double exp_acc(double v) { return exp(v); }
-M2F_POINT_HD float log1p_acc(float v) { return log1pf(v); }
-M2F_POINT_HD double log1p_acc(double v) { return log1p(v); }
+M2F_HOST_DEVICE float exp_acc(float v) { return expf(v); }
+M2F_HOST_DEVICE double exp_acc(double v) { return exp(v); }
+M2F_HOST_DEVICE float log1p_acc(float v) { return log1pf(v); }
+M2F_HOST_DEVICE double log1p_acc(double v) { return log1p(v); }
 
 // The floor cell of a point and its fractional offsets inside the cell.
 template <typename acc_t>
-struct BilinearPoint {
-  int64_t x0;
-  int64_t y0;
-  acc_t lx;
-  acc_t ly;
-  bool valid;
-};
+using BilinearPoint = BilinearCell<acc_t>;
 
 template <typename acc_t>
-M2F_POINT_HD BilinearPoint<acc_t> locate_point(acc_t coord_x, acc_t coord_y, int64_t height,
-                                               int64_t width) {
-  const acc_t x = coord_x * static_cast<acc_t>(width) - acc_t(0.5);
-  const acc_t y = coord_y * static_cast<acc_t>(height) - acc_t(0.5);
-  BilinearPoint<acc_t> point{0, 0, acc_t(0), acc_t(0), false};
-  // Written so that NaN fails the test.
-  if (!(x > acc_t(-1) && x < static_cast<acc_t>(width) && y > acc_t(-1) &&
-        y < static_cast<acc_t>(height))) {
-    return point;
-  }
-  // floor for x > -1: truncate, then step down for negative fractions (cheaper than a floor call).
-  point.x0 = static_cast<int64_t>(x);
-  point.y0 = static_cast<int64_t>(y);
-  if (static_cast<acc_t>(point.x0) > x) --point.x0;
-  if (static_cast<acc_t>(point.y0) > y) --point.y0;
-  point.lx = x - static_cast<acc_t>(point.x0);
-  point.ly = y - static_cast<acc_t>(point.y0);
-  point.valid = true;
-  return point;
+M2F_HOST_DEVICE BilinearPoint<acc_t> locate_point(acc_t coord_x, acc_t coord_y, int64_t height,
+                                                  int64_t width) {
+  return bilinear_cell<acc_t>(coord_x, coord_y, height, width);
 }
 
 // The four corner values of the floor cell, 0 outside the plane (row-major, height x width).
@@ -64,8 +38,8 @@ struct CornerValues {
 };
 
 template <typename acc_t, typename value_t>
-M2F_POINT_HD CornerValues<acc_t> read_corners(const value_t* plane, int64_t height, int64_t width,
-                                              const BilinearPoint<acc_t>& point) {
+M2F_HOST_DEVICE CornerValues<acc_t> read_corners(const value_t* plane, int64_t height,
+                                                 int64_t width, const BilinearPoint<acc_t>& point) {
   CornerValues<acc_t> corners{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
   const int64_t x1 = point.x0 + 1;
   const int64_t y1 = point.y0 + 1;
@@ -85,7 +59,7 @@ M2F_POINT_HD CornerValues<acc_t> read_corners(const value_t* plane, int64_t heig
 }
 
 template <typename acc_t>
-M2F_POINT_HD acc_t interpolate(const CornerValues<acc_t>& c, const BilinearPoint<acc_t>& point) {
+M2F_HOST_DEVICE acc_t interpolate(const CornerValues<acc_t>& c, const BilinearPoint<acc_t>& point) {
   const acc_t hx = acc_t(1) - point.lx;
   const acc_t hy = acc_t(1) - point.ly;
   return hy * (hx * c.v00 + point.lx * c.v01) + point.ly * (hx * c.v10 + point.lx * c.v11);
@@ -93,8 +67,8 @@ M2F_POINT_HD acc_t interpolate(const CornerValues<acc_t>& c, const BilinearPoint
 
 // Bilinear sample of a plane at a point; 0 for a point that does not contribute.
 template <typename acc_t, typename value_t>
-M2F_POINT_HD acc_t sample_plane(const value_t* plane, int64_t height, int64_t width,
-                                const BilinearPoint<acc_t>& point) {
+M2F_HOST_DEVICE acc_t sample_plane(const value_t* plane, int64_t height, int64_t width,
+                                   const BilinearPoint<acc_t>& point) {
   if (!point.valid) return acc_t(0);
   return interpolate(read_corners<acc_t>(plane, height, width, point), point);
 }
@@ -102,9 +76,9 @@ M2F_POINT_HD acc_t sample_plane(const value_t* plane, int64_t height, int64_t wi
 // d(sample) / d(normalized coordinate), written to grad_x and grad_y (0 for a point that does not
 // contribute).
 template <typename acc_t, typename value_t>
-M2F_POINT_HD void sample_plane_coord_grad(const value_t* plane, int64_t height, int64_t width,
-                                          const BilinearPoint<acc_t>& point, acc_t* grad_x,
-                                          acc_t* grad_y) {
+M2F_HOST_DEVICE void sample_plane_coord_grad(const value_t* plane, int64_t height, int64_t width,
+                                             const BilinearPoint<acc_t>& point, acc_t* grad_x,
+                                             acc_t* grad_y) {
   if (!point.valid) {
     *grad_x = acc_t(0);
     *grad_y = acc_t(0);
@@ -126,8 +100,8 @@ struct CornerWeights {
 };
 
 template <typename acc_t>
-M2F_POINT_HD CornerWeights<acc_t> corner_weights(int64_t height, int64_t width,
-                                                 const BilinearPoint<acc_t>& point) {
+M2F_HOST_DEVICE CornerWeights<acc_t> corner_weights(int64_t height, int64_t width,
+                                                    const BilinearPoint<acc_t>& point) {
   CornerWeights<acc_t> out{{0, 0, 0, 0}, {acc_t(0), acc_t(0), acc_t(0), acc_t(0)}, 0};
   if (!point.valid) return out;
   const acc_t hx = acc_t(1) - point.lx;
@@ -168,14 +142,14 @@ struct LogitTerms {
 };
 
 template <typename acc_t>
-M2F_POINT_HD LogitTerms<acc_t> logit_terms(acc_t logit) {
+M2F_HOST_DEVICE LogitTerms<acc_t> logit_terms(acc_t logit) {
   const acc_t decay = exp_acc(logit > acc_t(0) ? -logit : logit);  // exp(-|x|), in (0, 1]
   const acc_t inv = acc_t(1) / (acc_t(1) + decay);
   return {logit >= acc_t(0) ? inv : decay * inv, log1p_acc(decay)};
 }
 
 template <typename acc_t>
-M2F_POINT_HD acc_t sigmoid(acc_t logit) {
+M2F_HOST_DEVICE acc_t sigmoid(acc_t logit) {
   const acc_t decay = exp_acc(logit > acc_t(0) ? -logit : logit);
   const acc_t inv = acc_t(1) / (acc_t(1) + decay);
   return logit >= acc_t(0) ? inv : decay * inv;
@@ -183,20 +157,20 @@ M2F_POINT_HD acc_t sigmoid(acc_t logit) {
 
 // log(1 + exp(logit)) from logit_terms.
 template <typename acc_t>
-M2F_POINT_HD acc_t softplus(acc_t logit, acc_t log_term) {
+M2F_HOST_DEVICE acc_t softplus(acc_t logit, acc_t log_term) {
   return (logit > acc_t(0) ? logit : acc_t(0)) + log_term;
 }
 
 // Binary cross-entropy with logits: softplus(logit) - logit * target.
 template <typename acc_t>
-M2F_POINT_HD acc_t sigmoid_ce(acc_t logit, acc_t log_term, acc_t target) {
+M2F_HOST_DEVICE acc_t sigmoid_ce(acc_t logit, acc_t log_term, acc_t target) {
   return softplus(logit, log_term) - logit * target;
 }
 
 // Dice loss of one mask from its sums over points: 1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) +
 // 1).
 template <typename acc_t>
-M2F_POINT_HD acc_t dice_loss(acc_t sum_pt, acc_t sum_p, acc_t sum_t) {
+M2F_HOST_DEVICE acc_t dice_loss(acc_t sum_pt, acc_t sum_p, acc_t sum_t) {
   return acc_t(1) - (acc_t(2) * sum_pt + acc_t(1)) / (sum_p + sum_t + acc_t(1));
 }
 
@@ -210,9 +184,9 @@ struct PointLossGradScales {
 };
 
 template <typename acc_t>
-M2F_POINT_HD PointLossGradScales<acc_t> point_loss_grad_scales(acc_t grad_ce, acc_t grad_dice,
-                                                               int64_t num_points, acc_t sum_pt,
-                                                               acc_t sum_p, acc_t sum_t) {
+M2F_HOST_DEVICE PointLossGradScales<acc_t> point_loss_grad_scales(acc_t grad_ce, acc_t grad_dice,
+                                                                  int64_t num_points, acc_t sum_pt,
+                                                                  acc_t sum_p, acc_t sum_t) {
   const acc_t numerator = acc_t(2) * sum_pt + acc_t(1);
   const acc_t denominator = sum_p + sum_t + acc_t(1);
   // d(dice)/d(p_i) = -(2 t_i * denominator - numerator) / denominator^2
@@ -226,8 +200,8 @@ M2F_POINT_HD PointLossGradScales<acc_t> point_loss_grad_scales(acc_t grad_ce, ac
 
 // d(loss)/d(logit) at a point with probability p = sigmoid(logit) and target t.
 template <typename acc_t>
-M2F_POINT_HD acc_t point_loss_grad(const PointLossGradScales<acc_t>& scales, acc_t prob,
-                                   acc_t target) {
+M2F_HOST_DEVICE acc_t point_loss_grad(const PointLossGradScales<acc_t>& scales, acc_t prob,
+                                      acc_t target) {
   return scales.ce_scale * (prob - target) +
          (scales.dice_t * target + scales.dice_c) * prob * (acc_t(1) - prob);
 }
@@ -236,12 +210,12 @@ M2F_POINT_HD acc_t point_loss_grad(const PointLossGradScales<acc_t>& scales, acc
 // ce = (softplus(-x) . t + softplus(x) . (1 - t)) / P, dice = 1 - (2 sigmoid(x) . t + 1) / (sum
 // sigmoid(x) + sum t + 1).
 template <typename acc_t>
-M2F_POINT_HD acc_t pairwise_ce_cost(acc_t positive_dot, acc_t negative_dot, int64_t num_points) {
+M2F_HOST_DEVICE acc_t pairwise_ce_cost(acc_t positive_dot, acc_t negative_dot, int64_t num_points) {
   return (positive_dot + negative_dot) / static_cast<acc_t>(num_points);
 }
 
 template <typename acc_t>
-M2F_POINT_HD acc_t pairwise_dice_cost(acc_t prob_target_dot, acc_t prob_sum, acc_t target_sum) {
+M2F_HOST_DEVICE acc_t pairwise_dice_cost(acc_t prob_target_dot, acc_t prob_sum, acc_t target_sum) {
   return dice_loss(prob_target_dot, prob_sum, target_sum);
 }
 
