@@ -26,6 +26,7 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "masked_attention/attention.h"
+#include "masked_attention/checks.h"
 
 namespace m2f {
 namespace masked_attention {
@@ -116,46 +117,6 @@ inline lanes_t<double> exp_lanes(lanes_t<double> x) {
 }
 inline float exp_scalar(float x) { return exp_lanes(splat(x))[0]; }
 inline double exp_scalar(double x) { return std::exp(x); }
-
-struct Sizes {
-  int64_t batch, heads, queries, keys, head_dim, mask_heads;
-};
-
-Sizes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const std::optional<at::Tensor>& mask_logits,
-                   const std::optional<at::Tensor>& attn_mask) {
-  M2F_CHECK_DIM(q, 4);
-  M2F_CHECK_DIM(k, 4);
-  M2F_CHECK_DIM(v, 4);
-  M2F_CHECK_CONTIGUOUS(q);
-  M2F_CHECK_CONTIGUOUS(k);
-  M2F_CHECK_CONTIGUOUS(v);
-  M2F_CHECK_SAME_DTYPE(q, k);
-  M2F_CHECK_SAME_DTYPE(q, v);
-  Sizes s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 1};
-  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape");
-  TORCH_CHECK(k.size(0) == s.batch && k.size(1) == s.heads && k.size(3) == s.head_dim,
-              "k must be (B, H, K, d) matching q (B, H, Q, d)");
-  TORCH_CHECK(mask_logits.has_value() != attn_mask.has_value(),
-              "exactly one of mask_logits and attn_mask must be given");
-  if (mask_logits.has_value()) {
-    const at::Tensor& m = *mask_logits;
-    M2F_CHECK_CONTIGUOUS(m);
-    M2F_CHECK_SAME_DTYPE(q, m);
-    TORCH_CHECK(
-        m.dim() == 3 && m.size(0) == s.batch && m.size(1) == s.queries && m.size(2) == s.keys,
-        "mask_logits must be (B, Q, K)");
-  } else {
-    const at::Tensor& m = *attn_mask;
-    M2F_CHECK_CONTIGUOUS(m);
-    TORCH_CHECK(m.scalar_type() == at::kBool, "attn_mask must be bool");
-    TORCH_CHECK(m.dim() == 4 && m.size(0) == s.batch && (m.size(1) == 1 || m.size(1) == s.heads) &&
-                    m.size(2) == s.queries && m.size(3) == s.keys,
-                "attn_mask must be (B, Hm, Q, K) with Hm in {1, H}");
-    s.mask_heads = m.size(1);
-  }
-  return s;
-}
 
 // visible[j] = 1 if logits[j] >= threshold_logit or the row has no visible key, else 0. The lane
 // comparison is logit_is_visible() for kLanes keys at a time (NaN compares false: blocked).

@@ -32,6 +32,7 @@
 
 #include "common/checks.h"
 #include "masked_attention/attention.h"
+#include "masked_attention/checks.h"
 
 namespace m2f {
 namespace masked_attention {
@@ -375,54 +376,18 @@ __global__ void __launch_bounds__(kKeyThreads)
   }
 }
 
-struct Sizes {
-  int64_t batch, heads, queries, keys, head_dim, mask_heads;
-};
-
-Sizes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const std::optional<at::Tensor>& mask_logits,
-                   const std::optional<at::Tensor>& attn_mask) {
-  M2F_CHECK_DIM(q, 4);
-  M2F_CHECK_DIM(k, 4);
-  M2F_CHECK_DIM(v, 4);
-  M2F_CHECK_CONTIGUOUS(q);
-  M2F_CHECK_CONTIGUOUS(k);
-  M2F_CHECK_CONTIGUOUS(v);
-  M2F_CHECK_SAME_DTYPE(q, k);
-  M2F_CHECK_SAME_DTYPE(q, v);
-  M2F_CHECK_SAME_DEVICE(q, k);
-  M2F_CHECK_SAME_DEVICE(q, v);
+// The shared checks plus what the CUDA kernels need.
+Sizes check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& mask_logits,
+                        const std::optional<at::Tensor>& attn_mask) {
+  const Sizes s = check_inputs(q, k, v, mask_logits, attn_mask);
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf ||
                   q.scalar_type() == at::kBFloat16,
               "the CUDA masked attention takes float32, float16 or bfloat16, got ", q.scalar_type(),
               " (float64 runs on the cpu and torch backends)");
-  Sizes s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 1};
   TORCH_CHECK(s.head_dim == 16 || s.head_dim == 32 || s.head_dim == 64,
               "the CUDA masked attention supports head dims 16, 32 and 64, got ", s.head_dim);
-  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape");
-  TORCH_CHECK(k.size(0) == s.batch && k.size(1) == s.heads && k.size(3) == s.head_dim,
-              "k must be (B, H, K, d) matching q (B, H, Q, d)");
   TORCH_CHECK(s.batch * s.heads <= 65535, "batch * heads must be at most 65535");
-  TORCH_CHECK(mask_logits.has_value() != attn_mask.has_value(),
-              "exactly one of mask_logits and attn_mask must be given");
-  if (mask_logits.has_value()) {
-    const at::Tensor& m = *mask_logits;
-    M2F_CHECK_CONTIGUOUS(m);
-    M2F_CHECK_SAME_DTYPE(q, m);
-    M2F_CHECK_SAME_DEVICE(q, m);
-    TORCH_CHECK(
-        m.dim() == 3 && m.size(0) == s.batch && m.size(1) == s.queries && m.size(2) == s.keys,
-        "mask_logits must be (B, Q, K)");
-  } else {
-    const at::Tensor& m = *attn_mask;
-    M2F_CHECK_CONTIGUOUS(m);
-    M2F_CHECK_SAME_DEVICE(q, m);
-    TORCH_CHECK(m.scalar_type() == at::kBool, "attn_mask must be bool");
-    TORCH_CHECK(m.dim() == 4 && m.size(0) == s.batch && (m.size(1) == 1 || m.size(1) == s.heads) &&
-                    m.size(2) == s.queries && m.size(3) == s.keys,
-                "attn_mask must be (B, Hm, Q, K) with Hm in {1, H}");
-    s.mask_heads = m.size(1);
-  }
   return s;
 }
 
@@ -486,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask_logits, const std::optional<at::Tensor>& attn_mask,
     double threshold_logit, double scale) {
-  const Sizes s = check_inputs(q, k, v, mask_logits, attn_mask);
+  const Sizes s = check_cuda_inputs(q, k, v, mask_logits, attn_mask);
   const c10::cuda::CUDAGuard device_guard(q.device());
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(at::kFloat));
@@ -534,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cuda(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask_logits,
     const std::optional<at::Tensor>& attn_mask, double threshold_logit, double scale,
     bool /*deterministic: this backward always is*/) {
-  const Sizes s = check_inputs(q, k, v, mask_logits, attn_mask);
+  const Sizes s = check_cuda_inputs(q, k, v, mask_logits, attn_mask);
   M2F_CHECK_CONTIGUOUS(grad_out);
   M2F_CHECK_CONTIGUOUS(out);
   M2F_CHECK_CONTIGUOUS(lse);
