@@ -222,27 +222,23 @@ def test_cuda_offsets_beyond_int32(backend):
 
 
 def deterministic_gradients(backend, device):
-    """Two backward passes with torch.use_deterministic_algorithms(True) on inputs where many samples share
+    """Two backward passes (run under the deterministic_algorithms fixture) on inputs where many samples share
     the same value rows (so atomic accumulation order would matter)."""
     levels = [(4, 4), (2, 2)]
     value, spatial_shapes, level_start_index, _, weights = make_inputs(2, 24, 2, 8, levels, 4, torch.float32)
     locations = torch.rand(2, 24, 2, 2, 4, 2, dtype=torch.float32) * 0.3 + 0.35  # crowded in the centre
     inputs = [t.to(device) for t in (value, spatial_shapes, level_start_index, locations, weights)]
     grad_output = torch.randn(2, 24, 16, device=device)
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = [
-            forward_backward(lambda *t: m2f_kernels.ms_deform_attn(*t, backend=backend), inputs, grad_output)
-            for _ in range(2)
-        ]
-    finally:
-        torch.use_deterministic_algorithms(False)
+    runs = [
+        forward_backward(lambda *t: m2f_kernels.ms_deform_attn(*t, backend=backend), inputs, grad_output)
+        for _ in range(2)
+    ]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_deterministic_mode_is_bitwise_reproducible(backend):
+def test_deterministic_mode_is_bitwise_reproducible(backend, deterministic_algorithms):
     if backend not in cpu_backends("ms_deform_attn"):
         pytest.skip(f"{backend} does not run on CPU here")
     deterministic_gradients(backend, "cpu")
@@ -250,7 +246,7 @@ def test_deterministic_mode_is_bitwise_reproducible(backend):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_cuda_deterministic_mode_is_bitwise_reproducible(backend):
+def test_cuda_deterministic_mode_is_bitwise_reproducible(backend, deterministic_algorithms):
     deterministic_gradients(backend, "cuda")
 
 

@@ -118,22 +118,18 @@ def deterministic_fused_gradients(backend, device):
     inputs = make_fused_inputs(2, 24, 2, 8, levels, 4, torch.float32, device)
     inputs[4] = inputs[4] * 0.2  # many samples on the same pixels
     grad_output = torch.randn(2, 24, 16, device=device)
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = [
-            forward_backward(
-                lambda *t: m2f_kernels.ms_deform_attn_fused(*t, backend=backend), inputs, grad_output
-            )
-            for _ in range(2)
-        ]
-    finally:
-        torch.use_deterministic_algorithms(False)
+    runs = [
+        forward_backward(
+            lambda *t: m2f_kernels.ms_deform_attn_fused(*t, backend=backend), inputs, grad_output
+        )
+        for _ in range(2)
+    ]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_fused_deterministic_mode_is_bitwise_reproducible(backend):
+def test_fused_deterministic_mode_is_bitwise_reproducible(backend, deterministic_algorithms):
     if backend not in fused_cpu_backends():
         pytest.skip(f"{backend} does not run the fused op on CPU here")
     deterministic_fused_gradients(backend, "cpu")
@@ -141,7 +137,7 @@ def test_fused_deterministic_mode_is_bitwise_reproducible(backend):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_cuda_fused_deterministic_mode_is_bitwise_reproducible(backend):
+def test_cuda_fused_deterministic_mode_is_bitwise_reproducible(backend, deterministic_algorithms):
     deterministic_fused_gradients(backend, "cuda")
 
 

@@ -177,24 +177,14 @@ def deterministic_backward_twice(backend, device):
 
 
 @pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
-def test_deterministic_backward_is_bitwise_reproducible(backend):
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        deterministic_backward_twice(backend, "cpu")
-    finally:
-        torch.use_deterministic_algorithms(previous)
+def test_deterministic_backward_is_bitwise_reproducible(backend, deterministic_algorithms):
+    deterministic_backward_twice(backend, "cpu")
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
-def test_deterministic_backward_is_bitwise_reproducible_cuda(backend):
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        deterministic_backward_twice(backend, "cuda")
-    finally:
-        torch.use_deterministic_algorithms(previous)
+def test_deterministic_backward_is_bitwise_reproducible_cuda(backend, deterministic_algorithms):
+    deterministic_backward_twice(backend, "cuda")
 
 
 @pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
