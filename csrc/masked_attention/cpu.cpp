@@ -251,13 +251,58 @@ acc_t* output_rows(scalar_t* dst, int64_t row_begin, int64_t d, std::vector<acc_
   }
 }
 
+#if defined(__GNUC__) && !defined(__clang__)
+#define M2F_CPU_TILE_TRANSPOSE 1
+static_assert(kLanes == 16, "the tile transpose swaps blocks of 8, 4, 2 and 1 lanes");
+
+// One step of the kLanes x kLanes float transpose: rows i and i + kBlock (i & kBlock == 0) swap
+// their off-diagonal kBlock x kBlock blocks. After the steps for kBlock = 8, 4, 2, 1, row c holds
+// what was column c.
+template <int32_t kBlock>
+M2F_CPU_INLINE void swap_off_diagonal_blocks(lanes_t<float>* rows) {
+  LaneTypes<float>::ivec low_half, high_half;
+  for (int32_t l = 0; l < kLanes; ++l) {
+    // Shuffle indices below kLanes pick from the first operand, the others from the second.
+    low_half[l] = (l & kBlock) == 0 ? l : kLanes + l - kBlock;
+    high_half[l] = (l & kBlock) == 0 ? l + kBlock : kLanes + l;
+  }
+  for (int64_t i = 0; i < kLanes; ++i) {
+    if ((i & kBlock) != 0) continue;
+    const lanes_t<float> upper = rows[i], lower = rows[i + kBlock];
+    rows[i] = __builtin_shuffle(upper, lower, low_half);
+    rows[i + kBlock] = __builtin_shuffle(upper, lower, high_half);
+  }
+}
+#endif
+
 // Converts rows [row_begin, row_begin + n) of a (rows, d) matrix to acc_t, transposed (d, stride).
 template <typename scalar_t, typename acc_t>
 M2F_CPU_MULTIVERSION void load_rows_transposed(const scalar_t* src, int64_t row_begin, int64_t n,
                                                int64_t d, int64_t stride, acc_t* dst) {
   const scalar_t* base = src + row_begin * d;
+  int64_t j0 = 0;
+#ifdef M2F_CPU_TILE_TRANSPOSE
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    // Whole kLanes x kLanes tiles go through registers; the rest is copied one value at a time.
+    for (; j0 + kLanes <= n && d >= kLanes; j0 += kLanes) {
+      int64_t c0 = 0;
+      for (; c0 + kLanes <= d; c0 += kLanes) {
+        lanes_t<float> tile[kLanes];
+        for (int64_t i = 0; i < kLanes; ++i) tile[i] = load_lanes(base + (j0 + i) * d + c0);
+        swap_off_diagonal_blocks<8>(tile);
+        swap_off_diagonal_blocks<4>(tile);
+        swap_off_diagonal_blocks<2>(tile);
+        swap_off_diagonal_blocks<1>(tile);
+        for (int64_t i = 0; i < kLanes; ++i) store_lanes(dst + (c0 + i) * stride + j0, tile[i]);
+      }
+      for (int64_t c = c0; c < d; ++c) {
+        for (int64_t j = j0; j < j0 + kLanes; ++j) dst[c * stride + j] = base[j * d + c];
+      }
+    }
+  }
+#endif
   for (int64_t c = 0; c < d; ++c) {
-    for (int64_t j = 0; j < n; ++j) dst[c * stride + j] = static_cast<acc_t>(base[j * d + c]);
+    for (int64_t j = j0; j < n; ++j) dst[c * stride + j] = static_cast<acc_t>(base[j * d + c]);
   }
 }
 
