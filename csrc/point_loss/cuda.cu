@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 
@@ -85,6 +86,15 @@ __device__ __forceinline__ void atomic_add_corners(acc_t* plane, int64_t height,
   const CornerWeights<acc_t> corners = corner_weights(height, width, point);
   for (int k = 0; k < corners.count; ++k)
     atomicAdd(plane + corners.index[k], grad * corners.weight[k]);
+}
+
+// Grid of scatter_rows_kernel: a block per (plane, kScatterThreads rows); needs height > 0.
+dim3 scatter_grid(int64_t planes, int64_t height) {
+  const int64_t row_blocks = (height + kScatterThreads - 1) / kScatterThreads;
+  TORCH_CHECK(planes <= std::numeric_limits<int32_t>::max() && row_blocks <= 65535,
+              "the deterministic backward supports at most 2^31 - 1 planes of at most ",
+              65535 * kScatterThreads, " rows, got ", planes, " planes of ", height, " rows");
+  return dim3(static_cast<unsigned>(planes), static_cast<unsigned>(row_blocks));
 }
 
 // Deterministic scatter: block (plane, row block); thread t owns row blockIdx.y * kScatterThreads +
@@ -259,11 +269,13 @@ std::tuple<at::Tensor, at::Tensor> point_sample_backward_cuda(const at::Tensor& 
   const int64_t num_points = coords.size(1);
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({batch, channels, num_points}),
               "grad_output must have shape (N, C, P), got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.device() == input.device(), "grad_output must be on the device of input");
   const at::ScalarType acc_type = accumulate_type(input.scalar_type());
   at::Tensor grad_output_acc = grad_output.to(acc_type).contiguous();
   at::Tensor grad_input_acc = at::zeros(input.sizes(), input.options().dtype(acc_type));
   at::Tensor grad_coords = at::empty(coords.sizes(), coords.options());
-  if (grad_output.numel() == 0)
+  // An empty image has zero gradients everywhere (and no rows to give the deterministic grid).
+  if (grad_output.numel() == 0 || input.numel() == 0)
     return {grad_input_acc.to(input.scalar_type()), grad_coords.zero_()};
   const auto stream = at::cuda::getCurrentCUDAStream();
   M2F_DISPATCH_FLOATING_TYPES(input.scalar_type(), "point_sample_backward_cuda", [&] {
@@ -275,10 +287,8 @@ std::tuple<at::Tensor, at::Tensor> point_sample_backward_cuda(const at::Tensor& 
       if (deterministic) {
         PointSampleGradSource<acc_t, coord_t> source{grad_output_ptr, coords_ptr, channels,
                                                      height,          width,      num_points};
-        const dim3 grid(static_cast<unsigned>(batch * channels),
-                        static_cast<unsigned>((height + kScatterThreads - 1) / kScatterThreads));
-        scatter_rows_kernel<<<grid, kScatterThreads, 0, stream>>>(source, grad_input_ptr, height,
-                                                                  width, num_points);
+        scatter_rows_kernel<<<scatter_grid(batch * channels, height), kScatterThreads, 0, stream>>>(
+            source, grad_input_ptr, height, width, num_points);
       } else {
         const int64_t total = batch * channels * num_points;
         point_sample_grad_input_atomic_kernel<scalar_t>
@@ -474,12 +484,16 @@ at::Tensor point_mask_loss_backward_cuda(const at::Tensor& grad_ce, const at::Te
               "grad_ce and grad_dice must have N elements");
   TORCH_CHECK(dice_sums.sizes() == at::IntArrayRef({num_masks, 3}),
               "dice_sums must have shape (N, 3)");
+  TORCH_CHECK(grad_ce.device() == mask_logits.device() &&
+                  grad_dice.device() == mask_logits.device() &&
+                  dice_sums.device() == mask_logits.device(),
+              "grad_ce, grad_dice and dice_sums must be on the device of mask_logits");
   const at::ScalarType acc_type = accumulate_type(mask_logits.scalar_type());
   at::Tensor grad_ce_acc = grad_ce.to(acc_type).contiguous();
   at::Tensor grad_dice_acc = grad_dice.to(acc_type).contiguous();
   at::Tensor dice_sums_acc = dice_sums.to(acc_type).contiguous();
   at::Tensor grad_acc = at::zeros(mask_logits.sizes(), mask_logits.options().dtype(acc_type));
-  if (num_masks == 0 || num_points == 0) return grad_acc.to(mask_logits.scalar_type());
+  if (mask_logits.numel() == 0 || num_points == 0) return grad_acc.to(mask_logits.scalar_type());
   const auto stream = at::cuda::getCurrentCUDAStream();
   M2F_DISPATCH_FLOATING_TYPES(mask_logits.scalar_type(), "point_mask_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -499,9 +513,7 @@ at::Tensor point_mask_loss_backward_cuda(const at::Tensor& grad_ce, const at::Te
                                                                 target_width,
                                                                 num_points};
         if (deterministic) {
-          const dim3 grid(static_cast<unsigned>(num_masks),
-                          static_cast<unsigned>((height + kScatterThreads - 1) / kScatterThreads));
-          scatter_rows_kernel<<<grid, kScatterThreads, 0, stream>>>(
+          scatter_rows_kernel<<<scatter_grid(num_masks, height), kScatterThreads, 0, stream>>>(
               source, grad_acc.data_ptr<acc_t>(), height, width, num_points);
         } else {
           const int64_t total = num_masks * num_points;
@@ -648,6 +660,9 @@ std::tuple<at::Tensor, at::Tensor> pairwise_mask_cost_cuda(const at::Tensor& pre
   if (num_queries == 0 || num_targets == 0) return {ce, dice};
   const int64_t query_tiles = (num_queries + kPairTile - 1) / kPairTile;
   const int64_t target_tiles = (num_targets + kPairTile - 1) / kPairTile;
+  TORCH_CHECK(query_tiles <= std::numeric_limits<int32_t>::max() && target_tiles <= 65535,
+              "pairwise_mask_cost supports at most ", 65535 * kPairTile, " targets, got ",
+              num_targets);
   // Enough splits to give every SM about two blocks, each split at least 8 chunks of points long.
   const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t max_splits =
