@@ -12,7 +12,7 @@ export M2F_KERNELS_SKIP_CUDA ?= 0
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 PYSRC_DIRS := m2f m2f_kernels tests benchmarks setup.py
 
-.PHONY: setup build lint format test demo bench clean FORCE
+.PHONY: setup build lint format test demo bench report clean FORCE
 
 # The Python packages and dependencies; the kernel library is built by the rule below, in place.
 $(VENV)/.installed: pyproject.toml setup.py
@@ -57,6 +57,12 @@ demo: build
 
 bench: build
 	$(PY) -m pytest benchmarks -q
+
+# Markdown tables and charts of committed results: make report [RESULTS="a.json b.json"] [BASELINE=old.json]
+RESULTS ?= $(wildcard benchmarks/results/*.json)
+report: setup
+	@test -n "$(RESULTS)" || { echo "no results: run make bench or pass RESULTS=file.json"; exit 2; }
+	$(PY) -m benchmarks.report $(RESULTS) --out .benchmarks/report $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:
 	rm -rf build m2f_kernels/_C.so $(DEMO_OUT)
