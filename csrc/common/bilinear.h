@@ -10,11 +10,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define M2F_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define M2F_HOST_DEVICE inline
-#endif
+#include "common/math.h"
 
 namespace m2f {
 

@@ -16,67 +16,58 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define M2F_ATTN_HD __host__ __device__ __forceinline__
-#else
-#define M2F_ATTN_HD inline
-#endif
+#include "common/math.h"
 
 namespace m2f {
 namespace masked_attention {
 
-M2F_ATTN_HD float exp_of(float x) { return expf(x); }
-M2F_ATTN_HD double exp_of(double x) { return exp(x); }
-M2F_ATTN_HD float log_of(float x) { return logf(x); }
-M2F_ATTN_HD double log_of(double x) { return log(x); }
-
 template <typename acc_t>
-M2F_ATTN_HD acc_t negative_infinity() {
+M2F_HOST_DEVICE acc_t negative_infinity() {
   return -static_cast<acc_t>(INFINITY);
 }
 
 // Mask test for the logits source; comparing in acc_t keeps every input dtype exact.
 template <typename acc_t>
-M2F_ATTN_HD bool logit_is_visible(acc_t logit, acc_t threshold_logit) {
+M2F_HOST_DEVICE bool logit_is_visible(acc_t logit, acc_t threshold_logit) {
   return logit >= threshold_logit;
 }
 
 // Mask test for the bool source (True = blocked).
-M2F_ATTN_HD bool bool_mask_is_visible(bool blocked) { return !blocked; }
+M2F_HOST_DEVICE bool bool_mask_is_visible(bool blocked) { return !blocked; }
 
 // The Mask2Former rule applied on top of the mask test.
-M2F_ATTN_HD bool key_is_visible(bool mask_visible, bool row_has_visible_key) {
+M2F_HOST_DEVICE bool key_is_visible(bool mask_visible, bool row_has_visible_key) {
   return mask_visible || !row_has_visible_key;
 }
 
 // Factor that moves a sum taken relative to old_max onto new_max (0 when nothing was summed yet).
 template <typename acc_t>
-M2F_ATTN_HD acc_t rescale_factor(acc_t old_max, acc_t new_max) {
-  return old_max == negative_infinity<acc_t>() ? acc_t(0) : exp_of(old_max - new_max);
+M2F_HOST_DEVICE acc_t rescale_factor(acc_t old_max, acc_t new_max) {
+  return old_max == negative_infinity<acc_t>() ? acc_t(0) : exp_acc(old_max - new_max);
 }
 
 // Unnormalized softmax weight of one score relative to the running max (0 for a blocked score).
 template <typename acc_t>
-M2F_ATTN_HD acc_t softmax_weight(acc_t score, acc_t row_max) {
-  return score == negative_infinity<acc_t>() ? acc_t(0) : exp_of(score - row_max);
+M2F_HOST_DEVICE acc_t softmax_weight(acc_t score, acc_t row_max) {
+  return score == negative_infinity<acc_t>() ? acc_t(0) : exp_acc(score - row_max);
 }
 
 // log(sum exp(scores)) from the online state; -inf for an empty row (cannot happen after the row
 // rule).
 template <typename acc_t>
-M2F_ATTN_HD acc_t log_sum_exp(acc_t row_max, acc_t row_sum) {
-  return row_sum > acc_t(0) ? row_max + log_of(row_sum) : negative_infinity<acc_t>();
+M2F_HOST_DEVICE acc_t log_sum_exp(acc_t row_max, acc_t row_sum) {
+  return row_sum > acc_t(0) ? row_max + log_acc(row_sum) : negative_infinity<acc_t>();
 }
 
 // Normalized probability recomputed in the backward from the forward's log-sum-exp.
 template <typename acc_t>
-M2F_ATTN_HD acc_t probability_from_lse(acc_t scaled_score, acc_t lse) {
-  return exp_of(scaled_score - lse);
+M2F_HOST_DEVICE acc_t probability_from_lse(acc_t scaled_score, acc_t lse) {
+  return exp_acc(scaled_score - lse);
 }
 
 // Gradient of the scaled score: dS = P * (dP - delta), delta = sum_c dO[c] * O[c] of the row.
 template <typename acc_t>
-M2F_ATTN_HD acc_t score_gradient(acc_t probability, acc_t grad_probability, acc_t delta) {
+M2F_HOST_DEVICE acc_t score_gradient(acc_t probability, acc_t grad_probability, acc_t delta) {
   return probability * (grad_probability - delta);
 }
 

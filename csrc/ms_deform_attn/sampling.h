@@ -13,9 +13,6 @@
 namespace m2f {
 namespace msda {
 
-M2F_HOST_DEVICE float exp_acc(float x) { return expf(x); }
-M2F_HOST_DEVICE double exp_acc(double x) { return exp(x); }
-
 // One bilinear sample on a level of `height` x `width` pixels. Corners are ordered (y0, x0), (y0,
 // x1), (y1, x0), (y1, x1).
 template <typename acc_t>

@@ -13,11 +13,6 @@
 namespace m2f {
 namespace point_loss {
 
-M2F_HOST_DEVICE float exp_acc(float v) { return expf(v); }
-M2F_HOST_DEVICE double exp_acc(double v) { return exp(v); }
-M2F_HOST_DEVICE float log1p_acc(float v) { return log1pf(v); }
-M2F_HOST_DEVICE double log1p_acc(double v) { return log1p(v); }
-
 // The floor cell of a point and its fractional offsets inside the cell.
 template <typename acc_t>
 using BilinearPoint = BilinearCell<acc_t>;

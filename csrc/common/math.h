@@ -1,0 +1,22 @@
+// Host/device qualifier and the scalar math functions of the accumulation types (float, double),
+// shared by every kernel header.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define M2F_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define M2F_HOST_DEVICE inline
+#endif
+
+namespace m2f {
+
+M2F_HOST_DEVICE float exp_acc(float x) { return expf(x); }
+M2F_HOST_DEVICE double exp_acc(double x) { return exp(x); }
+M2F_HOST_DEVICE float log_acc(float x) { return logf(x); }
+M2F_HOST_DEVICE double log_acc(double x) { return log(x); }
+M2F_HOST_DEVICE float log1p_acc(float x) { return log1pf(x); }
+M2F_HOST_DEVICE double log1p_acc(double x) { return log1p(x); }
+
+}  // namespace m2f
