@@ -1,0 +1,220 @@
+"""ONNX export (m2f_kernels.onnx): each op and a tiny Mask2Former, run in onnxruntime, against PyTorch."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+onnxruntime = pytest.importorskip("onnxruntime")
+
+import m2f  # noqa: E402
+import m2f_kernels  # noqa: E402
+from m2f_kernels import onnx as m2f_onnx  # noqa: E402
+from m2f_kernels import reference  # noqa: E402
+
+ATOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3}
+
+
+class OpModule(torch.nn.Module):
+    """Wraps one op call so that torch.onnx.export sees a module; None inputs are left out of the graph."""
+
+    def __init__(self, function, **kwargs):
+        super().__init__()
+        self.function = function
+        self.kwargs = kwargs
+
+    def forward(self, *inputs):
+        return self.function(*inputs, **self.kwargs)
+
+
+def export_and_run(module, inputs, path, **export_kwargs):
+    """Exports ``module`` called on ``inputs``, checks the file holds standard ONNX only, runs onnxruntime."""
+    m2f_onnx.export(module.eval(), tuple(inputs), path, **export_kwargs)
+    model = onnx.load(path)
+    onnx.checker.check_model(model)
+    assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
+    assert len(model.functions) == 0
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [graph_input.name for graph_input in session.get_inputs()]
+    return [torch.from_numpy(output) for output in session.run(None, dict(zip(names, feeds(inputs))))]
+
+
+def feeds(inputs):
+    return [tensor.numpy() for tensor in inputs if tensor is not None]
+
+
+def levels_table(shapes):
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
+    sizes = spatial_shapes.prod(dim=1)
+    return spatial_shapes, torch.cumsum(sizes, 0) - sizes, int(sizes.sum())
+
+
+def with_special_locations(locations):
+    """Puts points on and beyond every border, far outside, and NaN/inf into (..., 2) locations."""
+    special = torch.tensor(
+        [
+            [-0.2, 0.5],
+            [1.3, 0.5],
+            [0.5, -0.6],
+            [0.5, 1.05],
+            [0.0, 0.0],
+            [1.0, 1.0],
+            [-5.0, 7.0],
+            [math.nan, 0.5],
+            [0.5, math.inf],
+        ],
+        dtype=locations.dtype,
+    )
+    flat = locations.reshape(-1, 2).clone()
+    flat[: len(special)] = special
+    return flat.reshape(locations.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_point_sample(tmp_path, dtype):
+    input = torch.randn(2, 3, 5, 7, dtype=dtype)
+    coords = with_special_locations(torch.rand(2, 13, 2, dtype=dtype) * 1.4 - 0.2)
+    module = OpModule(m2f_kernels.point_sample, backend="torch")
+    (out,) = export_and_run(module, (input, coords), tmp_path / "point_sample.onnx")
+    expected = reference.point_sample(input, coords)
+    assert out.dtype == dtype and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=ATOL[dtype], rtol=0)
+
+
+def test_ms_deform_attn(tmp_path):
+    spatial_shapes, level_start_index, total = levels_table([(4, 5), (3, 2), (1, 1)])
+    batch, queries, heads, channels, levels, points = 2, 7, 3, 4, 3, 2
+    value = torch.randn(batch, total, heads, channels)
+    locations = torch.rand(batch, queries, heads, levels, points, 2) * 1.4 - 0.2
+    locations = with_special_locations(locations)
+    weights = torch.rand(batch, queries, heads, levels, points)
+    inputs = (value, spatial_shapes, level_start_index, locations, weights)
+    module = OpModule(m2f_kernels.ms_deform_attn, backend="torch")
+    (out,) = export_and_run(module, inputs, tmp_path / "ms_deform_attn.onnx")
+    expected = reference.ms_deform_attn(*inputs)
+    assert out.shape == (batch, queries, heads * channels)
+    torch.testing.assert_close(out, expected, atol=ATOL[torch.float32], rtol=0)
+
+
+def fused_inputs(batch, queries, dtype=torch.float32):
+    spatial_shapes, level_start_index, total = levels_table([(6, 4), (3, 2)])
+    heads, channels, levels, points = 2, 4, 2, 3
+    value = torch.randn(batch, total, heads, channels, dtype=dtype)
+    reference_points = torch.rand(batch, queries, levels, 2, dtype=dtype)
+    offsets = torch.randn(batch, queries, heads, levels, points, 2, dtype=dtype) * 3
+    logits = torch.randn(batch, queries, heads, levels * points, dtype=dtype)
+    return value, spatial_shapes, level_start_index, reference_points, offsets, logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ms_deform_attn_fused(tmp_path, dtype):
+    inputs = fused_inputs(2, 5, dtype)
+    module = OpModule(m2f_kernels.ms_deform_attn_fused, backend="torch")
+    (out,) = export_and_run(module, inputs, tmp_path / "fused.onnx")
+    expected = reference.ms_deform_attn_fused(*(t.double() if t.is_floating_point() else t for t in inputs))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, atol=ATOL[dtype], rtol=0)
+
+
+def test_ms_deform_attn_fused_dynamic_batch_and_queries(tmp_path):
+    batch, queries = torch.export.Dim("batch"), torch.export.Dim("queries")
+    per_query = {0: batch, 1: queries}
+    module = OpModule(m2f_kernels.ms_deform_attn_fused, backend="torch")
+    path = tmp_path / "fused_dynamic.onnx"
+    m2f_onnx.export(
+        module.eval(),
+        fused_inputs(2, 5),
+        path,
+        dynamic_shapes={"inputs": ({0: batch}, None, None, per_query, per_query, per_query)},
+    )
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    other_inputs = fused_inputs(3, 8)
+    names = [graph_input.name for graph_input in session.get_inputs()]
+    (out,) = session.run(None, dict(zip(names, feeds(other_inputs))))
+    expected = reference.ms_deform_attn_fused(*other_inputs)
+    torch.testing.assert_close(torch.from_numpy(out), expected, atol=ATOL[torch.float32], rtol=0)
+
+
+def attention_inputs(dtype=torch.float32):
+    batch, heads, queries, keys, head_dim = 2, 3, 5, 9, 4
+    q = torch.randn(batch, heads, queries, head_dim, dtype=dtype)
+    k = torch.randn(batch, heads, keys, head_dim, dtype=dtype)
+    v = torch.randn(batch, heads, keys, head_dim, dtype=dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize(
+    ("dtype", "threshold", "scale"),
+    [
+        (torch.float32, 0.5, None),
+        (torch.float32, 0.3, 0.7),
+        (torch.float32, 1.0, None),
+        (torch.float16, 0.5, None),
+    ],
+)
+def test_masked_attention_mask_logits(tmp_path, dtype, threshold, scale):
+    q, k, v = attention_inputs(dtype)
+    mask_logits = torch.randn(q.shape[0], q.shape[2], k.shape[2], dtype=dtype)
+    mask_logits[0, 1] = -8.0  # a fully blocked row attends to every key
+    mask_logits[1, 2, :4] = math.nan  # NaN blocks
+    module = OpModule(m2f_kernels.masked_attention, threshold=threshold, scale=scale, backend="torch")
+    (out,) = export_and_run(module, (q, k, v, mask_logits), tmp_path / "masked_attention.onnx")
+    expected, _ = reference.masked_attention(
+        q.float(), k.float(), v.float(), mask_logits=mask_logits.float(), threshold=threshold, scale=scale
+    )
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=ATOL[dtype], rtol=0)
+    dense, _ = reference.masked_attention(q.float(), k.float(), v.float(), scale=scale)
+    torch.testing.assert_close(out[0, :, 1].float(), dense[0, :, 1], atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_masked_attention_bool_mask(tmp_path, per_head):
+    q, k, v = attention_inputs()
+    batch, heads, queries, _ = q.shape
+    attn_mask = torch.rand(batch * heads if per_head else batch, queries, k.shape[2]) < 0.6
+    attn_mask[0, 0] = True  # fully blocked row
+    module = OpModule(
+        lambda q, k, v, attn_mask: m2f_kernels.masked_attention(q, k, v, attn_mask=attn_mask, backend="torch")
+    )
+    (out,) = export_and_run(module, (q, k, v, attn_mask), tmp_path / "masked_attention_bool.onnx")
+    expected, _ = reference.masked_attention(q, k, v, attn_mask=attn_mask)
+    torch.testing.assert_close(out, expected, atol=ATOL[torch.float32], rtol=0)
+
+
+def test_translation_table_covers_the_inference_ops():
+    table = m2f_onnx.translation_table()
+    ops = torch.ops.m2f_kernels
+    for op in (ops.ms_deform_attn, ops.ms_deform_attn_fused, ops.masked_attention, ops.point_sample):
+        assert op.default in table
+
+
+def test_export_rejects_the_torchscript_exporter(tmp_path):
+    module = OpModule(m2f_kernels.point_sample, backend="torch")
+    with pytest.raises(ValueError, match="dynamo"):
+        m2f_onnx.export(
+            module, (torch.rand(1, 1, 2, 2), torch.rand(1, 3, 2)), tmp_path / "x.onnx", dynamo=False
+        )
+
+
+def test_tiny_mask2former_matches_pytorch(tmp_path):
+    config = m2f.get_config("demo-tiny")
+    config = dataclasses.replace(
+        config,
+        pixel_decoder=dataclasses.replace(config.pixel_decoder, encoder_layers=1),
+        decoder=dataclasses.replace(config.decoder, num_layers=3),
+    )
+    model = m2f.build_model(config).eval()
+    images = torch.rand(1, 3, 64, 96) * 255
+    with torch.no_grad():
+        expected = model(images)
+    pred_logits, pred_masks = export_and_run(
+        model, (images,), tmp_path / "mask2former.onnx", output_names=["pred_logits", "pred_masks"]
+    )
+    model_ops = {node.op_type for node in onnx.load(tmp_path / "mask2former.onnx").graph.node}
+    assert "GridSample" in model_ops  # the deformable attention went through our translation
+    torch.testing.assert_close(pred_logits, expected["pred_logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pred_masks, expected["pred_masks"], atol=1e-5, rtol=1e-5)
