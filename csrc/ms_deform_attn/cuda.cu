@@ -328,9 +328,14 @@ void with_vec(int vec, const F& f) {
 template <typename scalar_t, typename Samples>
 void forward_cuda(const Sizes& sz, const at::Tensor& value, const at::Tensor& spatial_shapes,
                   const at::Tensor& level_start_index, const Samples& samples, at::Tensor& output) {
-  // Writes every output element (zero where no sample lands in the image, e.g. when S = 0).
+  // Writes every output element (zero where no sample lands in the image).
   const int64_t heads = sz.batch * sz.num_queries * sz.num_heads;
   if (heads == 0) return;
+  // No samples (L * P = 0: the fused softmax would read an empty logits row) or no values.
+  if (sz.level_points() == 0 || value.numel() == 0) {
+    output.zero_();
+    return;
+  }
   const LaunchShape shape =
       launch_shape(sz.channels, sizeof(scalar_t), {value.data_ptr(), output.data_ptr()});
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -385,7 +390,7 @@ void backward_cuda(const Sizes& sz, const at::Tensor& grad_output, const at::Ten
                    at::Tensor& grad_value, at::Tensor& grad_weight, at::Tensor& grad_xy) {
   using accscalar_t = acc_t<scalar_t>;
   const int64_t heads = sz.batch * sz.num_queries * sz.num_heads;
-  if (heads == 0 || value.numel() == 0) return;
+  if (heads == 0 || sz.level_points() == 0 || value.numel() == 0) return;
   const LaunchShape shape =
       launch_shape(sz.channels, sizeof(scalar_t),
                    {value.data_ptr(), grad_output.data_ptr(), grad_value.data_ptr()});
@@ -439,6 +444,7 @@ msda::Sizes plain_sizes(const at::Tensor& value, const at::Tensor& spatial_shape
   }
   M2F_CHECK_SAME_DTYPE(value, sampling_locations);
   M2F_CHECK_SAME_DTYPE(value, attention_weights);
+  TORCH_CHECK(spatial_shapes.size(1) == 2, "spatial_shapes must have shape (L, 2)");
   TORCH_CHECK(sampling_locations.size(5) == 2, "sampling_locations must end in (x, y)");
   TORCH_CHECK(
       sampling_locations.size(0) == value.size(0) && sampling_locations.size(2) == value.size(2),

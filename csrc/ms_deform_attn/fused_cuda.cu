@@ -74,6 +74,7 @@ msda::Sizes fused_sizes(const at::Tensor& value, const at::Tensor& spatial_shape
   M2F_CHECK_SAME_DTYPE(value, attention_logits);
   const int64_t levels = sampling_offsets.size(3);
   const int64_t points = sampling_offsets.size(4);
+  TORCH_CHECK(spatial_shapes.size(1) == 2, "spatial_shapes must have shape (L, 2)");
   TORCH_CHECK(sampling_offsets.size(5) == 2, "sampling_offsets must end in (x, y)");
   const auto& off = sampling_offsets.sizes();
   TORCH_CHECK(off[0] == value.size(0) && off[2] == value.size(2),
@@ -128,7 +129,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_fused_
   at::Tensor grad_logits = at::zeros(attention_logits.sizes(), acc_options);
   at::Tensor grad_reference = at::zeros(reference_points.sizes(), acc_options);
   const int64_t queries = sz.batch * sz.num_queries;
-  if (queries > 0 && value.numel() > 0) {
+  // Without samples (L * P = 0) the softmax has no logits to read and every gradient is zero.
+  if (queries > 0 && sz.level_points() > 0 && value.numel() > 0) {
     M2F_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_fused_backward_cuda", [&] {
       using accscalar_t = acc_t<scalar_t>;
       const msda::FusedSamples<scalar_t, accscalar_t> samples{
