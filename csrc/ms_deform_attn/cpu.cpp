@@ -218,7 +218,9 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   check_sample_shape(sampling_locations, "sampling_locations", sz);
   at::Tensor output =
       at::empty({sz.batch, sz.num_queries, sz.num_heads * sz.channels}, value.options());
+  // No samples per head (L * P == 0) or no pixels: every output is an empty sum.
   if (output.numel() == 0) return output;
+  if (sz.level_points() == 0 || value.numel() == 0) return output.zero_();
   M2F_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
     const msda::PlainSamples<scalar_t, acc_t<scalar_t>> samples{
         sampling_locations.data_ptr<scalar_t>(), attention_weights.data_ptr<scalar_t>()};
@@ -275,6 +277,7 @@ at::Tensor ms_deform_attn_fused_forward_cpu(const at::Tensor& value,
   at::Tensor output =
       at::empty({sz.batch, sz.num_queries, sz.num_heads * sz.channels}, value.options());
   if (output.numel() == 0) return output;
+  if (sz.level_points() == 0 || value.numel() == 0) return output.zero_();
   M2F_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_fused_forward_cpu", [&] {
     const msda::FusedSamples<scalar_t, acc_t<scalar_t>> samples{
         reference_points.data_ptr<scalar_t>(), sampling_offsets.data_ptr<scalar_t>(),

@@ -327,3 +327,27 @@ def test_cpu_kernel_rejects_inconsistent_shapes():
         torch.ops.m2f_kernels._ms_deform_attn_backward(
             torch.zeros(1, 3, 4), value, spatial_shapes, level_start_index, locations, weights, False
         )
+
+
+def test_cpu_kernels_without_samples_per_head():
+    """P = 0 at the C++ entry points (which C++ callers reach without the Python checks): zero outputs."""
+    if "cpu" not in cpu_backends("ms_deform_attn"):
+        pytest.skip("the C++ CPU kernel is not built")
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        2, 3, 2, 4, LEVELS[3], 0, torch.float32
+    )
+    out = torch.ops.m2f_kernels._ms_deform_attn_forward(
+        value, spatial_shapes, level_start_index, locations, weights
+    )
+    assert torch.equal(out, torch.zeros(2, 3, 8))
+    grads = torch.ops.m2f_kernels._ms_deform_attn_backward(
+        torch.ones(2, 3, 8), value, spatial_shapes, level_start_index, locations, weights, False
+    )
+    assert torch.equal(grads[0], torch.zeros_like(value))
+    reference_points = torch.rand(2, 3, 3, 2)
+    offsets = torch.zeros(2, 3, 2, 3, 0, 2)
+    logits = torch.zeros(2, 3, 2, 0)
+    fused = torch.ops.m2f_kernels._ms_deform_attn_fused_forward(
+        value, spatial_shapes, level_start_index, reference_points, offsets, logits
+    )
+    assert torch.equal(fused, torch.zeros(2, 3, 8))
