@@ -43,8 +43,11 @@ constexpr int kKeyTile = 32;     // keys staged in shared memory per step of tho
 constexpr int kKeyThreads = 64;  // threads (keys) per block of the dk/dv kernel
 constexpr int kQueryStage = 16;  // queries staged in shared memory per step of the dk/dv kernel
 constexpr int kRowsPerFlagBlock = 8;
+// Row length of the shared visibility tile: the 4 padding bytes put the 32 keys that one warp
+// stores for a query in 32 different banks.
+constexpr int kVisibleRowLength = kQueryTile + 4;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Mask source plus the row flags; all accessors take a mask row index (b * Hm + hm) * Q + i.
 template <typename scalar_t>
@@ -91,7 +94,7 @@ template <typename scalar_t, int D>
 __device__ __forceinline__ void stage_key_tile(
     const scalar_t* k, const scalar_t* v, const MaskSource<scalar_t>& mask, int64_t b, int64_t h,
     int64_t bh, int64_t query0, int64_t queries, int64_t keys, int64_t tile, int64_t key_end,
-    float (*k_tile)[D], float (*v_tile)[D], bool (*visible_tile)[kQueryTile]) {
+    float (*k_tile)[D], float (*v_tile)[D], bool (*visible_tile)[kVisibleRowLength]) {
   for (int idx = threadIdx.x; idx < kKeyTile * D; idx += kQueryTile) {
     const int j = idx / D, c = idx % D;
     const int64_t key = tile + j;
@@ -118,7 +121,7 @@ __global__ void __launch_bounds__(kQueryTile)
                    float* __restrict__ partial_acc) {
   __shared__ float k_tile[kKeyTile][D];
   __shared__ float v_tile[kKeyTile][D];
-  __shared__ bool visible_tile[kKeyTile][kQueryTile];
+  __shared__ bool visible_tile[kKeyTile][kVisibleRowLength];
 
   const int64_t bh = blockIdx.x;
   const int64_t b = bh / heads, h = bh % heads;
@@ -232,7 +235,7 @@ __global__ void __launch_bounds__(kQueryTile)
                        float* __restrict__ partial_grad_q) {
   __shared__ float k_tile[kKeyTile][D];
   __shared__ float v_tile[kKeyTile][D];
-  __shared__ bool visible_tile[kKeyTile][kQueryTile];
+  __shared__ bool visible_tile[kKeyTile][kVisibleRowLength];
 
   const int64_t bh = blockIdx.x;
   const int64_t b = bh / heads, h = bh % heads;
@@ -313,9 +316,11 @@ __global__ void __launch_bounds__(kKeyThreads)
   __shared__ float lse_tile[kQueryStage];
   __shared__ float delta_tile[kQueryStage];
 
-  const int64_t bh = blockIdx.y;
+  // One flat grid dimension: blocks are (batch * head, key tile), key tiles innermost.
+  const int64_t key_tiles = ceil_div(keys, kKeyThreads);
+  const int64_t bh = blockIdx.x / key_tiles;
   const int64_t b = bh / heads, h = bh % heads;
-  const int64_t key0 = static_cast<int64_t>(blockIdx.x) * kKeyThreads;
+  const int64_t key0 = (blockIdx.x % key_tiles) * kKeyThreads;
   const int t = threadIdx.x;
   const int64_t key = key0 + t;
   const bool key_valid = key < keys;
@@ -387,7 +392,9 @@ Sizes check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
               " (float64 runs on the cpu and torch backends)");
   TORCH_CHECK(s.head_dim == 16 || s.head_dim == 32 || s.head_dim == 64,
               "the CUDA masked attention supports head dims 16, 32 and 64, got ", s.head_dim);
-  TORCH_CHECK(s.batch * s.heads <= 65535, "batch * heads must be at most 65535");
+  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor");
+  TORCH_CHECK(ceil_div(s.queries, kQueryTile) <= 65535, "the CUDA masked attention takes at most ",
+              65535 * kQueryTile, " queries, got ", s.queries);
   return s;
 }
 
@@ -507,6 +514,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cuda(
               "grad_out and out must have q's shape");
   M2F_CHECK_SAME_DTYPE(q, grad_out);
   M2F_CHECK_SAME_DTYPE(q, out);
+  M2F_CHECK_SAME_DEVICE(q, grad_out);
+  M2F_CHECK_SAME_DEVICE(q, out);
+  M2F_CHECK_SAME_DEVICE(q, lse);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == s.batch &&
                   lse.size(1) == s.heads && lse.size(2) == s.queries,
               "lse must be float32 (B, H, Q)");
@@ -543,8 +553,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cuda(
           s.heads, s.queries, s.keys, split_keys, static_cast<float>(scale),
           grad_q.data_ptr<scalar_t>(), partial_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const dim3 dkdv_grid(ceil_div(s.keys, kKeyThreads), s.batch * s.heads);
-      backward_dkdv_kernel<scalar_t, D><<<dkdv_grid, kKeyThreads, 0, stream>>>(
+      const int64_t dkdv_blocks = s.batch * s.heads * ceil_div(s.keys, kKeyThreads);
+      backward_dkdv_kernel<scalar_t, D><<<dkdv_blocks, kKeyThreads, 0, stream>>>(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
           grad_out.data_ptr<scalar_t>(), lse.data_ptr<float>(), delta.data_ptr<float>(), mask,
           s.heads, s.queries, s.keys, static_cast<float>(scale), grad_k.data_ptr<scalar_t>(),
