@@ -1,6 +1,9 @@
 """Triton kernel of pairwise_mask_cost: the matcher's (Q, T) sigmoid-CE and dice costs, DESIGN.md 2.3.
 
 Each program owns a (queries x targets) tile and walks over the points; no (Q, T, P) tensor is stored.
+The tile and point-chunk sizes are autotuned per shape class (queries, targets, points bucketed to powers
+of two); the sums over points follow the chunking, so their rounding depends on the config, which is pinned
+to FIXED while torch.are_deterministic_algorithms_enabled().
 """
 
 from __future__ import annotations
@@ -9,13 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .point_sample import accumulate_dtype, triton_accumulate_dtype
+from .point_sample import accumulate_dtype, block_configs, launch, size_class, triton_accumulate_dtype
 
-BLOCK_QUERIES = 32
-BLOCK_TARGETS = 32
-BLOCK_POINTS = 32
+FIXED = triton.Config({"BLOCK_Q": 32, "BLOCK_T": 32, "BLOCK_P": 32}, num_warps=4)
+TILES = [
+    {"BLOCK_Q": block_q, "BLOCK_T": block_t, "BLOCK_P": block_p}
+    for block_q in (32, 64)
+    for block_t in (16, 32, 64)
+    for block_p in (32, 64)
+]
 
 
+@triton.autotune(
+    configs=block_configs(FIXED, TILES, (4, 8)), key=["QUERIES_CLASS", "TARGETS_CLASS", "POINTS_CLASS"]
+)
 @triton.jit
 def _pairwise_mask_cost_kernel(
     logits_ptr,
@@ -25,6 +35,9 @@ def _pairwise_mask_cost_kernel(
     num_queries,
     num_targets,
     num_points,
+    QUERIES_CLASS,
+    TARGETS_CLASS,
+    POINTS_CLASS,
     ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -87,8 +100,7 @@ def pairwise_mask_cost(
     dice = torch.empty(num_queries, num_targets, dtype=acc_dtype, device=device)
     if num_queries == 0 or num_targets == 0:
         return ce, dice
-    grid = (triton.cdiv(num_queries, BLOCK_QUERIES), triton.cdiv(num_targets, BLOCK_TARGETS))
-    _pairwise_mask_cost_kernel[grid](
+    args = (
         pred_point_logits,
         target_point_labels,
         ce,
@@ -96,9 +108,16 @@ def pairwise_mask_cost(
         num_queries,
         num_targets,
         num_points,
-        ACC=triton_accumulate_dtype(pred_point_logits.dtype),
-        BLOCK_Q=BLOCK_QUERIES,
-        BLOCK_T=BLOCK_TARGETS,
-        BLOCK_P=BLOCK_POINTS,
+        size_class(num_queries),
+        size_class(num_targets),
+        size_class(num_points),
+        triton_accumulate_dtype(pred_point_logits.dtype),
+    )
+    launch(
+        _pairwise_mask_cost_kernel,
+        lambda meta: (triton.cdiv(num_queries, meta["BLOCK_Q"]), triton.cdiv(num_targets, meta["BLOCK_T"])),
+        args,
+        FIXED,
+        pinned=torch.are_deterministic_algorithms_enabled(),
     )
     return ce, dice

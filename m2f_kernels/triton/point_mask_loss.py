@@ -11,15 +11,20 @@ import triton
 import triton.language as tl
 
 from .point_sample import (
+    POINT_BLOCKS,
     accumulate_dtype,
     add_pairs_in_order,
+    block_configs,
+    launch,
     locate_points,
     sample_plane,
     scatter_corners,
+    size_class,
     triton_accumulate_dtype,
 )
 
-BLOCK_POINTS = 512
+FORWARD_FIXED = triton.Config({"BLOCK": 512}, num_warps=4)
+BACKWARD_FIXED = triton.Config({"BLOCK": 512}, num_warps=4)
 
 
 @triton.jit
@@ -59,6 +64,10 @@ def _sample_logits_and_targets(
     return logit, target, x0, y0, lx, ly, valid
 
 
+@triton.autotune(
+    configs=block_configs(FORWARD_FIXED, [{"BLOCK": block} for block in (256, 512, 1024, 2048)], (4, 8)),
+    key=["POINTS_CLASS", "PLANE_CLASS", "TARGET_PLANE_CLASS"],
+)
 @triton.jit
 def _point_mask_loss_forward_kernel(
     logits_ptr,
@@ -72,6 +81,9 @@ def _point_mask_loss_forward_kernel(
     target_height,
     target_width,
     num_points,
+    POINTS_CLASS,
+    PLANE_CLASS,
+    TARGET_PLANE_CLASS,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -114,6 +126,11 @@ def _point_mask_loss_forward_kernel(
     tl.store(sums_ptr + 3 * n + 2, target_sum)
 
 
+@triton.autotune(
+    configs=block_configs(BACKWARD_FIXED, POINT_BLOCKS, (2, 4, 8)),
+    key=["POINTS_CLASS", "PLANE_CLASS", "TARGET_PLANE_CLASS", "DETERMINISTIC"],
+    reset_to_zero=["grad_ptr"],
+)
 @triton.jit
 def _point_mask_loss_backward_kernel(
     grad_ce_ptr,
@@ -130,6 +147,9 @@ def _point_mask_loss_backward_kernel(
     target_height,
     target_width,
     num_points,
+    POINTS_CLASS,
+    PLANE_CLASS,
+    TARGET_PLANE_CLASS,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -195,6 +215,10 @@ def point_mask_loss_forward(
 
     Returns ce (N,) (mean over points), dice (N,) and dice_sums (N, 3) = [sum p t, sum p, sum t], float32
     (float64 for float64 logits).
+
+    The sums over points run in BLOCK lanes and a tree, so their rounding depends on the config: the
+    autotuned one by default (fixed per shape class within a process), FORWARD_FIXED while
+    torch.are_deterministic_algorithms_enabled(), so that results repeat across processes.
     """
     num_masks, height, width = mask_logits.shape
     target_height, target_width = target_masks.shape[1:]
@@ -203,7 +227,7 @@ def point_mask_loss_forward(
     ce = torch.empty(num_masks, dtype=acc_dtype, device=mask_logits.device)
     dice = torch.empty(num_masks, dtype=acc_dtype, device=mask_logits.device)
     dice_sums = torch.empty(num_masks, 3, dtype=acc_dtype, device=mask_logits.device)
-    _point_mask_loss_forward_kernel[(num_masks,)](
+    args = (
         mask_logits,
         _target_view(target_masks),
         coords,
@@ -215,8 +239,17 @@ def point_mask_loss_forward(
         target_height,
         target_width,
         num_points,
-        ACC=triton_accumulate_dtype(mask_logits.dtype),
-        BLOCK=BLOCK_POINTS,
+        size_class(num_points),
+        size_class(height * width),
+        size_class(target_height * target_width),
+        triton_accumulate_dtype(mask_logits.dtype),
+    )
+    launch(
+        _point_mask_loss_forward_kernel,
+        lambda meta: (num_masks,),
+        args,
+        FORWARD_FIXED,
+        pinned=torch.are_deterministic_algorithms_enabled(),
     )
     return ce, dice, dice_sums
 
@@ -230,7 +263,11 @@ def point_mask_loss_backward(
     dice_sums: torch.Tensor,
     deterministic: bool,
 ) -> torch.Tensor:
-    """Gradient of sum(grad_ce * ce + grad_dice * dice) for mask_logits, (N, H, W) in the logits' dtype."""
+    """Gradient of sum(grad_ce * ce + grad_dice * dice) for mask_logits, (N, H, W) in the logits' dtype.
+
+    Each point's gradient is computed by one lane; with deterministic, the corners are summed by
+    add_pairs_in_order, so the result does not depend on the autotuned config. Otherwise atomics.
+    """
     num_masks, height, width = mask_logits.shape
     target_height, target_width = target_masks.shape[1:]
     num_points = coords.shape[1]
@@ -242,8 +279,7 @@ def point_mask_loss_backward(
         values = torch.empty(num_masks, num_points * 4, dtype=acc_dtype, device=device)
     else:
         index = values = grad  # unused
-    grid = (num_masks, triton.cdiv(num_points, BLOCK_POINTS))
-    _point_mask_loss_backward_kernel[grid](
+    _point_mask_loss_backward_kernel[lambda meta: (num_masks, triton.cdiv(num_points, meta["BLOCK"]))](
         grad_ce.to(acc_dtype).contiguous(),
         grad_dice.to(acc_dtype).contiguous(),
         mask_logits,
@@ -258,8 +294,10 @@ def point_mask_loss_backward(
         target_height,
         target_width,
         num_points,
+        size_class(num_points),
+        size_class(height * width),
+        size_class(target_height * target_width),
         ACC=triton_accumulate_dtype(mask_logits.dtype),
-        BLOCK=BLOCK_POINTS,
         DETERMINISTIC=deterministic,
     )
     if deterministic:

@@ -7,11 +7,46 @@ outside the image read 0; gradients use the floor cell.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_POINTS = 256
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def size_class(n: int) -> int:
+    """Power-of-two bucket of a size, so autotuning keys on the shape class rather than the exact size."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def block_configs(fixed: triton.Config, blocks: Sequence[dict], warps: Sequence[int]) -> list[triton.Config]:
+    """Every (block sizes, num_warps) pair on GPU; only `fixed` under TRITON_INTERPRET=1."""
+    if interpreting():
+        return [fixed]
+    return [triton.Config(dict(block), num_warps=num_warps) for block in blocks for num_warps in warps]
+
+
+def launch(kernel, grid: Callable[[dict], tuple], args: tuple, fixed: triton.Config, pinned: bool) -> None:
+    """Runs an autotuned kernel, or the kernel pinned to `fixed` when `pinned`.
+
+    Pinning serves results whose summation order depends on the block sizes: the autotuner's choice comes
+    from timings and may differ between processes, the pinned config does not.
+    """
+    if pinned:
+        kernel.fn[grid](*args, **fixed.all_kwargs())
+    else:
+        kernel[grid](*args)
+
+
+POINT_BLOCKS = [{"BLOCK": block} for block in (128, 256, 512, 1024)]
+FORWARD_FIXED = triton.Config({"BLOCK": 256}, num_warps=4)
+BACKWARD_FIXED = triton.Config({"BLOCK": 256}, num_warps=4)
+SEGMENT_BLOCK = 128
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,7 +120,7 @@ def scatter_corners(
     """Adds grad * bilinear weight to the four corners of each point.
 
     Deterministic: writes (flat index, contribution) pairs to index_ptr / value_ptr at 4 * point + corner
-    (index 0 and contribution 0 for corners outside), for an ordered scatter-add afterwards. Otherwise
+    (index -1 and contribution 0 for corners outside), for add_pairs_in_order afterwards. Otherwise
     atomically adds into grad_plane_ptr.
     """
     in00, in01, in10, in11 = corner_masks(x0, y0, valid, height, width)
@@ -93,13 +128,13 @@ def scatter_corners(
     hy = 1.0 - ly
     offset = y0 * width + x0
     if DETERMINISTIC:
-        tl.store(index_ptr + 0, tl.where(in00, offset, 0), mask=point_mask)
+        tl.store(index_ptr + 0, tl.where(in00, offset, -1), mask=point_mask)
         tl.store(value_ptr + 0, tl.where(in00, grad * hx * hy, 0.0), mask=point_mask)
-        tl.store(index_ptr + 1, tl.where(in01, offset + 1, 0), mask=point_mask)
+        tl.store(index_ptr + 1, tl.where(in01, offset + 1, -1), mask=point_mask)
         tl.store(value_ptr + 1, tl.where(in01, grad * lx * hy, 0.0), mask=point_mask)
-        tl.store(index_ptr + 2, tl.where(in10, offset + width, 0), mask=point_mask)
+        tl.store(index_ptr + 2, tl.where(in10, offset + width, -1), mask=point_mask)
         tl.store(value_ptr + 2, tl.where(in10, grad * hx * ly, 0.0), mask=point_mask)
-        tl.store(index_ptr + 3, tl.where(in11, offset + width + 1, 0), mask=point_mask)
+        tl.store(index_ptr + 3, tl.where(in11, offset + width + 1, -1), mask=point_mask)
         tl.store(value_ptr + 3, tl.where(in11, grad * lx * ly, 0.0), mask=point_mask)
     else:
         tl.atomic_add(grad_plane_ptr + offset, grad * hx * hy, mask=in00, sem="relaxed")
@@ -108,6 +143,10 @@ def scatter_corners(
         tl.atomic_add(grad_plane_ptr + offset + width + 1, grad * lx * ly, mask=in11, sem="relaxed")
 
 
+@triton.autotune(
+    configs=block_configs(FORWARD_FIXED, POINT_BLOCKS, (2, 4, 8)),
+    key=["POINTS_CLASS", "PLANE_CLASS", "CHANNELS_CLASS"],
+)
 @triton.jit
 def _point_sample_forward_kernel(
     input_ptr,
@@ -117,6 +156,9 @@ def _point_sample_forward_kernel(
     height,
     width,
     num_points,
+    POINTS_CLASS,
+    PLANE_CLASS,
+    CHANNELS_CLASS,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -135,6 +177,11 @@ def _point_sample_forward_kernel(
         )
 
 
+@triton.autotune(
+    configs=block_configs(BACKWARD_FIXED, POINT_BLOCKS, (2, 4, 8)),
+    key=["POINTS_CLASS", "PLANE_CLASS", "CHANNELS_CLASS", "DETERMINISTIC"],
+    reset_to_zero=["grad_input_ptr"],
+)
 @triton.jit
 def _point_sample_backward_kernel(
     grad_output_ptr,
@@ -148,6 +195,9 @@ def _point_sample_backward_kernel(
     height,
     width,
     num_points,
+    POINTS_CLASS,
+    PLANE_CLASS,
+    CHANNELS_CLASS,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -194,12 +244,14 @@ def _point_sample_backward_kernel(
 
 
 def point_sample_forward(input: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """input (N, C, H, W), coords (N, P, 2) normalized (x, y) -> (N, C, P) in input's dtype."""
+    """input (N, C, H, W), coords (N, P, 2) normalized (x, y) -> (N, C, P) in input's dtype.
+
+    Every output is computed by one lane, so the result does not depend on the autotuned config.
+    """
     batch, channels, height, width = input.shape
     num_points = coords.shape[1]
     output = torch.empty(batch, channels, num_points, dtype=input.dtype, device=input.device)
-    grid = (batch, triton.cdiv(num_points, BLOCK_POINTS))
-    _point_sample_forward_kernel[grid](
+    _point_sample_forward_kernel[lambda meta: (batch, triton.cdiv(num_points, meta["BLOCK"]))](
         input,
         coords,
         output,
@@ -207,26 +259,65 @@ def point_sample_forward(input: torch.Tensor, coords: torch.Tensor) -> torch.Ten
         height,
         width,
         num_points,
+        size_class(num_points),
+        size_class(height * width),
+        size_class(channels),
         ACC=triton_accumulate_dtype(input.dtype),
-        BLOCK=BLOCK_POINTS,
     )
     return output
 
 
-def add_pairs_in_order(grad_planes: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-    """Adds values (planes, K) at flat positions index (planes, K) of grad_planes (planes, H * W).
+@triton.jit
+def _add_segments_kernel(
+    target_ptr, positions_ptr, starts_ptr, counts_ptr, values_ptr, num_segments, BLOCK: tl.constexpr
+):
+    """target[positions[s]] += values[starts[s]] + ... + values[starts[s] + counts[s] - 1], summed left to right."""
+    segments = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    segment_mask = segments < num_segments
+    starts = tl.load(starts_ptr + segments, mask=segment_mask, other=0)
+    counts = tl.load(counts_ptr + segments, mask=segment_mask, other=0)
+    total = tl.zeros([BLOCK], dtype=values_ptr.dtype.element_ty)
+    for k in range(0, tl.max(counts, axis=0)):
+        total += tl.load(values_ptr + starts + k, mask=k < counts, other=0)
+    positions = tl.load(positions_ptr + segments, mask=segment_mask, other=0)
+    current = tl.load(target_ptr + positions, mask=segment_mask, other=0)
+    tl.store(target_ptr + positions, current + total, mask=segment_mask)
 
-    index_put_ with accumulate=True sorts the positions, so the sums do not depend on thread timing.
+
+def add_pairs_in_order(grad_planes: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """Adds values (planes, K) at flat positions index (planes, K) of grad_planes (planes, H * W); index -1 = skip.
+
+    Deterministic on every device, without relying on torch.use_deterministic_algorithms: the pairs are
+    stably sorted by position (so duplicates keep their order in `values`), and each position's contributions
+    are summed by one lane, left to right, then added to grad_planes. The result is the sequential sum in pair
+    order and does not depend on block sizes or thread timing. The work of a block of positions is its
+    largest number of duplicates.
     """
     plane_size = grad_planes.shape[1]
     plane_offsets = torch.arange(grad_planes.shape[0], device=index.device).unsqueeze(1) * plane_size
-    grad_planes.view(-1).index_put_(((index + plane_offsets).view(-1),), values.view(-1), accumulate=True)
+    inside = (index >= 0).view(-1)
+    flat_index = (index + plane_offsets).view(-1)[inside]
+    if flat_index.numel() == 0:
+        return
+    sorted_index, order = torch.sort(flat_index, stable=True)
+    sorted_values = values.reshape(-1)[inside][order].contiguous()
+    positions, counts = torch.unique_consecutive(sorted_index, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    num_segments = positions.numel()
+    _add_segments_kernel[(triton.cdiv(num_segments, SEGMENT_BLOCK),)](
+        grad_planes, positions, starts, counts, sorted_values, num_segments, BLOCK=SEGMENT_BLOCK
+    )
 
 
 def point_sample_backward(
     grad_output: torch.Tensor, input: torch.Tensor, coords: torch.Tensor, deterministic: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients (grad_input (N, C, H, W) in input's dtype, grad_coords (N, P, 2) in coords' dtype)."""
+    """Gradients (grad_input (N, C, H, W) in input's dtype, grad_coords (N, P, 2) in coords' dtype).
+
+    grad_coords sums over channels in order in one lane; with deterministic, grad_input is summed by
+    add_pairs_in_order: both are then independent of the autotuned config. Otherwise grad_input is
+    accumulated with atomics (order depends on timing).
+    """
     batch, channels, height, width = input.shape
     num_points = coords.shape[1]
     acc_dtype = accumulate_dtype(input.dtype)
@@ -237,8 +328,7 @@ def point_sample_backward(
         values = torch.empty(batch * channels, num_points * 4, dtype=acc_dtype, device=input.device)
     else:
         index = values = grad_input  # unused
-    grid = (batch, triton.cdiv(num_points, BLOCK_POINTS))
-    _point_sample_backward_kernel[grid](
+    _point_sample_backward_kernel[lambda meta: (batch, triton.cdiv(num_points, meta["BLOCK"]))](
         grad_output,
         input,
         coords,
@@ -250,8 +340,10 @@ def point_sample_backward(
         height,
         width,
         num_points,
+        size_class(num_points),
+        size_class(height * width),
+        size_class(channels),
         ACC=triton_accumulate_dtype(input.dtype),
-        BLOCK=BLOCK_POINTS,
         DETERMINISTIC=deterministic,
     )
     if deterministic:

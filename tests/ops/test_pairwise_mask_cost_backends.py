@@ -92,3 +92,12 @@ def test_costs_of_a_hand_computed_pair():
         )
         torch.testing.assert_close(ce, torch.tensor([[0.6931471805599453]], dtype=torch.float64))
         torch.testing.assert_close(dice, torch.tensor([[0.2]], dtype=torch.float64))
+
+
+@pytest.mark.skipif("triton" not in CPU_KERNEL_BACKENDS, reason="Triton does not run on CPU here")
+def test_triton_with_the_pinned_config_repeats_and_matches_reference(deterministic_algorithms):
+    check_backend("triton", torch.float32, 37, 40, 100, "cpu")
+    logits, labels = make_inputs(37, 40, 100, torch.float32)
+    kernel = KERNELS.get("triton", logits.device, "pairwise_mask_cost")
+    first, second = kernel(logits, labels), kernel(logits, labels)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

@@ -196,3 +196,14 @@ def test_cpu_kernel_accepts_float32_coords_for_low_precision_logits():
     torch.testing.assert_close(ce.double(), ref_ce, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dice.double(), ref_dice, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sums.double(), ref_sums, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in CPU_KERNEL_BACKENDS, reason="Triton does not run on CPU here")
+def test_triton_deterministic_backward_without_the_global_flag():
+    assert not torch.are_deterministic_algorithms_enabled()
+    deterministic_backward_twice("triton", "cpu")
+
+
+@pytest.mark.skipif("triton" not in CPU_KERNEL_BACKENDS, reason="Triton does not run on CPU here")
+def test_triton_forward_with_the_pinned_config(deterministic_algorithms):
+    check_backend("triton", torch.float32, (7, 5), (13, 17), 700, "uint8", "cpu", deterministic=True)

@@ -152,3 +152,31 @@ def test_cpu_kernel_accepts_float32_coords_for_low_precision_input():
     out = KERNELS.get("cpu", image.device, "forward")(image, coords)
     ref = reference.point_sample(image.double(), coords.double())
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif("triton" not in CPU_KERNEL_BACKENDS, reason="Triton does not run on CPU here")
+def test_triton_deterministic_backward_without_the_global_flag():
+    assert not torch.are_deterministic_algorithms_enabled()
+    deterministic_backward_twice("triton", "cpu")
+
+
+@pytest.mark.skipif("triton" not in CPU_KERNEL_BACKENDS, reason="Triton does not run on CPU here")
+def test_add_pairs_in_order_is_the_sequential_sum_in_pair_order():
+    from m2f_kernels.triton.point_sample import add_pairs_in_order
+
+    planes, plane_size, pairs = 3, 5, 400
+    index = torch.randint(-1, plane_size, (planes, pairs))
+    index[1] = -1  # a plane with nothing to add
+    index[2, :300] = 4  # one position with many duplicates
+    values = torch.randn(planes, pairs) * torch.logspace(-4, 4, pairs)  # order-sensitive magnitudes
+    grad_planes = torch.randn(planes, plane_size)
+    expected = grad_planes.clone()
+    sums = torch.zeros(planes, plane_size)
+    for plane in range(planes):
+        for pair in range(pairs):
+            position = index[plane, pair].item()
+            if position >= 0:
+                sums[plane, position] += values[plane, pair]
+    expected += sums
+    add_pairs_in_order(grad_planes, index, values)
+    assert torch.equal(grad_planes, expected)
