@@ -12,7 +12,7 @@ export M2F_KERNELS_SKIP_CUDA ?= 0
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 PYSRC_DIRS := m2f m2f_kernels tests benchmarks setup.py
 
-.PHONY: setup build lint format test demo bench report clean FORCE
+.PHONY: setup build lint format test demo bench report gpu-check clean FORCE
 
 # The Python packages and dependencies; the kernel library is built by the rule below, in place.
 $(VENV)/.installed: pyproject.toml setup.py
@@ -57,6 +57,10 @@ demo: build
 
 bench: build
 	$(PY) -m pytest benchmarks -q
+
+# On a GPU machine: CUDA tests, compute-sanitizer and benchmarks, logs and results JSON in benchmarks/results/.
+gpu-check: build
+	PY=$(PY) bash benchmarks/gpu_check.sh
 
 # Markdown tables and charts of committed results: make report [RESULTS="a.json b.json"] [BASELINE=old.json]
 RESULTS ?= $(wildcard benchmarks/results/*.json)

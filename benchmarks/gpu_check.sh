@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command: build the CUDA library, run the `cuda` tests, run the CUDA
+# kernels under compute-sanitizer (memcheck, racecheck, synccheck, initcheck) and the benchmarks.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        (default OUT_DIR: benchmarks/results)
+#
+# PY selects the Python that has torch (default: .venv/bin/python if present, else python3); STEPS selects
+# the steps (default "build test sanitize bench"). Logs and the results JSON go to OUT_DIR, named after the
+# device and the commit; the script goes on after a failing step and exits non-zero if any step failed.
+set -u
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-benchmarks/results}
+PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+STEPS=${STEPS:-build test sanitize bench}
+if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "gpu_check.sh: $PY sees no CUDA GPU" >&2
+  exit 2
+fi
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT_DIR"
+device=$($PY -c 'import re, torch; print(re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower())')
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+prefix="$OUT_DIR/$device-$commit"
+failed=""
+
+step() {  # step NAME COMMAND...: runs COMMAND, logs to $prefix-NAME.log, records a failure
+  local name=$1
+  shift
+  echo "== $name: $*"
+  if ! "$@" >"$prefix-$name.log" 2>&1; then
+    failed="$failed $name"
+    echo "   FAILED (see $prefix-$name.log)"
+  fi
+  tail -n 3 "$prefix-$name.log"
+}
+
+for s in $STEPS; do
+  case $s in
+    build) step build $PY setup.py build_ext --inplace ;;
+    test) step test $PY -m pytest -q -m cuda tests/ops tests/nn ;;
+    sanitize)
+      for tool in memcheck racecheck synccheck initcheck; do
+        step "sanitize-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 $PY -m benchmarks.sanitize
+      done
+      ;;
+    bench) step bench env M2F_BENCH_OUT="$prefix.json" $PY -m pytest -q benchmarks ;;
+    *) echo "unknown step $s" && exit 2 ;;
+  esac
+done
+if [ -n "$failed" ]; then
+  echo "failed steps:$failed"
+  exit 1
+fi
+echo "all steps passed; results in $prefix.json"
