@@ -278,7 +278,7 @@ def _demo_tiny() -> ModelConfig:
         name="demo-tiny",
         task="panoptic",
         dataset="synthetic",
-        num_classes=4,
+        num_classes=6,  # the synthetic dataset's 3 thing + 3 stuff categories
         backbone=BackboneConfig(timm_name="test_resnet"),
         pixel_decoder=PixelDecoderConfig(
             conv_dim=64, mask_dim=64, encoder_layers=2, encoder_heads=4, encoder_points=2, encoder_ffn_dim=128
