@@ -515,8 +515,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   std::vector<acc> chunk_acc(num_chunks * num_rows * d);
 
   at::parallel_for(0, s.batch * num_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> q_rows(rows_per_batch * d), k_transposed(d * kKeyBlock),
-        v_block(kKeyBlock * d);
+    std::vector<acc> q_rows(rows_per_batch * d), k_transposed(d * kKeyBlock), v_block;
     std::vector<acc> weights(nq * kKeyBlock), visible(nq * kKeyBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / num_chunks, chunk = task % num_chunks;
@@ -538,7 +537,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           }
           const int64_t kv_row0 = (b * heads + h) * s.keys + key_begin;
           load_rows_transposed(k_data, kv_row0, nk, d, kKeyBlock, k_transposed.data());
-          load_rows(v_data, kv_row0, nk, d, v_block.data());
+          const acc* v_rows = rows_as_acc(v_data, kv_row0, nk, d, v_block);
           // weights holds the raw scores first, then the unnormalized softmax weights.
           rows_times_columns(q_rows.data() + h * nq * d, nq, k_transposed.data(), nk, d, kKeyBlock,
                              weights.data());
@@ -560,7 +559,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                 row_sum[state] * alpha + exp_visible(row_weights, row_visible, nk, scale, new_max);
             row_max[state] = new_max;
           }
-          accumulate_weighted_rows(weights.data(), nq, nk, kKeyBlock, v_block.data(), d,
+          accumulate_weighted_rows(weights.data(), nq, nk, kKeyBlock, v_rows, d,
                                    row_acc + h * nq * d);
         }
       }
