@@ -94,22 +94,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
+    from m2f.convert import convert_to_file
 
-    from m2f.config import get_config
-    from m2f.convert import convert_checkpoint, save
-
-    state_dict = convert_checkpoint(args.src, args.format, args.config)
+    state_dict, metadata = convert_to_file(args.src, args.format, args.config, args.out, classes=args.classes)
     num_classes = state_dict["transformer_decoder.class_embed.weight"].shape[0] - 1
-    config = dataclasses.replace(get_config(args.config), num_classes=num_classes)
-    metadata = {
-        "config": json.dumps(config.to_dict()),
-        "converted_from": f"{args.format}:{Path(args.src).name}",
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save(state_dict, args.out, metadata=metadata)
-    print(f"wrote {args.out} ({len(state_dict)} tensors, {num_classes} classes)")
+    named = ", named" if "class_names" in metadata else ""
+    print(f"wrote {args.out} ({len(state_dict)} tensors, {num_classes} classes{named})")
     return 0
 
 
@@ -208,10 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     convert = commands.add_parser("convert", help="convert transformers/detectron2/mmdet weights to m2f")
-    convert.add_argument("src", help="the checkpoint file to convert")
+    convert.add_argument("src", help="checkpoint file or Hugging Face model directory (sharded or not)")
     convert.add_argument("--format", required=True, choices=("transformers", "detectron2", "mmdet"))
     convert.add_argument("--config", required=True, help="the m2f config the weights belong to")
     convert.add_argument("--out", required=True, help="output .safetensors file")
+    convert.add_argument(
+        "--classes",
+        help="class names when the checkpoint has none (detectron2) or to replace its own: 'ade20k', a COCO "
+        "annotation JSON (names and thing classes), a JSON list or a text file with one name per line",
+    )
     convert.set_defaults(func=cmd_convert)
 
     bench = commands.add_parser(

@@ -150,15 +150,20 @@ def test_predict_missing_image_is_reported(trained_run, tmp_path, capsys):
     assert "nope.jpg" in capsys.readouterr().err
 
 
-def test_convert_writes_safetensors_with_the_config(monkeypatch, tmp_path):
+def test_convert_writes_safetensors_with_the_config_and_class_names(monkeypatch, tmp_path):
     import safetensors
     import torch
 
     import m2f.convert
 
     state = {"transformer_decoder.class_embed.weight": torch.randn(7, 8), "other": torch.arange(3.0)}
-    calls = []
-    monkeypatch.setattr(m2f.convert, "convert_checkpoint", lambda *args: calls.append(args) or state)
+    loaded = []
+    monkeypatch.setattr(
+        m2f.convert, "read_checkpoint", lambda *args: loaded.append(args) or ({"raw": 1}, None)
+    )
+    monkeypatch.setattr(m2f.convert, "convert_checkpoint", lambda src, fmt, config: state)
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"class-{i}" for i in range(6)) + "\n")
     out = tmp_path / "converted.safetensors"
     args = [
         "convert",
@@ -168,11 +173,12 @@ def test_convert_writes_safetensors_with_the_config(monkeypatch, tmp_path):
         "--config",
         "panoptic-r50",
     ]
-    assert main([*args, "--out", str(out)]) == 0
-    assert calls == [(str(tmp_path / "model_final.pkl"), "detectron2", "panoptic-r50")]
+    assert main([*args, "--classes", str(names), "--out", str(out)]) == 0
+    assert loaded == [(str(tmp_path / "model_final.pkl"), "detectron2")]
     with safetensors.safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()["config"])["num_classes"] == 6
         assert f.metadata()["converted_from"] == "detectron2:model_final.pkl"
+        assert json.loads(f.metadata()["class_names"]) == [f"class-{i}" for i in range(6)]
         for key, tensor in state.items():
             assert torch.equal(f.get_tensor(key), tensor)
 

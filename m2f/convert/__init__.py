@@ -3,14 +3,27 @@
     state_dict = convert_checkpoint("model_final.pkl", "detectron2", "panoptic-r50")
     save(state_dict, "panoptic-r50.safetensors")
 
+or, for a file that `m2f predict` / `m2f eval` read directly (config and class names in its metadata):
+
+    convert_to_file("facebook-mask2former-swin-base-coco-panoptic/", "transformers", "panoptic-swin-b",
+                    "panoptic-swin-b.safetensors", classes="annotations/panoptic_val2017.json")
+
 Every format is mapped to detectron2's names first (m2f.convert.keymaps), then to m2f's. Nothing in a
 checkpoint is executed: .pkl files go through a restricted unpickler, torch files through
 torch.load(weights_only=True). Unknown, missing and mis-shaped keys raise ConversionError listing them.
+
+Class names: transformers checkpoints give them in config.json ("id2label"), mmdet checkpoints in their meta;
+detectron2 checkpoints have none. `classes` names them (and replaces the checkpoint's): a list of names,
+"ade20k" (the built-in ADE20K names), a COCO annotation JSON (its "categories": names and thing classes, as
+training stores them), a JSON list of names or a text file with one name per line. Without any, predictions
+use generic names ("class 0", ...). Files are written atomically (temporary file, fsync, rename).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -18,11 +31,12 @@ import torch
 from ..config import ModelConfig
 from .detectron2 import UnsafeCheckpointError, load_detectron2_state_dict
 from .keymaps import ConversionError, apply_rules, detect_backbone, detectron2_to_model_rules, reverse_rules
-from .mmdet import detectron2_to_mmdet, load_mmdet_state_dict, mmdet_to_detectron2
+from .mmdet import detectron2_to_mmdet, load_mmdet_checkpoint, mmdet_to_detectron2
 from .transformers import (
     check_transformers_source,
     detectron2_to_transformers,
     load_transformers_state_dict,
+    transformers_class_names,
     transformers_to_detectron2,
 )
 
@@ -31,20 +45,29 @@ __all__ = [
     "ConversionError",
     "UnsafeCheckpointError",
     "convert_checkpoint",
+    "convert_to_file",
     "export_checkpoint",
     "load_checkpoint_file",
+    "read_checkpoint",
+    "resolve_classes",
     "save",
 ]
 
 StateDict = dict[str, torch.Tensor]
+# (class names in class index order, thing class indices or None when unknown: predict then treats all
+# classes as things)
+ClassNames = tuple[list[str], list[int] | None]
 _Map = Callable[[Mapping[str, torch.Tensor]], tuple[StateDict, list[str]]]
 
 FORMATS = ("transformers", "detectron2", "mmdet")
 
-_LOADERS = {
-    "transformers": load_transformers_state_dict,
-    "detectron2": load_detectron2_state_dict,
-    "mmdet": load_mmdet_state_dict,
+_LOADERS: dict[str, Callable[[Path], tuple[StateDict, ClassNames | None]]] = {
+    "transformers": lambda path: (
+        load_transformers_state_dict(path),
+        _names_only(transformers_class_names(path)),
+    ),
+    "detectron2": lambda path: (load_detectron2_state_dict(path), None),
+    "mmdet": load_mmdet_checkpoint,
 }
 _TO_DETECTRON2: dict[str, _Map] = {
     "transformers": transformers_to_detectron2,
@@ -64,13 +87,23 @@ def _check_format(fmt: str) -> None:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
 
 
-def load_checkpoint_file(path: str | Path, fmt: str) -> StateDict:
-    """The tensors of a checkpoint file of format `fmt`, untouched (foreign names)."""
+def _names_only(names: list[str] | None) -> ClassNames | None:
+    return None if names is None else (names, None)
+
+
+def read_checkpoint(path: str | Path, fmt: str) -> tuple[StateDict, ClassNames | None]:
+    """(the tensors of a checkpoint file or directory of format `fmt`, untouched (foreign names); the class
+    names it carries, or None)."""
     _check_format(fmt)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
     return _LOADERS[fmt](path)
+
+
+def load_checkpoint_file(path: str | Path, fmt: str) -> StateDict:
+    """The tensors of a checkpoint file of format `fmt`, untouched (foreign names)."""
+    return read_checkpoint(path, fmt)[0]
 
 
 def _listing(label: str, keys: list[str]) -> str:
@@ -195,8 +228,117 @@ def export_checkpoint(
 def save(
     state_dict: Mapping[str, torch.Tensor], path: str | Path, *, metadata: dict[str, str] | None = None
 ) -> None:
-    """Writes `state_dict` to a .safetensors file (tensors made contiguous, shared storage copied)."""
-    from safetensors.torch import save_file
+    """Writes `state_dict` to a .safetensors file atomically (temporary file, fsync, rename; the parent
+    folder is created); tensors made contiguous, shared storage copied."""
+    from safetensors.torch import save as to_bytes
+
+    from ..engine.checkpoint import atomic_write_bytes
 
     tensors = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in state_dict.items()}
-    save_file(tensors, str(path), metadata=metadata)
+    atomic_write_bytes(path, to_bytes(tensors, metadata=metadata))
+
+
+_COCO_NAMES_HINT = (
+    "COCO class names come from its annotation file: pass e.g. annotations/panoptic_val2017.json"
+)
+
+
+def _names_from_file(path: Path) -> ClassNames:
+    text = path.read_text()
+    if path.suffix != ".json":
+        return [line.strip() for line in text.splitlines() if line.strip()], None
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"classes file {path}: invalid JSON ({error})") from error
+    if isinstance(content, dict) and "categories" in content:
+        from ..data.common import DatasetMetadata
+
+        categories = content["categories"]
+        if not isinstance(categories, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("name"), str)
+            for c in categories
+        ):
+            raise ValueError(
+                f'classes file {path}: "categories" must be a list of {{"id", "name", ...}} dicts'
+            )
+        dataset = DatasetMetadata(categories)
+        return list(dataset.class_names), sorted(dataset.thing_classes)
+    if isinstance(content, list) and all(isinstance(name, str) for name in content):
+        return list(content), None
+    raise ValueError(
+        f'classes file {path}: expected a COCO annotation file ("categories") or a list of names'
+    )
+
+
+def resolve_classes(classes: str | Path | Sequence[str]) -> ClassNames:
+    """(class names, thing class indices or None) for the `classes` argument of convert_to_file: a list of
+    names, "ade20k", a COCO annotation JSON (names and isthing of its "categories", sorted by id), a JSON
+    list of names, or a text file with one name per line."""
+    if isinstance(classes, str | Path):
+        if str(classes) == "ade20k":
+            from ..data.ade20k import ade20k_metadata
+
+            dataset = ade20k_metadata()
+            return list(dataset.class_names), sorted(dataset.thing_classes)
+        if str(classes) in ("coco-panoptic", "coco-instance"):
+            raise ValueError(f"classes={str(classes)!r}: {_COCO_NAMES_HINT}")
+        path = Path(classes)
+        if not path.is_file():
+            raise ValueError(
+                f"classes must be a list of names, 'ade20k' or a file of names, got {str(classes)!r} "
+                "(no such file)"
+            )
+        names, things = _names_from_file(path)
+    elif isinstance(classes, Sequence) and all(isinstance(name, str) for name in classes):
+        names, things = list(classes), None
+    else:
+        raise TypeError(
+            f"classes must be a list of names, 'ade20k' or a file path, got {type(classes).__name__}"
+        )
+    if not names or not all(names):
+        raise ValueError(f"classes must give one non-empty name per class, got {names[:10]!r}")
+    return names, things
+
+
+def convert_to_file(
+    src: str | Path,
+    fmt: str,
+    config_name: str | ModelConfig,
+    out: str | Path,
+    *,
+    classes: str | Path | Sequence[str] | None = None,
+) -> tuple[StateDict, dict[str, str]]:
+    """Converts the checkpoint at `src` (see convert_checkpoint) and writes it atomically to the .safetensors
+    file `out` with the metadata `m2f predict` and `m2f eval` read: "config" (the config with the
+    checkpoint's class count), "converted_from" ("fmt:file name") and, when known, "class_names" and
+    "thing_classes" (JSON lists). Class names come from `classes` (see resolve_classes) if given, else from
+    the checkpoint. Returns (state dict, metadata).
+
+    Raises ValueError when `classes` does not give one name per class of the checkpoint, ConversionError
+    when the checkpoint's own names do not."""
+    _check_format(fmt)
+    given = None if classes is None else resolve_classes(classes)  # bad `classes` fail before any loading
+    state, found = read_checkpoint(src, fmt)
+    state_dict = convert_checkpoint(state, fmt, config_name)
+    num_classes = state_dict["transformer_decoder.class_embed.weight"].shape[0] - 1
+    if given is not None:
+        found = given
+        if len(found[0]) != num_classes:
+            raise ValueError(
+                f"classes gives {len(found[0])} names but the checkpoint has {num_classes} classes"
+            )
+    elif found is not None and len(found[0]) != num_classes:
+        raise ConversionError(
+            f"{src}: its {len(found[0])} class names do not match the {num_classes} classes of its class head; "
+            "pass the right names as `classes`"
+        )
+    config = dataclasses.replace(_resolve_config(config_name), num_classes=num_classes)
+    metadata = {"config": json.dumps(config.to_dict()), "converted_from": f"{fmt}:{Path(src).name}"}
+    if found is not None:
+        names, things = found
+        metadata["class_names"] = json.dumps(names)
+        if things is not None:
+            metadata["thing_classes"] = json.dumps(sorted(things))
+    save(state_dict, out, metadata=metadata)
+    return state_dict, metadata

@@ -4,6 +4,8 @@ A .pkl is read with a restricted unpickler that builds only numpy arrays, numpy 
 Python containers; any other global (os.system, builtins.eval, a class...) raises UnsafeCheckpointError
 before anything is constructed, so no code in the file runs. A .pth goes through
 torch.load(weights_only=True).
+detectron2 checkpoints carry no class names (detectron2 keeps them in its dataset catalog, not in the
+weights): pass them to m2f.convert.convert_to_file as `classes`.
 """
 
 from __future__ import annotations

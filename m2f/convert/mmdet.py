@@ -4,6 +4,8 @@ Head names of mmdet 3.x (`panoptic_head.transformer_decoder.layers.0.cross_attn.
 (`...layers.0.attentions.0.attn...`); the mmsegmentation variant (`decode_head.`) uses the same names.
 Backbones: mmdet ResNet (torchvision names) and mmdet Swin (`backbone.stages.0.blocks.0.attn.w_msa...`), whose
 patch-merging weights are stored in nn.Unfold channel order and are reordered here.
+Class names come from the checkpoint's meta: `meta["dataset_meta"]["classes"]` (mmdet 3.x; the thing classes
+from its "thing_classes" where present, as for panoptic models) or `meta["CLASSES"]` (mmdet 2.x).
 """
 
 from __future__ import annotations
@@ -120,8 +122,11 @@ _LEGACY: list[Rule] = [
 ]
 
 
-def load_mmdet_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The `state_dict` of an mmdet checkpoint (or the file itself when it is a flat state dict)."""
+def load_mmdet_checkpoint(
+    path: str | Path,
+) -> tuple[dict[str, torch.Tensor], tuple[list[str], list[int] | None] | None]:
+    """(the `state_dict` of an mmdet checkpoint, or the file itself when it is a flat state dict;
+    mmdet_class_names of its `meta`)."""
     try:
         checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as error:  # the restricted unpickler raises several types
@@ -132,7 +137,43 @@ def load_mmdet_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path}: no 'state_dict' of tensors found")
-    return dict(state)
+    meta = checkpoint.get("meta")
+    try:
+        classes = mmdet_class_names(meta if isinstance(meta, Mapping) else {})
+    except ConversionError as error:
+        raise ConversionError(f"{path}: {error}") from None
+    return dict(state), classes
+
+
+def load_mmdet_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `state_dict` of an mmdet checkpoint (or the file itself when it is a flat state dict)."""
+    return load_mmdet_checkpoint(path)[0]
+
+
+def _names(value, field: str) -> list[str]:
+    if not isinstance(value, list | tuple) or not all(isinstance(name, str) for name in value):
+        raise ConversionError(f"{field} must be a list of class names, got {value!r:.80}")
+    return list(value)
+
+
+def mmdet_class_names(meta: Mapping) -> tuple[list[str], list[int] | None] | None:
+    """(class names, thing class indices or None when the meta does not say) from an mmdet checkpoint's
+    `meta`: 3.x `dataset_meta` ("classes", "thing_classes"), else 2.x "CLASSES"; None when it has neither."""
+    dataset_meta = meta.get("dataset_meta")
+    if isinstance(dataset_meta, Mapping) and dataset_meta.get("classes") is not None:
+        names = _names(dataset_meta["classes"], 'meta["dataset_meta"]["classes"]')
+        if dataset_meta.get("thing_classes") is None:
+            return names, None
+        things = set(_names(dataset_meta["thing_classes"], 'meta["dataset_meta"]["thing_classes"]'))
+        unknown = sorted(things - set(names))
+        if unknown:
+            raise ConversionError(
+                f'meta["dataset_meta"]["thing_classes"] {unknown} are not among its classes'
+            )
+        return names, [i for i, name in enumerate(names) if name in things]
+    if meta.get("CLASSES") is not None:
+        return _names(meta["CLASSES"], 'meta["CLASSES"]'), None
+    return None
 
 
 def mmdet_to_detectron2(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -1,12 +1,19 @@
 """Hugging Face transformers Mask2Former checkpoints (`Mask2FormerForUniversalSegmentation`).
 
-Reads model.safetensors or pytorch_model.bin (`torch.load(weights_only=True)`), or a directory holding one.
+Reads model.safetensors or pytorch_model.bin (`torch.load(weights_only=True)`), a sharded checkpoint through
+its index (model.safetensors.index.json or pytorch_model.bin.index.json, whose "weight_map" names the shard
+file of every key), or a model directory holding one of these (looked for in that order). A shard missing
+from the directory, a key the index lists but its shard lacks, a key in no index entry and a key stored in
+two shards each raise an error naming the index file.
+Class names come from the "id2label" of the config.json in the model directory (or beside the weights file);
+transformers' placeholder names (LABEL_0, LABEL_1, ...) count as none.
 Backbones: HF `ResNetBackbone` (`use_timm_backbone=False`) and `SwinBackbone`, in both the current key names
 (`attention.q_proj`) and the older ones found in the published checkpoints (`attention.self.query`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -142,14 +149,33 @@ def normalize_hf_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# what a model directory is searched for, in this order (transformers' own preference)
+DIRECTORY_FILES = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", BIN_INDEX)
+_LISTED = 10
+
+
+def _listing(keys: list[str]) -> str:
+    more = f" ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else ""
+    return f"{len(keys)} keys {keys[:_LISTED]}{more}"
+
+
 def load_transformers_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a transformers checkpoint file (.safetensors or .bin) or of a model directory."""
+    """Tensors of a transformers checkpoint: a .safetensors or .bin file, a shard index (*.index.json) or a
+    model directory holding one of DIRECTORY_FILES."""
     path = Path(path)
     if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin"):
+        for name in DIRECTORY_FILES:
             if (path / name).is_file():
                 return load_transformers_state_dict(path / name)
-        raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+        raise FileNotFoundError(f"{path} holds none of {', '.join(DIRECTORY_FILES)}")
+    if path.name.endswith(".index.json"):
+        return load_sharded_state_dict(path)
+    return _load_weights_file(path)
+
+
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -158,6 +184,92 @@ def load_transformers_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path} is not a flat state dict of tensors")
     return dict(state)
+
+
+def read_weight_map(index_path: str | Path) -> dict[str, str]:
+    """The "weight_map" (key -> shard file name) of a shard index; ConversionError naming the file when it
+    is not JSON, has no weight_map, or names a shard outside the index's directory."""
+    index_path = Path(index_path)
+    try:
+        index = json.loads(index_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{index_path}: not a JSON shard index ({error})") from error
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ConversionError(f'{index_path}: no "weight_map" of key -> shard file name')
+    outside = sorted({v for v in weight_map.values() if v in ("", ".", "..") or Path(v).name != v})
+    if outside:
+        raise ConversionError(f"{index_path}: shard names must be file names in its directory, got {outside}")
+    return weight_map
+
+
+def load_sharded_state_dict(index_path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of every shard named by a model.safetensors.index.json / pytorch_model.bin.index.json.
+
+    Raises FileNotFoundError naming the index and the missing shard files, and ConversionError for keys the
+    index lists but their shard lacks, keys in no index entry, and keys stored in more than one shard."""
+    index_path = Path(index_path)
+    weight_map = read_weight_map(index_path)
+    listed_by_shard: dict[str, set[str]] = {}
+    for key, shard in weight_map.items():
+        listed_by_shard.setdefault(shard, set()).add(key)
+    missing_files = [shard for shard in listed_by_shard if not (index_path.parent / shard).is_file()]
+    if missing_files:
+        raise FileNotFoundError(
+            f"{index_path}: shard files not found in {index_path.parent}: {', '.join(missing_files)}"
+        )
+    state: dict[str, torch.Tensor] = {}
+    shard_of: dict[str, str] = {}
+    duplicated, unlisted = [], []
+    for shard, listed in listed_by_shard.items():
+        tensors = _load_weights_file(index_path.parent / shard)
+        absent = sorted(listed - tensors.keys())
+        if absent:
+            raise ConversionError(f"{index_path}: {_listing(absent)} are listed for {shard} but not in it")
+        for key, tensor in tensors.items():
+            if key in shard_of:
+                duplicated.append(f"{key} ({shard_of[key]}, {shard})")
+            elif key not in weight_map:
+                unlisted.append(f"{key} ({shard})")
+            shard_of[key] = shard
+            state[key] = tensor
+    if duplicated:
+        raise ConversionError(f"{index_path}: {_listing(sorted(duplicated))} are stored in two shards")
+    if unlisted:
+        raise ConversionError(
+            f"{index_path}: {_listing(sorted(unlisted))} are in shards but not in the index"
+        )
+    return state
+
+
+def transformers_class_names(path: str | Path) -> list[str] | None:
+    """Class names from the "id2label" of config.json in the model directory `path` (or beside the weights
+    file `path`), index order; None when there is no config.json, no id2label or only placeholder names.
+    ConversionError naming the file when id2label is not {"0": name, ..., "C-1": name}."""
+    path = Path(path)
+    config_path = (path if path.is_dir() else path.parent) / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{config_path}: not a JSON model config ({error})") from error
+    id2label = config.get("id2label") if isinstance(config, dict) else None
+    if not id2label:
+        return None
+    if not isinstance(id2label, dict) or not all(isinstance(v, str) for v in id2label.values()):
+        raise ConversionError(f"{config_path}: id2label must map class indices to names")
+    indices = sorted(id2label, key=lambda k: int(k) if k.isdigit() else -1)
+    if indices != [str(i) for i in range(len(id2label))]:
+        raise ConversionError(
+            f"{config_path}: id2label keys must be 0..{len(id2label) - 1}, got {indices[:10]}"
+        )
+    names = [id2label[k] for k in indices]
+    if names == [f"LABEL_{i}" for i in range(len(names))]:
+        return None
+    return names
 
 
 def transformers_to_detectron2(
