@@ -117,6 +117,8 @@ class SolverConfig:
     image_size: int = 1024
     min_scale: float = 0.1
     max_scale: float = 2.0
+    # Semantic training crops: redraw (up to 10 times) while one class covers this share of the crop; 1.0 = off.
+    single_category_max_area: float = 1.0
     amp: bool = True
 
 

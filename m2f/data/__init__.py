@@ -13,7 +13,14 @@ from m2f.data.common import (
     rgb_to_id,
 )
 from m2f.data.synthetic import SYNTHETIC_CATEGORIES, make_synthetic, make_synthetic_ade20k
-from m2f.data.transforms import LSJ, Geometry, ResizeShortestEdge
+from m2f.data.transforms import (
+    LSJ,
+    Geometry,
+    PhotometricDistortion,
+    ResizeShortestEdge,
+    SemanticAugmentation,
+    category_limited_crop,
+)
 from m2f.data.validate import validate_dataset
 
 __all__ = [
@@ -27,8 +34,11 @@ __all__ = [
     "DatasetError",
     "DatasetMetadata",
     "Geometry",
+    "PhotometricDistortion",
     "ResizeShortestEdge",
+    "SemanticAugmentation",
     "ade20k_metadata",
+    "category_limited_crop",
     "coco_paths",
     "collate",
     "decode_segmentation",

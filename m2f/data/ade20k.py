@@ -20,6 +20,7 @@ from m2f.data.common import (
     masks_from_index_map,
     read_image,
 )
+from m2f.data.transforms import SemanticAugmentation
 
 ADE20K_CLASS_NAMES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
@@ -71,7 +72,12 @@ def read_ade20k_labels(path: str, num_classes: int = len(ADE20K_CLASS_NAMES)) ->
 class ADE20KDataset(SegmentationDataset):
     """Items: image (3, H, W) uint8, labels (T,) int64 (the classes present), masks (T, H, W) bool (one per
     class), sem_seg (H, W) int64 with 255 = ignore, image_id (position in the sorted file list), file_name,
-    orig_size (H, W)."""
+    orig_size (H, W).
+
+    transforms: None, a geometric transform (LSJ, ResizeShortestEdge), or SemanticAugmentation (the training
+    recipe: its crop looks at the labels and it distorts colours). Labels and masks are built from the
+    transformed label map, so they only name classes left in the crop; ignore pixels are in no mask.
+    """
 
     def __init__(self, root: str, split: str, transforms=None, *, seed: int = 0):
         super().__init__(transforms, seed)
@@ -103,8 +109,15 @@ class ADE20KDataset(SegmentationDataset):
         image = read_image(image_path)
         labels_map = self.load_semantic_gt(index)
         check_image_size(image, labels_map.shape, image_path)
-        geometry = self.geometry(index, *image.shape[:2])
-        labels_map = geometry.apply_segmentation(labels_map, fill=IGNORE_LABEL).astype(np.int64)
+        orig_size = tuple(image.shape[:2])
+        if isinstance(self.transforms, SemanticAugmentation):
+            rng = np.random.default_rng([self.seed, self.epoch, index])  # as SegmentationDataset.geometry
+            image, labels_map = self.transforms.apply(image, labels_map, rng)
+        else:
+            geometry = self.geometry(index, *orig_size)
+            image = geometry.apply_image(image)
+            labels_map = geometry.apply_segmentation(labels_map, fill=IGNORE_LABEL)
+        labels_map = labels_map.astype(np.int64)
 
         classes = np.unique(labels_map)
         classes = classes[classes != IGNORE_LABEL]
@@ -112,11 +125,11 @@ class ADE20KDataset(SegmentationDataset):
         index_map[labels_map == IGNORE_LABEL] = -1
         masks, _ = masks_from_index_map(index_map, len(classes))
         return {
-            "image": image_to_tensor(geometry.apply_image(image)),
+            "image": image_to_tensor(image),
             "labels": torch.from_numpy(classes),
             "masks": masks,
             "sem_seg": torch.from_numpy(labels_map),
             "image_id": index,
             "file_name": self.file_names[index],
-            "orig_size": tuple(image.shape[:2]),
+            "orig_size": orig_size,
         }

@@ -614,9 +614,10 @@ def run_training(
 ) -> Path:
     """Trains a config (name or m2f.config.ModelConfig) on the train split of data_root, optionally evaluating
     on the val split every eval_period iterations; returns the final weights path. Works under torchrun.
-    image_size overrides the config's LSJ crop size."""
+    image_size overrides the config's crop size (LSJ for panoptic and instance configs, Mask2Former's
+    semantic recipe, SemanticAugmentation, for semantic ones)."""
     from m2f.config import ModelConfig, get_config
-    from m2f.data import LSJ, collate
+    from m2f.data import LSJ, SemanticAugmentation, collate
     from m2f.losses import build_criterion
     from m2f.models import build_model
 
@@ -626,13 +627,16 @@ def run_training(
         config = dataclasses.replace(config, solver=dataclasses.replace(config.solver, image_size=image_size))
     device = dist_utils.init_distributed(device)
     solver = config.solver
-    dataset = build_dataset(
-        dataset_kind,
-        data_root,
-        "train",
-        LSJ(solver.image_size, solver.min_scale, solver.max_scale),
-        seed=seed,
-    )
+    if config.task == "semantic":
+        augmentation = SemanticAugmentation(
+            solver.image_size,
+            solver.min_scale,
+            solver.max_scale,
+            single_category_max_area=solver.single_category_max_area,
+        )
+    else:
+        augmentation = LSJ(solver.image_size, solver.min_scale, solver.max_scale)
+    dataset = build_dataset(dataset_kind, data_root, "train", augmentation, seed=seed)
     config = dataclasses.replace(config, num_classes=dataset.metadata.num_classes)
     settings = TrainSettings.from_solver(
         solver,

@@ -17,6 +17,8 @@ from m2f.data import (
     collate,
     make_synthetic_ade20k,
 )
+from m2f.data.common import read_image
+from m2f.data.transforms import SemanticAugmentation
 
 
 def _load_json(root, name):
@@ -156,6 +158,39 @@ def test_ade20k_items_map_zero_to_ignore(tmp_path):
             assert np.array_equal(mask.numpy(), expected == label)
     batch = collate([ADE20KDataset(root, "train", LSJ(48))[i] for i in range(2)])
     assert batch[1][0]["sem_seg"].shape == (64, 64) and batch[1][0]["sem_seg"][48:].eq(255).all()
+
+
+def test_ade20k_training_recipe_builds_targets_after_the_crop(tmp_path):
+    root = make_synthetic_ade20k(str(tmp_path), num_train=4, num_val=0, image_size=64, seed=1)
+    augmentation = SemanticAugmentation(48, single_category_max_area=0.9)
+    dataset = ADE20KDataset(root, "train", augmentation, seed=2)
+    padded_items = 0
+    for index in range(len(dataset)):
+        item = dataset[index]
+        sem_seg = item["sem_seg"].numpy()
+        assert item["image"].shape == (3, 48, 48) and sem_seg.shape == (48, 48)
+        assert item["orig_size"] == (64, 64)
+        present = sorted(set(np.unique(sem_seg).tolist()) - {255})
+        assert item["labels"].tolist() == present
+        assert present and set(present) <= set(np.unique(dataset.load_semantic_gt(index)).tolist())
+        assert item["masks"].shape == (len(present), 48, 48)
+        for label, mask in zip(present, item["masks"]):
+            assert np.array_equal(mask.numpy(), sem_seg == label)
+        assert np.array_equal(item["masks"].any(0).numpy(), sem_seg != 255)
+        padded_items += bool((sem_seg[-1] == 255).all() and (item["image"][:, -1] == 128).all())
+        # the item is the augmentation applied with the item's own generator (seed, epoch, index)
+        image = read_image(os.path.join(dataset.image_root, item["file_name"]))
+        rng = np.random.default_rng([2, 0, index])
+        expected_image, expected_labels = augmentation.apply(image, dataset.load_semantic_gt(index), rng)
+        assert np.array_equal(item["image"].permute(1, 2, 0).numpy(), expected_image)
+        assert np.array_equal(sem_seg, expected_labels)
+    assert padded_items > 0  # short sides below 48 were drawn and padded with ignore
+    epoch_0 = [dataset[i] for i in range(len(dataset))]
+    assert all(torch.equal(epoch_0[i]["image"], dataset[i]["image"]) for i in range(len(dataset)))
+    dataset.set_epoch(1)
+    assert not all(torch.equal(dataset[i]["sem_seg"], epoch_0[i]["sem_seg"]) for i in range(len(dataset)))
+    batch = collate([dataset[i] for i in range(2)])
+    assert batch[0].shape == (2, 3, 64, 64) and batch[1][0]["sem_seg"][48:].eq(255).all()
 
 
 def test_ade20k_missing_annotation_names_the_file(tmp_path):

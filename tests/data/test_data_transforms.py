@@ -1,9 +1,17 @@
+import colorsys
+
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
 from m2f.data import LSJ, CocoInstanceDataset, CocoPanopticDataset, Geometry, ResizeShortestEdge
 from m2f.data.synthetic import SYNTHETIC_CATEGORIES
+from m2f.data.transforms import (
+    ColorJitter,
+    PhotometricDistortion,
+    SemanticAugmentation,
+    category_limited_crop,
+)
 
 
 def _disk(size, cx, cy, radius):
@@ -42,12 +50,25 @@ def test_crop_and_flip_without_resize_are_exact():
     geometry = Geometry((20, 30), (20, 30), top=3, left=4, out_size=(24, 24), flip=True)
     out_image = geometry.apply_image(image, pad_value=7)
     out_seg = geometry.apply_segmentation(seg, fill=-1)
+    assert geometry.valid_size == (17, 24)
+    # the window's content is mirrored; the padding stays at the bottom
     expected = np.full((24, 24, 3), 7, np.uint8)
-    expected[:17, :24] = image[3:20, 4:28]
-    assert np.array_equal(out_image, expected[:, ::-1])
+    expected[:17, :24] = image[3:20, 4:28][:, ::-1]
+    assert np.array_equal(out_image, expected)
     expected_seg = np.full((24, 24), -1)
-    expected_seg[:17, :24] = seg[3:20, 4:28]
-    assert np.array_equal(out_seg, expected_seg[:, ::-1])
+    expected_seg[:17, :24] = seg[3:20, 4:28][:, ::-1]
+    assert np.array_equal(out_seg, expected_seg)
+
+
+def test_flip_keeps_the_padding_at_the_right():
+    image = np.arange(2 * 5 * 3, dtype=np.uint8).reshape(2, 5, 3)
+    geometry = Geometry((2, 5), (2, 5), top=0, left=1, out_size=(3, 6), flip=True)
+    out = geometry.apply_image(image, pad_value=9)
+    assert geometry.valid_size == (2, 4)
+    assert np.array_equal(out[:2, :4], image[:, [4, 3, 2, 1]])
+    assert (out[2:] == 9).all() and (out[:, 4:] == 9).all()
+    # a polygon point at the window's left edge lands on the valid part's right edge
+    assert geometry.apply_polygons([[1.0, 0.0, 5.0, 2.0]]) == [[4.0, 0.0, 0.0, 2.0]]
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -137,3 +158,287 @@ def test_dataset_masks_stay_on_their_colour_under_lsj(synthetic_root, dataset_cl
                 assert np.abs(colour - THING_COLORS[label]).max() < 40
                 checked += 1
     assert checked > 10
+
+
+# --- semantic segmentation training recipe ------------------------------------------------------------------
+
+
+def _crop_is_acceptable(window, max_area, ignore=255):
+    """The single-category rule written out with a dict of counts: two classes or more and the largest
+    covering less than max_area of the non-ignore pixels."""
+    counts = {}
+    for value in window.ravel().tolist():
+        if value != ignore:
+            counts[value] = counts.get(value, 0) + 1
+    return len(counts) > 1 and max(counts.values()) < max_area * sum(counts.values())
+
+
+def _drawn_windows(seed, size, crop, tries=10):
+    """The (top, left) pairs a Generator seeded with `seed` gives for uniformly placed windows."""
+    rng = np.random.default_rng(seed)
+    return [
+        (int(rng.integers(size[0] - crop[0] + 1)), int(rng.integers(size[1] - crop[1] + 1)))
+        for _ in range(tries)
+    ]
+
+
+def _mostly_one_class_map():
+    """(120, 120): class 0 everywhere but a 24 x 24 block of class 1 and an ignore stripe; only windows of
+    32 that take a large part of the block pass a 0.8 limit."""
+    sem_seg = np.zeros((120, 120), np.int32)
+    sem_seg[80:104, 10:34] = 1
+    sem_seg[:, 60:66] = 255
+    return sem_seg
+
+
+def test_category_limited_crop_takes_the_first_acceptable_window_or_the_tenth():
+    sem_seg, crop, max_area = _mostly_one_class_map(), (32, 32), 0.8
+    passed_first, fell_back = 0, 0
+    for seed in range(150):
+        windows = _drawn_windows(seed, sem_seg.shape, crop)
+        acceptable = [_crop_is_acceptable(sem_seg[t : t + 32, x : x + 32], max_area) for t, x in windows]
+        expected = windows[acceptable.index(True)] if any(acceptable) else windows[-1]
+        chosen = category_limited_crop(sem_seg, crop, np.random.default_rng(seed), max_area)
+        assert chosen == expected
+        passed_first += acceptable[0]
+        fell_back += not any(acceptable)
+    # most single draws fail the rule, so both the redraw and the ten-tries fallback were exercised
+    assert passed_first < 40 and 0 < fell_back < 150
+
+
+def test_category_limited_crop_rejects_dominated_windows_much_more_often():
+    sem_seg, crop = _mostly_one_class_map(), (32, 32)
+
+    def acceptable_share(max_area):
+        chosen = [
+            category_limited_crop(sem_seg, crop, np.random.default_rng(s), max_area) for s in range(200)
+        ]
+        return np.mean([_crop_is_acceptable(sem_seg[t : t + 32, x : x + 32], 0.8) for t, x in chosen])
+
+    assert acceptable_share(0.8) > 0.6 and acceptable_share(1.0) < 0.2
+
+
+def test_category_limited_crop_leaves_ignore_pixels_out_of_the_count():
+    # every window is 50% class 0, 20% class 1 and 30% ignore (or has no class 1): with ignore counted the
+    # largest class would be at 50%; without it, at 5/7 = 71%
+    sem_seg = np.zeros((10, 40), np.int32)
+    sem_seg[:, ::10] = 1
+    sem_seg[:, 1::10] = 1
+    sem_seg[:, 2::10] = 255
+    sem_seg[:, 3::10] = 255
+    sem_seg[:, 4::10] = 255
+    for seed in range(20):
+        windows = _drawn_windows(seed, sem_seg.shape, (10, 10))
+        assert category_limited_crop(sem_seg, (10, 10), np.random.default_rng(seed), 0.6) == windows[-1]
+        first = windows[0]
+        assert category_limited_crop(sem_seg, (10, 10), np.random.default_rng(seed), 0.75) == first
+
+
+def test_category_limited_crop_limit_is_strict():
+    sem_seg = np.zeros((10, 30), np.int32)
+    sem_seg[:, 1::2] = 1  # every 10 x 10 window is exactly half class 0, half class 1
+    for seed in range(10):
+        windows = _drawn_windows(seed, sem_seg.shape, (10, 10))
+        assert category_limited_crop(sem_seg, (10, 10), np.random.default_rng(seed), 0.5) == windows[-1]
+        assert category_limited_crop(sem_seg, (10, 10), np.random.default_rng(seed), 0.51) == windows[0]
+
+
+def test_category_limited_crop_needs_two_classes_and_draws_ten_times():
+    sem_seg = np.full((50, 60), 3, np.int32)
+    sem_seg[:10] = 255
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        assert (
+            category_limited_crop(sem_seg, (20, 20), rng, 0.99)
+            == _drawn_windows(seed, (50, 60), (20, 20))[-1]
+        )
+        reference = np.random.default_rng(seed)
+        reference.integers(10, size=20)  # twenty integer draws, one per coordinate
+        assert rng.uniform() == reference.uniform()
+        # at 1.0 (the recipe's value) the first window is kept without looking at the labels
+        rng = np.random.default_rng(seed)
+        assert (
+            category_limited_crop(sem_seg, (20, 20), rng, 1.0) == _drawn_windows(seed, (50, 60), (20, 20))[0]
+        )
+
+
+def test_category_limited_crop_clamps_the_window_to_small_maps():
+    sem_seg = np.arange(12, dtype=np.int32).reshape(3, 4)
+    assert category_limited_crop(sem_seg, (8, 8), np.random.default_rng(0), 0.5) == (0, 0)
+    with pytest.raises(ValueError, match="sem_seg"):
+        category_limited_crop(np.zeros((2, 3, 1), np.int32), (2, 2), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="max_tries"):
+        category_limited_crop(sem_seg, (2, 2), np.random.default_rng(0), 0.5, max_tries=0)
+
+
+@pytest.mark.parametrize(("crop", "max_size"), [(512, 2048), (640, 2560)])
+def test_semantic_augmentation_short_sizes_follow_the_recipe(crop, max_size):
+    augmentation = SemanticAugmentation(crop)
+    assert augmentation.short_sizes == [int(x * 0.1 * crop) for x in range(5, 21)]
+    assert augmentation.max_size == max_size
+    chosen = set()
+    for seed in range(100):
+        geometry = augmentation.get_geometry(480, 640, np.random.default_rng(seed))
+        short = min(geometry.resized_size)
+        assert short in augmentation.short_sizes
+        assert abs(max(geometry.resized_size) - short * 640 / 480) <= 1
+        chosen.add(short)
+    assert len(chosen) > 10
+    # a very long image is limited by max_size
+    geometry = augmentation.get_geometry(100, 1000, np.random.default_rng(0))
+    assert max(geometry.resized_size) == max_size
+
+
+LABEL_OFFSET = 1000
+
+
+def _coordinate_image(height, width):
+    """Image whose red channel is the row and green the column (both < 256); labels = LABEL_OFFSET + row *
+    width + col (none equal to the ignore value)."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    image = np.stack([rows, cols, np.zeros_like(rows)], axis=-1).astype(np.uint8)
+    return image, (LABEL_OFFSET + rows * width + cols).astype(np.int32)
+
+
+def test_semantic_augmentation_keeps_image_and_labels_aligned_exactly_without_resize():
+    image, labels = _coordinate_image(20, 50)
+    augmentation = SemanticAugmentation(20, min_scale=1.0, max_scale=1.0, color=False)
+    flips = set()
+    for seed in range(20):
+        out_image, out_labels = augmentation.apply(image, labels, np.random.default_rng(seed))
+        assert out_image.shape == (20, 20, 3) and out_labels.shape == (20, 20)
+        rows, cols = np.divmod(out_labels - LABEL_OFFSET, 50)
+        assert np.array_equal(out_image[..., 0], rows) and np.array_equal(out_image[..., 1], cols)
+        assert np.array_equal(rows, np.arange(20)[:, None].repeat(20, 1))
+        steps = np.unique(np.diff(cols, axis=1))
+        assert len(steps) == 1 and steps[0] in (-1, 1)  # one contiguous window, mirrored or not
+        flips.add(int(steps[0]))
+    assert flips == {-1, 1}
+
+
+def test_semantic_augmentation_keeps_image_and_labels_aligned_under_resize():
+    image, labels = _coordinate_image(60, 90)
+    augmentation = SemanticAugmentation(48, min_scale=0.5, max_scale=2.0, color=False)
+    for seed in range(20):
+        out_image, out_labels = augmentation.apply(image, labels, np.random.default_rng(seed))
+        valid = out_labels != 255
+        rows, cols = np.divmod(out_labels[valid] - LABEL_OFFSET, 90)
+        # the bilinear image and the nearest labels point at the same source pixel within a pixel
+        assert np.abs(out_image[..., 0][valid].astype(int) - rows).max() <= 1
+        assert np.abs(out_image[..., 1][valid].astype(int) - cols).max() <= 1
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_semantic_augmentation_pads_small_images_bottom_right(color):
+    image, labels = _coordinate_image(30, 45)
+    # short side 0.5 x 64 = 32: the resized image is 32 x 48, inside the 64 x 64 crop
+    augmentation = SemanticAugmentation(64, min_scale=0.5, max_scale=0.5, color=color)
+    for seed in range(10):
+        out_image, out_labels = augmentation.apply(image, labels, np.random.default_rng(seed))
+        assert out_image.shape == (64, 64, 3) and out_labels.shape == (64, 64)
+        assert (out_labels[32:] == 255).all() and (out_labels[:, 48:] == 255).all()
+        assert (out_image[32:] == 128).all() and (out_image[:, 48:] == 128).all()
+        assert (out_labels[:32, :48] != 255).all()
+        assert set(np.unique((out_labels[:32, :48] - LABEL_OFFSET) // 45)) == set(range(30))
+
+
+def test_semantic_augmentation_is_deterministic_for_a_seed():
+    rng = np.random.default_rng(123)
+    image = rng.integers(0, 256, size=(70, 90, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, size=(70, 90)).astype(np.int32)
+    augmentation = SemanticAugmentation(40, single_category_max_area=0.75)
+    outputs = [augmentation.apply(image, labels, np.random.default_rng(s)) for s in (5, 5, 6, 7)]
+    assert np.array_equal(outputs[0][0], outputs[1][0]) and np.array_equal(outputs[0][1], outputs[1][1])
+    assert not all(np.array_equal(outputs[0][0], other[0]) for other in outputs[2:])
+
+
+def test_semantic_augmentation_uses_the_category_limit():
+    labels = np.zeros((60, 60), np.int32)
+    labels[35:55, 5:25] = 1
+    image = np.zeros((60, 60, 3), np.uint8)
+
+    def acceptable_share(max_area):
+        # short side 2.0 x 30 = 60: no resize, 30 x 30 windows
+        augmentation = SemanticAugmentation(
+            30, min_scale=2.0, max_scale=2.0, single_category_max_area=max_area, color=False
+        )
+        crops = [augmentation.apply(image, labels, np.random.default_rng(s))[1] for s in range(100)]
+        return np.mean([_crop_is_acceptable(crop, 0.75) for crop in crops])
+
+    assert acceptable_share(0.75) > 2 * acceptable_share(1.0) + 0.2
+
+
+def test_semantic_augmentation_ignore_value_and_arguments():
+    image, labels = _coordinate_image(10, 10)
+    # short side 0.5 x 16 = 8: an 8 x 8 image padded to 16 x 16 with the chosen ignore value
+    augmentation = SemanticAugmentation(16, min_scale=0.5, max_scale=0.5, ignore_label=-1, color=False)
+    _, out_labels = augmentation.apply(image, labels, np.random.default_rng(0))
+    assert (out_labels[8:] == -1).all() and (out_labels[:, 8:] == -1).all()
+    assert (out_labels[:8, :8] >= LABEL_OFFSET).all()
+    with pytest.raises(ValueError, match="sem_seg"):
+        SemanticAugmentation(16, single_category_max_area=0.5).get_geometry(10, 10, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="sem_seg"):
+        augmentation.apply(image, labels[:5], np.random.default_rng(0))
+    with pytest.raises(ValueError, match="crop_size"):
+        SemanticAugmentation(0)
+    with pytest.raises(ValueError, match="min_scale"):
+        SemanticAugmentation(64, min_scale=2.0, max_scale=1.0)
+    with pytest.raises(ValueError, match=r"multiple of 0\.1"):
+        SemanticAugmentation(64, min_scale=0.51, max_scale=0.55)
+    with pytest.raises(ValueError, match="single_category_max_area"):
+        SemanticAugmentation(64, single_category_max_area=0.0)
+
+
+# --- photometric distortion ------------------------------------------------------------------------------
+
+
+def _hsv_reference(image, saturation=1.0, hue_degrees=0.0):
+    """Per pixel through colorsys: saturation x factor (at most 1), hue turned by degrees."""
+    out = np.empty(image.shape, np.float64)
+    for index in np.ndindex(image.shape[:2]):
+        h, s, v = colorsys.rgb_to_hsv(*(image[index] / 255.0))
+        rgb = colorsys.hsv_to_rgb((h + hue_degrees / 360) % 1.0, min(s * saturation, 1.0), v)
+        out[index] = np.asarray(rgb) * 255
+    return np.round(out)
+
+
+@pytest.mark.parametrize(("saturation", "hue"), [(1.4, None), (0.6, None), (None, 25.0), (None, -36.0)])
+def test_color_jitter_saturation_and_hue_match_colorsys(saturation, hue):
+    image = np.random.default_rng(0).integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
+    image[0, 0] = (90, 90, 90)  # grey: no hue
+    out = ColorJitter(saturation=saturation, hue=hue).apply(image)
+    expected = _hsv_reference(image, saturation or 1.0, hue or 0.0)
+    assert np.abs(out.astype(int) - expected).max() <= 1
+    assert np.array_equal(out[0, 0], [90, 90, 90])
+
+
+def test_color_jitter_brightness_contrast_and_order():
+    image = np.array([[[10, 100, 200], [250, 0, 60]]], np.uint8)
+    assert np.array_equal(ColorJitter(brightness=20.0).apply(image), [[[30, 120, 220], [255, 20, 80]]])
+    assert np.array_equal(ColorJitter(contrast=1.5).apply(image), [[[15, 150, 255], [255, 0, 90]]])
+    # contrast before or after the saturation change gives different results once values clip
+    first = ColorJitter(contrast=1.5, saturation=0.5).apply(image)
+    last = ColorJitter(contrast=1.5, saturation=0.5, contrast_last=True).apply(image)
+    expected_first = _hsv_reference(np.clip(image.astype(float) * 1.5, 0, 255), saturation=0.5)
+    expected_last = np.clip(_hsv_reference(image, saturation=0.5) * 1.5, 0, 255)
+    assert np.abs(first.astype(int) - expected_first).max() <= 1
+    assert np.abs(last.astype(int) - np.round(expected_last)).max() <= 1
+    assert not np.array_equal(first, last)
+    assert np.array_equal(ColorJitter().apply(image), image)
+
+
+def test_photometric_distortion_draws_in_range_and_reproducibly():
+    distortion = PhotometricDistortion()
+    draws = [distortion.sample(np.random.default_rng(seed)) for seed in range(400)]
+    assert draws[:5] == [distortion.sample(np.random.default_rng(seed)) for seed in range(5)]
+    for name, low, high in (("brightness", -32, 32), ("contrast", 0.5, 1.5), ("saturation", 0.5, 1.5)):
+        values = [getattr(d, name) for d in draws if getattr(d, name) is not None]
+        assert 0.4 < len(values) / len(draws) < 0.6
+        assert low <= min(values) and max(values) <= high and max(values) - min(values) > 0.8 * (high - low)
+    hues = [d.hue for d in draws if d.hue is not None]
+    assert 0.4 < len(hues) / len(draws) < 0.6 and -36 <= min(hues) and max(hues) <= 36
+    assert 0.4 < np.mean([d.contrast_last for d in draws]) < 0.6
+    with pytest.raises(ValueError, match="hue_delta"):
+        PhotometricDistortion(hue_delta=200)
+    with pytest.raises(ValueError, match="contrast_range"):
+        PhotometricDistortion(contrast_range=(1.5, 0.5))

@@ -187,3 +187,27 @@ def test_periodic_evaluation_is_logged(tmp_path):
         rows = list(csv.DictReader(f))
     assert [(int(r["iteration"]), float(r["score"])) for r in rows] == [(2, 1.0), (4, 2.0), (6, 3.0)]
     assert trainer.module.training
+
+
+class _StopAfterDataset(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "config_name, expected", [("semantic-ade20k-r50", "SemanticAugmentation"), ("panoptic-r50", "LSJ")]
+)
+def test_training_augmentation_follows_the_task(monkeypatch, tmp_path, config_name, expected):
+    """Semantic configs train with Mask2Former's ADE20K recipe (crop with the category-area limit), the others
+    with large-scale jitter."""
+    from m2f.engine import train
+
+    seen = {}
+
+    def capture(kind, data_root, split, transforms=None, seed=0):
+        seen["transforms"] = transforms
+        raise _StopAfterDataset
+
+    monkeypatch.setattr(train, "build_dataset", capture)
+    with pytest.raises(_StopAfterDataset):
+        train.run_training(config_name, tmp_path, tmp_path / "out", device="cpu", progress=False)
+    assert type(seen["transforms"]).__name__ == expected
