@@ -111,8 +111,7 @@ class ADE20KDataset(SegmentationDataset):
         check_image_size(image, labels_map.shape, image_path)
         orig_size = tuple(image.shape[:2])
         if isinstance(self.transforms, SemanticAugmentation):
-            rng = np.random.default_rng([self.seed, self.epoch, index])  # as SegmentationDataset.geometry
-            image, labels_map = self.transforms.apply(image, labels_map, rng)
+            image, labels_map = self.transforms.apply(image, labels_map, self.item_rng(index))
         else:
             geometry = self.geometry(index, *orig_size)
             image = geometry.apply_image(image)

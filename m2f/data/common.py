@@ -180,13 +180,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def item_rng(self, index: int) -> np.random.Generator:
+        """The only source of randomness of item `index` in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, index])
+
     def geometry(self, index: int, height: int, width: int):
         from m2f.data.transforms import Geometry
 
         if self.transforms is None:
             return Geometry((height, width), (height, width))
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        return self.transforms.get_geometry(height, width, rng)
+        return self.transforms.get_geometry(height, width, self.item_rng(index))
 
 
 def masks_from_index_map(index_map: np.ndarray, count: int) -> tuple[torch.Tensor, torch.Tensor]:
