@@ -318,3 +318,51 @@ def test_cuda_backends_bool_masks_match_reference(backend, mask_kind, shape):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_deterministic_backward_is_bitwise_reproducible_cuda(backend):
     backward_twice_is_bitwise_identical(backend, "cuda")
+
+
+def window_mask_logits(batch, queries, keys, threshold_logit, dtype):
+    """Mask logits where each query sees one window of keys, as a Mask2Former mask of one object does: whole
+    key blocks are blocked for groups of neighbouring queries; other queries see one key of the last block or
+    none at all (the fully-blocked-row rule)."""
+    logits = torch.full((batch, queries, keys), threshold_logit - 2.0, dtype=torch.float64)
+    for i in range(queries):
+        if i < 16:
+            start, width = 3 * i, 150
+        elif i < 24:
+            start, width = 600 + i, 40
+        elif i < 30:
+            start, width = keys - 1, 1
+        else:
+            continue
+        logits[:, i, start : start + width] = (
+            threshold_logit + 1.0 + torch.rand(batch, min(width, keys - start))
+        )
+    return logits.to(dtype)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mask_kind", ["logits", "bool_per_head"])
+def test_cpu_kernel_with_window_masks(dtype, mask_kind):
+    batch, heads, queries, keys, head_dim = 2, 3, 37, 1030, 32
+    q, k, v, grad_out = make_inputs(batch, heads, queries, keys, head_dim, dtype)
+    threshold = mask_threshold(dtype)
+    threshold_logit = threshold_to_logit(threshold)
+    mask_logits = window_mask_logits(batch, queries, keys, threshold_logit, dtype)
+    attn_mask = None
+    if mask_kind == "bool_per_head":
+        blocked = ~(mask_logits.double() >= threshold_logit)
+        attn_mask = torch.stack([blocked, blocked.roll(200, dims=-1), blocked.flip(1)], dim=1)
+        mask_logits = None
+    scale = head_dim**-0.5
+    out, lse, grads = run_backend("cpu", q, k, v, grad_out, mask_logits, attn_mask, threshold_logit, scale)
+    ref_out, ref_lse, ref_grads = reference_results(
+        q, k, v, grad_out, mask_logits, attn_mask, threshold, scale
+    )
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_TOLERANCE[dtype], rtol=LSE_TOLERANCE[dtype])
+    for name, grad, ref_grad in zip(("grad_q", "grad_k", "grad_v"), grads, ref_grads):
+        torch.testing.assert_close(
+            grad.double(), ref_grad, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}"
+        )
