@@ -19,6 +19,7 @@ import triton.language as tl
 
 _MASK_LOGITS = 0
 _MASK_BOOL = 1
+_MAX_GRID_Y = 65535  # CUDA's limit on grid dimensions 1 and 2 (the key splits)
 
 
 def _interpreted():
@@ -26,7 +27,8 @@ def _interpreted():
 
 
 def _autotuned(kernel):
-    """On GPU, tunes warps and pipeline stages per shape class (queries, keys, head dim).
+    """On GPU, tunes warps and pipeline stages per shape class (queries, keys bucketed to powers of two,
+    head dim).
 
     The block sizes stay fixed (the key splits are multiples of BLOCK_K); the interpreter runs one config.
     """
@@ -35,7 +37,15 @@ def _autotuned(kernel):
     configs = [
         triton.Config({}, num_warps=warps, num_stages=stages) for warps in (2, 4, 8) for stages in (2, 3)
     ]
-    return triton.autotune(configs=configs, key=["num_queries", "num_keys", "head_dim"])(kernel)
+    return triton.autotune(configs=configs, key=["num_queries", "KEYS_CLASS", "head_dim"])(kernel)
+
+
+@triton.jit
+def _block_and_batch_head(num_rows, BLOCK: tl.constexpr):
+    """(block, batch * H + head) of this program. The grid's axis 0 holds both, blocks fastest, so that
+    batch * heads is not bound by the 65,535 limit of axes 1 and 2."""
+    blocks = tl.cdiv(num_rows, BLOCK)
+    return tl.program_id(0) % blocks, tl.program_id(0) // blocks
 
 
 @triton.jit
@@ -116,6 +126,7 @@ def _forward_kernel(
     keys_per_split,
     threshold_logit,
     scale,
+    KEYS_CLASS,
     MASK_KIND: tl.constexpr,
     INTERPRETED: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
@@ -123,9 +134,8 @@ def _forward_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    q_block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    split = tl.program_id(2)
+    q_block, batch_head = _block_and_batch_head(num_queries, BLOCK_Q)
+    split = tl.program_id(1)
     batch = batch_head // num_heads
     head = batch_head % num_heads
     mask_row_block = batch * mask_heads + head * (mask_heads > 1)
@@ -182,7 +192,7 @@ def _forward_kernel(
         tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=out_valid)
         tl.store(lse_ptr + stat_rows, row_max + tl.log(row_sum), mask=query_valid)
     else:
-        num_rows = tl.num_programs(1).to(tl.int64) * num_queries
+        num_rows = (tl.num_programs(0) // tl.cdiv(num_queries, BLOCK_Q)).to(tl.int64) * num_queries
         split_rows = split * num_rows + stat_rows
         tl.store(partial_max_ptr + split_rows, row_max, mask=query_valid)
         tl.store(partial_sum_ptr + split_rows, row_sum, mask=query_valid)
@@ -212,8 +222,8 @@ def _combine_kernel(
     row_max = tl.full((BLOCK_ROWS,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
-    for split in range(num_splits):
-        split_rows = split * num_rows + rows
+    split_rows = rows  # split * num_rows + rows, kept in int64
+    for _ in range(num_splits):
         part_max = tl.load(partial_max_ptr + split_rows, mask=row_valid, other=float("-inf"))
         part_sum = tl.load(partial_sum_ptr + split_rows, mask=row_valid, other=0.0)
         part_acc = tl.load(
@@ -226,6 +236,7 @@ def _combine_kernel(
         row_sum = row_sum * alpha + part_sum * beta
         acc = acc * alpha[:, None] + part_acc * beta[:, None]
         row_max = new_max
+        split_rows += num_rows
 
     row_sum = tl.where(row_valid, row_sum, 1.0)
     out = acc / row_sum[:, None]
@@ -253,6 +264,7 @@ def _backward_dq_kernel(
     keys_per_split,
     threshold_logit,
     scale,
+    KEYS_CLASS,
     MASK_KIND: tl.constexpr,
     INTERPRETED: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -260,9 +272,8 @@ def _backward_dq_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """grad_q_partial[split] = scale * sum over the split's keys of dS K (float32)."""
-    q_block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    split = tl.program_id(2)
+    q_block, batch_head = _block_and_batch_head(num_queries, BLOCK_Q)
+    split = tl.program_id(1)
     batch = batch_head // num_heads
     head = batch_head % num_heads
     mask_row_block = batch * mask_heads + head * (mask_heads > 1)
@@ -305,7 +316,7 @@ def _backward_dq_kernel(
         grad_scores = probs * (grad_probs - delta[:, None])
         grad_q += _dot(grad_scores.to(k.dtype), k, INTERPRETED)
 
-    num_rows = tl.num_programs(1).to(tl.int64) * num_queries
+    num_rows = (tl.num_programs(0) // tl.cdiv(num_queries, BLOCK_Q)).to(tl.int64) * num_queries
     partial_offsets = (split * num_rows + stat_rows)[:, None] * head_dim + dims[None, :]
     tl.store(grad_q_partial_ptr + partial_offsets, grad_q * scale, mask=q_valid)
 
@@ -330,6 +341,7 @@ def _backward_dkdv_kernel(
     mask_heads,
     threshold_logit,
     scale,
+    KEYS_CLASS,
     MASK_KIND: tl.constexpr,
     INTERPRETED: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -337,8 +349,7 @@ def _backward_dkdv_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """One program per key block: dV = P^T dO and dK = scale * dS^T Q over all queries."""
-    key_block = tl.program_id(0)
-    batch_head = tl.program_id(1)
+    key_block, batch_head = _block_and_batch_head(num_keys, BLOCK_K)
     batch = batch_head // num_heads
     head = batch_head % num_heads
     mask_row_block = batch * mask_heads + head * (mask_heads > 1)
@@ -404,6 +415,11 @@ def _block_sizes(head_dim):
     return 32, block_k, block_d
 
 
+def _size_class(n: int) -> int:
+    """Power-of-two bucket of a size, so autotuning keys on the shape class rather than the exact size."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _default_num_splits(device, num_programs, num_keys, block_k):
     """Enough key splits to give every multiprocessor a few programs, each with several key blocks."""
     if device.type != "cuda":
@@ -458,6 +474,7 @@ def masked_attention_forward(q, k, v, mask_logits, attn_mask, threshold_logit, s
     q_blocks = triton.cdiv(num_queries, block_q)
     if num_splits is None:
         num_splits = _default_num_splits(q.device, q_blocks * batch * num_heads, num_keys, block_k)
+    num_splits = min(num_splits, _MAX_GRID_Y)
     keys_per_split = triton.cdiv(triton.cdiv(num_keys, num_splits), block_k) * block_k
     num_splits = triton.cdiv(num_keys, keys_per_split)
 
@@ -470,7 +487,7 @@ def masked_attention_forward(q, k, v, mask_logits, attn_mask, threshold_logit, s
         partial_max = torch.empty((num_splits, num_rows), device=q.device, dtype=torch.float32)
         partial_sum = torch.empty_like(partial_max)
         partial_acc = torch.empty((num_splits, num_rows, head_dim), device=q.device, dtype=torch.float32)
-    _forward_kernel[(q_blocks, batch * num_heads, num_splits)](
+    _forward_kernel[(q_blocks * batch * num_heads, num_splits)](
         q,
         k,
         v,
@@ -489,6 +506,7 @@ def masked_attention_forward(q, k, v, mask_logits, attn_mask, threshold_logit, s
         keys_per_split,
         threshold_logit,
         scale,
+        _size_class(num_keys),
         MASK_KIND=mask_kind,
         INTERPRETED=_interpreted(),
         SINGLE_SPLIT=num_splits == 1,
@@ -546,13 +564,14 @@ def masked_attention_backward(
     q_blocks = triton.cdiv(num_queries, block_q)
     if num_splits is None:
         num_splits = _default_num_splits(q.device, q_blocks * batch * num_heads, num_keys, block_k)
+    num_splits = min(num_splits, _MAX_GRID_Y)
     keys_per_split = triton.cdiv(triton.cdiv(num_keys, num_splits), block_k) * block_k
     num_splits = triton.cdiv(num_keys, keys_per_split)
 
     grad_q_partial = torch.empty(
         (num_splits, batch, num_heads, num_queries, head_dim), device=q.device, dtype=torch.float32
     )
-    _backward_dq_kernel[(q_blocks, batch * num_heads, num_splits)](
+    _backward_dq_kernel[(q_blocks * batch * num_heads, num_splits)](
         q,
         k,
         v,
@@ -570,6 +589,7 @@ def masked_attention_backward(
         keys_per_split,
         threshold_logit,
         scale,
+        _size_class(num_keys),
         MASK_KIND=mask_kind,
         INTERPRETED=_interpreted(),
         BLOCK_Q=block_q,
@@ -580,7 +600,7 @@ def masked_attention_backward(
 
     grad_k = torch.empty_like(k)
     grad_v = torch.empty_like(v)
-    _backward_dkdv_kernel[(triton.cdiv(num_keys, block_k), batch * num_heads)](
+    _backward_dkdv_kernel[(triton.cdiv(num_keys, block_k) * batch * num_heads,)](
         q,
         k,
         v,
@@ -598,6 +618,7 @@ def masked_attention_backward(
         mask_heads,
         threshold_logit,
         scale,
+        _size_class(num_keys),
         MASK_KIND=mask_kind,
         INTERPRETED=_interpreted(),
         BLOCK_Q=block_q,

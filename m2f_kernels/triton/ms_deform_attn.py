@@ -38,6 +38,16 @@ def _size_class(n: int) -> int:
 
 
 @triton.jit
+def _program_queries(Q, M: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Batch n, head m and query indices of this program. The grid is 1-D (no 65,535 limit on batch * heads):
+    program = (n * M + m) * query_blocks + query_block, so the blocks of one (n, m) pair run consecutively."""
+    query_blocks = tl.cdiv(Q, BLOCK_Q)
+    pair = tl.program_id(0) // query_blocks
+    q = (tl.program_id(0) % query_blocks) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    return pair // M, pair % M, q
+
+
+@triton.jit
 def _load_sample(
     loc_ptr,
     ref_ptr,
@@ -118,7 +128,7 @@ def _corner(x0, y0, frac_x, frac_y, valid, height, width, DX: tl.constexpr, DY: 
     return inside, cy * width + cx, wx * wy, sign_x * wy, sign_y * wx
 
 
-@triton.autotune(configs=_configs(), key=["D", "M", "L", "P", "SIZE_CLASS"])
+@triton.autotune(configs=_configs(), key=["D", "M", "L", "P", "SIZE_CLASS", "FUSED"])
 @triton.jit
 def _forward_kernel(
     value_ptr,
@@ -141,9 +151,7 @@ def _forward_kernel(
     ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr,
 ):
-    n = tl.program_id(1) // M
-    m = tl.program_id(1) % M
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    n, m, q = _program_queries(Q, M, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)
     row_mask = q < Q
     d_mask = d < D
@@ -193,7 +201,11 @@ def _forward_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["D", "M", "L", "P", "SIZE_CLASS"], reset_to_zero=["grad_value_ptr"])
+@triton.autotune(
+    configs=_configs(),
+    key=["D", "M", "L", "P", "SIZE_CLASS", "FUSED", "ATOMIC_GRAD_VALUE"],
+    reset_to_zero=["grad_value_ptr"],
+)
 @triton.jit
 def _backward_kernel(
     grad_out_ptr,
@@ -222,9 +234,7 @@ def _backward_kernel(
 ):
     """grad_weight (d loss / d weight) and grad_xy (normalized units, or pixels when FUSED) per sample;
     grad_value with atomics when ATOMIC_GRAD_VALUE. All gradient buffers are in the accumulation dtype."""
-    n = tl.program_id(1) // M
-    m = tl.program_id(1) % M
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    n, m, q = _program_queries(Q, M, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)
     row_mask = q < Q
     d_mask = d < D
@@ -278,7 +288,10 @@ def _backward_kernel(
                 grad_y += dweight_dy * dot
                 if ATOMIC_GRAD_VALUE:
                     tl.atomic_add(
-                        grad_value_ptr + offsets, (weight * corner_weight)[:, None] * go, mask=corner_mask
+                        grad_value_ptr + offsets,
+                        (weight * corner_weight)[:, None] * go,
+                        mask=corner_mask,
+                        sem="relaxed",
                     )
             grad_x = grad_x * weight
             grad_y = grad_y * weight
@@ -312,9 +325,7 @@ def _contribution_kernel(
 ):
     """Deterministic grad_value, step 1: destination row (n, s, m) of each (sample, corner), or num_rows when
     it contributes nothing, and its coefficient weight * bilinear weight."""
-    n = tl.program_id(1) // M
-    m = tl.program_id(1) % M
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    n, m, q = _program_queries(Q, M, BLOCK_Q)
     row_mask = q < Q
     query = n.to(tl.int64) * Q + q
     head = query * M + m
@@ -417,7 +428,7 @@ def sampling_forward(value, spatial_shapes, level_start_index, reference_points,
     output = torch.empty(batch, queries, heads * channels, device=value.device, dtype=value.dtype)
     if output.numel() == 0:
         return output
-    grid = lambda meta: (triton.cdiv(queries, meta["BLOCK_Q"]), batch * heads)
+    grid = lambda meta: (triton.cdiv(queries, meta["BLOCK_Q"]) * batch * heads,)
     _forward_kernel[grid](
         value,
         spatial_shapes,
@@ -459,7 +470,7 @@ def sampling_backward(
         return grad_value.to(value.dtype), grad_weight, grad_xy
     grad_output = grad_output.contiguous()
     constants = _launch_constants(value, levels, points)
-    grid = lambda meta: (triton.cdiv(queries, meta["BLOCK_Q"]), batch * heads)
+    grid = lambda meta: (triton.cdiv(queries, meta["BLOCK_Q"]) * batch * heads,)
     _backward_kernel[grid](
         grad_output,
         value,
@@ -486,7 +497,7 @@ def sampling_backward(
         coefficient = torch.empty(4 * num_samples, device=value.device, dtype=acc_dtype)
         block_q = 16
         constants.pop("BLOCK_D")
-        _contribution_kernel[(triton.cdiv(queries, block_q), batch * heads)](
+        _contribution_kernel[(triton.cdiv(queries, block_q) * batch * heads,)](
             spatial_shapes,
             level_start_index,
             reference_points,

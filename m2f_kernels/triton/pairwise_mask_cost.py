@@ -43,8 +43,10 @@ def _pairwise_mask_cost_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    queries = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    targets = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # 1-D grid (no 65,535 limit on the target blocks): program = query_block * target_blocks + target_block.
+    target_blocks = tl.cdiv(num_targets, BLOCK_T)
+    queries = (tl.program_id(0) // target_blocks) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    targets = (tl.program_id(0) % target_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
     query_mask = queries < num_queries
     target_mask = targets < num_targets
     positive_dot = tl.zeros([BLOCK_Q, BLOCK_T], dtype=ACC)  # softplus(-x) . t
@@ -115,7 +117,7 @@ def pairwise_mask_cost(
     )
     launch(
         _pairwise_mask_cost_kernel,
-        lambda meta: (triton.cdiv(num_queries, meta["BLOCK_Q"]), triton.cdiv(num_targets, meta["BLOCK_T"])),
+        lambda meta: (triton.cdiv(num_queries, meta["BLOCK_Q"]) * triton.cdiv(num_targets, meta["BLOCK_T"]),),
         args,
         FIXED,
         pinned=torch.are_deterministic_algorithms_enabled(),

@@ -17,6 +17,7 @@ from .point_sample import (
     block_configs,
     launch,
     locate_points,
+    program_points,
     sample_plane,
     scatter_corners,
     size_class,
@@ -154,8 +155,7 @@ def _point_mask_loss_backward_kernel(
     BLOCK: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    points = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    n, points = program_points(num_points, BLOCK)
     point_mask = points < num_points
     logit, target, x0, y0, lx, ly, valid = _sample_logits_and_targets(
         logits_ptr,
@@ -279,7 +279,7 @@ def point_mask_loss_backward(
         values = torch.empty(num_masks, num_points * 4, dtype=acc_dtype, device=device)
     else:
         index = values = grad  # unused
-    _point_mask_loss_backward_kernel[lambda meta: (num_masks, triton.cdiv(num_points, meta["BLOCK"]))](
+    _point_mask_loss_backward_kernel[lambda meta: (num_masks * triton.cdiv(num_points, meta["BLOCK"]),)](
         grad_ce.to(acc_dtype).contiguous(),
         grad_dice.to(acc_dtype).contiguous(),
         mask_logits,

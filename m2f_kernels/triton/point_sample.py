@@ -59,6 +59,16 @@ def triton_accumulate_dtype(dtype: torch.dtype):
 
 
 @triton.jit
+def program_points(num_points, BLOCK: tl.constexpr):
+    """Batch row n (image or mask, int64) and point indices of this program. The grid is 1-D, the point blocks
+    of a row consecutive: a 2-D grid would bound the block count by CUDA's 65,535 limit on axes 1 and 2."""
+    blocks = tl.cdiv(num_points, BLOCK)
+    n = (tl.program_id(0) // blocks).to(tl.int64)
+    points = (tl.program_id(0) % blocks) * BLOCK + tl.arange(0, BLOCK)
+    return n, points
+
+
+@triton.jit
 def locate_points(coord_x, coord_y, point_mask, height, width):
     """Floor cell of each point: (x0, y0) int64, fractions (lx, ly) and whether the point contributes."""
     x = coord_x * width - 0.5
@@ -162,8 +172,7 @@ def _point_sample_forward_kernel(
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    points = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    n, points = program_points(num_points, BLOCK)
     point_mask = points < num_points
     coord_offset = (n * num_points + points) * 2
     coord_x = tl.load(coords_ptr + coord_offset, mask=point_mask, other=0).to(ACC)
@@ -202,8 +211,7 @@ def _point_sample_backward_kernel(
     BLOCK: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    points = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    n, points = program_points(num_points, BLOCK)
     point_mask = points < num_points
     coord_offset = (n * num_points + points) * 2
     coord_x = tl.load(coords_ptr + coord_offset, mask=point_mask, other=0).to(ACC)
@@ -251,7 +259,7 @@ def point_sample_forward(input: torch.Tensor, coords: torch.Tensor) -> torch.Ten
     batch, channels, height, width = input.shape
     num_points = coords.shape[1]
     output = torch.empty(batch, channels, num_points, dtype=input.dtype, device=input.device)
-    _point_sample_forward_kernel[lambda meta: (batch, triton.cdiv(num_points, meta["BLOCK"]))](
+    _point_sample_forward_kernel[lambda meta: (batch * triton.cdiv(num_points, meta["BLOCK"]),)](
         input,
         coords,
         output,
@@ -328,7 +336,7 @@ def point_sample_backward(
         values = torch.empty(batch * channels, num_points * 4, dtype=acc_dtype, device=input.device)
     else:
         index = values = grad_input  # unused
-    _point_sample_backward_kernel[lambda meta: (batch, triton.cdiv(num_points, meta["BLOCK"]))](
+    _point_sample_backward_kernel[lambda meta: (batch * triton.cdiv(num_points, meta["BLOCK"]),)](
         grad_output,
         input,
         coords,

@@ -366,3 +366,11 @@ def test_cpu_kernel_with_window_masks(dtype, mask_kind):
         torch.testing.assert_close(
             grad.double(), ref_grad, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+@needs_triton
+@pytest.mark.parametrize("mask_kind", ["logits", "bool_per_head"])
+def test_triton_many_heads_query_blocks_and_splits(mask_kind):
+    """Two images x three heads, two query blocks, three key splits and three key blocks: the kernels' grid
+    folds (block, batch * heads) into its first axis, and each program must recover both."""
+    check_backend("triton", torch.float32, (2, 3, 40, 150, 32), mask_kind, num_splits=3)

@@ -351,3 +351,23 @@ def test_cpu_kernels_without_samples_per_head():
         value, spatial_shapes, level_start_index, reference_points, offsets, logits
     )
     assert torch.equal(fused, torch.zeros(2, 3, 8))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_several_query_blocks_per_batch_and_head(deterministic):
+    """37 queries (three blocks of 16), two images and three heads: every program of the kernels' 1-D grid
+    must find its (image, head, query block), forward and both backward paths."""
+    if "triton" not in cpu_backends("ms_deform_attn"):
+        pytest.skip("Triton runs on CPU only with TRITON_INTERPRET=1")
+    from m2f_kernels.triton import ms_deform_attn as triton_kernels
+
+    batch, queries, heads, channels = 2, 37, 3, 8
+    inputs = make_inputs(batch, queries, heads, channels, LEVELS[3], 2, torch.float32)
+    grad_output = torch.randn(batch, queries, heads * channels)
+    out = triton_kernels.ms_deform_attn_forward(*inputs)
+    grad_value, grad_locations, grad_weights = triton_kernels.ms_deform_attn_backward(
+        grad_output, *inputs, deterministic
+    )
+    exact = forward_backward(reference.ms_deform_attn, inputs, grad_output, torch.float64)
+    ours = (out, grad_value, grad_locations, grad_weights)
+    assert_matches_reference(ours, exact, exact, torch.float32)

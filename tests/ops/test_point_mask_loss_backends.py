@@ -207,3 +207,13 @@ def test_triton_deterministic_backward_without_the_global_flag():
 @pytest.mark.skipif("triton" not in CPU_KERNEL_BACKENDS, reason="Triton does not run on CPU here")
 def test_triton_forward_with_the_pinned_config(deterministic_algorithms):
     check_backend("triton", torch.float32, (7, 5), (13, 17), 700, "uint8", "cpu", deterministic=True)
+
+
+@pytest.mark.skipif("triton" not in CPU_KERNEL_BACKENDS, reason="Triton does not run on CPU here")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_several_point_blocks_per_mask(deterministic):
+    """1,100 points: three backward blocks of 512 per mask, so every program of the backward's 1-D grid must
+    find its (mask, point block)."""
+    check_backend(
+        "triton", torch.float32, (7, 5), (13, 17), 1100, "uint8", "cpu", deterministic=deterministic
+    )

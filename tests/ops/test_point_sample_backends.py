@@ -180,3 +180,22 @@ def test_add_pairs_in_order_is_the_sequential_sum_in_pair_order():
     expected += sums
     add_pairs_in_order(grad_planes, index, values)
     assert torch.equal(grad_planes, expected)
+
+
+@pytest.mark.skipif("triton" not in CPU_KERNEL_BACKENDS, reason="Triton does not run on CPU here")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_several_point_blocks_per_image(deterministic):
+    """600 points (three blocks of 256) in each of three images: every program of the kernels' 1-D grid must
+    find its (image, point block)."""
+    image = torch.randn(3, 2, 6, 7)
+    coords = make_coords(3, 600, torch.float32)
+    grad_output = torch.randn(3, 2, 600)
+    out = KERNELS.get("triton", image.device, "forward")(image, coords)
+    grad_image, grad_coords = KERNELS.get("triton", image.device, "backward")(
+        grad_output, image, coords, deterministic
+    )
+    ref_out, ref_grad_image, ref_grad_coords = reference_forward_backward(image, coords, grad_output)
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad_image.double(), ref_grad_image, atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad_coords.double(), ref_grad_coords, atol=7 * atol, rtol=7 * rtol)
