@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_multiversion.h"
 #include "common/dispatch.h"
 #include "masked_attention/attention.h"
 #include "masked_attention/checks.h"
@@ -33,20 +34,6 @@ namespace masked_attention {
 namespace {
 
 constexpr int64_t kKeyBlock = 128;
-
-// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked by the CPU at load.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define M2F_CPU_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define M2F_CPU_MULTIVERSION
-#endif
-// Helpers of the hot loops are inlined into each of their callers' versions.
-#if defined(__GNUC__)
-#define M2F_CPU_INLINE inline __attribute__((always_inline))
-#else
-#define M2F_CPU_INLINE inline
-#endif
 
 // The hot loops work on kLanes values at a time with the GCC/Clang vector extension: the compiler
 // lowers a lane vector to the widest registers of the target (one AVX-512 register of floats), and

@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/cpu_multiversion.h"
 #include "common/dispatch.h"
 #include "point_loss/sampling.h"
 
@@ -402,6 +403,79 @@ at::Tensor point_mask_loss_backward_cpu(const at::Tensor& grad_ce, const at::Ten
 // Number of independent partial sums in the pairwise dot products (lets the compiler vectorize
 // them).
 constexpr int64_t kDotLanes = 16;
+// Targets whose dot products share one pass over a query's terms.
+constexpr int64_t kTargetBlock = 4;
+
+// Sums over the P points of positive . t, negative . (1 - t) and prob . t for the kTargets target
+// rows from targets (row stride num_points), each summed in kDotLanes partial sums, then in lane
+// order.
+template <int64_t kTargets, typename acc_t>
+M2F_CPU_INLINE void pairwise_dots_block(const acc_t* positive, const acc_t* negative,
+                                        const acc_t* prob, const acc_t* targets, int64_t num_points,
+                                        sum_t* positive_total, sum_t* negative_total,
+                                        sum_t* prob_total) {
+  acc_t positive_dot[kTargets][kDotLanes] = {}, negative_dot[kTargets][kDotLanes] = {},
+        prob_dot[kTargets][kDotLanes] = {};
+  int64_t p = 0;
+  for (; p + kDotLanes <= num_points; p += kDotLanes) {
+    for (int64_t t = 0; t < kTargets; ++t) {
+      const acc_t* target = targets + t * num_points + p;
+      for (int64_t lane = 0; lane < kDotLanes; ++lane) {
+        const acc_t label = target[lane];
+        positive_dot[t][lane] += positive[p + lane] * label;
+        negative_dot[t][lane] += negative[p + lane] * (acc_t(1) - label);
+        prob_dot[t][lane] += prob[p + lane] * label;
+      }
+    }
+  }
+  for (int64_t t = 0; t < kTargets; ++t) {
+    const acc_t* target = targets + t * num_points;
+    for (int64_t q = p, lane = 0; q < num_points; ++q, ++lane) {
+      positive_dot[t][lane] += positive[q] * target[q];
+      negative_dot[t][lane] += negative[q] * (acc_t(1) - target[q]);
+      prob_dot[t][lane] += prob[q] * target[q];
+    }
+    positive_total[t] = negative_total[t] = prob_total[t] = 0;
+    for (int64_t lane = 0; lane < kDotLanes; ++lane) {
+      positive_total[t] += positive_dot[t][lane];
+      negative_total[t] += negative_dot[t][lane];
+      prob_total[t] += prob_dot[t][lane];
+    }
+  }
+}
+
+// Sum of n values in kDotLanes partial sums, then in lane order.
+template <typename acc_t>
+M2F_CPU_MULTIVERSION sum_t lane_sum(const acc_t* values, int64_t n) {
+  sum_t partial[kDotLanes] = {};
+  int64_t p = 0;
+  for (; p + kDotLanes <= n; p += kDotLanes) {
+    for (int64_t lane = 0; lane < kDotLanes; ++lane) partial[lane] += values[p + lane];
+  }
+  for (int64_t lane = 0; p < n; ++p, ++lane) partial[lane] += values[p];
+  sum_t total = 0;
+  for (int64_t lane = 0; lane < kDotLanes; ++lane) total += partial[lane];
+  return total;
+}
+
+// pairwise_dots_block for every target of one query, kTargetBlock targets per pass.
+template <typename acc_t>
+M2F_CPU_MULTIVERSION void pairwise_dots(const acc_t* positive, const acc_t* negative,
+                                        const acc_t* prob, const acc_t* targets,
+                                        int64_t num_targets, int64_t num_points,
+                                        sum_t* positive_total, sum_t* negative_total,
+                                        sum_t* prob_total) {
+  int64_t t = 0;
+  for (; t + kTargetBlock <= num_targets; t += kTargetBlock) {
+    pairwise_dots_block<kTargetBlock>(positive, negative, prob, targets + t * num_points,
+                                      num_points, positive_total + t, negative_total + t,
+                                      prob_total + t);
+  }
+  for (; t < num_targets; ++t) {
+    pairwise_dots_block<1>(positive, negative, prob, targets + t * num_points, num_points,
+                           positive_total + t, negative_total + t, prob_total + t);
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor> pairwise_mask_cost_cpu(const at::Tensor& pred_point_logits,
                                                           const at::Tensor& target_point_labels) {
@@ -423,56 +497,37 @@ std::tuple<at::Tensor, at::Tensor> pairwise_mask_cost_cpu(const at::Tensor& pred
   if (num_queries == 0 || num_targets == 0) return {ce, dice};
   at::Tensor targets = target_point_labels.to(acc_type).contiguous();
   at::Tensor target_sums = targets.sum(1, /*keepdim=*/false, at::kDouble).to(acc_type).contiguous();
+  // The per-point terms of logit_terms() for every query row, (Q, P) each, with ATen's vectorized
+  // exp and log1p (a scalar log1p per point costs more than all the dot products): softplus(-x) and
+  // softplus(x) = max(-+x, 0) + log(1 + exp(-|x|)), and sigmoid(x).
+  const at::Tensor logits = pred_point_logits.to(acc_type);
+  const at::Tensor log_term = at::log1p(at::exp(-logits.abs()));
+  const at::Tensor positive_terms = (at::relu(-logits) + log_term).contiguous();
+  const at::Tensor negative_terms = (at::relu(logits) + log_term).contiguous();
+  const at::Tensor prob_terms = at::sigmoid(logits).contiguous();
   M2F_DISPATCH_FLOATING_TYPES(pred_point_logits.scalar_type(), "pairwise_mask_cost_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* logits_ptr = pred_point_logits.data_ptr<scalar_t>();
+    const acc_t* positive_ptr = positive_terms.data_ptr<acc_t>();
+    const acc_t* negative_ptr = negative_terms.data_ptr<acc_t>();
+    const acc_t* prob_ptr = prob_terms.data_ptr<acc_t>();
     const acc_t* targets_ptr = targets.data_ptr<acc_t>();
     const acc_t* target_sums_ptr = target_sums.data_ptr<acc_t>();
     acc_t* ce_ptr = ce.data_ptr<acc_t>();
     acc_t* dice_ptr = dice.data_ptr<acc_t>();
     at::parallel_for(0, num_queries, 1, [&](int64_t begin, int64_t end) {
-      // Per query row: softplus(-x), softplus(x) and sigmoid(x), reused for every target.
-      std::vector<acc_t> positive(num_points), negative(num_points), prob(num_points);
+      std::vector<sum_t> positive_total(num_targets), negative_total(num_targets),
+          prob_total(num_targets);
       for (int64_t q = begin; q < end; ++q) {
-        const scalar_t* row = logits_ptr + q * num_points;
-        sum_t prob_sum = 0;
-        for (int64_t p = 0; p < num_points; ++p) {
-          const acc_t logit = static_cast<acc_t>(row[p]);
-          const LogitTerms<acc_t> terms = logit_terms(logit);
-          positive[p] = softplus(-logit, terms.log_term);
-          negative[p] = softplus(logit, terms.log_term);
-          prob[p] = terms.prob;
-          prob_sum += prob[p];
-        }
+        const acc_t* prob = prob_ptr + q * num_points;
+        const sum_t prob_sum = lane_sum(prob, num_points);
+        pairwise_dots(positive_ptr + q * num_points, negative_ptr + q * num_points, prob,
+                      targets_ptr, num_targets, num_points, positive_total.data(),
+                      negative_total.data(), prob_total.data());
         for (int64_t t = 0; t < num_targets; ++t) {
-          const acc_t* target = targets_ptr + t * num_points;
-          acc_t positive_dot[kDotLanes] = {}, negative_dot[kDotLanes] = {},
-                prob_dot[kDotLanes] = {};
-          int64_t p = 0;
-          for (; p + kDotLanes <= num_points; p += kDotLanes) {
-            for (int64_t lane = 0; lane < kDotLanes; ++lane) {
-              const acc_t label = target[p + lane];
-              positive_dot[lane] += positive[p + lane] * label;
-              negative_dot[lane] += negative[p + lane] * (acc_t(1) - label);
-              prob_dot[lane] += prob[p + lane] * label;
-            }
-          }
-          for (int64_t lane = 0; p < num_points; ++p, ++lane) {
-            const acc_t label = target[p];
-            positive_dot[lane] += positive[p] * label;
-            negative_dot[lane] += negative[p] * (acc_t(1) - label);
-            prob_dot[lane] += prob[p] * label;
-          }
-          sum_t positive_total = 0, negative_total = 0, prob_total = 0;
-          for (int64_t lane = 0; lane < kDotLanes; ++lane) {
-            positive_total += positive_dot[lane];
-            negative_total += negative_dot[lane];
-            prob_total += prob_dot[lane];
-          }
           ce_ptr[q * num_targets + t] = static_cast<acc_t>(
-              pairwise_ce_cost<sum_t>(positive_total, negative_total, num_points));
+              pairwise_ce_cost<sum_t>(positive_total[t], negative_total[t], num_points));
           dice_ptr[q * num_targets + t] = static_cast<acc_t>(pairwise_dice_cost<sum_t>(
-              prob_total, prob_sum, static_cast<sum_t>(target_sums_ptr[t])));
+              prob_total[t], prob_sum, static_cast<sum_t>(target_sums_ptr[t])));
         }
       }
     });
