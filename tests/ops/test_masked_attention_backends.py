@@ -9,17 +9,15 @@ import math
 
 import pytest
 import torch
+from kernel_backends import cpu_kernel_backends
 
 import m2f_kernels
-from m2f_kernels import _backend
 from m2f_kernels.ops.masked_attention import KERNELS
 from m2f_kernels.reference.masked_attention import blocked_keys, masked_attention, threshold_to_logit
 
-HAS_CPU_KERNEL = _backend.has_kernel("_masked_attention_forward", "cpu")
-HAS_TRITON_ON_CPU = _backend.triton_module("masked_attention") is not None and _backend.triton_runs_on("cpu")
-CPU_KERNEL_BACKENDS = [
-    name for name, available in (("cpu", HAS_CPU_KERNEL), ("triton", HAS_TRITON_ON_CPU)) if available
-]
+CPU_KERNEL_BACKENDS = cpu_kernel_backends("masked_attention")
+HAS_CPU_KERNEL = "cpu" in CPU_KERNEL_BACKENDS
+HAS_TRITON_ON_CPU = "triton" in CPU_KERNEL_BACKENDS
 needs_cpu_kernel = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="C++ CPU kernel not built")
 needs_triton = pytest.mark.skipif(not HAS_TRITON_ON_CPU, reason="Triton (interpreter) not available")
 

@@ -8,9 +8,10 @@ import itertools
 
 import pytest
 import torch
+from kernel_backends import cpu_kernel_backends
 
 import m2f_kernels
-from m2f_kernels import _backend, reference
+from m2f_kernels import reference
 
 # Level sets (H, W): non-square levels, power-of-two levels (exact pixel centres) and odd sizes.
 LEVELS = {
@@ -22,15 +23,6 @@ HEADS_CHANNELS = [(8, 32), (4, 16), (1, 64)]
 QUERIES = 5  # != S for every level set
 FLOAT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def cpu_backends(op_name: str) -> list[str]:
-    names = []
-    if _backend.has_kernel(f"_{op_name}_forward", "cpu"):
-        names.append("cpu")
-    if _backend.triton_module(op_name) is not None and _backend.triton_runs_on("cpu"):
-        names.append("triton")
-    return names
 
 
 def level_tables(levels, device="cpu"):
@@ -117,7 +109,7 @@ SMALL_GRID = [(1, 1, 4, (8, 32)), (3, 3, 1, (4, 16)), (1, 4, 8, (1, 64)), (3, 3,
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch, num_levels, points, heads_channels", FULL_GRID)
 def test_cpu_kernel_matches_reference(batch, num_levels, points, heads_channels, dtype):
-    if "cpu" not in cpu_backends("ms_deform_attn"):
+    if "cpu" not in cpu_kernel_backends("ms_deform_attn"):
         pytest.skip("the C++ CPU kernel is not built")
     heads, channels = heads_channels
     check_against_reference("cpu", batch, heads, channels, LEVELS[num_levels], points, dtype)
@@ -126,7 +118,7 @@ def test_cpu_kernel_matches_reference(batch, num_levels, points, heads_channels,
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch, num_levels, points, heads_channels", SMALL_GRID)
 def test_triton_interpreter_matches_reference(batch, num_levels, points, heads_channels, dtype):
-    if "triton" not in cpu_backends("ms_deform_attn"):
+    if "triton" not in cpu_kernel_backends("ms_deform_attn"):
         pytest.skip("Triton runs on CPU only with TRITON_INTERPRET=1")
     heads, channels = heads_channels
     check_against_reference("triton", batch, heads, channels, LEVELS[num_levels], points, dtype)
@@ -239,7 +231,7 @@ def deterministic_gradients(backend, device):
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_deterministic_mode_is_bitwise_reproducible(backend, deterministic_algorithms):
-    if backend not in cpu_backends("ms_deform_attn"):
+    if backend not in cpu_kernel_backends("ms_deform_attn"):
         pytest.skip(f"{backend} does not run on CPU here")
     deterministic_gradients(backend, "cpu")
 
@@ -253,7 +245,7 @@ def test_cuda_deterministic_mode_is_bitwise_reproducible(backend, deterministic_
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_empty_queries(backend):
     """Q = 0 through the public API: empty output and zero gradients."""
-    if backend not in cpu_backends("ms_deform_attn"):
+    if backend not in cpu_kernel_backends("ms_deform_attn"):
         pytest.skip(f"{backend} does not run on CPU here")
     value, spatial_shapes, level_start_index, locations, weights = make_inputs(
         2, 0, 2, 8, LEVELS[3], 4, torch.float32
@@ -268,7 +260,7 @@ def test_empty_queries(backend):
 
 
 def test_cpu_kernel_gradcheck():
-    if "cpu" not in cpu_backends("ms_deform_attn"):
+    if "cpu" not in cpu_kernel_backends("ms_deform_attn"):
         pytest.skip("the C++ CPU kernel is not built")
     levels = [(3, 4), (2, 3)]
     value, spatial_shapes, level_start_index, _, weights = make_inputs(2, 3, 2, 4, levels, 2, torch.float64)
@@ -287,7 +279,7 @@ def test_cpu_kernel_gradcheck():
 
 def test_hand_computed_sample():
     """One sample between four pixels of a 2 x 2 image: a weighted bilinear mix computed by hand."""
-    backends = cpu_backends("ms_deform_attn")
+    backends = cpu_kernel_backends("ms_deform_attn")
     if not backends:
         pytest.skip("no kernel backend runs on CPU here")
     image = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
@@ -307,7 +299,7 @@ def test_hand_computed_sample():
 
 def test_cpu_kernel_rejects_inconsistent_shapes():
     """The C++ entry points check shapes themselves (for C++ callers that skip the Python checks)."""
-    if "cpu" not in cpu_backends("ms_deform_attn"):
+    if "cpu" not in cpu_kernel_backends("ms_deform_attn"):
         pytest.skip("the C++ CPU kernel is not built")
     value, spatial_shapes, level_start_index, locations, weights = make_inputs(
         1, 3, 2, 4, LEVELS[3], 2, torch.float32
@@ -331,7 +323,7 @@ def test_cpu_kernel_rejects_inconsistent_shapes():
 
 def test_cpu_kernels_without_samples_per_head():
     """P = 0 at the C++ entry points (which C++ callers reach without the Python checks): zero outputs."""
-    if "cpu" not in cpu_backends("ms_deform_attn"):
+    if "cpu" not in cpu_kernel_backends("ms_deform_attn"):
         pytest.skip("the C++ CPU kernel is not built")
     value, spatial_shapes, level_start_index, locations, weights = make_inputs(
         2, 3, 2, 4, LEVELS[3], 0, torch.float32
@@ -357,7 +349,7 @@ def test_cpu_kernels_without_samples_per_head():
 def test_triton_several_query_blocks_per_batch_and_head(deterministic):
     """37 queries (three blocks of 16), two images and three heads: every program of the kernels' 1-D grid
     must find its (image, head, query block), forward and both backward paths."""
-    if "triton" not in cpu_backends("ms_deform_attn"):
+    if "triton" not in cpu_kernel_backends("ms_deform_attn"):
         pytest.skip("Triton runs on CPU only with TRITON_INTERPRET=1")
     from m2f_kernels.triton import ms_deform_attn as triton_kernels
 

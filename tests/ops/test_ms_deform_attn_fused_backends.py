@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from kernel_backends import cpu_kernel_backends
 from test_ms_deform_attn_backends import (
     HEADS_CHANNELS,
     LEVELS,
@@ -17,16 +18,7 @@ from test_ms_deform_attn_backends import (
 )
 
 import m2f_kernels
-from m2f_kernels import _backend, reference
-
-
-def fused_cpu_backends() -> list[str]:
-    names = []
-    if _backend.has_kernel("_ms_deform_attn_fused_forward", "cpu"):
-        names.append("cpu")
-    if _backend.triton_module("ms_deform_attn_fused") is not None and _backend.triton_runs_on("cpu"):
-        names.append("triton")
-    return names
+from m2f_kernels import reference
 
 
 def composed_reference(value, spatial_shapes, level_start_index, reference_points, offsets, logits):
@@ -80,7 +72,7 @@ SMALL_GRID = [(1, 1, 4, (8, 32)), (3, 3, 1, (4, 16)), (1, 4, 8, (1, 64))]
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch, num_levels, points, heads_channels", FULL_GRID)
 def test_cpu_fused_kernel_matches_reference(batch, num_levels, points, heads_channels, dtype):
-    if "cpu" not in fused_cpu_backends():
+    if "cpu" not in cpu_kernel_backends("ms_deform_attn_fused"):
         pytest.skip("the C++ CPU kernel is not built")
     heads, channels = heads_channels
     check_fused_against_reference("cpu", batch, heads, channels, LEVELS[num_levels], points, dtype)
@@ -89,7 +81,7 @@ def test_cpu_fused_kernel_matches_reference(batch, num_levels, points, heads_cha
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch, num_levels, points, heads_channels", SMALL_GRID)
 def test_triton_fused_interpreter_matches_reference(batch, num_levels, points, heads_channels, dtype):
-    if "triton" not in fused_cpu_backends():
+    if "triton" not in cpu_kernel_backends("ms_deform_attn_fused"):
         pytest.skip("Triton runs on CPU only with TRITON_INTERPRET=1")
     heads, channels = heads_channels
     check_fused_against_reference("triton", batch, heads, channels, LEVELS[num_levels], points, dtype)
@@ -130,7 +122,7 @@ def deterministic_fused_gradients(backend, device):
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_fused_deterministic_mode_is_bitwise_reproducible(backend, deterministic_algorithms):
-    if backend not in fused_cpu_backends():
+    if backend not in cpu_kernel_backends("ms_deform_attn_fused"):
         pytest.skip(f"{backend} does not run the fused op on CPU here")
     deterministic_fused_gradients(backend, "cpu")
 
@@ -143,7 +135,7 @@ def test_cuda_fused_deterministic_mode_is_bitwise_reproducible(backend, determin
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_fused_empty_queries(backend):
-    if backend not in fused_cpu_backends():
+    if backend not in cpu_kernel_backends("ms_deform_attn_fused"):
         pytest.skip(f"{backend} does not run the fused op on CPU here")
     inputs = make_fused_inputs(2, 0, 2, 8, LEVELS[3], 4, torch.float32)
     value = inputs[0].requires_grad_()
@@ -154,7 +146,7 @@ def test_fused_empty_queries(backend):
 
 
 def test_cpu_fused_kernel_gradcheck():
-    if "cpu" not in fused_cpu_backends():
+    if "cpu" not in cpu_kernel_backends("ms_deform_attn_fused"):
         pytest.skip("the C++ CPU kernel is not built")
     levels = [(3, 4), (2, 3)]
     value, spatial_shapes, level_start_index, _, _, logits = make_fused_inputs(

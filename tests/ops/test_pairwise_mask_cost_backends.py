@@ -2,24 +2,13 @@
 
 import pytest
 import torch
+from kernel_backends import cpu_kernel_backends
 
 import m2f_kernels
-from m2f_kernels import _backend, reference
+from m2f_kernels import reference
 from m2f_kernels.ops.pairwise_mask_cost import KERNELS
 
-CPU_KERNEL_BACKENDS = [
-    name
-    for name, available in (
-        ("cpu", lambda: _backend.has_kernel("_pairwise_mask_cost", "cpu")),
-        (
-            "triton",
-            lambda: (
-                _backend.triton_module("pairwise_mask_cost") is not None and _backend.triton_runs_on("cpu")
-            ),
-        ),
-    )
-    if available()
-]
+CPU_KERNEL_BACKENDS = cpu_kernel_backends("pairwise_mask_cost", "_pairwise_mask_cost")
 CUDA_BACKENDS = ["cuda", "triton"]
 TOLERANCES = {
     torch.float64: (1e-12, 1e-12),

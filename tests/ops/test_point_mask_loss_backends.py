@@ -2,22 +2,13 @@
 
 import pytest
 import torch
+from kernel_backends import cpu_kernel_backends
 
 import m2f_kernels
-from m2f_kernels import _backend, reference
+from m2f_kernels import reference
 from m2f_kernels.ops.point_mask_loss import KERNELS
 
-CPU_KERNEL_BACKENDS = [
-    name
-    for name, available in (
-        ("cpu", lambda: _backend.has_kernel("_point_mask_loss_forward", "cpu")),
-        (
-            "triton",
-            lambda: _backend.triton_module("point_mask_loss") is not None and _backend.triton_runs_on("cpu"),
-        ),
-    )
-    if available()
-]
+CPU_KERNEL_BACKENDS = cpu_kernel_backends("point_mask_loss")
 CUDA_BACKENDS = ["cuda", "triton"]
 
 # (atol, rtol) for the per-mask losses and for the logit gradients, against the float64 reference on the same

@@ -2,22 +2,13 @@
 
 import pytest
 import torch
+from kernel_backends import cpu_kernel_backends
 
 import m2f_kernels
-from m2f_kernels import _backend, reference
+from m2f_kernels import reference
 from m2f_kernels.ops.point_sample import KERNELS
 
-CPU_KERNEL_BACKENDS = [
-    name
-    for name, available in (
-        ("cpu", lambda: _backend.has_kernel("_point_sample_forward", "cpu")),
-        (
-            "triton",
-            lambda: _backend.triton_module("point_sample") is not None and _backend.triton_runs_on("cpu"),
-        ),
-    )
-    if available()
-]
+CPU_KERNEL_BACKENDS = cpu_kernel_backends("point_sample")
 CUDA_BACKENDS = ["cuda", "triton"]
 
 # (dtype, atol, rtol) of a backend against the float64 reference evaluated on the same (rounded) inputs.
