@@ -58,5 +58,24 @@ inline Sizes check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Te
   return s;
 }
 
+// The backward's extra inputs: grad_out and out of q's shape, dtype and device, lse float32 (B, H,
+// Q) on q's device; all contiguous.
+inline void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q,
+                                  const at::Tensor& out, const at::Tensor& lse, const Sizes& s) {
+  M2F_CHECK_CONTIGUOUS(grad_out);
+  M2F_CHECK_CONTIGUOUS(out);
+  M2F_CHECK_CONTIGUOUS(lse);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "grad_out and out must have q's shape");
+  M2F_CHECK_SAME_DTYPE(q, grad_out);
+  M2F_CHECK_SAME_DTYPE(q, out);
+  M2F_CHECK_SAME_DEVICE(q, grad_out);
+  M2F_CHECK_SAME_DEVICE(q, out);
+  M2F_CHECK_SAME_DEVICE(q, lse);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == s.batch &&
+                  lse.size(1) == s.heads && lse.size(2) == s.queries,
+              "lse must be float32 (B, H, Q)");
+}
+
 }  // namespace masked_attention
 }  // namespace m2f

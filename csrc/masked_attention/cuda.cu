@@ -507,19 +507,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cuda(
     const std::optional<at::Tensor>& attn_mask, double threshold_logit, double scale,
     bool /*deterministic: this backward always is*/) {
   const Sizes s = check_cuda_inputs(q, k, v, mask_logits, attn_mask);
-  M2F_CHECK_CONTIGUOUS(grad_out);
-  M2F_CHECK_CONTIGUOUS(out);
-  M2F_CHECK_CONTIGUOUS(lse);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-              "grad_out and out must have q's shape");
-  M2F_CHECK_SAME_DTYPE(q, grad_out);
-  M2F_CHECK_SAME_DTYPE(q, out);
-  M2F_CHECK_SAME_DEVICE(q, grad_out);
-  M2F_CHECK_SAME_DEVICE(q, out);
-  M2F_CHECK_SAME_DEVICE(q, lse);
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == s.batch &&
-                  lse.size(1) == s.heads && lse.size(2) == s.queries,
-              "lse must be float32 (B, H, Q)");
+  check_backward_inputs(grad_out, q, out, lse, s);
   const c10::cuda::CUDAGuard device_guard(q.device());
   at::Tensor grad_q = at::empty_like(q);
   at::Tensor grad_k = at::empty_like(k);
