@@ -17,12 +17,14 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "ms_deform_attn/checks.h"
 #include "ms_deform_attn/sampling.h"
 
 namespace m2f {
 namespace {
 
 using msda::BilinearPoint;
+using msda::check_grad_output;
 using msda::Sizes;
 
 constexpr int kLanes = 8;  // channels per SIMD step of the backward dot products
@@ -49,15 +51,6 @@ void check_sample_shape(const at::Tensor& samples, const char* name, const Sizes
   TORCH_CHECK(samples.size(0) == sz.batch && samples.size(2) == sz.num_heads, name,
               " must have value's batch size and head count");
   TORCH_CHECK(samples.size(3) == sz.num_levels, name, " must have one entry per level");
-}
-
-void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const Sizes& sz) {
-  M2F_CHECK_CONTIGUOUS(grad_output);
-  M2F_CHECK_SAME_DTYPE(value, grad_output);
-  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == sz.batch &&
-                  grad_output.size(1) == sz.num_queries &&
-                  grad_output.size(2) == sz.num_heads * sz.channels,
-              "grad_output must have shape (N, Q, M * D)");
 }
 
 void check_plain_inputs(const at::Tensor& value, const at::Tensor& sampling_locations,

@@ -13,6 +13,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "ms_deform_attn/checks.h"
 #include "ms_deform_attn/sampling.h"
 
 namespace m2f {
@@ -116,12 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_fused_
     const at::Tensor& sampling_offsets, const at::Tensor& attention_logits, bool deterministic) {
   const msda::Sizes sz = fused_sizes(value, spatial_shapes, level_start_index, reference_points,
                                      sampling_offsets, attention_logits);
-  TORCH_CHECK(grad_output.is_contiguous(), "grad_output must be contiguous");
-  TORCH_CHECK(grad_output.sizes() ==
-                  at::IntArrayRef({sz.batch, sz.num_queries, sz.num_heads * sz.channels}),
-              "grad_output must have shape (N, Q, M * D)");
-  M2F_CHECK_SAME_DTYPE(value, grad_output);
-  M2F_CHECK_SAME_DEVICE(value, grad_output);
+  msda::check_grad_output(grad_output, value, sz);
   const c10::cuda::CUDAGuard device_guard(value.device());
   const auto acc_options = value.options().dtype(acc_dtype(value.scalar_type()));
   at::Tensor grad_value = at::zeros(value.sizes(), acc_options);
