@@ -43,19 +43,12 @@ def _inputs_require_grad(*tensors):
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
-def _grads(output: torch.Tensor, inputs, seed: int):
-    """Gradients of sum(output * g) for a random g drawn in float64 and rounded to the output's dtype, so
-    our output (low precision) and the float64 reference's get the same g."""
+def _grads(output: torch.Tensor, inputs, seed: int, dtype: torch.dtype):
+    """Gradients of sum(output * g) for a random g drawn in float64 and rounded to `dtype`, the dtype the op
+    ran in, so our output and the float64 reference's get the same g."""
     generator = torch.Generator(device=output.device).manual_seed(seed)
     grad_output = torch.randn(output.shape, generator=generator, device=output.device, dtype=torch.float64)
-    return torch.autograd.grad(output, inputs, grad_output.to(output.dtype))
-
-
-def _reference_grads(output: torch.Tensor, inputs, seed: int, dtype: torch.dtype):
-    """_grads for the float64 reference of an op run in `dtype`."""
-    generator = torch.Generator(device=output.device).manual_seed(seed)
-    grad_output = torch.randn(output.shape, generator=generator, device=output.device, dtype=torch.float64)
-    return torch.autograd.grad(output, inputs, grad_output.to(dtype).double())
+    return torch.autograd.grad(output, inputs, grad_output.to(dtype).to(output.dtype))
 
 
 def _compare(name: str, ours, expected, dtype: torch.dtype) -> bool:
@@ -88,10 +81,10 @@ def ms_deform_attn_cases(device, backend):
             out = m2f_kernels.ms_deform_attn(
                 inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2], backend=backend
             )
-            ours = [out, *_grads(out, inputs, 0)]
+            ours = [out, *_grads(out, inputs, 0, dtype)]
             ref_inputs = _inputs_require_grad(value.double(), locations.double(), weights.double())
             ref = reference.ms_deform_attn(ref_inputs[0], spatial_shapes, level_start_index, *ref_inputs[1:])
-            expected = [ref, *_reference_grads(ref, ref_inputs, 0, dtype)]
+            expected = [ref, *_grads(ref, ref_inputs, 0, dtype)]
             yield f"ms_deform_attn {dtype} M={heads} D={channels}", ours, expected, dtype
 
 
@@ -108,12 +101,12 @@ def ms_deform_attn_fused_cases(device, backend):
         out = m2f_kernels.ms_deform_attn_fused(
             inputs[0], spatial_shapes, level_start_index, *inputs[1:], backend=backend
         )
-        ours = [out, *_grads(out, inputs, 1)]
+        ours = [out, *_grads(out, inputs, 1, dtype)]
         ref_inputs = _inputs_require_grad(*(t.double() for t in (value, reference_points, offsets, logits)))
         ref = reference.ms_deform_attn_fused(
             ref_inputs[0], spatial_shapes, level_start_index, *ref_inputs[1:]
         )
-        expected = [ref, *_reference_grads(ref, ref_inputs, 1, dtype)]
+        expected = [ref, *_grads(ref, ref_inputs, 1, dtype)]
         yield f"ms_deform_attn_fused {dtype}", ours, expected, dtype
 
 
@@ -132,11 +125,11 @@ def masked_attention_cases(device, backend):
             ):
                 inputs = _inputs_require_grad(q, k, v)
                 out = m2f_kernels.masked_attention(*inputs, **mask, backend=backend)
-                ours = [out, *_grads(out, inputs, 2)]
+                ours = [out, *_grads(out, inputs, 2, dtype)]
                 ref_inputs = _inputs_require_grad(q.double(), k.double(), v.double())
                 ref_mask = {key: m.double() if m.is_floating_point() else m for key, m in mask.items()}
                 ref, _ = reference.masked_attention(*ref_inputs, **ref_mask)
-                expected = [ref, *_reference_grads(ref, ref_inputs, 2, dtype)]
+                expected = [ref, *_grads(ref, ref_inputs, 2, dtype)]
                 yield (
                     f"masked_attention {dtype} Q={queries} K={keys} d={head_dim} {mask_name}",
                     ours,
@@ -151,10 +144,10 @@ def point_loss_cases(device, backend):
         coords = _with_edge_locations(torch.rand(3, 101, 2, device=device, dtype=dtype))
         inputs = _inputs_require_grad(planes, coords)
         out = m2f_kernels.point_sample(*inputs, backend=backend)
-        ours = [out, *_grads(out, inputs, 3)]
+        ours = [out, *_grads(out, inputs, 3, dtype)]
         ref_inputs = _inputs_require_grad(planes.double(), coords.double())
         ref = reference.point_sample(*ref_inputs)
-        yield f"point_sample {dtype}", ours, [ref, *_reference_grads(ref, ref_inputs, 3, dtype)], dtype
+        yield f"point_sample {dtype}", ours, [ref, *_grads(ref, ref_inputs, 3, dtype)], dtype
 
         mask_logits = torch.randn(4, 17, 11, device=device, dtype=dtype)
         targets = torch.rand(4, 67, 45, device=device) < 0.4
