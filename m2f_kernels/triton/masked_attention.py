@@ -11,19 +11,15 @@ partial (max, sum, acc) that a combine kernel merges. Backward: P is recomputed 
 queries) never use atomics, so the backward is always deterministic.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreting, size_class
+
 _MASK_LOGITS = 0
 _MASK_BOOL = 1
 _MAX_GRID_Y = 65535  # CUDA's limit on grid dimensions 1 and 2 (the key splits)
-
-
-def _interpreted():
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _autotuned(kernel):
@@ -32,7 +28,7 @@ def _autotuned(kernel):
 
     The block sizes stay fixed (the key splits are multiples of BLOCK_K); the interpreter runs one config.
     """
-    if _interpreted():
+    if interpreting():
         return kernel
     configs = [
         triton.Config({}, num_warps=warps, num_stages=stages) for warps in (2, 4, 8) for stages in (2, 3)
@@ -415,11 +411,6 @@ def _block_sizes(head_dim):
     return 32, block_k, block_d
 
 
-def _size_class(n: int) -> int:
-    """Power-of-two bucket of a size, so autotuning keys on the shape class rather than the exact size."""
-    return 1 << max(0, n - 1).bit_length()
-
-
 def _default_num_splits(device, num_programs, num_keys, block_k):
     """Enough key splits to give every multiprocessor a few programs, each with several key blocks."""
     if device.type != "cuda":
@@ -506,9 +497,9 @@ def masked_attention_forward(q, k, v, mask_logits, attn_mask, threshold_logit, s
         keys_per_split,
         threshold_logit,
         scale,
-        _size_class(num_keys),
+        size_class(num_keys),
         MASK_KIND=mask_kind,
-        INTERPRETED=_interpreted(),
+        INTERPRETED=interpreting(),
         SINGLE_SPLIT=num_splits == 1,
         BLOCK_Q=block_q,
         BLOCK_K=block_k,
@@ -589,9 +580,9 @@ def masked_attention_backward(
         keys_per_split,
         threshold_logit,
         scale,
-        _size_class(num_keys),
+        size_class(num_keys),
         MASK_KIND=mask_kind,
-        INTERPRETED=_interpreted(),
+        INTERPRETED=interpreting(),
         BLOCK_Q=block_q,
         BLOCK_K=block_k,
         BLOCK_D=block_d,
@@ -618,9 +609,9 @@ def masked_attention_backward(
         mask_heads,
         threshold_logit,
         scale,
-        _size_class(num_keys),
+        size_class(num_keys),
         MASK_KIND=mask_kind,
-        INTERPRETED=_interpreted(),
+        INTERPRETED=interpreting(),
         BLOCK_Q=block_q,
         BLOCK_K=block_k,
         BLOCK_D=block_d,

@@ -11,30 +11,19 @@ Backward adds grad_value with atomics; with deterministic=True it instead lists 
 contribution, sorts them by destination (stable) and sums each destination row in that fixed order.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._common import block_configs, size_class
 
 
 def _configs() -> list:
-    if _interpreting():
-        return [triton.Config({"BLOCK_Q": 16}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_Q": block_q}, num_warps=num_warps)
-        for block_q in (16, 32, 64)
-        for num_warps in (2, 4, 8)
-    ]
-
-
-def _size_class(n: int) -> int:
-    """Power-of-two bucket of a size, so autotuning keys on the shape class rather than the exact size."""
-    return 1 << max(0, n - 1).bit_length()
+    return block_configs(
+        triton.Config({"BLOCK_Q": 16}, num_warps=4),
+        [{"BLOCK_Q": block_q} for block_q in (16, 32, 64)],
+        (2, 4, 8),
+    )
 
 
 @triton.jit
@@ -440,7 +429,7 @@ def sampling_forward(value, spatial_shapes, level_start_index, reference_points,
         queries,
         num_values,
         channels,
-        _size_class(batch * queries * heads),
+        size_class(batch * queries * heads),
         FUSED=fused,
         **_launch_constants(value, levels, points),
     )
@@ -485,7 +474,7 @@ def sampling_backward(
         queries,
         num_values,
         channels,
-        _size_class(batch * queries * heads),
+        size_class(batch * queries * heads),
         FUSED=fused,
         ATOMIC_GRAD_VALUE=not deterministic,
         **constants,

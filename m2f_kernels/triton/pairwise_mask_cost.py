@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .point_sample import accumulate_dtype, block_configs, launch, size_class, triton_accumulate_dtype
+from ._common import block_configs, launch, size_class
+from .point_sample import accumulate_dtype, triton_accumulate_dtype
 
 FIXED = triton.Config({"BLOCK_Q": 32, "BLOCK_T": 32, "BLOCK_P": 32}, num_warps=4)
 TILES = [

@@ -10,17 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import block_configs, launch, size_class
 from .point_sample import (
     POINT_BLOCKS,
     accumulate_dtype,
     add_pairs_in_order,
-    block_configs,
-    launch,
     locate_points,
     program_points,
     sample_plane,
     scatter_corners,
-    size_class,
     triton_accumulate_dtype,
 )
 

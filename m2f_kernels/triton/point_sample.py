@@ -7,41 +7,11 @@ outside the image read 0; gradients use the floor cell.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
-
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def size_class(n: int) -> int:
-    """Power-of-two bucket of a size, so autotuning keys on the shape class rather than the exact size."""
-    return 1 << max(0, n - 1).bit_length()
-
-
-def block_configs(fixed: triton.Config, blocks: Sequence[dict], warps: Sequence[int]) -> list[triton.Config]:
-    """Every (block sizes, num_warps) pair on GPU; only `fixed` under TRITON_INTERPRET=1."""
-    if interpreting():
-        return [fixed]
-    return [triton.Config(dict(block), num_warps=num_warps) for block in blocks for num_warps in warps]
-
-
-def launch(kernel, grid: Callable[[dict], tuple], args: tuple, fixed: triton.Config, pinned: bool) -> None:
-    """Runs an autotuned kernel, or the kernel pinned to `fixed` when `pinned`.
-
-    Pinning serves results whose summation order depends on the block sizes: the autotuner's choice comes
-    from timings and may differ between processes, the pinned config does not.
-    """
-    if pinned:
-        kernel.fn[grid](*args, **fixed.all_kwargs())
-    else:
-        kernel[grid](*args)
-
+from ._common import block_configs, size_class
 
 POINT_BLOCKS = [{"BLOCK": block} for block in (128, 256, 512, 1024)]
 FORWARD_FIXED = triton.Config({"BLOCK": 256}, num_warps=4)
