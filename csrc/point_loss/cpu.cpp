@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_multiversion.h"
@@ -157,8 +158,8 @@ constexpr int64_t kChunk = 256;
 constexpr int64_t kPrefetchDistance = 16;
 
 template <typename acc_t, typename value_t>
-inline void prefetch_cell(const value_t* plane, int64_t height, int64_t width,
-                          const acc_t* coords) {
+M2F_CPU_INLINE void prefetch_cell(const value_t* plane, int64_t height, int64_t width,
+                                  const acc_t* coords) {
 #if defined(__GNUC__)
   const BilinearPoint<acc_t> point = locate_point<acc_t>(coords[0], coords[1], height, width);
   if (!point.valid) return;
@@ -168,12 +169,13 @@ inline void prefetch_cell(const value_t* plane, int64_t height, int64_t width,
 #endif
 }
 
-// sigmoid(x) and log(1 + exp(-|x|)) of a chunk of logits. The float version works on 4 lanes at a
-// time with GCC/Clang vector extensions (SSE on x86-64, NEON on ARM): exp by range reduction and a
-// degree-7 Taylor polynomial, log1p by its atanh series (relative errors below 1e-7).
-// `count` is rounded up to a multiple of 4: the buffers hold kChunk entries.
-inline void logit_terms_chunk(const double* logits, double* probs, double* log_terms,
-                              int64_t count) {
+// sigmoid(x) and log(1 + exp(-|x|)) of a chunk of logits. The float version works on 16 lanes at a
+// time with GCC/Clang vector extensions (one AVX-512 register, or several AVX2/SSE/NEON ones,
+// whichever the calling M2F_CPU_MULTIVERSION clone targets): exp by range reduction and a degree-7
+// Taylor polynomial, log1p by its atanh series (relative errors below 1e-7).
+// `count` is rounded up to a multiple of 16: the buffers hold kChunk entries.
+M2F_CPU_INLINE void logit_terms_chunk(const double* logits, double* probs, double* log_terms,
+                                      int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
     const LogitTerms<double> terms = logit_terms(logits[i]);
     probs[i] = terms.prob;
@@ -182,25 +184,29 @@ inline void logit_terms_chunk(const double* logits, double* probs, double* log_t
 }
 
 #if defined(__GNUC__)
-typedef float Float4 __attribute__((vector_size(16)));
-typedef int32_t Int4 __attribute__((vector_size(16)));
+// The vector helpers are always inlined, so no vector crosses a function boundary whose ABI
+// depends on the instruction set.
+#pragma GCC diagnostic ignored "-Wpsabi"
+constexpr int64_t kVectorLanes = 16;
+typedef float FloatVector __attribute__((vector_size(4 * kVectorLanes)));
+typedef int32_t IntVector __attribute__((vector_size(4 * kVectorLanes)));
 
-inline Float4 splat(float value) { return Float4{value, value, value, value}; }
+M2F_CPU_INLINE FloatVector splat(float value) { return FloatVector{} + value; }
 
 // Lanes of if_true where mask is all ones, of if_false where it is zero.
-inline Float4 blend(Int4 mask, Float4 if_true, Float4 if_false) {
-  return reinterpret_cast<Float4>((mask & reinterpret_cast<Int4>(if_true)) |
-                                  (~mask & reinterpret_cast<Int4>(if_false)));
+M2F_CPU_INLINE FloatVector blend(IntVector mask, FloatVector if_true, FloatVector if_false) {
+  return reinterpret_cast<FloatVector>((mask & reinterpret_cast<IntVector>(if_true)) |
+                                       (~mask & reinterpret_cast<IntVector>(if_false)));
 }
 
 // exp(v) for v <= 0: 2^k exp(r), k = round(v / ln 2), |r| <= ln(2) / 2.
-inline Float4 exp_nonpositive(Float4 v) {
+M2F_CPU_INLINE FloatVector exp_nonpositive(FloatVector v) {
   v = blend(v < splat(-87.0f), splat(-87.0f), v);  // exp(-87) is still a normal float
-  const Int4 k = __builtin_convertvector(v * splat(1.44269504f) - splat(0.5f), Int4);
-  const Float4 k_float = __builtin_convertvector(k, Float4);
-  const Float4 r =
+  const IntVector k = __builtin_convertvector(v * splat(1.44269504f) - splat(0.5f), IntVector);
+  const FloatVector k_float = __builtin_convertvector(k, FloatVector);
+  const FloatVector r =
       (v - k_float * splat(0.693145751953125f)) - k_float * splat(1.428606765330187e-06f);
-  Float4 poly = splat(1.0f / 5040.0f);
+  FloatVector poly = splat(1.0f / 5040.0f);
   poly = poly * r + splat(1.0f / 720.0f);
   poly = poly * r + splat(1.0f / 120.0f);
   poly = poly * r + splat(1.0f / 24.0f);
@@ -208,14 +214,14 @@ inline Float4 exp_nonpositive(Float4 v) {
   poly = poly * r + splat(0.5f);
   poly = poly * r + splat(1.0f);
   poly = poly * r + splat(1.0f);
-  return poly * reinterpret_cast<Float4>((k + 127) << 23);
+  return poly * reinterpret_cast<FloatVector>((k + 127) << 23);
 }
 
 // log(1 + u) for u in [0, 1]: 2 atanh(s), s = u / (2 + u) <= 1/3, series up to s^15.
-inline Float4 log1p_unit(Float4 u) {
-  const Float4 s = u / (splat(2.0f) + u);
-  const Float4 s2 = s * s;
-  Float4 series = splat(1.0f / 15.0f);
+M2F_CPU_INLINE FloatVector log1p_unit(FloatVector u) {
+  const FloatVector s = u / (splat(2.0f) + u);
+  const FloatVector s2 = s * s;
+  FloatVector series = splat(1.0f / 15.0f);
   series = series * s2 + splat(1.0f / 13.0f);
   series = series * s2 + splat(1.0f / 11.0f);
   series = series * s2 + splat(1.0f / 9.0f);
@@ -226,19 +232,21 @@ inline Float4 log1p_unit(Float4 u) {
   return splat(2.0f) * s * series;
 }
 
-inline void logit_terms_chunk(const float* logits, float* probs, float* log_terms, int64_t count) {
-  for (int64_t i = 0; i < count; i += 4) {
-    Float4 logit;
+M2F_CPU_INLINE void logit_terms_chunk(const float* logits, float* probs, float* log_terms,
+                                      int64_t count) {
+  for (int64_t i = 0; i < count; i += kVectorLanes) {
+    FloatVector logit;
     std::memcpy(&logit, logits + i, sizeof(logit));
-    const Int4 negative =
-        reinterpret_cast<Int4>(logit) >> 31;  // all ones where the sign bit is set
-    const Float4 magnitude = reinterpret_cast<Float4>(reinterpret_cast<Int4>(logit) & 0x7fffffff);
-    const Float4 decay = exp_nonpositive(-magnitude);  // exp(-|x|)
-    const Float4 inv = splat(1.0f) / (splat(1.0f) + decay);
-    const Float4 prob = blend(negative, decay * inv, inv);
+    const IntVector negative =
+        reinterpret_cast<IntVector>(logit) >> 31;  // all ones where the sign bit is set
+    const FloatVector magnitude =
+        reinterpret_cast<FloatVector>(reinterpret_cast<IntVector>(logit) & 0x7fffffff);
+    const FloatVector decay = exp_nonpositive(-magnitude);  // exp(-|x|)
+    const FloatVector inv = splat(1.0f) / (splat(1.0f) + decay);
+    const FloatVector prob = blend(negative, decay * inv, inv);
     std::memcpy(probs + i, &prob, sizeof(prob));
     if (log_terms != nullptr) {
-      const Float4 log_term = log1p_unit(decay);
+      const FloatVector log_term = log1p_unit(decay);
       std::memcpy(log_terms + i, &log_term, sizeof(log_term));
     }
   }
@@ -255,10 +263,10 @@ inline void logit_terms_chunk(const float* logits, float* probs, float* log_term
 
 // Samples the logits and targets of points [begin, begin + count) of one mask (count <= kChunk).
 template <typename acc_t, typename scalar_t, typename target_t>
-inline void sample_chunk(const scalar_t* logit_plane, int64_t height, int64_t width,
-                         const target_t* target_plane, int64_t target_height, int64_t target_width,
-                         const acc_t* mask_coords, int64_t num_points, int64_t begin, int64_t count,
-                         acc_t* logits, acc_t* targets) {
+M2F_CPU_INLINE void sample_chunk(const scalar_t* logit_plane, int64_t height, int64_t width,
+                                 const target_t* target_plane, int64_t target_height,
+                                 int64_t target_width, const acc_t* mask_coords, int64_t num_points,
+                                 int64_t begin, int64_t count, acc_t* logits, acc_t* targets) {
   for (int64_t i = 0; i < count; ++i) {
     const int64_t p = begin + i;
     if (p + kPrefetchDistance < num_points) {
@@ -271,6 +279,66 @@ inline void sample_chunk(const scalar_t* logit_plane, int64_t height, int64_t wi
         sample_plane<acc_t>(logit_plane, height, width, locate_point<acc_t>(x, y, height, width));
     targets[i] = sample_plane<acc_t>(target_plane, target_height, target_width,
                                      locate_point<acc_t>(x, y, target_height, target_width));
+  }
+}
+
+// One mask of point_mask_loss: its logits (height, width), its target (target_height,
+// target_width) and its num_points sampling coords (x, y) in [0, 1].
+template <typename acc_t, typename scalar_t, typename target_t>
+struct MaskPoints {
+  const scalar_t* logits;
+  int64_t height, width;
+  const target_t* targets;
+  int64_t target_height, target_width;
+  const acc_t* coords;
+  int64_t num_points;
+};
+
+// Sums over the points of one mask of the sigmoid CE, prob * target, prob and target.
+struct MaskLossSums {
+  sum_t ce = 0, prob_target = 0, prob = 0, target = 0;
+};
+
+template <typename acc_t, typename scalar_t, typename target_t>
+M2F_CPU_MULTIVERSION MaskLossSums
+mask_loss_sums(const MaskPoints<acc_t, scalar_t, target_t>& mask) {
+  MaskLossSums sums;
+  alignas(64) acc_t logits[kChunk] = {}, targets[kChunk] = {}, probs[kChunk], log_terms[kChunk];
+  for (int64_t begin = 0; begin < mask.num_points; begin += kChunk) {
+    const int64_t count = std::min(kChunk, mask.num_points - begin);
+    sample_chunk(mask.logits, mask.height, mask.width, mask.targets, mask.target_height,
+                 mask.target_width, mask.coords, mask.num_points, begin, count, logits, targets);
+    logit_terms_chunk(logits, probs, log_terms, count);
+    for (int64_t i = 0; i < count; ++i) {
+      sums.ce += sigmoid_ce(logits[i], log_terms[i], targets[i]);
+      sums.prob_target += probs[i] * targets[i];
+      sums.prob += probs[i];
+      sums.target += targets[i];
+    }
+  }
+  return sums;
+}
+
+// Adds the loss gradient of every point of one mask to grad_plane (height, width).
+template <typename acc_t, typename scalar_t, typename target_t>
+M2F_CPU_MULTIVERSION void mask_loss_grad(const MaskPoints<acc_t, scalar_t, target_t>& mask,
+                                         const PointLossGradScales<acc_t>& scales,
+                                         acc_t* grad_plane) {
+  alignas(64) acc_t logits[kChunk] = {}, targets[kChunk] = {}, probs[kChunk], grads[kChunk];
+  for (int64_t begin = 0; begin < mask.num_points; begin += kChunk) {
+    const int64_t count = std::min(kChunk, mask.num_points - begin);
+    sample_chunk(mask.logits, mask.height, mask.width, mask.targets, mask.target_height,
+                 mask.target_width, mask.coords, mask.num_points, begin, count, logits, targets);
+    logit_terms_chunk(logits, probs, static_cast<acc_t*>(nullptr), count);
+    for (int64_t i = 0; i < count; ++i) grads[i] = point_loss_grad(scales, probs[i], targets[i]);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t p = begin + i;
+      const BilinearPoint<acc_t> point =
+          locate_point<acc_t>(mask.coords[2 * p], mask.coords[2 * p + 1], mask.height, mask.width);
+      const CornerWeights<acc_t> corners = corner_weights(mask.height, mask.width, point);
+      for (int k = 0; k < corners.count; ++k)
+        grad_plane[corners.index[k]] += grads[i] * corners.weight[k];
+    }
   }
 }
 
@@ -304,31 +372,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> point_mask_loss_forward_cpu(
     acc_t* dice_ptr = dice.data_ptr<acc_t>();
     acc_t* sums_ptr = dice_sums.data_ptr<acc_t>();
     dispatch_target_type<scalar_t>(target_masks, [&](auto targets_ptr) {
+      using target_t = std::remove_cv_t<std::remove_pointer_t<decltype(targets_ptr)>>;
       at::parallel_for(0, num_masks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n) {
-          const scalar_t* logit_plane = logits_ptr + n * height * width;
-          const auto* target_plane = targets_ptr + n * target_height * target_width;
-          const acc_t* mask_coords = coords_ptr + 2 * n * num_points;
-          sum_t ce_sum = 0, prob_target_sum = 0, prob_sum = 0, target_sum = 0;
-          alignas(16) acc_t logits[kChunk] = {}, targets[kChunk] = {}, probs[kChunk],
-                            log_terms[kChunk];
-          for (int64_t chunk_begin = 0; chunk_begin < num_points; chunk_begin += kChunk) {
-            const int64_t count = std::min(kChunk, num_points - chunk_begin);
-            sample_chunk(logit_plane, height, width, target_plane, target_height, target_width,
-                         mask_coords, num_points, chunk_begin, count, logits, targets);
-            logit_terms_chunk(logits, probs, log_terms, count);
-            for (int64_t i = 0; i < count; ++i) {
-              ce_sum += sigmoid_ce(logits[i], log_terms[i], targets[i]);
-              prob_target_sum += probs[i] * targets[i];
-              prob_sum += probs[i];
-              target_sum += targets[i];
-            }
-          }
-          ce_ptr[n] = static_cast<acc_t>(ce_sum / static_cast<sum_t>(num_points));
-          dice_ptr[n] = static_cast<acc_t>(dice_loss<sum_t>(prob_target_sum, prob_sum, target_sum));
-          sums_ptr[3 * n] = static_cast<acc_t>(prob_target_sum);
-          sums_ptr[3 * n + 1] = static_cast<acc_t>(prob_sum);
-          sums_ptr[3 * n + 2] = static_cast<acc_t>(target_sum);
+          const MaskPoints<acc_t, scalar_t, target_t> mask{
+              logits_ptr + n * height * width,
+              height,
+              width,
+              targets_ptr + n * target_height * target_width,
+              target_height,
+              target_width,
+              coords_ptr + 2 * n * num_points,
+              num_points};
+          const MaskLossSums sums = mask_loss_sums(mask);
+          ce_ptr[n] = static_cast<acc_t>(sums.ce / static_cast<sum_t>(num_points));
+          dice_ptr[n] =
+              static_cast<acc_t>(dice_loss<sum_t>(sums.prob_target, sums.prob, sums.target));
+          sums_ptr[3 * n] = static_cast<acc_t>(sums.prob_target);
+          sums_ptr[3 * n + 1] = static_cast<acc_t>(sums.prob);
+          sums_ptr[3 * n + 2] = static_cast<acc_t>(sums.target);
         }
       });
     });
@@ -365,34 +427,23 @@ at::Tensor point_mask_loss_backward_cpu(const at::Tensor& grad_ce, const at::Ten
     const acc_t* sums_ptr = dice_sums_acc.data_ptr<acc_t>();
     acc_t* grad_ptr = grad_logits_acc.data_ptr<acc_t>();
     dispatch_target_type<scalar_t>(target_masks, [&](auto targets_ptr) {
+      using target_t = std::remove_cv_t<std::remove_pointer_t<decltype(targets_ptr)>>;
       // Each mask's gradient plane is owned by one thread.
       at::parallel_for(0, num_masks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n) {
-          const scalar_t* logit_plane = logits_ptr + n * height * width;
-          const auto* target_plane = targets_ptr + n * target_height * target_width;
-          const acc_t* mask_coords = coords_ptr + 2 * n * num_points;
-          acc_t* grad_plane = grad_ptr + n * height * width;
+          const MaskPoints<acc_t, scalar_t, target_t> mask{
+              logits_ptr + n * height * width,
+              height,
+              width,
+              targets_ptr + n * target_height * target_width,
+              target_height,
+              target_width,
+              coords_ptr + 2 * n * num_points,
+              num_points};
           const PointLossGradScales<acc_t> scales = point_loss_grad_scales<acc_t>(
               grad_ce_ptr[n], grad_dice_ptr[n], num_points, sums_ptr[3 * n], sums_ptr[3 * n + 1],
               sums_ptr[3 * n + 2]);
-          alignas(16) acc_t logits[kChunk] = {}, targets[kChunk] = {}, probs[kChunk], grads[kChunk];
-          for (int64_t chunk_begin = 0; chunk_begin < num_points; chunk_begin += kChunk) {
-            const int64_t count = std::min(kChunk, num_points - chunk_begin);
-            sample_chunk(logit_plane, height, width, target_plane, target_height, target_width,
-                         mask_coords, num_points, chunk_begin, count, logits, targets);
-            logit_terms_chunk(logits, probs, static_cast<acc_t*>(nullptr), count);
-            for (int64_t i = 0; i < count; ++i) {
-              grads[i] = point_loss_grad(scales, probs[i], targets[i]);
-            }
-            for (int64_t i = 0; i < count; ++i) {
-              const int64_t p = chunk_begin + i;
-              const BilinearPoint<acc_t> point =
-                  locate_point<acc_t>(mask_coords[2 * p], mask_coords[2 * p + 1], height, width);
-              const CornerWeights<acc_t> corners = corner_weights(height, width, point);
-              for (int k = 0; k < corners.count; ++k)
-                grad_plane[corners.index[k]] += grads[i] * corners.weight[k];
-            }
-          }
+          mask_loss_grad(mask, scales, grad_ptr + n * height * width);
         }
       });
     });
@@ -403,21 +454,37 @@ at::Tensor point_mask_loss_backward_cpu(const at::Tensor& grad_ce, const at::Ten
 // Number of independent partial sums in the pairwise dot products (lets the compiler vectorize
 // them).
 constexpr int64_t kDotLanes = 16;
-// Targets whose dot products share one pass over a query's terms.
+// Targets whose dot products share one pass over a chunk of a query's terms.
 constexpr int64_t kTargetBlock = 4;
 
-// Sums over the P points of positive . t, negative . (1 - t) and prob . t for the kTargets target
-// rows from targets (row stride num_points), each summed in kDotLanes partial sums, then in lane
-// order.
+// Partial sums of one (query, target) pair: positive . t, negative . (1 - t) and prob . t, each in
+// kDotLanes lanes.
+template <typename acc_t>
+struct PairwiseDots {
+  acc_t positive[kDotLanes];
+  acc_t negative[kDotLanes];
+  acc_t prob[kDotLanes];
+};
+
+// Adds points [0, count) of a chunk to the dots of kTargets targets (rows of `targets`, stride
+// num_points, already offset to the chunk). Full groups of kDotLanes points go to their lanes, the
+// rest to the first lanes.
 template <int64_t kTargets, typename acc_t>
-M2F_CPU_INLINE void pairwise_dots_block(const acc_t* positive, const acc_t* negative,
-                                        const acc_t* prob, const acc_t* targets, int64_t num_points,
-                                        sum_t* positive_total, sum_t* negative_total,
-                                        sum_t* prob_total) {
-  acc_t positive_dot[kTargets][kDotLanes] = {}, negative_dot[kTargets][kDotLanes] = {},
-        prob_dot[kTargets][kDotLanes] = {};
+M2F_CPU_INLINE void accumulate_dots_block(const acc_t* positive, const acc_t* negative,
+                                          const acc_t* prob, const acc_t* targets,
+                                          int64_t num_points, int64_t count,
+                                          PairwiseDots<acc_t>* dots) {
+  acc_t positive_dot[kTargets][kDotLanes], negative_dot[kTargets][kDotLanes],
+      prob_dot[kTargets][kDotLanes];
+  for (int64_t t = 0; t < kTargets; ++t) {
+    for (int64_t lane = 0; lane < kDotLanes; ++lane) {
+      positive_dot[t][lane] = dots[t].positive[lane];
+      negative_dot[t][lane] = dots[t].negative[lane];
+      prob_dot[t][lane] = dots[t].prob[lane];
+    }
+  }
   int64_t p = 0;
-  for (; p + kDotLanes <= num_points; p += kDotLanes) {
+  for (; p + kDotLanes <= count; p += kDotLanes) {
     for (int64_t t = 0; t < kTargets; ++t) {
       const acc_t* target = targets + t * num_points + p;
       for (int64_t lane = 0; lane < kDotLanes; ++lane) {
@@ -430,50 +497,65 @@ M2F_CPU_INLINE void pairwise_dots_block(const acc_t* positive, const acc_t* nega
   }
   for (int64_t t = 0; t < kTargets; ++t) {
     const acc_t* target = targets + t * num_points;
-    for (int64_t q = p, lane = 0; q < num_points; ++q, ++lane) {
+    for (int64_t q = p, lane = 0; q < count; ++q, ++lane) {
       positive_dot[t][lane] += positive[q] * target[q];
       negative_dot[t][lane] += negative[q] * (acc_t(1) - target[q]);
       prob_dot[t][lane] += prob[q] * target[q];
     }
-    positive_total[t] = negative_total[t] = prob_total[t] = 0;
     for (int64_t lane = 0; lane < kDotLanes; ++lane) {
-      positive_total[t] += positive_dot[t][lane];
-      negative_total[t] += negative_dot[t][lane];
-      prob_total[t] += prob_dot[t][lane];
+      dots[t].positive[lane] = positive_dot[t][lane];
+      dots[t].negative[lane] = negative_dot[t][lane];
+      dots[t].prob[lane] = prob_dot[t][lane];
     }
   }
 }
 
-// Sum of n values in kDotLanes partial sums, then in lane order.
 template <typename acc_t>
-M2F_CPU_MULTIVERSION sum_t lane_sum(const acc_t* values, int64_t n) {
-  sum_t partial[kDotLanes] = {};
-  int64_t p = 0;
-  for (; p + kDotLanes <= n; p += kDotLanes) {
-    for (int64_t lane = 0; lane < kDotLanes; ++lane) partial[lane] += values[p + lane];
-  }
-  for (int64_t lane = 0; p < n; ++p, ++lane) partial[lane] += values[p];
+sum_t sum_lanes(const acc_t* lanes) {
   sum_t total = 0;
-  for (int64_t lane = 0; lane < kDotLanes; ++lane) total += partial[lane];
+  for (int64_t lane = 0; lane < kDotLanes; ++lane) total += lanes[lane];
   return total;
 }
 
-// pairwise_dots_block for every target of one query, kTargetBlock targets per pass.
+// The CE and dice costs of one query row of P logits x against every target, kChunk points at a
+// time: the chunk's terms softplus(-x), softplus(x) (the sigmoid-CE against labels 1 and 0) and
+// sigmoid(x) come from logit_terms_chunk, then go into the dots of every target while they are in
+// L1. `dots` holds num_targets entries.
 template <typename acc_t>
-M2F_CPU_MULTIVERSION void pairwise_dots(const acc_t* positive, const acc_t* negative,
-                                        const acc_t* prob, const acc_t* targets,
-                                        int64_t num_targets, int64_t num_points,
-                                        sum_t* positive_total, sum_t* negative_total,
-                                        sum_t* prob_total) {
-  int64_t t = 0;
-  for (; t + kTargetBlock <= num_targets; t += kTargetBlock) {
-    pairwise_dots_block<kTargetBlock>(positive, negative, prob, targets + t * num_points,
-                                      num_points, positive_total + t, negative_total + t,
-                                      prob_total + t);
+M2F_CPU_MULTIVERSION void pairwise_query_costs(const acc_t* logits, const acc_t* targets,
+                                               const acc_t* target_sums, int64_t num_targets,
+                                               int64_t num_points, PairwiseDots<acc_t>* dots,
+                                               acc_t* ce, acc_t* dice) {
+  std::memset(static_cast<void*>(dots), 0, num_targets * sizeof(PairwiseDots<acc_t>));
+  alignas(64) acc_t chunk[kChunk] = {}, probs[kChunk], log_terms[kChunk], positive[kChunk],
+                    negative[kChunk];
+  acc_t prob_lanes[kDotLanes] = {};
+  for (int64_t begin = 0; begin < num_points; begin += kChunk) {
+    const int64_t count = std::min(kChunk, num_points - begin);
+    std::memcpy(chunk, logits + begin, count * sizeof(acc_t));
+    logit_terms_chunk(chunk, probs, log_terms, count);
+    for (int64_t i = 0; i < count; ++i) {
+      positive[i] = std::max(-chunk[i], acc_t(0)) + log_terms[i];
+      negative[i] = std::max(chunk[i], acc_t(0)) + log_terms[i];
+    }
+    for (int64_t i = 0; i < count; ++i) prob_lanes[i % kDotLanes] += probs[i];
+    const acc_t* chunk_targets = targets + begin;
+    int64_t t = 0;
+    for (; t + kTargetBlock <= num_targets; t += kTargetBlock) {
+      accumulate_dots_block<kTargetBlock>(positive, negative, probs, chunk_targets + t * num_points,
+                                          num_points, count, dots + t);
+    }
+    for (; t < num_targets; ++t) {
+      accumulate_dots_block<1>(positive, negative, probs, chunk_targets + t * num_points,
+                               num_points, count, dots + t);
+    }
   }
-  for (; t < num_targets; ++t) {
-    pairwise_dots_block<1>(positive, negative, prob, targets + t * num_points, num_points,
-                           positive_total + t, negative_total + t, prob_total + t);
+  const sum_t prob_sum = sum_lanes(prob_lanes);
+  for (int64_t t = 0; t < num_targets; ++t) {
+    ce[t] = static_cast<acc_t>(pairwise_ce_cost<sum_t>(sum_lanes(dots[t].positive),
+                                                       sum_lanes(dots[t].negative), num_points));
+    dice[t] = static_cast<acc_t>(pairwise_dice_cost<sum_t>(sum_lanes(dots[t].prob), prob_sum,
+                                                           static_cast<sum_t>(target_sums[t])));
   }
 }
 
@@ -497,38 +579,20 @@ std::tuple<at::Tensor, at::Tensor> pairwise_mask_cost_cpu(const at::Tensor& pred
   if (num_queries == 0 || num_targets == 0) return {ce, dice};
   at::Tensor targets = target_point_labels.to(acc_type).contiguous();
   at::Tensor target_sums = targets.sum(1, /*keepdim=*/false, at::kDouble).to(acc_type).contiguous();
-  // The per-point terms of logit_terms() for every query row, (Q, P) each, with ATen's vectorized
-  // exp and log1p (a scalar log1p per point costs more than all the dot products): softplus(-x) and
-  // softplus(x) = max(-+x, 0) + log(1 + exp(-|x|)), and sigmoid(x).
-  const at::Tensor logits = pred_point_logits.to(acc_type);
-  const at::Tensor log_term = at::log1p(at::exp(-logits.abs()));
-  const at::Tensor positive_terms = (at::relu(-logits) + log_term).contiguous();
-  const at::Tensor negative_terms = (at::relu(logits) + log_term).contiguous();
-  const at::Tensor prob_terms = at::sigmoid(logits).contiguous();
+  const at::Tensor logits = pred_point_logits.to(acc_type).contiguous();
   M2F_DISPATCH_FLOATING_TYPES(pred_point_logits.scalar_type(), "pairwise_mask_cost_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* positive_ptr = positive_terms.data_ptr<acc_t>();
-    const acc_t* negative_ptr = negative_terms.data_ptr<acc_t>();
-    const acc_t* prob_ptr = prob_terms.data_ptr<acc_t>();
+    const acc_t* logits_ptr = logits.data_ptr<acc_t>();
     const acc_t* targets_ptr = targets.data_ptr<acc_t>();
     const acc_t* target_sums_ptr = target_sums.data_ptr<acc_t>();
     acc_t* ce_ptr = ce.data_ptr<acc_t>();
     acc_t* dice_ptr = dice.data_ptr<acc_t>();
     at::parallel_for(0, num_queries, 1, [&](int64_t begin, int64_t end) {
-      std::vector<sum_t> positive_total(num_targets), negative_total(num_targets),
-          prob_total(num_targets);
+      std::vector<PairwiseDots<acc_t>> dots(num_targets);
       for (int64_t q = begin; q < end; ++q) {
-        const acc_t* prob = prob_ptr + q * num_points;
-        const sum_t prob_sum = lane_sum(prob, num_points);
-        pairwise_dots(positive_ptr + q * num_points, negative_ptr + q * num_points, prob,
-                      targets_ptr, num_targets, num_points, positive_total.data(),
-                      negative_total.data(), prob_total.data());
-        for (int64_t t = 0; t < num_targets; ++t) {
-          ce_ptr[q * num_targets + t] = static_cast<acc_t>(
-              pairwise_ce_cost<sum_t>(positive_total[t], negative_total[t], num_points));
-          dice_ptr[q * num_targets + t] = static_cast<acc_t>(pairwise_dice_cost<sum_t>(
-              prob_total[t], prob_sum, static_cast<sum_t>(target_sums_ptr[t])));
-        }
+        pairwise_query_costs(logits_ptr + q * num_points, targets_ptr, target_sums_ptr, num_targets,
+                             num_points, dots.data(), ce_ptr + q * num_targets,
+                             dice_ptr + q * num_targets);
       }
     });
   });
