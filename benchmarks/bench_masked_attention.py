@@ -82,7 +82,11 @@ def _kernel_backends(device: torch.device) -> list[str]:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("config", _configs(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+@pytest.mark.parametrize(
+    "config",
+    _configs(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+    ids=lambda config: "B{}-Q{}-K{}-density{:.0%}".format(*config),
+)
 def test_masked_attention(bench, device, mode, config):
     batch, queries, keys, density = config
     q, k, v, mask_logits = _inputs(batch, queries, keys, density, device)

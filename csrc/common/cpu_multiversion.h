@@ -1,8 +1,17 @@
-// Function attributes for the hot loops of the C++ CPU kernels.
+// Instruction-set selection for the hot loops of the C++ CPU kernels.
 #pragma once
 
-// A hot loop is compiled for AVX-512, AVX2 and baseline x86-64 and the CPU picks one at load.
+#include <cstdlib>
+#include <cstring>
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define M2F_CPU_X86_LEVELS 1
+#else
+#define M2F_CPU_X86_LEVELS 0
+#endif
+
+// A hot loop is compiled for AVX-512, AVX2 and baseline x86-64 and the CPU picks one at load.
+#if M2F_CPU_X86_LEVELS
 #define M2F_CPU_MULTIVERSION \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -15,3 +24,30 @@
 #else
 #define M2F_CPU_INLINE inline
 #endif
+
+namespace m2f {
+
+// The instruction sets of kernels compiled once per x86-64 level (x86-64-v4: AVX-512, x86-64-v3:
+// AVX2 + FMA, baseline: SSE2), which choose their vector width and tiles per level.
+enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The widest level this CPU supports (kBaseline off x86-64 Linux/GCC), lowered by the environment
+// variable M2F_KERNELS_CPU_ISA=avx2|baseline so that every level's kernels can be tested on one
+// machine. Read at each call: tests change it at run time.
+inline CpuIsa cpu_isa() {
+#if M2F_CPU_X86_LEVELS
+  static const CpuIsa supported = __builtin_cpu_supports("x86-64-v4")   ? CpuIsa::kAvx512
+                                  : __builtin_cpu_supports("x86-64-v3") ? CpuIsa::kAvx2
+                                                                        : CpuIsa::kBaseline;
+  CpuIsa requested = supported;
+  if (const char* name = std::getenv("M2F_KERNELS_CPU_ISA")) {
+    if (std::strcmp(name, "avx2") == 0) requested = CpuIsa::kAvx2;
+    if (std::strcmp(name, "baseline") == 0) requested = CpuIsa::kBaseline;
+  }
+  return static_cast<int>(requested) < static_cast<int>(supported) ? requested : supported;
+#else
+  return CpuIsa::kBaseline;
+#endif
+}
+
+}  // namespace m2f

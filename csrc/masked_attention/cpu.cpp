@@ -8,6 +8,10 @@
 // forward merges the chunks' online-softmax states, the backward sums the chunks' dq slices, both
 // in chunk order; dk and dv belong to one task each. Results do not depend on the thread count, and
 // the backward is deterministic.
+//
+// The kernels (cpu_kernels.h) are compiled once per x86-64 level, each with its own lane count and
+// register tiles, and cpu_isa() picks one per call: a generic 16-float vector, right for AVX-512,
+// is split so badly for AVX2 that the matrix loops ran about 10x slower there.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -18,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -33,692 +38,41 @@ namespace m2f {
 namespace masked_attention {
 namespace {
 
-constexpr int64_t kKeyBlock = 128;
-
-// The hot loops work on kLanes values at a time with the GCC/Clang vector extension: the compiler
-// lowers a lane vector to the widest registers of the target (one AVX-512 register of floats), and
-// the fixed lane order keeps every sum independent of the vector width.
-constexpr int64_t kLanes = 16;
 #if defined(__GNUC__) && !defined(__clang__)
 // Lane vectors only cross inline helpers, so the vector-ABI notes GCC prints for them do not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
-template <typename T>
-struct LaneTypes;
-template <>
-struct LaneTypes<float> {
-  typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
-  typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
-};
-template <>
-struct LaneTypes<double> {
-  typedef double vec __attribute__((vector_size(kLanes * sizeof(double))));
-};
-template <typename T>
-using lanes_t = typename LaneTypes<T>::vec;
-
-template <typename T>
-inline lanes_t<T> load_lanes(const T* p) {
-  lanes_t<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T>
-inline void store_lanes(T* p, lanes_t<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-template <typename T>
-inline lanes_t<T> splat(T value) {
-  return lanes_t<T>{} + value;
-}
-
-// exp for float lanes: 2^n * polynomial of the remainder (relative error about 2e-7). Arguments are
-// clamped to [-87, 88] (exp(-87) ~ 1.6e-38); callers zero blocked entries themselves.
-inline lanes_t<float> exp_lanes(lanes_t<float> x) {
-  using vec = lanes_t<float>;
-  const vec low = splat(-87.0f), high = splat(88.0f);
-  x = x < low ? low : x;
-  x = x > high ? high : x;
-  // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
-  const vec round_magic = splat(12582912.0f);
-  const vec n = (x * 1.44269504088896341f + round_magic) - round_magic;
-  const vec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  vec p = splat(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const LaneTypes<float>::ivec exponent_bits =
-      (__builtin_convertvector(n, LaneTypes<float>::ivec) + 127) << 23;
-  vec two_to_n;
-  std::memcpy(&two_to_n, &exponent_bits, sizeof(vec));
-  return p * two_to_n;
-}
-inline lanes_t<double> exp_lanes(lanes_t<double> x) {
-  for (int64_t l = 0; l < kLanes; ++l) x[l] = std::exp(x[l]);
-  return x;
-}
-inline float exp_scalar(float x) { return exp_lanes(splat(x))[0]; }
-inline double exp_scalar(double x) { return std::exp(x); }
-
-// visible[j] = 1 if logits[j] >= threshold_logit or the row has no visible key, else 0. The lane
-// comparison is logit_is_visible() for kLanes keys at a time (NaN compares false: blocked).
-template <typename scalar_t, typename acc_t>
-M2F_CPU_MULTIVERSION void logits_visibility(const scalar_t* logits, int64_t n,
-                                            acc_t threshold_logit, bool row_has_visible_key,
-                                            acc_t* visible) {
-  if (!row_has_visible_key) {
-    std::fill(visible, visible + n, acc_t(1));
-    return;
-  }
-  const lanes_t<acc_t> one = splat(acc_t(1)), zero{}, threshold = splat(threshold_logit);
-  int64_t j0 = 0;
-  for (; j0 + kLanes <= n; j0 += kLanes) {
-    lanes_t<acc_t> values;
-    for (int64_t l = 0; l < kLanes; ++l) values[l] = static_cast<acc_t>(logits[j0 + l]);
-    store_lanes(visible + j0, values >= threshold ? one : zero);
-  }
-  for (; j0 < n; ++j0) {
-    visible[j0] = logit_is_visible<acc_t>(static_cast<acc_t>(logits[j0]), threshold_logit);
-  }
-}
-
-// visible[j] = 1 if blocked[j] is false or the row has no visible key, else 0.
-template <typename acc_t>
-M2F_CPU_MULTIVERSION void bool_mask_visibility(const bool* blocked, int64_t n,
-                                               bool row_has_visible_key, acc_t* visible) {
-  if (!row_has_visible_key) {
-    std::fill(visible, visible + n, acc_t(1));
-    return;
-  }
-  for (int64_t j = 0; j < n; ++j) visible[j] = bool_mask_is_visible(blocked[j]);
-}
-
-// Read-only view of the mask source plus the per-row flags of the fully-blocked-row rule.
-template <typename scalar_t, typename acc_t>
-struct MaskView {
-  const scalar_t* logits;  // (B, Q, K), or null
-  const bool* blocked;     // (B, Hm, Q, K), or null
-  acc_t threshold_logit;
-  Sizes sizes;
-  std::vector<uint8_t> row_has_visible_key;  // (B, Hm, Q)
-
-  int64_t row(int64_t b, int64_t h, int64_t i) const {
-    const int64_t mask_head = sizes.mask_heads > 1 ? h : 0;
-    return (b * sizes.mask_heads + mask_head) * sizes.queries + i;
-  }
-
-  // fill_visibility for every query row i of head h, written at visible + i * stride.
-  void fill_visibility_block(int64_t b, int64_t h, int64_t key_begin, int64_t nk, int64_t stride,
-                             acc_t* visible) const {
-    for (int64_t i = 0; i < sizes.queries; ++i) {
-      fill_visibility(row(b, h, i), key_begin, nk, visible + i * stride);
-    }
-  }
-
-  // visible[j] = 1 or 0 for the keys key_begin + j (j < n) of a row, after the row rule.
-  void fill_visibility(int64_t row_index, int64_t key_begin, int64_t n, acc_t* visible) const {
-    const int64_t offset = row_index * sizes.keys + key_begin;
-    const bool has_visible = row_has_visible_key[row_index] != 0;
-    if (logits != nullptr) {
-      logits_visibility(logits + offset, n, threshold_logit, has_visible, visible);
-    } else {
-      bool_mask_visibility(blocked + offset, n, has_visible, visible);
-    }
-  }
+// Output rows x lane vectors of the register tiles of the three matrix products.
+struct TileShape {
+  int64_t rows, vectors;
 };
 
-template <typename scalar_t, typename acc_t>
-MaskView<scalar_t, acc_t> make_mask_view(const Sizes& sizes,
-                                         const std::optional<at::Tensor>& mask_logits,
-                                         const std::optional<at::Tensor>& attn_mask,
-                                         double threshold_logit) {
-  MaskView<scalar_t, acc_t> view{
-      mask_logits.has_value() ? mask_logits->data_ptr<scalar_t>() : nullptr,
-      attn_mask.has_value() ? attn_mask->data_ptr<bool>() : nullptr,
-      static_cast<acc_t>(threshold_logit),
-      sizes,
-      {}};
-  const int64_t num_rows = sizes.batch * sizes.mask_heads * sizes.queries;
-  view.row_has_visible_key.assign(num_rows, 0);
-  at::parallel_for(0, num_rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t offset = r * sizes.keys;
-      bool any_visible = false;
-      if (view.logits != nullptr) {
-        for (int64_t j = 0; j < sizes.keys && !any_visible; ++j) {
-          any_visible = logit_is_visible<acc_t>(static_cast<acc_t>(view.logits[offset + j]),
-                                                view.threshold_logit);
-        }
-      } else {
-        for (int64_t j = 0; j < sizes.keys && !any_visible; ++j) {
-          any_visible = bool_mask_is_visible(view.blocked[offset + j]);
-        }
-      }
-      view.row_has_visible_key[r] = any_visible;
-    }
-  });
-  return view;
-}
+#if M2F_CPU_X86_LEVELS
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+namespace avx512 {
+constexpr int64_t kLanes = 16;  // one zmm register of floats (of 32)
+constexpr TileShape kScoreTile{4, 4}, kWeightedRowsTile{4, 2}, kTransposedWeightsTile{8, 2};
+#include "masked_attention/cpu_kernels.h"
+}  // namespace avx512
+#pragma GCC pop_options
 
-// Converts rows [row_begin, row_begin + n) of a (rows, d) matrix to acc_t, row-major (n, d).
-template <typename scalar_t, typename acc_t>
-M2F_CPU_MULTIVERSION void load_rows(const scalar_t* src, int64_t row_begin, int64_t n, int64_t d,
-                                    acc_t* dst) {
-  const scalar_t* base = src + row_begin * d;
-  for (int64_t x = 0; x < n * d; ++x) dst[x] = static_cast<acc_t>(base[x]);
-}
-
-// Rows [row_begin, row_begin + n) of a (rows, d) matrix in acc_t: the input itself when it already
-// is acc_t, else a converted copy in buffer.
-template <typename scalar_t, typename acc_t>
-const acc_t* rows_as_acc(const scalar_t* src, int64_t row_begin, int64_t n, int64_t d,
-                         std::vector<acc_t>& buffer) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src + row_begin * d;
-  } else {
-    buffer.resize(n * d);
-    load_rows(src, row_begin, n, d, buffer.data());
-    return buffer.data();
-  }
-}
-
-// Where the acc_t results for the rows from row_begin of a (rows, d) output go: the output itself
-// when it is acc_t, else buffer (the caller converts).
-template <typename scalar_t, typename acc_t>
-acc_t* output_rows(scalar_t* dst, int64_t row_begin, int64_t d, std::vector<acc_t>& buffer) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return dst + row_begin * d;
-  } else {
-    return buffer.data();
-  }
-}
-
-#if defined(__GNUC__) && !defined(__clang__)
-#define M2F_CPU_TILE_TRANSPOSE 1
-static_assert(kLanes == 16, "the tile transpose swaps blocks of 8, 4, 2 and 1 lanes");
-
-// One step of the kLanes x kLanes float transpose: rows i and i + kBlock (i & kBlock == 0) swap
-// their off-diagonal kBlock x kBlock blocks. After the steps for kBlock = 8, 4, 2, 1, row c holds
-// what was column c.
-template <int32_t kBlock>
-M2F_CPU_INLINE void swap_off_diagonal_blocks(lanes_t<float>* rows) {
-  LaneTypes<float>::ivec low_half, high_half;
-  for (int32_t l = 0; l < kLanes; ++l) {
-    // Shuffle indices below kLanes pick from the first operand, the others from the second.
-    low_half[l] = (l & kBlock) == 0 ? l : kLanes + l - kBlock;
-    high_half[l] = (l & kBlock) == 0 ? l + kBlock : kLanes + l;
-  }
-  for (int64_t i = 0; i < kLanes; ++i) {
-    if ((i & kBlock) != 0) continue;
-    const lanes_t<float> upper = rows[i], lower = rows[i + kBlock];
-    rows[i] = __builtin_shuffle(upper, lower, low_half);
-    rows[i + kBlock] = __builtin_shuffle(upper, lower, high_half);
-  }
-}
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+namespace avx2 {
+constexpr int64_t kLanes = 8;  // one ymm register of floats (of 16)
+constexpr TileShape kScoreTile{6, 2}, kWeightedRowsTile{4, 2}, kTransposedWeightsTile{4, 2};
+#include "masked_attention/cpu_kernels.h"
+}  // namespace avx2
+#pragma GCC pop_options
 #endif
 
-// Converts rows [row_begin, row_begin + n) of a (rows, d) matrix to acc_t, transposed (d, stride).
-template <typename scalar_t, typename acc_t>
-M2F_CPU_MULTIVERSION void load_rows_transposed(const scalar_t* src, int64_t row_begin, int64_t n,
-                                               int64_t d, int64_t stride, acc_t* dst) {
-  const scalar_t* base = src + row_begin * d;
-  int64_t j0 = 0;
-#ifdef M2F_CPU_TILE_TRANSPOSE
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-    // Whole kLanes x kLanes tiles go through registers; the rest is copied one value at a time.
-    for (; j0 + kLanes <= n && d >= kLanes; j0 += kLanes) {
-      int64_t c0 = 0;
-      for (; c0 + kLanes <= d; c0 += kLanes) {
-        lanes_t<float> tile[kLanes];
-        for (int64_t i = 0; i < kLanes; ++i) tile[i] = load_lanes(base + (j0 + i) * d + c0);
-        swap_off_diagonal_blocks<8>(tile);
-        swap_off_diagonal_blocks<4>(tile);
-        swap_off_diagonal_blocks<2>(tile);
-        swap_off_diagonal_blocks<1>(tile);
-        for (int64_t i = 0; i < kLanes; ++i) store_lanes(dst + (c0 + i) * stride + j0, tile[i]);
-      }
-      for (int64_t c = c0; c < d; ++c) {
-        for (int64_t j = j0; j < j0 + kLanes; ++j) dst[c * stride + j] = base[j * d + c];
-      }
-    }
-  }
-#endif
-  for (int64_t c = 0; c < d; ++c) {
-    for (int64_t j = j0; j < n; ++j) dst[c * stride + j] = static_cast<acc_t>(base[j * d + c]);
-  }
-}
-
-// Rows handled together by the matrix loops: each loaded lane vector feeds kRowBlock independent
-// sums, enough to keep the multiply-add units busy. Every output is one sum in index order, so the
-// blocking does not change any result.
-constexpr int64_t kRowBlock = 8;
-
-// rows_times_columns for the kRows rows at rows (row stride d), written at out (row stride stride).
-template <int64_t kRows, typename acc_t>
-M2F_CPU_INLINE void rows_times_columns_block(const acc_t* rows, const acc_t* columns, int64_t n,
-                                             int64_t d, int64_t stride, acc_t* out) {
-  int64_t j0 = 0;
-  for (; j0 + kLanes <= n; j0 += kLanes) {
-    lanes_t<acc_t> sums[kRows] = {};
-    for (int64_t c = 0; c < d; ++c) {
-      const lanes_t<acc_t> column = load_lanes(columns + c * stride + j0);
-      for (int64_t r = 0; r < kRows; ++r) sums[r] += rows[r * d + c] * column;
-    }
-    for (int64_t r = 0; r < kRows; ++r) store_lanes(out + r * stride + j0, sums[r]);
-  }
-  for (int64_t r = 0; r < kRows; ++r) {
-    for (int64_t j = j0; j < n; ++j) {
-      acc_t sum = 0;
-      for (int64_t c = 0; c < d; ++c) sum += rows[r * d + c] * columns[c * stride + j];
-      out[r * stride + j] = sum;
-    }
-  }
-}
-
-// out[i * stride + j] = sum_c rows[i * d + c] * columns[c * stride + j] for i < num_rows, j < n.
-template <typename acc_t>
-M2F_CPU_MULTIVERSION void rows_times_columns(const acc_t* rows, int64_t num_rows,
-                                             const acc_t* columns, int64_t n, int64_t d,
-                                             int64_t stride, acc_t* out) {
-  int64_t i = 0;
-  for (; i + kRowBlock <= num_rows; i += kRowBlock) {
-    rows_times_columns_block<kRowBlock>(rows + i * d, columns, n, d, stride, out + i * stride);
-  }
-  for (; i < num_rows; ++i) {
-    rows_times_columns_block<1>(rows + i * d, columns, n, d, stride, out + i * stride);
-  }
-}
-
-// accumulate_weighted_rows for the kRows rows at weights and out.
-template <int64_t kRows, typename acc_t>
-M2F_CPU_INLINE void accumulate_weighted_rows_block(const acc_t* weights, int64_t n, int64_t stride,
-                                                   const acc_t* b, int64_t d, acc_t* out) {
-  int64_t c0 = 0;
-  for (; c0 + kLanes <= d; c0 += kLanes) {
-    lanes_t<acc_t> sums[kRows];
-    for (int64_t r = 0; r < kRows; ++r) sums[r] = load_lanes(out + r * d + c0);
-    for (int64_t j = 0; j < n; ++j) {
-      const lanes_t<acc_t> b_row = load_lanes(b + j * d + c0);
-      for (int64_t r = 0; r < kRows; ++r) sums[r] += weights[r * stride + j] * b_row;
-    }
-    for (int64_t r = 0; r < kRows; ++r) store_lanes(out + r * d + c0, sums[r]);
-  }
-  for (int64_t r = 0; r < kRows; ++r) {
-    for (int64_t c = c0; c < d; ++c) {
-      acc_t sum = out[r * d + c];
-      for (int64_t j = 0; j < n; ++j) sum += weights[r * stride + j] * b[j * d + c];
-      out[r * d + c] = sum;
-    }
-  }
-}
-
-// out[i * d + c] += sum_j weights[i * stride + j] * b[j * d + c].
-template <typename acc_t>
-M2F_CPU_MULTIVERSION void accumulate_weighted_rows(const acc_t* weights, int64_t num_rows,
-                                                   int64_t n, int64_t stride, const acc_t* b,
-                                                   int64_t d, acc_t* out) {
-  int64_t i = 0;
-  for (; i + kRowBlock <= num_rows; i += kRowBlock) {
-    accumulate_weighted_rows_block<kRowBlock>(weights + i * stride, n, stride, b, d, out + i * d);
-  }
-  for (; i < num_rows; ++i) {
-    accumulate_weighted_rows_block<1>(weights + i * stride, n, stride, b, d, out + i * d);
-  }
-}
-
-// accumulate_weighted_rows_transposed for the kRows columns at weights and rows at out.
-template <int64_t kRows, typename acc_t>
-M2F_CPU_INLINE void accumulate_weighted_rows_transposed_block(const acc_t* weights,
-                                                              int64_t num_rows, int64_t stride,
-                                                              const acc_t* a, int64_t d,
-                                                              acc_t* out) {
-  int64_t c0 = 0;
-  for (; c0 + kLanes <= d; c0 += kLanes) {
-    lanes_t<acc_t> sums[kRows];
-    for (int64_t r = 0; r < kRows; ++r) sums[r] = load_lanes(out + r * d + c0);
-    for (int64_t i = 0; i < num_rows; ++i) {
-      const lanes_t<acc_t> a_row = load_lanes(a + i * d + c0);
-      for (int64_t r = 0; r < kRows; ++r) sums[r] += weights[i * stride + r] * a_row;
-    }
-    for (int64_t r = 0; r < kRows; ++r) store_lanes(out + r * d + c0, sums[r]);
-  }
-  for (int64_t r = 0; r < kRows; ++r) {
-    for (int64_t c = c0; c < d; ++c) {
-      acc_t sum = out[r * d + c];
-      for (int64_t i = 0; i < num_rows; ++i) sum += weights[i * stride + r] * a[i * d + c];
-      out[r * d + c] = sum;
-    }
-  }
-}
-
-// out[j * d + c] += sum_i weights[i * stride + j] * a[i * d + c].
-template <typename acc_t>
-M2F_CPU_MULTIVERSION void accumulate_weighted_rows_transposed(const acc_t* weights,
-                                                              int64_t num_rows, int64_t n,
-                                                              int64_t stride, const acc_t* a,
-                                                              int64_t d, acc_t* out) {
-  int64_t j = 0;
-  for (; j + kRowBlock <= n; j += kRowBlock) {
-    accumulate_weighted_rows_transposed_block<kRowBlock>(weights + j, num_rows, stride, a, d,
-                                                         out + j * d);
-  }
-  for (; j < n; ++j) {
-    accumulate_weighted_rows_transposed_block<1>(weights + j, num_rows, stride, a, d, out + j * d);
-  }
-}
-
-// values[j] = visible[j] * exp(values[j] * scale - shift) for j < n (visible is 1 or 0); returns
-// the sum.
-template <typename acc_t>
-M2F_CPU_MULTIVERSION acc_t exp_visible(acc_t* values, const acc_t* visible, int64_t n, acc_t scale,
-                                       acc_t shift) {
-  lanes_t<acc_t> lane_sums{};
-  int64_t j0 = 0;
-  for (; j0 + kLanes <= n; j0 += kLanes) {
-    const lanes_t<acc_t> e = exp_lanes(load_lanes(values + j0) * scale - shift);
-    const lanes_t<acc_t> kept = e * load_lanes(visible + j0);
-    store_lanes(values + j0, kept);
-    lane_sums += kept;
-  }
-  acc_t sum = 0;
-  for (int64_t l = 0; l < kLanes; ++l) sum += lane_sums[l];
-  for (; j0 < n; ++j0) {
-    values[j0] = visible[j0] * exp_scalar(values[j0] * scale - shift);
-    sum += values[j0];
-  }
-  return sum;
-}
-
-// For one row of the backward: probs[j] = P = visible[j] * exp(probs[j] * scale - lse) from the
-// raw score, and grad_scores[j] = score_gradient(P, dP = grad_scores[j], delta).
-template <typename acc_t>
-M2F_CPU_MULTIVERSION void probabilities_and_score_gradients(acc_t* probs, acc_t* grad_scores,
-                                                            const acc_t* visible, int64_t n,
-                                                            acc_t scale, acc_t lse, acc_t delta) {
-  int64_t j0 = 0;
-  for (; j0 + kLanes <= n; j0 += kLanes) {
-    const lanes_t<acc_t> p =
-        exp_lanes(load_lanes(probs + j0) * scale - lse) * load_lanes(visible + j0);
-    store_lanes(probs + j0, p);
-    store_lanes(grad_scores + j0, p * (load_lanes(grad_scores + j0) - delta));
-  }
-  for (; j0 < n; ++j0) {
-    probs[j0] = visible[j0] * exp_scalar(probs[j0] * scale - lse);
-    grad_scores[j0] = score_gradient(probs[j0], grad_scores[j0], delta);
-  }
-}
-
-// Largest visible scaled score of a row, -inf if none.
-template <typename acc_t>
-M2F_CPU_MULTIVERSION acc_t visible_max(const acc_t* scores, const acc_t* visible, int64_t n,
-                                       acc_t scale) {
-  const lanes_t<acc_t> blocked = splat(negative_infinity<acc_t>());
-  const lanes_t<acc_t> zero{};
-  lanes_t<acc_t> lane_max = blocked;
-  int64_t j0 = 0;
-  for (; j0 + kLanes <= n; j0 += kLanes) {
-    const lanes_t<acc_t> scaled = load_lanes(scores + j0) * scale;
-    const lanes_t<acc_t> candidate = load_lanes(visible + j0) != zero ? scaled : blocked;
-    lane_max = lane_max < candidate ? candidate : lane_max;
-  }
-  acc_t result = negative_infinity<acc_t>();
-  for (int64_t l = 0; l < kLanes; ++l) result = std::max(result, lane_max[l]);
-  for (; j0 < n; ++j0) {
-    if (visible[j0] != acc_t(0)) result = std::max(result, scores[j0] * scale);
-  }
-  return result;
-}
-
-// Tasks are (batch, chunk of kKeyChunk keys) with all heads and queries inside, so K and V are read
-// once and a mask block shared by the heads is tested once. Each task keeps the online-softmax
-// state (max, sum, acc) of its chunk; the chunks are merged in chunk order. Chunks do not depend on
-// the thread count.
-constexpr int64_t kKeyChunk = 4 * kKeyBlock;
-
-template <typename scalar_t>
-void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const std::optional<at::Tensor>& mask_logits,
-                    const std::optional<at::Tensor>& attn_mask, double threshold_logit,
-                    double scale_value, const Sizes& s, at::Tensor& out, at::Tensor& lse) {
-  using acc = acc_t<scalar_t>;
-  const auto mask = make_mask_view<scalar_t, acc>(s, mask_logits, attn_mask, threshold_logit);
-  const scalar_t* q_data = q.data_ptr<scalar_t>();
-  const scalar_t* k_data = k.data_ptr<scalar_t>();
-  const scalar_t* v_data = v.data_ptr<scalar_t>();
-  scalar_t* out_data = out.data_ptr<scalar_t>();
-  float* lse_data = lse.data_ptr<float>();
-  const acc scale = static_cast<acc>(scale_value);
-  const int64_t d = s.head_dim, heads = s.heads, nq = s.queries;
-  const int64_t rows_per_batch = heads * nq, num_rows = s.batch * rows_per_batch;
-  const int64_t num_chunks = (s.keys + kKeyChunk - 1) / kKeyChunk;
-  const bool mask_shared_by_heads = s.mask_heads == 1;
-  // Per chunk and row (b, h, i): running max, running sum and the unnormalized output (d values).
-  std::vector<acc> chunk_max(num_chunks * num_rows), chunk_sum(num_chunks * num_rows);
-  std::vector<acc> chunk_acc(num_chunks * num_rows * d);
-
-  at::parallel_for(0, s.batch * num_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> q_rows(rows_per_batch * d), k_transposed(d * kKeyBlock), v_block;
-    std::vector<acc> weights(nq * kKeyBlock), visible(nq * kKeyBlock);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / num_chunks, chunk = task % num_chunks;
-      const int64_t chunk_end = std::min(s.keys, (chunk + 1) * kKeyChunk);
-      const int64_t state0 = chunk * num_rows + b * rows_per_batch;
-      acc* row_max = chunk_max.data() + state0;
-      acc* row_sum = chunk_sum.data() + state0;
-      acc* row_acc = chunk_acc.data() + state0 * d;
-      std::fill(row_max, row_max + rows_per_batch, negative_infinity<acc>());
-      std::fill(row_sum, row_sum + rows_per_batch, acc(0));
-      std::fill(row_acc, row_acc + rows_per_batch * d, acc(0));
-      load_rows(q_data, b * rows_per_batch, rows_per_batch, d, q_rows.data());
-
-      for (int64_t key_begin = chunk * kKeyChunk; key_begin < chunk_end; key_begin += kKeyBlock) {
-        const int64_t nk = std::min(kKeyBlock, chunk_end - key_begin);
-        for (int64_t h = 0; h < heads; ++h) {
-          if (h == 0 || !mask_shared_by_heads) {
-            mask.fill_visibility_block(b, h, key_begin, nk, kKeyBlock, visible.data());
-          }
-          const int64_t kv_row0 = (b * heads + h) * s.keys + key_begin;
-          load_rows_transposed(k_data, kv_row0, nk, d, kKeyBlock, k_transposed.data());
-          const acc* v_rows = rows_as_acc(v_data, kv_row0, nk, d, v_block);
-          // weights holds the raw scores first, then the unnormalized softmax weights.
-          rows_times_columns(q_rows.data() + h * nq * d, nq, k_transposed.data(), nk, d, kKeyBlock,
-                             weights.data());
-          for (int64_t i = 0; i < nq; ++i) {
-            acc* row_weights = weights.data() + i * kKeyBlock;
-            const acc* row_visible = visible.data() + i * kKeyBlock;
-            const int64_t state = h * nq + i;
-            const acc new_max =
-                std::max(row_max[state], visible_max(row_weights, row_visible, nk, scale));
-            if (new_max == negative_infinity<acc>()) {
-              std::fill(row_weights, row_weights + nk, acc(0));
-              continue;
-            }
-            const acc alpha = rescale_factor(row_max[state], new_max);
-            if (alpha != acc(1)) {
-              for (int64_t c = 0; c < d; ++c) row_acc[state * d + c] *= alpha;
-            }
-            row_sum[state] =
-                row_sum[state] * alpha + exp_visible(row_weights, row_visible, nk, scale, new_max);
-            row_max[state] = new_max;
-          }
-          accumulate_weighted_rows(weights.data(), nq, nk, kKeyBlock, v_rows, d,
-                                   row_acc + h * nq * d);
-        }
-      }
-    }
-  });
-
-  at::parallel_for(0, num_rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc> merged(d);
-    for (int64_t row = begin; row < end; ++row) {
-      acc merged_max = negative_infinity<acc>();
-      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-        merged_max = std::max(merged_max, chunk_max[chunk * num_rows + row]);
-      }
-      acc merged_sum = 0;
-      std::fill(merged.begin(), merged.end(), acc(0));
-      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-        const int64_t state = chunk * num_rows + row;
-        const acc factor = rescale_factor(chunk_max[state], merged_max);
-        merged_sum += chunk_sum[state] * factor;
-        for (int64_t c = 0; c < d; ++c) merged[c] += chunk_acc[state * d + c] * factor;
-      }
-      for (int64_t c = 0; c < d; ++c) {
-        out_data[row * d + c] = static_cast<scalar_t>(merged[c] / merged_sum);
-      }
-      lse_data[row] = static_cast<float>(log_sum_exp(merged_max, merged_sum));
-    }
-  });
-}
-
-// row_lse[i] = log(sum_j exp(scaled score)) over the visible keys of each of the Q rows of head (b,
-// h), in acc_t. Scratch: k_transposed (d, kKeyBlock), scores (Q, kKeyBlock), visible (kKeyBlock).
-template <typename scalar_t, typename acc_t>
-void recompute_row_lse(const MaskView<scalar_t, acc_t>& mask, int64_t b, int64_t h,
-                       const acc_t* q_rows, const scalar_t* k_head, const Sizes& s, acc_t scale,
-                       acc_t* k_transposed, acc_t* scores, acc_t* visible, acc_t* row_lse) {
-  const int64_t d = s.head_dim, nq = s.queries;
-  std::vector<acc_t> row_max(nq, negative_infinity<acc_t>()), row_sum(nq, acc_t(0));
-  for (int64_t key_begin = 0; key_begin < s.keys; key_begin += kKeyBlock) {
-    const int64_t nk = std::min(kKeyBlock, s.keys - key_begin);
-    load_rows_transposed(k_head, key_begin, nk, d, kKeyBlock, k_transposed);
-    rows_times_columns(q_rows, nq, k_transposed, nk, d, kKeyBlock, scores);
-    for (int64_t i = 0; i < nq; ++i) {
-      acc_t* row_scores = scores + i * kKeyBlock;
-      mask.fill_visibility(mask.row(b, h, i), key_begin, nk, visible);
-      const acc_t new_max = std::max(row_max[i], visible_max(row_scores, visible, nk, scale));
-      if (new_max == negative_infinity<acc_t>()) continue;
-      const acc_t alpha = rescale_factor(row_max[i], new_max);
-      row_sum[i] = row_sum[i] * alpha + exp_visible(row_scores, visible, nk, scale, new_max);
-      row_max[i] = new_max;
-    }
-  }
-  for (int64_t i = 0; i < nq; ++i) row_lse[i] = log_sum_exp(row_max[i], row_sum[i]);
-}
-
-template <typename scalar_t>
-void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                     const std::optional<at::Tensor>& mask_logits,
-                     const std::optional<at::Tensor>& attn_mask, double threshold_logit,
-                     double scale_value, const Sizes& s, at::Tensor& grad_q, at::Tensor& grad_k,
-                     at::Tensor& grad_v) {
-  using acc = acc_t<scalar_t>;
-  const auto mask = make_mask_view<scalar_t, acc>(s, mask_logits, attn_mask, threshold_logit);
-  const scalar_t* grad_out_data = grad_out.data_ptr<scalar_t>();
-  const scalar_t* q_data = q.data_ptr<scalar_t>();
-  const scalar_t* k_data = k.data_ptr<scalar_t>();
-  const scalar_t* v_data = v.data_ptr<scalar_t>();
-  const scalar_t* out_data = out.data_ptr<scalar_t>();
-  const float* lse_data = lse.data_ptr<float>();
-  scalar_t* grad_q_data = grad_q.data_ptr<scalar_t>();
-  scalar_t* grad_k_data = grad_k.data_ptr<scalar_t>();
-  scalar_t* grad_v_data = grad_v.data_ptr<scalar_t>();
-  const acc scale = static_cast<acc>(scale_value);
-  const int64_t d = s.head_dim, nq = s.queries, heads = s.heads;
-  const int64_t num_rows = s.batch * heads * nq;
-  const bool mask_shared_by_heads = s.mask_heads == 1;
-
-  // Per row: delta = sum_c dO * O, and the lse (recomputed in float64 for float64 inputs, where the
-  // float32 lse would cap the gradients at float32 precision).
-  std::vector<acc> row_delta(num_rows), row_lse(num_rows);
-  at::parallel_for(0, num_rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      acc delta = 0;
-      for (int64_t c = 0; c < d; ++c) {
-        delta +=
-            static_cast<acc>(grad_out_data[row * d + c]) * static_cast<acc>(out_data[row * d + c]);
-      }
-      row_delta[row] = delta;
-      row_lse[row] = static_cast<acc>(lse_data[row]);
-    }
-  });
-  if constexpr (std::is_same_v<acc, double>) {
-    at::parallel_for(0, s.batch * heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc> q_rows(nq * d), k_transposed(d * kKeyBlock), scores(nq * kKeyBlock);
-      std::vector<acc> visible(kKeyBlock);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        load_rows(q_data, bh * nq, nq, d, q_rows.data());
-        recompute_row_lse(mask, bh / heads, bh % heads, q_rows.data(), k_data + bh * s.keys * d, s,
-                          scale, k_transposed.data(), scores.data(), visible.data(),
-                          row_lse.data() + bh * nq);
-      }
-    });
-  }
-
-  // Tasks as in the forward: each owns dk and dv of its keys and writes its share of dq to its own
-  // slice of grad_q_partial; the slices are summed in chunk order.
-  const int64_t num_chunks = (s.keys + kKeyChunk - 1) / kKeyChunk;
-  std::vector<acc> grad_q_partial(num_chunks * num_rows * d, acc(0));
-  at::parallel_for(0, s.batch * num_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> q_buffer, grad_out_buffer, k_buffer;
-    std::vector<acc> k_transposed(d * kKeyBlock), v_transposed(d * kKeyBlock);
-    std::vector<acc> grad_k_buffer(kKeyBlock * d), grad_v_buffer(kKeyBlock * d);
-    std::vector<acc> probs(nq * kKeyBlock), grad_scores(nq * kKeyBlock), visible(nq * kKeyBlock);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / num_chunks, chunk = task % num_chunks;
-      const int64_t chunk_end = std::min(s.keys, (chunk + 1) * kKeyChunk);
-      const acc* q_rows = rows_as_acc(q_data, b * heads * nq, heads * nq, d, q_buffer);
-      const acc* grad_out_rows =
-          rows_as_acc(grad_out_data, b * heads * nq, heads * nq, d, grad_out_buffer);
-      for (int64_t key_begin = chunk * kKeyChunk; key_begin < chunk_end; key_begin += kKeyBlock) {
-        const int64_t nk = std::min(kKeyBlock, chunk_end - key_begin);
-        for (int64_t h = 0; h < heads; ++h) {
-          const int64_t bh = b * heads + h;
-          if (h == 0 || !mask_shared_by_heads) {
-            mask.fill_visibility_block(b, h, key_begin, nk, kKeyBlock, visible.data());
-          }
-          const acc* q_head = q_rows + h * nq * d;
-          const acc* grad_out_head = grad_out_rows + h * nq * d;
-          const int64_t kv_row0 = bh * s.keys + key_begin;
-          const acc* k_rows = rows_as_acc(k_data, kv_row0, nk, d, k_buffer);
-          load_rows_transposed(k_data, kv_row0, nk, d, kKeyBlock, k_transposed.data());
-          load_rows_transposed(v_data, kv_row0, nk, d, kKeyBlock, v_transposed.data());
-          // float32 gradients are summed in place; other dtypes go through acc_t buffers.
-          acc* grad_k_rows = output_rows(grad_k_data, kv_row0, d, grad_k_buffer);
-          acc* grad_v_rows = output_rows(grad_v_data, kv_row0, d, grad_v_buffer);
-          std::fill(grad_k_rows, grad_k_rows + nk * d, acc(0));
-          std::fill(grad_v_rows, grad_v_rows + nk * d, acc(0));
-          // probs holds the raw scores S = Q K^T first; grad_scores holds dP = dO V^T first.
-          rows_times_columns(q_head, nq, k_transposed.data(), nk, d, kKeyBlock, probs.data());
-          rows_times_columns(grad_out_head, nq, v_transposed.data(), nk, d, kKeyBlock,
-                             grad_scores.data());
-          for (int64_t i = 0; i < nq; ++i) {
-            probabilities_and_score_gradients(probs.data() + i * kKeyBlock,
-                                              grad_scores.data() + i * kKeyBlock,
-                                              visible.data() + i * kKeyBlock, nk, scale,
-                                              row_lse[bh * nq + i], row_delta[bh * nq + i]);
-          }
-          accumulate_weighted_rows_transposed(probs.data(), nq, nk, kKeyBlock, grad_out_head, d,
-                                              grad_v_rows);
-          accumulate_weighted_rows_transposed(grad_scores.data(), nq, nk, kKeyBlock, q_head, d,
-                                              grad_k_rows);
-          accumulate_weighted_rows(grad_scores.data(), nq, nk, kKeyBlock, k_rows, d,
-                                   grad_q_partial.data() + (chunk * num_rows + bh * nq) * d);
-          for (int64_t x = 0; x < nk * d; ++x) {
-            grad_k_data[kv_row0 * d + x] = static_cast<scalar_t>(grad_k_rows[x] * scale);
-            if constexpr (!std::is_same_v<scalar_t, acc>) {
-              grad_v_data[kv_row0 * d + x] = static_cast<scalar_t>(grad_v_rows[x]);
-            }
-          }
-        }
-      }
-    }
-  });
-  at::parallel_for(0, num_rows * d, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t x = begin; x < end; ++x) {
-      acc sum = 0;
-      for (int64_t chunk = 0; chunk < num_chunks; ++chunk)
-        sum += grad_q_partial[chunk * num_rows * d + x];
-      grad_q_data[x] = static_cast<scalar_t>(sum * scale);
-    }
-  });
-}
+namespace baseline {
+constexpr int64_t kLanes = 4;  // one SSE / NEON register of floats
+constexpr TileShape kScoreTile{4, 2}, kWeightedRowsTile{4, 2}, kTransposedWeightsTile{4, 2};
+#include "masked_attention/cpu_kernels.h"
+}  // namespace baseline
 
 std::tuple<at::Tensor, at::Tensor> masked_attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -729,7 +83,19 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_forward_cpu(
   at::Tensor lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(at::kFloat));
   if (q.numel() == 0 || s.keys == 0) return {out.zero_(), lse.fill_(0)};
   M2F_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_attention_forward_cpu", [&] {
-    forward_kernel<scalar_t>(q, k, v, mask_logits, attn_mask, threshold_logit, scale, s, out, lse);
+    switch (cpu_isa()) {
+#if M2F_CPU_X86_LEVELS
+      case CpuIsa::kAvx512:
+        return avx512::forward_kernel<scalar_t>(q, k, v, mask_logits, attn_mask, threshold_logit,
+                                                scale, s, out, lse);
+      case CpuIsa::kAvx2:
+        return avx2::forward_kernel<scalar_t>(q, k, v, mask_logits, attn_mask, threshold_logit,
+                                              scale, s, out, lse);
+#endif
+      default:
+        return baseline::forward_kernel<scalar_t>(q, k, v, mask_logits, attn_mask, threshold_logit,
+                                                  scale, s, out, lse);
+    }
   });
   return {out, lse};
 }
@@ -746,8 +112,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cpu(
   at::Tensor grad_v = at::empty_like(v);
   if (q.numel() == 0 || k.numel() == 0) return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
   M2F_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_attention_backward_cpu", [&] {
-    backward_kernel<scalar_t>(grad_out, q, k, v, out, lse, mask_logits, attn_mask, threshold_logit,
-                              scale, s, grad_q, grad_k, grad_v);
+    switch (cpu_isa()) {
+#if M2F_CPU_X86_LEVELS
+      case CpuIsa::kAvx512:
+        return avx512::backward_kernel<scalar_t>(grad_out, q, k, v, out, lse, mask_logits,
+                                                 attn_mask, threshold_logit, scale, s, grad_q,
+                                                 grad_k, grad_v);
+      case CpuIsa::kAvx2:
+        return avx2::backward_kernel<scalar_t>(grad_out, q, k, v, out, lse, mask_logits, attn_mask,
+                                               threshold_logit, scale, s, grad_q, grad_k, grad_v);
+#endif
+      default:
+        return baseline::backward_kernel<scalar_t>(grad_out, q, k, v, out, lse, mask_logits,
+                                                   attn_mask, threshold_logit, scale, s, grad_q,
+                                                   grad_k, grad_v);
+    }
   });
   return {grad_q, grad_k, grad_v};
 }

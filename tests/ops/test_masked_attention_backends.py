@@ -184,6 +184,18 @@ def test_triton_split_keys_match_reference(num_splits, mask_kind):
     check_backend("triton", torch.float32, (1, 2, 40, 150, 32), mask_kind, num_splits=num_splits)
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["logits", "bool_per_head"])
+@pytest.mark.parametrize("shape", [(2, 2, 1, 4097, 16), (1, 2, 100, 1024, 32), (2, 3, 9, 130, 64)])
+def test_cpu_kernel_lower_instruction_sets_match_reference(monkeypatch, isa, dtype, mask_kind, shape):
+    """The kernels compiled for x86-64-v3 (AVX2) and baseline x86-64, which have their own vector widths and
+    tiles; M2F_KERNELS_CPU_ISA lowers the level the CPU would get (other CPUs always run the baseline)."""
+    monkeypatch.setenv("M2F_KERNELS_CPU_ISA", isa)
+    check_backend("cpu", dtype, shape, mask_kind)
+
+
 @pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_bool_mask_and_logits_give_identical_results(backend, dtype):
