@@ -29,7 +29,7 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "common/cpu_multiversion.h"
+#include "common/cpu_isa.h"
 #include "common/dispatch.h"
 #include "masked_attention/attention.h"
 #include "masked_attention/checks.h"

@@ -53,6 +53,18 @@ def test_cpu_kernel_mask2former_size():
     check_backend("cpu", torch.float32, 100, 50, 12544, "cpu")
 
 
+@pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("num_queries", "num_targets", "num_points"), [(37, 3, 100), (5, 9, 12544)])
+def test_cpu_kernel_lower_instruction_sets_match_reference(
+    monkeypatch, isa, dtype, num_queries, num_targets, num_points
+):
+    """The loops compiled for x86-64-v3 (AVX2) and baseline x86-64 (see M2F_KERNELS_CPU_ISA)."""
+    monkeypatch.setenv("M2F_KERNELS_CPU_ISA", isa)
+    check_backend("cpu", dtype, num_queries, num_targets, num_points, "cpu")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

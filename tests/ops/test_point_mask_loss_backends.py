@@ -101,6 +101,17 @@ def test_cpu_kernel_mask2former_point_count(dtype):
     check_backend("cpu", dtype, (32, 24), (128, 96), 12544, "uint8", "cpu")
 
 
+@pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_points", [1, 100, 12544])
+def test_cpu_kernel_lower_instruction_sets_match_reference(monkeypatch, isa, dtype, num_points):
+    """The loops compiled for x86-64-v3 (AVX2) and baseline x86-64, which have their own vector widths;
+    M2F_KERNELS_CPU_ISA lowers the level the CPU would get (other CPUs always run the baseline)."""
+    monkeypatch.setenv("M2F_KERNELS_CPU_ISA", isa)
+    check_backend("cpu", dtype, (32, 24), (128, 96), num_points, "uint8", "cpu")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

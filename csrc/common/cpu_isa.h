@@ -10,15 +10,7 @@
 #define M2F_CPU_X86_LEVELS 0
 #endif
 
-// A hot loop is compiled for AVX-512, AVX2 and baseline x86-64 and the CPU picks one at load.
-#if M2F_CPU_X86_LEVELS
-#define M2F_CPU_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define M2F_CPU_MULTIVERSION
-#endif
-
-// Helpers of the hot loops are inlined into each of their callers' versions.
+// Helpers of the hot loops are inlined into their callers, which are compiled per level.
 #if defined(__GNUC__)
 #define M2F_CPU_INLINE inline __attribute__((always_inline))
 #else

@@ -1,0 +1,258 @@
+// The vectorized CPU loops of point_mask_loss and pairwise_mask_cost, written once for a lane count
+// kVectorLanes: cpu.cpp includes this file once per x86-64 level, inside a namespace that defines
+// it and a `#pragma GCC target` region, so that every function here is compiled for that level.
+// No include guard, on purpose.
+
+template <typename acc_t, typename value_t>
+M2F_CPU_INLINE void prefetch_cell(const value_t* plane, int64_t height, int64_t width,
+                                  const acc_t* coords) {
+#if defined(__GNUC__)
+  const BilinearPoint<acc_t> point = locate_point<acc_t>(coords[0], coords[1], height, width);
+  if (!point.valid) return;
+  const int64_t col = point.x0 < 0 ? 0 : point.x0;
+  if (point.y0 >= 0) __builtin_prefetch(plane + point.y0 * width + col);
+  if (point.y0 + 1 < height) __builtin_prefetch(plane + (point.y0 + 1) * width + col);
+#endif
+}
+
+// sigmoid(x) and log(1 + exp(-|x|)) of a chunk of logits. The float version works on 16 lanes at a
+// time with GCC/Clang vector extensions (one AVX-512 register, or several AVX2/SSE/NEON ones,
+// whichever the calling clone targets): exp by range reduction and a degree-7
+// Taylor polynomial, log1p by its atanh series (relative errors below 1e-7).
+// `count` is rounded up to a multiple of 16: the buffers hold kChunk entries.
+M2F_CPU_INLINE void logit_terms_chunk(const double* logits, double* probs, double* log_terms,
+                                      int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    const LogitTerms<double> terms = logit_terms(logits[i]);
+    probs[i] = terms.prob;
+    if (log_terms != nullptr) log_terms[i] = terms.log_term;
+  }
+}
+
+#if defined(__GNUC__)
+typedef float FloatVector __attribute__((vector_size(4 * kVectorLanes)));
+typedef int32_t IntVector __attribute__((vector_size(4 * kVectorLanes)));
+
+M2F_CPU_INLINE FloatVector splat(float value) { return FloatVector{} + value; }
+
+// Lanes of if_true where mask is all ones, of if_false where it is zero.
+M2F_CPU_INLINE FloatVector blend(IntVector mask, FloatVector if_true, FloatVector if_false) {
+  return reinterpret_cast<FloatVector>((mask & reinterpret_cast<IntVector>(if_true)) |
+                                       (~mask & reinterpret_cast<IntVector>(if_false)));
+}
+
+// exp(v) for v <= 0: 2^k exp(r), k = round(v / ln 2), |r| <= ln(2) / 2.
+M2F_CPU_INLINE FloatVector exp_nonpositive(FloatVector v) {
+  v = blend(v < splat(-87.0f), splat(-87.0f), v);  // exp(-87) is still a normal float
+  const IntVector k = __builtin_convertvector(v * splat(1.44269504f) - splat(0.5f), IntVector);
+  const FloatVector k_float = __builtin_convertvector(k, FloatVector);
+  const FloatVector r =
+      (v - k_float * splat(0.693145751953125f)) - k_float * splat(1.428606765330187e-06f);
+  FloatVector poly = splat(1.0f / 5040.0f);
+  poly = poly * r + splat(1.0f / 720.0f);
+  poly = poly * r + splat(1.0f / 120.0f);
+  poly = poly * r + splat(1.0f / 24.0f);
+  poly = poly * r + splat(1.0f / 6.0f);
+  poly = poly * r + splat(0.5f);
+  poly = poly * r + splat(1.0f);
+  poly = poly * r + splat(1.0f);
+  return poly * reinterpret_cast<FloatVector>((k + 127) << 23);
+}
+
+// log(1 + u) for u in [0, 1]: 2 atanh(s), s = u / (2 + u) <= 1/3, series up to s^15.
+M2F_CPU_INLINE FloatVector log1p_unit(FloatVector u) {
+  const FloatVector s = u / (splat(2.0f) + u);
+  const FloatVector s2 = s * s;
+  FloatVector series = splat(1.0f / 15.0f);
+  series = series * s2 + splat(1.0f / 13.0f);
+  series = series * s2 + splat(1.0f / 11.0f);
+  series = series * s2 + splat(1.0f / 9.0f);
+  series = series * s2 + splat(1.0f / 7.0f);
+  series = series * s2 + splat(1.0f / 5.0f);
+  series = series * s2 + splat(1.0f / 3.0f);
+  series = series * s2 + splat(1.0f);
+  return splat(2.0f) * s * series;
+}
+
+M2F_CPU_INLINE void logit_terms_chunk(const float* logits, float* probs, float* log_terms,
+                                      int64_t count) {
+  for (int64_t i = 0; i < count; i += kVectorLanes) {
+    FloatVector logit;
+    std::memcpy(&logit, logits + i, sizeof(logit));
+    const IntVector negative =
+        reinterpret_cast<IntVector>(logit) >> 31;  // all ones where the sign bit is set
+    const FloatVector magnitude =
+        reinterpret_cast<FloatVector>(reinterpret_cast<IntVector>(logit) & 0x7fffffff);
+    const FloatVector decay = exp_nonpositive(-magnitude);  // exp(-|x|)
+    const FloatVector inv = splat(1.0f) / (splat(1.0f) + decay);
+    const FloatVector prob = blend(negative, decay * inv, inv);
+    std::memcpy(probs + i, &prob, sizeof(prob));
+    if (log_terms != nullptr) {
+      const FloatVector log_term = log1p_unit(decay);
+      std::memcpy(log_terms + i, &log_term, sizeof(log_term));
+    }
+  }
+}
+#else
+inline void logit_terms_chunk(const float* logits, float* probs, float* log_terms, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    const LogitTerms<float> terms = logit_terms(logits[i]);
+    probs[i] = terms.prob;
+    if (log_terms != nullptr) log_terms[i] = terms.log_term;
+  }
+}
+#endif
+
+// Samples the logits and targets of points [begin, begin + count) of one mask (count <= kChunk).
+template <typename acc_t, typename scalar_t, typename target_t>
+M2F_CPU_INLINE void sample_chunk(const scalar_t* logit_plane, int64_t height, int64_t width,
+                                 const target_t* target_plane, int64_t target_height,
+                                 int64_t target_width, const acc_t* mask_coords, int64_t num_points,
+                                 int64_t begin, int64_t count, acc_t* logits, acc_t* targets) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t p = begin + i;
+    if (p + kPrefetchDistance < num_points) {
+      const acc_t* ahead = mask_coords + 2 * (p + kPrefetchDistance);
+      prefetch_cell(target_plane, target_height, target_width, ahead);
+    }
+    const acc_t x = mask_coords[2 * p];
+    const acc_t y = mask_coords[2 * p + 1];
+    logits[i] =
+        sample_plane<acc_t>(logit_plane, height, width, locate_point<acc_t>(x, y, height, width));
+    targets[i] = sample_plane<acc_t>(target_plane, target_height, target_width,
+                                     locate_point<acc_t>(x, y, target_height, target_width));
+  }
+}
+
+template <typename acc_t, typename scalar_t, typename target_t>
+MaskLossSums mask_loss_sums(const MaskPoints<acc_t, scalar_t, target_t>& mask) {
+  MaskLossSums sums;
+  alignas(64) acc_t logits[kChunk] = {}, targets[kChunk] = {}, probs[kChunk], log_terms[kChunk];
+  for (int64_t begin = 0; begin < mask.num_points; begin += kChunk) {
+    const int64_t count = std::min(kChunk, mask.num_points - begin);
+    sample_chunk(mask.logits, mask.height, mask.width, mask.targets, mask.target_height,
+                 mask.target_width, mask.coords, mask.num_points, begin, count, logits, targets);
+    logit_terms_chunk(logits, probs, log_terms, count);
+    for (int64_t i = 0; i < count; ++i) {
+      sums.ce += sigmoid_ce(logits[i], log_terms[i], targets[i]);
+      sums.prob_target += probs[i] * targets[i];
+      sums.prob += probs[i];
+      sums.target += targets[i];
+    }
+  }
+  return sums;
+}
+
+// Adds the loss gradient of every point of one mask to grad_plane (height, width).
+template <typename acc_t, typename scalar_t, typename target_t>
+void mask_loss_grad(const MaskPoints<acc_t, scalar_t, target_t>& mask,
+                    const PointLossGradScales<acc_t>& scales, acc_t* grad_plane) {
+  alignas(64) acc_t logits[kChunk] = {}, targets[kChunk] = {}, probs[kChunk], grads[kChunk];
+  for (int64_t begin = 0; begin < mask.num_points; begin += kChunk) {
+    const int64_t count = std::min(kChunk, mask.num_points - begin);
+    sample_chunk(mask.logits, mask.height, mask.width, mask.targets, mask.target_height,
+                 mask.target_width, mask.coords, mask.num_points, begin, count, logits, targets);
+    logit_terms_chunk(logits, probs, static_cast<acc_t*>(nullptr), count);
+    for (int64_t i = 0; i < count; ++i) grads[i] = point_loss_grad(scales, probs[i], targets[i]);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t p = begin + i;
+      const BilinearPoint<acc_t> point =
+          locate_point<acc_t>(mask.coords[2 * p], mask.coords[2 * p + 1], mask.height, mask.width);
+      const CornerWeights<acc_t> corners = corner_weights(mask.height, mask.width, point);
+      for (int k = 0; k < corners.count; ++k)
+        grad_plane[corners.index[k]] += grads[i] * corners.weight[k];
+    }
+  }
+}
+
+// Adds points [0, count) of a chunk to the dots of kTargets targets (rows of `targets`, stride
+// num_points, already offset to the chunk). Full groups of kDotLanes points go to their lanes, the
+// rest to the first lanes.
+template <int64_t kTargets, typename acc_t>
+M2F_CPU_INLINE void accumulate_dots_block(const acc_t* positive, const acc_t* negative,
+                                          const acc_t* prob, const acc_t* targets,
+                                          int64_t num_points, int64_t count,
+                                          PairwiseDots<acc_t>* dots) {
+  acc_t positive_dot[kTargets][kDotLanes], negative_dot[kTargets][kDotLanes],
+      prob_dot[kTargets][kDotLanes];
+  for (int64_t t = 0; t < kTargets; ++t) {
+    for (int64_t lane = 0; lane < kDotLanes; ++lane) {
+      positive_dot[t][lane] = dots[t].positive[lane];
+      negative_dot[t][lane] = dots[t].negative[lane];
+      prob_dot[t][lane] = dots[t].prob[lane];
+    }
+  }
+  int64_t p = 0;
+  for (; p + kDotLanes <= count; p += kDotLanes) {
+    for (int64_t t = 0; t < kTargets; ++t) {
+      const acc_t* target = targets + t * num_points + p;
+      for (int64_t lane = 0; lane < kDotLanes; ++lane) {
+        const acc_t label = target[lane];
+        positive_dot[t][lane] += positive[p + lane] * label;
+        negative_dot[t][lane] += negative[p + lane] * (acc_t(1) - label);
+        prob_dot[t][lane] += prob[p + lane] * label;
+      }
+    }
+  }
+  for (int64_t t = 0; t < kTargets; ++t) {
+    const acc_t* target = targets + t * num_points;
+    for (int64_t q = p, lane = 0; q < count; ++q, ++lane) {
+      positive_dot[t][lane] += positive[q] * target[q];
+      negative_dot[t][lane] += negative[q] * (acc_t(1) - target[q]);
+      prob_dot[t][lane] += prob[q] * target[q];
+    }
+    for (int64_t lane = 0; lane < kDotLanes; ++lane) {
+      dots[t].positive[lane] = positive_dot[t][lane];
+      dots[t].negative[lane] = negative_dot[t][lane];
+      dots[t].prob[lane] = prob_dot[t][lane];
+    }
+  }
+}
+
+template <typename acc_t>
+sum_t sum_lanes(const acc_t* lanes) {
+  sum_t total = 0;
+  for (int64_t lane = 0; lane < kDotLanes; ++lane) total += lanes[lane];
+  return total;
+}
+
+// The CE and dice costs of one query row of P logits x against every target, kChunk points at a
+// time: the chunk's terms softplus(-x), softplus(x) (the sigmoid-CE against labels 1 and 0) and
+// sigmoid(x) come from logit_terms_chunk, then go into the dots of every target while they are in
+// L1. `dots` holds num_targets entries.
+template <typename acc_t>
+void pairwise_query_costs(const acc_t* logits, const acc_t* targets, const acc_t* target_sums,
+                          int64_t num_targets, int64_t num_points, PairwiseDots<acc_t>* dots,
+                          acc_t* ce, acc_t* dice) {
+  std::memset(static_cast<void*>(dots), 0, num_targets * sizeof(PairwiseDots<acc_t>));
+  alignas(64) acc_t chunk[kChunk] = {}, probs[kChunk], log_terms[kChunk], positive[kChunk],
+                    negative[kChunk];
+  acc_t prob_lanes[kDotLanes] = {};
+  for (int64_t begin = 0; begin < num_points; begin += kChunk) {
+    const int64_t count = std::min(kChunk, num_points - begin);
+    std::memcpy(chunk, logits + begin, count * sizeof(acc_t));
+    logit_terms_chunk(chunk, probs, log_terms, count);
+    for (int64_t i = 0; i < count; ++i) {
+      positive[i] = std::max(-chunk[i], acc_t(0)) + log_terms[i];
+      negative[i] = std::max(chunk[i], acc_t(0)) + log_terms[i];
+    }
+    for (int64_t i = 0; i < count; ++i) prob_lanes[i % kDotLanes] += probs[i];
+    const acc_t* chunk_targets = targets + begin;
+    int64_t t = 0;
+    for (; t + kTargetBlock <= num_targets; t += kTargetBlock) {
+      accumulate_dots_block<kTargetBlock>(positive, negative, probs, chunk_targets + t * num_points,
+                                          num_points, count, dots + t);
+    }
+    for (; t < num_targets; ++t) {
+      accumulate_dots_block<1>(positive, negative, probs, chunk_targets + t * num_points,
+                               num_points, count, dots + t);
+    }
+  }
+  const sum_t prob_sum = sum_lanes(prob_lanes);
+  for (int64_t t = 0; t < num_targets; ++t) {
+    ce[t] = static_cast<acc_t>(pairwise_ce_cost<sum_t>(sum_lanes(dots[t].positive),
+                                                       sum_lanes(dots[t].negative), num_points));
+    dice[t] = static_cast<acc_t>(pairwise_dice_cost<sum_t>(sum_lanes(dots[t].prob), prob_sum,
+                                                           static_cast<sum_t>(target_sums[t])));
+  }
+}
