@@ -103,12 +103,14 @@ inline void logit_terms_chunk(const float* logits, float* probs, float* log_term
 }
 #endif
 
-// Samples the logits and targets of points [begin, begin + count) of one mask (count <= kChunk).
+// Samples the logits and targets of points [begin, begin + count) of one mask (count <= kChunk),
+// one point at a time.
 template <typename acc_t, typename scalar_t, typename target_t>
-M2F_CPU_INLINE void sample_chunk(const scalar_t* logit_plane, int64_t height, int64_t width,
-                                 const target_t* target_plane, int64_t target_height,
-                                 int64_t target_width, const acc_t* mask_coords, int64_t num_points,
-                                 int64_t begin, int64_t count, acc_t* logits, acc_t* targets) {
+M2F_CPU_INLINE void sample_points(const scalar_t* logit_plane, int64_t height, int64_t width,
+                                  const target_t* target_plane, int64_t target_height,
+                                  int64_t target_width, const acc_t* mask_coords,
+                                  int64_t num_points, int64_t begin, int64_t count, acc_t* logits,
+                                  acc_t* targets) {
   for (int64_t i = 0; i < count; ++i) {
     const int64_t p = begin + i;
     if (p + kPrefetchDistance < num_points) {
@@ -122,6 +124,123 @@ M2F_CPU_INLINE void sample_chunk(const scalar_t* logit_plane, int64_t height, in
     targets[i] = sample_plane<acc_t>(target_plane, target_height, target_width,
                                      locate_point<acc_t>(x, y, target_height, target_width));
   }
+}
+
+#if defined(__GNUC__)
+M2F_CPU_INLINE IntVector int_splat(int32_t value) { return IntVector{} + value; }
+
+// The floor cells of kVectorLanes points of a plane (height * width < 2^31), as bilinear_cell and
+// read_corners define them: the flat indices of the cells' corner rows and columns, clamped into
+// the plane, masks (all ones) of the corners inside the plane of the points that contribute, and
+// the fractions.
+struct CellLanes {
+  IntVector row0, row1, col0, col1;  // row offsets (row * width) and columns
+  IntVector in00, in01, in10, in11;  // (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)
+  FloatVector lx, ly;
+};
+
+M2F_CPU_INLINE CellLanes cell_lanes(FloatVector loc_x, FloatVector loc_y, int64_t height,
+                                    int64_t width) {
+  const FloatVector w = splat(static_cast<float>(width)), h = splat(static_cast<float>(height));
+  const FloatVector x = loc_x * w - splat(0.5f), y = loc_y * h - splat(0.5f);
+  // NaN fails every comparison; the other lanes get x = y = 0 so that the conversions are exact.
+  const IntVector valid = (x > splat(-1.0f)) & (x < w) & (y > splat(-1.0f)) & (y < h);
+  const FloatVector xs = blend(valid, x, splat(0.0f)), ys = blend(valid, y, splat(0.0f));
+  IntVector x0 = __builtin_convertvector(xs, IntVector),
+            y0 = __builtin_convertvector(ys, IntVector);
+  x0 += __builtin_convertvector(x0, FloatVector) > xs;  // floor: truncation, one down if negative
+  y0 += __builtin_convertvector(y0, FloatVector) > ys;
+  const IntVector zero = int_splat(0), last_col = int_splat(static_cast<int32_t>(width - 1)),
+                  last_row = int_splat(static_cast<int32_t>(height - 1));
+  const IntVector x1 = x0 + 1, y1 = y0 + 1;
+  const IntVector x0_in = valid & (x0 >= zero), x1_in = valid & (x1 <= last_col);
+  const IntVector y0_in = y0 >= zero, y1_in = y1 <= last_row;
+  CellLanes cell;
+  cell.row0 = (y0_in ? y0 : zero) * static_cast<int32_t>(width);
+  cell.row1 = (y1_in ? y1 : last_row) * static_cast<int32_t>(width);
+  cell.col0 = x0_in ? x0 : zero;
+  cell.col1 = x1_in ? x1 : last_col;
+  cell.in00 = y0_in & x0_in;
+  cell.in01 = y0_in & x1_in;
+  cell.in10 = y1_in & x0_in;
+  cell.in11 = y1_in & x1_in;
+  cell.lx = xs - __builtin_convertvector(x0, FloatVector);
+  cell.ly = ys - __builtin_convertvector(y0, FloatVector);
+  return cell;
+}
+
+template <typename value_t>
+M2F_CPU_INLINE void prefetch_cells(const value_t* plane, const CellLanes& cell) {
+  for (int64_t l = 0; l < kVectorLanes; ++l) {
+    __builtin_prefetch(plane + cell.row0[l] + cell.col0[l]);
+    __builtin_prefetch(plane + cell.row1[l] + cell.col0[l]);
+  }
+}
+
+// sample_plane of kVectorLanes points: the corners are read one lane at a time.
+template <typename value_t>
+M2F_CPU_INLINE FloatVector sample_cells(const value_t* plane, const CellLanes& cell) {
+  FloatVector v00, v01, v10, v11;
+  for (int64_t l = 0; l < kVectorLanes; ++l) {
+    v00[l] = static_cast<float>(plane[cell.row0[l] + cell.col0[l]]);
+    v01[l] = static_cast<float>(plane[cell.row0[l] + cell.col1[l]]);
+    v10[l] = static_cast<float>(plane[cell.row1[l] + cell.col0[l]]);
+    v11[l] = static_cast<float>(plane[cell.row1[l] + cell.col1[l]]);
+  }
+  const FloatVector zero = splat(0.0f);
+  v00 = blend(cell.in00, v00, zero);
+  v01 = blend(cell.in01, v01, zero);
+  v10 = blend(cell.in10, v10, zero);
+  v11 = blend(cell.in11, v11, zero);
+  const FloatVector hx = splat(1.0f) - cell.lx, hy = splat(1.0f) - cell.ly;
+  return hy * (hx * v00 + cell.lx * v01) + cell.ly * (hx * v10 + cell.lx * v11);
+}
+
+// The (x, y) coords of kVectorLanes points, interleaved at coords, as two vectors.
+M2F_CPU_INLINE void load_coord_lanes(const float* coords, FloatVector* x, FloatVector* y) {
+  FloatVector first, second;
+  std::memcpy(&first, coords, sizeof(first));
+  std::memcpy(&second, coords + kVectorLanes, sizeof(second));
+  IntVector even, odd;
+  for (int32_t l = 0; l < kVectorLanes; ++l) {
+    even[l] = 2 * l;
+    odd[l] = 2 * l + 1;
+  }
+  *x = __builtin_shuffle(first, second, even);
+  *y = __builtin_shuffle(first, second, odd);
+}
+#endif
+
+// sample_points, kVectorLanes points at a time where the planes allow 32-bit indices (float).
+template <typename acc_t, typename scalar_t, typename target_t>
+M2F_CPU_INLINE void sample_chunk(const scalar_t* logit_plane, int64_t height, int64_t width,
+                                 const target_t* target_plane, int64_t target_height,
+                                 int64_t target_width, const acc_t* mask_coords, int64_t num_points,
+                                 int64_t begin, int64_t count, acc_t* logits, acc_t* targets) {
+  int64_t i = 0;
+#if defined(__GNUC__)
+  constexpr int64_t kMaxIndex = 0x7fffffff;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (height * width <= kMaxIndex && target_height * target_width <= kMaxIndex) {
+      for (; i + kVectorLanes <= count; i += kVectorLanes) {
+        const int64_t p = begin + i;
+        FloatVector x, y;
+        if (p + 2 * kVectorLanes <= num_points) {  // the target cells of the next points
+          load_coord_lanes(mask_coords + 2 * (p + kVectorLanes), &x, &y);
+          prefetch_cells(target_plane, cell_lanes(x, y, target_height, target_width));
+        }
+        load_coord_lanes(mask_coords + 2 * p, &x, &y);
+        const FloatVector logit = sample_cells(logit_plane, cell_lanes(x, y, height, width));
+        const FloatVector target =
+            sample_cells(target_plane, cell_lanes(x, y, target_height, target_width));
+        std::memcpy(logits + i, &logit, sizeof(logit));
+        std::memcpy(targets + i, &target, sizeof(target));
+      }
+    }
+  }
+#endif
+  sample_points(logit_plane, height, width, target_plane, target_height, target_width, mask_coords,
+                num_points, begin + i, count - i, logits + i, targets + i);
 }
 
 template <typename acc_t, typename scalar_t, typename target_t>
