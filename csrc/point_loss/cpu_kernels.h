@@ -126,6 +126,10 @@ M2F_CPU_INLINE void sample_points(const scalar_t* logit_plane, int64_t height, i
   }
 }
 
+// Planes with more elements than this are sampled one point at a time (the lanes hold 32-bit
+// indices).
+constexpr int64_t kMaxLaneIndex = 0x7fffffff;
+
 #if defined(__GNUC__)
 M2F_CPU_INLINE IntVector int_splat(int32_t value) { return IntVector{} + value; }
 
@@ -219,9 +223,8 @@ M2F_CPU_INLINE void sample_chunk(const scalar_t* logit_plane, int64_t height, in
                                  int64_t begin, int64_t count, acc_t* logits, acc_t* targets) {
   int64_t i = 0;
 #if defined(__GNUC__)
-  constexpr int64_t kMaxIndex = 0x7fffffff;
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (height * width <= kMaxIndex && target_height * target_width <= kMaxIndex) {
+    if (height * width <= kMaxLaneIndex && target_height * target_width <= kMaxLaneIndex) {
       for (; i + kVectorLanes <= count; i += kVectorLanes) {
         const int64_t p = begin + i;
         FloatVector x, y;
@@ -241,6 +244,45 @@ M2F_CPU_INLINE void sample_chunk(const scalar_t* logit_plane, int64_t height, in
 #endif
   sample_points(logit_plane, height, width, target_plane, target_height, target_width, mask_coords,
                 num_points, begin + i, count - i, logits + i, targets + i);
+}
+
+// Adds grads[i] times the bilinear weights of point begin + i (i < count) to grad_plane (height,
+// width), point by point and corner by corner in corner_weights' order, kVectorLanes points' cells
+// and weights at a time where sample_chunk would sample them so.
+template <typename acc_t>
+M2F_CPU_INLINE void scatter_chunk(const acc_t* mask_coords, int64_t height, int64_t width,
+                                  int64_t begin, int64_t count, const acc_t* grads,
+                                  acc_t* grad_plane) {
+  int64_t i = 0;
+#if defined(__GNUC__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (height * width <= kMaxLaneIndex) {
+      for (; i + kVectorLanes <= count; i += kVectorLanes) {
+        FloatVector x, y, grad;
+        load_coord_lanes(mask_coords + 2 * (begin + i), &x, &y);
+        std::memcpy(&grad, grads + i, sizeof(grad));
+        const CellLanes cell = cell_lanes(x, y, height, width);
+        const FloatVector hx = splat(1.0f) - cell.lx, hy = splat(1.0f) - cell.ly;
+        const FloatVector g00 = grad * (hy * hx), g01 = grad * (hy * cell.lx),
+                          g10 = grad * (cell.ly * hx), g11 = grad * (cell.ly * cell.lx);
+        for (int64_t l = 0; l < kVectorLanes; ++l) {
+          if (cell.in00[l]) grad_plane[cell.row0[l] + cell.col0[l]] += g00[l];
+          if (cell.in01[l]) grad_plane[cell.row0[l] + cell.col1[l]] += g01[l];
+          if (cell.in10[l]) grad_plane[cell.row1[l] + cell.col0[l]] += g10[l];
+          if (cell.in11[l]) grad_plane[cell.row1[l] + cell.col1[l]] += g11[l];
+        }
+      }
+    }
+  }
+#endif
+  for (; i < count; ++i) {
+    const int64_t p = begin + i;
+    const BilinearPoint<acc_t> point =
+        locate_point<acc_t>(mask_coords[2 * p], mask_coords[2 * p + 1], height, width);
+    const CornerWeights<acc_t> corners = corner_weights(height, width, point);
+    for (int k = 0; k < corners.count; ++k)
+      grad_plane[corners.index[k]] += grads[i] * corners.weight[k];
+  }
 }
 
 template <typename acc_t, typename scalar_t, typename target_t>
@@ -273,14 +315,7 @@ void mask_loss_grad(const MaskPoints<acc_t, scalar_t, target_t>& mask,
                  mask.target_width, mask.coords, mask.num_points, begin, count, logits, targets);
     logit_terms_chunk(logits, probs, static_cast<acc_t*>(nullptr), count);
     for (int64_t i = 0; i < count; ++i) grads[i] = point_loss_grad(scales, probs[i], targets[i]);
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t p = begin + i;
-      const BilinearPoint<acc_t> point =
-          locate_point<acc_t>(mask.coords[2 * p], mask.coords[2 * p + 1], mask.height, mask.width);
-      const CornerWeights<acc_t> corners = corner_weights(mask.height, mask.width, point);
-      for (int k = 0; k < corners.count; ++k)
-        grad_plane[corners.index[k]] += grads[i] * corners.weight[k];
-    }
+    scatter_chunk(mask.coords, mask.height, mask.width, begin, count, grads, grad_plane);
   }
 }
 
