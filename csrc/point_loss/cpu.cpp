@@ -42,36 +42,6 @@ void check_coords(const at::Tensor& coords, const at::Tensor& input, int64_t bat
               "coords must be float32 or have the dtype of the input, got ", coords.scalar_type());
 }
 
-at::Tensor point_sample_forward_cpu(const at::Tensor& input, const at::Tensor& coords) {
-  check_cpu(input, "input");
-  TORCH_CHECK(input.dim() == 4, "input must have shape (N, C, H, W), got ", input.sizes());
-  check_coords(coords, input, input.size(0));
-  const int64_t batch = input.size(0), channels = input.size(1), height = input.size(2),
-                width = input.size(3);
-  const int64_t num_points = coords.size(1);
-  at::Tensor output = at::empty({batch, channels, num_points}, input.options());
-  at::Tensor coords_acc = coords.to(accumulate_type(input.scalar_type())).contiguous();
-  M2F_DISPATCH_FLOATING_TYPES(input.scalar_type(), "point_sample_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* input_ptr = input.data_ptr<scalar_t>();
-    const acc_t* coords_ptr = coords_acc.data_ptr<acc_t>();
-    scalar_t* output_ptr = output.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * num_points, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t index = begin; index < end; ++index) {
-        const int64_t n = index / num_points, p = index % num_points;
-        const BilinearPoint<acc_t> point =
-            locate_point<acc_t>(coords_ptr[2 * index], coords_ptr[2 * index + 1], height, width);
-        for (int64_t c = 0; c < channels; ++c) {
-          const scalar_t* plane = input_ptr + (n * channels + c) * height * width;
-          output_ptr[(n * channels + c) * num_points + p] =
-              static_cast<scalar_t>(sample_plane<acc_t>(plane, height, width, point));
-        }
-      }
-    });
-  });
-  return output;
-}
-
 std::tuple<at::Tensor, at::Tensor> point_sample_backward_cpu(const at::Tensor& grad_output,
                                                              const at::Tensor& input,
                                                              const at::Tensor& coords,
@@ -265,6 +235,55 @@ void pairwise_query_costs(CpuIsa isa, const acc_t* logits, const acc_t* targets,
       return baseline::pairwise_query_costs(logits, targets, target_sums, num_targets, num_points,
                                             dots, ce, dice);
   }
+}
+
+template <typename scalar_t, typename acc_t>
+void point_sample_points(CpuIsa isa, const scalar_t* input, int64_t channels, int64_t height,
+                         int64_t width, const acc_t* coords, int64_t num_points, int64_t begin,
+                         int64_t end, scalar_t* output) {
+  switch (isa) {
+#if M2F_CPU_X86_LEVELS
+    case CpuIsa::kAvx512:
+      return avx512::point_sample_points(input, channels, height, width, coords, num_points, begin,
+                                         end, output);
+    case CpuIsa::kAvx2:
+      return avx2::point_sample_points(input, channels, height, width, coords, num_points, begin,
+                                       end, output);
+#endif
+    default:
+      return baseline::point_sample_points(input, channels, height, width, coords, num_points,
+                                           begin, end, output);
+  }
+}
+
+at::Tensor point_sample_forward_cpu(const at::Tensor& input, const at::Tensor& coords) {
+  check_cpu(input, "input");
+  TORCH_CHECK(input.dim() == 4, "input must have shape (N, C, H, W), got ", input.sizes());
+  check_coords(coords, input, input.size(0));
+  const int64_t batch = input.size(0), channels = input.size(1), height = input.size(2),
+                width = input.size(3);
+  const int64_t num_points = coords.size(1);
+  at::Tensor output = at::empty({batch, channels, num_points}, input.options());
+  at::Tensor coords_acc = coords.to(accumulate_type(input.scalar_type())).contiguous();
+  const CpuIsa isa = cpu_isa();
+  M2F_DISPATCH_FLOATING_TYPES(input.scalar_type(), "point_sample_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* input_ptr = input.data_ptr<scalar_t>();
+    const acc_t* coords_ptr = coords_acc.data_ptr<acc_t>();
+    scalar_t* output_ptr = output.data_ptr<scalar_t>();
+    // Tasks: (batch entry, chunk of kChunk points).
+    const int64_t chunks = (num_points + kChunk - 1) / kChunk;
+    at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / chunks, first = (task % chunks) * kChunk;
+        point_sample_points(isa, input_ptr + n * channels * height * width, channels, height, width,
+                            coords_ptr + 2 * n * num_points, num_points, first,
+                            std::min(num_points, first + kChunk),
+                            output_ptr + n * channels * num_points);
+      }
+    });
+  });
+  return output;
 }
 
 // Calls body(target_t) with the element type used to read target_masks.

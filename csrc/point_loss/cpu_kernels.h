@@ -246,6 +246,41 @@ M2F_CPU_INLINE void sample_chunk(const scalar_t* logit_plane, int64_t height, in
                 num_points, begin + i, count - i, logits + i, targets + i);
 }
 
+// point_sample's forward for points [begin, end) of one batch entry: the (channels, height, width)
+// input at coords (num_points, 2), written at output[c * num_points + p]; kVectorLanes points'
+// cells at a time where the planes allow it.
+template <typename scalar_t, typename acc_t>
+void point_sample_points(const scalar_t* input, int64_t channels, int64_t height, int64_t width,
+                         const acc_t* coords, int64_t num_points, int64_t begin, int64_t end,
+                         scalar_t* output) {
+  int64_t p = begin;
+#if defined(__GNUC__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (height * width <= kMaxLaneIndex) {
+      for (; p + kVectorLanes <= end; p += kVectorLanes) {
+        FloatVector x, y;
+        load_coord_lanes(coords + 2 * p, &x, &y);
+        const CellLanes cell = cell_lanes(x, y, height, width);
+        for (int64_t c = 0; c < channels; ++c) {
+          const FloatVector values = sample_cells(input + c * height * width, cell);
+          for (int64_t l = 0; l < kVectorLanes; ++l) {
+            output[c * num_points + p + l] = static_cast<scalar_t>(values[l]);
+          }
+        }
+      }
+    }
+  }
+#endif
+  for (; p < end; ++p) {
+    const BilinearPoint<acc_t> point =
+        locate_point<acc_t>(coords[2 * p], coords[2 * p + 1], height, width);
+    for (int64_t c = 0; c < channels; ++c) {
+      output[c * num_points + p] = static_cast<scalar_t>(
+          sample_plane<acc_t>(input + c * height * width, height, width, point));
+    }
+  }
+}
+
 // Adds grads[i] times the bilinear weights of point begin + i (i < count) to grad_plane (height,
 // width), point by point and corner by corner in corner_weights' order, kVectorLanes points' cells
 // and weights at a time where sample_chunk would sample them so.

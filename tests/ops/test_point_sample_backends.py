@@ -65,6 +65,16 @@ def test_cpu_backends_match_reference(backend, dtype, shape, num_points):
     check_backend(backend, dtype, shape, num_points, "cpu")
 
 
+@pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_points", [100, 1000])
+def test_cpu_kernel_lower_instruction_sets_match_reference(monkeypatch, isa, dtype, num_points):
+    """The forward loop compiled for x86-64-v3 (AVX2) and baseline x86-64 (see M2F_KERNELS_CPU_ISA)."""
+    monkeypatch.setenv("M2F_KERNELS_CPU_ISA", isa)
+    check_backend("cpu", dtype, (3, 2, 40, 33), num_points, "cpu")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
