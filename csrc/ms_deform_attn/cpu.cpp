@@ -7,7 +7,7 @@
 //
 // Forward is parallel over (batch, query). Backward is parallel over (batch, head): each task owns
 // the slice grad_value[n, :, m, :], so there are no races and the result does not depend on
-// scheduling.
+// scheduling. The loops (cpu_kernels.h) are compiled once per x86-64 level (common/cpu_isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 #include "common/dispatch.h"
 #include "ms_deform_attn/checks.h"
 #include "ms_deform_attn/sampling.h"
@@ -86,119 +87,60 @@ void check_fused_inputs(const at::Tensor& value, const at::Tensor& reference_poi
       "attention_logits must have shape (N, Q, M, L * P)");
 }
 
-// output[n, q, m, :] = sum_{l, p} weight * bilinear(value[n, level l, m, :], location).
+#if M2F_CPU_X86_LEVELS
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+namespace avx512 {
+#include "ms_deform_attn/cpu_kernels.h"
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+namespace avx2 {
+#include "ms_deform_attn/cpu_kernels.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+namespace baseline {
+#include "ms_deform_attn/cpu_kernels.h"
+}  // namespace baseline
+
+// The loops of the level cpu_isa() picks.
 template <typename scalar_t, typename Samples>
 void forward_kernel(const Sizes& sz, const scalar_t* value, const int64_t* shapes,
                     const int64_t* starts, const Samples& samples, scalar_t* output) {
-  using accscalar_t = acc_t<scalar_t>;
-  const int64_t level_points = sz.num_levels * sz.num_points;
-  const int64_t grain = std::max<int64_t>(1, 256 / (sz.num_heads * level_points));
-  at::parallel_for(0, sz.batch * sz.num_queries, grain, [&](int64_t begin, int64_t end) {
-    std::vector<accscalar_t> acc(sz.channels);
-    for (int64_t nq = begin; nq < end; ++nq) {
-      const int64_t n = nq / sz.num_queries;
-      for (int64_t m = 0; m < sz.num_heads; ++m) {
-        const int64_t head_index = nq * sz.num_heads + m;
-        const auto head = samples.head(head_index, sz);
-        std::fill(acc.begin(), acc.end(), accscalar_t(0));
-        int64_t point = 0;
-        for (int64_t l = 0; l < sz.num_levels; ++l) {
-          const int64_t height = shapes[2 * l];
-          const int64_t width = shapes[2 * l + 1];
-          const scalar_t* level_value =
-              value + ((n * sz.num_values + starts[l]) * sz.num_heads + m) * sz.channels;
-          for (int64_t p = 0; p < sz.num_points; ++p, ++point) {
-            const BilinearPoint<accscalar_t> pt = msda::bilinear_point<accscalar_t>(
-                head.loc_x(point, l, width), head.loc_y(point, l, height), height, width);
-            if (!pt.valid) continue;
-            const accscalar_t weight = head.weight(point);
-            for (int k = 0; k < 4; ++k) {
-              if (pt.corner[k] < 0) continue;
-              const accscalar_t corner_weight = weight * pt.weight[k];
-              const scalar_t* v = level_value + pt.corner[k] * sz.num_heads * sz.channels;
-              accscalar_t* a = acc.data();
-              for (int64_t d = 0; d < sz.channels; ++d) {
-                a[d] += corner_weight * static_cast<accscalar_t>(v[d]);
-              }
-            }
-          }
-        }
-        scalar_t* out = output + head_index * sz.channels;
-        for (int64_t d = 0; d < sz.channels; ++d) out[d] = static_cast<scalar_t>(acc[d]);
-      }
-    }
-  });
+  switch (cpu_isa()) {
+#if M2F_CPU_X86_LEVELS
+    case CpuIsa::kAvx512:
+      return avx512::forward_kernel(sz, value, shapes, starts, samples, output);
+    case CpuIsa::kAvx2:
+      return avx2::forward_kernel(sz, value, shapes, starts, samples, output);
+#endif
+    default:
+      return baseline::forward_kernel(sz, value, shapes, starts, samples, output);
+  }
 }
 
-// Backward over (batch, head) tasks. For each sample it adds weight * corner weight * grad_out to
-// the corners of grad_value (accumulation dtype, (N, S, M, D)) and stores d loss / d weight in
-// grad_weight (N, Q, M, L, P) and d loss / d (x, y) in grad_xy (N, Q, M, L, P, 2): in pixels, or in
-// normalized units (times (W, H)) when `normalized_xy`.
 template <typename scalar_t, typename Samples>
 void backward_kernel(const Sizes& sz, const scalar_t* grad_output, const scalar_t* value,
                      const int64_t* shapes, const int64_t* starts, const Samples& samples,
                      acc_t<scalar_t>* grad_value, acc_t<scalar_t>* grad_weight,
                      acc_t<scalar_t>* grad_xy, bool normalized_xy) {
-  using accscalar_t = acc_t<scalar_t>;
-  const int64_t level_points = sz.num_levels * sz.num_points;
-  at::parallel_for(0, sz.batch * sz.num_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<accscalar_t> go(sz.channels);
-    for (int64_t nm = begin; nm < end; ++nm) {
-      const int64_t n = nm / sz.num_heads;
-      const int64_t m = nm % sz.num_heads;
-      for (int64_t q = 0; q < sz.num_queries; ++q) {
-        const int64_t head_index = (n * sz.num_queries + q) * sz.num_heads + m;
-        const auto head = samples.head(head_index, sz);
-        accscalar_t* head_grad_weight = grad_weight + head_index * level_points;
-        accscalar_t* head_grad_xy = grad_xy + 2 * head_index * level_points;
-        const scalar_t* grad_out = grad_output + head_index * sz.channels;
-        for (int64_t d = 0; d < sz.channels; ++d) go[d] = static_cast<accscalar_t>(grad_out[d]);
-        int64_t point = 0;
-        for (int64_t l = 0; l < sz.num_levels; ++l) {
-          const int64_t height = shapes[2 * l];
-          const int64_t width = shapes[2 * l + 1];
-          const int64_t level_offset =
-              ((n * sz.num_values + starts[l]) * sz.num_heads + m) * sz.channels;
-          for (int64_t p = 0; p < sz.num_points; ++p, ++point) {
-            const BilinearPoint<accscalar_t> pt = msda::bilinear_point<accscalar_t>(
-                head.loc_x(point, l, width), head.loc_y(point, l, height), height, width);
-            if (!pt.valid) continue;
-            const accscalar_t weight = head.weight(point);
-            accscalar_t corner_dot[4] = {0, 0, 0, 0};
-            for (int k = 0; k < 4; ++k) {
-              if (pt.corner[k] < 0) continue;
-              const int64_t offset = level_offset + pt.corner[k] * sz.num_heads * sz.channels;
-              const scalar_t* v = value + offset;
-              accscalar_t* gv = grad_value + offset;
-              const accscalar_t corner_weight = weight * pt.weight[k];
-              const accscalar_t* g = go.data();
-              // kLanes independent partial sums (a fixed order) let the compiler use SIMD.
-              accscalar_t partial[kLanes] = {};
-              int64_t d = 0;
-              for (; d + kLanes <= sz.channels; d += kLanes) {
-                for (int j = 0; j < kLanes; ++j) {
-                  partial[j] += g[d + j] * static_cast<accscalar_t>(v[d + j]);
-                  gv[d + j] += corner_weight * g[d + j];
-                }
-              }
-              accscalar_t dot = 0;
-              for (; d < sz.channels; ++d) {
-                dot += g[d] * static_cast<accscalar_t>(v[d]);
-                gv[d] += corner_weight * g[d];
-              }
-              for (int j = 0; j < kLanes; ++j) dot += partial[j];
-              corner_dot[k] = dot;
-            }
-            const msda::SampleGrad<accscalar_t> grad =
-                msda::sample_grad<accscalar_t>(pt, corner_dot, weight);
-            head_grad_weight[point] = grad.attention_weight;
-            head_grad_xy[2 * point] = normalized_xy ? grad.x * width : grad.x;
-            head_grad_xy[2 * point + 1] = normalized_xy ? grad.y * height : grad.y;
-          }
-        }
-      }
-    }
-  });
+  switch (cpu_isa()) {
+#if M2F_CPU_X86_LEVELS
+    case CpuIsa::kAvx512:
+      return avx512::backward_kernel(sz, grad_output, value, shapes, starts, samples, grad_value,
+                                     grad_weight, grad_xy, normalized_xy);
+    case CpuIsa::kAvx2:
+      return avx2::backward_kernel(sz, grad_output, value, shapes, starts, samples, grad_value,
+                                   grad_weight, grad_xy, normalized_xy);
+#endif
+    default:
+      return baseline::backward_kernel(sz, grad_output, value, shapes, starts, samples, grad_value,
+                                       grad_weight, grad_xy, normalized_xy);
+  }
 }
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,

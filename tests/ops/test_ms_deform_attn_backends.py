@@ -115,6 +115,20 @@ def test_cpu_kernel_matches_reference(batch, num_levels, points, heads_channels,
     check_against_reference("cpu", batch, heads, channels, LEVELS[num_levels], points, dtype)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, num_levels, points, heads_channels", SMALL_GRID)
+def test_cpu_kernel_lower_instruction_sets_match_reference(
+    monkeypatch, isa, batch, num_levels, points, heads_channels, dtype
+):
+    """The loops compiled for x86-64-v3 (AVX2) and baseline x86-64 (see M2F_KERNELS_CPU_ISA)."""
+    if "cpu" not in cpu_kernel_backends("ms_deform_attn"):
+        pytest.skip("the C++ CPU kernel is not built")
+    monkeypatch.setenv("M2F_KERNELS_CPU_ISA", isa)
+    heads, channels = heads_channels
+    check_against_reference("cpu", batch, heads, channels, LEVELS[num_levels], points, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch, num_levels, points, heads_channels", SMALL_GRID)
 def test_triton_interpreter_matches_reference(batch, num_levels, points, heads_channels, dtype):
