@@ -138,7 +138,35 @@ struct MaskPoints {
   int64_t target_height, target_width;
   const acc_t* coords;
   int64_t num_points;
+
+  // Mask n of the batch whose mask 0 this is.
+  MaskPoints at(int64_t n) const {
+    return {logits + n * height * width,
+            height,
+            width,
+            targets + n * target_height * target_width,
+            target_height,
+            target_width,
+            coords + 2 * n * num_points,
+            num_points};
+  }
 };
+
+// Mask 0 of point_mask_loss's inputs (coords in acc_t, targets read as target_t).
+template <typename acc_t, typename scalar_t, typename target_t>
+MaskPoints<acc_t, scalar_t, target_t> first_mask(const at::Tensor& mask_logits,
+                                                 const target_t* targets,
+                                                 const at::Tensor& target_masks,
+                                                 const at::Tensor& coords) {
+  return {mask_logits.data_ptr<scalar_t>(),
+          mask_logits.size(1),
+          mask_logits.size(2),
+          targets,
+          target_masks.size(1),
+          target_masks.size(2),
+          coords.data_ptr<acc_t>(),
+          coords.size(1)};
+}
 
 // Sums over the points of one mask of the sigmoid CE, prob * target, prob and target.
 struct MaskLossSums {
@@ -299,9 +327,7 @@ void dispatch_target_type(const at::Tensor& target_masks, Body&& body) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> point_mask_loss_forward_cpu(
     const at::Tensor& mask_logits, const at::Tensor& target_masks, const at::Tensor& coords) {
   check_loss_inputs(mask_logits, target_masks, coords);
-  const int64_t num_masks = mask_logits.size(0), height = mask_logits.size(1),
-                width = mask_logits.size(2);
-  const int64_t target_height = target_masks.size(1), target_width = target_masks.size(2);
+  const int64_t num_masks = mask_logits.size(0);
   const int64_t num_points = coords.size(1);
   const auto out_options = mask_logits.options().dtype(accumulate_type(mask_logits.scalar_type()));
   at::Tensor ce = at::empty({num_masks}, out_options);
@@ -311,24 +337,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> point_mask_loss_forward_cpu(
   const CpuIsa isa = cpu_isa();
   M2F_DISPATCH_FLOATING_TYPES(mask_logits.scalar_type(), "point_mask_loss_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* logits_ptr = mask_logits.data_ptr<scalar_t>();
-    const acc_t* coords_ptr = coords_acc.data_ptr<acc_t>();
     acc_t* ce_ptr = ce.data_ptr<acc_t>();
     acc_t* dice_ptr = dice.data_ptr<acc_t>();
     acc_t* sums_ptr = dice_sums.data_ptr<acc_t>();
     dispatch_target_type<scalar_t>(target_masks, [&](auto targets_ptr) {
       using target_t = std::remove_cv_t<std::remove_pointer_t<decltype(targets_ptr)>>;
+      const auto masks =
+          first_mask<acc_t, scalar_t, target_t>(mask_logits, targets_ptr, target_masks, coords_acc);
       at::parallel_for(0, num_masks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n) {
-          const MaskPoints<acc_t, scalar_t, target_t> mask{
-              logits_ptr + n * height * width,
-              height,
-              width,
-              targets_ptr + n * target_height * target_width,
-              target_height,
-              target_width,
-              coords_ptr + 2 * n * num_points,
-              num_points};
+          const MaskPoints<acc_t, scalar_t, target_t> mask = masks.at(n);
           const MaskLossSums sums = mask_loss_sums(isa, mask);
           ce_ptr[n] = static_cast<acc_t>(sums.ce / static_cast<sum_t>(num_points));
           dice_ptr[n] =
@@ -348,9 +366,8 @@ at::Tensor point_mask_loss_backward_cpu(const at::Tensor& grad_ce, const at::Ten
                                         const at::Tensor& target_masks, const at::Tensor& coords,
                                         const at::Tensor& dice_sums, bool /*deterministic*/) {
   check_loss_inputs(mask_logits, target_masks, coords);
-  const int64_t num_masks = mask_logits.size(0), height = mask_logits.size(1),
-                width = mask_logits.size(2);
-  const int64_t target_height = target_masks.size(1), target_width = target_masks.size(2);
+  const int64_t num_masks = mask_logits.size(0),
+                plane_size = mask_logits.size(1) * mask_logits.size(2);
   const int64_t num_points = coords.size(1);
   TORCH_CHECK(grad_ce.numel() == num_masks && grad_dice.numel() == num_masks,
               "grad_ce and grad_dice must have N elements");
@@ -366,30 +383,22 @@ at::Tensor point_mask_loss_backward_cpu(const at::Tensor& grad_ce, const at::Ten
   const CpuIsa isa = cpu_isa();
   M2F_DISPATCH_FLOATING_TYPES(mask_logits.scalar_type(), "point_mask_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* logits_ptr = mask_logits.data_ptr<scalar_t>();
-    const acc_t* coords_ptr = coords_acc.data_ptr<acc_t>();
     const acc_t* grad_ce_ptr = grad_ce_acc.data_ptr<acc_t>();
     const acc_t* grad_dice_ptr = grad_dice_acc.data_ptr<acc_t>();
     const acc_t* sums_ptr = dice_sums_acc.data_ptr<acc_t>();
     acc_t* grad_ptr = grad_logits_acc.data_ptr<acc_t>();
     dispatch_target_type<scalar_t>(target_masks, [&](auto targets_ptr) {
       using target_t = std::remove_cv_t<std::remove_pointer_t<decltype(targets_ptr)>>;
+      const auto masks =
+          first_mask<acc_t, scalar_t, target_t>(mask_logits, targets_ptr, target_masks, coords_acc);
       // Each mask's gradient plane is owned by one thread.
       at::parallel_for(0, num_masks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n) {
-          const MaskPoints<acc_t, scalar_t, target_t> mask{
-              logits_ptr + n * height * width,
-              height,
-              width,
-              targets_ptr + n * target_height * target_width,
-              target_height,
-              target_width,
-              coords_ptr + 2 * n * num_points,
-              num_points};
+          const MaskPoints<acc_t, scalar_t, target_t> mask = masks.at(n);
           const PointLossGradScales<acc_t> scales = point_loss_grad_scales<acc_t>(
               grad_ce_ptr[n], grad_dice_ptr[n], num_points, sums_ptr[3 * n], sums_ptr[3 * n + 1],
               sums_ptr[3 * n + 2]);
-          mask_loss_grad(isa, mask, scales, grad_ptr + n * height * width);
+          mask_loss_grad(isa, mask, scales, grad_ptr + n * plane_size);
         }
       });
     });
