@@ -3,7 +3,28 @@
 // ...) in the same namespace, so this is a fragment rather than the namespace's only definition.
 #include <torch/library.h>
 
+#include <string>
+
+#include "common/cpu_isa.h"
+
+namespace {
+
+// The x86-64 level the CPU kernels run at now (m2f::cpu_isa()).
+std::string cpu_isa_name() {
+  switch (m2f::cpu_isa()) {
+    case m2f::CpuIsa::kAvx512:
+      return "avx512";
+    case m2f::CpuIsa::kAvx2:
+      return "avx2";
+    default:
+      return "baseline";
+  }
+}
+
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(m2f_kernels, m) {
+  m.def("_cpu_isa() -> str", &cpu_isa_name);
   m.def(
       "_ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights) -> Tensor");

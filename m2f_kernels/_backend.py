@@ -132,6 +132,15 @@ def library_path() -> str | None:
     return _library["path"]
 
 
+def cpu_isa() -> str | None:
+    """The x86-64 level the C++ CPU kernels run at: "avx512", "avx2" or "baseline" (the environment variable
+    M2F_KERNELS_CPU_ISA=avx2|baseline lowers it; other CPUs always run the baseline build). None without
+    the compiled library."""
+    if not load_library() or not hasattr(torch.ops.m2f_kernels, "_cpu_isa"):
+        return None
+    return torch.ops.m2f_kernels._cpu_isa()
+
+
 def has_kernel(kernel_name: str, device_type: str) -> bool:
     """Whether the C++ library registers ``m2f_kernels::<kernel_name>`` for "cpu" or "cuda"."""
     if not load_library():

@@ -94,6 +94,19 @@ def test_public_ops_match_reference_with_gradients(backend):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="C++ CPU kernels not built")
+def test_cpu_isa_environment_variable_lowers_the_level(monkeypatch):
+    monkeypatch.delenv("M2F_KERNELS_CPU_ISA", raising=False)
+    native = m2f_kernels.cpu_isa()
+    assert native in ("avx512", "avx2", "baseline")
+    monkeypatch.setenv("M2F_KERNELS_CPU_ISA", "baseline")
+    assert m2f_kernels.cpu_isa() == "baseline"
+    monkeypatch.setenv("M2F_KERNELS_CPU_ISA", "avx2")
+    assert m2f_kernels.cpu_isa() == ("baseline" if native == "baseline" else "avx2")
+    monkeypatch.setenv("M2F_KERNELS_CPU_ISA", "avx512")  # never raises the level
+    assert m2f_kernels.cpu_isa() == native
+
+
 def test_empty_inputs_give_empty_or_zero_results():
     value, shapes, starts, locations, weights = msda_inputs(queries=0, requires_grad=True)
     out = m2f_kernels.ms_deform_attn(value, shapes, starts, locations, weights)
