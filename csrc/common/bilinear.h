@@ -27,8 +27,8 @@ struct BilinearCell {
 template <typename acc_t>
 M2F_HOST_DEVICE BilinearCell<acc_t> bilinear_cell(acc_t loc_x, acc_t loc_y, int64_t height,
                                                   int64_t width) {
-  const acc_t x = loc_x * static_cast<acc_t>(width) - acc_t(0.5);
-  const acc_t y = loc_y * static_cast<acc_t>(height) - acc_t(0.5);
+  const acc_t x = unfused_product(loc_x, static_cast<acc_t>(width)) - acc_t(0.5);
+  const acc_t y = unfused_product(loc_y, static_cast<acc_t>(height)) - acc_t(0.5);
   BilinearCell<acc_t> cell{false, 0, 0, acc_t(0), acc_t(0)};
   // Written so that NaN fails the test.
   if (!(x > acc_t(-1) && x < static_cast<acc_t>(width) && y > acc_t(-1) &&

@@ -24,4 +24,30 @@ M2F_HOST_DEVICE double log_acc(double x) { return log(x); }
 M2F_HOST_DEVICE float log1p_acc(float x) { return log1pf(x); }
 M2F_HOST_DEVICE double log1p_acc(double x) { return log1p(x); }
 
+// x * y rounded on its own, never fused with the add that follows into one multiply-add (compilers
+// fuse by default where the hardware has FMA): sampling cells must come out as the float64
+// reference computes them, x = loc * size - 0.5 rounded after each operation, or a location on a
+// pixel boundary gets the neighbouring cell and its gradient. T: float, double or, on the host, a
+// GCC vector of them that fits one register.
+template <typename T>
+M2F_HOST_DEVICE T unfused_product(T x, T y) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return __fmul_rn(x, y);
+  } else {
+    return __dmul_rn(x, y);
+  }
+#elif defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  T product = x * y;
+  __asm__("" : "+x"(product));  // the compiler cannot see through it, so cannot fuse it
+  return product;
+#elif defined(__GNUC__)
+  T product = x * y;
+  __asm__("" : "+m"(product));
+  return product;
+#else
+  return x * y;
+#endif
+}
+
 }  // namespace m2f

@@ -146,7 +146,8 @@ struct CellLanes {
 M2F_CPU_INLINE CellLanes cell_lanes(FloatVector loc_x, FloatVector loc_y, int64_t height,
                                     int64_t width) {
   const FloatVector w = splat(static_cast<float>(width)), h = splat(static_cast<float>(height));
-  const FloatVector x = loc_x * w - splat(0.5f), y = loc_y * h - splat(0.5f);
+  const FloatVector x = unfused_product(loc_x, w) - splat(0.5f);
+  const FloatVector y = unfused_product(loc_y, h) - splat(0.5f);
   // NaN fails every comparison; the other lanes get x = y = 0 so that the conversions are exact.
   const IntVector valid = (x > splat(-1.0f)) & (x < w) & (y > splat(-1.0f)) & (y < h);
   const FloatVector xs = blend(valid, x, splat(0.0f)), ys = blend(valid, y, splat(0.0f));
