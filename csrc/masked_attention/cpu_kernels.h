@@ -307,20 +307,20 @@ M2F_CPU_INLINE void multiply_add_rows(const acc_t* coeffs, int64_t row_stride, i
 }
 
 // multiply_add_rows for every output row r < num_rows, kTile.rows at a time.
-template <TileShape kTile, bool kAccumulate, typename acc_t>
+template <int64_t kTileRows, int64_t kTileVectors, bool kAccumulate, typename acc_t>
 void multiply_add(const acc_t* coeffs, int64_t num_rows, int64_t row_stride, int64_t k_stride,
                   const acc_t* vectors, int64_t vector_stride, int64_t count, int64_t width,
                   acc_t* out, int64_t out_stride) {
   int64_t r = 0;
-  for (; r + kTile.rows <= num_rows; r += kTile.rows) {
-    multiply_add_rows<kTile.rows, kTile.vectors, kAccumulate>(
+  for (; r + kTileRows <= num_rows; r += kTileRows) {
+    multiply_add_rows<kTileRows, kTileVectors, kAccumulate>(
         coeffs + r * row_stride, row_stride, k_stride, vectors, vector_stride, count, width,
         out + r * out_stride, out_stride);
   }
   for (; r < num_rows; ++r) {
-    multiply_add_rows<1, kTile.vectors, kAccumulate>(coeffs + r * row_stride, row_stride, k_stride,
-                                                     vectors, vector_stride, count, width,
-                                                     out + r * out_stride, out_stride);
+    multiply_add_rows<1, kTileVectors, kAccumulate>(coeffs + r * row_stride, row_stride, k_stride,
+                                                    vectors, vector_stride, count, width,
+                                                    out + r * out_stride, out_stride);
   }
 }
 
@@ -328,7 +328,8 @@ void multiply_add(const acc_t* coeffs, int64_t num_rows, int64_t row_stride, int
 template <typename acc_t>
 void rows_times_columns(const acc_t* rows, int64_t num_rows, const acc_t* columns, int64_t n,
                         int64_t d, int64_t stride, acc_t* out) {
-  multiply_add<kScoreTile, false>(rows, num_rows, d, 1, columns, stride, d, n, out, stride);
+  multiply_add<kScoreTile.rows, kScoreTile.vectors, false>(rows, num_rows, d, 1, columns, stride, d,
+                                                           n, out, stride);
 }
 
 // out[i * d + c] (+)= sum_j weights[i * stride + j] * b[j * d + c] for i < num_rows, j < n: added
@@ -337,9 +338,11 @@ template <typename acc_t>
 void weighted_rows(const acc_t* weights, int64_t num_rows, int64_t n, int64_t stride,
                    const acc_t* b, int64_t d, bool accumulate, acc_t* out) {
   if (accumulate) {
-    multiply_add<kWeightedRowsTile, true>(weights, num_rows, stride, 1, b, d, n, d, out, d);
+    multiply_add<kWeightedRowsTile.rows, kWeightedRowsTile.vectors, true>(weights, num_rows, stride,
+                                                                          1, b, d, n, d, out, d);
   } else {
-    multiply_add<kWeightedRowsTile, false>(weights, num_rows, stride, 1, b, d, n, d, out, d);
+    multiply_add<kWeightedRowsTile.rows, kWeightedRowsTile.vectors, false>(
+        weights, num_rows, stride, 1, b, d, n, d, out, d);
   }
 }
 
@@ -347,7 +350,8 @@ void weighted_rows(const acc_t* weights, int64_t num_rows, int64_t n, int64_t st
 template <typename acc_t>
 void weighted_rows_transposed(const acc_t* weights, int64_t num_rows, int64_t n, int64_t stride,
                               const acc_t* a, int64_t d, acc_t* out) {
-  multiply_add<kTransposedWeightsTile, false>(weights, n, 1, stride, a, d, num_rows, d, out, d);
+  multiply_add<kTransposedWeightsTile.rows, kTransposedWeightsTile.vectors, false>(
+      weights, n, 1, stride, a, d, num_rows, d, out, d);
 }
 
 // values[j] = visible[j] * exp(values[j] * scale - shift) for j < n (visible is 1 or 0); returns
