@@ -121,11 +121,12 @@ void check_loss_inputs(const at::Tensor& mask_logits, const at::Tensor& target_m
   check_coords(coords, mask_logits, mask_logits.size(0));
 }
 
-// Points per chunk in the loss kernels: a chunk is sampled first (scalar gathers, with prefetch),
-// then its sigmoid / softplus terms are computed 4 lanes at a time (logit_terms_chunk).
+// Points per chunk in the loss kernels: a chunk is sampled first (sample_chunk), then its sigmoid /
+// softplus terms are computed kVectorLanes at a time (logit_terms_chunk).
 constexpr int64_t kChunk = 256;
-// Sampling reads the (large) target planes at random; the cells of the point this far ahead are
-// prefetched so that several cache misses are in flight at once.
+// Sampling reads the (large) target planes at random; the point-by-point path prefetches the cells
+// of the point this far ahead (the lane path, those of the next kVectorLanes points) so that
+// several cache misses are in flight at once.
 constexpr int64_t kPrefetchDistance = 16;
 
 // One mask of point_mask_loss: its logits (height, width), its target (target_height,
