@@ -29,7 +29,8 @@ def bilinear_sample(image: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> to
     out = image.new_zeros(*x.shape, channels)
     for corner_x, corner_y, weight in corners:
         valid = inside & (corner_x >= 0) & (corner_x < width) & (corner_y >= 0) & (corner_y < height)
-        index = (corner_y.clamp(0, height - 1) * width + corner_x.clamp(0, width - 1)).long()
+        # Integer arithmetic: float16 holds integers exactly only up to 2048, y * W + x would round.
+        index = corner_y.clamp(0, height - 1).long() * width + corner_x.clamp(0, width - 1).long()
         gathered = torch.gather(flat, 1, index.reshape(batch, -1, 1).expand(-1, -1, channels))
         weight = torch.where(valid, weight, torch.zeros_like(weight))
         out = out + gathered.reshape(*x.shape, channels) * weight.unsqueeze(-1)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from m2f_kernels import reference
+from m2f_kernels.reference.bilinear import bilinear_sample
 
 
 def loop_bilinear(image, x, y):
@@ -110,6 +111,18 @@ def test_point_sample_matches_grid_sample_and_loops():
     torch.testing.assert_close(
         out[1, :, 4], loop_bilinear(image[1].permute(1, 2, 0), x * 7 - 0.5, y * 5 - 0.5)
     )
+
+
+def test_bilinear_sample_in_float16_on_large_images():
+    """Pixel indices of a 96 x 80 image pass 2048, beyond float16's exact integers: they must still address
+    the right pixels (the sample in float16 matches the float32 one taken at the same float16 locations)."""
+    image = torch.randn(1, 96, 80, 2).half()
+    x = (torch.rand(1, 500) * 80 - 0.5).half()
+    y = (torch.rand(1, 500) * 96 - 0.5).half()
+    x[0, 0], y[0, 0] = 79, 95  # the last pixel, index 7679
+    out = bilinear_sample(image, x, y)
+    expected = bilinear_sample(image.float(), x.float(), y.float())
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.3])
