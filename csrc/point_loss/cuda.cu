@@ -1,7 +1,8 @@
 // CUDA kernels of point_sample, point_mask_loss and pairwise_mask_cost (shapes as in cpu.cpp).
 //
-// Forward kernels write each output element from one thread (per-mask sums with a fixed block
-// reduction), so they are deterministic. Backward scatter to the image planes: the default adds
+// Forward kernels write each output element from one thread; the loss sums each mask's points in
+// blocks of kLossSplitPoints with a fixed block reduction and adds the blocks in order, so they are
+// deterministic. Backward scatter to the image planes: the default adds
 // with atomics; the deterministic mode uses scatter_rows_kernel, where each thread owns one image
 // row and adds the contributions of the points in point order, without atomics. The pairwise costs
 // split the points over blocks and sum the partial results in a fixed order.
@@ -26,6 +27,8 @@ namespace point_loss {
 namespace {
 
 constexpr int kThreads = 256;
+// Points per block of the loss forward: 4 per thread, so the 100 masks of a batch fill the GPU.
+constexpr int64_t kLossSplitPoints = 4 * kThreads;
 constexpr int kScatterThreads = 256;
 constexpr int kPairTile = 16;
 constexpr int kPairChunk = 32;
@@ -345,22 +348,25 @@ __device__ __forceinline__ void sample_logit_and_target(
                                 locate_point<acc_t>(x, y, target_height, target_width));
 }
 
+// Block n * num_splits + s sums the four point terms of points [s, s + 1) * kLossSplitPoints of
+// mask n into partial_sums[n][s] = (ce, sum p t, sum p, sum t). A mask's splits are neighbouring
+// blocks, which run together and share the mask's planes in the cache.
 template <typename scalar_t, typename target_t, typename coord_t>
 __global__ void __launch_bounds__(kThreads)
-    point_mask_loss_forward_kernel(const scalar_t* __restrict__ logits,
+    point_mask_loss_partial_kernel(const scalar_t* __restrict__ logits,
                                    const target_t* __restrict__ targets,
                                    const coord_t* __restrict__ coords,
-                                   at::opmath_type<scalar_t>* __restrict__ ce,
-                                   at::opmath_type<scalar_t>* __restrict__ dice,
-                                   at::opmath_type<scalar_t>* __restrict__ dice_sums,
+                                   at::opmath_type<scalar_t>* __restrict__ partial_sums,
                                    int64_t height, int64_t width, int64_t target_height,
-                                   int64_t target_width, int64_t num_points) {
+                                   int64_t target_width, int64_t num_points, int64_t num_splits) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = blockIdx.x;
+  const int64_t n = blockIdx.x / num_splits;
+  const int64_t split = blockIdx.x - n * num_splits;
+  const int64_t end = std::min<int64_t>((split + 1) * kLossSplitPoints, num_points);
   const scalar_t* logit_plane = logits + n * height * width;
   const target_t* target_plane = targets + n * target_height * target_width;
   acc_t sums[4] = {0, 0, 0, 0};  // ce, sum p t, sum p, sum t
-  for (int64_t p = threadIdx.x; p < num_points; p += kThreads) {
+  for (int64_t p = split * kLossSplitPoints + threadIdx.x; p < end; p += kThreads) {
     BilinearPoint<acc_t> point;
     acc_t logit, target;
     sample_logit_and_target(logit_plane, target_plane, coords, n * num_points + p, height, width,
@@ -374,12 +380,27 @@ __global__ void __launch_bounds__(kThreads)
   }
   block_sum(sums);
   if (threadIdx.x == 0) {
-    ce[n] = sums[0] / static_cast<acc_t>(num_points);
-    dice[n] = dice_loss(sums[1], sums[2], sums[3]);
-    dice_sums[3 * n] = sums[1];
-    dice_sums[3 * n + 1] = sums[2];
-    dice_sums[3 * n + 2] = sums[3];
+    acc_t* out = partial_sums + static_cast<int64_t>(blockIdx.x) * 4;
+    for (int i = 0; i < 4; ++i) out[i] = sums[i];
   }
+}
+
+// One thread per mask: sums the mask's splits in split order and writes ce, dice and dice_sums.
+template <typename acc_t>
+__global__ void point_mask_loss_finalize_kernel(const acc_t* __restrict__ partial_sums,
+                                                acc_t* __restrict__ ce, acc_t* __restrict__ dice,
+                                                acc_t* __restrict__ dice_sums, int64_t num_masks,
+                                                int64_t num_splits, int64_t num_points) {
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= num_masks) return;
+  acc_t sums[4] = {0, 0, 0, 0};
+  for (int64_t split = 0; split < num_splits; ++split)
+    for (int i = 0; i < 4; ++i) sums[i] += partial_sums[(n * num_splits + split) * 4 + i];
+  ce[n] = sums[0] / static_cast<acc_t>(num_points);
+  dice[n] = dice_loss(sums[1], sums[2], sums[3]);
+  dice_sums[3 * n] = sums[1];
+  dice_sums[3 * n + 1] = sums[2];
+  dice_sums[3 * n + 2] = sums[3];
 }
 
 template <typename scalar_t, typename target_t, typename coord_t>
@@ -454,18 +475,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> point_mask_loss_forward_cuda(
   at::Tensor dice = at::empty({num_masks}, out_options);
   at::Tensor dice_sums = at::empty({num_masks, 3}, out_options);
   if (num_masks == 0) return {ce, dice, dice_sums};
+  const int64_t num_splits =
+      std::max<int64_t>(1, (num_points + kLossSplitPoints - 1) / kLossSplitPoints);
+  TORCH_CHECK(num_masks * num_splits <= std::numeric_limits<int32_t>::max(),
+              "point_mask_loss supports at most 2^31 - 1 blocks of ", kLossSplitPoints,
+              " points, got ", num_masks, " masks of ", num_points, " points");
+  at::Tensor partial_sums = at::empty({num_masks, num_splits, 4}, out_options);
   const auto stream = at::cuda::getCurrentCUDAStream();
   M2F_DISPATCH_FLOATING_TYPES(mask_logits.scalar_type(), "point_mask_loss_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_target_type<scalar_t>(target_masks, [&](auto targets_ptr) {
       dispatch_coords_type<scalar_t>(coords, [&](auto coords_ptr) {
-        point_mask_loss_forward_kernel<<<static_cast<unsigned>(num_masks), kThreads, 0, stream>>>(
-            mask_logits.data_ptr<scalar_t>(), targets_ptr, coords_ptr, ce.data_ptr<acc_t>(),
-            dice.data_ptr<acc_t>(), dice_sums.data_ptr<acc_t>(), height, width, target_height,
-            target_width, num_points);
+        const unsigned blocks = static_cast<unsigned>(num_masks * num_splits);
+        point_mask_loss_partial_kernel<<<blocks, kThreads, 0, stream>>>(
+            mask_logits.data_ptr<scalar_t>(), targets_ptr, coords_ptr,
+            partial_sums.data_ptr<acc_t>(), height, width, target_height, target_width, num_points,
+            num_splits);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
+    point_mask_loss_finalize_kernel<<<grid_size(num_masks, kThreads), kThreads, 0, stream>>>(
+        partial_sums.data_ptr<acc_t>(), ce.data_ptr<acc_t>(), dice.data_ptr<acc_t>(),
+        dice_sums.data_ptr<acc_t>(), num_masks, num_splits, num_points);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {ce, dice, dice_sums};
 }
