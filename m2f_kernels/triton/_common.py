@@ -7,6 +7,11 @@ from collections.abc import Callable, Sequence
 
 import triton
 
+# Launch options of the kernels that turn a normalized location into a pixel coordinate, x = u * W - 0.5:
+# without FMA contraction the product is rounded on its own, as in the reference and the C++/CUDA kernels, so a
+# location on a pixel boundary falls into the same cell on every backend.
+SAMPLING_OPTIONS = {"enable_fp_fusion": False}
+
 
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (kernels run on CPU tensors through Triton's interpreter)."""
@@ -25,13 +30,16 @@ def block_configs(fixed: triton.Config, blocks: Sequence[dict], warps: Sequence[
     return [triton.Config(dict(block), num_warps=num_warps) for block in blocks for num_warps in warps]
 
 
-def launch(kernel, grid: Callable[[dict], tuple], args: tuple, fixed: triton.Config, pinned: bool) -> None:
-    """Runs an autotuned kernel, or the kernel pinned to `fixed` when `pinned`.
+def launch(
+    kernel, grid: Callable[[dict], tuple], args: tuple, fixed: triton.Config, pinned: bool, **options
+) -> None:
+    """Runs an autotuned kernel, or the kernel pinned to `fixed` when `pinned`; `options` are launch options
+    (e.g. SAMPLING_OPTIONS).
 
     Pinning serves results whose summation order depends on the block sizes: the autotuner's choice comes
     from timings and may differ between processes, the pinned config does not.
     """
     if pinned:
-        kernel.fn[grid](*args, **fixed.all_kwargs())
+        kernel.fn[grid](*args, **fixed.all_kwargs(), **options)
     else:
-        kernel[grid](*args)
+        kernel[grid](*args, **options)

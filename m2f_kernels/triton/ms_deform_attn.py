@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_configs, size_class
+from ._common import SAMPLING_OPTIONS, block_configs, size_class
 
 
 def _configs() -> list:
@@ -432,6 +432,7 @@ def sampling_forward(value, spatial_shapes, level_start_index, reference_points,
         size_class(batch * queries * heads),
         FUSED=fused,
         **_launch_constants(value, levels, points),
+        **SAMPLING_OPTIONS,
     )
     return output
 
@@ -478,6 +479,7 @@ def sampling_backward(
         FUSED=fused,
         ATOMIC_GRAD_VALUE=not deterministic,
         **constants,
+        **SAMPLING_OPTIONS,
     )
     if deterministic:
         num_samples = grad_weight.numel()
@@ -500,6 +502,7 @@ def sampling_backward(
             FUSED=fused,
             BLOCK_Q=block_q,
             **constants,
+            **SAMPLING_OPTIONS,
         )
         # A stable sort keeps each row's contributions in sample order: a fixed summation order.
         sorted_destination, order = torch.sort(destination, stable=True)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_configs, interpreting, launch, size_class
+from ._common import SAMPLING_OPTIONS, block_configs, interpreting, launch, size_class
 from .point_sample import (
     POINT_BLOCKS,
     accumulate_dtype,
@@ -296,6 +296,7 @@ def point_mask_loss_forward(
         args,
         FORWARD_FIXED,
         pinned=torch.are_deterministic_algorithms_enabled(),
+        **SAMPLING_OPTIONS,
     )
     _point_mask_loss_finalize_kernel[(triton.cdiv(num_masks, FINALIZE_BLOCK),)](
         partial, ce, dice, dice_sums, num_masks, num_splits, max(num_points, 1), BLOCK=FINALIZE_BLOCK
@@ -348,6 +349,7 @@ def point_mask_loss_backward(
         size_class(target_height * target_width),
         ACC=triton_accumulate_dtype(mask_logits.dtype),
         DETERMINISTIC=deterministic,
+        **SAMPLING_OPTIONS,
     )
     if deterministic:
         add_pairs_in_order(grad, index, values)

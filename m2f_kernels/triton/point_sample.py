@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_configs, size_class
+from ._common import SAMPLING_OPTIONS, block_configs, size_class
 
 POINT_BLOCKS = [{"BLOCK": block} for block in (128, 256, 512, 1024)]
 FORWARD_FIXED = triton.Config({"BLOCK": 256}, num_warps=4)
@@ -241,6 +241,7 @@ def point_sample_forward(input: torch.Tensor, coords: torch.Tensor) -> torch.Ten
         size_class(height * width),
         size_class(channels),
         ACC=triton_accumulate_dtype(input.dtype),
+        **SAMPLING_OPTIONS,
     )
     return output
 
@@ -323,6 +324,7 @@ def point_sample_backward(
         size_class(channels),
         ACC=triton_accumulate_dtype(input.dtype),
         DETERMINISTIC=deterministic,
+        **SAMPLING_OPTIONS,
     )
     if deterministic:
         add_pairs_in_order(grad_input, index, values)
