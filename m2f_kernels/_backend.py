@@ -196,7 +196,8 @@ class OpKernels:
         module = triton_module(self.op)
         return getattr(module, self._kernel_name(stage), None) if module is not None else None
 
-    def _available(self, backend: str, device_type: str, stage: str) -> bool:
+    def available(self, backend: str, device_type: str, stage: str = "forward") -> bool:
+        """Whether ``backend`` (not "auto") can run ``stage`` on ``device_type`` tensors here."""
         if backend == "torch":
             return True
         if backend == "triton":
@@ -214,8 +215,8 @@ class OpKernels:
         device_type = device.type
         if backend == "auto":
             order = ("cuda", "triton", "torch") if device_type == "cuda" else ("cpu", "torch")
-            return next(name for name in order if self._available(name, device_type, stage))
-        if not self._available(backend, device_type, stage):
+            return next(name for name in order if self.available(name, device_type, stage))
+        if not self.available(backend, device_type, stage):
             raise RuntimeError(
                 f"m2f_kernels.{self.op}: backend {backend!r} cannot run {stage} on {device_type} tensors here "
                 f"(available backends: {available_backends()}; Triton on CPU needs TRITON_INTERPRET=1)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -143,12 +144,26 @@ def _backward(ctx, grad_out, grad_lse):
 _masked_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _gpu_fallback(q: Tensor, backend: str) -> str:
-    """The CUDA and Triton kernels take float16/bfloat16/float32 with head dims 16, 32 and 64; "auto" sends
-    other GPU inputs to the PyTorch backend instead of failing."""
-    if backend == "auto" and q.device.type == "cuda":
-        if q.dtype == torch.float64 or q.shape[-1] not in (16, 32, 64):
-            return "torch"
+# Work B * Q * K from which "auto" runs the Triton kernel on a GPU rather than the CUDA one, which has no
+# tensor cores and is the slower of the two from there on (benchmarks/results/nvidia-h200-*.json).
+TRITON_FROM_WORK = 3_000_000
+
+
+def _auto_backend(q: Tensor, k: Tensor, backend: str) -> str:
+    """What "auto" runs on a GPU: the PyTorch backend for inputs the kernels do not take (float64, head dims
+    other than 16, 32 and 64), Triton from TRITON_FROM_WORK on, else the default order (CUDA first).
+    M2F_KERNELS_BACKEND, when set, overrides the shape rule."""
+    if backend != "auto" or q.device.type != "cuda":
+        return backend
+    if q.dtype == torch.float64 or q.shape[-1] not in (16, 32, 64):
+        return "torch"
+    work = q.shape[0] * q.shape[2] * k.shape[2]
+    if (
+        os.environ.get("M2F_KERNELS_BACKEND", "auto") == "auto"
+        and work >= TRITON_FROM_WORK
+        and KERNELS.available("triton", "cuda", "forward")
+    ):
+        return "triton"
     return backend
 
 
@@ -222,7 +237,7 @@ def masked_attention(
             attn_mask,
             threshold_logit,
             scale,
-            _gpu_fallback(q, backend),
+            _auto_backend(q, k, backend),
         )
     if not return_attn_probs:
         return out

@@ -23,9 +23,15 @@ def size_class(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def autotuning() -> bool:
+    """False under TRITON_INTERPRET=1 or M2F_KERNELS_TRITON_AUTOTUNE=0 (read at import): every kernel then runs
+    its fixed config, with no autotuning pass on the first call of a shape class."""
+    return not interpreting() and os.environ.get("M2F_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+
+
 def block_configs(fixed: triton.Config, blocks: Sequence[dict], warps: Sequence[int]) -> list[triton.Config]:
-    """Every (block sizes, num_warps) pair on GPU; only `fixed` under TRITON_INTERPRET=1."""
-    if interpreting():
+    """Every (block sizes, num_warps) pair when autotuning(); otherwise only `fixed`."""
+    if not autotuning():
         return [fixed]
     return [triton.Config(dict(block), num_warps=num_warps) for block in blocks for num_warps in warps]
 

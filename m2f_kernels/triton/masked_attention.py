@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, size_class
+from ._common import autotuning, interpreting, size_class
 
 _MASK_LOGITS = 0
 _MASK_BOOL = 1
@@ -26,9 +26,10 @@ def _autotuned(kernel):
     """On GPU, tunes warps and pipeline stages per shape class (queries, keys bucketed to powers of two,
     head dim).
 
-    The block sizes stay fixed (the key splits are multiples of BLOCK_K); the interpreter runs one config.
+    The block sizes stay fixed (the key splits are multiples of BLOCK_K); without autotuning() (the
+    interpreter, M2F_KERNELS_TRITON_AUTOTUNE=0) the kernel runs with Triton's default warps and stages.
     """
-    if interpreting():
+    if not autotuning():
         return kernel
     configs = [
         triton.Config({}, num_warps=warps, num_stages=stages) for warps in (2, 4, 8) for stages in (2, 3)

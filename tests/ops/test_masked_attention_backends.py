@@ -384,3 +384,22 @@ def test_triton_many_heads_query_blocks_and_splits(mask_kind):
     """Two images x three heads, two query blocks, three key splits and three key blocks: the kernels' grid
     folds (block, batch * heads) into its first axis, and each program must recover both."""
     check_backend("triton", torch.float32, (2, 3, 40, 150, 32), mask_kind, num_splits=3)
+
+
+@pytest.mark.cuda
+def test_auto_backend_follows_the_work_threshold(monkeypatch):
+    """On a GPU, "auto" runs Triton from TRITON_FROM_WORK = B * Q * K on, the default order below it, the
+    PyTorch backend for float64, and M2F_KERNELS_BACKEND overrides the rule."""
+    from m2f_kernels.ops.masked_attention import TRITON_FROM_WORK, _auto_backend
+
+    monkeypatch.delenv("M2F_KERNELS_BACKEND", raising=False)
+    q = torch.empty(2, 8, 100, 32, device="cuda")
+    keys_at_threshold = -(-TRITON_FROM_WORK // 200)
+    k_small = torch.empty(2, 8, keys_at_threshold - 1, 32, device="cuda")
+    k_large = torch.empty(2, 8, keys_at_threshold, 32, device="cuda")
+    assert _auto_backend(q, k_small, "auto") == "auto"
+    assert _auto_backend(q, k_large, "auto") == "triton"
+    assert _auto_backend(q, k_large, "cuda") == "cuda"
+    assert _auto_backend(q.double(), k_large.double(), "auto") == "torch"
+    monkeypatch.setenv("M2F_KERNELS_BACKEND", "cuda")
+    assert _auto_backend(q, k_large, "auto") == "auto"  # resolved to the variable's backend by the op
