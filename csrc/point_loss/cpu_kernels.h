@@ -216,12 +216,27 @@ M2F_CPU_INLINE void load_coord_lanes(const float* coords, FloatVector* x, FloatV
 }
 #endif
 
-// sample_points, kVectorLanes points at a time where the planes allow 32-bit indices (float).
+#if defined(__GNUC__)
+// The logit plane's cells of a chunk's lane groups, as sample_chunk finds them: mask_loss_grad
+// hands them to scatter_chunk, which adds the gradients at the same cells.
+struct ChunkCells {
+  CellLanes groups[kChunk / kVectorLanes];
+  int64_t points = 0;  // points [0, points) of the chunk have their cells in groups
+};
+#else
+struct ChunkCells {
+  int64_t points = 0;
+};
+#endif
+
+// sample_points, kVectorLanes points at a time where the planes allow 32-bit indices (float). With
+// logit_cells, records the logit plane's cells of the points sampled in lanes.
 template <typename acc_t, typename scalar_t, typename target_t>
 M2F_CPU_INLINE void sample_chunk(const scalar_t* logit_plane, int64_t height, int64_t width,
                                  const target_t* target_plane, int64_t target_height,
                                  int64_t target_width, const acc_t* mask_coords, int64_t num_points,
-                                 int64_t begin, int64_t count, acc_t* logits, acc_t* targets) {
+                                 int64_t begin, int64_t count, acc_t* logits, acc_t* targets,
+                                 ChunkCells* logit_cells = nullptr) {
   int64_t i = 0;
 #if defined(__GNUC__)
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -234,7 +249,9 @@ M2F_CPU_INLINE void sample_chunk(const scalar_t* logit_plane, int64_t height, in
           prefetch_cells(target_plane, cell_lanes(x, y, target_height, target_width));
         }
         load_coord_lanes(mask_coords + 2 * p, &x, &y);
-        const FloatVector logit = sample_cells(logit_plane, cell_lanes(x, y, height, width));
+        const CellLanes cell = cell_lanes(x, y, height, width);
+        if (logit_cells != nullptr) logit_cells->groups[i / kVectorLanes] = cell;
+        const FloatVector logit = sample_cells(logit_plane, cell);
         const FloatVector target =
             sample_cells(target_plane, cell_lanes(x, y, target_height, target_width));
         std::memcpy(logits + i, &logit, sizeof(logit));
@@ -243,6 +260,7 @@ M2F_CPU_INLINE void sample_chunk(const scalar_t* logit_plane, int64_t height, in
     }
   }
 #endif
+  if (logit_cells != nullptr) logit_cells->points = i;
   sample_points(logit_plane, height, width, target_plane, target_height, target_width, mask_coords,
                 num_points, begin + i, count - i, logits + i, targets + i);
 }
@@ -283,30 +301,27 @@ void point_sample_points(const scalar_t* input, int64_t channels, int64_t height
 }
 
 // Adds grads[i] times the bilinear weights of point begin + i (i < count) to grad_plane (height,
-// width), point by point and corner by corner in corner_weights' order, kVectorLanes points' cells
-// and weights at a time where sample_chunk would sample them so.
+// width), point by point and corner by corner in corner_weights' order: the points that
+// sample_chunk sampled in lanes at the cells it recorded (cells), the others one at a time.
 template <typename acc_t>
 M2F_CPU_INLINE void scatter_chunk(const acc_t* mask_coords, int64_t height, int64_t width,
                                   int64_t begin, int64_t count, const acc_t* grads,
-                                  acc_t* grad_plane) {
+                                  const ChunkCells& cells, acc_t* grad_plane) {
   int64_t i = 0;
 #if defined(__GNUC__)
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (height * width <= kMaxLaneIndex) {
-      for (; i + kVectorLanes <= count; i += kVectorLanes) {
-        FloatVector x, y, grad;
-        load_coord_lanes(mask_coords + 2 * (begin + i), &x, &y);
-        std::memcpy(&grad, grads + i, sizeof(grad));
-        const CellLanes cell = cell_lanes(x, y, height, width);
-        const FloatVector hx = splat(1.0f) - cell.lx, hy = splat(1.0f) - cell.ly;
-        const FloatVector g00 = grad * (hy * hx), g01 = grad * (hy * cell.lx),
-                          g10 = grad * (cell.ly * hx), g11 = grad * (cell.ly * cell.lx);
-        for (int64_t l = 0; l < kVectorLanes; ++l) {
-          if (cell.in00[l]) grad_plane[cell.row0[l] + cell.col0[l]] += g00[l];
-          if (cell.in01[l]) grad_plane[cell.row0[l] + cell.col1[l]] += g01[l];
-          if (cell.in10[l]) grad_plane[cell.row1[l] + cell.col0[l]] += g10[l];
-          if (cell.in11[l]) grad_plane[cell.row1[l] + cell.col1[l]] += g11[l];
-        }
+    for (; i < cells.points; i += kVectorLanes) {
+      const CellLanes& cell = cells.groups[i / kVectorLanes];
+      FloatVector grad;
+      std::memcpy(&grad, grads + i, sizeof(grad));
+      const FloatVector hx = splat(1.0f) - cell.lx, hy = splat(1.0f) - cell.ly;
+      const FloatVector g00 = grad * (hy * hx), g01 = grad * (hy * cell.lx),
+                        g10 = grad * (cell.ly * hx), g11 = grad * (cell.ly * cell.lx);
+      for (int64_t l = 0; l < kVectorLanes; ++l) {
+        if (cell.in00[l]) grad_plane[cell.row0[l] + cell.col0[l]] += g00[l];
+        if (cell.in01[l]) grad_plane[cell.row0[l] + cell.col1[l]] += g01[l];
+        if (cell.in10[l]) grad_plane[cell.row1[l] + cell.col0[l]] += g10[l];
+        if (cell.in11[l]) grad_plane[cell.row1[l] + cell.col1[l]] += g11[l];
       }
     }
   }
@@ -345,13 +360,15 @@ template <typename acc_t, typename scalar_t, typename target_t>
 void mask_loss_grad(const MaskPoints<acc_t, scalar_t, target_t>& mask,
                     const PointLossGradScales<acc_t>& scales, acc_t* grad_plane) {
   alignas(64) acc_t logits[kChunk] = {}, targets[kChunk] = {}, probs[kChunk], grads[kChunk];
+  ChunkCells cells;
   for (int64_t begin = 0; begin < mask.num_points; begin += kChunk) {
     const int64_t count = std::min(kChunk, mask.num_points - begin);
     sample_chunk(mask.logits, mask.height, mask.width, mask.targets, mask.target_height,
-                 mask.target_width, mask.coords, mask.num_points, begin, count, logits, targets);
+                 mask.target_width, mask.coords, mask.num_points, begin, count, logits, targets,
+                 &cells);
     logit_terms_chunk(logits, probs, static_cast<acc_t*>(nullptr), count);
     for (int64_t i = 0; i < count; ++i) grads[i] = point_loss_grad(scales, probs[i], targets[i]);
-    scatter_chunk(mask.coords, mask.height, mask.width, begin, count, grads, grad_plane);
+    scatter_chunk(mask.coords, mask.height, mask.width, begin, count, grads, cells, grad_plane);
   }
 }
 
