@@ -1,6 +1,7 @@
 """`pytest benchmarks/`: every benchmark records into one Recorder; the run ends with a markdown table and a
 results JSON (default .benchmarks/results-<device>.json; set M2F_BENCH_OUT to choose, e.g.
-benchmarks/results/<name>.json for results to commit)."""
+benchmarks/results/<name>.json for results to commit). The JSON is rewritten (atomically) after every test, so
+an interrupted run keeps what it measured."""
 
 import os
 import re
@@ -23,11 +24,19 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _results_path() -> str:
+    device_name = re.sub(r"[^A-Za-z0-9]+", "-", environment()["device"]).strip("-").lower() or "cpu"
+    return os.environ.get("M2F_BENCH_OUT", f".benchmarks/results-{device_name}.json")
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if _recorder.measurements:
+        _recorder.write(_results_path())
+
+
 def pytest_terminal_summary(terminalreporter):
     if not _recorder.measurements:
         return
     terminalreporter.write_line("")
     terminalreporter.write_line(_recorder.table())
-    device_name = re.sub(r"[^A-Za-z0-9]+", "-", environment()["device"]).strip("-").lower() or "cpu"
-    path = os.environ.get("M2F_BENCH_OUT", f".benchmarks/results-{device_name}.json")
-    terminalreporter.write_line(f"results written to {_recorder.write(path)}")
+    terminalreporter.write_line(f"results written to {_recorder.write(_results_path())}")

@@ -5,8 +5,11 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (default OUT_DIR: benchmarks/results)
 #
 # PY selects the Python that has torch (default: .venv/bin/python if present, else python3); STEPS selects
-# the steps (default "build test sanitize bench"). Logs and the results JSON go to OUT_DIR, named after the
-# device and the commit; the script goes on after a failing step and exits non-zero if any step failed.
+# the steps (default "build test sanitize bench"); TEST_ARGS and BENCH_ARGS replace the pytest arguments of
+# the test and bench steps (e.g. a -k selection), SANITIZE_TOOLS the compute-sanitizer tools, and
+# STEP_TIMEOUT (seconds) bounds each step. Logs and the results JSON go to OUT_DIR, named after the device and
+# the commit (M2F_BENCH_COMMIT if set); the script goes on after a failing step and exits non-zero if any
+# step failed.
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-benchmarks/results}
@@ -22,7 +25,8 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT_DIR"
 device=$($PY -c 'import re, torch; print(re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower())')
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+commit=${M2F_BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+commit=${commit:0:7}
 prefix="$OUT_DIR/$device-$commit"
 failed=""
 
@@ -30,7 +34,7 @@ step() {  # step NAME COMMAND...: runs COMMAND, logs to $prefix-NAME.log, record
   local name=$1
   shift
   echo "== $name: $*"
-  if ! "$@" >"$prefix-$name.log" 2>&1; then
+  if ! timeout "${STEP_TIMEOUT:-0}" "$@" >"$prefix-$name.log" 2>&1; then
     failed="$failed $name"
     echo "   FAILED (see $prefix-$name.log)"
   fi
@@ -40,13 +44,19 @@ step() {  # step NAME COMMAND...: runs COMMAND, logs to $prefix-NAME.log, record
 for s in $STEPS; do
   case $s in
     build) step build $PY setup.py build_ext --inplace ;;
-    test) step test $PY -m pytest -q --continue-on-collection-errors -m cuda tests/ops tests/nn ;;
+    test)
+      eval "args=(${TEST_ARGS:-tests/ops tests/nn})"
+      step test $PY -m pytest -q --continue-on-collection-errors -m cuda "${args[@]}"
+      ;;
     sanitize)
-      for tool in memcheck racecheck synccheck initcheck; do
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
         step "sanitize-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 $PY -m benchmarks.sanitize
       done
       ;;
-    bench) step bench env M2F_BENCH_OUT="$prefix.json" $PY -m pytest -q --continue-on-collection-errors benchmarks ;;
+    bench)
+      eval "args=(${BENCH_ARGS:-benchmarks})"
+      step bench env M2F_BENCH_OUT="$prefix.json" $PY -m pytest -q --continue-on-collection-errors "${args[@]}"
+      ;;
     *) echo "unknown step $s" && exit 2 ;;
   esac
 done

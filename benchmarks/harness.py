@@ -1,7 +1,9 @@
 """Benchmark harness shared by every op and model benchmark.
 
 ``measure`` times one callable in one mode (forward, backward or full = forward + backward), with warm-up,
-CUDA events on GPU and the wall clock on CPU, and the peak memory on GPU. ``Recorder`` (the ``bench``
+CUDA events on GPU and the wall clock on CPU, and the peak memory on GPU. On GPU it also measures the GPU
+time: the same call queued behind a GPU sleep, so that the kernels run back to back and the time excludes
+the host's launch overhead (what the call costs inside a training step, where the host runs ahead). ``Recorder`` (the ``bench``
 fixture of benchmarks/conftest.py) keeps the measurements of a run, reports each one as a ratio to its
 baseline measured in the same run, and writes them as JSON with the device, commit and versions.
 """
@@ -9,6 +11,7 @@ baseline measured in the same run, and writes them as JSON with the device, comm
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -26,7 +29,8 @@ MODES = ("forward", "backward", "full")
 
 @dataclasses.dataclass
 class Measurement:
-    """One timed configuration: median and min milliseconds over ``repeats`` runs, peak bytes on GPU."""
+    """One timed configuration: median and min milliseconds over ``repeats`` runs, peak bytes on GPU, and on
+    GPU the median GPU time (launch overhead excluded)."""
 
     group: str
     name: str
@@ -37,6 +41,8 @@ class Measurement:
     peak_memory_bytes: int | None
     params: dict
     bytes_moved: int | None = None
+    gpu_median_ms: float | None = None
+    gpu_times_ms: list[float] | None = None
 
 
 def _synchronize(device: torch.device) -> None:
@@ -62,11 +68,13 @@ def measure(
     device: torch.device | str = "cpu",
     warmup: int = 3,
     repeats: int = 10,
-) -> tuple[float, float, list[float], int | None]:
-    """Times ``fn`` in ``mode``; returns (median_ms, min_ms, all times, peak memory bytes on GPU or None).
+) -> tuple[float, float, list[float], int | None, list[float] | None]:
+    """Times ``fn`` in ``mode``; returns (median_ms, min_ms, all times, peak memory bytes on GPU or None,
+    GPU times or None).
 
     forward: fn() with autograd recording when ``grad_inputs`` require grad; backward: the backward of a
-    forward run outside the timed region; full: both.
+    forward run outside the timed region; full: both. The GPU times queue each call behind a GPU sleep
+    longer than the call's wall time, so the host has launched everything before the first kernel starts.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -76,14 +84,18 @@ def measure(
         for tensor in grad_inputs:
             tensor.grad = None
 
-    def run_once() -> float:
+    def run_once(sleep_cycles: int = 0) -> float:
         clear_grads()
         if mode == "backward":
             outputs, grads = _outputs_and_grads(fn())
             _synchronize(device)
+            if sleep_cycles:
+                torch.cuda._sleep(sleep_cycles)
             start = _Timer(device)
             torch.autograd.backward(outputs, grads)
             return start.stop()
+        if sleep_cycles:
+            torch.cuda._sleep(sleep_cycles)
         start = _Timer(device)
         result = fn()
         if mode == "full":
@@ -98,10 +110,28 @@ def measure(
         base_memory = torch.cuda.memory_allocated(device)
     times = [run_once() for _ in range(repeats)]
     peak = None
+    gpu_times = None
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base_memory
+        sleep_ms = min(1.5 * max(times) + 1.0, 500.0)
+        cycles = int(sleep_ms * _sleep_cycles_per_ms())
+        gpu_times = [run_once(cycles) for _ in range(repeats)]
     clear_grads()
-    return statistics.median(times), min(times), times, peak
+    return statistics.median(times), min(times), times, peak, gpu_times
+
+
+@functools.cache
+def _sleep_cycles_per_ms() -> float:
+    """GPU clock cycles of torch.cuda._sleep per millisecond, measured once."""
+    cycles = 10_000_000
+    torch.cuda._sleep(cycles)  # warm-up
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / start.elapsed_time(end)
 
 
 class _Timer:
@@ -134,10 +164,9 @@ def device_peak_bandwidth_gbs(device: torch.device) -> float | None:
     return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
 
 
-def environment() -> dict:
-    """Device, commit and versions recorded with every result file."""
+def _git_head() -> str | None:
     try:
-        commit = subprocess.run(
+        return subprocess.run(
             ["git", "rev-parse", "HEAD"],
             capture_output=True,
             text=True,
@@ -145,7 +174,15 @@ def environment() -> dict:
             cwd=Path(__file__).parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = None
+        return None
+
+
+def environment() -> dict:
+    """Device, commit and versions recorded with every result file.
+
+    The commit is M2F_BENCH_COMMIT where set (a copy of the tree without its git history), else git's HEAD.
+    """
+    commit = os.environ.get("M2F_BENCH_COMMIT") or _git_head()
     try:
         import triton
 
@@ -188,37 +225,61 @@ class Recorder:
         bytes_moved: int | None = None,
     ) -> Measurement:
         """Measures ``fn`` and records it under (group, name, mode)."""
-        median_ms, min_ms, times, peak = measure(
+        median_ms, min_ms, times, peak, gpu_times = measure(
             fn, mode=mode, grad_inputs=grad_inputs, device=device, warmup=warmup, repeats=repeats
         )
         measurement = Measurement(
-            group, name, mode, median_ms, min_ms, times, peak, params or {}, bytes_moved
+            group,
+            name,
+            mode,
+            median_ms,
+            min_ms,
+            times,
+            peak,
+            params or {},
+            bytes_moved,
+            statistics.median(gpu_times) if gpu_times else None,
+            gpu_times,
         )
         self.measurements.append(measurement)
         return measurement
 
-    def ratio(self, group: str, name: str, baseline: str, mode: str) -> float | None:
-        """Speed-up of ``name`` over ``baseline``: baseline time / our time, same group and mode."""
+    def ratio(self, group: str, name: str, baseline: str, mode: str, gpu: bool = False) -> float | None:
+        """Speed-up of ``name`` over ``baseline``: baseline time / our time, same group and mode; with
+        ``gpu``, of the GPU times (None where either has none)."""
         by_name = {m.name: m for m in self.measurements if m.group == group and m.mode == mode}
         if name not in by_name or baseline not in by_name:
             return None
+        if gpu:
+            ours, theirs = by_name[name].gpu_median_ms, by_name[baseline].gpu_median_ms
+            return theirs / ours if ours and theirs else None
         return by_name[baseline].median_ms / by_name[name].median_ms
 
     def table(self) -> str:
         """Markdown table of every measurement with its ratio to each other entry of its group and mode."""
         lines = [
-            "| group | mode | name | median ms | peak MiB | GB/s | speed-up vs |",
-            "|---|---|---|---|---|---|---|",
+            "| group | mode | name | median ms | GPU ms | peak MiB | GB/s | speed-up vs (GPU time) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for m in self.measurements:
             peers = [
                 o for o in self.measurements if o.group == m.group and o.mode == m.mode and o.name != m.name
             ]
-            ratios = ", ".join(f"{o.name} {o.median_ms / m.median_ms:.2f}x" for o in peers)
+            ratios = ", ".join(
+                f"{o.name} {o.median_ms / m.median_ms:.2f}x"
+                + (
+                    f" ({o.gpu_median_ms / m.gpu_median_ms:.2f}x)"
+                    if o.gpu_median_ms and m.gpu_median_ms
+                    else ""
+                )
+                for o in peers
+            )
+            gpu_ms = f"{m.gpu_median_ms:.3f}" if m.gpu_median_ms else "-"
             memory = f"{m.peak_memory_bytes / 2**20:.1f}" if m.peak_memory_bytes is not None else "-"
             bandwidth = f"{m.bytes_moved / m.median_ms / 1e6:.0f}" if m.bytes_moved else "-"
             lines.append(
-                f"| {m.group} | {m.mode} | {m.name} | {m.median_ms:.3f} | {memory} | {bandwidth} | {ratios} |"
+                f"| {m.group} | {m.mode} | {m.name} | {m.median_ms:.3f} | {gpu_ms} | {memory} | {bandwidth} "
+                f"| {ratios} |"
             )
         return "\n".join(lines)
 

@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.report RESULTS.json [MORE.json ...] [--out DIR] [--baseline OLD.json]`` writes
 DIR/report.md (the device, commit and versions of every file, then one table per group: median and min ms,
-speed-up over every other entry of the group in the same mode as ``Recorder.ratio`` computes it, peak memory,
+speed-up over every other entry of the group in the same mode as ``Recorder.ratio`` computes it, the same for
+the GPU times (launch overhead excluded) where the run has them, peak memory,
 achieved bandwidth and its fraction of the device peak) and one PNG bar chart per group. With ``--baseline``
 every row also gets its time relative to the same (group, name, mode) in OLD.json, and rows slower than
 ``--threshold`` are listed as regressions.
@@ -135,7 +136,10 @@ def group_table(
     peak_gbs = results.environment["peak_bandwidth_gbs"]
     has_memory = any(m.peak_memory_bytes is not None for m in rows)
     has_bandwidth = any(m.bytes_moved for m in rows)
+    has_gpu_time = any(m.gpu_median_ms for m in rows)
     header = ["name", "mode", "median ms", "min ms"] + [f"speed-up vs {_cell(name)}" for name in names]
+    if has_gpu_time:
+        header += ["GPU ms"] + [f"GPU speed-up vs {_cell(name)}" for name in names]
     if has_memory:
         header.append("peak MiB")
     if has_bandwidth:
@@ -150,6 +154,13 @@ def group_table(
         for name in names:
             ratio = None if name == m.name else results.recorder.ratio(group, m.name, name, m.mode)
             row.append(_format(ratio, ".2f", "x"))
+        if has_gpu_time:
+            row.append(_format(m.gpu_median_ms, ".3g"))
+            for name in names:
+                ratio = (
+                    None if name == m.name else results.recorder.ratio(group, m.name, name, m.mode, gpu=True)
+                )
+                row.append(_format(ratio, ".2f", "x"))
         if has_memory:
             memory = m.peak_memory_bytes / 2**20 if m.peak_memory_bytes is not None else None
             row.append(_format(memory, ".1f"))
@@ -220,7 +231,8 @@ def write_report(
     lines = ["# Benchmark report", "", *environment_table(files, baseline), ""]
     lines.append(
         "Times in ms over the repeats of one run; `speed-up vs X` is X's median time / this row's, same group "
-        "and mode of the same run (> 1: this row is faster)."
+        "and mode of the same run (> 1: this row is faster). `GPU ms` (GPU runs) is the time of the same call "
+        "queued behind a GPU sleep, so the host's launch overhead is excluded; `GPU speed-up vs X` compares those."
     )
     if baseline is not None:
         lines.append(f"`time new/old` is this row's median time / the same entry's in {baseline.path}.")
