@@ -188,6 +188,7 @@ class OpKernels:
     def __init__(self, op: str, torch_kernels: dict[str, Callable]):
         self.op = op
         self.torch_kernels = torch_kernels
+        self._resolved: dict[tuple, Callable] = {}
 
     def _kernel_name(self, stage: str) -> str:
         return self.op if stage == self.op else f"{self.op}_{stage}"
@@ -224,7 +225,24 @@ class OpKernels:
         return backend
 
     def get(self, backend: str, device: torch.device, stage: str = "forward") -> Callable:
-        """The callable for ``stage`` on the resolved backend."""
+        """The callable for ``stage`` on the resolved backend.
+
+        Remembered per (backend, device type, stage) and the environment variables that steer the choice,
+        so that an op call does not look the backend up again (tens of microseconds of host time).
+        """
+        key = (
+            backend,
+            device.type,
+            stage,
+            os.environ.get("M2F_KERNELS_BACKEND"),
+            os.environ.get("TRITON_INTERPRET"),
+        )
+        kernel = self._resolved.get(key)
+        if kernel is None:
+            kernel = self._resolved[key] = self._lookup(backend, device, stage)
+        return kernel
+
+    def _lookup(self, backend: str, device: torch.device, stage: str) -> Callable:
         backend = self.resolve(backend, device, stage)
         if backend == "torch":
             return self.torch_kernels[stage]
