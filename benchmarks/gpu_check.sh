@@ -7,14 +7,23 @@
 # PY selects the Python that has torch (default: .venv/bin/python if present, else python3); STEPS selects
 # the steps (default "build test sanitize bench"); TEST_ARGS and BENCH_ARGS replace the pytest arguments of
 # the test and bench steps (e.g. a -k selection), SANITIZE_TOOLS the compute-sanitizer tools, and
-# STEP_TIMEOUT (seconds) bounds each step. Logs and the results JSON go to OUT_DIR, named after the device and
-# the commit (M2F_BENCH_COMMIT if set); the script goes on after a failing step and exits non-zero if any
-# step failed.
+# STEP_TIMEOUT (seconds) bounds each step. The tests run the Triton kernels at their fixed configs
+# (TEST_TRITON_AUTOTUNE=1 autotunes them, seconds per shape); the benchmarks always autotune. QUICK=1
+# sizes a run to at most 12 minutes (each step stopped after 180 s): the ops' cuda tests, memcheck, the
+# point-loss benchmarks and the masked-attention ones at 50 % density (forward + backward).
+# Logs and the results JSON go to OUT_DIR, named after the device and the commit (M2F_BENCH_COMMIT if
+# set); the script goes on after a failing step and exits non-zero if any step failed.
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-benchmarks/results}
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 STEPS=${STEPS:-build test sanitize bench}
+if [ "${QUICK:-0}" = 1 ]; then
+  TEST_ARGS=${TEST_ARGS:-tests/ops}
+  SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck}
+  BENCH_ARGS=${BENCH_ARGS:-benchmarks/bench_point_loss.py benchmarks/bench_masked_attention.py -k \"point or (density50 and full)\"}
+  STEP_TIMEOUT=${STEP_TIMEOUT:-180}
+fi
 if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check.sh: $PY sees no CUDA GPU" >&2
   exit 2
@@ -46,7 +55,8 @@ for s in $STEPS; do
     build) step build $PY setup.py build_ext --inplace ;;
     test)
       eval "args=(${TEST_ARGS:-tests/ops tests/nn})"
-      step test $PY -m pytest -q --continue-on-collection-errors -m cuda "${args[@]}"
+      step test env M2F_KERNELS_TRITON_AUTOTUNE="${TEST_TRITON_AUTOTUNE:-0}" \
+        $PY -m pytest -q --continue-on-collection-errors -m cuda "${args[@]}"
       ;;
     sanitize)
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
