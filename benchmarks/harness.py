@@ -3,8 +3,8 @@
 ``measure`` times one callable in one mode (forward, backward or full = forward + backward), with warm-up,
 CUDA events on GPU and the wall clock on CPU, and the peak memory on GPU. On GPU it also measures the GPU
 time: the same call queued behind a GPU sleep, so that the kernels run back to back and the time excludes
-the host's launch overhead (what the call costs inside a training step, where the host runs ahead). ``Recorder`` (the ``bench``
-fixture of benchmarks/conftest.py) keeps the measurements of a run, reports each one as a ratio to its
+the host's launch overhead (what the call costs inside a training step, where the host runs ahead).
+``Recorder`` (the ``bench`` fixture of benchmarks/conftest.py) keeps the measurements of a run, reports each one as a ratio to its
 baseline measured in the same run, and writes them as JSON with the device, commit and versions.
 """
 
@@ -74,7 +74,8 @@ def measure(
 
     forward: fn() with autograd recording when ``grad_inputs`` require grad; backward: the backward of a
     forward run outside the timed region; full: both. The GPU times queue each call behind a GPU sleep
-    longer than the call's wall time, so the host has launched everything before the first kernel starts.
+    longer than the call's wall time, so the host has launched everything before the first kernel starts;
+    a call that waits for the GPU (e.g. .item()) is timed with the host work that follows the wait.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
