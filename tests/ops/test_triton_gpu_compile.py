@@ -258,6 +258,26 @@ def test_the_ops_launch_every_kernel(default_specs):
     assert defined - launched == set(), "kernels no recorded launch covers"
 
 
+SAMPLING_KERNELS = {
+    ("m2f_kernels.triton.ms_deform_attn", "_forward_kernel"),
+    ("m2f_kernels.triton.ms_deform_attn", "_backward_kernel"),
+    ("m2f_kernels.triton.ms_deform_attn", "_contribution_kernel"),
+    ("m2f_kernels.triton.point_sample", "_point_sample_forward_kernel"),
+    ("m2f_kernels.triton.point_sample", "_point_sample_backward_kernel"),
+    ("m2f_kernels.triton.point_mask_loss", "_point_mask_loss_forward_kernel"),
+    ("m2f_kernels.triton.point_mask_loss", "_point_mask_loss_backward_kernel"),
+}
+
+
+def test_sampling_kernels_launch_without_fp_fusion(default_specs):
+    """The kernels that compute a sample's cell from x = u * W - 0.5 launch with enable_fp_fusion=False: a
+    fused multiply-add would move a location on a pixel boundary into the neighbouring cell on the GPU."""
+    launches = [spec for spec in default_specs if (spec["module"], spec["kernel"]) in SAMPLING_KERNELS]
+    assert {(spec["module"], spec["kernel"]) for spec in launches} == SAMPLING_KERNELS
+    for spec in launches:
+        assert spec["options"].get("enable_fp_fusion") is False, describe(spec)
+
+
 def test_every_launch_compiles_and_fits_for_sm80_and_sm90(default_compiles):
     tasks, results = default_compiles
     recorded = [result for result in results if result["config"] == "recorded"]
