@@ -219,3 +219,25 @@ def test_triton_several_point_blocks_per_mask(deterministic):
     check_backend(
         "triton", torch.float32, (7, 5), (13, 17), 1100, "uint8", "cpu", deterministic=deterministic
     )
+
+
+@pytest.mark.skipif("triton" not in CPU_KERNEL_BACKENDS, reason="Triton does not run on CPU here")
+def test_triton_forward_split_on_a_gpu(monkeypatch):
+    """The GPU branch of the forward's split: ranges a multiple of the largest autotuned BLOCK, about four
+    programs per SM, and never shorter than one BLOCK."""
+    import types
+
+    from m2f_kernels.triton import point_mask_loss as module
+
+    unit = max(config.kwargs["BLOCK"] for config in module._point_mask_loss_forward_kernel.configs)
+    monkeypatch.setattr(module, "interpreting", lambda: False)
+    properties = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+    device = torch.device("cuda")
+    # 100 masks want ceil(528 / 100) = 6 ranges each: 12,544 // (6 * unit) whole units per range.
+    assert module._points_per_split(device, 100, 12544) == max(1, 12544 // (6 * unit)) * unit
+    for masks, points in [(100, 12544), (1, 12544), (1000, 12544), (8, 1), (2, 300000)]:
+        per_split = module._points_per_split(device, masks, points)
+        assert per_split % unit == 0 and per_split >= unit
+        splits = -(-points // per_split)
+        assert per_split == unit or masks * splits >= 4 * 132  # longer ranges only with the GPU filled
