@@ -151,9 +151,8 @@ def point_loss_cases(device, backend):
 
         mask_logits = torch.randn(4, 17, 11, device=device, dtype=dtype)
         targets = torch.rand(4, 67, 45, device=device) < 0.4
-        coords = _with_edge_locations(
-            torch.rand(4, 1301, 2, device=device, dtype=dtype)
-        )  # several loss splits
+        # 1,301 points: several point splits of the loss forward.
+        coords = _with_edge_locations(torch.rand(4, 1301, 2, device=device, dtype=dtype))
         logits_in = mask_logits.detach().clone().requires_grad_()
         ce, dice = m2f_kernels.point_mask_loss(logits_in, targets, coords, 3.0, backend=backend)
         ours = [ce, dice, *torch.autograd.grad(ce * 0.7 + dice * 1.3, [logits_in])]
