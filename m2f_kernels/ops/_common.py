@@ -1,12 +1,14 @@
-"""Argument checks, autocast handling and the autograd helper shared by the op modules."""
+"""Argument checks, autocast handling, the eager call path and the autograd helper shared by the op modules."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
+from torch._library.custom_ops import CustomOpDef
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT32_MAX = 2**31 - 1
@@ -20,7 +22,7 @@ def check_tensor(name: str, tensor, *, ndim: int | None = None, floating: bool =
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
     if floating and tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
-    if any(size > INT32_MAX for size in tensor.shape):
+    if max(tensor.shape, default=0) > INT32_MAX:
         raise ValueError(f"{name} has a dimension beyond int32 range: shape {tuple(tensor.shape)}")
 
 
@@ -110,3 +112,56 @@ def reference_vjp(
         return tuple(torch.zeros_like(inputs[i]) if g is None else g.contiguous() for i, g in zip(wrt, grads))
 
     return _reference_thread.submit(run).result()
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(args: Sequence) -> bool:
+    """Whether an op call with ``args`` is seen by eager autograd alone: nothing compiles, exports, traces or
+    profiles it, no dispatch or function mode and no functorch transform is active, and every tensor is a
+    plain one."""
+    if (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.autograd._profiler_enabled()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        return False
+    return all(type(arg) in _PLAIN_TENSOR_TYPES for arg in args if isinstance(arg, torch.Tensor))
+
+
+@functools.cache
+def _eager_autograd(op: CustomOpDef) -> type[torch.autograd.Function]:
+    """An autograd.Function running ``op``'s own implementation, setup_context and backward."""
+
+    def forward(ctx, *args):
+        output = op._init_fn(*args)
+        op._setup_context_fn(ctx, args, output)
+        return output
+
+    return type(
+        f"{op._name}_eager",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(op._backward_fn)},
+    )
+
+
+def call_op(op: CustomOpDef, *args):
+    """``op(*args)`` for a ``torch.library.custom_op``, with its registered autograd.
+
+    In plain eager mode (``plain_eager``) the op's Python implementation runs without the dispatcher: the same
+    kernels and the same backward, without the custom-op machinery's Python hops (benchmarks/
+    bench_call_overhead.py). Everything else (torch.compile, torch.export, tracing, the profiler, modes,
+    subclasses) goes through the registered op, so those see it as one op. Reads the op's implementation,
+    setup_context and backward from CustomOpDef's private attributes (torch 2.14).
+    """
+    if not plain_eager(args):
+        return op(*args)
+    if torch.is_grad_enabled() and any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args):
+        if op._backward_fn is None:
+            return op(*args)  # no autograd formula: the op's own handling of inputs that need grad
+        return _eager_autograd(op).apply(*args)
+    return op._init_fn(*args)

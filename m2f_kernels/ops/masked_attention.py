@@ -12,6 +12,7 @@ from torch import Tensor
 from .._backend import OpKernels
 from ..reference.masked_attention import blocked_keys, threshold_to_logit
 from ._common import (
+    call_op,
     cast_for_autocast,
     check_same_device,
     check_same_dtype,
@@ -124,7 +125,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, mask_logits, attn_mask = ctx.saved_tensors
-    grad_q, grad_k, grad_v = _masked_attention_backward(
+    grad_q, grad_k, grad_v = call_op(
+        _masked_attention_backward,
         grad_out,
         q,
         k,
@@ -229,7 +231,8 @@ def masked_attention(
     else:
         if mask_logits is not None:
             mask_logits = mask_logits.to(q.dtype).contiguous()
-        out, _ = _masked_attention(
+        out, _ = call_op(
+            _masked_attention,
             q.contiguous(),
             k.contiguous(),
             v.contiguous(),

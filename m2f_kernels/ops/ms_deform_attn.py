@@ -8,6 +8,7 @@ from torch import Tensor
 from .. import reference
 from .._backend import OpKernels
 from ._common import (
+    call_op,
     cast_for_autocast,
     check_index,
     check_same_device,
@@ -103,8 +104,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output):
-    grad_value, grad_locations, grad_weights = _ms_deform_attn_backward(
-        grad_output, *ctx.saved_tensors, ctx.backend, torch.are_deterministic_algorithms_enabled()
+    grad_value, grad_locations, grad_weights = call_op(
+        _ms_deform_attn_backward,
+        grad_output,
+        *ctx.saved_tensors,
+        ctx.backend,
+        torch.are_deterministic_algorithms_enabled(),
     )
     return grad_value, None, None, grad_locations, grad_weights, None
 
@@ -126,18 +131,19 @@ def check_levels(value: Tensor, spatial_shapes: Tensor, level_start_index: Tenso
         or level_start_index.device.type != "cpu"
     ):
         return
-    sizes = spatial_shapes.prod(dim=1)
-    if bool((spatial_shapes < 0).any()):
-        raise ValueError(f"spatial_shapes must be non-negative, got {spatial_shapes.tolist()}")
-    if int(sizes.sum()) != value.shape[1]:
+    shapes = spatial_shapes.tolist()  # a few levels: plain Python is cheaper than tensor ops here
+    if any(size < 0 for shape in shapes for size in shape):
+        raise ValueError(f"spatial_shapes must be non-negative, got {shapes}")
+    sizes = [height * width for height, width in shapes]
+    if sum(sizes) != value.shape[1]:
         raise ValueError(
-            f"spatial_shapes {spatial_shapes.tolist()} cover {int(sizes.sum())} positions but value has "
+            f"spatial_shapes {shapes} cover {sum(sizes)} positions but value has "
             f"S={value.shape[1]} (value must be (N, S, M, D) with S = sum of H*W)"
         )
-    expected_starts = torch.cumsum(sizes, 0) - sizes
-    if not torch.equal(level_start_index, expected_starts):
+    expected_starts = [sum(sizes[:level]) for level in range(len(sizes))]
+    if level_start_index.tolist() != expected_starts:
         raise ValueError(
-            f"level_start_index must be the running sum of H*W, {expected_starts.tolist()}, "
+            f"level_start_index must be the running sum of H*W, {expected_starts}, "
             f"got {level_start_index.tolist()}"
         )
 
@@ -188,7 +194,8 @@ def ms_deform_attn(
     check_same_dtype(
         "value", value, sampling_locations=sampling_locations, attention_weights=attention_weights
     )
-    return _ms_deform_attn(
+    return call_op(
+        _ms_deform_attn,
         value.contiguous(),
         spatial_shapes,
         level_start_index,

@@ -14,6 +14,7 @@ from .. import reference
 from .._backend import OpKernels
 from ..reference.ms_deform_attn_fused import sampling_locations_and_weights
 from ._common import (
+    call_op,
     cast_for_autocast,
     check_index,
     check_same_device,
@@ -160,8 +161,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output):
-    grad_value, grad_reference, grad_offsets, grad_logits = _ms_deform_attn_fused_backward(
-        grad_output, *ctx.saved_tensors, ctx.backend, torch.are_deterministic_algorithms_enabled()
+    grad_value, grad_reference, grad_offsets, grad_logits = call_op(
+        _ms_deform_attn_fused_backward,
+        grad_output,
+        *ctx.saved_tensors,
+        ctx.backend,
+        torch.are_deterministic_algorithms_enabled(),
     )
     return grad_value, None, None, grad_reference, grad_offsets, grad_logits, None
 
@@ -226,7 +231,8 @@ def ms_deform_attn_fused(
         sampling_offsets=sampling_offsets,
         attention_logits=attention_logits,
     )
-    return _ms_deform_attn_fused(
+    return call_op(
+        _ms_deform_attn_fused,
         value.contiguous(),
         spatial_shapes,
         level_start_index,

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import OpKernels
-from ._common import check_same_device, check_tensor
+from ._common import call_op, check_same_device, check_tensor
 
 
 def _cost_dtype(pred_point_logits: Tensor) -> torch.dtype:
@@ -56,4 +56,6 @@ def pairwise_mask_cost(
     if pred_point_logits.shape[1] == 0:
         raise ValueError("pred_point_logits must have at least one point (P >= 1)")
     labels = target_point_labels.to(pred_point_logits.dtype)
-    return _pairwise_mask_cost(pred_point_logits.detach().contiguous(), labels.detach().contiguous(), backend)
+    return call_op(
+        _pairwise_mask_cost, pred_point_logits.detach().contiguous(), labels.detach().contiguous(), backend
+    )

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import OpKernels
-from ._common import cast_for_autocast, check_same_device, check_shape, check_tensor, reference_vjp
+from ._common import call_op, cast_for_autocast, check_same_device, check_shape, check_tensor, reference_vjp
 
 
 def _torch_forward(mask_logits, target_masks, coords):
@@ -96,7 +96,8 @@ def _backward(ctx, grad_ce, grad_dice, grad_sums):
         grad_ce = torch.zeros_like(dice_sums[:, 0])
     if grad_dice is None:
         grad_dice = torch.zeros_like(dice_sums[:, 0])
-    grad_logits = _point_mask_loss_backward(
+    grad_logits = call_op(
+        _point_mask_loss_backward,
         grad_ce,
         grad_dice,
         mask_logits,
@@ -146,7 +147,7 @@ def point_mask_loss(
     else:
         raise TypeError(f"target_masks must be bool, uint8 or floating, got {target_masks.dtype}")
     coords = coords.to(_loss_dtype(mask_logits))  # float32 even for half logits: a pixel of a 1024 map
-    ce, dice, _ = _point_mask_loss(
-        mask_logits.contiguous(), target_masks.contiguous(), coords.contiguous(), backend
+    ce, dice, _ = call_op(
+        _point_mask_loss, mask_logits.contiguous(), target_masks.contiguous(), coords.contiguous(), backend
     )
     return ce.sum() / num_masks, dice.sum() / num_masks

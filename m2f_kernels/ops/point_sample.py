@@ -8,6 +8,7 @@ from torch import Tensor
 from .. import reference
 from .._backend import OpKernels
 from ._common import (
+    call_op,
     cast_for_autocast,
     check_same_device,
     check_same_dtype,
@@ -63,8 +64,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output):
     input, coords = ctx.saved_tensors
-    grad_input, grad_coords = _point_sample_backward(
-        grad_output, input, coords, ctx.backend, torch.are_deterministic_algorithms_enabled()
+    grad_input, grad_coords = call_op(
+        _point_sample_backward,
+        grad_output,
+        input,
+        coords,
+        ctx.backend,
+        torch.are_deterministic_algorithms_enabled(),
     )
     return grad_input, grad_coords, None
 
@@ -84,4 +90,4 @@ def point_sample(input: Tensor, coords: Tensor, *, backend: str = "auto") -> Ten
     check_same_device("input", input, coords=coords)
     input, coords = cast_for_autocast(input.device, input, coords)
     check_same_dtype("input", input, coords=coords)
-    return _point_sample(input.contiguous(), coords.contiguous(), backend)
+    return call_op(_point_sample, input.contiguous(), coords.contiguous(), backend)

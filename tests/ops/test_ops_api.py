@@ -2,9 +2,23 @@
 
 import pytest
 import torch
+from torch._library.custom_ops import CustomOpDef
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+from torch.testing._internal.two_tensor import TwoTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import m2f_kernels
 from m2f_kernels import _backend, reference
+from m2f_kernels.ops import (
+    masked_attention,
+    ms_deform_attn,
+    ms_deform_attn_fused,
+    pairwise_mask_cost,
+    point_mask_loss,
+    point_sample,
+)
+from m2f_kernels.ops._common import call_op, plain_eager
 
 CPU_BACKENDS = [name for name in ("torch", "cpu") if name in m2f_kernels.available_backends()]
 
@@ -62,6 +76,119 @@ def test_opcheck_every_op(backend):
     pred = torch.randn(4, 9, dtype=torch.float64)
     labels = torch.rand(3, 9, dtype=torch.float64)
     torch.library.opcheck(torch.ops.m2f_kernels.pairwise_mask_cost, (pred, labels, backend))
+
+
+def op_calls(backend):
+    """(custom op, arguments, indices of the differentiable inputs) for every op, float64."""
+    value, shapes, starts, locations, weights = msda_inputs(requires_grad=True)
+    fused = fused_inputs(requires_grad=True)
+    q, k, v, mask_logits = attention_inputs(requires_grad=True)
+    image = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    coords = torch.rand(2, 7, 2, dtype=torch.float64, requires_grad=True)
+    mask = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    targets = (torch.rand(2, 8, 10) > 0.5).to(torch.uint8)
+    pred, labels = torch.randn(4, 9, dtype=torch.float64), torch.rand(3, 9, dtype=torch.float64)
+    return [
+        (ms_deform_attn._ms_deform_attn, (value, shapes, starts, locations, weights, backend), (0, 3, 4)),
+        (ms_deform_attn_fused._ms_deform_attn_fused, (*fused, backend), (0, 3, 4, 5)),
+        (masked_attention._masked_attention, (q, k, v, mask_logits, None, 0.0, 0.5, backend), (0, 1, 2)),
+        (point_sample._point_sample, (image, coords, backend), (0, 1)),
+        (point_mask_loss._point_mask_loss, (mask, targets, coords.detach(), backend), (0,)),
+        (pairwise_mask_cost._pairwise_mask_cost, (pred, labels, backend), ()),
+    ]
+
+
+def _outputs_and_grads(call, args, wrt):
+    outputs = call(*args)
+    outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
+    if not wrt:
+        return list(outputs)
+    loss = sum((output * torch.linspace(-1, 2, output.numel()).view_as(output)).sum() for output in outputs)
+    return [*outputs, *torch.autograd.grad(loss, [args[i] for i in wrt])]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_eager_fast_path_matches_the_dispatcher(backend):
+    for op, args, wrt in op_calls(backend):
+        fast = _outputs_and_grads(lambda *a, op=op: call_op(op, *a), args, wrt)
+        dispatched = _outputs_and_grads(op, args, wrt)
+        assert len(fast) == len(dispatched)
+        for got, want in zip(fast, dispatched):
+            assert torch.equal(got, want), op
+
+
+def _record_custom_op_calls(monkeypatch):
+    calls = []
+    original = CustomOpDef.__call__
+
+    def recording(self, *args, **kwargs):
+        calls.append(self._qualname)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CustomOpDef, "__call__", recording)
+    return calls
+
+
+def _attention_step():
+    q, k, v, logits = attention_inputs(requires_grad=True)
+    m2f_kernels.masked_attention(q, k, v, logits).sum().backward()
+    image = torch.randn(1, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    m2f_kernels.point_sample(image, torch.rand(1, 3, 2, dtype=torch.float64)).sum().backward()
+
+
+def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
+    calls = _record_custom_op_calls(monkeypatch)
+    _attention_step()
+    assert calls == []
+
+
+class _CountingMode(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+class _IdleFunctionMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_modes_and_the_profiler_see_the_custom_ops(monkeypatch):
+    calls = _record_custom_op_calls(monkeypatch)
+    with _CountingMode() as mode:
+        _attention_step()
+    expected = [
+        "m2f_kernels::masked_attention",
+        "m2f_kernels::masked_attention_backward",
+        "m2f_kernels::point_sample",
+        "m2f_kernels::point_sample_backward",
+    ]
+    assert calls == expected
+    assert {"m2f_kernels.masked_attention", "m2f_kernels.point_sample_backward"} <= set(mode.ops)
+    calls.clear()
+    with _IdleFunctionMode():
+        _attention_step()
+    assert set(expected[::2]) <= set(calls)  # the engine runs the backward outside function modes
+    calls.clear()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        _attention_step()
+    assert calls == expected
+    assert "m2f_kernels::masked_attention" in {event.key for event in profile.key_averages()}
+
+
+def test_plain_eager_is_false_for_transforms_fakes_and_subclasses():
+    x = torch.randn(3)
+    assert plain_eager((x, torch.nn.Parameter(x), 1.0, None))
+    assert torch.func.vmap(lambda t: torch.tensor(plain_eager((t,))))(x).tolist() == [False] * 3
+    with FakeTensorMode() as fake_mode:
+        fake = fake_mode.from_tensor(x)
+        assert not plain_eager((fake,))
+    assert not plain_eager((fake,))
+    assert not plain_eager((TwoTensor(x, x),))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -204,6 +331,8 @@ def test_msda_bad_inputs():
         m2f_kernels.ms_deform_attn(value, torch.tensor([[3, 4], [1, 5]]), starts, locations, weights)
     with pytest.raises(ValueError, match="level_start_index must be the running sum"):
         m2f_kernels.ms_deform_attn(value, shapes, torch.tensor([0, 11]), locations, weights)
+    with pytest.raises(ValueError, match="spatial_shapes must be non-negative"):
+        m2f_kernels.ms_deform_attn(value, torch.tensor([[-3, -4], [2, 3]]), starts, locations, weights)
     with pytest.raises(TypeError, match=r"sampling_locations must be a torch\.Tensor"):
         m2f_kernels.ms_deform_attn(value, shapes, starts, locations.tolist(), weights)
     meta_locations = locations.to("meta")
