@@ -81,15 +81,15 @@ def _point_mask_loss_forward_kernel(
     target_width,
     num_points,
     points_per_split,
+    num_splits,
     PLANE_CLASS,
     TARGET_PLANE_CLASS,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Program n * splits + s: points [s * points_per_split, (s + 1) * points_per_split) of mask n; writes
-    partial[n, s] = [sum ce, sum p t, sum p, sum t]. points_per_split is a multiple of BLOCK. A mask's splits
-    are consecutive programs, so they run together and share the mask's planes in L2."""
-    num_splits = tl.maximum(tl.cdiv(num_points, points_per_split), 1)
+    """Program n * num_splits + s: points [s * points_per_split, (s + 1) * points_per_split) of mask n;
+    writes partial[n, s] = [sum ce, sum p t, sum p, sum t]. points_per_split is a multiple of BLOCK. A mask's
+    splits are consecutive programs, so they run together and share the mask's planes in L2."""
     n = (tl.program_id(0) // num_splits).to(tl.int64)
     split = tl.program_id(0) % num_splits
     begin = split * points_per_split
@@ -286,6 +286,7 @@ def point_mask_loss_forward(
         target_width,
         num_points,
         points_per_split,
+        num_splits,
         size_class(height * width),
         size_class(target_height * target_width),
         triton_accumulate_dtype(mask_logits.dtype),

@@ -234,9 +234,12 @@ def test_triton_forward_split_on_a_gpu(monkeypatch):
     properties = types.SimpleNamespace(multi_processor_count=132)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
     device = torch.device("cuda")
-    # 100 masks want ceil(528 / 100) = 6 ranges each: 12,544 // (6 * unit) whole units per range.
-    assert module._points_per_split(device, 100, 12544) == max(1, 12544 // (6 * unit)) * unit
-    for masks, points in [(100, 12544), (1, 12544), (1000, 12544), (8, 1), (2, 300000)]:
+    assert unit in (512, 2048)  # the largest BLOCK without and with autotuning: both give the values below
+    # 100 masks want ceil(528 / 100) = 6 ranges each; 12,544 / 6 = 2,090 points, rounded down to 2,048.
+    assert module._points_per_split(device, 100, 12544) == 2048
+    # One mask wants 528 ranges; 10,000,000 / 528 = 18,939 points, rounded down to 18,432 = 9 * 2,048.
+    assert module._points_per_split(device, 1, 10_000_000) == 18432
+    for masks, points in [(100, 12544), (1, 12544), (1000, 12544), (8, 1), (2, 300000), (1, 10_000_000)]:
         per_split = module._points_per_split(device, masks, points)
         assert per_split % unit == 0 and per_split >= unit
         splits = -(-points // per_split)
