@@ -117,6 +117,16 @@ def test_eager_fast_path_matches_the_dispatcher(backend):
             assert torch.equal(got, want), op
 
 
+def test_double_backward_raises_on_the_fast_path():
+    """The backward ops have no autograd formula: a second derivative must fail loudly, not come out as
+    zero, whichever path ran the first backward."""
+    q, k, v, logits = attention_inputs(requires_grad=True)
+    out = m2f_kernels.masked_attention(q, k, v, logits, backend=CPU_BACKENDS[-1])
+    (grad_q,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(grad_q.sum(), q)
+
+
 def _record_custom_op_calls(monkeypatch):
     calls = []
     original = CustomOpDef.__call__
