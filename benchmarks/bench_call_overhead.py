@@ -44,33 +44,33 @@ def _msda_inputs(device):
     return value, shapes, starts, locations, weights
 
 
-def _calls(device, backend="auto"):
-    """{op: (grad inputs, public function call with backend, custom op, its arguments)}."""
+def _calls(device):
+    """{op: (grad inputs, public function call taking a backend, custom op, its arguments)}."""
     q, k, v, mask_logits = _attention_inputs(device)
     logits, images, targets, coords = _loss_inputs(device)
     msda = _msda_inputs(device)
     return {
         "masked_attention": (
             [q, k, v],
-            lambda: m2f_kernels.masked_attention(q, k, v, mask_logits, backend=backend),
+            lambda backend: m2f_kernels.masked_attention(q, k, v, mask_logits, backend=backend),
             masked_attention._masked_attention,
             (q, k, v, mask_logits, None, 0.0, 32**-0.5, "auto"),
         ),
         "point_mask_loss": (
             [logits],
-            lambda: m2f_kernels.point_mask_loss(logits, targets, coords, 2.0, backend=backend),
+            lambda backend: m2f_kernels.point_mask_loss(logits, targets, coords, 2.0, backend=backend),
             point_mask_loss._point_mask_loss,
             (logits, targets.view(torch.uint8), coords, "auto"),
         ),
         "point_sample": (
             [images],
-            lambda: m2f_kernels.point_sample(images, coords, backend=backend),
+            lambda backend: m2f_kernels.point_sample(images, coords, backend=backend),
             point_sample._point_sample,
             (images, coords, "auto"),
         ),
         "ms_deform_attn": (
             [msda[0], msda[3], msda[4]],
-            lambda: m2f_kernels.ms_deform_attn(*msda, backend=backend),
+            lambda backend: m2f_kernels.ms_deform_attn(*msda, backend=backend),
             ms_deform_attn._ms_deform_attn,
             (*msda, "auto"),
         ),
@@ -89,13 +89,12 @@ def test_call_overhead(bench, device, op, mode):
         for tensor in grad_inputs:
             tensor.requires_grad_(False)
     contenders = {
-        "public": lambda: _first(public()),
+        "public": lambda: _first(public("auto")),
         "ops_fast_path": lambda: _first(call_op(custom_op, *args)),
         "custom_op": lambda: _first(custom_op(*args)),
     }
     if device.type == "cuda" and "triton" in m2f_kernels.available_backends():
-        triton_public = _calls(device, "triton")[op][1]
-        contenders["public_triton"] = lambda: _first(triton_public())
+        contenders["public_triton"] = lambda: _first(public("triton"))
     if op == "masked_attention":
         q, k, v = grad_inputs
         contenders["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
