@@ -1,0 +1,46 @@
+"""The benchmark suites import and collect, and a short one runs end to end into a results JSON: the GPU
+runs that use them are rare, so a broken benchmark module has to fail here first."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pytest(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+
+
+def test_every_benchmark_module_collects():
+    result = _pytest("--collect-only", "-q", "benchmarks")
+    assert result.returncode == 0, result.stdout + result.stderr
+    collected_files = {line.split("::")[0] for line in result.stdout.splitlines() if "::" in line}
+    expected = {f"benchmarks/{path.name}" for path in (ROOT / "benchmarks").glob("bench_*.py")}
+    assert expected and collected_files == expected
+
+
+def test_call_overhead_benchmark_records_every_row(tmp_path):
+    results = tmp_path / "results.json"
+    result = _pytest(
+        "-q",
+        "benchmarks/bench_call_overhead.py",
+        "-k",
+        "masked_attention and forward",
+        env={"M2F_BENCH_OUT": str(results)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(results.read_text())["results"]
+    names = {(row["group"], row["name"], row["mode"]) for row in rows}
+    group = "call_overhead masked_attention"
+    assert names == {(group, name, "forward") for name in ("public", "ops_fast_path", "custom_op", "sdpa")}
+    assert all(row["median_ms"] > 0 and len(row["times_ms"]) == 10 for row in rows)
