@@ -18,7 +18,7 @@ PYSRC_DIRS := m2f m2f_kernels tests benchmarks setup.py
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1 setuptools wheel ninja
+	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1 "setuptools>=77" wheel ninja
 	M2F_KERNELS_NO_EXTENSION=1 $(PY) -m pip install --no-build-isolation -e ".[test]"
 	touch $@
 

@@ -1,0 +1,59 @@
+"""The source distribution carries everything a build from it reads."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD_INPUTS = ("csrc", "CMakeLists.txt", "setup.py", "pyproject.toml", "LICENSE", "README.md")
+
+
+def source_files(paths) -> list[str]:
+    """The files of the working tree under ``paths`` that git tracks or would track."""
+    result = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", *paths],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [name for name in result.stdout.split("\0") if name]
+
+
+@pytest.fixture(scope="module")
+def sdist_names(tmp_path_factory) -> set[str]:
+    """Paths inside the sdist built from a copy of the source tree (the repository stays untouched)."""
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("needs a git checkout")
+    source = tmp_path_factory.mktemp("checkout")
+    for name in source_files(["."]):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "M2F_KERNELS_SKIP_CUDA": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out), str(source)],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    (archive,) = out.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        return {member.name.split("/", 1)[1] for member in tar.getmembers() if "/" in member.name}
+
+
+def test_sdist_has_every_build_input(sdist_names):
+    expected = set(source_files(BUILD_INPUTS))
+    assert "csrc/sources.txt" in expected and any(name.endswith(".cu") for name in expected)
+    assert sorted(expected - sdist_names) == []
+
+
+def test_sdist_has_every_listed_source(sdist_names):
+    lines = (ROOT / "csrc" / "sources.txt").read_text().splitlines()
+    listed = {line.split()[1] for line in lines if line.strip() and not line.startswith("#")}
+    assert sorted(listed - sdist_names) == []
