@@ -13,8 +13,8 @@ Module tree (names kept from Mask2Former's `sem_seg_head.predictor`):
     class_embed                                 Linear(hidden_dim, num_classes + 1)
     mask_embed.layers.{0,1,2}                   MLP hidden_dim -> hidden_dim -> hidden_dim -> mask_dim, ReLU
 
-`multihead_attn` / `self_attn` hold nn.MultiheadAttention's parameters (`in_proj_weight` (3D, D) as [q; k; v],
-`in_proj_bias`, `out_proj.weight`, `out_proj.bias`). Layer i runs masked cross-attention on level i % L
+`multihead_attn` / `self_attn` are m2f_kernels.nn.MaskedMultiheadAttention, with nn.MultiheadAttention's
+parameters (`in_proj_weight` (3D, D) as [q; k; v], `in_proj_bias`, `out_proj.weight`, `out_proj.bias`). Layer i runs masked cross-attention on level i % L
 (L = 3: 1/32, 1/16, 1/8), then self-attention, then the FFN, each post-norm with a residual. A query sees the
 keys where the previous prediction's mask, bilinearly resized to the level, has sigmoid >= 0.5; a query that
 would see nothing sees everything (m2f_kernels.masked_attention's rule).
@@ -26,57 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import m2f_kernels
+from m2f_kernels.nn import MaskedMultiheadAttention
 
 from ..config import DecoderConfig
 from .position_encoding import PositionEmbeddingSine
-
-
-class MultiheadAttention(nn.Module):
-    """Batch-first multi-head attention with nn.MultiheadAttention's parameter names.
-
-    forward(query (B, Q, D), key (B, K, D), value (B, K, D), mask_logits (B, Q, K) or None) -> (B, Q, D).
-    With mask_logits, key j is visible to query i iff sigmoid(mask_logits[b, i, j]) >= mask_threshold
-    (m2f_kernels.masked_attention); without, plain softmax attention.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, mask_threshold: float = 0.5, backend: str = "auto"):
-        super().__init__()
-        if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.mask_threshold = mask_threshold
-        self.backend = backend
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.constant_(self.in_proj_bias, 0.0)
-        nn.init.xavier_uniform_(self.out_proj.weight)
-        nn.init.constant_(self.out_proj.bias, 0.0)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, L, d)
-
-    def forward(self, query, key, value, mask_logits: torch.Tensor | None = None) -> torch.Tensor:
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = self._heads(F.linear(query, w_q, b_q))
-        k = self._heads(F.linear(key, w_k, b_k))
-        v = self._heads(F.linear(value, w_v, b_v))
-        if mask_logits is None:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            out = m2f_kernels.masked_attention(
-                q,
-                k,
-                v,
-                mask_logits=mask_logits.to(q.dtype),
-                threshold=self.mask_threshold,
-                backend=self.backend,
-            )
-        return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
 class CrossAttentionLayer(nn.Module):
@@ -84,11 +37,15 @@ class CrossAttentionLayer(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, mask_threshold: float, backend: str):
         super().__init__()
-        self.multihead_attn = MultiheadAttention(d_model, num_heads, mask_threshold, backend)
+        self.multihead_attn = MaskedMultiheadAttention(
+            d_model, num_heads, batch_first=True, mask_threshold=mask_threshold, backend=backend
+        )
         self.norm = nn.LayerNorm(d_model)
+        nn.init.xavier_uniform_(self.multihead_attn.out_proj.weight)
 
     def forward(self, tgt, memory, mask_logits, pos, query_pos):
-        return self.norm(tgt + self.multihead_attn(tgt + query_pos, memory + pos, memory, mask_logits))
+        out, _ = self.multihead_attn(tgt + query_pos, memory + pos, memory, mask_logits=mask_logits)
+        return self.norm(tgt + out)
 
 
 class SelfAttentionLayer(nn.Module):
@@ -96,12 +53,14 @@ class SelfAttentionLayer(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, backend: str):
         super().__init__()
-        self.self_attn = MultiheadAttention(d_model, num_heads, backend=backend)
+        self.self_attn = MaskedMultiheadAttention(d_model, num_heads, batch_first=True, backend=backend)
         self.norm = nn.LayerNorm(d_model)
+        nn.init.xavier_uniform_(self.self_attn.out_proj.weight)
 
     def forward(self, tgt, query_pos):
         q = tgt + query_pos
-        return self.norm(tgt + self.self_attn(q, q, tgt))
+        out, _ = self.self_attn(q, q, tgt)
+        return self.norm(tgt + out)
 
 
 class FFNLayer(nn.Module):

@@ -9,7 +9,7 @@ from torch import nn
 from m2f.config import PixelDecoderConfig
 from m2f.models.pixel_decoder import MSDeformAttnPixelDecoder, encoder_reference_points
 from m2f.models.position_encoding import PositionEmbeddingSine
-from m2f.models.transformer_decoder import MultiheadAttention
+from m2f.models.transformer_decoder import CrossAttentionLayer, SelfAttentionLayer
 
 
 def detr_sine(batch, height, width, num_feats, temperature=10000.0):
@@ -53,31 +53,34 @@ def test_encoder_reference_points_are_pixel_centers():
         torch.testing.assert_close(points[1, :, level], expected)
 
 
-def copy_into_torch_mha(ours: MultiheadAttention) -> nn.MultiheadAttention:
-    reference = nn.MultiheadAttention(ours.embed_dim, ours.num_heads, batch_first=True)
-    reference.load_state_dict(ours.state_dict())
-    return reference
-
-
-def test_self_attention_matches_torch_multihead_attention():
-    attn = MultiheadAttention(32, 4)
+def test_cross_attention_layer_matches_torch_multihead_attention():
+    """norm(tgt + attention(tgt + query_pos, memory + pos, memory)) with the rule-applied bool mask."""
+    layer = CrossAttentionLayer(32, 4, mask_threshold=0.5, backend="auto")
     with torch.no_grad():
-        attn.in_proj_bias.normal_()
-    q, k, v = torch.randn(2, 5, 32), torch.randn(2, 7, 32), torch.randn(2, 7, 32)
-    expected, _ = copy_into_torch_mha(attn)(q, k, v)
-    torch.testing.assert_close(attn(q, k, v), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_masked_cross_attention_matches_torch_with_bool_mask(backend):
-    attn = MultiheadAttention(32, 4, mask_threshold=0.5, backend=backend)
-    q, k, v = torch.randn(2, 5, 32), torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+        layer.multihead_attn.in_proj_bias.normal_()
+    torch_mha = nn.MultiheadAttention(32, 4, batch_first=True)
+    torch_mha.load_state_dict(layer.multihead_attn.state_dict())
+    tgt, query_pos = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    memory, pos = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
     mask_logits = torch.randn(2, 5, 9)
     mask_logits[0, 1] = -1.0  # a query that sees no key: Mask2Former lets it see every key
     blocked = mask_logits.sigmoid() < 0.5
     blocked[blocked.all(-1)] = False
-    expected, _ = copy_into_torch_mha(attn)(q, k, v, attn_mask=blocked.repeat_interleave(4, dim=0))
-    torch.testing.assert_close(attn(q, k, v, mask_logits), expected, rtol=1e-5, atol=1e-5)
+    attended, _ = torch_mha(
+        tgt + query_pos, memory + pos, memory, attn_mask=blocked.repeat_interleave(4, dim=0)
+    )
+    expected = layer.norm(tgt + attended)
+    actual = layer(tgt, memory, mask_logits, pos, query_pos)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_self_attention_layer_matches_torch_multihead_attention():
+    layer = SelfAttentionLayer(32, 4, backend="auto")
+    torch_mha = nn.MultiheadAttention(32, 4, batch_first=True)
+    torch_mha.load_state_dict(layer.self_attn.state_dict())
+    tgt, query_pos = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    attended, _ = torch_mha(tgt + query_pos, tgt + query_pos, tgt)
+    torch.testing.assert_close(layer(tgt, query_pos), layer.norm(tgt + attended), rtol=1e-5, atol=1e-5)
 
 
 def test_pixel_decoder_shapes_and_level_order():

@@ -1,0 +1,262 @@
+"""m2f_kernels.nn.MaskedMultiheadAttention against torch.nn.MultiheadAttention loaded with the same weights."""
+
+import pytest
+import torch
+from torch import nn
+
+import m2f_kernels
+from m2f_kernels.nn import MaskedMultiheadAttention
+
+EMBED, HEADS, BATCH, QUERIES, KEYS = 32, 4, 2, 5, 9
+BACKENDS = [b for b in ("cpu", "triton", "torch") if b in m2f_kernels.available_backends()]
+
+
+def make_pair(bias=True, batch_first=False, backend="auto", dtype=torch.float32, threshold=0.5):
+    ours = MaskedMultiheadAttention(
+        EMBED,
+        HEADS,
+        bias=bias,
+        batch_first=batch_first,
+        mask_threshold=threshold,
+        backend=backend,
+        dtype=dtype,
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in ours.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=dtype) * 0.3)
+    torch_mha = nn.MultiheadAttention(EMBED, HEADS, bias=bias, batch_first=batch_first, dtype=dtype)
+    torch_mha.load_state_dict(ours.state_dict())
+    return ours, torch_mha
+
+
+def rule_applied(blocked: torch.Tensor) -> torch.Tensor:
+    """Mask2Former's rule on a bool mask (True = blocked): a row blocking every key blocks none."""
+    return blocked & ~blocked.all(dim=-1, keepdim=True)
+
+
+def inputs(batch_first, dtype=torch.float32, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(BATCH, QUERIES, EMBED, generator=generator, dtype=dtype)
+    key = torch.randn(BATCH, KEYS, EMBED, generator=generator, dtype=dtype)
+    value = torch.randn(BATCH, KEYS, EMBED, generator=generator, dtype=dtype)
+    if not batch_first:
+        query, key, value = (x.transpose(0, 1).contiguous() for x in (query, key, value))
+    return [x.requires_grad_() for x in (query, key, value)]
+
+
+def mask_logits_with_edge_rows(seed=2):
+    logits = torch.randn(BATCH, QUERIES, KEYS, generator=torch.Generator().manual_seed(seed))
+    logits[0, 1] = -3.0  # sees no key
+    logits[1, 2] = 3.0  # sees every key
+    logits[1, 3] = -3.0
+    logits[1, 3, 4] = 3.0  # sees one key
+    return logits
+
+
+def assert_same_outputs_and_gradients(ours, torch_mha, args, our_kwargs, torch_kwargs, tol=1e-5):
+    """Outputs within tol; gradients, which sum over batch, queries and keys, within 10 * tol."""
+    out, weights = ours(*args, **our_kwargs)
+    expected, _ = torch_mha(*args, need_weights=False, **torch_kwargs)
+    assert weights is None
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    grad = torch.randn_like(out)
+    ours_grads = torch.autograd.grad(out, [*args, *ours.parameters()], grad)
+    torch_grads = torch.autograd.grad(expected, [*args, *torch_mha.parameters()], grad)
+    for name, mine, theirs in zip(
+        ["query", "key", "value", *(n for n, _ in ours.named_parameters())], ours_grads, torch_grads
+    ):
+        torch.testing.assert_close(
+            mine, theirs, rtol=10 * tol, atol=10 * tol, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_mask_logits_match_torch_with_the_rule_applied(backend, batch_first):
+    ours, torch_mha = make_pair(batch_first=batch_first, backend=backend)
+    logits = mask_logits_with_edge_rows()
+    blocked = rule_applied(logits.sigmoid() < 0.5).repeat_interleave(HEADS, dim=0)
+    assert_same_outputs_and_gradients(
+        ours, torch_mha, inputs(batch_first), {"mask_logits": logits}, {"attn_mask": blocked}
+    )
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.8])
+def test_mask_threshold(threshold):
+    ours, torch_mha = make_pair(batch_first=True, threshold=threshold)
+    logits = torch.randn(BATCH, QUERIES, KEYS, generator=torch.Generator().manual_seed(3)) * 2
+    blocked = rule_applied(logits.sigmoid() < threshold)
+    assert blocked.any() and not blocked.all()
+    assert_same_outputs_and_gradients(
+        ours,
+        torch_mha,
+        inputs(True),
+        {"mask_logits": logits},
+        {"attn_mask": blocked.repeat_interleave(HEADS, dim=0)},
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_head", [False, True])
+def test_bool_attn_mask_as_torch_takes_it(backend, per_head):
+    """detectron2's Mask2Former passes a (B * H, Q, K) bool mask with the rule already applied."""
+    ours, torch_mha = make_pair(backend=backend)
+    shape = (BATCH * HEADS, QUERIES, KEYS) if per_head else (QUERIES, KEYS)
+    blocked = rule_applied(torch.rand(shape, generator=torch.Generator().manual_seed(4)) < 0.6)
+    assert_same_outputs_and_gradients(
+        ours, torch_mha, inputs(False), {"attn_mask": blocked}, {"attn_mask": blocked}
+    )
+
+
+def test_fully_blocked_row_attends_to_every_key():
+    ours, torch_mha = make_pair()
+    blocked = torch.zeros(QUERIES, KEYS, dtype=torch.bool)
+    blocked[2] = True
+    args = inputs(False)
+    expected_row = torch_mha(*args, need_weights=False)[0][2]
+    out, _ = ours(*args, attn_mask=blocked)
+    torch_blocked_row = torch_mha(*args, attn_mask=blocked, need_weights=False)[0][2]
+    torch.testing.assert_close(torch_blocked_row, torch_mha.out_proj.bias.expand_as(torch_blocked_row))
+    torch.testing.assert_close(out[2], expected_row, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "attn_mask", "mask_logits"])
+def test_key_padding_mask(mask_kind):
+    ours, torch_mha = make_pair(batch_first=True)
+    padding = torch.zeros(BATCH, KEYS, dtype=torch.bool)
+    padding[0, -3:] = True
+    padding[1, 0] = True
+    logits = torch.randn(BATCH, QUERIES, KEYS, generator=torch.Generator().manual_seed(5))
+    blocked = logits.sigmoid() < 0.5
+    our_kwargs = {"key_padding_mask": padding}
+    if mask_kind == "attn_mask":
+        our_kwargs["attn_mask"] = blocked.repeat_interleave(HEADS, dim=0)
+    elif mask_kind == "mask_logits":
+        our_kwargs["mask_logits"] = logits
+    if mask_kind == "none":
+        blocked = torch.zeros_like(blocked)
+    combined = rule_applied(blocked | padding[:, None, :])
+    assert_same_outputs_and_gradients(
+        ours,
+        torch_mha,
+        inputs(True),
+        our_kwargs,
+        {"attn_mask": combined.repeat_interleave(HEADS, dim=0)},
+    )
+
+
+def test_without_bias_and_without_mask():
+    ours, torch_mha = make_pair(bias=False)
+    assert ours.in_proj_bias is None and ours.out_proj.bias is None
+    assert_same_outputs_and_gradients(ours, torch_mha, inputs(False), {}, {})
+
+
+def test_unbatched_inputs():
+    ours, torch_mha = make_pair()
+    query, key, value = (x.detach()[:, 0] for x in inputs(False))
+    logits = mask_logits_with_edge_rows()[1]
+    out, weights = ours(query, key, value, mask_logits=logits, need_weights=True)
+    blocked = rule_applied(logits.sigmoid() < 0.5)
+    expected, expected_weights = torch_mha(query, key, value, attn_mask=blocked)
+    assert out.shape == (QUERIES, EMBED) and weights.shape == (QUERIES, KEYS)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_need_weights(average):
+    ours, torch_mha = make_pair(batch_first=True)
+    logits = mask_logits_with_edge_rows()
+    blocked = rule_applied(logits.sigmoid() < 0.5).repeat_interleave(HEADS, dim=0)
+    args = inputs(True)
+    _, weights = ours(*args, mask_logits=logits, need_weights=True, average_attn_weights=average)
+    _, expected = torch_mha(*args, attn_mask=blocked, average_attn_weights=average)
+    assert weights.shape == ((BATCH, QUERIES, KEYS) if average else (BATCH, HEADS, QUERIES, KEYS))
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_matches_and_gradcheck():
+    ours, torch_mha = make_pair(batch_first=True, dtype=torch.float64)
+    logits = mask_logits_with_edge_rows().double()
+    blocked = rule_applied(logits.sigmoid() < 0.5).repeat_interleave(HEADS, dim=0)
+    args = inputs(True, dtype=torch.float64)
+    assert_same_outputs_and_gradients(
+        ours, torch_mha, args, {"mask_logits": logits}, {"attn_mask": blocked}, tol=1e-10
+    )
+    small = [x.detach()[:, :3, :].clone().requires_grad_() for x in args]
+    assert torch.autograd.gradcheck(lambda q, k, v: ours(q, k, v, mask_logits=logits[:, :3, :3])[0], small)
+
+
+def test_parameters_and_initialization_are_torch_multihead_attentions():
+    torch.manual_seed(0)
+    ours = MaskedMultiheadAttention(EMBED, HEADS)
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(EMBED, HEADS)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for name, tensor in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        MaskedMultiheadAttention(30, 4)
+    with pytest.raises(ValueError, match="dropout"):
+        MaskedMultiheadAttention(EMBED, HEADS, dropout=0.1)
+    ours = MaskedMultiheadAttention(EMBED, HEADS, batch_first=True)
+    query, key, value = (x.detach() for x in inputs(True))
+    with pytest.raises(ValueError, match="is_causal"):
+        ours(query, key, value, is_causal=True)
+    with pytest.raises(ValueError, match="key must have shape"):
+        ours(query, key[..., :8], value)
+    with pytest.raises(ValueError, match="all be batched"):
+        ours(query, key[0], value)
+    with pytest.raises(TypeError, match="attn_mask must be a bool"):
+        ours(query, key, value, attn_mask=torch.zeros(QUERIES, KEYS))
+    with pytest.raises(ValueError, match=r"attn_mask must have shape \(5, 9\) or \(8, 5, 9\)"):
+        ours(query, key, value, attn_mask=torch.zeros(BATCH, QUERIES, KEYS, dtype=torch.bool))
+    with pytest.raises(ValueError, match="2-d attn_mask"):
+        ours(query, key, value, attn_mask=torch.zeros(KEYS, QUERIES, dtype=torch.bool))
+    with pytest.raises(ValueError, match="either attn_mask or mask_logits"):
+        ours(
+            query,
+            key,
+            value,
+            attn_mask=torch.zeros(QUERIES, KEYS, dtype=torch.bool),
+            mask_logits=torch.zeros(BATCH, QUERIES, KEYS),
+        )
+    with pytest.raises(ValueError, match="mask_logits must have shape"):
+        ours(query, key, value, mask_logits=torch.zeros(BATCH, KEYS, QUERIES))
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool"):
+        ours(query, key, value, key_padding_mask=torch.zeros(BATCH, KEYS))
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        ours(query, key, value, key_padding_mask=torch.zeros(BATCH, QUERIES, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask_logits must have shape"):
+        ours(
+            query,
+            key,
+            value,
+            mask_logits=torch.zeros(BATCH, KEYS, QUERIES),
+            key_padding_mask=torch.zeros(BATCH, KEYS, dtype=torch.bool),
+        )
+
+
+def test_compiles_without_graph_breaks():
+    ours, _ = make_pair(batch_first=True)
+    args = [x.detach() for x in inputs(True)]
+    logits = mask_logits_with_edge_rows()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(
+        compiled(*args, mask_logits=logits)[0], ours(*args, mask_logits=logits)[0], rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
+def test_cuda_mask_logits_match_torch(backend):
+    ours, torch_mha = make_pair(batch_first=True, backend=backend)
+    ours, torch_mha = ours.cuda(), torch_mha.cuda()
+    logits = mask_logits_with_edge_rows().cuda()
+    blocked = rule_applied(logits.sigmoid() < 0.5).repeat_interleave(HEADS, dim=0)
+    args = [x.detach().cuda().requires_grad_() for x in inputs(True)]
+    assert_same_outputs_and_gradients(ours, torch_mha, args, {"mask_logits": logits}, {"attn_mask": blocked})
