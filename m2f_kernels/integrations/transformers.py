@@ -1,4 +1,4 @@
-"""Run Hugging Face transformers' multi-scale deformable attention on m2f_kernels.ms_deform_attn.
+"""Run Hugging Face transformers' deformable and masked attention on m2f_kernels ops.
 
 Patching is per instance: the `forward` of each matching module of the given model is replaced (an instance
 attribute), the class and other models are untouched, and `unpatch_transformers` restores the previous
@@ -11,11 +11,18 @@ forward. This module never imports transformers; modules are recognized by class
 - `MultiScaleDeformableAttention` (the kernel holder used by Deformable-DETR, Grounding DINO, RT-DETR,
   OmDet-Turbo and others): its forward(value, value_spatial_shapes, value_spatial_shapes_list,
   level_start_index, sampling_locations, attention_weights, im2col_step) becomes a call of the op.
+- The `cross_attn` (an nn.MultiheadAttention with a (B * H, Q, K) bool mask) of each
+  `Mask2FormerMaskedAttentionDecoderLayer`: runs `m2f_kernels.nn.masked_multihead_attention`. transformers
+  asks it for attention weights on every call and keeps them only with `output_attentions=True`; a forward
+  pre-hook on the layer tells the patched forward which, and when weights are kept (or while training with
+  attention dropout, or with a float mask) nn.MultiheadAttention's own forward runs.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import threading
 import types
 
 import torch
@@ -36,8 +43,12 @@ KERNEL_PARAMETERS = (
     "attention_weights",
     "im2col_step",
 )
+MASKED_DECODER_LAYER_CLASS = "Mask2FormerMaskedAttentionDecoderLayer"
 _SAVED = "_m2f_kernels_saved_forward"
+_HOOKS = "_m2f_kernels_layer_hooks"
 _NO_INSTANCE_FORWARD = object()
+# ids of the cross-attention modules whose running layer call discards their attention weights (per thread)
+_weights_discarded = threading.local()
 
 
 def _kernel_forward(
@@ -136,6 +147,87 @@ def _pixel_decoder_attention_forward(
     return self.output_proj(output), weights
 
 
+def _discarded_ids() -> set[int]:
+    if not hasattr(_weights_discarded, "ids"):
+        _weights_discarded.ids = set()
+    return _weights_discarded.ids
+
+
+def _cross_attention_forward(
+    self: nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: torch.Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """nn.MultiheadAttention.forward on m2f_kernels.nn.masked_multihead_attention, where the result is the
+    same: the caller discards the weights, no attention dropout is active and any mask is bool."""
+    from m2f_kernels.nn import masked_multihead_attention
+
+    weights_used = need_weights and id(self) not in _discarded_ids()
+    float_mask = any(m is not None and m.dtype != torch.bool for m in (attn_mask, key_padding_mask))
+    if weights_used or is_causal or float_mask or (self.training and self.dropout > 0):
+        saved = self.__dict__[_SAVED]
+        forward = type(self).forward.__get__(self) if saved is _NO_INSTANCE_FORWARD else saved
+        return forward(
+            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+        )
+    out, _ = masked_multihead_attention(
+        query,
+        key,
+        value,
+        self.num_heads,
+        self.in_proj_weight,
+        self.in_proj_bias,
+        self.out_proj.weight,
+        self.out_proj.bias,
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
+        batch_first=self.batch_first,
+        backend=self._m2f_kernels_backend,
+    )
+    return out, None
+
+
+@functools.cache
+def _layer_signature(layer_class: type) -> inspect.Signature:
+    return inspect.signature(layer_class.forward)
+
+
+def _mark_discarded(layer: nn.Module, args: tuple, kwargs: dict) -> None:
+    try:
+        arguments = _layer_signature(type(layer)).bind(layer, *args, **kwargs).arguments
+    except TypeError:  # a call this signature does not describe: leave the weights to nn.MultiheadAttention
+        return
+    if not arguments.get("output_attentions"):
+        _discarded_ids().add(id(layer.cross_attn))
+
+
+def _unmark_discarded(layer: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    _discarded_ids().discard(id(layer.cross_attn))
+
+
+def _patchable_cross_attention(layer: nn.Module) -> nn.Module | None:
+    """The cross_attn of a transformers Mask2Former decoder layer when it is a plain nn.MultiheadAttention
+    (one embedding size, no extra key/value bias) and the layer's forward takes output_attentions."""
+    if type(layer).__name__ != MASKED_DECODER_LAYER_CLASS:
+        return None
+    attention = getattr(layer, "cross_attn", None)
+    if (
+        not isinstance(attention, nn.MultiheadAttention)
+        or not attention._qkv_same_embed_dim
+        or attention.bias_k is not None
+        or attention.add_zero_attn
+        or "output_attentions" not in _layer_signature(type(layer)).parameters
+    ):
+        return None
+    return attention
+
+
 def _parameters_match(module: nn.Module) -> bool:
     names = tuple(inspect.signature(type(module).forward).parameters)[1:]
     return names == KERNEL_PARAMETERS
@@ -151,26 +243,40 @@ def _replacement(module: nn.Module):
 
 
 def patch_transformers(model: nn.Module, *, backend: str = "auto") -> int:
-    """Makes the deformable-attention modules of a transformers model use m2f_kernels.ms_deform_attn.
+    """Makes the deformable-attention modules of a transformers model use m2f_kernels.ms_deform_attn and
+    Mask2Former's masked cross-attention use m2f_kernels.masked_attention.
 
-    Returns the number of modules patched (0 when the model has none). Patching twice only updates the
-    backend. Outputs are those of the original implementation up to floating-point rounding.
+    Returns the number of attention modules patched (0 when the model has none). Patching twice only
+    updates the backend. Outputs are those of the original implementation up to floating-point rounding.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     count = 0
-    for module in model.modules():
-        forward = _replacement(module)
-        if forward is None:
+    for module in list(model.modules()):
+        attention = _patchable_cross_attention(module)
+        if attention is not None:
+            if _SAVED not in attention.__dict__:
+                attention.__dict__[_HOOKS] = (
+                    module.register_forward_pre_hook(_mark_discarded, with_kwargs=True),
+                    module.register_forward_hook(_unmark_discarded, with_kwargs=True, always_call=True),
+                )
+            _patch(attention, _cross_attention_forward, backend)
+            count += 1
             continue
-        if _SAVED not in module.__dict__:
-            module.__dict__[_SAVED] = module.__dict__.get("forward", _NO_INSTANCE_FORWARD)
-        module._m2f_kernels_backend = backend
-        module.forward = types.MethodType(forward, module)
-        count += 1
+        forward = _replacement(module)
+        if forward is not None:
+            _patch(module, forward, backend)
+            count += 1
     return count
+
+
+def _patch(module: nn.Module, forward, backend: str) -> None:
+    if _SAVED not in module.__dict__:
+        module.__dict__[_SAVED] = module.__dict__.get("forward", _NO_INSTANCE_FORWARD)
+    module._m2f_kernels_backend = backend
+    module.forward = types.MethodType(forward, module)
 
 
 def unpatch_transformers(model: nn.Module) -> int:
@@ -182,6 +288,8 @@ def unpatch_transformers(model: nn.Module) -> int:
         if _SAVED not in module.__dict__:
             continue
         saved = module.__dict__.pop(_SAVED)
+        for hook in module.__dict__.pop(_HOOKS, ()):
+            hook.remove()
         del module.__dict__["forward"]
         del module._m2f_kernels_backend
         if saved is not _NO_INSTANCE_FORWARD:

@@ -109,101 +109,146 @@ class MaskedMultiheadAttention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         if is_causal:
             raise ValueError("is_causal is not supported; pass the mask as attn_mask or mask_logits")
-        for name, tensor in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(tensor, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-            if tensor.dim() not in (2, 3) or tensor.shape[-1] != self.embed_dim:
-                raise ValueError(
-                    f"{name} must have shape (L, B, {self.embed_dim}), (B, L, {self.embed_dim}) with "
-                    f"batch_first or (L, {self.embed_dim}) unbatched, got {tuple(tensor.shape)}"
-                )
-        if key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(
-                f"query, key and value must all be batched or all unbatched, got {query.dim()}-d, "
-                f"{key.dim()}-d and {value.dim()}-d"
-            )
-        if attn_mask is not None and mask_logits is not None:
-            raise ValueError("pass either attn_mask or mask_logits, not both")
-        batched = query.dim() == 3
-        if not batched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            mask_logits = None if mask_logits is None else mask_logits.unsqueeze(0)
-            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        batch, queries, keys = query.shape[0], query.shape[1], key.shape[1]
-        attn_mask = self._batched_attn_mask(attn_mask, batch, queries, keys)
-        if key_padding_mask is not None:
-            attn_mask, mask_logits = self._block_padding(
-                key_padding_mask, attn_mask, mask_logits, batch, queries, keys
-            )
-
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = (None, None, None) if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
-        q = self._split_heads(F.linear(query, w_q, b_q))
-        k = self._split_heads(F.linear(key, w_k, b_k))
-        v = self._split_heads(F.linear(value, w_v, b_v))
-        result = m2f_kernels.masked_attention(
-            q,
-            k,
-            v,
-            mask_logits=mask_logits,
+        return masked_multihead_attention(
+            query,
+            key,
+            value,
+            self.num_heads,
+            self.in_proj_weight,
+            self.in_proj_bias,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
             attn_mask=attn_mask,
-            threshold=self.mask_threshold,
-            return_attn_probs=need_weights,
+            average_attn_weights=average_attn_weights,
+            mask_logits=mask_logits,
+            batch_first=self.batch_first,
+            mask_threshold=self.mask_threshold,
             backend=self.backend,
         )
-        out, weights = result if need_weights else (result, None)
-        out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, Q, E)
-        if weights is not None and average_attn_weights:
-            weights = weights.mean(dim=1)
-        if not batched:
-            return out.squeeze(0), None if weights is None else weights.squeeze(0)
-        return (out if self.batch_first else out.transpose(0, 1)), weights
 
-    def _split_heads(self, x: Tensor) -> Tensor:
-        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, L, d)
 
-    def _batched_attn_mask(self, attn_mask: Tensor | None, batch: int, queries: int, keys: int):
-        """attn_mask as masked_attention takes it: (B, Q, K) or (B * H, Q, K) bool."""
-        if attn_mask is None:
-            return None
-        if not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool:
-            kind = attn_mask.dtype if isinstance(attn_mask, Tensor) else type(attn_mask).__name__
-            raise TypeError(f"attn_mask must be a bool tensor (True = blocked), got {kind}")
-        if attn_mask.dim() == 2:
-            if tuple(attn_mask.shape) != (queries, keys):
-                raise ValueError(
-                    f"a 2-d attn_mask must have shape ({queries}, {keys}) (Q, K), got {tuple(attn_mask.shape)}"
-                )
-            return attn_mask.expand(batch, queries, keys)
-        if attn_mask.dim() != 3 or tuple(attn_mask.shape) != (batch * self.num_heads, queries, keys):
+def masked_multihead_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    num_heads: int,
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor | None,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor | None,
+    *,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = False,
+    attn_mask: Tensor | None = None,
+    average_attn_weights: bool = True,
+    mask_logits: Tensor | None = None,
+    batch_first: bool = False,
+    mask_threshold: float = 0.5,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """MaskedMultiheadAttention.forward with the weights passed in (in_proj_weight (3E, E), in_proj_bias
+    (3E,) or None, out_proj_weight (E, E), out_proj_bias (E,) or None); shapes and rules as documented there."""
+    embed_dim = in_proj_weight.shape[1]
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() not in (2, 3) or tensor.shape[-1] != embed_dim:
             raise ValueError(
-                f"attn_mask must have shape ({queries}, {keys}) or ({batch * self.num_heads}, {queries}, "
-                f"{keys}) (B * num_heads, Q, K), got {tuple(attn_mask.shape)}"
+                f"{name} must have shape (L, B, {embed_dim}), (B, L, {embed_dim}) with batch_first or "
+                f"(L, {embed_dim}) unbatched, got {tuple(tensor.shape)}"
             )
-        return attn_mask
+    if key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(
+            f"query, key and value must all be batched or all unbatched, got {query.dim()}-d, "
+            f"{key.dim()}-d and {value.dim()}-d"
+        )
+    if attn_mask is not None and mask_logits is not None:
+        raise ValueError("pass either attn_mask or mask_logits, not both")
+    batched = query.dim() == 3
+    if not batched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        mask_logits = None if mask_logits is None else mask_logits.unsqueeze(0)
+        key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+    elif not batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    batch, queries, keys = query.shape[0], query.shape[1], key.shape[1]
+    attn_mask = _batched_attn_mask(attn_mask, batch, num_heads, queries, keys)
+    if key_padding_mask is not None:
+        attn_mask, mask_logits = _block_padding(
+            key_padding_mask, attn_mask, mask_logits, batch, queries, keys
+        )
 
-    def _block_padding(self, key_padding_mask, attn_mask, mask_logits, batch: int, queries: int, keys: int):
-        """Adds the padded keys to the mask; returns (attn_mask, mask_logits)."""
-        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
-            kind = (
-                key_padding_mask.dtype
-                if isinstance(key_padding_mask, Tensor)
-                else type(key_padding_mask).__name__
-            )
-            raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got {kind}")
-        if tuple(key_padding_mask.shape) != (batch, keys):
+    w_q, w_k, w_v = in_proj_weight.chunk(3)
+    b_q, b_k, b_v = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
+    q = _split_heads(F.linear(query, w_q, b_q), num_heads)
+    k = _split_heads(F.linear(key, w_k, b_k), num_heads)
+    v = _split_heads(F.linear(value, w_v, b_v), num_heads)
+    result = m2f_kernels.masked_attention(
+        q,
+        k,
+        v,
+        mask_logits=mask_logits,
+        attn_mask=attn_mask,
+        threshold=mask_threshold,
+        return_attn_probs=need_weights,
+        backend=backend,
+    )
+    out, weights = result if need_weights else (result, None)
+    out = F.linear(out.transpose(1, 2).flatten(2), out_proj_weight, out_proj_bias)  # (B, Q, E)
+    if weights is not None and average_attn_weights:
+        weights = weights.mean(dim=1)
+    if not batched:
+        return out.squeeze(0), None if weights is None else weights.squeeze(0)
+    return (out if batch_first else out.transpose(0, 1)), weights
+
+
+def _split_heads(x: Tensor, num_heads: int) -> Tensor:
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (B, H, L, d)
+
+
+def _batched_attn_mask(attn_mask: Tensor | None, batch: int, num_heads: int, queries: int, keys: int):
+    """attn_mask as masked_attention takes it: (B, Q, K) or (B * H, Q, K) bool."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool:
+        kind = attn_mask.dtype if isinstance(attn_mask, Tensor) else type(attn_mask).__name__
+        raise TypeError(f"attn_mask must be a bool tensor (True = blocked), got {kind}")
+    if attn_mask.dim() == 2:
+        if tuple(attn_mask.shape) != (queries, keys):
             raise ValueError(
-                f"key_padding_mask must have shape ({batch}, {keys}) (B, K), got {tuple(key_padding_mask.shape)}"
+                f"a 2-d attn_mask must have shape ({queries}, {keys}) (Q, K), got {tuple(attn_mask.shape)}"
             )
-        padding = key_padding_mask[:, None, :]  # (B, 1, K)
-        if mask_logits is not None:
-            check_tensor("mask_logits", mask_logits, ndim=3, floating=True)
-            check_shape("mask_logits", mask_logits, (batch, queries, keys), "B, Q, K")
-            # masked_attention always blocks a NaN logit, whatever the threshold.
-            return None, mask_logits.masked_fill(padding, math.nan)
-        if attn_mask is None:
-            return padding.expand(batch, queries, keys), None
-        per_batch = attn_mask.reshape(batch, -1, *attn_mask.shape[1:])  # (B, 1 or H, Q, K)
-        return (per_batch | padding[:, None]).flatten(0, 1), None
+        return attn_mask.expand(batch, queries, keys)
+    if attn_mask.dim() != 3 or tuple(attn_mask.shape) != (batch * num_heads, queries, keys):
+        raise ValueError(
+            f"attn_mask must have shape ({queries}, {keys}) or ({batch * num_heads}, {queries}, {keys}) "
+            f"(B * num_heads, Q, K), got {tuple(attn_mask.shape)}"
+        )
+    return attn_mask
+
+
+def _block_padding(key_padding_mask, attn_mask, mask_logits, batch: int, queries: int, keys: int):
+    """Adds the padded keys to the mask; returns (attn_mask, mask_logits)."""
+    if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+        kind = (
+            key_padding_mask.dtype
+            if isinstance(key_padding_mask, Tensor)
+            else type(key_padding_mask).__name__
+        )
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got {kind}")
+    if tuple(key_padding_mask.shape) != (batch, keys):
+        raise ValueError(
+            f"key_padding_mask must have shape ({batch}, {keys}) (B, K), got {tuple(key_padding_mask.shape)}"
+        )
+    padding = key_padding_mask[:, None, :]  # (B, 1, K)
+    if mask_logits is not None:
+        check_tensor("mask_logits", mask_logits, ndim=3, floating=True)
+        check_shape("mask_logits", mask_logits, (batch, queries, keys), "B, Q, K")
+        # masked_attention always blocks a NaN logit, whatever the threshold.
+        return None, mask_logits.masked_fill(padding, math.nan)
+    if attn_mask is None:
+        return padding.expand(batch, queries, keys), None
+    per_batch = attn_mask.reshape(batch, -1, *attn_mask.shape[1:])  # (B, 1 or H, Q, K)
+    return (per_batch | padding[:, None]).flatten(0, 1), None

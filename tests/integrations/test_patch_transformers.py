@@ -1,4 +1,4 @@
-"""patch_transformers: transformers' deformable attention on m2f_kernels, same outputs, reversible."""
+"""patch_transformers: transformers' deformable and masked attention on m2f_kernels, same outputs, reversible."""
 
 import pytest
 import torch
@@ -27,6 +27,26 @@ def _mask2former(num_labels: int = 3):
     return model
 
 
+def deformable_attentions(model):
+    return [m for m in model.modules() if type(m).__name__.endswith("MultiscaleDeformableAttention")]
+
+
+def cross_attentions(model):
+    return [
+        m.cross_attn for m in model.modules() if type(m).__name__ == "Mask2FormerMaskedAttentionDecoderLayer"
+    ]
+
+
+def tensors(output) -> list[torch.Tensor]:
+    """Every tensor of a transformers output, in order."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    items = output.to_tuple() if hasattr(output, "to_tuple") else output
+    if not isinstance(items, (tuple, list)):
+        return []
+    return [t for item in items for t in tensors(item)]
+
+
 def test_mask2former_outputs_unchanged_and_reversible():
     model = _mask2former()
     images = torch.randn(2, 3, 64, 96, dtype=torch.float64)
@@ -34,10 +54,9 @@ def test_mask2former_outputs_unchanged_and_reversible():
         before = model(pixel_values=images)
         patched = patch_transformers(model, backend="torch")
         after = model(pixel_values=images)
-    assert patched == model.config.encoder_layers
-    attention_modules = [
-        m for m in model.modules() if type(m).__name__.endswith("MultiscaleDeformableAttention")
-    ]
+    attention_modules = deformable_attentions(model) + cross_attentions(model)
+    assert len(deformable_attentions(model)) == model.config.encoder_layers
+    assert len(cross_attentions(model)) == model.config.decoder_layers - 1
     assert len(attention_modules) == patched and all(is_patched(m) for m in attention_modules)
     torch.testing.assert_close(
         after.class_queries_logits, before.class_queries_logits, rtol=1e-10, atol=1e-10
@@ -49,24 +68,68 @@ def test_mask2former_outputs_unchanged_and_reversible():
     assert unpatch_transformers(model) == patched
     assert not any(is_patched(m) for m in attention_modules)
     assert all("forward" not in m.__dict__ for m in attention_modules)
+    layers = [m for m in model.modules() if type(m).__name__ == "Mask2FormerMaskedAttentionDecoderLayer"]
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
 
 
-def test_patched_forward_calls_the_op(monkeypatch):
+def count_calls(monkeypatch, op_name: str) -> list:
     import m2f_kernels
 
     calls = []
-    original = m2f_kernels.ms_deform_attn
+    original = getattr(m2f_kernels, op_name)
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("backend"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(m2f_kernels, "ms_deform_attn", counting)
+    monkeypatch.setattr(m2f_kernels, op_name, counting)
+    return calls
+
+
+def test_patched_forward_calls_the_ops(monkeypatch):
+    deform_calls = count_calls(monkeypatch, "ms_deform_attn")
+    masked_calls = count_calls(monkeypatch, "masked_attention")
     model = _mask2former()
     patch_transformers(model, backend="torch")
     with torch.no_grad():
         model(pixel_values=torch.randn(1, 3, 64, 64, dtype=torch.float64))
-    assert calls == ["torch"] * model.config.encoder_layers
+    assert deform_calls == ["torch"] * model.config.encoder_layers
+    assert masked_calls == ["torch"] * (model.config.decoder_layers - 1)
+
+
+def test_attention_weights_asked_for_come_from_torch(monkeypatch):
+    """With output_attentions=True the decoder keeps the cross-attention weights: the patched module then
+    runs nn.MultiheadAttention's forward, and every output, weights included, is unchanged."""
+    masked_calls = count_calls(monkeypatch, "masked_attention")
+    model = _mask2former()
+    images = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        before = tensors(model(pixel_values=images, output_attentions=True))
+        patch_transformers(model, backend="cpu")
+        after = tensors(model(pixel_values=images, output_attentions=True))
+        assert masked_calls == []
+        model(pixel_values=images)
+    assert masked_calls == ["cpu"] * (model.config.decoder_layers - 1)
+    assert len(after) == len(before) > 2
+    for got, expected in zip(after, before):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_cross_attention_called_directly_keeps_torch_semantics():
+    """Outside a decoder layer call nothing says the weights are discarded: need_weights is honoured."""
+    model = _mask2former()
+    attention = cross_attentions(model)[0]
+    query, key = torch.randn(6, 2, 32, dtype=torch.float64), torch.randn(10, 2, 32, dtype=torch.float64)
+    expected = attention(query, key, key)
+    patch_transformers(model, backend="cpu")
+    with torch.no_grad():
+        model(pixel_values=torch.randn(1, 3, 64, 64, dtype=torch.float64))  # marks and unmarks the layers
+    got = attention(query, key, key)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-10)
+    out, weights = attention(query, key, key, need_weights=False)
+    assert weights is None
+    torch.testing.assert_close(out, expected[0], rtol=1e-10, atol=1e-10)
 
 
 def test_gradients_unchanged():
@@ -76,11 +139,12 @@ def test_gradients_unchanged():
     def grads():
         model.zero_grad()
         model(pixel_values=images).masks_queries_logits.square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if "pixel_level_module.decoder" in n}
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     reference = grads()
     patch_transformers(model, backend="torch")
     patched = grads()
+    assert any("cross_attn" in name for name in reference)
     for name, grad in reference.items():
         torch.testing.assert_close(patched[name], grad, rtol=1e-8, atol=1e-10, msg=name)
 
@@ -120,6 +184,10 @@ def test_model_without_deformable_attention_and_bad_input():
 def test_patch_twice_keeps_the_original():
     model = _mask2former()
     patch_transformers(model, backend="torch")
-    patch_transformers(model, backend="torch")
-    assert unpatch_transformers(model) == model.config.encoder_layers
+    patched = patch_transformers(model, backend="torch")
+    layer = cross_attentions(model)[0]
+    assert patched == model.config.encoder_layers + model.config.decoder_layers - 1
+    parent = next(m for m in model.modules() if getattr(m, "cross_attn", None) is layer)
+    assert len(parent._forward_pre_hooks) == len(parent._forward_hooks) == 1
+    assert unpatch_transformers(model) == patched
     assert unpatch_transformers(model) == 0
