@@ -1,5 +1,6 @@
 """Whole-model benchmark: m2f's Mask2Former against Hugging Face transformers' (same R-50 panoptic config,
-random init) and against m2f with backend="torch" (the PyTorch reference ops), in the same run.
+random init), the same transformers model with `patch_transformers` (its deformable and masked attention
+on our ops) and m2f with backend="torch" (the PyTorch reference ops), in the same run.
 
 GPU: training step (forward + loss + backward, bf16 autocast) at 1024 x 1024, batch 2, with peak memory;
 inference images/s at 800 x 1333, batch 1. CPU: inference only at 256 x 256, batch 1 (seconds per image).
@@ -21,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 from benchmarks.harness import Measurement  # noqa: E402
 from m2f import build_model, get_config  # noqa: E402
 from m2f.losses import build_criterion  # noqa: E402
+from m2f_kernels.integrations import patch_transformers  # noqa: E402
 
 CONFIG = "panoptic-r50"
 TRAIN_SIZE, TRAIN_BATCH = (1024, 1024), 2
@@ -57,6 +59,14 @@ def _hf_model(num_classes: int) -> torch.nn.Module:
     return transformers.Mask2FormerForUniversalSegmentation(hf_config)
 
 
+def _patched_copy(hf: torch.nn.Module) -> torch.nn.Module:
+    """A second transformers model with hf's weights, patched to run our ops."""
+    patched = transformers.Mask2FormerForUniversalSegmentation(hf.config).to(next(hf.parameters()).device)
+    patched.load_state_dict(hf.state_dict())
+    patch_transformers(patched)
+    return patched.train(hf.training)
+
+
 def _normalized(images: torch.Tensor) -> torch.Tensor:
     config = get_config(CONFIG)
     mean = torch.tensor(config.pixel_mean, device=images.device).view(1, 3, 1, 1)
@@ -89,6 +99,7 @@ def _inference_fns(device: torch.device, size: tuple[int, int]) -> dict:
     ours_torch = build_model(CONFIG, backend="torch").to(device).eval()
     ours_torch.load_state_dict(ours.state_dict())
     hf = _hf_model(num_classes).to(device).eval()
+    hf_patched = _patched_copy(hf)
     pixel_values = _normalized(images)
 
     def run(model, *args, **kwargs):
@@ -102,6 +113,7 @@ def _inference_fns(device: torch.device, size: tuple[int, int]) -> dict:
         "m2f": run(ours, images),
         "m2f backend=torch": run(ours_torch, images),
         "transformers": run(hf, pixel_values=pixel_values),
+        "transformers patched": run(hf_patched, pixel_values=pixel_values),
     }
 
 
@@ -173,14 +185,20 @@ def test_model_training_step(bench, device):
     mask_labels = [t["masks"].float() for t in targets]
     class_labels = [t["labels"] for t in targets]
 
-    def hf_step():
-        with _autocast(device):
-            return hf(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels).loss
+    def hf_step(model):
+        def fn():
+            with _autocast(device):
+                return model(
+                    pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels
+                ).loss
+
+        return fn
 
     for name, fn in (
         ("m2f", ours_step("auto")),
         ("m2f backend=torch", ours_step("torch")),
-        ("transformers", hf_step),
+        ("transformers", hf_step(hf)),
+        ("transformers patched", hf_step(_patched_copy(hf))),
     ):
         m = bench.run(
             "model_train_step", name, fn, mode="full", device=device, warmup=3, repeats=10, params=params
