@@ -16,6 +16,11 @@ forward. This module never imports transformers; modules are recognized by class
   asks it for attention weights on every call and keeps them only with `output_attentions=True`; a forward
   pre-hook on the layer tells the patched forward which, and when weights are kept (or while training with
   attention dropout, or with a float mask) nn.MultiheadAttention's own forward runs.
+- `Mask2FormerLoss.loss_masks`: the sigmoid-CE and dice losses on the uncertainty-sampled points become one
+  `m2f_kernels.point_mask_loss` call, which samples the logits and the targets itself; the points are drawn
+  by transformers' own sampler, so the same seed gives the same points.
+- `Mask2FormerHungarianMatcher.forward`: the masks are sampled with `m2f_kernels.point_sample` and the mask
+  costs come from `m2f_kernels.pairwise_mask_cost`, at the same random points (same seed, same points).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import functools
 import inspect
 import threading
 import types
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +50,23 @@ KERNEL_PARAMETERS = (
     "im2col_step",
 )
 MASKED_DECODER_LAYER_CLASS = "Mask2FormerMaskedAttentionDecoderLayer"
+LOSS_CLASS = "Mask2FormerLoss"
+LOSS_ATTRIBUTES = (
+    "num_points",
+    "oversample_ratio",
+    "importance_sample_ratio",
+    "sample_points_using_uncertainty",
+    "calculate_uncertainty",
+    "_get_predictions_permutation_indices",
+    "_get_targets_permutation_indices",
+    "_pad_images_to_max_in_batch",
+)
+MATCHER_CLASS = "Mask2FormerHungarianMatcher"
+MATCHER_ATTRIBUTES = ("num_points", "cost_class", "cost_mask", "cost_dice")
+# (name of the replaced method, the instance attribute it had or _NO_INSTANCE_ATTRIBUTE)
 _SAVED = "_m2f_kernels_saved_forward"
 _HOOKS = "_m2f_kernels_layer_hooks"
-_NO_INSTANCE_FORWARD = object()
+_NO_INSTANCE_ATTRIBUTE = object()
 # ids of the cross-attention modules whose running layer call discards their attention weights (per thread)
 _weights_discarded = threading.local()
 
@@ -171,8 +191,8 @@ def _cross_attention_forward(
     weights_used = need_weights and id(self) not in _discarded_ids()
     float_mask = any(m is not None and m.dtype != torch.bool for m in (attn_mask, key_padding_mask))
     if weights_used or is_causal or float_mask or (self.training and self.dropout > 0):
-        saved = self.__dict__[_SAVED]
-        forward = type(self).forward.__get__(self) if saved is _NO_INSTANCE_FORWARD else saved
+        _, saved = self.__dict__[_SAVED]
+        forward = type(self).forward.__get__(self) if saved is _NO_INSTANCE_ATTRIBUTE else saved
         return forward(
             query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
         )
@@ -228,25 +248,98 @@ def _patchable_cross_attention(layer: nn.Module) -> nn.Module | None:
     return attention
 
 
+def _loss_masks(
+    self: nn.Module,
+    masks_queries_logits: torch.Tensor,
+    mask_labels: list[torch.Tensor],
+    indices: list[tuple[torch.Tensor, torch.Tensor]],
+    num_masks,
+) -> dict[str, torch.Tensor]:
+    """Mask2FormerLoss.loss_masks on m2f_kernels.point_mask_loss: masks_queries_logits (B, Q, H, W), mask_labels
+    B tensors (T_b, Ht, Wt), indices the matcher's (query, target) pairs -> {"loss_mask", "loss_dice"}."""
+    import m2f_kernels
+
+    pred_masks = masks_queries_logits[self._get_predictions_permutation_indices(indices)]  # (N, H, W)
+    target_masks, _ = self._pad_images_to_max_in_batch(mask_labels)
+    target_masks = target_masks[self._get_targets_permutation_indices(indices)]  # (N, Ht, Wt)
+    with torch.no_grad():
+        coords = self.sample_points_using_uncertainty(
+            pred_masks[:, None],
+            self.calculate_uncertainty,
+            self.num_points,
+            self.oversample_ratio,
+            self.importance_sample_ratio,
+        )
+    ce, dice = m2f_kernels.point_mask_loss(
+        pred_masks, target_masks, coords, num_masks, backend=self._m2f_kernels_backend
+    )
+    return {"loss_mask": ce, "loss_dice": dice}
+
+
+@torch.no_grad()
+def _matcher_forward(
+    self: nn.Module,
+    masks_queries_logits: torch.Tensor,
+    class_queries_logits: torch.Tensor,
+    mask_labels: list[torch.Tensor],
+    class_labels: list[torch.Tensor],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Mask2FormerHungarianMatcher.forward with the mask costs from m2f_kernels.point_sample and
+    pairwise_mask_cost: masks_queries_logits (B, Q, H, W), class_queries_logits (B, Q, C + 1), mask_labels B
+    tensors (T_b, Ht, Wt), class_labels B tensors (T_b,) -> B pairs of int64 (query, target) indices."""
+    from scipy.optimize import linear_sum_assignment
+
+    import m2f_kernels
+
+    backend = self._m2f_kernels_backend
+    indices = []
+    for pred_mask, class_logits, target_mask, labels in zip(
+        masks_queries_logits, class_queries_logits, mask_labels, class_labels
+    ):
+        cost_class = -class_logits.softmax(-1)[:, labels]
+        coords = torch.rand(1, self.num_points, 2, device=pred_mask.device)  # the points transformers draws
+        target_mask = target_mask.to(pred_mask)
+        pred_points = m2f_kernels.point_sample(pred_mask[None], coords.to(pred_mask.dtype), backend=backend)[
+            0
+        ]
+        target_points = m2f_kernels.point_sample(
+            target_mask[None], coords.to(target_mask.dtype), backend=backend
+        )[0]
+        cost_mask, cost_dice = m2f_kernels.pairwise_mask_cost(pred_points, target_points, backend=backend)
+        cost_matrix = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
+        max_value = torch.finfo(cost_matrix.dtype).max
+        cost_matrix = torch.nan_to_num(cost_matrix, nan=max_value, posinf=max_value, neginf=max_value)
+        rows, columns = linear_sum_assignment(cost_matrix.cpu())
+        indices.append(
+            (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(columns, dtype=torch.int64))
+        )
+    return indices
+
+
 def _parameters_match(module: nn.Module) -> bool:
     names = tuple(inspect.signature(type(module).forward).parameters)[1:]
     return names == KERNEL_PARAMETERS
 
 
-def _replacement(module: nn.Module):
+def _replacement(module: nn.Module) -> tuple[str, Callable] | None:
+    """(name of the method to replace, its replacement) for a module patch_transformers takes, else None."""
     name = type(module).__name__
     if name in PIXEL_DECODER_ATTENTION_CLASSES:
-        return _pixel_decoder_attention_forward
+        return "forward", _pixel_decoder_attention_forward
     if name == KERNEL_CLASS and _parameters_match(module):
-        return _kernel_forward
+        return "forward", _kernel_forward
+    if name == LOSS_CLASS and all(hasattr(module, a) for a in LOSS_ATTRIBUTES):
+        return "loss_masks", _loss_masks
+    if name == MATCHER_CLASS and all(hasattr(module, a) for a in MATCHER_ATTRIBUTES):
+        return "forward", _matcher_forward
     return None
 
 
 def patch_transformers(model: nn.Module, *, backend: str = "auto") -> int:
-    """Makes the deformable-attention modules of a transformers model use m2f_kernels.ms_deform_attn and
-    Mask2Former's masked cross-attention use m2f_kernels.masked_attention.
+    """Makes the deformable attention of a transformers model run m2f_kernels.ms_deform_attn, and
+    Mask2Former's masked cross-attention, mask losses and matcher costs the m2f_kernels ops (module docstring).
 
-    Returns the number of attention modules patched (0 when the model has none). Patching twice only
+    Returns the number of modules patched (0 when the model has none). Patching twice only
     updates the backend. Outputs are those of the original implementation up to floating-point rounding.
     """
     if not isinstance(model, nn.Module):
@@ -262,42 +355,42 @@ def patch_transformers(model: nn.Module, *, backend: str = "auto") -> int:
                     module.register_forward_pre_hook(_mark_discarded, with_kwargs=True),
                     module.register_forward_hook(_unmark_discarded, with_kwargs=True, always_call=True),
                 )
-            _patch(attention, _cross_attention_forward, backend)
+            _patch(attention, "forward", _cross_attention_forward, backend)
             count += 1
             continue
-        forward = _replacement(module)
-        if forward is not None:
-            _patch(module, forward, backend)
+        replacement = _replacement(module)
+        if replacement is not None:
+            _patch(module, *replacement, backend)
             count += 1
     return count
 
 
-def _patch(module: nn.Module, forward, backend: str) -> None:
+def _patch(module: nn.Module, method: str, function: Callable, backend: str) -> None:
     if _SAVED not in module.__dict__:
-        module.__dict__[_SAVED] = module.__dict__.get("forward", _NO_INSTANCE_FORWARD)
+        module.__dict__[_SAVED] = (method, module.__dict__.get(method, _NO_INSTANCE_ATTRIBUTE))
     module._m2f_kernels_backend = backend
-    module.forward = types.MethodType(forward, module)
+    setattr(module, method, types.MethodType(function, module))
 
 
 def unpatch_transformers(model: nn.Module) -> int:
-    """Restores the forwards replaced by patch_transformers; returns how many modules were restored."""
+    """Restores the methods replaced by patch_transformers; returns how many modules were restored."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     count = 0
     for module in model.modules():
         if _SAVED not in module.__dict__:
             continue
-        saved = module.__dict__.pop(_SAVED)
+        method, saved = module.__dict__.pop(_SAVED)
         for hook in module.__dict__.pop(_HOOKS, ()):
             hook.remove()
-        del module.__dict__["forward"]
+        del module.__dict__[method]
         del module._m2f_kernels_backend
-        if saved is not _NO_INSTANCE_FORWARD:
-            module.forward = saved
+        if saved is not _NO_INSTANCE_ATTRIBUTE:
+            setattr(module, method, saved)
         count += 1
     return count
 
 
 def is_patched(module: nn.Module) -> bool:
-    """Whether patch_transformers replaced this module's forward."""
+    """Whether patch_transformers replaced a method of this module."""
     return _SAVED in module.__dict__

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 from m2f_kernels.integrations import is_patched, patch_transformers, unpatch_transformers  # noqa: E402
 
 
-def _mask2former(num_labels: int = 3):
+def _mask2former(num_labels: int = 3, dtype=torch.float64):
     config = transformers.Mask2FormerConfig(
         backbone_config=transformers.SwinConfig(
             embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
@@ -19,7 +19,7 @@ def _mask2former(num_labels: int = 3):
         num_attention_heads=2,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = transformers.Mask2FormerForUniversalSegmentation(config).eval().double()
+    model = transformers.Mask2FormerForUniversalSegmentation(config).eval().to(dtype)
     # non-trivial sampling offsets and attention logits (the init makes them input-independent)
     for name, param in model.named_parameters():
         if "sampling_offsets.weight" in name or "attention_weights.weight" in name:
@@ -34,6 +34,12 @@ def deformable_attentions(model):
 def cross_attentions(model):
     return [
         m.cross_attn for m in model.modules() if type(m).__name__ == "Mask2FormerMaskedAttentionDecoderLayer"
+    ]
+
+
+def loss_modules(model):
+    return [
+        m for m in model.modules() if type(m).__name__ in ("Mask2FormerLoss", "Mask2FormerHungarianMatcher")
     ]
 
 
@@ -54,9 +60,10 @@ def test_mask2former_outputs_unchanged_and_reversible():
         before = model(pixel_values=images)
         patched = patch_transformers(model, backend="torch")
         after = model(pixel_values=images)
-    attention_modules = deformable_attentions(model) + cross_attentions(model)
+    attention_modules = deformable_attentions(model) + cross_attentions(model) + loss_modules(model)
     assert len(deformable_attentions(model)) == model.config.encoder_layers
     assert len(cross_attentions(model)) == model.config.decoder_layers - 1
+    assert len(loss_modules(model)) == 2
     assert len(attention_modules) == patched and all(is_patched(m) for m in attention_modules)
     torch.testing.assert_close(
         after.class_queries_logits, before.class_queries_logits, rtol=1e-10, atol=1e-10
@@ -67,7 +74,7 @@ def test_mask2former_outputs_unchanged_and_reversible():
 
     assert unpatch_transformers(model) == patched
     assert not any(is_patched(m) for m in attention_modules)
-    assert all("forward" not in m.__dict__ for m in attention_modules)
+    assert all("forward" not in m.__dict__ and "loss_masks" not in m.__dict__ for m in attention_modules)
     layers = [m for m in model.modules() if type(m).__name__ == "Mask2FormerMaskedAttentionDecoderLayer"]
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
 
@@ -186,8 +193,87 @@ def test_patch_twice_keeps_the_original():
     patch_transformers(model, backend="torch")
     patched = patch_transformers(model, backend="torch")
     layer = cross_attentions(model)[0]
-    assert patched == model.config.encoder_layers + model.config.decoder_layers - 1
+    assert patched == model.config.encoder_layers + model.config.decoder_layers - 1 + 2  # + loss, matcher
     parent = next(m for m in model.modules() if getattr(m, "cross_attn", None) is layer)
     assert len(parent._forward_pre_hooks) == len(parent._forward_hooks) == 1
     assert unpatch_transformers(model) == patched
     assert unpatch_transformers(model) == 0
+
+
+def _targets(num_targets=(3, 2), size=(64, 64), num_labels=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    mask_labels, class_labels = [], []
+    for count in num_targets:
+        owner = torch.randint(0, count + 1, (size[0] // 8, size[1] // 8), generator=generator)
+        owner = owner.repeat_interleave(8, 0).repeat_interleave(8, 1)
+        mask_labels.append((owner[None] == torch.arange(count)[:, None, None]).float())
+        class_labels.append(torch.randint(0, num_labels, (count,), generator=generator))
+    return mask_labels, class_labels
+
+
+@pytest.mark.parametrize("num_targets", [(3, 2), (2, 0)])
+def test_training_loss_and_gradients_unchanged(monkeypatch, num_targets):
+    """Same seed, same sampled points: the loss of the patched model (fused point loss, fused matcher costs)
+    and every parameter gradient equal the original's up to rounding (float32: transformers' loss
+    samples float32 points)."""
+    loss_calls = count_calls(monkeypatch, "point_mask_loss")
+    cost_calls = count_calls(monkeypatch, "pairwise_mask_cost")
+    model = _mask2former(dtype=torch.float32)
+    images = torch.randn(2, 3, 64, 64)
+    mask_labels, class_labels = _targets(num_targets)
+
+    def loss_and_grads():
+        model.zero_grad()
+        torch.manual_seed(7)
+        loss = model(pixel_values=images, mask_labels=mask_labels, class_labels=class_labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads()
+    assert loss_calls == cost_calls == []
+    patch_transformers(model, backend="cpu")
+    patched_loss, patched_grads = loss_and_grads()
+    layers = model.config.decoder_layers  # deep supervision: every decoder layer and the initial prediction
+    assert loss_calls == ["cpu"] * layers and cost_calls == ["cpu"] * layers * len(num_targets)
+    torch.testing.assert_close(patched_loss, loss, rtol=1e-5, atol=1e-6)
+    assert patched_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(patched_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_matcher_assignments_unchanged():
+    model = _mask2former(num_labels=4, dtype=torch.float32)
+    matcher = model.criterion.matcher
+    generator = torch.Generator().manual_seed(3)
+    masks = torch.randn(2, 6, 16, 16, generator=generator) * 3
+    classes = torch.randn(2, 6, 5, generator=generator)
+    mask_labels, class_labels = _targets((4, 1), size=(64, 64), num_labels=4, seed=4)
+    torch.manual_seed(1)
+    expected = matcher(masks, classes, mask_labels, class_labels)
+    patch_transformers(model, backend="torch")
+    torch.manual_seed(1)
+    got = matcher(masks, classes, mask_labels, class_labels)
+    assert [len(rows) for rows, _ in expected] == [4, 1]
+    for (rows, columns), (expected_rows, expected_columns) in zip(got, expected):
+        assert rows.tolist() == expected_rows.tolist() and columns.tolist() == expected_columns.tolist()
+
+
+def test_loss_masks_terms_unchanged():
+    model = _mask2former(dtype=torch.float32)
+    criterion = model.criterion
+    masks = torch.randn(2, 6, 16, 16, generator=torch.Generator().manual_seed(5)) * 3
+    mask_labels, _ = _targets((3, 2))
+    indices = [
+        (torch.tensor([4, 0, 2]), torch.tensor([1, 2, 0])),
+        (torch.tensor([5, 1]), torch.tensor([0, 1])),
+    ]
+    num_masks = torch.tensor(5.0)
+    torch.manual_seed(2)
+    expected = criterion.loss_masks(masks, mask_labels, indices, num_masks)
+    patch_transformers(model, backend="cpu")
+    torch.manual_seed(2)
+    got = criterion.loss_masks(masks, mask_labels, indices, num_masks)
+    assert got.keys() == expected.keys() == {"loss_mask", "loss_dice"}
+    assert abs(expected["loss_mask"] - expected["loss_dice"]) > 0.1
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
