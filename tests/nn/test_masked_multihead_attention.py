@@ -251,6 +251,39 @@ def test_compiles_without_graph_breaks():
     )
 
 
+class TorchCrossAttentionLayer(nn.Module):
+    """The call pattern of detectron2's Mask2Former CrossAttentionLayer (sequence first, bool memory_mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.multihead_attn = nn.MultiheadAttention(EMBED, HEADS, dropout=0.0)
+
+    def forward(self, tgt, memory, memory_mask):
+        return self.multihead_attn(
+            query=tgt, key=memory, value=memory, attn_mask=memory_mask, key_padding_mask=None
+        )[0]
+
+
+def test_swaps_into_a_layer_written_for_torch_attention():
+    """The README's recipe: same outputs, float64 weights kept exactly."""
+    layer = TorchCrossAttentionLayer().double()
+    with torch.no_grad():
+        layer.multihead_attn.in_proj_weight.add_(1e-12)  # not representable in float32
+    tgt, memory = inputs(False, dtype=torch.float64)[:2]
+    blocked = rule_applied(
+        torch.rand(BATCH * HEADS, QUERIES, KEYS, generator=torch.Generator().manual_seed(6)) < 0.6
+    )
+    expected = layer(tgt, memory, blocked)
+
+    torch_attention = layer.multihead_attn
+    attention = MaskedMultiheadAttention(torch_attention.embed_dim, torch_attention.num_heads)
+    attention.to(torch_attention.in_proj_weight).load_state_dict(torch_attention.state_dict())
+    layer.multihead_attn = attention
+
+    assert torch.equal(attention.in_proj_weight, torch_attention.in_proj_weight)
+    torch.testing.assert_close(layer(tgt, memory, blocked), expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
 def test_cuda_mask_logits_match_torch(backend):
