@@ -205,6 +205,14 @@ def environment() -> dict:
     }
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Writes ``data`` to a temp file in ``path``'s folder, then renames it over ``path``."""
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(data)
+        temp_name = handle.name
+    os.replace(temp_name, path)
+
+
 class Recorder:
     """Collects the measurements of one benchmark run; ratios are against a baseline of the same group."""
 
@@ -292,8 +300,5 @@ class Recorder:
             "environment": environment(),
             "results": [dataclasses.asdict(m) for m in self.measurements],
         }
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-            json.dump(payload, handle, indent=1)
-            temp_name = handle.name
-        os.replace(temp_name, path)
+        write_atomically(path, json.dumps(payload, indent=1).encode())
         return path

@@ -18,11 +18,10 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.harness import MODES, Measurement, Recorder
+from benchmarks.harness import MODES, Measurement, Recorder, write_atomically
 
 ENVIRONMENT_KEYS = ("device", "commit", "torch", "triton", "cuda", "peak_bandwidth_gbs")
 RESULT_KEYS = tuple(field.name for field in dataclasses.fields(Measurement))
@@ -180,14 +179,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "group"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Writes ``data`` to a temp file in ``path``'s folder, then renames it over ``path``."""
-    with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(data)
-        temp_name = handle.name
-    os.replace(temp_name, path)
-
-
 def bar_chart_png(group: str, rows: list[Measurement], title_suffix: str) -> bytes:
     """PNG of the median ms of every name, one bar per mode, min..median as the error bar."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -249,7 +240,7 @@ def write_report(
                 counter += 1
                 png_name = f"{stem}-{counter}.png"
             png_names.add(png_name)
-            _write_atomically(out_dir / png_name, bar_chart_png(group, rows, title_suffix))
+            write_atomically(out_dir / png_name, bar_chart_png(group, rows, title_suffix))
             lines += ["", f"![{group}]({png_name})"]
             if old_times is not None:
                 for m in rows:
@@ -263,7 +254,7 @@ def write_report(
         lines += ["", f"## Regressions (time new/old > {threshold:.2f})", ""]
         lines += regressions or ["None."]
     report = out_dir / "report.md"
-    _write_atomically(report, ("\n".join(lines) + "\n").encode())
+    write_atomically(report, ("\n".join(lines) + "\n").encode())
     return report
 
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from m2f.files import save_figure_atomic
+
 MASK_ALPHA = 0.55
 LEGEND_FONT_SIZE = 12
 MIN_DISPLAY_SIZE = 256  # smaller images are enlarged (nearest neighbour, integer factor) before drawing
@@ -227,5 +229,5 @@ def plot_loss_curve(
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
-    figure.savefig(out_png)
+    save_figure_atomic(figure, out_png)
     plt.close(figure)

@@ -232,10 +232,10 @@ def save(
     folder is created); tensors made contiguous, shared storage copied."""
     from safetensors.torch import save as to_bytes
 
-    from ..engine.checkpoint import atomic_write_bytes
+    from ..files import write_bytes_atomic
 
     tensors = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in state_dict.items()}
-    atomic_write_bytes(path, to_bytes(tensors, metadata=metadata))
+    write_bytes_atomic(path, to_bytes(tensors, metadata=metadata))
 
 
 _COCO_NAMES_HINT = (

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import write_bytes_atomic
 from .keymaps import ConversionError
 
 
@@ -103,5 +104,5 @@ def load_detectron2_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def save_detectron2_pkl(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """Writes a model-zoo style .pkl ({"model": {name: ndarray}, "__author__": ...}) for detectron2."""
     arrays = {key: tensor.detach().cpu().numpy() for key, tensor in state_dict.items()}
-    with open(path, "wb") as file:
-        pickle.dump({"model": arrays, "__author__": "m2f", "matching_heuristics": False}, file)
+    payload = {"model": arrays, "__author__": "m2f", "matching_heuristics": False}
+    write_bytes_atomic(path, pickle.dumps(payload))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,25 +65,6 @@ def read_json(path: str) -> Any:
             return json.load(f)
     except json.JSONDecodeError as error:
         raise DatasetError(f"{path}: invalid JSON ({error})") from error
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write bytes to `path` through a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
-def write_json_atomic(path: str, obj: Any, indent: int | None = None) -> None:
-    write_atomic(path, json.dumps(obj, indent=indent).encode())
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:

@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from m2f.data.common import id_to_rgb, write_atomic, write_json_atomic
+from m2f.data.common import id_to_rgb
+from m2f.files import write_bytes_atomic, write_json_atomic
 
 THING_CATEGORIES = (
     {"id": 1, "name": "circle", "isthing": 1, "color": [220, 40, 40], "supercategory": "shape"},
@@ -171,10 +172,12 @@ def _write_split(out_dir: str, split: str, num_images: int, size: int, seed: int
         panoptic_annotations.append(
             {"image_id": image_id, "file_name": png_name, "segments_info": segments_info}
         )
-        write_atomic(
+        write_bytes_atomic(
             os.path.join(image_folder, file_name), _encode(Image.fromarray(image), "JPEG", quality=95)
         )
-        write_atomic(os.path.join(panoptic_folder, png_name), _encode(Image.fromarray(id_to_rgb(ids)), "PNG"))
+        write_bytes_atomic(
+            os.path.join(panoptic_folder, png_name), _encode(Image.fromarray(id_to_rgb(ids)), "PNG")
+        )
 
     annotations = os.path.join(out_dir, "annotations")
     write_json_atomic(
@@ -230,8 +233,8 @@ def make_synthetic_ade20k(
                 labels[segment["mask"]] = value_of[segment["category_id"]]
             stem = f"{prefix}_{n + 1:08d}"
             image_bytes = _encode(Image.fromarray(image), "JPEG", quality=95)
-            write_atomic(os.path.join(root, "images", folder, stem + ".jpg"), image_bytes)
-            write_atomic(
+            write_bytes_atomic(os.path.join(root, "images", folder, stem + ".jpg"), image_bytes)
+            write_bytes_atomic(
                 os.path.join(root, "annotations", folder, stem + ".png"),
                 _encode(Image.fromarray(labels), "PNG"),
             )

@@ -17,12 +17,13 @@ import io
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import safetensors.torch
 import torch
+
+from m2f.files import write_bytes_atomic
 
 CHECKPOINT_FORMAT = "m2f-checkpoint-v1"
 LAST_CHECKPOINT_FILE = "last_checkpoint"
@@ -32,28 +33,6 @@ STATE_SUFFIX = ".state.pt"
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or does not match the model; the message names the file."""
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to `path` via a temporary file in the same directory, fsync and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def checkpoint_stem(iteration: int) -> str:
@@ -88,7 +67,7 @@ def weights_to_bytes(model: torch.nn.Module, metadata: dict[str, str]) -> bytes:
 def save_weights(path: str | os.PathLike, model: torch.nn.Module, metadata: dict[str, str]) -> str:
     """Writes the model weights atomically; returns the file's SHA-256 hex digest."""
     data = weights_to_bytes(model, metadata)
-    atomic_write_bytes(path, data)
+    write_bytes_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -112,8 +91,8 @@ def save_checkpoint(
         {"format": CHECKPOINT_FORMAT, "iteration": iteration, "weights_sha256": digest, **training_state},
         buffer,
     )
-    atomic_write_bytes(state_path_for(weights_path), buffer.getvalue())
-    atomic_write_bytes(out_dir / LAST_CHECKPOINT_FILE, (weights_path.name + "\n").encode())
+    write_bytes_atomic(state_path_for(weights_path), buffer.getvalue())
+    write_bytes_atomic(out_dir / LAST_CHECKPOINT_FILE, (weights_path.name + "\n").encode())
     return weights_path
 
 

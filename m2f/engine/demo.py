@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from m2f.files import write_text_atomic
+
 # Sizes and solver for a 2-core CPU: 64 px images, batch 4, a higher lr than the full-size configs.
 DEMO_IMAGE_SIZE = 64
 DEMO_NUM_TRAIN = 96
@@ -112,7 +114,7 @@ def run_demo(out_dir: str | Path, *, max_iters: int | None = None, threads: int 
         "total_seconds": round(time.perf_counter() - start, 1),
         "torch_threads": torch.get_num_threads(),
     }
-    (out_dir / "demo_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / "demo_results.json", json.dumps(summary, indent=2) + "\n")
     print(
         f"\nPQ untrained {before['PQ']:.2f} -> trained {after['PQ']:.2f} "
         f"(SQ {after['SQ']:.2f}, RQ {after['RQ']:.2f}) after {max_iters} iterations, "

@@ -26,6 +26,7 @@ from PIL import Image
 from m2f import visualize
 from m2f.engine import checkpoint as ckpt
 from m2f.engine.evaluate import inference_transform, load_config_for_checkpoint, postprocess, predict_masks
+from m2f.files import save_image_atomic, save_npz_atomic, write_json_atomic
 
 TASKS = ("panoptic", "instance", "semantic")
 
@@ -72,27 +73,30 @@ def save_prediction(
             Path(f"{stem}.panoptic_ids.png"),
             Path(f"{stem}.panoptic.json"),
         ]
-        visualize.draw_panoptic(image, panoptic_seg, segments, class_names).save(paths[0])
-        Image.fromarray(id_to_rgb(panoptic_seg)).save(paths[1])
-        paths[2].write_text(json.dumps({"segments_info": segments}, indent=2))
+        save_image_atomic(visualize.draw_panoptic(image, panoptic_seg, segments, class_names), paths[0])
+        save_image_atomic(Image.fromarray(id_to_rgb(panoptic_seg)), paths[1])
+        write_json_atomic(paths[2], {"segments_info": segments}, indent=2)
         return paths
     if task == "instance":
         arrays = {k: v.cpu().numpy() for k, v in prediction.items()}
         paths = [Path(f"{stem}.instances.png"), Path(f"{stem}.instances.npz")]
-        visualize.draw_instances(
+        overlay = visualize.draw_instances(
             image,
             arrays["masks"],
             arrays["labels"].tolist(),
             arrays["scores"].tolist(),
             class_names,
             score_threshold,
-        ).save(paths[0])
-        np.savez_compressed(paths[1], **arrays)
+        )
+        save_image_atomic(overlay, paths[0])
+        save_npz_atomic(paths[1], **arrays)
         return paths
     labels = prediction.cpu().numpy()
     paths = [Path(f"{stem}.semantic.png"), Path(f"{stem}.semantic_labels.png")]
-    visualize.draw_semantic(image, labels, class_names).save(paths[0])
-    Image.fromarray(labels.astype(np.uint8 if len(class_names) < 256 else np.uint16)).save(paths[1])
+    save_image_atomic(visualize.draw_semantic(image, labels, class_names), paths[0])
+    save_image_atomic(
+        Image.fromarray(labels.astype(np.uint8 if len(class_names) < 256 else np.uint16)), paths[1]
+    )
     return paths
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from m2f.engine import checkpoint as ckpt
 from m2f.engine import distributed as dist_utils
+from m2f.files import write_bytes_atomic
 
 EMBEDDING_PARAMETER_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -300,7 +301,7 @@ class CsvLog:
             writer = csv.DictWriter(buffer, fieldnames=self.fieldnames)
             writer.writeheader()
             writer.writerows(kept)
-            ckpt.atomic_write_bytes(path, buffer.getvalue().encode())
+            write_bytes_atomic(path, buffer.getvalue().encode())
         elif path.exists():
             path.unlink()
 

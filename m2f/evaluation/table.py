@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from m2f.data.common import write_json_atomic
+from m2f.files import write_json_atomic
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:

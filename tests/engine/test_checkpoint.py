@@ -92,20 +92,6 @@ def test_resume_from_corrupt_checkpoint_names_the_file(tmp_path):
         make_trainer(tmp_path, max_iters=6, resume=True)
 
 
-def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
-    target = tmp_path / "file.bin"
-    ckpt.atomic_write_bytes(target, b"old")
-
-    def failing_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk full"):
-        ckpt.atomic_write_bytes(target, b"new")
-    assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
-
-
 def test_last_checkpoint_pointing_nowhere_is_reported(tmp_path):
     (tmp_path / ckpt.LAST_CHECKPOINT_FILE).write_text("model_0000009.safetensors\n")
     with pytest.raises(ckpt.CheckpointError, match="model_0000009"):

@@ -1,0 +1,74 @@
+"""Atomic file writes: every file m2f writes appears whole or not at all.
+
+The data goes to a temporary file in the target's folder, is flushed to disk (fsync), renamed over the target
+(os.replace) and the folder entry is flushed too, so a crash leaves either the old file or the new one.
+Images, arrays and figures are encoded in memory first.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` (parent folders are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
+    write_bytes_atomic(path, json.dumps(obj, indent=indent).encode())
+
+
+def save_image_atomic(image, path: str | os.PathLike, **save_kwargs) -> None:
+    """Saves a PIL image in the format its suffix names (.png, .jpg, ...)."""
+    from PIL import Image
+
+    suffix = Path(path).suffix.lower()
+    formats = Image.registered_extensions()
+    if suffix not in formats:
+        raise ValueError(f"no image format for the suffix {suffix!r} of {path}")
+    buffer = io.BytesIO()
+    image.save(buffer, format=formats[suffix], **save_kwargs)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def save_npz_atomic(path: str | os.PathLike, **arrays) -> None:
+    """np.savez_compressed of `arrays` to `path` (named as given: no .npz is appended)."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def save_figure_atomic(figure, path: str | os.PathLike, **savefig_kwargs) -> None:
+    """Saves a matplotlib figure in the format its suffix names."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=Path(path).suffix.lstrip(".").lower() or None, **savefig_kwargs)
+    write_bytes_atomic(path, buffer.getvalue())

@@ -1,0 +1,69 @@
+"""m2f.files: whole files or none, and every writer reads back what it wrote."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from m2f import files
+from m2f.engine.predict import save_prediction
+
+
+def failing_replace(src, dst):
+    raise OSError("disk full")
+
+
+def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "file.bin"
+    files.write_bytes_atomic(target, b"old")
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        files.write_bytes_atomic(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def test_writers_round_trip(tmp_path):
+    files.write_text_atomic(tmp_path / "a" / "b.txt", "text\n")  # creates the folders
+    assert (tmp_path / "a" / "b.txt").read_text() == "text\n"
+    files.write_json_atomic(tmp_path / "c.json", {"x": [1, 2]}, indent=2)
+    assert json.loads((tmp_path / "c.json").read_text()) == {"x": [1, 2]}
+    pixels = np.random.default_rng(0).integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    files.save_image_atomic(Image.fromarray(pixels), tmp_path / "d.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "d.png")), pixels)
+    files.save_npz_atomic(tmp_path / "e.npz", masks=pixels > 100, scores=np.arange(3.0))
+    with np.load(tmp_path / "e.npz") as arrays:
+        assert np.array_equal(arrays["masks"], pixels > 100) and np.array_equal(
+            arrays["scores"], np.arange(3.0)
+        )
+    with pytest.raises(ValueError, match="suffix"):
+        files.save_image_atomic(Image.fromarray(pixels), tmp_path / "f.unknown")
+
+
+def test_figure_is_written_in_its_suffix_format(tmp_path):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(2, 2))
+    figure.add_subplot().plot([0, 1], [1, 0])
+    files.save_figure_atomic(figure, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+    files.save_figure_atomic(figure, tmp_path / "plot.svg")
+    assert b"<svg" in (tmp_path / "plot.svg").read_bytes()[:500]
+
+
+def test_interrupted_prediction_leaves_no_partial_file(tmp_path, monkeypatch):
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    panoptic = torch.zeros(8, 8, dtype=torch.int64)
+    panoptic[2:5, 2:5] = 1
+    segments = [{"id": 1, "category_id": 0, "isthing": True, "score": 0.9}]
+    written = save_prediction("panoptic", (panoptic, segments), image, tmp_path / "img", ["thing"], 0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
+    for path in written:
+        path.unlink()
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_prediction("panoptic", (panoptic, segments), image, tmp_path / "img", ["thing"], 0.5)
+    assert list(tmp_path.iterdir()) == []
