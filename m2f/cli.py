@@ -72,6 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         validate=not args.no_validate,
         progress=not args.no_progress,
+        resume=args.resume,
     )
     return 0
 
@@ -179,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-workers", type=int, default=2)
     evaluate.add_argument("--no-validate", action="store_true", help="skip the dataset check")
     evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the parts an interrupted run of the same evaluation left in <output>.parts/",
+    )
     _add_device(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 

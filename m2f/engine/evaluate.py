@@ -2,11 +2,14 @@
 mIoU (ADE20K). Under torchrun each rank predicts a shard and rank 0 merges the evaluator states.
 
 `m2f eval --config NAME --checkpoint F --data-root DIR` validates the dataset first, prints the result table
-and writes the results as JSON.
+and writes the results as JSON. On the way it stores the evaluator state of every PART_SIZE images in a part
+file (<results>.parts/part-NNNNNN.json, written atomically); `--resume` reuses the parts an interrupted run
+finished, so only the missing ones are predicted. The folder is removed once the results are written.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -17,8 +20,10 @@ from torch import nn
 from m2f.engine import checkpoint as ckpt
 from m2f.engine import distributed as dist_utils
 from m2f.engine.train import AMP_DTYPES, build_dataset, default_dataset_kind
+from m2f.files import write_json_atomic
 
 EVAL_TASKS = {"coco-panoptic": "panoptic", "coco-instance": "instance", "ade20k": "semantic"}
+PART_SIZE = 100  # images per part file of `m2f eval`
 
 
 def inference_transform(config):
@@ -117,11 +122,16 @@ def evaluate_model(
     max_images: int | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    parts_dir: str | os.PathLike | None = None,
+    run_key: dict | None = None,
 ) -> dict:
     """Runs `model` over `dataset` (built with inference_transform) and evaluates it.
 
     task defaults to the dataset's kind (panoptic for COCO panoptic, instance for COCO instance, semantic for
-    ADE20K). Returns {"results": the evaluator's dict, "summary": summarize(results)} on every rank.
+    ADE20K). With parts_dir, the images go in parts of PART_SIZE; each finished part's evaluator state is
+    written to parts_dir/part-NNNNNN.json with run_key (what must match for a part to be reused: checkpoint,
+    dataset, ...), and a part whose file is already there is read instead of predicted. Returns {"results":
+    the evaluator's dict, "summary": summarize(results)} on every rank.
     """
     from tqdm import tqdm
 
@@ -138,35 +148,86 @@ def evaluate_model(
         )
     evaluator = make_evaluator(task, dataset)
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
-    indices = list(range(dist_utils.get_rank(), count, dist_utils.get_world_size()))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices),
-        batch_size=1,
-        collate_fn=_single_item,
-        num_workers=num_workers,
-    )
+    rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
+    run_key = json.loads(json.dumps(run_key))  # as it reads back from a part file (tuples become lists)
+    if parts_dir is None:
+        my_parts = {0: list(range(rank, count, world_size))}
+    else:
+        parts = [list(range(start, min(start + PART_SIZE, count))) for start in range(0, count, PART_SIZE)]
+        my_parts = {number: indices for number, indices in enumerate(parts) if number % world_size == rank}
+    states, todo = [], []
+    for number, indices in my_parts.items():
+        stored = _read_part(parts_dir, number, indices, run_key) if parts_dir is not None else None
+        if stored is None:
+            todo.append((number, indices))
+        else:
+            states.append(stored)
     thing_classes = set(dataset.metadata.thing_classes)
     was_training = model.training
     model.eval()
     show = progress and dist_utils.is_main_process()
-    for item, index in zip(tqdm(loader, desc=f"eval {task}", disable=not show, dynamic_ncols=True), indices):
-        mask_cls, mask_pred = predict_masks(model, item["image"], item["orig_size"], device=device, amp=amp)
-        prediction = postprocess(task, mask_cls, mask_pred, config, thing_classes)
-        if task == "panoptic":
-            evaluator.update(item["image_id"], *prediction)
-        elif task == "instance":
-            evaluator.update(item["image_id"], prediction)
-        else:
-            evaluator.update(prediction, dataset.load_semantic_gt(index))
+    todo_indices = [index for _, indices in todo for index in indices]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, todo_indices),
+        batch_size=1,
+        collate_fn=_single_item,
+        num_workers=num_workers,
+    )
+    items = zip(tqdm(loader, desc=f"eval {task}", disable=not show, dynamic_ncols=True), todo_indices)
+    for number, indices in todo:
+        for item, index in itertools.islice(items, len(indices)):
+            mask_cls, mask_pred = predict_masks(
+                model, item["image"], item["orig_size"], device=device, amp=amp
+            )
+            prediction = postprocess(task, mask_cls, mask_pred, config, thing_classes)
+            if task == "panoptic":
+                evaluator.update(item["image_id"], *prediction)
+            elif task == "instance":
+                evaluator.update(item["image_id"], prediction)
+            else:
+                evaluator.update(prediction, dataset.load_semantic_gt(index))
+        states.append(evaluator.get_state())
+        evaluator.reset()
+        if parts_dir is not None:
+            write_json_atomic(
+                _part_path(parts_dir, number), {"run": run_key, "indices": indices, "state": states[-1]}
+            )
     model.train(was_training)
+    for state in states:
+        evaluator.merge_state(state)
     states = dist_utils.all_gather_object(evaluator.get_state())
     results = None
     if dist_utils.is_main_process():
-        for state in states[1:]:
+        evaluator.reset()
+        for state in states:
             evaluator.merge_state(state)
         results = evaluator.compute()
     results = dist_utils.broadcast_object(results)
     return {"results": results, "summary": summarize(results)}
+
+
+def _part_path(parts_dir: str | os.PathLike, number: int) -> Path:
+    return Path(parts_dir) / f"part-{number:06d}.json"
+
+
+def _read_part(parts_dir, number: int, indices: list[int], run_key: dict | None) -> dict | None:
+    """The evaluator state stored for part `number`, None when there is no file; ValueError naming the file
+    when it belongs to another run."""
+    path = _part_path(parts_dir, number)
+    if not path.exists():
+        return None
+    try:
+        part = json.loads(path.read_text())
+        matches = part["run"] == run_key and part["indices"] == indices
+        state = part["state"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a readable evaluation part ({error}); delete {path.parent}") from error
+    if not matches:
+        raise ValueError(
+            f"{path} belongs to another evaluation (checkpoint, dataset or image count differ); delete "
+            f"{path.parent} or run without --resume"
+        )
+    return state
 
 
 def load_config_for_checkpoint(config_name: str | None, metadata: dict[str, str]):
@@ -194,10 +255,15 @@ def run_evaluation(
     num_workers: int = 2,
     validate: bool = True,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict:
     """`m2f eval`: validates the dataset, evaluates the checkpoint, prints the table (rank 0) and writes the
-    results JSON (default: beside the checkpoint, <name>.eval-<dataset>-<split>.json). Returns the results."""
+    results JSON (default: beside the checkpoint, <name>.eval-<dataset>-<split>.json). Returns the results.
+
+    The evaluation goes in parts stored in <results JSON>.parts/ (module docstring); resume=True reuses the
+    parts found there, else that folder is emptied first. It is removed after the results are written."""
     import dataclasses
+    import shutil
 
     from m2f.data import DatasetError, validate_dataset
     from m2f.evaluation import format_table, write_results
@@ -224,6 +290,28 @@ def run_evaluation(
     config = dataclasses.replace(config, num_classes=dataset.metadata.num_classes)
     model = build_model(config).to(device)
     ckpt.load_model_weights(model, checkpoint)
+    checkpoint = Path(checkpoint)
+    output = (
+        Path(output)
+        if output
+        else checkpoint.with_name(f"{checkpoint.stem}.eval-{dataset_kind}-{split}.json")
+    )
+    parts_dir = output.with_name(output.name + ".parts")
+    if not resume and dist_utils.is_main_process():
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    dist_utils.barrier()
+    stat = checkpoint.stat()
+    run_key = {
+        "checkpoint": str(checkpoint.resolve()),
+        "checkpoint_size": stat.st_size,
+        "checkpoint_mtime_ns": stat.st_mtime_ns,
+        "data_root": str(Path(data_root).resolve()),
+        "dataset": dataset_kind,
+        "split": split,
+        "task": task,
+        "config": config.to_dict(),
+        "amp": amp,
+    }
     evaluation = evaluate_model(
         model,
         dataset,
@@ -234,16 +322,13 @@ def run_evaluation(
         max_images=max_images,
         num_workers=num_workers,
         progress=progress,
+        parts_dir=parts_dir,
+        run_key=run_key,
     )
     results = evaluation["results"]
     if dist_utils.is_main_process():
-        checkpoint = Path(checkpoint)
-        output = (
-            Path(output)
-            if output
-            else checkpoint.with_name(f"{checkpoint.stem}.eval-{dataset_kind}-{split}.json")
-        )
         write_results(str(output), {"checkpoint": str(checkpoint), "dataset": dataset_kind, **results})
+        shutil.rmtree(parts_dir, ignore_errors=True)
         print(format_table(results))
         print(f"results written to {output}")
     return results

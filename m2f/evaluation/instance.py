@@ -108,6 +108,7 @@ class InstanceEvaluator:
             self.box_results.append({**common, "bbox": [float(v) for v in box]})
 
     def get_state(self) -> dict:
+        """The results so far (JSON-able), to gather across processes or store, and pass to merge_state."""
         return {"segm": self.segm_results, "box": self.box_results, "image_ids": self.image_ids}
 
     def merge_state(self, state: dict) -> None:

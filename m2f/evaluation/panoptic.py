@@ -257,13 +257,20 @@ class PanopticEvaluator:
             self._pool = None
 
     def get_state(self) -> dict:
-        """Picklable sums, to gather across processes and pass to merge_state."""
+        """The sums so far as JSON-able lists, to gather across processes or store, and pass to merge_state."""
         self._drain()
-        return {"stats": self.stats, "image_ids": list(self.image_ids)}
+        stats = {name: getattr(self.stats, name).tolist() for name in ("iou", "tp", "fp", "fn")}
+        return {"stats": stats, "image_ids": list(self.image_ids)}
 
     def merge_state(self, state: dict) -> None:
         self._drain()
-        self.stats += state["stats"]
+        stats = state["stats"]
+        self.stats += PQStats(
+            np.asarray(stats["iou"], np.float64),
+            np.asarray(stats["tp"], np.int64),
+            np.asarray(stats["fp"], np.int64),
+            np.asarray(stats["fn"], np.int64),
+        )
         self.image_ids.extend(state["image_ids"])
         self._seen.update(state["image_ids"])
 

@@ -49,10 +49,11 @@ class SemanticEvaluator:
         self.confusion += counts.reshape(self.num_classes, self.num_classes)
 
     def get_state(self) -> dict:
-        return {"confusion": self.confusion}
+        """The confusion counts as JSON-able lists, to gather across processes or store."""
+        return {"confusion": self.confusion.tolist()}
 
     def merge_state(self, state: dict) -> None:
-        self.confusion += state["confusion"]
+        self.confusion += np.asarray(state["confusion"], dtype=np.int64)
 
     def compute(self) -> dict:
         true_positive = np.diag(self.confusion).astype(np.float64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 from torch import nn
@@ -92,6 +93,12 @@ def first_step_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().clone() for name, p in trainer.module.named_parameters()}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     """One rank of a gloo DDP run: saves step-1 gradients, then trains 2 steps and saves the weights."""
     from m2f.engine import distributed
@@ -132,5 +139,91 @@ def real_model_ddp_worker(rank: int, world_size: int, port: int, data_root: str,
             device="cpu",
             progress=False,
         )
+    finally:
+        distributed.cleanup()
+
+
+class OracleModel(nn.Module):
+    """Answers each forward with the ground truth of the next queued image: one confident query per segment
+    (class logit 10) whose mask logits are +-20 on the ground-truth mask, the other queries "no object"."""
+
+    def __init__(
+        self, ground_truth: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int, num_queries=16
+    ):
+        super().__init__()
+        self.ground_truth = list(ground_truth)
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+
+    def forward(self, images: torch.Tensor) -> dict:
+        labels, masks = self.ground_truth.pop(0)
+        height, width = -(-images.shape[-2] // 4), -(-images.shape[-1] // 4)
+        assert masks.shape[-2:] == (height, width), "the test expects 1/4 of the input = the original size"
+        logits = torch.full((1, self.num_queries, self.num_classes + 1), -10.0)
+        logits[0, :, -1] = 10.0
+        mask_logits = torch.full((1, self.num_queries, height, width), -20.0)
+        for q, (label, mask) in enumerate(zip(labels.tolist(), masks)):
+            logits[0, q, -1] = -10.0
+            logits[0, q, label] = 10.0
+            mask_logits[0, q][mask] = 20.0
+        return {"pred_logits": logits, "pred_masks": mask_logits}
+
+
+def oracle_eval_setup(data_root):
+    """(config, dataset) for evaluating an OracleModel on the val split: demo-tiny with inference at 256,
+    the dataset built with its inference transform."""
+    import dataclasses
+
+    from m2f.config import get_config
+    from m2f.engine.evaluate import inference_transform
+    from m2f.engine.train import build_dataset
+
+    config = get_config("demo-tiny")
+    inference = dataclasses.replace(config.inference, test_short_edge=256, test_max_size=256)
+    config = dataclasses.replace(config, inference=inference)
+    return config, build_dataset("coco-panoptic", data_root, "val", inference_transform(config))
+
+
+def oracle_answers(data_root, silent: set[int] = frozenset()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ground truth (labels, masks) of every val image; no segment at all for the indices in `silent`."""
+    from m2f.engine.train import build_dataset
+
+    answers = []
+    for index, item in enumerate(build_dataset("coco-panoptic", data_root, "val")):
+        if index in silent:
+            height, width = item["masks"].shape[-2:]
+            answers.append(
+                (torch.zeros(0, dtype=torch.int64), torch.zeros(0, height, width, dtype=torch.bool))
+            )
+        else:
+            answers.append((item["labels"], item["masks"]))
+    return answers
+
+
+def eval_parts_ddp_worker(
+    rank: int, world_size: int, port: int, data_root: str, parts_dir: str, out: str
+) -> None:
+    """One rank of a gloo evaluation in parts of one image (rank r predicts the images i with i % 2 == r);
+    rank 0 writes the results JSON to `out`."""
+    import json
+
+    from m2f.engine import distributed, evaluate
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
+    os.environ.update(WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init_distributed("cpu")
+    try:
+        evaluate.PART_SIZE = 1
+        config, dataset = oracle_eval_setup(data_root)
+        answers = oracle_answers(data_root, silent={1})
+        mine = [answers[i] for i in range(len(dataset)) if i % world_size == rank]
+        model = OracleModel(mine, dataset.metadata.num_classes)
+        result = evaluate.evaluate_model(
+            model, dataset, config, progress=False, parts_dir=parts_dir, run_key={"run": 1}
+        )
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(result["results"], f)
     finally:
         distributed.cleanup()

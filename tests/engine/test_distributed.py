@@ -1,18 +1,10 @@
-import socket
-
 import pytest
 import safetensors.torch
 import torch
 import torch.multiprocessing as mp
-from engine_standins import ddp_worker, first_step_gradients, make_trainer, real_model_ddp_worker
+from engine_standins import ddp_worker, first_step_gradients, free_port, make_trainer, real_model_ddp_worker
 
 from m2f.engine import checkpoint as ckpt
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")

@@ -1,39 +1,10 @@
-import dataclasses
-
 import pytest
 import torch
-from torch import nn
+import torch.multiprocessing as mp
+from engine_standins import OracleModel, eval_parts_ddp_worker, free_port, oracle_answers, oracle_eval_setup
 
-from m2f.config import get_config
 from m2f.data import make_synthetic
-from m2f.engine.evaluate import evaluate_model, inference_transform, summarize
-from m2f.engine.train import build_dataset
-
-
-class OracleModel(nn.Module):
-    """Answers each forward with the ground truth of the next queued image: one confident query per segment
-    (class logit 10) whose mask logits are +-20 on the ground-truth mask, the other queries "no object"."""
-
-    def __init__(
-        self, ground_truth: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int, num_queries=16
-    ):
-        super().__init__()
-        self.ground_truth = list(ground_truth)
-        self.num_classes = num_classes
-        self.num_queries = num_queries
-
-    def forward(self, images: torch.Tensor) -> dict:
-        labels, masks = self.ground_truth.pop(0)
-        height, width = -(-images.shape[-2] // 4), -(-images.shape[-1] // 4)
-        assert masks.shape[-2:] == (height, width), "the test expects 1/4 of the input = the original size"
-        logits = torch.full((1, self.num_queries, self.num_classes + 1), -10.0)
-        logits[0, :, -1] = 10.0
-        mask_logits = torch.full((1, self.num_queries, height, width), -20.0)
-        for q, (label, mask) in enumerate(zip(labels.tolist(), masks)):
-            logits[0, q, -1] = -10.0
-            logits[0, q, label] = 10.0
-            mask_logits[0, q][mask] = 20.0
-        return {"pred_logits": logits, "pred_masks": mask_logits}
+from m2f.engine.evaluate import evaluate_model, summarize
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +15,8 @@ def synthetic_root(tmp_path_factory):
 
 
 def test_perfect_predictions_score_full_pq(synthetic_root):
-    config = get_config("demo-tiny")
-    inference = dataclasses.replace(config.inference, test_short_edge=256, test_max_size=256)
-    config = dataclasses.replace(config, inference=inference)
-    ground_truth = build_dataset("coco-panoptic", synthetic_root, "val")
-    oracle = OracleModel(
-        [(item["labels"], item["masks"]) for item in ground_truth], ground_truth.metadata.num_classes
-    )
-    dataset = build_dataset("coco-panoptic", synthetic_root, "val", inference_transform(config))
+    config, dataset = oracle_eval_setup(synthetic_root)
+    oracle = OracleModel(oracle_answers(synthetic_root), dataset.metadata.num_classes)
     evaluation = evaluate_model(oracle, dataset, config, progress=False)
     assert evaluation["results"]["num_images"] == 3
     assert evaluation["results"]["PQ"] == pytest.approx(100.0)
@@ -59,16 +24,73 @@ def test_perfect_predictions_score_full_pq(synthetic_root):
 
 
 def test_empty_predictions_score_zero(synthetic_root):
-    config = get_config("demo-tiny")
-    inference = dataclasses.replace(config.inference, test_short_edge=256, test_max_size=256)
-    config = dataclasses.replace(config, inference=inference)
-    dataset = build_dataset("coco-panoptic", synthetic_root, "val", inference_transform(config))
-    num_classes = dataset.metadata.num_classes
-    empty = [(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 64, 64, dtype=torch.bool))] * 3
-    evaluation = evaluate_model(OracleModel(empty, num_classes), dataset, config, progress=False)
+    config, dataset = oracle_eval_setup(synthetic_root)
+    oracle = OracleModel(oracle_answers(synthetic_root, silent={0, 1, 2}), dataset.metadata.num_classes)
+    evaluation = evaluate_model(oracle, dataset, config, progress=False)
     assert evaluation["results"]["PQ"] == 0.0
 
 
 def test_summarize_flattens_groups_and_skips_per_class():
     results = {"task": "instance", "segm": {"AP": 40.0, "per_class": {"a": 1.0}}, "num_images": 5, "PQ": 3}
     assert summarize(results) == {"segm/AP": 40.0, "PQ": 3.0}
+
+
+def test_parts_give_the_results_of_one_pass_and_are_reused(synthetic_root, tmp_path, monkeypatch):
+    """Parts of 2 images: an oracle that is right on some images and silent on others gives a PQ strictly
+    between 0 and 100; a second pass over the stored parts predicts nothing and gives the same results."""
+    from m2f.engine import evaluate
+
+    monkeypatch.setattr(evaluate, "PART_SIZE", 2)
+    config, dataset = oracle_eval_setup(synthetic_root)
+    num_classes = dataset.metadata.num_classes
+    answers = oracle_answers(synthetic_root, silent={1})
+    one_pass = evaluate_model(OracleModel(answers, num_classes), dataset, config, progress=False)
+    assert 0 < one_pass["results"]["PQ"] < 100
+
+    parts = tmp_path / "parts"
+    key = {"run": 1}
+    in_parts = evaluate_model(
+        OracleModel(answers, num_classes), dataset, config, progress=False, parts_dir=parts, run_key=key
+    )
+    assert sorted(p.name for p in parts.iterdir()) == ["part-000000.json", "part-000001.json"]
+    assert in_parts["results"]["PQ"] == pytest.approx(one_pass["results"]["PQ"], rel=1e-12)
+    assert in_parts["results"]["num_images"] == 3
+    reused = evaluate_model(
+        OracleModel([], num_classes), dataset, config, progress=False, parts_dir=parts, run_key=key
+    )
+    assert reused["results"] == in_parts["results"]
+    with pytest.raises(ValueError, match=r"part-000000\.json belongs to another evaluation"):
+        evaluate_model(
+            OracleModel([], num_classes), dataset, config, progress=False, parts_dir=parts, run_key={"run": 2}
+        )
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_parts_of_a_two_process_run_are_reused_by_one_process(synthetic_root, tmp_path, monkeypatch):
+    """Two gloo ranks share the parts (one image each): their results equal one process's, and one process
+    then finds every part and predicts nothing."""
+    import json
+
+    from m2f.engine import evaluate
+
+    parts, out = tmp_path / "parts", tmp_path / "results.json"
+    mp.spawn(
+        eval_parts_ddp_worker,
+        args=(2, free_port(), str(synthetic_root), str(parts), str(out)),
+        nprocs=2,
+        join=True,
+    )
+    config, dataset = oracle_eval_setup(synthetic_root)
+    num_classes = dataset.metadata.num_classes
+    single = evaluate_model(
+        OracleModel(oracle_answers(synthetic_root, silent={1}), num_classes), dataset, config, progress=False
+    )
+    two_processes = json.loads(out.read_text())
+    assert two_processes["num_images"] == 3
+    assert two_processes["PQ"] == pytest.approx(single["results"]["PQ"], rel=1e-12)
+    assert sorted(p.name for p in parts.iterdir()) == [f"part-00000{i}.json" for i in range(3)]
+    monkeypatch.setattr(evaluate, "PART_SIZE", 1)
+    reused = evaluate_model(
+        OracleModel([], num_classes), dataset, config, progress=False, parts_dir=parts, run_key={"run": 1}
+    )
+    assert reused["results"]["PQ"] == pytest.approx(single["results"]["PQ"], rel=1e-12)
