@@ -89,8 +89,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         amp=args.amp,
         score_threshold=args.score_threshold,
+        skip_existing=args.skip_existing,
     )
-    print(f"wrote {len(written)} files to {args.out}")
+    print(f"{len(written)} files in {args.out}")
     return 0
 
 
@@ -200,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeatable; default: the config's",
     )
     predict.add_argument("--score-threshold", type=float, default=0.5, help="instances drawn from this score")
+    predict.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="do not predict an image again whose output files are all in --out (resumes a stopped run)",
+    )
     _add_device(predict)
     predict.set_defaults(func=cmd_predict)
 

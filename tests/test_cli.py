@@ -202,6 +202,33 @@ def test_predict_writes_overlays_and_raw_predictions(synthetic_root, trained_run
         assert len(instances["scores"]) == len(instances["labels"]) == len(instances["boxes"])
 
 
+def test_predict_skip_existing_predicts_only_the_missing_images(
+    synthetic_root, trained_run, tmp_path, monkeypatch
+):
+    from m2f.engine import predict
+
+    images = sorted((synthetic_root / "val2017").glob("*.jpg"))
+    args = ["predict", *map(str, images), "--checkpoint", str(trained_run / "model_final.safetensors")]
+    args += ["--out", str(tmp_path), "--device", "cpu", "--task", "panoptic", "--skip-existing"]
+    assert main(args) == 0
+    first = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert len(first) == 3 * len(images)
+    (tmp_path / f"{images[0].stem}.panoptic_ids.png").unlink()  # as if the run had stopped there
+    predicted = []
+    real_predict = predict.predict_masks
+
+    def counting_predict(*a, **k):
+        predicted.append(1)
+        return real_predict(*a, **k)
+
+    monkeypatch.setattr(predict, "predict_masks", counting_predict)
+    assert main(args) == 0
+    assert len(predicted) == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == first
+    assert main([a for a in args if a != "--skip-existing"]) == 0
+    assert len(predicted) == 1 + len(images)
+
+
 def test_bad_input_is_one_clear_line(synthetic_root, tmp_path, capsys):
     args = ["train", "--config", "no-such-config", "--data-root", str(synthetic_root), "--out", str(tmp_path)]
     assert main(args) == 2

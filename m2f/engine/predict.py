@@ -8,7 +8,8 @@ an overlay PNG with a legend and the raw predictions:
   semantic  <stem>.semantic.png (overlay), <stem>.semantic_labels.png (class index per pixel, 8 or 16 bit)
 
 The model, its classes and the task come from the checkpoint's metadata (or --config for checkpoints that
-store none).
+store none). Every file is written atomically; with --skip-existing an image whose files are all there is not
+predicted again, so an interrupted run over many images continues where it stopped.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from m2f.engine import checkpoint as ckpt
 from m2f.engine.evaluate import inference_transform, load_config_for_checkpoint, postprocess, predict_masks
 from m2f.files import save_image_atomic, save_npz_atomic, write_json_atomic
 
-TASKS = ("panoptic", "instance", "semantic")
+TASKS = ("panoptic", "instance", "semantic")  # the keys of PREDICTION_SUFFIXES
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -52,6 +53,18 @@ def class_info(metadata: dict[str, str], num_classes: int) -> tuple[list[str], s
     return names, things
 
 
+PREDICTION_SUFFIXES = {
+    "panoptic": (".panoptic.png", ".panoptic_ids.png", ".panoptic.json"),
+    "instance": (".instances.png", ".instances.npz"),
+    "semantic": (".semantic.png", ".semantic_labels.png"),
+}
+
+
+def prediction_paths(task: str, stem: Path) -> list[Path]:
+    """The files save_prediction writes for `task` (overlay first)."""
+    return [Path(f"{stem}{suffix}") for suffix in PREDICTION_SUFFIXES[task]]
+
+
 def save_prediction(
     task: str, prediction, image: np.ndarray, stem: Path, class_names: list[str], score_threshold: float
 ) -> list[Path]:
@@ -68,18 +81,14 @@ def save_prediction(
             }
             for s in segments_info
         ]
-        paths = [
-            Path(f"{stem}.panoptic.png"),
-            Path(f"{stem}.panoptic_ids.png"),
-            Path(f"{stem}.panoptic.json"),
-        ]
+        paths = prediction_paths(task, stem)
         save_image_atomic(visualize.draw_panoptic(image, panoptic_seg, segments, class_names), paths[0])
         save_image_atomic(Image.fromarray(id_to_rgb(panoptic_seg)), paths[1])
         write_json_atomic(paths[2], {"segments_info": segments}, indent=2)
         return paths
     if task == "instance":
         arrays = {k: v.cpu().numpy() for k, v in prediction.items()}
-        paths = [Path(f"{stem}.instances.png"), Path(f"{stem}.instances.npz")]
+        paths = prediction_paths(task, stem)
         overlay = visualize.draw_instances(
             image,
             arrays["masks"],
@@ -92,7 +101,7 @@ def save_prediction(
         save_npz_atomic(paths[1], **arrays)
         return paths
     labels = prediction.cpu().numpy()
-    paths = [Path(f"{stem}.semantic.png"), Path(f"{stem}.semantic_labels.png")]
+    paths = prediction_paths(task, stem)
     save_image_atomic(visualize.draw_semantic(image, labels, class_names), paths[0])
     save_image_atomic(
         Image.fromarray(labels.astype(np.uint8 if len(class_names) < 256 else np.uint16)), paths[1]
@@ -110,10 +119,12 @@ def run_prediction(
     device: str | None = None,
     amp: str | None = None,
     score_threshold: float = 0.5,
+    skip_existing: bool = False,
 ) -> list[Path]:
     """Predicts every image and writes the files described in the module docstring; returns their paths.
 
-    tasks defaults to the checkpoint config's task."""
+    tasks defaults to the checkpoint config's task. skip_existing: an image whose files for every task
+    exist already is not predicted (its paths are still returned)."""
     from m2f.models import build_model
 
     if not images:
@@ -138,13 +149,16 @@ def run_prediction(
     transform = inference_transform(config)
     written = []
     for path in images:
+        stem = out_dir / Path(path).stem
+        existing = [p for task in tasks for p in prediction_paths(task, stem)]
+        if skip_existing and all(p.exists() for p in existing):
+            written += existing
+            continue
         image = read_image(path)
         geometry = transform.get_geometry(*image.shape[:2])
         resized = torch.from_numpy(np.ascontiguousarray(geometry.apply_image(image).transpose(2, 0, 1)))
         mask_cls, mask_pred = predict_masks(model, resized, image.shape[:2], device=device, amp=amp)
         for task in tasks:
             prediction = postprocess(task, mask_cls, mask_pred, config, thing_classes)
-            written += save_prediction(
-                task, prediction, image, out_dir / Path(path).stem, class_names, score_threshold
-            )
+            written += save_prediction(task, prediction, image, stem, class_names, score_threshold)
     return written
