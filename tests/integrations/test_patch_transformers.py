@@ -277,3 +277,24 @@ def test_loss_masks_terms_unchanged():
     assert abs(expected["loss_mask"] - expected["loss_dice"]) > 0.1
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.cuda
+def test_cuda_outputs_and_loss_unchanged():
+    model = _mask2former(dtype=torch.float32).cuda()
+    images = torch.randn(2, 3, 64, 64, device="cuda")
+    mask_labels, class_labels = _targets((3, 2))
+    mask_labels = [m.cuda() for m in mask_labels]
+    class_labels = [c.cuda() for c in class_labels]
+
+    def run():
+        torch.manual_seed(7)
+        with torch.no_grad():
+            return model(pixel_values=images, mask_labels=mask_labels, class_labels=class_labels)
+
+    before = run()
+    patch_transformers(model)
+    after = run()
+    torch.testing.assert_close(after.masks_queries_logits, before.masks_queries_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after.class_queries_logits, before.class_queries_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after.loss, before.loss, rtol=1e-4, atol=1e-5)
