@@ -55,13 +55,11 @@ class HungarianMatcher(nn.Module):
         num_queries, num_targets = pred_masks.shape[0], masks.shape[0]
         cost_class = -pred_logits.float().softmax(-1)[:, labels]
         pred_points = m2f_kernels.point_sample(
-            pred_masks[:, None],
-            coords[None].expand(num_queries, -1, -1).to(pred_masks.dtype),
-            backend=self.backend,
+            pred_masks[:, None], coords[None].expand(num_queries, -1, -1), backend=self.backend
         )[:, 0]
         target_points = m2f_kernels.point_sample(
             masks[:, None].to(pred_masks.dtype),
-            coords[None].expand(num_targets, -1, -1).to(pred_masks.dtype),
+            coords[None].expand(num_targets, -1, -1),
             backend=self.backend,
         )[:, 0]
         cost_mask, cost_dice = m2f_kernels.pairwise_mask_cost(

@@ -299,12 +299,8 @@ def _matcher_forward(
         cost_class = -class_logits.softmax(-1)[:, labels]
         coords = torch.rand(1, self.num_points, 2, device=pred_mask.device)  # the points transformers draws
         target_mask = target_mask.to(pred_mask)
-        pred_points = m2f_kernels.point_sample(pred_mask[None], coords.to(pred_mask.dtype), backend=backend)[
-            0
-        ]
-        target_points = m2f_kernels.point_sample(
-            target_mask[None], coords.to(target_mask.dtype), backend=backend
-        )[0]
+        pred_points = m2f_kernels.point_sample(pred_mask[None], coords, backend=backend)[0]
+        target_points = m2f_kernels.point_sample(target_mask[None], coords, backend=backend)[0]
         cost_mask, cost_dice = m2f_kernels.pairwise_mask_cost(pred_points, target_points, backend=backend)
         cost_matrix = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
         max_value = torch.finfo(cost_matrix.dtype).max

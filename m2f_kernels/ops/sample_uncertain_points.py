@@ -63,7 +63,7 @@ def sample_uncertain_points(
             candidates = torch.rand(
                 end - start, num_candidates, 2, dtype=coords_dtype, device=device, generator=generator
             )
-            logits = point_sample(mask_logits[start:end].unsqueeze(1), candidates.to(mask_logits.dtype))
+            logits = point_sample(mask_logits[start:end].unsqueeze(1), candidates)
             uncertainty = -logits.squeeze(1).abs()
             # The chosen set is what matters (the losses sum over points). On CPU the unsorted selection
             # is about 2x faster and its order is fixed by the input; on a GPU the sorted one keeps the

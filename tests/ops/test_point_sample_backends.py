@@ -55,10 +55,11 @@ def assert_close_to_sum(actual, expected, magnitude, atol, rtol):
     )
 
 
-def check_backend(backend, dtype, shape, num_points, device):
+def check_backend(backend, dtype, shape, num_points, device, coords_dtype=None):
+    """coords_dtype: float32 coords for a float16 / bfloat16 image (default: the image's dtype)."""
     batch, channels, height, width = shape
     image = torch.randn(shape, dtype=dtype, device=device)
-    coords = make_coords(batch, num_points, dtype, device)
+    coords = make_coords(batch, num_points, coords_dtype or dtype, device)
     grad_output = torch.randn(batch, channels, num_points, dtype=dtype, device=device)
     out = KERNELS.get(backend, image.device, "forward")(image, coords)
     grad_image, grad_coords = KERNELS.get(backend, image.device, "backward")(
@@ -66,7 +67,7 @@ def check_backend(backend, dtype, shape, num_points, device):
     )
     ref_out, ref_grad_image, ref_grad_coords = reference_forward_backward(image, coords, grad_output)
     atol, rtol = TOLERANCES[dtype]
-    assert out.dtype == dtype and grad_image.dtype == dtype and grad_coords.dtype == dtype
+    assert out.dtype == dtype and grad_image.dtype == dtype and grad_coords.dtype == coords.dtype
     torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
     assert_close_to_sum(grad_image, ref_grad_image, summed_magnitude(image, coords, grad_output), atol, rtol)
     # d/dcoord scales with the image size; its low-precision error with the corner values' rounding too.
@@ -80,6 +81,64 @@ def check_backend(backend, dtype, shape, num_points, device):
 @pytest.mark.parametrize("num_points", [1, 100])
 def test_cpu_backends_match_reference(backend, dtype, shape, num_points):
     check_backend(backend, dtype, shape, num_points, "cpu")
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_half_images_with_float32_coords_match_reference(backend, dtype, shape):
+    check_backend(backend, dtype, shape, 100, "cpu", coords_dtype=torch.float32)
+
+
+def step_edge_samples(dtype, device="cpu"):
+    """A 1024-pixel row of ones up to pixel 700 and zeros after it, and 25 points within 3 pixels of the edge
+    (float64 coords) with the float64 reference samples."""
+    image = torch.zeros(1, 1, 1, 1024, dtype=dtype, device=device)
+    image[..., :700] = 1
+    x = (700 + torch.linspace(-3, 3, 25, dtype=torch.float64)) / 1024
+    coords = torch.stack([x, torch.full_like(x, 0.5)], dim=-1)[None].to(device)
+    return image, coords, reference.point_sample(image.double(), coords)
+
+
+@pytest.mark.parametrize("backend", ["auto", *CPU_KERNEL_BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_coords_keep_the_points_of_a_half_image_in_place(backend, dtype):
+    """At the edge the samples are exact up to the output's rounding with float32 coords; the same points
+    rounded to the image's dtype move by up to 2 pixels (bfloat16) and sample the wrong side."""
+    image, coords, expected = step_edge_samples(dtype)
+    got = m2f_kernels.point_sample(image, coords.float(), backend=backend)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), expected, atol=4e-3, rtol=0)
+    rounded = m2f_kernels.point_sample(image, coords.to(dtype), backend=backend)
+    assert (rounded.double() - expected).abs().max() > 0.1
+
+
+def test_autocast_casts_the_image_and_keeps_float32_coords():
+    image, coords, expected = step_edge_samples(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m2f_kernels.point_sample(image, coords.float())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), expected, atol=4e-3, rtol=0)
+
+
+def test_coords_of_another_dtype_are_refused():
+    with pytest.raises(TypeError, match=r"coords must be float32 or have input's dtype \(torch.float16\)"):
+        m2f_kernels.point_sample(
+            torch.zeros(1, 1, 2, 2, dtype=torch.float16), torch.zeros(1, 3, 2, dtype=torch.bfloat16)
+        )
+    with pytest.raises(TypeError, match="coords must be float32"):
+        m2f_kernels.point_sample(torch.zeros(1, 1, 2, 2), torch.zeros(1, 3, 2, dtype=torch.float64))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_float32_coords_keep_the_points_of_a_half_image_in_place(backend, dtype):
+    image, coords, expected = step_edge_samples(dtype, "cuda")
+    got = m2f_kernels.point_sample(image, coords.float(), backend=backend)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), expected, atol=4e-3, rtol=0)
+    check_backend(backend, dtype, (4, 8, 64, 48), 12544, "cuda", coords_dtype=torch.float32)
 
 
 @pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
