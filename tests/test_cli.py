@@ -90,45 +90,49 @@ def test_eval_prints_table_and_writes_json(synthetic_root, trained_run, tmp_path
     assert results["num_images"] == 2
 
 
-def test_eval_resumes_from_the_parts_an_interrupted_run_left(
-    synthetic_root, trained_run, tmp_path, capsys, monkeypatch
-):
+def eval_args(checkpoint, data_root, output) -> list[str]:
+    args = ["eval", "--config", "demo-tiny", "--checkpoint", str(checkpoint), "--data-root", str(data_root)]
+    return [*args, "--output", str(output), "--device", "cpu", "--num-workers", "0", "--no-progress"]
+
+
+def run_eval_stopped_at_the_second_image(monkeypatch, args):
+    """Runs `m2f eval` with parts of one image and has it die while predicting the second image."""
     from m2f.engine import evaluate
 
     monkeypatch.setattr(evaluate, "PART_SIZE", 1)
-    checkpoint = trained_run / "model_final.safetensors"
-    output = tmp_path / "results.json"
-    parts = tmp_path / "results.json.parts"
-    args = [
-        "eval",
-        "--config",
-        "demo-tiny",
-        "--checkpoint",
-        str(checkpoint),
-        "--data-root",
-        str(synthetic_root),
-    ]
-    args += ["--output", str(output), "--device", "cpu", "--num-workers", "0", "--no-progress"]
-    assert main(args) == 0
-    complete = json.loads(output.read_text())
-    assert not parts.exists()  # removed once the results are written
-    output.unlink()
-
     real_predict = evaluate.predict_masks
     calls = []
 
     def predict_then_fail(*a, **k):
         calls.append(1)
         if len(calls) == 2:
-            raise RuntimeError("stopped")  # the run dies while predicting the second image
+            raise RuntimeError("stopped")
         return real_predict(*a, **k)
 
     monkeypatch.setattr(evaluate, "predict_masks", predict_then_fail)
     with pytest.raises(RuntimeError, match="stopped"):
         main(args)
+    monkeypatch.setattr(evaluate, "predict_masks", real_predict)
+
+
+def test_eval_resumes_from_the_parts_an_interrupted_run_left(
+    synthetic_root, trained_run, tmp_path, capsys, monkeypatch
+):
+    from m2f.engine import evaluate
+
+    output, parts = tmp_path / "results.json", tmp_path / "results.json.parts"
+    args = eval_args(trained_run / "model_final.safetensors", synthetic_root, output)
+    monkeypatch.setattr(evaluate, "PART_SIZE", 1)
+    assert main(args) == 0
+    complete = json.loads(output.read_text())
+    assert not parts.exists()  # removed once the results are written
+    output.unlink()
+
+    run_eval_stopped_at_the_second_image(monkeypatch, args)
     assert sorted(p.name for p in parts.iterdir()) == ["part-000000.json"] and not output.exists()
 
     predicted = []
+    real_predict = evaluate.predict_masks
 
     def counting_predict(*a, **k):
         predicted.append(1)
@@ -144,40 +148,15 @@ def test_eval_resumes_from_the_parts_an_interrupted_run_left(
 def test_eval_resume_refuses_parts_of_another_run(synthetic_root, trained_run, tmp_path, capsys, monkeypatch):
     import os
 
-    from m2f.engine import evaluate
-
-    monkeypatch.setattr(evaluate, "PART_SIZE", 1)
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes((trained_run / "model_final.safetensors").read_bytes())
     output = tmp_path / "results.json"
-    args = [
-        "eval",
-        "--config",
-        "demo-tiny",
-        "--checkpoint",
-        str(checkpoint),
-        "--data-root",
-        str(synthetic_root),
-    ]
-    args += ["--output", str(output), "--device", "cpu", "--num-workers", "0", "--no-progress"]
-    real_predict = evaluate.predict_masks
-    calls = []
-
-    def predict_then_fail(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("stopped")
-        return real_predict(*a, **k)
-
-    monkeypatch.setattr(evaluate, "predict_masks", predict_then_fail)
-    with pytest.raises(RuntimeError, match="stopped"):
-        main(args)
-    monkeypatch.setattr(evaluate, "predict_masks", real_predict)
+    args = eval_args(checkpoint, synthetic_root, output)
+    run_eval_stopped_at_the_second_image(monkeypatch, args)
     stat = checkpoint.stat()
     os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new checkpoint at that path
     assert main([*args, "--resume"]) == 2
-    error = capsys.readouterr().err
-    assert "part-000000.json belongs to another evaluation" in error
+    assert "part-000000.json belongs to another evaluation" in capsys.readouterr().err
     assert main(args) == 0  # without --resume the old parts are discarded
     assert json.loads(output.read_text())["num_images"] == 2
 
