@@ -119,3 +119,64 @@ def test_masked_attention(bench, device, mode, config):
             **options,
         )
         print(f"{group} {mode} {backend}: {baseline.median_ms / ours.median_ms:.2f}x sdpa_bool_mask")
+
+
+MODULE_EMBED = HEADS * HEAD_DIM
+MODULE_SHAPES = {"cuda": [(2, 100, 1024), (2, 100, 4096), (2, 100, 16384)], "cpu": [(2, 100, 4096)]}
+
+
+def _module_configs(device: torch.device):
+    return MODULE_SHAPES["cuda" if device.type == "cuda" else "cpu"]
+
+
+@pytest.mark.parametrize("mode", ("forward", "full"))
+@pytest.mark.parametrize(
+    "config",
+    _module_configs(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+    ids=lambda config: "B{}-Q{}-K{}".format(*config),
+)
+def test_masked_multihead_attention_module(bench, device, mode, config):
+    """The decoder's cross-attention layer as Mask2Former code calls it (sequence first, embed 256, 8 heads,
+    mask density 50 %): nn.MultiheadAttention with the (B*H, Q, K) bool mask built from the mask logits,
+    with need_weights=False and with the default need_weights=True that detectron2's and transformers'
+    decoders use, against m2f_kernels.nn.MaskedMultiheadAttention given the same bool mask (the drop-in) or
+    the mask logits."""
+    from torch import nn
+
+    from m2f_kernels.nn import MaskedMultiheadAttention
+
+    batch, queries, keys = config
+    generator = torch.Generator().manual_seed(0)
+    torch_attention = nn.MultiheadAttention(MODULE_EMBED, HEADS).to(device)
+    ours = MaskedMultiheadAttention(MODULE_EMBED, HEADS).to(device)
+    ours.load_state_dict(torch_attention.state_dict())
+    query = torch.randn(queries, batch, MODULE_EMBED, generator=generator).to(device).requires_grad_()
+    memory = torch.randn(keys, batch, MODULE_EMBED, generator=generator).to(device).requires_grad_()
+    magnitude = torch.rand(batch, queries, keys, generator=generator) * 4 + 0.01
+    visible = torch.rand(batch, queries, keys, generator=generator) < 0.5
+    mask_logits = torch.where(visible, magnitude, -magnitude).to(device)
+
+    def bool_mask():
+        blocked = (mask_logits.sigmoid() < 0.5).repeat_interleave(HEADS, dim=0)
+        blocked[blocked.all(-1)] = False
+        return blocked
+
+    group = f"masked_multihead_attention B{batch} Q{queries} K{keys}"
+    params = {"batch": batch, "heads": HEADS, "embed": MODULE_EMBED, "queries": queries, "keys": keys}
+    options = {"mode": mode, "grad_inputs": [query, memory], "device": device, "params": params}
+    if device.type == "cpu":
+        options.update(warmup=1, repeats=5)
+    entries = {
+        "nn_multihead_attention": lambda: torch_attention(
+            query, memory, memory, attn_mask=bool_mask(), need_weights=False
+        )[0],
+        "nn_multihead_attention_need_weights": lambda: torch_attention(
+            query, memory, memory, attn_mask=bool_mask()
+        )[0],
+        "ours_bool_mask": lambda: ours(query, memory, memory, attn_mask=bool_mask())[0],
+        "ours_mask_logits": lambda: ours(query, memory, memory, mask_logits=mask_logits)[0],
+    }
+    results = {name: bench.run(group, name, fn, **options) for name, fn in entries.items()}
+    baseline = results["nn_multihead_attention"].median_ms
+    for name, result in results.items():
+        print(f"{group} {mode} {name}: {baseline / result.median_ms:.2f}x nn_multihead_attention")
