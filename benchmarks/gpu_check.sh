@@ -10,8 +10,9 @@
 # STEP_TIMEOUT (seconds) bounds each step. The tests run the Triton kernels at their fixed configs
 # (TEST_TRITON_AUTOTUNE=1 autotunes them, seconds per shape); the benchmarks always autotune. QUICK=1
 # sizes a run to at most 12 minutes (each step stopped after 180 s): the cuda tests of the ops and the nn
-# modules, memcheck, the host time per op call, the point-loss benchmarks and the masked-attention ones at
-# 50 % density (forward + backward). The full run's tests add the transformers integration.
+# modules, memcheck, the host time per op call, the point-loss benchmarks, the masked-attention ones at
+# 50 % density (forward + backward) and the MaskedMultiheadAttention module against nn.MultiheadAttention.
+# The full run's tests add the transformers integration.
 # Logs and the results JSON go to OUT_DIR, named after the device and the commit (M2F_BENCH_COMMIT if
 # set); the script goes on after a failing step and exits non-zero if any step failed.
 set -u
@@ -22,7 +23,7 @@ STEPS=${STEPS:-build test sanitize bench}
 if [ "${QUICK:-0}" = 1 ]; then
   TEST_ARGS=${TEST_ARGS:-tests/ops tests/nn}
   SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck}
-  BENCH_ARGS=${BENCH_ARGS:-benchmarks/bench_call_overhead.py benchmarks/bench_point_loss.py benchmarks/bench_masked_attention.py -k \"overhead or point or (density50 and full)\"}
+  BENCH_ARGS=${BENCH_ARGS:-benchmarks/bench_call_overhead.py benchmarks/bench_point_loss.py benchmarks/bench_masked_attention.py -k \"overhead or point or module or (density50 and full)\"}
   STEP_TIMEOUT=${STEP_TIMEOUT:-180}
 fi
 if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
