@@ -1,8 +1,10 @@
 """Run Hugging Face transformers' deformable and masked attention on m2f_kernels ops.
 
-Patching is per instance: the `forward` of each matching module of the given model is replaced (an instance
-attribute), the class and other models are untouched, and `unpatch_transformers` restores the previous
-forward. This module never imports transformers; modules are recognized by class name and signature:
+Patching is per instance: each matching module of the given model gets a subclass of its class, named like
+it, that replaces one method; other instances are untouched, copies (copy.deepcopy, nn.DataParallel
+replicas) stay patched, and `unpatch_transformers` gives the module its class back. The state dict does not
+change; unpatch before pickling a whole module. This module never imports transformers; modules are
+recognized by class name and signature:
 
 - `Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention` and
   `OneFormerPixelDecoderEncoderMultiscaleDeformableAttention`: the whole attention forward (projections,
@@ -13,9 +15,10 @@ forward. This module never imports transformers; modules are recognized by class
   level_start_index, sampling_locations, attention_weights, im2col_step) becomes a call of the op.
 - The `cross_attn` (an nn.MultiheadAttention with a (B * H, Q, K) bool mask) of each
   `Mask2FormerMaskedAttentionDecoderLayer`: runs `m2f_kernels.nn.masked_multihead_attention`. transformers
-  asks it for attention weights on every call and keeps them only with `output_attentions=True`; a forward
-  pre-hook on the layer tells the patched forward which, and when weights are kept (or while training with
-  attention dropout, or with a float mask) nn.MultiheadAttention's own forward runs.
+  asks it for attention weights on every call and keeps them only with `output_attentions=True`; the
+  layer's patched forward tells the patched cross_attn, per thread, when its call discards them. Otherwise
+  (weights kept, attention dropout while training, a float mask, a call from anywhere else)
+  nn.MultiheadAttention's own forward runs.
 - `Mask2FormerLoss.loss_masks`: the sigmoid-CE and dice losses on the uncertainty-sampled points become one
   `m2f_kernels.point_mask_loss` call, which samples the logits and the targets itself; the points are drawn
   by transformers' own sampler, so the same seed gives the same points.
@@ -28,7 +31,6 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-import types
 from collections.abc import Callable
 
 import torch
@@ -63,10 +65,7 @@ LOSS_ATTRIBUTES = (
 )
 MATCHER_CLASS = "Mask2FormerHungarianMatcher"
 MATCHER_ATTRIBUTES = ("num_points", "cost_class", "cost_mask", "cost_dice")
-# (name of the replaced method, the instance attribute it had or _NO_INSTANCE_ATTRIBUTE)
-_SAVED = "_m2f_kernels_saved_forward"
-_HOOKS = "_m2f_kernels_layer_hooks"
-_NO_INSTANCE_ATTRIBUTE = object()
+_ORIGINAL_CLASS = "_m2f_kernels_original_class"  # set on the patched subclasses
 # ids of the cross-attention modules whose running layer call discards their attention weights (per thread)
 _weights_discarded = threading.local()
 
@@ -185,16 +184,23 @@ def _cross_attention_forward(
     is_causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """nn.MultiheadAttention.forward on m2f_kernels.nn.masked_multihead_attention, where the result is the
-    same: the caller discards the weights, no attention dropout is active and any mask is bool."""
+    same: called by its patched decoder layer in a call that discards the weights (transformers' masks have
+    no fully blocked row then), no attention dropout active, any mask bool."""
     from m2f_kernels.nn import masked_multihead_attention
 
-    weights_used = need_weights and id(self) not in _discarded_ids()
+    discarded = id(self) in _discarded_ids()
     float_mask = any(m is not None and m.dtype != torch.bool for m in (attn_mask, key_padding_mask))
-    if weights_used or is_causal or float_mask or (self.training and self.dropout > 0):
-        _, saved = self.__dict__[_SAVED]
-        forward = type(self).forward.__get__(self) if saved is _NO_INSTANCE_ATTRIBUTE else saved
-        return forward(
-            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+    if not discarded or is_causal or float_mask or (self.training and self.dropout > 0):
+        return _original(self).forward(
+            self,
+            query,
+            key,
+            value,
+            key_padding_mask,
+            need_weights,
+            attn_mask,
+            average_attn_weights,
+            is_causal,
         )
     out, _ = masked_multihead_attention(
         query,
@@ -218,17 +224,22 @@ def _layer_signature(layer_class: type) -> inspect.Signature:
     return inspect.signature(layer_class.forward)
 
 
-def _mark_discarded(layer: nn.Module, args: tuple, kwargs: dict) -> None:
+def _decoder_layer_forward(self: nn.Module, *args, **kwargs):
+    """The decoder layer's own forward; while it runs without output_attentions, its cross_attn knows that
+    the attention weights are discarded."""
+    forward = _original(self).forward
     try:
-        arguments = _layer_signature(type(layer)).bind(layer, *args, **kwargs).arguments
+        arguments = _layer_signature(_original(self)).bind(self, *args, **kwargs).arguments
     except TypeError:  # a call this signature does not describe: leave the weights to nn.MultiheadAttention
-        return
-    if not arguments.get("output_attentions"):
-        _discarded_ids().add(id(layer.cross_attn))
-
-
-def _unmark_discarded(layer: nn.Module, args: tuple, kwargs: dict, output) -> None:
-    _discarded_ids().discard(id(layer.cross_attn))
+        return forward(self, *args, **kwargs)
+    if arguments.get("output_attentions"):
+        return forward(self, *args, **kwargs)
+    ids = _discarded_ids()
+    ids.add(id(self.cross_attn))
+    try:
+        return forward(self, *args, **kwargs)
+    finally:
+        ids.discard(id(self.cross_attn))
 
 
 def _patchable_cross_attention(layer: nn.Module) -> nn.Module | None:
@@ -236,13 +247,14 @@ def _patchable_cross_attention(layer: nn.Module) -> nn.Module | None:
     (one embedding size, no extra key/value bias) and the layer's forward takes output_attentions."""
     if type(layer).__name__ != MASKED_DECODER_LAYER_CLASS:
         return None
+    layer_class = _original(layer) if is_patched(layer) else type(layer)
     attention = getattr(layer, "cross_attn", None)
     if (
         not isinstance(attention, nn.MultiheadAttention)
         or not attention._qkv_same_embed_dim
         or attention.bias_k is not None
         or attention.add_zero_attn
-        or "output_attentions" not in _layer_signature(type(layer)).parameters
+        or "output_attentions" not in _layer_signature(layer_class).parameters
     ):
         return None
     return attention
@@ -346,13 +358,9 @@ def patch_transformers(model: nn.Module, *, backend: str = "auto") -> int:
     for module in list(model.modules()):
         attention = _patchable_cross_attention(module)
         if attention is not None:
-            if _SAVED not in attention.__dict__:
-                attention.__dict__[_HOOKS] = (
-                    module.register_forward_pre_hook(_mark_discarded, with_kwargs=True),
-                    module.register_forward_hook(_unmark_discarded, with_kwargs=True, always_call=True),
-                )
+            _patch(module, "forward", _decoder_layer_forward, backend)
             _patch(attention, "forward", _cross_attention_forward, backend)
-            count += 1
+            count += 2
             continue
         replacement = _replacement(module)
         if replacement is not None:
@@ -361,32 +369,42 @@ def patch_transformers(model: nn.Module, *, backend: str = "auto") -> int:
     return count
 
 
+@functools.cache
+def _patched_class(original: type, method: str, function: Callable) -> type:
+    """A subclass of `original`, named like it, whose `method` is `function`."""
+    namespace = {
+        method: function,
+        _ORIGINAL_CLASS: original,
+        "__module__": original.__module__,
+        "__qualname__": original.__qualname__,
+    }
+    return type(original.__name__, (original,), namespace)
+
+
+def _original(module: nn.Module) -> type:
+    return getattr(type(module), _ORIGINAL_CLASS)
+
+
 def _patch(module: nn.Module, method: str, function: Callable, backend: str) -> None:
-    if _SAVED not in module.__dict__:
-        module.__dict__[_SAVED] = (method, module.__dict__.get(method, _NO_INSTANCE_ATTRIBUTE))
+    if not is_patched(module):
+        module.__class__ = _patched_class(type(module), method, function)
     module._m2f_kernels_backend = backend
-    setattr(module, method, types.MethodType(function, module))
 
 
 def unpatch_transformers(model: nn.Module) -> int:
-    """Restores the methods replaced by patch_transformers; returns how many modules were restored."""
+    """Gives the modules patch_transformers patched their class back; returns how many there were."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     count = 0
     for module in model.modules():
-        if _SAVED not in module.__dict__:
+        if not is_patched(module):
             continue
-        method, saved = module.__dict__.pop(_SAVED)
-        for hook in module.__dict__.pop(_HOOKS, ()):
-            hook.remove()
-        del module.__dict__[method]
-        del module._m2f_kernels_backend
-        if saved is not _NO_INSTANCE_ATTRIBUTE:
-            setattr(module, method, saved)
+        module.__class__ = _original(module)
+        module.__dict__.pop("_m2f_kernels_backend", None)
         count += 1
     return count
 
 
 def is_patched(module: nn.Module) -> bool:
-    """Whether patch_transformers replaced a method of this module."""
-    return _SAVED in module.__dict__
+    """Whether patch_transformers patched this module."""
+    return _ORIGINAL_CLASS in type(module).__dict__

@@ -31,10 +31,12 @@ def deformable_attentions(model):
     return [m for m in model.modules() if type(m).__name__.endswith("MultiscaleDeformableAttention")]
 
 
+def decoder_layers(model):
+    return [m for m in model.modules() if type(m).__name__ == "Mask2FormerMaskedAttentionDecoderLayer"]
+
+
 def cross_attentions(model):
-    return [
-        m.cross_attn for m in model.modules() if type(m).__name__ == "Mask2FormerMaskedAttentionDecoderLayer"
-    ]
+    return [layer.cross_attn for layer in decoder_layers(model)]
 
 
 def loss_modules(model):
@@ -56,15 +58,24 @@ def tensors(output) -> list[torch.Tensor]:
 def test_mask2former_outputs_unchanged_and_reversible():
     model = _mask2former()
     images = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    classes = {m: type(m) for m in model.modules()}
     with torch.no_grad():
         before = model(pixel_values=images)
         patched = patch_transformers(model, backend="torch")
         after = model(pixel_values=images)
-    attention_modules = deformable_attentions(model) + cross_attentions(model) + loss_modules(model)
+    attention_modules = [
+        *deformable_attentions(model),
+        *decoder_layers(model),
+        *cross_attentions(model),
+        *loss_modules(model),
+    ]
     assert len(deformable_attentions(model)) == model.config.encoder_layers
     assert len(cross_attentions(model)) == model.config.decoder_layers - 1
     assert len(loss_modules(model)) == 2
     assert len(attention_modules) == patched and all(is_patched(m) for m in attention_modules)
+    assert all(
+        type(m).__name__ == classes[m].__name__ and isinstance(m, classes[m]) for m in attention_modules
+    )
     torch.testing.assert_close(
         after.class_queries_logits, before.class_queries_logits, rtol=1e-10, atol=1e-10
     )
@@ -74,9 +85,8 @@ def test_mask2former_outputs_unchanged_and_reversible():
 
     assert unpatch_transformers(model) == patched
     assert not any(is_patched(m) for m in attention_modules)
-    assert all("forward" not in m.__dict__ and "loss_masks" not in m.__dict__ for m in attention_modules)
-    layers = [m for m in model.modules() if type(m).__name__ == "Mask2FormerMaskedAttentionDecoderLayer"]
-    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
+    assert all(type(m) is classes[m] for m in attention_modules)
+    assert all("_m2f_kernels_backend" not in m.__dict__ for m in attention_modules)
 
 
 def count_calls(monkeypatch, op_name: str) -> list:
@@ -122,21 +132,50 @@ def test_attention_weights_asked_for_come_from_torch(monkeypatch):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_cross_attention_called_directly_keeps_torch_semantics():
-    """Outside a decoder layer call nothing says the weights are discarded: need_weights is honoured."""
+def test_cross_attention_called_directly_is_torch_multihead_attention(monkeypatch):
+    """Outside its decoder layer's call the patched cross_attn runs nn.MultiheadAttention's own forward,
+    weights and fully blocked rows (zeros there, not every key) included."""
+    masked_calls = count_calls(monkeypatch, "masked_attention")
     model = _mask2former()
     attention = cross_attentions(model)[0]
     query, key = torch.randn(6, 2, 32, dtype=torch.float64), torch.randn(10, 2, 32, dtype=torch.float64)
+    blocked = torch.rand(4, 6, 10) < 0.5
+    blocked[:, 2] = True
     expected = attention(query, key, key)
+    expected_blocked = attention(query, key, key, attn_mask=blocked, need_weights=False)[0]
     patch_transformers(model, backend="cpu")
     with torch.no_grad():
-        model(pixel_values=torch.randn(1, 3, 64, 64, dtype=torch.float64))  # marks and unmarks the layers
+        model(pixel_values=torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    assert len(masked_calls) == model.config.decoder_layers - 1
     got = attention(query, key, key)
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-10)
-    out, weights = attention(query, key, key, need_weights=False)
-    assert weights is None
-    torch.testing.assert_close(out, expected[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
+    got_blocked = attention(query, key, key, attn_mask=blocked, need_weights=False)[0]
+    torch.testing.assert_close(got_blocked, expected_blocked, rtol=0, atol=0)
+    assert len(masked_calls) == model.config.decoder_layers - 1
+
+
+def test_copies_stay_patched_and_correct():
+    """copy.deepcopy (EMA and SWA copies) and nn.DataParallel replicas keep the patch, bound to themselves."""
+    import copy
+
+    model = _mask2former()
+    images = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(pixel_values=images, output_attentions=True)
+        patch_transformers(model, backend="cpu")
+        twin = copy.deepcopy(model)
+        got = twin(pixel_values=images, output_attentions=True)
+        got_plain = twin(pixel_values=images)
+    assert all(is_patched(m) for m in cross_attentions(twin))
+    for actual, wanted in zip(tensors(got), tensors(expected)):
+        torch.testing.assert_close(actual, wanted, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        got_plain.masks_queries_logits, expected.masks_queries_logits, rtol=1e-10, atol=1e-10
+    )
+    replica = cross_attentions(model)[0]._replicate_for_data_parallel()
+    assert is_patched(replica) and replica.forward.__self__ is replica
+    assert unpatch_transformers(twin) == unpatch_transformers(model) > 0
 
 
 def test_gradients_unchanged():
@@ -191,11 +230,12 @@ def test_model_without_deformable_attention_and_bad_input():
 def test_patch_twice_keeps_the_original():
     model = _mask2former()
     patch_transformers(model, backend="torch")
-    patched = patch_transformers(model, backend="torch")
-    layer = cross_attentions(model)[0]
-    assert patched == model.config.encoder_layers + model.config.decoder_layers - 1 + 2  # + loss, matcher
-    parent = next(m for m in model.modules() if getattr(m, "cross_attn", None) is layer)
-    assert len(parent._forward_pre_hooks) == len(parent._forward_hooks) == 1
+    classes = {m: type(m) for m in model.modules()}
+    patched = patch_transformers(model, backend="cpu")
+    # deformable attention, decoder layers and their cross_attn, the loss and the matcher
+    assert patched == model.config.encoder_layers + 2 * (model.config.decoder_layers - 1) + 2
+    assert {m: type(m) for m in model.modules()} == classes  # not a subclass of a subclass
+    assert all(m._m2f_kernels_backend == "cpu" for m in model.modules() if is_patched(m))
     assert unpatch_transformers(model) == patched
     assert unpatch_transformers(model) == 0
 
