@@ -15,15 +15,30 @@ from pathlib import Path
 from typing import Any
 
 
+def _process_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _process_umask()
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to `path` (parent folders are created)."""
+    """Writes `data` to `path` (parent folders are created). The file gets the permissions a plain open()
+    would give it (0o666 less the umask), or those of the file it replaces."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~_UMASK
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
     except BaseException:

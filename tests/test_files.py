@@ -26,6 +26,16 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
 
 
+def test_permissions_are_those_of_a_plain_write(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    files.write_text_atomic(tmp_path / "atomic.txt", "x")
+    assert (tmp_path / "atomic.txt").stat().st_mode & 0o7777 == plain.stat().st_mode & 0o7777
+    os.chmod(plain, 0o640)
+    files.write_text_atomic(plain, "y")  # replacing a file keeps its permissions
+    assert plain.stat().st_mode & 0o7777 == 0o640 and plain.read_text() == "y"
+
+
 def test_writers_round_trip(tmp_path):
     files.write_text_atomic(tmp_path / "a" / "b.txt", "text\n")  # creates the folders
     assert (tmp_path / "a" / "b.txt").read_text() == "text\n"
