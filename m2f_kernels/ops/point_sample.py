@@ -18,7 +18,7 @@ from ._common import (
 
 
 def _torch_forward(input, coords):
-    return reference.point_sample(input, coords).to(input.dtype).contiguous()
+    return reference.point_sample(input, coords).contiguous()
 
 
 def _torch_backward(grad_output, input, coords, deterministic):
@@ -89,7 +89,9 @@ def point_sample(input: Tensor, coords: Tensor, *, backend: str = "auto") -> Ten
     check_tensor("coords", coords, ndim=3, floating=True)
     check_shape("coords", coords, (input.shape[0], None, 2), "N, P, (x, y)")
     check_same_device("input", input, coords=coords)
-    (input,) = cast_for_autocast(input.device, input)
     if coords.dtype not in (input.dtype, torch.float32):
         raise TypeError(f"coords must be float32 or have input's dtype ({input.dtype}), got {coords.dtype}")
+    (input,) = cast_for_autocast(input.device, input)
+    if coords.dtype not in (input.dtype, torch.float32):
+        coords = coords.float()  # autocast changed input's dtype; float32 coords are taken with any
     return call_op(_point_sample, input.contiguous(), coords.contiguous(), backend)

@@ -121,6 +121,17 @@ def test_autocast_casts_the_image_and_keeps_float32_coords():
     torch.testing.assert_close(got.double(), expected, atol=4e-3, rtol=0)
 
 
+def test_autocast_to_another_half_dtype_takes_coords_of_the_inputs_dtype():
+    """float16 image and coords under bfloat16 autocast: the image is cast, the coords become float32."""
+    image, coords, _ = step_edge_samples(torch.float16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m2f_kernels.point_sample(image, coords.half())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        got.double(), reference.point_sample(image.double(), coords.half().double()), atol=4e-3, rtol=0
+    )
+
+
 def test_coords_of_another_dtype_are_refused():
     with pytest.raises(TypeError, match=r"coords must be float32 or have input's dtype \(torch.float16\)"):
         m2f_kernels.point_sample(
