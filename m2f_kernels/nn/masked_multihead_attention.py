@@ -22,6 +22,7 @@ from torch import Tensor, nn
 import m2f_kernels
 
 from ..ops._common import check_shape, check_tensor
+from ..reference.masked_attention import threshold_to_logit
 
 
 class MaskedMultiheadAttention(nn.Module):
@@ -36,7 +37,8 @@ class MaskedMultiheadAttention(nn.Module):
         sigmoid(mask_logits[b, i, j]) >= mask_threshold; the comparison runs inside the kernel;
       - attn_mask bool (Q, K) or (B * num_heads, Q, K), True = blocked, as nn.MultiheadAttention takes it
         (additive float masks are not taken).
-    key_padding_mask (B, K) ((K,) unbatched) bool, True = padding, blocks those keys for every query.
+    key_padding_mask (B, K) ((K,) unbatched) bool, True = padding, blocks those keys for every query; the rule
+    below then applies to the unpadded keys (a query that sees none of them attends to all of them).
     Output: like query. Two departures from nn.MultiheadAttention: a query whose keys are all blocked
     attends to every key (Mask2Former's rule), where nn.MultiheadAttention gives no attention (zeros)
     or NaN, and need_weights defaults to False.
@@ -177,7 +179,7 @@ def masked_multihead_attention(
     attn_mask = _batched_attn_mask(attn_mask, batch, num_heads, queries, keys)
     if key_padding_mask is not None:
         attn_mask, mask_logits = _block_padding(
-            key_padding_mask, attn_mask, mask_logits, batch, queries, keys
+            key_padding_mask, attn_mask, mask_logits, mask_threshold, batch, queries, keys
         )
 
     w_q, w_k, w_v = in_proj_weight.chunk(3)
@@ -229,8 +231,11 @@ def _batched_attn_mask(attn_mask: Tensor | None, batch: int, num_heads: int, que
     return attn_mask
 
 
-def _block_padding(key_padding_mask, attn_mask, mask_logits, batch: int, queries: int, keys: int):
-    """Adds the padded keys to the mask; returns (attn_mask, mask_logits)."""
+def _block_padding(
+    key_padding_mask, attn_mask, mask_logits, mask_threshold: float, batch: int, queries: int, keys: int
+):
+    """Blocks the padded keys for every query, with Mask2Former's rule applied to the unpadded keys: a query
+    that sees none of them sees all of them. Returns (attn_mask, mask_logits)."""
     if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
         kind = (
             key_padding_mask.dtype
@@ -246,9 +251,14 @@ def _block_padding(key_padding_mask, attn_mask, mask_logits, batch: int, queries
     if mask_logits is not None:
         check_tensor("mask_logits", mask_logits, ndim=3, floating=True)
         check_shape("mask_logits", mask_logits, (batch, queries, keys), "B, Q, K")
-        # masked_attention always blocks a NaN logit, whatever the threshold.
-        return None, mask_logits.masked_fill(padding, math.nan)
+        visible = mask_logits >= threshold_to_logit(float(mask_threshold))
+        sees_nothing = ~(visible & ~padding).any(dim=-1, keepdim=True)
+        # masked_attention always blocks a NaN logit and shows an infinite one, whatever the threshold.
+        return None, mask_logits.masked_fill(sees_nothing, math.inf).masked_fill(padding, math.nan)
     if attn_mask is None:
         return padding.expand(batch, queries, keys), None
-    per_batch = attn_mask.reshape(batch, -1, *attn_mask.shape[1:])  # (B, 1 or H, Q, K)
-    return (per_batch | padding[:, None]).flatten(0, 1), None
+    mask_heads = attn_mask.shape[0] // batch if batch else 1
+    blocked = attn_mask.reshape(batch, mask_heads, queries, keys) | padding[:, None]  # (B, 1 or H, Q, K)
+    sees_nothing = blocked.all(dim=-1, keepdim=True)
+    blocked = torch.where(sees_nothing, padding[:, None].expand_as(blocked), blocked)
+    return blocked.flatten(0, 1), None

@@ -188,7 +188,8 @@ def _check_mask_inputs(q: Tensor, k: Tensor, mask_logits: Tensor | None, attn_ma
             f"attn_mask must have shape ({batch}, {queries}, {keys}) or ({batch * heads}, {queries}, {keys}) "
             f"(B or B*H, Q, K), got {tuple(attn_mask.shape)}"
         )
-    return attn_mask.reshape(batch, -1, queries, keys).contiguous()
+    mask_heads = attn_mask.shape[0] // batch if batch else 1
+    return attn_mask.reshape(batch, mask_heads, queries, keys).contiguous()
 
 
 def masked_attention(

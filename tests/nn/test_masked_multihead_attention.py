@@ -123,11 +123,16 @@ def test_fully_blocked_row_attends_to_every_key():
 
 @pytest.mark.parametrize("mask_kind", ["none", "attn_mask", "mask_logits"])
 def test_key_padding_mask(mask_kind):
+    """Padded keys are never attended: a query that sees only padded keys (row 1 of image 0) or no key
+    (row 2 of image 1) attends to every unpadded key."""
     ours, torch_mha = make_pair(batch_first=True)
     padding = torch.zeros(BATCH, KEYS, dtype=torch.bool)
     padding[0, -3:] = True
     padding[1, 0] = True
     logits = torch.randn(BATCH, QUERIES, KEYS, generator=torch.Generator().manual_seed(5))
+    logits[0, 1] = -2.0
+    logits[0, 1, -2:] = 2.0  # visible keys, all padded
+    logits[1, 2] = -2.0
     blocked = logits.sigmoid() < 0.5
     our_kwargs = {"key_padding_mask": padding}
     if mask_kind == "attn_mask":
@@ -136,13 +141,18 @@ def test_key_padding_mask(mask_kind):
         our_kwargs["mask_logits"] = logits
     if mask_kind == "none":
         blocked = torch.zeros_like(blocked)
-    combined = rule_applied(blocked | padding[:, None, :])
+    expected = blocked | padding[:, None, :]
+    for image, row in ((0, 1), (1, 2)):
+        if mask_kind != "none":
+            assert expected[image, row].all()
+        expected[image, row] = padding[image]
+    assert not expected.all(-1).any()
     assert_same_outputs_and_gradients(
         ours,
         torch_mha,
         inputs(True),
         our_kwargs,
-        {"attn_mask": combined.repeat_interleave(HEADS, dim=0)},
+        {"attn_mask": expected.repeat_interleave(HEADS, dim=0)},
     )
 
 
@@ -186,6 +196,27 @@ def test_float64_matches_and_gradcheck():
     )
     small = [x.detach()[:, :3, :].clone().requires_grad_() for x in args]
     assert torch.autograd.gradcheck(lambda q, k, v: ours(q, k, v, mask_logits=logits[:, :3, :3])[0], small)
+
+
+@pytest.mark.parametrize("queries", [0, QUERIES])
+@pytest.mark.parametrize("keys", [0, KEYS])
+@pytest.mark.parametrize("batch", [0, BATCH])
+def test_empty_inputs_with_every_mask(batch, queries, keys):
+    """Any of B, Q, K zero, with a per-head attn_mask, a key_padding_mask or both: shapes as
+    nn.MultiheadAttention's; no key leaves out_proj's bias."""
+    ours = MaskedMultiheadAttention(EMBED, HEADS)
+    query, key = torch.randn(queries, batch, EMBED), torch.randn(keys, batch, EMBED)
+    per_head = torch.zeros(batch * HEADS, queries, keys, dtype=torch.bool)
+    padding = torch.zeros(batch, keys, dtype=torch.bool)
+    for kwargs in (
+        {"attn_mask": per_head},
+        {"key_padding_mask": padding},
+        {"attn_mask": per_head, "key_padding_mask": padding},
+    ):
+        out, _ = ours(query, key, key, **kwargs)
+        assert out.shape == (queries, batch, EMBED)
+        if keys == 0:
+            torch.testing.assert_close(out, ours.out_proj.bias.expand_as(out))
 
 
 def test_parameters_and_initialization_are_torch_multihead_attentions():

@@ -259,6 +259,26 @@ def test_empty_inputs_give_empty_or_zero_results():
     assert mask.grad is not None and mask.grad.shape == mask.shape
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 5), (2, 0, 5), (2, 3, 0)], ids=["B0", "Q0", "K0"])
+@pytest.mark.parametrize("mask_kind", ["logits", "bool", "bool_per_head"])
+def test_masked_attention_of_empty_inputs(shape, mask_kind):
+    """No batch, no query or no key, with each kind of mask: the output is empty or zero, and so are the
+    gradients."""
+    batch, queries, keys = shape
+    q = torch.randn(batch, 2, queries, 16, requires_grad=True)
+    k = torch.randn(batch, 2, keys, 16, requires_grad=True)
+    v = torch.randn(batch, 2, keys, 16, requires_grad=True)
+    masks = {
+        "logits": {"mask_logits": torch.randn(batch, queries, keys)},
+        "bool": {"attn_mask": torch.zeros(batch, queries, keys, dtype=torch.bool)},
+        "bool_per_head": {"attn_mask": torch.zeros(batch * 2, queries, keys, dtype=torch.bool)},
+    }
+    out = m2f_kernels.masked_attention(q, k, v, **masks[mask_kind])
+    assert out.shape == (batch, 2, queries, 16) and not out.any()
+    out.sum().backward()
+    assert not q.grad.any() and not k.grad.any() and not v.grad.any()
+
+
 def test_nan_locations_contribute_nothing():
     value, shapes, starts, locations, weights = msda_inputs()
     locations[:, 1] = float("nan")
