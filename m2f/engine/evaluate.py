@@ -155,13 +155,20 @@ def evaluate_model(
     else:
         parts = [list(range(start, min(start + PART_SIZE, count))) for start in range(0, count, PART_SIZE)]
         my_parts = {number: indices for number, indices in enumerate(parts) if number % world_size == rank}
-    states, todo = [], []
-    for number, indices in my_parts.items():
-        stored = _read_part(parts_dir, number, indices, run_key) if parts_dir is not None else None
-        if stored is None:
-            todo.append((number, indices))
-        else:
-            states.append(stored)
+    states, todo, problem = [], [], None
+    try:
+        for number, indices in my_parts.items():
+            stored = _read_part(parts_dir, number, indices, run_key) if parts_dir is not None else None
+            if stored is None:
+                todo.append((number, indices))
+            else:
+                states.append(stored)
+    except ValueError as error:
+        problem = error
+    # Every rank stops when one finds a bad part, instead of the others waiting for it in a collective.
+    problems = [p for p in dist_utils.all_gather_object(problem) if p is not None]
+    if problems:
+        raise problems[0]
     thing_classes = set(dataset.metadata.thing_classes)
     was_training = model.training
     model.eval()

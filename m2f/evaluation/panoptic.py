@@ -219,6 +219,8 @@ class PanopticEvaluator:
         self.reset()
 
     def reset(self) -> None:
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(cancel_futures=True)
         self.stats = PQStats.zeros(self.metadata.num_classes)
         self.image_ids: list = []
         self._seen: set = set()
