@@ -17,12 +17,13 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+from m2f.files import write_bytes_atomic
 
 MODES = ("forward", "backward", "full")
 
@@ -205,14 +206,6 @@ def environment() -> dict:
     }
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Writes ``data`` to a temp file in ``path``'s folder, then renames it over ``path``."""
-    with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(data)
-        temp_name = handle.name
-    os.replace(temp_name, path)
-
-
 class Recorder:
     """Collects the measurements of one benchmark run; ratios are against a baseline of the same group."""
 
@@ -295,10 +288,9 @@ class Recorder:
     def write(self, path: str | os.PathLike) -> Path:
         """Writes the results JSON atomically (temp file + rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "environment": environment(),
             "results": [dataclasses.asdict(m) for m in self.measurements],
         }
-        write_atomically(path, json.dumps(payload, indent=1).encode())
+        write_bytes_atomic(path, json.dumps(payload, indent=1).encode())
         return path

@@ -21,7 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.harness import MODES, Measurement, Recorder, write_atomically
+from benchmarks.harness import MODES, Measurement, Recorder
+from m2f.files import write_bytes_atomic
 
 ENVIRONMENT_KEYS = ("device", "commit", "torch", "triton", "cuda", "peak_bandwidth_gbs")
 RESULT_KEYS = tuple(field.name for field in dataclasses.fields(Measurement))
@@ -240,7 +241,7 @@ def write_report(
                 counter += 1
                 png_name = f"{stem}-{counter}.png"
             png_names.add(png_name)
-            write_atomically(out_dir / png_name, bar_chart_png(group, rows, title_suffix))
+            write_bytes_atomic(out_dir / png_name, bar_chart_png(group, rows, title_suffix))
             lines += ["", f"![{group}]({png_name})"]
             if old_times is not None:
                 for m in rows:
@@ -254,7 +255,7 @@ def write_report(
         lines += ["", f"## Regressions (time new/old > {threshold:.2f})", ""]
         lines += regressions or ["None."]
     report = out_dir / "report.md"
-    write_atomically(report, ("\n".join(lines) + "\n").encode())
+    write_bytes_atomic(report, ("\n".join(lines) + "\n").encode())
     return report
 
 
