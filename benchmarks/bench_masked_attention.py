@@ -46,12 +46,17 @@ def _inputs(batch, queries, keys, density, device):
     return q, k, v, mask_logits.to(device)
 
 
-def mask2former_sdpa(q, k, v, mask_logits):
-    """Mask2Former's decoder: a bool mask per head (True = blocked), empty rows opened, then dense attention."""
-    batch, heads, queries, keys = *q.shape[:3], k.shape[2]
-    blocked = (mask_logits.sigmoid() < 0.5).unsqueeze(1).repeat(1, heads, 1, 1).flatten(0, 1)
+def mask2former_bool_mask(mask_logits, heads):
+    """Mask2Former's decoder mask: (B * heads, Q, K) bool, True = blocked, fully blocked rows opened."""
+    blocked = (mask_logits.sigmoid() < 0.5).repeat_interleave(heads, dim=0)
     blocked[blocked.all(-1)] = False
-    allowed = ~blocked.view(batch, heads, queries, keys)
+    return blocked
+
+
+def mask2former_sdpa(q, k, v, mask_logits):
+    """Mask2Former's decoder: a bool mask per head, then dense attention."""
+    batch, heads, queries, keys = *q.shape[:3], k.shape[2]
+    allowed = ~mask2former_bool_mask(mask_logits, heads).view(batch, heads, queries, keys)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
@@ -157,9 +162,7 @@ def test_masked_multihead_attention_module(bench, device, mode, config):
     mask_logits = torch.where(visible, magnitude, -magnitude).to(device)
 
     def bool_mask():
-        blocked = (mask_logits.sigmoid() < 0.5).repeat_interleave(HEADS, dim=0)
-        blocked[blocked.all(-1)] = False
-        return blocked
+        return mask2former_bool_mask(mask_logits, HEADS)
 
     group = f"masked_multihead_attention B{batch} Q{queries} K{keys}"
     params = {"batch": batch, "heads": HEADS, "embed": MODULE_EMBED, "queries": queries, "keys": keys}

@@ -11,6 +11,7 @@ inference images/s at 800 x 1333, batch 1. CPU: inference only at 256 x 256, bat
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import time
 
@@ -60,11 +61,10 @@ def _hf_model(num_classes: int) -> torch.nn.Module:
 
 
 def _patched_copy(hf: torch.nn.Module) -> torch.nn.Module:
-    """A second transformers model with hf's weights, patched to run our ops."""
-    patched = transformers.Mask2FormerForUniversalSegmentation(hf.config).to(next(hf.parameters()).device)
-    patched.load_state_dict(hf.state_dict())
+    """A copy of hf (same weights, device and mode), patched to run our ops."""
+    patched = copy.deepcopy(hf)
     patch_transformers(patched)
-    return patched.train(hf.training)
+    return patched
 
 
 def _normalized(images: torch.Tensor) -> torch.Tensor:
