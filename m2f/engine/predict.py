@@ -29,7 +29,13 @@ from m2f.engine import checkpoint as ckpt
 from m2f.engine.evaluate import inference_transform, load_config_for_checkpoint, postprocess, predict_masks
 from m2f.files import save_image_atomic, save_npz_atomic, write_json_atomic
 
-TASKS = ("panoptic", "instance", "semantic")  # the keys of PREDICTION_SUFFIXES
+# The files save_prediction writes per task, overlay first.
+PREDICTION_SUFFIXES = {
+    "panoptic": (".panoptic.png", ".panoptic_ids.png", ".panoptic.json"),
+    "instance": (".instances.png", ".instances.npz"),
+    "semantic": (".semantic.png", ".semantic_labels.png"),
+}
+TASKS = tuple(PREDICTION_SUFFIXES)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -51,13 +57,6 @@ def class_info(metadata: dict[str, str], num_classes: int) -> tuple[list[str], s
         set(json.loads(metadata["thing_classes"])) if "thing_classes" in metadata else set(range(num_classes))
     )
     return names, things
-
-
-PREDICTION_SUFFIXES = {
-    "panoptic": (".panoptic.png", ".panoptic_ids.png", ".panoptic.json"),
-    "instance": (".instances.png", ".instances.npz"),
-    "semantic": (".semantic.png", ".semantic_labels.png"),
-}
 
 
 def prediction_paths(task: str, stem: Path) -> list[Path]:
