@@ -247,14 +247,13 @@ def _patchable_cross_attention(layer: nn.Module) -> nn.Module | None:
     (one embedding size, no extra key/value bias) and the layer's forward takes output_attentions."""
     if type(layer).__name__ != MASKED_DECODER_LAYER_CLASS:
         return None
-    layer_class = _original(layer) if is_patched(layer) else type(layer)
     attention = getattr(layer, "cross_attn", None)
     if (
         not isinstance(attention, nn.MultiheadAttention)
         or not attention._qkv_same_embed_dim
         or attention.bias_k is not None
         or attention.add_zero_attn
-        or "output_attentions" not in _layer_signature(layer_class).parameters
+        or "output_attentions" not in _layer_signature(_unpatched_class(layer)).parameters
     ):
         return None
     return attention
@@ -325,7 +324,7 @@ def _matcher_forward(
 
 
 def _parameters_match(module: nn.Module) -> bool:
-    names = tuple(inspect.signature(type(module).forward).parameters)[1:]
+    names = tuple(inspect.signature(_unpatched_class(module).forward).parameters)[1:]
     return names == KERNEL_PARAMETERS
 
 
@@ -383,6 +382,11 @@ def _patched_class(original: type, method: str, function: Callable) -> type:
 
 def _original(module: nn.Module) -> type:
     return getattr(type(module), _ORIGINAL_CLASS)
+
+
+def _unpatched_class(module: nn.Module) -> type:
+    """The module's class as transformers made it, whether or not it is patched."""
+    return _original(module) if is_patched(module) else type(module)
 
 
 def _patch(module: nn.Module, method: str, function: Callable, backend: str) -> None:
