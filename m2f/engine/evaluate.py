@@ -149,10 +149,10 @@ def evaluate_model(
     evaluator = make_evaluator(task, dataset)
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
-    run_key = json.loads(json.dumps(run_key))  # as it reads back from a part file (tuples become lists)
     if parts_dir is None:
         my_parts = {0: list(range(rank, count, world_size))}
     else:
+        run_key = json.loads(json.dumps(run_key))  # as it reads back from a part file (tuples become lists)
         parts = [list(range(start, min(start + PART_SIZE, count))) for start in range(0, count, PART_SIZE)]
         my_parts = {number: indices for number, indices in enumerate(parts) if number % world_size == rank}
     states, todo, problem = [], [], None
