@@ -95,6 +95,19 @@ def eval_args(checkpoint, data_root, output) -> list[str]:
     return [*args, "--output", str(output), "--device", "cpu", "--num-workers", "0", "--no-progress"]
 
 
+def count_predictions(monkeypatch, module) -> list:
+    """Replaces module.predict_masks by a wrapper that appends to the returned list on every call."""
+    calls = []
+    real_predict = module.predict_masks
+
+    def counting_predict(*a, **k):
+        calls.append(1)
+        return real_predict(*a, **k)
+
+    monkeypatch.setattr(module, "predict_masks", counting_predict)
+    return calls
+
+
 def run_eval_stopped_at_the_second_image(monkeypatch, args):
     """Runs `m2f eval` with parts of one image and has it die while predicting the second image."""
     from m2f.engine import evaluate
@@ -131,14 +144,7 @@ def test_eval_resumes_from_the_parts_an_interrupted_run_left(
     run_eval_stopped_at_the_second_image(monkeypatch, args)
     assert sorted(p.name for p in parts.iterdir()) == ["part-000000.json"] and not output.exists()
 
-    predicted = []
-    real_predict = evaluate.predict_masks
-
-    def counting_predict(*a, **k):
-        predicted.append(1)
-        return real_predict(*a, **k)
-
-    monkeypatch.setattr(evaluate, "predict_masks", counting_predict)
+    predicted = count_predictions(monkeypatch, evaluate)
     assert main([*args, "--resume"]) == 0
     assert len(predicted) == 1  # one image predicted: the other came from its part file
     assert json.loads(output.read_text()) == complete
@@ -193,14 +199,7 @@ def test_predict_skip_existing_predicts_only_the_missing_images(
     first = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert len(first) == 3 * len(images)
     (tmp_path / f"{images[0].stem}.panoptic_ids.png").unlink()  # as if the run had stopped there
-    predicted = []
-    real_predict = predict.predict_masks
-
-    def counting_predict(*a, **k):
-        predicted.append(1)
-        return real_predict(*a, **k)
-
-    monkeypatch.setattr(predict, "predict_masks", counting_predict)
+    predicted = count_predictions(monkeypatch, predict)
     assert main(args) == 0
     assert len(predicted) == 1
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == first
