@@ -36,6 +36,15 @@ def test_permissions_are_those_of_a_plain_write(tmp_path):
     assert plain.stat().st_mode & 0o7777 == 0o640 and plain.read_text() == "y"
 
 
+@pytest.mark.parametrize("character", ["n", "\N{GRINNING FACE}"])
+def test_longest_file_name_is_written(tmp_path, character):
+    name_bytes = os.pathconf(tmp_path, "PC_NAME_MAX") - len(".png")
+    target = tmp_path / (character * (name_bytes // len(character.encode())) + ".png")
+    files.write_bytes_atomic(target, b"data")
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    assert target.read_bytes() == b"data"
+
+
 def test_writers_round_trip(tmp_path):
     files.write_text_atomic(tmp_path / "a" / "b.txt", "text\n")  # creates the folders
     assert (tmp_path / "a" / "b.txt").read_text() == "text\n"
