@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 
 import torch
@@ -94,9 +95,18 @@ def first_step_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port below the kernel's ephemeral range, for MASTER_PORT. A port the kernel handed out for
+    port 0 could be handed to another socket before the process group binds it; these are not."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        first_ephemeral = int(f.read().split()[0])
+    for port in random.Random().sample(range(10_000, first_ephemeral), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port found below the ephemeral range")
 
 
 def ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:

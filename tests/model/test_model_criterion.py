@@ -1,7 +1,5 @@
 """Criterion against an unfused computation (grid_sample, explicit sums) with the same matches and points."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -208,8 +206,8 @@ def test_bad_targets():
         criterion(outputs, targets)
 
 
-def num_masks_worker(rank, port, out_path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def num_masks_worker(rank, store_path, out_path):
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     try:
         counts = [2, 5][rank]
         targets = [{"labels": torch.zeros(counts, dtype=torch.int64), "masks": torch.zeros(counts, 4, 4)}]
@@ -221,10 +219,8 @@ def num_masks_worker(rank, port, out_path):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_num_masks_is_averaged_over_processes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(num_masks_worker, args=(port, str(tmp_path / "num_masks")), nprocs=2, join=True)
+    store = str(tmp_path / "store")
+    mp.spawn(num_masks_worker, args=(store, str(tmp_path / "num_masks")), nprocs=2, join=True)
     values = [torch.load(tmp_path / f"num_masks.{rank}", weights_only=True).item() for rank in range(2)]
     assert values == [3.5, 3.5]
     assert Criterion.average_num_masks([{"labels": torch.zeros(0)}], torch.device("cpu")) == 1.0
