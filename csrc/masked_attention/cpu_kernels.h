@@ -354,43 +354,47 @@ void weighted_rows_transposed(const acc_t* weights, int64_t num_rows, int64_t n,
       weights, n, 1, stride, a, d, num_rows, d, out, d);
 }
 
-// values[j] = visible[j] * exp(values[j] * scale - shift) for j < n (visible is 1 or 0); returns
-// the sum.
+// values[j] = exp(values[j] * scale - shift) where visible[j] != 0, else 0, for j < n; returns the
+// sum. Blocked keys are dropped by selection, not by multiplying with 0: a blocked key's score may
+// be NaN or overflow the exponential.
 template <typename acc_t>
 acc_t exp_visible(acc_t* values, const acc_t* visible, int64_t n, acc_t scale, acc_t shift) {
+  const lanes_t<acc_t> zero{};
   lanes_t<acc_t> lane_sums{};
   int64_t j0 = 0;
   for (; j0 + kLanes <= n; j0 += kLanes) {
     const lanes_t<acc_t> e = exp_lanes(load_lanes(values + j0) * scale - shift);
-    const lanes_t<acc_t> kept = e * load_lanes(visible + j0);
+    const lanes_t<acc_t> kept = load_lanes(visible + j0) != zero ? e : zero;
     store_lanes(values + j0, kept);
     lane_sums += kept;
   }
   acc_t sum = 0;
   for (int64_t l = 0; l < kLanes; ++l) sum += lane_sums[l];
   for (; j0 < n; ++j0) {
-    values[j0] = visible[j0] * exp_scalar(values[j0] * scale - shift);
+    values[j0] = visible[j0] != acc_t(0) ? exp_scalar(values[j0] * scale - shift) : acc_t(0);
     sum += values[j0];
   }
   return sum;
 }
 
-// For one row of the backward: probs[j] = P = visible[j] * exp(probs[j] * scale - lse) from the
-// raw score, and grad_scores[j] = scale * score_gradient(P, dP = grad_scores[j], delta), the
-// gradient of the raw score.
+// For one row of the backward: probs[j] = P = exp(probs[j] * scale - lse) from the raw score, 0 for
+// a blocked key (selected, as in exp_visible), and grad_scores[j] = scale * score_gradient(P, dP =
+// grad_scores[j], delta), the gradient of the raw score: 0 for a blocked key.
 template <typename acc_t>
 void probabilities_and_score_gradients(acc_t* probs, acc_t* grad_scores, const acc_t* visible,
                                        int64_t n, acc_t scale, acc_t lse, acc_t delta) {
+  const lanes_t<acc_t> zero{};
   int64_t j0 = 0;
   for (; j0 + kLanes <= n; j0 += kLanes) {
-    const lanes_t<acc_t> p =
-        exp_lanes(load_lanes(probs + j0) * scale - lse) * load_lanes(visible + j0);
+    const auto keep = load_lanes(visible + j0) != zero;
+    const lanes_t<acc_t> p = keep ? exp_lanes(load_lanes(probs + j0) * scale - lse) : zero;
     store_lanes(probs + j0, p);
-    store_lanes(grad_scores + j0, p * (load_lanes(grad_scores + j0) - delta) * scale);
+    store_lanes(grad_scores + j0, keep ? p * (load_lanes(grad_scores + j0) - delta) * scale : zero);
   }
   for (; j0 < n; ++j0) {
-    probs[j0] = visible[j0] * exp_scalar(probs[j0] * scale - lse);
-    grad_scores[j0] = score_gradient(probs[j0], grad_scores[j0], delta) * scale;
+    const bool keep = visible[j0] != acc_t(0);
+    probs[j0] = keep ? exp_scalar(probs[j0] * scale - lse) : acc_t(0);
+    grad_scores[j0] = keep ? score_gradient(probs[j0], grad_scores[j0], delta) * scale : acc_t(0);
   }
 }
 

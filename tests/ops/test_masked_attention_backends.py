@@ -246,6 +246,41 @@ def test_threshold_edge_logit_is_visible(backend):
     torch.testing.assert_close(out[0, 0, 1], v[0, 0, 1], atol=1e-6, rtol=1e-6)
 
 
+def check_blocked_key_never_reaches_the_output(backend, dtype, queries, keys, key_value, device="cpu"):
+    """Key 0, blocked for every query, gets a score of key_value ("overflow": far above every visible score, so
+    that exp(score - max) overflows; "inf"; "nan"). The results must equal attention over keys 1.. alone: the
+    kernels drop blocked keys, they do not multiply them by 0. grad_q is compared only for a finite key 0
+    (the reference's dq = dS @ k gives 0 * inf = NaN too)."""
+    q, k, v, grad_out = make_inputs(1, 2, queries, keys, 16, dtype, device)
+    q[..., 0] = q[..., 0].abs() + 1
+    k[:, :, 0] = {"overflow": 1e4 if dtype == torch.float64 else 1e3, "inf": math.inf, "nan": math.nan}[
+        key_value
+    ]
+    logits = torch.ones(1, queries, keys, dtype=dtype, device=device)
+    logits[:, :, 0] = -1.0
+    out, _, (grad_q, grad_k, grad_v) = run_backend(backend, q, k, v, grad_out, logits, None, 0.0, 1.0)
+    ref_out, _, (ref_q, ref_k, ref_v) = reference_results(
+        q, k[:, :, 1:], v[:, :, 1:], grad_out, logits[:, :, 1:], None, 0.5, 1.0
+    )
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad_v[:, :, 1:].double(), ref_v, atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad_k[:, :, 1:].double(), ref_k, atol=atol, rtol=rtol)
+    assert (grad_v[:, :, 0] == 0).all() and (grad_k[:, :, 0] == 0).all()
+    if key_value == "overflow":
+        torch.testing.assert_close(grad_q.double(), ref_q, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("key_value", ["overflow", "inf", "nan"])
+@pytest.mark.parametrize("queries, keys", [(2, 7), (3, 300)])
+def test_blocked_key_never_reaches_the_output(backend, dtype, key_value, queries, keys):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take 16- and 32-bit floats")
+    check_blocked_key_never_reaches_the_output(backend, dtype, queries, keys, key_value)
+
+
 @needs_cpu_kernel
 def test_cpu_kernel_gradcheck_float64():
     q = torch.randn(1, 2, 5, 16, dtype=torch.float64, requires_grad=True)
@@ -322,6 +357,13 @@ def test_cuda_backends_match_reference(backend, dtype, shape):
 @pytest.mark.parametrize("shape", [(2, 8, 100, 1024, 32), (1, 3, 7, 4097, 64)])
 def test_cuda_backends_bool_masks_match_reference(backend, mask_kind, shape):
     check_backend(backend, torch.float32, shape, mask_kind, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("key_value", ["overflow", "inf", "nan"])
+def test_blocked_key_never_reaches_the_output_cuda(backend, key_value):
+    check_blocked_key_never_reaches_the_output(backend, torch.float32, 3, 300, key_value, device="cuda")
 
 
 @pytest.mark.cuda
