@@ -22,7 +22,7 @@ from torch import Tensor, nn
 import m2f_kernels
 
 from ..ops._common import check_shape, check_tensor
-from ..reference.masked_attention import threshold_to_logit
+from ..reference.masked_attention import logits_visible, threshold_to_logit
 
 
 class MaskedMultiheadAttention(nn.Module):
@@ -251,7 +251,7 @@ def _block_padding(
     if mask_logits is not None:
         check_tensor("mask_logits", mask_logits, ndim=3, floating=True)
         check_shape("mask_logits", mask_logits, (batch, queries, keys), "B, Q, K")
-        visible = mask_logits >= threshold_to_logit(float(mask_threshold))
+        visible = logits_visible(mask_logits, threshold_to_logit(float(mask_threshold)))
         sees_nothing = ~(visible & ~padding).any(dim=-1, keepdim=True)
         # masked_attention always blocks a NaN logit and shows an infinite one, whatever the threshold.
         return None, mask_logits.masked_fill(sees_nothing, math.inf).masked_fill(padding, math.nan)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._backend import OpKernels
-from ..reference.masked_attention import blocked_keys, threshold_to_logit
+from ..reference.masked_attention import blocked_keys, logits_visible, threshold_to_logit
 from ._common import (
     call_op,
     cast_for_autocast,
@@ -169,6 +169,27 @@ def _auto_backend(q: Tensor, k: Tensor, backend: str) -> str:
     return backend
 
 
+def _logits_in_dtype(mask_logits: Tensor, dtype: torch.dtype, threshold_logit: float) -> Tensor:
+    """mask_logits in ``dtype`` (q's, which the kernels read them in) with every logit on the side of the
+    threshold it was on: a logit that rounding would move across it becomes the nearest ``dtype`` value on its
+    own side. So float32 logits give the same mask with float16 q as with float32 q."""
+    if mask_logits.dtype == dtype:
+        return mask_logits
+    cast = mask_logits.to(dtype)
+    if torch.promote_types(mask_logits.dtype, dtype) == dtype:
+        return cast  # every value is exact in the wider dtype
+    nearest = torch.full((), threshold_logit, dtype=dtype, device=mask_logits.device)
+    nearest_visible = logits_visible(nearest, threshold_logit)
+    lowest_visible = torch.where(
+        nearest_visible, nearest, torch.nextafter(nearest, nearest.new_tensor(math.inf))
+    )
+    highest_blocked = torch.where(
+        nearest_visible, torch.nextafter(nearest, nearest.new_tensor(-math.inf)), nearest
+    )
+    visible = logits_visible(mask_logits, threshold_logit)
+    return torch.where(visible, torch.maximum(cast, lowest_visible), torch.minimum(cast, highest_blocked))
+
+
 def _check_mask_inputs(q: Tensor, k: Tensor, mask_logits: Tensor | None, attn_mask: Tensor | None):
     """Validates the masks and returns attn_mask in the kernel layout (B, Hm, Q, K), Hm in {1, H}."""
     batch, heads, queries, _ = q.shape
@@ -221,23 +242,25 @@ def masked_attention(
     keys = k.shape[2]
     check_shape("k", k, (batch, heads, keys, head_dim), "B, H, K, d like q")
     check_shape("v", v, (batch, heads, keys, head_dim), "B, H, K, d like k")
-    check_same_device("q", q, k=k, v=v, mask_logits=mask_logits, attn_mask=attn_mask)
     attn_mask = _check_mask_inputs(q, k, mask_logits, attn_mask)
+    check_same_device("q", q, k=k, v=v, mask_logits=mask_logits, attn_mask=attn_mask)
     threshold_logit = threshold_to_logit(float(threshold))
-    scale = head_dim**-0.5 if scale is None else float(scale)
-    q, k, v, mask_logits = cast_for_autocast(q.device, q, k, v, mask_logits)
+    if scale is None:
+        scale = head_dim**-0.5 if head_dim else 1.0  # no head dim: an empty output whatever the scale
+    scale = float(scale)
+    q, k, v = cast_for_autocast(q.device, q, k, v)
     check_same_dtype("q", q, k=k, v=v)
     if mask_logits is None and attn_mask is None:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
-        if mask_logits is not None:
-            mask_logits = mask_logits.to(q.dtype).contiguous()
         out, _ = call_op(
             _masked_attention,
             q.contiguous(),
             k.contiguous(),
             v.contiguous(),
-            mask_logits,
+            None
+            if mask_logits is None
+            else _logits_in_dtype(mask_logits, q.dtype, threshold_logit).contiguous(),
             attn_mask,
             threshold_logit,
             scale,

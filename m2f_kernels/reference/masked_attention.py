@@ -17,6 +17,12 @@ def threshold_to_logit(threshold: float) -> float:
     return math.ldexp(round(mantissa * 2**24) / 2**24, exponent)  # float32 rounding, traceable by dynamo
 
 
+def logits_visible(mask_logits: torch.Tensor, threshold_logit: float) -> torch.Tensor:
+    """Which keys the mask logits let through: logit >= threshold_logit, compared in float32 or wider (NaN is
+    blocked). Same shape as mask_logits."""
+    return mask_logits.to(torch.promote_types(mask_logits.dtype, torch.float32)) >= threshold_logit
+
+
 def blocked_keys(
     mask_logits: torch.Tensor | None, attn_mask: torch.Tensor | None, threshold_logit: float
 ) -> torch.Tensor | None:
@@ -27,8 +33,7 @@ def blocked_keys(
     attn_mask (B, Hm, Q, K) bool, True = blocked. A row that blocks every key blocks none.
     """
     if mask_logits is not None:
-        compare_dtype = torch.promote_types(mask_logits.dtype, torch.float32)
-        blocked = ~(mask_logits.to(compare_dtype) >= threshold_logit).unsqueeze(1)
+        blocked = ~logits_visible(mask_logits, threshold_logit).unsqueeze(1)
     elif attn_mask is not None:
         blocked = attn_mask
     else:

@@ -6,6 +6,7 @@ from torch import nn
 
 import m2f_kernels
 from m2f_kernels.nn import MaskedMultiheadAttention
+from m2f_kernels.reference.masked_attention import threshold_to_logit
 
 EMBED, HEADS, BATCH, QUERIES, KEYS = 32, 4, 2, 5, 9
 BACKENDS = [b for b in ("cpu", "triton", "torch") if b in m2f_kernels.available_backends()]
@@ -152,6 +153,33 @@ def test_key_padding_mask(mask_kind):
         torch_mha,
         inputs(True),
         our_kwargs,
+        {"attn_mask": expected.repeat_interleave(HEADS, dim=0)},
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_key_padding_mask_with_half_precision_logits(backend):
+    """float16 logits are compared with the threshold in float32, by the padding rule as by the kernel: a row
+    whose unpadded keys sit just below logit(0.4) (float16 has no value at it) sees none of them, so it
+    attends to every unpadded key, never to the padded ones."""
+    threshold = 0.4
+    ours, torch_mha = make_pair(batch_first=True, backend=backend, threshold=threshold)
+    threshold_logit = threshold_to_logit(threshold)
+    just_below = torch.tensor(threshold_logit).half()
+    assert just_below.item() < threshold_logit
+    padding = torch.zeros(BATCH, KEYS, dtype=torch.bool)
+    padding[0, -3:] = True
+    logits = torch.randn(BATCH, QUERIES, KEYS, generator=torch.Generator().manual_seed(5)).half()
+    logits[0, 1] = just_below
+    logits[0, 1, -3:] = 2.0  # visible keys, all padded
+    expected = ~(logits.float() >= threshold_logit) | padding[:, None, :]
+    expected[0, 1] = padding[0]
+    assert not expected.all(-1).any()
+    assert_same_outputs_and_gradients(
+        ours,
+        torch_mha,
+        inputs(True),
+        {"key_padding_mask": padding, "mask_logits": logits},
         {"attn_mask": expected.repeat_interleave(HEADS, dim=0)},
     )
 

@@ -1,5 +1,7 @@
 """The public ops: torch.library registration (opcheck), dispatch, autograd, empty inputs and bad input."""
 
+import math
+
 import pytest
 import torch
 from torch._library.custom_ops import CustomOpDef
@@ -19,6 +21,7 @@ from m2f_kernels.ops import (
     point_sample,
 )
 from m2f_kernels.ops._common import call_op, plain_eager
+from m2f_kernels.reference.masked_attention import threshold_to_logit
 
 CPU_BACKENDS = [name for name in ("torch", "cpu") if name in m2f_kernels.available_backends()]
 
@@ -259,22 +262,25 @@ def test_empty_inputs_give_empty_or_zero_results():
     assert mask.grad is not None and mask.grad.shape == mask.shape
 
 
-@pytest.mark.parametrize("shape", [(0, 3, 5), (2, 0, 5), (2, 3, 0)], ids=["B0", "Q0", "K0"])
-@pytest.mark.parametrize("mask_kind", ["logits", "bool", "bool_per_head"])
+@pytest.mark.parametrize(
+    "shape", [(0, 3, 5, 16), (2, 0, 5, 16), (2, 3, 0, 16), (2, 3, 5, 0)], ids=["B0", "Q0", "K0", "d0"]
+)
+@pytest.mark.parametrize("mask_kind", ["logits", "bool", "bool_per_head", "none"])
 def test_masked_attention_of_empty_inputs(shape, mask_kind):
-    """No batch, no query or no key, with each kind of mask: the output is empty or zero, and so are the
-    gradients."""
-    batch, queries, keys = shape
-    q = torch.randn(batch, 2, queries, 16, requires_grad=True)
-    k = torch.randn(batch, 2, keys, 16, requires_grad=True)
-    v = torch.randn(batch, 2, keys, 16, requires_grad=True)
+    """No batch, no query, no key or no head dim, with each kind of mask: the output is empty or zero, and so
+    are the gradients."""
+    batch, queries, keys, head_dim = shape
+    q = torch.randn(batch, 2, queries, head_dim, requires_grad=True)
+    k = torch.randn(batch, 2, keys, head_dim, requires_grad=True)
+    v = torch.randn(batch, 2, keys, head_dim, requires_grad=True)
     masks = {
         "logits": {"mask_logits": torch.randn(batch, queries, keys)},
         "bool": {"attn_mask": torch.zeros(batch, queries, keys, dtype=torch.bool)},
         "bool_per_head": {"attn_mask": torch.zeros(batch * 2, queries, keys, dtype=torch.bool)},
+        "none": {},
     }
     out = m2f_kernels.masked_attention(q, k, v, **masks[mask_kind])
-    assert out.shape == (batch, 2, queries, 16) and not out.any()
+    assert out.shape == (batch, 2, queries, head_dim) and not out.any()
     out.sum().backward()
     assert not q.grad.any() and not k.grad.any() and not v.grad.any()
 
@@ -382,6 +388,55 @@ def test_masked_attention_without_a_mask_is_dense_attention(backend):
         torch.testing.assert_close(got, want)
 
 
+def logits_around_the_threshold(dtype, threshold_logit, queries, keys):
+    """(1, Q, K) logits of ``dtype`` within a few rounding steps of threshold_logit on both sides, and the
+    special values: NaN, +-inf and values beyond the float16 range."""
+    generator = torch.Generator().manual_seed(3)
+    centre = torch.tensor(0.0 if math.isinf(threshold_logit) else threshold_logit, dtype=torch.float64)
+    logits = centre + torch.randn(1, queries, keys, generator=generator, dtype=torch.float64) * 1e-3
+    logits = logits.to(dtype)
+    logits[0, 0, :6] = torch.tensor([math.nan, math.inf, -math.inf, 1e5, -1e5, threshold_logit], dtype=dtype)
+    return logits
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "logits_dtype, dtype",
+    [
+        (torch.float32, torch.float16),
+        (torch.float32, torch.bfloat16),
+        (torch.float64, torch.float32),
+        (torch.bfloat16, torch.float16),
+        (torch.float16, torch.bfloat16),
+        (torch.float16, torch.float32),
+    ],
+)
+@pytest.mark.parametrize("threshold", [0.3, 0.4, 0.5, 0.0, 1.0])
+def test_mask_logits_keep_their_precision(backend, logits_dtype, dtype, threshold):
+    """Mask logits of another dtype than q give the mask their own values give (compared in float32 or wider),
+    as the bool mask built from them does, also where rounding them to q's dtype would cross the threshold."""
+    queries, keys = 5, 40
+    logits = logits_around_the_threshold(logits_dtype, threshold_to_logit(threshold), queries, keys)
+    blocked = ~(logits.double() >= threshold_to_logit(threshold))
+    q, k, v = (torch.randn(1, 2, n, 16).to(dtype) for n in (queries, keys, keys))
+    out = m2f_kernels.masked_attention(q, k, v, logits, threshold=threshold, backend=backend)
+    expected = m2f_kernels.masked_attention(q, k, v, attn_mask=blocked, backend=backend)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16])
+def test_autocast_keeps_the_mask_logits_precision(autocast_dtype):
+    """Under autocast, q, k and v run in the autocast dtype and the float32 logits are compared as they are."""
+    threshold = 0.4
+    logits = logits_around_the_threshold(torch.float32, threshold_to_logit(threshold), 5, 40)
+    q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        out = m2f_kernels.masked_attention(q, k, v, logits, threshold=threshold)
+        expected = m2f_kernels.masked_attention(q, k, v, attn_mask=~(logits >= threshold_to_logit(threshold)))
+    assert out.dtype == autocast_dtype
+    assert torch.equal(out, expected)
+
+
 def test_masked_attention_bad_inputs():
     q, k, v, logits = attention_inputs()
     with pytest.raises(ValueError, match="v must have shape"):
@@ -400,6 +455,10 @@ def test_masked_attention_bad_inputs():
         m2f_kernels.masked_attention(q, k, v, logits, threshold=2.0)
     with pytest.raises(TypeError, match="v has dtype"):
         m2f_kernels.masked_attention(q, k, v.float())
+    with pytest.raises(TypeError, match=r"mask_logits must be a torch\.Tensor"):
+        m2f_kernels.masked_attention(q, k, v, logits.numpy())
+    with pytest.raises(TypeError, match=r"attn_mask must be a torch\.Tensor"):
+        m2f_kernels.masked_attention(q, k, v, attn_mask=(logits > 0).tolist())
 
 
 def test_point_loss_bad_inputs():
