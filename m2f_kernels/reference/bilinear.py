@@ -12,6 +12,8 @@ import torch
 def bilinear_sample(image: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Samples ``image`` (B, H, W, C) at pixel coordinates ``x``, ``y`` (B, *) -> (B, *, C)."""
     batch, height, width, channels = image.shape
+    if height == 0 or width == 0:
+        return image.new_zeros(*x.shape, channels)  # every sample lies outside an empty image
     inside = (x > -1) & (x < width) & (y > -1) & (y < height)
     x = torch.where(inside, x, torch.zeros_like(x))
     y = torch.where(inside, y, torch.zeros_like(y))

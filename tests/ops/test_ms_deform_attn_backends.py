@@ -34,7 +34,7 @@ def level_tables(levels, device="cpu"):
 def special_locations(height: int, width: int) -> list[tuple[float, float]]:
     """Border, outside, NaN and (for power-of-two sizes) exact pixel-centre and x = -1 locations."""
     points = [(0.0, 0.0), (1.0, 1.0), (0.0, 1.0), (1.0, 0.5), (-0.3, 0.5), (0.5, 1.25), (float("nan"), 0.5)]
-    if width & (width - 1) == 0 and height & (height - 1) == 0:
+    if width and height and width & (width - 1) == 0 and height & (height - 1) == 0:
         points += [(0.5 / width, 0.5 / height), ((width - 0.5) / width, 1.5 / height), (-0.5 / width, 0.5)]
     return points
 
@@ -271,6 +271,46 @@ def test_empty_queries(backend):
     assert out.shape == (2, 0, 16)
     out.sum().backward()
     assert torch.equal(value.grad, torch.zeros_like(value))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("fused", [False, True], ids=["ms_deform_attn", "fused"])
+def test_empty_level_contributes_nothing(backend, fused):
+    """A level of height or width 0 has no pixel to sample: the result and the gradients equal those of the
+    same call without that level (its samples and weights dropped)."""
+    if backend != "torch" and backend not in cpu_kernel_backends("ms_deform_attn"):
+        pytest.skip(f"{backend} does not run on CPU here")
+    levels = [(3, 4), (0, 5), (2, 3), (4, 0)]
+    kept = [0, 2]
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        2, QUERIES, 2, 4, levels, 3, torch.float64
+    )
+    if fused:
+        references = torch.rand(2, QUERIES, len(levels), 2, dtype=torch.float64)
+        offsets = torch.randn(*locations.shape, dtype=torch.float64)
+        logits = torch.randn(2, QUERIES, 2, len(levels) * 3, dtype=torch.float64)
+        logits[:, :, :, 3:6] = -torch.inf  # the fused softmax runs over every level: empty ones get no weight
+        logits[:, :, :, 9:12] = -torch.inf
+        call = m2f_kernels.ms_deform_attn_fused
+        full = (value, spatial_shapes, level_start_index, references, offsets, logits)
+        kept_logits = logits.reshape(2, QUERIES, 2, len(levels), 3)[:, :, :, kept].reshape(2, QUERIES, 2, -1)
+        without = (references[:, :, kept], offsets[:, :, :, kept], kept_logits)
+    else:
+        call = m2f_kernels.ms_deform_attn
+        full = (value, spatial_shapes, level_start_index, locations, weights)
+        without = (locations[:, :, :, kept], weights[:, :, :, kept])
+    kept_shapes, kept_starts = level_tables([levels[i] for i in kept])
+    grad_output = torch.randn(2, QUERIES, 8, dtype=torch.float64)
+    ours = forward_backward(lambda *t: call(*t, backend=backend), full, grad_output)
+    expected = forward_backward(
+        lambda *t: call(*t, backend="torch"), (value, kept_shapes, kept_starts, *without), grad_output
+    )
+    torch.testing.assert_close(ours[0], expected[0])
+    torch.testing.assert_close(ours[1], expected[1])  # the value gradient
+    if not fused:  # location and weight gradients: those of the kept levels, zero for the empty ones
+        for grad, kept_grad in zip(ours[2:], expected[2:]):
+            torch.testing.assert_close(grad[:, :, :, kept], kept_grad)
+            assert not grad[:, :, :, [1, 3]].any()
 
 
 def test_cpu_kernel_gradcheck():
