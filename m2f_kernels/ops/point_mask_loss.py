@@ -128,6 +128,7 @@ def point_mask_loss(
     normalizer (Mask2Former: matched masks averaged over processes). Both maps are sampled bilinearly
     (align_corners=False, zero padding). Returns (ce, dice) float32 scalars: the sum over masks of the mean
     BCE-with-logits over points, and of 1 - (2 sum(p t) + 1) / (sum p + sum t + 1), each divided by num_masks.
+    An empty map (H, W, Ht or Wt = 0) samples as zeros. With no mask or no point both losses are 0.
     Differentiable w.r.t. mask_logits only; nothing of size (N, P) is kept for the backward.
     """
     check_tensor("mask_logits", mask_logits, ndim=3, floating=True)
@@ -140,6 +141,12 @@ def point_mask_loss(
     if not isinstance(num_masks, Tensor) and not num_masks > 0:
         raise ValueError(f"num_masks must be positive, got {num_masks}")
     (mask_logits,) = cast_for_autocast(mask_logits.device, mask_logits)
+    # Zero padding samples 0 everywhere from an empty map, as from a 1x1 map of zeros. For the logits that map
+    # is their sum over the empty map, which keeps them in the autograd graph.
+    if 0 in mask_logits.shape[1:]:
+        mask_logits = mask_logits.sum(dim=(1, 2), keepdim=True)
+    if 0 in target_masks.shape[1:]:
+        target_masks = target_masks.new_zeros(masks, 1, 1)
     if target_masks.dtype in (torch.bool, torch.uint8):
         target_masks = target_masks.view(torch.uint8) if target_masks.dtype == torch.bool else target_masks
     elif target_masks.dtype.is_floating_point:

@@ -461,6 +461,33 @@ def test_masked_attention_bad_inputs():
         m2f_kernels.masked_attention(q, k, v, attn_mask=(logits > 0).tolist())
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("empty", ["logits", "targets"])
+def test_point_loss_of_an_empty_map_samples_zeros(backend, empty):
+    """An empty logit or target map samples as zeros (zero padding): the losses and the logit gradient equal
+    those of an all-zero map of any size; for empty logits, ce is log 2 at every point."""
+    coords = torch.rand(3, 11, 2, dtype=torch.float64)
+    logits = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.rand(3, 9, 7) > 0.5
+    zero_logits = torch.zeros(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    if empty == "logits":
+        empty_logits = torch.zeros(3, 0, 6, dtype=torch.float64, requires_grad=True)
+        ce, dice = m2f_kernels.point_mask_loss(empty_logits, targets, coords, 2.0, backend=backend)
+        expected = m2f_kernels.point_mask_loss(zero_logits, targets, coords, 2.0, backend=backend)
+        torch.testing.assert_close(ce.double(), torch.tensor(3 * math.log(2) / 2, dtype=torch.float64))
+        (ce + dice).backward()
+        assert empty_logits.grad.shape == empty_logits.shape
+    else:
+        ce, dice = m2f_kernels.point_mask_loss(logits, targets[:, :, :0], coords, 2.0, backend=backend)
+        (grad,) = torch.autograd.grad(ce + 2 * dice, logits)
+        expected = m2f_kernels.point_mask_loss(
+            logits, torch.zeros_like(targets), coords, 2.0, backend=backend
+        )
+        torch.testing.assert_close(grad, torch.autograd.grad(expected[0] + 2 * expected[1], logits)[0])
+    torch.testing.assert_close((ce, dice), expected)
+    assert ce > 0 and dice > 0
+
+
 def test_point_loss_bad_inputs():
     mask = torch.randn(2, 4, 5)
     with pytest.raises(ValueError, match="target_masks must have shape"):
