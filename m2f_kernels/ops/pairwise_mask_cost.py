@@ -53,6 +53,12 @@ def pairwise_mask_cost(
             f"target_point_labels must have the same number of points P as pred_point_logits "
             f"({pred_point_logits.shape[1]}), got shape {tuple(target_point_labels.shape)}"
         )
+    if not (
+        target_point_labels.dtype.is_floating_point or target_point_labels.dtype in (torch.bool, torch.uint8)
+    ):
+        raise TypeError(
+            f"target_point_labels must be floating, bool or uint8, got {target_point_labels.dtype}"
+        )
     if pred_point_logits.shape[1] == 0:
         raise ValueError("pred_point_logits must have at least one point (P >= 1)")
     labels = target_point_labels.to(pred_point_logits.dtype)

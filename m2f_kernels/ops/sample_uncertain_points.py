@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .point_sample import point_sample
@@ -40,8 +42,8 @@ def sample_uncertain_points(
         raise TypeError(f"mask_logits must be a floating-point tensor, got {mask_logits.dtype}")
     if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 0:
         raise ValueError(f"num_points must be a non-negative int, got {num_points!r}")
-    if not oversample_ratio >= 1:
-        raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio!r}")
+    if not 1 <= oversample_ratio < math.inf:
+        raise ValueError(f"oversample_ratio must be finite and >= 1, got {oversample_ratio!r}")
     if not 0 <= importance_ratio <= 1:
         raise ValueError(f"importance_ratio must be in [0, 1], got {importance_ratio!r}")
 

@@ -502,6 +502,10 @@ def test_point_loss_bad_inputs():
         m2f_kernels.point_sample(torch.randn(2, 1, 4, 4), torch.rand(3, 5, 2))
     with pytest.raises(ValueError, match="same number of points"):
         m2f_kernels.pairwise_mask_cost(torch.randn(4, 5), torch.rand(3, 6))
+    with pytest.raises(TypeError, match="target_point_labels must be floating, bool or uint8"):
+        m2f_kernels.pairwise_mask_cost(torch.randn(4, 5), torch.ones(3, 5, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="oversample_ratio must be finite"):
+        m2f_kernels.sample_uncertain_points(torch.randn(2, 4, 4), 10, oversample_ratio=math.inf)
 
 
 def test_export_keeps_the_custom_ops():
