@@ -173,7 +173,7 @@ class LRSchedule:
         if self.kind == "step":
             factor = self.gamma ** sum(iterations_done >= step for step in self.steps)
         else:
-            factor = (1.0 - iterations_done / self.max_iters) ** self.poly_power
+            factor = max(0.0, 1.0 - iterations_done / self.max_iters) ** self.poly_power
         if iterations_done < self.warmup_iters:
             alpha = iterations_done / self.warmup_iters
             factor *= self.warmup_factor * (1.0 - alpha) + alpha
@@ -186,10 +186,6 @@ class LRSchedule:
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.STATE}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name in self.STATE:
-            setattr(self, name, state[name])
 
 
 class StreamBatchSampler:
@@ -411,7 +407,7 @@ class Trainer:
         ckpt.load_model_weights(model, weights_path)
         state = ckpt.load_training_state(weights_path)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+        self._report_schedule_change(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
         rng_states = state["rng"]
         ckpt.restore_rng_state(rng_states[self.rank % len(rng_states)])
@@ -419,6 +415,18 @@ class Trainer:
         self.last_checkpoint = weights_path
         if self.is_main:
             print(f"resumed from {weights_path} at iteration {self.start_iteration}")
+
+    def _report_schedule_change(self, saved: dict) -> None:
+        """The schedule follows these settings; says so when the checkpoint's differs (a longer --max-iters
+        moves the lr steps with it), so that the loop and the schedule always agree on the run's length."""
+        current = self.schedule.state_dict()
+        changed = [
+            f"{name} {saved.get(name)} -> {value}"
+            for name, value in current.items()
+            if saved.get(name) != value
+        ]
+        if changed and self.is_main:
+            print(f"resuming with another learning-rate schedule than the checkpoint's: {', '.join(changed)}")
 
     def save(self, iterations_done: int) -> None:
         """Writes a checkpoint (rank 0), with every rank's RNG state; all ranks must call it."""
@@ -545,10 +553,16 @@ class Trainer:
         return self.out_dir / "model_final.safetensors"
 
     def _evaluate(self, iterations_done: int, eval_log: CsvLog | None) -> None:
+        # Evaluation may draw random numbers (a data loader's seed, ...); training must go on as if it had not
+        # run, as a run resumed from this iteration's checkpoint does.
+        rng_state = ckpt.capture_rng_state()
         self.model.eval()
-        with torch.no_grad():
-            results = self.evaluate_fn(self.module)
-        self.model.train()
+        try:
+            with torch.no_grad():
+                results = self.evaluate_fn(self.module)
+        finally:
+            self.model.train()
+            ckpt.restore_rng_state(rng_state)
         if eval_log is not None:
             eval_log.write({"iteration": iterations_done, **{k: float(v) for k, v in results.items()}})
 

@@ -1,5 +1,7 @@
 import csv
+import random
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -127,6 +129,50 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert {"total_loss", "loss_mse", "loss_l1", "lr", "time"} <= set(rows[0])
     # max_iters 6: both steps at int(0.9 * 6) = int(0.95 * 6) = 5 iterations done; the head's lr is logged
     assert [float(r["lr"]) for r in rows] == pytest.approx([1e-2] * 5 + [1e-4])
+
+
+def test_evaluation_does_not_change_the_training(tmp_path):
+    """An evaluation that draws from every global RNG (torch, python, numpy) leaves the run as it is without
+    it, so a run resumed from a checkpoint written just before an evaluation stays exact."""
+
+    def evaluate_fn(model):
+        torch.randn(3)
+        random.random()
+        np.random.rand()  # noqa: NPY002
+        return {"score": 1.0}
+
+    plain = make_trainer(tmp_path / "plain").train()
+    evaluated = make_trainer(tmp_path / "evaluated", eval_period=2)
+    evaluated.evaluate_fn = evaluate_fn
+    final = evaluated.train()
+    expected, got = read_weights(plain), read_weights(final)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+@pytest.mark.parametrize("kind", ["step", "poly"])
+def test_resume_with_more_iterations_follows_the_new_schedule(tmp_path, kind, capsys):
+    """A run of 3 iterations resumed with max_iters 6 trains with the learning rates of a 6-iteration run
+    (the step schedule's drops move to 90 and 95 % of 6; poly decays to 6), not the first run's."""
+    straight = make_trainer(tmp_path / "straight", lr_schedule=kind)
+    straight.train()
+    make_trainer(tmp_path / "extended", lr_schedule=kind, max_iters=3).train()
+    resumed = make_trainer(tmp_path / "extended", lr_schedule=kind, resume=True)
+    assert "max_iters 3 -> 6" in capsys.readouterr().out
+    resumed.train()
+    rates = {}
+    for run in ("straight", "extended"):
+        with (tmp_path / run / "metrics.csv").open() as f:
+            rates[run] = {int(r["iteration"]): float(r["lr"]) for r in csv.DictReader(f)}
+    assert list(rates["extended"]) == [1, 2, 3, 4, 5, 6]
+    expected = [1e-2 * straight.schedule.factor(i - 1) for i in (4, 5, 6)]
+    assert [rates["straight"][i] for i in (4, 5, 6)] == pytest.approx(expected)
+    assert [rates["extended"][i] for i in (4, 5, 6)] == pytest.approx(expected)
+
+
+def test_poly_schedule_ends_at_zero():
+    schedule = LRSchedule(TrainSettings(max_iters=10, lr_schedule="poly", warmup_iters=0))
+    assert schedule.factor(10) == 0.0 and schedule.factor(12) == 0.0
 
 
 def test_nan_loss_stops_with_iteration_and_keeps_last_checkpoint(tmp_path):
