@@ -247,6 +247,20 @@ def test_predict_missing_image_is_reported(trained_run, tmp_path, capsys):
     assert "nope.jpg" in capsys.readouterr().err
 
 
+def test_predict_refuses_images_whose_outputs_would_clash(trained_run, tmp_path, capsys):
+    """a/x.png, b/x.png and a/x.jpg all write x_*.png: refused before predicting anything."""
+    image = Image.new("RGB", (8, 8))
+    paths = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "a" / "x.jpg"]
+    for path in paths:
+        path.parent.mkdir(exist_ok=True)
+        image.save(path)
+    args = ["predict", *map(str, paths), "--checkpoint", str(trained_run / "model_final.safetensors")]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert all(str(path) in error for path in paths)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_convert_writes_safetensors_with_the_config_and_class_names(monkeypatch, tmp_path):
     import safetensors
     import torch

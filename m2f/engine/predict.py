@@ -131,6 +131,16 @@ def run_prediction(
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise ValueError(f"image files not found: {', '.join(missing)}")
+    files_by_stem: dict[str, set[Path]] = {}
+    for path in images:
+        files_by_stem.setdefault(Path(path).stem, set()).add(Path(path).resolve())
+    clashes = [sorted(map(str, files)) for files in files_by_stem.values() if len(files) > 1]
+    if clashes:
+        raise ValueError(
+            "images with the same name (less its suffix) would write the same output files: "
+            + "; ".join(" and ".join(files) for files in clashes)
+            + " (predict them into separate --out folders)"
+        )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _, metadata = ckpt.read_weights(checkpoint)
     config = load_config_for_checkpoint(config_name, metadata)
