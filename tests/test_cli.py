@@ -261,6 +261,16 @@ def test_predict_refuses_images_whose_outputs_would_clash(trained_run, tmp_path,
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.parametrize("fmt", ["detectron2", "transformers", "mmdet"])
+def test_convert_of_a_damaged_file_is_one_error_line(tmp_path, capsys, fmt):
+    path = tmp_path / "damaged.pth"
+    path.write_bytes(b"not a checkpoint")
+    args = ["convert", str(path), "--format", fmt, "--config", "demo-tiny", "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("m2f convert: error: ") and str(path) in error and "Traceback" not in error
+
+
 def test_convert_writes_safetensors_with_the_config_and_class_names(monkeypatch, tmp_path):
     import safetensors
     import torch

@@ -22,9 +22,10 @@ import torch
 
 from ..files import write_bytes_atomic
 from .keymaps import ConversionError
+from .reading import read_checkpoint_file
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(ConversionError, pickle.UnpicklingError):
     """A pickle asks for an object outside the allowed set (numpy arrays, dtypes, scalars, containers)."""
 
 
@@ -91,9 +92,14 @@ def load_detectron2_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a detectron2 checkpoint: the "model" entry of a .pkl/.pth, or a flat dict."""
     path = Path(path)
     if path.suffix == ".pkl":
-        checkpoint = restricted_load(path.read_bytes())
+        try:
+            checkpoint = restricted_load(path.read_bytes())
+        except UnsafeCheckpointError as error:
+            raise UnsafeCheckpointError(f"{path}: {error}") from None
+        except Exception as error:  # every kind of damaged pickle
+            raise ConversionError(f"{path}: cannot be read as a detectron2 pickle: {error}") from error
     else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint_file(path)
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
         checkpoint = checkpoint["model"]
     if not isinstance(checkpoint, Mapping):

@@ -26,6 +26,7 @@ from .keymaps import (
     swin_official_to_unfold,
     swin_unfold_to_official,
 )
+from .reading import read_checkpoint_file
 
 D2_PIXEL_DECODER = "sem_seg_head.pixel_decoder."
 D2_PREDICTOR = "sem_seg_head.predictor."
@@ -127,13 +128,7 @@ def load_mmdet_checkpoint(
 ) -> tuple[dict[str, torch.Tensor], tuple[list[str], list[int] | None] | None]:
     """(the `state_dict` of an mmdet checkpoint, or the file itself when it is a flat state dict;
     mmdet_class_names of its `meta`)."""
-    try:
-        checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # the restricted unpickler raises several types
-        raise ConversionError(
-            f"{path}: could not be read with torch.load(weights_only=True) ({error}); re-save its "
-            "'state_dict' alone with torch.save in a trusted environment"
-        ) from error
+    checkpoint = read_checkpoint_file(path)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path}: no 'state_dict' of tensors found")

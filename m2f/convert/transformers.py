@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .keymaps import BN_PARAM, ConversionError, Drop, Fuse, Rename, Rule, apply_rules, prefixed, reverse_rules
+from .reading import read_checkpoint_file
 
 HF_ENCODER = "model.pixel_level_module.encoder."
 HF_PIXEL_DECODER = "model.pixel_level_module.decoder."
@@ -176,11 +177,7 @@ def load_transformers_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint_file(path)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path} is not a flat state dict of tensors")
     return dict(state)

@@ -124,11 +124,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {str(path)!r}")
-    if path.suffix == ".safetensors":
-        import safetensors.torch
-
-        return safetensors.torch.load_file(str(path), device="cpu")
     try:
+        if path.suffix == ".safetensors":
+            import safetensors.torch
+
+            return safetensors.torch.load_file(str(path), device="cpu")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(

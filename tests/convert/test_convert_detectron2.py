@@ -86,9 +86,18 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     assert not marker.exists()
     path = tmp_path / "evil.pkl"
     path.write_bytes(data)
-    with pytest.raises(UnsafeCheckpointError):
+    with pytest.raises(UnsafeCheckpointError, match=r"evil\.pkl: refusing to load"):
         convert_checkpoint(path, "detectron2", small_config("resnet"))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".pth"])
+def test_damaged_checkpoint_is_named(tmp_path, suffix):
+    """A truncated pickle or a file torch cannot read gives a ConversionError naming the file."""
+    path = tmp_path / f"damaged{suffix}"
+    path.write_bytes(pickle.dumps({"model": {"w": np.zeros(3)}})[:20])
+    with pytest.raises(ConversionError, match=f"damaged\\{suffix}"):
+        convert_checkpoint(path, "detectron2", small_config("resnet"))
 
 
 def test_restricted_unpickler_refuses_other_globals():

@@ -216,6 +216,10 @@ def test_backbone_weights_errors(tmp_path):
     pickled.write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match=r"R-50\.pkl"):
         m2f.build_model("demo-tiny", backbone_weights=pickled)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"damaged\.safetensors"):
+        m2f.build_model("demo-tiny", backbone_weights=damaged)
     _, state = timm_checkpoint(tmp_path, ".safetensors")
     del state["layer1.0.conv1.weight"]
     state["extra.weight"] = torch.zeros(1)
