@@ -90,6 +90,16 @@ def test_eval_prints_table_and_writes_json(synthetic_root, trained_run, tmp_path
     assert results["num_images"] == 2
 
 
+def test_eval_of_a_panoptic_checkpoint_on_instances(synthetic_root, trained_run, tmp_path, capsys):
+    """The panoptic checkpoint keeps its own classes (things and stuff) for `--dataset coco-instance`."""
+    output = tmp_path / "results.json"
+    args = eval_args(trained_run / "model_final.safetensors", synthetic_root, output)
+    assert main([*args, "--dataset", "coco-instance"]) == 0
+    results = json.loads(output.read_text())
+    assert results["task"] == "instance" and 0 <= results["segm"]["AP"] <= 100
+    assert "AP" in capsys.readouterr().out
+
+
 def eval_args(checkpoint, data_root, output) -> list[str]:
     args = ["eval", "--config", "demo-tiny", "--checkpoint", str(checkpoint), "--data-root", str(data_root)]
     return [*args, "--output", str(output), "--device", "cpu", "--num-workers", "0", "--no-progress"]

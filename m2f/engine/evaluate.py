@@ -124,11 +124,14 @@ def evaluate_model(
     progress: bool = True,
     parts_dir: str | os.PathLike | None = None,
     run_key: dict | None = None,
+    model_categories: list[dict] | None = None,
 ) -> dict:
     """Runs `model` over `dataset` (built with inference_transform) and evaluates it.
 
     task defaults to the dataset's kind (panoptic for COCO panoptic, instance for COCO instance, semantic for
-    ADE20K). With parts_dir, the images go in parts of PART_SIZE; each finished part's evaluator state is
+    ADE20K). model_categories: the COCO categories (id, isthing) of the model's classes when they are not the
+    dataset's, as for a panoptic model evaluated on COCO instances (task "instance" only): its instances are
+    mapped to the dataset's classes by category id, those of other categories (stuff) dropped. With parts_dir, the images go in parts of PART_SIZE; each finished part's evaluator state is
     written to parts_dir/part-NNNNNN.json with run_key (what must match for a part to be reused: checkpoint,
     dataset, ...), and a part whose file is already there is read instead of predicted. Returns {"results":
     the evaluator's dict, "summary": summarize(results)} on every rank.
@@ -170,6 +173,13 @@ def evaluate_model(
     if problems:
         raise problems[0]
     thing_classes = set(dataset.metadata.thing_classes)
+    to_dataset_label = None
+    if model_categories is not None:
+        if task != "instance":
+            raise ValueError(f"model_categories maps instance predictions only, not {task} ones")
+        thing_classes = {i for i, c in enumerate(model_categories) if c.get("isthing", 1) == 1}
+        contiguous = dataset.metadata.category_id_to_contiguous
+        to_dataset_label = torch.tensor([contiguous.get(c["id"], -1) for c in model_categories])
     was_training = model.training
     model.eval()
     show = progress and dist_utils.is_main_process()
@@ -190,6 +200,8 @@ def evaluate_model(
             if task == "panoptic":
                 evaluator.update(item["image_id"], *prediction)
             elif task == "instance":
+                if to_dataset_label is not None:
+                    prediction = _relabel_instances(prediction, to_dataset_label)
                 evaluator.update(item["image_id"], prediction)
             else:
                 evaluator.update(prediction, dataset.load_semantic_gt(index))
@@ -211,6 +223,16 @@ def evaluate_model(
         results = evaluator.compute()
     results = dist_utils.broadcast_object(results)
     return {"results": results, "summary": summarize(results)}
+
+
+def _relabel_instances(instances: dict, to_dataset_label: torch.Tensor) -> dict:
+    """instance_inference's dict with labels mapped by to_dataset_label (model class -> dataset class, -1
+    for none); the instances of classes the dataset lacks are dropped."""
+    labels = to_dataset_label.to(instances["labels"].device)[instances["labels"]]
+    keep = labels >= 0
+    relabelled = {key: value[keep] for key, value in instances.items()}
+    relabelled["labels"] = labels[keep]
+    return relabelled
 
 
 def _part_path(parts_dir: str | os.PathLike, number: int) -> Path:
@@ -294,7 +316,21 @@ def run_evaluation(
         if problem is not None:
             raise problem
     dataset = build_dataset(dataset_kind, data_root, split, inference_transform(config))
-    config = dataclasses.replace(config, num_classes=dataset.metadata.num_classes)
+    model_categories = json.loads(metadata["categories"]) if "categories" in metadata else None
+    if (
+        model_categories is None
+        or [c["id"] for c in model_categories] == dataset.metadata.contiguous_to_category_id
+    ):
+        model_categories = None
+        num_classes = dataset.metadata.num_classes
+    elif task == "instance":  # e.g. a panoptic model's instance AP: its thing classes, by category id
+        num_classes = len(model_categories)
+    else:
+        raise ValueError(
+            f"{checkpoint} predicts other classes than the {dataset_kind} dataset has; only instance "
+            "evaluation (--dataset coco-instance) maps a model's classes to a dataset's"
+        )
+    config = dataclasses.replace(config, num_classes=num_classes)
     model = build_model(config).to(device)
     ckpt.load_model_weights(model, checkpoint)
     checkpoint = Path(checkpoint)
@@ -331,6 +367,7 @@ def run_evaluation(
         progress=progress,
         parts_dir=parts_dir,
         run_key=run_key,
+        model_categories=model_categories,
     )
     results = evaluation["results"]
     if dist_utils.is_main_process():

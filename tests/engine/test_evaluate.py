@@ -30,6 +30,30 @@ def test_empty_predictions_score_zero(synthetic_root):
     assert evaluation["results"]["PQ"] == 0.0
 
 
+@pytest.mark.parametrize("mapped", [True, False])
+def test_panoptic_model_is_evaluated_on_instances_by_category_id(synthetic_root, mapped):
+    """An oracle whose classes are the panoptic categories (things and stuff) in reverse order, evaluated on
+    the COCO instance annotations: mapped to the instance classes by category id, with its stuff segments
+    dropped, it scores mask AP 100; read as instance class indices, its labels name the wrong classes."""
+    from m2f.engine.train import build_dataset
+
+    config, panoptic = oracle_eval_setup(synthetic_root)
+    instances = build_dataset("coco-instance", synthetic_root, "val", panoptic.transforms)
+    categories = panoptic.metadata.categories[::-1]
+    assert any(not c["isthing"] for c in categories)
+    answers = [(len(categories) - 1 - labels, masks) for labels, masks in oracle_answers(synthetic_root)]
+    oracle = OracleModel(answers, len(categories))
+    options = {"model_categories": categories} if mapped else {}
+    try:
+        results = evaluate_model(oracle, instances, config, task="instance", progress=False, **options)
+        ap = results["results"]["segm"]["AP"]
+    except ValueError:  # labels beyond the instance classes
+        ap = None
+    assert (ap == pytest.approx(100.0)) == mapped
+    with pytest.raises(ValueError, match="instance predictions only"):
+        evaluate_model(oracle, panoptic, config, progress=False, model_categories=categories)
+
+
 def test_summarize_flattens_groups_and_skips_per_class():
     results = {"task": "instance", "segm": {"AP": 40.0, "per_class": {"a": 1.0}}, "num_images": 5, "PQ": 3}
     assert summarize(results) == {"segm/AP": 40.0, "PQ": 3.0}
