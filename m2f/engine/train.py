@@ -283,16 +283,19 @@ def move_to_device(obj, device: torch.device):
 
 
 class CsvLog:
-    """Appends rows to a CSV (header written once); on resume, rows after the resume iteration are dropped."""
+    """Appends rows to a CSV (header written once); on resume, rows after the resume iteration are dropped.
+    iterations: those of the rows kept and written."""
 
     def __init__(self, path: Path, resume_iteration: int | None):
         self.path = path
         self.fieldnames: list[str] | None = None
+        self.iterations: set[int] = set()
         if resume_iteration is not None and path.exists():
             with path.open(newline="") as f:
                 reader = csv.DictReader(f)
                 self.fieldnames = reader.fieldnames
                 kept = [row for row in reader if int(row["iteration"]) <= resume_iteration]
+            self.iterations = {int(row["iteration"]) for row in kept}
             buffer = io.StringIO()
             writer = csv.DictWriter(buffer, fieldnames=self.fieldnames)
             writer.writeheader()
@@ -308,6 +311,7 @@ class CsvLog:
                 csv.DictWriter(f, fieldnames=self.fieldnames).writeheader()
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.fieldnames, extrasaction="ignore").writerow(row)
+        self.iterations.add(int(row["iteration"]))
 
 
 LossFunction = Callable[[object, list[dict]], dict[str, torch.Tensor]]
@@ -407,7 +411,7 @@ class Trainer:
         ckpt.load_model_weights(model, weights_path)
         state = ckpt.load_training_state(weights_path)
         self.optimizer.load_state_dict(state["optimizer"])
-        self._report_schedule_change(state["schedule"])
+        self._report_changed_settings(state)
         self.scaler.load_state_dict(state["scaler"])
         rng_states = state["rng"]
         ckpt.restore_rng_state(rng_states[self.rank % len(rng_states)])
@@ -416,17 +420,30 @@ class Trainer:
         if self.is_main:
             print(f"resumed from {weights_path} at iteration {self.start_iteration}")
 
-    def _report_schedule_change(self, saved: dict) -> None:
-        """The schedule follows these settings; says so when the checkpoint's differs (a longer --max-iters
-        moves the lr steps with it), so that the loop and the schedule always agree on the run's length."""
-        current = self.schedule.state_dict()
+    def _report_changed_settings(self, state: dict) -> None:
+        """Resuming follows these settings; says where they differ from the checkpoint's run: the schedule (a
+        longer --max-iters moves the lr steps with it, so that the loop and the schedule agree on the run's
+        length) and the data stream (its seed, and the batch size, which sets where it goes on)."""
+        if not self.is_main:
+            return
+        saved = state["schedule"]
         changed = [
             f"{name} {saved.get(name)} -> {value}"
-            for name, value in current.items()
+            for name, value in self.schedule.state_dict().items()
             if saved.get(name) != value
         ]
-        if changed and self.is_main:
+        if changed:
             print(f"resuming with another learning-rate schedule than the checkpoint's: {', '.join(changed)}")
+        sampler, iteration = state["sampler"], int(state["iteration"])
+        if sampler["seed"] != self.settings.seed:
+            print(
+                f"resuming with another data seed than the checkpoint's: {sampler['seed']} -> {self.settings.seed}"
+            )
+        if sampler["samples_consumed"] != iteration * self.settings.batch_size:
+            print(
+                f"resuming with another batch size than the checkpoint's ({sampler['samples_consumed']} samples in "
+                f"{iteration} iterations): the data stream goes on from sample {iteration * self.settings.batch_size}"
+            )
 
     def save(self, iterations_done: int) -> None:
         """Writes a checkpoint (rank 0), with every rank's RNG state; all ranks must call it."""
@@ -502,6 +519,8 @@ class Trainer:
             dynamic_ncols=True,
             desc="train",
         )
+        if self._missing_evaluation(eval_log):  # the run stopped while evaluating its last checkpoint
+            self._evaluate(self.start_iteration, eval_log)
         self.model.train()
         start_time = time.perf_counter()
         window_start, window_data_time, window_iters = time.perf_counter(), 0.0, 0
@@ -551,6 +570,18 @@ class Trainer:
             ckpt.save_weights(self.out_dir / "model_final.safetensors", self.module, self.metadata)
         dist_utils.barrier()
         return self.out_dir / "model_final.safetensors"
+
+    def _missing_evaluation(self, eval_log: CsvLog | None) -> bool:
+        """Whether the iteration resumed from was due an evaluation that eval.csv lacks (the same answer on
+        every rank)."""
+        settings = self.settings
+        if self.evaluate_fn is None or not settings.eval_period or not self.start_iteration:
+            return False
+        if self.start_iteration % settings.eval_period:
+            return False
+        return dist_utils.broadcast_object(
+            eval_log is not None and self.start_iteration not in eval_log.iterations
+        )
 
     def _evaluate(self, iterations_done: int, eval_log: CsvLog | None) -> None:
         # Evaluation may draw random numbers (a data loader's seed, ...); training must go on as if it had not

@@ -8,7 +8,7 @@ import torch
 from engine_standins import TinyNet, first_step_gradients, make_trainer, tiny_criterion
 
 from m2f.engine import checkpoint as ckpt
-from m2f.engine.train import LRSchedule, StreamBatchSampler, TrainSettings, build_param_groups
+from m2f.engine.train import CsvLog, LRSchedule, StreamBatchSampler, TrainSettings, build_param_groups
 
 
 def test_param_groups_follow_mask2former_rules():
@@ -168,6 +168,46 @@ def test_resume_with_more_iterations_follows_the_new_schedule(tmp_path, kind, ca
     expected = [1e-2 * straight.schedule.factor(i - 1) for i in (4, 5, 6)]
     assert [rates["straight"][i] for i in (4, 5, 6)] == pytest.approx(expected)
     assert [rates["extended"][i] for i in (4, 5, 6)] == pytest.approx(expected)
+
+
+def test_evaluation_interrupted_at_a_checkpoint_runs_on_resume(tmp_path):
+    """A run stopped while evaluating the checkpoint of iteration 3 evaluates it first when resumed: eval.csv
+    gets every row, and the weights are those of an uninterrupted run."""
+    calls = []
+
+    def evaluate_fn(model):
+        calls.append(len(calls))
+        return {"call": float(len(calls))}
+
+    def interrupted_evaluate_fn(model):
+        raise KeyboardInterrupt
+
+    uninterrupted = make_trainer(tmp_path / "full", eval_period=3)
+    uninterrupted.evaluate_fn = evaluate_fn
+    expected = read_weights(uninterrupted.train())
+    interrupted = make_trainer(tmp_path / "run", eval_period=3)
+    interrupted.evaluate_fn = interrupted_evaluate_fn
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    resumed = make_trainer(tmp_path / "run", eval_period=3, resume=True)
+    resumed.evaluate_fn = evaluate_fn
+    got = read_weights(resumed.train())
+    with (tmp_path / "run" / "eval.csv").open() as f:
+        assert [int(row["iteration"]) for row in csv.DictReader(f)] == [3, 6]
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    resumed_again = make_trainer(tmp_path / "run", eval_period=3, max_iters=9, resume=True)
+    assert not resumed_again._missing_evaluation(CsvLog(tmp_path / "run" / "eval.csv", 6))
+
+
+def test_resume_says_when_the_data_stream_changes(tmp_path, capsys):
+    make_trainer(tmp_path, max_iters=3).train()
+    make_trainer(tmp_path, resume=True)
+    assert "data seed" not in capsys.readouterr().out
+    make_trainer(tmp_path, resume=True, seed=7, batch_size=2)
+    printed = capsys.readouterr().out
+    assert "data seed than the checkpoint's: 0 -> 7" in printed
+    assert "another batch size" in printed and "from sample 6" in printed
 
 
 def test_poly_schedule_ends_at_zero():
