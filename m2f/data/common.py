@@ -88,9 +88,14 @@ def read_panoptic_png(path: str) -> np.ndarray:
 
 
 def read_image(path: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, EXIF orientation applied (as detectron2's read_image)."""
+    """(H, W, 3) uint8 RGB, EXIF orientation applied (as detectron2's read_image). A 16-bit grayscale image
+    keeps its high byte (PIL's conversion to RGB would clip every value above 255)."""
     with Image.open(path) as image:
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I;16"):
+            gray = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+            return np.repeat(gray[:, :, None], 3, axis=2)
+        return np.asarray(image.convert("RGB"))
 
 
 def check_image_size(image: np.ndarray, expected_hw: tuple[int, int], path: str) -> None:

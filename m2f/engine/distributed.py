@@ -19,13 +19,8 @@ def init_distributed(device_type: str | None = None, timeout_s: float = 1800.0) 
     device_type: "cuda" or "cpu"; None picks cuda when available. The backend is NCCL for cuda and gloo for
     cpu. Without WORLD_SIZE > 1 in the environment nothing is initialized.
     """
-    if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type not in ("cuda", "cpu"):
-        raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
+    device = pick_device(device_type, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
@@ -36,6 +31,23 @@ def init_distributed(device_type: str | None = None, timeout_s: float = 1800.0) 
             device_id=device if device.type == "cuda" else None,
         )
     return device
+
+
+def pick_device(device_type: str | None, index: int = 0) -> torch.device:
+    """The device for "cuda" (GPU `index`) or "cpu"; None picks cuda when there is a GPU. ValueError when
+    there is no such GPU."""
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cpu":
+        return torch.device("cpu")
+    if device_type != "cuda":
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device_type!r}")
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ValueError(
+            f"device 'cuda' needs GPU {index}, but torch sees {found} CUDA GPUs; use --device cpu"
+        )
+    return torch.device("cuda", index)
 
 
 def is_distributed() -> bool:

@@ -26,6 +26,7 @@ from PIL import Image
 
 from m2f import visualize
 from m2f.engine import checkpoint as ckpt
+from m2f.engine import distributed as dist_utils
 from m2f.engine.evaluate import inference_transform, load_config_for_checkpoint, postprocess, predict_masks
 from m2f.files import save_image_atomic, save_npz_atomic, write_json_atomic
 
@@ -141,7 +142,7 @@ def run_prediction(
             + "; ".join(" and ".join(files) for files in clashes)
             + " (predict them into separate --out folders)"
         )
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = dist_utils.pick_device(device)
     _, metadata = ckpt.read_weights(checkpoint)
     config = load_config_for_checkpoint(config_name, metadata)
     class_names, thing_classes = class_info(metadata, config.num_classes)

@@ -200,3 +200,14 @@ def test_ade20k_missing_annotation_names_the_file(tmp_path):
         ADE20KDataset(root, "val")
     with pytest.raises(ValueError, match="split"):
         ADE20KDataset(root, "test")
+
+
+def test_sixteen_bit_grayscale_keeps_its_high_byte(tmp_path):
+    """PIL's own conversion to RGB clips 16-bit values at 255; read_image keeps the high byte."""
+    values = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)
+    Image.fromarray(values).save(tmp_path / "gray16.png")
+    image = read_image(str(tmp_path / "gray16.png"))
+    assert image.shape == (16, 16, 3) and image.dtype == np.uint8
+    expected = (values >> 8).astype(np.uint8)
+    for channel in range(3):
+        assert np.array_equal(image[:, :, channel], expected)

@@ -41,3 +41,15 @@ def test_demo_tiny_trains_under_two_process_ddp(tmp_path):
     assert ckpt.find_last_checkpoint(out).name == "model_0000002.safetensors"
     state = ckpt.load_training_state(out / "model_0000002.safetensors")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+def test_pick_device_names_a_missing_gpu(monkeypatch):
+    from m2f.engine.distributed import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device(None) == torch.device("cpu")
+    with pytest.raises(ValueError, match="torch sees 0 CUDA GPUs; use --device cpu"):
+        pick_device("cuda")
+    with pytest.raises(ValueError, match="'cuda' or 'cpu'"):
+        pick_device("tpu")
