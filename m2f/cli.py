@@ -48,6 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         backbone_weights=args.backbone_weights,
         seed=args.seed,
         progress=not args.no_progress,
+        validate=not args.no_validate,
     )
     from m2f.engine.distributed import is_main_process
 
@@ -167,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backbone-weights", help="local timm backbone weights (.safetensors or torch file)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="skip the dataset check (annotations, classes, image files)",
+    )
     _add_device(train)
     train.set_defaults(func=cmd_train)
 

@@ -231,6 +231,23 @@ def test_eval_of_corrupt_checkpoint_names_the_file(synthetic_root, tmp_path, cap
     assert str(broken) in capsys.readouterr().err
 
 
+def test_train_validates_the_dataset_first(synthetic_root, tmp_path, capsys):
+    """A missing training image is reported before any training, not when the loader first reads it."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    panoptic = json.loads((data / "annotations" / "panoptic_train2017.json").read_text())
+    missing = data / "train2017" / panoptic["images"][-1]["file_name"]
+    missing.unlink()
+    args = ["train", "--config", "demo-tiny", "--data-root", str(data), "--out", str(tmp_path / "run")]
+    args += ["--max-iters", "1", "--batch-size", "2", "--image-size", "64", "--num-workers", "0"]
+    assert main([*args, "--device", "cpu", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert str(missing) in error and "missing image file" in error
+    assert not (tmp_path / "run" / "model_final.safetensors").exists()
+
+
 def test_eval_validates_the_dataset_first(synthetic_root, trained_run, tmp_path, capsys):
     import shutil
 

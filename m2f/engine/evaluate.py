@@ -19,10 +19,9 @@ from torch import nn
 
 from m2f.engine import checkpoint as ckpt
 from m2f.engine import distributed as dist_utils
-from m2f.engine.train import AMP_DTYPES, build_dataset, default_dataset_kind
+from m2f.engine.train import AMP_DTYPES, DATASET_TASKS, build_dataset, default_dataset_kind, validate_split
 from m2f.files import write_json_atomic
 
-EVAL_TASKS = {"coco-panoptic": "panoptic", "coco-instance": "instance", "ade20k": "semantic"}
 PART_SIZE = 100  # images per part file of `m2f eval`
 
 
@@ -294,7 +293,6 @@ def run_evaluation(
     import dataclasses
     import shutil
 
-    from m2f.data import DatasetError, validate_dataset
     from m2f.evaluation import format_table, write_results
     from m2f.models import build_model
 
@@ -302,19 +300,11 @@ def run_evaluation(
     _, metadata = ckpt.read_weights(checkpoint)
     config = load_config_for_checkpoint(config_name, metadata)
     dataset_kind = dataset_kind or metadata.get("dataset") or default_dataset_kind(config)
-    if dataset_kind not in EVAL_TASKS:
-        raise ValueError(f"dataset must be one of {tuple(EVAL_TASKS)}, got {dataset_kind!r}")
-    task = EVAL_TASKS[dataset_kind]
+    if dataset_kind not in DATASET_TASKS:
+        raise ValueError(f"dataset must be one of {tuple(DATASET_TASKS)}, got {dataset_kind!r}")
+    task = DATASET_TASKS[dataset_kind]
     if validate:
-        problem = None
-        if dist_utils.is_main_process():
-            try:
-                validate_dataset(str(data_root), split, task)
-            except DatasetError as error:
-                problem = error
-        problem = dist_utils.broadcast_object(problem)  # every rank stops, not only rank 0
-        if problem is not None:
-            raise problem
+        validate_split(data_root, split, task)
     dataset = build_dataset(dataset_kind, data_root, split, inference_transform(config))
     model_categories = json.loads(metadata["categories"]) if "categories" in metadata else None
     if (

@@ -598,13 +598,30 @@ class Trainer:
             eval_log.write({"iteration": iterations_done, **{k: float(v) for k, v in results.items()}})
 
 
-DATASET_KINDS = ("coco-panoptic", "coco-instance", "ade20k")
+DATASET_TASKS = {"coco-panoptic": "panoptic", "coco-instance": "instance", "ade20k": "semantic"}
+DATASET_KINDS = tuple(DATASET_TASKS)
 
 
 def default_dataset_kind(config) -> str:
     """coco-panoptic for panoptic configs (and the synthetic demo), coco-instance for instance, ade20k for
     semantic."""
-    return {"panoptic": "coco-panoptic", "instance": "coco-instance", "semantic": "ade20k"}[config.task]
+    return {task: kind for kind, task in DATASET_TASKS.items()}[config.task]
+
+
+def validate_split(data_root: str | os.PathLike, split: str, task: str, *, check_files: bool = True) -> None:
+    """m2f.data.validate_dataset on rank 0; every rank raises its DatasetError (none waits in a collective).
+    check_files=False skips reading the panoptic PNGs and semantic maps (image files are still looked for)."""
+    from m2f.data import DatasetError, validate_dataset
+
+    problem = None
+    if dist_utils.is_main_process():
+        try:
+            validate_dataset(str(data_root), split, task, check_files=check_files)
+        except DatasetError as error:
+            problem = error
+    problem = dist_utils.broadcast_object(problem)
+    if problem is not None:
+        raise problem
 
 
 def build_dataset(kind: str, data_root: str | os.PathLike, split: str, transforms=None, seed: int = 0):
@@ -657,11 +674,13 @@ def run_training(
     backbone_weights: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    validate: bool = True,
 ) -> Path:
     """Trains a config (name or m2f.config.ModelConfig) on the train split of data_root, optionally evaluating
     on the val split every eval_period iterations; returns the final weights path. Works under torchrun.
     image_size overrides the config's crop size (LSJ for panoptic and instance configs, Mask2Former's
-    semantic recipe, SemanticAugmentation, for semantic ones)."""
+    semantic recipe, SemanticAugmentation, for semantic ones). validate: check the train split (and the val
+    split when evaluating) before training: annotations, categories and image files, not the PNGs' pixels."""
     from m2f.config import ModelConfig, get_config
     from m2f.data import LSJ, SemanticAugmentation, collate
     from m2f.losses import build_criterion
@@ -683,6 +702,9 @@ def run_training(
     else:
         augmentation = LSJ(solver.image_size, solver.min_scale, solver.max_scale)
     dataset = build_dataset(dataset_kind, data_root, "train", augmentation, seed=seed)
+    if validate:
+        for split in ("train", "val") if eval_period else ("train",):
+            validate_split(data_root, split, DATASET_TASKS[dataset_kind], check_files=False)
     config = dataclasses.replace(config, num_classes=dataset.metadata.num_classes)
     settings = TrainSettings.from_solver(
         solver,
