@@ -55,8 +55,9 @@ class Geometry:
         out[: src.shape[0], : src.shape[1]] = src[:, ::-1] if self.flip else src
         return out
 
-    def apply_image(self, image: np.ndarray, pad_value: int = 0) -> np.ndarray:
-        """(H, W, 3) uint8 -> (out_h, out_w, 3) uint8, bilinear."""
+    def apply_image(self, image: np.ndarray, pad_value: int = 128) -> np.ndarray:
+        """(H, W, 3) uint8 -> (out_h, out_w, 3) uint8, bilinear. Padding gets pad_value: 128 by default, as
+        detectron2's FixedSizeCrop (Mask2Former's LSJ) pads, near the pixel mean, so it normalizes to about 0."""
         self._check(image, "image")
         if self.resized_size != self.in_size:
             h, w = self.resized_size

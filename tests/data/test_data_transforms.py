@@ -32,7 +32,9 @@ def test_lsj_keeps_a_painted_mask_aligned_with_the_image(seed):
     out_image = geometry.apply_image(image)
     out_mask = geometry.apply_segmentation(mask.astype(np.int32), fill=0) > 0
     assert out_image.shape == (64, 64, 3) and out_mask.shape == (64, 64)
-    painted = out_image[..., 0] > 127
+    valid_h, valid_w = geometry.valid_size
+    painted = np.zeros_like(out_mask)  # the padding (gray 128) is not painted
+    painted[:valid_h, :valid_w] = out_image[:valid_h, :valid_w, 0] > 127
     if out_mask.sum() > 50:
         assert _iou(painted, out_mask) > 0.9
     # away from the mask boundary the two agree exactly
@@ -41,6 +43,19 @@ def test_lsj_keeps_a_painted_mask_aligned_with_the_image(seed):
         for dx in (-1, 0, 1):
             boundary |= np.roll(out_mask, (dy, dx), axis=(0, 1)) != out_mask
     assert np.array_equal(painted[~boundary], out_mask[~boundary])
+
+
+def test_lsj_pads_the_image_with_128_and_the_masks_with_nothing():
+    """A crop larger than the scaled image is padded with 128 (near the pixel mean, as Mask2Former's LSJ
+    pads); the segmentation padding is the caller's fill."""
+    image = np.full((40, 40, 3), 7, np.uint8)
+    geometry = LSJ(64, min_scale=0.5, max_scale=0.5, flip=False).get_geometry(
+        40, 40, np.random.default_rng(0)
+    )
+    assert geometry.resized_size == (32, 32)
+    out = geometry.apply_image(image)
+    assert (out[:32, :32] == 7).all() and (out[32:] == 128).all() and (out[:, 32:] == 128).all()
+    assert (geometry.apply_segmentation(np.ones((40, 40), np.int32), fill=0)[32:] == 0).all()
 
 
 def test_crop_and_flip_without_resize_are_exact():
