@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from m2f.engine import checkpoint as ckpt
@@ -36,13 +37,12 @@ def inference_transform(config):
 def predict_masks(
     model: nn.Module,
     image: torch.Tensor,
-    output_size: tuple[int, int],
     *,
     device: torch.device,
     amp: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One image (3, h, w) uint8 (already resized for inference) -> (class logits (Q, C+1) float32,
-    mask logits (Q, H, W) float32 at output_size, the original image size)."""
+    mask logits (Q, h, w) float32 at the image's size; postprocess takes them to the original size)."""
     from m2f.models.postprocess import resize_masks
 
     height, width = image.shape[-2:]
@@ -52,17 +52,32 @@ def predict_masks(
     pred_masks = outputs["pred_masks"].float()
     # The model crops its 1/4-resolution masks to ceil(H/4) x ceil(W/4): they cover 4x that in pixels.
     padded_size = (pred_masks.shape[-2] * 4, pred_masks.shape[-1] * 4)
-    mask_pred = resize_masks(pred_masks, padded_size, (height, width), tuple(output_size))[0]
+    mask_pred = resize_masks(pred_masks, padded_size, (height, width), (height, width))[0]
     return outputs["pred_logits"][0].float(), mask_pred
 
 
-def postprocess(task: str, mask_cls: torch.Tensor, mask_pred: torch.Tensor, config, thing_classes: set[int]):
-    """Applies Mask2Former's inference for `task` ("panoptic", "instance" or "semantic").
+def postprocess(
+    task: str,
+    mask_cls: torch.Tensor,
+    mask_pred: torch.Tensor,
+    output_size: tuple[int, int],
+    config,
+    thing_classes: set[int],
+):
+    """Applies Mask2Former's inference for `task` ("panoptic", "instance" or "semantic") to predict_masks'
+    results, at output_size (the original image size). In Mask2Former's order: panoptic and instance resize the
+    mask logits to output_size first, semantic computes its class scores at the network input's size and
+    resizes those.
 
     Returns (panoptic_seg, segments_info) for panoptic, the instance dict (masks, scores, labels, boxes) for
     instance, and the (H, W) int64 class map for semantic."""
     from m2f.models import postprocess as post
 
+    if task not in ("panoptic", "instance", "semantic"):
+        raise ValueError(f"task must be 'panoptic', 'instance' or 'semantic', got {task!r}")
+    if task == "semantic":
+        return _resize(post.semantic_inference(mask_cls, mask_pred), output_size).argmax(0)
+    mask_pred = _resize(mask_pred, output_size)
     inference = config.inference
     if task == "panoptic":
         return post.panoptic_inference(
@@ -72,13 +87,14 @@ def postprocess(task: str, mask_cls: torch.Tensor, mask_pred: torch.Tensor, conf
             object_mask_threshold=inference.object_mask_threshold,
             overlap_threshold=inference.overlap_threshold,
         )
-    if task == "instance":
-        return post.instance_inference(
-            mask_cls, mask_pred, mask_cls.shape[-1] - 1, top_k=inference.top_k, thing_classes=thing_classes
-        )
-    if task == "semantic":
-        return post.semantic_inference(mask_cls, mask_pred).argmax(0)
-    raise ValueError(f"task must be 'panoptic', 'instance' or 'semantic', got {task!r}")
+    return post.instance_inference(
+        mask_cls, mask_pred, mask_cls.shape[-1] - 1, top_k=inference.top_k, thing_classes=thing_classes
+    )
+
+
+def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) -> (N, *size), bilinear, align_corners=False."""
+    return F.interpolate(maps[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
 def make_evaluator(task: str, dataset):
@@ -192,10 +208,8 @@ def evaluate_model(
     items = zip(tqdm(loader, desc=f"eval {task}", disable=not show, dynamic_ncols=True), todo_indices)
     for number, indices in todo:
         for item, index in itertools.islice(items, len(indices)):
-            mask_cls, mask_pred = predict_masks(
-                model, item["image"], item["orig_size"], device=device, amp=amp
-            )
-            prediction = postprocess(task, mask_cls, mask_pred, config, thing_classes)
+            mask_cls, mask_pred = predict_masks(model, item["image"], device=device, amp=amp)
+            prediction = postprocess(task, mask_cls, mask_pred, item["orig_size"], config, thing_classes)
             if task == "panoptic":
                 evaluator.update(item["image_id"], *prediction)
             elif task == "instance":

@@ -1,7 +1,9 @@
 """Inference post-processing of one image's Mask2Former predictions (panoptic, instance, semantic).
 
 Inputs for one image: mask_cls (Q, C+1) class logits (last = no object) and mask_pred (Q, H, W) mask logits
-already resized to the output size with `resize_masks`.
+at the size of the result (`resize_masks` takes the model's 1/4-resolution masks there;
+m2f.engine.evaluate.postprocess resizes the masks before panoptic and instance inference and the semantic
+scores after semantic inference, Mask2Former's order).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from m2f.models.postprocess import (
     instance_inference,
@@ -168,3 +169,29 @@ def test_bad_shapes():
         panoptic_inference(torch.zeros(3), torch.zeros(3, 5, 5), thing_classes=set())
     with pytest.raises(ValueError, match="pred_masks"):
         resize_masks(torch.zeros(5, 5), (8, 8), (8, 8), (4, 4))
+
+
+def test_engine_postprocess_resizes_in_mask2formers_order():
+    """Semantic: class scores at the network input's size, then resized to the output size (Mask2Former's
+    semantic default); resizing the mask logits first gives another map. Panoptic: the mask logits are
+    resized first, as before."""
+    from m2f.config import get_config
+    from m2f.engine.evaluate import postprocess
+
+    generator = torch.Generator().manual_seed(0)
+    mask_cls = torch.randn(6, 5, generator=generator) * 3
+    mask_pred = torch.randn(6, 5, 7, generator=generator) * 4
+    output_size = (13, 17)
+    config = get_config("demo-tiny")
+
+    def resized(maps):
+        return F.interpolate(maps[None], size=output_size, mode="bilinear", align_corners=False)[0]
+
+    semantic = postprocess("semantic", mask_cls, mask_pred, output_size, config, set())
+    assert torch.equal(semantic, resized(semantic_inference(mask_cls, mask_pred)).argmax(0))
+    assert not torch.equal(semantic, semantic_inference(mask_cls, resized(mask_pred)).argmax(0))
+    panoptic_seg, segments = postprocess("panoptic", mask_cls, mask_pred, output_size, config, {0, 1})
+    expected_seg, expected_segments = panoptic_inference(mask_cls, resized(mask_pred), {0, 1})
+    assert torch.equal(panoptic_seg, expected_seg) and segments == expected_segments
+    with pytest.raises(ValueError, match="task must be"):
+        postprocess("depth", mask_cls, mask_pred, output_size, config, set())
