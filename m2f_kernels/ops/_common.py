@@ -22,7 +22,8 @@ def check_tensor(name: str, tensor, *, ndim: int | None = None, floating: bool =
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
     if floating and tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
-    if max(tensor.shape, default=0) > INT32_MAX:
+    # Size by size: max() would compare the sizes with one another, which torch.export turns into guards.
+    if any(size > INT32_MAX for size in tensor.shape):
         raise ValueError(f"{name} has a dimension beyond int32 range: shape {tuple(tensor.shape)}")
 
 

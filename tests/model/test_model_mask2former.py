@@ -238,3 +238,18 @@ def test_frozen_batchnorm_and_swin_output_norms():
     assert any(k.endswith("bn1.running_mean") for k in r50.backbone.state_dict())
     assert r50.backbone.norms is None
     assert [n.normalized_shape[0] for n in swin.backbone.norms] == [128, 256, 512, 1024]
+
+
+def test_export_with_a_dynamic_batch():
+    """torch.export with a dynamic batch size: the argument checks of the ops add no guard that ties the
+    batch to other sizes, and the exported program matches eager at another batch size."""
+    torch.manual_seed(0)
+    model = m2f.build_model("demo-tiny").eval()
+    batch = torch.export.Dim("batch", min=2, max=16)
+    exported = torch.export.export(model, (torch.rand(2, 3, 64, 96) * 255,), dynamic_shapes=({0: batch},))
+    images = torch.rand(5, 3, 64, 96) * 255
+    with torch.no_grad():
+        expected = model(images)
+    got = exported.module()(images)
+    torch.testing.assert_close(got["pred_masks"], expected["pred_masks"])
+    torch.testing.assert_close(got["pred_logits"], expected["pred_logits"])

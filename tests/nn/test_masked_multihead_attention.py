@@ -352,3 +352,24 @@ def test_cuda_mask_logits_match_torch(backend):
     blocked = rule_applied(logits.sigmoid() < 0.5).repeat_interleave(HEADS, dim=0)
     args = [x.detach().cuda().requires_grad_() for x in inputs(True)]
     assert_same_outputs_and_gradients(ours, torch_mha, args, {"mask_logits": logits}, {"attn_mask": blocked})
+
+
+def test_export_with_dynamic_batch_and_sizes():
+    """torch.export with dynamic batch, query and key counts; the program matches eager at other sizes."""
+    ours = MaskedMultiheadAttention(EMBED, HEADS, batch_first=True).eval()
+    batch, queries, keys = (torch.export.Dim(name, min=2, max=64) for name in ("batch", "queries", "keys"))
+
+    def call_inputs(b, q, k):
+        query, key, value = torch.randn(b, q, EMBED), torch.randn(b, k, EMBED), torch.randn(b, k, EMBED)
+        return (query, key, value), {"mask_logits": torch.randn(b, q, k)}
+
+    args, kwargs = call_inputs(3, 5, 9)
+    dynamic = {
+        "query": {0: batch, 1: queries},
+        "key": {0: batch, 1: keys},
+        "value": {0: batch, 1: keys},
+        "mask_logits": {0: batch, 1: queries, 2: keys},
+    }
+    exported = torch.export.export(ours, args, kwargs, dynamic_shapes=dynamic)
+    args, kwargs = call_inputs(7, 3, 20)
+    torch.testing.assert_close(exported.module()(*args, **kwargs)[0], ours(*args, **kwargs)[0])
