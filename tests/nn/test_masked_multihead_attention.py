@@ -262,6 +262,8 @@ def test_bad_arguments_are_named():
         MaskedMultiheadAttention(30, 4)
     with pytest.raises(ValueError, match="dropout"):
         MaskedMultiheadAttention(EMBED, HEADS, dropout=0.1)
+    with pytest.raises(TypeError, match="positional"):  # the 5th is add_bias_kv for nn.MultiheadAttention
+        MaskedMultiheadAttention(EMBED, HEADS, 0.0, True, True)
     ours = MaskedMultiheadAttention(EMBED, HEADS, batch_first=True)
     query, key, value = (x.detach() for x in inputs(True))
     with pytest.raises(ValueError, match="is_causal"):
