@@ -39,7 +39,8 @@ class BackboneConfig:
 
 @dataclass
 class PixelDecoderConfig:
-    """MSDeformAttn pixel decoder: a deformable encoder on the coarse levels, then an FPN down to 1/4."""
+    """MSDeformAttn pixel decoder: a deformable encoder on the coarse levels, then an FPN down to 1/4.
+    encoder_dropout must be 0.0: the encoder layers have no dropout (Mask2Former trains without)."""
 
     conv_dim: int = 256
     mask_dim: int = 256
@@ -54,7 +55,8 @@ class PixelDecoderConfig:
 
 @dataclass
 class DecoderConfig:
-    """Masked-attention transformer decoder."""
+    """Masked-attention transformer decoder. pre_norm: LayerNorm before each attention and FFN block instead of
+    after it (Mask2Former: after). dropout must be 0.0: the layers have none (Mask2Former trains without)."""
 
     hidden_dim: int = 256
     num_queries: int = 100
@@ -149,6 +151,12 @@ class ModelConfig:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.decoder.dropout != 0.0 or self.pixel_decoder.encoder_dropout != 0.0:
+            raise ValueError(
+                "dropout is not supported (Mask2Former trains without it): decoder.dropout and "
+                f"pixel_decoder.encoder_dropout must be 0.0, got {self.decoder.dropout} and "
+                f"{self.pixel_decoder.encoder_dropout}"
+            )
 
     @property
     def num_queries(self) -> int:

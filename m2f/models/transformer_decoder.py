@@ -33,48 +33,59 @@ from .position_encoding import PositionEmbeddingSine
 
 
 class CrossAttentionLayer(nn.Module):
-    """tgt = norm(tgt + attn(tgt + query_pos, memory + pos, memory, mask))."""
+    """tgt = norm(tgt + attn(tgt + query_pos, memory + pos, memory, mask)); with pre_norm,
+    tgt + attn(norm(tgt) + query_pos, ...)."""
 
-    def __init__(self, d_model: int, num_heads: int, mask_threshold: float, backend: str):
+    def __init__(
+        self, d_model: int, num_heads: int, mask_threshold: float, backend: str, pre_norm: bool = False
+    ):
         super().__init__()
         self.multihead_attn = MaskedMultiheadAttention(
             d_model, num_heads, batch_first=True, mask_threshold=mask_threshold, backend=backend
         )
         self.norm = nn.LayerNorm(d_model)
+        self.pre_norm = pre_norm
         nn.init.xavier_uniform_(self.multihead_attn.out_proj.weight)
 
     def forward(self, tgt, memory, mask_logits, pos, query_pos):
-        out, _ = self.multihead_attn(tgt + query_pos, memory + pos, memory, mask_logits=mask_logits)
-        return self.norm(tgt + out)
+        queries = self.norm(tgt) if self.pre_norm else tgt
+        out, _ = self.multihead_attn(queries + query_pos, memory + pos, memory, mask_logits=mask_logits)
+        return tgt + out if self.pre_norm else self.norm(tgt + out)
 
 
 class SelfAttentionLayer(nn.Module):
-    """tgt = norm(tgt + attn(tgt + query_pos, tgt + query_pos, tgt))."""
+    """tgt = norm(tgt + attn(tgt + query_pos, tgt + query_pos, tgt)); with pre_norm, the same attention of
+    norm(tgt) added to tgt."""
 
-    def __init__(self, d_model: int, num_heads: int, backend: str):
+    def __init__(self, d_model: int, num_heads: int, backend: str, pre_norm: bool = False):
         super().__init__()
         self.self_attn = MaskedMultiheadAttention(d_model, num_heads, batch_first=True, backend=backend)
         self.norm = nn.LayerNorm(d_model)
+        self.pre_norm = pre_norm
         nn.init.xavier_uniform_(self.self_attn.out_proj.weight)
 
     def forward(self, tgt, query_pos):
-        q = tgt + query_pos
-        out, _ = self.self_attn(q, q, tgt)
-        return self.norm(tgt + out)
+        values = self.norm(tgt) if self.pre_norm else tgt
+        q = values + query_pos
+        out, _ = self.self_attn(q, q, values)
+        return tgt + out if self.pre_norm else self.norm(tgt + out)
 
 
 class FFNLayer(nn.Module):
-    """tgt = norm(tgt + linear2(relu(linear1(tgt))))."""
+    """tgt = norm(tgt + linear2(relu(linear1(tgt)))); with pre_norm, tgt + linear2(relu(linear1(norm(tgt))))."""
 
-    def __init__(self, d_model: int, ffn_dim: int):
+    def __init__(self, d_model: int, ffn_dim: int, pre_norm: bool = False):
         super().__init__()
         self.linear1 = nn.Linear(d_model, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, d_model)
         self.norm = nn.LayerNorm(d_model)
+        self.pre_norm = pre_norm
         nn.init.xavier_uniform_(self.linear1.weight)
         nn.init.xavier_uniform_(self.linear2.weight)
 
     def forward(self, tgt):
+        if self.pre_norm:
+            return tgt + self.linear2(F.relu(self.linear1(self.norm(tgt))))
         return self.norm(tgt + self.linear2(F.relu(self.linear1(tgt))))
 
 
@@ -118,14 +129,15 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.num_levels = num_levels
         self.pe_layer = PositionEmbeddingSine(d // 2)
         self.transformer_cross_attention_layers = nn.ModuleList(
-            CrossAttentionLayer(d, config.num_heads, config.mask_threshold, backend)
+            CrossAttentionLayer(d, config.num_heads, config.mask_threshold, backend, config.pre_norm)
             for _ in range(config.num_layers)
         )
         self.transformer_self_attention_layers = nn.ModuleList(
-            SelfAttentionLayer(d, config.num_heads, backend) for _ in range(config.num_layers)
+            SelfAttentionLayer(d, config.num_heads, backend, config.pre_norm)
+            for _ in range(config.num_layers)
         )
         self.transformer_ffn_layers = nn.ModuleList(
-            FFNLayer(d, config.ffn_dim) for _ in range(config.num_layers)
+            FFNLayer(d, config.ffn_dim, config.pre_norm) for _ in range(config.num_layers)
         )
         self.decoder_norm = nn.LayerNorm(d)
         self.query_feat = nn.Embedding(config.num_queries, d)

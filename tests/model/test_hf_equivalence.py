@@ -2,8 +2,8 @@
 
 Same architecture on both sides: ResNet (timm resnet26 = HF ResNet bottleneck depths 2-2-2-2) and Swin (small,
 window 2 so that every stage is a multiple of the window at 128 x 192: the two implementations pad shifted
-windows differently otherwise). Outputs compared in float64; the training loss with the same matcher and
-loss points on both sides.
+windows differently otherwise); the ResNet model also with pre-norm decoder layers. Outputs compared in
+float64; the training loss with the same matcher and loss points on both sides.
 """
 
 import pytest
@@ -22,11 +22,11 @@ STAGES = ["stage1", "stage2", "stage3", "stage4"]
 SWIN_SIZE = (128, 192)
 
 
-def _configs(backbone: str) -> tuple[object, ModelConfig]:
+def _configs(backbone: str, pre_norm: bool) -> tuple[object, ModelConfig]:
     head = dict(
         num_labels=NUM_CLASSES, num_queries=8, decoder_layers=4, encoder_layers=2, feature_size=64,
         mask_feature_size=64, hidden_dim=64, dim_feedforward=128, encoder_feedforward_dim=128,
-        num_attention_heads=4, train_num_points=96,
+        num_attention_heads=4, train_num_points=96, pre_norm=pre_norm,
     )  # fmt: skip
     if backbone == "resnet":
         hf_backbone = transformers.ResNetConfig(
@@ -54,14 +54,16 @@ def _configs(backbone: str) -> tuple[object, ModelConfig]:
         pixel_decoder=PixelDecoderConfig(
             conv_dim=64, mask_dim=64, encoder_layers=2, encoder_heads=4, encoder_points=4, encoder_ffn_dim=128
         ),
-        decoder=DecoderConfig(hidden_dim=64, num_queries=8, num_heads=4, ffn_dim=128, num_layers=3),
+        decoder=DecoderConfig(
+            hidden_dim=64, num_queries=8, num_heads=4, ffn_dim=128, num_layers=3, pre_norm=pre_norm
+        ),
         loss=LossConfig(num_points=96),
     )
     return hf, ours
 
 
-def _models(backbone: str):
-    hf_config, config = _configs(backbone)
+def _models(backbone: str, pre_norm: bool = False):
+    hf_config, config = _configs(backbone, pre_norm)
     torch.manual_seed(0)
     hf = transformers.Mask2FormerForUniversalSegmentation(hf_config)
     with torch.no_grad():  # non-trivial BatchNorm statistics and deformable offsets
@@ -80,9 +82,10 @@ def _models(backbone: str):
     return hf.double().eval(), ours.double().eval(), config
 
 
-@pytest.fixture(scope="module", params=["resnet", "swin"])
+@pytest.fixture(scope="module", params=["resnet", "swin", "resnet-pre-norm"])
 def models(request):
-    return request.param, *_models(request.param)
+    backbone = request.param.removesuffix("-pre-norm")
+    return backbone, *_models(backbone, pre_norm=request.param.endswith("-pre-norm"))
 
 
 def _normalize(images: torch.Tensor, config: ModelConfig) -> torch.Tensor:

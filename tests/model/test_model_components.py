@@ -9,7 +9,7 @@ from torch import nn
 from m2f.config import PixelDecoderConfig
 from m2f.models.pixel_decoder import MSDeformAttnPixelDecoder, encoder_reference_points
 from m2f.models.position_encoding import PositionEmbeddingSine
-from m2f.models.transformer_decoder import CrossAttentionLayer, SelfAttentionLayer
+from m2f.models.transformer_decoder import CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 
 
 def detr_sine(batch, height, width, num_feats, temperature=10000.0):
@@ -53,9 +53,11 @@ def test_encoder_reference_points_are_pixel_centers():
         torch.testing.assert_close(points[1, :, level], expected)
 
 
-def test_cross_attention_layer_matches_torch_multihead_attention():
-    """norm(tgt + attention(tgt + query_pos, memory + pos, memory)) with the rule-applied bool mask."""
-    layer = CrossAttentionLayer(32, 4, mask_threshold=0.5, backend="auto")
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_cross_attention_layer_matches_torch_multihead_attention(pre_norm):
+    """norm(tgt + attention(tgt + query_pos, memory + pos, memory)) with the rule-applied bool mask; with
+    pre_norm, tgt + attention(norm(tgt) + query_pos, ...)."""
+    layer = CrossAttentionLayer(32, 4, mask_threshold=0.5, backend="auto", pre_norm=pre_norm)
     with torch.no_grad():
         layer.multihead_attn.in_proj_bias.normal_()
     torch_mha = nn.MultiheadAttention(32, 4, batch_first=True)
@@ -66,21 +68,30 @@ def test_cross_attention_layer_matches_torch_multihead_attention():
     mask_logits[0, 1] = -1.0  # a query that sees no key: Mask2Former lets it see every key
     blocked = mask_logits.sigmoid() < 0.5
     blocked[blocked.all(-1)] = False
+    queries = layer.norm(tgt) if pre_norm else tgt
     attended, _ = torch_mha(
-        tgt + query_pos, memory + pos, memory, attn_mask=blocked.repeat_interleave(4, dim=0)
+        queries + query_pos, memory + pos, memory, attn_mask=blocked.repeat_interleave(4, dim=0)
     )
-    expected = layer.norm(tgt + attended)
+    expected = tgt + attended if pre_norm else layer.norm(tgt + attended)
     actual = layer(tgt, memory, mask_logits, pos, query_pos)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_self_attention_layer_matches_torch_multihead_attention():
-    layer = SelfAttentionLayer(32, 4, backend="auto")
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_self_attention_and_ffn_layers_match_their_definitions(pre_norm):
+    layer = SelfAttentionLayer(32, 4, backend="auto", pre_norm=pre_norm)
     torch_mha = nn.MultiheadAttention(32, 4, batch_first=True)
     torch_mha.load_state_dict(layer.self_attn.state_dict())
     tgt, query_pos = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
-    attended, _ = torch_mha(tgt + query_pos, tgt + query_pos, tgt)
-    torch.testing.assert_close(layer(tgt, query_pos), layer.norm(tgt + attended), rtol=1e-5, atol=1e-5)
+    values = layer.norm(tgt) if pre_norm else tgt
+    attended, _ = torch_mha(values + query_pos, values + query_pos, values)
+    expected = tgt + attended if pre_norm else layer.norm(tgt + attended)
+    torch.testing.assert_close(layer(tgt, query_pos), expected, rtol=1e-5, atol=1e-5)
+    ffn = FFNLayer(32, 64, pre_norm=pre_norm)
+    inner = ffn.norm(tgt) if pre_norm else tgt
+    transformed = ffn.linear2(torch.relu(ffn.linear1(inner)))
+    expected = tgt + transformed if pre_norm else ffn.norm(tgt + transformed)
+    torch.testing.assert_close(ffn(tgt), expected)
 
 
 def test_pixel_decoder_shapes_and_level_order():

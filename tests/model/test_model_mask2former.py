@@ -253,3 +253,11 @@ def test_export_with_a_dynamic_batch():
     got = exported.module()(images)
     torch.testing.assert_close(got["pred_masks"], expected["pred_masks"])
     torch.testing.assert_close(got["pred_logits"], expected["pred_logits"])
+
+
+def test_dropout_is_refused():
+    """The layers have no dropout (Mask2Former trains without it): a config asking for some is refused."""
+    with pytest.raises(ValueError, match="dropout is not supported"):
+        ModelConfig(decoder=dataclasses.replace(ModelConfig().decoder, dropout=0.1))
+    with pytest.raises(ValueError, match="encoder_dropout"):
+        ModelConfig(pixel_decoder=dataclasses.replace(ModelConfig().pixel_decoder, encoder_dropout=0.1))
