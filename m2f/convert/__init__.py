@@ -33,6 +33,7 @@ from .detectron2 import UnsafeCheckpointError, load_detectron2_state_dict
 from .keymaps import ConversionError, apply_rules, detect_backbone, detectron2_to_model_rules, reverse_rules
 from .mmdet import detectron2_to_mmdet, load_mmdet_checkpoint, mmdet_to_detectron2
 from .transformers import (
+    check_transformers_architecture,
     check_transformers_source,
     detectron2_to_transformers,
     load_transformers_state_dict,
@@ -149,9 +150,11 @@ def convert_checkpoint(
     missing keys and shape mismatches.
     """
     _check_format(fmt)
+    config = _resolve_config(config_name)
     if isinstance(src, Mapping):
         state = dict(src)
     elif isinstance(src, str | Path):
+        _check_architecture(src, fmt, config)
         state = load_checkpoint_file(src, fmt)
     else:
         raise TypeError(f"src must be a path or a state dict, got {type(src).__name__}")
@@ -161,7 +164,6 @@ def convert_checkpoint(
     if unknown:
         raise ConversionError(f"{fmt} checkpoint: {_listing('unknown keys', unknown)}")
 
-    config = _resolve_config(config_name)
     backbone = detect_backbone(hub)
     if backbone != _config_backbone(config):
         raise ConversionError(
@@ -176,6 +178,13 @@ def convert_checkpoint(
         raise ConversionError(f"{fmt} checkpoint: no class head ({class_key} after renaming)")
     expected = _expected_state(config, ours[class_key].shape[0] - 1)
     return _match_expected(ours, expected, fmt)
+
+
+def _check_architecture(src: str | Path, fmt: str, config: ModelConfig) -> None:
+    """What the weights' shapes do not show, from the files beside them: a transformers config.json's decoder
+    head count and norm placement."""
+    if fmt == "transformers":
+        check_transformers_architecture(src, config.decoder.num_heads, config.decoder.pre_norm)
 
 
 def _match_expected(
@@ -319,6 +328,7 @@ def convert_to_file(
     when the checkpoint's own names do not."""
     _check_format(fmt)
     given = None if classes is None else resolve_classes(classes)  # bad `classes` fail before any loading
+    _check_architecture(src, fmt, _resolve_config(config_name))
     state, found = read_checkpoint(src, fmt)
     state_dict = convert_checkpoint(state, fmt, config_name)
     num_classes = state_dict["transformer_decoder.class_embed.weight"].shape[0] - 1

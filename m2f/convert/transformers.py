@@ -241,10 +241,9 @@ def load_sharded_state_dict(index_path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def transformers_class_names(path: str | Path) -> list[str] | None:
-    """Class names from the "id2label" of config.json in the model directory `path` (or beside the weights
-    file `path`), index order; None when there is no config.json, no id2label or only placeholder names.
-    ConversionError naming the file when id2label is not {"0": name, ..., "C-1": name}."""
+def _read_model_config(path: str | Path) -> tuple[Path, dict] | None:
+    """(path, contents) of the config.json in the model directory `path` or beside the weights file `path`;
+    None when there is none."""
     path = Path(path)
     config_path = (path if path.is_dir() else path.parent) / "config.json"
     if not config_path.is_file():
@@ -253,7 +252,41 @@ def transformers_class_names(path: str | Path) -> list[str] | None:
         config = json.loads(config_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ConversionError(f"{config_path}: not a JSON model config ({error})") from error
-    id2label = config.get("id2label") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_path}: not a JSON model config (not an object)")
+    return config_path, config
+
+
+def check_transformers_architecture(path: str | Path, decoder_heads: int, pre_norm: bool) -> None:
+    """ConversionError when the config.json beside a transformers checkpoint gives the decoder another head
+    count or norm placement than the m2f config (fields it leaves out are not compared): the weights have the
+    same shapes but would compute something else."""
+    found = _read_model_config(path)
+    if found is None:
+        return
+    config_path, config = found
+    ours = {"num_attention_heads": decoder_heads, "pre_norm": pre_norm}
+    differences = [
+        f"{key} {config[key]} (m2f config: {value})"
+        for key, value in ours.items()
+        if config.get(key, value) != value
+    ]
+    if differences:
+        raise ConversionError(
+            f"{config_path}: the checkpoint's decoder differs from the m2f config's: {', '.join(differences)}; "
+            "its weights would load but compute something else (set decoder.num_heads / decoder.pre_norm)"
+        )
+
+
+def transformers_class_names(path: str | Path) -> list[str] | None:
+    """Class names from the "id2label" of config.json in the model directory `path` (or beside the weights
+    file `path`), index order; None when there is no config.json, no id2label or only placeholder names.
+    ConversionError naming the file when id2label is not {"0": name, ..., "C-1": name}."""
+    found = _read_model_config(path)
+    if found is None:
+        return None
+    config_path, config = found
+    id2label = config.get("id2label")
     if not id2label:
         return None
     if not isinstance(id2label, dict) or not all(isinstance(v, str) for v in id2label.values()):

@@ -54,6 +54,26 @@ def test_transformers_id2label_reaches_predict(resnet, tmp_path):
     ckpt.load_model_weights(build_model(stored_config, backend="torch"), out)
 
 
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"num_attention_heads": 8}, r"num_attention_heads 8 \(m2f config: 4\)"),
+        ({"pre_norm": True}, "pre_norm True"),
+    ],
+)
+def test_decoder_architecture_in_config_json_must_match(resnet, tmp_path, fields, message):
+    """A head count or norm placement the m2f config does not share is refused (same weight shapes, other
+    outputs); the same values pass."""
+    config, state = resnet
+    src = hf_directory(tmp_path / "hf", config, state, dict(enumerate(NAMES)))
+    written = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**written, **fields}))
+    with pytest.raises(ConversionError, match=message):
+        convert_to_file(src, "transformers", config, tmp_path / "out.safetensors")
+    (src / "config.json").write_text(json.dumps({**written, "num_attention_heads": 4, "pre_norm": False}))
+    convert_to_file(src, "transformers", config, tmp_path / "out.safetensors")
+
+
 def test_id2label_beside_a_weights_file(resnet, tmp_path):
     config, state = resnet
     src = hf_directory(tmp_path / "hf", config, state, dict(enumerate(NAMES)))
