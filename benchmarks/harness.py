@@ -73,6 +73,10 @@ def measure(
     """Times ``fn`` in ``mode``; returns (median_ms, min_ms, all times, peak memory bytes on GPU or None,
     GPU times or None).
 
+    The peak memory is the most allocated during the timed runs beyond what was allocated before them (the
+    inputs): activations, outputs and, for backward and full, the gradients of ``grad_inputs``; the backward
+    mode's peak includes its forward's.
+
     forward: fn() with autograd recording when ``grad_inputs`` require grad; backward: the backward of a
     forward run outside the timed region; full: both. The GPU times queue each call behind a GPU sleep
     longer than the call's wall time, so the host has launched everything before the first kernel starts;
@@ -107,6 +111,7 @@ def measure(
 
     for _ in range(warmup):
         run_once()
+    clear_grads()  # the last warm-up's gradients would otherwise count as input and hide the new ones
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base_memory = torch.cuda.memory_allocated(device)

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,3 +47,14 @@ def test_call_overhead_benchmark_records_every_row(tmp_path):
     group = "call_overhead masked_attention"
     assert names == {(group, name, "forward") for name in ("public", "ops_fast_path", "custom_op", "sdpa")}
     assert all(row["median_ms"] > 0 and len(row["times_ms"]) == 10 for row in rows)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["backward", "full"])
+def test_peak_memory_counts_the_input_gradients(mode):
+    """The gradient of a 64 MiB input is allocated in every timed backward: the peak includes it."""
+    from benchmarks.harness import measure
+
+    x = torch.randn(16 * 2**20, device="cuda", requires_grad=True)
+    _, _, _, peak, _ = measure(lambda: x * 2, mode=mode, grad_inputs=[x], device="cuda", warmup=1, repeats=2)
+    assert peak >= x.numel() * x.element_size()
