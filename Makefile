@@ -50,17 +50,21 @@ format: setup
 test: build lint
 	$(PY) -m pytest -q tests
 
-# Without a GPU the demo needs only the CPU kernels, which build in a fraction of the CUDA build's time.
-demo: export M2F_KERNELS_SKIP_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 0 || echo 1)
+# Without a GPU the demo needs only the CPU kernels, which build in a fraction of the CUDA build's time; a
+# library built before (with or without CUDA) serves as it is.
+LAST_SKIP_CUDA = $(patsubst skip_cuda=%,%,$(firstword $(file <build/flags)))
+demo: export M2F_KERNELS_SKIP_CUDA := $(if $(wildcard build/flags),$(LAST_SKIP_CUDA),$(shell nvidia-smi -L >/dev/null 2>&1 && echo 0 || echo 1))
 demo: build
 	$(VENV)/bin/m2f demo --out $(DEMO_OUT)
 
 bench: build
 	$(PY) -m pytest benchmarks -q
 
-# On a GPU machine: CUDA tests, compute-sanitizer and benchmarks, logs and results JSON in benchmarks/results/.
-gpu-check: build
-	PY=$(PY) bash benchmarks/gpu_check.sh
+# On a GPU machine: builds for that GPU with every core (unless TORCH_CUDA_ARCH_LIST or MAX_JOBS are given),
+# then CUDA tests, compute-sanitizer and benchmarks; logs and results JSON in benchmarks/results/.
+gpu-check: setup
+	env $(if $(filter file,$(origin TORCH_CUDA_ARCH_LIST)),-u TORCH_CUDA_ARCH_LIST) \
+	    $(if $(filter file,$(origin MAX_JOBS)),-u MAX_JOBS) PY=$(PY) bash benchmarks/gpu_check.sh
 
 # Markdown tables and charts of committed results: make report [RESULTS="a.json b.json"] [BASELINE=old.json]
 RESULTS ?= $(wildcard benchmarks/results/*.json)

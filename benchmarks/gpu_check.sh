@@ -14,7 +14,10 @@
 # 50 % density (forward + backward) and the MaskedMultiheadAttention module against nn.MultiheadAttention.
 # The full run's tests add the transformers integration.
 # Logs and the results JSON go to OUT_DIR, named after the device and the commit (M2F_BENCH_COMMIT if
-# set); the script goes on after a failing step and exits non-zero if any step failed.
+# set), with "-quick" added for QUICK runs; the script goes on after a failing step and exits non-zero if
+# any step failed. compute-sanitizer runs with PyTorch's caching allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1),
+# which would otherwise hide overruns inside its cached blocks; SANITIZER names the binary (default: the one
+# on PATH, else $CUDA_HOME/bin/compute-sanitizer).
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-benchmarks/results}
@@ -38,7 +41,8 @@ mkdir -p "$OUT_DIR"
 device=$($PY -c 'import re, torch; print(re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower())')
 commit=${M2F_BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 commit=${commit:0:7}
-prefix="$OUT_DIR/$device-$commit"
+prefix="$OUT_DIR/$device-$commit$([ "${QUICK:-0}" = 1 ] && echo -quick)"
+SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")}
 failed=""
 
 step() {  # step NAME COMMAND...: runs COMMAND, logs to $prefix-NAME.log, records a failure
@@ -62,7 +66,8 @@ for s in $STEPS; do
       ;;
     sanitize)
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
-        step "sanitize-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 $PY -m benchmarks.sanitize
+        step "sanitize-$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+          "$SANITIZER" --tool "$tool" --error-exitcode 1 $PY -m benchmarks.sanitize
       done
       ;;
     bench)
