@@ -57,3 +57,8 @@ def test_sdist_has_every_listed_source(sdist_names):
     lines = (ROOT / "csrc" / "sources.txt").read_text().splitlines()
     listed = {line.split()[1] for line in lines if line.strip() and not line.startswith("#")}
     assert sorted(listed - sdist_names) == []
+
+
+def test_sdist_leaves_the_tests_and_benchmarks_out(sdist_names):
+    """They import each other and need a checkout; half of them in the sdist would not run."""
+    assert not [name for name in sdist_names if name.startswith(("tests/", "benchmarks/"))]
