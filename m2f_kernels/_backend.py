@@ -87,8 +87,18 @@ def _jit_build() -> str:
         name="m2f_kernels_C",
         sources=sources,
         extra_include_paths=[str(_SOURCE_ROOT / "csrc"), *(_cuda_library_includes() if with_cuda else [])],
-        extra_cflags=["-O3", "-fopenmp"] + (["-DM2F_WITH_CUDA"] if with_cuda else []),
-        extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__"],
+        # setup.py's flags
+        extra_cflags=["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+        + (["-DM2F_WITH_CUDA"] if with_cuda else []),
+        extra_cuda_cflags=[
+            "-O3",
+            "--expt-relaxed-constexpr",
+            "-lineinfo",
+            "-U__CUDA_NO_HALF_OPERATORS__",
+            "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_HALF2_OPERATORS__",
+            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        ],
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
         is_python_module=False,
