@@ -171,25 +171,34 @@ def device_peak_bandwidth_gbs(device: torch.device) -> float | None:
     return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
 
 
-def _git_head() -> str | None:
+def _git(*args: str) -> str | None:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the platform's processor or machine name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     """Device, commit and versions recorded with every result file.
 
-    The commit is M2F_BENCH_COMMIT where set (a copy of the tree without its git history), else git's HEAD.
+    The commit is M2F_BENCH_COMMIT where set (a copy of the tree without its git history), else git's HEAD;
+    uncommitted_changes says whether tracked files differed from it (None without git).
     """
-    commit = os.environ.get("M2F_BENCH_COMMIT") or _git_head()
+    commit = os.environ.get("M2F_BENCH_COMMIT") or _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
     try:
         import triton
 
@@ -198,10 +207,11 @@ def environment() -> dict:
         triton_version = None
     cuda = torch.cuda.is_available()
     return {
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if cuda else _cpu_name(),
         "device_type": "cuda" if cuda else "cpu",
         "cpu_threads": torch.get_num_threads(),
         "commit": commit,
+        "uncommitted_changes": None if status is None else bool(status),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
