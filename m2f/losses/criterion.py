@@ -98,13 +98,17 @@ class Criterion(nn.Module):
         batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
         query_idx = torch.cat([q for q, _ in indices])
         if query_idx.numel() == 0:
-            zero = pred_masks.sum() * 0.0
+            zero = pred_masks.float().sum() * 0.0  # linked to the graph; a float16 sum could overflow
             return zero, zero.clone()
         device = pred_masks.device
         matched_logits = pred_masks[batch_idx.to(device), query_idx.to(device)]  # (N, h, w)
         matched_targets = padded_target_masks(targets, indices, device)  # (N, H, W)
         coords = m2f_kernels.sample_uncertain_points(
-            matched_logits.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio
+            matched_logits.detach(),
+            self.num_points,
+            self.oversample_ratio,
+            self.importance_sample_ratio,
+            backend=self.backend,
         )
         return m2f_kernels.point_mask_loss(
             matched_logits, matched_targets, coords, num_masks, backend=self.backend

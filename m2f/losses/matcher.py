@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
@@ -72,11 +73,14 @@ class HungarianMatcher(nn.Module):
         self, outputs: dict, targets: list[dict], generator: torch.Generator | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """outputs: pred_logits (B, Q, C+1), pred_masks (B, Q, h, w); targets: B dicts of labels (T,) and
-        masks (T, H, W). Returns per image (query indices, target indices), int64 CPU tensors of length
-        min(Q, T), sorted by query index."""
+        masks (T, H, W). Masks smaller than the batch's largest are zero-padded at the bottom and right to its
+        size, as the mask losses pad them. Returns per image (query indices, target indices), int64 CPU tensors
+        of length min(Q, T), sorted by query index."""
         pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
         if len(targets) != pred_logits.shape[0]:
             raise ValueError(f"got {len(targets)} targets for a batch of {pred_logits.shape[0]}")
+        height = max((t["masks"].shape[-2] for t in targets), default=0)
+        width = max((t["masks"].shape[-1] for t in targets), default=0)
         indices = []
         for b, target in enumerate(targets):
             labels, masks = target["labels"], target["masks"]
@@ -84,6 +88,9 @@ class HungarianMatcher(nn.Module):
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
+            masks = masks.to(pred_masks.device)
+            if masks.shape[-2:] != (height, width):
+                masks = F.pad(masks, (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
             coords = torch.rand(self.num_points, 2, device=pred_masks.device, generator=generator)
             cost = self.cost_matrix(pred_logits[b], pred_masks[b], labels, masks, coords).cpu()
             if not torch.isfinite(cost).all():

@@ -173,6 +173,19 @@ def test_no_targets_gives_zero_mask_losses_and_no_object_ce():
     assert outputs["pred_masks"].grad is not None
 
 
+def test_no_targets_in_float16_gives_zero_mask_losses():
+    """Float16 mask logits whose sum overflows float16 (a real background: every logit about -20): the mask
+    losses of a batch without targets are still 0, not NaN, and float32."""
+    outputs = {
+        "pred_logits": torch.randn(2, 100, NUM_CLASSES + 1).half(),
+        "pred_masks": torch.full((2, 100, 64, 64), -20.0, dtype=torch.float16, requires_grad=True),
+    }
+    targets = [{"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 256, 256)}] * 2
+    losses = make_criterion(deep_supervision=False)(outputs, targets)
+    assert losses["loss_mask"].item() == 0 and losses["loss_dice"].item() == 0
+    assert losses["loss_mask"].dtype == torch.float32 and torch.isfinite(losses["loss_ce"])
+
+
 def test_deep_supervision_off_ignores_aux_outputs():
     g = torch.Generator().manual_seed(4)
     outputs, targets = make_batch(g, layers=2)

@@ -122,3 +122,22 @@ def test_bad_arguments():
     targets = [{"labels": torch.tensor([0]), "masks": torch.ones(1, 8, 8, dtype=torch.bool)}] * 2
     with pytest.raises(FloatingPointError, match="image 0"):
         matcher(outputs, targets)
+
+
+def test_smaller_target_masks_are_padded_as_the_loss_pads_them():
+    """An image whose target masks are smaller than the batch's largest is matched on its masks zero-padded at
+    the bottom and right (as the mask losses see them), not stretched over the prediction."""
+    masks = torch.full((2, 2, 8, 8), -8.0)
+    masks[:, 0, :4, :4] = 8.0  # query 0: the top-left quadrant of the 32 x 32 padded frame
+    masks[:, 1] = 8.0  # query 1: everything
+    outputs = {"pred_logits": torch.zeros(2, 2, 3), "pred_masks": masks}
+    quadrant = torch.zeros(1, 32, 32, dtype=torch.bool)
+    quadrant[:, :16, :16] = True
+    small = torch.ones(1, 16, 16, dtype=torch.bool)  # the same object in an image of 16 x 16
+    targets = [
+        {"labels": torch.tensor([0]), "masks": quadrant},
+        {"labels": torch.tensor([0]), "masks": small},
+    ]
+    matcher = HungarianMatcher(1.0, 5.0, 5.0, num_points=500)
+    indices = matcher(outputs, targets, generator=torch.Generator().manual_seed(0))
+    assert [query.tolist() for query, _ in indices] == [[0], [0]]
