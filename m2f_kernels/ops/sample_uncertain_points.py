@@ -23,6 +23,7 @@ def sample_uncertain_points(
     importance_ratio: float = 0.75,
     *,
     generator: torch.Generator | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Point coordinates for the mask losses, biased towards uncertain logits.
 
@@ -32,7 +33,9 @@ def sample_uncertain_points(
     ordered by uncertainty), followed by uniform random points for the rest (Mask2Former's
     ``get_uncertain_point_coords_with_randomness``).
     Masks are processed in chunks of a bounded number of candidates (about 1M on CPU, 4M on a GPU), so the
-    memory the oversampled candidates take stays bounded for any number of masks.
+    memory the oversampled candidates take stays bounded for any number of masks. generator: the source of the
+    random draws (default: the global one); backend: the backend of the point_sample calls that read the logits.
+    Not a custom op itself: torch.rand and topk around point_sample.
     """
     if not isinstance(mask_logits, torch.Tensor):
         raise TypeError(f"mask_logits must be a tensor, got {type(mask_logits).__name__}")
@@ -65,7 +68,7 @@ def sample_uncertain_points(
             candidates = torch.rand(
                 end - start, num_candidates, 2, dtype=coords_dtype, device=device, generator=generator
             )
-            logits = point_sample(mask_logits[start:end].unsqueeze(1), candidates)
+            logits = point_sample(mask_logits[start:end].unsqueeze(1), candidates, backend=backend)
             uncertainty = -logits.squeeze(1).abs()
             # The chosen set is what matters (the losses sum over points). On CPU the unsorted selection
             # is about 2x faster and its order is fixed by the input; on a GPU the sorted one keeps the

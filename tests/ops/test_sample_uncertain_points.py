@@ -123,3 +123,18 @@ def test_cuda_generator_reproducible_and_fraction():
     )
     assert torch.equal(first, second)
     assert (first[:, : int(0.75 * NUM_POINTS), 0] < 31.5 / 64).all()
+
+
+@pytest.mark.parametrize(
+    "backend", [b for b in ("torch", "cpu", "triton") if b in m2f_kernels.available_backends()]
+)
+def test_every_backend_draws_the_same_points(backend):
+    """backend picks point_sample's backend: every one chooses the same points from the same draws."""
+    logits = torch.randn(3, 16, 12)
+    expected = m2f_kernels.sample_uncertain_points(logits, 50, generator=torch.Generator().manual_seed(1))
+    got = m2f_kernels.sample_uncertain_points(
+        logits, 50, generator=torch.Generator().manual_seed(1), backend=backend
+    )
+    torch.testing.assert_close(got.sort(dim=1).values, expected.sort(dim=1).values)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        m2f_kernels.sample_uncertain_points(logits, 50, backend="gpu")
