@@ -21,9 +21,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_device(parser: argparse.ArgumentParser) -> None:
+def _add_device(parser: argparse.ArgumentParser, amp_help: str = "mixed precision inference") -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
-    parser.add_argument("--amp", choices=AMP_CHOICES, help="mixed precision (fp16 uses a gradient scaler)")
+    parser.add_argument("--amp", choices=AMP_CHOICES, help=amp_help)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -158,35 +158,50 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--image-size", type=_positive_int, help="LSJ crop size (default: the config's)")
     train.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps")
     train.add_argument("--num-workers", type=int, default=4, help="data loader processes per rank")
-    train.add_argument("--checkpoint-period", type=_positive_int, default=5000)
     train.add_argument(
-        "--eval-period", type=int, default=0, help="evaluate on the val split every N iterations"
+        "--checkpoint-period",
+        type=_positive_int,
+        default=5000,
+        help="checkpoint every N iterations (and at the end)",
+    )
+    train.add_argument(
+        "--eval-period",
+        type=int,
+        default=0,
+        help="evaluate on the val split every N iterations (default 0: never)",
     )
     train.add_argument(
         "--log-period", type=_positive_int, default=20, help="metrics.csv row every N iterations"
     )
     train.add_argument("--backbone-weights", help="local timm backbone weights (.safetensors or torch file)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of the weights' init and the data stream")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(
         "--no-validate",
         action="store_true",
         help="skip the dataset check (annotations, classes, image files)",
     )
-    _add_device(train)
+    _add_device(
+        train,
+        "mixed precision (fp16 uses a gradient scaler; default: for configs that train with AMP, bf16 on a GPU that has it, else fp16; none on CPU)",
+    )
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint (PQ, AP or mIoU) and write JSON")
     evaluate.add_argument("--checkpoint", required=True, help="a .safetensors weights file")
-    evaluate.add_argument("--data-root", required=True)
+    evaluate.add_argument(
+        "--data-root", required=True, help="dataset root (COCO layout, or ADEChallengeData2016)"
+    )
     evaluate.add_argument("--config", help="default: the config stored in the checkpoint")
     evaluate.add_argument("--dataset", choices=DATASET_CHOICES, help="default: the checkpoint's / config's")
-    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--split", default="val", help="default: val")
     evaluate.add_argument("--output", help="results JSON (default: beside the checkpoint)")
     evaluate.add_argument("--max-images", type=_positive_int, help="evaluate only the first N images")
-    evaluate.add_argument("--num-workers", type=int, default=2)
+    evaluate.add_argument(
+        "--num-workers", type=int, default=2, help="data loader processes per rank (default 2)"
+    )
     evaluate.add_argument("--no-validate", action="store_true", help="skip the dataset check")
-    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.add_argument(
         "--resume",
         action="store_true",
@@ -197,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="overlay PNGs and raw predictions for image files")
     predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--checkpoint", required=True, help="a .safetensors weights file")
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--config", help="default: the config stored in the checkpoint")
     predict.add_argument(
@@ -228,23 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=cmd_convert)
 
     bench = commands.add_parser(
-        "bench", help="run pytest benchmarks/ (every further argument goes to pytest)"
+        "bench",
+        help="run pytest benchmarks/ (every further argument goes to pytest)",
+        description="Runs pytest on benchmarks/; every further argument goes to pytest (e.g. -k point).",
     )
     bench.set_defaults(func=cmd_bench)
 
     synthetic = commands.add_parser(
         "make-synthetic", help="write the synthetic dataset (COCO or ADE20K layout)"
     )
-    synthetic.add_argument("--out", required=True)
-    synthetic.add_argument("--num-train", type=int, default=64)
-    synthetic.add_argument("--num-val", type=int, default=16)
-    synthetic.add_argument("--image-size", type=int, default=128)
-    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--out", required=True, help="dataset root to write")
+    synthetic.add_argument("--num-train", type=int, default=64, help="train images (default 64)")
+    synthetic.add_argument("--num-val", type=int, default=16, help="val images (default 16)")
+    synthetic.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
+    synthetic.add_argument("--seed", type=int, default=0, help="default 0")
     synthetic.add_argument("--ade20k", action="store_true", help="ADE20K layout instead of COCO")
     synthetic.set_defaults(func=cmd_make_synthetic)
 
     demo = commands.add_parser("demo", help="synthetic data -> train demo-tiny on CPU -> PQ before/after")
-    demo.add_argument("--out", default="demo_output")
+    demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--max-iters", type=_positive_int, help="default: the demo's tuned value")
     demo.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: 1)")
     demo.set_defaults(func=cmd_demo)

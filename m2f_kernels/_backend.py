@@ -8,7 +8,7 @@ Environment variables:
   M2F_KERNELS_BACKEND     default backend for ``backend="auto"`` (auto, cuda, triton, cpu, torch)
   M2F_KERNELS_JIT=1       ignore the prebuilt library and JIT-build csrc/ (for kernel development)
   M2F_KERNELS_NO_JIT=1    never JIT-build
-  M2F_KERNELS_BUILD_DIR   where the JIT build goes (default ~/.cache/m2f_kernels/jit-<torch version>)
+  M2F_KERNELS_BUILD_DIR   where the JIT build goes (default ~/.cache/m2f_kernels/jit-torch<torch version>)
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 2. evaluates the untrained demo-tiny model (PQ on the val split);
 3. trains demo-tiny on the train split (DIR/train: checkpoints, metrics.csv);
 4. evaluates the trained model and prints its PQ next to the untrained one;
-5. writes overlay PNGs of val images (DIR/predictions) and the loss curve (DIR/loss_curve.png);
-6. writes everything measured to DIR/demo_results.json.
+5. writes overlay PNGs of val images (DIR/predictions) and the loss curve (DIR/loss_curve.png), and
+   everything measured to DIR/demo_results.json.
 """
 
 from __future__ import annotations

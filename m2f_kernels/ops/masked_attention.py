@@ -152,9 +152,9 @@ TRITON_FROM_WORK = 3_000_000
 
 
 def _auto_backend(q: Tensor, k: Tensor, backend: str) -> str:
-    """What "auto" runs on a GPU: the PyTorch backend for inputs the kernels do not take (float64, head dims
-    other than 16, 32 and 64), Triton from TRITON_FROM_WORK on, else the default order (CUDA first).
-    M2F_KERNELS_BACKEND, when set, overrides the shape rule."""
+    """What "auto" runs on a GPU: the PyTorch backend for inputs the GPU kernels do not take (float64, head
+    dims other than 16, 32 and 64), Triton from TRITON_FROM_WORK on, else the default order (CUDA first).
+    M2F_KERNELS_BACKEND, when set, replaces the work rule, not the first one."""
     if backend != "auto" or q.device.type != "cuda":
         return backend
     if q.dtype == torch.float64 or q.shape[-1] not in (16, 32, 64):

@@ -126,8 +126,9 @@ def point_mask_loss(
     mask_logits (N, H, W) predicted mask logits (e.g. at 1/4 resolution); target_masks (N, Ht, Wt) bool, uint8
     or float in [0, 1] (e.g. at full resolution); coords (N, P, 2) normalized (x, y) in [0, 1]; num_masks the
     normalizer (Mask2Former: matched masks averaged over processes). Both maps are sampled bilinearly
-    (align_corners=False, zero padding). Returns (ce, dice) float32 scalars: the sum over masks of the mean
-    BCE-with-logits over points, and of 1 - (2 sum(p t) + 1) / (sum p + sum t + 1), each divided by num_masks.
+    (align_corners=False, zero padding). Returns (ce, dice), float32 scalars (float64 for float64 logits): the
+    sum over masks of the mean BCE-with-logits over points, and of 1 - (2 sum(p t) + 1) / (sum p + sum t + 1),
+    each divided by num_masks.
     An empty map (H, W, Ht or Wt = 0) samples as zeros. With no mask or no point both losses are 0.
     Differentiable w.r.t. mask_logits only; nothing of size (N, P) is kept for the backward.
     """
