@@ -55,14 +55,15 @@ class HungarianMatcher(nn.Module):
         masks (T, H, W), coords (P, 2) normalized (x, y) points shared by all masks."""
         num_queries, num_targets = pred_masks.shape[0], masks.shape[0]
         cost_class = -pred_logits.float().softmax(-1)[:, labels]
-        pred_points = m2f_kernels.point_sample(
-            pred_masks[:, None], coords[None].expand(num_queries, -1, -1), backend=self.backend
-        )[:, 0]
-        target_points = m2f_kernels.point_sample(
-            masks[:, None].to(pred_masks.dtype),
-            coords[None].expand(num_targets, -1, -1),
-            backend=self.backend,
-        )[:, 0]
+        # Sampled in float32 (or wider) whatever the logits' dtype or autocast, as Mask2Former's grid_sample.
+        dtype = torch.promote_types(pred_masks.dtype, torch.float32)
+        with torch.autocast(pred_masks.device.type, enabled=False):
+            pred_points = m2f_kernels.point_sample(
+                pred_masks[:, None].to(dtype), coords[None].expand(num_queries, -1, -1), backend=self.backend
+            )[:, 0]
+            target_points = m2f_kernels.point_sample(
+                masks[:, None].to(dtype), coords[None].expand(num_targets, -1, -1), backend=self.backend
+            )[:, 0]
         cost_mask, cost_dice = m2f_kernels.pairwise_mask_cost(
             pred_points.float(), target_points.float(), backend=self.backend
         )

@@ -68,7 +68,11 @@ def sample_uncertain_points(
             candidates = torch.rand(
                 end - start, num_candidates, 2, dtype=coords_dtype, device=device, generator=generator
             )
-            logits = point_sample(mask_logits[start:end].unsqueeze(1), candidates, backend=backend)
+            # Ranked in float32 (float64 for float64 logits) whatever the logits' dtype or autocast, as
+            # Mask2Former's grid_sample runs: 16-bit sampled values would reorder near-ties.
+            with torch.autocast(device.type, enabled=False):
+                chunk = mask_logits[start:end].unsqueeze(1).to(coords_dtype)
+                logits = point_sample(chunk, candidates, backend=backend)
             uncertainty = -logits.squeeze(1).abs()
             # The chosen set is what matters (the losses sum over points). On CPU the unsorted selection
             # is about 2x faster and its order is fixed by the input; on a GPU the sorted one keeps the

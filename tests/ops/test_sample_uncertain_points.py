@@ -138,3 +138,18 @@ def test_every_backend_draws_the_same_points(backend):
     torch.testing.assert_close(got.sort(dim=1).values, expected.sort(dim=1).values)
     with pytest.raises(ValueError, match="backend must be one of"):
         m2f_kernels.sample_uncertain_points(logits, 50, backend="gpu")
+
+
+def test_uncertainty_is_ranked_in_float32():
+    """bfloat16 logits, or float32 ones under bfloat16 autocast, give the points of the same logits in float32
+    (16-bit sampled values would reorder near-ties)."""
+    logits = (torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(2)) * 3).bfloat16()
+
+    def points(values):
+        drawn = m2f_kernels.sample_uncertain_points(values, 200, generator=torch.Generator().manual_seed(0))
+        return drawn.sort(dim=1).values
+
+    expected = points(logits.float())
+    assert torch.equal(points(logits), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(points(logits.float()), expected)
