@@ -24,10 +24,18 @@ def read_sources(kind: str) -> list[str]:
     return [path for source_kind, path in entries if source_kind == kind]
 
 
+def switch(name: str) -> bool:
+    """An on/off environment variable: "1" on, "0" or unset off; anything else is refused, not ignored."""
+    value = os.environ.get(name, "0")
+    if value not in ("0", "1"):
+        raise SystemExit(f"setup.py: {name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def want_cuda() -> bool:
-    if os.environ.get("M2F_KERNELS_SKIP_CUDA", "0") == "1":
+    if switch("M2F_KERNELS_SKIP_CUDA"):
         return False
-    if os.environ.get("FORCE_CUDA", "0") == "1":
+    if switch("FORCE_CUDA"):
         return True
     return cpp_extension.CUDA_HOME is not None and Path(cpp_extension.CUDA_HOME, "bin", "nvcc").exists()
 
@@ -72,6 +80,6 @@ def extension():
 
 
 setup(
-    ext_modules=[] if os.environ.get("M2F_KERNELS_NO_EXTENSION", "0") == "1" else [extension()],
+    ext_modules=[] if switch("M2F_KERNELS_NO_EXTENSION") else [extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)},
 )
