@@ -9,6 +9,7 @@ from PIL import Image
 
 from m2f.cli import main
 from m2f.data import rgb_to_id
+from m2f.engine import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")
@@ -355,3 +356,27 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert results["iterations"] == 2 and 0 <= results["PQ_trained"] <= 100
     assert (tmp_path / "loss_curve.png").is_file()
     assert len(list((tmp_path / "predictions").glob("*.panoptic.png"))) == 4
+
+
+def test_training_on_instance_data_makes_an_instance_model(synthetic_root, tmp_path, capsys):
+    """demo-tiny is a panoptic config; trained on COCO instances it is an instance model, so predict writes
+    instances by default."""
+    args = [
+        "train",
+        "--config",
+        "demo-tiny",
+        "--data-root",
+        str(synthetic_root),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    args += ["--dataset", "coco-instance", "--max-iters", "1", "--batch-size", "2", "--image-size", "64"]
+    assert main([*args, "--num-workers", "0", "--device", "cpu", "--no-progress"]) == 0
+    assert "its model is for instance" in capsys.readouterr().out
+    checkpoint = tmp_path / "run" / "model_final.safetensors"
+    _, metadata = ckpt.read_weights(checkpoint)
+    assert json.loads(metadata["config"])["task"] == "instance"
+    image = tmp_path / "x.png"
+    Image.new("RGB", (20, 24)).save(image)
+    assert main(["predict", str(image), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir())[0].startswith("x.instances")

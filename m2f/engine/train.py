@@ -691,6 +691,13 @@ def run_training(
     if image_size is not None:
         config = dataclasses.replace(config, solver=dataclasses.replace(config.solver, image_size=image_size))
     device = dist_utils.init_distributed(device)
+    task = DATASET_TASKS.get(dataset_kind, config.task)
+    if task != config.task:  # the data decides: augmentation, and what eval and predict make of the model
+        if dist_utils.is_main_process():
+            print(
+                f"config {config.name!r} is for the {config.task} task; trained on {dataset_kind}, its model is for {task}"
+            )
+        config = dataclasses.replace(config, task=task)
     solver = config.solver
     if config.task == "semantic":
         augmentation = SemanticAugmentation(
