@@ -87,8 +87,14 @@ def postprocess(
             object_mask_threshold=inference.object_mask_threshold,
             overlap_threshold=inference.overlap_threshold,
         )
+    # Only a panoptic model's instances are restricted to thing classes (Mask2Former's rule): a semantic
+    # model's classes may all be stuff.
     return post.instance_inference(
-        mask_cls, mask_pred, mask_cls.shape[-1] - 1, top_k=inference.top_k, thing_classes=thing_classes
+        mask_cls,
+        mask_pred,
+        mask_cls.shape[-1] - 1,
+        top_k=inference.top_k,
+        thing_classes=thing_classes if config.task == "panoptic" else None,
     )
 
 
@@ -144,9 +150,10 @@ def evaluate_model(
     """Runs `model` over `dataset` (built with inference_transform) and evaluates it.
 
     task defaults to the dataset's kind (panoptic for COCO panoptic, instance for COCO instance, semantic for
-    ADE20K). model_categories: the COCO categories (id, isthing) of the model's classes when they are not the
-    dataset's, as for a panoptic model evaluated on COCO instances (task "instance" only): its instances are
-    mapped to the dataset's classes by category id, those of other categories (stuff) dropped. With parts_dir, the images go in parts of PART_SIZE; each finished part's evaluator state is
+    ADE20K). model_categories: the COCO categories (id, name, isthing) of the model's classes when they are not
+    the dataset's, as for a panoptic model evaluated on COCO instances (task "instance" only): its instances
+    are mapped to the dataset's classes by category (same id and name), those of other categories (stuff)
+    dropped; ValueError when no category is shared. With parts_dir, the images go in parts of PART_SIZE; each finished part's evaluator state is
     written to parts_dir/part-NNNNNN.json with run_key (what must match for a part to be reused: checkpoint,
     dataset, ...), and a part whose file is already there is read instead of predicted. Returns {"results":
     the evaluator's dict, "summary": summarize(results)} on every rank.
@@ -194,7 +201,11 @@ def evaluate_model(
             raise ValueError(f"model_categories maps instance predictions only, not {task} ones")
         thing_classes = {i for i, c in enumerate(model_categories) if c.get("isthing", 1) == 1}
         contiguous = dataset.metadata.category_id_to_contiguous
-        to_dataset_label = torch.tensor([contiguous.get(c["id"], -1) for c in model_categories])
+        names = {c["id"]: c["name"] for c in dataset.metadata.categories}
+        labels = [contiguous[c["id"]] if names.get(c["id"]) == c["name"] else -1 for c in model_categories]
+        if all(label < 0 for label in labels):
+            raise ValueError("the model's classes share no category (id and name) with the dataset's")
+        to_dataset_label = torch.tensor(labels)
     was_training = model.training
     model.eval()
     show = progress and dist_utils.is_main_process()

@@ -52,6 +52,9 @@ def test_panoptic_model_is_evaluated_on_instances_by_category_id(synthetic_root,
     assert (ap == pytest.approx(100.0)) == mapped
     with pytest.raises(ValueError, match="instance predictions only"):
         evaluate_model(oracle, panoptic, config, progress=False, model_categories=categories)
+    renamed = [{**c, "name": c["name"] + " (another dataset)"} for c in categories]
+    with pytest.raises(ValueError, match="share no category"):
+        evaluate_model(oracle, instances, config, task="instance", progress=False, model_categories=renamed)
 
 
 def test_summarize_flattens_groups_and_skips_per_class():

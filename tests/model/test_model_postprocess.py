@@ -195,3 +195,19 @@ def test_engine_postprocess_resizes_in_mask2formers_order():
     assert torch.equal(panoptic_seg, expected_seg) and segments == expected_segments
     with pytest.raises(ValueError, match="task must be"):
         postprocess("depth", mask_cls, mask_pred, output_size, config, set())
+
+
+def test_only_panoptic_models_restrict_instances_to_things():
+    """Mask2Former's rule: instances of a panoptic model are thing classes only; a semantic model (ADE20K,
+    whose classes are all stuff) still gives its instances."""
+    from m2f.config import get_config
+    from m2f.engine.evaluate import postprocess
+
+    mask_cls = class_logits([[0.9, 0.05, 0.05], [0.05, 0.9, 0.05]])
+    mask_pred = torch.full((2, 4, 4), OFF)
+    mask_pred[0, :2], mask_pred[1, 2:] = ON, ON
+    for name, expected in (("semantic-ade20k-r50", 2), ("demo-tiny", 0)):
+        instances = postprocess(
+            "instance", mask_cls, mask_pred, (4, 4), get_config(name), thing_classes=set()
+        )
+        assert (instances["scores"] > 0.5).sum() == expected, name
