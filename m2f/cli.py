@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, DatasetError) as error:
+    except (ValueError, OSError, DatasetError) as error:  # OSError: a path that cannot be read or written
         print(f"m2f {args.command}: error: {error}", file=sys.stderr)
         return 2
     except FloatingPointError as error:

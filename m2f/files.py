@@ -54,6 +54,22 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def check_output_path(path: str | os.PathLike, what: str, *, folder: bool = False) -> Path:
+    """Raises ValueError naming `what` unless `path` can be written as a file (or, with folder, made a folder):
+    neither it (for a file) nor a folder above it may be a file of the other kind. Checked before long work
+    that ends by writing there. Returns the path."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise ValueError(f"{what} {path} is {kind}; expected {'a folder' if folder else 'a file name'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{what} {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode())
 

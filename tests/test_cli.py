@@ -380,3 +380,23 @@ def test_training_on_instance_data_makes_an_instance_model(synthetic_root, tmp_p
     Image.new("RGB", (20, 24)).save(image)
     assert main(["predict", str(image), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir())[0].startswith("x.instances")
+
+
+def test_output_paths_that_cannot_be_written_are_refused_first(
+    synthetic_root, trained_run, tmp_path, capsys, monkeypatch
+):
+    """An --out that is a file or an --output that is a folder is a one-line error before any prediction."""
+    from m2f.engine import evaluate, predict
+
+    calls = [count_predictions(monkeypatch, evaluate), count_predictions(monkeypatch, predict)]
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    checkpoint = str(trained_run / "model_final.safetensors")
+    assert main(["predict", str(a_file), "--checkpoint", checkpoint, "--out", str(a_file)]) == 2
+    assert main([*eval_args(checkpoint, synthetic_root, tmp_path)]) == 2
+    assert main([*eval_args(checkpoint, synthetic_root, a_file / "results.json")]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 3 and all(
+        line.startswith(("m2f predict: error: ", "m2f eval: error: ")) for line in errors
+    )
+    assert calls == [[], []]

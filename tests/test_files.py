@@ -86,3 +86,17 @@ def test_interrupted_prediction_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_prediction("panoptic", (panoptic, segments), image, tmp_path / "img", ["thing"], 0.5)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_paths_are_checked_before_writing(tmp_path):
+    a_file, a_folder = tmp_path / "file", tmp_path / "folder"
+    a_file.write_text("x")
+    a_folder.mkdir()
+    assert files.check_output_path(tmp_path / "new" / "out.json", "output") == tmp_path / "new" / "out.json"
+    files.check_output_path(a_folder, "out", folder=True)
+    with pytest.raises(ValueError, match=r"output .*folder is a folder; expected a file name"):
+        files.check_output_path(a_folder, "output")
+    with pytest.raises(ValueError, match=r"out .*file is a file; expected a folder"):
+        files.check_output_path(a_file, "out", folder=True)
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        files.check_output_path(a_file / "deeper" / "out.json", "output")

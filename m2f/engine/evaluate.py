@@ -21,7 +21,7 @@ from torch import nn
 from m2f.engine import checkpoint as ckpt
 from m2f.engine import distributed as dist_utils
 from m2f.engine.train import AMP_DTYPES, DATASET_TASKS, build_dataset, default_dataset_kind, validate_split
-from m2f.files import write_json_atomic
+from m2f.files import check_output_path, write_json_atomic
 
 PART_SIZE = 100  # images per part file of `m2f eval`
 
@@ -354,6 +354,7 @@ def run_evaluation(
         if output
         else checkpoint.with_name(f"{checkpoint.stem}.eval-{dataset_kind}-{split}.json")
     )
+    check_output_path(output, "output")  # before the evaluation, not after it
     parts_dir = output.with_name(output.name + ".parts")
     if not resume and dist_utils.is_main_process():
         shutil.rmtree(parts_dir, ignore_errors=True)

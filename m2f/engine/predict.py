@@ -28,7 +28,7 @@ from m2f import visualize
 from m2f.engine import checkpoint as ckpt
 from m2f.engine import distributed as dist_utils
 from m2f.engine.evaluate import inference_transform, load_config_for_checkpoint, postprocess, predict_masks
-from m2f.files import save_image_atomic, save_npz_atomic, write_json_atomic
+from m2f.files import check_output_path, save_image_atomic, save_npz_atomic, write_json_atomic
 
 # The files save_prediction writes per task, overlay first.
 PREDICTION_SUFFIXES = {
@@ -135,6 +135,7 @@ def run_prediction(
     files_by_stem: dict[str, set[Path]] = {}
     for path in images:
         files_by_stem.setdefault(Path(path).stem, set()).add(Path(path).resolve())
+    check_output_path(out_dir, "out", folder=True)
     clashes = [sorted(map(str, files)) for files in files_by_stem.values() if len(files) > 1]
     if clashes:
         raise ValueError(
