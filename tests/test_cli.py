@@ -400,3 +400,14 @@ def test_output_paths_that_cannot_be_written_are_refused_first(
         line.startswith(("m2f predict: error: ", "m2f eval: error: ")) for line in errors
     )
     assert calls == [[], []]
+
+
+def test_predict_writes_each_task_once_and_checks_the_score_threshold(trained_run, tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (20, 24)).save(image)
+    args = ["predict", str(image), "--checkpoint", str(trained_run / "model_final.safetensors")]
+    args += ["--out", str(tmp_path / "out"), "--task", "semantic", "--task", "semantic"]
+    assert main(args) == 0
+    assert "2 files" in capsys.readouterr().out  # the overlay and the label map, once
+    assert main([*args, "--score-threshold", "nan"]) == 2
+    assert "score_threshold must be in [0, 1]" in capsys.readouterr().err

@@ -129,6 +129,8 @@ def run_prediction(
 
     if not images:
         raise ValueError("images must name at least one image file")
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise ValueError(f"image files not found: {', '.join(missing)}")
@@ -148,7 +150,7 @@ def run_prediction(
     config = load_config_for_checkpoint(config_name, metadata)
     class_names, thing_classes = class_info(metadata, config.num_classes)
     config = dataclasses.replace(config, num_classes=len(class_names))
-    tasks = list(tasks or [config.task])
+    tasks = list(dict.fromkeys(tasks or [config.task]))  # each once, in the order given
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"tasks must be among {TASKS}, got {unknown}")
