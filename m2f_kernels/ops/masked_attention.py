@@ -178,16 +178,31 @@ def _logits_in_dtype(mask_logits: Tensor, dtype: torch.dtype, threshold_logit: f
     cast = mask_logits.to(dtype)
     if torch.promote_types(mask_logits.dtype, dtype) == dtype:
         return cast  # every value is exact in the wider dtype
-    nearest = torch.full((), threshold_logit, dtype=dtype, device=mask_logits.device)
-    nearest_visible = logits_visible(nearest, threshold_logit)
-    lowest_visible = torch.where(
-        nearest_visible, nearest, torch.nextafter(nearest, nearest.new_tensor(math.inf))
-    )
-    highest_blocked = torch.where(
-        nearest_visible, torch.nextafter(nearest, nearest.new_tensor(-math.inf)), nearest
-    )
+    lowest_visible = -_round_down(-threshold_logit, dtype)
+    highest_blocked = _round_down(math.nextafter(threshold_logit, -math.inf), dtype)
     visible = logits_visible(mask_logits, threshold_logit)
-    return torch.where(visible, torch.maximum(cast, lowest_visible), torch.minimum(cast, highest_blocked))
+    return torch.where(visible, cast.clamp(min=lowest_visible), cast.clamp(max=highest_blocked))
+
+
+# (mantissa bits, smallest normal exponent, largest finite value) of the dtypes logits can be narrowed to.
+_FLOAT_FORMATS = {
+    torch.float16: (10, -14, 65504.0),
+    torch.bfloat16: (7, -126, 3.3895313892515355e38),
+    torch.float32: (23, -126, 3.4028234663852886e38),
+}
+
+
+def _round_down(value: float, dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` not above ``value`` (-inf when there is none), in plain Python so that
+    no tensor is made per call and dynamo can trace it."""
+    if math.isinf(value) or value == 0.0:
+        return value
+    mantissa_bits, min_exponent, largest = _FLOAT_FORMATS[dtype]
+    step = math.ldexp(1.0, max(math.frexp(value)[1] - 1, min_exponent) - mantissa_bits)
+    rounded = math.floor(value / step) * step
+    if rounded > largest:
+        return largest
+    return -math.inf if rounded < -largest else rounded
 
 
 def _check_mask_inputs(q: Tensor, k: Tensor, mask_logits: Tensor | None, attn_mask: Tensor | None):
