@@ -33,17 +33,20 @@ def init_distributed(device_type: str | None = None, timeout_s: float = 1800.0) 
     return device
 
 
-def pick_device(device_type: str | None, index: int = 0) -> torch.device:
-    """The device for "cuda" (GPU `index`) or "cpu"; None picks cuda when there is a GPU. ValueError when
-    there is no such GPU."""
-    if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type == "cpu":
-        return torch.device("cpu")
-    if device_type != "cuda":
-        raise ValueError(f"device must be 'cuda' or 'cpu', got {device_type!r}")
-    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+def pick_device(device: str | torch.device | None, index: int = 0) -> torch.device:
+    """The device named by `device` ("cuda", "cuda:1", "cpu", a torch.device...); None picks cuda when there
+    is a GPU. "cuda" without an index means GPU `index`. ValueError when there is no such GPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device must be 'cuda', 'cpu' or another torch device, got {device!r}") from error
+    if device.type != "cuda":
+        return device
+    index = index if device.index is None else device.index
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= found:
         raise ValueError(
             f"device 'cuda' needs GPU {index}, but torch sees {found} CUDA GPUs; use --device cpu"
         )

@@ -51,5 +51,8 @@ def test_pick_device_names_a_missing_gpu(monkeypatch):
     assert pick_device(None) == torch.device("cpu")
     with pytest.raises(ValueError, match="torch sees 0 CUDA GPUs; use --device cpu"):
         pick_device("cuda")
-    with pytest.raises(ValueError, match="'cuda' or 'cpu'"):
-        pick_device("tpu")
+    with pytest.raises(ValueError, match="device must be 'cuda', 'cpu' or another torch device"):
+        pick_device("gpu")
+    assert pick_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match="needs GPU 1"):
+        pick_device("cuda:1")
