@@ -65,9 +65,9 @@ def postprocess(
     thing_classes: set[int],
 ):
     """Applies Mask2Former's inference for `task` ("panoptic", "instance" or "semantic") to predict_masks'
-    results, at output_size (the original image size). In Mask2Former's order: panoptic and instance resize the
-    mask logits to output_size first, semantic computes its class scores at the network input's size and
-    resizes those.
+    results, at output_size (the original image size). In Mask2Former's order: the mask logits are resized to
+    output_size first, except for a semantic model's semantic output, whose class scores are computed at the
+    network input's size and resized.
 
     Returns (panoptic_seg, segments_info) for panoptic, the instance dict (masks, scores, labels, boxes) for
     instance, and the (H, W) int64 class map for semantic."""
@@ -75,9 +75,11 @@ def postprocess(
 
     if task not in ("panoptic", "instance", "semantic"):
         raise ValueError(f"task must be 'panoptic', 'instance' or 'semantic', got {task!r}")
-    if task == "semantic":
+    if task == "semantic" and config.task == "semantic":
         return _resize(post.semantic_inference(mask_cls, mask_pred), output_size).argmax(0)
     mask_pred = _resize(mask_pred, output_size)
+    if task == "semantic":
+        return post.semantic_inference(mask_cls, mask_pred).argmax(0)
     inference = config.inference
     if task == "panoptic":
         return post.panoptic_inference(

@@ -172,9 +172,10 @@ def test_bad_shapes():
 
 
 def test_engine_postprocess_resizes_in_mask2formers_order():
-    """Semantic: class scores at the network input's size, then resized to the output size (Mask2Former's
-    semantic default); resizing the mask logits first gives another map. Panoptic: the mask logits are
-    resized first, as before."""
+    """A semantic model's semantic output: class scores at the network input's size, then resized to the output
+    size (Mask2Former's semantic default). Everything else, a panoptic model's semantic output included
+    (sem_seg_postprocess_before_inference with panoptic_on): the mask logits are resized first. The two orders
+    give different maps here."""
     from m2f.config import get_config
     from m2f.engine.evaluate import postprocess
 
@@ -182,19 +183,25 @@ def test_engine_postprocess_resizes_in_mask2formers_order():
     mask_cls = torch.randn(6, 5, generator=generator) * 3
     mask_pred = torch.randn(6, 5, 7, generator=generator) * 4
     output_size = (13, 17)
-    config = get_config("demo-tiny")
+    semantic_model, panoptic_model = get_config("semantic-ade20k-r50"), get_config("demo-tiny")
 
     def resized(maps):
         return F.interpolate(maps[None], size=output_size, mode="bilinear", align_corners=False)[0]
 
-    semantic = postprocess("semantic", mask_cls, mask_pred, output_size, config, set())
-    assert torch.equal(semantic, resized(semantic_inference(mask_cls, mask_pred)).argmax(0))
-    assert not torch.equal(semantic, semantic_inference(mask_cls, resized(mask_pred)).argmax(0))
-    panoptic_seg, segments = postprocess("panoptic", mask_cls, mask_pred, output_size, config, {0, 1})
+    scores_resized = resized(semantic_inference(mask_cls, mask_pred)).argmax(0)
+    logits_resized = semantic_inference(mask_cls, resized(mask_pred)).argmax(0)
+    assert not torch.equal(scores_resized, logits_resized)
+    assert torch.equal(
+        postprocess("semantic", mask_cls, mask_pred, output_size, semantic_model, set()), scores_resized
+    )
+    assert torch.equal(
+        postprocess("semantic", mask_cls, mask_pred, output_size, panoptic_model, set()), logits_resized
+    )
+    panoptic_seg, segments = postprocess("panoptic", mask_cls, mask_pred, output_size, panoptic_model, {0, 1})
     expected_seg, expected_segments = panoptic_inference(mask_cls, resized(mask_pred), {0, 1})
     assert torch.equal(panoptic_seg, expected_seg) and segments == expected_segments
     with pytest.raises(ValueError, match="task must be"):
-        postprocess("depth", mask_cls, mask_pred, output_size, config, set())
+        postprocess("depth", mask_cls, mask_pred, output_size, panoptic_model, set())
 
 
 def test_only_panoptic_models_restrict_instances_to_things():
