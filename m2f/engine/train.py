@@ -610,7 +610,7 @@ def default_dataset_kind(config) -> str:
 
 def validate_split(data_root: str | os.PathLike, split: str, task: str, *, check_files: bool = True) -> None:
     """m2f.data.validate_dataset on rank 0; every rank raises its DatasetError (none waits in a collective).
-    check_files=False skips reading the panoptic PNGs and semantic maps (image files are still looked for)."""
+    check_files=False skips reading or rasterizing every segment (image files are still looked for)."""
     from m2f.data import DatasetError, validate_dataset
 
     problem = None

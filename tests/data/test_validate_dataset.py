@@ -126,6 +126,9 @@ def test_instance_problems_are_named(root):
     assert f"image id {second['image_id']}: annotation id {second['id']} is an empty segment" in problems[1]
     assert "image id 31337: annotation id 500 has an unknown image id" in problems[2]
     assert all("instances_train2017.json" in p for p in problems)
+    # Without the content checks (training's), the empty segment is not rasterized, the rest still counts.
+    quick = _problems(root, "instance", check_files=False).problems
+    assert quick == [problems[0], problems[2]]
 
 
 def test_semantic_problems_are_named(tmp_path):
