@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .._backend import BACKENDS
 from .point_sample import point_sample
 
 # Oversampled candidates alive at once (coordinates and logits of about this many points per chunk): on CPU
@@ -49,6 +50,8 @@ def sample_uncertain_points(
         raise ValueError(f"oversample_ratio must be finite and >= 1, got {oversample_ratio!r}")
     if not 0 <= importance_ratio <= 1:
         raise ValueError(f"importance_ratio must be in [0, 1], got {importance_ratio!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
     num_masks = mask_logits.shape[0]
     num_candidates = int(num_points * oversample_ratio)

@@ -136,8 +136,9 @@ def test_every_backend_draws_the_same_points(backend):
         logits, 50, generator=torch.Generator().manual_seed(1), backend=backend
     )
     torch.testing.assert_close(got.sort(dim=1).values, expected.sort(dim=1).values)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        m2f_kernels.sample_uncertain_points(logits, 50, backend="gpu")
+    for importance_ratio in (0.75, 0.0):  # also when no point_sample call would see it
+        with pytest.raises(ValueError, match="backend must be one of"):
+            m2f_kernels.sample_uncertain_points(logits, 50, importance_ratio=importance_ratio, backend="gpu")
 
 
 def test_uncertainty_is_ranked_in_float32():
