@@ -19,6 +19,8 @@ def read_checkpoint_file(path: str | Path) -> Any:
 
             return load_file(str(path), device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # a missing or unreadable file says so itself, with its name
     except Exception as error:  # safetensors and the restricted unpickler raise several types
         how = "a safetensors file" if path.suffix == ".safetensors" else "torch.load(weights_only=True)"
         raise ConversionError(
