@@ -95,18 +95,19 @@ def first_step_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def free_port() -> int:
-    """A free TCP port below the kernel's ephemeral range, for MASTER_PORT. A port the kernel handed out for
+    """A free TCP port outside the kernel's ephemeral range, for MASTER_PORT. A port the kernel handed out for
     port 0 could be handed to another socket before the process group binds it; these are not."""
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        first_ephemeral = int(f.read().split()[0])
-    for port in random.Random().sample(range(10_000, first_ephemeral), 100):
+        low, high = map(int, f.read().split())
+    outside = [port for port in range(10_000, 65_536) if not low <= port <= high]
+    for port in random.Random().sample(outside, min(100, len(outside))):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free TCP port found below the ephemeral range")
+    raise RuntimeError("no free TCP port found outside the ephemeral range")
 
 
 def ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
