@@ -10,12 +10,14 @@ Switches (environment variables):
 """
 
 import os
+import runpy
 from pathlib import Path
 
 from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = Path(__file__).parent
+FLAGS = runpy.run_path(str(ROOT / "m2f_kernels" / "_build_flags.py"))  # without importing the package
 
 
 def read_sources(kind: str) -> list[str]:
@@ -50,32 +52,23 @@ def cuda_library_includes() -> list[str]:
 
 
 def extension():
-    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    cxx_flags = FLAGS["CXX_FLAGS"]
     include_dirs = [str(ROOT / "csrc")]
     if want_cuda():
-        nvcc_flags = [
-            "-O3",
-            "--expt-relaxed-constexpr",
-            "-lineinfo",
-            "-U__CUDA_NO_HALF_OPERATORS__",
-            "-U__CUDA_NO_HALF_CONVERSIONS__",
-            "-U__CUDA_NO_HALF2_OPERATORS__",
-            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-        ]
         return cpp_extension.CUDAExtension(
             "m2f_kernels._C",
             sources=read_sources("cpu") + read_sources("cuda"),
             include_dirs=include_dirs + cuda_library_includes(),
             define_macros=[("M2F_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": FLAGS["NVCC_FLAGS"]},
+            extra_link_args=FLAGS["LINK_FLAGS"],
         )
     return cpp_extension.CppExtension(
         "m2f_kernels._C",
         sources=read_sources("cpu"),
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=FLAGS["LINK_FLAGS"],
     )
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ._build_flags import CXX_FLAGS, LINK_FLAGS, NVCC_FLAGS
+
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _SOURCE_ROOT = _PACKAGE_DIR.parent
@@ -87,19 +89,9 @@ def _jit_build() -> str:
         name="m2f_kernels_C",
         sources=sources,
         extra_include_paths=[str(_SOURCE_ROOT / "csrc"), *(_cuda_library_includes() if with_cuda else [])],
-        # setup.py's flags
-        extra_cflags=["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
-        + (["-DM2F_WITH_CUDA"] if with_cuda else []),
-        extra_cuda_cflags=[
-            "-O3",
-            "--expt-relaxed-constexpr",
-            "-lineinfo",
-            "-U__CUDA_NO_HALF_OPERATORS__",
-            "-U__CUDA_NO_HALF_CONVERSIONS__",
-            "-U__CUDA_NO_HALF2_OPERATORS__",
-            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-        ],
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=CXX_FLAGS + (["-DM2F_WITH_CUDA"] if with_cuda else []),
+        extra_cuda_cflags=list(NVCC_FLAGS),
+        extra_ldflags=list(LINK_FLAGS),
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=False,
