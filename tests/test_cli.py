@@ -20,13 +20,17 @@ def synthetic_root(tmp_path_factory):
     return root
 
 
+def train_args(data_root, out, max_iters: int) -> list[str]:
+    """`m2f train` of demo-tiny on the CPU: batches of 2 crops of 64 pixels, no loader workers, no progress bar."""
+    args = ["train", "--config", "demo-tiny", "--data-root", str(data_root), "--out", str(out)]
+    args += ["--max-iters", str(max_iters), "--batch-size", "2", "--image-size", "64", "--num-workers", "0"]
+    return [*args, "--device", "cpu", "--no-progress"]
+
+
 @pytest.fixture(scope="module")
 def trained_run(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    args = ["train", "--config", "demo-tiny", "--data-root", str(synthetic_root), "--out", str(out)]
-    args += ["--max-iters", "2", "--batch-size", "2", "--image-size", "64", "--num-workers", "0"]
-    args += ["--log-period", "1", "--device", "cpu", "--no-progress"]
-    assert main(args) == 0
+    assert main([*train_args(synthetic_root, out, 2), "--log-period", "1"]) == 0
     return out
 
 
@@ -52,19 +56,7 @@ def test_train_resume_continues_from_the_last_checkpoint(synthetic_root, trained
 
     out = tmp_path / "resumed"
     shutil.copytree(trained_run, out)
-    args = [
-        "train",
-        "--config",
-        "demo-tiny",
-        "--data-root",
-        str(synthetic_root),
-        "--out",
-        str(out),
-        "--resume",
-    ]
-    args += ["--max-iters", "3", "--batch-size", "2", "--image-size", "64", "--num-workers", "0"]
-    args += ["--log-period", "1", "--device", "cpu", "--no-progress"]
-    assert main(args) == 0
+    assert main([*train_args(synthetic_root, out, 3), "--resume", "--log-period", "1"]) == 0
     assert "at iteration 2" in capsys.readouterr().out
     with (out / "metrics.csv").open() as f:
         assert [int(r["iteration"]) for r in csv.DictReader(f)] == [1, 2, 3]
@@ -241,9 +233,7 @@ def test_train_validates_the_dataset_first(synthetic_root, tmp_path, capsys):
     panoptic = json.loads((data / "annotations" / "panoptic_train2017.json").read_text())
     missing = data / "train2017" / panoptic["images"][-1]["file_name"]
     missing.unlink()
-    args = ["train", "--config", "demo-tiny", "--data-root", str(data), "--out", str(tmp_path / "run")]
-    args += ["--max-iters", "1", "--batch-size", "2", "--image-size", "64", "--num-workers", "0"]
-    assert main([*args, "--device", "cpu", "--no-progress"]) == 2
+    assert main(train_args(data, tmp_path / "run", 1)) == 2
     error = capsys.readouterr().err
     assert str(missing) in error and "missing image file" in error
     assert not (tmp_path / "run" / "model_final.safetensors").exists()
@@ -361,17 +351,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 def test_training_on_instance_data_makes_an_instance_model(synthetic_root, tmp_path, capsys):
     """demo-tiny is a panoptic config; trained on COCO instances it is an instance model, so predict writes
     instances by default."""
-    args = [
-        "train",
-        "--config",
-        "demo-tiny",
-        "--data-root",
-        str(synthetic_root),
-        "--out",
-        str(tmp_path / "run"),
-    ]
-    args += ["--dataset", "coco-instance", "--max-iters", "1", "--batch-size", "2", "--image-size", "64"]
-    assert main([*args, "--num-workers", "0", "--device", "cpu", "--no-progress"]) == 0
+    assert main([*train_args(synthetic_root, tmp_path / "run", 1), "--dataset", "coco-instance"]) == 0
     assert "its model is for instance" in capsys.readouterr().out
     checkpoint = tmp_path / "run" / "model_final.safetensors"
     _, metadata = ckpt.read_weights(checkpoint)

@@ -134,10 +134,10 @@ def run_prediction(
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise ValueError(f"image files not found: {', '.join(missing)}")
+    check_output_path(out_dir, "out", folder=True)
     files_by_stem: dict[str, set[Path]] = {}
     for path in images:
         files_by_stem.setdefault(Path(path).stem, set()).add(Path(path).resolve())
-    check_output_path(out_dir, "out", folder=True)
     clashes = [sorted(map(str, files)) for files in files_by_stem.values() if len(files) > 1]
     if clashes:
         raise ValueError(
