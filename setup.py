@@ -42,15 +42,6 @@ def want_cuda() -> bool:
     return cpp_extension.CUDA_HOME is not None and Path(cpp_extension.CUDA_HOME, "bin", "nvcc").exists()
 
 
-def cuda_library_includes() -> list[str]:
-    """Headers of the pip CUDA libraries (cusparse.h, cublas_v2.h, ...) that torch's CUDA headers include."""
-    try:
-        import nvidia
-    except ImportError:
-        return []
-    return [str(path) for base in nvidia.__path__ for path in Path(base).glob("cu*/include")]
-
-
 def extension():
     cxx_flags = FLAGS["CXX_FLAGS"]
     include_dirs = [str(ROOT / "csrc")]
@@ -58,7 +49,7 @@ def extension():
         return cpp_extension.CUDAExtension(
             "m2f_kernels._C",
             sources=read_sources("cpu") + read_sources("cuda"),
-            include_dirs=include_dirs + cuda_library_includes(),
+            include_dirs=include_dirs + FLAGS["cuda_library_includes"](),
             define_macros=[("M2F_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": FLAGS["NVCC_FLAGS"]},
             extra_link_args=FLAGS["LINK_FLAGS"],

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ._build_flags import CXX_FLAGS, LINK_FLAGS, NVCC_FLAGS
+from ._build_flags import CXX_FLAGS, LINK_FLAGS, NVCC_FLAGS, cuda_library_includes
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -61,15 +61,6 @@ def _unique_named_sources(sources: list[str], build_dir: Path) -> list[str]:
     return wrappers
 
 
-def _cuda_library_includes() -> list[str]:
-    """Headers of the pip CUDA libraries (cusparse.h, ...) that torch's CUDA headers include."""
-    try:
-        import nvidia
-    except ImportError:
-        return []
-    return [str(path) for base in nvidia.__path__ for path in Path(base).glob("cu*/include")]
-
-
 def _jit_build() -> str:
     from torch.utils import cpp_extension
 
@@ -88,7 +79,7 @@ def _jit_build() -> str:
     cpp_extension.load(
         name="m2f_kernels_C",
         sources=sources,
-        extra_include_paths=[str(_SOURCE_ROOT / "csrc"), *(_cuda_library_includes() if with_cuda else [])],
+        extra_include_paths=[str(_SOURCE_ROOT / "csrc"), *(cuda_library_includes() if with_cuda else [])],
         extra_cflags=CXX_FLAGS + (["-DM2F_WITH_CUDA"] if with_cuda else []),
         extra_cuda_cflags=list(NVCC_FLAGS),
         extra_ldflags=list(LINK_FLAGS),

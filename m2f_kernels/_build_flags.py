@@ -1,5 +1,7 @@
-"""Compiler flags of the kernel library, shared by setup.py and the JIT build (_backend.py). Plain constants:
-setup.py reads this file without importing the package."""
+"""Compiler flags of the kernel library, shared by setup.py and the JIT build (_backend.py). Standard library
+only: setup.py reads this file without importing the package."""
+
+from pathlib import Path
 
 CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
 NVCC_FLAGS = [
@@ -12,3 +14,12 @@ NVCC_FLAGS = [
     "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
 ]
 LINK_FLAGS = ["-fopenmp"]
+
+
+def cuda_library_includes() -> list[str]:
+    """Headers of the pip CUDA libraries (cusparse.h, cublas_v2.h, ...) that torch's CUDA headers include."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return [str(path) for base in nvidia.__path__ for path in Path(base).glob("cu*/include")]
