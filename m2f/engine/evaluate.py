@@ -12,7 +12,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,47 +59,55 @@ def predict_masks(
 
 
 def postprocess(
-    task: str,
+    tasks: Sequence[str],
     mask_cls: torch.Tensor,
     mask_pred: torch.Tensor,
     output_size: tuple[int, int],
     config,
     thing_classes: set[int],
-):
-    """Applies Mask2Former's inference for `task` ("panoptic", "instance" or "semantic") to predict_masks'
-    results, at output_size (the original image size). In Mask2Former's order: the mask logits are resized to
-    output_size first, except for a semantic model's semantic output, whose class scores are computed at the
-    network input's size and resized.
+) -> dict[str, Any]:
+    """Applies Mask2Former's inference for each of `tasks` ("panoptic", "instance", "semantic") to
+    predict_masks' results, at output_size (the original image size). In Mask2Former's order: the mask logits
+    are resized to output_size first (once for all tasks), except for a semantic model's semantic output,
+    whose class scores are computed at the network input's size and resized.
 
-    Returns (panoptic_seg, segments_info) for panoptic, the instance dict (masks, scores, labels, boxes) for
-    instance, and the (H, W) int64 class map for semantic."""
+    Returns {task: prediction}: (panoptic_seg, segments_info) for panoptic, the instance dict (masks, scores,
+    labels, boxes) for instance, and the (H, W) int64 class map for semantic."""
     from m2f.models import postprocess as post
 
-    if task not in ("panoptic", "instance", "semantic"):
-        raise ValueError(f"task must be 'panoptic', 'instance' or 'semantic', got {task!r}")
-    if task == "semantic" and config.task == "semantic":
-        return _resize(post.semantic_inference(mask_cls, mask_pred), output_size).argmax(0)
-    mask_pred = _resize(mask_pred, output_size)
-    if task == "semantic":
-        return post.semantic_inference(mask_cls, mask_pred).argmax(0)
+    for task in tasks:
+        if task not in ("panoptic", "instance", "semantic"):
+            raise ValueError(f"task must be 'panoptic', 'instance' or 'semantic', got {task!r}")
     inference = config.inference
-    if task == "panoptic":
-        return post.panoptic_inference(
-            mask_cls,
-            mask_pred,
-            thing_classes,
-            object_mask_threshold=inference.object_mask_threshold,
-            overlap_threshold=inference.overlap_threshold,
-        )
-    # Only a panoptic model's instances are restricted to thing classes (Mask2Former's rule): a semantic
-    # model's classes may all be stuff.
-    return post.instance_inference(
-        mask_cls,
-        mask_pred,
-        mask_cls.shape[-1] - 1,
-        top_k=inference.top_k,
-        thing_classes=thing_classes if config.task == "panoptic" else None,
-    )
+    predictions: dict[str, Any] = {}
+    resized_pred = None
+    for task in tasks:
+        if task == "semantic" and config.task == "semantic":
+            predictions[task] = _resize(post.semantic_inference(mask_cls, mask_pred), output_size).argmax(0)
+            continue
+        if resized_pred is None:
+            resized_pred = _resize(mask_pred, output_size)
+        if task == "semantic":
+            predictions[task] = post.semantic_inference(mask_cls, resized_pred).argmax(0)
+        elif task == "panoptic":
+            predictions[task] = post.panoptic_inference(
+                mask_cls,
+                resized_pred,
+                thing_classes,
+                object_mask_threshold=inference.object_mask_threshold,
+                overlap_threshold=inference.overlap_threshold,
+            )
+        else:
+            # Only a panoptic model's instances are restricted to thing classes (Mask2Former's rule): a
+            # semantic model's classes may all be stuff.
+            predictions[task] = post.instance_inference(
+                mask_cls,
+                resized_pred,
+                mask_cls.shape[-1] - 1,
+                top_k=inference.top_k,
+                thing_classes=thing_classes if config.task == "panoptic" else None,
+            )
+    return predictions
 
 
 def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -222,7 +232,9 @@ def evaluate_model(
     for number, indices in todo:
         for item, index in itertools.islice(items, len(indices)):
             mask_cls, mask_pred = predict_masks(model, item["image"], device=device, amp=amp)
-            prediction = postprocess(task, mask_cls, mask_pred, item["orig_size"], config, thing_classes)
+            prediction = postprocess((task,), mask_cls, mask_pred, item["orig_size"], config, thing_classes)[
+                task
+            ]
             if task == "panoptic":
                 evaluator.update(item["image_id"], *prediction)
             elif task == "instance":

@@ -171,7 +171,7 @@ def run_prediction(
         geometry = transform.get_geometry(*image.shape[:2])
         resized = torch.from_numpy(np.ascontiguousarray(geometry.apply_image(image).transpose(2, 0, 1)))
         mask_cls, mask_pred = predict_masks(model, resized, device=device, amp=amp)
-        for task in tasks:
-            prediction = postprocess(task, mask_cls, mask_pred, image.shape[:2], config, thing_classes)
+        predictions = postprocess(tasks, mask_cls, mask_pred, image.shape[:2], config, thing_classes)
+        for task, prediction in predictions.items():
             written += save_prediction(task, prediction, image, stem, class_names, score_threshold)
     return written

@@ -191,17 +191,43 @@ def test_engine_postprocess_resizes_in_mask2formers_order():
     scores_resized = resized(semantic_inference(mask_cls, mask_pred)).argmax(0)
     logits_resized = semantic_inference(mask_cls, resized(mask_pred)).argmax(0)
     assert not torch.equal(scores_resized, logits_resized)
-    assert torch.equal(
-        postprocess("semantic", mask_cls, mask_pred, output_size, semantic_model, set()), scores_resized
-    )
-    assert torch.equal(
-        postprocess("semantic", mask_cls, mask_pred, output_size, panoptic_model, set()), logits_resized
-    )
-    panoptic_seg, segments = postprocess("panoptic", mask_cls, mask_pred, output_size, panoptic_model, {0, 1})
+    semantic = postprocess(["semantic"], mask_cls, mask_pred, output_size, semantic_model, set())
+    assert torch.equal(semantic["semantic"], scores_resized)
+    semantic = postprocess(["semantic"], mask_cls, mask_pred, output_size, panoptic_model, set())
+    assert torch.equal(semantic["semantic"], logits_resized)
+    panoptic = postprocess(["panoptic"], mask_cls, mask_pred, output_size, panoptic_model, {0, 1})
+    panoptic_seg, segments = panoptic["panoptic"]
     expected_seg, expected_segments = panoptic_inference(mask_cls, resized(mask_pred), {0, 1})
     assert torch.equal(panoptic_seg, expected_seg) and segments == expected_segments
     with pytest.raises(ValueError, match="task must be"):
-        postprocess("depth", mask_cls, mask_pred, output_size, panoptic_model, set())
+        postprocess(["panoptic", "depth"], mask_cls, mask_pred, output_size, panoptic_model, set())
+
+
+def test_postprocess_of_several_tasks_resizes_the_mask_logits_once(monkeypatch):
+    """Each task's output equals that of its own call; the (Q, H, W) mask logits are resized once."""
+    from m2f.config import get_config
+    from m2f.engine import evaluate
+
+    generator = torch.Generator().manual_seed(1)
+    mask_cls = torch.randn(6, 5, generator=generator) * 3
+    mask_pred = torch.randn(6, 5, 7, generator=generator) * 4
+    config, tasks = get_config("demo-tiny"), ["instance", "semantic", "panoptic"]
+    single = {
+        task: evaluate.postprocess([task], mask_cls, mask_pred, (13, 17), config, {0, 1}) for task in tasks
+    }
+    resized_shapes = []
+    resize = evaluate._resize
+    monkeypatch.setattr(
+        evaluate, "_resize", lambda maps, size: resized_shapes.append(maps.shape) or resize(maps, size)
+    )
+    together = evaluate.postprocess(tasks, mask_cls, mask_pred, (13, 17), config, {0, 1})
+    assert resized_shapes == [mask_pred.shape]
+    assert list(together) == tasks
+    assert torch.equal(together["semantic"], single["semantic"]["semantic"])
+    assert torch.equal(together["panoptic"][0], single["panoptic"]["panoptic"][0])
+    assert together["panoptic"][1] == single["panoptic"]["panoptic"][1]
+    for key, value in single["instance"]["instance"].items():
+        assert torch.equal(together["instance"][key], value), key
 
 
 def test_only_panoptic_models_restrict_instances_to_things():
@@ -215,6 +241,6 @@ def test_only_panoptic_models_restrict_instances_to_things():
     mask_pred[0, :2], mask_pred[1, 2:] = ON, ON
     for name, expected in (("semantic-ade20k-r50", 2), ("demo-tiny", 0)):
         instances = postprocess(
-            "instance", mask_cls, mask_pred, (4, 4), get_config(name), thing_classes=set()
-        )
+            ["instance"], mask_cls, mask_pred, (4, 4), get_config(name), thing_classes=set()
+        )["instance"]
         assert (instances["scores"] > 0.5).sum() == expected, name
