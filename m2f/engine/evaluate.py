@@ -44,16 +44,24 @@ def predict_masks(
     amp: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One image (3, h, w) uint8 (already resized for inference) -> (class logits (Q, C+1) float32,
-    mask logits (Q, h, w) float32 at the image's size; postprocess takes them to the original size)."""
+    mask logits (Q, h, w) float32 at the image's size; postprocess takes them to the original size).
+
+    As detectron2's Mask2Former: the image is padded to the model's size divisibility (with the pixel mean,
+    0 after normalization), and the masks, at 1/4 of the padded size, are upsampled to it and then cropped.
+    """
     from m2f.models.postprocess import resize_masks
 
+    if amp not in (None, *AMP_DTYPES):
+        raise ValueError(f"amp must be None or one of {sorted(AMP_DTYPES)}, got {amp!r}")
     height, width = image.shape[-2:]
+    divisibility = model.size_divisibility
+    padded_size = (-(-height // divisibility) * divisibility, -(-width // divisibility) * divisibility)
+    padded = model.pixel_mean.to(device).expand(1, 3, *padded_size).clone()
+    padded[..., :height, :width] = image.to(device)
     amp_dtype = AMP_DTYPES.get(amp)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        outputs = model(image[None].to(device).float())
+        outputs = model(padded)
     pred_masks = outputs["pred_masks"].float()
-    # The model crops its 1/4-resolution masks to ceil(H/4) x ceil(W/4): they cover 4x that in pixels.
-    padded_size = (pred_masks.shape[-2] * 4, pred_masks.shape[-1] * 4)
     mask_pred = resize_masks(pred_masks, padded_size, (height, width), (height, width))[0]
     return outputs["pred_logits"][0].float(), mask_pred
 

@@ -165,6 +165,8 @@ class OracleModel(nn.Module):
         self.ground_truth = list(ground_truth)
         self.num_classes = num_classes
         self.num_queries = num_queries
+        self.size_divisibility = 32
+        self.register_buffer("pixel_mean", torch.zeros(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> dict:
         labels, masks = self.ground_truth.pop(0)

@@ -4,7 +4,7 @@ import torch.multiprocessing as mp
 from engine_standins import OracleModel, eval_parts_ddp_worker, free_port, oracle_answers, oracle_eval_setup
 
 from m2f.data import make_synthetic
-from m2f.engine.evaluate import evaluate_model, summarize
+from m2f.engine.evaluate import evaluate_model, predict_masks, summarize
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,33 @@ def test_panoptic_model_is_evaluated_on_instances_by_category_id(synthetic_root,
     renamed = [{**c, "name": c["name"] + " (another dataset)"} for c in categories]
     with pytest.raises(ValueError, match="share no category"):
         evaluate_model(oracle, instances, config, task="instance", progress=False, model_categories=renamed)
+
+
+@pytest.mark.parametrize("size", [(48, 70), (50, 68), (64, 96), (33, 31)])
+def test_predicted_masks_are_upsampled_at_the_padded_size_then_cropped(size):
+    """detectron2's Mask2Former inference: masks at 1/4 of the padded input are upsampled to the padded size,
+    then cropped. Cropping them at 1/4 first differs in the last rows and columns of inputs whose height or
+    width is a multiple of 4 but not of 32."""
+    import torch.nn.functional as F
+
+    import m2f
+
+    torch.manual_seed(0)
+    model = m2f.build_model("demo-tiny", backend="torch").eval()
+    image = torch.randint(0, 256, (3, *size), dtype=torch.uint8)
+    decoder_masks = []
+    model.transformer_decoder.register_forward_hook(
+        lambda module, args, outputs: decoder_masks.append(outputs["pred_masks"])
+    )
+    mask_cls, mask_pred = predict_masks(model, image, device=torch.device("cpu"))
+    padded_size = (-(-size[0] // 32) * 32, -(-size[1] // 32) * 32)
+    with torch.no_grad():
+        model(image[None].float())
+    expected = F.interpolate(decoder_masks[1], size=padded_size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(mask_pred, expected[0, :, : size[0], : size[1]], atol=1e-5, rtol=1e-5)
+    assert mask_cls.shape == (model.config.decoder.num_queries, model.num_classes + 1)
+    with pytest.raises(ValueError, match="amp must be"):
+        predict_masks(model, image, device=torch.device("cpu"), amp="bfloat16")
 
 
 def test_summarize_flattens_groups_and_skips_per_class():
