@@ -14,21 +14,31 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from m2f.data.common import DatasetMetadata
+from m2f.evaluation.arrays import to_numpy
 
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def _to_numpy(value) -> np.ndarray:
-    return np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
+    """The detections as a COCO object. loadRes adds keys to the dicts it is given, so it gets copies; it
+    refuses an empty list, which becomes a COCO object of the same images without annotations."""
+    if results:
+        return coco_gt.loadRes([dict(result) for result in results])
+    coco_dt = COCO()
+    coco_dt.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "categories": list(coco_gt.dataset["categories"]),
+        "annotations": [],
+    }
+    coco_dt.createIndex()
+    return coco_dt
 
 
 def _evaluate(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list, class_names: dict) -> dict:
     """COCOeval of `results`: AP values in percent plus per_class AP (classes without ground truth are left
     out)."""
-    if not results:
-        return {**dict.fromkeys(AP_NAMES, 0.0), "per_class": {}}
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
+        coco_dt = _load_results(coco_gt, results)
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         evaluator.params.imgIds = sorted(image_ids)
         evaluator.evaluate()
@@ -77,9 +87,9 @@ class InstanceEvaluator:
     def update(self, image_id, instances: dict) -> None:
         if image_id not in self.coco_gt.imgs:
             raise ValueError(f"image_id {image_id} is not in the ground truth")
-        masks = _to_numpy(instances["masks"]).astype(np.uint8)
-        scores = _to_numpy(instances["scores"]).astype(np.float64)
-        labels = _to_numpy(instances["labels"]).astype(np.int64)
+        masks = to_numpy(instances["masks"]).astype(np.uint8)
+        scores = to_numpy(instances["scores"]).astype(np.float64)
+        labels = to_numpy(instances["labels"]).astype(np.int64)
         if masks.ndim != 3 or not len(masks) == len(scores) == len(labels):
             raise ValueError(
                 f"instances need masks (K, H, W), scores (K,), labels (K,); got {masks.shape}, "

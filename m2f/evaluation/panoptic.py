@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from m2f.data.common import DatasetMetadata, index_map_from_ids, pool_context, read_json, read_panoptic_png
+from m2f.evaluation.arrays import to_numpy
 
 
 @dataclass
@@ -232,9 +233,7 @@ class PanopticEvaluator:
             raise ValueError(f"image_id {image_id} is not in {self.metadata.panoptic_json}")
         if image_id in self._seen:
             raise ValueError(f"image_id {image_id} was already evaluated")
-        pred_ids = np.asarray(
-            panoptic_seg.cpu() if hasattr(panoptic_seg, "cpu") else panoptic_seg, dtype=np.int64
-        )
+        pred_ids = to_numpy(panoptic_seg).astype(np.int64, copy=False)
         if pred_ids.ndim != 2:
             raise ValueError(f"panoptic_seg must be (H, W), got shape {pred_ids.shape}")
         pred_segments = [{"id": int(s["id"]), "category": int(s["category_id"])} for s in segments_info]

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _to_numpy(value) -> np.ndarray:
-    return np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+from m2f.evaluation.arrays import to_numpy
 
 
 class SemanticEvaluator:
@@ -32,7 +30,7 @@ class SemanticEvaluator:
         self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)  # [gt, pred]
 
     def update(self, pred, gt) -> None:
-        pred, gt = _to_numpy(pred), _to_numpy(gt).astype(np.int64)
+        pred, gt = to_numpy(pred), to_numpy(gt).astype(np.int64)
         if pred.ndim == 3:
             pred = pred.argmax(0)
         pred = pred.astype(np.int64)

@@ -60,6 +60,44 @@ def test_one_of_two_found_gives_51_of_101_recall_points(two_squares_gt):
         assert math.isnan(metrics["APm"]) and math.isnan(metrics["APl"])  # no medium or large ground truth
 
 
+def test_no_detections_score_as_useless_ones(two_squares_gt):
+    """An image without detections is scored as one whose detections all miss (AP 0 for the ranges and
+    classes with ground truth, NaN for the empty ranges), not 0 everywhere."""
+    evaluator = InstanceEvaluator(DatasetMetadata(CATEGORIES), two_squares_gt)
+    no_labels = torch.zeros(0, dtype=torch.int64)
+    evaluator.update(
+        7, {"masks": torch.zeros(0, 24, 24, dtype=torch.bool), "scores": torch.zeros(0), "labels": no_labels}
+    )
+    empty = evaluator.compute()
+    missing = _evaluate(two_squares_gt, [_square(18, 0, size=4)], [0.5])
+    for iou_type in ("segm", "bbox_from_masks"):
+        assert missing[iou_type]["AP"] == 0.0 and math.isnan(missing[iou_type]["APl"])
+        for name, value in missing[iou_type].items():
+            if name != "per_class" and math.isnan(value):
+                assert math.isnan(empty[iou_type][name]), name
+            else:
+                assert empty[iou_type][name] == value, name
+
+
+def test_state_stays_json_after_compute(two_squares_gt):
+    """compute() must not change the stored results that get_state() hands out to be gathered or saved."""
+    evaluator = InstanceEvaluator(DatasetMetadata(CATEGORIES), two_squares_gt)
+    masks = torch.from_numpy(np.stack([_square(1, 1), _square(12, 12)]))
+    evaluator.update(7, {"masks": masks, "scores": torch.tensor([0.9, 0.8]), "labels": torch.zeros(2).long()})
+    before = json.dumps(evaluator.get_state())
+    first = evaluator.compute()
+    assert json.dumps(evaluator.get_state()) == before
+    assert evaluator.compute()["segm"]["AP"] == first["segm"]["AP"] == pytest.approx(100.0)
+
+
+def test_bfloat16_scores_are_accepted(two_squares_gt):
+    masks = torch.from_numpy(np.stack([_square(1, 1), _square(12, 12)]))
+    evaluator = InstanceEvaluator(DatasetMetadata(CATEGORIES), two_squares_gt)
+    scores = torch.tensor([0.9, 0.8], dtype=torch.bfloat16)
+    evaluator.update(7, {"masks": masks, "scores": scores, "labels": torch.zeros(2).long()})
+    assert evaluator.compute()["segm"]["AP"] == pytest.approx(100.0)
+
+
 def test_false_positive_ranked_first_halves_precision(two_squares_gt):
     later = _evaluate(two_squares_gt, [_square(1, 1), _square(0, 17)], [0.9, 0.5])
     first = _evaluate(two_squares_gt, [_square(1, 1), _square(0, 17)], [0.9, 0.95])
@@ -123,5 +161,5 @@ def test_bad_input_raises(two_squares_gt):
         evaluator.update(7, dict(good, masks=torch.zeros(1, 20, 24, dtype=torch.bool)))
     with pytest.raises(ValueError, match="label"):
         evaluator.update(7, dict(good, labels=torch.tensor([3])))
-    empty = InstanceEvaluator(DatasetMetadata(CATEGORIES), two_squares_gt).compute()
-    assert empty["segm"]["AP"] == 0.0
+    nothing = InstanceEvaluator(DatasetMetadata(CATEGORIES), two_squares_gt).compute()
+    assert math.isnan(nothing["segm"]["AP"]) and nothing["num_images"] == 0  # no image: no ground truth

@@ -58,6 +58,17 @@ def test_scores_are_argmaxed():
     assert np.array_equal(a.confusion, b.confusion) and a.compute()["pACC"] == 100.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_scores_give_the_float32_results(dtype):
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 9, 7, generator=generator)
+    gt = torch.randint(0, 4, (9, 7), generator=generator)
+    a, b = SemanticEvaluator(4), SemanticEvaluator(4)
+    a.update(scores.to(dtype), gt)
+    b.update(scores.to(dtype).float(), gt)
+    assert np.array_equal(a.confusion, b.confusion)
+
+
 def test_bad_input_raises():
     with pytest.raises(ValueError, match="num_classes"):
         SemanticEvaluator(0)
