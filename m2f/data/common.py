@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,11 +106,16 @@ def check_image_size(image: np.ndarray, expected_hw: tuple[int, int], path: str)
         )
 
 
-def collate(batch: list[dict[str, Any]], size_divisibility: int = 32):
+def collate(
+    batch: list[dict[str, Any]],
+    size_divisibility: int = 32,
+    pad_value: Sequence[float] = (0.0, 0.0, 0.0),
+):
     """Batch dataset items.
 
-    Returns images (B, 3, Hp, Wp) float32 in 0..255 padded with 0 at the bottom/right, Hp and Wp the largest
-    height and width rounded up to `size_divisibility`; targets: list of {"labels" (T,) int64, "masks"
+    Returns images (B, 3, Hp, Wp) float32 in 0..255 padded at the bottom/right with pad_value (per RGB
+    channel; the model's pixel mean pads as detectron2 does, with 0 after normalization), Hp and Wp the
+    largest height and width rounded up to `size_divisibility`; targets: list of {"labels" (T,) int64, "masks"
     (T, Hp, Wp) bool} (plus "sem_seg" (Hp, Wp) int64 padded with 255 when items have one); infos: list of
     {"image_id", "file_name", "orig_size", "image_size" (H, W) before padding}.
     """
@@ -121,7 +127,10 @@ def collate(batch: list[dict[str, Any]], size_divisibility: int = 32):
     widths = [item["image"].shape[-1] for item in batch]
     padded_h = -(-max(heights) // size_divisibility) * size_divisibility
     padded_w = -(-max(widths) // size_divisibility) * size_divisibility
-    images = torch.zeros(len(batch), 3, padded_h, padded_w, dtype=torch.float32)
+    if len(pad_value) != 3:
+        raise ValueError(f"pad_value must have one value per RGB channel, got {pad_value!r}")
+    pad = torch.tensor(pad_value, dtype=torch.float32).view(1, 3, 1, 1)
+    images = pad.expand(len(batch), 3, padded_h, padded_w).clone()
     targets, infos = [], []
     for i, item in enumerate(batch):
         h, w = item["image"].shape[-2:]

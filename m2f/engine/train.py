@@ -742,7 +742,7 @@ def run_training(
         model,
         criterion,
         dataset,
-        functools.partial(collate, size_divisibility=config.size_divisibility),
+        functools.partial(collate, size_divisibility=config.size_divisibility, pad_value=config.pixel_mean),
         settings,
         out_dir,
         device=device,

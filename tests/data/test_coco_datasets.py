@@ -137,6 +137,33 @@ def test_collate_pads_images_and_masks():
     assert infos[1] == {"image_id": 50, "file_name": "50.jpg", "orig_size": (100, 40), "image_size": (50, 20)}
     with pytest.raises(ValueError, match="batch"):
         collate([])
+    gray = collate(items, size_divisibility=32, pad_value=(1.0, 2.0, 3.0))[0]
+    assert torch.equal(gray[0, :, :30, :40], images[0, :, :30, :40])
+    for channel, value in enumerate((1.0, 2.0, 3.0)):
+        assert gray[0, channel, 30:].eq(value).all() and gray[1, channel, :, 20:].eq(value).all()
+    with pytest.raises(ValueError, match="pad_value"):
+        collate(items, pad_value=(0.0,))
+
+
+def test_collate_padded_with_the_pixel_mean_is_what_the_model_pads():
+    """The model pads an image after normalization with 0 (as detectron2 does); a batch padded by collate with
+    the pixel mean must give the same masks on the image."""
+    import m2f
+
+    torch.manual_seed(0)
+    model = m2f.build_model("demo-tiny", backend="torch").eval()
+    image = torch.randint(0, 256, (3, 40, 52), dtype=torch.uint8)
+    item = {
+        "image": image,
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, 40, 52).bool(),
+    }
+    item.update(image_id=1, file_name="1.jpg", orig_size=(40, 52))
+    batch = collate([item], size_divisibility=32, pad_value=model.config.pixel_mean)[0]
+    with torch.no_grad():
+        padded_by_model = model(image[None].float())["pred_masks"]
+        padded_by_collate = model(batch)["pred_masks"]
+    torch.testing.assert_close(padded_by_collate[..., :10, :13], padded_by_model, atol=1e-5, rtol=1e-5)
 
 
 def test_ade20k_items_map_zero_to_ignore(tmp_path):
