@@ -66,9 +66,13 @@ class CocoInstanceDataset(SegmentationDataset):
                     f"{paths['instances_json']}: annotation id {annotation.get('id')} has unknown "
                     f"category_id {annotation['category_id']}"
                 )
-            annotations_by_image.setdefault(annotation["image_id"], []).append(
-                (label, annotation["segmentation"])
-            )
+            segmentation = annotation["segmentation"]
+            if isinstance(segmentation, list) and not all(isinstance(p, list) for p in segmentation):
+                raise DatasetError(
+                    f"{paths['instances_json']}: annotation id {annotation.get('id')}: segmentation must be "
+                    "a list of polygons [[x1, y1, x2, y2, ...], ...]"
+                )
+            annotations_by_image.setdefault(annotation["image_id"], []).append((label, segmentation))
         self.records = [
             (
                 image["id"],

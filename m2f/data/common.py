@@ -99,6 +99,17 @@ def read_image(path: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image once its EXIF orientation is applied (as read_image does), without
+    decoding it."""
+    width, height = image.size
+    return (
+        (height, width)
+        if image.getexif().get(ImageOps.ExifTags.Base.Orientation) in (5, 6, 7, 8)
+        else (width, height)
+    )
+
+
 def check_image_size(image: np.ndarray, expected_hw: tuple[int, int], path: str) -> None:
     if tuple(image.shape[:2]) != tuple(expected_hw):
         raise DatasetError(

@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 
 from m2f.data.ade20k import ADE20K_CLASS_NAMES, ade20k_paths
 from m2f.data.coco_panoptic import coco_paths
-from m2f.data.common import DatasetError, pool_context, read_json, read_panoptic_png
+from m2f.data.common import DatasetError, oriented_size, pool_context, read_json, read_panoptic_png
 
 TASKS = ("panoptic", "instance", "semantic")
 
@@ -37,7 +37,8 @@ def _check_images(
         if image["id"] in by_id:
             problems.append(f"{json_path}: image id {image['id']} appears more than once")
         by_id[image["id"]] = image
-        if image["file_name"] not in present:
+        file_name = image["file_name"]
+        if file_name not in present and not os.path.isfile(os.path.join(image_root, file_name)):
             problems.append(
                 f"{os.path.join(image_root, image['file_name'])}: missing image file (image id {image['id']})"
             )
@@ -159,6 +160,9 @@ def _validate_instance(root: str, split: str, check_files: bool, problems: list[
             if list(segmentation["size"]) != [image["height"], image["width"]]:
                 problems.append(f"{where}: RLE size {segmentation['size']} differs from the image's")
                 continue
+        if isinstance(segmentation, list) and not all(isinstance(p, list) for p in segmentation):
+            problems.append(f"{where}: segmentation must be a list of polygons [[x1, y1, x2, y2, ...], ...]")
+            continue
         if isinstance(segmentation, list) and any(len(p) % 2 for p in segmentation):
             problems.append(f"{where}: polygon with an odd number of coordinates")
             continue
@@ -174,19 +178,21 @@ def _validate_semantic(root: str, split: str, check_files: bool, problems: list[
     for folder in (image_root, annotation_root):
         if not os.path.isdir(folder):
             problems.append(f"{folder}: folder not found")
-    images = {os.path.splitext(f)[0] for f in _list_files(image_root) if f.lower().endswith(".jpg")}
-    labels = {os.path.splitext(f)[0] for f in _list_files(annotation_root) if f.lower().endswith(".png")}
-    for stem in sorted(images - labels):
+    images = {os.path.splitext(f)[0]: f for f in _list_files(image_root) if f.lower().endswith(".jpg")}
+    labels = {os.path.splitext(f)[0] for f in _list_files(annotation_root) if f.endswith(".png")}
+    for stem in sorted(images.keys() - labels):
         problems.append(f"{os.path.join(annotation_root, stem + '.png')}: missing annotation PNG")
-    for stem in sorted(labels - images):
+    for stem in sorted(labels - images.keys()):
         problems.append(f"{os.path.join(image_root, stem + '.jpg')}: missing image for this annotation")
     if check_files:
-        for stem in sorted(images & labels):
+        for stem in sorted(images.keys() & labels):
             png_path = os.path.join(annotation_root, stem + ".png")
-            with Image.open(png_path) as png, Image.open(os.path.join(image_root, stem + ".jpg")) as image:
+            with Image.open(png_path) as png, Image.open(os.path.join(image_root, images[stem])) as image:
                 values = np.unique(np.asarray(png))
-                if png.size != image.size:
-                    problems.append(f"{png_path}: size {png.size} differs from the image's {image.size}")
+                if png.size != oriented_size(image):
+                    problems.append(
+                        f"{png_path}: size {png.size} differs from the image's {oriented_size(image)}"
+                    )
             for value in values[values > len(ADE20K_CLASS_NAMES)].tolist():
                 problems.append(
                     f"{png_path}: unknown category {value} (labels are 0..{len(ADE20K_CLASS_NAMES)})"

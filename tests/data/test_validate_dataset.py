@@ -3,9 +3,16 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
-from m2f.data import DatasetError, make_synthetic, make_synthetic_ade20k, validate_dataset
+from m2f.data import (
+    ADE20KDataset,
+    CocoInstanceDataset,
+    DatasetError,
+    make_synthetic,
+    make_synthetic_ade20k,
+    validate_dataset,
+)
 
 
 @pytest.fixture
@@ -147,3 +154,51 @@ def test_bad_task_and_missing_json(root):
         validate_dataset(root, "train", "detection")
     with pytest.raises(DatasetError, match=r"panoptic_test2017\.json: file not found"):
         validate_dataset(root, "test", "panoptic")
+
+
+def test_images_in_subfolders_are_found(root):
+    """COCO file names may hold a folder; the loaders read them, so validation must find them."""
+    os.makedirs(os.path.join(root, "train2017", "sub"))
+    os.rename(
+        os.path.join(root, "train2017", "000000000001.jpg"),
+        os.path.join(root, "train2017", "sub", "000000000001.jpg"),
+    )
+
+    def edit(data):
+        for image in data["images"]:
+            if image["id"] == 1:
+                image["file_name"] = "sub/000000000001.jpg"
+
+    for kind, task in (("panoptic", "panoptic"), ("instances", "instance")):
+        _edit_json(root, kind, edit)
+        assert validate_dataset(root, "train", task)["images"] == 2
+    assert CocoInstanceDataset(root, "train")[0]["file_name"] == "sub/000000000001.jpg"
+
+
+def test_flat_polygon_is_named(root):
+    def edit(data):
+        data["annotations"][0]["segmentation"] = [2, 2, 10, 2, 10, 10]
+
+    first = _edit_json(root, "instances", edit)["annotations"][0]
+    (message,) = _problems(root, "instance", check_files=False).problems
+    assert f"annotation id {first['id']}: segmentation must be a list of polygons" in message
+    with pytest.raises(DatasetError, match=f"annotation id {first['id']}: segmentation must be"):
+        CocoInstanceDataset(root, "train")
+
+
+def test_semantic_images_are_checked_as_the_dataset_reads_them(tmp_path):
+    """An upper-case .JPG is an image, and the size compared with the label map is the EXIF-rotated one."""
+    root = make_synthetic_ade20k(str(tmp_path), num_train=2, num_val=0, image_size=64)
+    images, labels = os.path.join(root, "images", "training"), os.path.join(root, "annotations", "training")
+    os.rename(os.path.join(images, "ADE_train_00000001.jpg"), os.path.join(images, "ADE_train_00000001.JPG"))
+    # Stored 23 wide and 17 high; orientation 6 (rotate 90 degrees) shows it 17 wide and 23 high.
+    exif = Image.Exif()
+    exif[ImageOps.ExifTags.Base.Orientation] = 6
+    Image.new("RGB", (23, 17)).save(os.path.join(images, "ADE_train_00000002.jpg"), exif=exif)
+    label_path = os.path.join(labels, "ADE_train_00000002.png")
+    Image.new("L", (17, 23), 1).save(label_path)
+    assert validate_dataset(root, "train", "semantic") == {"images": 2}
+    assert [tuple(item["image"].shape) for item in ADE20KDataset(root, "train")] == [(3, 64, 64), (3, 23, 17)]
+    Image.new("L", (23, 17), 1).save(label_path)
+    (message,) = _problems(root, "semantic").problems
+    assert "ADE_train_00000002.png: size (23, 17) differs from the image's (17, 23)" in message
