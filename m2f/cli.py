@@ -21,6 +21,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
 def _add_device(parser: argparse.ArgumentParser, amp_help: str = "mixed precision inference") -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     parser.add_argument("--amp", choices=AMP_CHOICES, help=amp_help)
@@ -157,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, help="global batch (default: the config's)")
     train.add_argument("--image-size", type=_positive_int, help="LSJ crop size (default: the config's)")
     train.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps")
-    train.add_argument("--num-workers", type=int, default=4, help="data loader processes per rank")
+    train.add_argument(
+        "--num-workers", type=_non_negative_int, default=4, help="data loader processes per rank"
+    )
     train.add_argument(
         "--checkpoint-period",
         type=_positive_int,
@@ -174,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-period", type=_positive_int, default=20, help="metrics.csv row every N iterations"
     )
     train.add_argument("--backbone-weights", help="local timm backbone weights (.safetensors or torch file)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the weights' init and the data stream")
+    train.add_argument(
+        "--seed", type=_non_negative_int, default=0, help="seed of the weights' init and the data stream"
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(
         "--no-validate",
@@ -256,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--num-train", type=int, default=64, help="train images (default 64)")
     synthetic.add_argument("--num-val", type=int, default=16, help="val images (default 16)")
     synthetic.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
-    synthetic.add_argument("--seed", type=int, default=0, help="default 0")
+    synthetic.add_argument("--seed", type=_non_negative_int, default=0, help="default 0")
     synthetic.add_argument("--ade20k", action="store_true", help="ADE20K layout instead of COCO")
     synthetic.set_defaults(func=cmd_make_synthetic)
 

@@ -214,6 +214,10 @@ def test_bad_input_is_one_clear_line(synthetic_root, tmp_path, capsys):
     args = ["train", "--config", "no-such-config", "--data-root", str(synthetic_root), "--out", str(tmp_path)]
     assert main(args) == 2
     assert "unknown config name 'no-such-config'" in capsys.readouterr().err
+    for option in ("--seed", "--num-workers"):
+        with pytest.raises(SystemExit):
+            main([*train_args(synthetic_root, tmp_path, 1), option, "-1"])
+        assert f"argument {option}: must be a non-negative integer, got -1" in capsys.readouterr().err
 
 
 def test_eval_of_corrupt_checkpoint_names_the_file(synthetic_root, tmp_path, capsys):

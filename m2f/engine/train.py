@@ -82,6 +82,18 @@ class TrainSettings:
             raise ValueError(
                 f"base_lr must be > 0 and weight_decay >= 0, got {self.base_lr}, {self.weight_decay}"
             )
+        for name in ("weight_decay_norm", "weight_decay_embed", "backbone_lr_multiplier", "poly_power"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not (self.lr_gamma > 0 and self.warmup_factor > 0):
+            raise ValueError(
+                f"lr_gamma and warmup_factor must be > 0, got {self.lr_gamma}, {self.warmup_factor}"
+            )
+        # clip_grad_norm_ with 0 zeroes the gradients and with a negative norm reverses them.
+        if self.clip_grad_norm is not None and not 0 < self.clip_grad_norm < math.inf:
+            raise ValueError(f"clip_grad_norm must be None (no clipping) or > 0, got {self.clip_grad_norm!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
 
     @classmethod
     def from_solver(cls, solver, max_iters: int | None = None, **overrides) -> TrainSettings:

@@ -65,6 +65,14 @@ def test_bad_settings_name_the_argument():
         TrainSettings(max_iters=1, amp="fp8")
     with pytest.raises(ValueError, match="batch_size"):
         StreamBatchSampler(10, batch_size=6, grad_accum_steps=4, rank=0, world_size=1, seed=0)
+    # clip_grad_norm_ with a norm of 0 zeroes every gradient, with a negative one reverses it.
+    for clip in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="clip_grad_norm"):
+            TrainSettings(max_iters=1, clip_grad_norm=clip)
+    assert TrainSettings(max_iters=1, clip_grad_norm=None).clip_grad_norm is None
+    for name, value in (("seed", -1), ("seed", 1.5), ("backbone_lr_multiplier", -0.1), ("lr_gamma", 0.0)):
+        with pytest.raises(ValueError, match=name):
+            TrainSettings(max_iters=1, **{name: value})
 
 
 def take(sampler, count):
