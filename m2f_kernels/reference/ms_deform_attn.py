@@ -16,11 +16,14 @@ def ms_deform_attn(
 
     value (N, S, M, D) with S = sum_l H_l * W_l; spatial_shapes (L, 2) int64 rows (H_l, W_l);
     level_start_index (L,) int64; sampling_locations (N, Q, M, L, P, 2) normalized (x, y);
-    attention_weights (N, Q, M, L, P). Returns (N, Q, M * D).
+    attention_weights (N, Q, M, L, P). Returns (N, Q, M * D) in value's dtype, computed (pixel coordinates
+    and sums) in float32 or wider, as the kernels compute.
     """
     batch, _, heads, channels = value.shape
     _, queries, _, _, points, _ = sampling_locations.shape
-    out = value.new_zeros(batch * heads, queries, channels)
+    compute_dtype = torch.promote_types(value.dtype, torch.float32)
+    sampling_locations = sampling_locations.to(torch.promote_types(sampling_locations.dtype, torch.float32))
+    out = value.new_zeros(batch * heads, queries, channels, dtype=compute_dtype)
     starts = level_start_index.tolist()
     for level, (height, width) in enumerate(spatial_shapes.tolist()):
         level_value = value[:, starts[level] : starts[level] + height * width]
@@ -33,6 +36,7 @@ def ms_deform_attn(
         samples = bilinear_sample(level_value.reshape(batch * heads, height, width, channels), x, y)
         weights = attention_weights[:, :, :, level].transpose(1, 2).reshape(batch * heads, queries, points)
         out = out + (samples * weights.unsqueeze(-1)).sum(dim=2)
-    return (
+    out = (
         out.reshape(batch, heads, queries, channels).transpose(1, 2).reshape(batch, queries, heads * channels)
     )
+    return out.to(value.dtype)

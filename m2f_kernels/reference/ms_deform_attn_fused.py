@@ -17,7 +17,8 @@ def sampling_locations_and_weights(
     attention_logits (N, Q, M, L * P). Returns locations (N, Q, M, L, P, 2) and weights (N, Q, M, L, P).
     """
     levels, points = sampling_offsets.shape[3], sampling_offsets.shape[4]
-    normalizer = spatial_shapes.flip(-1).to(sampling_offsets.dtype)  # (L, 2) as (W, H)
+    # (L, 2) as (W, H); a zero-size level reads nothing, and 1 keeps its offsets' gradient finite (0, not NaN).
+    normalizer = spatial_shapes.flip(-1).clamp(min=1).to(sampling_offsets.dtype)
     locations = (
         reference_points[:, :, None, :, None, :] + sampling_offsets / normalizer[None, None, None, :, None]
     )

@@ -125,6 +125,41 @@ def test_bilinear_sample_in_float16_on_large_images():
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_locations_are_turned_into_pixels_in_float32(dtype):
+    """A 16-bit location u is exact as given, but u * W - 0.5 rounded to 16 bits moves by pixels in a
+    1000-pixel row (bfloat16: 698.72 -> 700). The references, like the kernels, compute it in float32."""
+    width = 1000
+    u = torch.tensor(0.7, dtype=dtype)
+    x = float(u) * width - 0.5
+    image = torch.eye(width, dtype=torch.float64)  # channel c is one-hot at pixel c
+    expected = loop_bilinear(image.reshape(1, width, width), x, 0.0).to(dtype)
+    assert expected.count_nonzero() == 2  # two pixels, neither of them 700
+    coords = torch.stack([u, torch.tensor(0.5, dtype=dtype)]).reshape(1, 1, 2)
+    sampled = reference.point_sample(image.T.reshape(1, width, 1, width).to(dtype), coords)
+    assert torch.equal(sampled.reshape(width), expected)
+    value = image.reshape(1, width, 1, width).to(dtype)  # (N, S, M, D), one level of 1 x width
+    locations = coords.reshape(1, 1, 1, 1, 1, 2)
+    weights = torch.ones(1, 1, 1, 1, 1, dtype=dtype)
+    out = reference.ms_deform_attn(value, *random_levels([[1, width]]), locations, weights)
+    assert out.dtype == dtype and torch.equal(out.reshape(width), expected)
+
+
+def test_fused_offsets_of_a_zero_size_level_get_a_zero_gradient():
+    """A zero-size level reads nothing: its offsets do not change the output, and their gradient is 0, not
+    the NaN of 0 * (1 / 0)."""
+    generator = torch.Generator().manual_seed(3)
+    spatial_shapes, starts = random_levels([[0, 3], [2, 2]])
+    value = torch.randn(1, 4, 2, 3, dtype=torch.float64, generator=generator)
+    reference_points = torch.rand(1, 5, 2, 2, dtype=torch.float64, generator=generator)
+    offsets = torch.randn(1, 5, 2, 2, 3, 2, dtype=torch.float64, generator=generator, requires_grad=True)
+    logits = torch.randn(1, 5, 2, 6, dtype=torch.float64, generator=generator)
+    out = reference.ms_deform_attn_fused(value, spatial_shapes, starts, reference_points, offsets, logits)
+    (grad,) = torch.autograd.grad(out.sum(), offsets)
+    assert torch.equal(grad[:, :, :, 0], torch.zeros_like(grad[:, :, :, 0]))
+    assert grad[:, :, :, 1].abs().sum() > 0
+
+
 @pytest.mark.parametrize("threshold", [0.5, 0.3])
 def test_masked_attention_matches_loops(threshold):
     batch, heads, queries, keys, dim = 2, 2, 4, 6, 3
