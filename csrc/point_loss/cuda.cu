@@ -385,22 +385,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One thread per mask: sums the mask's splits in split order and writes ce, dice and dice_sums.
+// One thread per mask (grid-stride: the grid is capped): sums the mask's splits in split order and
+// writes ce, dice and dice_sums.
 template <typename acc_t>
 __global__ void point_mask_loss_finalize_kernel(const acc_t* __restrict__ partial_sums,
                                                 acc_t* __restrict__ ce, acc_t* __restrict__ dice,
                                                 acc_t* __restrict__ dice_sums, int64_t num_masks,
                                                 int64_t num_splits, int64_t num_points) {
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (n >= num_masks) return;
-  acc_t sums[4] = {0, 0, 0, 0};
-  for (int64_t split = 0; split < num_splits; ++split)
-    for (int i = 0; i < 4; ++i) sums[i] += partial_sums[(n * num_splits + split) * 4 + i];
-  ce[n] = sums[0] / static_cast<acc_t>(num_points);
-  dice[n] = dice_loss(sums[1], sums[2], sums[3]);
-  dice_sums[3 * n] = sums[1];
-  dice_sums[3 * n + 1] = sums[2];
-  dice_sums[3 * n + 2] = sums[3];
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < num_masks;
+       n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t sums[4] = {0, 0, 0, 0};
+    for (int64_t split = 0; split < num_splits; ++split)
+      for (int i = 0; i < 4; ++i) sums[i] += partial_sums[(n * num_splits + split) * 4 + i];
+    ce[n] = sums[0] / static_cast<acc_t>(num_points);
+    dice[n] = dice_loss(sums[1], sums[2], sums[3]);
+    dice_sums[3 * n] = sums[1];
+    dice_sums[3 * n + 1] = sums[2];
+    dice_sums[3 * n + 2] = sums[3];
+  }
 }
 
 template <typename scalar_t, typename target_t, typename coord_t>
