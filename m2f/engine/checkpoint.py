@@ -108,6 +108,18 @@ def find_last_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return weights_path
 
 
+def forget_last_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """Removes DIR/last_checkpoint (a fresh run in DIR must not be resumed from an earlier run's checkpoint);
+    returns the weights path it named, or None when there was none."""
+    marker = Path(out_dir) / LAST_CHECKPOINT_FILE
+    try:
+        name = marker.read_text().strip()
+    except FileNotFoundError:
+        return None
+    marker.unlink()
+    return marker.parent / name
+
+
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Loads a safetensors file -> (state dict on CPU, metadata); CheckpointError naming it if unreadable."""
     path = Path(path)

@@ -363,6 +363,11 @@ class Trainer:
         self.is_main = self.rank == 0
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            earlier = None if resume else ckpt.forget_last_checkpoint(self.out_dir)
+            if earlier is not None:
+                print(
+                    f"starting afresh in {self.out_dir}: --resume will no longer continue from {earlier.name}"
+                )
         dist_utils.barrier()
 
         torch.manual_seed(settings.seed)

@@ -218,6 +218,27 @@ def test_resume_says_when_the_data_stream_changes(tmp_path, capsys):
     assert "another batch size" in printed and "from sample 6" in printed
 
 
+def test_a_fresh_run_in_a_used_folder_is_not_resumed_from_the_old_one(tmp_path, capsys):
+    """A run started without resume in a folder of an earlier run, stopped before its first checkpoint,
+    resumes from iteration 0, not from the earlier run's last checkpoint."""
+    make_trainer(tmp_path, max_iters=3).train()
+    assert ckpt.find_last_checkpoint(tmp_path).name == "model_0000003.safetensors"
+    calls = {"n": 0}
+
+    def crashing_criterion(outputs, targets):
+        calls["n"] += 1
+        if calls["n"] == 2:  # iteration 2, before the first checkpoint (after iteration 3)
+            raise KeyboardInterrupt
+        return tiny_criterion(outputs, targets)
+
+    fresh = make_trainer(tmp_path, criterion=crashing_criterion)
+    assert "--resume will no longer continue from model_0000003.safetensors" in capsys.readouterr().out
+    with pytest.raises(KeyboardInterrupt):
+        fresh.train()
+    assert ckpt.find_last_checkpoint(tmp_path) is None
+    assert make_trainer(tmp_path, resume=True).start_iteration == 0
+
+
 def test_poly_schedule_ends_at_zero():
     schedule = LRSchedule(TrainSettings(max_iters=10, lr_schedule="poly", warmup_iters=0))
     assert schedule.factor(10) == 0.0 and schedule.factor(12) == 0.0
