@@ -167,36 +167,52 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of `to_dict`; lists become tuples where the field is a tuple."""
-        groups = {
-            "backbone": BackboneConfig,
-            "pixel_decoder": PixelDecoderConfig,
-            "decoder": DecoderConfig,
-            "loss": LossConfig,
-            "inference": InferenceConfig,
-            "solver": SolverConfig,
-        }
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {unknown}")
-        kwargs = {}
-        for key, value in data.items():
-            if key in groups:
-                kwargs[key] = _group_from_dict(groups[key], value)
-            elif isinstance(value, list):
-                kwargs[key] = tuple(value)
-            else:
-                kwargs[key] = value
-        return cls(**kwargs)
+        """Inverse of `to_dict` (after a trip through JSON): lists become tuples, also inside dict fields.
+        ValueError naming the field for an unknown field or a value of the wrong type."""
+        return _dataclass_from_dict(cls, data, "config")
 
 
-def _group_from_dict(group_cls: type, data: dict[str, Any]) -> Any:
-    known = {f.name for f in dataclasses.fields(group_cls)}
-    unknown = sorted(set(data) - known)
+def _dataclass_from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a dict of {cls.__name__} fields, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown {group_cls.__name__} fields: {unknown}")
-    return group_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+    kwargs = {}
+    for name, value in data.items():
+        default_factory = fields[name].default_factory
+        default = fields[name].default if default_factory is dataclasses.MISSING else default_factory()
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _dataclass_from_dict(type(default), value, f"{where}.{name}")
+        else:
+            kwargs[name] = _field_from_plain(f"{where}.{name}", default, value)
+    return cls(**kwargs)
+
+
+def _field_from_plain(where: str, default: Any, value: Any) -> Any:
+    """`value` as the type of the field's `default`; JSON lists become tuples."""
+    if isinstance(default, bool):
+        valid = isinstance(value, bool)
+    elif isinstance(default, int | float):
+        valid = isinstance(value, int | float) and not isinstance(value, bool)
+        valid = valid and (isinstance(value, int) or isinstance(default, float))
+    elif isinstance(default, str):
+        valid = isinstance(value, str)
+    elif isinstance(default, tuple):
+        valid, value = isinstance(value, list | tuple), _tuples(value)
+    elif isinstance(default, dict):
+        valid = isinstance(value, dict)
+        value = {key: _tuples(item) for key, item in value.items()} if valid else value
+    else:
+        valid = True
+    if not valid:
+        raise ValueError(f"{where} must be of type {type(default).__name__}, got {value!r}")
+    return float(value) if isinstance(default, float) else value
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(item) for item in value) if isinstance(value, list | tuple) else value
 
 
 def _step_solver(max_iter: int, **overrides: Any) -> SolverConfig:

@@ -228,6 +228,23 @@ def test_eval_of_corrupt_checkpoint_names_the_file(synthetic_root, tmp_path, cap
     assert str(broken) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stored", ["not json", '{"decoder": 5}', '{"num_classes": "5"}'])
+def test_unreadable_stored_config_is_one_line_naming_the_checkpoint(
+    synthetic_root, trained_run, tmp_path, capsys, stored
+):
+    import safetensors.torch
+
+    weights = safetensors.torch.load_file(trained_run / "model_final.safetensors")
+    with safetensors.safe_open(trained_run / "model_final.safetensors", "pt") as f:
+        metadata = f.metadata()
+    broken = tmp_path / "broken.safetensors"
+    safetensors.torch.save_file(weights, broken, metadata={**metadata, "config": stored})
+    args = ["eval", "--checkpoint", str(broken), "--data-root", str(synthetic_root), "--device", "cpu"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert f"{broken}: its stored config is unreadable" in error and error.count("\n") == 1
+
+
 def test_train_validates_the_dataset_first(synthetic_root, tmp_path, capsys):
     """A missing training image is reported before any training, not when the loader first reads it."""
     import shutil

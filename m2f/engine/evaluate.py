@@ -305,15 +305,22 @@ def _read_part(parts_dir, number: int, indices: list[int], run_key: dict | None)
     return state
 
 
-def load_config_for_checkpoint(config_name: str | None, metadata: dict[str, str]):
+def load_config_for_checkpoint(
+    config_name: str | None, metadata: dict[str, str], checkpoint: str | os.PathLike
+):
     """The config named on the command line, else the one stored in the checkpoint's metadata."""
     from m2f.config import ModelConfig, get_config
 
     if config_name is not None:
         return get_config(config_name)
     if "config" not in metadata:
-        raise ValueError("the checkpoint stores no config; pass --config NAME")
-    return ModelConfig.from_dict(json.loads(metadata["config"]))
+        raise ValueError(f"{checkpoint}: the checkpoint stores no config; pass --config NAME")
+    try:
+        return ModelConfig.from_dict(json.loads(metadata["config"]))
+    except ValueError as error:  # json.JSONDecodeError included
+        raise ValueError(
+            f"{checkpoint}: its stored config is unreadable ({error}); pass --config NAME"
+        ) from error
 
 
 def run_evaluation(
@@ -345,7 +352,7 @@ def run_evaluation(
 
     device = dist_utils.init_distributed(device)
     _, metadata = ckpt.read_weights(checkpoint)
-    config = load_config_for_checkpoint(config_name, metadata)
+    config = load_config_for_checkpoint(config_name, metadata, checkpoint)
     dataset_kind = dataset_kind or metadata.get("dataset") or default_dataset_kind(config)
     if dataset_kind not in DATASET_TASKS:
         raise ValueError(f"dataset must be one of {tuple(DATASET_TASKS)}, got {dataset_kind!r}")

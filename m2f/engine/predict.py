@@ -147,7 +147,7 @@ def run_prediction(
         )
     device = dist_utils.pick_device(device)
     _, metadata = ckpt.read_weights(checkpoint)
-    config = load_config_for_checkpoint(config_name, metadata)
+    config = load_config_for_checkpoint(config_name, metadata, checkpoint)
     class_names, thing_classes = class_info(metadata, config.num_classes)
     config = dataclasses.replace(config, num_classes=len(class_names))
     tasks = list(dict.fromkeys(tasks or [config.task]))  # each once, in the order given

@@ -73,6 +73,31 @@ def test_config_values_and_round_trip():
         ModelConfig.from_dict({"num_querys": 3})
 
 
+def test_config_round_trips_through_json_and_names_bad_fields():
+    """Checkpoints store the config as JSON: tuples come back as tuples, nested ones in timm_kwargs too, and a
+    value of the wrong type is named rather than failing later in the model."""
+    import json
+
+    swin = m2f.get_config("panoptic-swin-t")
+    backbone = dataclasses.replace(swin.backbone, timm_kwargs={"img_size": (64, 96), "depths": (2, 2, 2, 2)})
+    config = dataclasses.replace(swin, backbone=backbone)
+    for name in [*m2f.CONFIG_NAMES, config]:
+        config = m2f.get_config(name) if isinstance(name, str) else name
+        assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert ModelConfig.from_dict({"loss": {"mask_weight": 5}}).loss.mask_weight == 5.0
+    for data, field in (
+        ({"num_classes": "5"}, "config.num_classes must be of type int"),
+        ({"num_classes": 5.0}, "config.num_classes must be of type int"),
+        ({"decoder": 5}, "config.decoder must be a dict of DecoderConfig fields"),
+        ({"decoder": {"pre_norm": 1}}, "config.decoder.pre_norm must be of type bool"),
+        ({"pixel_mean": 0.5}, "config.pixel_mean must be of type tuple"),
+        ({"backbone": {"timm_kwargs": []}}, "config.backbone.timm_kwargs must be of type dict"),
+        ([], "config must be a dict"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            ModelConfig.from_dict(data)
+
+
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
 def test_parameter_count_matches_paper(name):
     with torch.device("meta"):
