@@ -240,9 +240,8 @@ def evaluate_model(
     for number, indices in todo:
         for item, index in itertools.islice(items, len(indices)):
             mask_cls, mask_pred = predict_masks(model, item["image"], device=device, amp=amp)
-            prediction = postprocess((task,), mask_cls, mask_pred, item["orig_size"], config, thing_classes)[
-                task
-            ]
+            size = item["orig_size"]
+            prediction = postprocess([task], mask_cls, mask_pred, size, config, thing_classes)[task]
             if task == "panoptic":
                 evaluator.update(item["image_id"], *prediction)
             elif task == "instance":
