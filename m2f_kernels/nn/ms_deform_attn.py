@@ -38,6 +38,10 @@ class MSDeformAttn(nn.Module):
     level); with boxes at reference[:2] + offset / n_points * reference[2:] / 2. Attention weights are a
     softmax over the n_levels * n_points samples of each head. `im2col_step` is accepted for compatibility
     and ignored (no batch-size rule). `backend` goes to the m2f_kernels ops.
+
+    Under autocast the projections run in the autocast dtype and the sampling in float32, as Mask2Former runs
+    its pixel decoder: reference points rounded to bfloat16 would move samples by up to 0.3 pixel of a
+    168-pixel level. Without autocast everything runs in the inputs' dtype.
     """
 
     def __init__(
@@ -133,21 +137,45 @@ class MSDeformAttn(nn.Module):
             batch, num_queries, self.n_heads, self.n_levels * self.n_points
         )
 
-        if reference_points.shape[-1] == 2:
-            output = m2f_kernels.ms_deform_attn_fused(
+        device_type = query.device.type
+        if torch.is_autocast_enabled(device_type):
+            wide = torch.promote_types(offsets.dtype, torch.float32)
+            with torch.autocast(device_type, enabled=False):
+                output = self._sample(
+                    value.to(wide),
+                    input_spatial_shapes,
+                    input_level_start_index,
+                    reference_points.to(wide),
+                    offsets.to(wide),
+                    logits.to(wide),
+                )
+        else:
+            output = self._sample(
                 value,
                 input_spatial_shapes,
                 input_level_start_index,
                 reference_points.to(offsets.dtype),
                 offsets,
                 logits,
-                backend=self.backend,
-            )
-        else:
-            boxes = reference_points.to(offsets.dtype)[:, :, None, :, None, :]
-            locations = boxes[..., :2] + offsets / self.n_points * boxes[..., 2:] * 0.5
-            weights = logits.softmax(-1).view(batch, num_queries, self.n_heads, self.n_levels, self.n_points)
-            output = m2f_kernels.ms_deform_attn(
-                value, input_spatial_shapes, input_level_start_index, locations, weights, backend=self.backend
             )
         return self.output_proj(output)
+
+    def _sample(self, value, spatial_shapes, level_start_index, reference_points, offsets, logits):
+        """The deformable sampling, all inputs of one dtype -> (N, Lq, C)."""
+        if reference_points.shape[-1] == 2:
+            return m2f_kernels.ms_deform_attn_fused(
+                value,
+                spatial_shapes,
+                level_start_index,
+                reference_points,
+                offsets,
+                logits,
+                backend=self.backend,
+            )
+        batch, num_queries = offsets.shape[:2]
+        boxes = reference_points[:, :, None, :, None, :]
+        locations = boxes[..., :2] + offsets / self.n_points * boxes[..., 2:] * 0.5
+        weights = logits.softmax(-1).view(batch, num_queries, self.n_heads, self.n_levels, self.n_points)
+        return m2f_kernels.ms_deform_attn(
+            value, spatial_shapes, level_start_index, locations, weights, backend=self.backend
+        )

@@ -198,3 +198,31 @@ def test_bad_arguments():
         module(query, reference, input_flatten, spatial_shapes[:2], start)
     with pytest.raises(ValueError, match="channels"):
         module(query[..., :8], reference, input_flatten, spatial_shapes, start)
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_sampling_stays_float32_under_autocast(ref_dim):
+    """Under autocast the projections run in bfloat16 but the samples are taken at the float32 reference
+    points: rounded to bfloat16, a point of a 200-pixel row would move by up to 0.4 pixel."""
+    g = torch.Generator().manual_seed(4)
+    d_model, width = 8, 200
+    module = MSDeformAttn(d_model, n_levels=1, n_heads=1, n_points=1)
+    with torch.no_grad():
+        for linear in (module.value_proj, module.output_proj):
+            linear.weight.copy_(torch.eye(d_model))
+            linear.bias.zero_()
+        for linear in (module.sampling_offsets, module.attention_weights):
+            linear.weight.zero_()
+            linear.bias.zero_()
+    value = torch.randn(1, width, d_model, generator=g).bfloat16().float()  # exact through bfloat16
+    reference = torch.rand(1, 50, 1, ref_dim, generator=g)
+    query = torch.randn(1, 50, d_model, generator=g)
+    shapes, start = torch.tensor([[1, width]]), torch.tensor([0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(query, reference, value, shapes, start)
+    assert out.dtype == torch.bfloat16
+    locations = reference[:, :, None, :, None, :2]  # zero offsets: the samples sit at the reference points
+    expected = grid_sample_deform_attn(
+        value.view(1, width, 1, d_model), [(1, width)], locations, torch.ones(1, 50, 1, 1, 1)
+    )
+    torch.testing.assert_close(out.float(), expected.bfloat16().float(), rtol=0, atol=0)
