@@ -121,9 +121,26 @@ class TrainSettings:
         return cls(**values)
 
 
+# detectron2's norm_module_types (FrozenBatchNorm2d holds buffers only). By type, not by class name: a conv
+# followed by a norm, such as the pixel decoder's Conv2dNorm, keeps the weight decay of its conv weight.
+NORM_TYPES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+
+
 def is_norm_module(module: nn.Module) -> bool:
-    """Normalization layers: any class named *Norm* (BatchNorm, FrozenBatchNorm2d, LayerNorm, GroupNorm)."""
-    return "Norm" in type(module).__name__
+    """Normalization layers, whose parameters train with weight_decay_norm."""
+    return isinstance(module, NORM_TYPES)
 
 
 def build_param_groups(

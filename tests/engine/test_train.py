@@ -34,6 +34,28 @@ def test_param_groups_follow_mask2former_rules():
     assert sum(len(g["params"]) for g in groups.values()) == len(expected)
 
 
+def test_only_norm_layers_get_the_norm_weight_decay_in_mask2former():
+    """In the real model, the parameters of norm layers (GroupNorm, LayerNorm, BatchNorm) and only those get
+    weight_decay_norm; e.g. the pixel decoder's convolutions followed by a GroupNorm keep the weight decay."""
+    import m2f
+
+    model = m2f.build_model("demo-tiny", backend="torch")
+    groups = build_param_groups(model, 1e-4, 0.05, 0.1, weight_decay_norm=0.0, weight_decay_embed=0.0)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.modules.batchnorm._BatchNorm)
+    embedding_names = ("relative_position_bias_table", "absolute_pos_embed")
+    checked = 0
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, torch.nn.Embedding) or name in embedding_names or not param.requires_grad:
+                continue
+            assert decay[id(param)] == (0.0 if isinstance(module, norm_types) else 0.05), (module, name)
+            checked += 1
+    lateral = model.pixel_decoder.lateral_convs[0]
+    assert decay[id(lateral.weight)] == 0.05 and decay[id(lateral.norm.weight)] == 0.0
+    assert checked > 50
+
+
 def test_step_schedule_drops_at_90_and_95_percent():
     schedule = LRSchedule(TrainSettings(max_iters=100))
     factors = [schedule.factor(i) for i in (0, 89, 90, 94, 95, 99)]
