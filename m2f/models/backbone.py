@@ -60,6 +60,13 @@ class Backbone(nn.Module):
         else:
             body.prune_intermediate_layers(self.indices, prune_norm=True, prune_head=True)
         if config.frozen_batchnorm:
+            # Frozen as detectron2's FrozenBatchNorm2d starts (scale 1, shift 0) until weights are loaded:
+            # timm zero-initializes the last norm of each residual block, which frozen would stay 0 and leave
+            # every residual branch without output and gradient.
+            for module in body.modules():
+                if isinstance(module, nn.BatchNorm2d) and module.affine:
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
             body = freeze_batch_norm_2d(body)
         self.body = body
         # Checkpoint entries for the classifier, final norm and unused stages; ignored when loading.

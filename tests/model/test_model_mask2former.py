@@ -265,6 +265,23 @@ def test_frozen_batchnorm_and_swin_output_norms():
     assert [n.normalized_shape[0] for n in swin.backbone.norms] == [128, 256, 512, 1024]
 
 
+def test_frozen_batchnorm_backbone_without_weights_trains_every_block():
+    """Before weights are loaded a frozen norm is the identity (scale 1, as detectron2's FrozenBatchNorm2d
+    starts), not timm's zero-initialized last norm of each block, which frozen would cut every residual
+    branch off from its output and its gradient."""
+    from m2f.config import BackboneConfig
+    from m2f.models.backbone import Backbone
+
+    torch.manual_seed(0)
+    backbone = Backbone(BackboneConfig(timm_name="resnet26", frozen_batchnorm=True))
+    scales = [m.weight for m in backbone.modules() if type(m).__name__ == "FrozenBatchNorm2d"]
+    assert len(scales) > 20 and all(bool((s == 1).all()) for s in scales)
+    features = backbone(torch.randn(1, 3, 64, 64))
+    sum(f.square().mean() for f in features.values()).backward()
+    convs = [(n, p) for n, p in backbone.named_parameters() if "conv" in n]
+    assert convs and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in convs)
+
+
 def test_export_with_a_dynamic_batch():
     """torch.export with a dynamic batch size: the argument checks of the ops add no guard that ties the
     batch to other sizes, and the exported program matches eager at another batch size."""
