@@ -171,6 +171,20 @@ def available_backends() -> list[str]:
     return names
 
 
+def _without_autocast(kernel: Callable, device_type: str) -> Callable:
+    """``kernel`` run with autocast off, like the compiled kernels: the ops apply autocast to their inputs
+    themselves, and a PyTorch implementation must not then run its matrix products in 16 bits."""
+    if not torch.amp.is_autocast_available(device_type):
+        return kernel
+
+    @functools.wraps(kernel)
+    def run(*args):
+        with torch.autocast(device_type, enabled=False):
+            return kernel(*args)
+
+    return run
+
+
 class OpKernels:
     """Backend lookup for one op: C++ library, Triton module or the PyTorch ("torch") implementation.
 
@@ -238,7 +252,7 @@ class OpKernels:
     def _lookup(self, backend: str, device: torch.device, stage: str) -> Callable:
         backend = self.resolve(backend, device, stage)
         if backend == "torch":
-            return self.torch_kernels[stage]
+            return _without_autocast(self.torch_kernels[stage], device.type)
         if backend == "triton":
             return self._triton_kernel(stage)
         return getattr(torch.ops.m2f_kernels, "_" + self._kernel_name(stage))

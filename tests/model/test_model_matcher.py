@@ -143,13 +143,15 @@ def test_smaller_target_masks_are_padded_as_the_loss_pads_them():
     assert [query.tolist() for query, _ in indices] == [[0], [0]]
 
 
-def test_costs_are_sampled_in_float32_under_autocast():
-    """Under bfloat16 autocast, the costs of bfloat16 mask logits are those of the same logits in float32."""
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_costs_are_sampled_in_float32_under_autocast(backend):
+    """Under bfloat16 autocast, the costs of bfloat16 mask logits are those of the same logits in float32 (the
+    PyTorch backend's matrix products included)."""
     generator = torch.Generator().manual_seed(4)
     pred_logits, pred_masks, labels, masks = random_case(generator)
     pred_masks = pred_masks.bfloat16()
     coords = torch.rand(50, 2, generator=generator)
-    matcher = HungarianMatcher(2.0, 5.0, 5.0, num_points=50)
+    matcher = HungarianMatcher(2.0, 5.0, 5.0, num_points=50, backend=backend)
     expected = matcher.cost_matrix(pred_logits, pred_masks.float(), labels, masks, coords)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = matcher.cost_matrix(pred_logits, pred_masks, labels, masks, coords)
