@@ -87,7 +87,9 @@ class Criterion(nn.Module):
         target_classes = torch.full((batch, num_queries), self.num_classes, dtype=torch.int64, device=device)
         for b, (query_idx, target_idx) in enumerate(indices):
             labels = targets[b]["labels"]
-            target_classes[b, query_idx.to(device)] = labels[target_idx.to(labels.device)].to(device)
+            target_classes[b, query_idx.to(device)] = labels[target_idx.to(labels.device)].to(
+                device, torch.int64
+            )
         weight = self.empty_weight.to(device)
         return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, weight)
 
@@ -134,6 +136,8 @@ class Criterion(nn.Module):
                     f"targets[{b}]: labels must be (T,) and masks (T, H, W), got {tuple(labels.shape)} and "
                     f"{tuple(masks.shape)}"
                 )
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                raise TypeError(f"targets[{b}]['labels'] must be integer class indices, got {labels.dtype}")
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
                 raise ValueError(
                     f"targets[{b}]['labels'] must be in [0, {self.num_classes}), got {labels.tolist()}"

@@ -92,7 +92,9 @@ class HungarianMatcher(nn.Module):
             masks = masks.to(pred_masks.device)
             if masks.shape[-2:] != (height, width):
                 masks = F.pad(masks, (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
-            coords = torch.rand(self.num_points, 2, device=pred_masks.device, generator=generator)
+            coords = torch.rand(
+                self.num_points, 2, dtype=torch.float32, device=pred_masks.device, generator=generator
+            )
             cost = self.cost_matrix(pred_logits[b], pred_masks[b], labels, masks, coords).cpu()
             if not torch.isfinite(cost).all():
                 raise FloatingPointError(f"matcher cost matrix of image {b} in the batch has NaN/inf entries")

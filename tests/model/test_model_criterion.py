@@ -217,6 +217,30 @@ def test_bad_targets():
     targets[1]["labels"] = torch.tensor([0, 1])
     with pytest.raises(ValueError, match=r"targets\[1\]"):
         criterion(outputs, targets)
+    targets[1]["labels"] = torch.tensor([0.0, 1.0, 2.0])
+    with pytest.raises(TypeError, match=r"targets\[1\]\['labels'\] must be integer class indices"):
+        criterion(outputs, targets)
+
+
+def test_any_integer_label_dtype_and_default_dtype_give_the_same_losses():
+    """int32 labels (as many datasets store them) and a float64 default dtype leave the losses unchanged."""
+    outputs, targets = make_batch(torch.Generator().manual_seed(6), layers=0)
+    criterion = make_criterion()
+    torch.manual_seed(0)
+    expected = criterion(outputs, targets)
+    int32_targets = [{**t, "labels": t["labels"].int()} for t in targets]
+    torch.manual_seed(0)
+    got = criterion(outputs, int32_targets)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        under_float64 = criterion(outputs, targets)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+        torch.testing.assert_close(under_float64[name].float(), value.float(), rtol=1e-6, atol=1e-6)
 
 
 def num_masks_worker(rank, store_path, out_path):
