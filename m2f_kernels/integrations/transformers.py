@@ -82,20 +82,41 @@ def _kernel_forward(
 ) -> torch.Tensor:
     """value (N, S, M, D), sampling_locations (N, Q, M, L, P, 2), attention_weights (N, Q, M, L, P)
     -> (N, Q, M*D)."""
-    import m2f_kernels
 
     if isinstance(value_spatial_shapes, torch.Tensor):
         shapes = value_spatial_shapes.to(device=value.device, dtype=torch.long)
     else:
         shapes = torch.as_tensor(value_spatial_shapes_list, dtype=torch.long, device=value.device)
-    return m2f_kernels.ms_deform_attn(
+    return _deform_attn(
         value,
         shapes.view(-1, 2),
         level_start_index.to(torch.long),
         sampling_locations,
         attention_weights,
-        backend=self._m2f_kernels_backend,
+        self._m2f_kernels_backend,
     )
+
+
+def _deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend):
+    """m2f_kernels.ms_deform_attn; under autocast in float32 with autocast off, as transformers samples
+    (its grid_sample runs in float32): 16-bit locations would move samples by up to 0.3 pixel."""
+    import m2f_kernels
+
+    device_type = value.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return m2f_kernels.ms_deform_attn(
+            value, spatial_shapes, level_start_index, locations, weights, backend=backend
+        )
+    wide = torch.promote_types(value.dtype, torch.float32)
+    with torch.autocast(device_type, enabled=False):
+        return m2f_kernels.ms_deform_attn(
+            value.to(wide),
+            spatial_shapes,
+            level_start_index,
+            locations.to(wide),
+            weights.to(wide),
+            backend=backend,
+        )
 
 
 def _pixel_decoder_attention_forward(
@@ -118,7 +139,6 @@ def _pixel_decoder_attention_forward(
     the value is padding, reference_points (N, Q, L, 2 or 4) -> (output (N, Q, C), attention weights
     (N, Q, M, L, P)).
     """
-    import m2f_kernels
 
     if position_embeddings is not None:
         hidden_states = hidden_states + position_embeddings
@@ -129,10 +149,17 @@ def _pixel_decoder_attention_forward(
     if spatial_shapes is None:
         spatial_shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.long, device=hidden_states.device)
     spatial_shapes = spatial_shapes.to(device=hidden_states.device, dtype=torch.long).view(-1, 2)
-    if int(spatial_shapes.prod(1).sum()) != num_values:
+    # From the Python list when given (as transformers passes it): reading the tensor would stop
+    # torch.compile(fullgraph=True) and torch.export on a data-dependent value.
+    if spatial_shapes_list is not None:
+        sizes = [int(height) * int(width) for height, width in spatial_shapes_list]
+    else:
+        sizes = spatial_shapes.prod(1).tolist()
+    if sum(sizes) != num_values:
         raise ValueError("spatial shapes do not add up to the sequence length of encoder_hidden_states")
     if level_start_index is None:
-        level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        starts = [sum(sizes[:level]) for level in range(len(sizes))]
+        level_start_index = torch.tensor(starts, dtype=torch.long, device=hidden_states.device)
 
     value = self.value_proj(encoder_hidden_states)
     if attention_mask is not None:
@@ -155,13 +182,8 @@ def _pixel_decoder_attention_forward(
     else:
         raise ValueError(f"Last dim of reference_points must be 2 or 4, but got {reference_points.shape[-1]}")
 
-    output = m2f_kernels.ms_deform_attn(
-        value,
-        spatial_shapes,
-        level_start_index.to(torch.long),
-        locations,
-        weights,
-        backend=self._m2f_kernels_backend,
+    output = _deform_attn(
+        value, spatial_shapes, level_start_index.to(torch.long), locations, weights, self._m2f_kernels_backend
     )
     return self.output_proj(output), weights
 

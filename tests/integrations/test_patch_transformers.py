@@ -221,6 +221,52 @@ def test_deformable_detr_kernel_module():
     assert unpatch_transformers(model) == 2
 
 
+def _pixel_decoder_attention(width=160):
+    """Mask2Former's pixel-decoder deformable attention on one 24 x width level, with its call arguments."""
+    from transformers.models.mask2former import modeling_mask2former
+
+    torch.manual_seed(0)
+    attention = modeling_mask2former.Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(32, 2, 1, 4)
+    with torch.no_grad():
+        for param in attention.parameters():
+            param.normal_(0.0, 0.05)
+        attention.sampling_offsets.bias.normal_(0.0, 2.0)
+    rows, columns = torch.meshgrid(torch.arange(24.0), torch.arange(float(width)), indexing="ij")
+    features = torch.stack([torch.sin(columns * 0.7 + k) + torch.cos(rows * 0.9 - k) for k in range(32)], -1)
+    reference = torch.stack([torch.rand(100) * 0.98 + 0.01, torch.rand(100) * 0.98 + 0.01], -1)
+    inputs = {
+        "hidden_states": torch.randn(1, 100, 32),
+        "encoder_hidden_states": features.reshape(1, 24 * width, 32),
+        "reference_points": reference[None, :, None, :],
+        "spatial_shapes_list": [(24, width)],
+        "level_start_index": torch.tensor([0]),
+    }
+    return attention, inputs
+
+
+def test_deformable_attention_samples_in_float32_under_autocast():
+    """transformers samples at float32 locations under autocast (its grid_sample runs in float32); so does the
+    patched module: 16-bit locations would move samples by up to 0.3 pixel of a 160-pixel level."""
+    attention, inputs = _pixel_decoder_attention()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = attention(**inputs)[0]
+        patch_transformers(attention, backend="torch")
+        got = attention(**inputs)[0]
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=4e-3)
+
+
+def test_patched_pixel_decoder_attention_exports():
+    """The level sizes come from spatial_shapes_list, not from reading a tensor, so torch.export and
+    torch.compile(fullgraph=True) trace the patched module."""
+    attention, inputs = _pixel_decoder_attention(width=20)
+    patch_transformers(attention, backend="torch")
+    with torch.no_grad():
+        expected = attention(**inputs)[0]
+    exported = torch.export.export(attention, (), kwargs=inputs)
+    torch.testing.assert_close(exported.module()(**inputs)[0], expected)
+
+
 def test_model_without_deformable_attention_and_bad_input():
     assert patch_transformers(torch.nn.Linear(2, 2)) == 0
     with pytest.raises(TypeError, match="model"):
