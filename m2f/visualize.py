@@ -83,10 +83,15 @@ def blend_segments(image: np.ndarray, segment_map: np.ndarray, colors: dict[int,
     return out.round().clip(0, 255).astype(np.uint8)
 
 
+def _one_line(text: str) -> str:
+    """A name as one line of text (PIL cannot measure multiline text; names may hold newlines or tabs)."""
+    return " ".join(str(text).split())
+
+
 def add_legend(image: Image.Image, entries: Sequence[tuple[str, np.ndarray]], title: str = "") -> Image.Image:
     """Appends a panel on the right with a colour swatch and a name per entry (duplicates shown once)."""
     font = ImageFont.load_default(size=LEGEND_FONT_SIZE)
-    unique = list(dict.fromkeys((name, tuple(int(c) for c in color)) for name, color in entries))
+    unique = list(dict.fromkeys((_one_line(name), tuple(int(c) for c in color)) for name, color in entries))
     lines = ([(title, None)] if title else []) + unique
     line_height = LEGEND_FONT_SIZE + 6
     scratch = ImageDraw.Draw(image)
@@ -170,7 +175,7 @@ def draw_instances(
         draw.rectangle([int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())], outline=color, width=2)
         draw.text(
             (int(xs.min()) + 2, int(ys.min()) + 1),
-            f"{class_names[int(labels[k])]} {scores[k]:.2f}",
+            f"{_one_line(class_names[int(labels[k])])} {scores[k]:.2f}",
             fill=(255, 255, 255),
             font=font,
             stroke_width=1,
@@ -181,15 +186,16 @@ def draw_instances(
 
 
 def draw_semantic(
-    image: np.ndarray, label_map: np.ndarray, class_names: Sequence[str], ignore_index: int = 255
+    image: np.ndarray, label_map: np.ndarray, class_names: Sequence[str], ignore_index: int | None = 255
 ) -> Image.Image:
-    """label_map (H, W) int class per pixel; ignore_index pixels are left uncoloured."""
+    """label_map (H, W) int class per pixel; ignore_index pixels are left uncoloured (None: every pixel has a
+    class, e.g. a prediction of a model with 256 or more classes)."""
     image = _check_image(image)
     label_map = _check_map("label_map", label_map, image)
     factor = display_factor(*image.shape[:2])
     label_map, image = enlarge(label_map, factor, 0), enlarge(image, factor, 0)
     palette = class_colors(len(class_names))
-    present = [int(v) for v in np.unique(label_map) if v != ignore_index]
+    present = [int(v) for v in np.unique(label_map) if ignore_index is None or v != ignore_index]
     bad = [v for v in present if not 0 <= v < len(class_names)]
     if bad:
         raise ValueError(f"label_map has classes {bad} outside the {len(class_names)} classes")

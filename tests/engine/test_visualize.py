@@ -41,6 +41,35 @@ def test_instances_respect_score_threshold():
     np.testing.assert_array_equal(overlay[125, 125], [50, 50, 50])
 
 
+def test_semantic_overlay_without_an_ignore_value_colours_class_255():
+    """A model with 256 or more classes predicts class 255 like any other: predict draws with no ignore
+    value."""
+    image = np.full((256, 256, 3), 100, dtype=np.uint8)
+    label_map = np.zeros((256, 256), dtype=np.int64)
+    label_map[:, 128:] = 255
+    names = [f"c{i}" for i in range(300)]
+    palette = visualize.class_colors(300)
+    overlay = np.asarray(visualize.draw_semantic(image, label_map, names, ignore_index=None))
+    expected = np.round(100 * (1 - visualize.MASK_ALPHA) + visualize.MASK_ALPHA * palette[255].astype(float))
+    np.testing.assert_array_equal(overlay[10, 200], expected)
+    default = np.asarray(visualize.draw_semantic(image, label_map, names))
+    np.testing.assert_array_equal(default[10, 200], [100, 100, 100])  # 255 is the ignore value by default
+
+
+def test_names_with_newlines_are_drawn_on_one_line():
+    image = np.zeros((256, 256, 3), dtype=np.uint8)
+    masks = np.zeros((1, 256, 256), dtype=bool)
+    masks[0, 10:50, 10:50] = True
+    names = ["traffic\nlight"]
+    instances = visualize.draw_instances(image, masks, [0], [0.9], names, 0.5)
+    one_line = visualize.draw_instances(image, masks, [0], [0.9], ["traffic light"], 0.5)
+    assert np.array_equal(np.asarray(instances), np.asarray(one_line))
+    semantic = visualize.draw_semantic(image, masks[0].astype(np.int64) * 0, names)
+    assert (
+        semantic.size == visualize.draw_semantic(image, masks[0].astype(np.int64) * 0, ["traffic light"]).size
+    )
+
+
 def test_bad_inputs_name_the_argument():
     image = np.zeros((8, 8, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="image"):
