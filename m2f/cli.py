@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--eval-period",
-        type=int,
+        type=_non_negative_int,
         default=0,
         help="evaluate on the val split every N iterations (default 0: never)",
     )

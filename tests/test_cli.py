@@ -176,6 +176,9 @@ def test_predict_writes_overlays_and_raw_predictions(synthetic_root, trained_run
     args += ["--out", str(tmp_path), "--device", "cpu", "--task", "panoptic", "--task", "semantic"]
     args += ["--task", "instance"]
     assert main(args) == 0
+    panoptic_json = json.loads((synthetic_root / "annotations" / "panoptic_val2017.json").read_text())
+    categories = sorted(panoptic_json["categories"], key=lambda category: category["id"])
+    assert [c["id"] for c in categories] != list(range(len(categories)))  # ids differ from class indices
     for image in images:
         overlay = Image.open(tmp_path / f"{image.stem}.panoptic.png")
         assert overlay.width > 64 and overlay.height >= 64
@@ -183,6 +186,9 @@ def test_predict_writes_overlays_and_raw_predictions(synthetic_root, trained_run
         assert ids.shape == (64, 64)
         segments = json.loads((tmp_path / f"{image.stem}.panoptic.json").read_text())["segments_info"]
         assert set(np.unique(ids).tolist()) <= {0} | {s["id"] for s in segments}
+        for segment in segments:  # COCO panoptic: category_id is the dataset's id, not the class index
+            category = categories[segment["class_index"]]
+            assert (segment["category_id"], segment["name"]) == (category["id"], category["name"])
         labels = np.asarray(Image.open(tmp_path / f"{image.stem}.semantic_labels.png"))
         assert labels.shape == (64, 64) and labels.max() < 6
         instances = np.load(tmp_path / f"{image.stem}.instances.npz")
@@ -298,6 +304,23 @@ def test_predict_refuses_images_whose_outputs_would_clash(trained_run, tmp_path,
     error = capsys.readouterr().err
     assert all(str(path) in error for path in paths)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_predict_never_overwrites_its_inputs_and_runs_an_image_once(trained_run, tmp_path, capsys):
+    """--out in the input folder, where an input is named like an output of another input, is refused; an
+    image given twice (under two spellings) is predicted once."""
+    image = Image.new("RGB", (8, 8))
+    image.save(tmp_path / "a.jpg")
+    image.save(tmp_path / "a.panoptic.png")
+    checkpoint = ["--checkpoint", str(trained_run / "model_final.safetensors"), "--device", "cpu"]
+    before = (tmp_path / "a.panoptic.png").read_bytes()
+    inputs = [str(tmp_path / "a.jpg"), str(tmp_path / "a.panoptic.png")]
+    assert main(["predict", *inputs, *checkpoint, "--out", str(tmp_path)]) == 2
+    assert "would overwrite input images" in capsys.readouterr().err
+    assert (tmp_path / "a.panoptic.png").read_bytes() == before
+    twice = [str(tmp_path / "a.jpg"), str(tmp_path / "." / "a.jpg")]
+    assert main(["predict", *twice, *checkpoint, "--out", str(tmp_path / "out")]) == 0
+    assert "3 files" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fmt", ["detectron2", "transformers", "mmdet"])

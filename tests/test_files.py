@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from m2f import files
-from m2f.engine.predict import save_prediction
+from m2f.engine.predict import ClassInfo, save_prediction
 
 
 def failing_replace(src, dst):
@@ -78,13 +78,14 @@ def test_interrupted_prediction_leaves_no_partial_file(tmp_path, monkeypatch):
     panoptic = torch.zeros(8, 8, dtype=torch.int64)
     panoptic[2:5, 2:5] = 1
     segments = [{"id": 1, "category_id": 0, "isthing": True, "score": 0.9}]
-    written = save_prediction("panoptic", (panoptic, segments), image, tmp_path / "img", ["thing"], 0.5)
+    classes = ClassInfo(["thing"], {0}, None)
+    written = save_prediction("panoptic", (panoptic, segments), image, tmp_path / "img", classes, 0.5)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
     for path in written:
         path.unlink()
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
-        save_prediction("panoptic", (panoptic, segments), image, tmp_path / "img", ["thing"], 0.5)
+        save_prediction("panoptic", (panoptic, segments), image, tmp_path / "img", classes, 0.5)
     assert list(tmp_path.iterdir()) == []
 
 

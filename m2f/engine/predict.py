@@ -2,7 +2,9 @@
 an overlay PNG with a legend and the raw predictions:
 
   panoptic  <stem>.panoptic.png (overlay), <stem>.panoptic_ids.png (COCO panoptic PNG, id = R + 256 G +
-            256^2 B), <stem>.panoptic.json (segments_info: contiguous category ids, names, scores)
+            256^2 B), <stem>.panoptic.json (segments_info as in COCO panoptic: id, category_id (the dataset's
+            category id when the checkpoint stores its categories, as trained checkpoints do; else the class
+            index), isthing, plus class_index (the model's contiguous class) and name)
   instance  <stem>.instances.png (overlay), <stem>.instances.npz (masks (K, H, W) bool, scores, labels, boxes
             xyxy in pixels)
   semantic  <stem>.semantic.png (overlay), <stem>.semantic_labels.png (class index per pixel, 8 or 16 bit)
@@ -45,19 +47,35 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
     try:
         return read_rgb(str(path))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
-def class_info(metadata: dict[str, str], num_classes: int) -> tuple[list[str], set[int]]:
-    """(class names, thing classes) from checkpoint metadata; generic names, all things, when absent."""
-    names = json.loads(metadata["class_names"]) if "class_names" in metadata else []
-    if len(names) != num_classes:
+@dataclasses.dataclass
+class ClassInfo:
+    """The classes of a checkpoint: names, thing class indices and, when stored, the dataset's category id of
+    each class."""
+
+    names: list[str]
+    things: set[int]
+    category_ids: list[int] | None
+
+
+def class_info(metadata: dict[str, str], num_classes: int) -> ClassInfo:
+    """The classes the checkpoint's metadata names (its own count, whatever num_classes says); generic names
+    for num_classes classes, all things, when it names none."""
+    if "class_names" in metadata:
+        names = [str(name) for name in json.loads(metadata["class_names"])]
+    else:
         names = [f"class {i}" for i in range(num_classes)]
     things = (
-        set(json.loads(metadata["thing_classes"])) if "thing_classes" in metadata else set(range(num_classes))
+        set(json.loads(metadata["thing_classes"])) if "thing_classes" in metadata else set(range(len(names)))
     )
-    return names, things
+    categories = json.loads(metadata["categories"]) if "categories" in metadata else None
+    category_ids = (
+        [int(c["id"]) for c in categories] if categories and len(categories) == len(names) else None
+    )
+    return ClassInfo(names, things, category_ids)
 
 
 def prediction_paths(task: str, stem: Path) -> list[Path]:
@@ -66,25 +84,26 @@ def prediction_paths(task: str, stem: Path) -> list[Path]:
 
 
 def save_prediction(
-    task: str, prediction, image: np.ndarray, stem: Path, class_names: list[str], score_threshold: float
+    task: str, prediction, image: np.ndarray, stem: Path, classes: ClassInfo, score_threshold: float
 ) -> list[Path]:
     """Writes the overlay and the raw files of one prediction; returns their paths."""
     from m2f.data import id_to_rgb
 
+    class_names = classes.names
     if task == "panoptic":
         panoptic_seg, segments_info = prediction
         panoptic_seg = panoptic_seg.cpu().numpy()
-        segments = [
-            {
-                **{k: (v.item() if hasattr(v, "item") else v) for k, v in s.items()},
-                "name": class_names[s["category_id"]],
-            }
-            for s in segments_info
-        ]
+        segments = [{k: (v.item() if hasattr(v, "item") else v) for k, v in s.items()} for s in segments_info]
         paths = prediction_paths(task, stem)
         save_image_atomic(visualize.draw_panoptic(image, panoptic_seg, segments, class_names), paths[0])
         save_image_atomic(Image.fromarray(id_to_rgb(panoptic_seg)), paths[1])
-        write_json_atomic(paths[2], {"segments_info": segments}, indent=2)
+        ids = classes.category_ids or range(len(class_names))
+        file_segments = [
+            {**s, "category_id": ids[s["category_id"]], "class_index": s["category_id"]} for s in segments
+        ]
+        for segment in file_segments:
+            segment["name"] = class_names[segment["class_index"]]
+        write_json_atomic(paths[2], {"segments_info": file_segments}, indent=2)
         return paths
     if task == "instance":
         arrays = {k: v.cpu().numpy() for k, v in prediction.items()}
@@ -102,7 +121,7 @@ def save_prediction(
         return paths
     labels = prediction.cpu().numpy()
     paths = prediction_paths(task, stem)
-    save_image_atomic(visualize.draw_semantic(image, labels, class_names), paths[0])
+    save_image_atomic(visualize.draw_semantic(image, labels, class_names, ignore_index=None), paths[0])
     save_image_atomic(
         Image.fromarray(labels.astype(np.uint8 if len(class_names) < 256 else np.uint16)), paths[1]
     )
@@ -135,6 +154,7 @@ def run_prediction(
     if missing:
         raise ValueError(f"image files not found: {', '.join(missing)}")
     check_output_path(out_dir, "out", folder=True)
+    images = list({Path(path).resolve(): path for path in images}.values())  # a file given twice runs once
     files_by_stem: dict[str, set[Path]] = {}
     for path in images:
         files_by_stem.setdefault(Path(path).stem, set()).add(Path(path).resolve())
@@ -148,12 +168,22 @@ def run_prediction(
     device = dist_utils.pick_device(device)
     _, metadata = ckpt.read_weights(checkpoint)
     config = load_config_for_checkpoint(config_name, metadata, checkpoint)
-    class_names, thing_classes = class_info(metadata, config.num_classes)
-    config = dataclasses.replace(config, num_classes=len(class_names))
+    classes = class_info(metadata, config.num_classes)
+    config = dataclasses.replace(config, num_classes=len(classes.names))
     tasks = list(dict.fromkeys(tasks or [config.task]))  # each once, in the order given
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"tasks must be among {TASKS}, got {unknown}")
+    inputs = {Path(path).resolve() for path in images}
+    overwritten = [
+        str(output)
+        for path in images
+        for task in tasks
+        for output in prediction_paths(task, Path(out_dir) / Path(path).stem)
+        if output.resolve() in inputs
+    ]
+    if overwritten:
+        raise ValueError(f"the outputs would overwrite input images: {', '.join(overwritten)}")
     model = build_model(config).to(device)
     ckpt.load_model_weights(model, checkpoint)
     model.eval()
@@ -171,7 +201,7 @@ def run_prediction(
         geometry = transform.get_geometry(*image.shape[:2])
         resized = torch.from_numpy(np.ascontiguousarray(geometry.apply_image(image).transpose(2, 0, 1)))
         mask_cls, mask_pred = predict_masks(model, resized, device=device, amp=amp)
-        predictions = postprocess(tasks, mask_cls, mask_pred, image.shape[:2], config, thing_classes)
+        predictions = postprocess(tasks, mask_cls, mask_pred, image.shape[:2], config, classes.things)
         for task, prediction in predictions.items():
-            written += save_prediction(task, prediction, image, stem, class_names, score_threshold)
+            written += save_prediction(task, prediction, image, stem, classes, score_threshold)
     return written

@@ -14,7 +14,7 @@ from m2f.convert import ConversionError, convert_to_file, export_checkpoint, res
 from m2f.convert.detectron2 import save_detectron2_pkl
 from m2f.convert.mmdet import mmdet_class_names
 from m2f.engine import checkpoint as ckpt
-from m2f.engine.predict import class_info
+from m2f.engine.predict import ClassInfo, class_info
 
 NAMES = ["cat", "sky", "dog", "road", "car"]  # small_config has 5 classes
 
@@ -48,7 +48,7 @@ def test_transformers_id2label_reaches_predict(resnet, tmp_path):
     # what `m2f predict` does with the file: config and names from the metadata, strict weight loading
     stored_config = ModelConfig.from_dict(json.loads(stored["config"]))
     assert stored_config == config
-    assert class_info(stored, stored_config.num_classes) == (NAMES, set(range(5)))
+    assert class_info(stored, stored_config.num_classes) == ClassInfo(NAMES, set(range(5)), None)
     from m2f import build_model
 
     ckpt.load_model_weights(build_model(stored_config, backend="torch"), out)
@@ -88,7 +88,7 @@ def test_placeholder_id2label_counts_as_none(resnet, tmp_path):
     src = hf_directory(tmp_path / "hf", config, state, {str(i): f"LABEL_{i}" for i in range(5)})
     _, metadata = convert_to_file(src, "transformers", config, tmp_path / "x.safetensors")
     assert "class_names" not in metadata
-    assert class_info(metadata, 5)[0] == [f"class {i}" for i in range(5)]
+    assert class_info(metadata, 5).names == [f"class {i}" for i in range(5)]
 
 
 def test_wrong_class_count_and_override(resnet, tmp_path):
@@ -146,7 +146,8 @@ def test_mmdet_meta_reaches_the_file(resnet, tmp_path, meta, names, things):
     assert (json.loads(stored["class_names"]) if "class_names" in stored else None) == names
     assert (json.loads(stored["thing_classes"]) if "thing_classes" in stored else None) == things
     expected_things = set(things) if things is not None else set(range(5))
-    assert class_info(stored, 5) == (names or [f"class {i}" for i in range(5)], expected_things)
+    classes = class_info(stored, 5)
+    assert (classes.names, classes.things) == (names or [f"class {i}" for i in range(5)], expected_things)
 
 
 @pytest.mark.parametrize(
