@@ -323,6 +323,26 @@ def test_predict_never_overwrites_its_inputs_and_runs_an_image_once(trained_run,
     assert "3 files" in capsys.readouterr().out
 
 
+def test_predict_with_a_config_name_takes_the_class_count_of_the_checkpoint(tmp_path):
+    """--config names the architecture; the class head has the size of the checkpoint's classes (here 3,
+    where demo-tiny has 6), as m2f eval does."""
+    import dataclasses
+
+    import safetensors.torch
+
+    import m2f
+
+    config = m2f.get_config("demo-tiny")
+    model = m2f.build_model(dataclasses.replace(config, num_classes=3))
+    checkpoint = tmp_path / "three.safetensors"
+    metadata = {"class_names": json.dumps(["a", "b", "c"])}
+    safetensors.torch.save_file(model.state_dict(), checkpoint, metadata=metadata)
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    args = ["predict", str(tmp_path / "x.png"), "--checkpoint", str(checkpoint), "--config", "demo-tiny"]
+    assert main([*args, "--out", str(tmp_path / "out"), "--device", "cpu", "--task", "semantic"]) == 0
+    assert np.asarray(Image.open(tmp_path / "out" / "x.semantic_labels.png")).max() < 3
+
+
 @pytest.mark.parametrize("fmt", ["detectron2", "transformers", "mmdet"])
 def test_convert_of_a_damaged_file_is_one_error_line(tmp_path, capsys, fmt):
     path = tmp_path / "damaged.pth"
