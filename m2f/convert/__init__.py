@@ -252,10 +252,11 @@ _COCO_NAMES_HINT = (
 )
 
 
-def _names_from_file(path: Path) -> ClassNames:
+def _names_from_file(path: Path) -> tuple[ClassNames, list[dict] | None]:
+    """(class names and things, the COCO categories sorted by id when the file is a COCO annotation JSON)."""
     text = path.read_text()
     if path.suffix != ".json":
-        return [line.strip() for line in text.splitlines() if line.strip()], None
+        return ([line.strip() for line in text.splitlines() if line.strip()], None), None
     try:
         content = json.loads(text)
     except json.JSONDecodeError as error:
@@ -272,9 +273,9 @@ def _names_from_file(path: Path) -> ClassNames:
                 f'classes file {path}: "categories" must be a list of {{"id", "name", ...}} dicts'
             )
         dataset = DatasetMetadata(categories)
-        return list(dataset.class_names), sorted(dataset.thing_classes)
+        return (list(dataset.class_names), sorted(dataset.thing_classes)), dataset.categories
     if isinstance(content, list) and all(isinstance(name, str) for name in content):
-        return list(content), None
+        return (list(content), None), None
     raise ValueError(
         f'classes file {path}: expected a COCO annotation file ("categories") or a list of names'
     )
@@ -284,12 +285,18 @@ def resolve_classes(classes: str | Path | Sequence[str]) -> ClassNames:
     """(class names, thing class indices or None) for the `classes` argument of convert_to_file: a list of
     names, "ade20k", a COCO annotation JSON (names and isthing of its "categories", sorted by id), a JSON
     list of names, or a text file with one name per line."""
+    return _resolve_classes(classes)[0]
+
+
+def _resolve_classes(classes: str | Path | Sequence[str]) -> tuple[ClassNames, list[dict] | None]:
+    """resolve_classes, and the dataset's categories (id, name, isthing per class) when `classes` gives them."""
+    categories = None
     if isinstance(classes, str | Path):
         if str(classes) == "ade20k":
             from ..data.ade20k import ade20k_metadata
 
             dataset = ade20k_metadata()
-            return list(dataset.class_names), sorted(dataset.thing_classes)
+            return (list(dataset.class_names), sorted(dataset.thing_classes)), dataset.categories
         if str(classes) in ("coco-panoptic", "coco-instance"):
             raise ValueError(f"classes={str(classes)!r}: {_COCO_NAMES_HINT}")
         path = Path(classes)
@@ -298,7 +305,7 @@ def resolve_classes(classes: str | Path | Sequence[str]) -> ClassNames:
                 f"classes must be a list of names, 'ade20k' or a file of names, got {str(classes)!r} "
                 "(no such file)"
             )
-        names, things = _names_from_file(path)
+        (names, things), categories = _names_from_file(path)
     elif isinstance(classes, Sequence) and all(isinstance(name, str) for name in classes):
         names, things = list(classes), None
     else:
@@ -307,7 +314,7 @@ def resolve_classes(classes: str | Path | Sequence[str]) -> ClassNames:
         )
     if not names or not all(names):
         raise ValueError(f"classes must give one non-empty name per class, got {names[:10]!r}")
-    return names, things
+    return (names, things), categories
 
 
 def convert_to_file(
@@ -321,13 +328,15 @@ def convert_to_file(
     """Converts the checkpoint at `src` (see convert_checkpoint) and writes it atomically to the .safetensors
     file `out` with the metadata `m2f predict` and `m2f eval` read: "config" (the config with the
     checkpoint's class count), "converted_from" ("fmt:file name") and, when known, "class_names" and
-    "thing_classes" (JSON lists). Class names come from `classes` (see resolve_classes) if given, else from
+    "thing_classes" (JSON lists) and "categories" (the dataset's categories, when `classes` is a COCO
+    annotation JSON or "ade20k": predict writes their ids, eval maps classes by them). Class names come from `classes` (see resolve_classes) if given, else from
     the checkpoint. Returns (state dict, metadata).
 
     Raises ValueError when `classes` does not give one name per class of the checkpoint, ConversionError
     when the checkpoint's own names do not."""
     _check_format(fmt)
-    given = None if classes is None else resolve_classes(classes)  # bad `classes` fail before any loading
+    # bad `classes` fail before any loading
+    given, categories = (None, None) if classes is None else _resolve_classes(classes)
     _check_architecture(src, fmt, _resolve_config(config_name))
     state, found = read_checkpoint(src, fmt)
     state_dict = convert_checkpoint(state, fmt, config_name)
@@ -350,5 +359,7 @@ def convert_to_file(
         metadata["class_names"] = json.dumps(names)
         if things is not None:
             metadata["thing_classes"] = json.dumps(sorted(things))
+    if categories is not None:
+        metadata["categories"] = json.dumps(categories)
     save(state_dict, out, metadata=metadata)
     return state_dict, metadata

@@ -176,6 +176,23 @@ def test_detectron2_has_no_names_unless_given(resnet, tmp_path):
     assert json.loads(metadata["class_names"]) == NAMES
 
 
+def test_coco_categories_are_stored_for_predict_and_eval(resnet, tmp_path):
+    """classes from a COCO annotation file: the checkpoint keeps the categories, so predict writes their ids."""
+    config, state = resnet
+    src = tmp_path / "model_final.pkl"
+    save_detectron2_pkl(export_checkpoint(state, "detectron2", config), src)
+    categories = [{"id": 90 - 7 * i, "name": name, "isthing": i % 2} for i, name in enumerate(NAMES)]
+    path = tmp_path / "panoptic_val2017.json"
+    path.write_text(json.dumps({"images": [], "annotations": [], "categories": categories}))
+    _, metadata = convert_to_file(src, "detectron2", config, tmp_path / "a.safetensors", classes=path)
+    by_id = sorted(categories, key=lambda c: c["id"])
+    assert json.loads(metadata["categories"]) == by_id
+    classes = class_info(metadata, 5)
+    assert classes.category_ids == [c["id"] for c in by_id] and classes.names == [c["name"] for c in by_id]
+    _, metadata = convert_to_file(src, "detectron2", config, tmp_path / "b.safetensors", classes=NAMES)
+    assert "categories" not in metadata and class_info(metadata, 5).category_ids is None
+
+
 def test_classes_from_a_coco_annotation_file(tmp_path):
     categories = [  # out of id order; the contiguous order is by id, as in training
         {"id": 92, "name": "sky", "isthing": 0},
