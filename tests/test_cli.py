@@ -251,6 +251,24 @@ def test_unreadable_stored_config_is_one_line_naming_the_checkpoint(
     assert f"{broken}: its stored config is unreadable" in error and error.count("\n") == 1
 
 
+def test_eval_on_other_classes_without_stored_categories_says_what_to_do(
+    synthetic_root, trained_run, tmp_path, capsys
+):
+    """A panoptic checkpoint without its categories (as converted without --classes) cannot be mapped to the
+    instance dataset's classes: one line saying so, not a weight-shape mismatch."""
+    import safetensors.torch
+
+    weights = safetensors.torch.load_file(trained_run / "model_final.safetensors")
+    with safetensors.safe_open(trained_run / "model_final.safetensors", "pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "categories"}
+    names_only = tmp_path / "names_only.safetensors"
+    safetensors.torch.save_file(weights, names_only, metadata=metadata)
+    args = ["eval", "--checkpoint", str(names_only), "--data-root", str(synthetic_root), "--device", "cpu"]
+    assert main([*args, "--dataset", "coco-instance"]) == 2
+    error = capsys.readouterr().err
+    assert "stores no dataset categories" in error and "--classes" in error and error.count("\n") == 1
+
+
 def test_train_validates_the_dataset_first(synthetic_root, tmp_path, capsys):
     """A missing training image is reported before any training, not when the loader first reads it."""
     import shutil
