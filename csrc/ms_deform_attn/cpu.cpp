@@ -30,6 +30,23 @@ using msda::Sizes;
 
 constexpr int kLanes = 8;  // channels per SIMD step of the backward dot products
 
+// Every level's rows lie inside value's S rows, so the kernels never read outside value. The Python
+// wrapper checks the same in eager mode with clearer errors; traced and compiled calls reach this.
+void check_level_table(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                       int64_t num_values) {
+  const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
+  const int64_t* starts = level_start_index.data_ptr<int64_t>();
+  for (int64_t level = 0; level < spatial_shapes.size(0); ++level) {
+    const int64_t height = shapes[2 * level], width = shapes[2 * level + 1], start = starts[level];
+    TORCH_CHECK(height >= 0 && width >= 0, "spatial_shapes must be non-negative, level ", level,
+                " has (", height, ", ", width, ")");
+    TORCH_CHECK(
+        start >= 0 && start <= num_values && (width == 0 || height <= (num_values - start) / width),
+        "level ", level, " (start ", start, ", ", height, " x ", width, ") reaches past value's ",
+        num_values, " rows");
+  }
+}
+
 Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                    const at::Tensor& level_start_index, int64_t num_queries, int64_t num_points) {
   M2F_CHECK_DIM(value, 4);
@@ -43,6 +60,7 @@ Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
   TORCH_CHECK(spatial_shapes.size(1) == 2, "spatial_shapes must have shape (L, 2)");
   TORCH_CHECK(level_start_index.size(0) == spatial_shapes.size(0),
               "level_start_index must have one entry per level");
+  check_level_table(spatial_shapes, level_start_index, value.size(1));
   return Sizes{value.size(0),          value.size(1), value.size(2), value.size(3),
                spatial_shapes.size(0), num_points,    num_queries};
 }

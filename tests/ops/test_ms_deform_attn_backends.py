@@ -418,3 +418,32 @@ def test_triton_several_query_blocks_per_batch_and_head(deterministic):
     exact = forward_backward(reference.ms_deform_attn, inputs, grad_output, torch.float64)
     ours = (out, grad_value, grad_locations, grad_weights)
     assert_matches_reference(ours, exact, exact, torch.float32)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["ms_deform_attn", "fused"])
+@pytest.mark.parametrize(
+    ("shapes", "starts", "message"),
+    [
+        ([[4, 4]], [0], "reaches past value's 4 rows"),
+        ([[2000, 2000]], [0], "reaches past value's 4 rows"),
+        ([[1, 2], [1, 2]], [0, 3], "level 1"),
+        ([[1, 2], [1, 2]], [-1, 2], "level 0"),
+        ([[-2, -2]], [0], "non-negative"),
+    ],
+)
+def test_cpu_kernel_refuses_a_level_table_outside_value(fused, shapes, starts, message):
+    """The C++ kernel checks the level table itself (torch.compile skips the Python checks): a level that
+    reaches past value's S rows is an error, not a read outside the tensor."""
+    if "cpu" not in cpu_kernel_backends("ms_deform_attn"):
+        pytest.skip("the C++ CPU library is not built")
+    value = torch.ones(1, 4, 1, 2)
+    spatial_shapes, level_start_index = torch.tensor(shapes), torch.tensor(starts)
+    levels = len(shapes)
+    if fused:
+        args = (torch.rand(1, 3, levels, 2), torch.zeros(1, 3, 1, levels, 1, 2), torch.zeros(1, 3, 1, levels))
+        kernel = torch.ops.m2f_kernels._ms_deform_attn_fused_forward
+    else:
+        args = (torch.rand(1, 3, 1, levels, 1, 2), torch.ones(1, 3, 1, levels, 1))
+        kernel = torch.ops.m2f_kernels._ms_deform_attn_forward
+    with pytest.raises(RuntimeError, match=message):
+        kernel(value, spatial_shapes, level_start_index, *args)
