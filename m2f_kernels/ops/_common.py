@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -80,7 +81,23 @@ def check_index(name: str, tensor) -> torch.Tensor:
     return tensor.to(torch.int64).contiguous()
 
 
-_reference_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2f_kernels_vjp")
+_reference_thread: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _forget_reference_thread() -> None:
+    """In a forked child: the parent's worker thread does not exist there, so its executor would never run."""
+    global _reference_thread
+    _reference_thread = None
+
+
+os.register_at_fork(after_in_child=_forget_reference_thread)
+
+
+def _graphs_build_here() -> bool:
+    """Whether autograd records on this thread: not inside a custom op's kernel called by the dispatcher,
+    which excludes the autograd keys for its thread."""
+    with torch.enable_grad():
+        return (torch.zeros((), requires_grad=True) * 1.0).requires_grad
 
 
 def reference_vjp(
@@ -88,8 +105,9 @@ def reference_vjp(
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of ``function(*inputs)`` w.r.t. ``inputs[i] for i in wrt``, by autograd.
 
-    Op kernels run with the autograd dispatch keys excluded for their thread, so the reference's graph is
-    built and differentiated in a worker thread (on the caller's CUDA stream). Unused inputs get zeros.
+    In plain eager mode the graph is built and differentiated on the calling thread (a reentrant backward).
+    Op kernels called by the dispatcher run with the autograd keys excluded for their thread; there the graph
+    is built in a worker thread (on the caller's CUDA stream). Unused inputs get zeros.
     """
     stream = None
     devices = {t.device for t in inputs if isinstance(t, torch.Tensor)}
@@ -112,6 +130,11 @@ def reference_vjp(
             )
         return tuple(torch.zeros_like(inputs[i]) if g is None else g.contiguous() for i, g in zip(wrt, grads))
 
+    if _graphs_build_here():
+        return run()
+    global _reference_thread
+    if _reference_thread is None:
+        _reference_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="m2f_kernels_vjp")
     return _reference_thread.submit(run).result()
 
 

@@ -539,3 +539,55 @@ def test_compile_fullgraph_masked_attention_and_losses():
     expected = torch.autograd.grad(step(q, k, v, logits, mask), (q, k, v, mask))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
+
+
+def _point_sample_backward_through_the_dispatcher() -> torch.Tensor:
+    """The image gradient of a torch-backend point_sample of ones, its backward called as a registered op (as
+    compiled graphs call it), where kernels run with autograd excluded and reference_vjp uses its worker
+    thread."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 2, 5, 6, dtype=torch.float64, generator=generator)
+    coords = torch.rand(1, 7, 2, dtype=torch.float64, generator=generator)
+    grad_output = torch.ones(1, 2, 7, dtype=torch.float64)
+    return torch.ops.m2f_kernels.point_sample_backward(grad_output, image, coords, "torch", False)[0]
+
+
+def test_torch_backend_backward_thread(monkeypatch):
+    """In plain eager mode the PyTorch backward builds its graph on the calling thread (a reentrant backward,
+    safe on the autograd engine's device threads); through the dispatcher, in a worker thread. Same result."""
+    import threading
+
+    threads = []
+    traced = reference.point_sample
+    monkeypatch.setattr(
+        reference, "point_sample", lambda *args: threads.append(threading.current_thread()) or traced(*args)
+    )
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 2, 5, 6, dtype=torch.float64, generator=generator).requires_grad_()
+    coords = torch.rand(1, 7, 2, dtype=torch.float64, generator=generator)
+    m2f_kernels.point_sample(image, coords, backend="torch").sum().backward()
+    assert threads and all(thread is threading.current_thread() for thread in threads)
+    threads.clear()
+    dispatched = _point_sample_backward_through_the_dispatcher()
+    assert any(thread is not threading.current_thread() for thread in threads)
+    torch.testing.assert_close(dispatched, image.grad, rtol=0, atol=0)
+
+
+def _backward_in_child(results):
+    results.put(bool(torch.isfinite(_point_sample_backward_through_the_dispatcher()).all()))
+
+
+def test_torch_backend_backward_in_a_forked_child():
+    """A child forked after the parent's worker thread started (a DataLoader worker, say) must not wait on that
+    thread, which does not exist in the child."""
+    import multiprocessing
+
+    _point_sample_backward_through_the_dispatcher()  # the parent's worker thread now exists
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_backward_in_child, args=(results,))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0 and results.get(timeout=5)
