@@ -644,13 +644,15 @@ def default_dataset_kind(config) -> str:
 
 def validate_split(data_root: str | os.PathLike, split: str, task: str, *, check_files: bool = True) -> None:
     """m2f.data.validate_dataset on rank 0; every rank raises its DatasetError (none waits in a collective).
-    check_files=False skips reading or rasterizing every segment (image files are still looked for)."""
+    check_files=False skips reading or rasterizing every segment (image files are still looked for); the
+    file checks use up to 8 processes."""
     from m2f.data import DatasetError, validate_dataset
 
     problem = None
     if dist_utils.is_main_process():
         try:
-            validate_dataset(str(data_root), split, task, check_files=check_files)
+            num_workers = min(8, os.cpu_count() or 1) if check_files else 0
+            validate_dataset(str(data_root), split, task, check_files=check_files, num_workers=num_workers)
         except DatasetError as error:
             problem = error
     problem = dist_utils.broadcast_object(problem)
@@ -742,10 +744,10 @@ def run_training(
         )
     else:
         augmentation = LSJ(solver.image_size, solver.min_scale, solver.max_scale)
-    dataset = build_dataset(dataset_kind, data_root, "train", augmentation, seed=seed)
-    if validate:
+    if validate:  # before the dataset is built: both parse the annotation JSON, so one at a time
         for split in ("train", "val") if eval_period else ("train",):
             validate_split(data_root, split, DATASET_TASKS[dataset_kind], check_files=False)
+    dataset = build_dataset(dataset_kind, data_root, "train", augmentation, seed=seed)
     config = dataclasses.replace(config, num_classes=dataset.metadata.num_classes)
     settings = TrainSettings.from_solver(
         solver,
