@@ -13,6 +13,7 @@ from m2f.data.coco_panoptic import coco_paths
 from m2f.data.common import (
     DatasetError,
     DatasetMetadata,
+    PackedRecords,
     SegmentationDataset,
     check_image_size,
     image_to_tensor,
@@ -73,7 +74,7 @@ class CocoInstanceDataset(SegmentationDataset):
                     "a list of polygons [[x1, y1, x2, y2, ...], ...]"
                 )
             annotations_by_image.setdefault(annotation["image_id"], []).append((label, segmentation))
-        self.records = [
+        self.records = PackedRecords(
             (
                 image["id"],
                 image["file_name"],
@@ -81,7 +82,7 @@ class CocoInstanceDataset(SegmentationDataset):
                 annotations_by_image.get(image["id"], []),
             )
             for image in sorted(data["images"], key=lambda image: image["id"])
-        ]
+        )
 
     def __len__(self) -> int:
         return len(self.records)

@@ -10,6 +10,7 @@ import torch
 from m2f.data.common import (
     DatasetError,
     DatasetMetadata,
+    PackedRecords,
     SegmentationDataset,
     check_image_size,
     image_to_tensor,
@@ -54,7 +55,7 @@ class CocoPanopticDataset(SegmentationDataset):
             image_root=paths["image_root"],
         )
         images = {image["id"]: image for image in data["images"]}
-        self.records = []
+        records = []
         for annotation in data["annotations"]:
             image_id = annotation["image_id"]
             if image_id not in images:
@@ -71,7 +72,7 @@ class CocoPanopticDataset(SegmentationDataset):
                         f"unknown category_id {segment['category_id']}"
                     )
                 segments.append((segment["id"], label))
-            self.records.append(
+            records.append(
                 (
                     image_id,
                     image["file_name"],
@@ -80,6 +81,7 @@ class CocoPanopticDataset(SegmentationDataset):
                     segments,
                 )
             )
+        self.records = PackedRecords(records)
 
     def __len__(self) -> int:
         return len(self.records)

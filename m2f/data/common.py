@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import pickle
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +164,31 @@ def collate(
             }
         )
     return images, targets, infos
+
+
+class PackedRecords(Sequence):
+    """Dataset records (picklable values) packed into one numpy byte array, unpickled per item.
+
+    A DataLoader worker forked from the process that built them reads them without touching one Python object
+    per record: as a list, every record a worker reads (and every garbage-collector pass) would write to the
+    objects' reference counts and make the worker copy their memory pages, gigabytes per worker and epoch for
+    COCO's instance polygons.
+    """
+
+    def __init__(self, records: Iterable):
+        blobs = [pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL) for record in records]
+        self._ends = np.cumsum([len(blob) for blob in blobs], dtype=np.int64)
+        self._bytes = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index: int):
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        index %= len(self)
+        start = int(self._ends[index - 1]) if index else 0
+        return pickle.loads(memoryview(self._bytes[start : int(self._ends[index])]))
 
 
 class SegmentationDataset(torch.utils.data.Dataset):

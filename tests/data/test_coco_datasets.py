@@ -238,3 +238,22 @@ def test_sixteen_bit_grayscale_keeps_its_high_byte(tmp_path):
     expected = (values >> 8).astype(np.uint8)
     for channel in range(3):
         assert np.array_equal(image[:, :, channel], expected)
+
+
+def test_packed_records_read_back_as_the_list():
+    """Records packed into one byte array (so forked loader workers do not copy them) read back equal."""
+    from m2f.data.common import PackedRecords
+
+    records = [
+        (1, "a.jpg", (3, 4), [(7, 0), (9, 2)]),
+        (2, "b.jpg", (5, 6), []),
+        (3, "c.jpg", (1, 1), [[0.5] * 6]),
+    ]
+    packed = PackedRecords(iter(records))
+    assert len(packed) == 3 and list(packed) == records
+    assert packed[-1] == records[-1] and packed[1] == records[1]
+    with pytest.raises(IndexError):
+        packed[3]
+    with pytest.raises(IndexError):
+        packed[-4]
+    assert len(PackedRecords([])) == 0 and list(PackedRecords([])) == []
