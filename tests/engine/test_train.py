@@ -346,5 +346,7 @@ def test_training_augmentation_follows_the_task(monkeypatch, tmp_path, config_na
 
     monkeypatch.setattr(train, "build_dataset", capture)
     with pytest.raises(_StopAfterDataset):
-        train.run_training(config_name, tmp_path, tmp_path / "out", device="cpu", progress=False)
+        train.run_training(
+            config_name, tmp_path, tmp_path / "out", device="cpu", progress=False, validate=False
+        )
     assert type(seen["transforms"]).__name__ == expected
