@@ -98,11 +98,12 @@ def save_prediction(
         save_image_atomic(visualize.draw_panoptic(image, panoptic_seg, segments, class_names), paths[0])
         save_image_atomic(Image.fromarray(id_to_rgb(panoptic_seg)), paths[1])
         ids = classes.category_ids or range(len(class_names))
-        file_segments = [
-            {**s, "category_id": ids[s["category_id"]], "class_index": s["category_id"]} for s in segments
-        ]
-        for segment in file_segments:
-            segment["name"] = class_names[segment["class_index"]]
+        file_segments = []
+        for segment in segments:
+            index = segment["category_id"]
+            file_segments.append(
+                {**segment, "category_id": ids[index], "class_index": index, "name": class_names[index]}
+            )
         write_json_atomic(paths[2], {"segments_info": file_segments}, indent=2)
         return paths
     if task == "instance":
