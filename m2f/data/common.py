@@ -183,7 +183,9 @@ class PackedRecords(Sequence):
     def __len__(self) -> int:
         return len(self._ends)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | slice):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
         if not -len(self) <= index < len(self):
             raise IndexError(f"record {index} of {len(self)}")
         index %= len(self)

@@ -83,6 +83,8 @@ def postprocess(
     labels, boxes) for instance, and the (H, W) int64 class map for semantic."""
     from m2f.models import postprocess as post
 
+    if isinstance(tasks, str):
+        raise TypeError(f"tasks must be a sequence of task names, got the string {tasks!r}")
     for task in tasks:
         if task not in ("panoptic", "instance", "semantic"):
             raise ValueError(f"task must be 'panoptic', 'instance' or 'semantic', got {task!r}")

@@ -252,6 +252,7 @@ def test_packed_records_read_back_as_the_list():
     packed = PackedRecords(iter(records))
     assert len(packed) == 3 and list(packed) == records
     assert packed[-1] == records[-1] and packed[1] == records[1]
+    assert packed[1:] == records[1:] and packed[::-2] == records[::-2]
     with pytest.raises(IndexError):
         packed[3]
     with pytest.raises(IndexError):

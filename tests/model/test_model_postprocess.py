@@ -201,6 +201,8 @@ def test_engine_postprocess_resizes_in_mask2formers_order():
     assert torch.equal(panoptic_seg, expected_seg) and segments == expected_segments
     with pytest.raises(ValueError, match="task must be"):
         postprocess(["panoptic", "depth"], mask_cls, mask_pred, output_size, panoptic_model, set())
+    with pytest.raises(TypeError, match="sequence of task names"):
+        postprocess("panoptic", mask_cls, mask_pred, output_size, panoptic_model, set())
 
 
 def test_postprocess_of_several_tasks_resizes_the_mask_logits_once(monkeypatch):
