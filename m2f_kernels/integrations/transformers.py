@@ -98,25 +98,19 @@ def _kernel_forward(
 
 
 def _deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend):
-    """m2f_kernels.ms_deform_attn; under autocast in float32 with autocast off, as transformers samples
-    (its grid_sample runs in float32): 16-bit locations would move samples by up to 0.3 pixel."""
+    """m2f_kernels.ms_deform_attn, in float32 with autocast off under autocast, as transformers samples (its
+    grid_sample runs in float32)."""
     import m2f_kernels
+    from m2f_kernels.nn.ms_deform_attn import sample_in_float32_under_autocast
 
-    device_type = value.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return m2f_kernels.ms_deform_attn(
-            value, spatial_shapes, level_start_index, locations, weights, backend=backend
-        )
-    wide = torch.promote_types(value.dtype, torch.float32)
-    with torch.autocast(device_type, enabled=False):
-        return m2f_kernels.ms_deform_attn(
-            value.to(wide),
-            spatial_shapes,
-            level_start_index,
-            locations.to(wide),
-            weights.to(wide),
-            backend=backend,
-        )
+    return sample_in_float32_under_autocast(
+        functools.partial(m2f_kernels.ms_deform_attn, backend=backend),
+        value,
+        spatial_shapes,
+        level_start_index,
+        locations,
+        weights,
+    )
 
 
 def _pixel_decoder_attention_forward(

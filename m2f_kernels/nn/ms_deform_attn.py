@@ -19,12 +19,31 @@ so a checkpoint of any of them loads with `load_state_dict` after stripping the 
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import m2f_kernels
+
+
+def sample_in_float32_under_autocast(sample: Callable, *args):
+    """``sample(*args)``; under autocast, with autocast off and the floating-point tensors in float32 (or the
+    widest of their dtypes), as Mask2Former's pixel decoder and transformers' grid_sample sample: locations
+    rounded to 16 bits would move samples by up to 0.3 pixel of a 168-pixel level."""
+
+    def is_float(arg) -> bool:
+        return isinstance(arg, torch.Tensor) and arg.is_floating_point()
+
+    floats = [arg for arg in args if is_float(arg)]
+    device_type = floats[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return sample(*args)
+    wide = functools.reduce(torch.promote_types, (arg.dtype for arg in floats), torch.float32)
+    with torch.autocast(device_type, enabled=False):
+        return sample(*(arg.to(wide) if is_float(arg) else arg for arg in args))
 
 
 class MSDeformAttn(nn.Module):
@@ -137,31 +156,20 @@ class MSDeformAttn(nn.Module):
             batch, num_queries, self.n_heads, self.n_levels * self.n_points
         )
 
-        device_type = query.device.type
-        if torch.is_autocast_enabled(device_type):
-            wide = torch.promote_types(offsets.dtype, torch.float32)
-            with torch.autocast(device_type, enabled=False):
-                output = self._sample(
-                    value.to(wide),
-                    input_spatial_shapes,
-                    input_level_start_index,
-                    reference_points.to(wide),
-                    offsets.to(wide),
-                    logits.to(wide),
-                )
-        else:
-            output = self._sample(
-                value,
-                input_spatial_shapes,
-                input_level_start_index,
-                reference_points.to(offsets.dtype),
-                offsets,
-                logits,
-            )
+        output = sample_in_float32_under_autocast(
+            self._sample,
+            value,
+            input_spatial_shapes,
+            input_level_start_index,
+            reference_points,
+            offsets,
+            logits,
+        )
         return self.output_proj(output)
 
     def _sample(self, value, spatial_shapes, level_start_index, reference_points, offsets, logits):
-        """The deformable sampling, all inputs of one dtype -> (N, Lq, C)."""
+        """The deformable sampling (reference points cast to the others' dtype) -> (N, Lq, C)."""
+        reference_points = reference_points.to(offsets.dtype)
         if reference_points.shape[-1] == 2:
             return m2f_kernels.ms_deform_attn_fused(
                 value,
