@@ -20,6 +20,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import safetensors
 import safetensors.torch
 import torch
 
@@ -132,6 +133,20 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     except Exception as error:
         raise CheckpointError(f"{path}: corrupt or not a safetensors checkpoint ({error})") from error
     return state, metadata or {}
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """A safetensors file's (metadata, shape of each tensor), without reading the tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        with safetensors.safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+            shapes = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+    except Exception as error:
+        raise CheckpointError(f"{path}: corrupt or not a safetensors checkpoint ({error})") from error
+    return metadata, shapes
 
 
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, str]:

@@ -167,7 +167,7 @@ def run_prediction(
             + " (predict them into separate --out folders)"
         )
     device = dist_utils.pick_device(device)
-    _, metadata = ckpt.read_weights(checkpoint)
+    metadata, _ = ckpt.read_header(checkpoint)
     config = load_config_for_checkpoint(config_name, metadata, checkpoint)
     classes = class_info(metadata, config.num_classes)
     config = dataclasses.replace(config, num_classes=len(classes.names))

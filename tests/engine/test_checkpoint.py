@@ -41,6 +41,18 @@ def test_truncated_weights_file_names_the_file(tmp_path):
         ckpt.load_model_weights(TinyNet(), path)
 
 
+def test_header_gives_metadata_and_shapes_without_the_tensors(tmp_path):
+    model, path = saved_checkpoint(tmp_path)
+    metadata, shapes = ckpt.read_header(path)
+    assert metadata == ckpt.read_weights(path)[1]
+    assert shapes == {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match=str(path)):
+        ckpt.read_header(path)
+    with pytest.raises(ckpt.CheckpointError, match="not found"):
+        ckpt.read_header(tmp_path / "missing.safetensors")
+
+
 def test_corrupt_state_file_names_the_file(tmp_path):
     _, path = saved_checkpoint(tmp_path)
     state_path = ckpt.state_path_for(path)
