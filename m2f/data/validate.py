@@ -14,6 +14,7 @@ from m2f.data.coco_panoptic import coco_paths
 from m2f.data.common import DatasetError, oriented_size, pool_context, read_json, read_panoptic_png
 
 TASKS = ("panoptic", "instance", "semantic")
+PNGS_PER_WORKER = 64
 
 
 def _list_files(folder: str) -> set[str]:
@@ -112,10 +113,11 @@ def _validate_panoptic(
             f"{json_path}: image id {image_id} ({images[image_id]['file_name']}) has no annotation"
         )
     if check_files:
-        if num_workers > 1 and len(png_jobs) > 1:
-            with pool_context().Pool(num_workers) as pool:
+        workers = min(num_workers, len(png_jobs) // PNGS_PER_WORKER)  # a process only pays off from there
+        if workers > 1:
+            with pool_context().Pool(workers) as pool:
                 results = pool.map(
-                    _check_panoptic_png_job, png_jobs, chunksize=max(1, len(png_jobs) // (8 * num_workers))
+                    _check_panoptic_png_job, png_jobs, chunksize=max(1, len(png_jobs) // (8 * workers))
                 )
         else:
             results = [_check_panoptic_png_job(job) for job in png_jobs]

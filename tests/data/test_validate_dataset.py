@@ -13,6 +13,7 @@ from m2f.data import (
     make_synthetic_ade20k,
     validate_dataset,
 )
+from m2f.data import validate as validate_module
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ def test_empty_segment_is_named(root):
     )
 
 
-def test_segment_in_json_but_not_in_png_and_the_reverse(root):
+def test_segment_in_json_but_not_in_png_and_the_reverse(root, monkeypatch):
     removed = {}
 
     def edit(data):
@@ -115,6 +116,7 @@ def test_segment_in_json_but_not_in_png_and_the_reverse(root):
     assert "000000000001.png" in problems[0] and "segment id 4242 in JSON but not in PNG" in problems[0]
     assert "000000000002.png" in problems[1]
     assert f"segment id {removed['id']} in PNG but not in JSON" in problems[1]
+    monkeypatch.setattr(validate_module, "PNGS_PER_WORKER", 1)  # two PNGs: checked by two processes
     assert _problems(root, "panoptic", num_workers=2).problems == problems
     assert validate_dataset(root, "train", "panoptic", check_files=False)["annotations"] == 2
 
