@@ -181,10 +181,10 @@ def convert_checkpoint(
 
 
 def _check_architecture(src: str | Path, fmt: str, config: ModelConfig) -> None:
-    """What the weights' shapes do not show, from the files beside them: a transformers config.json's decoder
-    head count and norm placement."""
+    """What the weights' shapes do not show, from the files beside them: the settings of a transformers
+    config.json (check_transformers_architecture)."""
     if fmt == "transformers":
-        check_transformers_architecture(src, config.decoder.num_heads, config.decoder.pre_norm)
+        check_transformers_architecture(src, config)
 
 
 def _match_expected(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import ModelConfig
 from .keymaps import BN_PARAM, ConversionError, Drop, Fuse, Rename, Rule, apply_rules, prefixed, reverse_rules
 from .reading import read_checkpoint_file
 
@@ -257,24 +258,55 @@ def _read_model_config(path: str | Path) -> tuple[Path, dict] | None:
     return config_path, config
 
 
-def check_transformers_architecture(path: str | Path, decoder_heads: int, pre_norm: bool) -> None:
-    """ConversionError when the config.json beside a transformers checkpoint gives the decoder another head
-    count or norm placement than the m2f config (fields it leaves out are not compared): the weights have the
-    same shapes but would compute something else."""
+# Settings of transformers' config.json that change the computation but no weight shape: the values m2f's
+# modules compute with (ResNet: timm's, stride in the 3x3 conv from res3 on; Swin: GELU, LayerNorm eps 1e-5).
+# transformers' pixel decoder encoder takes num_attention_heads heads and always 4 points.
+_FIXED_SETTINGS = {"activation_function": "relu"}
+_FIXED_BACKBONE_SETTINGS = {
+    "resnet": {"hidden_act": "relu", "downsample_in_bottleneck": False, "downsample_in_first_stage": False},
+    "swin": {"hidden_act": "gelu", "layer_norm_eps": 1e-5},
+}
+TRANSFORMERS_ENCODER_POINTS = 4
+
+
+def check_transformers_architecture(path: str | Path, config: ModelConfig) -> None:
+    """ConversionError when the m2f config or the config.json beside a transformers checkpoint sets something
+    that the weights' shapes do not show and the two models would compute differently: the head counts of the
+    decoder and of the pixel decoder's encoder (transformers: one `num_attention_heads` for both, 4 sampling
+    points), the decoder's norm placement and activation, the backbone's activation, stride placement and
+    LayerNorm eps. Fields the config.json leaves out are not compared."""
+    if config.pixel_decoder.encoder_points != TRANSFORMERS_ENCODER_POINTS:
+        raise ConversionError(
+            f"transformers' pixel decoder samples {TRANSFORMERS_ENCODER_POINTS} points per head and level; "
+            f"the m2f config has pixel_decoder.encoder_points={config.pixel_decoder.encoder_points}"
+        )
     found = _read_model_config(path)
     if found is None:
         return
-    config_path, config = found
-    ours = {"num_attention_heads": decoder_heads, "pre_norm": pre_norm}
+    config_path, settings = found
+    ours = {
+        "num_attention_heads": config.decoder.num_heads,
+        "pre_norm": config.decoder.pre_norm,
+        **_FIXED_SETTINGS,
+    }
     differences = [
-        f"{key} {config[key]} (m2f config: {value})"
+        f"{key} {settings[key]!r} (m2f: {value!r})"
         for key, value in ours.items()
-        if config.get(key, value) != value
+        if settings.get(key, value) != value
     ]
+    heads = settings.get("num_attention_heads", config.pixel_decoder.encoder_heads)
+    if heads != config.pixel_decoder.encoder_heads:
+        differences.append(
+            f"num_attention_heads {heads!r} (m2f: pixel_decoder.encoder_heads {config.pixel_decoder.encoder_heads})"
+        )
+    backbone = settings.get("backbone_config") or {}
+    for key, value in _FIXED_BACKBONE_SETTINGS.get(backbone.get("model_type"), {}).items():
+        if backbone.get(key, value) != value:
+            differences.append(f"backbone_config.{key} {backbone[key]!r} (m2f: {value!r})")
     if differences:
         raise ConversionError(
-            f"{config_path}: the checkpoint's decoder differs from the m2f config's: {', '.join(differences)}; "
-            "its weights would load but compute something else (set decoder.num_heads / decoder.pre_norm)"
+            f"{config_path}: the checkpoint's model differs from the m2f config {config.name!r}: "
+            f"{', '.join(differences)}; its weights would load but compute something else"
         )
 
 

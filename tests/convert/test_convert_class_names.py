@@ -1,6 +1,7 @@
 """Class names carried into converted checkpoints (transformers id2label, mmdet meta, `classes`), and the
 files that `m2f predict` reads back."""
 
+import dataclasses
 import json
 import os
 
@@ -54,24 +55,70 @@ def test_transformers_id2label_reaches_predict(resnet, tmp_path):
     ckpt.load_model_weights(build_model(stored_config, backend="torch"), out)
 
 
+RESNET_BACKBONE = {"model_type": "resnet", "hidden_act": "relu", "downsample_in_bottleneck": False}
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"num_attention_heads": 8}, r"num_attention_heads 8 \(m2f config: 4\)"),
-        ({"pre_norm": True}, "pre_norm True"),
+        ({"num_attention_heads": 8}, r"num_attention_heads 8 \(m2f: 4\)"),
+        ({"pre_norm": True}, r"pre_norm True \(m2f: False\)"),
+        ({"activation_function": "gelu"}, r"activation_function 'gelu' \(m2f: 'relu'\)"),
+        (
+            {"backbone_config": {**RESNET_BACKBONE, "downsample_in_bottleneck": True}},
+            r"backbone_config.downsample_in_bottleneck True \(m2f: False\)",
+        ),
+        (
+            {"backbone_config": {**RESNET_BACKBONE, "downsample_in_first_stage": True}},
+            r"backbone_config.downsample_in_first_stage True",
+        ),
+        ({"backbone_config": {**RESNET_BACKBONE, "hidden_act": "gelu"}}, "backbone_config.hidden_act 'gelu'"),
+        (
+            {"backbone_config": {"model_type": "swin", "layer_norm_eps": 1e-6}},
+            r"backbone_config.layer_norm_eps 1e-06 \(m2f: 1e-05\)",
+        ),
     ],
 )
-def test_decoder_architecture_in_config_json_must_match(resnet, tmp_path, fields, message):
-    """A head count or norm placement the m2f config does not share is refused (same weight shapes, other
-    outputs); the same values pass."""
+def test_architecture_in_config_json_must_match(resnet, tmp_path, fields, message):
+    """Settings that change the outputs but no weight shape are refused when the m2f config does not share
+    them; the same values pass."""
     config, state = resnet
     src = hf_directory(tmp_path / "hf", config, state, dict(enumerate(NAMES)))
     written = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**written, **fields}))
-    with pytest.raises(ConversionError, match=message):
+    with pytest.raises(ConversionError, match=message) as error:
         convert_to_file(src, "transformers", config, tmp_path / "out.safetensors")
-    (src / "config.json").write_text(json.dumps({**written, "num_attention_heads": 4, "pre_norm": False}))
+    assert str(src / "config.json") in str(error.value)
+    same = {
+        "num_attention_heads": 4,
+        "pre_norm": False,
+        "activation_function": "relu",
+        "backbone_config": {**RESNET_BACKBONE, "downsample_in_first_stage": False},
+    }
+    (src / "config.json").write_text(json.dumps({**written, **same}))
     convert_to_file(src, "transformers", config, tmp_path / "out.safetensors")
+
+
+def test_pixel_decoder_heads_and_points_must_be_transformers(resnet, tmp_path):
+    """transformers' pixel decoder encoder has num_attention_heads heads of 4 points: an m2f config with the
+    same heads x points product (the same weight shapes) but other factors is refused."""
+    config, state = resnet
+    src = hf_directory(tmp_path / "hf", config, state, dict(enumerate(NAMES)))
+    decoder = config.pixel_decoder
+    other_heads = dataclasses.replace(
+        config,
+        pixel_decoder=dataclasses.replace(decoder, encoder_heads=8, encoder_points=2),
+    )
+    with pytest.raises(ConversionError, match="samples 4 points per head and level"):
+        convert_to_file(src, "transformers", other_heads, tmp_path / "out.safetensors")
+    (src / "config.json").write_text(json.dumps({"num_attention_heads": 4}))
+    eight_heads = dataclasses.replace(
+        config, pixel_decoder=dataclasses.replace(decoder, encoder_heads=8, encoder_ffn_dim=128)
+    )
+    with pytest.raises(
+        ConversionError, match=r"num_attention_heads 4 \(m2f: pixel_decoder.encoder_heads 8\)"
+    ):
+        convert_to_file(src, "transformers", eight_heads, tmp_path / "out.safetensors")
 
 
 def test_id2label_beside_a_weights_file(resnet, tmp_path):
