@@ -80,12 +80,14 @@ def restricted_load(data: bytes) -> Any:
     return RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
 
 
-def _to_tensor(key: str, value: Any) -> torch.Tensor:
+def _is_array(value: Any) -> bool:
+    return isinstance(value, torch.Tensor | np.ndarray | np.generic)
+
+
+def _to_tensor(value: torch.Tensor | np.ndarray | np.generic) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, np.ndarray | np.generic):
-        return torch.from_numpy(np.array(value, copy=True))
-    raise ConversionError(f"{key}: expected an array, got {type(value).__name__}")
+    return torch.from_numpy(np.array(value, copy=True))
 
 
 def load_detectron2_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -104,7 +106,14 @@ def load_detectron2_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         checkpoint = checkpoint["model"]
     if not isinstance(checkpoint, Mapping):
         raise ConversionError(f"{path}: expected a dict of arrays, got {type(checkpoint).__name__}")
-    return {key: _to_tensor(key, value) for key, value in checkpoint.items()}
+    not_arrays = [key for key, value in checkpoint.items() if not _is_array(value)]
+    if not_arrays:
+        hint = " (an mmdet checkpoint: --format mmdet)" if "state_dict" in not_arrays else ""
+        raise ConversionError(
+            f'{path}: not a detectron2 checkpoint: a "model" dict or a flat dict of arrays was expected, but '
+            f"{', '.join(map(repr, not_arrays[:5]))} hold no array{hint}"
+        )
+    return {key: _to_tensor(value) for key, value in checkpoint.items()}
 
 
 def save_detectron2_pkl(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:

@@ -13,6 +13,10 @@ from .keymaps import ConversionError
 def read_checkpoint_file(path: str | Path) -> Any:
     """The tensors of a .safetensors file, or what torch.load(weights_only=True) reads from any other file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConversionError(
+            f"{path}: a directory, not a checkpoint file (a transformers model directory: --format transformers)"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

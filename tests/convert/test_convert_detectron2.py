@@ -181,3 +181,18 @@ def test_bad_arguments(tmp_path):
         convert_checkpoint(tmp_path / "nothing.pkl", "detectron2", "panoptic-r50")
     with pytest.raises(TypeError, match="src"):
         convert_checkpoint(3, "detectron2", "panoptic-r50")
+
+
+def test_other_formats_given_as_detectron2_are_named(tmp_path):
+    """An mmdet checkpoint or a transformers model directory passed as detectron2 says what it looks like."""
+    from convert_fixtures import random_state
+
+    config = small_config("resnet")
+    mmdet = tmp_path / "mmdet.pth"
+    torch.save({"state_dict": export_checkpoint(random_state(config), "mmdet", config), "meta": {}}, mmdet)
+    with pytest.raises(ConversionError, match=r"mmdet\.pth: not a detectron2 checkpoint.*--format mmdet"):
+        convert_checkpoint(mmdet, "detectron2", config)
+    (tmp_path / "hf").mkdir()
+    for fmt in ("detectron2", "mmdet"):
+        with pytest.raises(ConversionError, match=r"hf: a directory.*--format transformers"):
+            convert_checkpoint(tmp_path / "hf", fmt, config)
