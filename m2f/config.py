@@ -151,6 +151,8 @@ class ModelConfig:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.size_divisibility < 1:
+            raise ValueError(f"size_divisibility must be >= 1 (1: no padding), got {self.size_divisibility}")
         if self.decoder.dropout != 0.0 or self.pixel_decoder.encoder_dropout != 0.0:
             raise ValueError(
                 "dropout is not supported (Mask2Former trains without it): decoder.dropout and "

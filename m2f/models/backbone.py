@@ -139,8 +139,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(
-            f"{str(path)!r} is not a safetensors file or a torch file loadable with weights_only=True "
-            f"(convert other checkpoint formats with m2f.convert first): {error}"
+            f"{str(path)!r} is not a safetensors file or a torch file loadable with weights_only=True ({error}); "
+            "backbone weights are a timm or torchvision state dict (a detectron2 .pkl is not one: m2f.convert "
+            "reads whole Mask2Former checkpoints, not backbone files)"
         ) from error
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -239,7 +239,7 @@ def test_backbone_weights_errors(tmp_path):
         m2f.build_model("demo-tiny", backbone_weights=missing_path)
     pickled = tmp_path / "R-50.pkl"
     pickled.write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match=r"R-50\.pkl"):
+    with pytest.raises(ValueError, match=r"(?s)R-50\.pkl.*timm or torchvision state dict"):
         m2f.build_model("demo-tiny", backbone_weights=pickled)
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(b"not a safetensors file")
@@ -303,3 +303,32 @@ def test_dropout_is_refused():
         ModelConfig(decoder=dataclasses.replace(ModelConfig().decoder, dropout=0.1))
     with pytest.raises(ValueError, match="encoder_dropout"):
         ModelConfig(pixel_decoder=dataclasses.replace(ModelConfig().pixel_decoder, encoder_dropout=0.1))
+
+
+@pytest.mark.parametrize("common_stride, out_strides", [(8, (4, 8, 16, 32)), (2, (2, 4, 8, 16, 32))])
+def test_padded_input_masks_are_cropped_at_the_mask_stride(common_stride, out_strides):
+    """An image whose size is not a multiple of size_divisibility gives the masks of the image padded by hand,
+    cropped to ceil(size / common_stride)."""
+    base = tiny_config()
+    config = dataclasses.replace(
+        base,
+        pixel_decoder=dataclasses.replace(base.pixel_decoder, common_stride=common_stride),
+        backbone=dataclasses.replace(base.backbone, out_strides=out_strides),
+    )
+    torch.manual_seed(0)
+    model = m2f.build_model(config, backend="torch").eval()
+    height, width = 65, 97
+    image = torch.rand(1, 3, height, width) * 255
+    padded = model.pixel_mean.expand(1, 3, 96, 128).clone()  # zero after normalization
+    padded[..., :height, :width] = image
+    with torch.no_grad():
+        masks = model(image)["pred_masks"]
+        expected = model(padded)["pred_masks"]
+    crop_h, crop_w = -(-height // common_stride), -(-width // common_stride)
+    assert masks.shape[-2:] == (crop_h, crop_w)
+    torch.testing.assert_close(masks, expected[..., :crop_h, :crop_w], rtol=0, atol=1e-5)
+
+
+def test_size_divisibility_below_one_is_refused():
+    with pytest.raises(ValueError, match=r"size_divisibility must be >= 1 \(1: no padding\), got 0"):
+        ModelConfig(size_divisibility=0)
