@@ -185,6 +185,21 @@ def _without_autocast(kernel: Callable, device_type: str) -> Callable:
     return run
 
 
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _one_call_at_a_time(kernel: Callable) -> Callable:
+    """``kernel`` run under a process-wide lock: Triton's interpreter keeps the launch being run in globals,
+    so launches from two threads at once fail or read each other's grid."""
+
+    @functools.wraps(kernel)
+    def run(*args):
+        with _INTERPRETER_LOCK:
+            return kernel(*args)
+
+    return run
+
+
 class OpKernels:
     """Backend lookup for one op: C++ library, Triton module or the PyTorch ("torch") implementation.
 
@@ -254,5 +269,6 @@ class OpKernels:
         if backend == "torch":
             return _without_autocast(self.torch_kernels[stage], device.type)
         if backend == "triton":
-            return self._triton_kernel(stage)
+            kernel = self._triton_kernel(stage)
+            return _one_call_at_a_time(kernel) if os.environ.get("TRITON_INTERPRET", "0") == "1" else kernel
         return getattr(torch.ops.m2f_kernels, "_" + self._kernel_name(stage))

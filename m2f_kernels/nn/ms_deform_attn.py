@@ -39,7 +39,7 @@ def sample_in_float32_under_autocast(sample: Callable, *args):
 
     floats = [arg for arg in args if is_float(arg)]
     device_type = floats[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return sample(*args)
     wide = functools.reduce(torch.promote_types, (arg.dtype for arg in floats), torch.float32)
     with torch.autocast(device_type, enabled=False):

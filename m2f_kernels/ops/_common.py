@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch._library.custom_ops import CustomOpDef
+from torch.autograd import forward_ad
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT32_MAX = 2**31 - 1
@@ -55,8 +56,9 @@ def check_same_dtype(reference_name: str, reference: torch.Tensor, **others: tor
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``device`` when autocast is on there, else None."""
-    if torch.is_autocast_enabled(device.type):
+    """The autocast dtype for ``device`` when autocast is on there, else None (also for devices without
+    autocast, e.g. meta)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 
@@ -139,12 +141,13 @@ def reference_vjp(
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
 def plain_eager(args: Sequence) -> bool:
     """Whether an op call with ``args`` is seen by eager autograd alone: nothing compiles, exports, traces or
     profiles it, no dispatch or function mode and no functorch transform is active, and every tensor is a
-    plain one."""
+    plain one with storage: not meta, not a batched gradient (``is_grads_batched``, old vmap)."""
     if (
         torch.compiler.is_compiling()
         or torch.jit.is_tracing()
@@ -154,7 +157,40 @@ def plain_eager(args: Sequence) -> bool:
         or torch._C._are_functorch_transforms_active()
     ):
         return False
-    return all(type(arg) in _PLAIN_TENSOR_TYPES for arg in args if isinstance(arg, torch.Tensor))
+    return all(
+        type(arg) in _PLAIN_TENSOR_TYPES and not arg.is_meta and not _is_legacy_batched(arg)
+        for arg in args
+        if isinstance(arg, torch.Tensor)
+    )
+
+
+def _has_jvp_wrapper(tensor: torch.Tensor, jvp_levels: set[int]) -> bool:
+    """Whether ``tensor`` is wrapped, at any depth, as a dual tensor of one of torch.func.jvp's levels."""
+    functorch = torch._C._functorch
+    while (level := functorch.maybe_get_level(tensor)) != -1:
+        if level in jvp_levels and functorch.is_gradtrackingtensor(tensor):
+            return True
+        tensor = functorch.get_unwrapped(tensor)
+    return False
+
+
+def check_no_forward_ad(name: str, args: Sequence) -> None:
+    """NotImplementedError when an argument carries a forward-mode tangent (torch.autograd.forward_ad dual
+    tensors, torch.func.jvp / jacfwd): the ops have no forward-mode formula, and the dispatcher would drop
+    the tangent silently."""
+    tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+    dual = forward_ad._current_level >= 0 and any(
+        forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    )
+    if not dual and torch._C._are_functorch_transforms_active():
+        stack = torch._C._functorch.get_interpreter_stack() or []
+        jvp_levels = {i.level() for i in stack if i.key() == torch._C._functorch.TransformType.Jvp}
+        dual = bool(jvp_levels) and any(_has_jvp_wrapper(t, jvp_levels) for t in tensors)
+    if dual:
+        raise NotImplementedError(
+            f"{name}: forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) is not supported; "
+            "differentiate with backward() or torch.autograd.grad"
+        )
 
 
 @functools.cache
@@ -182,6 +218,8 @@ def call_op(op: CustomOpDef, *args):
     subclasses) goes through the registered op, so those see it as one op. Reads the op's implementation,
     setup_context and backward from CustomOpDef's private attributes (torch 2.14).
     """
+    if forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        check_no_forward_ad(op._name, args)
     if not plain_eager(args):
         return op(*args)
     if torch.is_grad_enabled() and any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args):

@@ -591,3 +591,93 @@ def test_torch_backend_backward_in_a_forked_child():
     if child.is_alive():
         child.kill()
     assert child.exitcode == 0 and results.get(timeout=5)
+
+
+ALL_CPU_BACKENDS = CPU_BACKENDS + (["triton"] if _backend.triton_runs_on("cpu") else [])
+
+
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_forward_mode_ad_is_refused(backend):
+    """The ops have no forward-mode formula; a tangent reaching one is an error, not a zero or a lost tangent.
+    An op outside the differentiated path still runs under torch.func.jvp."""
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64)
+    coords = torch.rand(1, 4, 2, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+    with pytest.raises(NotImplementedError, match="point_sample: forward-mode AD"):
+        torch.func.jvp(lambda a: m2f_kernels.point_sample(a, coords, backend=backend), (x,), (tangent,))
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jacfwd(lambda a: m2f_kernels.point_sample(a, coords, backend=backend))(x)
+    from torch.autograd import forward_ad
+
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        m2f_kernels.point_sample(forward_ad.make_dual(x, tangent), coords, backend=backend)
+    q, k, v, logits = attention_inputs()
+    with pytest.raises(NotImplementedError, match="masked_attention: forward-mode AD"):
+        torch.func.jvp(lambda a: m2f_kernels.masked_attention(a, k, v, logits, backend=backend), (q,), (q,))
+
+    def sampled_times(scale):  # the tangent flows through `scale` only
+        return m2f_kernels.point_sample(x, coords, backend=backend) * scale
+
+    _, got = torch.func.jvp(sampled_times, (torch.tensor(2.0, dtype=torch.float64),), (torch.tensor(1.0),))
+    torch.testing.assert_close(got, reference.point_sample(x, coords))
+
+
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_batched_gradients_match_the_reference_jacobian(backend):
+    """autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) send batched gradients into the
+    backward; the kernels see them through the dispatcher's batching rule."""
+    x = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    coords = torch.rand(1, 3, 2, dtype=torch.float64)
+    expected = torch.autograd.functional.jacobian(lambda a: reference.point_sample(a, coords), x)
+    out = m2f_kernels.point_sample(x, coords, backend=backend)
+    basis = torch.eye(out.numel(), dtype=out.dtype).view(-1, *out.shape)
+    (batched,) = torch.autograd.grad(out, x, basis, is_grads_batched=True)
+    torch.testing.assert_close(batched.view(expected.shape), expected)
+    vectorized = torch.autograd.functional.jacobian(
+        lambda a: m2f_kernels.point_sample(a, coords, backend=backend), x, vectorize=True
+    )
+    torch.testing.assert_close(vectorized, expected)
+
+
+def test_meta_tensors_give_shapes():
+    from m2f_kernels.nn import MSDeformAttn
+
+    """Meta tensors (shape inference, deferred initialization) run through the ops' fake kernels."""
+    value, shapes, starts, locations, weights = (
+        t.to("meta") if t.is_floating_point() else t for t in msda_inputs(torch.float32)
+    )
+    assert m2f_kernels.ms_deform_attn(value, shapes, starts, locations, weights).shape == (2, 3, 6)
+    q, k, v, logits = (t.to("meta") for t in attention_inputs(torch.float32))
+    assert m2f_kernels.masked_attention(q, k, v, logits).shape == q.shape
+    ce, dice = m2f_kernels.point_mask_loss(
+        torch.randn(2, 4, 4, device="meta"),
+        torch.rand(2, 8, 8, device="meta"),
+        torch.rand(2, 5, 2, device="meta"),
+        2.0,
+    )
+    assert ce.shape == dice.shape == () and ce.is_meta
+    with torch.device("meta"):
+        module = MSDeformAttn(8, n_levels=2, n_heads=2, n_points=2)
+        out = module(
+            torch.randn(1, 3, 8), torch.rand(1, 3, 2, 2), torch.randn(1, 18, 8), shapes.to("meta"), starts
+        )
+    assert out.shape == (1, 3, 8) and out.is_meta
+
+
+@pytest.mark.skipif(
+    not _backend.triton_runs_on("cpu"), reason="Triton runs on CPU only with TRITON_INTERPRET=1"
+)
+def test_triton_interpreter_calls_from_threads_match_serial_calls():
+    """Triton's interpreter keeps the running launch in globals; calls from several threads take turns."""
+    import concurrent.futures
+
+    def sample(seed):
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 3, 17, 19, generator=generator)
+        coords = torch.rand(2, 300, 2, generator=generator)
+        return m2f_kernels.point_sample(x, coords, backend="triton"), reference.point_sample(x, coords)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(sample, list(range(6)) * 3))
+    for got, expected in results:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
