@@ -62,3 +62,26 @@ def test_sdist_has_every_listed_source(sdist_names):
 def test_sdist_leaves_the_tests_and_benchmarks_out(sdist_names):
     """They import each other and need a checkout; half of them in the sdist would not run."""
     assert not [name for name in sdist_names if name.startswith(("tests/", "benchmarks/"))]
+
+
+def test_build_inplace_does_not_read_pyproject(tmp_path):
+    """benchmarks/build_inplace.py (gpu_check.sh's fallback for setuptools older than 77) runs setup.py's build
+    where a pyproject.toml that setuptools refuses stops `setup.py build_ext`."""
+    for name in (
+        "setup.py",
+        "m2f_kernels/_build_flags.py",
+        "csrc/sources.txt",
+        "benchmarks/build_inplace.py",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tmp_path / name)
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\nversion = "0"\nlicense = 3\n')
+    env = {**os.environ, "M2F_KERNELS_NO_EXTENSION": "1"}  # setup.py without the compile
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, env=env)
+
+    refused = run("setup.py", "build_ext", "--inplace")
+    assert refused.returncode != 0 and "project.license" in refused.stderr
+    built = run("benchmarks/build_inplace.py")
+    assert built.returncode == 0, built.stderr
