@@ -180,6 +180,17 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def _tree_differs_from(commit: str) -> bool | None:
+    """Whether tracked files differ from `commit`; None without git or when git does not know the commit."""
+    try:
+        result = subprocess.run(
+            ["git", "diff", "--quiet", commit, "--"], capture_output=True, cwd=Path(__file__).parent
+        )
+    except OSError:
+        return None
+    return {0: False, 1: True}.get(result.returncode)
+
+
 def _cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else the platform's processor or machine name."""
     try:
@@ -194,11 +205,11 @@ def _cpu_name() -> str:
 def environment() -> dict:
     """Device, commit and versions recorded with every result file.
 
-    The commit is M2F_BENCH_COMMIT where set (a copy of the tree without its git history), else git's HEAD;
-    uncommitted_changes says whether tracked files differed from it (None without git).
+    The commit is M2F_BENCH_COMMIT where set (a copy of the tree, whose own HEAD may be another commit), else
+    git's HEAD; uncommitted_changes says whether tracked files differed from that commit (None where git does
+    not know it).
     """
     commit = os.environ.get("M2F_BENCH_COMMIT") or _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
     try:
         import triton
 
@@ -211,7 +222,7 @@ def environment() -> dict:
         "device_type": "cuda" if cuda else "cpu",
         "cpu_threads": torch.get_num_threads(),
         "commit": commit,
-        "uncommitted_changes": None if status is None else bool(status),
+        "uncommitted_changes": None if commit is None else _tree_differs_from(commit),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,

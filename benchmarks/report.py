@@ -232,9 +232,17 @@ def write_report(
     png_names: set[str] = set()
     for results in files:
         lines += ["", f"## {results.path}"]
+        file_old_times = old_times
+        if baseline is not None and results.environment["device"] != baseline.environment["device"]:
+            file_old_times = None  # times of another device say nothing about a regression
+            lines += [
+                "",
+                f"Not compared with the baseline: this file ran on {results.environment['device']}, "
+                f"the baseline on {baseline.environment['device']}.",
+            ]
         title_suffix = f" ({results.environment['device']})" if len(files) > 1 else ""
         for group, rows in results.groups().items():
-            lines += ["", f"### {group}", "", *group_table(results, group, rows, old_times)]
+            lines += ["", f"### {group}", "", *group_table(results, group, rows, file_old_times)]
             stem = _slug(f"{results.path.stem}-{group}" if len(files) > 1 else group)
             png_name, counter = f"{stem}.png", 1
             while png_name in png_names:
@@ -243,9 +251,9 @@ def write_report(
             png_names.add(png_name)
             write_bytes_atomic(out_dir / png_name, bar_chart_png(group, rows, title_suffix))
             lines += ["", f"![{group}]({png_name})"]
-            if old_times is not None:
+            if file_old_times is not None:
                 for m in rows:
-                    old = old_times.get((m.group, m.name, m.mode))
+                    old = file_old_times.get((m.group, m.name, m.mode))
                     if old and m.median_ms / old > threshold:
                         regressions.append(
                             f"- {results.path}: {m.group} / {m.name} / {m.mode}: "

@@ -188,3 +188,36 @@ def test_command_line_error_names_file(results_path, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert f"{results_path}: not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_baseline_of_another_device_is_not_compared(results_path, tmp_path):
+    old_path = _write_results(tmp_path / "old.json", _gpu_like_measurements())
+    payload = json.loads(old_path.read_text())
+    payload["environment"]["device"] = "Another Device"
+    old_path.write_text(json.dumps(payload))
+    text = main([str(results_path), "--out", str(tmp_path / "out"), "--baseline", str(old_path)]).read_text()
+    assert (
+        "Not compared with the baseline: this file ran on" in text
+        and "the baseline on Another Device" in text
+    )
+    assert all("time new/old" not in table[0] for table in _tables(text).values() if table)
+    assert text.split("## Regressions")[1].split("\n", 3)[2] == "None."
+
+
+def test_uncommitted_changes_are_against_the_named_commit(monkeypatch):
+    """M2F_BENCH_COMMIT names the measured commit of a copied tree: changes are counted against it."""
+    import subprocess
+
+    from benchmarks.harness import environment
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    first = git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]  # its tree differs from today's
+    monkeypatch.setenv("M2F_BENCH_COMMIT", first)
+    assert environment()["commit"] == first and environment()["uncommitted_changes"] is True
+    monkeypatch.setenv("M2F_BENCH_COMMIT", "0" * 40)  # a commit git does not know
+    assert environment()["uncommitted_changes"] is None
+    monkeypatch.delenv("M2F_BENCH_COMMIT")
+    head_differs = bool(git("status", "--porcelain", "--untracked-files=no"))
+    assert environment()["uncommitted_changes"] is head_differs
