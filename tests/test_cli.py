@@ -170,6 +170,24 @@ def test_eval_resume_refuses_parts_of_another_run(synthetic_root, trained_run, t
     assert json.loads(output.read_text())["num_images"] == 2
 
 
+def test_eval_resume_refuses_parts_of_other_data_at_the_same_path(
+    synthetic_root, trained_run, tmp_path, capsys, monkeypatch
+):
+    import os
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    output = tmp_path / "results.json"
+    args = eval_args(trained_run / "model_final.safetensors", data, output)
+    run_eval_stopped_at_the_second_image(monkeypatch, args)
+    annotation = data / "annotations" / "panoptic_val2017.json"
+    stat = annotation.stat()
+    os.utime(annotation, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a dataset written anew there
+    assert main([*args, "--resume"]) == 2
+    assert "part-000000.json belongs to another evaluation" in capsys.readouterr().err
+
+
 def test_predict_writes_overlays_and_raw_predictions(synthetic_root, trained_run, tmp_path):
     images = sorted((synthetic_root / "val2017").glob("*.jpg"))
     args = ["predict", *map(str, images), "--checkpoint", str(trained_run / "model_final.safetensors")]
