@@ -450,6 +450,11 @@ class Trainer:
         rng_states = state["rng"]
         ckpt.restore_rng_state(rng_states[self.rank % len(rng_states)])
         self.start_iteration = int(state["iteration"])
+        if self.start_iteration > self.settings.max_iters:
+            raise ValueError(
+                f"{weights_path} is at iteration {self.start_iteration}, past max_iters "
+                f"{self.settings.max_iters}: resume with max_iters >= {self.start_iteration}, or start afresh"
+            )
         self.last_checkpoint = weights_path
         if self.is_main:
             print(f"resumed from {weights_path} at iteration {self.start_iteration}")

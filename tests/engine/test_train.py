@@ -180,6 +180,13 @@ def test_evaluation_does_not_change_the_training(tmp_path):
         assert torch.equal(got[name], expected[name]), name
 
 
+def test_resume_with_fewer_iterations_than_the_checkpoint_is_refused(tmp_path):
+    make_trainer(tmp_path / "run").train()  # 6 iterations
+    with pytest.raises(ValueError, match=r"model_0000006\.safetensors is at iteration 6, past max_iters 3"):
+        make_trainer(tmp_path / "run", max_iters=3, resume=True)
+    assert make_trainer(tmp_path / "run", resume=True).start_iteration == 6  # a finished run resumes as done
+
+
 @pytest.mark.parametrize("kind", ["step", "poly"])
 def test_resume_with_more_iterations_follows_the_new_schedule(tmp_path, kind, capsys):
     """A run of 3 iterations resumed with max_iters 6 trains with the learning rates of a 6-iteration run
