@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backend import OpKernels
+from .._backend import BACKENDS, OpKernels
 from ..reference.masked_attention import blocked_keys, logits_visible, threshold_to_logit
 from ._common import (
     call_op,
@@ -250,6 +250,8 @@ def masked_attention(
     computed separately for debugging (never on the fast path). Gradients flow to q, k and v. Without a
     mask this is dense attention (torch's scaled_dot_product_attention).
     """
+    if backend not in BACKENDS:  # checked here too: the dense path never looks a backend up
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_tensor("q", q, ndim=4, floating=True)
     check_tensor("k", k, ndim=4, floating=True)
     check_tensor("v", v, ndim=4, floating=True)

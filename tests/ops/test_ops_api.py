@@ -439,6 +439,9 @@ def test_autocast_keeps_the_mask_logits_precision(autocast_dtype):
 
 def test_masked_attention_bad_inputs():
     q, k, v, logits = attention_inputs()
+    for mask in (logits, None):  # without a mask too, where the dense path needs no backend
+        with pytest.raises(ValueError, match="backend must be one of"):
+            m2f_kernels.masked_attention(q, k, v, mask, backend="cdua")
     with pytest.raises(ValueError, match="v must have shape"):
         m2f_kernels.masked_attention(q, k, v[..., :2], logits)
     with pytest.raises(ValueError, match="k must have shape"):
