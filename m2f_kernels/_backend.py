@@ -90,19 +90,30 @@ def _jit_build() -> str:
     return str(build_dir)
 
 
+def _switch(name: str) -> bool:
+    """An on/off environment variable: "1" on, "0" or unset off; anything else is refused, not ignored."""
+    value = os.environ.get(name, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def load_library() -> bool:
     """Loads the compiled library once; returns whether it is available."""
     with _lock:
         if "path" in _library:
             return _library["path"] is not None
-        errors = []
+        jit, no_jit = _switch("M2F_KERNELS_JIT"), _switch("M2F_KERNELS_NO_JIT")
+        errors = ["M2F_KERNELS_JIT=1 skips the prebuilt library"] if jit else []
         path = None
-        if os.environ.get("M2F_KERNELS_JIT", "0") != "1":
+        if not jit:
             try:
                 path = _load_prebuilt()
             except OSError as error:
                 errors.append(f"prebuilt library failed to load: {error}")
-        if path is None and os.environ.get("M2F_KERNELS_NO_JIT", "0") != "1":
+        if path is None and no_jit:
+            errors.append("M2F_KERNELS_NO_JIT=1 forbids building it")
+        elif path is None:
             try:
                 path = _jit_build()
             except Exception as error:
@@ -112,8 +123,8 @@ def load_library() -> bool:
         if path is None:
             warnings.warn(
                 "m2f_kernels: the compiled kernel library is not available "
-                f"({_library['error']}); using the Triton and PyTorch backends instead. "
-                "Build it with `pip install --no-build-isolation -e .`.",
+                f"({_library['error']}); using the Triton and PyTorch backends instead"
+                + ("" if jit or no_jit else ". Build it with `pip install --no-build-isolation -e .`."),
                 stacklevel=3,
             )
         return path is not None

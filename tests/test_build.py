@@ -61,9 +61,19 @@ def test_missing_library_warns_once_and_falls_back(tmp_path):
         "    for _ in range(3): m2f_kernels.ms_deform_attn(v, s, i, loc, w)\n"
         "print(m2f_kernels.available_backends())\n"
         "print(sum('not available' in str(w.message) for w in caught))\n"
+        "print(next(str(w.message) for w in caught if 'not available' in str(w.message)))\n"
     )
     env = dict(os.environ, M2F_KERNELS_JIT="1", M2F_KERNELS_NO_JIT="1")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    backends, warnings_count = result.stdout.strip().splitlines()
+    backends, warnings_count, message = result.stdout.strip().splitlines()
     assert "'cpu'" not in backends and backends.endswith("'torch']")
     assert warnings_count == "1"
+    assert "M2F_KERNELS_JIT=1 skips the prebuilt library; M2F_KERNELS_NO_JIT=1 forbids building it" in message
+    assert "pip install" not in message  # the library is there; the switches keep it out
+
+
+def test_switches_other_than_0_or_1_are_refused():
+    code = "import torch, m2f_kernels; m2f_kernels.available_backends()"
+    env = dict(os.environ, M2F_KERNELS_NO_JIT="yes")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "M2F_KERNELS_NO_JIT must be 0 or 1, got 'yes'" in result.stderr

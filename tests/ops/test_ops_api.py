@@ -245,6 +245,11 @@ def test_cpu_isa_environment_variable_lowers_the_level(monkeypatch):
     assert m2f_kernels.cpu_isa() == ("baseline" if native == "baseline" else "avx2")
     monkeypatch.setenv("M2F_KERNELS_CPU_ISA", "avx512")  # never raises the level
     assert m2f_kernels.cpu_isa() == native
+    monkeypatch.setenv("M2F_KERNELS_CPU_ISA", "AVX2")
+    with pytest.raises(
+        RuntimeError, match="M2F_KERNELS_CPU_ISA must be avx512, avx2 or baseline, got 'AVX2'"
+    ):
+        m2f_kernels.ms_deform_attn(*msda_inputs(torch.float32), backend="cpu")
 
 
 def test_empty_inputs_give_empty_or_zero_results():
