@@ -252,6 +252,22 @@ def test_eval_of_corrupt_checkpoint_names_the_file(synthetic_root, tmp_path, cap
     assert str(broken) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_config_other_than_the_stored_one_is_named(synthetic_root, trained_run, tmp_path, capsys, command):
+    checkpoint = trained_run / "model_final.safetensors"
+    if command == "eval":
+        args = eval_args(checkpoint, synthetic_root, tmp_path / "results.json")
+    else:
+        image = sorted((synthetic_root / "val2017").glob("*.jpg"))[0]
+        args = ["predict", str(image), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]
+        args += ["--config", "demo-tiny", "--device", "cpu"]
+    args[args.index("demo-tiny")] = "panoptic-r50"
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "was saved with config 'demo-tiny', not 'panoptic-r50' (leave --config out" in error
+    assert "checkpoint does not match the model" in error  # the key listing follows
+
+
 @pytest.mark.parametrize("stored", ["not json", '{"decoder": 5}', '{"num_classes": "5"}'])
 def test_unreadable_stored_config_is_one_line_naming_the_checkpoint(
     synthetic_root, trained_run, tmp_path, capsys, stored

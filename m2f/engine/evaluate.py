@@ -352,6 +352,26 @@ def load_config_for_checkpoint(
         ) from error
 
 
+def load_checkpoint_weights(
+    model: nn.Module, checkpoint: str | os.PathLike, metadata: dict[str, str]
+) -> None:
+    """ckpt.load_model_weights; when the weights do not fit a model of another config than the one the
+    checkpoint stores (a --config given), the error starts by saying so."""
+    try:
+        ckpt.load_model_weights(model, checkpoint)
+    except ckpt.CheckpointError as error:
+        try:
+            stored = json.loads(metadata["config"])["name"]
+        except (KeyError, TypeError, ValueError):
+            raise error from None
+        if stored == model.config.name:
+            raise
+        raise ckpt.CheckpointError(
+            f"{checkpoint} was saved with config {stored!r}, not {model.config.name!r} (leave --config out to "
+            f"use the stored one): {error}"
+        ) from None
+
+
 def run_evaluation(
     checkpoint: str | os.PathLike,
     data_root: str | os.PathLike,
@@ -412,7 +432,7 @@ def run_evaluation(
         )
     config = dataclasses.replace(config, num_classes=num_classes)
     model = build_model(config).to(device)
-    ckpt.load_model_weights(model, checkpoint)
+    load_checkpoint_weights(model, checkpoint, metadata)
     checkpoint = Path(checkpoint)
     output = (
         Path(output)

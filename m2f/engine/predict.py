@@ -29,7 +29,13 @@ from PIL import Image
 from m2f import visualize
 from m2f.engine import checkpoint as ckpt
 from m2f.engine import distributed as dist_utils
-from m2f.engine.evaluate import inference_transform, load_config_for_checkpoint, postprocess, predict_masks
+from m2f.engine.evaluate import (
+    inference_transform,
+    load_checkpoint_weights,
+    load_config_for_checkpoint,
+    postprocess,
+    predict_masks,
+)
 from m2f.files import check_output_path, save_image_atomic, save_npz_atomic, write_json_atomic
 
 # The files save_prediction writes per task, overlay first.
@@ -186,7 +192,7 @@ def run_prediction(
     if overwritten:
         raise ValueError(f"the outputs would overwrite input images: {', '.join(overwritten)}")
     model = build_model(config).to(device)
-    ckpt.load_model_weights(model, checkpoint)
+    load_checkpoint_weights(model, checkpoint, metadata)
     model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
