@@ -530,13 +530,31 @@ class Trainer:
             summed = values.double() if summed is None else summed + values.double()
         return summed / len(micro_batches)
 
-    def optimizer_step(self) -> None:
-        """Clips the full-model gradient norm (fp16 gradients unscaled first), steps optimizer and scaler."""
+    def optimizer_step(self, iteration: int) -> None:
+        """Clips the full-model gradient norm (fp16 gradients unscaled first), steps optimizer and scaler.
+
+        fp16's loss scaling skips a step whose gradients are not finite and lowers the scale; without it (bf16,
+        float32) such gradients raise FloatingPointError before they reach the weights."""
+        norm = None
         if self.settings.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.settings.clip_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.settings.clip_grad_norm)
+        if not self.scaler.is_enabled():
+            if norm is None:
+                grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            if not torch.isfinite(norm):
+                self._stop(
+                    f"non-finite gradient norm {norm.item()} at iteration {iteration + 1} (finite loss)"
+                )
         self.scaler.step(self.optimizer)
         self.scaler.update()
+
+    def _stop(self, what: str) -> None:
+        raise FloatingPointError(
+            f"{what}; stopped without saving, the last good checkpoint is "
+            f"{self.last_checkpoint or 'none (none was written)'}"
+        )
 
     def train(self) -> Path:
         """Trains to max_iters; returns the final checkpoint's weights path.
@@ -574,11 +592,8 @@ class Trainer:
                 values_list = values.tolist()
                 if not all(math.isfinite(v) for v in values_list):
                     terms = dict(zip(["total_loss", *self.loss_names], values_list))
-                    raise FloatingPointError(
-                        f"non-finite loss at iteration {iteration + 1}: {terms}; stopped without saving, the "
-                        f"last good checkpoint is {self.last_checkpoint or 'none (none was written)'}"
-                    )
-                self.optimizer_step()
+                    self._stop(f"non-finite loss at iteration {iteration + 1}: {terms}")
+                self.optimizer_step(iteration)
                 done = iteration + 1
                 window_iters += 1
                 lr = settings.base_lr * self.schedule.factor(

@@ -291,6 +291,47 @@ def test_nan_loss_stops_with_iteration_and_keeps_last_checkpoint(tmp_path):
     ckpt.load_training_state(tmp_path / "model_0000002.safetensors")
 
 
+class _InfiniteGradient(torch.autograd.Function):
+    """0 forward; an infinite gradient backward (a finite loss whose backward overflows)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.sum() * 0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.shape, float("inf"), dtype=grad.dtype)
+
+
+@pytest.mark.parametrize("amp, clip", [(None, None), (None, 1.0), ("bf16", None), ("fp16", 1.0)])
+def test_non_finite_gradients_never_reach_the_weights(tmp_path, amp, clip):
+    """A finite loss with infinite gradients at iteration 3: fp16's loss scaling skips the step; without it
+    the run stops naming the iteration and the last good checkpoint, before saving anything."""
+    calls = {"n": 0}
+
+    def overflowing_criterion(outputs, targets):
+        calls["n"] += 1
+        losses = tiny_criterion(outputs, targets)
+        if calls["n"] == 3:
+            losses["loss_mse"] = losses["loss_mse"] + _InfiniteGradient.apply(outputs["pred"])
+        return losses
+
+    trainer = make_trainer(
+        tmp_path, criterion=overflowing_criterion, checkpoint_period=1, amp=amp, clip_grad_norm=clip
+    )
+    if amp == "fp16":
+        final = trainer.train()
+        assert all(torch.isfinite(t).all() for t in read_weights(final).values())
+        return
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite gradient norm (inf|nan) at iteration 3 .*model_0000002"
+    ):
+        trainer.train()
+    assert ckpt.find_last_checkpoint(tmp_path).name == "model_0000002.safetensors"
+    assert all(torch.isfinite(t).all() for t in trainer.module.state_dict().values())
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     whole = first_step_gradients(make_trainer(tmp_path / "a", dropout=0.0))
     accumulated = first_step_gradients(make_trainer(tmp_path / "b", dropout=0.0, grad_accum_steps=2))
@@ -301,7 +342,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 def test_gradient_clipping_bounds_the_update(tmp_path):
     trainer = make_trainer(tmp_path, clip_grad_norm=1e-3)
     first_step_gradients(trainer)
-    trainer.optimizer_step()
+    trainer.optimizer_step(0)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.module.parameters()]))
     assert norm <= 1e-3 * (1 + 1e-4)
 
