@@ -184,6 +184,9 @@ def build_param_groups(
     return [groups[key] for key in sorted(groups)]
 
 
+GROUP_SETTINGS = ("initial_lr", "weight_decay")  # set per parameter group by build_param_groups
+
+
 class LRSchedule:
     """The lr factor after `iterations_done` optimizer steps (see TrainSettings for the rules)."""
 
@@ -444,7 +447,9 @@ class Trainer:
     def _load(self, weights_path: Path, model: nn.Module) -> None:
         ckpt.load_model_weights(model, weights_path)
         state = ckpt.load_training_state(weights_path)
+        wanted = [{key: group[key] for key in GROUP_SETTINGS} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        self._keep_group_settings(wanted)
         self._report_changed_settings(state)
         self.scaler.load_state_dict(state["scaler"])
         rng_states = state["rng"]
@@ -458,6 +463,18 @@ class Trainer:
         self.last_checkpoint = weights_path
         if self.is_main:
             print(f"resumed from {weights_path} at iteration {self.start_iteration}")
+
+    def _keep_group_settings(self, wanted: list[dict]) -> None:
+        """The optimizer state brings the checkpoint run's lr and weight decay per group; this run's settings
+        (base_lr, weight decays, backbone multiplier) win, and a change is reported."""
+        changed = []
+        for group, settings in zip(self.optimizer.param_groups, wanted):
+            for key, value in settings.items():
+                if group[key] != value:
+                    changed.append(f"{group['name']} {key} {group[key]:g} -> {value:g}")
+                group[key] = value
+        if changed and self.is_main:
+            print(f"resuming with other optimizer settings than the checkpoint's: {', '.join(changed)}")
 
     def _report_changed_settings(self, state: dict) -> None:
         """Resuming follows these settings; says where they differ from the checkpoint's run: the schedule (a
@@ -612,11 +629,13 @@ class Trainer:
                         elapsed=now - start_time,
                     )
                     log.write(row)
-                    window_start, window_data_time, window_iters = now, 0.0, 0
+                    window_data_time, window_iters = 0.0, 0
                 if done % settings.checkpoint_period == 0 or done == settings.max_iters:
                     self.save(done)
                 if self.evaluate_fn is not None and settings.eval_period and done % settings.eval_period == 0:
                     self._evaluate(done, eval_log)
+                if window_iters == 0:  # a row was written: the next window starts after saving and evaluating
+                    window_start = time.perf_counter()
         finally:
             progress.close()
             del self.batches

@@ -374,6 +374,40 @@ def test_periodic_evaluation_is_logged(tmp_path):
     assert trainer.module.training
 
 
+def test_iteration_time_leaves_out_evaluation_and_checkpoints(tmp_path):
+    """metrics.csv's time is seconds per training iteration: the evaluation and the checkpoint written after a
+    logged iteration belong to no window."""
+    import time as clock
+
+    def slow_evaluation(model):
+        clock.sleep(0.5)
+        return {"score": 0.0}
+
+    trainer = make_trainer(tmp_path, eval_period=2, log_period=2, checkpoint_period=2)
+    trainer.evaluate_fn = slow_evaluation
+    trainer.train()
+    with (tmp_path / "metrics.csv").open() as f:
+        times = [float(row["time"]) for row in csv.DictReader(f)]
+    assert len(times) == 3 and max(times[1:]) < 0.2  # with the evaluation in it, each would be > 0.25
+
+
+def test_resume_follows_this_runs_optimizer_settings(tmp_path, capsys):
+    """A run resumed with another base_lr and weight decay trains with them (the optimizer state would bring
+    the checkpoint's), and says so."""
+    make_trainer(tmp_path, max_iters=3).train()
+    resumed = make_trainer(tmp_path, resume=True, base_lr=1e-3, weight_decay=0.0, warmup_iters=0)
+    assert "resuming with other optimizer settings than the checkpoint's" in capsys.readouterr().out
+    multiplier = resumed.settings.backbone_lr_multiplier
+    for group in resumed.optimizer.param_groups:
+        in_backbone = group["name"].startswith("backbone_")
+        assert group["initial_lr"] == pytest.approx(1e-3 * (multiplier if in_backbone else 1.0))
+        assert group["weight_decay"] == 0.0
+    resumed.train()
+    with (tmp_path / "metrics.csv").open() as f:
+        logged = {int(row["iteration"]): float(row["lr"]) for row in csv.DictReader(f)}
+    assert logged[4] == pytest.approx(1e-3 * resumed.schedule.factor(3))
+
+
 class _StopAfterDataset(Exception):
     pass
 
