@@ -188,6 +188,27 @@ def test_eval_resume_refuses_parts_of_other_data_at_the_same_path(
     assert "part-000000.json belongs to another evaluation" in capsys.readouterr().err
 
 
+def test_eval_resume_takes_the_data_root_in_any_spelling(synthetic_root, trained_run, tmp_path, monkeypatch):
+    """The parts are tied to the files the dataset reads, under the data root however it is written; a file
+    the dataset does not read (a stale link) plays no part."""
+    import shutil
+
+    from m2f.engine import evaluate
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    (data / "val2017" / "stale-link.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    output = tmp_path / "results.json"
+    run_eval_stopped_at_the_second_image(
+        monkeypatch, eval_args(trained_run / "model_final.safetensors", data, output)
+    )
+    monkeypatch.chdir(tmp_path)
+    args = eval_args(trained_run / "model_final.safetensors", "data", output)
+    predicted = count_predictions(monkeypatch, evaluate)
+    assert main([*args, "--resume"]) == 0
+    assert len(predicted) == 1  # the first image came from its part
+
+
 def test_predict_writes_overlays_and_raw_predictions(synthetic_root, trained_run, tmp_path):
     images = sorted((synthetic_root / "val2017").glob("*.jpg"))
     args = ["predict", *map(str, images), "--checkpoint", str(trained_run / "model_final.safetensors")]

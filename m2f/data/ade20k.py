@@ -97,6 +97,11 @@ class ADE20KDataset(SegmentationDataset):
     def __len__(self) -> int:
         return len(self.file_names)
 
+    def source_files(self) -> list[str]:
+        """Every file the items and the evaluation read: the images and their label PNGs."""
+        images = [os.path.join(self.image_root, name) for name in self.file_names]
+        return images + [self.annotation_path(index) for index in range(len(self))]
+
     def annotation_path(self, index: int) -> str:
         return os.path.join(self.annotation_root, os.path.splitext(self.file_names[index])[0] + ".png")
 

@@ -87,6 +87,13 @@ class CocoInstanceDataset(SegmentationDataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def source_files(self) -> list[str]:
+        """Every file the items and the evaluation read: the annotation JSON and the images."""
+        image_root = self.metadata.image_root
+        return [self.metadata.instances_json] + [
+            os.path.join(image_root, record[1]) for record in self.records
+        ]
+
     def __getitem__(self, index: int) -> dict:
         image_id, file_name, size, annotations = self.records[index]
         image_path = os.path.join(self.metadata.image_root, file_name)

@@ -86,6 +86,18 @@ class CocoPanopticDataset(SegmentationDataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def source_files(self) -> list[str]:
+        """Every file the items and the evaluation read: the annotation JSONs, the images and the PNGs."""
+        files = [self.metadata.panoptic_json] + (
+            [self.metadata.instances_json] if self.metadata.instances_json else []
+        )
+        for _, file_name, _, png_name, _ in self.records:
+            files += [
+                os.path.join(self.metadata.image_root, file_name),
+                os.path.join(self.metadata.panoptic_root, png_name),
+            ]
+        return files
+
     def __getitem__(self, index: int) -> dict:
         image_id, file_name, size, png_name, segments = self.records[index]
         image_path = os.path.join(self.metadata.image_root, file_name)

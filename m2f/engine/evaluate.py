@@ -307,30 +307,17 @@ def _read_part(parts_dir, number: int, indices: list[int], run_key: dict | None)
     return state
 
 
-def data_fingerprint(dataset_kind: str, data_root: str | os.PathLike, split: str) -> str:
-    """SHA-256 over (path, size, modification time) of every file the split is read from, so that the parts of
-    an evaluation are not reused for other data at the same path."""
-    from m2f.data.ade20k import ade20k_paths
-    from m2f.data.coco_panoptic import coco_paths
-
-    if dataset_kind == "ade20k":
-        locations = list(ade20k_paths(str(data_root), split))
-    else:
-        paths = coco_paths(str(data_root), split)
-        annotations = (
-            ["panoptic_json", "panoptic_root"] if dataset_kind == "coco-panoptic" else ["instances_json"]
-        )
-        locations = [paths[key] for key in (*annotations, "image_root")]
-    files = []
-    for location in locations:
-        if os.path.isdir(location):
-            files += [os.path.join(folder, name) for folder, _, names in os.walk(location) for name in names]
-        else:
-            files.append(location)
+def data_fingerprint(dataset, data_root: str | os.PathLike) -> str:
+    """SHA-256 over (path under data_root, size, modification time) of every file the dataset reads, so that
+    the parts of an evaluation are not reused for other data at the same path."""
     digest = hashlib.sha256()
-    for path in sorted(files):
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for path in sorted(dataset.source_files()):
+        try:
+            stat = os.stat(path)
+            signature = f"{stat.st_size}\0{stat.st_mtime_ns}"
+        except OSError:  # reading the item will say what is wrong with it
+            signature = "unreadable"
+        digest.update(f"{os.path.relpath(path, data_root)}\0{signature}\n".encode())
     return digest.hexdigest()
 
 
@@ -450,7 +437,7 @@ def run_evaluation(
         "checkpoint_size": stat.st_size,
         "checkpoint_mtime_ns": stat.st_mtime_ns,
         "data_root": str(Path(data_root).resolve()),
-        "data_files": data_fingerprint(dataset_kind, data_root, split),
+        "data_files": data_fingerprint(dataset, data_root),
         "dataset": dataset_kind,
         "split": split,
         "task": task,
