@@ -84,9 +84,8 @@ class Mask2Former(nn.Module):
         mask_features, multi_scale_features = self.pixel_decoder(features)
         outputs = self.transformer_decoder(multi_scale_features, mask_features)
         if pad_h or pad_w:  # the masks' part that covers the image, at the mask features' stride
-            stride_h = (height + pad_h) // outputs["pred_masks"].shape[-2]
-            stride_w = (width + pad_w) // outputs["pred_masks"].shape[-1]
-            mask_h, mask_w = -(-height // stride_h), -(-width // stride_w)
+            stride = self.config.pixel_decoder.common_stride
+            mask_h, mask_w = -(-height // stride), -(-width // stride)
             outputs["pred_masks"] = outputs["pred_masks"][..., :mask_h, :mask_w]
             for aux in outputs["aux_outputs"]:
                 aux["pred_masks"] = aux["pred_masks"][..., :mask_h, :mask_w]

@@ -305,21 +305,26 @@ def test_dropout_is_refused():
         ModelConfig(pixel_decoder=dataclasses.replace(ModelConfig().pixel_decoder, encoder_dropout=0.1))
 
 
-@pytest.mark.parametrize("common_stride, out_strides", [(8, (4, 8, 16, 32)), (2, (2, 4, 8, 16, 32))])
-def test_padded_input_masks_are_cropped_at_the_mask_stride(common_stride, out_strides):
+@pytest.mark.parametrize(
+    "common_stride, out_strides, divisibility",
+    [(8, (4, 8, 16, 32), 32), (2, (2, 4, 8, 16, 32), 32), (4, (4, 8, 16, 32), 6), (4, (4, 8, 16, 32), 10)],
+)
+def test_padded_input_masks_are_cropped_at_the_mask_stride(common_stride, out_strides, divisibility):
     """An image whose size is not a multiple of size_divisibility gives the masks of the image padded by hand,
-    cropped to ceil(size / common_stride)."""
+    cropped to ceil(size / common_stride), also where the stride does not divide the padded size."""
     base = tiny_config()
     config = dataclasses.replace(
         base,
         pixel_decoder=dataclasses.replace(base.pixel_decoder, common_stride=common_stride),
         backbone=dataclasses.replace(base.backbone, out_strides=out_strides),
+        size_divisibility=divisibility,
     )
     torch.manual_seed(0)
     model = m2f.build_model(config, backend="torch").eval()
     height, width = 65, 97
     image = torch.rand(1, 3, height, width) * 255
-    padded = model.pixel_mean.expand(1, 3, 96, 128).clone()  # zero after normalization
+    padded_size = (-(-height // divisibility) * divisibility, -(-width // divisibility) * divisibility)
+    padded = model.pixel_mean.expand(1, 3, *padded_size).clone()  # zero after normalization
     padded[..., :height, :width] = image
     with torch.no_grad():
         masks = model(image)["pred_masks"]
