@@ -34,6 +34,7 @@ from .keymaps import ConversionError, apply_rules, detect_backbone, detectron2_t
 from .mmdet import detectron2_to_mmdet, load_mmdet_checkpoint, mmdet_to_detectron2
 from .transformers import (
     check_transformers_architecture,
+    check_transformers_points,
     check_transformers_source,
     detectron2_to_transformers,
     load_transformers_state_dict,
@@ -160,6 +161,7 @@ def convert_checkpoint(
         raise TypeError(f"src must be a path or a state dict, got {type(src).__name__}")
     if fmt == "transformers":
         check_transformers_source(list(state))
+        check_transformers_points(config)
     hub, unknown = _TO_DETECTRON2[fmt](state)
     if unknown:
         raise ConversionError(f"{fmt} checkpoint: {_listing('unknown keys', unknown)}")
@@ -224,7 +226,10 @@ def export_checkpoint(
     """The inverse of convert_checkpoint: an m2f state dict in `fmt`'s names (transformers: current names;
     mmdet: 3.x names). BatchNorm counters are kept where the format has a place for them."""
     _check_format(fmt)
-    backbone = _config_backbone(_resolve_config(config_name))
+    config = _resolve_config(config_name)
+    if fmt == "transformers":
+        check_transformers_points(config)
+    backbone = _config_backbone(config)
     hub, unknown = apply_rules(state_dict, reverse_rules(detectron2_to_model_rules(backbone)))
     if unknown:
         raise ConversionError(f"m2f state dict: {_listing('keys without a detectron2 name', unknown)}")

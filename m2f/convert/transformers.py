@@ -269,17 +269,22 @@ _FIXED_BACKBONE_SETTINGS = {
 TRANSFORMERS_ENCODER_POINTS = 4
 
 
-def check_transformers_architecture(path: str | Path, config: ModelConfig) -> None:
-    """ConversionError when the m2f config or the config.json beside a transformers checkpoint sets something
-    that the weights' shapes do not show and the two models would compute differently: the head counts of the
-    decoder and of the pixel decoder's encoder (transformers: one `num_attention_heads` for both, 4 sampling
-    points), the decoder's norm placement and activation, the backbone's activation, stride placement and
-    LayerNorm eps. Fields the config.json leaves out are not compared."""
+def check_transformers_points(config: ModelConfig) -> None:
+    """ConversionError unless the m2f config samples transformers' 4 points per head and level in its pixel
+    decoder: heads x points is all the weights show."""
     if config.pixel_decoder.encoder_points != TRANSFORMERS_ENCODER_POINTS:
         raise ConversionError(
             f"transformers' pixel decoder samples {TRANSFORMERS_ENCODER_POINTS} points per head and level; "
             f"the m2f config has pixel_decoder.encoder_points={config.pixel_decoder.encoder_points}"
         )
+
+
+def check_transformers_architecture(path: str | Path, config: ModelConfig) -> None:
+    """ConversionError when the config.json beside a transformers checkpoint sets something that the weights'
+    shapes do not show and that the m2f config computes differently: the head counts of the decoder and of
+    the pixel decoder's encoder (transformers: one `num_attention_heads` for both), the decoder's norm
+    placement and activation, the backbone's activation, stride placement and LayerNorm eps. Fields the
+    config.json leaves out are not compared."""
     found = _read_model_config(path)
     if found is None:
         return

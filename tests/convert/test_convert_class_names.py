@@ -11,7 +11,13 @@ from convert_fixtures import random_state, small_config
 from safetensors.torch import save_file
 
 from m2f.config import ModelConfig
-from m2f.convert import ConversionError, convert_to_file, export_checkpoint, resolve_classes
+from m2f.convert import (
+    ConversionError,
+    convert_checkpoint,
+    convert_to_file,
+    export_checkpoint,
+    resolve_classes,
+)
 from m2f.convert.detectron2 import save_detectron2_pkl
 from m2f.convert.mmdet import mmdet_class_names
 from m2f.engine import checkpoint as ckpt
@@ -111,6 +117,10 @@ def test_pixel_decoder_heads_and_points_must_be_transformers(resnet, tmp_path):
     )
     with pytest.raises(ConversionError, match="samples 4 points per head and level"):
         convert_to_file(src, "transformers", other_heads, tmp_path / "out.safetensors")
+    with pytest.raises(ConversionError, match="samples 4 points per head and level"):  # a state dict too
+        convert_checkpoint(export_checkpoint(state, "transformers", config), "transformers", other_heads)
+    with pytest.raises(ConversionError, match="samples 4 points per head and level"):  # and the other way
+        export_checkpoint(state, "transformers", other_heads)
     (src / "config.json").write_text(json.dumps({"num_attention_heads": 4}))
     eight_heads = dataclasses.replace(
         config, pixel_decoder=dataclasses.replace(decoder, encoder_heads=8, encoder_ffn_dim=128)
