@@ -77,3 +77,11 @@ def test_switches_other_than_0_or_1_are_refused():
     env = dict(os.environ, M2F_KERNELS_NO_JIT="yes")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode != 0 and "M2F_KERNELS_NO_JIT must be 0 or 1, got 'yes'" in result.stderr
+    from m2f_kernels.triton import _common
+
+    os.environ["M2F_KERNELS_TRITON_AUTOTUNE"] = "off"
+    try:
+        with pytest.raises(ValueError, match="M2F_KERNELS_TRITON_AUTOTUNE must be 0 or 1, got 'off'"):
+            _common.autotuning()
+    finally:
+        del os.environ["M2F_KERNELS_TRITON_AUTOTUNE"]

@@ -164,9 +164,11 @@ def plain_eager(args: Sequence) -> bool:
     )
 
 
-def _has_jvp_wrapper(tensor: torch.Tensor, jvp_levels: set[int]) -> bool:
-    """Whether ``tensor`` is wrapped, at any depth, as a dual tensor of one of torch.func.jvp's levels."""
+def _has_jvp_wrapper(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is wrapped, at any depth, as a dual tensor of a torch.func.jvp level."""
     functorch = torch._C._functorch
+    stack = functorch.get_interpreter_stack() or []
+    jvp_levels = {i.level() for i in stack if i.key() == functorch.TransformType.Jvp}
     while (level := functorch.maybe_get_level(tensor)) != -1:
         if level in jvp_levels and functorch.is_gradtrackingtensor(tensor):
             return True
@@ -177,15 +179,12 @@ def _has_jvp_wrapper(tensor: torch.Tensor, jvp_levels: set[int]) -> bool:
 def check_no_forward_ad(name: str, args: Sequence) -> None:
     """NotImplementedError when an argument carries a forward-mode tangent (torch.autograd.forward_ad dual
     tensors, torch.func.jvp / jacfwd): the ops have no forward-mode formula, and the dispatcher would drop
-    the tangent silently."""
+    the tangent silently. Call inside a forward-AD level only (forward_ad._current_level >= 0)."""
     tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
-    dual = forward_ad._current_level >= 0 and any(
-        forward_ad.unpack_dual(t).tangent is not None for t in tensors
-    )
-    if not dual and torch._C._are_functorch_transforms_active():
-        stack = torch._C._functorch.get_interpreter_stack() or []
-        jvp_levels = {i.level() for i in stack if i.key() == torch._C._functorch.TransformType.Jvp}
-        dual = bool(jvp_levels) and any(_has_jvp_wrapper(t, jvp_levels) for t in tensors)
+    try:
+        dual = any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    except RuntimeError:  # under vmap inside jvp tangents cannot be read: a jvp-level wrapper counts as one
+        dual = any(_has_jvp_wrapper(t) for t in tensors)
     if dual:
         raise NotImplementedError(
             f"{name}: forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) is not supported; "
@@ -218,7 +217,7 @@ def call_op(op: CustomOpDef, *args):
     subclasses) goes through the registered op, so those see it as one op. Reads the op's implementation,
     setup_context and backward from CustomOpDef's private attributes (torch 2.14).
     """
-    if forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+    if forward_ad._current_level >= 0:  # inside torch.func.jvp too
         check_no_forward_ad(op._name, args)
     if not plain_eager(args):
         return op(*args)

@@ -26,7 +26,10 @@ def size_class(n: int) -> int:
 def autotuning() -> bool:
     """False under TRITON_INTERPRET=1 or M2F_KERNELS_TRITON_AUTOTUNE=0 (read at import): every kernel then runs
     its fixed config, with no autotuning pass on the first call of a shape class."""
-    return not interpreting() and os.environ.get("M2F_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+    value = os.environ.get("M2F_KERNELS_TRITON_AUTOTUNE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"M2F_KERNELS_TRITON_AUTOTUNE must be 0 or 1, got {value!r}")
+    return not interpreting() and value == "1"
 
 
 def block_configs(fixed: triton.Config, blocks: Sequence[dict], warps: Sequence[int]) -> list[triton.Config]:

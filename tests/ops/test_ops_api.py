@@ -636,11 +636,22 @@ def test_forward_mode_ad_is_refused(backend):
     with pytest.raises(NotImplementedError, match="masked_attention: forward-mode AD"):
         torch.func.jvp(lambda a: m2f_kernels.masked_attention(a, k, v, logits, backend=backend), (q,), (q,))
 
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):  # under vmap inside jvp
+        batched = x.expand(3, *x.shape)
+        sample = torch.func.vmap(lambda a: m2f_kernels.point_sample(a, coords, backend=backend))
+        torch.func.jvp(sample, (batched,), (batched,))
+
     def sampled_times(scale):  # the tangent flows through `scale` only
         return m2f_kernels.point_sample(x, coords, backend=backend) * scale
 
     _, got = torch.func.jvp(sampled_times, (torch.tensor(2.0, dtype=torch.float64),), (torch.tensor(1.0),))
     torch.testing.assert_close(got, reference.point_sample(x, coords))
+
+    def detached_times_sum(a):  # the op's input is the primal's value without its tangent
+        return m2f_kernels.point_sample(a.detach(), coords, backend=backend) * a.sum()
+
+    _, got = torch.func.jvp(detached_times_sum, (x,), (tangent,))
+    torch.testing.assert_close(got, reference.point_sample(x, coords) * tangent.sum())
 
 
 @pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
@@ -661,9 +672,9 @@ def test_batched_gradients_match_the_reference_jacobian(backend):
 
 
 def test_meta_tensors_give_shapes():
+    """Meta tensors (shape inference, deferred initialization) run through the ops' fake kernels."""
     from m2f_kernels.nn import MSDeformAttn
 
-    """Meta tensors (shape inference, deferred initialization) run through the ops' fake kernels."""
     value, shapes, starts, locations, weights = (
         t.to("meta") if t.is_floating_point() else t for t in msda_inputs(torch.float32)
     )
