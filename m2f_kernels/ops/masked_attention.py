@@ -169,42 +169,6 @@ def _auto_backend(q: Tensor, k: Tensor, backend: str) -> str:
     return backend
 
 
-def _logits_in_dtype(mask_logits: Tensor, dtype: torch.dtype, threshold_logit: float) -> Tensor:
-    """mask_logits in ``dtype`` (q's, which the kernels read them in) with every logit on the side of the
-    threshold it was on: a logit that rounding would move across it becomes the nearest ``dtype`` value on its
-    own side. So float32 logits give the same mask with float16 q as with float32 q."""
-    if mask_logits.dtype == dtype:
-        return mask_logits
-    cast = mask_logits.to(dtype)
-    if torch.promote_types(mask_logits.dtype, dtype) == dtype:
-        return cast  # every value is exact in the wider dtype
-    lowest_visible = -_round_down(-threshold_logit, dtype)
-    highest_blocked = _round_down(math.nextafter(threshold_logit, -math.inf), dtype)
-    visible = logits_visible(mask_logits, threshold_logit)
-    return torch.where(visible, cast.clamp(min=lowest_visible), cast.clamp(max=highest_blocked))
-
-
-# (mantissa bits, smallest normal exponent, largest finite value) of the dtypes logits can be narrowed to.
-_FLOAT_FORMATS = {
-    torch.float16: (10, -14, 65504.0),
-    torch.bfloat16: (7, -126, 3.3895313892515355e38),
-    torch.float32: (23, -126, 3.4028234663852886e38),
-}
-
-
-def _round_down(value: float, dtype: torch.dtype) -> float:
-    """The largest value of ``dtype`` not above ``value`` (-inf when there is none), in plain Python so that
-    no tensor is made per call and dynamo can trace it."""
-    if math.isinf(value) or value == 0.0:
-        return value
-    mantissa_bits, min_exponent, largest = _FLOAT_FORMATS[dtype]
-    step = math.ldexp(1.0, max(math.frexp(value)[1] - 1, min_exponent) - mantissa_bits)
-    rounded = math.floor(value / step) * step
-    if rounded > largest:
-        return largest
-    return -math.inf if rounded < -largest else rounded
-
-
 def _check_mask_inputs(q: Tensor, k: Tensor, mask_logits: Tensor | None, attn_mask: Tensor | None):
     """Validates the masks and returns attn_mask in the kernel layout (B, Hm, Q, K), Hm in {1, H}."""
     batch, heads, queries, _ = q.shape
@@ -267,6 +231,11 @@ def masked_attention(
     scale = float(scale)
     q, k, v = cast_for_autocast(q.device, q, k, v)
     check_same_dtype("q", q, k=k, v=v)
+    if mask_logits is not None and mask_logits.dtype != q.dtype:
+        # The kernels read logits in q's dtype. Rather than a (B, Q, K) copy in it, whose rounding could move a
+        # logit across the threshold, one bool byte per logit: the mask decided in the logits' own precision.
+        attn_mask = logits_visible(mask_logits, threshold_logit).logical_not_().unsqueeze(1)
+        mask_logits = None
     if mask_logits is None and attn_mask is None:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
@@ -275,9 +244,7 @@ def masked_attention(
             q.contiguous(),
             k.contiguous(),
             v.contiguous(),
-            None
-            if mask_logits is None
-            else _logits_in_dtype(mask_logits, q.dtype, threshold_logit).contiguous(),
+            None if mask_logits is None else mask_logits.contiguous(),
             attn_mask,
             threshold_logit,
             scale,

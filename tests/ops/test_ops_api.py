@@ -713,3 +713,29 @@ def test_triton_interpreter_calls_from_threads_match_serial_calls():
         results = list(pool.map(sample, list(range(6)) * 3))
     for got, expected in results:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_logits_wider_than_q_become_a_bool_mask_not_a_narrowed_copy(backend):
+    """float32 mask logits with bfloat16 q (the decoder under autocast, where the mask is upsampled in float32):
+    the mask is decided in float32 and passed as one bool per logit; no (B, Q, K) floating tensor is made."""
+    q, k, v, logits = attention_inputs(torch.float32)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    logits[1, 0, :3] = torch.tensor([1e-9, -1e-9, -0.0])  # bfloat16 would round these across the threshold 0
+    float_shapes = []
+
+    class FloatOutputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple) else (out,):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    float_shapes.append(tuple(t.shape))
+            return out
+
+    with FloatOutputs():
+        out = m2f_kernels.masked_attention(q, k, v, logits, backend=backend)
+    assert float_shapes and tuple(logits.shape) not in float_shapes
+    expected = m2f_kernels.masked_attention(q, k, v, attn_mask=logits < 0, backend=backend)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    reference_out, _ = reference.masked_attention(q.float(), k.float(), v.float(), logits)
+    torch.testing.assert_close(out.float(), reference_out, rtol=2e-2, atol=2e-2)
