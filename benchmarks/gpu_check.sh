@@ -13,8 +13,8 @@
 # benchmarks, the masked-attention ones at 50 % density (forward + backward), the MaskedMultiheadAttention
 # module against nn.MultiheadAttention and the host time per op call, then the cuda tests of the ops and the
 # nn modules and memcheck. The full run's tests add the transformers integration.
-# The build step runs `setup.py build_ext --inplace`; where the Python's setuptools cannot read
-# pyproject.toml (older than 77), benchmarks/build_inplace.py builds the same library without it. Later
+# The build step runs `setup.py build_ext --inplace`, or where the Python's setuptools is older than 77 (too
+# old for pyproject.toml) benchmarks/build_inplace.py, which builds the same library without reading it. Later
 # steps never build the library on first use (M2F_KERNELS_NO_JIT=1): a build cut off by a step's timeout
 # would leave a lock that every later step waits on.
 # Logs and the results JSON go to OUT_DIR, named after the device and the commit (M2F_BENCH_COMMIT if
@@ -66,7 +66,13 @@ step() {  # step NAME COMMAND...: runs COMMAND, logs to $prefix-NAME.log, record
 
 for s in $STEPS; do
   case $s in
-    build) step build $PY setup.py build_ext --inplace || step build-inplace $PY benchmarks/build_inplace.py ;;
+    build)
+      if $PY -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)'; then
+        step build $PY setup.py build_ext --inplace
+      else
+        step build $PY benchmarks/build_inplace.py
+      fi
+      ;;
     test)
       eval "args=(${TEST_ARGS:-tests/ops tests/nn tests/integrations})"
       step test env M2F_KERNELS_TRITON_AUTOTUNE="${TEST_TRITON_AUTOTUNE:-0}" \
