@@ -74,6 +74,17 @@ def test_cuda_backends_match_reference(backend, dtype, num_queries, num_targets,
     check_backend(backend, dtype, num_queries, num_targets, num_points, "cuda")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_float64_and_no_targets(backend):
+    """float64 GPU inputs, which auto sends to the CUDA kernel, and no targets (T = 0)."""
+    check_backend(backend, torch.float64, 37, 3, 100, "cuda")
+    ce, dice = m2f_kernels.pairwise_mask_cost(
+        torch.randn(4, 10, device="cuda"), torch.zeros(0, 10, device="cuda"), backend=backend
+    )
+    assert ce.shape == dice.shape == (4, 0)
+
+
 @pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 def test_public_op_matches_reference_and_handles_no_targets(backend):
     logits, labels = make_inputs(6, 4, 50, torch.float32)

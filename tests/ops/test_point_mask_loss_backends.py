@@ -122,6 +122,20 @@ def test_cuda_backends_match_reference(backend, dtype, logit_size, target_size, 
     check_backend(backend, dtype, logit_size, target_size, num_points, "uint8", "cuda", deterministic)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_float64_and_no_masks(backend, deterministic):
+    """float64 GPU inputs, which auto sends to the CUDA kernels, and an empty batch of masks."""
+    check_backend(backend, torch.float64, (7, 5), (13, 17), 100, "bool", "cuda", deterministic)
+    logits = torch.zeros(0, 5, 5, device="cuda", requires_grad=True)
+    targets = torch.zeros(0, 8, 8, dtype=torch.uint8, device="cuda")
+    ce, dice = m2f_kernels.point_mask_loss(
+        logits, targets, torch.zeros(0, 10, 2, device="cuda"), 1.0, backend=backend
+    )
+    assert ce.item() == 0 and dice.item() == 0
+
+
 def public_loss_and_grad(backend, device, dtype=torch.float64):
     logits, targets, coords = make_inputs(4, (9, 7), (20, 15), 300, dtype, "bool", device)
     logits.requires_grad_()
@@ -145,7 +159,7 @@ def test_public_op_matches_reference(backend):
 def test_public_op_with_no_masks(backend):
     logits = torch.zeros(0, 5, 5, requires_grad=True)
     ce, dice = m2f_kernels.point_mask_loss(
-        logits, torch.zeros(0, 8, 8, dtype=torch.uint8), torch.zeros(0, 10, 2), 1.0
+        logits, torch.zeros(0, 8, 8, dtype=torch.uint8), torch.zeros(0, 10, 2), 1.0, backend=backend
     )
     assert ce.item() == 0 and dice.item() == 0
     (ce + dice).backward()

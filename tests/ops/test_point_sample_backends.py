@@ -171,6 +171,19 @@ def test_cuda_backends_match_reference(backend, dtype, shape, num_points):
     check_backend(backend, dtype, shape, num_points, "cuda")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_float64_and_nan_or_far_points(backend):
+    """float64 GPU inputs, which auto sends to the CUDA kernels; NaN and far points sample zero."""
+    check_backend(backend, torch.float64, (2, 3, 7, 5), 100, "cuda")
+    image = torch.randn(1, 2, 5, 6, dtype=torch.float64, device="cuda")
+    coords = torch.tensor(
+        [[[float("nan"), 0.5], [0.5, float("nan")], [3.0, 0.5], [0.5, -2.0]]], device="cuda"
+    )
+    out = KERNELS.get(backend, image.device, "forward")(image, coords.double())
+    assert torch.equal(out, torch.zeros_like(out))
+
+
 @pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 def test_nan_and_far_points_sample_zero_with_zero_gradient(backend):
     image = torch.randn(1, 2, 5, 6, dtype=torch.float32)
