@@ -9,6 +9,8 @@ from torch import nn
 
 import m2f_kernels
 
+TARGETS_PER_SAMPLE = 16  # target masks made floating at once (64 MB at 1024 x 1024)
+
 
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to targets minimizing, per image,
@@ -53,17 +55,21 @@ class HungarianMatcher(nn.Module):
     ) -> torch.Tensor:
         """(Q, T) float32 cost for one image: pred_logits (Q, C+1), pred_masks (Q, h, w) logits, labels (T,),
         masks (T, H, W), coords (P, 2) normalized (x, y) points shared by all masks."""
-        num_queries, num_targets = pred_masks.shape[0], masks.shape[0]
         cost_class = -pred_logits.float().softmax(-1)[:, labels]
-        # Sampled in float32 (or wider) whatever the logits' dtype or autocast, as Mask2Former's grid_sample.
+        # Sampled in float32 (or wider) whatever the logits' dtype or autocast, as Mask2Former's grid_sample; the
+        # masks are the channels of one image, so the points are not repeated per mask, and the full-resolution
+        # targets are made floating a few at a time.
         dtype = torch.promote_types(pred_masks.dtype, torch.float32)
         with torch.autocast(pred_masks.device.type, enabled=False):
             pred_points = m2f_kernels.point_sample(
-                pred_masks[:, None].to(dtype), coords[None].expand(num_queries, -1, -1), backend=self.backend
-            )[:, 0]
-            target_points = m2f_kernels.point_sample(
-                masks[:, None].to(dtype), coords[None].expand(num_targets, -1, -1), backend=self.backend
-            )[:, 0]
+                pred_masks[None].to(dtype), coords[None], backend=self.backend
+            )[0]
+            target_points = torch.cat(
+                [
+                    m2f_kernels.point_sample(chunk[None].to(dtype), coords[None], backend=self.backend)[0]
+                    for chunk in masks.split(TARGETS_PER_SAMPLE)
+                ]
+            )
         cost_mask, cost_dice = m2f_kernels.pairwise_mask_cost(
             pred_points.float(), target_points.float(), backend=self.backend
         )
