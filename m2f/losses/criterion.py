@@ -62,18 +62,24 @@ class Criterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         self._check_targets(outputs, targets)
         num_masks = self.average_num_masks(targets, outputs["pred_logits"].device)
-        losses = self.layer_losses(outputs, targets, num_masks)
+        target_masks = batch_target_masks(targets, outputs["pred_masks"].device)
+        losses = self.layer_losses(outputs, targets, num_masks, target_masks)
         if self.deep_supervision:
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                for key, value in self.layer_losses(aux, targets, num_masks).items():
+                for key, value in self.layer_losses(aux, targets, num_masks, target_masks).items():
                     losses[f"{key}_{i}"] = value
         return losses
 
-    def layer_losses(self, outputs: dict, targets: list[dict], num_masks: float) -> dict[str, torch.Tensor]:
-        """Weighted loss_ce, loss_mask, loss_dice of one prediction (its own matching)."""
+    def layer_losses(
+        self, outputs: dict, targets: list[dict], num_masks: float, target_masks: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Weighted loss_ce, loss_mask, loss_dice of one prediction (its own matching); target_masks as
+        batch_target_masks gives them."""
         indices = self.matcher(outputs, targets)
         loss_ce = self.loss_labels(outputs["pred_logits"], targets, indices)
-        loss_mask, loss_dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks)
+        loss_mask, loss_dice = self.loss_masks(
+            outputs["pred_masks"], target_masks, targets, indices, num_masks
+        )
         return {
             "loss_ce": self.class_weight * loss_ce,
             "loss_mask": self.mask_weight * loss_mask,
@@ -94,9 +100,15 @@ class Criterion(nn.Module):
         return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, weight)
 
     def loss_masks(
-        self, pred_masks: torch.Tensor, targets: list[dict], indices, num_masks: float
+        self,
+        pred_masks: torch.Tensor,
+        target_masks: torch.Tensor,
+        targets: list[dict],
+        indices,
+        num_masks: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unweighted (BCE, dice) of the matched masks on importance-sampled points, / num_masks."""
+        """Unweighted (BCE, dice) of the matched masks on importance-sampled points, / num_masks. target_masks:
+        every target mask of the batch (batch_target_masks)."""
         batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
         query_idx = torch.cat([q for q, _ in indices])
         if query_idx.numel() == 0:
@@ -104,7 +116,6 @@ class Criterion(nn.Module):
             return zero, zero.clone()
         device = pred_masks.device
         matched_logits = pred_masks[batch_idx.to(device), query_idx.to(device)]  # (N, h, w)
-        matched_targets = padded_target_masks(targets, indices, device)  # (N, H, W)
         coords = m2f_kernels.sample_uncertain_points(
             matched_logits.detach(),
             self.num_points,
@@ -112,8 +123,21 @@ class Criterion(nn.Module):
             self.importance_sample_ratio,
             backend=self.backend,
         )
+        first_target = 0
+        target_idx = []
+        for target, (_, idx) in zip(targets, indices):
+            target_idx.append(idx.to(device) + first_target)
+            first_target += len(target["labels"])
+        target_idx = torch.cat(target_idx)
+        if len(target_idx) < len(target_masks):  # fewer queries than targets somewhere
+            return m2f_kernels.point_mask_loss(
+                matched_logits, target_masks[target_idx], coords, num_masks, backend=self.backend
+            )
+        # Every target matched: the losses sum over the masks, so the pairs go in target order and every layer's
+        # loss keeps the batch's one copy of the targets for its backward, not a gathered copy of its own.
+        order = torch.argsort(target_idx)
         return m2f_kernels.point_mask_loss(
-            matched_logits, matched_targets, coords, num_masks, backend=self.backend
+            matched_logits[order], target_masks, coords[order], num_masks, backend=self.backend
         )
 
     @staticmethod
@@ -144,18 +168,18 @@ class Criterion(nn.Module):
                 )
 
 
-def padded_target_masks(targets: list[dict], indices, device: torch.device) -> torch.Tensor:
-    """The matched target masks in matching order, zero-padded to the largest (H, W) in the batch."""
+def batch_target_masks(targets: list[dict], device: torch.device) -> torch.Tensor:
+    """Every target mask of the batch, image after image, zero-padded to the largest (H, W) in the batch."""
     height = max(t["masks"].shape[-2] for t in targets)
     width = max(t["masks"].shape[-1] for t in targets)
-    selected = []
-    for b, (_, target_idx) in enumerate(indices):
-        masks = targets[b]["masks"][target_idx.to(targets[b]["masks"].device)]
+    padded = []
+    for target in targets:
+        masks = target["masks"]
         pad_h, pad_w = height - masks.shape[-2], width - masks.shape[-1]
         if pad_h or pad_w:
             masks = F.pad(masks, (0, pad_w, 0, pad_h))
-        selected.append(masks.to(device))
-    return torch.cat(selected)
+        padded.append(masks.to(device))
+    return torch.cat(padded)
 
 
 def build_criterion(config: ModelConfig, num_classes: int | None = None, backend: str = "auto") -> Criterion:
