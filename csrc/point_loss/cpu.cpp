@@ -426,14 +426,21 @@ std::tuple<at::Tensor, at::Tensor> pairwise_mask_cost_cpu(const at::Tensor& pred
       at::empty({num_queries, num_targets}, pred_point_logits.options().dtype(acc_type));
   if (num_queries == 0 || num_targets == 0) return {ce, dice};
   at::Tensor targets = target_point_labels.to(acc_type).contiguous();
-  at::Tensor target_sums = targets.sum(1, /*keepdim=*/false, at::kDouble).to(acc_type).contiguous();
+  at::Tensor target_sums = at::empty({num_targets}, targets.options());
   const at::Tensor logits = pred_point_logits.to(acc_type).contiguous();
   const CpuIsa isa = cpu_isa();
   M2F_DISPATCH_FLOATING_TYPES(pred_point_logits.scalar_type(), "pairwise_mask_cost_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* logits_ptr = logits.data_ptr<acc_t>();
     const acc_t* targets_ptr = targets.data_ptr<acc_t>();
-    const acc_t* target_sums_ptr = target_sums.data_ptr<acc_t>();
+    acc_t* target_sums_ptr = target_sums.data_ptr<acc_t>();
+    at::parallel_for(0, num_targets, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {  // in double, without a (T, P) double copy
+        double sum = 0.0;
+        for (int64_t p = 0; p < num_points; ++p) sum += targets_ptr[t * num_points + p];
+        target_sums_ptr[t] = static_cast<acc_t>(sum);
+      }
+    });
     acc_t* ce_ptr = ce.data_ptr<acc_t>();
     acc_t* dice_ptr = dice.data_ptr<acc_t>();
     at::parallel_for(0, num_queries, 1, [&](int64_t begin, int64_t end) {
