@@ -73,10 +73,10 @@ def sample_uncertain_points(
             )
             # Ranked in float32 (float64 for float64 logits) whatever the logits' dtype or autocast, as
             # Mask2Former's grid_sample runs: 16-bit sampled values would reorder near-ties.
-            with torch.autocast(device.type, enabled=False):
+            with torch.autocast(device.type, enabled=False), torch.no_grad():
                 chunk = mask_logits[start:end].unsqueeze(1).to(coords_dtype)
                 logits = point_sample(chunk, candidates, backend=backend)
-            uncertainty = -logits.squeeze(1).abs()
+            uncertainty = logits.squeeze(1).abs_().neg_()  # -|logit|, in place: no (masks, candidates) copies
             # The chosen set is what matters (the losses sum over points). On CPU the unsorted selection
             # is about 2x faster and its order is fixed by the input; on a GPU the sorted one keeps the
             # order reproducible.
