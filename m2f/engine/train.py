@@ -552,18 +552,15 @@ class Trainer:
 
         fp16's loss scaling skips a step whose gradients are not finite and lowers the scale; without it (bf16,
         float32) such gradients raise FloatingPointError before they reach the weights."""
-        norm = None
+        if not self.scaler.is_enabled():
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            # The largest |gradient|: finite exactly when every gradient is (a 2-norm could overflow).
+            largest = torch.nn.utils.get_total_norm(grads, math.inf) if grads else torch.zeros(())
+            if not torch.isfinite(largest):
+                self._stop(f"non-finite gradients at iteration {iteration + 1} (finite loss)")
         if self.settings.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.settings.clip_grad_norm)
-        if not self.scaler.is_enabled():
-            if norm is None:
-                grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-                norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-            if not torch.isfinite(norm):
-                self._stop(
-                    f"non-finite gradient norm {norm.item()} at iteration {iteration + 1} (finite loss)"
-                )
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.settings.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
@@ -597,7 +594,7 @@ class Trainer:
             self._evaluate(self.start_iteration, eval_log)
         self.model.train()
         start_time = time.perf_counter()
-        window_start, window_data_time, window_iters = time.perf_counter(), 0.0, 0
+        window_start, window_data_time, window_iters, window_other = time.perf_counter(), 0.0, 0, 0.0
         try:
             for iteration in range(self.start_iteration, settings.max_iters):
                 self.schedule.apply(self.optimizer, iteration)
@@ -624,18 +621,18 @@ class Trainer:
                     row.update(zip(self.loss_names, values_list[1:]))
                     row.update(
                         lr=lr,
-                        time=(now - window_start) / window_iters,
+                        time=(now - window_start - window_other) / window_iters,
                         data_time=window_data_time / window_iters,
                         elapsed=now - start_time,
                     )
                     log.write(row)
-                    window_data_time, window_iters = 0.0, 0
+                    window_start, window_data_time, window_iters, window_other = now, 0.0, 0, 0.0
+                other_start = time.perf_counter()  # saving and evaluating are not training time
                 if done % settings.checkpoint_period == 0 or done == settings.max_iters:
                     self.save(done)
                 if self.evaluate_fn is not None and settings.eval_period and done % settings.eval_period == 0:
                     self._evaluate(done, eval_log)
-                if window_iters == 0:  # a row was written: the next window starts after saving and evaluating
-                    window_start = time.perf_counter()
+                window_other += time.perf_counter() - other_start
         finally:
             progress.close()
             del self.batches
