@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-period",
         type=_non_negative_int,
         default=0,
-        help="evaluate on the val split every N iterations (default 0: never)",
+        help="evaluate on the val split every N iterations and at the end (default 0: never)",
     )
     train.add_argument(
         "--log-period", type=_positive_int, default=20, help="metrics.csv row every N iterations"

@@ -355,7 +355,7 @@ class Trainer:
     model(images) -> outputs; criterion(outputs, targets) -> dict of weighted loss tensors (summed for the
     total); collate_fn(list of dataset items) -> (images, targets, infos). metadata (str -> str) goes
     into every checkpoint's safetensors header. evaluate_fn(model) -> dict of metrics runs every eval_period
-    iterations on every rank (results logged by rank 0). Call init_distributed() before a Trainer for DDP.
+    iterations and after the last one, on every rank (results logged by rank 0). Call init_distributed() before a Trainer for DDP.
     """
 
     def __init__(
@@ -630,7 +630,7 @@ class Trainer:
                 other_start = time.perf_counter()  # saving and evaluating are not training time
                 if done % settings.checkpoint_period == 0 or done == settings.max_iters:
                     self.save(done)
-                if self.evaluate_fn is not None and settings.eval_period and done % settings.eval_period == 0:
+                if self._evaluation_due(done):
                     self._evaluate(done, eval_log)
                 window_other += time.perf_counter() - other_start
         finally:
@@ -644,14 +644,18 @@ class Trainer:
     def _missing_evaluation(self, eval_log: CsvLog | None) -> bool:
         """Whether the iteration resumed from was due an evaluation that eval.csv lacks (the same answer on
         every rank)."""
-        settings = self.settings
-        if self.evaluate_fn is None or not settings.eval_period or not self.start_iteration:
-            return False
-        if self.start_iteration % settings.eval_period:
+        if not self.start_iteration or not self._evaluation_due(self.start_iteration):
             return False
         return dist_utils.broadcast_object(
             eval_log is not None and self.start_iteration not in eval_log.iterations
         )
+
+    def _evaluation_due(self, iterations_done: int) -> bool:
+        """Every eval_period iterations and after the last one (as detectron2's EvalHook)."""
+        period = self.settings.eval_period
+        if self.evaluate_fn is None or not period:
+            return False
+        return iterations_done % period == 0 or iterations_done == self.settings.max_iters
 
     def _evaluate(self, iterations_done: int, eval_log: CsvLog | None) -> None:
         # Evaluation may draw random numbers (a data loader's seed, ...); training must go on as if it had not
@@ -749,7 +753,8 @@ def run_training(
     validate: bool = True,
 ) -> Path:
     """Trains a config (name or m2f.config.ModelConfig) on the train split of data_root, optionally evaluating
-    on the val split every eval_period iterations; returns the final weights path. Works under torchrun.
+    on the val split every eval_period iterations and at the end; returns the final weights path. Works under
+    torchrun.
     image_size overrides the config's crop size (LSJ for panoptic and instance configs, Mask2Former's
     semantic recipe, SemanticAugmentation, for semantic ones). validate: check the train split (and the val
     split when evaluating) before training: annotations, categories and image files, not the PNGs' pixels."""

@@ -418,6 +418,25 @@ def test_resume_follows_this_runs_optimizer_settings(tmp_path, capsys):
     assert logged[4] == pytest.approx(1e-3 * resumed.schedule.factor(3))
 
 
+def test_evaluation_after_the_last_iteration(tmp_path):
+    """max_iters 7 with eval_period 3: evaluations after iterations 3, 6 and 7; a run stopped while evaluating
+    iteration 7 evaluates it when resumed."""
+    seen = []
+
+    def evaluate_fn(model):
+        seen.append(1)
+        return {"score": float(len(seen))}
+
+    trainer = make_trainer(tmp_path, eval_period=3, max_iters=7)
+    trainer.evaluate_fn = evaluate_fn
+    trainer.train()
+    with (tmp_path / "eval.csv").open() as f:
+        assert [int(row["iteration"]) for row in csv.DictReader(f)] == [3, 6, 7]
+    resumed = make_trainer(tmp_path, eval_period=3, max_iters=7, resume=True)
+    resumed.evaluate_fn = evaluate_fn
+    assert resumed._evaluation_due(7) and not resumed._evaluation_due(5)
+
+
 class _StopAfterDataset(Exception):
     pass
 
