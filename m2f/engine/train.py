@@ -355,7 +355,8 @@ class Trainer:
     model(images) -> outputs; criterion(outputs, targets) -> dict of weighted loss tensors (summed for the
     total); collate_fn(list of dataset items) -> (images, targets, infos). metadata (str -> str) goes
     into every checkpoint's safetensors header. evaluate_fn(model) -> dict of metrics runs every eval_period
-    iterations and after the last one, on every rank (results logged by rank 0). Call init_distributed() before a Trainer for DDP.
+    iterations and after the last one, on every rank (results logged by rank 0). Call init_distributed()
+    before a Trainer for DDP.
     """
 
     def __init__(
