@@ -90,9 +90,9 @@ def _jit_build() -> str:
     return str(build_dir)
 
 
-def _switch(name: str) -> bool:
-    """An on/off environment variable: "1" on, "0" or unset off; anything else is refused, not ignored."""
-    value = os.environ.get(name, "0")
+def switch(name: str, default: bool = False) -> bool:
+    """An on/off environment variable: "1" on, "0" off, unset `default`; anything else is refused, not ignored."""
+    value = os.environ.get(name, "1" if default else "0")
     if value not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {value!r}")
     return value == "1"
@@ -103,7 +103,7 @@ def load_library() -> bool:
     with _lock:
         if "path" in _library:
             return _library["path"] is not None
-        jit, no_jit = _switch("M2F_KERNELS_JIT"), _switch("M2F_KERNELS_NO_JIT")
+        jit, no_jit = switch("M2F_KERNELS_JIT"), switch("M2F_KERNELS_NO_JIT")
         errors = ["M2F_KERNELS_JIT=1 skips the prebuilt library"] if jit else []
         path = None
         if not jit:

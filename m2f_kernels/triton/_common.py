@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 
 import triton
 
+from .._backend import switch
+
 # Launch options of the kernels that turn a normalized location into a pixel coordinate, x = u * W - 0.5:
 # without FMA contraction the product is rounded on its own, as in the reference and the C++/CUDA kernels, so a
 # location on a pixel boundary falls into the same cell on every backend.
@@ -26,10 +28,7 @@ def size_class(n: int) -> int:
 def autotuning() -> bool:
     """False under TRITON_INTERPRET=1 or M2F_KERNELS_TRITON_AUTOTUNE=0 (read at import): every kernel then runs
     its fixed config, with no autotuning pass on the first call of a shape class."""
-    value = os.environ.get("M2F_KERNELS_TRITON_AUTOTUNE", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"M2F_KERNELS_TRITON_AUTOTUNE must be 0 or 1, got {value!r}")
-    return not interpreting() and value == "1"
+    return switch("M2F_KERNELS_TRITON_AUTOTUNE", default=True) and not interpreting()
 
 
 def block_configs(fixed: triton.Config, blocks: Sequence[dict], warps: Sequence[int]) -> list[triton.Config]:
