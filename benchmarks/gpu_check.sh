@@ -6,13 +6,18 @@
 #
 # PY selects the Python that has torch (default: .venv/bin/python if present, else python3); STEPS selects
 # the steps (default "build test sanitize bench"); TEST_ARGS and BENCH_ARGS replace the pytest arguments of
-# the test and bench steps (e.g. a -k selection), SANITIZE_TOOLS the compute-sanitizer tools, and
-# STEP_TIMEOUT (seconds) bounds each step. The tests run the Triton kernels at their fixed configs
-# (TEST_TRITON_AUTOTUNE=1 autotunes them, seconds per shape); the benchmarks always autotune. QUICK=1
-# sizes a run to at most 9 minutes (each step stopped after 130 s), benchmarks first: the point-loss
-# benchmarks, the masked-attention ones at 50 % density (forward + backward), the MaskedMultiheadAttention
-# module against nn.MultiheadAttention and the host time per op call, then the cuda tests of the ops and the
-# nn modules and memcheck. The full run's tests add the transformers integration.
+# the test and bench steps (e.g. a -k selection), SANITIZE_TOOLS the compute-sanitizer tools. Time limits in
+# seconds: STEP_TIMEOUT for every step, BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT and BENCH_TIMEOUT for one
+# step, DEADLINE for the whole script (a step gets at most what is left of it; a step with under 10 s left is
+# skipped and counted as failed). The tests run on TEST_WORKERS processes (default: up to 8 where pytest-xdist
+# is installed), each result printed as it comes, so a step cut off by its limit still shows what passed. They
+# run the Triton kernels at their fixed configs (TEST_TRITON_AUTOTUNE=1 autotunes them, seconds per shape);
+# the benchmarks always autotune. QUICK=1 fits a 10-minute command (DEADLINE 560 s), benchmarks first: the
+# point-loss benchmarks, the masked-attention ones at 50 % density (forward + backward), the
+# MaskedMultiheadAttention module against nn.MultiheadAttention and the host time per op call (170 s), then
+# the cuda tests of the masked-attention and point-loss ops, the nn modules and the deformable-attention ops
+# in that order (180 s), and memcheck with the time left. The full run's tests add the transformers
+# integration.
 # The build step runs `setup.py build_ext --inplace`, or where the Python's setuptools is older than 77 (too
 # old for pyproject.toml) benchmarks/build_inplace.py, which builds the same library without reading it. Later
 # steps never build the library on first use (M2F_KERNELS_NO_JIT=1): a build cut off by a step's timeout
@@ -28,10 +33,16 @@ OUT_DIR=${1:-benchmarks/results}
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 if [ "${QUICK:-0}" = 1 ]; then
   STEPS=${STEPS:-build bench test sanitize}
-  TEST_ARGS=${TEST_ARGS:-tests/ops tests/nn}
+  TEST_ARGS=${TEST_ARGS:-tests/ops/test_masked_attention_backends.py tests/ops/test_point_mask_loss_backends.py \
+    tests/ops/test_pairwise_mask_cost_backends.py tests/ops/test_point_sample_backends.py \
+    tests/ops/test_sample_uncertain_points.py tests/nn tests/ops/test_ms_deform_attn_backends.py \
+    tests/ops/test_ms_deform_attn_fused_backends.py}
   SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck}
   BENCH_ARGS=${BENCH_ARGS:-benchmarks/bench_point_loss.py benchmarks/bench_masked_attention.py benchmarks/bench_call_overhead.py -k \"overhead or point or module or (density50 and full)\"}
-  STEP_TIMEOUT=${STEP_TIMEOUT:-130}
+  DEADLINE=${DEADLINE:-560}
+  BUILD_TIMEOUT=${BUILD_TIMEOUT:-200}
+  BENCH_TIMEOUT=${BENCH_TIMEOUT:-170}
+  TEST_TIMEOUT=${TEST_TIMEOUT:-180}
 fi
 STEPS=${STEPS:-build test sanitize bench}
 export M2F_KERNELS_NO_JIT=${M2F_KERNELS_NO_JIT:-1}
@@ -51,14 +62,31 @@ prefix="$OUT_DIR/$device-$commit$([ "${QUICK:-0}" = 1 ] && echo -quick)"
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")}
 failed=""
 
+step_limit() {  # step_limit NAME: seconds NAME may run (0: no limit), from its own limit and the deadline
+  local var="${1%%-*}"
+  var="${var^^}_TIMEOUT"
+  local limit=${!var:-${STEP_TIMEOUT:-0}}
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$((DEADLINE - SECONDS))
+    if [ "$limit" = 0 ] || [ "$left" -lt "$limit" ]; then limit=$left; fi
+  fi
+  echo "$limit"
+}
+
 step() {  # step NAME COMMAND...: runs COMMAND, logs to $prefix-NAME.log, records a failure; returns its status
-  local name=$1 status=0
+  local name=$1 status=0 limit
   shift
-  echo "== $name: $*"
-  timeout "${STEP_TIMEOUT:-0}" "$@" >"$prefix-$name.log" 2>&1 || status=$?
+  limit=$(step_limit "$name")
+  if [ -n "${DEADLINE:-}" ] && [ "$limit" -lt 10 ]; then
+    failed="$failed $name"
+    echo "== $name: skipped, ${limit} s left before the deadline"
+    return 1
+  fi
+  echo "== $name (limit ${limit} s): $*"
+  timeout "$limit" "$@" >"$prefix-$name.log" 2>&1 || status=$?
   if [ "$status" != 0 ]; then
     failed="$failed $name"
-    echo "   FAILED (see $prefix-$name.log)"
+    echo "   FAILED (status $status, $SECONDS s in; see $prefix-$name.log)"
   fi
   tail -n 3 "$prefix-$name.log"
   return "$status"
@@ -75,8 +103,10 @@ for s in $STEPS; do
       ;;
     test)
       eval "args=(${TEST_ARGS:-tests/ops tests/nn tests/integrations})"
+      workers=${TEST_WORKERS:-$($PY -c 'import os, xdist; print(min(8, os.cpu_count()))' 2>/dev/null || echo 0)}
+      [ "$workers" -gt 0 ] && args=(-n "$workers" "${args[@]}")
       step test env M2F_KERNELS_TRITON_AUTOTUNE="${TEST_TRITON_AUTOTUNE:-0}" \
-        $PY -m pytest -q --continue-on-collection-errors -m cuda "${args[@]}"
+        $PY -m pytest -v -rfE --continue-on-collection-errors -m cuda "${args[@]}"
       ;;
     sanitize)
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do

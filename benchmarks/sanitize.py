@@ -170,10 +170,10 @@ def point_loss_cases(device, backend):
 
 
 CASES = {
-    "ms_deform_attn": ms_deform_attn_cases,
-    "ms_deform_attn_fused": ms_deform_attn_fused_cases,
     "masked_attention": masked_attention_cases,
     "point_loss": point_loss_cases,
+    "ms_deform_attn": ms_deform_attn_cases,
+    "ms_deform_attn_fused": ms_deform_attn_fused_cases,
 }
 
 
@@ -193,7 +193,9 @@ def main(argv=None) -> int:
         for op in args.ops:
             for name, ours, expected, dtype in CASES[op](device, args.backend):
                 label = f"{name} deterministic={deterministic}"
-                if not _compare(label, ours, expected, dtype):
+                if _compare(label, ours, expected, dtype):
+                    print(f"ok {label}")
+                else:
                     failures += 1
     torch.use_deterministic_algorithms(False)
     if device.type == "cuda":
