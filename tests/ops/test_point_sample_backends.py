@@ -55,8 +55,41 @@ def assert_close_to_sum(actual, expected, magnitude, atol, rtol):
     )
 
 
+def corners(image, coords):
+    """The four pixels around each point, v00, v01, v10, v11 (v_yx, zeros outside the image), each
+    (B, C, P) float64."""
+    channels, height, width = image.shape[1:]
+    padded = torch.nn.functional.pad(image.double(), (2, 2, 2, 2)).flatten(2)
+    pixel = coords.double() * torch.tensor([width, height], dtype=torch.float64, device=coords.device) - 0.5
+    x0 = pixel[..., 0].floor().clamp(-2, width).long() + 2
+    y0 = pixel[..., 1].floor().clamp(-2, height).long() + 2
+
+    def corner(y, x):
+        return padded.gather(2, (y * (width + 4) + x)[:, None, :].expand(-1, channels, -1))
+
+    return corner(y0, x0), corner(y0, x0 + 1), corner(y0 + 1, x0), corner(y0 + 1, x0 + 1)
+
+
+def position_error(image, coords):
+    """Pixels by which a kernel's position x * W - 0.5 may differ from the float64 reference's: a few units
+    in the last place of float32 (of float64 for float64 coords), whatever the image's dtype."""
+    precision = torch.float64 if coords.dtype == torch.float64 else torch.float32
+    return 4 * torch.finfo(precision).eps * 1.5 * max(image.shape[-2:])
+
+
+def assert_within(name, actual, expected, bound):
+    error = (actual.double() - expected).abs()
+    assert (error <= bound).all(), (
+        f"{name}: max error {error.max():.3g}, worst error/bound {(error / bound).max():.3g}"
+    )
+
+
 def check_backend(backend, dtype, shape, num_points, device, coords_dtype=None):
-    """coords_dtype: float32 coords for a float16 / bfloat16 image (default: the image's dtype)."""
+    """coords_dtype: float32 coords for a float16 / bfloat16 image (default: the image's dtype).
+
+    Besides the dtype's tolerance, the output may move by the position's rounding (position_error) times
+    the slope between the corners, and the coords gradient by that rounding times the rate at which one
+    coordinate's gradient changes with the other (H or W times v00 - v01 - v10 + v11 per channel)."""
     batch, channels, height, width = shape
     image = torch.randn(shape, dtype=dtype, device=device)
     coords = make_coords(batch, num_points, coords_dtype or dtype, device)
@@ -68,11 +101,17 @@ def check_backend(backend, dtype, shape, num_points, device, coords_dtype=None):
     ref_out, ref_grad_image, ref_grad_coords = reference_forward_backward(image, coords, grad_output)
     atol, rtol = TOLERANCES[dtype]
     assert out.dtype == dtype and grad_image.dtype == dtype and grad_coords.dtype == coords.dtype
-    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
+    v00, v01, v10, v11 = corners(image, coords)
+    delta = position_error(image, coords)
+    slope = (v01 - v00).abs() + (v11 - v10).abs() + (v10 - v00).abs() + (v11 - v01).abs()
+    assert_within("output", out, ref_out, atol + rtol * ref_out.abs() + delta * slope)
     assert_close_to_sum(grad_image, ref_grad_image, summed_magnitude(image, coords, grad_output), atol, rtol)
     # d/dcoord scales with the image size; its low-precision error with the corner values' rounding too.
     scale = max(height, width)
-    torch.testing.assert_close(grad_coords.double(), ref_grad_coords, atol=atol * scale, rtol=rtol * scale)
+    mixed = (grad_output.double().abs() * (v00 - v01 - v10 + v11).abs()).sum(1)  # (B, P)
+    size = torch.tensor([width, height], dtype=torch.float64, device=device)
+    bound = atol * scale + rtol * scale * ref_grad_coords.abs() + delta * mixed[..., None] * size
+    assert_within("grad_coords", grad_coords, ref_grad_coords, bound)
 
 
 @pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
