@@ -6,7 +6,8 @@
 #
 # PY selects the Python that has torch (default: .venv/bin/python if present, else python3); STEPS selects
 # the steps (default "build test sanitize bench"); TEST_ARGS and BENCH_ARGS replace the pytest arguments of
-# the test and bench steps (e.g. a -k selection), SANITIZE_TOOLS the compute-sanitizer tools. Time limits in
+# the test and bench steps (e.g. a -k selection), SANITIZE_TOOLS the compute-sanitizer tools and
+# SANITIZE_ARGS the arguments of benchmarks/sanitize.py (e.g. "--ops masked_attention"). Time limits in
 # seconds: STEP_TIMEOUT for every step, BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT and BENCH_TIMEOUT for one
 # step, DEADLINE for the whole script (a step gets at most what is left of it; a step with under 10 s left is
 # skipped and counted as failed). The tests run on TEST_WORKERS processes (default: up to 8 where pytest-xdist
@@ -111,7 +112,7 @@ for s in $STEPS; do
     sanitize)
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
         step "sanitize-$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-          "$SANITIZER" --tool "$tool" --error-exitcode 1 $PY -m benchmarks.sanitize
+          "$SANITIZER" --tool "$tool" --error-exitcode 1 $PY -m benchmarks.sanitize ${SANITIZE_ARGS:-}
       done
       ;;
     bench)
