@@ -452,7 +452,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self._keep_group_settings(wanted)
         self._report_changed_settings(state)
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        elif self.is_main:
+            print("resuming with fp16 a run saved without fp16: the loss scale starts afresh")
         rng_states = state["rng"]
         ckpt.restore_rng_state(rng_states[self.rank % len(rng_states)])
         self.start_iteration = int(state["iteration"])
@@ -520,7 +523,7 @@ class Trainer:
             self.last_checkpoint = ckpt.save_checkpoint(
                 self.out_dir, iterations_done, self.module, training_state, self.metadata
             )
-        dist_utils.barrier()
+        self.last_checkpoint = dist_utils.broadcast_object(self.last_checkpoint)
 
     def forward_backward(self, micro_batches: Sequence) -> torch.Tensor:
         """Accumulates gradients of the mean loss over one step's micro-batches (DDP averages over ranks).
@@ -728,7 +731,8 @@ def resolve_amp(amp: str | None, config, device: torch.device) -> str | None:
     on other GPUs, and full precision on CPU."""
     if amp is not None or not config.solver.amp or device.type != "cuda":
         return amp
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # Without emulation: pre-Ampere GPUs create bf16 tensors, but have no bf16 tensor cores.
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def run_training(

@@ -129,6 +129,33 @@ def ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         distributed.cleanup()
 
 
+def nan_after_checkpoint_ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One rank of a gloo DDP run whose loss turns NaN at iteration 4, after the checkpoint of iteration 3;
+    writes the FloatingPointError's message to message_<rank>.txt."""
+    from m2f.engine import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
+    os.environ.update(WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init_distributed("cpu")
+    calls = [0]
+
+    def criterion(outputs, targets):
+        calls[0] += 1
+        losses = tiny_criterion(outputs, targets)
+        if calls[0] > 3:
+            losses["loss_mse"] = losses["loss_mse"] * float("nan")
+        return losses
+
+    try:
+        make_trainer(out_dir, criterion=criterion, dropout=0.0, max_iters=6, checkpoint_period=3).train()
+    except FloatingPointError as error:
+        with open(os.path.join(out_dir, f"message_{rank}.txt"), "w") as f:
+            f.write(str(error))
+    finally:
+        distributed.cleanup()
+
+
 def real_model_ddp_worker(rank: int, world_size: int, port: int, data_root: str, out_dir: str) -> None:
     """One rank of `m2f train`'s code path on demo-tiny under gloo DDP."""
     from m2f.engine import distributed

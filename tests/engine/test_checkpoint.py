@@ -108,3 +108,21 @@ def test_last_checkpoint_pointing_nowhere_is_reported(tmp_path):
     (tmp_path / ckpt.LAST_CHECKPOINT_FILE).write_text("model_0000009.safetensors\n")
     with pytest.raises(ckpt.CheckpointError, match="model_0000009"):
         ckpt.find_last_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("visible_gpus", [1, 3])
+def test_cuda_rng_states_restore_on_the_gpus_the_process_sees(monkeypatch, visible_gpus):
+    """A state saved by a process that saw 2 GPUs: a resumed process with 1 restores GPU 0 only (setting
+    GPU 1 raised IndexError), one with 3 restores GPUs 0 and 1."""
+    state = ckpt.capture_rng_state()
+    saved = [torch.tensor([index], dtype=torch.uint8) for index in range(2)]
+    state["cuda"] = saved
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible_gpus)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda value, device: restored.append((device, value)))
+    ckpt.restore_rng_state(state)
+    expected = list(enumerate(saved[:visible_gpus]))
+    assert [device for device, _ in restored] == [device for device, _ in expected]
+    for (_, got), (_, want) in zip(restored, expected):
+        assert got is want

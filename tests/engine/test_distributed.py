@@ -2,7 +2,14 @@ import pytest
 import safetensors.torch
 import torch
 import torch.multiprocessing as mp
-from engine_standins import ddp_worker, first_step_gradients, free_port, make_trainer, real_model_ddp_worker
+from engine_standins import (
+    ddp_worker,
+    first_step_gradients,
+    free_port,
+    make_trainer,
+    nan_after_checkpoint_ddp_worker,
+    real_model_ddp_worker,
+)
 
 from m2f.engine import checkpoint as ckpt
 
@@ -22,6 +29,16 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     got = safetensors.torch.load_file(str(tmp_path / "run" / "model_final.safetensors"))
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_every_rank_names_the_last_checkpoint_when_the_loss_turns_nan(tmp_path):
+    """Only rank 0 writes checkpoints; the other ranks said none was written."""
+    mp.spawn(nan_after_checkpoint_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert ckpt.find_last_checkpoint(tmp_path).name == "model_0000003.safetensors"
+    for rank in range(2):
+        message = (tmp_path / f"message_{rank}.txt").read_text()
+        assert "iteration 4" in message and "model_0000003.safetensors" in message, (rank, message)
 
 
 @pytest.mark.slow

@@ -357,6 +357,30 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
     assert norm <= 1e-3 * (1 + 1e-4)
 
 
+def test_resume_with_fp16_of_a_run_saved_without_it(tmp_path, capsys):
+    """A bf16/float32 run's disabled GradScaler saves an empty state, which an enabled one refused to load."""
+    make_trainer(tmp_path, amp=None, max_iters=2, checkpoint_period=2).train()
+    trainer = make_trainer(tmp_path, amp="fp16", max_iters=4, checkpoint_period=2, resume=True)
+    assert trainer.start_iteration == 2
+    assert "the loss scale starts afresh" in capsys.readouterr().out
+    final = trainer.train()
+    assert ckpt.load_training_state(final.with_name("model_0000004.safetensors"))["scaler"]["scale"] > 0
+
+
+def test_auto_amp_is_fp16_on_gpus_that_only_emulate_bf16(monkeypatch):
+    """torch.cuda.is_bf16_supported() is True on pre-Ampere GPUs (emulated bf16, no tensor cores)."""
+    from m2f.config import get_config
+    from m2f.engine.train import resolve_amp
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    config = get_config("panoptic-r50")
+    assert config.solver.amp
+    assert resolve_amp(None, config, torch.device("cuda", 0)) == "fp16"
+    assert resolve_amp("bf16", config, torch.device("cuda", 0)) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_amp(None, config, torch.device("cuda", 0)) == "bf16"
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_runs_and_stays_finite(tmp_path, amp):
     final = make_trainer(tmp_path, amp=amp, max_iters=2).train()
