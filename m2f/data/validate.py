@@ -189,12 +189,27 @@ def _validate_semantic(root: str, split: str, check_files: bool, problems: list[
     if check_files:
         for stem in sorted(images.keys() & labels):
             png_path = os.path.join(annotation_root, stem + ".png")
-            with Image.open(png_path) as png, Image.open(os.path.join(image_root, images[stem])) as image:
-                values = np.unique(np.asarray(png))
-                if png.size != oriented_size(image):
-                    problems.append(
-                        f"{png_path}: size {png.size} differs from the image's {oriented_size(image)}"
-                    )
+            image_path = os.path.join(image_root, images[stem])
+            try:
+                with Image.open(png_path) as png:
+                    labels_array, label_size = np.asarray(png), png.size
+            except (OSError, Image.DecompressionBombError) as error:
+                problems.append(f"{png_path}: unreadable ({error})")
+                continue
+            try:
+                with Image.open(image_path) as image:
+                    image_size = oriented_size(image)
+            except (OSError, Image.DecompressionBombError) as error:
+                problems.append(f"{image_path}: unreadable ({error})")
+                continue
+            if label_size != image_size:
+                problems.append(f"{png_path}: size {label_size} differs from the image's {image_size}")
+            if labels_array.ndim != 2:
+                problems.append(
+                    f"{png_path}: expected a single-channel label PNG, got shape {labels_array.shape}"
+                )
+                continue
+            values = np.unique(labels_array)
             for value in values[values > len(ADE20K_CLASS_NAMES)].tolist():
                 problems.append(
                     f"{png_path}: unknown category {value} (labels are 0..{len(ADE20K_CLASS_NAMES)})"

@@ -19,6 +19,17 @@ from m2f.evaluation.arrays import to_numpy
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+def _fill_optional_keys(coco_gt: COCO) -> None:
+    """Adds what pycocotools needs and COCO files may leave out (the loader reads them as optional): iscrowd
+    (0), and area and bbox from the segmentation."""
+    for annotation in coco_gt.dataset["annotations"]:
+        annotation.setdefault("iscrowd", 0)
+        if "area" not in annotation or "bbox" not in annotation:
+            rle = coco_gt.annToRLE(annotation)
+            annotation.setdefault("area", float(mask_utils.area(rle)))
+            annotation.setdefault("bbox", mask_utils.toBbox(rle).tolist())
+
+
 def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
     """The detections as a COCO object. loadRes adds keys to the dicts it is given, so it gets copies; it
     refuses an empty list, which becomes a COCO object of the same images without annotations."""
@@ -76,6 +87,7 @@ class InstanceEvaluator:
         self.metadata = metadata
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco_gt = COCO(gt_json)
+        _fill_optional_keys(self.coco_gt)
         self.class_names = {c["id"]: c["name"] for c in self.coco_gt.loadCats(self.coco_gt.getCatIds())}
         self.reset()
 

@@ -32,6 +32,10 @@ class SemanticEvaluator:
     def update(self, pred, gt) -> None:
         pred, gt = to_numpy(pred), to_numpy(gt).astype(np.int64)
         if pred.ndim == 3:
+            if pred.shape[0] != self.num_classes:
+                raise ValueError(
+                    f"pred must be (H, W) labels or ({self.num_classes}, H, W) scores, got {pred.shape}"
+                )
             pred = pred.argmax(0)
         pred = pred.astype(np.int64)
         if pred.shape != gt.shape or gt.ndim != 2:

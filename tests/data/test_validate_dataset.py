@@ -151,6 +151,24 @@ def test_semantic_problems_are_named(tmp_path):
     assert "ADE_train_00000002.png" in problems[1] and "unknown category 200" in problems[1]
 
 
+def test_semantic_unreadable_and_multichannel_files_are_listed_with_the_others(tmp_path):
+    """An empty image and an RGB / LA label PNG are problems of their own (the first stopped validation with
+    PIL's error; the others passed, or showed the alpha channel as category 255), and the rest is still
+    checked."""
+    root = make_synthetic_ade20k(str(tmp_path), num_train=4, num_val=0, image_size=64)
+    images, labels = os.path.join(root, "images", "training"), os.path.join(root, "annotations", "training")
+    open(os.path.join(images, "ADE_train_00000001.jpg"), "wb").close()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(os.path.join(labels, "ADE_train_00000002.png"))
+    Image.new("LA", (64, 64), (1, 255)).save(os.path.join(labels, "ADE_train_00000003.png"))
+    Image.fromarray(np.full((64, 64), 200, np.uint8)).save(os.path.join(labels, "ADE_train_00000004.png"))
+    problems = _problems(root, "semantic").problems
+    assert len(problems) == 4
+    assert "ADE_train_00000001.jpg: unreadable" in problems[0]
+    assert "ADE_train_00000002.png: expected a single-channel label PNG, got shape (64, 64, 3)" in problems[1]
+    assert "ADE_train_00000003.png: expected a single-channel label PNG, got shape (64, 64, 2)" in problems[2]
+    assert "ADE_train_00000004.png" in problems[3] and "unknown category 200" in problems[3]
+
+
 def test_bad_task_and_missing_json(root):
     with pytest.raises(ValueError, match="task"):
         validate_dataset(root, "train", "detection")

@@ -77,5 +77,8 @@ def test_bad_input_raises():
         evaluator.update(np.zeros((2, 2)), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="gt has class indices"):
         evaluator.update(np.zeros((1, 2)), np.array([[0, 7]]))
+    # A (1, H, W) label map is not a score map: argmax over its one channel made every pixel class 0.
+    with pytest.raises(ValueError, match=r"\(2, H, W\) scores, got \(1, 2, 2\)"):
+        evaluator.update(np.ones((1, 2, 2)), np.ones((2, 2)))
     with pytest.raises(ValueError, match="no labeled"):
         evaluator.compute()
