@@ -10,6 +10,7 @@ Units: image sizes and strides in pixels, learning rates per step, iterations ar
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,9 +91,6 @@ class InferenceConfig:
     object_mask_threshold: float = 0.8
     overlap_threshold: float = 0.8
     top_k: int = 100
-    panoptic_on: bool = True
-    instance_on: bool = False
-    semantic_on: bool = False
     test_short_edge: int = 800
     test_max_size: int = 1333
 
@@ -151,6 +149,10 @@ class ModelConfig:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.solver.optimizer != "adamw":
+            raise ValueError(
+                f"solver.optimizer must be 'adamw' (the only one implemented), got {self.solver.optimizer!r}"
+            )
         if self.size_divisibility < 1:
             raise ValueError(f"size_divisibility must be >= 1 (1: no padding), got {self.size_divisibility}")
         if self.decoder.dropout != 0.0 or self.pixel_decoder.encoder_dropout != 0.0:
@@ -174,10 +176,16 @@ class ModelConfig:
         return _dataclass_from_dict(cls, data, "config")
 
 
+# Fields that earlier versions wrote and nothing reads: configs stored with them still load.
+RETIRED_FIELDS = {"InferenceConfig": {"panoptic_on", "instance_on", "semantic_on"}}
+
+
 def _dataclass_from_dict(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a dict of {cls.__name__} fields, got {data!r}")
+    data = {key: value for key, value in data.items() if key not in RETIRED_FIELDS.get(cls.__name__, ())}
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    types = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
@@ -188,12 +196,13 @@ def _dataclass_from_dict(cls: type, data: Any, where: str) -> Any:
         if dataclasses.is_dataclass(default):
             kwargs[name] = _dataclass_from_dict(type(default), value, f"{where}.{name}")
         else:
-            kwargs[name] = _field_from_plain(f"{where}.{name}", default, value)
+            kwargs[name] = _field_from_plain(f"{where}.{name}", default, value, types[name])
     return cls(**kwargs)
 
 
-def _field_from_plain(where: str, default: Any, value: Any) -> Any:
-    """`value` as the type of the field's `default`; JSON lists become tuples."""
+def _field_from_plain(where: str, default: Any, value: Any, annotation: Any) -> Any:
+    """`value` as the type of the field's `default`; JSON lists become tuples of the annotation's length and
+    element types (tuple[int, ...], tuple[float, float, float])."""
     if isinstance(default, bool):
         valid = isinstance(value, bool)
     elif isinstance(default, int | float):
@@ -202,15 +211,40 @@ def _field_from_plain(where: str, default: Any, value: Any) -> Any:
     elif isinstance(default, str):
         valid = isinstance(value, str)
     elif isinstance(default, tuple):
-        valid, value = isinstance(value, list | tuple), _tuples(value)
+        valid, value = _tuple_of(annotation, value)
     elif isinstance(default, dict):
         valid = isinstance(value, dict)
         value = {key: _tuples(item) for key, item in value.items()} if valid else value
     else:
         valid = True
     if not valid:
-        raise ValueError(f"{where} must be of type {type(default).__name__}, got {value!r}")
+        expected = annotation if isinstance(default, tuple) else type(default).__name__
+        raise ValueError(f"{where} must be of type {expected}, got {value!r}")
     return float(value) if isinstance(default, float) else value
+
+
+def _tuple_of(annotation: Any, value: Any) -> tuple[bool, Any]:
+    """(valid, value as a tuple) for a tuple[X, ...] or tuple[X, Y, Z] field; float elements become floats."""
+    if not isinstance(value, list | tuple):
+        return False, value
+    value = _tuples(value)
+    kinds = typing.get_args(annotation)
+    if len(kinds) == 2 and kinds[1] is Ellipsis:
+        kinds = (kinds[0],) * len(value)
+    if len(kinds) != len(value) or not all(_is_number_of(item, kind) for item, kind in zip(value, kinds)):
+        return False, value
+    return True, tuple(float(item) if kind is float else item for item, kind in zip(value, kinds))
+
+
+def _is_number_of(value: Any, kind: type) -> bool:
+    """Whether a JSON value fits an int or float field (a float field takes ints too); other kinds pass."""
+    if kind not in (int, float):
+        return True
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and (kind is float or isinstance(value, int))
+    )
 
 
 def _tuples(value: Any) -> Any:
@@ -257,7 +291,6 @@ def _coco_panoptic(
         num_classes=133,
         backbone=backbone,
         decoder=DecoderConfig(num_queries=num_queries),
-        inference=InferenceConfig(panoptic_on=True, instance_on=True, semantic_on=True),
         solver=_step_solver(max_iter),
     )
 
@@ -269,7 +302,6 @@ def _coco_instance(name: str, backbone: BackboneConfig) -> ModelConfig:
         dataset="coco",
         num_classes=80,
         backbone=backbone,
-        inference=InferenceConfig(panoptic_on=False, instance_on=True, semantic_on=False),
         solver=_step_solver(COCO_50_EPOCHS),
     )
 
@@ -281,13 +313,7 @@ def _ade20k_semantic(name: str, backbone: BackboneConfig, crop: int) -> ModelCon
         dataset="ade20k",
         num_classes=150,
         backbone=backbone,
-        inference=InferenceConfig(
-            panoptic_on=False,
-            instance_on=False,
-            semantic_on=True,
-            test_short_edge=crop,
-            test_max_size=4 * crop,
-        ),
+        inference=InferenceConfig(test_short_edge=crop, test_max_size=4 * crop),
         solver=SolverConfig(
             max_iter=ADE20K_160K,
             lr_schedule="poly",
@@ -313,9 +339,7 @@ def _demo_tiny() -> ModelConfig:
         ),
         decoder=DecoderConfig(hidden_dim=64, num_queries=16, num_heads=4, ffn_dim=128, num_layers=6),
         loss=LossConfig(num_points=1024),
-        inference=InferenceConfig(
-            panoptic_on=True, instance_on=True, semantic_on=True, test_short_edge=128, test_max_size=128
-        ),
+        inference=InferenceConfig(test_short_edge=128, test_max_size=128),
         solver=SolverConfig(
             lr=3e-4,
             max_iter=1000,

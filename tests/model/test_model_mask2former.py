@@ -73,6 +73,14 @@ def test_config_values_and_round_trip():
         ModelConfig.from_dict({"num_querys": 3})
 
 
+def test_stored_configs_with_retired_fields_still_load():
+    """panoptic_on / instance_on / semantic_on were never read (the task decides); old checkpoints have them."""
+    data = m2f.get_config("demo-tiny").to_dict()
+    data["inference"].update(panoptic_on=True, instance_on=False, semantic_on=True)
+    assert ModelConfig.from_dict(data) == m2f.get_config("demo-tiny")
+    assert ModelConfig.from_dict({"pixel_mean": [1, 2, 3]}).pixel_mean == (1.0, 2.0, 3.0)
+
+
 def test_config_round_trips_through_json_and_names_bad_fields():
     """Checkpoints store the config as JSON: tuples come back as tuples, nested ones in timm_kwargs too, and a
     value of the wrong type is named rather than failing later in the model."""
@@ -91,6 +99,13 @@ def test_config_round_trips_through_json_and_names_bad_fields():
         ({"decoder": 5}, "config.decoder must be a dict of DecoderConfig fields"),
         ({"decoder": {"pre_norm": 1}}, "config.decoder.pre_norm must be of type bool"),
         ({"pixel_mean": 0.5}, "config.pixel_mean must be of type tuple"),
+        ({"pixel_mean": [1.0, 2.0]}, r"config.pixel_mean must be of type tuple\[float, float, float\]"),
+        (
+            {"backbone": {"out_strides": [4, "x"]}},
+            r"config.backbone.out_strides must be of type tuple\[int, ...\]",
+        ),
+        ({"solver": {"lr_steps": [1.5]}}, r"config.solver.lr_steps must be of type tuple\[int, ...\]"),
+        ({"solver": {"optimizer": "sgd"}}, "solver.optimizer must be 'adamw' \\(the only one implemented\\)"),
         ({"backbone": {"timm_kwargs": []}}, "config.backbone.timm_kwargs must be of type dict"),
         ([], "config must be a dict"),
     ):
