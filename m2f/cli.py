@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":
-        args.pytest_args = extra
+        args.pytest_args = extra[1:] if extra[:1] == ["--"] else extra  # `m2f bench -- -k point` too
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def check_output_path(path: str | os.PathLike, what: str, *, folder: bool = False) -> Path:
+def check_output_path(
+    path: str | os.PathLike, what: str, *, folder: bool = False, inputs: Iterable[str | os.PathLike] = ()
+) -> Path:
     """Raises ValueError naming `what` unless `path` can be written as a file (or, with folder, made a folder):
-    neither it (for a file) nor a folder above it may be a file of the other kind. Checked before long work
-    that ends by writing there. Returns the path."""
+    neither it (for a file) nor a folder above it may be a file of the other kind, and it may not be one of
+    the command's `inputs` (however spelled). Checked before long work that ends by writing there. Returns
+    the path."""
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         kind = "a folder" if path.is_dir() else "a file"
@@ -67,6 +71,10 @@ def check_output_path(path: str | os.PathLike, what: str, *, folder: bool = Fals
             if not parent.is_dir():
                 raise ValueError(f"{what} {path}: {parent} is a file, not a folder")
             break
+    resolved = path.resolve()
+    for source in inputs:
+        if Path(source).resolve() == resolved:
+            raise ValueError(f"{what} {path} would overwrite an input of this command ({source})")
     return path
 
 

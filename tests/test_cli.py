@@ -465,6 +465,8 @@ def test_bench_forwards_arguments_to_pytest(monkeypatch):
     assert main(["bench", "-k", "deform", "--benchmark-only"]) == 0
     assert calls[0][:3] == [sys.executable, "-m", "pytest"]
     assert calls[0][3].endswith("benchmarks") and calls[0][4:] == ["-k", "deform", "--benchmark-only"]
+    assert main(["bench", "--", "-k", "point"]) == 0  # pytest read a "--" before the folder as a file name
+    assert calls[1][3].endswith("benchmarks") and calls[1][4:] == ["-k", "point"]
 
 
 def test_python_dash_m_runs_the_cli():
@@ -517,6 +519,39 @@ def test_output_paths_that_cannot_be_written_are_refused_first(
         line.startswith(("m2f predict: error: ", "m2f eval: error: ")) for line in errors
     )
     assert calls == [[], []]
+
+
+def test_eval_and_convert_never_overwrite_their_inputs(
+    synthetic_root, trained_run, tmp_path, capsys, monkeypatch
+):
+    """eval --output naming its checkpoint (however spelled) or an annotation file, convert --out naming its
+    source or classes file: one error line before any work, the file untouched (they were replaced)."""
+    from m2f.engine import evaluate
+
+    calls = count_predictions(monkeypatch, evaluate)
+    checkpoint = trained_run / "model_final.safetensors"
+    annotations = synthetic_root / "annotations" / "panoptic_val2017.json"
+    before = {path: path.read_bytes() for path in (checkpoint, annotations)}
+    spelled_otherwise = trained_run / ".." / trained_run.name / "model_final.safetensors"
+    assert main(eval_args(checkpoint, synthetic_root, spelled_otherwise)) == 2
+    assert main(eval_args(checkpoint, synthetic_root, annotations)) == 2
+    source, names = tmp_path / "model_final.pkl", tmp_path / "names.txt"
+    source.write_bytes(b"weights")
+    names.write_text("a\n")
+    convert = ["convert", str(source), "--format", "detectron2", "--config", "demo-tiny"]
+    assert main([*convert, "--out", str(source)]) == 2
+    assert main([*convert, "--classes", str(names), "--out", str(names)]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 4 and all("would overwrite an input of this command" in line for line in errors)
+    assert calls == [] and all(path.read_bytes() == content for path, content in before.items())
+    assert source.read_bytes() == b"weights" and names.read_text() == "a\n"
+
+
+def test_train_out_that_is_a_file_is_refused(synthetic_root, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(train_args(synthetic_root, a_file, 1)) == 2
+    assert "is a file; expected a folder" in capsys.readouterr().err
 
 
 def test_predict_writes_each_task_once_and_checks_the_score_threshold(trained_run, tmp_path, capsys):

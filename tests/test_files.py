@@ -101,3 +101,9 @@ def test_output_paths_are_checked_before_writing(tmp_path):
         files.check_output_path(a_file, "out", folder=True)
     with pytest.raises(ValueError, match="is a file, not a folder"):
         files.check_output_path(a_file / "deeper" / "out.json", "output")
+    spelled_otherwise = a_folder / ".." / "file"
+    with pytest.raises(
+        ValueError, match=r"output .*file would overwrite an input of this command \(.*file\)"
+    ):
+        files.check_output_path(spelled_otherwise, "output", inputs=[a_folder, str(a_file)])
+    files.check_output_path(tmp_path / "other", "output", inputs=[a_file])

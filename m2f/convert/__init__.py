@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..files import check_output_path
 from .detectron2 import UnsafeCheckpointError, load_detectron2_state_dict
 from .keymaps import ConversionError, apply_rules, detect_backbone, detectron2_to_model_rules, reverse_rules
 from .mmdet import detectron2_to_mmdet, load_mmdet_checkpoint, mmdet_to_detectron2
@@ -340,8 +341,10 @@ def convert_to_file(
     Raises ValueError when `classes` does not give one name per class of the checkpoint, ConversionError
     when the checkpoint's own names do not."""
     _check_format(fmt)
-    # bad `classes` fail before any loading
+    # bad `classes` and `out` fail before any loading
     given, categories = (None, None) if classes is None else _resolve_classes(classes)
+    class_files = [classes] if isinstance(classes, str | Path) and Path(classes).is_file() else []
+    check_output_path(out, "out", inputs=[src, *class_files])
     _check_architecture(src, fmt, _resolve_config(config_name))
     state, found = read_checkpoint(src, fmt)
     state_dict = convert_checkpoint(state, fmt, config_name)

@@ -230,12 +230,21 @@ def validate_dataset(
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     problems: list[str] = []
-    if task == "panoptic":
-        summary = _validate_panoptic(root, split, check_files, num_workers, problems)
-    elif task == "instance":
-        summary = _validate_instance(root, split, check_files, problems)
-    else:
-        summary = _validate_semantic(root, split, check_files, problems)
+    try:
+        if task == "panoptic":
+            summary = _validate_panoptic(root, split, check_files, num_workers, problems)
+        elif task == "instance":
+            summary = _validate_instance(root, split, check_files, problems)
+        else:
+            summary = _validate_semantic(root, split, check_files, problems)
+    except (KeyError, TypeError, AttributeError) as error:  # a JSON without the COCO format's keys and types
+        json_path = coco_paths(root, split)["panoptic_json" if task == "panoptic" else "instances_json"]
+        what = (
+            f"a record lacks the key {error}"
+            if isinstance(error, KeyError)
+            else f"{type(error).__name__}: {error}"
+        )
+        problems.append(f"{json_path}: not a COCO {task} annotation file ({what})")
     if problems:
         listed = "\n".join(problems[:max_listed])
         more = f"\n... and {len(problems) - max_listed} more" if len(problems) > max_listed else ""

@@ -426,7 +426,8 @@ def run_evaluation(
         if output
         else checkpoint.with_name(f"{checkpoint.stem}.eval-{dataset_kind}-{split}.json")
     )
-    check_output_path(output, "output")  # before the evaluation, not after it
+    # Before the evaluation, not after it.
+    check_output_path(output, "output", inputs=[checkpoint, *dataset.source_files()])
     parts_dir = output.with_name(output.name + ".parts")
     if not resume and dist_utils.is_main_process():
         shutil.rmtree(parts_dir, ignore_errors=True)

@@ -28,7 +28,7 @@ from torch import nn
 
 from m2f.engine import checkpoint as ckpt
 from m2f.engine import distributed as dist_utils
-from m2f.files import write_bytes_atomic
+from m2f.files import check_output_path, write_bytes_atomic
 
 EMBEDDING_PARAMETER_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -315,8 +315,9 @@ def move_to_device(obj, device: torch.device):
 
 
 class CsvLog:
-    """Appends rows to a CSV (header written once); on resume, rows after the resume iteration are dropped.
-    iterations: those of the rows kept and written."""
+    """Appends rows to a CSV (header written once); on resume, rows after the resume iteration are dropped,
+    and so is a row cut short by a crash while it was appended. iterations: those of the rows kept and
+    written."""
 
     def __init__(self, path: Path, resume_iteration: int | None):
         self.path = path
@@ -326,7 +327,8 @@ class CsvLog:
             with path.open(newline="") as f:
                 reader = csv.DictReader(f)
                 self.fieldnames = reader.fieldnames
-                kept = [row for row in reader if int(row["iteration"]) <= resume_iteration]
+                complete = (row for row in reader if None not in row.values() and row["iteration"].isdigit())
+                kept = [row for row in complete if int(row["iteration"]) <= resume_iteration]
             self.iterations = {int(row["iteration"]) for row in kept}
             buffer = io.StringIO()
             writer = csv.DictWriter(buffer, fieldnames=self.fieldnames)
@@ -769,6 +771,7 @@ def run_training(
     from m2f.models import build_model
 
     config = config if isinstance(config, ModelConfig) else get_config(config)
+    check_output_path(out_dir, "out", folder=True)
     dataset_kind = dataset_kind or default_dataset_kind(config)
     if image_size is not None:
         config = dataclasses.replace(config, solver=dataclasses.replace(config.solver, image_size=image_size))

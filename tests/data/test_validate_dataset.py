@@ -169,6 +169,29 @@ def test_semantic_unreadable_and_multichannel_files_are_listed_with_the_others(t
     assert "ADE_train_00000004.png" in problems[3] and "unknown category 200" in problems[3]
 
 
+@pytest.mark.parametrize(
+    "task, kind, edit, key",
+    [
+        ("panoptic", "panoptic", lambda data: data.pop("categories"), "'categories'"),
+        (
+            "panoptic",
+            "panoptic",
+            lambda data: data["annotations"][0]["segments_info"][0].pop("category_id"),
+            "'category_id'",
+        ),
+        ("instance", "instances", lambda data: data.pop("images"), "'images'"),
+    ],
+)
+def test_json_without_the_coco_keys_is_one_problem_naming_the_file(root, task, kind, edit, key):
+    """A KeyError traceback before; now a DatasetError (a one-line CLI error) naming the JSON and the key."""
+    _edit_json(root, kind, edit)
+    (problem,) = _problems(root, task).problems
+    assert (
+        problem
+        == f"{_json_path(root, kind)}: not a COCO {task} annotation file (a record lacks the key {key})"
+    )
+
+
 def test_bad_task_and_missing_json(root):
     with pytest.raises(ValueError, match="task"):
         validate_dataset(root, "train", "detection")

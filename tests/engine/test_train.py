@@ -357,6 +357,17 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
     assert norm <= 1e-3 * (1 + 1e-4)
 
 
+def test_resumed_log_drops_a_row_cut_short(tmp_path):
+    """A crash while a row was appended leaves part of it; the resume rewrites the log without it (a missing
+    field read as None, or an iteration cut in two, was kept or raised)."""
+    for cut in ("3,0.3", "1"):
+        path = tmp_path / "metrics.csv"
+        path.write_text(f"iteration,total_loss,lr\n1,0.5,0.1\n2,0.4,0.1\n{cut}")
+        log = CsvLog(path, resume_iteration=5)
+        assert log.iterations == {1, 2}
+        assert path.read_text().splitlines() == ["iteration,total_loss,lr", "1,0.5,0.1", "2,0.4,0.1"]
+
+
 def test_resume_with_fp16_of_a_run_saved_without_it(tmp_path, capsys):
     """A bf16/float32 run's disabled GradScaler saves an empty state, which an enabled one refused to load."""
     make_trainer(tmp_path, amp=None, max_iters=2, checkpoint_period=2).train()
