@@ -547,6 +547,16 @@ def test_eval_and_convert_never_overwrite_their_inputs(
     assert source.read_bytes() == b"weights" and names.read_text() == "a\n"
 
 
+def test_run_prediction_refuses_a_task_given_as_a_string(trained_run, tmp_path):
+    """tasks="panoptic" was read letter by letter ("got ['p', 'a', 'n', ...]")."""
+    from m2f.engine.predict import run_prediction
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (20, 24)).save(image)
+    with pytest.raises(TypeError, match="tasks must be a sequence of task names, got the string 'panoptic'"):
+        run_prediction([image], trained_run / "model_final.safetensors", tmp_path / "out", tasks="panoptic")
+
+
 def test_train_out_that_is_a_file_is_refused(synthetic_root, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")

@@ -54,6 +54,16 @@ def predict_masks(
 
     if amp not in (None, *AMP_DTYPES):
         raise ValueError(f"amp must be None or one of {sorted(AMP_DTYPES)}, got {amp!r}")
+    if (
+        not isinstance(image, torch.Tensor)
+        or image.dtype != torch.uint8
+        or image.dim() != 3
+        or image.shape[0] != 3
+    ):
+        described = (
+            f"a {tuple(image.shape)} {image.dtype} tensor" if isinstance(image, torch.Tensor) else type(image)
+        )
+        raise ValueError(f"image must be a (3, h, w) uint8 tensor (RGB, 0..255), got {described}")
     height, width = image.shape[-2:]
     divisibility = model.size_divisibility
     padded_size = (-(-height // divisibility) * divisibility, -(-width // divisibility) * divisibility)

@@ -177,6 +177,8 @@ def run_prediction(
     config = load_config_for_checkpoint(config_name, metadata, checkpoint)
     classes = class_info(metadata, config.num_classes)
     config = dataclasses.replace(config, num_classes=len(classes.names))
+    if isinstance(tasks, str):
+        raise TypeError(f"tasks must be a sequence of task names, got the string {tasks!r}")
     tasks = list(dict.fromkeys(tasks or [config.task]))  # each once, in the order given
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:

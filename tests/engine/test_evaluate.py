@@ -82,6 +82,17 @@ def test_predicted_masks_are_upsampled_at_the_padded_size_then_cropped(size):
     assert mask_cls.shape == (model.config.decoder.num_queries, model.num_classes + 1)
     with pytest.raises(ValueError, match="amp must be"):
         predict_masks(model, image, device=torch.device("cpu"), amp="bfloat16")
+    # A float image in 0..1 ran on normalization made for 0..255, and a gray one was copied to 3 channels.
+    for other, described in (
+        (image.float() / 255, r"\(3, \d+, \d+\) torch.float32 tensor"),
+        (image[:1], r"\(1, \d+, \d+\) torch.uint8 tensor"),
+        (image.permute(1, 2, 0), r"\(\d+, \d+, 3\) torch.uint8 tensor"),
+        (image.numpy(), "numpy.ndarray"),
+    ):
+        with pytest.raises(
+            ValueError, match=f"image must be a \\(3, h, w\\) uint8 tensor .*got .*{described}"
+        ):
+            predict_masks(model, other, device=torch.device("cpu"))
 
 
 def test_summarize_flattens_groups_and_skips_per_class():
