@@ -71,10 +71,11 @@ def check_output_path(
             if not parent.is_dir():
                 raise ValueError(f"{what} {path}: {parent} is a file, not a folder")
             break
-    resolved = path.resolve()
-    for source in inputs:
-        if Path(source).resolve() == resolved:
-            raise ValueError(f"{what} {path} would overwrite an input of this command ({source})")
+    if path.exists():  # only an existing file can be an input
+        resolved = path.resolve()
+        for source in inputs:
+            if Path(source).resolve() == resolved:
+                raise ValueError(f"{what} {path} would overwrite an input of this command ({source})")
     return path
 
 
