@@ -96,8 +96,9 @@ class Criterion(nn.Module):
             target_classes[b, query_idx.to(device)] = labels[target_idx.to(labels.device)].to(
                 device, torch.int64
             )
-        weight = self.empty_weight.to(device)
-        return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, weight)
+        dtype = torch.promote_types(pred_logits.dtype, torch.float32)  # float64 stays float64 (gradcheck)
+        weight = self.empty_weight.to(device, dtype)
+        return F.cross_entropy(pred_logits.to(dtype).transpose(1, 2), target_classes, weight)
 
     def loss_masks(
         self,

@@ -280,6 +280,29 @@ def test_any_integer_label_dtype_and_default_dtype_give_the_same_losses():
         torch.testing.assert_close(under_float64[name].float(), value.float(), rtol=1e-6, atol=1e-6)
 
 
+def test_float64_predictions_give_float64_losses_that_pass_gradcheck():
+    """The class loss was computed in float32 whatever the logits' dtype (gradcheck saw float32 rounding)."""
+    outputs, targets = make_batch(
+        torch.Generator().manual_seed(7),
+        batch=1,
+        queries=3,
+        layers=0,
+        mask_size=(5, 4),
+        targets_per_image=(2,),
+    )
+    logits = outputs["pred_logits"].detach().double().requires_grad_()
+    masks = outputs["pred_masks"].detach().double().requires_grad_()
+    criterion = make_criterion(num_points=12)
+
+    def losses(logits, masks):
+        torch.manual_seed(0)  # the same points at every call
+        values = criterion({"pred_logits": logits, "pred_masks": masks}, targets)
+        return tuple(values[name] for name in sorted(values))
+
+    assert [value.dtype for value in losses(logits, masks)] == [torch.float64] * 3
+    assert torch.autograd.gradcheck(losses, (logits, masks))
+
+
 def num_masks_worker(rank, store_path, out_path):
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     try:
