@@ -97,11 +97,13 @@ void backward_kernel(const Sizes& sz, const scalar_t* grad_output, const scalar_
                   gv[d + j] += corner_weight * g[d + j];
                 }
               }
+              // The tail as two loops: together, GCC compiled a vector version (multiply, then add)
+              // and a scalar one (fused multiply-add) and chose between them by where the buffers
+              // lay in memory, so the same inputs could give gradients differing in the last bits.
               accscalar_t dot = 0;
-              for (; d < sz.channels; ++d) {
-                dot += g[d] * static_cast<accscalar_t>(v[d]);
-                gv[d] += corner_weight * g[d];
-              }
+              for (int64_t e = d; e < sz.channels; ++e)
+                dot += g[e] * static_cast<accscalar_t>(v[e]);
+              for (int64_t e = d; e < sz.channels; ++e) gv[e] += corner_weight * g[e];
               for (int j = 0; j < kLanes; ++j) dot += partial[j];
               corner_dot[k] = dot;
             }
