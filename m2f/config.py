@@ -206,8 +206,7 @@ def _field_from_plain(where: str, default: Any, value: Any, annotation: Any) -> 
     if isinstance(default, bool):
         valid = isinstance(value, bool)
     elif isinstance(default, int | float):
-        valid = isinstance(value, int | float) and not isinstance(value, bool)
-        valid = valid and (isinstance(value, int) or isinstance(default, float))
+        valid = _is_number_of(value, type(default))
     elif isinstance(default, str):
         valid = isinstance(value, str)
     elif isinstance(default, tuple):
