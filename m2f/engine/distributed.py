@@ -6,6 +6,7 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain `m2f train` runs as
 
 from __future__ import annotations
 
+import importlib
 import os
 from datetime import timedelta
 
@@ -24,6 +25,11 @@ def init_distributed(device_type: str | None = None, timeout_s: float = 1800.0) 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
+        # Imported after the group exists (timm and torch.compile import it), torch._dynamo holds references
+        # to the group that destroy_process_group does not drop; the group's gloo threads then outlive it, and
+        # one that frees a collective's tensors while the interpreter exits aborts the process. Imported
+        # first, it holds none.
+        importlib.import_module("torch._dynamo")
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend=backend,

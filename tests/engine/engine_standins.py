@@ -156,6 +156,31 @@ def nan_after_checkpoint_ddp_worker(rank: int, world_size: int, port: int, out_d
         distributed.cleanup()
 
 
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def late_import_ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One rank that imports torch._dynamo after joining the group (as a model built after init_distributed
+    does through timm), gathers objects and leaves; writes its thread counts before joining and after leaving
+    to threads_<rank>.txt."""
+    from m2f.engine import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
+    os.environ.update(WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    before = thread_count()
+    distributed.init_distributed("cpu")
+    try:
+        import torch._dynamo  # noqa: F401
+
+        distributed.all_gather_object({"rank": rank})
+        distributed.broadcast_object([rank])
+    finally:
+        distributed.cleanup()
+    with open(os.path.join(out_dir, f"threads_{rank}.txt"), "w") as f:
+        f.write(f"{before} {thread_count()}")
+
+
 def real_model_ddp_worker(rank: int, world_size: int, port: int, data_root: str, out_dir: str) -> None:
     """One rank of `m2f train`'s code path on demo-tiny under gloo DDP."""
     from m2f.engine import distributed

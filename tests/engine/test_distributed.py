@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import safetensors.torch
 import torch
@@ -6,6 +8,7 @@ from engine_standins import (
     ddp_worker,
     first_step_gradients,
     free_port,
+    late_import_ddp_worker,
     make_trainer,
     nan_after_checkpoint_ddp_worker,
     real_model_ddp_worker,
@@ -39,6 +42,17 @@ def test_every_rank_names_the_last_checkpoint_when_the_loss_turns_nan(tmp_path):
     for rank in range(2):
         message = (tmp_path / f"message_{rank}.txt").read_text()
         assert "iteration 4" in message and "model_0000003.safetensors" in message, (rank, message)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_leaving_the_group_stops_its_threads_after_a_late_torch_dynamo_import(tmp_path):
+    """A group that outlived cleanup() kept gloo threads that could free a collective's tensors while the
+    interpreter exited: "terminate called without an active exception", the process aborted."""
+    mp.spawn(late_import_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        before, after = map(int, (tmp_path / f"threads_{rank}.txt").read_text().split())
+        assert after == before, (rank, before, after)
 
 
 @pytest.mark.slow
