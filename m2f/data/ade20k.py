@@ -60,12 +60,19 @@ def ade20k_paths(root: str, split: str) -> tuple[str, str]:
     return os.path.join(root, "images", folder), os.path.join(root, "annotations", folder)
 
 
-def read_ade20k_labels(path: str, num_classes: int = len(ADE20K_CLASS_NAMES)) -> np.ndarray:
-    """(H, W) int64 contiguous classes, 255 for ignore."""
+def read_raw_ade20k_labels(path: str) -> np.ndarray:
+    """(H, W) int64 label values as stored: 0 for "other", 1..150 for the classes. DatasetError unless the PNG
+    has a single channel."""
     with Image.open(path) as png:
         raw = np.asarray(png, dtype=np.int64)
     if raw.ndim != 2:
         raise DatasetError(f"{path}: expected a single-channel label PNG, got shape {raw.shape}")
+    return raw
+
+
+def read_ade20k_labels(path: str, num_classes: int = len(ADE20K_CLASS_NAMES)) -> np.ndarray:
+    """(H, W) int64 contiguous classes, 255 for ignore."""
+    raw = read_raw_ade20k_labels(path)
     return np.where((raw == 0) | (raw > num_classes), IGNORE_LABEL, raw - 1)
 
 

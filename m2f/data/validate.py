@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from m2f.data.ade20k import ADE20K_CLASS_NAMES, ade20k_paths
+from m2f.data.ade20k import ADE20K_CLASS_NAMES, ade20k_paths, read_raw_ade20k_labels
 from m2f.data.coco_panoptic import coco_paths
 from m2f.data.common import DatasetError, oriented_size, pool_context, read_json, read_panoptic_png
 
@@ -175,6 +175,22 @@ def _validate_instance(root: str, split: str, check_files: bool, problems: list[
     return {"images": len(images), "annotations": len(data["annotations"])}
 
 
+def _read_oriented_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return oriented_size(image)
+
+
+def _read_or_report(read, path: str, problems: list[str]):
+    """read(path), or None with the reason appended to problems when the file is unreadable or malformed."""
+    try:
+        return read(path)
+    except (OSError, Image.DecompressionBombError) as error:
+        problems.append(f"{path}: unreadable ({error})")
+    except DatasetError as error:
+        problems.append(str(error))
+    return None
+
+
 def _validate_semantic(root: str, split: str, check_files: bool, problems: list[str]) -> dict:
     image_root, annotation_root = ade20k_paths(root, split)
     for folder in (image_root, annotation_root):
@@ -190,25 +206,13 @@ def _validate_semantic(root: str, split: str, check_files: bool, problems: list[
         for stem in sorted(images.keys() & labels):
             png_path = os.path.join(annotation_root, stem + ".png")
             image_path = os.path.join(image_root, images[stem])
-            try:
-                with Image.open(png_path) as png:
-                    labels_array, label_size = np.asarray(png), png.size
-            except (OSError, Image.DecompressionBombError) as error:
-                problems.append(f"{png_path}: unreadable ({error})")
+            labels_array = _read_or_report(read_raw_ade20k_labels, png_path, problems)
+            image_size = _read_or_report(_read_oriented_size, image_path, problems)
+            if labels_array is None or image_size is None:
                 continue
-            try:
-                with Image.open(image_path) as image:
-                    image_size = oriented_size(image)
-            except (OSError, Image.DecompressionBombError) as error:
-                problems.append(f"{image_path}: unreadable ({error})")
-                continue
+            label_size = labels_array.shape[::-1]
             if label_size != image_size:
                 problems.append(f"{png_path}: size {label_size} differs from the image's {image_size}")
-            if labels_array.ndim != 2:
-                problems.append(
-                    f"{png_path}: expected a single-channel label PNG, got shape {labels_array.shape}"
-                )
-                continue
             values = np.unique(labels_array)
             for value in values[values > len(ADE20K_CLASS_NAMES)].tolist():
                 problems.append(
