@@ -8,10 +8,18 @@ torch.export see); on GPU ``public_triton``, the public function on the Triton b
 CUDA library); for masked attention also the native ``scaled_dot_product_attention`` for scale. Each
 timed call runs the op CALLS times, so the tables are in ms per CALLS calls.
 
+``test_host_profile`` breaks the host time of a public call (forward + backward) down by Python function
+(cProfile, PROFILE_CALLS calls): the results JSON's ``host_profiles`` list the PROFILE_ROWS functions with
+the most time of their own, per call in microseconds (the profiler's own cost inflates small functions).
+
     pytest benchmarks/bench_call_overhead.py -s
 """
 
 from __future__ import annotations
+
+import cProfile
+import os
+import pstats
 
 import pytest
 import torch
@@ -21,6 +29,8 @@ from m2f_kernels.ops import masked_attention, ms_deform_attn, point_mask_loss, p
 from m2f_kernels.ops._common import call_op
 
 CALLS = 100
+PROFILE_CALLS = 20
+PROFILE_ROWS = 25
 
 
 def _attention_inputs(device):
@@ -113,3 +123,57 @@ def test_call_overhead(bench, device, op, mode):
         f"{op} {mode}: public {1000 * times['public'] / CALLS:.1f} us per call; the op without the "
         f"dispatcher {times['custom_op'] / times['ops_fast_path']:.2f}x faster than through it"
     )
+
+
+def _profile_rows(call, grad_inputs, device) -> tuple[float, list[dict]]:
+    """(host microseconds per call, the PROFILE_ROWS functions with the most own time) of call() + backward."""
+
+    def forward_backward():
+        output = _first(call())
+        if grad_inputs:
+            output.float().sum().backward()
+
+    for _ in range(3):
+        forward_backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(PROFILE_CALLS):
+        forward_backward()
+    profiler.disable()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).stats
+    per_call_us = 1e6 / PROFILE_CALLS
+    rows = [
+        {
+            "function": f"{os.path.basename(file)}:{line}({function})",
+            "calls": primitive_calls / PROFILE_CALLS,
+            "own_us": own_s * per_call_us,
+            "cumulative_us": cumulative_s * per_call_us,
+        }
+        for (file, line, function), (primitive_calls, _, own_s, cumulative_s, _) in stats.items()
+    ]
+    rows.sort(key=lambda row: row["own_us"], reverse=True)
+    total_us = sum(row["own_us"] for row in rows)
+    return total_us, rows[:PROFILE_ROWS]
+
+
+@pytest.mark.parametrize("op", ["masked_attention", "point_mask_loss"])
+def test_host_profile(bench, device, op):
+    grad_inputs, public, _, _ = _calls(device)[op]
+    backends = ["auto"]
+    if device.type == "cuda" and "triton" in m2f_kernels.available_backends():
+        backends.append("triton")
+    for backend in backends:
+        total_us, rows = _profile_rows(lambda backend=backend: public(backend), grad_inputs, device)
+        bench.add_host_profile(
+            f"host_profile {op}", backend, rows, {"calls": PROFILE_CALLS, "total_us": total_us}
+        )
+        assert rows and all(row["own_us"] >= 0 for row in rows)
+        print(f"{op} {backend}: {total_us:.0f} us of host time per forward + backward (profiled)")
+        for row in rows[:10]:
+            print(
+                f"  {row['own_us']:8.1f} us own {row['cumulative_us']:8.1f} us cumulative  {row['function']}"
+            )

@@ -30,12 +30,12 @@ def _results_path() -> str:
 
 
 def pytest_runtest_logfinish(nodeid, location):
-    if _recorder.measurements:
+    if _recorder.measurements or _recorder.host_profiles:
         _recorder.write(_results_path())
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not _recorder.measurements:
+    if not (_recorder.measurements or _recorder.host_profiles):
         return
     terminalreporter.write_line("")
     terminalreporter.write_line(_recorder.table())

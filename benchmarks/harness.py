@@ -237,6 +237,11 @@ class Recorder:
 
     def __init__(self):
         self.measurements: list[Measurement] = []
+        self.host_profiles: list[dict] = []
+
+    def add_host_profile(self, group: str, name: str, rows: list[dict], params: dict | None = None) -> None:
+        """Records a host-time breakdown (rows of Python functions, see bench_call_overhead.py)."""
+        self.host_profiles.append({"group": group, "name": name, "params": params or {}, "rows": rows})
 
     def run(
         self,
@@ -317,6 +322,7 @@ class Recorder:
         payload = {
             "environment": environment(),
             "results": [dataclasses.asdict(m) for m in self.measurements],
+            "host_profiles": self.host_profiles,
         }
         write_bytes_atomic(path, json.dumps(payload, indent=1).encode())
         return path

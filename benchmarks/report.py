@@ -32,6 +32,7 @@ REQUIRED_RESULT_KEYS = tuple(
     if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 )
 DEFAULT_THRESHOLD = 1.10
+HOST_PROFILE_ROWS = 10  # functions listed per host profile
 
 
 @dataclasses.dataclass
@@ -84,6 +85,13 @@ def load_results(path: str | os.PathLike) -> ResultsFile:
             if not isinstance(row[key], (int, float)) or row[key] <= 0:
                 raise ValueError(f"{where}: {key!r} must be a positive number, got {row[key]!r}")
         recorder.measurements.append(Measurement(**{k: v for k, v in row.items() if k in RESULT_KEYS}))
+    profiles = payload.get("host_profiles", [])
+    if not isinstance(profiles, list) or not all(
+        isinstance(p, dict) and {"group", "name", "rows"} <= p.keys() and isinstance(p["rows"], list)
+        for p in profiles
+    ):
+        raise ValueError(f"{path}: 'host_profiles' must be a list of objects with 'group', 'name' and 'rows'")
+    recorder.host_profiles = profiles
     return ResultsFile(path, environment, recorder)
 
 
@@ -259,6 +267,13 @@ def write_report(
                             f"- {results.path}: {m.group} / {m.name} / {m.mode}: "
                             f"{format_ms(old)} -> {format_ms(m.median_ms)} ms ({m.median_ms / old:.2f}x)"
                         )
+        for profile in results.recorder.host_profiles:
+            lines += ["", f"### {profile['group']}: {profile['name']} (host time per call, profiled)", ""]
+            rows = [
+                [_format(row["own_us"], ".1f"), _format(row["cumulative_us"], ".1f"), _cell(row["function"])]
+                for row in profile["rows"][:HOST_PROFILE_ROWS]
+            ]
+            lines += _markdown_table(["own us", "cumulative us", "function"], rows)
     if baseline is not None:
         lines += ["", f"## Regressions (time new/old > {threshold:.2f})", ""]
         lines += regressions or ["None."]

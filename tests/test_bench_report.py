@@ -170,6 +170,7 @@ def test_one_chart_per_group_and_no_temp_files(results_path, tmp_path):
         (lambda payload: payload["environment"].pop("commit"), "environment is missing key 'commit'"),
         (lambda payload: payload["results"][0].update(mode="sideways"), r"results\[0\]: mode must be one of"),
         (lambda payload: payload["results"][0].update(median_ms=0), r"results\[0\]: 'median_ms' must be"),
+        (lambda payload: payload.update(host_profiles=[{"group": "g"}]), "'host_profiles' must be a list"),
     ],
 )
 def test_malformed_file_is_named(results_path, break_file, message):
@@ -179,6 +180,22 @@ def test_malformed_file_is_named(results_path, break_file, message):
     with pytest.raises(ValueError, match=message) as error:
         load_results(results_path)
     assert str(results_path) in str(error.value)
+
+
+def test_host_profiles_are_listed_by_own_time(tmp_path):
+    recorder = Recorder()
+    rows = [
+        {"function": f"ops.py:{line}(f{line})", "calls": 1.0, "own_us": own, "cumulative_us": 2 * own}
+        for line, own in ((10, 5.0), (20, 3.5))
+    ]
+    recorder.add_host_profile("host_profile masked_attention", "triton", rows, {"calls": 20, "total_us": 8.5})
+    path = recorder.write(tmp_path / "profile.json")
+    report = main([str(path), "--out", str(tmp_path / "out")]).read_text()
+    table = _tables(report)["host_profile masked_attention: triton (host time per call, profiled)"]
+    assert table == [
+        {"own us": "5.0", "cumulative us": "10.0", "function": "ops.py:10(f10)"},
+        {"own us": "3.5", "cumulative us": "7.0", "function": "ops.py:20(f20)"},
+    ]
 
 
 def test_command_line_error_names_file(results_path, tmp_path, capsys):

@@ -49,6 +49,25 @@ def test_call_overhead_benchmark_records_every_row(tmp_path):
     assert all(row["median_ms"] > 0 and len(row["times_ms"]) == 10 for row in rows)
 
 
+def test_host_profile_benchmark_records_the_functions_of_a_call(tmp_path):
+    results = tmp_path / "results.json"
+    result = _pytest(
+        "-q",
+        "benchmarks/bench_call_overhead.py",
+        "-k",
+        "host_profile and masked_attention",
+        env={"M2F_BENCH_OUT": str(results)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    payload = json.loads(results.read_text())
+    assert payload["results"] == []
+    [profile] = payload["host_profiles"]
+    assert (profile["group"], profile["name"]) == ("host_profile masked_attention", "auto")
+    functions = [row["function"] for row in profile["rows"]]
+    assert any("masked_attention.py" in function for function in functions), functions
+    assert profile["params"]["total_us"] >= max(row["own_us"] for row in profile["rows"]) > 0
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["backward", "full"])
 def test_peak_memory_counts_the_input_gradients(mode):
