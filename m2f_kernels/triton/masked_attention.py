@@ -241,15 +241,22 @@ def _combine_kernel(
     tl.store(lse_ptr + rows, row_max + tl.log(row_sum), mask=row_valid)
 
 
+@triton.jit
+def _row_delta(out_ptr, grad_out, offsets, valid):
+    """delta = rowsum(dO * O) in float32 for a (rows, head dim) tile of grad_out."""
+    out = tl.load(out_ptr + offsets, mask=valid, other=0.0)
+    return tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), axis=1)
+
+
 @_autotuned
 @triton.jit
 def _backward_dq_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
+    out_ptr,
     grad_out_ptr,
     lse_ptr,
-    delta_ptr,
     mask_ptr,
     flag_ptr,
     grad_q_partial_ptr,
@@ -268,7 +275,8 @@ def _backward_dq_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """grad_q_partial[split] = scale * sum over the split's keys of dS K (float32)."""
+    """grad_q_partial[split] = scale * sum over the split's keys of dS K (float32), with dS = P (dP - delta)
+    and delta = rowsum(dO * O)."""
     q_block, batch_head = _block_and_batch_head(num_queries, BLOCK_Q)
     split = tl.program_id(1)
     batch = batch_head // num_heads
@@ -286,7 +294,7 @@ def _backward_dq_kernel(
     q = tl.load(q_ptr + q_offsets, mask=q_valid, other=0.0)
     grad_out = tl.load(grad_out_ptr + q_offsets, mask=q_valid, other=0.0)
     lse = tl.load(lse_ptr + stat_rows, mask=query_valid, other=0.0)
-    delta = tl.load(delta_ptr + stat_rows, mask=query_valid, other=0.0)
+    delta = _row_delta(out_ptr, grad_out, q_offsets, q_valid)
     mask_rows = mask_row_block.to(tl.int64) * num_queries + queries
     row_has_visible = tl.load(flag_ptr + mask_rows, mask=query_valid, other=1) != 0
     mask_row_offsets = mask_rows[:, None] * num_keys
@@ -324,9 +332,9 @@ def _backward_dkdv_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
+    out_ptr,
     grad_out_ptr,
     lse_ptr,
-    delta_ptr,
     mask_ptr,
     flag_ptr,
     grad_k_ptr,
@@ -372,7 +380,7 @@ def _backward_dkdv_kernel(
         q = tl.load(q_ptr + q_offsets, mask=q_valid, other=0.0)
         grad_out = tl.load(grad_out_ptr + q_offsets, mask=q_valid, other=0.0)
         lse = tl.load(lse_ptr + stat_rows, mask=query_valid, other=0.0)
-        delta = tl.load(delta_ptr + stat_rows, mask=query_valid, other=0.0)
+        delta = _row_delta(out_ptr, grad_out, q_offsets, q_valid)
         mask_rows = mask_row_block.to(tl.int64) * num_queries + queries
         row_has_visible = tl.load(flag_ptr + mask_rows, mask=query_valid, other=1) != 0
 
@@ -549,8 +557,8 @@ def masked_attention_backward(
     grad_out = grad_out.contiguous()
     lse = lse.contiguous()
     mask, mask_kind, mask_heads = _mask_source(mask_logits, attn_mask, batch, num_queries, num_keys)
+    out = out.contiguous()
     flags = _row_flags(mask, mask_kind, num_keys, threshold_logit)
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
 
     block_q, block_k, block_d = _block_sizes(head_dim)
     q_blocks = triton.cdiv(num_queries, block_q)
@@ -567,9 +575,9 @@ def masked_attention_backward(
         q,
         k,
         v,
+        out,
         grad_out,
         lse,
-        delta,
         mask,
         flags,
         grad_q_partial,
@@ -596,9 +604,9 @@ def masked_attention_backward(
         q,
         k,
         v,
+        out,
         grad_out,
         lse,
-        delta,
         mask,
         flags,
         grad_k,
