@@ -155,6 +155,20 @@ class ModelConfig:
             )
         if self.size_divisibility < 1:
             raise ValueError(f"size_divisibility must be >= 1 (1: no padding), got {self.size_divisibility}")
+        inference = self.inference
+        for name, value, low, high in (
+            ("decoder.num_queries", self.decoder.num_queries, 1, None),
+            ("decoder.num_layers", self.decoder.num_layers, 0, None),
+            ("decoder.hidden_dim", self.decoder.hidden_dim, 1, None),
+            ("inference.object_mask_threshold", inference.object_mask_threshold, 0.0, 1.0),
+            ("inference.overlap_threshold", inference.overlap_threshold, 0.0, 1.0),
+            ("inference.top_k", inference.top_k, 1, None),
+            ("inference.test_short_edge", inference.test_short_edge, 1, None),
+            ("inference.test_max_size", inference.test_max_size, 1, None),
+        ):
+            if not (low <= value and (high is None or value <= high)):
+                bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+                raise ValueError(f"{name} must be {bounds}, got {value}")
         if self.decoder.dropout != 0.0 or self.pixel_decoder.encoder_dropout != 0.0:
             raise ValueError(
                 "dropout is not supported (Mask2Former trains without it): decoder.dropout and "

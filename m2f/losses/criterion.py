@@ -167,6 +167,15 @@ class Criterion(nn.Module):
                 raise ValueError(
                     f"targets[{b}]['labels'] must be in [0, {self.num_classes}), got {labels.tolist()}"
                 )
+            if masks.dtype.is_complex:
+                raise TypeError(f"targets[{b}]['masks'] must be bool (or 0/1 values), got {masks.dtype}")
+            if masks.dtype != torch.bool and masks.numel():
+                low, high = torch.aminmax(masks)
+                if low < 0 or high > 1:
+                    raise ValueError(
+                        f"targets[{b}]['masks'] must be bool or hold values in [0, 1] (a 0/255 image is not a "
+                        f"mask), got values in [{low.item()}, {high.item()}]"
+                    )
 
 
 def batch_target_masks(targets: list[dict], device: torch.device) -> torch.Tensor:

@@ -259,6 +259,22 @@ def test_bad_targets():
         criterion(outputs, targets)
 
 
+def test_masks_must_be_bool_or_zero_one_values():
+    """A 0/255 uint8 mask gave negative losses; 0/1 masks in any real dtype give the bool masks' losses."""
+    outputs, targets = make_batch(torch.Generator().manual_seed(5), layers=0)
+    criterion = make_criterion()
+    torch.manual_seed(0)
+    expected = criterion(outputs, targets)
+    for dtype in (torch.uint8, torch.float32):
+        torch.manual_seed(0)
+        got = criterion(outputs, [{**t, "masks": t["masks"].to(dtype)} for t in targets])
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], msg=f"{dtype} {name}")
+    images = [{**t, "masks": t["masks"].to(torch.uint8) * 255} for t in targets]
+    with pytest.raises(ValueError, match=r"targets\[0\]\['masks'\] must be bool or hold values in \[0, 1\]"):
+        criterion(outputs, images)
+
+
 def test_any_integer_label_dtype_and_default_dtype_give_the_same_losses():
     """int32 labels (as many datasets store them) and a float64 default dtype leave the losses unchanged."""
     outputs, targets = make_batch(torch.Generator().manual_seed(6), layers=0)

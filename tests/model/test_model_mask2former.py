@@ -108,6 +108,12 @@ def test_config_round_trips_through_json_and_names_bad_fields():
         ({"solver": {"optimizer": "sgd"}}, "solver.optimizer must be 'adamw' \\(the only one implemented\\)"),
         ({"backbone": {"timm_kwargs": []}}, "config.backbone.timm_kwargs must be of type dict"),
         ([], "config must be a dict"),
+        ({"decoder": {"num_queries": 0}}, r"decoder.num_queries must be >= 1, got 0"),
+        ({"decoder": {"num_layers": -1}}, r"decoder.num_layers must be >= 0, got -1"),
+        ({"inference": {"object_mask_threshold": 80.0}}, r"inference.object_mask_threshold must be in \[0.0"),
+        ({"inference": {"overlap_threshold": -0.1}}, r"inference.overlap_threshold must be in \[0.0, 1.0\]"),
+        ({"inference": {"top_k": 0}}, r"inference.top_k must be >= 1, got 0"),
+        ({"inference": {"test_max_size": 0}}, r"inference.test_max_size must be >= 1, got 0"),
     ):
         with pytest.raises(ValueError, match=field):
             ModelConfig.from_dict(data)
