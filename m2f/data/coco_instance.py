@@ -22,6 +22,48 @@ from m2f.data.common import (
 )
 
 
+def _compressed_runs(counts: bytes) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' rleFrString format: each run in 5-bit
+    groups, offset by 48, the 6th bit set while more groups follow; runs after the second are stored as the
+    difference to the run two back)."""
+    runs, position = [], 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(counts):
+                raise ValueError("the string ends inside a run")
+            group = counts[position] - 48
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            position, shift = position + 1, shift + 5
+            if not more and group & 0x10:
+                value |= -1 << shift
+        runs.append(value + runs[-2] if len(runs) > 2 else value)
+    return runs
+
+
+def rle_problem(segmentation: dict, height: int, width: int) -> str | None:
+    """Why a COCO RLE segmentation is not a (height, width) mask, or None. pycocotools decodes an RLE whose
+    runs cover fewer pixels than its size without complaint, leaving the rest of the mask uninitialized."""
+    size, counts = segmentation.get("size"), segmentation.get("counts")
+    if not isinstance(size, (list, tuple)) or list(size) != [height, width]:
+        return f"RLE size {size} differs from the image's [{height}, {width}]"
+    try:
+        if isinstance(counts, list):
+            if not all(isinstance(run, int) and run >= 0 for run in counts):
+                raise ValueError("runs must be non-negative ints")
+            runs = counts
+        elif isinstance(counts, (str, bytes)):
+            runs = _compressed_runs(counts.encode("ascii") if isinstance(counts, str) else counts)
+        else:
+            raise ValueError("counts must be a list of runs or a compressed string")
+    except (ValueError, UnicodeEncodeError) as error:
+        return f"malformed RLE counts ({error})"
+    if any(run < 0 for run in runs) or sum(runs) != height * width:
+        return f"RLE runs cover {sum(runs)} pixels, not {height} * {width}"
+    return None
+
+
 def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
     """A COCO segmentation (polygon list, uncompressed or compressed RLE) -> (height, width) uint8 mask."""
     if isinstance(segmentation, list):
@@ -58,6 +100,7 @@ class CocoInstanceDataset(SegmentationDataset):
             image_root=paths["image_root"],
         )
         annotations_by_image: dict[int, list] = {}
+        images_by_id = {image["id"]: image for image in data["images"]}
         for annotation in data["annotations"]:
             if annotation.get("iscrowd", 0):
                 continue
@@ -73,6 +116,13 @@ class CocoInstanceDataset(SegmentationDataset):
                     f"{paths['instances_json']}: annotation id {annotation.get('id')}: segmentation must be "
                     "a list of polygons [[x1, y1, x2, y2, ...], ...]"
                 )
+            if isinstance(segmentation, dict):
+                image = images_by_id.get(annotation["image_id"])
+                problem = image and rle_problem(segmentation, image["height"], image["width"])
+                if problem:
+                    raise DatasetError(
+                        f"{paths['instances_json']}: annotation id {annotation.get('id')}: {problem}"
+                    )
             annotations_by_image.setdefault(annotation["image_id"], []).append((label, segmentation))
         self.records = PackedRecords(
             (

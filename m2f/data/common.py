@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -14,6 +15,12 @@ import torch
 from PIL import Image, ImageOps
 
 IGNORE_LABEL = 255
+
+
+def _non_negative_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
 
 
 class DatasetError(Exception):
@@ -83,16 +90,27 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     return np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
 
 
+@contextlib.contextmanager
+def _naming_unreadable(path: str):
+    """Turns PIL's errors for a file it cannot decode (truncated, not an image, too large), which do not say
+    which file, into a DatasetError that does."""
+    try:
+        yield
+    except (OSError, Image.DecompressionBombError) as error:
+        raise DatasetError(f"{path}: unreadable ({error})") from error
+
+
 def read_panoptic_png(path: str) -> np.ndarray:
-    """(H, W) int64 segment ids of a COCO panoptic PNG."""
-    with Image.open(path) as png:
+    """(H, W) int64 segment ids of a COCO panoptic PNG. DatasetError naming the file when it cannot be read."""
+    with _naming_unreadable(path), Image.open(path) as png:
         return rgb_to_id(np.asarray(png.convert("RGB")))
 
 
 def read_image(path: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB, EXIF orientation applied (as detectron2's read_image). A 16-bit grayscale image
-    keeps its high byte (PIL's conversion to RGB would clip every value above 255)."""
-    with Image.open(path) as image:
+    keeps its high byte (PIL's conversion to RGB would clip every value above 255). DatasetError naming the
+    file when it cannot be read."""
+    with _naming_unreadable(path), Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I;16"):
             gray = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
@@ -207,11 +225,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 f"transforms must have a get_geometry(height, width, rng) method, got {transforms!r}"
             )
         self.transforms = transforms
-        self.seed = int(seed)
+        self.seed = _non_negative_int("seed", seed)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self.epoch = _non_negative_int("epoch", epoch)
 
     def item_rng(self, index: int) -> np.random.Generator:
         """The only source of randomness of item `index` in the current epoch."""

@@ -219,13 +219,29 @@ def make_synthetic_ade20k(
 ) -> str:
     """Write the same scenes in the ADE20K layout under out_dir/ADEChallengeData2016: label PNG value =
     1 + index of the category in SYNTHETIC_CATEGORIES (so classes 0..5 of ADE20KDataset), 0 for void.
-    Returns the ADEChallengeData2016 folder."""
+    Returns the ADEChallengeData2016 folder.
+
+    The layout is whatever files the folders hold, so ValueError when they already hold ADE-named files
+    beyond the ones this call writes (from a larger earlier run, or a real ADE20K): they would join the set.
+    """
     _check_arguments(num_train, num_val, image_size)
     root = os.path.join(out_dir, "ADEChallengeData2016")
     value_of = {c["id"]: i + 1 for i, c in enumerate(SYNTHETIC_CATEGORIES)}
-    for split_key, (folder, count, prefix) in enumerate(
-        (("training", num_train, "ADE_train"), ("validation", num_val, "ADE_val"))
-    ):
+    splits = (("training", num_train, "ADE_train"), ("validation", num_val, "ADE_val"))
+    for folder, count, prefix in splits:
+        written = {f"{prefix}_{n + 1:08d}" for n in range(count)}
+        for kind in ("images", "annotations"):
+            path = os.path.join(root, kind, folder)
+            names = os.listdir(path) if os.path.isdir(path) else []
+            extra = sorted(
+                name for name in names if name.startswith(prefix) and os.path.splitext(name)[0] not in written
+            )
+            if extra:
+                raise ValueError(
+                    f"{path} holds {len(extra)} ADE20K files besides the {count} this call writes (e.g. "
+                    f"{extra[0]}), which would join the dataset; write into an empty folder"
+                )
+    for split_key, (folder, count, prefix) in enumerate(splits):
         for n in range(count):
             image, segments = draw_scene(np.random.default_rng([seed, split_key, n]), image_size)
             labels = np.zeros((image_size, image_size), dtype=np.uint8)

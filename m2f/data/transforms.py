@@ -101,8 +101,8 @@ class LSJ:
 
     def __init__(self, image_size: int, min_scale: float = 0.1, max_scale: float = 2.0, flip: bool = True):
         _check_size("image_size", image_size)
-        if not 0 < min_scale <= max_scale:
-            raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
+        if not 0 < min_scale <= max_scale < math.inf:
+            raise ValueError(f"need 0 < min_scale <= max_scale < inf, got {min_scale}, {max_scale}")
         self.image_size = int(image_size)
         self.min_scale = min_scale
         self.max_scale = max_scale
@@ -327,8 +327,8 @@ class SemanticAugmentation:
         image_pad_value: int = 128,
     ):
         _check_size("crop_size", crop_size)
-        if not 0 < min_scale <= max_scale:
-            raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
+        if not 0 < min_scale <= max_scale < math.inf:
+            raise ValueError(f"need 0 < min_scale <= max_scale < inf, got {min_scale}, {max_scale}")
         first, last = math.ceil(min_scale * 10 - 1e-6), math.floor(max_scale * 10 + 1e-6)
         if first > last:
             raise ValueError(

@@ -10,6 +10,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from m2f.data.ade20k import ADE20K_CLASS_NAMES, ade20k_paths, read_raw_ade20k_labels
+from m2f.data.coco_instance import rle_problem
 from m2f.data.coco_panoptic import coco_paths
 from m2f.data.common import DatasetError, oriented_size, pool_context, read_json, read_panoptic_png
 
@@ -53,7 +54,10 @@ def check_panoptic_png(
     other)."""
     if not os.path.isfile(png_path):
         return [f"{png_path}: missing panoptic PNG (image id {image_id})"]
-    ids = read_panoptic_png(png_path)
+    try:
+        ids = read_panoptic_png(png_path)
+    except DatasetError as error:
+        return [f"{error} (image id {image_id})"]
     problems = []
     if ids.shape != (height, width):
         problems.append(
@@ -158,9 +162,10 @@ def _validate_instance(root: str, split: str, check_files: bool, problems: list[
         if annotation.get("category_id") not in category_ids:
             problems.append(f"{where} has unknown category_id {annotation.get('category_id')}")
         segmentation = annotation.get("segmentation")
-        if isinstance(segmentation, dict) and "size" in segmentation:
-            if list(segmentation["size"]) != [image["height"], image["width"]]:
-                problems.append(f"{where}: RLE size {segmentation['size']} differs from the image's")
+        if isinstance(segmentation, dict):
+            problem = rle_problem(segmentation, image["height"], image["width"])
+            if problem:
+                problems.append(f"{where}: {problem}")
                 continue
         if isinstance(segmentation, list) and not all(isinstance(p, list) for p in segmentation):
             problems.append(f"{where}: segmentation must be a list of polygons [[x1, y1, x2, y2, ...], ...]")

@@ -100,6 +100,16 @@ def test_items_are_deterministic_per_seed_epoch_and_index(synthetic_root):
     assert any(changed)
 
 
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_seed_must_be_a_non_negative_int(synthetic_root, seed):
+    """A negative seed failed at the first item, in numpy's words; 1.5 was truncated to 1."""
+    with pytest.raises(ValueError, match=f"seed must be a non-negative int, got {seed!r}"):
+        CocoPanopticDataset(synthetic_root, "train", LSJ(64), seed=seed)
+    dataset = CocoPanopticDataset(synthetic_root, "train", LSJ(64))
+    with pytest.raises(ValueError, match="epoch must be a non-negative int"):
+        dataset.set_epoch(-1)
+
+
 def test_dataloader_workers_give_the_same_batches(synthetic_root):
     dataset = CocoInstanceDataset(synthetic_root, "train", LSJ(64), seed=2)
     batches = []

@@ -1,4 +1,5 @@
 import colorsys
+import math
 
 import numpy as np
 import pytest
@@ -104,6 +105,12 @@ def test_polygon_coordinates_by_hand():
     geometry = Geometry((60, 80), (100, 200), top=20, left=30, out_size=(90, 90), flip=True)
     # x: 10 * 200/80 - 30 = -5, mirrored: 90 - (-5) = 95; y: 12 * 100/60 - 20 = 0
     assert geometry.apply_polygons([[10.0, 12.0, 40.0, 30.0]]) == [[95.0, 0.0, 20.0, 30.0]]
+
+
+@pytest.mark.parametrize("scales", [(0.0, 1.0), (2.0, 1.0), (0.1, math.inf), (math.nan, 1.0)])
+def test_lsj_scales_must_be_finite_and_ordered(scales):
+    with pytest.raises(ValueError, match="need 0 < min_scale <= max_scale"):
+        LSJ(100, *scales)
 
 
 def test_lsj_geometry_ranges_and_determinism():

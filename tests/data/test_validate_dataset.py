@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -245,3 +246,83 @@ def test_semantic_images_are_checked_as_the_dataset_reads_them(tmp_path):
     Image.new("L", (23, 17), 1).save(label_path)
     (message,) = _problems(root, "semantic").problems
     assert "ADE_train_00000002.png: size (23, 17) differs from the image's (17, 23)" in message
+
+
+def _truncate(path):
+    with open(path, "rb") as f:
+        content = f.read()
+    with open(path, "wb") as f:
+        f.write(content[: len(content) // 2])
+
+
+def test_unreadable_panoptic_png_is_listed_with_the_others(root):
+    """A truncated panoptic PNG stopped validation with PIL's error, naming no file."""
+    png = os.path.join(root, "annotations", "panoptic_train2017", "000000000001.png")
+    _truncate(png)
+    _edit_json(
+        root, "panoptic", lambda data: data["annotations"][1]["segments_info"][0].update(category_id=77)
+    )
+    problems = _problems(root, "panoptic").problems
+    assert len(problems) == 2
+    assert "unknown category_id 77" in problems[0]
+    assert problems[1].startswith(f"{png}: unreadable (") and problems[1].endswith("(image id 1)")
+
+
+def test_unreadable_image_is_named_when_the_item_is_read(root):
+    from m2f.data import CocoPanopticDataset
+
+    image = os.path.join(root, "train2017", "000000000001.jpg")
+    _truncate(image)
+    for dataset in (CocoPanopticDataset(root, "train"), CocoInstanceDataset(root, "train")):
+        with pytest.raises(DatasetError, match=f"{image}: unreadable"):
+            dataset[0]
+
+
+@pytest.mark.parametrize(
+    "counts, message",
+    [
+        ([0, 5], "RLE runs cover 5 pixels, not 64 \\* 64"),
+        ([0, 5000], "RLE runs cover 5000 pixels, not 64 \\* 64"),
+        ("0`", "malformed RLE counts"),
+    ],
+)
+def test_rle_whose_runs_do_not_cover_the_image_is_refused(root, counts, message):
+    """pycocotools decoded an RLE covering 5 of 4,096 pixels into a mask whose rest was uninitialized
+    memory, and one covering more failed with "Invalid RLE mask representation", naming nothing."""
+
+    def edit(data):
+        data["annotations"][0]["segmentation"] = {"size": [64, 64], "counts": counts}
+
+    annotation = _edit_json(root, "instances", edit)["annotations"][0]
+    problems = _problems(root, "instance", check_files=False).problems
+    assert len(problems) == 1 and re.search(f"annotation id {annotation['id']}: {message}", problems[0])
+    with pytest.raises(DatasetError, match=f"annotation id {annotation['id']}: {message}"):
+        CocoInstanceDataset(root, "train")
+
+
+def test_rle_runs_are_read_as_pycocotools_writes_them():
+    """Compressed RLE strings of random masks: the runs decoded here rebuild the mask pycocotools encoded."""
+    from pycocotools import mask as mask_utils
+
+    from m2f.data.coco_instance import _compressed_runs, rle_problem
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        height, width = (int(n) for n in rng.integers(1, 80, 2))
+        mask = np.asfortranarray(rng.random((height, width)) < rng.random())
+        rle = mask_utils.encode(mask.astype(np.uint8))
+        runs = _compressed_runs(rle["counts"])
+        flat = np.repeat(np.arange(len(runs)) % 2, runs).astype(bool)
+        assert np.array_equal(flat.reshape(width, height).T, mask)
+        assert rle_problem(rle, height, width) is None
+
+
+def test_synthetic_ade20k_refuses_a_folder_with_files_it_would_not_write(tmp_path):
+    """A second, smaller run into the same folder left the first run's extra scenes in the dataset."""
+    root = make_synthetic_ade20k(str(tmp_path), num_train=3, num_val=1, image_size=32)
+    assert make_synthetic_ade20k(str(tmp_path), num_train=3, num_val=1, image_size=32, seed=1) == root
+    with pytest.raises(
+        ValueError, match=r"images/training holds 1 ADE20K files besides the 2 .*ADE_train_00000003"
+    ):
+        make_synthetic_ade20k(str(tmp_path), num_train=2, num_val=1, image_size=32)
+    assert len(ADE20KDataset(root, "train")) == 3
