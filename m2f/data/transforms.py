@@ -97,7 +97,11 @@ def _check_size(name: str, size: int) -> None:
 class LSJ:
     """Large-scale jitter: resize so the image fits image_size * s (s uniform in [min_scale, max_scale],
     aspect kept), random crop to image_size when larger, pad bottom/right when smaller, horizontal flip with
-    probability 0.5. Output is always (image_size, image_size)."""
+    probability 0.5. Output is always (image_size, image_size).
+
+    The crop's top and left offsets are drawn independently. detectron2's FixedSizeCrop, which Mask2Former
+    trains with, scales both by one uniform draw, so its crops of an image larger on both sides lie on the
+    diagonal from the top-left to the bottom-right corner; here every window of the image can be drawn."""
 
     def __init__(self, image_size: int, min_scale: float = 0.1, max_scale: float = 2.0, flip: bool = True):
         _check_size("image_size", image_size)
