@@ -6,8 +6,11 @@ Multi-GPU / multi-node training and evaluation: `torchrun --nproc_per_node=G [--
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 AMP_CHOICES = ("bf16", "fp16")
@@ -290,13 +293,32 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        with _terminate_as_exit():
+            return args.func(args)
     except (ValueError, OSError, DatasetError) as error:  # OSError: a path that cannot be read or written
         print(f"m2f {args.command}: error: {error}", file=sys.stderr)
         return 2
     except FloatingPointError as error:
         print(f"m2f {args.command}: training stopped: {error}", file=sys.stderr)
         return 3
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM (what schedulers, torchrun and `kill` send) raises SystemExit(143) instead of ending the
+    process on the spot, so that a file being written is cleaned up and the process group left."""
+
+    def exit_on_terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, exit_on_terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

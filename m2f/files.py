@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,6 +54,22 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+_TEMPORARY_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, prefixes: tuple[str, ...]) -> list[Path]:
+    """Removes the temporary files write_bytes_atomic left in `folder` for targets whose names start with
+    one of `prefixes` (a process killed while writing: SIGKILL, power loss); returns their paths. Only for
+    targets that no other running process writes."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        match = _TEMPORARY_NAME.match(path.name)
+        if match and match["target"].startswith(prefixes) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def check_output_path(

@@ -107,3 +107,61 @@ def test_output_paths_are_checked_before_writing(tmp_path):
     ):
         files.check_output_path(spelled_otherwise, "output", inputs=[a_folder, str(a_file)])
     files.check_output_path(tmp_path / "other", "output", inputs=[a_file])
+
+
+def test_stale_temporaries_of_the_named_targets_are_removed(tmp_path):
+    """A process killed while writing (SIGKILL, power loss) leaves its temporary file behind."""
+    stale = [tmp_path / ".model_0000004.state.pt.ab12_d34.tmp", tmp_path / ".metrics.csv.zzzzzzzz.tmp"]
+    kept = [
+        tmp_path / ".results.json.abcdefgh.tmp",  # another target
+        tmp_path / ".model_0000004.tmp",  # not a temporary name of write_bytes_atomic
+        tmp_path / "model_0000004.safetensors",
+    ]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    removed = files.remove_stale_temporaries(tmp_path, ("model_", "metrics.csv"))
+    assert sorted(removed) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+
+
+def test_terminate_signal_during_a_write_removes_the_temporary_file(tmp_path):
+    """SIGTERM (schedulers, torchrun, kill) ended the process on the spot, leaving a checkpoint-sized
+    temporary file; under the CLI it raises SystemExit(143), so the writer cleans up."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal
+from m2f import files
+from m2f.cli import _terminate_as_exit
+
+def fsync_then_terminated(fd):
+    os.kill(os.getpid(), signal.SIGTERM)
+
+files.os.fsync = fsync_then_terminated
+with _terminate_as_exit():
+    files.write_bytes_atomic({str(tmp_path / "model_0000001.state.pt")!r}, b"x" * 1000)
+print("not reached")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 143, result.stderr
+    assert "not reached" not in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_terminate_handler_is_restored_after_the_command():
+    import subprocess
+    import sys
+
+    script = """
+import signal
+from m2f.cli import _terminate_as_exit
+
+before = signal.getsignal(signal.SIGTERM)
+with _terminate_as_exit():
+    assert signal.getsignal(signal.SIGTERM) is not before
+assert signal.getsignal(signal.SIGTERM) is before
+print("restored")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "restored", result.stderr

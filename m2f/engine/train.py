@@ -28,7 +28,7 @@ from torch import nn
 
 from m2f.engine import checkpoint as ckpt
 from m2f.engine import distributed as dist_utils
-from m2f.files import check_output_path, write_bytes_atomic
+from m2f.files import check_output_path, remove_stale_temporaries, write_bytes_atomic
 
 EMBEDDING_PARAMETER_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -314,10 +314,14 @@ def move_to_device(obj, device: torch.device):
     return obj
 
 
+# Names of the files a Trainer writes in its output folder (checkpoints, logs).
+TRAINER_FILE_PREFIXES = ("model_", ckpt.LAST_CHECKPOINT_FILE, "metrics.csv", "eval.csv")
+
+
 class CsvLog:
-    """Appends rows to a CSV (header written once); on resume, rows after the resume iteration are dropped,
-    and so is a row cut short by a crash while it was appended. iterations: those of the rows kept and
-    written."""
+    """Appends rows to a CSV (the header and the first row written as one file); on resume, rows after the
+    resume iteration are dropped, and so is a row cut short by a crash while it was appended. iterations:
+    those of the rows kept and written."""
 
     def __init__(self, path: Path, resume_iteration: int | None):
         self.path = path
@@ -325,26 +329,33 @@ class CsvLog:
         self.iterations: set[int] = set()
         if resume_iteration is not None and path.exists():
             with path.open(newline="") as f:
-                reader = csv.DictReader(f)
+                text = f.read()
+            reader = csv.DictReader(io.StringIO(text))
+            if "\n" in text and "iteration" in (reader.fieldnames or ()):
                 self.fieldnames = reader.fieldnames
                 complete = (row for row in reader if None not in row.values() and row["iteration"].isdigit())
                 kept = [row for row in complete if int(row["iteration"]) <= resume_iteration]
-            self.iterations = {int(row["iteration"]) for row in kept}
-            buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, fieldnames=self.fieldnames)
-            writer.writeheader()
-            writer.writerows(kept)
-            write_bytes_atomic(path, buffer.getvalue().encode())
+                self.iterations = {int(row["iteration"]) for row in kept}
+                write_bytes_atomic(path, self._csv(kept).encode())
+            else:  # no complete header: an earlier version's crash between creating the file and writing it
+                path.unlink()
         elif path.exists():
             path.unlink()
+
+    def _csv(self, rows: list[dict]) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.fieldnames, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
 
     def write(self, row: dict[str, float]) -> None:
         if self.fieldnames is None:
             self.fieldnames = list(row)
-            with self.path.open("w", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.fieldnames).writeheader()
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.fieldnames, extrasaction="ignore").writerow(row)
+            write_bytes_atomic(self.path, self._csv([row]).encode())
+        else:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fieldnames, extrasaction="ignore").writerow(row)
         self.iterations.add(int(row["iteration"]))
 
 
@@ -587,6 +598,7 @@ class Trainer:
         settings = self.settings
         log = eval_log = None
         if self.is_main:
+            remove_stale_temporaries(self.out_dir, TRAINER_FILE_PREFIXES)
             log = CsvLog(self.out_dir / "metrics.csv", self.start_iteration or None)
             eval_log = CsvLog(self.out_dir / "eval.csv", self.start_iteration or None)
         progress = tqdm(

@@ -368,6 +368,44 @@ def test_resumed_log_drops_a_row_cut_short(tmp_path):
         assert path.read_text().splitlines() == ["iteration,total_loss,lr", "1,0.5,0.1", "2,0.4,0.1"]
 
 
+@pytest.mark.parametrize("left", ["", "iteration,total_lo", "\n"])
+def test_resumed_log_without_a_complete_header_starts_afresh(tmp_path, left):
+    """The header was written to a new file in a step of its own: a crash in between left an empty or cut
+    header, on which every resume failed ('NoneType' object is not iterable) or lost columns."""
+    path = tmp_path / "metrics.csv"
+    path.write_text(left)
+    log = CsvLog(path, resume_iteration=5)
+    assert log.iterations == set()
+    log.write({"iteration": 6, "total_loss": 0.25, "lr": 0.1})
+    assert path.read_text().splitlines() == ["iteration,total_loss,lr", "6,0.25,0.1"]
+
+
+def test_training_removes_the_temporary_files_a_killed_run_left(tmp_path):
+    make_trainer(tmp_path, max_iters=2, checkpoint_period=2).train()
+    stale = tmp_path / ".model_0000004.state.pt.w6mx2d2z.tmp"
+    stale.write_bytes(b"partial checkpoint")
+    other = tmp_path / ".notes.txt.abcdefgh.tmp"
+    other.write_bytes(b"not the trainer's")
+    make_trainer(tmp_path, max_iters=4, checkpoint_period=2, resume=True).train()
+    assert not stale.exists() and other.exists()
+
+
+def test_new_log_holds_its_header_and_first_row_at_once(tmp_path, monkeypatch):
+    import m2f.engine.train as train_module
+
+    path = tmp_path / "metrics.csv"
+    writes = []
+    real = train_module.write_bytes_atomic
+    monkeypatch.setattr(
+        train_module, "write_bytes_atomic", lambda p, data: (writes.append(data), real(p, data))
+    )
+    log = CsvLog(path, resume_iteration=None)
+    log.write({"iteration": 1, "total_loss": 0.5})
+    log.write({"iteration": 2, "total_loss": 0.4})
+    assert writes == [b"iteration,total_loss\r\n1,0.5\r\n"]
+    assert path.read_text().splitlines() == ["iteration,total_loss", "1,0.5", "2,0.4"]
+
+
 def test_resume_with_fp16_of_a_run_saved_without_it(tmp_path, capsys):
     """A bf16/float32 run's disabled GradScaler saves an empty state, which an enabled one refused to load."""
     make_trainer(tmp_path, amp=None, max_iters=2, checkpoint_period=2).train()
