@@ -18,6 +18,7 @@ from m2f.data.common import (
     check_image_size,
     image_to_tensor,
     masks_from_index_map,
+    naming_unreadable,
     read_image,
 )
 from m2f.data.transforms import SemanticAugmentation
@@ -61,9 +62,9 @@ def ade20k_paths(root: str, split: str) -> tuple[str, str]:
 
 
 def read_raw_ade20k_labels(path: str) -> np.ndarray:
-    """(H, W) int64 label values as stored: 0 for "other", 1..150 for the classes. DatasetError unless the PNG
-    has a single channel."""
-    with Image.open(path) as png:
+    """(H, W) int64 label values as stored: 0 for "other", 1..150 for the classes. DatasetError naming the file
+    when it cannot be read or has more than one channel."""
+    with naming_unreadable(path), Image.open(path) as png:
         raw = np.asarray(png, dtype=np.int64)
     if raw.ndim != 2:
         raise DatasetError(f"{path}: expected a single-channel label PNG, got shape {raw.shape}")

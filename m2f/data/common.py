@@ -91,7 +91,7 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _naming_unreadable(path: str):
+def naming_unreadable(path: str):
     """Turns PIL's errors for a file it cannot decode (truncated, not an image, too large), which do not say
     which file, into a DatasetError that does."""
     try:
@@ -102,7 +102,7 @@ def _naming_unreadable(path: str):
 
 def read_panoptic_png(path: str) -> np.ndarray:
     """(H, W) int64 segment ids of a COCO panoptic PNG. DatasetError naming the file when it cannot be read."""
-    with _naming_unreadable(path), Image.open(path) as png:
+    with naming_unreadable(path), Image.open(path) as png:
         return rgb_to_id(np.asarray(png.convert("RGB")))
 
 
@@ -110,7 +110,7 @@ def read_image(path: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB, EXIF orientation applied (as detectron2's read_image). A 16-bit grayscale image
     keeps its high byte (PIL's conversion to RGB would clip every value above 255). DatasetError naming the
     file when it cannot be read."""
-    with _naming_unreadable(path), Image.open(path) as image:
+    with naming_unreadable(path), Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I;16"):
             gray = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)

@@ -12,7 +12,14 @@ from pycocotools import mask as mask_utils
 from m2f.data.ade20k import ADE20K_CLASS_NAMES, ade20k_paths, read_raw_ade20k_labels
 from m2f.data.coco_instance import rle_problem
 from m2f.data.coco_panoptic import coco_paths
-from m2f.data.common import DatasetError, oriented_size, pool_context, read_json, read_panoptic_png
+from m2f.data.common import (
+    DatasetError,
+    naming_unreadable,
+    oriented_size,
+    pool_context,
+    read_json,
+    read_panoptic_png,
+)
 
 TASKS = ("panoptic", "instance", "semantic")
 PNGS_PER_WORKER = 64
@@ -181,16 +188,14 @@ def _validate_instance(root: str, split: str, check_files: bool, problems: list[
 
 
 def _read_oriented_size(path: str) -> tuple[int, int]:
-    with Image.open(path) as image:
+    with naming_unreadable(path), Image.open(path) as image:
         return oriented_size(image)
 
 
 def _read_or_report(read, path: str, problems: list[str]):
-    """read(path), or None with the reason appended to problems when the file is unreadable or malformed."""
+    """read(path), or None with the DatasetError's message appended to problems."""
     try:
         return read(path)
-    except (OSError, Image.DecompressionBombError) as error:
-        problems.append(f"{path}: unreadable ({error})")
     except DatasetError as error:
         problems.append(str(error))
     return None
