@@ -32,17 +32,18 @@ def test_every_benchmark_module_collects():
     assert expected and collected_files == expected
 
 
-def test_call_overhead_benchmark_records_every_row(tmp_path):
+def _call_overhead_results(tmp_path, selection: str) -> dict:
+    """The results JSON of `pytest benchmarks/bench_call_overhead.py -k selection`."""
     results = tmp_path / "results.json"
     result = _pytest(
-        "-q",
-        "benchmarks/bench_call_overhead.py",
-        "-k",
-        "masked_attention and forward",
-        env={"M2F_BENCH_OUT": str(results)},
+        "-q", "benchmarks/bench_call_overhead.py", "-k", selection, env={"M2F_BENCH_OUT": str(results)}
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = json.loads(results.read_text())["results"]
+    return json.loads(results.read_text())
+
+
+def test_call_overhead_benchmark_records_every_row(tmp_path):
+    rows = _call_overhead_results(tmp_path, "masked_attention and forward")["results"]
     names = {(row["group"], row["name"], row["mode"]) for row in rows}
     group = "call_overhead masked_attention"
     assert names == {(group, name, "forward") for name in ("public", "ops_fast_path", "custom_op", "sdpa")}
@@ -50,16 +51,7 @@ def test_call_overhead_benchmark_records_every_row(tmp_path):
 
 
 def test_host_profile_benchmark_records_the_functions_of_a_call(tmp_path):
-    results = tmp_path / "results.json"
-    result = _pytest(
-        "-q",
-        "benchmarks/bench_call_overhead.py",
-        "-k",
-        "host_profile and masked_attention",
-        env={"M2F_BENCH_OUT": str(results)},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    payload = json.loads(results.read_text())
+    payload = _call_overhead_results(tmp_path, "host_profile and masked_attention")
     assert payload["results"] == []
     [profile] = payload["host_profiles"]
     assert (profile["group"], profile["name"]) == ("host_profile masked_attention", "auto")
