@@ -17,6 +17,7 @@
 #include "common/cpu_isa.h"
 #include "common/dispatch.h"
 #include "point_loss/sampling.h"
+#include "point_loss/targets.h"
 
 namespace m2f {
 namespace point_loss {
@@ -114,10 +115,7 @@ void check_loss_inputs(const at::Tensor& mask_logits, const at::Tensor& target_m
               mask_logits.sizes());
   TORCH_CHECK(target_masks.dim() == 3 && target_masks.size(0) == mask_logits.size(0),
               "target_masks must have shape (N, Ht, Wt), got ", target_masks.sizes());
-  const at::ScalarType target_type = target_masks.scalar_type();
-  TORCH_CHECK(target_type == at::kByte || target_type == at::kBool ||
-                  target_type == mask_logits.scalar_type(),
-              "target_masks must be uint8, bool or the dtype of mask_logits, got ", target_type);
+  check_target_type(target_masks, mask_logits, "target_masks", /*allow_bytes=*/true);
   check_coords(coords, mask_logits, mask_logits.size(0));
 }
 
@@ -315,16 +313,6 @@ at::Tensor point_sample_forward_cpu(const at::Tensor& input, const at::Tensor& c
   return output;
 }
 
-// Calls body(target_t) with the element type used to read target_masks.
-template <typename scalar_t, typename Body>
-void dispatch_target_type(const at::Tensor& target_masks, Body&& body) {
-  if (target_masks.scalar_type() == at::kByte || target_masks.scalar_type() == at::kBool) {
-    body(static_cast<const uint8_t*>(target_masks.data_ptr()));
-  } else {
-    body(target_masks.data_ptr<scalar_t>());
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> point_mask_loss_forward_cpu(
     const at::Tensor& mask_logits, const at::Tensor& target_masks, const at::Tensor& coords) {
   check_loss_inputs(mask_logits, target_masks, coords);
@@ -415,8 +403,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_mask_cost_cpu(const at::Tensor& pred
   TORCH_CHECK(
       target_point_labels.dim() == 2 && target_point_labels.size(1) == pred_point_logits.size(1),
       "target_point_labels must have shape (T, P)");
-  TORCH_CHECK(target_point_labels.scalar_type() == pred_point_logits.scalar_type(),
-              "target_point_labels must have the dtype of pred_point_logits");
+  check_target_type(target_point_labels, pred_point_logits, "target_point_labels",
+                    /*allow_bytes=*/false);
   const int64_t num_queries = pred_point_logits.size(0), num_targets = target_point_labels.size(0);
   const int64_t num_points = pred_point_logits.size(1);
   const at::ScalarType acc_type = accumulate_type(pred_point_logits.scalar_type());

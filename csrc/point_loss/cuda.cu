@@ -21,6 +21,7 @@
 
 #include "common/dispatch.h"
 #include "point_loss/sampling.h"
+#include "point_loss/targets.h"
 
 namespace m2f {
 namespace point_loss {
@@ -63,16 +64,6 @@ void dispatch_coords_type(const at::Tensor& coords, Body&& body) {
     body(coords.data_ptr<float>());
   } else {
     body(coords.data_ptr<scalar_t>());
-  }
-}
-
-// Calls body(targets_ptr) with target masks read as uint8 (uint8 or bool) or as scalar_t.
-template <typename scalar_t, typename Body>
-void dispatch_target_type(const at::Tensor& target_masks, Body&& body) {
-  if (target_masks.scalar_type() == at::kByte || target_masks.scalar_type() == at::kBool) {
-    body(static_cast<const uint8_t*>(target_masks.data_ptr()));
-  } else {
-    body(target_masks.data_ptr<scalar_t>());
   }
 }
 
@@ -457,10 +448,7 @@ void check_loss_inputs(const at::Tensor& mask_logits, const at::Tensor& target_m
               mask_logits.sizes());
   TORCH_CHECK(target_masks.dim() == 3 && target_masks.size(0) == mask_logits.size(0),
               "target_masks must have shape (N, Ht, Wt), got ", target_masks.sizes());
-  const at::ScalarType target_type = target_masks.scalar_type();
-  TORCH_CHECK(target_type == at::kByte || target_type == at::kBool ||
-                  target_type == mask_logits.scalar_type(),
-              "target_masks must be uint8, bool or the dtype of mask_logits, got ", target_type);
+  check_target_type(target_masks, mask_logits, "target_masks", /*allow_bytes=*/true);
   check_coords(coords, mask_logits, mask_logits.size(0));
 }
 
@@ -567,10 +555,9 @@ at::Tensor point_mask_loss_backward_cuda(const at::Tensor& grad_ce, const at::Te
 // Block (query tile, target tile, point split), kPairTile x kPairTile threads, one (query, target)
 // pair per thread. Writes the split's three dot products per pair, and its per-row sums of
 // sigmoid(x) (from the first target tile) and of the labels (from the first query tile).
-template <typename scalar_t>
+template <typename scalar_t, typename label_t>
 __global__ void __launch_bounds__(kPairTile* kPairTile)
-    pairwise_partial_kernel(const scalar_t* __restrict__ logits,
-                            const scalar_t* __restrict__ labels,
+    pairwise_partial_kernel(const scalar_t* __restrict__ logits, const label_t* __restrict__ labels,
                             at::opmath_type<scalar_t>* __restrict__ partial_dots,
                             at::opmath_type<scalar_t>* __restrict__ partial_prob_sums,
                             at::opmath_type<scalar_t>* __restrict__ partial_target_sums,
@@ -680,8 +667,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_mask_cost_cuda(const at::Tensor& pre
   TORCH_CHECK(
       target_point_labels.dim() == 2 && target_point_labels.size(1) == pred_point_logits.size(1),
       "target_point_labels must have shape (T, P)");
-  TORCH_CHECK(target_point_labels.scalar_type() == pred_point_logits.scalar_type(),
-              "target_point_labels must have the dtype of pred_point_logits");
+  check_target_type(target_point_labels, pred_point_logits, "target_point_labels",
+                    /*allow_bytes=*/false);
   TORCH_CHECK(target_point_labels.device() == pred_point_logits.device(),
               "target_point_labels must be on the device of pred_point_logits");
   const c10::cuda::CUDAGuard device_guard(pred_point_logits.device());
@@ -716,12 +703,14 @@ std::tuple<at::Tensor, at::Tensor> pairwise_mask_cost_cuda(const at::Tensor& pre
     const dim3 grid(static_cast<unsigned>(query_tiles), static_cast<unsigned>(target_tiles),
                     static_cast<unsigned>(num_splits));
     const dim3 block(kPairTile, kPairTile);
-    pairwise_partial_kernel<scalar_t><<<grid, block, 0, stream>>>(
-        pred_point_logits.data_ptr<scalar_t>(), target_point_labels.data_ptr<scalar_t>(),
-        partial_dots.data_ptr<acc_t>(), partial_prob_sums.data_ptr<acc_t>(),
-        partial_target_sums.data_ptr<acc_t>(), num_queries, num_targets, num_points,
-        points_per_split);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_soft_target_type<scalar_t>(target_point_labels, [&](auto labels_ptr) {
+      using label_t = std::remove_const_t<std::remove_pointer_t<decltype(labels_ptr)>>;
+      pairwise_partial_kernel<scalar_t, label_t><<<grid, block, 0, stream>>>(
+          pred_point_logits.data_ptr<scalar_t>(), labels_ptr, partial_dots.data_ptr<acc_t>(),
+          partial_prob_sums.data_ptr<acc_t>(), partial_target_sums.data_ptr<acc_t>(), num_queries,
+          num_targets, num_points, points_per_split);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     const int64_t total = num_queries * num_targets;
     pairwise_finalize_kernel<<<grid_size(total, kThreads), kThreads, 0, stream>>>(
         partial_dots.data_ptr<acc_t>(), partial_prob_sums.data_ptr<acc_t>(),

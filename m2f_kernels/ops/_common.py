@@ -33,8 +33,8 @@ def check_shape(name: str, tensor: torch.Tensor, expected: Sequence[int | None],
     """Raises ValueError unless ``tensor.shape`` matches ``expected`` (None matches any size)."""
     actual = tuple(tensor.shape)
     if len(actual) != len(expected) or any(e is not None and a != e for a, e in zip(actual, expected)):
-        shown = tuple("*" if e is None else e for e in expected)
-        raise ValueError(f"{name} must have shape {shown} ({meaning}), got {actual}")
+        shown = ", ".join("*" if e is None else str(e) for e in expected)
+        raise ValueError(f"{name} must have shape ({shown}) ({meaning}), got {actual}")
 
 
 def check_same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
@@ -72,6 +72,17 @@ def cast_for_autocast(device: torch.device, *tensors: torch.Tensor | None) -> tu
         t.to(dtype) if t is not None and t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
         for t in tensors
     )
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate and return losses in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def soft_target_dtype(targets: torch.Tensor, logits: torch.Tensor) -> torch.dtype:
+    """The dtype floating ``targets`` are passed to the kernels in: the logits' dtype when they have it, else
+    the accumulation dtype, so that float32 soft targets are never narrowed to float16/bfloat16 logits."""
+    return logits.dtype if targets.dtype == logits.dtype else accumulate_dtype(logits.dtype)
 
 
 def check_index(name: str, tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch import Tensor
 from .._backend import BACKENDS, OpKernels
 from ..reference.masked_attention import blocked_keys, logits_visible, threshold_to_logit
 from ._common import (
+    accumulate_dtype,
     call_op,
     cast_for_autocast,
     check_same_device,
@@ -25,7 +26,7 @@ from ._common import (
 def _attention_with_lse(q, k, v, mask_logits, attn_mask, threshold_logit, scale):
     """softmax(q k^T * scale, masked) v and the row log-sum-exp (B, H, Q) float32; kernel-layout masks."""
     blocked = blocked_keys(mask_logits, attn_mask, threshold_logit)
-    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute_dtype = accumulate_dtype(q.dtype)
     scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-1, -2)) * scale
     if blocked is not None:
         scores = scores.masked_fill(blocked, -math.inf)

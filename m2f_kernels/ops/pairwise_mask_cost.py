@@ -7,12 +7,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import OpKernels
-from ._common import call_op, check_same_device, check_tensor
-
-
-def _cost_dtype(pred_point_logits: Tensor) -> torch.dtype:
-    return torch.float64 if pred_point_logits.dtype == torch.float64 else torch.float32
-
+from ._common import accumulate_dtype, call_op, check_same_device, check_tensor, soft_target_dtype
 
 KERNELS = OpKernels("pairwise_mask_cost", {"pairwise_mask_cost": reference.pairwise_mask_cost})
 
@@ -23,7 +18,7 @@ def _pairwise_mask_cost(
 ) -> tuple[Tensor, Tensor]:
     queries, targets = pred_point_logits.shape[0], target_point_labels.shape[0]
     if queries == 0 or targets == 0:
-        empty = pred_point_logits.new_zeros(queries, targets, dtype=_cost_dtype(pred_point_logits))
+        empty = pred_point_logits.new_zeros(queries, targets, dtype=accumulate_dtype(pred_point_logits.dtype))
         return empty, empty.clone()
     kernel = KERNELS.get(backend, pred_point_logits.device, "pairwise_mask_cost")
     return kernel(pred_point_logits, target_point_labels)
@@ -31,7 +26,7 @@ def _pairwise_mask_cost(
 
 @_pairwise_mask_cost.register_fake
 def _(pred_point_logits, target_point_labels, backend):
-    dtype = _cost_dtype(pred_point_logits)
+    dtype = accumulate_dtype(pred_point_logits.dtype)
     shape = (pred_point_logits.shape[0], target_point_labels.shape[0])
     return pred_point_logits.new_empty(shape, dtype=dtype), pred_point_logits.new_empty(shape, dtype=dtype)
 
@@ -41,7 +36,8 @@ def pairwise_mask_cost(
 ) -> tuple[Tensor, Tensor]:
     """Mask2Former's matcher costs between Q predictions and T targets sampled at the same P points.
 
-    pred_point_logits (Q, P) mask logits; target_point_labels (T, P) in [0, 1] (any float or bool/uint8 dtype).
+    pred_point_logits (Q, P) mask logits; target_point_labels (T, P) in [0, 1] (any float or bool/uint8 dtype;
+    float labels are read in float32 or wider, never rounded to half logits' dtype).
     Returns (ce, dice), each (Q, T) float32 (float64 for float64 logits): the mean sigmoid cross-entropy and
     the dice loss of every (prediction, target) pair. Not differentiable (the matcher needs no gradient).
     """
@@ -61,7 +57,10 @@ def pairwise_mask_cost(
         )
     if pred_point_logits.shape[1] == 0:
         raise ValueError("pred_point_logits must have at least one point (P >= 1)")
-    labels = target_point_labels.to(pred_point_logits.dtype)
+    if target_point_labels.dtype.is_floating_point:
+        labels = target_point_labels.to(soft_target_dtype(target_point_labels, pred_point_logits))
+    else:
+        labels = target_point_labels.to(pred_point_logits.dtype)  # integers are exact in any float dtype
     return call_op(
         _pairwise_mask_cost, pred_point_logits.detach().contiguous(), labels.detach().contiguous(), backend
     )

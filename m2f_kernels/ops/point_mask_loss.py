@@ -7,7 +7,16 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import OpKernels
-from ._common import call_op, cast_for_autocast, check_same_device, check_shape, check_tensor, reference_vjp
+from ._common import (
+    accumulate_dtype,
+    call_op,
+    cast_for_autocast,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    reference_vjp,
+    soft_target_dtype,
+)
 
 
 def _torch_forward(mask_logits, target_masks, coords):
@@ -27,17 +36,13 @@ def _torch_backward(grad_ce, grad_dice, mask_logits, target_masks, coords, dice_
 KERNELS = OpKernels("point_mask_loss", {"forward": _torch_forward, "backward": _torch_backward})
 
 
-def _loss_dtype(mask_logits: Tensor) -> torch.dtype:
-    return torch.float64 if mask_logits.dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("m2f_kernels::point_mask_loss", mutates_args=())
 def _point_mask_loss(
     mask_logits: Tensor, target_masks: Tensor, coords: Tensor, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     masks = mask_logits.shape[0]
     if mask_logits.numel() == 0 or coords.numel() == 0 or target_masks.numel() == 0:
-        zeros = mask_logits.new_zeros(masks, dtype=_loss_dtype(mask_logits))
+        zeros = mask_logits.new_zeros(masks, dtype=accumulate_dtype(mask_logits.dtype))
         return zeros, zeros.clone(), mask_logits.new_zeros(masks, 3, dtype=zeros.dtype)
     forward = KERNELS.get(backend, mask_logits.device, "forward")
     return forward(mask_logits, target_masks, coords)
@@ -45,7 +50,7 @@ def _point_mask_loss(
 
 @_point_mask_loss.register_fake
 def _(mask_logits, target_masks, coords, backend):
-    dtype = _loss_dtype(mask_logits)
+    dtype = accumulate_dtype(mask_logits.dtype)
     masks = mask_logits.shape[0]
     return (
         mask_logits.new_empty(masks, dtype=dtype),
@@ -124,7 +129,8 @@ def point_mask_loss(
     """Mask2Former's mask losses on sampled points, sampling fused into the loss.
 
     mask_logits (N, H, W) predicted mask logits (e.g. at 1/4 resolution); target_masks (N, Ht, Wt) bool, uint8
-    or float in [0, 1] (e.g. at full resolution); coords (N, P, 2) normalized (x, y) in [0, 1]; num_masks the
+    or float in [0, 1] (e.g. at full resolution; float targets are read in float32 or wider, never rounded to
+    half logits' dtype); coords (N, P, 2) normalized (x, y) in [0, 1]; num_masks the
     normalizer (Mask2Former: matched masks averaged over processes). Both maps are sampled bilinearly
     (align_corners=False, zero padding). Returns (ce, dice), float32 scalars (float64 for float64 logits): the
     sum over masks of the mean BCE-with-logits over points, and of 1 - (2 sum(p t) + 1) / (sum p + sum t + 1),
@@ -151,10 +157,12 @@ def point_mask_loss(
     if target_masks.dtype in (torch.bool, torch.uint8):
         target_masks = target_masks.view(torch.uint8) if target_masks.dtype == torch.bool else target_masks
     elif target_masks.dtype.is_floating_point:
-        target_masks = target_masks.to(mask_logits.dtype)
+        target_masks = target_masks.to(soft_target_dtype(target_masks, mask_logits))
     else:
         raise TypeError(f"target_masks must be bool, uint8 or floating, got {target_masks.dtype}")
-    coords = coords.to(_loss_dtype(mask_logits))  # float32 even for half logits: a pixel of a 1024 map
+    coords = coords.to(
+        accumulate_dtype(mask_logits.dtype)
+    )  # float32 even for half logits: a pixel of a 1024 map
     ce, dice, _ = call_op(
         _point_mask_loss, mask_logits.contiguous(), target_masks.contiguous(), coords.contiguous(), backend
     )

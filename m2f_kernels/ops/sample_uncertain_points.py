@@ -7,6 +7,7 @@ import math
 import torch
 
 from .._backend import BACKENDS
+from ._common import accumulate_dtype
 from .point_sample import point_sample
 
 # Oversampled candidates alive at once (coordinates and logits of about this many points per chunk): on CPU
@@ -57,7 +58,7 @@ def sample_uncertain_points(
     num_candidates = int(num_points * oversample_ratio)
     num_uncertain = int(importance_ratio * num_points)
     num_random = num_points - num_uncertain
-    coords_dtype = torch.float64 if mask_logits.dtype == torch.float64 else torch.float32
+    coords_dtype = accumulate_dtype(mask_logits.dtype)
     device = mask_logits.device
     coords = torch.empty(num_masks, num_points, 2, dtype=coords_dtype, device=device)
     if num_masks == 0 or num_points == 0:

@@ -250,7 +250,7 @@ def _points_per_split(device: torch.device, num_masks: int, num_points: int) -> 
 def point_mask_loss_forward(
     mask_logits: torch.Tensor, target_masks: torch.Tensor, coords: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mask_logits (N, H, W), target_masks (N, Ht, Wt) uint8/bool/logits' dtype, coords (N, P, 2).
+    """mask_logits (N, H, W), target_masks (N, Ht, Wt) uint8/bool/logits' dtype/float32, coords (N, P, 2).
 
     Returns ce (N,) (mean over points, 0 for P = 0), dice (N,) and dice_sums (N, 3) = [sum p t, sum p, sum t],
     float32 (float64 for float64 logits).

@@ -546,13 +546,15 @@ def test_point_sample_triton_matches_float64(case):
 
 
 def random_targets(generator, shape, kind, dtype):
-    """Binary targets as bool or uint8, or fractional float targets in ``dtype`` with exact 0 and 1 included."""
+    """Binary targets as bool or uint8, or fractional float targets in ``dtype`` ("float") or in float32
+    whatever ``dtype`` ("float32"), with exact 0 and 1 included."""
     uniform = torch.rand(shape, generator=generator, dtype=torch.float64)
     if kind == "bool":
         return uniform > 0.5
     if kind == "uint8":
         return (uniform > 0.5).to(torch.uint8)
-    return torch.where(uniform < 0.3, 0.0, torch.where(uniform > 0.7, 1.0, uniform)).to(dtype)
+    soft = torch.where(uniform < 0.3, 0.0, torch.where(uniform > 0.7, 1.0, uniform))
+    return soft.to(torch.float32 if kind == "float32" else dtype)
 
 
 def point_mask_loss_cases(masks=4, plane_size=12, target_size=20, points=30):
@@ -563,7 +565,7 @@ def point_mask_loss_cases(masks=4, plane_size=12, target_size=20, points=30):
             "logit_size": st.tuples(st.integers(1, plane_size), st.integers(1, plane_size)),
             "target_size": st.tuples(st.integers(1, target_size), st.integers(1, target_size)),
             "points": st.integers(1, points),
-            "target_kind": st.sampled_from(["bool", "uint8", "float"]),
+            "target_kind": st.sampled_from(["bool", "uint8", "float", "float32"]),
             "dtype": DTYPES,
             "num_masks": st.floats(0.5, 10.0),
             "seed": SEEDS,
@@ -651,7 +653,7 @@ def pairwise_cases(num_queries=20, num_targets=20, num_points=60):
             "num_queries": st.integers(1, num_queries),
             "num_targets": st.integers(0, num_targets),
             "num_points": st.integers(1, num_points),
-            "label_kind": st.sampled_from(["bool", "uint8", "float"]),
+            "label_kind": st.sampled_from(["bool", "uint8", "float", "float32"]),
             "dtype": DTYPES,
             "seed": SEEDS,
         }

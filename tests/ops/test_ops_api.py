@@ -81,6 +81,16 @@ def test_opcheck_every_op(backend):
     torch.library.opcheck(torch.ops.m2f_kernels.pairwise_mask_cost, (pred, labels, backend))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_float32_targets_beside_bfloat16_logits(backend):
+    mask = torch.randn(2, 4, 5, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.rand(2, 8, 10)
+    coords = torch.rand(2, 7, 2)
+    torch.library.opcheck(torch.ops.m2f_kernels.point_mask_loss, (mask, targets, coords, backend))
+    pred = torch.randn(4, 9, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.m2f_kernels.pairwise_mask_cost, (pred, torch.rand(3, 9), backend))
+
+
 def op_calls(backend):
     """(custom op, arguments, indices of the differentiable inputs) for every op, float64."""
     value, shapes, starts, locations, weights = msda_inputs(requires_grad=True)

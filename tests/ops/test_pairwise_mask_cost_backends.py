@@ -28,8 +28,10 @@ def make_inputs(num_queries, num_targets, num_points, dtype, device="cpu"):
     return logits.to(device=device, dtype=dtype), labels.to(device=device, dtype=dtype)
 
 
-def check_backend(backend, dtype, num_queries, num_targets, num_points, device):
+def check_backend(backend, dtype, num_queries, num_targets, num_points, device, label_dtype=None):
     logits, labels = make_inputs(num_queries, num_targets, num_points, dtype, device)
+    if label_dtype is not None:  # labels of another dtype, drawn in float64 and rounded to it only
+        labels = make_inputs(num_queries, num_targets, num_points, torch.float64, device)[1].to(label_dtype)
     ce, dice = KERNELS.get(backend, logits.device, "pairwise_mask_cost")(logits, labels)
     ref_ce, ref_dice = reference.pairwise_mask_cost(logits.double(), labels.double())
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -46,6 +48,12 @@ def check_backend(backend, dtype, num_queries, num_targets, num_points, device):
 @pytest.mark.parametrize("num_points", [1, 100])
 def test_cpu_backends_match_reference(backend, dtype, num_queries, num_targets, num_points):
     check_backend(backend, dtype, num_queries, num_targets, num_points, "cpu")
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_backends_read_float32_labels_beside_low_precision_logits(backend, dtype):
+    check_backend(backend, dtype, 37, 3, 100, "cpu", label_dtype=torch.float32)
 
 
 @pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
@@ -76,6 +84,13 @@ def test_cuda_backends_match_reference(backend, dtype, num_queries, num_targets,
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_backends_read_float32_labels_beside_low_precision_logits(backend, dtype):
+    check_backend(backend, dtype, 100, 50, 12544, "cuda", label_dtype=torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_cuda_float64_and_no_targets(backend):
     """float64 GPU inputs, which auto sends to the CUDA kernel, and no targets (T = 0)."""
     check_backend(backend, torch.float64, 37, 3, 100, "cuda")
@@ -94,6 +109,20 @@ def test_public_op_matches_reference_and_handles_no_targets(backend):
     torch.testing.assert_close(dice.double(), ref_dice, atol=1e-5, rtol=1e-5)
     ce, dice = m2f_kernels.pairwise_mask_cost(logits, labels[:0], backend=backend)
     assert ce.shape == (6, 0) and dice.shape == (6, 0)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("label_dtype", [torch.float32, torch.float64])
+def test_public_op_keeps_labels_wider_than_the_logits(backend, dtype, label_dtype):
+    """float32/float64 soft labels beside half logits are not rounded to the logits' dtype (bfloat16 would
+    change them by up to 2^-9): the costs equal the float64 ones on the same logits and the exact labels."""
+    logits, labels = make_inputs(6, 4, 200, torch.float64)
+    logits, labels = logits.to(dtype), labels.to(label_dtype)
+    ce, dice = m2f_kernels.pairwise_mask_cost(logits, labels, backend=backend)
+    ref_ce, ref_dice = reference.pairwise_mask_cost(logits.double(), labels.double())
+    torch.testing.assert_close(ce.double(), ref_ce, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(dice.double(), ref_dice, atol=1e-6, rtol=1e-6)
 
 
 def test_costs_of_a_hand_computed_pair():

@@ -30,6 +30,7 @@ def make_inputs(num_masks, logit_size, target_size, num_points, dtype, target_ki
         "uint8": binary.to(torch.uint8),
         "bool": binary,
         "float": torch.rand(num_masks, *target_size, dtype=torch.float64).to(dtype),
+        "float32": torch.rand(num_masks, *target_size, dtype=torch.float64).float(),
     }[target_kind].to(device)
     coords = torch.rand(num_masks, num_points, 2, dtype=torch.float64) * 1.3 - 0.15
     special = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.5, 0.5], [-0.5, 0.5]], dtype=torch.float64)
@@ -95,6 +96,12 @@ def test_cpu_backends_target_dtypes(backend, target_kind):
     check_backend(backend, torch.float32, (7, 5), (13, 17), 100, target_kind, "cpu")
 
 
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_backends_read_float32_soft_targets_beside_low_precision_logits(backend, dtype):
+    check_backend(backend, dtype, (7, 5), (13, 17), 100, "float32", "cpu")
+
+
 @pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cpu_kernel_mask2former_point_count(dtype):
@@ -120,6 +127,14 @@ def test_cpu_kernel_lower_instruction_sets_match_reference(monkeypatch, isa, dty
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_cuda_backends_match_reference(backend, dtype, logit_size, target_size, num_points, deterministic):
     check_backend(backend, dtype, logit_size, target_size, num_points, "uint8", "cuda", deterministic)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_backends_read_float32_soft_targets_beside_low_precision_logits(backend, dtype, deterministic):
+    check_backend(backend, dtype, (64, 48), (256, 192), 12544, "float32", "cuda", deterministic)
 
 
 @pytest.mark.cuda
@@ -153,6 +168,26 @@ def test_public_op_matches_reference(backend):
     torch.testing.assert_close(ce, ref_ce, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(dice, ref_dice, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.float64])
+def test_public_op_keeps_soft_targets_wider_than_the_logits(backend, dtype, target_dtype):
+    """Soft targets of float32/float64 beside half logits lose no precision (bfloat16 would round them by up
+    to 2^-9): the loss equals the float64 one on the same (rounded) logits and the exact targets."""
+    logits, _, coords = make_inputs(3, (9, 7), (20, 15), 300, dtype, "bool")
+    targets = torch.rand(3, 20, 15, dtype=torch.float64).to(target_dtype)
+    logits.requires_grad_()
+    ce, dice = m2f_kernels.point_mask_loss(logits, targets, coords, 2.0, backend=backend)
+    (grad,) = torch.autograd.grad(ce + dice, logits)
+    logits64 = logits.detach().double().requires_grad_()
+    ref_ce, ref_dice = reference.point_mask_loss(logits64, targets.double(), coords.double(), 2.0)
+    (ref_grad,) = torch.autograd.grad(ref_ce + ref_dice, logits64)
+    torch.testing.assert_close(ce.double(), ref_ce, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(dice.double(), ref_dice, atol=2e-6, rtol=2e-6)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), ref_grad.to(dtype).double(), atol=1e-6, rtol=1e-2)
 
 
 @pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
