@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import m2f_kernels
+from m2f_kernels.ops._common import check_same_device, check_shape, check_tensor
 
 
 def sample_in_float32_under_autocast(sample: Callable, *args):
@@ -80,10 +82,11 @@ class MSDeformAttn(nn.Module):
             ("n_heads", n_heads),
             ("n_points", n_points),
         ):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        d_model, n_levels, n_heads, n_points = int(d_model), int(n_levels), int(n_heads), int(n_points)
         self.d_model = d_model
         self.n_levels = n_levels
         self.n_heads = n_heads
@@ -123,28 +126,9 @@ class MSDeformAttn(nn.Module):
         input_level_start_index: torch.Tensor,
         input_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        batch, num_queries, channels = query.shape
-        _, num_values, _ = input_flatten.shape
-        if channels != self.d_model or input_flatten.shape[-1] != self.d_model:
-            raise ValueError(
-                f"query and input_flatten must have {self.d_model} channels, got {tuple(query.shape)} and "
-                f"{tuple(input_flatten.shape)}"
-            )
-        if input_spatial_shapes.shape != (self.n_levels, 2):
-            raise ValueError(
-                f"input_spatial_shapes must be ({self.n_levels}, 2), got {tuple(input_spatial_shapes.shape)}"
-            )
-        expected_leading = (batch, num_queries, self.n_levels)
-        if (
-            reference_points.dim() != 4
-            or reference_points.shape[:3] != expected_leading
-            or reference_points.shape[-1] not in (2, 4)
-        ):
-            raise ValueError(
-                f"reference_points must be (N={batch}, Lq={num_queries}, {self.n_levels}, 2 or 4), "
-                f"got {tuple(reference_points.shape)}"
-            )
-
+        self._check_inputs(query, reference_points, input_flatten, input_spatial_shapes, input_padding_mask)
+        batch, num_queries, _ = query.shape
+        num_values = input_flatten.shape[1]
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
@@ -166,6 +150,41 @@ class MSDeformAttn(nn.Module):
             logits,
         )
         return self.output_proj(output)
+
+    def _check_inputs(self, query, reference_points, input_flatten, input_spatial_shapes, input_padding_mask):
+        """Raises TypeError/ValueError naming the argument unless the shapes fit together (the level table's
+        values and dtypes are checked by the ops)."""
+        channels = f"{self.d_model} channels"
+        check_tensor("query", query, ndim=3, floating=True)
+        batch, num_queries, _ = query.shape
+        check_shape("query", query, (None, None, self.d_model), f"N, Lq, {channels}")
+        check_tensor("input_flatten", input_flatten, ndim=3, floating=True)
+        check_shape("input_flatten", input_flatten, (batch, None, self.d_model), f"N={batch}, S, {channels}")
+        check_tensor("input_spatial_shapes", input_spatial_shapes, ndim=2)
+        check_shape(
+            "input_spatial_shapes", input_spatial_shapes, (self.n_levels, 2), "n_levels rows of (H, W)"
+        )
+        check_tensor("reference_points", reference_points, ndim=4, floating=True)
+        leading, coordinates = reference_points.shape[:3], reference_points.shape[3]
+        if leading != (batch, num_queries, self.n_levels) or coordinates not in (2, 4):
+            raise ValueError(
+                f"reference_points must be (N={batch}, Lq={num_queries}, {self.n_levels}, 2 or 4), "
+                f"got {tuple(reference_points.shape)}"
+            )
+        if input_padding_mask is not None:
+            check_tensor("input_padding_mask", input_padding_mask, ndim=2)
+            if input_padding_mask.dtype != torch.bool:
+                raise TypeError(
+                    f"input_padding_mask must be bool (True = padding), got {input_padding_mask.dtype}"
+                )
+            check_shape("input_padding_mask", input_padding_mask, (batch, input_flatten.shape[1]), "N, S")
+        check_same_device(
+            "query",
+            query,
+            reference_points=reference_points,
+            input_flatten=input_flatten,
+            input_padding_mask=input_padding_mask,
+        )
 
     def _sample(self, value, spatial_shapes, level_start_index, reference_points, offsets, logits):
         """The deformable sampling (reference points cast to the others' dtype) -> (N, Lq, C)."""

@@ -125,6 +125,12 @@ def check_levels(value: Tensor, spatial_shapes: Tensor, level_start_index: Tenso
     """
     levels = spatial_shapes.shape[0]
     check_shape("level_start_index", level_start_index, (levels,), "one start row per level")
+    for name, table in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if table.is_meta and not value.is_meta:
+            raise ValueError(
+                f"{name} is on the meta device, which holds no values, but value is on {value.device}; "
+                "put the level table on the CPU or on value's device"
+            )
     if (
         torch.compiler.is_compiling()
         or spatial_shapes.device.type != "cpu"

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -198,6 +199,34 @@ def test_bad_arguments():
         module(query, reference, input_flatten, spatial_shapes[:2], start)
     with pytest.raises(ValueError, match="channels"):
         module(query[..., :8], reference, input_flatten, spatial_shapes, start)
+    with pytest.raises(ValueError, match=r"query must have 3 dimensions"):
+        module(query[0], reference, input_flatten, spatial_shapes, start)
+    with pytest.raises(ValueError, match=r"input_flatten must have 3 dimensions"):
+        module(query, reference, input_flatten[0], spatial_shapes, start)
+    with pytest.raises(ValueError, match=r"input_flatten must have shape \(1, \*, 16\)"):
+        module(query, reference, input_flatten.expand(2, -1, -1), spatial_shapes, start)
+    with pytest.raises(TypeError, match="query must be float16"):
+        module(query.long(), reference, input_flatten, spatial_shapes, start)
+    with pytest.raises(TypeError, match=r"input_spatial_shapes must be a torch\.Tensor"):
+        module(query, reference, input_flatten, spatial_shapes.tolist(), start)
+    padding = torch.zeros(1, input_flatten.shape[1], dtype=torch.bool)
+    with pytest.raises(TypeError, match="input_padding_mask must be bool"):
+        module(query, reference, input_flatten, spatial_shapes, start, padding.float())
+    with pytest.raises(ValueError, match="input_padding_mask must have shape"):
+        module(query, reference, input_flatten, spatial_shapes, start, padding[:, 1:])
+    with pytest.raises(ValueError, match="spatial_shapes is on the meta device"):
+        module(query, reference, input_flatten, spatial_shapes.to("meta"), start)
+    for size in (True, 2.0):
+        with pytest.raises(ValueError, match="n_heads must be a positive int"):
+            MSDeformAttn(16, n_heads=size)
+
+
+def test_sizes_may_be_numpy_integers():
+    module = MSDeformAttn(np.int64(16), n_levels=np.int32(3), n_heads=np.int64(2), n_points=np.int16(2))
+    assert (module.d_model, module.n_levels, module.n_heads, module.n_points) == (16, 3, 2, 2)
+    assert all(
+        type(size) is int for size in (module.d_model, module.n_levels, module.n_heads, module.n_points)
+    )
 
 
 @pytest.mark.parametrize("ref_dim", [2, 4])
