@@ -17,9 +17,12 @@ from PIL import Image, ImageOps
 IGNORE_LABEL = 255
 
 
-def _non_negative_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+def check_int(name: str, value, minimum: int) -> int:
+    """``value`` as an int when it is an int (numpy ints too, bool not) of at least ``minimum``; else a
+    ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        expected = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
     return int(value)
 
 
@@ -225,11 +228,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 f"transforms must have a get_geometry(height, width, rng) method, got {transforms!r}"
             )
         self.transforms = transforms
-        self.seed = _non_negative_int("seed", seed)
+        self.seed = check_int("seed", seed, 0)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = _non_negative_int("epoch", epoch)
+        self.epoch = check_int("epoch", epoch, 0)
 
     def item_rng(self, index: int) -> np.random.Generator:
         """The only source of randomness of item `index` in the current epoch."""

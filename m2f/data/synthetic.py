@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from m2f.data.common import id_to_rgb
+from m2f.data.common import check_int, id_to_rgb
 from m2f.files import write_bytes_atomic, write_json_atomic
 
 THING_CATEGORIES = (
@@ -190,12 +190,11 @@ def _write_split(out_dir: str, split: str, num_images: int, size: int, seed: int
     )
 
 
-def _check_arguments(num_train: int, num_val: int, image_size: int) -> None:
-    for name, value in (("num_train", num_train), ("num_val", num_val)):
-        if not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    if not isinstance(image_size, (int, np.integer)) or image_size < 32:
-        raise ValueError(f"image_size must be an int >= 32, got {image_size!r}")
+def _check_arguments(num_train: int, num_val: int, image_size: int, seed: int) -> None:
+    check_int("num_train", num_train, 0)
+    check_int("num_val", num_val, 0)
+    check_int("image_size", image_size, 32)
+    check_int("seed", seed, 0)
 
 
 def make_synthetic(
@@ -208,7 +207,7 @@ def make_synthetic(
     checker (102).
     Returns out_dir.
     """
-    _check_arguments(num_train, num_val, image_size)
+    _check_arguments(num_train, num_val, image_size, seed)
     _write_split(out_dir, "train", num_train, image_size, seed, first_id=1)
     _write_split(out_dir, "val", num_val, image_size, seed, first_id=100001)
     return out_dir
@@ -224,7 +223,7 @@ def make_synthetic_ade20k(
     The layout is whatever files the folders hold, so ValueError when they already hold ADE-named files
     beyond the ones this call writes (from a larger earlier run, or a real ADE20K): they would join the set.
     """
-    _check_arguments(num_train, num_val, image_size)
+    _check_arguments(num_train, num_val, image_size, seed)
     root = os.path.join(out_dir, "ADEChallengeData2016")
     value_of = {c["id"]: i + 1 for i, c in enumerate(SYNTHETIC_CATEGORIES)}
     splits = (("training", num_train, "ADE_train"), ("validation", num_val, "ADE_val"))

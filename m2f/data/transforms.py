@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from m2f.data.common import IGNORE_LABEL
+from m2f.data.common import IGNORE_LABEL, check_int
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,6 @@ class Geometry:
         return result
 
 
-def _check_size(name: str, size: int) -> None:
-    if not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"{name} must be a positive int, got {size!r}")
-
-
 class LSJ:
     """Large-scale jitter: resize so the image fits image_size * s (s uniform in [min_scale, max_scale],
     aspect kept), random crop to image_size when larger, pad bottom/right when smaller, horizontal flip with
@@ -104,7 +99,7 @@ class LSJ:
     diagonal from the top-left to the bottom-right corner; here every window of the image can be drawn."""
 
     def __init__(self, image_size: int, min_scale: float = 0.1, max_scale: float = 2.0, flip: bool = True):
-        _check_size("image_size", image_size)
+        check_int("image_size", image_size, 1)
         if not 0 < min_scale <= max_scale < math.inf:
             raise ValueError(f"need 0 < min_scale <= max_scale < inf, got {min_scale}, {max_scale}")
         self.image_size = int(image_size)
@@ -138,8 +133,8 @@ class ResizeShortestEdge:
         if not self.short_choices:
             raise ValueError("short must be an int or a non-empty sequence of ints")
         for value in self.short_choices:
-            _check_size("short", value)
-        _check_size("max_size", max_size)
+            check_int("short", value, 1)
+        check_int("max_size", max_size, 1)
         self.max_size = int(max_size)
         self.flip = flip
 
@@ -330,7 +325,7 @@ class SemanticAugmentation:
         flip: bool = True,
         image_pad_value: int = 128,
     ):
-        _check_size("crop_size", crop_size)
+        check_int("crop_size", crop_size, 1)
         if not 0 < min_scale <= max_scale < math.inf:
             raise ValueError(f"need 0 < min_scale <= max_scale < inf, got {min_scale}, {max_scale}")
         first, last = math.ceil(min_scale * 10 - 1e-6), math.floor(max_scale * 10 + 1e-6)

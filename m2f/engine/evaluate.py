@@ -317,11 +317,11 @@ def _read_part(parts_dir, number: int, indices: list[int], run_key: dict | None)
     return state
 
 
-def data_fingerprint(dataset, data_root: str | os.PathLike) -> str:
-    """SHA-256 over (path under data_root, size, modification time) of every file the dataset reads, so that
-    the parts of an evaluation are not reused for other data at the same path."""
+def data_fingerprint(source_files: list[str], data_root: str | os.PathLike) -> str:
+    """SHA-256 over (path under data_root, size, modification time) of every file the dataset reads
+    (``source_files``), so that the parts of an evaluation are not reused for other data at the same path."""
     digest = hashlib.sha256()
-    for path in sorted(dataset.source_files()):
+    for path in sorted(source_files):
         try:
             stat = os.stat(path)
             signature = f"{stat.st_size}\0{stat.st_mtime_ns}"
@@ -437,7 +437,8 @@ def run_evaluation(
         else checkpoint.with_name(f"{checkpoint.stem}.eval-{dataset_kind}-{split}.json")
     )
     # Before the evaluation, not after it.
-    check_output_path(output, "output", inputs=[checkpoint, *dataset.source_files()])
+    source_files = dataset.source_files()
+    check_output_path(output, "output", inputs=[checkpoint, *source_files])
     parts_dir = output.with_name(output.name + ".parts")
     if not resume and dist_utils.is_main_process():
         shutil.rmtree(parts_dir, ignore_errors=True)
@@ -448,7 +449,7 @@ def run_evaluation(
         "checkpoint_size": stat.st_size,
         "checkpoint_mtime_ns": stat.st_mtime_ns,
         "data_root": str(Path(data_root).resolve()),
-        "data_files": data_fingerprint(dataset, data_root),
+        "data_files": data_fingerprint(source_files, data_root),
         "dataset": dataset_kind,
         "split": split,
         "task": task,

@@ -144,8 +144,11 @@ def test_resize_shortest_edge_sizes(size, expected):
 
 
 def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(ValueError, match="image_size must be a positive int, got 0"):
         LSJ(0)
+    with pytest.raises(ValueError, match="image_size must be a positive int, got True"):
+        LSJ(True)
+    assert LSJ(np.int64(64)).image_size == 64
     with pytest.raises(ValueError, match="min_scale"):
         LSJ(64, min_scale=2.0, max_scale=1.0)
     with pytest.raises(ValueError, match="short"):

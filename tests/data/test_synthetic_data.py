@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -95,8 +96,17 @@ def test_synthetic_dataset_passes_validation(synthetic_root):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"num_train": -1}, {"num_val": 1.5}, {"image_size": 8}, {"image_size": "128"}]
+    ("kwargs", "message"),
+    [
+        ({"num_train": -1}, "num_train must be a non-negative int, got -1"),
+        ({"num_val": 1.5}, "num_val must be a non-negative int, got 1.5"),
+        ({"num_train": True}, "num_train must be a non-negative int, got True"),
+        ({"image_size": 8}, "image_size must be an int >= 32, got 8"),
+        ({"image_size": "128"}, "image_size must be an int >= 32, got '128'"),
+        ({"seed": -3}, "seed must be a non-negative int, got -3"),
+    ],
 )
-def test_bad_arguments_raise(tmp_path, kwargs):
-    with pytest.raises(ValueError):
+def test_bad_arguments_raise(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         make_synthetic(str(tmp_path), **kwargs)
+    assert not any(tmp_path.iterdir())
