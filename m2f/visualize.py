@@ -32,10 +32,16 @@ def class_colors(num_classes: int) -> np.ndarray:
     return (np.array(colors, dtype=np.float64).reshape(-1, 3) * 255).round().astype(np.uint8)
 
 
+# (fraction, toward): instance k's colour is the class colour moved that fraction of the way toward black (0) or
+# white (255), by turns, so that neighbouring instances differ clearly; the cycle repeats every 7 instances.
+INSTANCE_SHADES = ((0.0, 0), (0.4, 0), (0.4, 255), (0.65, 0), (0.65, 255), (0.2, 0), (0.2, 255))
+
+
 def instance_color(class_color: np.ndarray, instance: int) -> np.ndarray:
-    """A per-instance variation of a class colour (instance 0 is the class colour itself)."""
-    shift = 0 if instance == 0 else (int(instance) * 37) % 81 - 40
-    return np.clip(class_color.astype(np.int64) + shift, 0, 255).astype(np.uint8)
+    """A shade of a class colour per instance (instance 0 is the class colour itself), INSTANCE_SHADES."""
+    fraction, toward = INSTANCE_SHADES[int(instance) % len(INSTANCE_SHADES)]
+    color = np.asarray(class_color, dtype=np.float64)
+    return np.round(color + fraction * (toward - color)).astype(np.uint8)
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -47,6 +53,8 @@ def _check_image(image: np.ndarray) -> np.ndarray:
 
 def _check_map(name: str, array: np.ndarray, image: np.ndarray) -> np.ndarray:
     array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer ids, got {array.dtype}")
     if array.shape != image.shape[:2]:
         raise ValueError(f"{name} must have the image's size {image.shape[:2]}, got {array.shape}")
     return array
@@ -81,6 +89,10 @@ def blend_segments(image: np.ndarray, segment_map: np.ndarray, colors: dict[int,
         out[region] = (1 - MASK_ALPHA) * out[region] + MASK_ALPHA * np.asarray(color, dtype=np.float32)
     out[segment_boundaries(segment_map)] *= 0.3
     return out.round().clip(0, 255).astype(np.uint8)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _one_line(text: str) -> str:
@@ -159,6 +171,11 @@ def draw_instances(
     masks, image = enlarge(masks, factor, 1), enlarge(image, factor, 0)
     palette = class_colors(len(class_names))
     keep = [k for k in np.argsort(-np.asarray(scores, dtype=np.float64)) if scores[k] >= score_threshold]
+    bad = [labels[k] for k in keep if not (_is_int(labels[k]) and 0 <= labels[k] < len(class_names))]
+    if bad:
+        raise ValueError(
+            f"labels {bad} are not among the {len(class_names)} classes (ints 0..{len(class_names) - 1})"
+        )
     segment_map = np.zeros(image.shape[:2], dtype=np.int64)
     colors, legend = {}, []
     for rank, k in enumerate(reversed(keep)):  # the highest score is painted last, on top

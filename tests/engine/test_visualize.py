@@ -74,10 +74,31 @@ def test_bad_inputs_name_the_argument():
     image = np.zeros((8, 8, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="image"):
         visualize.draw_semantic(np.zeros((8, 8), dtype=np.uint8), np.zeros((8, 8)), ["a"])
-    with pytest.raises(ValueError, match="label_map"):
-        visualize.draw_semantic(image, np.zeros((4, 8)), ["a"])
+    with pytest.raises(ValueError, match="label_map must have the image's size"):
+        visualize.draw_semantic(image, np.zeros((4, 8), dtype=np.int64), ["a"])
     with pytest.raises(ValueError, match="outside"):
         visualize.draw_semantic(image, np.full((8, 8), 3), ["a"])
+    with pytest.raises(ValueError, match="label_map must hold integer ids, got float64"):
+        visualize.draw_semantic(image, np.full((8, 8), 1.5), ["a", "b"])
+    with pytest.raises(ValueError, match="panoptic_seg must hold integer ids"):
+        visualize.draw_panoptic(image, np.zeros((8, 8), dtype=np.float32), [], ["a"])
+    masks = np.ones((2, 8, 8), dtype=bool)
+    for labels in ([0, 2], [-1, 0], [0, 1.0], [True, 0]):
+        with pytest.raises(ValueError, match=r"labels \[.*\] are not among the 2 classes"):
+            visualize.draw_instances(image, masks, labels, [0.9, 0.8], ["a", "b"])
+    # Below the score threshold an instance is not drawn, so its label is not looked up.
+    visualize.draw_instances(image, masks, [0, 5], [0.9, 0.1], ["a", "b"], 0.5)
+
+
+def test_neighbouring_instances_of_a_class_get_clearly_different_shades():
+    """The first instances of a class (ranks 0 and 1 were 3 levels apart) differ by at least 30 levels in
+    some channel, for every class colour of a large palette."""
+    for class_color in visualize.class_colors(200):
+        shades = [visualize.instance_color(class_color, k).astype(int) for k in range(7)]
+        np.testing.assert_array_equal(shades[0], class_color)
+        for i in range(7):
+            for j in range(i):
+                assert np.abs(shades[i] - shades[j]).max() >= 30, (class_color, i, j)
 
 
 def test_loss_curve_png(tmp_path):
