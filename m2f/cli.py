@@ -17,18 +17,23 @@ AMP_CHOICES = ("bf16", "fp16")
 DATASET_CHOICES = ("coco-panoptic", "coco-instance", "ade20k")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _int_at_least(minimum: int, meaning: str):
+    """An argparse type: the text as an int >= minimum, else the error "must be <meaning>, got <text>"."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {meaning}, got {text}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "a non-negative integer")
 
 
 def _add_device(parser: argparse.ArgumentParser, amp_help: str = "mixed precision inference") -> None:

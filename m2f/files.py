@@ -37,7 +37,9 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         mode = 0o666 & ~_UMASK
     # The temporary name starts like the target's, kept short (32 characters are at most 128 bytes) so that
     # it fits wherever the target's name does.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name[:_TEMPORARY_TARGET_CHARS]}.", suffix=".tmp", dir=path.parent
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -56,6 +58,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         os.close(dir_fd)
 
 
+_TEMPORARY_TARGET_CHARS = 32
 _TEMPORARY_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 
 
@@ -63,6 +66,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, prefixes: tuple[str, ...
     """Removes the temporary files write_bytes_atomic left in `folder` for targets whose names start with
     one of `prefixes` (a process killed while writing: SIGKILL, power loss); returns their paths. Only for
     targets that no other running process writes."""
+    prefixes = tuple(prefix[:_TEMPORARY_TARGET_CHARS] for prefix in prefixes)  # as the names are cut
     removed = []
     for path in Path(folder).glob(".*.tmp"):
         match = _TEMPORARY_NAME.match(path.name)

@@ -263,6 +263,9 @@ def test_bad_input_is_one_clear_line(synthetic_root, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([*train_args(synthetic_root, tmp_path, 1), option, "-1"])
         assert f"argument {option}: must be a non-negative integer, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # was "invalid _positive_int value: 'abc'"
+        main([*train_args(synthetic_root, tmp_path, 1), "--max-iters", "abc"])
+    assert "argument --max-iters: must be a positive integer, got abc" in capsys.readouterr().err
 
 
 def test_eval_of_corrupt_checkpoint_names_the_file(synthetic_root, tmp_path, capsys):
@@ -555,6 +558,84 @@ def test_run_prediction_refuses_a_task_given_as_a_string(trained_run, tmp_path):
     Image.new("RGB", (20, 24)).save(image)
     with pytest.raises(TypeError, match="tasks must be a sequence of task names, got the string 'panoptic'"):
         run_prediction([image], trained_run / "model_final.safetensors", tmp_path / "out", tasks="panoptic")
+
+
+def test_run_prediction_takes_any_iterable_of_paths_and_refuses_a_single_path(trained_run, tmp_path):
+    """A generator (Path.glob) was used up by the existence check, so nothing was predicted; a single path
+    was read character by character ("image files not found: /, t, m, p, ...")."""
+    from m2f.engine.predict import run_prediction
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (20, 24)).save(folder / f"{name}.png")
+    checkpoint = trained_run / "model_final.safetensors"
+    written = run_prediction(folder.glob("*.png"), checkpoint, tmp_path / "out", tasks=["semantic"])
+    assert sorted(path.name for path in written) == [
+        "a.semantic.png",
+        "a.semantic_labels.png",
+        "b.semantic.png",
+        "b.semantic_labels.png",
+    ]
+    for single in (str(folder / "a.png"), folder / "a.png"):
+        with pytest.raises(TypeError, match="images must be a sequence of image paths, got the single path"):
+            run_prediction(single, checkpoint, tmp_path / "out", tasks=["semantic"])
+
+
+def test_predict_removes_what_a_killed_prediction_of_its_images_left(trained_run, tmp_path):
+    from m2f.engine.predict import run_prediction
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (20, 24)).save(image)
+    out = tmp_path / "out"
+    out.mkdir()
+    ours = out / ".x.semantic_labels.png.k2j4l5m6.tmp"
+    others = out / ".y.semantic_labels.png.k2j4l5m6.tmp"  # another image's, maybe being written now
+    ours.write_bytes(b"half")
+    others.write_bytes(b"half")
+    run_prediction([image], trained_run / "model_final.safetensors", out, tasks=["semantic"])
+    assert not ours.exists() and others.exists()
+    assert sorted(path.name for path in out.iterdir()) == [
+        others.name,
+        "x.semantic.png",
+        "x.semantic_labels.png",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("class_names", "not json", "metadata 'class_names' is not JSON"),
+        ("class_names", '"abc"', "metadata 'class_names' must be a JSON list of class names"),
+        ("thing_classes", "3", "metadata 'thing_classes' must be a JSON list of class indices"),
+        ("thing_classes", "[0, 99]", "metadata 'thing_classes' [0, 99] names classes beyond the"),
+        ("categories", '[{"name": "a"}]', "metadata 'categories' must be a JSON list of categories"),
+    ],
+)
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_malformed_class_metadata_is_one_error_line_naming_file_and_key(
+    synthetic_root, trained_run, tmp_path, capsys, key, value, message, command
+):
+    """A checkpoint whose class metadata is not what the converters write: a JSONDecodeError naming nothing,
+    or a traceback (TypeError: 'int' object is not iterable, KeyError: 'id')."""
+    import safetensors
+    import safetensors.torch
+
+    source = trained_run / "model_final.safetensors"
+    with safetensors.safe_open(source, framework="pt") as file:
+        metadata = file.metadata()
+    metadata.setdefault("class_names", json.dumps([f"c{i}" for i in range(6)]))
+    checkpoint = tmp_path / "bad.safetensors"
+    safetensors.torch.save_file(safetensors.torch.load_file(source), checkpoint, {**metadata, key: value})
+    if command == "predict":
+        image = tmp_path / "x.png"
+        Image.new("RGB", (20, 24)).save(image)
+        args = ["predict", str(image), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]
+    else:
+        args = ["eval", "--checkpoint", str(checkpoint), "--data-root", str(synthetic_root), "--no-validate"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and f"{checkpoint}: {message}" in error
 
 
 def test_train_out_that_is_a_file_is_refused(synthetic_root, tmp_path, capsys):

@@ -149,6 +149,42 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, tupl
     return metadata, shapes
 
 
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def stored_classes(
+    metadata: dict[str, str], path: str | os.PathLike
+) -> tuple[list[str] | None, list[int] | None, list[dict] | None]:
+    """The checkpoint's class metadata: "class_names" (names), "thing_classes" (indices of the thing classes)
+    and "categories" (the dataset's categories, each with an int "id" and a str "name"); None for each the
+    metadata does not hold. Raises CheckpointError naming the file and the key when one is malformed."""
+
+    def parsed(key: str, valid, expected: str) -> list | None:
+        if key not in metadata:
+            return None
+        try:
+            value = json.loads(metadata[key])
+        except ValueError as error:
+            raise CheckpointError(f"{path}: metadata {key!r} is not JSON ({error})") from None
+        if not isinstance(value, list) or not all(valid(item) for item in value):
+            raise CheckpointError(f"{path}: metadata {key!r} must be {expected}, got {metadata[key][:200]}")
+        return value
+
+    names = parsed("class_names", lambda name: isinstance(name, str), "a JSON list of class names")
+    things = parsed("thing_classes", _is_index, "a JSON list of class indices")
+    categories = parsed(
+        "categories",
+        lambda c: isinstance(c, dict) and _is_index(c.get("id")) and isinstance(c.get("name"), str),
+        'a JSON list of categories, each with an int "id" and a str "name"',
+    )
+    if names is not None and things is not None and any(index >= len(names) for index in things):
+        raise CheckpointError(
+            f"{path}: metadata 'thing_classes' {things} names classes beyond the {len(names)} of 'class_names'"
+        )
+    return names, things, categories
+
+
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, str]:
     """Loads weights into `model` (strict: same keys and shapes); returns the file's metadata.
 

@@ -407,7 +407,7 @@ def run_evaluation(
     if validate:
         validate_split(data_root, split, task)
     dataset = build_dataset(dataset_kind, data_root, split, inference_transform(config))
-    model_categories = json.loads(metadata["categories"]) if "categories" in metadata else None
+    model_categories = ckpt.stored_classes(metadata, checkpoint)[2]
     if (
         model_categories is None
         or [c["id"] for c in model_categories] == dataset.metadata.contiguous_to_category_id

@@ -17,9 +17,8 @@ predicted again, so an interrupted run over many images continues where it stopp
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,13 @@ from m2f.engine.evaluate import (
     postprocess,
     predict_masks,
 )
-from m2f.files import check_output_path, save_image_atomic, save_npz_atomic, write_json_atomic
+from m2f.files import (
+    check_output_path,
+    remove_stale_temporaries,
+    save_image_atomic,
+    save_npz_atomic,
+    write_json_atomic,
+)
 
 # The files save_prediction writes per task, overlay first.
 PREDICTION_SUFFIXES = {
@@ -67,20 +72,14 @@ class ClassInfo:
     category_ids: list[int] | None
 
 
-def class_info(metadata: dict[str, str], num_classes: int) -> ClassInfo:
+def class_info(metadata: dict[str, str], num_classes: int, checkpoint: str | os.PathLike) -> ClassInfo:
     """The classes the checkpoint's metadata names (its own count, whatever num_classes says); generic names
-    for num_classes classes, all things, when it names none."""
-    if "class_names" in metadata:
-        names = [str(name) for name in json.loads(metadata["class_names"])]
-    else:
+    for num_classes classes, all things, when it names none. CheckpointError for malformed metadata."""
+    names, things, categories = ckpt.stored_classes(metadata, checkpoint)
+    if names is None:
         names = [f"class {i}" for i in range(num_classes)]
-    things = (
-        set(json.loads(metadata["thing_classes"])) if "thing_classes" in metadata else set(range(len(names)))
-    )
-    categories = json.loads(metadata["categories"]) if "categories" in metadata else None
-    category_ids = (
-        [int(c["id"]) for c in categories] if categories and len(categories) == len(names) else None
-    )
+    things = set(things) if things is not None else set(range(len(names)))
+    category_ids = [c["id"] for c in categories] if categories and len(categories) == len(names) else None
     return ClassInfo(names, things, category_ids)
 
 
@@ -136,7 +135,7 @@ def save_prediction(
 
 
 def run_prediction(
-    images: Sequence[str | os.PathLike],
+    images: Iterable[str | os.PathLike],
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
@@ -153,6 +152,9 @@ def run_prediction(
     exist already is not predicted (its paths are still returned)."""
     from m2f.models import build_model
 
+    if isinstance(images, (str, os.PathLike)):
+        raise TypeError(f"images must be a sequence of image paths, got the single path {str(images)!r}")
+    images = list(images)  # an iterator (e.g. Path.glob) is read once
     if not images:
         raise ValueError("images must name at least one image file")
     if not 0.0 <= score_threshold <= 1.0:
@@ -175,7 +177,7 @@ def run_prediction(
     device = dist_utils.pick_device(device)
     metadata, _ = ckpt.read_header(checkpoint)
     config = load_config_for_checkpoint(config_name, metadata, checkpoint)
-    classes = class_info(metadata, config.num_classes)
+    classes = class_info(metadata, config.num_classes, checkpoint)
     config = dataclasses.replace(config, num_classes=len(classes.names))
     if isinstance(tasks, str):
         raise TypeError(f"tasks must be a sequence of task names, got the string {tasks!r}")
@@ -198,6 +200,14 @@ def run_prediction(
     model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # What a killed earlier prediction of these images left half-written.
+    outputs = [
+        output.name
+        for path in images
+        for task in tasks
+        for output in prediction_paths(task, out_dir / Path(path).stem)
+    ]
+    remove_stale_temporaries(out_dir, tuple(outputs))
     transform = inference_transform(config)
     written = []
     for path in images:

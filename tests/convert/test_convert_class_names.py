@@ -55,7 +55,9 @@ def test_transformers_id2label_reaches_predict(resnet, tmp_path):
     # what `m2f predict` does with the file: config and names from the metadata, strict weight loading
     stored_config = ModelConfig.from_dict(json.loads(stored["config"]))
     assert stored_config == config
-    assert class_info(stored, stored_config.num_classes) == ClassInfo(NAMES, set(range(5)), None)
+    assert class_info(stored, stored_config.num_classes, "model.safetensors") == ClassInfo(
+        NAMES, set(range(5)), None
+    )
     from m2f import build_model
 
     ckpt.load_model_weights(build_model(stored_config, backend="torch"), out)
@@ -145,7 +147,7 @@ def test_placeholder_id2label_counts_as_none(resnet, tmp_path):
     src = hf_directory(tmp_path / "hf", config, state, {str(i): f"LABEL_{i}" for i in range(5)})
     _, metadata = convert_to_file(src, "transformers", config, tmp_path / "x.safetensors")
     assert "class_names" not in metadata
-    assert class_info(metadata, 5).names == [f"class {i}" for i in range(5)]
+    assert class_info(metadata, 5, "model.safetensors").names == [f"class {i}" for i in range(5)]
 
 
 def test_wrong_class_count_and_override(resnet, tmp_path):
@@ -203,7 +205,7 @@ def test_mmdet_meta_reaches_the_file(resnet, tmp_path, meta, names, things):
     assert (json.loads(stored["class_names"]) if "class_names" in stored else None) == names
     assert (json.loads(stored["thing_classes"]) if "thing_classes" in stored else None) == things
     expected_things = set(things) if things is not None else set(range(5))
-    classes = class_info(stored, 5)
+    classes = class_info(stored, 5, "model.safetensors")
     assert (classes.names, classes.things) == (names or [f"class {i}" for i in range(5)], expected_things)
 
 
@@ -244,10 +246,10 @@ def test_coco_categories_are_stored_for_predict_and_eval(resnet, tmp_path):
     _, metadata = convert_to_file(src, "detectron2", config, tmp_path / "a.safetensors", classes=path)
     by_id = sorted(categories, key=lambda c: c["id"])
     assert json.loads(metadata["categories"]) == by_id
-    classes = class_info(metadata, 5)
+    classes = class_info(metadata, 5, "model.safetensors")
     assert classes.category_ids == [c["id"] for c in by_id] and classes.names == [c["name"] for c in by_id]
     _, metadata = convert_to_file(src, "detectron2", config, tmp_path / "b.safetensors", classes=NAMES)
-    assert "categories" not in metadata and class_info(metadata, 5).category_ids is None
+    assert "categories" not in metadata and class_info(metadata, 5, "model.safetensors").category_ids is None
 
 
 def test_classes_from_a_coco_annotation_file(tmp_path):
