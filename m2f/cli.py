@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -118,6 +119,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     num_classes = state_dict["transformer_decoder.class_embed.weight"].shape[0] - 1
     named = ", named" if "class_names" in metadata else ""
     print(f"wrote {args.out} ({len(state_dict)} tensors, {num_classes} classes{named})")
+    if json.loads(metadata["config"])["task"] == "panoptic" and "thing_classes" not in metadata:
+        print(
+            f"note: {args.out} says which classes are things and which stuff only when converted with --classes "
+            "<COCO panoptic annotation JSON>; without it panoptic predictions treat every class as a thing",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -429,7 +429,7 @@ def test_convert_of_a_damaged_file_is_one_error_line(tmp_path, capsys, fmt):
     assert error.startswith("m2f convert: error: ") and str(path) in error and "Traceback" not in error
 
 
-def test_convert_writes_safetensors_with_the_config_and_class_names(monkeypatch, tmp_path):
+def test_convert_writes_safetensors_with_the_config_and_class_names(monkeypatch, tmp_path, capsys):
     import safetensors
     import torch
 
@@ -454,12 +454,19 @@ def test_convert_writes_safetensors_with_the_config_and_class_names(monkeypatch,
     ]
     assert main([*args, "--classes", str(names), "--out", str(out)]) == 0
     assert loaded == [(str(tmp_path / "model_final.pkl"), "detectron2")]
+    # A list of names says nothing of things and stuff, which panoptic inference needs.
+    assert "without it panoptic predictions treat every class as a thing" in capsys.readouterr().err
     with safetensors.safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()["config"])["num_classes"] == 6
         assert f.metadata()["converted_from"] == "detectron2:model_final.pkl"
         assert json.loads(f.metadata()["class_names"]) == [f"class-{i}" for i in range(6)]
         for key, tensor in state.items():
             assert torch.equal(f.get_tensor(key), tensor)
+    coco = tmp_path / "panoptic_val2017.json"
+    categories = [{"id": i + 1, "name": f"class-{i}", "isthing": int(i < 3)} for i in range(6)]
+    coco.write_text(json.dumps({"categories": categories}))
+    assert main([*args, "--classes", str(coco), "--out", str(tmp_path / "with_things.safetensors")]) == 0
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_bench_forwards_arguments_to_pytest(monkeypatch):
