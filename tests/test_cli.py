@@ -411,12 +411,14 @@ def test_predict_with_a_config_name_takes_the_class_count_of_the_checkpoint(tmp_
     config = m2f.get_config("demo-tiny")
     model = m2f.build_model(dataclasses.replace(config, num_classes=3))
     checkpoint = tmp_path / "three.safetensors"
-    metadata = {"class_names": json.dumps(["a", "b", "c"])}
-    safetensors.torch.save_file(model.state_dict(), checkpoint, metadata=metadata)
     Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
     args = ["predict", str(tmp_path / "x.png"), "--checkpoint", str(checkpoint), "--config", "demo-tiny"]
-    assert main([*args, "--out", str(tmp_path / "out"), "--device", "cpu", "--task", "semantic"]) == 0
-    assert np.asarray(Image.open(tmp_path / "out" / "x.semantic_labels.png")).max() < 3
+    # With class names stored, and without (a plain state dict: the class head's size says).
+    for metadata in ({"class_names": json.dumps(["a", "b", "c"])}, None):
+        safetensors.torch.save_file(model.state_dict(), checkpoint, metadata=metadata)
+        out = tmp_path / ("named" if metadata else "plain")
+        assert main([*args, "--out", str(out), "--device", "cpu", "--task", "semantic"]) == 0
+        assert np.asarray(Image.open(out / "x.semantic_labels.png")).max() < 3
 
 
 @pytest.mark.parametrize("fmt", ["detectron2", "transformers", "mmdet"])

@@ -175,9 +175,11 @@ def run_prediction(
             + " (predict them into separate --out folders)"
         )
     device = dist_utils.pick_device(device)
-    metadata, _ = ckpt.read_header(checkpoint)
+    metadata, shapes = ckpt.read_header(checkpoint)
     config = load_config_for_checkpoint(config_name, metadata, checkpoint)
-    classes = class_info(metadata, config.num_classes, checkpoint)
+    class_head_shape = shapes.get("transformer_decoder.class_embed.weight")  # (classes + 1, hidden)
+    num_classes = class_head_shape[0] - 1 if class_head_shape else config.num_classes
+    classes = class_info(metadata, num_classes, checkpoint)
     config = dataclasses.replace(config, num_classes=len(classes.names))
     if isinstance(tasks, str):
         raise TypeError(f"tasks must be a sequence of task names, got the string {tasks!r}")
