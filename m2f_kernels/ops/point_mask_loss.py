@@ -160,9 +160,8 @@ def point_mask_loss(
         target_masks = target_masks.to(soft_target_dtype(target_masks, mask_logits))
     else:
         raise TypeError(f"target_masks must be bool, uint8 or floating, got {target_masks.dtype}")
-    coords = coords.to(
-        accumulate_dtype(mask_logits.dtype)
-    )  # float32 even for half logits: a pixel of a 1024 map
+    # float32 even for half logits: half precision cannot address every pixel of a 1024 map
+    coords = coords.to(accumulate_dtype(mask_logits.dtype))
     ce, dice, _ = call_op(
         _point_mask_loss, mask_logits.contiguous(), target_masks.contiguous(), coords.contiguous(), backend
     )
