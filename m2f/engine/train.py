@@ -29,6 +29,7 @@ from torch import nn
 from m2f.engine import checkpoint as ckpt
 from m2f.engine import distributed as dist_utils
 from m2f.files import check_output_path, remove_stale_temporaries, write_bytes_atomic
+from m2f.losses.criterion import Criterion
 
 EMBEDDING_PARAMETER_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,17 +79,14 @@ class TrainSettings:
             self.lr_steps = (int(0.9 * self.max_iters), int(0.95 * self.max_iters))
         if self.eval_period < 0 or self.num_workers < 0 or self.warmup_iters < 0:
             raise ValueError("eval_period, num_workers and warmup_iters must be >= 0")
-        if self.base_lr <= 0 or self.weight_decay < 0:
-            raise ValueError(
-                f"base_lr must be > 0 and weight_decay >= 0, got {self.base_lr}, {self.weight_decay}"
-            )
-        for name in ("weight_decay_norm", "weight_decay_embed", "backbone_lr_multiplier", "poly_power"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not (self.lr_gamma > 0 and self.warmup_factor > 0):
-            raise ValueError(
-                f"lr_gamma and warmup_factor must be > 0, got {self.lr_gamma}, {self.warmup_factor}"
-            )
+        positive = ("base_lr", "lr_gamma", "warmup_factor")
+        non_negative = ("weight_decay", "weight_decay_norm", "weight_decay_embed", "backbone_lr_multiplier")
+        for name in (*positive, *non_negative, "poly_power"):
+            value = getattr(self, name)
+            finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if not (finite and (value > 0 if name in positive else value >= 0)):
+                bound = "> 0" if name in positive else ">= 0"
+                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
         # clip_grad_norm_ with 0 zeroes the gradients and with a negative norm reverses them.
         if self.clip_grad_norm is not None and not 0 < self.clip_grad_norm < math.inf:
             raise ValueError(f"clip_grad_norm must be None (no clipping) or > 0, got {self.clip_grad_norm!r}")
@@ -539,11 +537,21 @@ class Trainer:
         self.last_checkpoint = dist_utils.broadcast_object(self.last_checkpoint)
 
     def forward_backward(self, micro_batches: Sequence) -> torch.Tensor:
-        """Accumulates gradients of the mean loss over one step's micro-batches (DDP averages over ranks).
+        """Accumulates gradients of the mean loss over one step's micro-batches (DDP averages over ranks);
+        a Criterion's mask losses are divided by the step's target masks per micro-batch and rank, so the
+        gradient is the whole batch's, as without accumulation.
 
         Returns the loss values, averaged over micro-batches, as a float64 tensor [total, *sorted terms].
         """
         amp_dtype = AMP_DTYPES.get(self.settings.amp)
+        criterion_options = {}
+        if isinstance(self.criterion, Criterion):
+            # Mask2Former divides the mask losses by the target masks of the whole batch (over processes),
+            # so with accumulation they count over the step's micro-batches, not each one alone.
+            step_targets = [target for _images, targets, _infos in micro_batches for target in targets]
+            criterion_options["num_masks"] = Criterion.average_num_masks(
+                step_targets, self.device, num_batches=len(micro_batches)
+            )
         summed: torch.Tensor | None = None
         for step, (images, targets, _infos) in enumerate(micro_batches):
             images = move_to_device(images, self.device)
@@ -554,7 +562,7 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     outputs = self.model(images)
-                    losses = self.criterion(outputs, targets)
+                    losses = self.criterion(outputs, targets, **criterion_options)
                 self.loss_names = sorted(losses)
                 total = sum(losses[name].float() for name in self.loss_names)
                 self.scaler.scale(total / len(micro_batches)).backward()

@@ -59,9 +59,15 @@ class Criterion(nn.Module):
         empty_weight[-1] = no_object_weight
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, outputs: dict, targets: list[dict], num_masks: float | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The weighted losses of every layer. num_masks divides the mask losses: by default this batch's
+        target masks averaged over processes (average_num_masks); a caller accumulating gradients over
+        micro-batches passes the count of the whole step."""
         self._check_targets(outputs, targets)
-        num_masks = self.average_num_masks(targets, outputs["pred_logits"].device)
+        if num_masks is None:
+            num_masks = self.average_num_masks(targets, outputs["pred_logits"].device)
         target_masks = batch_target_masks(targets, outputs["pred_masks"].device)
         losses = self.layer_losses(outputs, targets, num_masks, target_masks)
         if self.deep_supervision:
@@ -142,14 +148,15 @@ class Criterion(nn.Module):
         )
 
     @staticmethod
-    def average_num_masks(targets: list[dict], device: torch.device) -> float:
-        """Target masks in the batch, averaged over processes when torch.distributed is initialized; >= 1."""
+    def average_num_masks(targets: list[dict], device: torch.device, num_batches: int = 1) -> float:
+        """Target masks per batch (`targets` holding num_batches batches), averaged over processes when
+        torch.distributed is initialized; >= 1."""
         num_masks = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
         world_size = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(num_masks)
             world_size = dist.get_world_size()
-        return max(num_masks.item() / world_size, 1.0)
+        return max(num_masks.item() / (world_size * num_batches), 1.0)
 
     def _check_targets(self, outputs: dict, targets: list[dict]) -> None:
         if len(targets) != outputs["pred_logits"].shape[0]:

@@ -1,14 +1,18 @@
 import csv
+import math
 import random
 
+import engine_standins
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from engine_standins import TinyNet, first_step_gradients, make_trainer, tiny_criterion
+from engine_standins import TinyNet, collate_tiny, first_step_gradients, make_trainer, tiny_criterion
+from torch import nn
 
 from m2f.engine import checkpoint as ckpt
 from m2f.engine.train import CsvLog, LRSchedule, StreamBatchSampler, TrainSettings, build_param_groups
+from m2f.losses.criterion import Criterion
 
 
 def test_param_groups_follow_mask2former_rules():
@@ -95,6 +99,11 @@ def test_bad_settings_name_the_argument():
     for name, value in (("seed", -1), ("seed", 1.5), ("backbone_lr_multiplier", -0.1), ("lr_gamma", 0.0)):
         with pytest.raises(ValueError, match=name):
             TrainSettings(max_iters=1, **{name: value})
+    # An infinite lr wrote NaN weights and stopped on a "non-finite loss"; a NaN one failed inside torch.
+    for name in ("base_lr", "weight_decay", "backbone_lr_multiplier", "weight_decay_norm", "lr_gamma"):
+        for value in (math.nan, math.inf):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+                TrainSettings(max_iters=1, **{name: value})
 
 
 def take(sampler, count):
@@ -345,6 +354,41 @@ def test_huge_finite_gradients_are_not_taken_for_infinite_ones(tmp_path):
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     whole = first_step_gradients(make_trainer(tmp_path / "a", dropout=0.0))
     accumulated = first_step_gradients(make_trainer(tmp_path / "b", dropout=0.0, grad_accum_steps=2))
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+class MaskCountCriterion(Criterion):
+    """Stands in for Criterion's mask losses: a per-image term for each of its target masks, summed and
+    divided by num_masks (by default the batch's count, as Criterion does)."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+
+    def forward(self, outputs, targets, num_masks=None):
+        if num_masks is None:
+            num_masks = self.average_num_masks(targets, outputs["pred"].device)
+        errors = torch.stack([((outputs["pred"][b] - t["value"]) ** 2).sum() for b, t in enumerate(targets)])
+        counts = torch.tensor([float(len(t["labels"])) for t in targets])
+        return {"loss_mask": (counts * errors).sum() / num_masks}
+
+
+def collate_with_masks(items):
+    """collate_tiny, and 0 to 4 target masks per image (image_id * 3 mod 5)."""
+    images, targets, infos = collate_tiny(items)
+    for target, info in zip(targets, infos):
+        target["labels"] = torch.zeros(info["image_id"] * 3 % 5, dtype=torch.int64)
+    return images, targets, infos
+
+
+def test_gradient_accumulation_divides_mask_losses_by_the_whole_steps_masks(tmp_path, monkeypatch):
+    """Mask2Former divides the mask losses by the global batch's target masks. Accumulating micro-batches
+    divided each by its own count, so an image with 1 mask beside 4 weighed 1/2 instead of 1/5."""
+    monkeypatch.setattr(engine_standins, "collate_tiny", collate_with_masks)
+    whole = first_step_gradients(make_trainer(tmp_path / "a", dropout=0.0, criterion=MaskCountCriterion()))
+    accumulated = first_step_gradients(
+        make_trainer(tmp_path / "b", dropout=0.0, criterion=MaskCountCriterion(), grad_accum_steps=2)
+    )
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
 
