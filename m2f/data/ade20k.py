@@ -135,7 +135,7 @@ class ADE20KDataset(SegmentationDataset):
         classes = classes[classes != IGNORE_LABEL]
         index_map = np.searchsorted(classes, labels_map).astype(np.int32)
         index_map[labels_map == IGNORE_LABEL] = -1
-        masks, _ = masks_from_index_map(index_map, len(classes))
+        masks = masks_from_index_map(index_map, len(classes))
         return {
             "image": image_to_tensor(image),
             "labels": torch.from_numpy(classes),

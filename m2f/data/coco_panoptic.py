@@ -37,7 +37,9 @@ def coco_paths(root: str, split: str) -> dict[str, str]:
 
 class CocoPanopticDataset(SegmentationDataset):
     """Items: image (3, H, W) uint8, labels (T,) int64 contiguous, masks (T, H, W) bool, segment_ids (T,)
-    int64 (the PNG ids), image_id, file_name, orig_size (H, W). Crowd segments and void are not targets.
+    int64 (the PNG ids), image_id, file_name, orig_size (H, W). Crowd segments and void are not targets. A
+    segment the crop leaves out stays a target with an empty mask, as in Mask2Former's panoptic training
+    mapper (COCOPanopticNewBaselineDatasetMapper; its instance mapper and CocoInstanceDataset drop them).
 
     Masks are decoded from the PNG's id-map after the geometric transform, at the training resolution.
     """
@@ -113,12 +115,11 @@ class CocoPanopticDataset(SegmentationDataset):
 
         geometry = self.geometry(index, *size)
         index_map = geometry.apply_segmentation(index_map, fill=-1)
-        masks, keep = masks_from_index_map(index_map, len(segments))
         return {
             "image": image_to_tensor(geometry.apply_image(image)),
-            "labels": torch.from_numpy(labels)[keep],
-            "masks": masks[keep],
-            "segment_ids": torch.from_numpy(segment_ids)[keep],
+            "labels": torch.from_numpy(labels),
+            "masks": masks_from_index_map(index_map, len(segments)),
+            "segment_ids": torch.from_numpy(segment_ids),
             "image_id": image_id,
             "file_name": file_name,
             "orig_size": size,

@@ -246,12 +246,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return self.transforms.get_geometry(height, width, self.item_rng(index))
 
 
-def masks_from_index_map(index_map: np.ndarray, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """index_map (H, W) int with values in [0, count) or negative (no segment) -> masks (count, H, W) bool and
-    keep (count,) bool marking the non-empty masks."""
+def masks_from_index_map(index_map: np.ndarray, count: int) -> torch.Tensor:
+    """index_map (H, W) int with values in [0, count) or negative (no segment) -> masks (count, H, W) bool."""
     index_map = torch.from_numpy(np.ascontiguousarray(index_map)).long()
-    masks = index_map[None] == torch.arange(count)[:, None, None]
-    return masks, masks.flatten(1).any(1)
+    return index_map[None] == torch.arange(count)[:, None, None]
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:

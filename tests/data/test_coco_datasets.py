@@ -85,6 +85,24 @@ def test_instance_and_panoptic_masks_agree_under_the_same_lsj(synthetic_root):
     assert compared > 3
 
 
+def test_panoptic_training_items_keep_the_segments_a_crop_leaves_out(synthetic_root):
+    """Mask2Former's panoptic mapper keeps every non-crowd segment as a target, with an empty mask when
+    the crop removed it (they count in num_masks and in the matching); the instance dataset drops them."""
+    data = _load_json(synthetic_root, "panoptic_train2017.json")
+    segments = {
+        a["image_id"]: [s["id"] for s in a["segments_info"] if not s.get("iscrowd")]
+        for a in data["annotations"]
+    }
+    dataset = CocoPanopticDataset(synthetic_root, "train", LSJ(48, min_scale=1.5, max_scale=2.0), seed=5)
+    empty = 0
+    for index in range(len(dataset)):
+        item = dataset[index]
+        assert item["segment_ids"].tolist() == segments[item["image_id"]]
+        assert len(item["labels"]) == len(item["masks"]) == len(item["segment_ids"])
+        empty += int((~item["masks"].flatten(1).any(1)).sum())
+    assert empty > 0  # crops of 48 from images scaled 1.5-2x leave some segments out
+
+
 def test_items_are_deterministic_per_seed_epoch_and_index(synthetic_root):
     dataset = CocoPanopticDataset(synthetic_root, "train", LSJ(64), seed=1)
     first = dataset[2]
