@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 import m2f_kernels
 
-from ..ops._common import check_shape, check_tensor
+from .._backend import BACKENDS
+from ..ops._common import check_shape, check_tensor, real_number
 from ..reference.masked_attention import logits_visible, threshold_to_logit
 
 
@@ -68,6 +69,9 @@ class MaskedMultiheadAttention(nn.Module):
             raise ValueError(
                 f"attention dropout is not supported (Mask2Former uses 0.0), got dropout={dropout}"
             )
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        threshold_to_logit(real_number("mask_threshold", mask_threshold))  # raises unless in [0, 1]
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -169,6 +173,7 @@ def masked_multihead_attention(
     if attn_mask is not None and mask_logits is not None:
         raise ValueError("pass either attn_mask or mask_logits, not both")
     batched = query.dim() == 3
+    _check_lengths_and_masks(query, key, value, mask_logits, key_padding_mask, batched, batch_first)
     if not batched:
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
         mask_logits = None if mask_logits is None else mask_logits.unsqueeze(0)
@@ -204,6 +209,31 @@ def masked_multihead_attention(
     if not batched:
         return out.squeeze(0), None if weights is None else weights.squeeze(0)
     return (out if batch_first else out.transpose(0, 1)), weights
+
+
+def _check_lengths_and_masks(
+    query, key, value, mask_logits, key_padding_mask, batched: bool, batch_first: bool
+):
+    """Raises naming the argument unless key and value have query's batch and one length, and mask_logits
+    and key_padding_mask fit them, in the shapes the caller passed (before any transpose or unsqueeze)."""
+    length_axis = 1 if batched and batch_first else 0
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(
+            f"key and value must have the same batch and length, got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    batch = query.shape[1 - length_axis] if batched else None
+    if batched and key.shape[1 - length_axis] != batch:
+        layout = "(B, K, E) with batch_first" if batch_first else "(K, B, E)"
+        raise ValueError(f"key must have query's batch size {batch} in {layout}, got {tuple(key.shape)}")
+    queries, keys = query.shape[length_axis], key.shape[length_axis]
+    if mask_logits is not None:
+        check_tensor("mask_logits", mask_logits, ndim=3 if batched else 2, floating=True)
+        expected = (batch, queries, keys) if batched else (queries, keys)
+        check_shape("mask_logits", mask_logits, expected, "B, Q, K" if batched else "Q, K unbatched")
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, ndim=2 if batched else 1)
+        expected = (batch, keys) if batched else (keys,)
+        check_shape("key_padding_mask", key_padding_mask, expected, "B, K" if batched else "K unbatched")
 
 
 def _split_heads(x: Tensor, num_heads: int) -> Tensor:

@@ -85,6 +85,17 @@ def soft_target_dtype(targets: torch.Tensor, logits: torch.Tensor) -> torch.dtyp
     return logits.dtype if targets.dtype == logits.dtype else accumulate_dtype(logits.dtype)
 
 
+def real_number(name: str, value) -> float:
+    """``value`` as a float; TypeError naming ``name`` unless it is a real number (a bool, a string or None
+    is not one)."""
+    if value is None or isinstance(value, bool | str | bytes):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+
+
 def check_index(name: str, tensor) -> torch.Tensor:
     """Integer index tensors are accepted in any integer dtype; returned as contiguous int64."""
     if not isinstance(tensor, torch.Tensor):

@@ -53,13 +53,15 @@ def masked_attention(
     """softmax(q k^T * scale, masked) v.
 
     q (B, H, Q, d), k and v (B, H, K, d); mask_logits (B, Q, K) shared by the heads, or attn_mask
-    (B, Q, K) / (B * H, Q, K) bool with True = blocked. Returns the output (B, H, Q, d) and the attention
+    (B, Q, K) / (B * H, Q, K) (or (B, 1 or H, Q, K)) bool with True = blocked. Returns the output (B, H, Q, d) and the attention
     probabilities (B, H, Q, K), computed in float32 (float64 for float64 inputs).
     """
-    batch = q.shape[0]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if attn_mask is not None:
-        attn_mask = attn_mask.reshape(batch, -1, *attn_mask.shape[-2:])
+    batch, head_dim = q.shape[0], q.shape[-1]
+    if scale is None:
+        scale = head_dim**-0.5 if head_dim else 1.0  # no head dim: an empty output whatever the scale
+    if attn_mask is not None and attn_mask.dim() == 3:  # (B * Hm, Q, K) -> (B, Hm, Q, K), Hm in {1, H}
+        mask_heads = attn_mask.shape[0] // batch if batch else 1
+        attn_mask = attn_mask.reshape(batch, mask_heads, *attn_mask.shape[-2:])
     blocked = blocked_keys(mask_logits, attn_mask, threshold_to_logit(threshold))
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-1, -2)) * scale

@@ -302,6 +302,38 @@ def test_bad_arguments_are_named():
         )
 
 
+def test_errors_name_the_modules_arguments_in_the_shapes_passed():
+    """Mismatched key/value batches and lengths were reported for the projected, head-split k and v; an
+    unbatched mask was reported after an internal unsqueeze, or failed with "'list' object has no attribute
+    'unsqueeze'"; a bad mask_threshold or backend passed the constructor."""
+    query, key, value = (x.detach() for x in inputs(True))
+    batch_first = MaskedMultiheadAttention(EMBED, HEADS, batch_first=True)
+    with pytest.raises(ValueError, match=rf"key must have query's batch size {BATCH} in \(B, K, E\)"):
+        batch_first(query, key[:1], value[:1])
+    with pytest.raises(ValueError, match="key and value must have the same batch and length"):
+        batch_first(query, key, torch.cat([value, value[:, :1]], dim=1))
+    sequence_first = MaskedMultiheadAttention(EMBED, HEADS)
+    with pytest.raises(ValueError, match=rf"key must have query's batch size {BATCH} in \(K, B, E\)"):
+        sequence_first(query.transpose(0, 1), key.transpose(0, 1)[:, :1], value.transpose(0, 1)[:, :1])
+    unbatched = (query[0], key[0], value[0])
+    with pytest.raises(
+        ValueError, match=rf"mask_logits must have shape \({QUERIES}, {KEYS}\) \(Q, K unbatched\)"
+    ):
+        batch_first(*unbatched, mask_logits=torch.zeros(QUERIES, KEYS + 1))
+    with pytest.raises(TypeError, match=r"mask_logits must be a torch\.Tensor"):
+        batch_first(*unbatched, mask_logits=torch.zeros(QUERIES, KEYS).tolist())
+    with pytest.raises(TypeError, match=r"key_padding_mask must be a torch\.Tensor"):
+        batch_first(*unbatched, key_padding_mask=[False] * KEYS)
+    with pytest.raises(ValueError, match=rf"key_padding_mask must have shape \({KEYS}\)"):
+        batch_first(*unbatched, key_padding_mask=torch.zeros(KEYS + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="threshold must be in"):
+        MaskedMultiheadAttention(EMBED, HEADS, mask_threshold=2.0)
+    with pytest.raises(TypeError, match="mask_threshold must be a real number"):
+        MaskedMultiheadAttention(EMBED, HEADS, mask_threshold="0.5")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MaskedMultiheadAttention(EMBED, HEADS, backend="foo")
+
+
 def test_compiles_without_graph_breaks():
     ours, _ = make_pair(batch_first=True)
     args = [x.detach() for x in inputs(True)]

@@ -471,6 +471,15 @@ def test_masked_attention_bad_inputs():
         m2f_kernels.masked_attention(q, k, v, attn_mask=torch.zeros(3, 3, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="threshold must be in"):
         m2f_kernels.masked_attention(q, k, v, logits, threshold=2.0)
+    for threshold in (None, "0.5", True):
+        with pytest.raises(TypeError, match="threshold must be a real number"):
+            m2f_kernels.masked_attention(q, k, v, logits, threshold=threshold)
+    for scale in ("a", False):
+        with pytest.raises(TypeError, match="scale must be a real number"):
+            m2f_kernels.masked_attention(q, k, v, logits, scale=scale)
+    for scale in (math.nan, math.inf):  # every output would be NaN
+        with pytest.raises(ValueError, match="scale must be finite"):
+            m2f_kernels.masked_attention(q, k, v, logits, scale=scale)
     with pytest.raises(TypeError, match="v has dtype"):
         m2f_kernels.masked_attention(q, k, v.float())
     with pytest.raises(TypeError, match=r"mask_logits must be a torch\.Tensor"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import m2f_kernels
 from m2f_kernels import reference
 from m2f_kernels.reference.bilinear import bilinear_sample
 
@@ -195,6 +196,27 @@ def test_masked_attention_bool_mask_matches_sdpa():
     allowed[allowed.sum(-1) == 0] = True
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.view(batch, heads, queries, keys))
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize(
+    ("batch", "keys", "dim"), [(0, 5, 16), (2, 0, 16), (2, 5, 0)], ids=["no-batch", "no-keys", "no-head-dim"]
+)
+def test_masked_attention_of_empty_inputs(batch, keys, dim):
+    """The reference took no empty batch or key set with an attn_mask (a reshape of 0 elements with -1)
+    and no empty head dim (0 ** -0.5). Its output, as the public op's, is empty or, with no keys to attend
+    to, zeros."""
+    q = torch.randn(batch, 2, 3, dim)
+    k, v = torch.randn(batch, 2, keys, dim), torch.randn(batch, 2, keys, dim)
+    masks = torch.zeros(batch, 3, keys)
+    for mask in (
+        {"attn_mask": masks.bool()},
+        {"attn_mask": masks.bool().repeat(2, 1, 1)},
+        {"mask_logits": masks},
+    ):
+        out, probs = reference.masked_attention(q, k, v, **mask)
+        assert probs.shape == (batch, 2, 3, keys)
+        assert torch.equal(out, torch.zeros_like(q))
+        assert torch.equal(m2f_kernels.masked_attention(q, k, v, backend="torch", **mask), out)
 
 
 def test_threshold_to_logit_edges():
