@@ -53,8 +53,9 @@ def masked_attention(
     """softmax(q k^T * scale, masked) v.
 
     q (B, H, Q, d), k and v (B, H, K, d); mask_logits (B, Q, K) shared by the heads, or attn_mask
-    (B, Q, K) / (B * H, Q, K) (or (B, 1 or H, Q, K)) bool with True = blocked. Returns the output (B, H, Q, d) and the attention
-    probabilities (B, H, Q, K), computed in float32 (float64 for float64 inputs).
+    (B, Q, K) / (B * H, Q, K) (or (B, 1 or H, Q, K)) bool with True = blocked. Returns the output
+    (B, H, Q, d) and the attention probabilities (B, H, Q, K), computed in float32 (float64 for float64
+    inputs).
     """
     batch, head_dim = q.shape[0], q.shape[-1]
     if scale is None:
