@@ -1,6 +1,9 @@
-"""Conversion of the evaluators' inputs (tensors on any device, numpy arrays, lists) to numpy arrays."""
+"""Conversion of the evaluators' inputs (tensors on any device, numpy arrays, lists) to numpy arrays, and the
+check their merges share."""
 
 from __future__ import annotations
+
+import collections
 
 import numpy as np
 
@@ -13,3 +16,11 @@ def to_numpy(value) -> np.ndarray:
         if value.dtype.is_floating_point and value.dtype.itemsize < 4:
             value = value.float()
     return np.asarray(value)
+
+
+def check_new_images(seen: set, image_ids) -> None:
+    """ValueError unless every id of image_ids is new to `seen` and listed once: an image evaluated twice
+    would count twice."""
+    repeated = [i for i, count in collections.Counter(image_ids).items() if count > 1 or i in seen]
+    if repeated:
+        raise ValueError(f"image ids {repeated[:10]} were already evaluated")

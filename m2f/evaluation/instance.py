@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from m2f.data.common import DatasetMetadata
-from m2f.evaluation.arrays import to_numpy
+from m2f.evaluation.arrays import check_new_images, to_numpy
 
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -95,18 +95,28 @@ class InstanceEvaluator:
         self.segm_results: list[dict] = []
         self.box_results: list[dict] = []
         self.image_ids: list = []
+        self._seen: set = set()
 
     def update(self, image_id, instances: dict) -> None:
         if image_id not in self.coco_gt.imgs:
             raise ValueError(f"image_id {image_id} is not in the ground truth")
-        masks = to_numpy(instances["masks"]).astype(np.uint8)
+        check_new_images(self._seen, [image_id])
+        masks = to_numpy(instances["masks"])
         scores = to_numpy(instances["scores"]).astype(np.float64)
         labels = to_numpy(instances["labels"]).astype(np.int64)
-        if masks.ndim != 3 or not len(masks) == len(scores) == len(labels):
+        if (
+            masks.ndim != 3
+            or scores.ndim != 1
+            or labels.ndim != 1
+            or not len(masks) == len(scores) == len(labels)
+        ):
             raise ValueError(
                 f"instances need masks (K, H, W), scores (K,), labels (K,); got {masks.shape}, "
                 f"{scores.shape}, {labels.shape}"
             )
+        if masks.dtype != bool:  # probabilities or logits would be cut to garbage
+            raise ValueError(f"image_id {image_id}: masks must be bool, got {masks.dtype}")
+        masks = masks.astype(np.uint8)
         image = self.coco_gt.imgs[image_id]
         if len(masks) and masks.shape[1:] != (image["height"], image["width"]):
             raise ValueError(
@@ -116,6 +126,7 @@ class InstanceEvaluator:
         if len(labels) and (labels.min() < 0 or labels.max() >= self.metadata.num_classes):
             raise ValueError(f"image_id {image_id}: labels must be in [0, {self.metadata.num_classes})")
         self.image_ids.append(image_id)
+        self._seen.add(image_id)
         if not len(masks):
             return
         rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
@@ -134,9 +145,11 @@ class InstanceEvaluator:
         return {"segm": self.segm_results, "box": self.box_results, "image_ids": self.image_ids}
 
     def merge_state(self, state: dict) -> None:
+        check_new_images(self._seen, state["image_ids"])
         self.segm_results.extend(state["segm"])
         self.box_results.extend(state["box"])
         self.image_ids.extend(state["image_ids"])
+        self._seen.update(state["image_ids"])
 
     def compute(self) -> dict:
         image_ids = sorted(set(self.image_ids))

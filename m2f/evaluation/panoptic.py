@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from m2f.data.common import DatasetMetadata, index_map_from_ids, pool_context, read_json, read_panoptic_png
-from m2f.evaluation.arrays import to_numpy
+from m2f.evaluation.arrays import check_new_images, to_numpy
 
 
 @dataclass
@@ -46,10 +46,20 @@ class PQStats:
         return self
 
 
-def _segment_arrays(segments: list[dict], with_crowd: bool):
+def _segment_arrays(segments: list[dict], num_categories: int, kind: str, image_id, with_crowd: bool):
+    """(ids, categories, crowd flags or None) of a segments list; ValueError naming the image and the segment
+    for an id listed twice or a category outside [0, num_categories). kind: "predicted" or "ground-truth"."""
     ids = np.array([s["id"] for s in segments], dtype=np.int64)
     categories = np.array([s["category"] for s in segments], dtype=np.int64)
     crowd = np.array([bool(s.get("iscrowd", 0)) for s in segments], dtype=bool) if with_crowd else None
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"image {image_id}: {kind} segment id {int(unique[counts > 1][0])} is listed twice")
+    for segment_id, category in zip(ids.tolist(), categories.tolist()):
+        if not 0 <= category < num_categories:
+            raise ValueError(
+                f"image {image_id}: {kind} segment id {segment_id} has unknown category {category}"
+            )
     return ids, categories, crowd
 
 
@@ -65,7 +75,8 @@ def image_pq_stats(
 
     gt_ids, pred_ids: (H, W) integer segment ids, 0 = void. Segments: dicts with "id", "category" (index in
     [0, num_categories)) and, for the ground truth, "iscrowd". Raises ValueError (naming image_id and the
-    segment) when a predicted id is in the map but not in the list or the reverse, or a category is invalid.
+    segment) when a predicted id is in the map but not in the list or the reverse, a list names an id twice,
+    or a category is invalid.
     """
     gt_ids = np.asarray(gt_ids).astype(np.int64, copy=False)
     pred_ids = np.asarray(pred_ids).astype(np.int64, copy=False)
@@ -73,13 +84,12 @@ def image_pq_stats(
         raise ValueError(
             f"image {image_id}: prediction size {pred_ids.shape} differs from ground truth {gt_ids.shape}"
         )
-    gt_seg_ids, gt_cats, gt_crowd = _segment_arrays(gt_segments, with_crowd=True)
-    pred_seg_ids, pred_cats, _ = _segment_arrays(pred_segments, with_crowd=False)
-    for segment_id, category in zip(pred_seg_ids.tolist(), pred_cats.tolist()):
-        if not 0 <= category < num_categories:
-            raise ValueError(
-                f"image {image_id}: predicted segment id {segment_id} has unknown category {category}"
-            )
+    gt_seg_ids, gt_cats, gt_crowd = _segment_arrays(
+        gt_segments, num_categories, "ground-truth", image_id, with_crowd=True
+    )
+    pred_seg_ids, pred_cats, _ = _segment_arrays(
+        pred_segments, num_categories, "predicted", image_id, with_crowd=False
+    )
     num_gt, num_pred = len(gt_seg_ids), len(pred_seg_ids)
 
     # Compact indices: gt 0 = void, 1..G segments, G+1 = ids missing from the list; pred 0 = void, 1..P.
@@ -239,11 +249,13 @@ class PanopticEvaluator:
         pred_segments = [{"id": int(s["id"]), "category": int(s["category_id"])} for s in segments_info]
         gt_png, gt_segments = self._ground_truth[image_id]
         job = (gt_png, gt_segments, pred_ids, pred_segments, self.metadata.num_classes, image_id)
+        if self.num_workers <= 0:
+            self.stats += _evaluate_image(*job)  # a prediction it refuses leaves no trace
+            self.image_ids.append(image_id)
+            self._seen.add(image_id)
+            return
         self.image_ids.append(image_id)
         self._seen.add(image_id)
-        if self.num_workers <= 0:
-            self.stats += _evaluate_image(*job)
-            return
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.num_workers, mp_context=pool_context())
         self._pending.append(self._pool.submit(_evaluate_image, *job))
@@ -265,6 +277,7 @@ class PanopticEvaluator:
 
     def merge_state(self, state: dict) -> None:
         self._drain()
+        check_new_images(self._seen, state["image_ids"])
         stats = state["stats"]
         self.stats += PQStats(
             np.asarray(stats["iou"], np.float64),

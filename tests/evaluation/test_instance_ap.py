@@ -179,5 +179,20 @@ def test_bad_input_raises(two_squares_gt):
         evaluator.update(7, dict(good, masks=torch.zeros(1, 20, 24, dtype=torch.bool)))
     with pytest.raises(ValueError, match="label"):
         evaluator.update(7, dict(good, labels=torch.tensor([3])))
+    # Probabilities or logits were cut to uint8 (0.9 -> 0, -3 -> 253) and scored AP 0 silently.
+    with pytest.raises(ValueError, match="masks must be bool, got float32"):
+        evaluator.update(7, dict(good, masks=torch.full((1, 24, 24), 0.9)))
+    # A 0-d score failed in len(); (K, 1) scores failed later inside pycocotools.
+    for scores in (torch.tensor(1.0), torch.ones(1, 1)):
+        with pytest.raises(ValueError, match=r"scores \(K,\)"):
+            evaluator.update(7, dict(good, scores=scores))
+    with pytest.raises(ValueError, match=r"labels \(K,\)"):
+        evaluator.update(7, dict(good, labels=torch.zeros(1, 1)))
+    evaluator.update(7, good)
+    # The same image again kept both sets of detections (AP 100 -> 83.5).
+    with pytest.raises(ValueError, match=r"image ids \[7\] were already evaluated"):
+        evaluator.update(7, good)
+    with pytest.raises(ValueError, match=r"image ids \[7\] were already evaluated"):
+        evaluator.merge_state(evaluator.get_state())
     nothing = InstanceEvaluator(DatasetMetadata(CATEGORIES), two_squares_gt).compute()
     assert math.isnan(nothing["segm"]["AP"]) and nothing["num_images"] == 0  # no image: no ground truth

@@ -94,6 +94,18 @@ def test_inconsistent_predictions_raise():
         image_pq_stats(gt, segments, np.array([[1]]), segments, 1)
     with pytest.raises(ValueError, match="unknown category"):
         image_pq_stats(gt, segments, gt, [{"id": 1, "category": 4}], 1)
+    # Ground-truth categories were not checked: -1 counted as the last category, 1 raised numpy's IndexError.
+    for category in (-1, 1):
+        with pytest.raises(ValueError, match=f"ground-truth segment id 1 has unknown category {category}"):
+            image_pq_stats(gt, [{"id": 1, "category": category}], gt, segments, 1, image_id=12)
+    # An id listed twice: said "not in the predicted map" of a predicted one, and gave an extra false
+    # negative for a ground-truth one.
+    for kind, gt_list, pred_list in (
+        ("predicted", segments, segments * 2),
+        ("ground-truth", segments * 2, segments),
+    ):
+        with pytest.raises(ValueError, match=f"image 12: {kind} segment id 1 is listed twice"):
+            image_pq_stats(gt, gt_list, gt, pred_list, 1, image_id=12)
 
 
 def _perturb(ids, segments, categories, rng):
@@ -219,3 +231,26 @@ def test_evaluator_pool_equals_serial_and_checks_input(synthetic_root, tmp_path)
         serial.update(data["annotations"][0]["image_id"], pred, info)
     with pytest.raises(ValueError, match="not in"):
         serial.update(-5, pred, info)
+    with pytest.raises(ValueError, match="were already evaluated"):  # merging a state twice counted it twice
+        serial.merge_state(pooled.get_state())
+
+
+def test_a_refused_prediction_leaves_no_trace_in_the_evaluator(synthetic_root):
+    """The image was recorded before its prediction was checked: the corrected retry was refused as
+    "already evaluated" and the image counted with nothing in it."""
+    from m2f.data import CocoPanopticDataset
+
+    metadata = CocoPanopticDataset(synthetic_root, "val").metadata
+    with open(metadata.panoptic_json) as f:
+        annotation = json.load(f)["annotations"][0]
+    ids = read_panoptic_png(os.path.join(metadata.panoptic_root, annotation["file_name"]))
+    info = [
+        {"id": s["id"], "category_id": metadata.category_id_to_contiguous[s["category_id"]]}
+        for s in annotation["segments_info"]
+    ]
+    evaluator = PanopticEvaluator(metadata)
+    with pytest.raises(ValueError, match="is in the predicted map but not in segments_info"):
+        evaluator.update(annotation["image_id"], ids, info[1:])
+    evaluator.update(annotation["image_id"], ids, info)
+    results = evaluator.compute()
+    assert results["num_images"] == 1 and results["PQ"] == pytest.approx(100.0)

@@ -72,6 +72,9 @@ def test_16_bit_scores_give_the_float32_results(dtype):
 def test_bad_input_raises():
     with pytest.raises(ValueError, match="num_classes"):
         SemanticEvaluator(0)
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got True"):
+        SemanticEvaluator(True)
+    assert SemanticEvaluator(np.int64(150)).num_classes == 150  # was refused
     evaluator = SemanticEvaluator(2)
     with pytest.raises(ValueError, match="same size"):
         evaluator.update(np.zeros((2, 2)), np.zeros((2, 3)))
