@@ -183,7 +183,7 @@ def category_limited_crop(
     """
     if sem_seg.ndim != 2:
         raise ValueError(f"sem_seg must be (H, W), got shape {sem_seg.shape}")
-    if single_category_max_area <= 0:
+    if not single_category_max_area > 0:  # NaN too: no window would ever pass
         raise ValueError(f"single_category_max_area must be > 0, got {single_category_max_area}")
     if max_tries < 1:
         raise ValueError(f"max_tries must be >= 1, got {max_tries}")

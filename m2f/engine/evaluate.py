@@ -241,35 +241,37 @@ def evaluate_model(
         to_dataset_label = torch.tensor(labels)
     was_training = model.training
     model.eval()
-    show = progress and dist_utils.is_main_process()
-    todo_indices = [index for _, indices in todo for index in indices]
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, todo_indices),
-        batch_size=1,
-        collate_fn=_single_item,
-        num_workers=num_workers,
-    )
-    items = zip(tqdm(loader, desc=f"eval {task}", disable=not show, dynamic_ncols=True), todo_indices)
-    for number, indices in todo:
-        for item, index in itertools.islice(items, len(indices)):
-            mask_cls, mask_pred = predict_masks(model, item["image"], device=device, amp=amp)
-            size = item["orig_size"]
-            prediction = postprocess([task], mask_cls, mask_pred, size, config, thing_classes)[task]
-            if task == "panoptic":
-                evaluator.update(item["image_id"], *prediction)
-            elif task == "instance":
-                if to_dataset_label is not None:
-                    prediction = _relabel_instances(prediction, to_dataset_label)
-                evaluator.update(item["image_id"], prediction)
-            else:
-                evaluator.update(prediction, dataset.load_semantic_gt(index))
-        states.append(evaluator.get_state())
-        evaluator.reset()
-        if parts_dir is not None:
-            write_json_atomic(
-                _part_path(parts_dir, number), {"run": run_key, "indices": indices, "state": states[-1]}
-            )
-    model.train(was_training)
+    try:
+        show = progress and dist_utils.is_main_process()
+        todo_indices = [index for _, indices in todo for index in indices]
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, todo_indices),
+            batch_size=1,
+            collate_fn=_single_item,
+            num_workers=num_workers,
+        )
+        items = zip(tqdm(loader, desc=f"eval {task}", disable=not show, dynamic_ncols=True), todo_indices)
+        for number, indices in todo:
+            for item, index in itertools.islice(items, len(indices)):
+                mask_cls, mask_pred = predict_masks(model, item["image"], device=device, amp=amp)
+                size = item["orig_size"]
+                prediction = postprocess([task], mask_cls, mask_pred, size, config, thing_classes)[task]
+                if task == "panoptic":
+                    evaluator.update(item["image_id"], *prediction)
+                elif task == "instance":
+                    if to_dataset_label is not None:
+                        prediction = _relabel_instances(prediction, to_dataset_label)
+                    evaluator.update(item["image_id"], prediction)
+                else:
+                    evaluator.update(prediction, dataset.load_semantic_gt(index))
+            states.append(evaluator.get_state())
+            evaluator.reset()
+            if parts_dir is not None:
+                write_json_atomic(
+                    _part_path(parts_dir, number), {"run": run_key, "indices": indices, "state": states[-1]}
+                )
+    finally:  # also when an evaluator refuses a prediction
+        model.train(was_training)
     for state in states:
         evaluator.merge_state(state)
     states = dist_utils.all_gather_object(evaluator.get_state())

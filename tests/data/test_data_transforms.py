@@ -216,6 +216,11 @@ def _mostly_one_class_map():
     return sem_seg
 
 
+def test_category_limited_crop_refuses_a_nan_area():
+    with pytest.raises(ValueError, match="single_category_max_area must be > 0, got nan"):
+        category_limited_crop(np.zeros((8, 8), np.uint8), (4, 4), np.random.default_rng(0), math.nan)
+
+
 def test_category_limited_crop_takes_the_first_acceptable_window_or_the_tenth():
     sem_seg, crop, max_area = _mostly_one_class_map(), (32, 32), 0.8
     passed_first, fell_back = 0, 0

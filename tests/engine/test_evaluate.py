@@ -57,6 +57,16 @@ def test_panoptic_model_is_evaluated_on_instances_by_category_id(synthetic_root,
         evaluate_model(oracle, instances, config, task="instance", progress=False, model_categories=renamed)
 
 
+def test_a_failed_evaluation_leaves_the_model_in_training_mode(synthetic_root):
+    """An evaluation that raised (a refused prediction, a model error) left the model in eval mode, so
+    training that went on after catching the error ran without dropout."""
+    config, dataset = oracle_eval_setup(synthetic_root)
+    oracle = OracleModel([], dataset.metadata.num_classes).train()  # no answer: its forward raises
+    with pytest.raises(IndexError):
+        evaluate_model(oracle, dataset, config, progress=False)
+    assert oracle.training
+
+
 @pytest.mark.parametrize("size", [(48, 70), (50, 68), (64, 96), (33, 31)])
 def test_predicted_masks_are_upsampled_at_the_padded_size_then_cropped(size):
     """detectron2's Mask2Former inference: masks at 1/4 of the padded input are upsampled to the padded size,
