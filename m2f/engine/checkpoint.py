@@ -149,6 +149,13 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, tupl
     return metadata, shapes
 
 
+def class_head_classes(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """The number of classes of a checkpoint's class head (its rows less "no object"), from read_header's
+    shapes; None without one."""
+    shape = shapes.get("transformer_decoder.class_embed.weight")  # (classes + 1, hidden)
+    return None if shape is None else shape[0] - 1
+
+
 def _is_index(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 

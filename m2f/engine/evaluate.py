@@ -400,7 +400,7 @@ def run_evaluation(
 
     device = dist_utils.init_distributed(device)
     metadata, shapes = ckpt.read_header(checkpoint)
-    class_head_shape = shapes.get("transformer_decoder.class_embed.weight")
+    head_classes = ckpt.class_head_classes(shapes)
     config = load_config_for_checkpoint(config_name, metadata, checkpoint)
     dataset_kind = dataset_kind or metadata.get("dataset") or default_dataset_kind(config)
     if dataset_kind not in DATASET_TASKS:
@@ -416,9 +416,9 @@ def run_evaluation(
     ):
         model_categories = None
         num_classes = dataset.metadata.num_classes
-        if class_head_shape is not None and class_head_shape[0] - 1 != num_classes:
+        if head_classes is not None and head_classes != num_classes:
             raise ValueError(
-                f"{checkpoint} has {class_head_shape[0] - 1} classes and stores no dataset categories to map "
+                f"{checkpoint} has {head_classes} classes and stores no dataset categories to map "
                 f"them to the {num_classes} classes of the {dataset_kind} dataset; evaluate it on its own "
                 "dataset, or convert it again with --classes <that dataset's annotation JSON>"
             )

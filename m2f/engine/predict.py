@@ -177,9 +177,8 @@ def run_prediction(
     device = dist_utils.pick_device(device)
     metadata, shapes = ckpt.read_header(checkpoint)
     config = load_config_for_checkpoint(config_name, metadata, checkpoint)
-    class_head_shape = shapes.get("transformer_decoder.class_embed.weight")  # (classes + 1, hidden)
-    num_classes = class_head_shape[0] - 1 if class_head_shape else config.num_classes
-    classes = class_info(metadata, num_classes, checkpoint)
+    num_classes = ckpt.class_head_classes(shapes)
+    classes = class_info(metadata, config.num_classes if num_classes is None else num_classes, checkpoint)
     config = dataclasses.replace(config, num_classes=len(classes.names))
     if isinstance(tasks, str):
         raise TypeError(f"tasks must be a sequence of task names, got the string {tasks!r}")
