@@ -147,8 +147,30 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        for name, value in (("num_classes", self.num_classes), ("size_divisibility", self.size_divisibility)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if (
+            len(self.pixel_mean) != 3
+            or len(self.pixel_std) != 3
+            or not all(std > 0 for std in self.pixel_std)
+        ):
+            raise ValueError(
+                f"pixel_mean and pixel_std must hold 3 values (R, G, B), pixel_std positive ones, got "
+                f"{self.pixel_mean} and {self.pixel_std}"
+            )
+        # The sine position encodings split the channels into (x, y) halves of (sin, cos) pairs.
+        for name, value in (
+            ("decoder.hidden_dim", self.decoder.hidden_dim),
+            ("pixel_decoder.conv_dim", self.pixel_decoder.conv_dim),
+        ):
+            if value % 4:
+                raise ValueError(f"{name} must be a multiple of 4 (sine position encoding), got {value}")
+        strides = self.backbone.out_strides
+        if list(strides) != sorted(set(strides)):
+            raise ValueError(f"backbone.out_strides must increase (finest first), got {strides}")
         if self.solver.optimizer != "adamw":
             raise ValueError(
                 f"solver.optimizer must be 'adamw' (the only one implemented), got {self.solver.optimizer!r}"

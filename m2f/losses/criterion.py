@@ -45,6 +45,9 @@ class Criterion(nn.Module):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        # 0 points gave mask and dice losses of 0, so training went on without them.
+        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
+            raise ValueError(f"num_points must be a positive int, got {num_points!r}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.class_weight = class_weight
@@ -159,6 +162,8 @@ class Criterion(nn.Module):
         return max(num_masks.item() / (world_size * num_batches), 1.0)
 
     def _check_targets(self, outputs: dict, targets: list[dict]) -> None:
+        if not targets:
+            raise ValueError("targets is empty: the losses of an empty batch are not defined")
         if len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(f"got {len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")
         for b, target in enumerate(targets):

@@ -55,7 +55,7 @@ class HungarianMatcher(nn.Module):
     ) -> torch.Tensor:
         """(Q, T) float32 cost for one image: pred_logits (Q, C+1), pred_masks (Q, h, w) logits, labels (T,),
         masks (T, H, W), coords (P, 2) normalized (x, y) points shared by all masks."""
-        cost_class = -pred_logits.float().softmax(-1)[:, labels]
+        cost_class = -pred_logits.float().softmax(-1)[:, labels.long()]  # uint8 would index as a mask
         # Sampled in float32 (or wider) whatever the logits' dtype or autocast, as Mask2Former's grid_sample; the
         # masks are the channels of one image, so the points are not repeated per mask, and the full-resolution
         # targets are made floating a few at a time.

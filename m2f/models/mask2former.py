@@ -72,8 +72,16 @@ class Mask2Former(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> dict:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        """images (B, 3, H, W) RGB, 0-255 (uint8, integer or floating) -> {"pred_logits" (B, Q, C + 1),
+        "pred_masks" (B, Q, ceil(H / 4), ceil(W / 4)) logits, and in training "aux_outputs"}."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a (B, 3, H, W) tensor, got {type(images).__name__}")
+        if images.dim() != 4 or images.shape[1] != 3 or 0 in images.shape[2:]:
+            raise ValueError(f"images must be (B, 3, H, W) with H, W >= 1, got {tuple(images.shape)}")
+        if images.dtype == torch.bool or images.dtype.is_complex:
+            raise TypeError(f"images must hold integer or floating pixel values, got {images.dtype}")
+        if images.is_floating_point() and images.dtype != self.pixel_mean.dtype:
+            images = images.to(self.pixel_mean.dtype)  # the model's dtype (autocast casts after normalizing)
         height, width = images.shape[-2:]
         x = (images - self.pixel_mean) / self.pixel_std
         div = self.size_divisibility

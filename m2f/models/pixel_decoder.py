@@ -12,6 +12,10 @@ Module tree (names kept from Mask2Former's `sem_seg_head.pixel_decoder`):
                                         k = 0 for the level just finer than the transformer levels (res2);
                                         detectron2 names these adapter_{k+1} and layer_{k+1}
     mask_features                       Conv2d(conv_dim, mask_dim, 1)
+
+Under autocast the decoder runs in the autocast dtype, its deformable sampling in float32. Mask2Former runs
+its whole pixel decoder in float32 with autocast off, because its deformable-attention op has no
+half-precision path; ours has one, so only the sampling stays in float32.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         reference_points = encoder_reference_points(shapes, src_flat.shape[0], device, src_flat.dtype)
         memory = self.encoder(src_flat, pos_flat, reference_points, spatial_shapes, level_start_index)
         maps = memory.split(sizes, dim=1)
-        return [m.transpose(1, 2).reshape(m.shape[0], -1, h, w) for m, (h, w) in zip(maps, shapes)]
+        return [m.transpose(1, 2).reshape(m.shape[0], m.shape[2], h, w) for m, (h, w) in zip(maps, shapes)]
 
 
 def encoder_reference_points(
@@ -125,6 +129,10 @@ def encoder_reference_points(
         points.append(torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), -1))
     points = torch.cat(points, 0).to(dtype)
     return points[None, :, None, :].expand(batch, -1, len(shapes), -1)
+
+
+def _power_of_two(value: int) -> bool:
+    return value >= 1 and value & (value - 1) == 0
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
@@ -152,8 +160,24 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.transformer_features = [
             feature_name(s) for s in sorted(config.transformer_strides, reverse=True)
         ]
+        if len(set(config.transformer_strides)) != len(config.transformer_strides):
+            raise ValueError(
+                f"transformer_strides must differ from one another, got {config.transformer_strides}"
+            )
         finest_transformer_stride = min(config.transformer_strides)
-        num_fpn_levels = int(math.log2(finest_transformer_stride) - math.log2(config.common_stride))
+        # The mask features come at common_stride only when it is the finest transformer stride halved a whole
+        # number of times; otherwise the model would crop its masks at the wrong stride.
+        common_stride = config.common_stride
+        if not (
+            common_stride >= 1
+            and finest_transformer_stride % common_stride == 0
+            and _power_of_two(finest_transformer_stride // common_stride)
+        ):
+            raise ValueError(
+                f"pixel_decoder.common_stride must be the finest transformer stride ({finest_transformer_stride}) "
+                f"divided by a power of two, got {common_stride}"
+            )
+        num_fpn_levels = int(math.log2(finest_transformer_stride // common_stride))
         fpn_strides = sorted((s for s in in_strides.values() if s < finest_transformer_stride), reverse=True)
         if len(fpn_strides) < num_fpn_levels:
             raise ValueError(

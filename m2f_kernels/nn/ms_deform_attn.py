@@ -60,9 +60,10 @@ class MSDeformAttn(nn.Module):
     softmax over the n_levels * n_points samples of each head. `im2col_step` is accepted for compatibility
     and ignored (no batch-size rule). `backend` goes to the m2f_kernels ops.
 
-    Under autocast the projections run in the autocast dtype and the sampling in float32, as Mask2Former runs
-    its pixel decoder: reference points rounded to bfloat16 would move samples by up to 0.3 pixel of a
-    168-pixel level. Without autocast everything runs in the inputs' dtype.
+    Under autocast the projections run in the autocast dtype and the sampling in float32 (Mask2Former turns
+    autocast off for its whole pixel decoder, as its op has no half-precision path; transformers samples in
+    float32): reference points rounded to bfloat16 would move samples by up to 0.3 pixel of a 168-pixel
+    level. Without autocast everything runs in the inputs' dtype.
     """
 
     def __init__(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -14,6 +16,7 @@ from ._common import (
     check_same_device,
     check_shape,
     check_tensor,
+    real_number,
     reference_vjp,
     soft_target_dtype,
 )
@@ -145,8 +148,8 @@ def point_mask_loss(
     check_shape("target_masks", target_masks, (masks, None, None), "N, Ht, Wt")
     check_shape("coords", coords, (masks, None, 2), "N, P, (x, y)")
     check_same_device("mask_logits", mask_logits, target_masks=target_masks, coords=coords)
-    if not isinstance(num_masks, Tensor) and not num_masks > 0:
-        raise ValueError(f"num_masks must be positive, got {num_masks}")
+    if not isinstance(num_masks, Tensor) and not 0 < real_number("num_masks", num_masks) < math.inf:
+        raise ValueError(f"num_masks must be positive and finite, got {num_masks}")
     (mask_logits,) = cast_for_autocast(mask_logits.device, mask_logits)
     # Zero padding samples 0 everywhere from an empty map, as from a 1x1 map of zeros. For the logits that map
     # is their sum over the empty map, which keeps them in the autograd graph.

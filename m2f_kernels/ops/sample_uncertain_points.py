@@ -7,7 +7,7 @@ import math
 import torch
 
 from .._backend import BACKENDS
-from ._common import accumulate_dtype
+from ._common import INT32_MAX, accumulate_dtype, real_number
 from .point_sample import point_sample
 
 # Oversampled candidates alive at once (coordinates and logits of about this many points per chunk): on CPU
@@ -47,10 +47,17 @@ def sample_uncertain_points(
         raise TypeError(f"mask_logits must be a floating-point tensor, got {mask_logits.dtype}")
     if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 0:
         raise ValueError(f"num_points must be a non-negative int, got {num_points!r}")
+    oversample_ratio = real_number("oversample_ratio", oversample_ratio)
+    importance_ratio = real_number("importance_ratio", importance_ratio)
     if not 1 <= oversample_ratio < math.inf:
         raise ValueError(f"oversample_ratio must be finite and >= 1, got {oversample_ratio!r}")
     if not 0 <= importance_ratio <= 1:
         raise ValueError(f"importance_ratio must be in [0, 1], got {importance_ratio!r}")
+    if num_points * oversample_ratio > INT32_MAX:
+        raise ValueError(
+            f"num_points * oversample_ratio must be at most {INT32_MAX} candidates per mask, got "
+            f"{num_points} * {oversample_ratio}"
+        )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 

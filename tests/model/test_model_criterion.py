@@ -257,6 +257,12 @@ def test_bad_targets():
     targets[1]["labels"] = torch.tensor([0.0, 1.0, 2.0])
     with pytest.raises(TypeError, match=r"targets\[1\]\['labels'\] must be integer class indices"):
         criterion(outputs, targets)
+    empty = {"pred_logits": outputs["pred_logits"][:0], "pred_masks": outputs["pred_masks"][:0]}
+    with pytest.raises(ValueError, match="targets is empty"):  # was "max() arg is an empty sequence"
+        criterion(empty, [])
+    # No points made the mask and dice losses 0, so training went on without them.
+    with pytest.raises(ValueError, match="num_points must be a positive int, got 0"):
+        Criterion(NUM_CLASSES, criterion.matcher, num_points=0)
 
 
 def test_masks_must_be_bool_or_zero_one_values():
@@ -284,6 +290,10 @@ def test_any_integer_label_dtype_and_default_dtype_give_the_same_losses():
     int32_targets = [{**t, "labels": t["labels"].int()} for t in targets]
     torch.manual_seed(0)
     got = criterion(outputs, int32_targets)
+    # uint8 labels indexed the matcher's class probabilities as a boolean mask: other costs, other matches.
+    uint8_targets = [{**t, "labels": t["labels"].to(torch.uint8)} for t in targets]
+    torch.manual_seed(0)
+    got_uint8 = criterion(outputs, uint8_targets)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -292,7 +302,7 @@ def test_any_integer_label_dtype_and_default_dtype_give_the_same_losses():
     finally:
         torch.set_default_dtype(default_dtype)
     for name, value in expected.items():
-        assert torch.equal(got[name], value), name
+        assert torch.equal(got[name], value) and torch.equal(got_uint8[name], value), name
         torch.testing.assert_close(under_float64[name].float(), value.float(), rtol=1e-6, atol=1e-6)
 
 

@@ -114,6 +114,11 @@ def test_config_round_trips_through_json_and_names_bad_fields():
         ({"inference": {"overlap_threshold": -0.1}}, r"inference.overlap_threshold must be in \[0.0, 1.0\]"),
         ({"inference": {"top_k": 0}}, r"inference.top_k must be >= 1, got 0"),
         ({"inference": {"test_max_size": 0}}, r"inference.test_max_size must be >= 1, got 0"),
+        # Failed deep in the network (a stack of unequal tensors, a conv's channels) or gave NaN outputs.
+        ({"decoder": {"hidden_dim": 66, "num_heads": 3}}, r"decoder.hidden_dim must be a multiple of 4"),
+        ({"pixel_std": [0.0, 1.0, 1.0]}, r"pixel_std positive ones"),
+        ({"backbone": {"out_strides": [32, 16, 8, 4]}}, r"backbone.out_strides must increase"),
+        ({"num_classes": 2.5}, r"config.num_classes must be of type int"),
     ):
         with pytest.raises(ValueError, match=field):
             ModelConfig.from_dict(data)
@@ -353,6 +358,35 @@ def test_padded_input_masks_are_cropped_at_the_mask_stride(common_stride, out_st
     crop_h, crop_w = -(-height // common_stride), -(-width // common_stride)
     assert masks.shape[-2:] == (crop_h, crop_w)
     torch.testing.assert_close(masks, expected[..., :crop_h, :crop_w], rtol=0, atol=1e-5)
+
+
+def test_common_stride_must_halve_the_finest_transformer_stride():
+    """3 cropped the masks (really at stride 4) as if at stride 3, 16 cut most of the image away."""
+    for stride in (3, 16, 0):
+        config = dataclasses.replace(
+            m2f.get_config("demo-tiny"),
+            pixel_decoder=dataclasses.replace(
+                m2f.get_config("demo-tiny").pixel_decoder, common_stride=stride
+            ),
+        )
+        with pytest.raises(ValueError, match=f"pixel_decoder.common_stride must be .* got {stride}"):
+            m2f.build_model(config)
+
+
+def test_empty_batches_and_bad_images():
+    model = m2f.build_model("demo-tiny").eval()
+    with torch.no_grad():
+        outputs = model(torch.zeros(0, 3, 64, 64))  # "cannot reshape tensor of 0 elements" before
+        assert outputs["pred_logits"].shape[0] == 0 and outputs["pred_masks"].shape[:1] == (0,)
+        float64 = model(torch.full((1, 3, 40, 40), 128.0, dtype=torch.float64))["pred_masks"]
+        expected = model(torch.full((1, 3, 40, 40), 128, dtype=torch.uint8))["pred_masks"]
+    torch.testing.assert_close(float64, expected)  # "expected scalar type Double but found Float" before
+    with pytest.raises(TypeError, match="images must be a \\(B, 3, H, W\\) tensor, got list"):
+        model([torch.zeros(3, 32, 32)])
+    with pytest.raises(TypeError, match=r"images must hold integer or floating pixel values, got torch\.bool"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.bool))
+    with pytest.raises(ValueError, match="H, W >= 1"):
+        model(torch.zeros(1, 3, 0, 32))
 
 
 def test_size_divisibility_below_one_is_refused():

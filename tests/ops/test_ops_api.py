@@ -533,6 +533,18 @@ def test_point_loss_bad_inputs():
         m2f_kernels.pairwise_mask_cost(torch.randn(4, 5), torch.ones(3, 5, dtype=torch.complex64))
     with pytest.raises(ValueError, match="oversample_ratio must be finite"):
         m2f_kernels.sample_uncertain_points(torch.randn(2, 4, 4), 10, oversample_ratio=math.inf)
+    # Unnamed comparison errors and an overflow in torch.rand before; an infinite num_masks gave (0, 0).
+    for num_masks in ("3", None):
+        with pytest.raises(TypeError, match="num_masks must be a real number"):
+            m2f_kernels.point_mask_loss(mask, torch.zeros(2, 8, 8), torch.rand(2, 5, 2), num_masks)
+    with pytest.raises(ValueError, match="num_masks must be positive and finite"):
+        m2f_kernels.point_mask_loss(mask, torch.zeros(2, 8, 8), torch.rand(2, 5, 2), math.inf)
+    with pytest.raises(TypeError, match="oversample_ratio must be a real number"):
+        m2f_kernels.sample_uncertain_points(torch.randn(2, 4, 4), 10, oversample_ratio=None)
+    with pytest.raises(TypeError, match="importance_ratio must be a real number"):
+        m2f_kernels.sample_uncertain_points(torch.randn(2, 4, 4), 10, importance_ratio="0.5")
+    with pytest.raises(ValueError, match=r"num_points \* oversample_ratio must be at most"):
+        m2f_kernels.sample_uncertain_points(torch.randn(2, 4, 4), 10, oversample_ratio=1e300)
 
 
 def test_export_keeps_the_custom_ops():
