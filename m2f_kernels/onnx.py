@@ -97,7 +97,15 @@ def _deform_attn(value, spatial_shapes, level_start_index, sampling_locations, a
         end = op.Add(start, op.ReduceProd(height_width, keepdims=1))
         # (N, H*W, M, D) -> (N, M, D, H*W) -> (N * M, D, H, W)
         level_value = op.Transpose(op.Slice(value, start, end, _ints(1)), perm=[0, 2, 3, 1])
-        level_value = op.Reshape(level_value, op.Concat(_ints(-1), channels, height_width, axis=0))
+        # An empty level (H or W = 0) needs allowzero (else a 0 copies the input's size) and so N * M
+        # spelled out (a -1 may not stand beside a 0 then).
+        batch_heads = op.Mul(op.Shape(value, start=0, end=1), op.Shape(value, start=2, end=3))
+        level_shape = op.Concat(batch_heads, channels, height_width, axis=0)
+        level_value = op.Reshape(level_value, level_shape, allowzero=1)
+        # GridSample takes no empty image: an empty side becomes one row/column of zeros, which samples 0 as
+        # the reference's empty level does.
+        empty_sides = op.Cast(op.Equal(height_width, op.Constant(value_int=0)), to=_INT64)
+        level_value = op.Pad(level_value, op.Concat(_ints(0, 0, 0, 0, 0, 0), empty_sides, axis=0))
         level_grid = op.Squeeze(op.Gather(grid, level_index, axis=2), _ints(2))  # (N * M, Q, P, 2)
         level_weights = op.Gather(weights, level_index, axis=2)  # (N * M, Q, 1, P)
         samples = _bilinear(level_value, level_grid)  # (N * M, D, Q, P)
@@ -149,8 +157,10 @@ def _ms_deform_attn_fused(
 
 def _point_sample(input, coords, backend: str = "auto"):
     """m2f_kernels::point_sample: input (N, C, H, W), coords (N, P, 2) -> (N, C, P)."""
-    grid = op.Unsqueeze(_grid_coordinates(_to_compute(coords)), _ints(2))  # (N, P, 1, 2)
-    samples = op.Squeeze(_bilinear(_to_compute(input), grid), _ints(3))
+    image = _to_compute(input)
+    # Coords in the input's compute dtype, as the kernels read them (GridSample also takes only one dtype).
+    grid = op.Unsqueeze(_grid_coordinates(op.CastLike(coords, image)), _ints(2))  # (N, P, 1, 2)
+    samples = op.Squeeze(_bilinear(image, grid), _ints(3))
     return op.CastLike(samples, input)
 
 
@@ -163,7 +173,8 @@ def _masked_attention(
     bool, True = blocked. A row that blocks every key blocks none.
     """
     scores = op.MatMul(_to_compute(q), op.Transpose(_to_compute(k), perm=[0, 1, 3, 2]))
-    scores = op.Mul(scores, op.CastLike(op.Constant(value_float=scale), scores))
+    # A double constant: float64 scores keep the scale's every bit (value_float would round it).
+    scores = op.Mul(scores, op.CastLike(op.Constant(value=ir.tensor(scale, dtype=_FLOAT64)), scores))
     if mask_logits is not None:
         logits = _to_compute(mask_logits)
         threshold = op.CastLike(op.Constant(value_float=threshold_logit), logits)

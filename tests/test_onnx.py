@@ -84,6 +84,43 @@ def test_point_sample(tmp_path, dtype):
     torch.testing.assert_close(out, expected, atol=ATOL[dtype], rtol=0)
 
 
+def test_point_sample_of_float64_input_with_float32_coords(tmp_path):
+    """The grid stayed float32 beside the float64 image; onnxruntime has no GridSample for mixed dtypes."""
+    input = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    coords = with_special_locations(torch.rand(2, 13, 2) * 1.4 - 0.2)
+    module = OpModule(m2f_kernels.point_sample, backend="torch")
+    (out,) = export_and_run(module, (input, coords), tmp_path / "point_sample_mixed.onnx")
+    expected = reference.point_sample(input, coords.double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, atol=ATOL[torch.float64], rtol=0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_levels_of_zero_size(tmp_path, fused):
+    """A level with no rows or no columns contributes nothing, as in the reference; the graph failed in
+    onnxruntime (a Reshape's 0 copied the input's size, GridSample takes no empty image)."""
+    spatial_shapes, level_start_index, total = levels_table([(3, 4), (0, 5), (2, 2), (3, 0)])
+    batch, queries, heads, channels, levels, points = 2, 3, 2, 4, 4, 2
+    value = torch.randn(batch, total, heads, channels)
+    if fused:
+        function = m2f_kernels.ms_deform_attn_fused
+        rest = (
+            torch.rand(batch, queries, levels, 2),
+            torch.randn(batch, queries, heads, levels, points, 2),
+            torch.randn(batch, queries, heads, levels * points),
+        )
+    else:
+        function = m2f_kernels.ms_deform_attn
+        rest = (
+            torch.rand(batch, queries, heads, levels, points, 2),
+            torch.rand(batch, queries, heads, levels, points),
+        )
+    inputs = (value, spatial_shapes, level_start_index, *rest)
+    (out,) = export_and_run(OpModule(function, backend="torch"), inputs, tmp_path / "zero_size_level.onnx")
+    expected = getattr(reference, function.__name__)(*inputs)
+    torch.testing.assert_close(out, expected, atol=ATOL[torch.float32], rtol=0)
+
+
 def test_ms_deform_attn(tmp_path):
     spatial_shapes, level_start_index, total = levels_table([(4, 5), (3, 2), (1, 1)])
     batch, queries, heads, channels, levels, points = 2, 7, 3, 4, 3, 2
@@ -169,6 +206,42 @@ def test_masked_attention_mask_logits(tmp_path, dtype, threshold, scale):
     torch.testing.assert_close(out.float(), expected, atol=ATOL[dtype], rtol=0)
     dense, _ = reference.masked_attention(q.float(), k.float(), v.float(), scale=scale)
     torch.testing.assert_close(out[0, :, 1].float(), dense[0, :, 1], atol=ATOL[dtype], rtol=0)
+
+
+def test_masked_attention_in_float64_keeps_the_scale_exact(tmp_path):
+    """The scale was written as a float32 constant, so float64 outputs were only float32-accurate (7.7e-9)."""
+    q, k, v = attention_inputs(torch.float64)
+    mask_logits = torch.randn(q.shape[0], q.shape[2], k.shape[2], dtype=torch.float64)
+    module = OpModule(m2f_kernels.masked_attention, scale=3**-0.5, backend="torch")
+    (out,) = export_and_run(module, (q, k, v, mask_logits), tmp_path / "masked_attention_float64.onnx")
+    expected, _ = reference.masked_attention(q, k, v, mask_logits=mask_logits, scale=3**-0.5)
+    torch.testing.assert_close(out, expected, atol=ATOL[torch.float64], rtol=0)
+
+
+def test_masked_multihead_attention_with_a_bool_mask_and_key_padding(tmp_path):
+    """The padding rule used torch.where on bool tensors, which onnxruntime cannot run (Where(16))."""
+    from m2f_kernels.nn import MaskedMultiheadAttention
+
+    torch.manual_seed(0)
+    module = MaskedMultiheadAttention(16, 2, batch_first=True).eval()
+    query, key = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    attn_mask = torch.rand(5, 7) < 0.5
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 4:] = True
+
+    class Call(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = module
+
+        def forward(self, query, key, attn_mask, padding):
+            return self.attention(query, key, key, key_padding_mask=padding, attn_mask=attn_mask)[0]
+
+    inputs = (query, key, attn_mask, padding)
+    (out,) = export_and_run(Call(), inputs, tmp_path / "mha_padding.onnx")
+    with torch.no_grad():
+        expected = Call()(*inputs)
+    torch.testing.assert_close(out, expected, atol=ATOL[torch.float32], rtol=0)
 
 
 @pytest.mark.parametrize("per_head", [False, True])

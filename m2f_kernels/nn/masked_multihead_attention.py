@@ -290,5 +290,6 @@ def _block_padding(
     mask_heads = attn_mask.shape[0] // batch if batch else 1
     blocked = attn_mask.reshape(batch, mask_heads, queries, keys) | padding[:, None]  # (B, 1 or H, Q, K)
     sees_nothing = blocked.all(dim=-1, keepdim=True)
-    blocked = torch.where(sees_nothing, padding[:, None].expand_as(blocked), blocked)
+    # Logical ops rather than torch.where: ONNX Runtime has no Where for bool tensors.
+    blocked = (blocked & ~sees_nothing) | (padding[:, None] & sees_nothing)
     return blocked.flatten(0, 1), None

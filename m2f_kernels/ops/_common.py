@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch._library.custom_ops import CustomOpDef
 from torch.autograd import forward_ad
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT32_MAX = 2**31 - 1
@@ -24,8 +25,9 @@ def check_tensor(name: str, tensor, *, ndim: int | None = None, floating: bool =
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
     if floating and tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
-    # Size by size: max() would compare the sizes with one another, which torch.export turns into guards.
-    if any(size > INT32_MAX for size in tensor.shape):
+    # Size by size (max() would compare the sizes with one another), and only where known without a guard:
+    # torch.export refuses a dynamic size that a guard bounds below its own range.
+    if any(statically_known_true(size > INT32_MAX) for size in tensor.shape):
         raise ValueError(f"{name} has a dimension beyond int32 range: shape {tuple(tensor.shape)}")
 
 

@@ -383,7 +383,9 @@ def test_empty_batches_and_bad_images():
     torch.testing.assert_close(float64, expected)  # "expected scalar type Double but found Float" before
     with pytest.raises(TypeError, match="images must be a \\(B, 3, H, W\\) tensor, got list"):
         model([torch.zeros(3, 32, 32)])
-    with pytest.raises(TypeError, match=r"images must hold integer or floating pixel values, got torch\.bool"):
+    with pytest.raises(
+        TypeError, match=r"images must hold integer or floating pixel values, got torch\.bool"
+    ):
         model(torch.zeros(1, 3, 32, 32, dtype=torch.bool))
     with pytest.raises(ValueError, match="H, W >= 1"):
         model(torch.zeros(1, 3, 0, 32))

@@ -547,6 +547,21 @@ def test_point_loss_bad_inputs():
         m2f_kernels.sample_uncertain_points(torch.randn(2, 4, 4), 10, oversample_ratio=1e300)
 
 
+def test_export_with_dynamic_sizes_of_the_default_range():
+    """The int32 size check added a guard size <= 2**31 - 1, so torch.export refused a plain Dim."""
+
+    class Sample(torch.nn.Module):
+        def forward(self, input, coords):
+            return m2f_kernels.point_sample(input, coords)
+
+    points = torch.export.Dim("points")
+    exported = torch.export.export(
+        Sample(), (torch.randn(2, 3, 4, 4), torch.rand(2, 6, 2)), dynamic_shapes=(None, {1: points})
+    )
+    input, coords = torch.randn(2, 3, 4, 4), torch.rand(2, 11, 2)
+    torch.testing.assert_close(exported.module()(input, coords), reference.point_sample(input, coords))
+
+
 def test_export_keeps_the_custom_ops():
     class Layer(torch.nn.Module):
         def forward(self, value, shapes, starts, locations, weights, q, k, v, logits):
