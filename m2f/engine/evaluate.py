@@ -54,6 +54,11 @@ def predict_masks(
 
     if amp not in (None, *AMP_DTYPES):
         raise ValueError(f"amp must be None or one of {sorted(AMP_DTYPES)}, got {amp!r}")
+    if model.training:
+        raise ValueError(
+            "predict_masks needs the model in eval mode (model.eval()): in training mode its batch norms "
+            "would update their statistics and drop path would drop layers"
+        )
     if (
         not isinstance(image, torch.Tensor)
         or image.dtype != torch.uint8

@@ -103,6 +103,9 @@ def test_predicted_masks_are_upsampled_at_the_padded_size_then_cropped(size):
             ValueError, match=f"image must be a \\(3, h, w\\) uint8 tensor .*got .*{described}"
         ):
             predict_masks(model, other, device=torch.device("cpu"))
+    # In training mode the batch norms would learn from the image and drop path would drop layers.
+    with pytest.raises(ValueError, match=r"predict_masks needs the model in eval mode \(model.eval\(\)\)"):
+        predict_masks(model.train(), image, device=torch.device("cpu"))
 
 
 def test_summarize_flattens_groups_and_skips_per_class():
