@@ -250,17 +250,16 @@ class PanopticEvaluator:
         gt_png, gt_segments = self._ground_truth[image_id]
         job = (gt_png, gt_segments, pred_ids, pred_segments, self.metadata.num_classes, image_id)
         if self.num_workers <= 0:
-            self.stats += _evaluate_image(*job)  # a prediction it refuses leaves no trace
-            self.image_ids.append(image_id)
-            self._seen.add(image_id)
-            return
+            self.stats += _evaluate_image(*job)
+        else:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self.num_workers, mp_context=pool_context())
+            self._pending.append(self._pool.submit(_evaluate_image, *job))
+            while len(self._pending) > 4 * self.num_workers:
+                self.stats += self._pending.pop(0).result()
+        # Recorded last: a prediction evaluated here and refused leaves no trace.
         self.image_ids.append(image_id)
         self._seen.add(image_id)
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.num_workers, mp_context=pool_context())
-        self._pending.append(self._pool.submit(_evaluate_image, *job))
-        while len(self._pending) > 4 * self.num_workers:
-            self.stats += self._pending.pop(0).result()
 
     def _drain(self) -> None:
         while self._pending:
