@@ -177,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-iters", type=_positive_int, help="default: the config's (lr steps scale with it)"
     )
     train.add_argument("--batch-size", type=_positive_int, help="global batch (default: the config's)")
-    train.add_argument("--image-size", type=_positive_int, help="LSJ crop size (default: the config's)")
+    train.add_argument(
+        "--image-size",
+        type=_positive_int,
+        help="crop size: LSJ's, or the semantic recipe's and then its test size too (default: the config's)",
+    )
     train.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps")
     train.add_argument(
         "--num-workers", type=_non_negative_int, default=4, help="data loader processes per rank"

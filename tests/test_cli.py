@@ -647,6 +647,23 @@ def test_malformed_class_metadata_is_one_error_line_naming_file_and_key(
     assert "Traceback" not in error and f"{checkpoint}: {message}" in error
 
 
+def test_semantic_training_at_another_crop_size_tests_at_it(tmp_path):
+    """The semantic recipe tests at its crop size (ADE20K configs: short side = crop, long side <= 4 crops);
+    --image-size changed the crop and left the test size of the config."""
+    import safetensors
+
+    from m2f.data import make_synthetic_ade20k
+
+    root = make_synthetic_ade20k(str(tmp_path / "ade"), num_train=2, num_val=1, image_size=64, seed=0)
+    out = tmp_path / "run"
+    args = [*train_args(root, out, 1), "--dataset", "ade20k"]
+    assert main([*args[: args.index("--image-size") + 1], "48", *args[args.index("--image-size") + 2 :]]) == 0
+    with safetensors.safe_open(str(out / "model_final.safetensors"), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    assert config["task"] == "semantic" and config["solver"]["image_size"] == 48
+    assert (config["inference"]["test_short_edge"], config["inference"]["test_max_size"]) == (48, 192)
+
+
 def test_train_out_that_is_a_file_is_refused(synthetic_root, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")

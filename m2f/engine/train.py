@@ -783,7 +783,8 @@ def run_training(
     on the val split every eval_period iterations and at the end; returns the final weights path. Works under
     torchrun.
     image_size overrides the config's crop size (LSJ for panoptic and instance configs, Mask2Former's
-    semantic recipe, SemanticAugmentation, for semantic ones). validate: check the train split (and the val
+    semantic recipe, SemanticAugmentation, for semantic ones, whose test size follows it: short side
+    image_size, long side at most 4 * image_size). validate: check the train split (and the val
     split when evaluating) before training: annotations, categories and image files, not the PNGs' pixels."""
     from m2f.config import ModelConfig, get_config
     from m2f.data import LSJ, SemanticAugmentation, collate
@@ -803,6 +804,13 @@ def run_training(
                 f"config {config.name!r} is for the {config.task} task; trained on {dataset_kind}, its model is for {task}"
             )
         config = dataclasses.replace(config, task=task)
+    if image_size is not None and config.task == "semantic":
+        # The semantic recipe tests at the crop size, the long side at most 4 crops (Mask2Former's ADE20K
+        # configs, m2f.config): a new crop size brings its test size.
+        inference = dataclasses.replace(
+            config.inference, test_short_edge=image_size, test_max_size=4 * image_size
+        )
+        config = dataclasses.replace(config, inference=inference)
     solver = config.solver
     if config.task == "semantic":
         augmentation = SemanticAugmentation(
