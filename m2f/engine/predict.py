@@ -186,34 +186,26 @@ def run_prediction(
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"tasks must be among {TASKS}, got {unknown}")
-    inputs = {Path(path).resolve() for path in images}
-    overwritten = [
-        str(output)
+    out_dir = Path(out_dir)
+    outputs = {
+        path: [p for task in tasks for p in prediction_paths(task, out_dir / Path(path).stem)]
         for path in images
-        for task in tasks
-        for output in prediction_paths(task, Path(out_dir) / Path(path).stem)
-        if output.resolve() in inputs
-    ]
+    }
+    inputs = {Path(path).resolve() for path in images}
+    overwritten = [str(p) for paths in outputs.values() for p in paths if p.resolve() in inputs]
     if overwritten:
         raise ValueError(f"the outputs would overwrite input images: {', '.join(overwritten)}")
     model = build_model(config).to(device)
     load_checkpoint_weights(model, checkpoint, metadata)
     model.eval()
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # What a killed earlier prediction of these images left half-written.
-    outputs = [
-        output.name
-        for path in images
-        for task in tasks
-        for output in prediction_paths(task, out_dir / Path(path).stem)
-    ]
-    remove_stale_temporaries(out_dir, tuple(outputs))
+    remove_stale_temporaries(out_dir, tuple(p.name for paths in outputs.values() for p in paths))
     transform = inference_transform(config)
     written = []
     for path in images:
         stem = out_dir / Path(path).stem
-        existing = [p for task in tasks for p in prediction_paths(task, stem)]
+        existing = outputs[path]
         if skip_existing and all(p.exists() for p in existing):
             written += existing
             continue
