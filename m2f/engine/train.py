@@ -80,8 +80,14 @@ class TrainSettings:
         if self.eval_period < 0 or self.num_workers < 0 or self.warmup_iters < 0:
             raise ValueError("eval_period, num_workers and warmup_iters must be >= 0")
         positive = ("base_lr", "lr_gamma", "warmup_factor")
-        non_negative = ("weight_decay", "weight_decay_norm", "weight_decay_embed", "backbone_lr_multiplier")
-        for name in (*positive, *non_negative, "poly_power"):
+        non_negative = (
+            "weight_decay",
+            "weight_decay_norm",
+            "weight_decay_embed",
+            "backbone_lr_multiplier",
+            "poly_power",
+        )
+        for name in (*positive, *non_negative):
             value = getattr(self, name)
             finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
             if not (finite and (value > 0 if name in positive else value >= 0)):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from m2f.data.common import check_int
 from m2f.evaluation.arrays import to_numpy
 
 
@@ -15,9 +16,7 @@ class SemanticEvaluator:
     (percent), "per_class": {name: {"IoU", "ACC"}}}."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255, class_names: list[str] | None = None):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        num_classes = int(num_classes)
+        num_classes = check_int("num_classes", num_classes, 1)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names for {num_classes} classes")
         self.num_classes = num_classes
