@@ -76,8 +76,8 @@ def test_cpu_kernel_lower_instruction_sets_match_reference(
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize(("num_queries", "num_targets"), [(1, 1), (1, 5), (37, 3), (100, 50)])
-@pytest.mark.parametrize("num_points", [1, 100, 12544])
+@pytest.mark.parametrize(("num_queries", "num_targets"), [(1, 1), (1, 5), (37, 3), (100, 50), (33, 65)])
+@pytest.mark.parametrize("num_points", [1, 100, 999, 12544])
 def test_cuda_backends_match_reference(backend, dtype, num_queries, num_targets, num_points):
     check_backend(backend, dtype, num_queries, num_targets, num_points, "cuda")
 
