@@ -4,21 +4,23 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (default OUT_DIR: benchmarks/results)
 #
-# PY selects the Python that has torch (default: .venv/bin/python if present, else python3); STEPS selects
-# the steps (default "build test sanitize bench"); TEST_ARGS and BENCH_ARGS replace the pytest arguments of
-# the test and bench steps (e.g. a -k selection), SANITIZE_TOOLS the compute-sanitizer tools and
-# SANITIZE_ARGS the arguments of benchmarks/sanitize.py (e.g. "--ops masked_attention"). Time limits in
-# seconds: STEP_TIMEOUT for every step, BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT and BENCH_TIMEOUT for one
-# step, DEADLINE for the whole script (a step gets at most what is left of it; a step with under 10 s left is
-# skipped and counted as failed). The tests run on TEST_WORKERS processes (default: up to 8 where pytest-xdist
-# is installed), each result printed as it comes, so a step cut off by its limit still shows what passed. They
-# run the Triton kernels at their fixed configs (TEST_TRITON_AUTOTUNE=1 autotunes them, seconds per shape);
-# the benchmarks always autotune. QUICK=1 fits a 10-minute command (DEADLINE 560 s), benchmarks first: the
-# point-loss benchmarks, the host time per op call, the masked-attention ones at 50 % density (forward +
-# backward) and the MaskedMultiheadAttention module against nn.MultiheadAttention (200 s), then the cuda tests
-# of the masked-attention and point-loss ops, the nn modules and the deformable-attention ops in that order
-# (130 s; on an H200 with 8 processes they took 90 s), and memcheck with the time left (140 s on the H200).
-# The full run's tests add the transformers integration.
+# PY selects the Python that has torch (default: .venv/bin/python if present, else python3); STEPS selects the
+# steps (default "build kernels test sanitize bench"; kernels: the device time of every kernel of each fused
+# op at its benchmark shape, benchmarks/kernel_times.py, Triton at its fixed configs); TEST_ARGS and
+# BENCH_ARGS replace the pytest arguments of the test and bench steps (e.g. a -k selection), SANITIZE_TOOLS
+# the compute-sanitizer tools and SANITIZE_ARGS the arguments of benchmarks/sanitize.py (e.g. "--ops
+# masked_attention"). Time limits in seconds: STEP_TIMEOUT for every step, BUILD_TIMEOUT, KERNELS_TIMEOUT,
+# TEST_TIMEOUT, SANITIZE_TIMEOUT and BENCH_TIMEOUT for one step, DEADLINE for the whole script (a step gets at
+# most what is left of it; a step with under 10 s left is skipped and counted as failed). The tests run on
+# TEST_WORKERS processes (default: up to 8 where pytest-xdist is installed), each result printed as it comes,
+# so a step cut off by its limit still shows what passed. They run the Triton kernels at their fixed configs
+# (TEST_TRITON_AUTOTUNE=1 autotunes them, seconds per shape); the benchmarks always autotune. QUICK=1 fits a
+# 10-minute command (DEADLINE 560 s): the kernel times (60 s at most), then the benchmarks: the point-loss
+# benchmarks, the host-time profile of an op call, the masked-attention ones at 50 % density (forward + backward) and
+# the MaskedMultiheadAttention module against nn.MultiheadAttention (200 s), then the cuda tests of the
+# masked-attention and point-loss ops, the nn modules and the deformable-attention ops in that order (130 s;
+# on an H200 with 8 processes they took 90-115 s), and memcheck with the time left (140 s on the H200). The
+# full run's tests add the transformers integration.
 # The build step runs `setup.py build_ext --inplace`, or where the Python's setuptools is older than 77 (too
 # old for pyproject.toml) benchmarks/build_inplace.py, which builds the same library without reading it. Later
 # steps never build the library on first use (M2F_KERNELS_NO_JIT=1): a build cut off by a step's timeout
@@ -33,19 +35,20 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-benchmarks/results}
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 if [ "${QUICK:-0}" = 1 ]; then
-  STEPS=${STEPS:-build bench test sanitize}
+  STEPS=${STEPS:-build kernels bench test sanitize}
   TEST_ARGS=${TEST_ARGS:-tests/ops/test_masked_attention_backends.py tests/ops/test_point_mask_loss_backends.py \
     tests/ops/test_pairwise_mask_cost_backends.py tests/ops/test_point_sample_backends.py \
     tests/ops/test_sample_uncertain_points.py tests/nn tests/ops/test_ms_deform_attn_backends.py \
     tests/ops/test_ms_deform_attn_fused_backends.py}
   SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck}
-  BENCH_ARGS=${BENCH_ARGS:-benchmarks/bench_point_loss.py benchmarks/bench_call_overhead.py benchmarks/bench_masked_attention.py -k \"overhead or point or module or (density50 and full)\"}
+  BENCH_ARGS=${BENCH_ARGS:-benchmarks/bench_point_loss.py benchmarks/bench_call_overhead.py benchmarks/bench_masked_attention.py -k \"host_profile or point or module or (density50 and full)\"}
   DEADLINE=${DEADLINE:-560}
   BUILD_TIMEOUT=${BUILD_TIMEOUT:-200}
+  KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-60}
   BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
   TEST_TIMEOUT=${TEST_TIMEOUT:-130}
 fi
-STEPS=${STEPS:-build test sanitize bench}
+STEPS=${STEPS:-build kernels test sanitize bench}
 export M2F_KERNELS_NO_JIT=${M2F_KERNELS_NO_JIT:-1}
 if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check.sh: $PY sees no CUDA GPU" >&2
@@ -101,6 +104,9 @@ for s in $STEPS; do
       else
         step build $PY benchmarks/build_inplace.py
       fi
+      ;;
+    kernels)
+      step kernels env M2F_KERNELS_TRITON_AUTOTUNE=0 $PY -m benchmarks.kernel_times --out "$prefix-kernels.json"
       ;;
     test)
       eval "args=(${TEST_ARGS:-tests/ops tests/nn tests/integrations})"
