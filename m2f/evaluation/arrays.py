@@ -1,5 +1,5 @@
-"""Conversion of the evaluators' inputs (tensors on any device, numpy arrays, lists) to numpy arrays, and the
-check their merges share."""
+"""Conversion of the evaluators' inputs (tensors on any device, numpy arrays, lists) to numpy arrays, the
+check their merges share and the keys of their per-class results."""
 
 from __future__ import annotations
 
@@ -24,3 +24,11 @@ def check_new_images(seen: set, image_ids) -> None:
     repeated = [i for i, count in collections.Counter(image_ids).items() if count > 1 or i in seen]
     if repeated:
         raise ValueError(f"image ids {repeated[:10]} were already evaluated")
+
+
+def per_class_keys(names, ids) -> list[str]:
+    """Keys of per-class results: each class's name, and "name (id)" for a name that several classes share,
+    so that no class's results replace another's."""
+    names = [str(name) for name in names]
+    counts = collections.Counter(names)
+    return [name if counts[name] == 1 else f"{name} ({i})" for name, i in zip(names, ids, strict=True)]

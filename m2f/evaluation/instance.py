@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from m2f.data.common import DatasetMetadata
-from m2f.evaluation.arrays import check_new_images, to_numpy
+from m2f.evaluation.arrays import check_new_images, per_class_keys, to_numpy
 
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -60,12 +60,14 @@ def _evaluate(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list
         name: float(100 * v) if v >= 0 else float("nan") for name, v in zip(AP_NAMES, evaluator.stats[:6])
     }
     precision = evaluator.eval["precision"]  # (iou thresholds, recall points, classes, areas, max dets)
+    category_ids = evaluator.params.catIds
+    keys = per_class_keys([class_names.get(i, str(i)) for i in category_ids], category_ids)
     per_class = {}
-    for k, category_id in enumerate(evaluator.params.catIds):
+    for k, key in enumerate(keys):
         values = precision[:, :, k, 0, -1]
         values = values[values > -1]
         if values.size:
-            per_class[class_names.get(category_id, str(category_id))] = float(100 * values.mean())
+            per_class[key] = float(100 * values.mean())
     metrics["per_class"] = per_class
     return metrics
 
@@ -77,7 +79,7 @@ class InstanceEvaluator:
     update(image_id, instances): instances dict with masks (K, H, W) bool at the original image size, scores
     (K,), labels (K,) contiguous class indices of `metadata` (mapped to the JSON's category ids).
     compute() -> {"task": "instance", "segm": {AP..., per_class}, "bbox_from_masks": {AP..., per_class},
-    "num_images"}.
+    "num_images"}; per_class is {name: AP} ("name (category id)" for a name that several categories share).
     """
 
     def __init__(self, metadata: DatasetMetadata, gt_json: str | None = None):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from m2f.data.common import DatasetMetadata, index_map_from_ids, pool_context, read_json, read_panoptic_png
-from m2f.evaluation.arrays import check_new_images, to_numpy
+from m2f.evaluation.arrays import check_new_images, per_class_keys, to_numpy
 
 
 @dataclass
@@ -145,7 +145,8 @@ def image_pq_stats(
 
 def summarize_pq(stats: PQStats, metadata: DatasetMetadata) -> dict:
     """PQ/SQ/RQ in percent for All, Things (suffix _th) and Stuff (_st), the number of categories N counted,
-    and per_class {name: {PQ, SQ, RQ, TP, FP, FN, category_id}}."""
+    and per_class {name: {PQ, SQ, RQ, TP, FP, FN, category_id}} (a name that several categories share becomes
+    "name (category id)")."""
     counted = (stats.tp + stats.fp + stats.fn) > 0
     denominator = np.maximum(stats.tp + 0.5 * stats.fp + 0.5 * stats.fn, 1e-12)
     pq = np.where(counted, stats.iou / denominator, 0.0)
@@ -159,8 +160,9 @@ def summarize_pq(stats: PQStats, metadata: DatasetMetadata) -> dict:
         for name, values in (("PQ", pq), ("SQ", sq), ("RQ", rq)):
             results[name + suffix] = float(100 * values[use].mean()) if n else 0.0
         results["N" + suffix] = n
+    keys = per_class_keys(metadata.class_names, metadata.contiguous_to_category_id)
     results["per_class"] = {
-        metadata.class_names[k]: {
+        keys[k]: {
             "category_id": metadata.contiguous_to_category_id[k],
             "PQ": float(100 * pq[k]),
             "SQ": float(100 * sq[k]),

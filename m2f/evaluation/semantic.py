@@ -7,13 +7,14 @@ from __future__ import annotations
 import numpy as np
 
 from m2f.data.common import check_int
-from m2f.evaluation.arrays import to_numpy
+from m2f.evaluation.arrays import per_class_keys, to_numpy
 
 
 class SemanticEvaluator:
     """update(pred, gt): pred (H, W) class indices or (C, H, W) scores (argmax taken), gt (H, W) class indices
     with ignore_index for unlabeled pixels. compute() -> {"task": "semantic", "mIoU", "fwIoU", "mACC", "pACC"
-    (percent), "per_class": {name: {"IoU", "ACC"}}}."""
+    (percent), "per_class": {name: {"IoU", "ACC"}}} (a name that several classes share becomes
+    "name (class index)")."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255, class_names: list[str] | None = None):
         num_classes = check_int("num_classes", num_classes, 1)
@@ -75,8 +76,8 @@ class SemanticEvaluator:
             "mACC": float(100 * np.nanmean(accuracy)),
             "pACC": float(100 * true_positive.sum() / total),
             "per_class": {
-                name: {"IoU": float(100 * iou[k]), "ACC": float(100 * accuracy[k])}
-                for k, name in enumerate(self.class_names)
+                key: {"IoU": float(100 * iou[k]), "ACC": float(100 * accuracy[k])}
+                for k, key in enumerate(per_class_keys(self.class_names, range(len(self.class_names))))
                 if present[k]
             },
         }

@@ -196,3 +196,27 @@ def test_bad_input_raises(two_squares_gt):
         evaluator.merge_state(evaluator.get_state())
     nothing = InstanceEvaluator(DatasetMetadata(CATEGORIES), two_squares_gt).compute()
     assert math.isnan(nothing["segm"]["AP"]) and nothing["num_images"] == 0  # no image: no ground truth
+
+
+def test_categories_sharing_a_name_keep_their_own_ap(tmp_path):
+    categories = [{"id": 4, "name": "square", "isthing": 1}, {"id": 5, "name": "square", "isthing": 1}]
+    annotations = [
+        {"id": i + 1, "image_id": 7, "category_id": category, "area": 36, "bbox": [left, top, 6, 6], "iscrowd": 0,
+         "segmentation": [[left, top, left + 6, top, left + 6, top + 6, left, top + 6]]}
+        for i, (category, top, left) in enumerate([(4, 1, 1), (5, 12, 12)])
+    ]  # fmt: skip
+    path = tmp_path / "gt.json"
+    path.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 7, "file_name": "x.jpg", "height": 24, "width": 24}],
+                "annotations": annotations,
+                "categories": categories,
+            }
+        )
+    )
+    evaluator = InstanceEvaluator(DatasetMetadata(categories), str(path))
+    masks = torch.from_numpy(np.stack([_square(1, 1), _square(0, 0)]))
+    evaluator.update(7, {"masks": masks, "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 1])})
+    per_class = evaluator.compute()["segm"]["per_class"]
+    assert per_class == {"square (4)": pytest.approx(100.0), "square (5)": pytest.approx(0.0)}

@@ -59,6 +59,29 @@ def test_hand_computed_void_fp_fn():
     }  # fmt: skip
 
 
+def test_categories_sharing_a_name_keep_their_own_results():
+    gt = np.array([[1, 1, 2, 2]])
+    pred = np.array([[1, 1, 0, 0]])
+    stats = image_pq_stats(
+        gt, [{"id": 1, "category": 0}, {"id": 2, "category": 1}], pred, [{"id": 1, "category": 0}], 2
+    )
+    metadata = DatasetMetadata(
+        [{"id": 7, "name": "car", "isthing": 1}, {"id": 9, "name": "car", "isthing": 1}]
+    )
+    per_class = summarize_pq(stats, metadata)["per_class"]
+    assert set(per_class) == {"car (7)", "car (9)"}
+    assert (per_class["car (7)"]["category_id"], per_class["car (7)"]["PQ"], per_class["car (7)"]["TP"]) == (
+        7,
+        100.0,
+        1,
+    )
+    assert (per_class["car (9)"]["category_id"], per_class["car (9)"]["PQ"], per_class["car (9)"]["FN"]) == (
+        9,
+        0.0,
+        1,
+    )
+
+
 def test_iou_of_exactly_half_is_not_a_match():
     gt = np.array([[1, 1, 1, 1]])
     pred = np.array([[2, 2, 3, 3]])

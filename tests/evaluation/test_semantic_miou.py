@@ -85,3 +85,14 @@ def test_bad_input_raises():
         evaluator.update(np.ones((1, 2, 2)), np.ones((2, 2)))
     with pytest.raises(ValueError, match="no labeled"):
         evaluator.compute()
+
+
+def test_classes_sharing_a_name_keep_their_own_results():
+    evaluator = SemanticEvaluator(3, class_names=["wall", "wall", "sky"])
+    evaluator.update(np.array([[0, 1, 2, 2]]), np.array([[0, 0, 1, 2]]))
+    per_class = evaluator.compute()["per_class"]
+    assert per_class == {
+        "wall (0)": {"IoU": 50.0, "ACC": 50.0},
+        "wall (1)": {"IoU": 0.0, "ACC": 0.0},
+        "sky": {"IoU": 50.0, "ACC": 100.0},
+    }
