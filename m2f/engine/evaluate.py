@@ -193,7 +193,8 @@ def evaluate_model(
     are mapped to the dataset's classes by category (same id and name), those of other categories (stuff)
     dropped; ValueError when no category is shared. With parts_dir, the images go in parts of PART_SIZE; each finished part's evaluator state is
     written to parts_dir/part-NNNNNN.json with run_key (what must match for a part to be reused: checkpoint,
-    dataset, ...), and a part whose file is already there is read instead of predicted. Returns {"results":
+    dataset, ...), and a part whose file is already there is read instead of predicted (ValueError naming the file
+    when it belongs to another run or its state does not fit the evaluator). Returns {"results":
     the evaluator's dict, "summary": summarize(results)} on every rank.
     """
     from tqdm import tqdm
@@ -225,6 +226,7 @@ def evaluate_model(
             if stored is None:
                 todo.append((number, indices))
             else:
+                _check_part_state(evaluator, stored, _part_path(parts_dir, number))
                 states.append(stored)
     except ValueError as error:
         problem = error
@@ -288,6 +290,18 @@ def evaluate_model(
         results = evaluator.compute()
     results = dist_utils.broadcast_object(results)
     return {"results": results, "summary": summarize(results)}
+
+
+def _check_part_state(evaluator, state, path: Path) -> None:
+    """ValueError naming the part file unless `state` merges into the (empty) evaluator, which is left empty."""
+    try:
+        evaluator.merge_state(state)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
+        raise ValueError(
+            f"{path}: not a readable evaluation part ({error!r}); delete {path.parent}"
+        ) from error
+    finally:
+        evaluator.reset()
 
 
 def _relabel_instances(instances: dict, to_dataset_label: torch.Tensor) -> dict:

@@ -39,6 +39,11 @@ class PQStats:
         )
 
     def __iadd__(self, other: PQStats) -> PQStats:
+        shapes = {name: getattr(other, name).shape for name in ("iou", "tp", "fp", "fn")}
+        if any(shape != self.iou.shape for shape in shapes.values()):
+            raise ValueError(
+                f"PQ stats of shapes {shapes} cannot be added to stats of {self.iou.shape[0]} categories"
+            )
         self.iou += other.iou
         self.tp += other.tp
         self.fp += other.fp

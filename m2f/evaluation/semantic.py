@@ -56,7 +56,12 @@ class SemanticEvaluator:
         return {"confusion": self.confusion.tolist()}
 
     def merge_state(self, state: dict) -> None:
-        self.confusion += np.asarray(state["confusion"], dtype=np.int64)
+        confusion = np.asarray(state["confusion"], dtype=np.int64)
+        if confusion.shape != self.confusion.shape:
+            raise ValueError(
+                f"state has a confusion matrix of shape {confusion.shape}, expected {self.confusion.shape}"
+            )
+        self.confusion += confusion
 
     def compute(self) -> dict:
         true_positive = np.diag(self.confusion).astype(np.float64)

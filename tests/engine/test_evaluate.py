@@ -172,3 +172,36 @@ def test_parts_of_a_two_process_run_are_reused_by_one_process(synthetic_root, tm
         OracleModel([], num_classes), dataset, config, progress=False, parts_dir=parts, run_key={"run": 1}
     )
     assert reused["results"]["PQ"] == pytest.approx(single["results"]["PQ"], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {},
+        {"stats": "none", "image_ids": []},
+        {"stats": {"iou": [0.9], "tp": [1], "fp": [0], "fn": [0]}, "image_ids": [10**6]},  # one category
+        [1, 2],
+    ],
+)
+def test_a_part_with_a_malformed_state_is_named(synthetic_root, tmp_path, monkeypatch, state):
+    """A part whose state the evaluator cannot take (edited, or from another version) is refused by file name
+    before anything is predicted, as a part of another run is."""
+    import json
+
+    from m2f.engine import evaluate
+
+    monkeypatch.setattr(evaluate, "PART_SIZE", 2)
+    config, dataset = oracle_eval_setup(synthetic_root)
+    num_classes = dataset.metadata.num_classes
+    parts, key = tmp_path / "parts", {"run": 1}
+    answers = oracle_answers(synthetic_root)
+    evaluate_model(
+        OracleModel(answers, num_classes), dataset, config, progress=False, parts_dir=parts, run_key=key
+    )
+    part = parts / "part-000001.json"
+    stored = json.loads(part.read_text())
+    part.write_text(json.dumps({**stored, "state": state}))
+    with pytest.raises(ValueError, match=r"part-000001\.json: not a readable evaluation part"):
+        evaluate_model(
+            OracleModel([], num_classes), dataset, config, progress=False, parts_dir=parts, run_key=key
+        )

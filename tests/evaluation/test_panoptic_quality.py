@@ -258,6 +258,18 @@ def test_evaluator_pool_equals_serial_and_checks_input(synthetic_root, tmp_path)
         serial.merge_state(pooled.get_state())
 
 
+def test_a_state_of_another_category_count_is_refused(synthetic_root):
+    """Stats of one category were broadcast over every category of the evaluator."""
+    from m2f.data import CocoPanopticDataset
+
+    metadata = CocoPanopticDataset(synthetic_root, "val").metadata
+    evaluator = PanopticEvaluator(metadata)
+    state = {"stats": {"iou": [0.9], "tp": [1], "fp": [0], "fn": [0]}, "image_ids": [123]}
+    with pytest.raises(ValueError, match=f"cannot be added to stats of {metadata.num_classes} categories"):
+        evaluator.merge_state(state)
+    assert evaluator.get_state() == PanopticEvaluator(metadata).get_state()
+
+
 def test_a_refused_prediction_leaves_no_trace_in_the_evaluator(synthetic_root):
     """The image was recorded before its prediction was checked: the corrected retry was refused as
     "already evaluated" and the image counted with nothing in it."""

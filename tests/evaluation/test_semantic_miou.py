@@ -96,3 +96,13 @@ def test_classes_sharing_a_name_keep_their_own_results():
         "wall (1)": {"IoU": 0.0, "ACC": 0.0},
         "sky": {"IoU": 50.0, "ACC": 100.0},
     }
+
+
+def test_a_state_of_another_class_count_is_refused():
+    """A (1, 1) confusion matrix was broadcast over every cell: each class gained the other state's count."""
+    evaluator = SemanticEvaluator(3)
+    with pytest.raises(ValueError, match=r"confusion matrix of shape \(1, 1\), expected \(3, 3\)"):
+        evaluator.merge_state({"confusion": [[5]]})
+    with pytest.raises(ValueError, match=r"shape \(2, 2\), expected \(3, 3\)"):
+        evaluator.merge_state(SemanticEvaluator(2).get_state())
+    assert evaluator.get_state() == SemanticEvaluator(3).get_state()
