@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from m2f.data.common import check_int
 from m2f.engine import checkpoint as ckpt
 from m2f.engine import distributed as dist_utils
 from m2f.files import check_output_path, remove_stale_temporaries, write_bytes_atomic
@@ -68,17 +69,15 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_iters", "batch_size", "grad_accum_steps", "checkpoint_period", "log_period"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            setattr(self, name, check_int(name, getattr(self, name), 1))
+        for name in ("eval_period", "num_workers", "warmup_iters", "seed"):
+            setattr(self, name, check_int(name, getattr(self, name), 0))
         if self.amp not in (None, *AMP_DTYPES):
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         if self.lr_schedule not in ("step", "poly"):
             raise ValueError(f"lr_schedule must be 'step' or 'poly', got {self.lr_schedule!r}")
         if self.lr_steps is None:
             self.lr_steps = (int(0.9 * self.max_iters), int(0.95 * self.max_iters))
-        if self.eval_period < 0 or self.num_workers < 0 or self.warmup_iters < 0:
-            raise ValueError("eval_period, num_workers and warmup_iters must be >= 0")
         positive = ("base_lr", "lr_gamma", "warmup_factor")
         non_negative = (
             "weight_decay",
@@ -96,8 +95,6 @@ class TrainSettings:
         # clip_grad_norm_ with 0 zeroes the gradients and with a negative norm reverses them.
         if self.clip_grad_norm is not None and not 0 < self.clip_grad_norm < math.inf:
             raise ValueError(f"clip_grad_norm must be None (no clipping) or > 0, got {self.clip_grad_norm!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
 
     @classmethod
     def from_solver(cls, solver, max_iters: int | None = None, **overrides) -> TrainSettings:

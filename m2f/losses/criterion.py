@@ -10,6 +10,7 @@ from torch import nn
 import m2f_kernels
 
 from ..config import ModelConfig
+from ..data.common import check_int
 from .matcher import HungarianMatcher
 
 
@@ -43,11 +44,9 @@ class Criterion(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        num_classes = check_int("num_classes", num_classes, 1)
         # 0 points gave mask and dice losses of 0, so training went on without them.
-        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
-            raise ValueError(f"num_points must be a positive int, got {num_points!r}")
+        num_points = check_int("num_points", num_points, 1)
         self.num_classes = num_classes
         self.matcher = matcher
         self.class_weight = class_weight

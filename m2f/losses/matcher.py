@@ -9,6 +9,8 @@ from torch import nn
 
 import m2f_kernels
 
+from ..data.common import check_int
+
 TARGETS_PER_SAMPLE = 16  # target masks made floating at once (64 MB at 1024 x 1024)
 
 
@@ -36,8 +38,7 @@ class HungarianMatcher(nn.Module):
         super().__init__()
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
             raise ValueError("at least one of cost_class, cost_mask, cost_dice must be non-zero")
-        if not isinstance(num_points, int) or num_points < 1:
-            raise ValueError(f"num_points must be a positive int, got {num_points!r}")
+        num_points = check_int("num_points", num_points, 1)
         self.cost_class = cost_class
         self.cost_mask = cost_mask
         self.cost_dice = cost_dice

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, get_config
+from ..data.common import check_int
 from .backbone import Backbone
 from .pixel_decoder import MSDeformAttnPixelDecoder
 from .transformer_decoder import MultiScaleMaskedTransformerDecoder
@@ -124,11 +125,9 @@ def build_model(
             f"name_or_config must be a config name or a ModelConfig, got {type(name_or_config).__name__}"
         )
     if num_classes is not None:
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         from dataclasses import replace
 
-        config = replace(config, num_classes=num_classes)
+        config = replace(config, num_classes=check_int("num_classes", num_classes, 1))
     model = Mask2Former(config, backend=backend)
     if backbone_weights is not None:
         model.backbone.load_weights(backbone_weights)

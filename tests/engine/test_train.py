@@ -99,6 +99,18 @@ def test_bad_settings_name_the_argument():
     for name, value in (("seed", -1), ("seed", 1.5), ("backbone_lr_multiplier", -0.1), ("lr_gamma", 0.0)):
         with pytest.raises(ValueError, match=name):
             TrainSettings(max_iters=1, **{name: value})
+    # True counted as 1 iteration and a fractional eval_period or warmup_iters was taken; numpy ints are ints.
+    for name, value, expected in (
+        ("max_iters", True, "a positive int, got True"),
+        ("log_period", 2.0, "a positive int, got 2.0"),
+        ("eval_period", 2.5, "a non-negative int, got 2.5"),
+        ("warmup_iters", -1, "a non-negative int, got -1"),
+        ("num_workers", False, "a non-negative int, got False"),
+    ):
+        with pytest.raises(ValueError, match=f"{name} must be {expected}"):
+            TrainSettings(**{"max_iters": 1, name: value})
+    settings = TrainSettings(max_iters=np.int64(5), seed=np.int32(3))
+    assert (settings.max_iters, settings.seed) == (5, 3) and type(settings.max_iters) is int
     # An infinite lr wrote NaN weights and stopped on a "non-finite loss"; a NaN one failed inside torch.
     for name in ("base_lr", "weight_decay", "backbone_lr_multiplier", "weight_decay_norm", "lr_gamma"):
         for value in (math.nan, math.inf):

@@ -1,5 +1,6 @@
 """Criterion against an unfused computation (grid_sample, explicit sums) with the same matches and points."""
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -263,6 +264,12 @@ def test_bad_targets():
     # No points made the mask and dice losses 0, so training went on without them.
     with pytest.raises(ValueError, match="num_points must be a positive int, got 0"):
         Criterion(NUM_CLASSES, criterion.matcher, num_points=0)
+    # True was taken as 1 class or 1 point.
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got True"):
+        Criterion(True, criterion.matcher)
+    with pytest.raises(ValueError, match="num_points must be a positive int, got True"):
+        HungarianMatcher(num_points=True)
+    assert HungarianMatcher(num_points=np.int64(7)).num_points == 7
 
 
 def test_masks_must_be_bool_or_zero_one_values():
