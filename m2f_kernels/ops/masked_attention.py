@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -213,7 +214,8 @@ def masked_attention(
     NaN is blocked), or attn_mask (B, Q, K) / (B * H, Q, K) bool with True = blocked. A query whose row
     blocks every key attends to all keys (Mask2Former's rule). scale defaults to d ** -0.5.
     Returns (B, H, Q, d), and with return_attn_probs=True also the probabilities (B, H, Q, K) float32,
-    computed separately for debugging (never on the fast path). Gradients flow to q, k and v. Without a
+    computed separately by a dense product (for debugging, never on the fast path). Gradients flow to q, k
+    and v, from the output and from the probabilities. Without a
     mask this is dense attention (torch's scaled_dot_product_attention).
     """
     if backend not in BACKENDS:  # checked here too: the dense path never looks a backend up
@@ -256,9 +258,16 @@ def masked_attention(
         )
     if not return_attn_probs:
         return out
-    with torch.no_grad():
-        blocked = blocked_keys(mask_logits, attn_mask, threshold_logit)
+    blocked = blocked_keys(mask_logits, attn_mask, threshold_logit)
+    # In float32 under autocast too, which would otherwise run the product in half precision.
+    device_type = q.device.type
+    autocast_off = (
+        torch.autocast(device_type, enabled=False)
+        if torch.amp.is_autocast_available(device_type)
+        else contextlib.nullcontext()
+    )
+    with autocast_off:
         scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-        if blocked is not None:
-            scores = scores.masked_fill(blocked, -math.inf)
-        return out, scores.softmax(dim=-1)
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, -math.inf)
+    return out, scores.softmax(dim=-1)

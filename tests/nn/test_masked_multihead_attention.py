@@ -214,6 +214,36 @@ def test_need_weights(average):
     torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("average", [True, False])
+def test_gradients_flow_through_the_weights(average):
+    """The weights were computed without autograd: a loss on them raised, one on output and weights lost the
+    weights' term."""
+    ours, torch_mha = make_pair(batch_first=True)
+    logits = mask_logits_with_edge_rows()
+    blocked = rule_applied(logits.sigmoid() < 0.5).repeat_interleave(HEADS, dim=0)
+    ours_args, torch_args = inputs(True), inputs(True)
+    out, weights = ours(*ours_args, mask_logits=logits, need_weights=True, average_attn_weights=average)
+    expected, expected_weights = torch_mha(*torch_args, attn_mask=blocked, average_attn_weights=average)
+    direction = torch.randn(weights.shape, generator=torch.Generator().manual_seed(3))
+    (out.sum() + 10 * (weights * direction).sum()).backward()
+    (expected.sum() + 10 * (expected_weights * direction).sum()).backward()
+    for ours_input, torch_input in zip(ours_args, torch_args, strict=True):
+        torch.testing.assert_close(ours_input.grad, torch_input.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.in_proj_weight.grad, torch_mha.in_proj_weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_stay_float32_under_autocast():
+    ours, _ = make_pair(batch_first=True)
+    logits = mask_logits_with_edge_rows()
+    args = [x.detach() for x in inputs(True)]
+    _, expected = ours(*args, mask_logits=logits, need_weights=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, weights = ours(*args, mask_logits=logits, need_weights=True)
+    assert weights.dtype == torch.float32
+    # The projections run in bfloat16 under autocast, the product and softmax of the weights in float32.
+    torch.testing.assert_close(weights, expected, rtol=0, atol=2e-2)
+
+
 def test_float64_matches_and_gradcheck():
     ours, torch_mha = make_pair(batch_first=True, dtype=torch.float64)
     logits = mask_logits_with_edge_rows().double()
