@@ -167,7 +167,8 @@ def ms_deform_attn(
 
     value (N, S, M, D), S = sum_l H_l * W_l; spatial_shapes (L, 2) integer rows (H_l, W_l); level_start_index (L,);
     sampling_locations (N, Q, M, L, P, 2) normalized (x, y) in [0, 1] (align_corners=False, zero padding
-    outside; NaN contributes nothing); attention_weights (N, Q, M, L, P), already softmaxed.
+    outside; NaN contributes nothing); attention_weights (N, Q, M, L, P), already softmaxed (the weight of a
+    sample wholly outside its level is not read, as in Deformable-DETR's kernel).
     Returns (N, Q, M * D). backend: "auto", "cuda", "triton", "cpu" or "torch".
     """
     check_tensor("value", value, ndim=4, floating=True)

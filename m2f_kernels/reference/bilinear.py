@@ -34,6 +34,7 @@ def bilinear_sample(image: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> to
         # Integer arithmetic: float16 holds integers exactly only up to 2048, y * W + x would round.
         index = corner_y.clamp(0, height - 1).long() * width + corner_x.clamp(0, width - 1).long()
         gathered = torch.gather(flat, 1, index.reshape(batch, -1, 1).expand(-1, -1, channels))
-        weight = torch.where(valid, weight, torch.zeros_like(weight))
-        out = out + gathered.reshape(*x.shape, channels) * weight.unsqueeze(-1)
+        # Zeroed itself, not through a zero weight: 0 * NaN or 0 * inf of a clamped read would be NaN.
+        gathered = torch.where(valid.unsqueeze(-1), gathered.reshape(*x.shape, channels), 0)
+        out = out + gathered * weight.unsqueeze(-1)
     return out

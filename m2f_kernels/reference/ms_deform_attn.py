@@ -17,7 +17,8 @@ def ms_deform_attn(
     value (N, S, M, D) with S = sum_l H_l * W_l; spatial_shapes (L, 2) int64 rows (H_l, W_l);
     level_start_index (L,) int64; sampling_locations (N, Q, M, L, P, 2) normalized (x, y);
     attention_weights (N, Q, M, L, P). Returns (N, Q, M * D) in value's dtype, computed (pixel coordinates
-    and sums) in float32 or wider, as the kernels compute.
+    and sums) in float32 or wider, as the kernels compute. A sample outside the image (bilinear.py) adds
+    nothing, whatever its weight, as in Deformable-DETR's kernel.
     """
     batch, _, heads, channels = value.shape
     _, queries, _, _, points, _ = sampling_locations.shape
@@ -35,6 +36,9 @@ def ms_deform_attn(
         y = locations[..., 1] * height - 0.5
         samples = bilinear_sample(level_value.reshape(batch * heads, height, width, channels), x, y)
         weights = attention_weights[:, :, :, level].transpose(1, 2).reshape(batch * heads, queries, points)
+        # A sample outside the image reads nothing, not even its weight (a NaN there is dropped).
+        inside = (x > -1) & (x < width) & (y > -1) & (y < height)
+        weights = torch.where(inside, weights, torch.zeros_like(weights))
         out = out + (samples * weights.unsqueeze(-1)).sum(dim=2)
     out = (
         out.reshape(batch, heads, queries, channels).transpose(1, 2).reshape(batch, queries, heads * channels)

@@ -177,6 +177,7 @@ def _forward_kernel(
                 ACC,
             )
             valid, x0, y0, frac_x, frac_y = _bilinear(loc_x, loc_y, height_f, width_f, row_mask)
+            weight = tl.where(valid, weight, 0.0)  # a sample outside reads nothing, not even a NaN weight
             for corner in tl.static_range(4):
                 inside, pixel, corner_weight, _, _ = _corner(
                     x0, y0, frac_x, frac_y, valid, height, width, corner % 2, corner // 2
@@ -261,6 +262,7 @@ def _backward_kernel(
                 ACC,
             )
             valid, x0, y0, frac_x, frac_y = _bilinear(loc_x, loc_y, height_f, width_f, row_mask)
+            weight = tl.where(valid, weight, 0.0)
             grad_weight = tl.zeros([BLOCK_Q], ACC)
             grad_x = tl.zeros([BLOCK_Q], ACC)
             grad_y = tl.zeros([BLOCK_Q], ACC)

@@ -5,6 +5,7 @@ the coordinates are exact in every dtype), outside [0, 1] and NaN (zero contribu
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -472,3 +473,36 @@ def test_cpu_kernel_refuses_a_level_table_outside_value(fused, shapes, starts, m
         kernel = torch.ops.m2f_kernels._ms_deform_attn_forward
     with pytest.raises(RuntimeError, match=message):
         kernel(value, spatial_shapes, level_start_index, *args)
+
+
+def check_sample_outside(backend, device):
+    """A NaN pixel leaked into the reference's samples outside the image, and the reference and Triton read
+    the NaN weight of a sample outside where the C++ and CUDA kernels (and Deformable-DETR's) skip it."""
+    spatial_shapes, level_start_index = level_tables([(2, 2)], device)
+    value = torch.arange(1.0, 5.0, device=device).reshape(1, 4, 1, 1)
+    value[0, 0] = math.nan
+    # Query 0: one sample on the centre of pixel (1, 1), one outside (NaN weight); query 1: one outside only.
+    locations = torch.tensor([[[0.75, 0.75], [1.7, 0.5]], [[-0.9, 0.5], [1.5, 1.5]]], device=device)
+    locations = locations.reshape(1, 2, 1, 1, 2, 2).requires_grad_()
+    weights = (
+        torch.tensor([[0.5, math.nan], [1.0, 1.0]], device=device).reshape(1, 2, 1, 1, 2).requires_grad_()
+    )
+    out = m2f_kernels.ms_deform_attn(
+        value, spatial_shapes, level_start_index, locations, weights, backend=backend
+    )
+    # 0.75 is the centre of pixel (1, 1), value 4.
+    torch.testing.assert_close(out.detach().cpu(), torch.tensor([[[0.5 * 4.0], [0.0]]]))
+    out.sum().backward()
+    assert locations.grad.isfinite().all() and weights.grad.isfinite().all()
+    assert weights.grad.flatten().tolist() == [4.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("backend", ["torch", *cpu_kernel_backends("ms_deform_attn")])
+def test_a_sample_outside_reads_neither_pixels_nor_its_weight(backend):
+    check_sample_outside(backend, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_cuda_a_sample_outside_reads_neither_pixels_nor_its_weight(backend):
+    check_sample_outside(backend, "cuda")

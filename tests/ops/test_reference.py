@@ -114,6 +114,24 @@ def test_point_sample_matches_grid_sample_and_loops():
     )
 
 
+def test_samples_read_no_pixel_outside_their_cell():
+    """A corner outside the image was read at a clamped pixel and multiplied by 0: a NaN or inf there turned
+    samples that never touch it into NaN. grid_sample's zero padding reads nothing."""
+    image = torch.arange(1.0, 13.0, dtype=torch.float64).reshape(1, 1, 3, 4)
+    image[0, 0, 0, 0], image[0, 0, 2, 3] = math.nan, math.inf
+    # Far outside, just outside the far corner, inside away from both, and on the NaN pixel's cell.
+    coords = torch.tensor(
+        [[[1.5, 1.5], [-0.8, 0.5], [1.2, 1.2], [0.45, 0.5], [0.1, 0.1]]], dtype=torch.float64
+    )
+    coords.requires_grad_()
+    out = reference.point_sample(image, coords)
+    expected = F.grid_sample(image, 2 * coords.detach()[:, :, None] - 1, align_corners=False).squeeze(-1)
+    torch.testing.assert_close(out.detach(), expected, equal_nan=True)
+    assert out[0, 0, :4].isfinite().all() and out[0, 0, 4].isnan()
+    out[0, 0, :4].sum().backward()
+    assert coords.grad[0, :4].isfinite().all()
+
+
 def test_bilinear_sample_in_float16_on_large_images():
     """Pixel indices of a 96 x 80 image pass 2048, beyond float16's exact integers: they must still address
     the right pixels (the sample in float16 matches the float32 one taken at the same float16 locations)."""
