@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import m2f_kernels
-from m2f_kernels.ops._common import check_same_device, check_shape, check_tensor
+from m2f_kernels.ops._common import check_same_device, check_shape, check_tensor, whole_number
 
 
 def sample_in_float32_under_autocast(sample: Callable, *args):
@@ -77,17 +76,12 @@ class MSDeformAttn(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        for arg, value in (
-            ("d_model", d_model),
-            ("n_levels", n_levels),
-            ("n_heads", n_heads),
-            ("n_points", n_points),
-        ):
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        d_model = whole_number("d_model", d_model, 1)
+        n_levels = whole_number("n_levels", n_levels, 1)
+        n_heads = whole_number("n_heads", n_heads, 1)
+        n_points = whole_number("n_points", n_points, 1)
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        d_model, n_levels, n_heads, n_points = int(d_model), int(n_levels), int(n_heads), int(n_points)
         self.d_model = d_model
         self.n_levels = n_levels
         self.n_heads = n_heads

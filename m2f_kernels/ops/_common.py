@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import numbers
 import os
 from collections.abc import Callable, Sequence
 
@@ -96,6 +97,15 @@ def real_number(name: str, value) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {value!r}") from None
+
+
+def whole_number(name: str, value, minimum: int) -> int:
+    """``value`` as an int (Python and numpy ints, not bool) of at least ``minimum``; else ValueError naming
+    ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        expected = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return int(value)
 
 
 def check_index(name: str, tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .._backend import BACKENDS
-from ._common import INT32_MAX, accumulate_dtype, real_number
+from ._common import INT32_MAX, accumulate_dtype, real_number, whole_number
 from .point_sample import point_sample
 
 # Oversampled candidates alive at once (coordinates and logits of about this many points per chunk): on CPU
@@ -45,8 +45,7 @@ def sample_uncertain_points(
         raise ValueError(f"mask_logits must have shape (N, H, W), got {tuple(mask_logits.shape)}")
     if not mask_logits.is_floating_point():
         raise TypeError(f"mask_logits must be a floating-point tensor, got {mask_logits.dtype}")
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 0:
-        raise ValueError(f"num_points must be a non-negative int, got {num_points!r}")
+    num_points = whole_number("num_points", num_points, 0)
     oversample_ratio = real_number("oversample_ratio", oversample_ratio)
     importance_ratio = real_number("importance_ratio", importance_ratio)
     if not 1 <= oversample_ratio < math.inf:

@@ -1,5 +1,6 @@
 """sample_uncertain_points: Mask2Former's importance sampling by uncertainty -|logit|, checked statistically."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,10 @@ def test_bad_arguments():
         m2f_kernels.sample_uncertain_points(torch.zeros(2, 4, 4, dtype=torch.long), 10)
     with pytest.raises(ValueError, match="num_points"):
         m2f_kernels.sample_uncertain_points(torch.randn(2, 4, 4), -1)
+    with pytest.raises(ValueError, match="num_points must be a non-negative int, got True"):
+        m2f_kernels.sample_uncertain_points(torch.randn(2, 4, 4), True)
+    # A numpy int was refused as "num_points must be a non-negative int, got 4".
+    assert m2f_kernels.sample_uncertain_points(torch.randn(2, 4, 4), np.int64(4)).shape == (2, 4, 2)
     with pytest.raises(ValueError, match="oversample_ratio"):
         m2f_kernels.sample_uncertain_points(torch.randn(2, 4, 4), 10, oversample_ratio=0.5)
     with pytest.raises(ValueError, match="importance_ratio"):
