@@ -134,11 +134,19 @@ def benchmarks_dir() -> Path:
     return beside_package if beside_package.is_dir() else Path("benchmarks")
 
 
+def _names_a_test_file(argument: str) -> bool:
+    """Whether a pytest argument is a .py file (or a test in one, file.py::name) that exists."""
+    path = argument.split("::", 1)[0]
+    return not argument.startswith("-") and path.endswith(".py") and Path(path).is_file()
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     folder = benchmarks_dir()
     if not folder.is_dir():
         raise FileNotFoundError(f"no benchmarks/ folder at {folder.resolve()} (run from the source checkout)")
-    return subprocess.call([sys.executable, "-m", "pytest", str(folder), *args.pytest_args])
+    # Given files, pytest runs those only; the folder beside them would run every benchmark.
+    paths = [] if any(_names_a_test_file(argument) for argument in args.pytest_args) else [str(folder)]
+    return subprocess.call([sys.executable, "-m", "pytest", *paths, *args.pytest_args])
 
 
 def cmd_make_synthetic(args: argparse.Namespace) -> int:
@@ -228,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="results JSON (default: beside the checkpoint)")
     evaluate.add_argument("--max-images", type=_positive_int, help="evaluate only the first N images")
     evaluate.add_argument(
-        "--num-workers", type=int, default=2, help="data loader processes per rank (default 2)"
+        "--num-workers", type=_non_negative_int, default=2, help="data loader processes per rank (default 2)"
     )
     evaluate.add_argument("--no-validate", action="store_true", help="skip the dataset check")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -274,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
-        help="run pytest benchmarks/ (every further argument goes to pytest)",
+        help="run pytest benchmarks/, or the benchmark files named (every further argument goes to pytest)",
         description="Runs pytest on benchmarks/; every further argument goes to pytest (e.g. -k point).",
     )
     bench.set_defaults(func=cmd_bench)

@@ -2,6 +2,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,6 +264,19 @@ def test_bad_input_is_one_clear_line(synthetic_root, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([*train_args(synthetic_root, tmp_path, 1), option, "-1"])
         assert f"argument {option}: must be a non-negative integer, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # eval took -1 and failed in the DataLoader after loading the model
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                "x.safetensors",
+                "--data-root",
+                str(synthetic_root),
+                "--num-workers",
+                "-1",
+            ]
+        )
+    assert "argument --num-workers: must be a non-negative integer, got -1" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # was "invalid _positive_int value: 'abc'"
         main([*train_args(synthetic_root, tmp_path, 1), "--max-iters", "abc"])
     assert "argument --max-iters: must be a positive integer, got abc" in capsys.readouterr().err
@@ -479,6 +493,14 @@ def test_bench_forwards_arguments_to_pytest(monkeypatch):
     assert calls[0][3].endswith("benchmarks") and calls[0][4:] == ["-k", "deform", "--benchmark-only"]
     assert main(["bench", "--", "-k", "point"]) == 0  # pytest read a "--" before the folder as a file name
     assert calls[1][3].endswith("benchmarks") and calls[1][4:] == ["-k", "point"]
+    # A file named ran every benchmark: the folder went first and pytest collected all of it.
+    bench_file = str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_point_loss.py")
+    assert main(["bench", bench_file, "-k", "pairwise"]) == 0
+    assert calls[2][3:] == [bench_file, "-k", "pairwise"]
+    assert main(["bench", f"{bench_file}::test_pairwise_mask_cost"]) == 0
+    assert calls[3][3:] == [f"{bench_file}::test_pairwise_mask_cost"]
+    assert main(["bench", "-k", "no_such_file.py"]) == 0
+    assert calls[4][3].endswith("benchmarks")
 
 
 def test_python_dash_m_runs_the_cli():
