@@ -31,8 +31,9 @@
 # which would otherwise hide overruns inside its cached blocks; SANITIZER names the binary (default: the one
 # on PATH, else $CUDA_HOME/bin/compute-sanitizer).
 set -u
+OUT_DIR=${1:+$(realpath -m -- "$1")}  # a relative OUT_DIR is where the script was started from
 cd "$(dirname "$0")/.."
-OUT_DIR=${1:-benchmarks/results}
+OUT_DIR=${OUT_DIR:-benchmarks/results}
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 if [ "${QUICK:-0}" = 1 ]; then
   STEPS=${STEPS:-build kernels bench test sanitize}
