@@ -137,15 +137,17 @@ def benchmarks_dir() -> Path:
 def _names_a_test_file(argument: str) -> bool:
     """Whether a pytest argument is a .py file (or a test in one, file.py::name) that exists."""
     path = argument.split("::", 1)[0]
-    return not argument.startswith("-") and path.endswith(".py") and Path(path).is_file()
+    return path.endswith(".py") and Path(path).is_file()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     folder = benchmarks_dir()
     if not folder.is_dir():
         raise FileNotFoundError(f"no benchmarks/ folder at {folder.resolve()} (run from the source checkout)")
-    # Given files, pytest runs those only; the folder beside them would run every benchmark.
-    paths = [] if any(_names_a_test_file(argument) for argument in args.pytest_args) else [str(folder)]
+    # Files named first are what pytest runs; the folder beside them would run every benchmark. Only the
+    # leading arguments count: a file after an option may be its value (--ignore FILE).
+    named_first = bool(args.pytest_args) and _names_a_test_file(args.pytest_args[0])
+    paths = [] if named_first else [str(folder)]
     return subprocess.call([sys.executable, "-m", "pytest", *paths, *args.pytest_args])
 
 
@@ -282,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
-        help="run pytest benchmarks/, or the benchmark files named (every further argument goes to pytest)",
-        description="Runs pytest on benchmarks/; every further argument goes to pytest (e.g. -k point).",
+        help="run pytest benchmarks/, or the benchmark files named first (every argument goes to pytest)",
+        description="Runs pytest on benchmarks/, or on the benchmark files given first "
+        "(m2f bench benchmarks/bench_point_loss.py -k pairwise); every argument goes to pytest (e.g. -k point).",
     )
     bench.set_defaults(func=cmd_bench)
 

@@ -501,6 +501,9 @@ def test_bench_forwards_arguments_to_pytest(monkeypatch):
     assert calls[3][3:] == [f"{bench_file}::test_pairwise_mask_cost"]
     assert main(["bench", "-k", "no_such_file.py"]) == 0
     assert calls[4][3].endswith("benchmarks")
+    # A file that is an option's value keeps the folder: pytest would otherwise fall back to the unit tests.
+    assert main(["bench", "--ignore", bench_file]) == 0
+    assert calls[5][3].endswith("benchmarks") and calls[5][4:] == ["--ignore", bench_file]
 
 
 def test_python_dash_m_runs_the_cli():
