@@ -27,8 +27,12 @@ def check_new_images(seen: set, image_ids) -> None:
 
 
 def per_class_keys(names, ids) -> list[str]:
-    """Keys of per-class results: each class's name, and "name (id)" for a name that several classes share,
-    so that no class's results replace another's."""
+    """Keys of per-class results: each class's name, and "name (id)" for a name that several classes share
+    (for every class when such a key would be another class's name), so that no class's results replace
+    another's."""
     names = [str(name) for name in names]
     counts = collections.Counter(names)
-    return [name if counts[name] == 1 else f"{name} ({i})" for name, i in zip(names, ids, strict=True)]
+    keys = [name if counts[name] == 1 else f"{name} ({i})" for name, i in zip(names, ids, strict=True)]
+    if len(set(keys)) < len(keys):
+        keys = [f"{name} ({i})" for name, i in zip(names, ids, strict=True)]
+    return keys

@@ -147,6 +147,15 @@ class InstanceEvaluator:
         return {"segm": self.segm_results, "box": self.box_results, "image_ids": self.image_ids}
 
     def merge_state(self, state: dict) -> None:
+        for key, result_key in (("segm", "segmentation"), ("box", "bbox")):
+            results = state[key]
+            needed = {"image_id", "category_id", "score", result_key}
+            if not isinstance(results, list) or not all(
+                isinstance(r, dict) and needed <= r.keys() for r in results
+            ):
+                raise ValueError(f"state[{key!r}] must be a list of results with the keys {sorted(needed)}")
+        if not isinstance(state["image_ids"], list):
+            raise ValueError(f"state['image_ids'] must be a list, got {type(state['image_ids']).__name__}")
         check_new_images(self._seen, state["image_ids"])
         self.segm_results.extend(state["segm"])
         self.box_results.extend(state["box"])

@@ -194,6 +194,17 @@ def test_bad_input_raises(two_squares_gt):
         evaluator.update(7, good)
     with pytest.raises(ValueError, match=r"image ids \[7\] were already evaluated"):
         evaluator.merge_state(evaluator.get_state())
+    # An edited or foreign state was taken as it was and failed later inside pycocotools.
+    fresh = InstanceEvaluator(DatasetMetadata(CATEGORIES), two_squares_gt)
+    state = evaluator.get_state()
+    for bad, message in (
+        ({**state, "segm": "edited"}, r"state\['segm'\] must be a list of results"),
+        ({**state, "box": [{"image_id": 7, "score": 0.5}]}, r"state\['box'\] must be a list of results"),
+        ({**state, "image_ids": "7"}, r"state\['image_ids'\] must be a list, got str"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            fresh.merge_state(bad)
+    assert fresh.get_state() == {"segm": [], "box": [], "image_ids": []}
     nothing = InstanceEvaluator(DatasetMetadata(CATEGORIES), two_squares_gt).compute()
     assert math.isnan(nothing["segm"]["AP"]) and nothing["num_images"] == 0  # no image: no ground truth
 

@@ -106,3 +106,11 @@ def test_a_state_of_another_class_count_is_refused():
     with pytest.raises(ValueError, match=r"shape \(2, 2\), expected \(3, 3\)"):
         evaluator.merge_state(SemanticEvaluator(2).get_state())
     assert evaluator.get_state() == SemanticEvaluator(3).get_state()
+
+
+def test_keys_stay_unique_when_a_name_looks_like_a_generated_key():
+    from m2f.evaluation.arrays import per_class_keys
+
+    assert per_class_keys(["wall", "wall", "sky"], [3, 7, 9]) == ["wall (3)", "wall (7)", "sky"]
+    # "wall (1)" is both the second wall's key and the third class's name: every class gets its id.
+    assert per_class_keys(["wall", "wall", "wall (1)"], [0, 1, 2]) == ["wall (0)", "wall (1)", "wall (1) (2)"]
