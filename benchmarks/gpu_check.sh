@@ -15,9 +15,9 @@
 # TEST_WORKERS processes (default: up to 8 where pytest-xdist is installed), each result printed as it comes,
 # so a step cut off by its limit still shows what passed. They run the Triton kernels at their fixed configs
 # (TEST_TRITON_AUTOTUNE=1 autotunes them, seconds per shape); the benchmarks always autotune. QUICK=1 fits a
-# 10-minute command (DEADLINE 560 s): the kernel times (60 s at most), then the benchmarks: the point-loss
+# 10-minute command (DEADLINE 560 s): the kernel times (45 s at most), then the benchmarks: the point-loss
 # benchmarks, the host-time profile of an op call, the masked-attention ones at 50 % density (forward + backward) and
-# the MaskedMultiheadAttention module against nn.MultiheadAttention (200 s), then the cuda tests of the
+# the MaskedMultiheadAttention module against nn.MultiheadAttention (180 s), then the cuda tests of the
 # masked-attention and point-loss ops, the nn modules and the deformable-attention ops in that order (130 s;
 # on an H200 with 8 processes they took 90-115 s), and memcheck with the time left (140 s on the H200). The
 # full run's tests add the transformers integration.
@@ -45,8 +45,8 @@ if [ "${QUICK:-0}" = 1 ]; then
   BENCH_ARGS=${BENCH_ARGS:-benchmarks/bench_point_loss.py benchmarks/bench_call_overhead.py benchmarks/bench_masked_attention.py -k \"host_profile or point or module or (density50 and full)\"}
   DEADLINE=${DEADLINE:-560}
   BUILD_TIMEOUT=${BUILD_TIMEOUT:-200}
-  KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-60}
-  BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
+  KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-45}
+  BENCH_TIMEOUT=${BENCH_TIMEOUT:-180}
   TEST_TIMEOUT=${TEST_TIMEOUT:-130}
 fi
 STEPS=${STEPS:-build kernels test sanitize bench}

@@ -37,6 +37,7 @@ def _point_mask_loss(device, backend):
     logits, targets, coords = bench_point_loss._loss_inputs(device)
 
     def call():
+        logits.grad = None  # no accumulation kernel in the profile
         ce, dice = m2f_kernels.point_mask_loss(logits, targets, coords, logits.shape[0], backend=backend)
         (ce + dice).backward()
 
@@ -47,8 +48,9 @@ def _masked_attention(device, backend):
     q, k, v, mask_logits = bench_masked_attention._inputs(*ATTENTION_SHAPE, device)
 
     def call():
-        out, _ = m2f_kernels.masked_attention(q, k, v, mask_logits=mask_logits, backend=backend)
-        out.sum().backward()
+        q.grad = k.grad = v.grad = None  # no accumulation kernels in the profile
+        out = m2f_kernels.masked_attention(q, k, v, mask_logits=mask_logits, backend=backend)
+        out.backward(torch.ones_like(out))
 
     return call
 
