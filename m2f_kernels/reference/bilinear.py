@@ -9,12 +9,17 @@ x0 = floor(x), so gradients at integer coordinates are the one-sided derivatives
 import torch
 
 
+def inside_image(x: torch.Tensor, y: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Whether the samples at pixel coordinates x, y contribute: -1 < x < W and -1 < y < H (NaN: False)."""
+    return (x > -1) & (x < width) & (y > -1) & (y < height)
+
+
 def bilinear_sample(image: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Samples ``image`` (B, H, W, C) at pixel coordinates ``x``, ``y`` (B, *) -> (B, *, C)."""
     batch, height, width, channels = image.shape
     if height == 0 or width == 0:
         return image.new_zeros(*x.shape, channels)  # every sample lies outside an empty image
-    inside = (x > -1) & (x < width) & (y > -1) & (y < height)
+    inside = inside_image(x, y, height, width)
     x = torch.where(inside, x, torch.zeros_like(x))
     y = torch.where(inside, y, torch.zeros_like(y))
     x0 = torch.floor(x)

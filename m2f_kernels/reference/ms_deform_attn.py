@@ -2,7 +2,7 @@
 
 import torch
 
-from .bilinear import bilinear_sample
+from .bilinear import bilinear_sample, inside_image
 
 
 def ms_deform_attn(
@@ -37,8 +37,7 @@ def ms_deform_attn(
         samples = bilinear_sample(level_value.reshape(batch * heads, height, width, channels), x, y)
         weights = attention_weights[:, :, :, level].transpose(1, 2).reshape(batch * heads, queries, points)
         # A sample outside the image reads nothing, not even its weight (a NaN there is dropped).
-        inside = (x > -1) & (x < width) & (y > -1) & (y < height)
-        weights = torch.where(inside, weights, torch.zeros_like(weights))
+        weights = torch.where(inside_image(x, y, height, width), weights, torch.zeros_like(weights))
         out = out + (samples * weights.unsqueeze(-1)).sum(dim=2)
     out = (
         out.reshape(batch, heads, queries, channels).transpose(1, 2).reshape(batch, queries, heads * channels)
