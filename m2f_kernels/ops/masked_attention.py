@@ -231,10 +231,13 @@ def masked_attention(
     check_same_device("q", q, k=k, v=v, mask_logits=mask_logits, attn_mask=attn_mask)
     threshold_logit = threshold_to_logit(real_number("threshold", threshold))
     if scale is None:
-        scale = head_dim**-0.5 if head_dim else 1.0  # no head dim: an empty output whatever the scale
-    scale = real_number("scale", scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+        # Left symbolic under torch.compile / torch.export with a dynamic head dim; no head dim: an empty
+        # output whatever the scale.
+        scale = head_dim**-0.5 if head_dim else 1.0
+    else:
+        scale = real_number("scale", scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
     q, k, v = cast_for_autocast(q.device, q, k, v)
     check_same_dtype("q", q, k=k, v=v)
     if mask_logits is not None and mask_logits.dtype != q.dtype:

@@ -595,6 +595,20 @@ def test_compile_fullgraph_masked_attention_and_losses():
         torch.testing.assert_close(got, want)
 
 
+def test_compile_masked_attention_with_a_dynamic_head_dim():
+    """The default scale d ** -0.5 went through math.isfinite: a graph break under dynamic=True, and a
+    failure once a second head dim made torch.compile mark d dynamic."""
+    compiled = torch.compile(
+        lambda q, k, v, logits: m2f_kernels.masked_attention(q, k, v, logits), fullgraph=True, backend="eager"
+    )
+    for head_dim in (4, 8):
+        generator = torch.Generator().manual_seed(head_dim)
+        q, k, v = (torch.randn(2, 2, n, head_dim, generator=generator) for n in (3, 5, 5))
+        logits = torch.randn(2, 3, 5, generator=generator)
+        expected = reference.masked_attention(q.double(), k.double(), v.double(), logits.double())[0]
+        torch.testing.assert_close(compiled(q, k, v, logits).double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def _point_sample_backward_through_the_dispatcher() -> torch.Tensor:
     """The image gradient of a torch-backend point_sample of ones, its backward called as a registered op (as
     compiled graphs call it), where kernels run with autograd excluded and reference_vjp uses its worker
