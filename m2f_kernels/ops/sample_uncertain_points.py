@@ -72,11 +72,18 @@ def sample_uncertain_points(
 
     chunk_candidates = _CANDIDATES_PER_CHUNK if device.type == "cpu" else _GPU_CANDIDATES_PER_CHUNK
     masks_per_chunk = max(1, chunk_candidates // max(num_candidates, 1))
-    for start in range(0, num_masks, masks_per_chunk):
-        end = min(start + masks_per_chunk, num_masks)
+    if torch.compiler.is_compiling():  # one chunk: a loop over a symbolic mask count cannot be traced
+        chunks = [(0, num_masks)]
+    else:
+        chunks = [
+            (start, min(start + masks_per_chunk, num_masks)) for start in range(0, num_masks, masks_per_chunk)
+        ]
+    # torch.rand(..., generator=None) does not take symbolic sizes under torch.compile; without it, it does.
+    random = {} if generator is None else {"generator": generator}
+    for start, end in chunks:
         if num_uncertain > 0:
             candidates = torch.rand(
-                end - start, num_candidates, 2, dtype=coords_dtype, device=device, generator=generator
+                end - start, num_candidates, 2, dtype=coords_dtype, device=device, **random
             )
             # Ranked in float32 (float64 for float64 logits) whatever the logits' dtype or autocast, as
             # Mask2Former's grid_sample runs: 16-bit sampled values would reorder near-ties.
@@ -92,6 +99,6 @@ def sample_uncertain_points(
             del candidates, logits, uncertainty, top
         if num_random > 0:
             coords[start:end, num_uncertain:] = torch.rand(
-                end - start, num_random, 2, dtype=coords_dtype, device=device, generator=generator
+                end - start, num_random, 2, dtype=coords_dtype, device=device, **random
             )
     return coords

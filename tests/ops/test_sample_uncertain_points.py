@@ -117,6 +117,22 @@ def test_bad_arguments():
         m2f_kernels.sample_uncertain_points(torch.randn(2, 4, 4), 10, importance_ratio=1.5)
 
 
+def test_compiles_with_a_dynamic_mask_count():
+    """The chunk loop over the mask count and torch.rand(..., generator=None) failed under
+    torch.compile(fullgraph=True, dynamic=True)."""
+    compiled = torch.compile(
+        lambda logits: m2f_kernels.sample_uncertain_points(logits, 400),
+        fullgraph=True,
+        dynamic=True,
+        backend="eager",
+    )
+    for num_masks in (2, 3):
+        coords = compiled(half_plane_logits(num_masks))
+        assert coords.shape == (num_masks, 400, 2)
+        assert ((coords >= 0) & (coords <= 1)).all()
+        assert (coords[:, :300, 0] < 31.5 / 64).all()  # the most uncertain 75 % come from the zero half
+
+
 @pytest.mark.cuda
 def test_cuda_generator_reproducible_and_fraction():
     logits = half_plane_logits().cuda()
