@@ -226,6 +226,17 @@ def check_no_forward_ad(name: str, args: Sequence) -> None:
         )
 
 
+def check_no_functorch_grad(name: str) -> None:
+    """NotImplementedError inside torch.func.grad / vjp / jacrev / hessian, whose error about the custom ops'
+    generated autograd.Function would name nothing the caller wrote."""
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    if any(i.key() == torch._C._functorch.TransformType.Grad for i in stack):
+        raise NotImplementedError(
+            f"{name}: torch.func.grad / vjp / jacrev / hessian are not supported; differentiate with "
+            "backward() or torch.autograd.grad"
+        )
+
+
 @functools.cache
 def _eager_autograd(op: CustomOpDef) -> type[torch.autograd.Function]:
     """An autograd.Function running ``op``'s own implementation, setup_context and backward."""
@@ -253,6 +264,8 @@ def call_op(op: CustomOpDef, *args):
     """
     if forward_ad._current_level >= 0:  # inside torch.func.jvp too
         check_no_forward_ad(op._name, args)
+    if not torch.compiler.is_compiling():  # the interpreter stack is not traceable
+        check_no_functorch_grad(op._name)
     if not plain_eager(args):
         return op(*args)
     if torch.is_grad_enabled() and any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args):

@@ -678,6 +678,24 @@ ALL_CPU_BACKENDS = CPU_BACKENDS + (["triton"] if _backend.triton_runs_on("cpu") 
 
 
 @pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_functorch_reverse_mode_is_refused_by_name(backend):
+    """torch.func.grad and its kin failed inside torch's generated autograd.Function of the custom ops, with
+    an error about setup_context that names nothing the caller wrote."""
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64)
+    coords = torch.rand(1, 4, 2, dtype=torch.float64)
+    message = r"point_sample: torch.func.grad / vjp / jacrev / hessian are not supported"
+    for transform in (torch.func.grad, torch.func.jacrev):
+        with pytest.raises(NotImplementedError, match=message):
+            transform(lambda a: m2f_kernels.point_sample(a, coords, backend=backend).sum())(x)
+    with pytest.raises(NotImplementedError, match=message):
+        torch.func.vjp(lambda a: m2f_kernels.point_sample(a, coords, backend=backend), x)
+    # backward() and torch.autograd.grad, what the message points to, give the gradient.
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(m2f_kernels.point_sample(leaf, coords, backend=backend).sum(), leaf)
+    torch.testing.assert_close(grad, torch.func.grad(lambda a: reference.point_sample(a, coords).sum())(x))
+
+
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
 def test_forward_mode_ad_is_refused(backend):
     """The ops have no forward-mode formula; a tangent reaching one is an error, not a zero or a lost tangent.
     An op outside the differentiated path still runs under torch.func.jvp."""
