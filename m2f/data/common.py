@@ -14,16 +14,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from m2f.checks import check_int
+
 IGNORE_LABEL = 255
-
-
-def check_int(name: str, value, minimum: int) -> int:
-    """``value`` as an int when it is an int (numpy ints too, bool not) of at least ``minimum``; else a
-    ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        expected = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return int(value)
 
 
 class DatasetError(Exception):

@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from m2f.data.common import check_int, id_to_rgb
+from m2f.checks import check_int
+from m2f.data.common import id_to_rgb
 from m2f.files import write_bytes_atomic, write_json_atomic
 
 THING_CATEGORIES = (

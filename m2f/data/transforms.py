@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from m2f.data.common import IGNORE_LABEL, check_int
+from m2f.checks import check_int
+from m2f.data.common import IGNORE_LABEL
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from m2f.data.common import check_int
+from m2f.checks import check_int
 from m2f.engine import checkpoint as ckpt
 from m2f.engine import distributed as dist_utils
 from m2f.files import check_output_path, remove_stale_temporaries, write_bytes_atomic

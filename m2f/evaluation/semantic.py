@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from m2f.data.common import check_int
+from m2f.checks import check_int
 from m2f.evaluation.arrays import per_class_keys, to_numpy
 
 

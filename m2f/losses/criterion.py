@@ -9,8 +9,8 @@ from torch import nn
 
 import m2f_kernels
 
+from ..checks import check_int
 from ..config import ModelConfig
-from ..data.common import check_int
 from .matcher import HungarianMatcher
 
 

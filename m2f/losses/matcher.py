@@ -9,7 +9,7 @@ from torch import nn
 
 import m2f_kernels
 
-from ..data.common import check_int
+from ..checks import check_int
 
 TARGETS_PER_SAMPLE = 16  # target masks made floating at once (64 MB at 1024 x 1024)
 
