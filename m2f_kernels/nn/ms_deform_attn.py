@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import m2f_kernels
-from m2f_kernels.ops._common import check_same_device, check_shape, check_tensor, whole_number
+from m2f_kernels.ops._common import autocast_dtype, check_same_device, check_shape, check_tensor, whole_number
 
 
 def sample_in_float32_under_autocast(sample: Callable, *args):
@@ -39,11 +39,11 @@ def sample_in_float32_under_autocast(sample: Callable, *args):
         return isinstance(arg, torch.Tensor) and arg.is_floating_point()
 
     floats = [arg for arg in args if is_float(arg)]
-    device_type = floats[0].device.type
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    device = floats[0].device
+    if autocast_dtype(device) is None:
         return sample(*args)
     wide = functools.reduce(torch.promote_types, (arg.dtype for arg in floats), torch.float32)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(device.type, enabled=False):
         return sample(*(arg.to(wide) if is_float(arg) else arg for arg in args))
 
 

@@ -14,6 +14,7 @@ from .._backend import BACKENDS, OpKernels
 from ..reference.masked_attention import blocked_keys, logits_visible, threshold_to_logit
 from ._common import (
     accumulate_dtype,
+    autocast_dtype,
     call_op,
     cast_for_autocast,
     check_same_device,
@@ -263,13 +264,8 @@ def masked_attention(
         return out
     blocked = blocked_keys(mask_logits, attn_mask, threshold_logit)
     # In float32 under autocast too, which would otherwise run the product in half precision.
-    device_type = q.device.type
-    autocast_off = (
-        torch.autocast(device_type, enabled=False)
-        if torch.amp.is_autocast_available(device_type)
-        else contextlib.nullcontext()
-    )
-    with autocast_off:
+    autocast_on = autocast_dtype(q.device) is not None
+    with torch.autocast(q.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
         scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     if blocked is not None:
         scores = scores.masked_fill(blocked, -math.inf)
