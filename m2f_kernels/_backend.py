@@ -230,6 +230,18 @@ class OpKernels:
         module = triton_module(self.op)
         return getattr(module, self._kernel_name(stage), None) if module is not None else None
 
+    def _check_triton_interpreter(self, interpreted: bool) -> None:
+        """Raises unless the Triton kernels were defined with TRITON_INTERPRET as it is now."""
+        from .triton._common import IMPORTED_INTERPRETED
+
+        if interpreted != IMPORTED_INTERPRETED:
+            raise RuntimeError(
+                f"m2f_kernels.{self.op}: TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} now, but the "
+                f"Triton kernels were imported {'with' if IMPORTED_INTERPRETED else 'without'} "
+                "TRITON_INTERPRET=1 and Triton fixes that choice when a kernel is defined: set TRITON_INTERPRET "
+                "before the first call of an op in this process"
+            )
+
     def available(self, backend: str, device_type: str, stage: str = "forward") -> bool:
         """Whether ``backend`` (not "auto") can run ``stage`` on ``device_type`` tensors here."""
         if backend == "torch":
@@ -280,6 +292,8 @@ class OpKernels:
         if backend == "torch":
             return _without_autocast(self.torch_kernels[stage], device.type)
         if backend == "triton":
+            interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+            self._check_triton_interpreter(interpreted)
             kernel = self._triton_kernel(stage)
-            return _one_call_at_a_time(kernel) if os.environ.get("TRITON_INTERPRET", "0") == "1" else kernel
+            return _one_call_at_a_time(kernel) if interpreted else kernel
         return getattr(torch.ops.m2f_kernels, "_" + self._kernel_name(stage))

@@ -20,6 +20,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# triton.jit chooses between the interpreter and the compiler when a kernel is defined, so the kernels of these
+# modules run as they were imported, whatever TRITON_INTERPRET says later.
+IMPORTED_INTERPRETED = interpreting()
+
+
 def size_class(n: int) -> int:
     """Power-of-two bucket of a size, so autotuning keys on the shape class rather than the exact size."""
     return 1 << max(0, n - 1).bit_length()

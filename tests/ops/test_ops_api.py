@@ -1,6 +1,7 @@
 """The public ops: torch.library registration (opcheck), dispatch, autograd, empty inputs and bad input."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -359,6 +360,43 @@ def test_available_backends_lists_the_compiled_library():
     backends = m2f_kernels.available_backends()
     assert backends[-1] == "torch"
     assert ("cpu" in backends) == _backend.has_kernel("_ms_deform_attn_forward", "cpu")
+
+
+INTERPRETER_SET_LATE_SCRIPT = """
+import os, torch, m2f_kernels
+q, mask_logits = torch.randn(1, 2, 3, 16), torch.randn(1, 3, 5)
+k = torch.randn(1, 2, 5, 16)
+try:
+    m2f_kernels.masked_attention(q, k, k, mask_logits, backend="triton")
+except RuntimeError as error:
+    print("without:", error)
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    m2f_kernels.masked_attention(q, k, k, mask_logits, backend="triton")
+except RuntimeError as error:
+    print("late:", error)
+"""
+
+
+def test_triton_interpreter_switched_on_after_the_kernels_were_defined_is_named():
+    """triton.jit decides at definition whether a kernel is interpreted; switching TRITON_INTERPRET on later
+    used to fail inside Triton ("Cannot call @triton.jit'd outside of the scope of a kernel")."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_SET_LATE_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout + result.stderr[-2000:]
+    assert lines[0].startswith("without:") and "TRITON_INTERPRET=1" in lines[0]
+    assert lines[1].startswith("late:") and "imported without TRITON_INTERPRET=1" in lines[1]
 
 
 # Bad input: a clear error naming the argument.
