@@ -121,7 +121,8 @@ class Criterion(nn.Module):
         batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
         query_idx = torch.cat([q for q, _ in indices])
         if query_idx.numel() == 0:
-            zero = pred_masks.float().sum() * 0.0  # linked to the graph; a float16 sum could overflow
+            # Linked to the graph without reading a value: sum(x) * 0 is NaN for an infinite x.
+            zero = pred_masks[:0].float().sum()
             return zero, zero.clone()
         device = pred_masks.device
         matched_logits = pred_masks[batch_idx.to(device), query_idx.to(device)]  # (N, h, w)

@@ -1,5 +1,7 @@
 """Criterion against an unfused computation (grid_sample, explicit sums) with the same matches and points."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -222,6 +224,22 @@ def test_no_targets_in_float16_gives_zero_mask_losses():
     losses = make_criterion(deep_supervision=False)(outputs, targets)
     assert losses["loss_mask"].item() == 0 and losses["loss_dice"].item() == 0
     assert losses["loss_mask"].dtype == torch.float32 and torch.isfinite(losses["loss_ce"])
+
+
+@pytest.mark.parametrize("logits", ["one infinite", "all 1e38"])
+def test_no_targets_with_huge_mask_logits_gives_zero_mask_losses(logits):
+    """Nothing matched, nothing to lose, whatever the logits: an infinite logit, or finite ones whose float32
+    sum overflows, used to give NaN (sum * 0) mask losses, and the trainer stopped on them."""
+    pred_masks = torch.full((2, 100, 8, 8), 1e38)
+    if logits == "one infinite":
+        pred_masks.zero_()[0, 0, 0, 0] = math.inf
+    pred_masks.requires_grad_()
+    outputs = {"pred_logits": torch.randn(2, 100, NUM_CLASSES + 1), "pred_masks": pred_masks}
+    targets = [{"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 32, 32)}] * 2
+    losses = make_criterion(deep_supervision=False)(outputs, targets)
+    assert losses["loss_mask"].item() == 0 and losses["loss_dice"].item() == 0
+    sum(losses.values()).backward()
+    assert torch.equal(pred_masks.grad, torch.zeros_like(pred_masks))
 
 
 def test_deep_supervision_off_ignores_aux_outputs():
