@@ -601,8 +601,9 @@ class Trainer:
     def train(self) -> Path:
         """Trains to max_iters; returns the final checkpoint's weights path.
 
-        Raises FloatingPointError with the iteration number when a loss is NaN/inf; nothing is saved for that
-        iteration, so the last good checkpoint stays the newest one.
+        Raises FloatingPointError with the iteration number when a loss is NaN/inf (or the criterion refuses
+        NaN/inf predictions); nothing is saved for that iteration, so the last good checkpoint stays the newest
+        one.
         """
         from tqdm import tqdm
 
@@ -631,7 +632,11 @@ class Trainer:
                 data_start = time.perf_counter()
                 micro_batches = [next(self.batches) for _ in range(settings.grad_accum_steps)]
                 window_data_time += time.perf_counter() - data_start
-                values = dist_utils.all_reduce_sum(self.forward_backward(micro_batches)) / self.world_size
+                try:
+                    values = self.forward_backward(micro_batches)
+                except FloatingPointError as error:  # e.g. the matcher refusing NaN predictions
+                    self._stop(f"non-finite predictions at iteration {iteration + 1}: {error}")
+                values = dist_utils.all_reduce_sum(values) / self.world_size
                 values_list = values.tolist()
                 if not all(math.isfinite(v) for v in values_list):
                     terms = dict(zip(["total_loss", *self.loss_names], values_list))

@@ -13,6 +13,7 @@ from torch import nn
 from m2f.engine import checkpoint as ckpt
 from m2f.engine.train import CsvLog, LRSchedule, StreamBatchSampler, TrainSettings, build_param_groups
 from m2f.losses.criterion import Criterion
+from m2f.losses.matcher import HungarianMatcher
 
 
 def test_param_groups_follow_mask2former_rules():
@@ -310,6 +311,28 @@ def test_nan_loss_stops_with_iteration_and_keeps_last_checkpoint(tmp_path):
     assert ckpt.find_last_checkpoint(tmp_path).name == "model_0000002.safetensors"
     assert not (tmp_path / "model_0000003.safetensors").exists()
     ckpt.load_training_state(tmp_path / "model_0000002.safetensors")
+
+
+def test_nan_predictions_refused_by_the_matcher_stop_like_a_nan_loss(tmp_path):
+    """The matcher raises on NaN costs inside forward_backward: the trainer still names the iteration and the
+    last good checkpoint, as for a NaN loss."""
+    criterion = Criterion(2, HungarianMatcher(num_points=16), num_points=16, deep_supervision=False)
+    masks = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.5
+    calls = {"n": 0}
+
+    def nan_at_the_third_call(outputs, targets):
+        calls["n"] += 1
+        pred = outputs["pred"] * (math.nan if calls["n"] == 3 else 1.0)  # (B, 3)
+        predictions = {
+            "pred_logits": pred[:, None, :],
+            "pred_masks": pred[:, :1, None, None].expand(-1, 1, 4, 4),
+        }
+        return criterion(predictions, [{"labels": torch.tensor([0]), "masks": masks}] * pred.shape[0])
+
+    trainer = make_trainer(tmp_path, criterion=nan_at_the_third_call, checkpoint_period=1)
+    with pytest.raises(FloatingPointError, match=r"iteration 3\b.*NaN.*model_0000002\.safetensors"):
+        trainer.train()
+    assert ckpt.find_last_checkpoint(tmp_path).name == "model_0000002.safetensors"
 
 
 class _InfiniteGradient(torch.autograd.Function):
