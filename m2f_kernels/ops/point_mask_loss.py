@@ -121,6 +121,23 @@ def _backward(ctx, grad_ce, grad_dice, grad_sums):
 _point_mask_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _checked_num_masks(num_masks: float | Tensor) -> float | Tensor:
+    """num_masks as a number or a 0-d tensor; ValueError unless it is positive and finite."""
+    if isinstance(num_masks, Tensor):
+        if num_masks.numel() != 1 or num_masks.dtype == torch.bool or num_masks.is_complex():
+            raise ValueError(
+                f"num_masks must be a number or a one-element real tensor, got a {num_masks.dtype} tensor of "
+                f"shape {tuple(num_masks.shape)}"
+            )
+        num_masks = num_masks.reshape(())
+        if num_masks.device.type != "cpu" or torch.compiler.is_compiling():
+            return num_masks
+    value = real_number("num_masks", num_masks)
+    if not 0 < value < math.inf:
+        raise ValueError(f"num_masks must be positive and finite, got {value}")
+    return num_masks
+
+
 def point_mask_loss(
     mask_logits: Tensor,
     target_masks: Tensor,
@@ -134,7 +151,8 @@ def point_mask_loss(
     mask_logits (N, H, W) predicted mask logits (e.g. at 1/4 resolution); target_masks (N, Ht, Wt) bool, uint8
     or float in [0, 1] (e.g. at full resolution; float targets are read in float32 or wider, never rounded to
     half logits' dtype); coords (N, P, 2) normalized (x, y) in [0, 1]; num_masks the
-    normalizer (Mask2Former: matched masks averaged over processes). Both maps are sampled bilinearly
+    normalizer (Mask2Former: matched masks averaged over processes), a number or a one-element tensor (whose
+    value is checked on the CPU only: reading it from a GPU would wait for the device). Both maps are sampled bilinearly
     (align_corners=False, zero padding). Returns (ce, dice), float32 scalars (float64 for float64 logits): the
     sum over masks of the mean BCE-with-logits over points, and of 1 - (2 sum(p t) + 1) / (sum p + sum t + 1),
     each divided by num_masks.
@@ -148,8 +166,7 @@ def point_mask_loss(
     check_shape("target_masks", target_masks, (masks, None, None), "N, Ht, Wt")
     check_shape("coords", coords, (masks, None, 2), "N, P, (x, y)")
     check_same_device("mask_logits", mask_logits, target_masks=target_masks, coords=coords)
-    if not isinstance(num_masks, Tensor) and not 0 < real_number("num_masks", num_masks) < math.inf:
-        raise ValueError(f"num_masks must be positive and finite, got {num_masks}")
+    num_masks = _checked_num_masks(num_masks)
     (mask_logits,) = cast_for_autocast(mask_logits.device, mask_logits)
     # Zero padding samples 0 everywhere from an empty map, as from a 1x1 map of zeros. For the logits that map
     # is their sum over the empty map, which keeps them in the autograd graph.

@@ -577,6 +577,18 @@ def test_point_loss_bad_inputs():
             m2f_kernels.point_mask_loss(mask, torch.zeros(2, 8, 8), torch.rand(2, 5, 2), num_masks)
     with pytest.raises(ValueError, match="num_masks must be positive and finite"):
         m2f_kernels.point_mask_loss(mask, torch.zeros(2, 8, 8), torch.rand(2, 5, 2), math.inf)
+    # A tensor num_masks went unchecked: 0 gave infinite losses, -2 negative ones, two values a (2,) "scalar".
+    for num_masks in (torch.tensor(0.0), torch.tensor([math.nan]), torch.tensor(-2.0)):
+        with pytest.raises(ValueError, match="num_masks must be positive and finite"):
+            m2f_kernels.point_mask_loss(mask, torch.zeros(2, 8, 8), torch.rand(2, 5, 2), num_masks)
+    for num_masks in (torch.tensor([2.0, 4.0]), torch.tensor(True)):
+        with pytest.raises(ValueError, match="num_masks must be a number or a one-element real tensor"):
+            m2f_kernels.point_mask_loss(mask, torch.zeros(2, 8, 8), torch.rand(2, 5, 2), num_masks)
+    coords = torch.rand(2, 5, 2)
+    as_number = m2f_kernels.point_mask_loss(mask, torch.zeros(2, 8, 8), coords, 2.0)
+    as_tensor = m2f_kernels.point_mask_loss(mask, torch.zeros(2, 8, 8), coords, torch.tensor([2]))
+    assert as_tensor[0].shape == () and as_tensor[1].shape == ()
+    torch.testing.assert_close(as_tensor, as_number)
     with pytest.raises(TypeError, match="oversample_ratio must be a real number"):
         m2f_kernels.sample_uncertain_points(torch.randn(2, 4, 4), 10, oversample_ratio=None)
     with pytest.raises(TypeError, match="importance_ratio must be a real number"):
