@@ -39,7 +39,9 @@ class MaskedMultiheadAttention(nn.Module):
       - attn_mask bool (Q, K) or (B * num_heads, Q, K), True = blocked, as nn.MultiheadAttention takes it
         (additive float masks are not taken).
     key_padding_mask (B, K) ((K,) unbatched) bool, True = padding, blocks those keys for every query; the rule
-    below then applies to the unpadded keys (a query that sees none of them attends to all of them).
+    below then applies to the unpadded keys (a query that sees none of them attends to all of them; in a
+    batch element whose keys are all padding, every query attends to all of them, where
+    nn.MultiheadAttention gives NaN).
     Output: like query. Two departures from nn.MultiheadAttention: a query whose keys are all blocked
     attends to every key (Mask2Former's rule), where nn.MultiheadAttention gives no attention (zeros)
     or NaN, and need_weights defaults to False.
