@@ -126,9 +126,11 @@ M2F_CPU_INLINE void sample_points(const scalar_t* logit_plane, int64_t height, i
   }
 }
 
-// Planes with more elements than this are sampled one point at a time (the lanes hold 32-bit
-// indices).
-constexpr int64_t kMaxLaneIndex = 0x7fffffff;
+// Whether a plane is sampled kVectorLanes points at a time: the lanes hold 32-bit indices, and
+// clamp their corners into the plane, which an empty plane does not have.
+M2F_CPU_INLINE bool fits_lanes(int64_t height, int64_t width) {
+  return height > 0 && width > 0 && height * width <= 0x7fffffff;
+}
 
 #if defined(__GNUC__)
 M2F_CPU_INLINE IntVector int_splat(int32_t value) { return IntVector{} + value; }
@@ -240,7 +242,7 @@ M2F_CPU_INLINE void sample_chunk(const scalar_t* logit_plane, int64_t height, in
   int64_t i = 0;
 #if defined(__GNUC__)
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (height * width <= kMaxLaneIndex && target_height * target_width <= kMaxLaneIndex) {
+    if (fits_lanes(height, width) && fits_lanes(target_height, target_width)) {
       for (; i + kVectorLanes <= count; i += kVectorLanes) {
         const int64_t p = begin + i;
         FloatVector x, y;
@@ -275,7 +277,7 @@ void point_sample_points(const scalar_t* input, int64_t channels, int64_t height
   int64_t p = begin;
 #if defined(__GNUC__)
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (height * width <= kMaxLaneIndex) {
+    if (fits_lanes(height, width)) {
       for (; p + kVectorLanes <= end; p += kVectorLanes) {
         FloatVector x, y;
         load_coord_lanes(coords + 2 * p, &x, &y);

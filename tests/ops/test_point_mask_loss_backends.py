@@ -249,6 +249,27 @@ def test_cpu_kernel_accepts_float32_coords_for_low_precision_logits():
     torch.testing.assert_close(sums.double(), ref_sums, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
+@pytest.mark.parametrize("empty", ["logits", "targets"])
+def test_cpu_kernel_samples_zeros_from_an_empty_plane(empty):
+    """The C++ entry point, which C++ callers reach without the Python op's handling of empty maps: the
+    vectorized path (a point count of several lanes) read outside the empty plane and crashed."""
+    logits, targets = torch.randn(2, 6, 7), torch.rand(2, 9, 8)
+    if empty == "logits":
+        logits = logits[:, :0]
+    else:
+        targets = targets[:, :, :0]
+    coords = torch.rand(2, 40, 2)
+    ce, dice, sums = torch.ops.m2f_kernels._point_mask_loss_forward(
+        logits.contiguous(), targets.contiguous(), coords
+    )
+    zeros = torch.zeros(2, 1, 1)  # an empty map samples as zeros
+    expected = reference.point_mask_loss_per_mask(
+        zeros if empty == "logits" else logits, zeros if empty == "targets" else targets, coords
+    )
+    torch.testing.assert_close((ce, dice, sums), expected)
+
+
 @pytest.mark.skipif("triton" not in CPU_KERNEL_BACKENDS, reason="Triton does not run on CPU here")
 def test_triton_deterministic_backward_without_the_global_flag():
     assert not torch.are_deterministic_algorithms_enabled()

@@ -294,6 +294,16 @@ def test_cpu_kernel_accepts_float32_coords_for_low_precision_input():
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
+@pytest.mark.parametrize("size", [(0, 5), (5, 0), (0, 0)])
+def test_cpu_kernel_samples_zeros_from_an_empty_plane(size):
+    """The C++ entry point, which C++ callers reach without the Python op's handling of empty maps: the
+    vectorized path (a point count of several lanes) read outside the empty plane and crashed."""
+    image = torch.empty(2, 3, *size)
+    out = torch.ops.m2f_kernels._point_sample_forward(image, torch.rand(2, 40, 2))
+    assert torch.equal(out, torch.zeros(2, 3, 40))
+
+
 @pytest.mark.skipif("triton" not in CPU_KERNEL_BACKENDS, reason="Triton does not run on CPU here")
 def test_triton_deterministic_backward_without_the_global_flag():
     assert not torch.are_deterministic_algorithms_enabled()
