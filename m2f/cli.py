@@ -18,15 +18,16 @@ AMP_CHOICES = ("bf16", "fp16")
 DATASET_CHOICES = ("coco-panoptic", "coco-instance", "ade20k")
 
 
-def _int_at_least(minimum: int, meaning: str):
-    """An argparse type: the text as an int >= minimum, else the error "must be <meaning>, got <text>"."""
+def _int_at_least(minimum: int, meaning: str, below: int | None = None):
+    """An argparse type: the text as an int >= minimum (and < below), else the error "must be <meaning>, got
+    <text>"."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
+        if value is None or value < minimum or (below is not None and value >= below):
             raise argparse.ArgumentTypeError(f"must be {meaning}, got {text}")
         return value
 
@@ -35,6 +36,7 @@ def _int_at_least(minimum: int, meaning: str):
 
 _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "a non-negative integer")
+_seed = _int_at_least(0, "an integer from 0 to 2**32 - 1", below=2**32)
 
 
 def _add_device(parser: argparse.ArgumentParser, amp_help: str = "mixed precision inference") -> None:
@@ -213,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--backbone-weights", help="local timm backbone weights (.safetensors or torch file)")
     train.add_argument(
-        "--seed", type=_non_negative_int, default=0, help="seed of the weights' init and the data stream"
+        "--seed", type=_seed, default=0, help="seed of the weights' init and the data stream (0 to 2**32 - 1)"
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(

@@ -260,10 +260,15 @@ def test_bad_input_is_one_clear_line(synthetic_root, tmp_path, capsys):
     args = ["train", "--config", "no-such-config", "--data-root", str(synthetic_root), "--out", str(tmp_path)]
     assert main(args) == 2
     assert "unknown config name 'no-such-config'" in capsys.readouterr().err
-    for option in ("--seed", "--num-workers"):
+    with pytest.raises(SystemExit):
+        main([*train_args(synthetic_root, tmp_path, 1), "--num-workers", "-1"])
+    assert "argument --num-workers: must be a non-negative integer, got -1" in capsys.readouterr().err
+    for seed in ("-1", str(2**32)):  # 2**64 failed at the first batch: "Overflow when unpacking long long"
         with pytest.raises(SystemExit):
-            main([*train_args(synthetic_root, tmp_path, 1), option, "-1"])
-        assert f"argument {option}: must be a non-negative integer, got -1" in capsys.readouterr().err
+            main([*train_args(synthetic_root, tmp_path, 1), "--seed", seed])
+        assert (
+            f"argument --seed: must be an integer from 0 to 2**32 - 1, got {seed}" in capsys.readouterr().err
+        )
     with pytest.raises(SystemExit):  # eval took -1 and failed in the DataLoader after loading the model
         main(
             [

@@ -34,6 +34,7 @@ from m2f.losses.criterion import Criterion
 
 EMBEDDING_PARAMETER_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_SEED = 2**32  # numpy's limit; the data stream's generators are seeded with seed * 1_000_003 + epoch
 
 
 @dataclass
@@ -72,6 +73,8 @@ class TrainSettings:
             setattr(self, name, check_int(name, getattr(self, name), 1))
         for name in ("eval_period", "num_workers", "warmup_iters", "seed"):
             setattr(self, name, check_int(name, getattr(self, name), 0))
+        if self.seed >= MAX_SEED:
+            raise ValueError(f"seed must be below 2**32 ({MAX_SEED}), got {self.seed}")
         if self.amp not in (None, *AMP_DTYPES):
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         if self.lr_schedule not in ("step", "poly"):
@@ -304,6 +307,28 @@ class SeededSamples(torch.utils.data.Dataset):
                 np.random.set_state(numpy_state)  # noqa: NPY002
 
 
+def _flat_metadata(name: str, text: str) -> dict[str, str]:
+    """{dotted name: value} of a metadata value: a JSON object's leaves (config.solver.image_size, ...), else
+    {name: the value}; values shortened to 60 characters, for messages."""
+    try:
+        return _flat_json(name, json.loads(text))
+    except ValueError:
+        return {name: _shortened(text)}
+
+
+def _flat_json(name: str, value) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {name: _shortened(json.dumps(value))}
+    flat = {}
+    for key, item in value.items():
+        flat.update(_flat_json(f"{name}.{key}", item))
+    return flat
+
+
+def _shortened(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def move_to_device(obj, device: torch.device):
     """Moves tensors inside nested lists/tuples/dicts to `device`."""
     if isinstance(obj, torch.Tensor):
@@ -424,6 +449,8 @@ class Trainer:
         self.schedule = LRSchedule(settings)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp == "fp16")
         self.start_iteration = 0
+        self.elapsed_before = 0.0  # seconds of training before this process, when resuming
+        self._train_start = time.perf_counter()
         self.last_checkpoint: Path | None = None
         resume_from = ckpt.find_last_checkpoint(self.out_dir) if resume else None
         if resume_from is not None:
@@ -460,12 +487,13 @@ class Trainer:
         self.batches = iter(self.loader)
 
     def _load(self, weights_path: Path, model: nn.Module) -> None:
-        ckpt.load_model_weights(model, weights_path)
+        saved_metadata = ckpt.load_model_weights(model, weights_path)
         state = ckpt.load_training_state(weights_path)
         wanted = [{key: group[key] for key in GROUP_SETTINGS} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         self._keep_group_settings(wanted)
         self._report_changed_settings(state)
+        self._report_changed_metadata(saved_metadata)
         if state["scaler"] or not self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         elif self.is_main:
@@ -473,6 +501,7 @@ class Trainer:
         rng_states = state["rng"]
         ckpt.restore_rng_state(rng_states[self.rank % len(rng_states)])
         self.start_iteration = int(state["iteration"])
+        self.elapsed_before = float(state.get("elapsed", 0.0))
         if self.start_iteration > self.settings.max_iters:
             raise ValueError(
                 f"{weights_path} is at iteration {self.start_iteration}, past max_iters "
@@ -518,6 +547,34 @@ class Trainer:
                 f"resuming with another batch size than the checkpoint's ({sampler['samples_consumed']} samples in "
                 f"{iteration} iterations): the data stream goes on from sample {iteration * self.settings.batch_size}"
             )
+        saved_steps = state.get("steps", {})  # absent from checkpoints written before it was saved
+        changed = [
+            f"{name} {saved_steps[name]} -> {value}"
+            for name, value in self._step_settings().items()
+            if name in saved_steps and saved_steps[name] != value
+        ]
+        if changed:
+            print(f"resuming with other step settings than the checkpoint's: {', '.join(changed)}")
+
+    def _step_settings(self) -> dict:
+        """How each step runs, beyond the schedule and the data stream: precision and accumulation."""
+        return {"amp": self.settings.amp, "grad_accum_steps": self.settings.grad_accum_steps}
+
+    def _report_changed_metadata(self, saved: dict[str, str]) -> None:
+        """Says which values of the checkpoint's metadata (for m2f's runs: the config, e.g. the crop size, and
+        the dataset) this run changes; JSON objects are compared key by key."""
+        if not self.is_main:
+            return
+        changed = []
+        for key in sorted(set(saved) & set(self.metadata)):
+            old, new = _flat_metadata(key, saved[key]), _flat_metadata(key, self.metadata[key])
+            changed += [
+                f"{name} {old.get(name)} -> {new.get(name)}"
+                for name in sorted(set(old) | set(new))
+                if old.get(name) != new.get(name)
+            ]
+        if changed:
+            print(f"resuming with another configuration than the checkpoint's: {', '.join(changed)}")
 
     def save(self, iterations_done: int) -> None:
         """Writes a checkpoint (rank 0), with every rank's RNG state; all ranks must call it."""
@@ -533,6 +590,8 @@ class Trainer:
                     "samples_consumed": iterations_done * self.settings.batch_size,
                 },
                 "world_size": self.world_size,
+                "steps": self._step_settings(),
+                "elapsed": self.elapsed_before + time.perf_counter() - self._train_start,
             }
             self.last_checkpoint = ckpt.save_checkpoint(
                 self.out_dir, iterations_done, self.module, training_state, self.metadata
@@ -623,7 +682,7 @@ class Trainer:
         if self._missing_evaluation(eval_log):  # the run stopped while evaluating its last checkpoint
             self._evaluate(self.start_iteration, eval_log)
         self.model.train()
-        start_time = time.perf_counter()
+        start_time = self._train_start = time.perf_counter()
         window_start, window_data_time, window_iters, window_other = time.perf_counter(), 0.0, 0, 0.0
         try:
             for iteration in range(self.start_iteration, settings.max_iters):
@@ -657,7 +716,7 @@ class Trainer:
                         lr=lr,
                         time=(now - window_start - window_other) / window_iters,
                         data_time=window_data_time / window_iters,
-                        elapsed=now - start_time,
+                        elapsed=self.elapsed_before + now - start_time,
                     )
                     log.write(row)
                     window_start, window_data_time, window_iters, window_other = now, 0.0, 0, 0.0

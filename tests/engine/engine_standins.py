@@ -61,7 +61,13 @@ def collate_tiny(items: list[dict]):
 
 
 def make_trainer(
-    out_dir, *, criterion=tiny_criterion, dropout: float = 0.5, resume: bool = False, **settings
+    out_dir,
+    *,
+    criterion=tiny_criterion,
+    dropout: float = 0.5,
+    resume: bool = False,
+    metadata: dict[str, str] | None = None,
+    **settings,
 ):
     values = dict(
         max_iters=6,
@@ -81,7 +87,7 @@ def make_trainer(
         collate_tiny,
         TrainSettings(**values),
         out_dir,
-        metadata={"config": "tiny-test"},
+        metadata={"config": "tiny-test"} if metadata is None else metadata,
         resume=resume,
     )
 

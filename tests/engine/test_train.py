@@ -1,4 +1,5 @@
 import csv
+import json
 import math
 import random
 
@@ -267,6 +268,40 @@ def test_resume_says_when_the_data_stream_changes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "data seed than the checkpoint's: 0 -> 7" in printed
     assert "another batch size" in printed and "from sample 6" in printed
+
+
+def test_resume_says_when_the_configuration_or_the_step_settings_change(tmp_path, capsys):
+    """A resumed run with another crop size, dataset, precision or accumulation is no exact continuation;
+    such changes used to pass without a word."""
+    config = {"solver": {"image_size": 64, "lr": 1e-4}, "num_queries": 100}
+    metadata = {"config": json.dumps(config), "dataset": "coco_panoptic"}
+    make_trainer(tmp_path, max_iters=3, metadata=metadata).train()
+    make_trainer(tmp_path, resume=True, metadata=metadata)
+    printed = capsys.readouterr().out
+    assert "another configuration" not in printed and "other step settings" not in printed
+    config["solver"]["image_size"] = 96
+    changed = {"config": json.dumps(config), "dataset": "ade20k"}
+    make_trainer(tmp_path, resume=True, metadata=changed, amp="bf16", grad_accum_steps=2)
+    printed = capsys.readouterr().out
+    assert "config.solver.image_size 64 -> 96" in printed and "dataset coco_panoptic -> ade20k" in printed
+    assert "lr" not in printed.split("configuration than the checkpoint's")[1].splitlines()[0]
+    assert "amp None -> bf16" in printed and "grad_accum_steps 1 -> 2" in printed
+
+
+def test_elapsed_time_goes_on_after_a_resume(tmp_path):
+    make_trainer(tmp_path, max_iters=3).train()
+    make_trainer(tmp_path, max_iters=6, resume=True).train()
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        elapsed = [float(row["elapsed"]) for row in csv.DictReader(f)]
+    assert len(elapsed) == 6 and elapsed == sorted(elapsed), elapsed
+
+
+def test_seeds_beyond_32_bits_are_refused_up_front():
+    """A seed of 2**64 failed at the first batch with "Overflow when unpacking long long"; one just below
+    2**64 failed epochs later."""
+    TrainSettings(max_iters=1, seed=2**32 - 1)
+    with pytest.raises(ValueError, match=r"seed must be below 2\*\*32"):
+        TrainSettings(max_iters=1, seed=2**32)
 
 
 def test_a_fresh_run_in_a_used_folder_is_not_resumed_from_the_old_one(tmp_path, capsys):
