@@ -22,7 +22,9 @@
 # on an H200 with 8 processes they took 90-115 s), and memcheck with the time left (140 s on the H200). The
 # full run's tests add the transformers integration.
 # The build step runs `setup.py build_ext --inplace`, or where the Python's setuptools is older than 77 (too
-# old for pyproject.toml) benchmarks/build_inplace.py, which builds the same library without reading it. Later
+# old for pyproject.toml) benchmarks/build_inplace.py, which builds the same library without reading it, with
+# the CUDA toolkit that torch finds (CUDA_HOME, else the nvcc on PATH, else /usr/local/cuda), and fails unless
+# the library has the CUDA kernels. Later
 # steps never build the library on first use (M2F_KERNELS_NO_JIT=1): a build cut off by a step's timeout
 # would leave a lock that every later step waits on.
 # Logs and the results JSON go to OUT_DIR, named after the device and the commit (M2F_BENCH_COMMIT if
@@ -55,7 +57,6 @@ if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
   echo "gpu_check.sh: $PY sees no CUDA GPU" >&2
   exit 2
 fi
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
@@ -64,7 +65,7 @@ device=$($PY -c 'import re, torch; print(re.sub(r"[^A-Za-z0-9]+", "-", torch.cud
 commit=${M2F_BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 commit=${commit:0:7}
 prefix="$OUT_DIR/$device-$commit$([ "${QUICK:-0}" = 1 ] && echo -quick)"
-SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")}
+SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")}
 failed=""
 
 step_limit() {  # step_limit NAME: seconds NAME may run (0: no limit), from its own limit and the deadline
@@ -82,13 +83,14 @@ step() {  # step NAME COMMAND...: runs COMMAND, logs to $prefix-NAME.log, record
   local name=$1 status=0 limit
   shift
   limit=$(step_limit "$name")
-  if [ -n "${DEADLINE:-}" ] && [ "$limit" -lt 10 ]; then
+  if [ -n "${DEADLINE:-}" ] && [ $((DEADLINE - SECONDS)) -lt 10 ]; then
     failed="$failed $name"
-    echo "== $name: skipped, ${limit} s left before the deadline"
+    echo "== $name: skipped, $((DEADLINE - SECONDS)) s left before the deadline"
     return 1
   fi
   echo "== $name (limit ${limit} s): $*"
-  timeout "$limit" "$@" >"$prefix-$name.log" 2>&1 || status=$?
+  # SIGKILL 10 s after SIGTERM, for a process that ignores it (a hung compute-sanitizer)
+  timeout -k 10 "$limit" "$@" >"$prefix-$name.log" 2>&1 || status=$?
   if [ "$status" != 0 ]; then
     failed="$failed $name"
     echo "   FAILED (status $status, $SECONDS s in; see $prefix-$name.log)"
@@ -105,6 +107,9 @@ for s in $STEPS; do
       else
         step build $PY benchmarks/build_inplace.py
       fi
+      # A build that found no CUDA toolkit makes a CPU-only library, and every cuda test would then skip.
+      step build-has-cuda $PY -c 'import m2f_kernels, sys; names = m2f_kernels.available_backends(); print(names)
+sys.exit(0 if "cuda" in names else "no cuda backend: the build found no CUDA toolkit (set CUDA_HOME)")'
       ;;
     kernels)
       step kernels env M2F_KERNELS_TRITON_AUTOTUNE=0 $PY -m benchmarks.kernel_times --out "$prefix-kernels.json"

@@ -114,8 +114,8 @@ def main(argv=None) -> int:
             print(f"== {op} {backend} ({device.type}): {total:.1f} us per call")
             for row in rows[: args.rows]:
                 print(f"  {row['time_us']:10.1f} us {row['count']:5.1f}x  {row['name'][:110]}")
-    if args.out is not None:
-        write_json_atomic(args.out, results, indent=1)
+            if args.out is not None:  # after every op, so that a run cut off by a time limit keeps them
+                write_json_atomic(args.out, results, indent=1)
     return 0
 
 

@@ -71,6 +71,7 @@ def load_results(path: str | os.PathLike) -> ResultsFile:
     for key in ENVIRONMENT_KEYS:
         if key not in environment:
             raise ValueError(f"{path}: environment is missing key {key!r}")
+    _check_number_or_null(f"{path}: environment", environment, "peak_bandwidth_gbs")
     recorder = Recorder()
     for index, row in enumerate(payload["results"]):
         where = f"{path}: results[{index}]"
@@ -82,8 +83,10 @@ def load_results(path: str | os.PathLike) -> ResultsFile:
         if row["mode"] not in MODES:
             raise ValueError(f"{where}: mode must be one of {MODES}, got {row['mode']!r}")
         for key in ("median_ms", "min_ms"):
-            if not isinstance(row[key], (int, float)) or row[key] <= 0:
+            if not _is_number(row[key]) or row[key] <= 0:
                 raise ValueError(f"{where}: {key!r} must be a positive number, got {row[key]!r}")
+        for key in ("peak_memory_bytes", "bytes_moved", "gpu_median_ms"):
+            _check_number_or_null(where, row, key)
         recorder.measurements.append(Measurement(**{k: v for k, v in row.items() if k in RESULT_KEYS}))
     profiles = payload.get("host_profiles", [])
     if not isinstance(profiles, list) or not all(
@@ -91,8 +94,29 @@ def load_results(path: str | os.PathLike) -> ResultsFile:
         for p in profiles
     ):
         raise ValueError(f"{path}: 'host_profiles' must be a list of objects with 'group', 'name' and 'rows'")
+    for index, profile in enumerate(profiles):
+        for row_index, row in enumerate(profile["rows"]):
+            if not (
+                isinstance(row, dict)
+                and isinstance(row.get("function"), str)
+                and all(_is_number(row.get(key)) for key in ("own_us", "cumulative_us"))
+            ):
+                raise ValueError(
+                    f"{path}: host_profiles[{index}].rows[{row_index}] must be an object with a string "
+                    f"'function' and numbers 'own_us' and 'cumulative_us', got {row!r}"
+                )
     recorder.host_profiles = profiles
     return ResultsFile(path, environment, recorder)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_number_or_null(where: str, mapping: dict, key: str) -> None:
+    value = mapping.get(key)
+    if value is not None and not _is_number(value):
+        raise ValueError(f"{where}: {key!r} must be a number or null, got {value!r}")
 
 
 def achieved_bandwidth_gbs(m: Measurement) -> float | None:

@@ -192,7 +192,7 @@ CASES = {
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="cuda", choices=("cuda", "triton", "cpu"))
-    parser.add_argument("--ops", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--ops", nargs="+", default=list(CASES), choices=list(CASES))
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.backend == "cpu" else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():

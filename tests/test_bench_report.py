@@ -171,6 +171,25 @@ def test_one_chart_per_group_and_no_temp_files(results_path, tmp_path):
         (lambda payload: payload["results"][0].update(mode="sideways"), r"results\[0\]: mode must be one of"),
         (lambda payload: payload["results"][0].update(median_ms=0), r"results\[0\]: 'median_ms' must be"),
         (lambda payload: payload.update(host_profiles=[{"group": "g"}]), "'host_profiles' must be a list"),
+        # These went through to the tables and failed there with a bare KeyError, TypeError or ValueError.
+        (
+            lambda payload: payload.update(
+                host_profiles=[{"group": "g", "name": "n", "rows": [{"function": "f"}]}]
+            ),
+            r"host_profiles\[0\]\.rows\[0\] must be an object with a string 'function' and numbers",
+        ),
+        (
+            lambda payload: payload["environment"].update(peak_bandwidth_gbs="4.8 TB/s"),
+            "environment: 'peak_bandwidth_gbs' must be a number or null",
+        ),
+        (
+            lambda payload: payload["results"][0].update(peak_memory_bytes="1 MB"),
+            r"results\[0\]: 'peak_memory_bytes' must be a number or null",
+        ),
+        (
+            lambda payload: payload["results"][0].update(gpu_median_ms="0.1"),
+            r"results\[0\]: 'gpu_median_ms' must be a number or null",
+        ),
     ],
 )
 def test_malformed_file_is_named(results_path, break_file, message):

@@ -29,3 +29,26 @@ def test_refuses_a_backend_that_is_missing_and_a_zero_count(capsys):
     assert "none of the backends" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         kernel_times.main(["--calls", "0"])
+
+
+def test_a_run_cut_off_keeps_the_ops_it_finished(tmp_path, monkeypatch):
+    """gpu_check.sh gives this step a time limit; the JSON was written only at the end, so a run cut off by it
+    lost every op it had measured."""
+    if not _backend.has_kernel("_pairwise_mask_cost", "cpu"):
+        pytest.skip("the C++ CPU kernels are not built")
+    measure = kernel_times.kernel_rows
+    calls = {"n": 0}
+
+    def cut_off_at_the_second_op(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # what the time limit's signal amounts to
+        return measure(*args)
+
+    monkeypatch.setattr(kernel_times, "kernel_rows", cut_off_at_the_second_op)
+    out = tmp_path / "kernels.json"
+    with pytest.raises(KeyboardInterrupt):
+        kernel_times.main(
+            ["--ops", "pairwise_mask_cost", "point_mask_loss", "--calls", "1", "--out", str(out)]
+        )
+    assert [result["op"] for result in json.loads(out.read_text())] == ["pairwise_mask_cost"]

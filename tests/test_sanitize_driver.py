@@ -20,3 +20,9 @@ def test_compare_flags_errors_and_misplaced_nans(capsys):
     assert not sanitize._compare("nan", [torch.tensor([1.0, 2.0, 3.0])], [expected], torch.float32)
     output = capsys.readouterr().out
     assert "MISMATCH off" in output and "NaN in different places" in output
+
+
+def test_an_empty_op_list_is_refused():
+    """`--ops` with no name ran no case and passed, so compute-sanitizer 'passed' without a kernel."""
+    with pytest.raises(SystemExit):
+        sanitize.main(["--backend", "cpu", "--ops"])
