@@ -519,6 +519,16 @@ def test_python_dash_m_runs_the_cli():
         assert command in result.stdout
 
 
+@pytest.mark.parametrize("option", ["max_iters", "threads"])
+def test_demo_refuses_zero_rather_than_taking_the_default(tmp_path, option):
+    """run_demo(max_iters=0) ran the default 500 iterations and threads=0 used one thread."""
+    from m2f.engine.demo import run_demo
+
+    with pytest.raises(ValueError, match=f"{option} must be"):
+        run_demo(tmp_path, **{option: 0})
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--max-iters", "2"]) == 0

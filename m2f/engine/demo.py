@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from m2f.checks import check_int
 from m2f.files import write_text_atomic
 
 # Sizes and solver for a 2-core CPU: 64 px images, batch 4, a higher lr than the full-size configs.
@@ -64,11 +65,12 @@ def run_demo(out_dir: str | Path, *, max_iters: int | None = None, threads: int 
     from m2f.models import build_model
     from m2f.visualize import plot_loss_curve
 
+    max_iters = DEMO_MAX_ITERS if max_iters is None else check_int("max_iters", max_iters, 1)
+    threads = DEMO_THREADS if threads is None else check_int("threads", threads, 1)
     start = time.perf_counter()
-    torch.set_num_threads(threads or DEMO_THREADS)
+    torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     data_root = out_dir / "data"
-    max_iters = max_iters or DEMO_MAX_ITERS
     print(f"[1/5] writing the synthetic dataset to {data_root}")
     make_synthetic(str(data_root), num_train=DEMO_NUM_TRAIN, num_val=DEMO_NUM_VAL, image_size=DEMO_IMAGE_SIZE)
     metadata = build_dataset("coco-panoptic", data_root, "val").metadata

@@ -244,13 +244,7 @@ class StreamBatchSampler:
         seed: int,
         start_iteration: int = 0,
     ):
-        if dataset_size < 1:
-            raise ValueError("the training dataset is empty")
-        if batch_size % (grad_accum_steps * world_size) != 0:
-            raise ValueError(
-                f"batch_size {batch_size} must be divisible by grad_accum_steps ({grad_accum_steps}) x "
-                f"world size ({world_size})"
-            )
+        self.check(dataset_size, batch_size, grad_accum_steps, world_size)
         self.dataset_size = dataset_size
         self.batch_size = batch_size
         self.grad_accum_steps = grad_accum_steps
@@ -261,6 +255,18 @@ class StreamBatchSampler:
         self.micro_batch_per_rank = batch_size // (grad_accum_steps * world_size)
         self._epoch = -1
         self._permutation: list[int] = []
+
+    @staticmethod
+    def check(dataset_size: int | None, batch_size: int, grad_accum_steps: int, world_size: int) -> None:
+        """Raises unless the dataset has samples (None: not known yet) and the batch splits evenly into
+        micro-batches per rank."""
+        if dataset_size is not None and dataset_size < 1:
+            raise ValueError("the training dataset is empty")
+        if batch_size % (grad_accum_steps * world_size) != 0:
+            raise ValueError(
+                f"batch_size {batch_size} must be divisible by grad_accum_steps ({grad_accum_steps}) x "
+                f"world size ({world_size})"
+            )
 
     def index_at(self, position: int) -> int:
         epoch, offset = divmod(position, self.dataset_size)
@@ -421,6 +427,10 @@ class Trainer:
         self.rank = dist_utils.get_rank()
         self.world_size = dist_utils.get_world_size()
         self.is_main = self.rank == 0
+        # Before anything changes in out_dir: a run refused here must leave the earlier one resumable.
+        StreamBatchSampler.check(
+            len(dataset), settings.batch_size, settings.grad_accum_steps, self.world_size
+        )
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             earlier = None if resume else ckpt.forget_last_checkpoint(self.out_dir)
@@ -861,10 +871,14 @@ def run_training(
     config = config if isinstance(config, ModelConfig) else get_config(config)
     check_output_path(out_dir, "out", folder=True)
     dataset_kind = dataset_kind or default_dataset_kind(config)
+    if dataset_kind not in DATASET_TASKS:
+        raise ValueError(f"dataset_kind must be one of {tuple(DATASET_TASKS)}, got {dataset_kind!r}")
+    if backbone_weights is not None and not Path(backbone_weights).is_file():
+        raise FileNotFoundError(f"backbone_weights: no such file: {backbone_weights}")
     if image_size is not None:
         config = dataclasses.replace(config, solver=dataclasses.replace(config.solver, image_size=image_size))
     device = dist_utils.init_distributed(device)
-    task = DATASET_TASKS.get(dataset_kind, config.task)
+    task = DATASET_TASKS[dataset_kind]
     if task != config.task:  # the data decides: augmentation, and what eval and predict make of the model
         if dist_utils.is_main_process():
             print(
@@ -879,6 +893,23 @@ def run_training(
         )
         config = dataclasses.replace(config, inference=inference)
     solver = config.solver
+    # Settings first: a bad value or batch split is refused before the data is read and the model built.
+    settings = TrainSettings.from_solver(
+        solver,
+        max_iters=max_iters,
+        batch_size=solver.batch_size if batch_size is None else batch_size,
+        grad_accum_steps=grad_accum_steps,
+        amp=resolve_amp(amp, config, device),
+        checkpoint_period=checkpoint_period,
+        eval_period=eval_period,
+        log_period=log_period,
+        num_workers=num_workers,
+        seed=seed,
+        progress=progress,
+    )
+    StreamBatchSampler.check(
+        None, settings.batch_size, settings.grad_accum_steps, dist_utils.get_world_size()
+    )
     if config.task == "semantic":
         augmentation = SemanticAugmentation(
             solver.image_size,
@@ -893,18 +924,8 @@ def run_training(
             validate_split(data_root, split, DATASET_TASKS[dataset_kind], check_files=False)
     dataset = build_dataset(dataset_kind, data_root, "train", augmentation, seed=seed)
     config = dataclasses.replace(config, num_classes=dataset.metadata.num_classes)
-    settings = TrainSettings.from_solver(
-        solver,
-        max_iters=max_iters,
-        batch_size=batch_size or solver.batch_size,
-        grad_accum_steps=grad_accum_steps,
-        amp=resolve_amp(amp, config, device),
-        checkpoint_period=checkpoint_period,
-        eval_period=eval_period,
-        log_period=log_period,
-        num_workers=num_workers,
-        seed=seed,
-        progress=progress,
+    StreamBatchSampler.check(
+        len(dataset), settings.batch_size, settings.grad_accum_steps, dist_utils.get_world_size()
     )
     torch.manual_seed(seed)
     model = build_model(config, backbone_weights=backbone_weights)

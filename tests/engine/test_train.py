@@ -629,6 +629,37 @@ class _StopAfterDataset(Exception):
 
 
 @pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"batch_size": 3, "grad_accum_steps": 2}, "batch_size 3 must be divisible by grad_accum_steps"),
+        ({"batch_size": 0}, "batch_size must be"),  # was taken as "the config's batch size"
+        ({"seed": 2**32}, "seed must be below"),
+        ({"dataset_kind": "coco_panoptic"}, "dataset_kind must be one of"),  # was a bare KeyError
+        ({"backbone_weights": "no-such-file.safetensors"}, "backbone_weights: no such file"),
+    ],
+)
+def test_bad_training_options_are_refused_before_the_data_is_read(monkeypatch, tmp_path, options, message):
+    """These were refused after the data had been validated and loaded and the model built, and the batch
+    split only after last_checkpoint had been removed: a later --resume started from scratch."""
+    from m2f.engine import train
+
+    def data_read(*args, **kwargs):
+        raise AssertionError("the data was read before the options were checked")
+
+    monkeypatch.setattr(train, "validate_split", data_read)
+    monkeypatch.setattr(train, "build_dataset", data_read)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train.run_training("demo-tiny", tmp_path, tmp_path / "out", device="cpu", progress=False, **options)
+
+
+def test_a_refused_run_leaves_the_earlier_one_resumable(tmp_path):
+    make_trainer(tmp_path, max_iters=3).train()
+    with pytest.raises(ValueError, match="must be divisible"):
+        make_trainer(tmp_path, batch_size=3, grad_accum_steps=2)
+    assert ckpt.find_last_checkpoint(tmp_path).name == "model_0000003.safetensors"
+
+
+@pytest.mark.parametrize(
     "config_name, expected", [("semantic-ade20k-r50", "SemanticAugmentation"), ("panoptic-r50", "LSJ")]
 )
 def test_training_augmentation_follows_the_task(monkeypatch, tmp_path, config_name, expected):
