@@ -328,6 +328,38 @@ def test_unreadable_stored_config_is_one_line_naming_the_checkpoint(
     assert f"{broken}: its stored config is unreadable" in error and error.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", ["eval", "predict"])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("backbone.timm_name", "no_such_timm_model"),  # a 29-line traceback, exit 1
+        ("backbone.timm_kwargs", {"no_such_option": 1}),  # the same
+        ("pixel_decoder.transformer_strides", []),  # "min() arg is an empty sequence"
+    ],
+)
+def test_stored_config_that_builds_no_model_is_one_line_naming_the_checkpoint(
+    synthetic_root, trained_run, tmp_path, capsys, command, field, value
+):
+    import safetensors.torch
+
+    weights = safetensors.torch.load_file(trained_run / "model_final.safetensors")
+    with safetensors.safe_open(trained_run / "model_final.safetensors", "pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["config"])
+    section, key = field.split(".")
+    config[section][key] = value
+    broken = tmp_path / "broken.safetensors"
+    safetensors.torch.save_file(weights, broken, metadata={**metadata, "config": json.dumps(config)})
+    if command == "eval":
+        args = ["eval", "--checkpoint", str(broken), "--data-root", str(synthetic_root), "--device", "cpu"]
+    else:
+        image = sorted((synthetic_root / "val2017").glob("*.jpg"))[0]
+        args = ["predict", str(image), "--checkpoint", str(broken), "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert f"{broken}: config 'demo-tiny' builds no model" in error and error.count("\n") == 1
+
+
 def test_eval_on_other_classes_without_stored_categories_says_what_to_do(
     synthetic_root, trained_run, tmp_path, capsys
 ):
@@ -556,10 +588,17 @@ def test_training_on_instance_data_makes_an_instance_model(synthetic_root, tmp_p
 def test_output_paths_that_cannot_be_written_are_refused_first(
     synthetic_root, trained_run, tmp_path, capsys, monkeypatch
 ):
-    """An --out that is a file or an --output that is a folder is a one-line error before any prediction."""
+    """An --out that is a file or an --output that is a folder is a one-line error before any prediction, and
+    for eval before the data is read (it came after the data and the model)."""
     from m2f.engine import evaluate, predict
 
     calls = [count_predictions(monkeypatch, evaluate), count_predictions(monkeypatch, predict)]
+
+    def data_read(*args, **kwargs):
+        raise AssertionError("the data was read before --output was checked")
+
+    monkeypatch.setattr(evaluate, "validate_split", data_read)
+    monkeypatch.setattr(evaluate, "build_dataset", data_read)
     a_file = tmp_path / "file"
     a_file.write_text("x")
     checkpoint = str(trained_run / "model_final.safetensors")

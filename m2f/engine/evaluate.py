@@ -370,6 +370,19 @@ def load_config_for_checkpoint(
         ) from error
 
 
+def build_checkpoint_model(config, checkpoint: str | os.PathLike) -> nn.Module:
+    """build_model(config), an error naming the checkpoint when its config builds no model (an unknown timm
+    name, a bad option)."""
+    from m2f.models import build_model
+
+    try:
+        return build_model(config)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"{checkpoint}: config {config.name!r} builds no model ({error}); pass --config NAME"
+        ) from error
+
+
 def load_checkpoint_weights(
     model: nn.Module, checkpoint: str | os.PathLike, metadata: dict[str, str]
 ) -> None:
@@ -415,9 +428,10 @@ def run_evaluation(
     import shutil
 
     from m2f.evaluation import format_table, write_results
-    from m2f.models import build_model
 
     device = dist_utils.init_distributed(device)
+    if output:  # its kind now, before the data and the model; whether it is an input once those are known
+        check_output_path(output, "output", inputs=[checkpoint])
     metadata, shapes = ckpt.read_header(checkpoint)
     head_classes = ckpt.class_head_classes(shapes)
     config = load_config_for_checkpoint(config_name, metadata, checkpoint)
@@ -449,7 +463,7 @@ def run_evaluation(
             "evaluation (--dataset coco-instance) maps a model's classes to a dataset's"
         )
     config = dataclasses.replace(config, num_classes=num_classes)
-    model = build_model(config).to(device)
+    model = build_checkpoint_model(config, checkpoint).to(device)
     load_checkpoint_weights(model, checkpoint, metadata)
     checkpoint = Path(checkpoint)
     output = (

@@ -29,6 +29,7 @@ from m2f import visualize
 from m2f.engine import checkpoint as ckpt
 from m2f.engine import distributed as dist_utils
 from m2f.engine.evaluate import (
+    build_checkpoint_model,
     inference_transform,
     load_checkpoint_weights,
     load_config_for_checkpoint,
@@ -150,7 +151,6 @@ def run_prediction(
 
     tasks defaults to the checkpoint config's task. skip_existing: an image whose files for every task
     exist already is not predicted (its paths are still returned)."""
-    from m2f.models import build_model
 
     if isinstance(images, (str, os.PathLike)):
         raise TypeError(f"images must be a sequence of image paths, got the single path {str(images)!r}")
@@ -195,7 +195,7 @@ def run_prediction(
     overwritten = [str(p) for paths in outputs.values() for p in paths if p.resolve() in inputs]
     if overwritten:
         raise ValueError(f"the outputs would overwrite input images: {', '.join(overwritten)}")
-    model = build_model(config).to(device)
+    model = build_checkpoint_model(config, checkpoint).to(device)
     load_checkpoint_weights(model, checkpoint, metadata)
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             raise ValueError(
                 f"conv_dim must be a multiple of 32 (GroupNorm with 32 groups), got {config.conv_dim}"
             )
+        if not config.transformer_strides:
+            raise ValueError("transformer_strides must name at least one backbone stride, got none")
         missing = [s for s in config.transformer_strides if feature_name(s) not in in_channels]
         if missing:
             raise ValueError(
