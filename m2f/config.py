@@ -10,6 +10,7 @@ Units: image sizes and strides in pixels, learning rates per step, iterations ar
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,10 +156,11 @@ class ModelConfig:
         if (
             len(self.pixel_mean) != 3
             or len(self.pixel_std) != 3
+            or not all(math.isfinite(value) for value in (*self.pixel_mean, *self.pixel_std))
             or not all(std > 0 for std in self.pixel_std)
         ):
             raise ValueError(
-                f"pixel_mean and pixel_std must hold 3 values (R, G, B), pixel_std positive ones, got "
+                f"pixel_mean and pixel_std must hold 3 finite values (R, G, B), pixel_std positive ones, got "
                 f"{self.pixel_mean} and {self.pixel_std}"
             )
         # The sine position encodings split the channels into (x, y) halves of (sin, cos) pairs.
@@ -177,9 +179,17 @@ class ModelConfig:
             )
         if self.size_divisibility < 1:
             raise ValueError(f"size_divisibility must be >= 1 (1: no padding), got {self.size_divisibility}")
-        inference = self.inference
+        inference, loss = self.inference, self.loss
         for name, value, low, high in (
             ("decoder.num_queries", self.decoder.num_queries, 1, None),
+            ("decoder.mask_threshold", self.decoder.mask_threshold, 0.0, 1.0),
+            ("loss.class_weight", loss.class_weight, 0.0, None),
+            ("loss.mask_weight", loss.mask_weight, 0.0, None),
+            ("loss.dice_weight", loss.dice_weight, 0.0, None),
+            ("loss.no_object_weight", loss.no_object_weight, 0.0, None),
+            ("loss.num_points", loss.num_points, 1, None),
+            ("loss.oversample_ratio", loss.oversample_ratio, 1.0, None),
+            ("loss.importance_sample_ratio", loss.importance_sample_ratio, 0.0, 1.0),
             ("decoder.num_layers", self.decoder.num_layers, 0, None),
             ("decoder.hidden_dim", self.decoder.hidden_dim, 1, None),
             ("inference.object_mask_threshold", inference.object_mask_threshold, 0.0, 1.0),
@@ -188,7 +198,7 @@ class ModelConfig:
             ("inference.test_short_edge", inference.test_short_edge, 1, None),
             ("inference.test_max_size", inference.test_max_size, 1, None),
         ):
-            if not (low <= value and (high is None or value <= high)):
+            if not (math.isfinite(value) and low <= value and (high is None or value <= high)):
                 bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
                 raise ValueError(f"{name} must be {bounds}, got {value}")
         if self.decoder.dropout != 0.0 or self.pixel_decoder.encoder_dropout != 0.0:

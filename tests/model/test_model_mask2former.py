@@ -119,6 +119,14 @@ def test_config_round_trips_through_json_and_names_bad_fields():
         ({"pixel_std": [0.0, 1.0, 1.0]}, r"pixel_std positive ones"),
         ({"backbone": {"out_strides": [32, 16, 8, 4]}}, r"backbone.out_strides must increase"),
         ({"num_classes": 2.5}, r"config.num_classes must be of type int"),
+        # Accepted, then NaN costs in the matcher, or silently wrong losses and inputs.
+        ({"loss": {"class_weight": float("nan")}}, r"loss.class_weight must be >= 0.0, got nan"),
+        ({"loss": {"no_object_weight": -1.0}}, r"loss.no_object_weight must be >= 0.0, got -1.0"),
+        ({"loss": {"importance_sample_ratio": 1.5}}, r"loss.importance_sample_ratio must be in \[0.0, 1.0\]"),
+        ({"loss": {"oversample_ratio": 0.5}}, r"loss.oversample_ratio must be >= 1.0"),
+        ({"pixel_mean": [float("nan"), 1.0, 1.0]}, r"pixel_mean and pixel_std must hold 3 finite values"),
+        ({"pixel_std": [float("inf"), 1.0, 1.0]}, r"pixel_mean and pixel_std must hold 3 finite values"),
+        ({"decoder": {"mask_threshold": 2.0}}, r"decoder.mask_threshold must be in \[0.0, 1.0\]"),
     ):
         with pytest.raises(ValueError, match=field):
             ModelConfig.from_dict(data)
