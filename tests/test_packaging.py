@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,27 @@ def test_build_inplace_does_not_read_pyproject(tmp_path):
     assert refused.returncode != 0 and "project.license" in refused.stderr
     built = run("benchmarks/build_inplace.py")
     assert built.returncode == 0, built.stderr
+
+
+def test_wheel_marks_both_packages_as_typed(tmp_path):
+    """py.typed (PEP 561), so that type checkers read the annotations of an installed m2f and m2f_kernels."""
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("needs a git checkout")
+    source = tmp_path / "checkout"
+    for name in source_files(["."]):
+        if name.startswith(("tests/", "benchmarks/")):
+            continue
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
+    env = {**os.environ, "M2F_KERNELS_NO_EXTENSION": "1"}  # the Python packages only, no compile
+    out = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(source)],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    (wheel,) = out.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert {"m2f/py.typed", "m2f_kernels/py.typed"} <= names
