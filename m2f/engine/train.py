@@ -490,7 +490,6 @@ class Trainer:
             collate_fn=collate_fn,
             num_workers=settings.num_workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=settings.num_workers > 0,
             # Its own generator: starting the loader must not draw from the global RNG that resume restores.
             generator=torch.Generator().manual_seed(settings.seed),
         )

@@ -652,6 +652,16 @@ def test_bad_training_options_are_refused_before_the_data_is_read(monkeypatch, t
         train.run_training("demo-tiny", tmp_path, tmp_path / "out", device="cpu", progress=False, **options)
 
 
+def test_the_data_workers_end_with_training(tmp_path):
+    """The loader's persistent workers outlived train(), as long as the Trainer did (a notebook)."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    trainer = make_trainer(tmp_path, max_iters=2, num_workers=2)
+    trainer.train()
+    assert set(multiprocessing.active_children()) <= before
+
+
 def test_a_refused_run_leaves_the_earlier_one_resumable(tmp_path):
     make_trainer(tmp_path, max_iters=3).train()
     with pytest.raises(ValueError, match="must be divisible"):
