@@ -231,7 +231,7 @@ def test_fully_blocked_row_attends_to_all_keys(backend):
     torch.testing.assert_close(lse[:, :, 1].double(), scores[:, :, 1, 2], atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", [*CPU_KERNEL_BACKENDS, "torch"])  # torch: the reference's own rule
 def test_threshold_edge_logit_is_visible(backend):
     """A logit equal to the threshold logit is visible; one float32 step below it is blocked."""
     threshold_logit = threshold_to_logit(0.3)
