@@ -26,24 +26,30 @@ def source_files(paths) -> list[str]:
     return [name for name in result.stdout.split("\0") if name]
 
 
-@pytest.fixture(scope="module")
-def sdist_names(tmp_path_factory) -> set[str]:
-    """Paths inside the sdist built from a copy of the source tree (the repository stays untouched)."""
+def build_from_a_copy(folder: Path, kind: str, env: dict[str, str]) -> Path:
+    """The archive `python -m build <kind>` ("--sdist" or "--wheel") makes from a copy of the source tree in
+    folder (the repository stays untouched)."""
     if not (ROOT / ".git").exists() or shutil.which("git") is None:
         pytest.skip("needs a git checkout")
-    source = tmp_path_factory.mktemp("checkout")
+    source = folder / "checkout"
     for name in source_files(["."]):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, source / name)
-    out = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "M2F_KERNELS_SKIP_CUDA": "1"}
+    out = folder / "dist"
     subprocess.run(
-        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out), str(source)],
+        [sys.executable, "-m", "build", kind, "--no-isolation", "--outdir", str(out), str(source)],
         check=True,
         capture_output=True,
-        env=env,
+        env={**os.environ, **env},
     )
-    (archive,) = out.glob("*.tar.gz")
+    (archive,) = out.glob("*.tar.gz" if kind == "--sdist" else "*.whl")
+    return archive
+
+
+@pytest.fixture(scope="module")
+def sdist_names(tmp_path_factory) -> set[str]:
+    """Paths inside the sdist."""
+    archive = build_from_a_copy(tmp_path_factory.mktemp("sdist"), "--sdist", {"M2F_KERNELS_SKIP_CUDA": "1"})
     with tarfile.open(archive) as tar:
         return {member.name.split("/", 1)[1] for member in tar.getmembers() if "/" in member.name}
 
@@ -90,23 +96,7 @@ def test_build_inplace_does_not_read_pyproject(tmp_path):
 
 def test_wheel_marks_both_packages_as_typed(tmp_path):
     """py.typed (PEP 561), so that type checkers read the annotations of an installed m2f and m2f_kernels."""
-    if not (ROOT / ".git").exists() or shutil.which("git") is None:
-        pytest.skip("needs a git checkout")
-    source = tmp_path / "checkout"
-    for name in source_files(["."]):
-        if name.startswith(("tests/", "benchmarks/")):
-            continue
-        (source / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, source / name)
-    env = {**os.environ, "M2F_KERNELS_NO_EXTENSION": "1"}  # the Python packages only, no compile
-    out = tmp_path / "dist"
-    subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(source)],
-        check=True,
-        capture_output=True,
-        env=env,
-    )
-    (wheel,) = out.glob("*.whl")
+    # The Python packages only, no compile.
+    wheel = build_from_a_copy(tmp_path, "--wheel", {"M2F_KERNELS_NO_EXTENSION": "1"})
     with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
-    assert {"m2f/py.typed", "m2f_kernels/py.typed"} <= names
+        assert {"m2f/py.typed", "m2f_kernels/py.typed"} <= set(archive.namelist())
