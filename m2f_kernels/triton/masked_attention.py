@@ -34,7 +34,7 @@ def _autotuned(kernel):
     configs = [
         triton.Config({}, num_warps=warps, num_stages=stages) for warps in (2, 4, 8) for stages in (2, 3)
     ]
-    return triton.autotune(configs=configs, key=["num_queries", "KEYS_CLASS", "head_dim"])(kernel)
+    return triton.autotune(configs=configs, key=["QUERIES_CLASS", "KEYS_CLASS", "head_dim"])(kernel)
 
 
 @triton.jit
@@ -123,6 +123,7 @@ def _forward_kernel(
     keys_per_split,
     threshold_logit,
     scale,
+    QUERIES_CLASS,
     KEYS_CLASS,
     MASK_KIND: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -268,6 +269,7 @@ def _backward_dq_kernel(
     keys_per_split,
     threshold_logit,
     scale,
+    QUERIES_CLASS,
     KEYS_CLASS,
     MASK_KIND: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -346,6 +348,7 @@ def _backward_dkdv_kernel(
     mask_heads,
     threshold_logit,
     scale,
+    QUERIES_CLASS,
     KEYS_CLASS,
     MASK_KIND: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -506,6 +509,7 @@ def masked_attention_forward(q, k, v, mask_logits, attn_mask, threshold_logit, s
         keys_per_split,
         threshold_logit,
         scale,
+        size_class(num_queries),
         size_class(num_keys),
         MASK_KIND=mask_kind,
         INTERPRETED=interpreting(),
@@ -589,6 +593,7 @@ def masked_attention_backward(
         keys_per_split,
         threshold_logit,
         scale,
+        size_class(num_queries),
         size_class(num_keys),
         MASK_KIND=mask_kind,
         INTERPRETED=interpreting(),
@@ -618,6 +623,7 @@ def masked_attention_backward(
         mask_heads,
         threshold_logit,
         scale,
+        size_class(num_queries),
         size_class(num_keys),
         MASK_KIND=mask_kind,
         INTERPRETED=interpreting(),
