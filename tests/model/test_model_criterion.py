@@ -372,3 +372,24 @@ def test_num_masks_is_averaged_over_processes(tmp_path):
     values = [torch.load(tmp_path / f"num_masks.{rank}", weights_only=True).item() for rank in range(2)]
     assert values == [3.5, 3.5]
     assert Criterion.average_num_masks([{"labels": torch.zeros(0)}], torch.device("cpu")) == 1.0
+
+
+def test_smaller_target_masks_are_padded_at_the_bottom_right(monkeypatch):
+    """Targets of 32 x 32 and 24 x 20 in one batch: the losses are those of the smaller image's masks zero-padded
+    at the bottom and right to 32 x 32 by hand (the predictions cover the padded batch frame)."""
+    g = torch.Generator().manual_seed(8)
+    outputs, targets = make_batch(g, layers=1)
+    targets[1]["masks"] = targets[1]["masks"][:, :24, :20].clone()
+    criterion = make_criterion()
+    calls = spy_on(monkeypatch, criterion)
+    losses = criterion(outputs, targets)
+
+    padded = torch.zeros(3, 32, 32, dtype=torch.bool)
+    padded[:, :24, :20] = targets[1]["masks"]
+    padded_targets = [targets[0], {"labels": targets[1]["labels"], "masks": padded}]
+    for i, (prediction, suffix) in enumerate(zip([outputs, *outputs["aux_outputs"]], ["", "_0"])):
+        indices, coords = calls["indices"][i], calls["coords"][i]
+        ce, mask, dice = unfused_layer_losses(prediction, padded_targets, indices, coords, 5.0, 0.1)
+        torch.testing.assert_close(losses[f"loss_ce{suffix}"].double(), 2.0 * ce, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(losses[f"loss_mask{suffix}"].double(), 5.0 * mask, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(losses[f"loss_dice{suffix}"].double(), 5.0 * dice, rtol=1e-5, atol=1e-6)

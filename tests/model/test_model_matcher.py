@@ -187,3 +187,24 @@ def test_costs_are_sampled_in_float32_under_autocast(backend):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = matcher.cost_matrix(pred_logits, pred_masks, labels, masks, coords)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_smaller_target_masks_are_padded_at_the_bottom_right():
+    """One query per quadrant of the 32 x 32 batch frame: the 16 x 16 image's full mask, padded at the bottom and
+    right, is the top-left quadrant (query 0); padded at the top or left it would be another quadrant's."""
+    masks = torch.full((2, 4, 8, 8), -8.0)
+    masks[:, 0, :4, :4] = 8.0  # query 0: top left
+    masks[:, 1, 4:, 4:] = 8.0  # query 1: bottom right
+    masks[:, 2, :4, 4:] = 8.0  # query 2: top right
+    masks[:, 3, 4:, :4] = 8.0  # query 3: bottom left
+    outputs = {"pred_logits": torch.zeros(2, 4, 3), "pred_masks": masks}
+    bottom_right = torch.zeros(1, 32, 32, dtype=torch.bool)
+    bottom_right[:, 16:, 16:] = True
+    small = torch.ones(1, 16, 16, dtype=torch.bool)
+    targets = [
+        {"labels": torch.tensor([0]), "masks": bottom_right},
+        {"labels": torch.tensor([0]), "masks": small},
+    ]
+    matcher = HungarianMatcher(1.0, 5.0, 5.0, num_points=500)
+    indices = matcher(outputs, targets, generator=torch.Generator().manual_seed(0))
+    assert [query.tolist() for query, _ in indices] == [[1], [0]]

@@ -246,3 +246,80 @@ def test_only_panoptic_models_restrict_instances_to_things():
             ["instance"], mask_cls, mask_pred, (4, 4), get_config(name), thing_classes=set()
         )["instance"]
         assert (instances["scores"] > 0.5).sum() == expected, name
+
+
+def test_panoptic_area_is_every_pixel_the_query_wins():
+    """Mask2Former's mask_area = (cur_mask_ids == k).sum(): every pixel a query wins by argmax, those where its own
+    mask probability is below 0.5 included; only the segment drawn is restricted to probability >= 0.5."""
+    # q0 (thing 0, 0.85): ON on pixels 0-4, logit -1 (probability 0.27) on 5-6. q1 (thing 1, 0.95): ON on 3, 4, 7.
+    # q0 wins 0-2 and 5-6 (0.85 * 0.27 > 0.95 * sigmoid(-10)): area 5 of its 5 confident pixels -> kept, drawn on
+    # 0-2. Counting only its won confident pixels (3 of 5 = 0.6 < 0.8) would drop it.
+    mask_cls = class_logits([[0.85, 0.10, 0.05], [0.02, 0.95, 0.03]])
+    mask_pred = torch.stack(
+        [mask_from_pixels(1, 8, block([0], range(5))), mask_from_pixels(1, 8, [(0, 3), (0, 4), (0, 7)])]
+    )
+    mask_pred[0, 0, 5:7] = -1.0
+    seg, info = panoptic_inference(mask_cls, mask_pred, thing_classes={0, 1})
+    assert torch.equal(seg, torch.tensor([[1, 1, 1, 2, 2, 0, 0, 2]], dtype=torch.int32))
+    assert [(s["id"], s["category_id"]) for s in info] == [(1, 0), (2, 1)]
+
+
+def test_panoptic_overlap_ratio_equal_to_threshold_is_kept():
+    """Mask2Former drops a segment only when mask_area / original_area < overlap_threshold: 4 / 5 = 0.8 stays."""
+    assert 4 / 5 == 0.8
+    # q0 (thing 0, 0.85): ON on pixels 0-4, loses pixel 4 to q1 (thing 1, 0.95, ON on 4-5): keeps 4 of 5.
+    mask_cls = class_logits([[0.85, 0.10, 0.05], [0.02, 0.95, 0.03]])
+    mask_pred = torch.stack(
+        [mask_from_pixels(1, 6, block([0], range(5))), mask_from_pixels(1, 6, [(0, 4), (0, 5)])]
+    )
+    seg, info = panoptic_inference(mask_cls, mask_pred, thing_classes={0, 1}, overlap_threshold=0.8)
+    assert torch.equal(seg, torch.tensor([[1, 1, 1, 1, 2, 2]], dtype=torch.int32))
+    assert [(s["id"], s["category_id"]) for s in info] == [(1, 0), (2, 1)]
+
+
+def test_panoptic_score_equal_to_object_threshold_is_dropped():
+    """Mask2Former keeps queries with scores > object_mask_threshold (strict): a score exactly at the threshold
+    is dropped, one just above it kept."""
+    # Softmax of [0, -inf, -inf] is exactly [1, 0, 0]: score 1.0, class 0.
+    mask_cls = torch.tensor([[0.0, -math.inf, -math.inf]])
+    mask_pred = torch.full((1, 2, 2), ON)
+    seg, info = panoptic_inference(mask_cls, mask_pred, thing_classes={0}, object_mask_threshold=1.0)
+    assert torch.equal(seg, torch.zeros(2, 2, dtype=torch.int32)) and info == []
+    # A score that is not a round number: the threshold set to the score itself (float32, as computed).
+    mask_cls = class_logits([[0.83, 0.1, 0.07]])
+    score = mask_cls.softmax(-1).max().item()
+    assert score == pytest.approx(0.83, abs=1e-6)
+    seg, info = panoptic_inference(mask_cls, mask_pred, thing_classes={0}, object_mask_threshold=score)
+    assert info == []
+    below = torch.nextafter(torch.tensor(score), torch.tensor(0.0)).item()  # the float32 just below
+    seg, info = panoptic_inference(mask_cls, mask_pred, thing_classes={0}, object_mask_threshold=below)
+    assert torch.equal(seg, torch.ones(2, 2, dtype=torch.int32)) and len(info) == 1
+
+
+def test_mask_logit_zero_is_in_panoptic_area_but_not_in_instance_mask():
+    """A mask logit of exactly 0 (probability 0.5): Mask2Former's panoptic inference counts it in the query's own
+    area and segment (cur_masks[k] >= 0.5), its instance inference leaves it out of the mask (mask_pred > 0)."""
+    assert torch.tensor(0.0).sigmoid().item() == 0.5
+    mask_cls = class_logits([[0.85, 0.10, 0.05], [0.02, 0.95, 0.03]])
+    # q0 alone: ON on pixels 0-3, logit 0 on pixel 4 -> its segment is pixels 0-4.
+    alone = mask_from_pixels(1, 6, block([0], range(4)))
+    alone[0, 4] = 0.0
+    seg, info = panoptic_inference(mask_cls[:1], alone[None], thing_classes={0, 1})
+    assert torch.equal(seg, torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.int32))
+    # q1 (0.95, ON on 4-5) takes pixel 4: q0 keeps 4 of its 5 pixels (0.8 < 0.9) -> dropped; with the logit-0
+    # pixel left out of its area it would keep 4 of 4.
+    mask_pred = torch.stack([alone, mask_from_pixels(1, 6, [(0, 4), (0, 5)])])
+    seg, info = panoptic_inference(mask_cls, mask_pred, thing_classes={0, 1}, overlap_threshold=0.9)
+    assert torch.equal(seg, torch.tensor([[0, 0, 0, 0, 1, 1]], dtype=torch.int32))
+    assert [(s["id"], s["category_id"]) for s in info] == [(1, 1)]
+    # Instance: one pixel of logit 2, one of logit 0, the rest -3: the mask, its box and its mean probability
+    # are those of the logit-2 pixel alone.
+    instance_pred = torch.full((1, 3, 4), -3.0)
+    instance_pred[0, 0, 0] = 2.0
+    instance_pred[0, 2, 3] = 0.0
+    result = instance_inference(class_logits([[0.6, 0.4]]), instance_pred, num_classes=1, top_k=1)
+    expected_mask = torch.zeros(3, 4, dtype=torch.bool)
+    expected_mask[0, 0] = True
+    assert torch.equal(result["masks"][0], expected_mask)
+    assert result["boxes"].tolist() == [[0, 0, 1, 1]]
+    assert result["scores"].tolist() == pytest.approx([0.6 * sigmoid(2.0)], rel=1e-5)
