@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import math
 import os
@@ -6,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from m2f.data import CocoInstanceDataset, CocoPanopticDataset, DatasetMetadata
 from m2f.evaluation import InstanceEvaluator, format_table
@@ -231,3 +234,78 @@ def test_categories_sharing_a_name_keep_their_own_ap(tmp_path):
     evaluator.update(7, {"masks": masks, "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 1])})
     per_class = evaluator.compute()["segm"]["per_class"]
     assert per_class == {"square (4)": pytest.approx(100.0), "square (5)": pytest.approx(0.0)}
+
+
+def _write_ground_truth(path, categories, squares, shape=(24, 24)):
+    """A one-image (id 7) COCO instances JSON of square annotations [(category_id, top, left, size)]."""
+    annotations = [
+        {"id": i + 1, "image_id": 7, "category_id": category, "area": size * size, "bbox": [left, top, size, size],
+         "iscrowd": 0, "segmentation": [[left, top, left + size, top, left + size, top + size, left, top + size]]}
+        for i, (category, top, left, size) in enumerate(squares)
+    ]  # fmt: skip
+    image = {"id": 7, "file_name": "x.jpg", "height": shape[0], "width": shape[1]}
+    with open(path, "w") as f:
+        json.dump({"images": [image], "annotations": annotations, "categories": categories}, f)
+    return str(path)
+
+
+def _pycocotools_stats(gt_json, results, iou_type):
+    """pycocotools' own COCOeval of the results (its summarize() reads AP at maxDets=100), and its precision."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(gt_json)
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator.stats, evaluator.eval["precision"]
+
+
+def test_per_class_ap_is_read_at_100_detections_per_image(two_squares_gt):
+    """Both squares found exactly: AP 100 at COCO's 100 detections per image. Read at maxDets=1 (the first
+    column of pycocotools' precision) the one class would score 51 / 101 (recall 0.5)."""
+    masks = torch.from_numpy(np.stack([_square(1, 1), _square(12, 12)]))
+    evaluator = InstanceEvaluator(DatasetMetadata(CATEGORIES), two_squares_gt)
+    evaluator.update(7, {"masks": masks, "scores": torch.tensor([0.9, 0.8]), "labels": torch.zeros(2).long()})
+    results = evaluator.compute()
+    for metrics, stored, iou_type in (
+        (results["segm"], evaluator.segm_results, "segm"),
+        (results["bbox_from_masks"], evaluator.box_results, "bbox"),
+    ):
+        stats, precision = _pycocotools_stats(two_squares_gt, stored, iou_type)
+        assert stats[0] == pytest.approx(1.0)  # one class: its AP is the AP
+        assert 100 * precision[:, :, 0, 0, 0].mean() == pytest.approx(100 * 51 / 101)  # maxDets=1
+        assert metrics["per_class"] == {"square": pytest.approx(100 * stats[0])}
+
+
+def test_a_category_without_ground_truth_is_left_out_of_per_class(tmp_path):
+    """Category 5 (circle) is in the JSON's categories and predicted, but has no annotation: pycocotools gives it
+    precision -1 everywhere; it must be absent from per_class (not -100 or NaN)."""
+    categories = [{"id": 4, "name": "square", "isthing": 1}, {"id": 5, "name": "circle", "isthing": 1}]
+    gt_json = _write_ground_truth(tmp_path / "gt.json", categories, [(4, 1, 1, 6)])
+    evaluator = InstanceEvaluator(DatasetMetadata(categories), gt_json)
+    masks = torch.from_numpy(np.stack([_square(1, 1), _square(12, 12)]))
+    evaluator.update(7, {"masks": masks, "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 1])})
+    results = evaluator.compute()
+    _, precision = _pycocotools_stats(gt_json, evaluator.segm_results, "segm")
+    assert (precision[:, :, 1] == -1).all()  # pycocotools' "no ground truth" for circle
+    for iou_type in ("segm", "bbox_from_masks"):
+        assert results[iou_type]["per_class"] == {"square": pytest.approx(100.0)}
+        assert results[iou_type]["AP"] == pytest.approx(100.0)  # the mean leaves circle out too
+
+
+def test_a_medium_object_scores_in_apm_not_apl(tmp_path):
+    """One 40x40 square (area 1600: 32^2 <= 1600 < 96^2, medium) found exactly: APm 100, APs and APl NaN (no
+    ground truth of those sizes), as pycocotools' stats[3:6] (small, medium, large) say."""
+    gt_json = _write_ground_truth(tmp_path / "gt.json", CATEGORIES, [(4, 10, 20, 40)], shape=(100, 100))
+    evaluator = InstanceEvaluator(DatasetMetadata(CATEGORIES), gt_json)
+    mask = torch.from_numpy(_square(10, 20, size=40, shape=(100, 100)))[None]
+    evaluator.update(7, {"masks": mask, "scores": torch.tensor([0.9]), "labels": torch.zeros(1).long()})
+    results = evaluator.compute()
+    for metrics, stored, iou_type in (
+        (results["segm"], evaluator.segm_results, "segm"),
+        (results["bbox_from_masks"], evaluator.box_results, "bbox"),
+    ):
+        stats, _ = _pycocotools_stats(gt_json, stored, iou_type)
+        assert list(stats[3:6]) == [-1, pytest.approx(1.0), -1]
+        assert metrics["APm"] == pytest.approx(100.0) and metrics["AP"] == pytest.approx(100.0)
+        assert math.isnan(metrics["APs"]) and math.isnan(metrics["APl"])

@@ -289,3 +289,140 @@ def test_a_refused_prediction_leaves_no_trace_in_the_evaluator(synthetic_root):
     evaluator.update(annotation["image_id"], ids, info)
     results = evaluator.compute()
     assert results["num_images"] == 1 and results["PQ"] == pytest.approx(100.0)
+
+
+def _official_and_ours(tmp_path, categories, images):
+    """panopticapi's pq_compute and evaluate_panoptic_files on images [(gt ids, gt segments_info, pred ids,
+    pred segments_info)] written as COCO panoptic PNGs and JSON (category ids as in `categories`)."""
+    gt_annotations, pred_annotations = [], []
+    for folder in ("gt", "pred"):
+        os.makedirs(tmp_path / folder)
+    for image_id, (gt, gt_info, pred, pred_info) in enumerate(images, start=1):
+        file_name = f"{image_id}.png"
+        gt_info = [dict(s, area=int((gt == s["id"]).sum())) for s in gt_info]  # panopticapi reads it
+        Image.fromarray(id_to_rgb(gt)).save(tmp_path / "gt" / file_name)
+        Image.fromarray(id_to_rgb(pred)).save(tmp_path / "pred" / file_name)
+        gt_annotations.append({"image_id": image_id, "file_name": file_name, "segments_info": gt_info})
+        pred_annotations.append({"image_id": image_id, "file_name": file_name, "segments_info": pred_info})
+    gt_json, pred_json = str(tmp_path / "gt.json"), str(tmp_path / "pred.json")
+    with open(gt_json, "w") as f:
+        json.dump({"categories": categories, "annotations": gt_annotations}, f)
+    with open(pred_json, "w") as f:
+        json.dump({"annotations": pred_annotations}, f)
+    folders = (str(tmp_path / "gt"), str(tmp_path / "pred"))
+    return pq_compute(gt_json, pred_json, *folders), evaluate_panoptic_files(gt_json, pred_json, *folders)
+
+
+def _assert_same_as_official(official, ours):
+    for name, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+        for metric in ("pq", "sq", "rq"):
+            assert ours[metric.upper() + suffix] == pytest.approx(100 * official[name][metric], abs=1e-9)
+        assert ours["N" + suffix] == official[name]["n"]
+
+
+THING_STUFF_THING = [
+    {"id": 1, "name": "a", "isthing": 1},
+    {"id": 2, "name": "s", "isthing": 0},
+    {"id": 3, "name": "b", "isthing": 1},
+]
+
+
+def test_a_category_with_only_false_positives_counts_in_the_mean(tmp_path):
+    """Category b is absent from the ground truth but predicted: TP 0, FP 1, FN 0 counts (panopticapi counts a
+    category when TP + FP + FN > 0) with PQ 0; counting only TP + FN > 0 left it out and raised PQ to 87.5."""
+    gt = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2]])
+    pred = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3]])  # b (id 3) takes 2 of the 8 pixels of s
+    gt_segments = [{"id": 1, "category": 0}, {"id": 2, "category": 1}]
+    pred_segments = [{"id": 1, "category": 0}, {"id": 2, "category": 1}, {"id": 3, "category": 2}]
+    stats = image_pq_stats(gt, gt_segments, pred, pred_segments, 3)
+    assert _stats_tuple(stats, 0) == (1.0, 1, 0, 0)
+    assert _stats_tuple(stats, 1) == (0.75, 1, 0, 0)  # IoU 6 / 8
+    assert _stats_tuple(stats, 2) == (0.0, 0, 1, 0)
+    results = summarize_pq(stats, DatasetMetadata(THING_STUFF_THING))
+    assert results["N"] == 3 and results["N_th"] == 2 and results["N_st"] == 1
+    assert results["PQ"] == pytest.approx(100 * (1 + 0.75 + 0) / 3)
+    assert results["PQ_th"] == pytest.approx(50.0) and results["RQ_th"] == pytest.approx(50.0)
+    assert results["per_class"]["b"]["PQ"] == 0.0 and results["per_class"]["b"]["FP"] == 1
+
+    gt_info = [{"id": 1, "category_id": 1, "iscrowd": 0}, {"id": 2, "category_id": 2, "iscrowd": 0}]
+    pred_info = [{"id": 1, "category_id": 1}, {"id": 2, "category_id": 2}, {"id": 3, "category_id": 3}]
+    official, ours = _official_and_ours(tmp_path, THING_STUFF_THING, [(gt, gt_info, pred, pred_info)])
+    assert official["All"]["n"] == 3
+    _assert_same_as_official(official, ours)
+
+
+def test_the_last_crowd_segment_of_a_category_is_the_one_used(tmp_path):
+    """Two crowd segments of category a (ids 8 then 9): like panopticapi (a dict from category to crowd
+    segment, the later one overwriting), only the last listed one (9) excuses a prediction of a. A prediction
+    on crowd 9 is ignored; one on crowd 8 is a false positive."""
+    gt = np.array([[8, 8, 8, 8, 9, 9, 9, 9, 1, 1, 2, 2]])
+    gt_segments = [
+        {"id": 8, "category": 0, "iscrowd": 1},
+        {"id": 9, "category": 0, "iscrowd": 1},
+        {"id": 1, "category": 0, "iscrowd": 0},
+        {"id": 2, "category": 1, "iscrowd": 0},
+    ]
+    on_second = np.array([[0, 0, 0, 0, 5, 5, 5, 5, 1, 1, 2, 2]])
+    on_first = np.array([[5, 5, 5, 5, 0, 0, 0, 0, 1, 1, 2, 2]])
+    pred_segments = [{"id": 5, "category": 0}, {"id": 1, "category": 0}, {"id": 2, "category": 1}]
+    stats = image_pq_stats(gt, gt_segments, on_second, pred_segments, 2)
+    assert _stats_tuple(stats, 0) == (1.0, 1, 0, 0)  # ignored; the crowds are neither matched nor missed
+    stats = image_pq_stats(gt, gt_segments, on_first, pred_segments, 2)
+    assert _stats_tuple(stats, 0) == (1.0, 1, 1, 0)  # crowd 8 does not excuse it
+    assert _stats_tuple(stats, 1) == (1.0, 1, 0, 0)
+
+    gt_info = [
+        {"id": 8, "category_id": 1, "iscrowd": 1},
+        {"id": 9, "category_id": 1, "iscrowd": 1},
+        {"id": 1, "category_id": 1, "iscrowd": 0},
+        {"id": 2, "category_id": 2, "iscrowd": 0},
+    ]
+    pred_info = [{"id": 5, "category_id": 1}, {"id": 1, "category_id": 1}, {"id": 2, "category_id": 2}]
+    for pred, things_pq in ((on_second, 1.0), (on_first, 1 / 1.5)):
+        folder = tmp_path / ("second" if pred is on_second else "first")
+        official, ours = _official_and_ours(folder, THING_STUFF_THING[:2], [(gt, gt_info, pred, pred_info)])
+        assert official["Things"]["pq"] == pytest.approx(things_pq)
+        _assert_same_as_official(official, ours)
+
+
+def test_a_prediction_exactly_half_on_void_and_crowd_is_a_false_positive(tmp_path):
+    """panopticapi ignores an unmatched prediction only when MORE than half of it lies on void plus the crowd
+    of its category. P (category a, 4 pixels): 1 on void, 1 on a's crowd, 2 on the stuff segment -> 2 / 4 =
+    0.5 -> a false positive."""
+    gt = np.array([[1, 1, 1, 1, 0, 9, 2, 2, 2, 2, 2, 2]])
+    gt_segments = [
+        {"id": 1, "category": 0, "iscrowd": 0},
+        {"id": 9, "category": 0, "iscrowd": 1},
+        {"id": 2, "category": 1, "iscrowd": 0},
+    ]
+    pred = np.array([[1, 1, 1, 1, 5, 5, 5, 5, 2, 2, 2, 2]])
+    pred_segments = [{"id": 1, "category": 0}, {"id": 5, "category": 0}, {"id": 2, "category": 1}]
+    stats = image_pq_stats(gt, gt_segments, pred, pred_segments, 2)
+    assert _stats_tuple(stats, 0) == (1.0, 1, 1, 0)
+    # The stuff segment: 4 of its 6 pixels predicted, IoU 4 / 6 -> matched.
+    assert stats.tp[1] == 1 and stats.iou[1] == pytest.approx(4 / 6) and stats.fp[1] == stats.fn[1] == 0
+
+    gt_info = [
+        {"id": 1, "category_id": 1, "iscrowd": 0},
+        {"id": 9, "category_id": 1, "iscrowd": 1},
+        {"id": 2, "category_id": 2, "iscrowd": 0},
+    ]
+    pred_info = [{"id": 1, "category_id": 1}, {"id": 5, "category_id": 1}, {"id": 2, "category_id": 2}]
+    official, ours = _official_and_ours(tmp_path, THING_STUFF_THING[:2], [(gt, gt_info, pred, pred_info)])
+    assert official["Things"]["pq"] == pytest.approx(1 / 1.5)
+    _assert_same_as_official(official, ours)
+
+
+def test_a_category_without_isthing_is_a_thing():
+    """DatasetMetadata takes a category without "isthing" as a thing (as COCO instance JSONs leave it out);
+    the PQ split must agree: it goes to Things, not Stuff."""
+    metadata = DatasetMetadata([{"id": 1, "name": "plain"}, {"id": 2, "name": "s", "isthing": 0}])
+    assert metadata.thing_classes == {0}
+    gt = np.array([[1, 1, 2, 2]])
+    pred = np.array([[1, 1, 0, 0]])
+    stats = image_pq_stats(
+        gt, [{"id": 1, "category": 0}, {"id": 2, "category": 1}], pred, [{"id": 1, "category": 0}], 2
+    )
+    results = summarize_pq(stats, metadata)
+    assert (results["N_th"], results["PQ_th"]) == (1, 100.0)
+    assert (results["N_st"], results["PQ_st"]) == (1, 0.0)

@@ -114,3 +114,15 @@ def test_keys_stay_unique_when_a_name_looks_like_a_generated_key():
     assert per_class_keys(["wall", "wall", "sky"], [3, 7, 9]) == ["wall (3)", "wall (7)", "sky"]
     # "wall (1)" is both the second wall's key and the third class's name: every class gets its id.
     assert per_class_keys(["wall", "wall", "wall (1)"], [0, 1, 2]) == ["wall (0)", "wall (1)", "wall (1) (2)"]
+
+
+def test_fwiou_weights_by_ground_truth_pixels():
+    evaluator = SemanticEvaluator(2)
+    evaluator.update(np.array([[0, 0, 1, 1]]), np.array([[0, 0, 0, 1]]))
+    results = evaluator.compute()
+    # class 0: TP 2, gt 3, pred 2 -> IoU 2/3; class 1: TP 1, gt 1, pred 2 -> IoU 1/2.
+    # Weighted by the ground-truth counts (3, 1): (3 * 2/3 + 1 * 1/2) / 4 = 0.625 (by the predicted counts
+    # (2, 2) it would be (2 * 2/3 + 2 * 1/2) / 4 = 0.583).
+    assert results["per_class"]["0"]["IoU"] == pytest.approx(200 / 3)
+    assert results["per_class"]["1"]["IoU"] == pytest.approx(50.0)
+    assert results["fwIoU"] == pytest.approx(62.5)
