@@ -212,6 +212,10 @@ def evaluate_model(
         )
     evaluator = make_evaluator(task, dataset)
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    if count == 0:  # every metric would read 0, as for a model that finds nothing
+        raise ValueError(
+            f"nothing to evaluate: the dataset has {len(dataset)} images, max_images {max_images}"
+        )
     rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
     if parts_dir is None:
         my_parts = {0: list(range(rank, count, world_size))}

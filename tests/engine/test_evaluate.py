@@ -30,6 +30,14 @@ def test_empty_predictions_score_zero(synthetic_root):
     assert evaluation["results"]["PQ"] == 0.0
 
 
+def test_no_image_to_evaluate_is_refused(synthetic_root):
+    """PQ 0.000 and exit 0 before: the score of a model that finds nothing."""
+    config, dataset = oracle_eval_setup(synthetic_root)
+    oracle = OracleModel(oracle_answers(synthetic_root), dataset.metadata.num_classes)
+    with pytest.raises(ValueError, match="nothing to evaluate: the dataset has 3 images, max_images 0"):
+        evaluate_model(oracle, dataset, config, progress=False, max_images=0)
+
+
 @pytest.mark.parametrize("mapped", [True, False])
 def test_panoptic_model_is_evaluated_on_instances_by_category_id(synthetic_root, mapped):
     """An oracle whose classes are the panoptic categories (things and stuff) in reverse order, evaluated on
