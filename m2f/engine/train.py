@@ -934,6 +934,10 @@ def run_training(
         from m2f.engine.evaluate import evaluate_model, inference_transform
 
         val_dataset = build_dataset(dataset_kind, data_root, "val", inference_transform(config))
+        if len(val_dataset) == 0:
+            raise ValueError(
+                f"eval_period {eval_period}: the val split of {data_root} has no image to evaluate"
+            )
 
         def evaluate_fn(trained: nn.Module) -> dict[str, float]:
             return evaluate_model(trained, val_dataset, config, device=device, progress=False)["summary"]

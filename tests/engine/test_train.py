@@ -662,6 +662,19 @@ def test_the_data_workers_end_with_training(tmp_path):
     assert set(multiprocessing.active_children()) <= before
 
 
+def test_evaluating_during_training_needs_val_images(tmp_path):
+    """With no val image the first evaluation, after eval_period iterations of training, would stop the run."""
+    from m2f.data import make_synthetic
+    from m2f.engine import train
+
+    make_synthetic(str(tmp_path / "data"), num_train=2, num_val=0, image_size=64)
+    with pytest.raises(ValueError, match="eval_period 1: the val split of .* has no image to evaluate"):
+        train.run_training(
+            "demo-tiny", tmp_path / "data", tmp_path / "out", device="cpu", progress=False, eval_period=1
+        )
+    assert not (tmp_path / "out" / "metrics.csv").exists()
+
+
 def test_a_refused_run_leaves_the_earlier_one_resumable(tmp_path):
     make_trainer(tmp_path, max_iters=3).train()
     with pytest.raises(ValueError, match="must be divisible"):
