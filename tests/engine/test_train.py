@@ -668,7 +668,7 @@ def test_evaluating_during_training_needs_val_images(tmp_path):
     from m2f.engine import train
 
     make_synthetic(str(tmp_path / "data"), num_train=2, num_val=0, image_size=64)
-    with pytest.raises(ValueError, match="eval_period 1: the val split of .* has no image to evaluate"):
+    with pytest.raises(ValueError, match=r"eval_period 1: the val split of .* has no image to evaluate"):
         train.run_training(
             "demo-tiny", tmp_path / "data", tmp_path / "out", device="cpu", progress=False, eval_period=1
         )
