@@ -110,3 +110,54 @@ def test_incomplete_attention_is_reported():
     del exported["model.transformer_module.decoder.layers.1.self_attn.k_proj.weight"]
     with pytest.raises(ConversionError, match=r"layers\.1\.self_attn\.k_proj\.weight"):
         convert_checkpoint(exported, "transformers", config)
+
+
+# Real names of transformers' Mask2FormerForUniversalSegmentation (Swin backbone) -> m2f names.
+HF_SWIN_KEYS = {
+    "model.pixel_level_module.encoder.hidden_states_norms.stage1.weight": "backbone.norms.0.weight",
+    "model.pixel_level_module.encoder.hidden_states_norms.stage4.bias": "backbone.norms.3.bias",
+    # transformers keeps patch merging at the end of stage s, timm at the start of stage s + 1
+    "model.pixel_level_module.encoder.swin.encoder.layers.0.downsample.norm.weight": (
+        "backbone.body.layers.1.downsample.norm.weight"
+    ),
+    "model.pixel_level_module.decoder.adapter_1.0.weight": "pixel_decoder.lateral_convs.0.weight",
+    "model.pixel_level_module.decoder.layer_1.1.bias": "pixel_decoder.output_convs.0.norm.bias",
+    "model.transformer_module.queries_embedder.weight": "transformer_decoder.query_embed.weight",
+    "model.transformer_module.queries_features.weight": "transformer_decoder.query_feat.weight",
+    "model.transformer_module.decoder.layers.2.self_attn_layer_norm.weight": (
+        "transformer_decoder.transformer_self_attention_layers.2.norm.weight"
+    ),
+    "model.transformer_module.decoder.layers.2.cross_attn_layer_norm.bias": (
+        "transformer_decoder.transformer_cross_attention_layers.2.norm.bias"
+    ),
+    "model.transformer_module.decoder.layers.1.cross_attn.in_proj_weight": (
+        "transformer_decoder.transformer_cross_attention_layers.1.multihead_attn.in_proj_weight"
+    ),
+    "model.transformer_module.decoder.layernorm.weight": "transformer_decoder.decoder_norm.weight",
+    "model.transformer_module.decoder.mask_predictor.mask_embedder.2.0.weight": (
+        "transformer_decoder.mask_embed.layers.2.weight"
+    ),
+    "class_predictor.bias": "transformer_decoder.class_embed.bias",
+}
+
+
+def test_real_key_names():
+    """Each real transformers key lands on the m2f parameter of the same role, tensor unchanged; the
+    separate q/k/v projections of the self-attention become in_proj rows [q; k; v]."""
+    from m2f.convert.keymaps import apply_rules, detectron2_to_model_rules
+    from m2f.convert.transformers import transformers_to_detectron2
+
+    state = {key: torch.full((4,), float(i)) for i, key in enumerate(HF_SWIN_KEYS)}
+    layer = "model.transformer_module.decoder.layers.1.self_attn."
+    for offset, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        state[layer + name + ".weight"] = torch.full((2, 3), 100.0 + offset)
+    hub, unmatched = transformers_to_detectron2(state)
+    assert unmatched == []
+    out, unmatched = apply_rules(hub, detectron2_to_model_rules("swin"))
+    assert unmatched == []
+    in_proj = "transformer_decoder.transformer_self_attention_layers.1.self_attn.in_proj_weight"
+    assert sorted(out) == sorted([*HF_SWIN_KEYS.values(), in_proj])
+    for source, target in HF_SWIN_KEYS.items():
+        assert torch.equal(out[target], state[source]), source
+    expected = torch.cat([torch.full((2, 3), 100.0), torch.full((2, 3), 101.0), torch.full((2, 3), 102.0)])
+    assert torch.equal(out[in_proj], expected)

@@ -286,3 +286,73 @@ def test_packed_records_read_back_as_the_list():
     with pytest.raises(IndexError):
         packed[-4]
     assert len(PackedRecords([])) == 0 and list(PackedRecords([])) == []
+
+
+def test_index_map_leaves_ids_outside_the_segments_at_minus_one():
+    """Void (id 0), crowd segments and any other id not among the targets map to -1, not to the nearest
+    target id's position."""
+    from m2f.data.common import index_map_from_ids
+
+    ids = np.array([[0, 5, 7, 9], [7, 7, 5, 100]])
+    expected = np.array([[-1, 1, 0, -1], [0, 0, 1, -1]])
+    assert np.array_equal(index_map_from_ids(ids, np.array([7, 5])), expected)
+    assert np.array_equal(index_map_from_ids(ids, np.array([], dtype=np.int64)), np.full((2, 4), -1))
+
+
+def test_panoptic_void_and_crowd_pixels_are_in_no_mask(synthetic_root, tmp_path):
+    """A void block painted into a PNG and a segment marked crowd: neither is a target nor in any mask."""
+    import shutil
+
+    from m2f.data.common import id_to_rgb, read_panoptic_png
+
+    root = str(tmp_path / "coco")
+    shutil.copytree(synthetic_root, root)
+    json_path = os.path.join(root, "annotations", "panoptic_val2017.json")
+    data = _load_json(root, "panoptic_val2017.json")
+    annotation = data["annotations"][0]
+    crowd_id = annotation["segments_info"][0]["id"]
+    annotation["segments_info"][0]["iscrowd"] = 1
+    with open(json_path, "w") as f:
+        json.dump(data, f)
+    png = os.path.join(root, "annotations", "panoptic_val2017", annotation["file_name"])
+    ids = read_panoptic_png(png)
+    ids[:20, :30] = 0  # void
+    Image.fromarray(id_to_rgb(ids)).save(png)
+    assert (ids == crowd_id).any()
+
+    dataset = CocoPanopticDataset(root, "val")
+    index = [dataset[i]["image_id"] for i in range(len(dataset))].index(annotation["image_id"])
+    item = dataset[index]
+    kept = [s["id"] for s in annotation["segments_info"] if not s.get("iscrowd")]
+    assert sorted(item["segment_ids"].tolist()) == sorted(kept)
+    for segment_id, mask in zip(item["segment_ids"].tolist(), item["masks"]):
+        assert np.array_equal(mask.numpy(), ids == segment_id)
+    covered = item["masks"].any(0).numpy()
+    assert not covered[:20, :30].any() and not covered[ids == crowd_id].any()
+    assert np.array_equal(covered, np.isin(ids, kept))
+
+
+def test_panoptic_padding_is_in_no_mask(synthetic_root):
+    """LSJ pads images smaller than its size at the bottom and right; the padding belongs to no segment."""
+    dataset = CocoPanopticDataset(synthetic_root, "train", LSJ(128, min_scale=0.3, max_scale=0.6), seed=3)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        geometry = dataset.geometry(index, *item["orig_size"])
+        valid_h, valid_w = geometry.valid_size
+        assert valid_h < 128 and valid_w < 128
+        masks = item["masks"]
+        assert masks.shape[-2:] == (128, 128)
+        assert not masks[:, valid_h:].any() and not masks[:, :, valid_w:].any()
+        assert masks[:, :valid_h, :valid_w].any(0).float().mean() > 0.9  # the image itself is covered
+
+
+def test_ade20k_keeps_the_last_class_and_ignores_values_beyond(tmp_path):
+    """PNG value v in 1..150 is class v - 1 (150 -> 149, "flag"); 0 and values above 150 are ignore."""
+    from m2f.data.ade20k import ADE20K_CLASS_NAMES, read_ade20k_labels
+
+    raw = np.array([[0, 1, 2, 149], [150, 151, 255, 75]], dtype=np.uint8)
+    Image.fromarray(raw).save(tmp_path / "labels.png")
+    expected = np.array([[255, 0, 1, 148], [149, 255, 255, 74]])
+    labels = read_ade20k_labels(str(tmp_path / "labels.png"))
+    assert np.array_equal(labels, expected)
+    assert ADE20K_CLASS_NAMES[149] == "flag"

@@ -472,3 +472,20 @@ def test_photometric_distortion_draws_in_range_and_reproducibly():
         PhotometricDistortion(hue_delta=200)
     with pytest.raises(ValueError, match="contrast_range"):
         PhotometricDistortion(contrast_range=(1.5, 0.5))
+
+
+def test_lsj_crop_offsets_range_over_each_side_independently():
+    """A wide image cropped only horizontally, a tall one only vertically: the left (top) offset is drawn over
+    every position the resized width (height) allows, the other offset stays 0."""
+    lsj = LSJ(100, min_scale=2.0, max_scale=2.0, flip=False)  # the long side becomes 200
+    lefts, tops = [], []
+    for seed in range(60):
+        wide = lsj.get_geometry(50, 200, np.random.default_rng(seed))
+        assert wide.resized_size == (50, 200) and wide.top == 0
+        lefts.append(wide.left)
+        tall = lsj.get_geometry(200, 50, np.random.default_rng(seed))
+        assert tall.resized_size == (200, 50) and tall.left == 0
+        tops.append(tall.top)
+    for offsets in (lefts, tops):
+        assert 0 <= min(offsets) and max(offsets) <= 100
+        assert max(offsets) - min(offsets) > 70 and len(set(offsets)) > 20

@@ -126,3 +126,38 @@ def test_cuda_rng_states_restore_on_the_gpus_the_process_sees(monkeypatch, visib
     assert [device for device, _ in restored] == [device for device, _ in expected]
     for (_, got), (_, want) in zip(restored, expected):
         assert got is want
+
+
+def test_thing_classes_must_index_the_class_names(tmp_path):
+    """Indices 0..len(class_names) - 1 are classes; len(class_names) itself is one past the last."""
+    names = '["cat", "dog", "sky"]'
+    assert ckpt.stored_classes({"class_names": names, "thing_classes": "[0, 2]"}, "f") == (
+        ["cat", "dog", "sky"],
+        [0, 2],
+        None,
+    )
+    with pytest.raises(ckpt.CheckpointError, match="beyond the 3"):
+        ckpt.stored_classes({"class_names": names, "thing_classes": "[0, 3]"}, "f")
+
+
+def test_class_head_classes_leaves_out_the_no_object_row():
+    assert ckpt.class_head_classes({"transformer_decoder.class_embed.weight": (134, 256)}) == 133
+    assert ckpt.class_head_classes({"transformer_decoder.class_embed.bias": (134,)}) is None
+
+
+def test_failed_save_leaves_last_checkpoint_on_the_previous_pair(tmp_path, monkeypatch):
+    """last_checkpoint moves only once both files of the new pair are in place: a crash while writing the
+    training state leaves it naming the previous, complete checkpoint."""
+    model, first = saved_checkpoint(tmp_path)
+    real_write = ckpt.write_bytes_atomic
+
+    def crash_on_state(path, data):
+        if str(path).endswith(ckpt.STATE_SUFFIX):
+            raise OSError("disk full")
+        real_write(path, data)
+
+    monkeypatch.setattr(ckpt, "write_bytes_atomic", crash_on_state)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, 8, model, {}, {"config": "tiny-test"})
+    assert ckpt.find_last_checkpoint(tmp_path) == first
+    assert ckpt.load_training_state(first)["iteration"] == 7

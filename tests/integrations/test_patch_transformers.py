@@ -384,3 +384,41 @@ def test_cuda_outputs_and_loss_unchanged():
     torch.testing.assert_close(after.masks_queries_logits, before.masks_queries_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(after.class_queries_logits, before.class_queries_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(after.loss, before.loss, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_pixel_decoder_attention_with_boxes_padding_and_no_start_index(ref_dim):
+    """Two levels, reference points as (x, y) or boxes (cx, cy, w, h), padded values (attention_mask True)
+    and no level_start_index (the patched forward derives it from the level sizes): the same output and
+    attention weights as transformers' own forward."""
+    from transformers.models.mask2former import modeling_mask2former
+
+    torch.manual_seed(0)
+    attention = modeling_mask2former.Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(32, 2, 2, 3)
+    attention = attention.double()
+    with torch.no_grad():
+        for param in attention.parameters():
+            param.normal_(0.0, 0.3)
+        attention.sampling_offsets.bias.normal_(0.0, 2.0)
+    shapes = [(6, 10), (3, 5)]
+    num_values = sum(h * w for h, w in shapes)
+    reference = torch.rand(2, 7, 2, ref_dim, dtype=torch.float64) * 0.8 + 0.1
+    if ref_dim == 4:
+        reference[..., 2:] *= 0.5  # box sizes
+    padding = torch.zeros(2, num_values, dtype=torch.bool)
+    padding[0, 40:60] = True
+    padding[1, 60:] = True
+    inputs = {
+        "hidden_states": torch.randn(2, 7, 32, dtype=torch.float64),
+        "encoder_hidden_states": torch.randn(2, num_values, 32, dtype=torch.float64),
+        "attention_mask": padding,
+        "position_embeddings": torch.randn(2, 7, 32, dtype=torch.float64),
+        "reference_points": reference,
+        "spatial_shapes_list": shapes,
+    }
+    with torch.no_grad():
+        expected = attention(**inputs)
+        assert patch_transformers(attention, backend="torch") == 1
+        got = attention(**inputs)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-9, atol=1e-9)

@@ -4,12 +4,18 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from m2f.config import PixelDecoderConfig
+from m2f.config import DecoderConfig, PixelDecoderConfig
 from m2f.models.pixel_decoder import MSDeformAttnPixelDecoder, encoder_reference_points
 from m2f.models.position_encoding import PositionEmbeddingSine
-from m2f.models.transformer_decoder import CrossAttentionLayer, FFNLayer, SelfAttentionLayer
+from m2f.models.transformer_decoder import (
+    CrossAttentionLayer,
+    FFNLayer,
+    MultiScaleMaskedTransformerDecoder,
+    SelfAttentionLayer,
+)
 
 
 def detr_sine(batch, height, width, num_feats, temperature=10000.0):
@@ -113,3 +119,91 @@ def test_pixel_decoder_shapes_and_level_order():
         MSDeformAttnPixelDecoder(PixelDecoderConfig(conv_dim=48), channels, strides)
     with pytest.raises(ValueError, match="transformer_strides"):
         MSDeformAttnPixelDecoder(PixelDecoderConfig(transformer_strides=(8, 16, 64)), channels, strides)
+
+
+def _torch_attention(module, num_heads):
+    """nn.MultiheadAttention (sequence first, as Mask2Former's) holding a MaskedMultiheadAttention's weights."""
+    attention = nn.MultiheadAttention(module.embed_dim, num_heads)
+    attention.load_state_dict(module.state_dict())
+    return attention
+
+
+def mask2former_decoder_reference(decoder, features, mask_features, num_heads):
+    """Mask2Former's MultiScaleMaskedTransformerDecoder.forward (post-norm), written as in its repository:
+    sequence-first tensors, torch attention with a bool mask of the keys where the previous prediction's
+    mask, bilinearly resized to the level, has sigmoid < 0.5 (a fully blocked row unblocked), layer i on
+    level i % L, prediction heads before the first layer and after each one. Returns (class, mask) pairs."""
+    src, pos, sizes = [], [], []
+    for level, x in enumerate(features):
+        batch, _, height, width = x.shape
+        sizes.append((height, width))
+        pos.append(
+            detr_sine(batch, height, width, decoder.pe_layer.num_pos_feats).flatten(2).permute(2, 0, 1)
+        )
+        projected = decoder.input_proj[level](x).flatten(2) + decoder.level_embed.weight[level][None, :, None]
+        src.append(projected.permute(2, 0, 1))
+    batch = mask_features.shape[0]
+    query_embed = decoder.query_embed.weight.unsqueeze(1).repeat(1, batch, 1)
+    output = decoder.query_feat.weight.unsqueeze(1).repeat(1, batch, 1)
+
+    def heads(output, size):
+        decoded = decoder.decoder_norm(output).transpose(0, 1)
+        outputs_class = decoder.class_embed(decoded)
+        outputs_mask = torch.einsum("bqc,bchw->bqhw", decoder.mask_embed(decoded), mask_features)
+        attn_mask = F.interpolate(outputs_mask, size=size, mode="bilinear", align_corners=False)
+        attn_mask = attn_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, num_heads, 1, 1).flatten(0, 1) < 0.5
+        return outputs_class, outputs_mask, attn_mask.detach()
+
+    predictions = []
+    outputs_class, outputs_mask, attn_mask = heads(output, sizes[0])
+    predictions.append((outputs_class, outputs_mask))
+    for i in range(decoder.num_layers):
+        level = i % len(features)
+        attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
+        cross = decoder.transformer_cross_attention_layers[i]
+        attended = _torch_attention(cross.multihead_attn, num_heads)(
+            output + query_embed, src[level] + pos[level], src[level], attn_mask=attn_mask
+        )[0]
+        output = cross.norm(output + attended)
+        self_layer = decoder.transformer_self_attention_layers[i]
+        q = output + query_embed
+        output = self_layer.norm(output + _torch_attention(self_layer.self_attn, num_heads)(q, q, output)[0])
+        ffn = decoder.transformer_ffn_layers[i]
+        output = ffn.norm(output + ffn.linear2(torch.relu(ffn.linear1(output))))
+        outputs_class, outputs_mask, attn_mask = heads(output, sizes[(i + 1) % len(features)])
+        predictions.append((outputs_class, outputs_mask))
+    return predictions
+
+
+def test_transformer_decoder_matches_mask2former_forward():
+    """Four layers over three levels (the round robin wraps), queries from query_feat with query_embed as
+    their position, heads before every layer, masks from the previous prediction at each level's size."""
+    torch.manual_seed(0)
+    config = DecoderConfig(hidden_dim=32, num_queries=6, num_heads=4, ffn_dim=64, num_layers=4)
+    decoder = MultiScaleMaskedTransformerDecoder(config, in_channels=24, mask_dim=16, num_classes=5).eval()
+    with torch.no_grad():
+        for parameter in decoder.parameters():  # non-trivial biases, norms and embeddings everywhere
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    features = [torch.randn(2, 24, h, w) for h, w in ((2, 3), (4, 5), (7, 9))]
+    mask_features = torch.randn(2, 16, 14, 18)
+    with torch.no_grad():
+        out = decoder(features, mask_features)
+        expected = mask2former_decoder_reference(decoder, features, mask_features, num_heads=4)
+    actual = [(aux["pred_logits"], aux["pred_masks"]) for aux in out["aux_outputs"]]
+    actual.append((out["pred_logits"], out["pred_masks"]))
+    assert len(actual) == len(expected) == 5
+    for layer, ((logits, masks), (ref_logits, ref_masks)) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4, msg=f"logits {layer}")
+        torch.testing.assert_close(masks, ref_masks, rtol=1e-4, atol=1e-4, msg=f"masks {layer}")
+
+
+def test_attention_masks_are_detached_from_the_mask_predictions():
+    """The masks steering the next layer's attention carry no gradient (Mask2Former detaches them)."""
+    config = DecoderConfig(hidden_dim=32, num_queries=6, num_heads=4, ffn_dim=64, num_layers=2)
+    decoder = MultiScaleMaskedTransformerDecoder(config, in_channels=32, mask_dim=16, num_classes=5)
+    output = torch.randn(2, 6, 32, requires_grad=True)
+    outputs_class, outputs_mask, mask_logits = decoder.forward_prediction_heads(
+        output, torch.randn(2, 16, 8, 8), (4, 4)
+    )
+    assert outputs_class.requires_grad and outputs_mask.requires_grad
+    assert mask_logits.shape == (2, 6, 16) and not mask_logits.requires_grad

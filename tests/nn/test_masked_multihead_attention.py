@@ -437,3 +437,37 @@ def test_export_with_dynamic_batch_and_sizes():
     exported = torch.export.export(ours, args, kwargs, dynamic_shapes=dynamic)
     args, kwargs = call_inputs(7, 3, 20)
     torch.testing.assert_close(exported.module()(*args, **kwargs)[0], ours(*args, **kwargs)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_threshold_is_one_half_inclusive(backend):
+    """Without mask_threshold a key is visible iff sigmoid(logit) >= 0.5, Mask2Former's rule: logit 0 is
+    visible, logits just below 0 (sigmoid 0.40..0.49) are blocked."""
+    ours = MaskedMultiheadAttention(EMBED, HEADS, batch_first=True, backend=backend)
+    assert ours.mask_threshold == 0.5
+    paired, torch_mha = make_pair(batch_first=True)
+    ours.load_state_dict(paired.state_dict())
+    generator = torch.Generator().manual_seed(5)
+    logits = -0.4 * torch.rand(BATCH, QUERIES, KEYS, generator=generator)  # sigmoid in (0.40, 0.5]
+    logits[:, :, ::3] = 0.0
+    logits[0, 0] = -0.1  # blocks every key: sees all of them
+    blocked = rule_applied(logits < 0)
+    assert blocked.any() and not blocked.all()
+    assert_same_outputs_and_gradients(
+        ours,
+        torch_mha,
+        inputs(True),
+        {"mask_logits": logits},
+        {"attn_mask": blocked.repeat_interleave(HEADS, dim=0)},
+    )
+
+
+def test_square_two_dimensional_attn_mask_is_not_transposed():
+    """A (Q, K) mask with Q == K, not symmetric (causal): row i is query i, as torch reads it."""
+    ours, torch_mha = make_pair(batch_first=True)
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(BATCH, 5, EMBED, generator=generator).requires_grad_()
+    blocked = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    assert_same_outputs_and_gradients(
+        ours, torch_mha, [x, x, x], {"attn_mask": blocked}, {"attn_mask": blocked}
+    )
