@@ -150,9 +150,9 @@ def point_mask_loss(
 
     mask_logits (N, H, W) predicted mask logits (e.g. at 1/4 resolution); target_masks (N, Ht, Wt) bool, uint8
     or float in [0, 1] (e.g. at full resolution; float targets are read in float32 or wider, never rounded to
-    half logits' dtype); coords (N, P, 2) normalized (x, y) in [0, 1]; num_masks the
-    normalizer (Mask2Former: matched masks averaged over processes), a number or a one-element tensor (whose
-    value is checked on the CPU only: reading it from a GPU would wait for the device). Both maps are sampled bilinearly
+    half logits' dtype); coords (N, P, 2) normalized (x, y) in [0, 1]; num_masks the normalizer (Mask2Former:
+    matched masks averaged over processes), a number or a one-element tensor (whose value is checked on the CPU
+    only: reading it from a GPU would wait for the device). Both maps are sampled bilinearly
     (align_corners=False, zero padding). Returns (ce, dice), float32 scalars (float64 for float64 logits): the
     sum over masks of the mean BCE-with-logits over points, and of 1 - (2 sum(p t) + 1) / (sum p + sum t + 1),
     each divided by num_masks.
