@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import time
 
 import torch
 from torch import nn
@@ -183,6 +184,10 @@ def late_import_ddp_worker(rank: int, world_size: int, port: int, out_dir: str) 
         distributed.broadcast_object([rank])
     finally:
         distributed.cleanup()
+    # The group's threads end shortly after it is destroyed, not at once: allow them a few seconds.
+    deadline = time.monotonic() + 10
+    while thread_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
     with open(os.path.join(out_dir, f"threads_{rank}.txt"), "w") as f:
         f.write(f"{before} {thread_count()}")
 
