@@ -440,7 +440,9 @@ class Trainer:
                 )
         dist_utils.barrier()
 
-        torch.manual_seed(settings.seed)
+        # The random numbers of training (the criterion's points, dropout) differ between ranks; the model's
+        # initial weights were drawn before, and DDP sends rank 0's to the others.
+        torch.manual_seed(settings.seed + self.rank)
         model = model.to(self.device)
         if isinstance(criterion, nn.Module):
             criterion.to(self.device)

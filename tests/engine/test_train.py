@@ -304,6 +304,21 @@ def test_seeds_beyond_32_bits_are_refused_up_front():
         TrainSettings(max_iters=1, seed=2**32)
 
 
+def test_each_rank_draws_training_random_numbers_from_its_own_seed(tmp_path, monkeypatch):
+    """Rank r's training RNG starts at seed + r (as detectron2 seeds its ranks): with one seed for all, every
+    rank of a DDP run drew the same sampled points and dropout masks."""
+    from m2f.engine import distributed
+
+    draws = {}
+    for rank in (0, 1, 3):
+        monkeypatch.setattr(distributed, "get_rank", lambda rank=rank: rank)
+        make_trainer(tmp_path / f"rank_{rank}", seed=7)
+        draws[rank] = torch.rand(8)
+    for rank, drawn in draws.items():
+        torch.manual_seed(7 + rank)
+        assert torch.equal(drawn, torch.rand(8)), rank
+
+
 def test_a_fresh_run_in_a_used_folder_is_not_resumed_from_the_old_one(tmp_path, capsys):
     """A run started without resume in a folder of an earlier run, stopped before its first checkpoint,
     resumes from iteration 0, not from the earlier run's last checkpoint."""
