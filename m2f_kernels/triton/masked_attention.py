@@ -2,13 +2,18 @@
 
 Shapes: q (B, H, Q, d), k/v (B, H, K, d); the mask comes either from mask_logits (B, Q, K) (key visible iff
 logit >= threshold_logit, NaN blocked) or from attn_mask (B, Hm, Q, K) bool, Hm in {1, H}, True = blocked.
-A row with no visible key attends to all keys: a first pass over each row's mask (shared by the heads when the
-mask has one head) stores one "row has a visible key" flag per row, read by the attention kernels.
+A row with no visible key attends to all keys: a first pass over the mask (shared by the heads when the mask
+has one head) stores one "row has a visible key" flag per row, read by the attention kernels.
 
 Forward: online softmax over key blocks; the keys may be split across programs (split-K), each writing a
 partial (max, sum, acc) that a combine kernel merges. Backward: P is recomputed from the forward's lse; dq
-(split over keys, partials summed in a fixed order) and dk/dv (one program per key block looping over all
-queries) never use atomics, so the backward is always deterministic.
+(split over keys, partials summed in a fixed order; it also stores delta = rowsum(dO * O)) and then dk/dv (one
+program per key block looping over all queries) never use atomics.
+
+The query and key block sizes, warps and stages are autotuned per shape class (queries and keys bucketed to
+powers of two, head dim); the sums follow the blocks, so their rounding depends on the config, which is
+pinned to the head dim's fixed config while torch.are_deterministic_algorithms_enabled(). A key split is a
+multiple of every key block size a launch may use.
 """
 
 import torch
@@ -21,20 +26,37 @@ _MASK_LOGITS = 0
 _MASK_BOOL = 1
 _MAX_GRID_Y = 65535  # CUDA's limit on grid dimensions 1 and 2 (the key splits)
 
+# (BLOCK_Q, BLOCK_K, num_warps, num_stages) the autotuner tries; a dk/dv program owns BLOCK_K keys. Small
+# blocks give the small-Q, K = 1024 shapes more programs; large ones need fewer loads per key at large K.
+TUNED_BLOCKS = (
+    (32, 64, 4, 2),
+    (32, 64, 4, 3),
+    (16, 64, 2, 2),
+    (32, 32, 4, 2),
+    (64, 64, 4, 2),
+    (32, 128, 4, 2),
+)
+TUNED_CONFIGS = [
+    triton.Config({"BLOCK_Q": block_q, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+    for block_q, block_k, warps, stages in TUNED_BLOCKS
+]
+FLAG_BLOCK_ROWS = 16
+FLAG_BLOCK_K = 256
+
+
+def fixed_config(head_dim: int) -> triton.Config:
+    """The config of every launch when not autotuning (interpreter, M2F_KERNELS_TRITON_AUTOTUNE=0) and while
+    deterministic algorithms are enabled: 32 queries by 64 keys, 32 keys from head dim 33 on (registers)."""
+    block_k = 64 if _block_d(head_dim) <= 32 else 32
+    return triton.Config({"BLOCK_Q": 32, "BLOCK_K": block_k}, num_warps=4, num_stages=3)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
 
 def _autotuned(kernel):
-    """On GPU, tunes warps and pipeline stages per shape class (queries, keys bucketed to powers of two,
-    head dim).
-
-    The block sizes stay fixed (the key splits are multiples of BLOCK_K); without autotuning() (the
-    interpreter, M2F_KERNELS_TRITON_AUTOTUNE=0) the kernel runs with Triton's default warps and stages.
-    """
-    if not autotuning():
-        return kernel
-    configs = [
-        triton.Config({}, num_warps=warps, num_stages=stages) for warps in (2, 4, 8) for stages in (2, 3)
-    ]
-    return triton.autotune(configs=configs, key=["QUERIES_CLASS", "KEYS_CLASS", "head_dim"])(kernel)
+    return triton.autotune(configs=TUNED_CONFIGS, key=["QUERIES_CLASS", "KEYS_CLASS", "head_dim"])(kernel)
 
 
 @triton.jit
@@ -89,17 +111,21 @@ def _row_has_visible_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """flag[r] = 1 if row r of the (rows, K) mask has a visible key, else 0."""
+    """Grid (row blocks, key programs): sets flag[r] = 1 (flags zeroed before) if row r of the (rows, K) mask
+    has a visible key among this program's key blocks (every key_programs-th block from its own).
+
+    Programs that find a visible key in the same row all store the same 1, so the result does not depend on
+    their order."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_valid = rows < num_rows
     row_offsets = rows.to(tl.int64)[:, None] * num_keys
     any_visible = tl.zeros((BLOCK_ROWS,), dtype=tl.int32)
-    for key_start in range(0, num_keys, BLOCK_K):
+    for key_start in range(tl.program_id(1) * BLOCK_K, num_keys, tl.num_programs(1) * BLOCK_K):
         keys = key_start + tl.arange(0, BLOCK_K)
         valid = row_valid[:, None] & (keys[None, :] < num_keys)
         visible = _load_visibility(mask_ptr, row_offsets, keys[None, :], valid, threshold_logit, MASK_KIND)
         any_visible = tl.maximum(any_visible, tl.max(visible.to(tl.int32), axis=1))
-    tl.store(flag_ptr + rows, any_visible.to(tl.int8), mask=row_valid)
+    tl.store(flag_ptr + rows, any_visible.to(tl.int8), mask=row_valid & (any_visible != 0))
 
 
 @_autotuned
@@ -242,13 +268,6 @@ def _combine_kernel(
     tl.store(lse_ptr + rows, row_max + tl.log(row_sum), mask=row_valid)
 
 
-@triton.jit
-def _row_delta(out_ptr, grad_out, offsets, valid):
-    """delta = rowsum(dO * O) in float32 for a (rows, head dim) tile of grad_out."""
-    out = tl.load(out_ptr + offsets, mask=valid, other=0.0)
-    return tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), axis=1)
-
-
 @_autotuned
 @triton.jit
 def _backward_dq_kernel(
@@ -261,6 +280,7 @@ def _backward_dq_kernel(
     mask_ptr,
     flag_ptr,
     grad_q_partial_ptr,
+    delta_ptr,
     num_heads,
     num_queries,
     num_keys,
@@ -277,8 +297,9 @@ def _backward_dq_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """grad_q_partial[split] = scale * sum over the split's keys of dS K (float32), with dS = P (dP - delta)
-    and delta = rowsum(dO * O)."""
+    """grad_q_partial[split] = scale * sum over the split's keys of dS K, with dS = P (dP - delta) and
+    delta = rowsum(dO * O); float32 partials, or grad_q itself (q's dtype) with one split. The programs of
+    split 0 store delta (float32) for the dk/dv kernel."""
     q_block, batch_head = _block_and_batch_head(num_queries, BLOCK_Q)
     split = tl.program_id(1)
     batch = batch_head // num_heads
@@ -296,7 +317,9 @@ def _backward_dq_kernel(
     q = tl.load(q_ptr + q_offsets, mask=q_valid, other=0.0)
     grad_out = tl.load(grad_out_ptr + q_offsets, mask=q_valid, other=0.0)
     lse = tl.load(lse_ptr + stat_rows, mask=query_valid, other=0.0)
-    delta = _row_delta(out_ptr, grad_out, q_offsets, q_valid)
+    out = tl.load(out_ptr + q_offsets, mask=q_valid, other=0.0)
+    delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), axis=1)
+    tl.store(delta_ptr + stat_rows, delta, mask=query_valid & (split == 0))
     mask_rows = mask_row_block.to(tl.int64) * num_queries + queries
     row_has_visible = tl.load(flag_ptr + mask_rows, mask=query_valid, other=1) != 0
     mask_row_offsets = mask_rows[:, None] * num_keys
@@ -325,7 +348,8 @@ def _backward_dq_kernel(
 
     num_rows = (tl.num_programs(0) // tl.cdiv(num_queries, BLOCK_Q)).to(tl.int64) * num_queries
     partial_offsets = (split * num_rows + stat_rows)[:, None] * head_dim + dims[None, :]
-    tl.store(grad_q_partial_ptr + partial_offsets, grad_q * scale, mask=q_valid)
+    grad_q = (grad_q * scale).to(grad_q_partial_ptr.dtype.element_ty)
+    tl.store(grad_q_partial_ptr + partial_offsets, grad_q, mask=q_valid)
 
 
 @_autotuned
@@ -334,7 +358,7 @@ def _backward_dkdv_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
-    out_ptr,
+    delta_ptr,
     grad_out_ptr,
     lse_ptr,
     mask_ptr,
@@ -356,7 +380,8 @@ def _backward_dkdv_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One program per key block: dV = P^T dO and dK = scale * dS^T Q over all queries."""
+    """One program per key block: dV = P^T dO and dK = scale * dS^T Q over all queries, with the dq kernel's
+    delta = rowsum(dO * O)."""
     key_block, batch_head = _block_and_batch_head(num_keys, BLOCK_K)
     batch = batch_head // num_heads
     head = batch_head % num_heads
@@ -383,7 +408,7 @@ def _backward_dkdv_kernel(
         q = tl.load(q_ptr + q_offsets, mask=q_valid, other=0.0)
         grad_out = tl.load(grad_out_ptr + q_offsets, mask=q_valid, other=0.0)
         lse = tl.load(lse_ptr + stat_rows, mask=query_valid, other=0.0)
-        delta = _row_delta(out_ptr, grad_out, q_offsets, q_valid)
+        delta = tl.load(delta_ptr + stat_rows, mask=query_valid, other=0.0)
         mask_rows = mask_row_block.to(tl.int64) * num_queries + queries
         row_has_visible = tl.load(flag_ptr + mask_rows, mask=query_valid, other=1) != 0
 
@@ -417,34 +442,58 @@ def _mask_source(mask_logits, attn_mask, batch, num_queries, num_keys):
     return attn_mask.contiguous().view(torch.uint8), _MASK_BOOL, attn_mask.shape[1]
 
 
-def _block_sizes(head_dim):
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_k = 64 if block_d <= 32 else 32
-    return 32, block_k, block_d
+def _launch_configs(head_dim: int, config: triton.Config | None) -> tuple[triton.Config | None, int]:
+    """(the config every launch is pinned to, or None to autotune; the key blocks a split is a multiple of).
+
+    `config` (tests) pins a config of TUNED_CONFIGS or any other; otherwise the launches are pinned to
+    fixed_config(head_dim) when not autotuning or while deterministic algorithms are enabled."""
+    if config is None and (not autotuning() or torch.are_deterministic_algorithms_enabled()):
+        config = fixed_config(head_dim)
+    if config is not None:
+        return config, config.kwargs["BLOCK_K"]
+    return None, max(tuned.kwargs["BLOCK_K"] for tuned in TUNED_CONFIGS)
 
 
-def _default_num_splits(device, num_programs, num_keys, block_k):
-    """Enough key splits to give every multiprocessor a few programs, each with several key blocks."""
-    if device.type != "cuda":
-        return 1
-    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(4 * multiprocessors, num_programs)
-    return max(1, min(wanted, triton.cdiv(num_keys, 4 * block_k)))
+def _run(kernel, grid, args, config, **constexprs):
+    """Launches an autotuned kernel, or its function with `config` when given."""
+    if config is None:
+        kernel[grid](*args, **constexprs)
+    else:
+        kernel.fn[grid](*args, **config.all_kwargs(), **constexprs)
+
+
+def _key_splits(device, num_keys, head_dim, num_programs, split_alignment, num_splits):
+    """(number of key splits, keys per split, a multiple of split_alignment).
+
+    By default enough splits to give every multiprocessor a few of the `num_programs` programs (counted with
+    32-query blocks), each with at least four of fixed_config's key blocks; `num_splits` overrides the wanted
+    number."""
+    if num_splits is None:
+        if device.type == "cuda":
+            multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+            min_split_keys = 4 * fixed_config(head_dim).kwargs["BLOCK_K"]
+            wanted = triton.cdiv(4 * multiprocessors, num_programs)
+            num_splits = max(1, min(wanted, triton.cdiv(num_keys, min_split_keys)))
+        else:
+            num_splits = 1
+    num_splits = min(num_splits, _MAX_GRID_Y)
+    keys_per_split = triton.cdiv(triton.cdiv(num_keys, num_splits), split_alignment) * split_alignment
+    return triton.cdiv(num_keys, keys_per_split), keys_per_split
 
 
 def _row_flags(mask, mask_kind, num_keys, threshold_logit):
     num_rows = mask.numel() // num_keys
-    flags = torch.empty(num_rows, device=mask.device, dtype=torch.int8)
-    block_rows = 16
-    _row_has_visible_kernel[(triton.cdiv(num_rows, block_rows),)](
+    flags = torch.zeros(num_rows, device=mask.device, dtype=torch.int8)
+    key_programs = min(triton.cdiv(num_keys, FLAG_BLOCK_K), _MAX_GRID_Y)
+    _row_has_visible_kernel[(triton.cdiv(num_rows, FLAG_BLOCK_ROWS), key_programs)](
         mask,
         flags,
         num_rows,
         num_keys,
         threshold_logit,
         MASK_KIND=mask_kind,
-        BLOCK_ROWS=block_rows,
-        BLOCK_K=64,
+        BLOCK_ROWS=FLAG_BLOCK_ROWS,
+        BLOCK_K=FLAG_BLOCK_K,
     )
     return flags
 
@@ -459,12 +508,14 @@ def _check_inputs(q, k, v):
         )
 
 
-def masked_attention_forward(q, k, v, mask_logits, attn_mask, threshold_logit, scale, *, num_splits=None):
+def masked_attention_forward(
+    q, k, v, mask_logits, attn_mask, threshold_logit, scale, *, num_splits=None, config=None
+):
     """Masked attention forward.
 
     q (B, H, Q, d), k/v (B, H, K, d); mask_logits (B, Q, K) or attn_mask bool (B, Hm, Q, K).
     Returns out (B, H, Q, d) in q's dtype and lse (B, H, Q) float32 (natural log). `num_splits` overrides the
-    number of key splits (default: from the device's multiprocessor count).
+    number of key splits (default: from the device's multiprocessor count), `config` the launch config.
     """
     _check_inputs(q, k, v)
     batch, num_heads, num_queries, head_dim = q.shape
@@ -473,24 +524,21 @@ def masked_attention_forward(q, k, v, mask_logits, attn_mask, threshold_logit, s
     mask, mask_kind, mask_heads = _mask_source(mask_logits, attn_mask, batch, num_queries, num_keys)
     flags = _row_flags(mask, mask_kind, num_keys, threshold_logit)
 
-    block_q, block_k, block_d = _block_sizes(head_dim)
-    q_blocks = triton.cdiv(num_queries, block_q)
-    if num_splits is None:
-        num_splits = _default_num_splits(q.device, q_blocks * batch * num_heads, num_keys, block_k)
-    num_splits = min(num_splits, _MAX_GRID_Y)
-    keys_per_split = triton.cdiv(triton.cdiv(num_keys, num_splits), block_k) * block_k
-    num_splits = triton.cdiv(num_keys, keys_per_split)
-
+    config, split_alignment = _launch_configs(head_dim, config)
+    batch_heads = batch * num_heads
+    num_splits, keys_per_split = _key_splits(
+        q.device, num_keys, head_dim, triton.cdiv(num_queries, 32) * batch_heads, split_alignment, num_splits
+    )
     out = torch.empty_like(q)
     lse = torch.empty((batch, num_heads, num_queries), device=q.device, dtype=torch.float32)
-    num_rows = batch * num_heads * num_queries
+    num_rows = batch_heads * num_queries
     if num_splits == 1:
         partial_max = partial_sum = partial_acc = lse
     else:
         partial_max = torch.empty((num_splits, num_rows), device=q.device, dtype=torch.float32)
         partial_sum = torch.empty_like(partial_max)
         partial_acc = torch.empty((num_splits, num_rows, head_dim), device=q.device, dtype=torch.float32)
-    _forward_kernel[(q_blocks * batch * num_heads, num_splits)](
+    args = (
         q,
         k,
         v,
@@ -511,13 +559,11 @@ def masked_attention_forward(q, k, v, mask_logits, attn_mask, threshold_logit, s
         scale,
         size_class(num_queries),
         size_class(num_keys),
-        MASK_KIND=mask_kind,
-        INTERPRETED=interpreting(),
-        SINGLE_SPLIT=num_splits == 1,
-        BLOCK_Q=block_q,
-        BLOCK_K=block_k,
-        BLOCK_D=block_d,
     )
+    block_d = _block_d(head_dim)
+    grid = lambda meta: (triton.cdiv(num_queries, meta["BLOCK_Q"]) * batch_heads, num_splits)
+    constexprs = {"MASK_KIND": mask_kind, "INTERPRETED": interpreting(), "BLOCK_D": block_d}
+    _run(_forward_kernel, grid, args, config, SINGLE_SPLIT=num_splits == 1, **constexprs)
     if num_splits > 1:
         block_rows = 32
         _combine_kernel[(triton.cdiv(num_rows, block_rows),)](
@@ -549,10 +595,12 @@ def masked_attention_backward(
     deterministic,
     *,
     num_splits=None,
+    config=None,
 ):
     """Gradients (grad_q, grad_k, grad_v) of masked_attention_forward, in q's dtype.
 
-    Always deterministic (no atomics), so `deterministic` changes nothing here.
+    No atomics: the launch config is pinned while torch.are_deterministic_algorithms_enabled(), which is
+    what `deterministic` says when the op calls it.
     """
     _check_inputs(q, k, v)
     batch, num_heads, num_queries, head_dim = q.shape
@@ -564,71 +612,31 @@ def masked_attention_backward(
     out = out.contiguous()
     flags = _row_flags(mask, mask_kind, num_keys, threshold_logit)
 
-    block_q, block_k, block_d = _block_sizes(head_dim)
-    q_blocks = triton.cdiv(num_queries, block_q)
-    if num_splits is None:
-        num_splits = _default_num_splits(q.device, q_blocks * batch * num_heads, num_keys, block_k)
-    num_splits = min(num_splits, _MAX_GRID_Y)
-    keys_per_split = triton.cdiv(triton.cdiv(num_keys, num_splits), block_k) * block_k
-    num_splits = triton.cdiv(num_keys, keys_per_split)
-
-    grad_q_partial = torch.empty(
-        (num_splits, batch, num_heads, num_queries, head_dim), device=q.device, dtype=torch.float32
+    config, split_alignment = _launch_configs(head_dim, config)
+    batch_heads = batch * num_heads
+    num_splits, keys_per_split = _key_splits(
+        q.device, num_keys, head_dim, triton.cdiv(num_queries, 32) * batch_heads, split_alignment, num_splits
     )
-    _backward_dq_kernel[(q_blocks * batch * num_heads, num_splits)](
-        q,
-        k,
-        v,
-        out,
-        grad_out,
-        lse,
-        mask,
-        flags,
-        grad_q_partial,
-        num_heads,
-        num_queries,
-        num_keys,
-        head_dim,
-        mask_heads,
-        keys_per_split,
-        threshold_logit,
-        scale,
-        size_class(num_queries),
-        size_class(num_keys),
-        MASK_KIND=mask_kind,
-        INTERPRETED=interpreting(),
-        BLOCK_Q=block_q,
-        BLOCK_K=block_k,
-        BLOCK_D=block_d,
-    )
-    grad_q = grad_q_partial.sum(0).to(q.dtype)
+    if num_splits == 1:
+        grad_q = grad_q_partial = torch.empty_like(q)
+    else:
+        grad_q_partial = torch.empty(
+            (num_splits, batch, num_heads, num_queries, head_dim), device=q.device, dtype=torch.float32
+        )
+    delta = torch.empty_like(lse)
+    sizes = (num_heads, num_queries, num_keys, head_dim, mask_heads)
+    mask_and_scale = (threshold_logit, scale, size_class(num_queries), size_class(num_keys))
+    constexprs = {"MASK_KIND": mask_kind, "INTERPRETED": interpreting(), "BLOCK_D": _block_d(head_dim)}
+    dq_grid = lambda meta: (triton.cdiv(num_queries, meta["BLOCK_Q"]) * batch_heads, num_splits)
+    dq_args = (q, k, v, out, grad_out, lse, mask, flags, grad_q_partial, delta, *sizes, keys_per_split)
+    dq_args = (*dq_args, *mask_and_scale)
+    _run(_backward_dq_kernel, dq_grid, dq_args, config, **constexprs)
+    if num_splits > 1:
+        grad_q = grad_q_partial.sum(0).to(q.dtype)
 
     grad_k = torch.empty_like(k)
     grad_v = torch.empty_like(v)
-    _backward_dkdv_kernel[(triton.cdiv(num_keys, block_k) * batch * num_heads,)](
-        q,
-        k,
-        v,
-        out,
-        grad_out,
-        lse,
-        mask,
-        flags,
-        grad_k,
-        grad_v,
-        num_heads,
-        num_queries,
-        num_keys,
-        head_dim,
-        mask_heads,
-        threshold_logit,
-        scale,
-        size_class(num_queries),
-        size_class(num_keys),
-        MASK_KIND=mask_kind,
-        INTERPRETED=interpreting(),
-        BLOCK_Q=block_q,
-        BLOCK_K=block_k,
-        BLOCK_D=block_d,
-    )
+    dkdv_grid = lambda meta: (triton.cdiv(num_keys, meta["BLOCK_K"]) * batch_heads,)
+    dkdv_args = (q, k, v, delta, grad_out, lse, mask, flags, grad_k, grad_v, *sizes, *mask_and_scale)
+    _run(_backward_dkdv_kernel, dkdv_grid, dkdv_args, config, **constexprs)
     return grad_q, grad_k, grad_v

@@ -351,6 +351,27 @@ def test_cuda_backends_match_reference(backend, dtype, shape):
     check_backend(backend, dtype, shape, "logits", device="cuda")
 
 
+def tuned_configs():
+    from m2f_kernels.triton import masked_attention as module
+
+    return module.TUNED_CONFIGS if "triton" in m2f_kernels.available_backends() else []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "config",
+    tuned_configs(),
+    ids=lambda c: f"Q{c.kwargs['BLOCK_Q']}-K{c.kwargs['BLOCK_K']}-warps{c.num_warps}-stages{c.num_stages}",
+)
+def test_cuda_triton_every_autotuned_config_matches_reference(dtype, config):
+    """Each config the autotuner may pick (block sizes, warps, stages), pinned, on the GPU's compiler and
+    tensor cores: 100 queries, 1030 keys in two splits."""
+    check_backend(
+        "triton", dtype, (2, 8, 100, 1030, 32), "logits", device="cuda", num_splits=2, config=config
+    )
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("mask_kind", ["bool", "bool_per_head"])
@@ -426,6 +447,98 @@ def test_triton_many_heads_query_blocks_and_splits(mask_kind):
     """Two images x three heads, two query blocks, three key splits and three key blocks: the kernels' grid
     folds (block, batch * heads) into its first axis, and each program must recover both."""
     check_backend("triton", torch.float32, (2, 3, 40, 150, 32), mask_kind, num_splits=3)
+
+
+def tuned_block_sizes():
+    from m2f_kernels.triton.masked_attention import TUNED_BLOCKS
+
+    return sorted({(block_q, block_k) for block_q, block_k, *_ in TUNED_BLOCKS})
+
+
+@needs_triton
+@pytest.mark.parametrize("block_q, block_k", tuned_block_sizes() if HAS_TRITON_ON_CPU else [])
+@pytest.mark.parametrize("mask_kind", ["logits", "bool_per_head"])
+def test_triton_every_autotuned_block_size_matches_reference(block_q, block_k, mask_kind):
+    """The block sizes the GPU autotuner may pick, pinned: 70 queries (a partial query block of every size),
+    600 keys in two splits (partial last split and key block) and a row whose only visible key is key 300,
+    in the mask pass's second key program."""
+    import triton
+
+    config = triton.Config({"BLOCK_Q": block_q, "BLOCK_K": block_k}, num_warps=4)
+    check_backend("triton", torch.float32, (2, 2, 70, 600, 32), mask_kind, num_splits=2, config=config)
+
+
+@needs_triton
+@pytest.mark.parametrize("mask_kind", ["logits", "bool"])
+@pytest.mark.parametrize("num_keys", [1, 255, 256, 257, 1300])
+@pytest.mark.parametrize("max_key_programs", [65535, 2])
+def test_triton_row_flags_find_a_visible_key_anywhere(monkeypatch, mask_kind, num_keys, max_key_programs):
+    """The mask pass's flags against torch's any(): one visible key per row at positions spread over every
+    key block, fully blocked and NaN rows; with the key programs capped at 2, each program walks several
+    key blocks."""
+    from m2f_kernels.triton import masked_attention as module
+
+    monkeypatch.setattr(module, "_MAX_GRID_Y", max_key_programs)
+    rows, threshold_logit = 37, 0.25
+    logits = torch.full((rows, num_keys), threshold_logit - 1.0)
+    for row in range(0, rows, 2):
+        logits[row, (row * 97) % num_keys] = threshold_logit  # visible: exactly at the threshold
+    logits[3, : num_keys // 2] = math.nan
+    logits[3, -1] = threshold_logit + 1.0
+    logits[5] = math.nan
+    visible = logits >= threshold_logit
+    if mask_kind == "logits":
+        mask, kind = logits, module._MASK_LOGITS
+    else:
+        mask, kind = (~visible).view(torch.uint8), module._MASK_BOOL
+    flags = module._row_flags(mask.contiguous(), kind, num_keys, threshold_logit)
+    assert flags.dtype == torch.int8
+    assert torch.equal(flags.bool(), visible.any(-1))
+    assert flags[1] == 0 and flags[3] == 1 and flags[5] == 0
+
+
+@needs_triton
+def test_triton_launch_config_is_pinned_when_deterministic(monkeypatch):
+    """On a GPU the block sizes, warps and stages are autotuned and a key split is a multiple of the largest
+    key block; with deterministic algorithms every launch uses the head dim's fixed config, as without
+    autotuning (the interpreter)."""
+    from m2f_kernels.triton import masked_attention as module
+
+    largest_block_k = max(block_k for _, block_k in tuned_block_sizes())
+    assert module._launch_configs(32, None)[0] is not None  # the interpreter never autotunes
+    monkeypatch.setattr(module, "autotuning", lambda: True)
+    assert module._launch_configs(32, None) == (None, largest_block_k)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for head_dim, block_k in [(16, 64), (32, 64), (33, 32), (64, 32)]:
+            config, alignment = module._launch_configs(head_dim, None)
+            assert config.kwargs == {"BLOCK_Q": 32, "BLOCK_K": block_k} and alignment == block_k
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@needs_triton
+def test_triton_key_splits_on_a_gpu(monkeypatch):
+    """The GPU rule: about four programs per SM (counting 32-query blocks), no more splits than groups of four
+    fixed key blocks, each split a multiple of the alignment, and the splits cover the keys exactly."""
+    import types
+
+    from m2f_kernels.triton import masked_attention as module
+
+    properties = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+    cuda = torch.device("cuda")
+    # B=2, Q=100: 4 query blocks x 16 heads = 64 programs want ceil(528 / 64) = 9 splits; 1024 keys allow 4.
+    assert module._key_splits(cuda, 1024, 32, 64, 128, None) == (4, 256)
+    # B=8, Q=200: 448 programs want 2 splits.
+    assert module._key_splits(cuda, 1024, 32, 448, 128, None) == (2, 512)
+    assert module._key_splits(cuda, 1024, 32, 448, 128, 5) == (4, 256)  # 5 wanted, 128-aligned: 4
+    for num_keys, programs, alignment in [(1, 1, 128), (4097, 10, 128), (16384, 2, 64), (300, 1, 32)]:
+        splits, per_split = module._key_splits(cuda, num_keys, 32, programs, alignment, None)
+        assert per_split % alignment == 0 and (splits - 1) * per_split < num_keys <= splits * per_split
+        assert splits <= max(1, -(-num_keys // 256))  # four 64-key blocks per split at least, as wanted
+    assert module._key_splits(torch.device("cpu"), 4097, 32, 1, 128, None) == (1, 4224)
 
 
 @pytest.mark.cuda
