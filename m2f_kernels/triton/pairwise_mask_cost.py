@@ -35,6 +35,15 @@ FINALIZE_BLOCK_SPLITS = 16
 FINALIZE_BLOCK_PAIRS = 64
 
 
+@triton.jit
+def _dot(a, b, ACC: tl.constexpr, INTERPRETED: tl.constexpr):
+    """a @ b summed in ACC: float32 sums on a GPU take three tf32 tensor-core products (about float32
+    accuracy); float64 sums, and the interpreter, multiply in ACC."""
+    if INTERPRETED or ACC == tl.float64:
+        return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
+    return tl.dot(a, b, input_precision="tf32x3", out_dtype=ACC)
+
+
 @triton.autotune(
     configs=block_configs(FIXED, TILES, (4, 8)), key=["QUERIES_CLASS", "TARGETS_CLASS", "POINTS_CLASS"]
 )
@@ -53,6 +62,7 @@ def _pairwise_partial_kernel(
     TARGETS_CLASS,
     POINTS_CLASS,
     ACC: tl.constexpr,
+    INTERPRETED: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -97,9 +107,9 @@ def _pairwise_partial_kernel(
         negative = tl.where(logit_mask, tl.maximum(logit, 0.0) + log_term, 0.0)
         prob = tl.where(logit_mask, tl.where(logit >= 0, 1.0, exp_term) / (1.0 + exp_term), 0.0)
         label_t = tl.trans(label)
-        positive_dot += tl.dot(positive, label_t, input_precision="ieee", out_dtype=ACC)
-        negative_dot += tl.dot(negative, 1.0 - label_t, input_precision="ieee", out_dtype=ACC)
-        prob_dot += tl.dot(prob, label_t, input_precision="ieee", out_dtype=ACC)
+        positive_dot += _dot(positive, label_t, ACC, INTERPRETED)
+        negative_dot += _dot(negative, 1.0 - label_t, ACC, INTERPRETED)
+        prob_dot += _dot(prob, label_t, ACC, INTERPRETED)
         prob_sum += tl.sum(prob, axis=1)
         target_sum += tl.sum(label, axis=1)
     split_queries = split.to(tl.int64) * num_queries + queries
@@ -211,6 +221,7 @@ def pairwise_mask_cost(
         size_class(num_targets),
         size_class(num_points),
         triton_accumulate_dtype(pred_point_logits.dtype),
+        interpreting(),
     )
     launch(
         _pairwise_partial_kernel,
