@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -232,12 +233,40 @@ def environment() -> dict:
     }
 
 
+def autotune_choices() -> list[dict]:
+    """The configs Triton's autotuner chose in this process, one row per autotuned kernel of m2f_kernels.triton
+    and autotune key (the kernel's shape-class arguments, then the dtypes of its tensors): kernel name, key and
+    config (block sizes, num_warps, num_stages). Empty where no Triton kernel module was imported."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return []
+    rows = []
+    for module_name, module in sorted(sys.modules.items()):
+        if not module_name.startswith("m2f_kernels.triton.") or module is None:
+            continue
+        for name, value in vars(module).items():
+            if not isinstance(value, Autotuner):
+                continue
+            for key, config in value.cache.items():
+                settings = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+                rows.append(
+                    {
+                        "kernel": f"{module_name.rsplit('.', 1)[1]}.{name}",
+                        "key": [str(part) for part in key],
+                        "config": {**config.kwargs, **settings},
+                    }
+                )
+    return rows
+
+
 class Recorder:
     """Collects the measurements of one benchmark run; ratios are against a baseline of the same group."""
 
     def __init__(self):
         self.measurements: list[Measurement] = []
         self.host_profiles: list[dict] = []
+        self.autotune: list[dict] = []  # autotune_choices() of the run, for a loaded results file
 
     def add_host_profile(self, group: str, name: str, rows: list[dict], params: dict | None = None) -> None:
         """Records a host-time breakdown (rows of Python functions, see bench_call_overhead.py)."""
@@ -317,12 +346,13 @@ class Recorder:
         return "\n".join(lines)
 
     def write(self, path: str | os.PathLike) -> Path:
-        """Writes the results JSON atomically (temp file + rename)."""
+        """Writes the results JSON atomically (temp file + rename), with the Triton autotuner's choices so far."""
         path = Path(path)
         payload = {
             "environment": environment(),
             "results": [dataclasses.asdict(m) for m in self.measurements],
             "host_profiles": self.host_profiles,
+            "autotune": autotune_choices(),
         }
         write_bytes_atomic(path, json.dumps(payload, indent=1).encode())
         return path

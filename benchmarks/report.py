@@ -6,7 +6,8 @@ speed-up over every other entry of the group in the same mode as ``Recorder.rati
 the GPU times (launch overhead excluded) where the run has them, peak memory,
 achieved bandwidth and its fraction of the device peak) and one PNG bar chart per group. With ``--baseline``
 every row also gets its time relative to the same (group, name, mode) in OLD.json, and rows slower than
-``--threshold`` are listed as regressions.
+``--threshold`` are listed as regressions. Host-time profiles and the configs Triton's autotuner chose (per
+kernel and shape class) are listed where the run recorded them.
 """
 
 from __future__ import annotations
@@ -106,6 +107,18 @@ def load_results(path: str | os.PathLike) -> ResultsFile:
                     f"'function' and numbers 'own_us' and 'cumulative_us', got {row!r}"
                 )
     recorder.host_profiles = profiles
+    autotune = payload.get("autotune", [])
+    if not isinstance(autotune, list) or not all(
+        isinstance(row, dict)
+        and isinstance(row.get("kernel"), str)
+        and isinstance(row.get("key"), list)
+        and isinstance(row.get("config"), dict)
+        for row in autotune
+    ):
+        raise ValueError(
+            f"{path}: 'autotune' must be a list of objects with 'kernel', a 'key' list and a 'config'"
+        )
+    recorder.autotune = autotune
     return ResultsFile(path, environment, recorder)
 
 
@@ -298,6 +311,17 @@ def write_report(
                 for row in profile["rows"][:HOST_PROFILE_ROWS]
             ]
             lines += _markdown_table(["own us", "cumulative us", "function"], rows)
+        if results.recorder.autotune:
+            lines += ["", "### Triton autotuner choices", ""]
+            rows = [
+                [
+                    _cell(row["kernel"]),
+                    _cell(", ".join(str(part) for part in row["key"])),
+                    _cell(", ".join(f"{name}={value}" for name, value in row["config"].items())),
+                ]
+                for row in results.recorder.autotune
+            ]
+            lines += _markdown_table(["kernel", "key (shape classes, dtypes)", "config"], rows)
     if baseline is not None:
         lines += ["", f"## Regressions (time new/old > {threshold:.2f})", ""]
         lines += regressions or ["None."]

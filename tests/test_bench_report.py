@@ -190,6 +190,10 @@ def test_one_chart_per_group_and_no_temp_files(results_path, tmp_path):
             lambda payload: payload["results"][0].update(gpu_median_ms="0.1"),
             r"results\[0\]: 'gpu_median_ms' must be a number or null",
         ),
+        (
+            lambda payload: payload.update(autotune=[{"kernel": "k", "key": "128", "config": {}}]),
+            "'autotune' must be a list of objects with 'kernel', a 'key' list and a 'config'",
+        ),
     ],
 )
 def test_malformed_file_is_named(results_path, break_file, message):
@@ -215,6 +219,30 @@ def test_host_profiles_are_listed_by_own_time(tmp_path):
         {"own us": "5.0", "cumulative us": "10.0", "function": "ops.py:10(f10)"},
         {"own us": "3.5", "cumulative us": "7.0", "function": "ops.py:20(f20)"},
     ]
+
+
+def test_the_triton_autotuner_choices_are_recorded_and_listed(tmp_path, monkeypatch):
+    """What an autotuned kernel of m2f_kernels.triton keeps per key (the shape classes, then the tensors'
+    dtypes) goes into the results JSON with its config, and the report lists it."""
+    triton = pytest.importorskip("triton")
+    from m2f_kernels.triton import pairwise_mask_cost as module
+
+    key = (128, 64, 16384, "torch.float32", "torch.float32")
+    config = triton.Config({"BLOCK_Q": 64, "BLOCK_T": 16, "BLOCK_P": 64}, num_warps=8, num_stages=2)
+    monkeypatch.setattr(module._pairwise_partial_kernel, "cache", {key: config})
+    path = Recorder().write(tmp_path / "autotune.json")
+    rows = json.loads(path.read_text())["autotune"]
+    assert {
+        "kernel": "pairwise_mask_cost._pairwise_partial_kernel",
+        "key": ["128", "64", "16384", "torch.float32", "torch.float32"],
+        "config": {"BLOCK_Q": 64, "BLOCK_T": 16, "BLOCK_P": 64, "num_warps": 8, "num_stages": 2},
+    } in rows
+    table = _tables(main([str(path), "--out", str(tmp_path / "out")]).read_text())["Triton autotuner choices"]
+    assert {
+        "kernel": "pairwise_mask_cost._pairwise_partial_kernel",
+        "key (shape classes, dtypes)": "128, 64, 16384, torch.float32, torch.float32",
+        "config": "BLOCK_Q=64, BLOCK_T=16, BLOCK_P=64, num_warps=8, num_stages=2",
+    } in table
 
 
 def test_command_line_error_names_file(results_path, tmp_path, capsys):
