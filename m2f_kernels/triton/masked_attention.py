@@ -442,12 +442,14 @@ def _mask_source(mask_logits, attn_mask, batch, num_queries, num_keys):
     return attn_mask.contiguous().view(torch.uint8), _MASK_BOOL, attn_mask.shape[1]
 
 
-def _launch_configs(head_dim: int, config: triton.Config | None) -> tuple[triton.Config | None, int]:
+def _launch_configs(
+    head_dim: int, config: triton.Config | None, deterministic: bool
+) -> tuple[triton.Config | None, int]:
     """(the config every launch is pinned to, or None to autotune; the key blocks a split is a multiple of).
 
     `config` (tests) pins a config of TUNED_CONFIGS or any other; otherwise the launches are pinned to
-    fixed_config(head_dim) when not autotuning or while deterministic algorithms are enabled."""
-    if config is None and (not autotuning() or torch.are_deterministic_algorithms_enabled()):
+    fixed_config(head_dim) when not autotuning or when `deterministic`."""
+    if config is None and (not autotuning() or deterministic):
         config = fixed_config(head_dim)
     if config is not None:
         return config, config.kwargs["BLOCK_K"]
@@ -524,7 +526,8 @@ def masked_attention_forward(
     mask, mask_kind, mask_heads = _mask_source(mask_logits, attn_mask, batch, num_queries, num_keys)
     flags = _row_flags(mask, mask_kind, num_keys, threshold_logit)
 
-    config, split_alignment = _launch_configs(head_dim, config)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    config, split_alignment = _launch_configs(head_dim, config, deterministic)
     batch_heads = batch * num_heads
     num_splits, keys_per_split = _key_splits(
         q.device, num_keys, head_dim, triton.cdiv(num_queries, 32) * batch_heads, split_alignment, num_splits
@@ -599,8 +602,8 @@ def masked_attention_backward(
 ):
     """Gradients (grad_q, grad_k, grad_v) of masked_attention_forward, in q's dtype.
 
-    No atomics: the launch config is pinned while torch.are_deterministic_algorithms_enabled(), which is
-    what `deterministic` says when the op calls it.
+    No atomics; with `deterministic` (the op passes torch.are_deterministic_algorithms_enabled()) the launch
+    config is pinned.
     """
     _check_inputs(q, k, v)
     batch, num_heads, num_queries, head_dim = q.shape
@@ -612,7 +615,7 @@ def masked_attention_backward(
     out = out.contiguous()
     flags = _row_flags(mask, mask_kind, num_keys, threshold_logit)
 
-    config, split_alignment = _launch_configs(head_dim, config)
+    config, split_alignment = _launch_configs(head_dim, config, deterministic)
     batch_heads = batch * num_heads
     num_splits, keys_per_split = _key_splits(
         q.device, num_keys, head_dim, triton.cdiv(num_queries, 32) * batch_heads, split_alignment, num_splits

@@ -500,22 +500,35 @@ def test_triton_row_flags_find_a_visible_key_anywhere(monkeypatch, mask_kind, nu
 @needs_triton
 def test_triton_launch_config_is_pinned_when_deterministic(monkeypatch):
     """On a GPU the block sizes, warps and stages are autotuned and a key split is a multiple of the largest
-    key block; with deterministic algorithms every launch uses the head dim's fixed config, as without
-    autotuning (the interpreter)."""
+    key block; deterministic launches use the head dim's fixed config, as every launch does without
+    autotuning (the interpreter). The forward reads torch's deterministic setting, the backward its argument."""
     from m2f_kernels.triton import masked_attention as module
 
     largest_block_k = max(block_k for _, block_k in tuned_block_sizes())
-    assert module._launch_configs(32, None)[0] is not None  # the interpreter never autotunes
+    assert module._launch_configs(32, None, False)[0] is not None  # the interpreter never autotunes
     monkeypatch.setattr(module, "autotuning", lambda: True)
-    assert module._launch_configs(32, None) == (None, largest_block_k)
+    assert module._launch_configs(32, None, False) == (None, largest_block_k)
+    for head_dim, block_k in [(16, 64), (32, 64), (33, 32), (64, 32)]:
+        config, alignment = module._launch_configs(head_dim, None, True)
+        assert config.kwargs == {"BLOCK_Q": 32, "BLOCK_K": block_k} and alignment == block_k
+
+    pinned = []
+    monkeypatch.setattr(
+        module, "_run", lambda kernel, grid, args, config, **constexprs: pinned.append(config)
+    )
+    q = torch.randn(1, 1, 3, 32)
+    logits = torch.randn(1, 3, 5)
+    kv = torch.randn(1, 1, 5, 32)
+    out, lse = torch.zeros_like(q), torch.zeros(1, 1, 3)
     previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        for head_dim, block_k in [(16, 64), (32, 64), (33, 32), (64, 32)]:
-            config, alignment = module._launch_configs(head_dim, None)
-            assert config.kwargs == {"BLOCK_Q": 32, "BLOCK_K": block_k} and alignment == block_k
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            module.masked_attention_forward(q, kv, kv, logits, None, 0.0, 1.0)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        module.masked_attention_backward(q, q, kv, kv, out, lse, logits, None, 0.0, 1.0, deterministic)
+    assert [config is not None for config in pinned] == [False, False, False, True, True, True]
 
 
 @needs_triton
