@@ -4,13 +4,14 @@
 
 On a GPU each row is a kernel with its launches (``count``) and device time per call (forward + backward where the op has a
 gradient); on the CPU each row is an operator with its calls and own host time per call. The shapes are the benchmarks'
-(bench_point_loss.py, and bench_masked_attention.py's B=2, Q=100, K=4096 at 50 % density). ``--out`` also
-writes the rows as JSON. benchmarks/gpu_check.sh runs it as its ``kernels`` step.
+(bench_point_loss.py, and bench_masked_attention.py's B=2, Q=100, K=4096 and B=8, Q=200, K=1024 at 50 %
+density). ``--out`` also writes the rows as JSON. benchmarks/gpu_check.sh runs it as its ``kernels`` step.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -21,7 +22,10 @@ import m2f_kernels
 from benchmarks import bench_masked_attention, bench_point_loss
 from m2f.files import write_json_atomic
 
-ATTENTION_SHAPE = (2, 100, 4096, 0.5)  # batch, queries, keys, mask density
+# (batch, queries, keys, mask density): bench_masked_attention.py's B=2, Q=100, K=4096, and its B=8, Q=200,
+# K=1024, the shape where the kernels gain the least over SDPA.
+ATTENTION_SHAPE = (2, 100, 4096, 0.5)
+SMALL_KEYS_ATTENTION_SHAPE = (8, 200, 1024, 0.5)
 
 
 def _pairwise_mask_cost(device, backend):
@@ -44,8 +48,8 @@ def _point_mask_loss(device, backend):
     return call
 
 
-def _masked_attention(device, backend):
-    q, k, v, mask_logits = bench_masked_attention._inputs(*ATTENTION_SHAPE, device)
+def _masked_attention(device, backend, shape=ATTENTION_SHAPE):
+    q, k, v, mask_logits = bench_masked_attention._inputs(*shape, device)
 
     def call():
         q.grad = k.grad = v.grad = None  # no accumulation kernels in the profile
@@ -59,6 +63,7 @@ OPS = {
     "pairwise_mask_cost": _pairwise_mask_cost,
     "point_mask_loss": _point_mask_loss,
     "masked_attention": _masked_attention,
+    "masked_attention_k1024": functools.partial(_masked_attention, shape=SMALL_KEYS_ATTENTION_SHAPE),
 }
 
 

@@ -52,3 +52,22 @@ def test_a_run_cut_off_keeps_the_ops_it_finished(tmp_path, monkeypatch):
             ["--ops", "pairwise_mask_cost", "point_mask_loss", "--calls", "1", "--out", str(out)]
         )
     assert [result["op"] for result in json.loads(out.read_text())] == ["pairwise_mask_cost"]
+
+
+def test_masked_attention_is_profiled_at_both_benchmark_shapes(monkeypatch, capsys):
+    """B=2, Q=100, K=4096 and B=8, Q=200, K=1024 (where the GPU kernels gain the least over SDPA), 50 %
+    dense, as bench_masked_attention.py runs them."""
+    from benchmarks import bench_masked_attention
+
+    shapes = []
+    make_inputs = bench_masked_attention._inputs
+
+    def small_inputs(batch, queries, keys, density, device):
+        shapes.append((batch, queries, keys, density))
+        return make_inputs(1, 2, 8, density, device)
+
+    monkeypatch.setattr(bench_masked_attention, "_inputs", small_inputs)
+    ops = ["masked_attention", "masked_attention_k1024"]
+    assert kernel_times.main(["--ops", *ops, "--backends", "torch", "--calls", "1"]) == 0
+    assert shapes == [(2, 100, 4096, 0.5), (8, 200, 1024, 0.5)]
+    assert "== masked_attention_k1024 torch (cpu)" in capsys.readouterr().out
