@@ -266,7 +266,7 @@ class Recorder:
     def __init__(self):
         self.measurements: list[Measurement] = []
         self.host_profiles: list[dict] = []
-        self.autotune: list[dict] = []  # autotune_choices() of the run, for a loaded results file
+        self.autotune: list[dict] = []  # a loaded results file's autotune_choices(); written again with it
 
     def add_host_profile(self, group: str, name: str, rows: list[dict], params: dict | None = None) -> None:
         """Records a host-time breakdown (rows of Python functions, see bench_call_overhead.py)."""
@@ -352,7 +352,7 @@ class Recorder:
             "environment": environment(),
             "results": [dataclasses.asdict(m) for m in self.measurements],
             "host_profiles": self.host_profiles,
-            "autotune": autotune_choices(),
+            "autotune": [*self.autotune, *autotune_choices()],
         }
         write_bytes_atomic(path, json.dumps(payload, indent=1).encode())
         return path

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from benchmarks import harness
 from benchmarks.harness import Measurement, Recorder
 from benchmarks.report import load_results, main
 
@@ -237,6 +238,9 @@ def test_the_triton_autotuner_choices_are_recorded_and_listed(tmp_path, monkeypa
         "key": ["128", "64", "16384", "torch.float32", "torch.float32"],
         "config": {"BLOCK_Q": 64, "BLOCK_T": 16, "BLOCK_P": 64, "num_warps": 8, "num_stages": 2},
     } in rows
+    monkeypatch.setattr(harness, "autotune_choices", list)  # a process that has tuned nothing
+    rewritten = load_results(path).recorder.write(tmp_path / "rewritten.json")
+    assert json.loads(rewritten.read_text())["autotune"] == rows  # a loaded file keeps its rows
     table = _tables(main([str(path), "--out", str(tmp_path / "out")]).read_text())["Triton autotuner choices"]
     assert {
         "kernel": "pairwise_mask_cost._pairwise_partial_kernel",

@@ -30,6 +30,7 @@ TOLERANCES = {
     torch.bfloat16: (3e-2, 3e-2),
 }
 LSE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+ATTENTION_KERNELS = ("_forward_kernel", "_backward_dq_kernel", "_backward_dkdv_kernel")  # Triton, autotuned
 
 
 def mask_threshold(dtype):
@@ -84,21 +85,35 @@ def reference_results(q, k, v, grad_out, mask_logits, attn_mask, threshold, scal
 
 
 def run_backend(backend, q, k, v, grad_out, mask_logits, attn_mask, threshold_logit, scale, **options):
-    if options:  # direct Triton call with launch options (key splits)
+    """Forward and backward of one backend's kernels; the backward's `deterministic` is torch's setting, as
+    the op passes it (off by default: the Triton launches autotune on a GPU)."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if options:  # direct Triton call with launch options (key splits, config)
         from m2f_kernels.triton import masked_attention as triton_kernels
 
         out, lse = triton_kernels.masked_attention_forward(
             q, k, v, mask_logits, attn_mask, threshold_logit, scale, **options
         )
         grads = triton_kernels.masked_attention_backward(
-            grad_out, q, k, v, out, lse, mask_logits, attn_mask, threshold_logit, scale, True, **options
+            grad_out,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            mask_logits,
+            attn_mask,
+            threshold_logit,
+            scale,
+            deterministic,
+            **options,
         )
         return out, lse, grads
     out, lse = KERNELS.get(backend, q.device, "forward")(
         q, k, v, mask_logits, attn_mask, threshold_logit, scale
     )
     grads = KERNELS.get(backend, q.device, "backward")(
-        grad_out, q, k, v, out, lse, mask_logits, attn_mask, threshold_logit, scale, True
+        grad_out, q, k, v, out, lse, mask_logits, attn_mask, threshold_logit, scale, deterministic
     )
     return out, lse, grads
 
@@ -373,6 +388,20 @@ def test_cuda_triton_every_autotuned_config_matches_reference(dtype, config):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_autotuned_launches_match_reference(monkeypatch, dtype):
+    """The launches of a training run: every kernel timed over its tuned configs on the GPU (even where the
+    tests pin them, M2F_KERNELS_TRITON_AUTOTUNE=0), the winners compared with the reference."""
+    from m2f_kernels.triton import masked_attention as module
+
+    monkeypatch.setattr(module, "autotuning", lambda: True)
+    for name in ATTENTION_KERNELS:
+        monkeypatch.setattr(getattr(module, name), "cache", {})
+    check_backend("triton", dtype, (2, 8, 100, 1030, 32), "logits", device="cuda")
+    assert all(len(getattr(module, name).cache) == 1 for name in ATTENTION_KERNELS)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("mask_kind", ["bool", "bool_per_head"])
 @pytest.mark.parametrize("shape", [(2, 8, 100, 1024, 32), (1, 3, 7, 4097, 64)])
@@ -458,14 +487,53 @@ def tuned_block_sizes():
 @needs_triton
 @pytest.mark.parametrize("block_q, block_k", tuned_block_sizes() if HAS_TRITON_ON_CPU else [])
 @pytest.mark.parametrize("mask_kind", ["logits", "bool_per_head"])
-def test_triton_every_autotuned_block_size_matches_reference(block_q, block_k, mask_kind):
+def test_triton_every_autotuned_block_size_matches_reference(monkeypatch, block_q, block_k, mask_kind):
     """The block sizes the GPU autotuner may pick, pinned: 70 queries (a partial query block of every size),
-    600 keys in two splits (partial last split and key block) and a row whose only visible key is key 300,
-    in the mask pass's second key program."""
+    600 keys in two splits (partial last split and key block); with mask logits, a row whose only visible key
+    is key 300, in the mask pass's second key program. Every attention launch runs the given config."""
     import triton
 
+    from m2f_kernels.triton import masked_attention as module
+
+    launched = []
+    run = module._run
+    monkeypatch.setattr(
+        module,
+        "_run",
+        lambda kernel, grid, args, config, **constexprs: (
+            launched.append(config),
+            run(kernel, grid, args, config, **constexprs),
+        ),
+    )
     config = triton.Config({"BLOCK_Q": block_q, "BLOCK_K": block_k}, num_warps=4)
     check_backend("triton", torch.float32, (2, 2, 70, 600, 32), mask_kind, num_splits=2, config=config)
+    assert launched == [config] * 3  # forward, dq, dk/dv
+
+
+@needs_triton
+@pytest.mark.parametrize("mask_kind", ["logits", "bool_per_head"])
+def test_triton_autotuned_launches_match_reference(monkeypatch, mask_kind):
+    """The launches a GPU makes: each kernel's autotuner times every tuned config (here with made-up times, so
+    that the forward, dq and dk/dv kernels each keep a different one, none of them the fixed config) and runs
+    the winner, with key splits of whole 128-key blocks."""
+    from m2f_kernels.triton import masked_attention as module
+
+    monkeypatch.setattr(module, "autotuning", lambda: True)
+    winners = {"_forward_kernel": 4, "_backward_dq_kernel": 2, "_backward_dkdv_kernel": 5}
+    for name, winner in winners.items():
+        kernel = getattr(module, name)
+        order = iter(range(len(module.TUNED_CONFIGS)))
+
+        def fake_bench(kernel_call, quantiles, order=order, winner=winner):
+            kernel_call()
+            time = 1.0 if next(order) == winner else 2.0
+            return [time] * len(quantiles)
+
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setitem(kernel.__dict__, "do_bench", fake_bench)  # a cached property of the autotuner
+    check_backend("triton", torch.float32, (1, 2, 40, 300, 32), mask_kind, num_splits=2)
+    for name, winner in winners.items():
+        assert list(getattr(module, name).cache.values()) == [module.TUNED_CONFIGS[winner]], name
 
 
 @needs_triton
