@@ -16,6 +16,8 @@ pinned to the head dim's fixed config while torch.are_deterministic_algorithms_e
 multiple of every key block size a launch may use.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -44,6 +46,7 @@ FLAG_BLOCK_ROWS = 16
 FLAG_BLOCK_K = 256
 
 
+@functools.cache
 def fixed_config(head_dim: int) -> triton.Config:
     """The config of every launch when not autotuning (interpreter, M2F_KERNELS_TRITON_AUTOTUNE=0) and while
     deterministic algorithms are enabled: 32 queries by 64 keys, 32 keys from head dim 33 on (registers)."""
@@ -468,7 +471,7 @@ def _key_splits(device, num_keys, head_dim, num_programs, split_alignment, num_s
     """(number of key splits, keys per split, a multiple of split_alignment).
 
     By default enough splits to give every multiprocessor a few of the `num_programs` programs (counted with
-    32-query blocks), each with at least four of fixed_config's key blocks; `num_splits` overrides the wanted
+    fixed_config's query blocks), each with at least four of its key blocks; `num_splits` overrides the wanted
     number."""
     if num_splits is None:
         if device.type == "cuda":
@@ -481,6 +484,18 @@ def _key_splits(device, num_keys, head_dim, num_programs, split_alignment, num_s
     num_splits = min(num_splits, _MAX_GRID_Y)
     keys_per_split = triton.cdiv(triton.cdiv(num_keys, num_splits), split_alignment) * split_alignment
     return triton.cdiv(num_keys, keys_per_split), keys_per_split
+
+
+def _launch_plan(q, num_keys, config, deterministic, num_splits):
+    """(the pinned config or None, number of key splits, keys per split) of the attention launches for q
+    (B, H, Q, d), the programs counted with fixed_config's query blocks."""
+    batch, num_heads, num_queries, head_dim = q.shape
+    config, split_alignment = _launch_configs(head_dim, config, deterministic)
+    query_blocks = triton.cdiv(num_queries, fixed_config(head_dim).kwargs["BLOCK_Q"])
+    num_splits, keys_per_split = _key_splits(
+        q.device, num_keys, head_dim, query_blocks * batch * num_heads, split_alignment, num_splits
+    )
+    return config, num_splits, keys_per_split
 
 
 def _row_flags(mask, mask_kind, num_keys, threshold_logit):
@@ -527,11 +542,8 @@ def masked_attention_forward(
     flags = _row_flags(mask, mask_kind, num_keys, threshold_logit)
 
     deterministic = torch.are_deterministic_algorithms_enabled()
-    config, split_alignment = _launch_configs(head_dim, config, deterministic)
+    config, num_splits, keys_per_split = _launch_plan(q, num_keys, config, deterministic, num_splits)
     batch_heads = batch * num_heads
-    num_splits, keys_per_split = _key_splits(
-        q.device, num_keys, head_dim, triton.cdiv(num_queries, 32) * batch_heads, split_alignment, num_splits
-    )
     out = torch.empty_like(q)
     lse = torch.empty((batch, num_heads, num_queries), device=q.device, dtype=torch.float32)
     num_rows = batch_heads * num_queries
@@ -615,11 +627,8 @@ def masked_attention_backward(
     out = out.contiguous()
     flags = _row_flags(mask, mask_kind, num_keys, threshold_logit)
 
-    config, split_alignment = _launch_configs(head_dim, config, deterministic)
+    config, num_splits, keys_per_split = _launch_plan(q, num_keys, config, deterministic, num_splits)
     batch_heads = batch * num_heads
-    num_splits, keys_per_split = _key_splits(
-        q.device, num_keys, head_dim, triton.cdiv(num_queries, 32) * batch_heads, split_alignment, num_splits
-    )
     if num_splits == 1:
         grad_q = grad_q_partial = torch.empty_like(q)
     else:
