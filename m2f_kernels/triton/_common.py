@@ -1,4 +1,5 @@
-"""Launch helpers shared by the Triton kernel modules: interpreter detection, shape classes, autotune configs."""
+"""Helpers shared by the Triton kernel modules: interpreter detection, shape classes, autotune configs, launches and
+the matrix product."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from collections.abc import Callable, Sequence
 
 import triton
+import triton.language as tl
 
 from .._backend import switch
 
@@ -56,3 +58,20 @@ def launch(
         kernel.fn[grid](*args, **fixed.all_kwargs(), **options)
     else:
         kernel[grid](*args, **options)
+
+
+@triton.jit
+def dot(a, b, INTERPRETED: tl.constexpr):
+    """a @ b summed in float32, or float64 for float64 tiles.
+
+    float32 tiles take three tf32 tensor-core products (about float32 accuracy), 16-bit tiles the tensor cores
+    directly, float64 tiles IEEE products. The CPU interpreter multiplies 32- and 16-bit tiles in float32 (it
+    gets bfloat16 products wrong).
+    """
+    if a.dtype == tl.float64:
+        return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float64)
+    if INTERPRETED:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="tf32x3")
+    return tl.dot(a, b)

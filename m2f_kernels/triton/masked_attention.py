@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuning, interpreting, size_class
+from ._common import autotuning, dot, interpreting, size_class
 
 _MASK_LOGITS = 0
 _MASK_BOOL = 1
@@ -87,20 +87,6 @@ def _load_visibility(
         blocked = tl.load(mask_ptr + mask_row_offsets + key_index, mask=valid, other=1)
         visible = blocked == 0
     return visible & valid
-
-
-@triton.jit
-def _dot(a, b, INTERPRETED: tl.constexpr):
-    """a @ b accumulated in float32.
-
-    float32 tiles use three tf32 products (about float32 accuracy); 16-bit tiles use the tensor cores directly.
-    The CPU interpreter multiplies in float32 (it gets bfloat16 products wrong).
-    """
-    if INTERPRETED:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision="tf32x3")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -198,7 +184,7 @@ def _forward_kernel(
             mask_ptr, mask_row_offsets, keys[None, :], valid, threshold_logit, MASK_KIND
         )
         visible = (visible | ~row_has_visible[:, None]) & valid
-        scores = _dot(q, tl.trans(k), INTERPRETED) * scale
+        scores = dot(q, tl.trans(k), INTERPRETED) * scale
         scores = tl.where(visible, scores, float("-inf"))
 
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
@@ -207,7 +193,7 @@ def _forward_kernel(
         alpha = tl.exp(row_max - finite_max)
         weights = tl.exp(scores - finite_max[:, None])
         row_sum = row_sum * alpha + tl.sum(weights, axis=1)
-        acc = acc * alpha[:, None] + _dot(weights.to(v.dtype), v, INTERPRETED)
+        acc = acc * alpha[:, None] + dot(weights.to(v.dtype), v, INTERPRETED)
         row_max = new_max
 
     out_valid = query_valid[:, None] & dim_valid[None, :]
@@ -343,11 +329,11 @@ def _backward_dq_kernel(
             mask_ptr, mask_row_offsets, keys[None, :], valid, threshold_logit, MASK_KIND
         )
         visible = (visible | ~row_has_visible[:, None]) & valid
-        scores = _dot(q, tl.trans(k), INTERPRETED) * scale
+        scores = dot(q, tl.trans(k), INTERPRETED) * scale
         probs = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
-        grad_probs = _dot(grad_out, tl.trans(v), INTERPRETED)
+        grad_probs = dot(grad_out, tl.trans(v), INTERPRETED)
         grad_scores = probs * (grad_probs - delta[:, None])
-        grad_q += _dot(grad_scores.to(k.dtype), k, INTERPRETED)
+        grad_q += dot(grad_scores.to(k.dtype), k, INTERPRETED)
 
     num_rows = (tl.num_programs(0) // tl.cdiv(num_queries, BLOCK_Q)).to(tl.int64) * num_queries
     partial_offsets = (split * num_rows + stat_rows)[:, None] * head_dim + dims[None, :]
@@ -421,12 +407,12 @@ def _backward_dkdv_kernel(
             mask_ptr, mask_rows[None, :] * num_keys, keys[:, None], valid, threshold_logit, MASK_KIND
         )
         visible = (visible | ~row_has_visible[None, :]) & valid
-        scores = _dot(k, tl.trans(q), INTERPRETED) * scale
+        scores = dot(k, tl.trans(q), INTERPRETED) * scale
         probs = tl.where(visible, tl.exp(scores - lse[None, :]), 0.0)
-        grad_v += _dot(probs.to(grad_out.dtype), grad_out, INTERPRETED)
-        grad_probs = _dot(v, tl.trans(grad_out), INTERPRETED)
+        grad_v += dot(probs.to(grad_out.dtype), grad_out, INTERPRETED)
+        grad_probs = dot(v, tl.trans(grad_out), INTERPRETED)
         grad_scores = probs * (grad_probs - delta[None, :])
-        grad_k += _dot(grad_scores.to(q.dtype), q, INTERPRETED)
+        grad_k += dot(grad_scores.to(q.dtype), q, INTERPRETED)
 
     tl.store(grad_k_ptr + kv_offsets, (grad_k * scale).to(grad_k_ptr.dtype.element_ty), mask=kv_valid)
     tl.store(grad_v_ptr + kv_offsets, grad_v.to(grad_v_ptr.dtype.element_ty), mask=kv_valid)

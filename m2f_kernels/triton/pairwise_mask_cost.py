@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_configs, interpreting, launch, size_class
+from ._common import block_configs, dot, interpreting, launch, size_class
 from .point_sample import accumulate_dtype, triton_accumulate_dtype
 
 FIXED = triton.Config({"BLOCK_Q": 32, "BLOCK_T": 32, "BLOCK_P": 32}, num_warps=4)
@@ -33,15 +33,6 @@ INTERPRETER_SPLITS = 4
 MAX_SPLITS = 65535  # CUDA's limit on grid dimension 1
 FINALIZE_BLOCK_SPLITS = 16
 FINALIZE_BLOCK_PAIRS = 64
-
-
-@triton.jit
-def _dot(a, b, ACC: tl.constexpr, INTERPRETED: tl.constexpr):
-    """a @ b summed in ACC: float32 sums on a GPU take three tf32 tensor-core products (about float32
-    accuracy); float64 sums, and the interpreter, multiply in ACC."""
-    if INTERPRETED or ACC == tl.float64:
-        return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
-    return tl.dot(a, b, input_precision="tf32x3", out_dtype=ACC)
 
 
 @triton.autotune(
@@ -107,9 +98,9 @@ def _pairwise_partial_kernel(
         negative = tl.where(logit_mask, tl.maximum(logit, 0.0) + log_term, 0.0)
         prob = tl.where(logit_mask, tl.where(logit >= 0, 1.0, exp_term) / (1.0 + exp_term), 0.0)
         label_t = tl.trans(label)
-        positive_dot += _dot(positive, label_t, ACC, INTERPRETED)
-        negative_dot += _dot(negative, 1.0 - label_t, ACC, INTERPRETED)
-        prob_dot += _dot(prob, label_t, ACC, INTERPRETED)
+        positive_dot += dot(positive, label_t, INTERPRETED)
+        negative_dot += dot(negative, 1.0 - label_t, INTERPRETED)
+        prob_dot += dot(prob, label_t, INTERPRETED)
         prob_sum += tl.sum(prob, axis=1)
         target_sum += tl.sum(label, axis=1)
     split_queries = split.to(tl.int64) * num_queries + queries
