@@ -28,7 +28,7 @@ TILES = [
     for block_p in (32, 64)
 ]
 SPLIT_ALIGNMENT = max(FIXED.kwargs["BLOCK_P"], *(tile["BLOCK_P"] for tile in TILES))
-MIN_SPLIT_CHUNKS = 2  # on GPU, a split is at least this many chunks of SPLIT_ALIGNMENT points
+MIN_SPLIT_CHUNKS = 8  # on GPU, a split is at least this many chunks of SPLIT_ALIGNMENT points
 INTERPRETER_SPLITS = 4
 MAX_SPLITS = 65535  # CUDA's limit on grid dimension 1
 FINALIZE_BLOCK_SPLITS = 16
@@ -162,9 +162,8 @@ def _point_splits(
 ) -> tuple[int, int]:
     """(number of splits, points per split) of the P points.
 
-    On GPU, enough splits to give every multiprocessor about four programs (counting FIXED's tiles), each split
-    at least MIN_SPLIT_CHUNKS * SPLIT_ALIGNMENT points long: a program's loop over its points is latency-bound,
-    so short splits on many programs finish sooner; under the interpreter, up to INTERPRETER_SPLITS
+    On GPU, enough splits to give every multiprocessor about two programs (counting FIXED's tiles), each split
+    at least MIN_SPLIT_CHUNKS * SPLIT_ALIGNMENT points long; under the interpreter, up to INTERPRETER_SPLITS
     splits of at least SPLIT_ALIGNMENT points. The points per split are a multiple of SPLIT_ALIGNMENT.
     """
     if interpreting():
@@ -173,7 +172,7 @@ def _point_splits(
         query_tiles = triton.cdiv(num_queries, FIXED.kwargs["BLOCK_Q"])
         tiles = query_tiles * triton.cdiv(num_targets, FIXED.kwargs["BLOCK_T"])
         multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
-        wanted, min_points = triton.cdiv(4 * multiprocessors, tiles), MIN_SPLIT_CHUNKS * SPLIT_ALIGNMENT
+        wanted, min_points = triton.cdiv(2 * multiprocessors, tiles), MIN_SPLIT_CHUNKS * SPLIT_ALIGNMENT
     num_splits = max(1, min(wanted, triton.cdiv(num_points, min_points), MAX_SPLITS))
     chunks_per_split = max(1, triton.cdiv(triton.cdiv(num_points, num_splits), SPLIT_ALIGNMENT))
     points_per_split = chunks_per_split * SPLIT_ALIGNMENT

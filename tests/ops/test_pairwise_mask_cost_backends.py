@@ -146,8 +146,8 @@ def test_triton_with_the_pinned_config_repeats_and_matches_reference(determinist
 
 @pytest.mark.skipif("triton" not in CPU_KERNEL_BACKENDS, reason="Triton does not run on CPU here")
 def test_triton_point_splits_on_a_gpu(monkeypatch):
-    """The GPU branch of the split: about four programs per SM counting the fixed config's 32 x 32 tiles, at
-    least 128 points per split, lengths a multiple of 64 (every config's BLOCK_P divides them), and the splits
+    """The GPU branch of the split: about two programs per SM counting the fixed config's 32 x 32 tiles, at
+    least 512 points per split, lengths a multiple of 64 (every config's BLOCK_P divides them), and the splits
     cover the points exactly."""
     import types
 
@@ -156,12 +156,10 @@ def test_triton_point_splits_on_a_gpu(monkeypatch):
     monkeypatch.setattr(module, "interpreting", lambda: False)
     properties = types.SimpleNamespace(multi_processor_count=132)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
-    # 4 x 2 tiles want ceil(528 / 8) = 66 splits (12,544 points allow ceil(12544 / 128) = 98) of
-    # ceil(ceil(12544 / 66) / 64) = 3 chunks.
-    assert module._point_splits(100, 50, 12544, torch.device("cuda")) == (66, 192)
-    assert module._point_splits(100, 50, 1000, torch.device("cuda")) == (8, 128)
+    # 4 x 2 tiles want ceil(264 / 8) = 33 splits; 12,544 points allow ceil(12544 / 512) = 25.
+    assert module._point_splits(100, 50, 12544, torch.device("cuda")) == (25, 512)
     for queries, targets, points in [(100, 50, 12544), (1, 1, 70000), (300, 200, 100), (7, 3, 1)]:
         num_splits, per_split = module._point_splits(queries, targets, points, torch.device("cuda"))
         assert per_split % 64 == 0 and all(tile["BLOCK_P"] <= 64 for tile in module.TILES)
         assert (num_splits - 1) * per_split < points <= num_splits * per_split
-        assert num_splits == 1 or per_split >= 128
+        assert num_splits == 1 or per_split >= 512
