@@ -30,8 +30,6 @@ _MAX_GRID_Y = 65535  # CUDA's limit on grid dimensions 1 and 2 (the key splits)
 
 # (BLOCK_Q, BLOCK_K, num_warps, num_stages) the autotuner tries; a dk/dv program owns BLOCK_K keys. Small
 # blocks give the small-Q, K = 1024 shapes more programs; large ones need fewer loads per key at large K.
-# For float32 at head dim 32 on sm_90, most of these spill registers in some kernel; 64 x 32 does not in the
-# forward and dq kernels, 32 x 64 with 8 warps not in the dk/dv one, 16 x 32 in none.
 TUNED_BLOCKS = (
     (32, 64, 4, 2),
     (32, 64, 4, 3),
@@ -39,10 +37,6 @@ TUNED_BLOCKS = (
     (32, 32, 4, 2),
     (64, 64, 4, 2),
     (32, 128, 4, 2),
-    (64, 32, 4, 2),
-    (64, 32, 8, 2),
-    (32, 64, 8, 2),
-    (16, 32, 2, 2),
 )
 TUNED_CONFIGS = [
     triton.Config({"BLOCK_Q": block_q, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
