@@ -322,6 +322,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> point_mask_loss_forward_cpu(
   at::Tensor ce = at::empty({num_masks}, out_options);
   at::Tensor dice = at::empty({num_masks}, out_options);
   at::Tensor dice_sums = at::empty({num_masks, 3}, out_options);
+  if (num_points == 0)
+    return {ce.zero_(), dice.zero_(), dice_sums.zero_()};  // ce: 0 over no points
   at::Tensor coords_acc = coords.to(accumulate_type(mask_logits.scalar_type())).contiguous();
   const CpuIsa isa = cpu_isa();
   M2F_DISPATCH_FLOATING_TYPES(mask_logits.scalar_type(), "point_mask_loss_forward_cpu", [&] {
@@ -407,6 +409,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_mask_cost_cpu(const at::Tensor& pred
                     /*allow_bytes=*/false);
   const int64_t num_queries = pred_point_logits.size(0), num_targets = target_point_labels.size(0);
   const int64_t num_points = pred_point_logits.size(1);
+  TORCH_CHECK_VALUE(num_points > 0, "pred_point_logits must have at least one point (P >= 1)");
   const at::ScalarType acc_type = accumulate_type(pred_point_logits.scalar_type());
   at::Tensor ce =
       at::empty({num_queries, num_targets}, pred_point_logits.options().dtype(acc_type));

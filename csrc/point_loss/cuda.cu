@@ -471,6 +471,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> point_mask_loss_forward_cuda(
   at::Tensor dice = at::empty({num_masks}, out_options);
   at::Tensor dice_sums = at::empty({num_masks, 3}, out_options);
   if (num_masks == 0) return {ce, dice, dice_sums};
+  if (num_points == 0)
+    return {ce.zero_(), dice.zero_(), dice_sums.zero_()};  // ce: 0 over no points
   const int64_t num_splits =
       std::max<int64_t>(1, (num_points + kLossSplitPoints - 1) / kLossSplitPoints);
   TORCH_CHECK(num_masks * num_splits <= std::numeric_limits<int32_t>::max(),
@@ -698,6 +700,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_mask_cost_cuda(const at::Tensor& pre
   const c10::cuda::CUDAGuard device_guard(pred_point_logits.device());
   const int64_t num_queries = pred_point_logits.size(0), num_targets = target_point_labels.size(0);
   const int64_t num_points = pred_point_logits.size(1);
+  TORCH_CHECK_VALUE(num_points > 0, "pred_point_logits must have at least one point (P >= 1)");
   const auto out_options =
       pred_point_logits.options().dtype(accumulate_type(pred_point_logits.scalar_type()));
   at::Tensor ce = at::empty({num_queries, num_targets}, out_options);

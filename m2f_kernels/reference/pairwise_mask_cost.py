@@ -11,7 +11,10 @@ def pairwise_mask_cost(
 
     ce[i, j] = mean over points of BCE-with-logits(pred_i, target_j);
     dice[i, j] = 1 - (2 sum(sigmoid(pred_i) target_j) + 1) / (sum sigmoid(pred_i) + sum target_j + 1).
+    ValueError for P = 0 (no mean over no points).
     """
+    if pred_point_logits.shape[1] == 0:
+        raise ValueError("pred_point_logits must have at least one point (P >= 1)")
     compute_dtype = torch.float64 if pred_point_logits.dtype == torch.float64 else torch.float32
     logits = pred_point_logits.to(compute_dtype)
     targets = target_point_labels.to(compute_dtype)

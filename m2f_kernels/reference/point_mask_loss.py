@@ -11,13 +11,15 @@ def point_mask_loss_per_mask(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-mask losses: mask_logits (N, H, W), target_masks (N, Ht, Wt), coords (N, P, 2) normalized (x, y).
 
-    Returns ce (N,) = mean over points of BCE-with-logits, dice (N,) = 1 - (2 sum(p t) + 1) / (sum p + sum t + 1)
-    and dice_sums (N, 3) = [sum p t, sum p, sum t], all float32 (float64 for float64 logits).
+    Returns ce (N,) = mean over points of BCE-with-logits (0 for P = 0), dice (N,) = 1 - (2 sum(p t) + 1) /
+    (sum p + sum t + 1) and dice_sums (N, 3) = [sum p t, sum p, sum t], all float32 (float64 for float64 logits).
     """
     compute_dtype = torch.float64 if mask_logits.dtype == torch.float64 else torch.float32
     logits = point_sample(mask_logits.unsqueeze(1).to(compute_dtype), coords.to(compute_dtype)).squeeze(1)
     targets = point_sample(target_masks.unsqueeze(1).to(compute_dtype), coords.to(compute_dtype)).squeeze(1)
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(dim=1) / max(
+        1, coords.shape[1]
+    )
     probs = logits.sigmoid()
     dice_sums = torch.stack([(probs * targets).sum(-1), probs.sum(-1), targets.sum(-1)], dim=-1)
     dice = 1 - (2 * dice_sums[:, 0] + 1) / (dice_sums[:, 1] + dice_sums[:, 2] + 1)

@@ -184,9 +184,11 @@ def pairwise_mask_cost(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """pred_point_logits (Q, P), target_point_labels (T, P) -> (ce (Q, T), dice (Q, T)).
 
-    Costs are float32 (float64 for float64 logits).
+    Costs are float32 (float64 for float64 logits). ValueError for P = 0.
     """
     num_queries, num_points = pred_point_logits.shape
+    if num_points == 0:
+        raise ValueError("pred_point_logits must have at least one point (P >= 1)")
     num_targets = target_point_labels.shape[0]
     acc_dtype = accumulate_dtype(pred_point_logits.dtype)
     device = pred_point_logits.device

@@ -144,6 +144,22 @@ def test_triton_with_the_pinned_config_repeats_and_matches_reference(determinist
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+@pytest.mark.parametrize("backend", ["torch", *CPU_KERNEL_BACKENDS])
+def test_cpu_backends_refuse_no_points(backend):
+    """P = 0 with the backend called directly: a ValueError like the public op's, not a NaN mean."""
+    kernel = KERNELS.get(backend, torch.device("cpu"), "pairwise_mask_cost")
+    with pytest.raises(ValueError, match="at least one point"):
+        kernel(torch.randn(3, 0), torch.rand(2, 0))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_backends_refuse_no_points(backend):
+    kernel = KERNELS.get(backend, torch.device("cuda"), "pairwise_mask_cost")
+    with pytest.raises(ValueError, match="at least one point"):
+        kernel(torch.randn(3, 0, device="cuda"), torch.rand(2, 0, device="cuda"))
+
+
 @pytest.mark.skipif("triton" not in CPU_KERNEL_BACKENDS, reason="Triton does not run on CPU here")
 def test_triton_point_splits_on_a_gpu(monkeypatch):
     """The GPU branch of the split: about two programs per SM counting the fixed config's 32 x 32 tiles, at

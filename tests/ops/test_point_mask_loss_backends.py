@@ -102,6 +102,30 @@ def test_cpu_backends_read_float32_soft_targets_beside_low_precision_logits(back
     check_backend(backend, dtype, (7, 5), (13, 17), 100, "float32", "cpu")
 
 
+def check_no_points(backend, device):
+    """P = 0 with the backend called directly: ce is 0 (the mean over no points, as the public op defines
+    it), dice 1 - 1 / 1 = 0, the sums and the logit gradient 0; never NaN."""
+    logits, targets, coords = make_inputs(3, (7, 5), (13, 17), 1, torch.float32, "uint8", device)
+    coords = coords[:, :0]
+    ce, dice, sums = KERNELS.get(backend, logits.device, "forward")(logits, targets, coords)
+    ones = torch.ones(3, device=device)
+    grad = KERNELS.get(backend, logits.device, "backward")(ones, ones, logits, targets, coords, sums, False)
+    assert ce.shape == dice.shape == (3,) and sums.shape == (3, 3) and grad.shape == logits.shape
+    for tensor in (ce, dice, sums, grad):
+        assert torch.equal(tensor, torch.zeros_like(tensor))
+
+
+@pytest.mark.parametrize("backend", ["torch", *CPU_KERNEL_BACKENDS])
+def test_cpu_backends_without_points(backend):
+    check_no_points(backend, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_backends_without_points(backend):
+    check_no_points(backend, "cuda")
+
+
 @pytest.mark.skipif("cpu" not in CPU_KERNEL_BACKENDS, reason="C++ CPU kernel not built")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cpu_kernel_mask2former_point_count(dtype):
