@@ -16,7 +16,8 @@
 # so a step cut off by its limit still shows what passed. They run the Triton kernels at their fixed configs
 # (TEST_TRITON_AUTOTUNE=1 autotunes them, seconds per shape); the benchmarks always autotune. QUICK=1 fits a
 # 10-minute command (DEADLINE 560 s): the kernel times (45 s at most), then the benchmarks: the point-loss
-# benchmarks, the host-time profile of an op call, the masked-attention ones at 50 % density (forward + backward) and
+# benchmarks, the host-time profile of an op call, the masked-attention ones at 50 % density (forward + backward;
+# float32, and bfloat16 at K=1024) and
 # the MaskedMultiheadAttention module against nn.MultiheadAttention (260 s: on a fresh H200 they ran 55 s
 # once compiled, and over 180 s compiling Triton's autotune configs and FlexAttention), then the cuda tests of the
 # masked-attention and point-loss ops, the nn modules and the deformable-attention ops in that order (130 s;
@@ -45,7 +46,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     tests/ops/test_sample_uncertain_points.py tests/nn tests/ops/test_ms_deform_attn_backends.py \
     tests/ops/test_ms_deform_attn_fused_backends.py}
   SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck}
-  BENCH_ARGS=${BENCH_ARGS:-benchmarks/bench_point_loss.py benchmarks/bench_call_overhead.py benchmarks/bench_masked_attention.py -k \"host_profile or point or module or (density50 and full)\"}
+  BENCH_ARGS=${BENCH_ARGS:-benchmarks/bench_point_loss.py benchmarks/bench_call_overhead.py benchmarks/bench_masked_attention.py -k \"host_profile or point or module or (density50 and full and (float32 or K1024))\"}
   DEADLINE=${DEADLINE:-560}
   BUILD_TIMEOUT=${BUILD_TIMEOUT:-200}
   KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-45}
