@@ -5,7 +5,7 @@
 On a GPU each row is a kernel with its launches (``count``) and device time per call (forward + backward where the op has a
 gradient); on the CPU each row is an operator with its calls and own host time per call. The shapes are the benchmarks'
 (bench_point_loss.py, and bench_masked_attention.py's B=2, Q=100, K=4096 and B=8, Q=200, K=1024 at 50 %
-density). ``--out`` also writes the rows as JSON. benchmarks/gpu_check.sh runs it as its ``kernels`` step.
+density, the latter in bfloat16 too). ``--out`` also writes the rows as JSON. benchmarks/gpu_check.sh runs it as its ``kernels`` step.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def _point_mask_loss(device, backend):
     return call
 
 
-def _masked_attention(device, backend, shape=ATTENTION_SHAPE):
-    q, k, v, mask_logits = bench_masked_attention._inputs(*shape, device)
+def _masked_attention(device, backend, shape=ATTENTION_SHAPE, dtype=torch.float32):
+    q, k, v, mask_logits = bench_masked_attention._inputs(*shape, device, dtype)
 
     def call():
         q.grad = k.grad = v.grad = None  # no accumulation kernels in the profile
@@ -64,6 +64,9 @@ OPS = {
     "point_mask_loss": _point_mask_loss,
     "masked_attention": _masked_attention,
     "masked_attention_k1024": functools.partial(_masked_attention, shape=SMALL_KEYS_ATTENTION_SHAPE),
+    "masked_attention_k1024_bf16": functools.partial(
+        _masked_attention, shape=SMALL_KEYS_ATTENTION_SHAPE, dtype=torch.bfloat16
+    ),
 }
 
 
