@@ -16,13 +16,13 @@
 # so a step cut off by its limit still shows what passed. They run the Triton kernels at their fixed configs
 # (TEST_TRITON_AUTOTUNE=1 autotunes them, seconds per shape); the benchmarks always autotune. QUICK=1 fits a
 # 10-minute command (DEADLINE 560 s): the kernel times (45 s at most), then the benchmarks: the point-loss
-# benchmarks, the host-time profile of an op call, the masked-attention ones at 50 % density (forward + backward;
-# float32, and bfloat16 at K=1024) and
-# the MaskedMultiheadAttention module against nn.MultiheadAttention (260 s: on a fresh H200 they ran 55 s
-# once compiled, and over 180 s compiling Triton's autotune configs and FlexAttention), then the cuda tests of the
-# masked-attention and point-loss ops, the nn modules and the deformable-attention ops in that order (130 s;
-# on an H200 with 8 processes they took 80-115 s), and memcheck with the time left (140 s on the H200). The
-# full run's tests add the transformers integration.
+# benchmarks, the host-time profile of an op call, the masked-attention ones at 50 % density (forward +
+# backward; float32, and bfloat16 at K=1024) and the MaskedMultiheadAttention module against
+# nn.MultiheadAttention (260 s: on a fresh H200 they ran 55 s once compiled, and over 180 s compiling Triton's
+# autotune configs and FlexAttention), then the cuda tests of the masked-attention and point-loss ops, the nn
+# modules and the deformable-attention ops in that order (130 s; on an H200 with 8 processes they took 80-115
+# s), and memcheck with the time left (140 s on the H200). The full run's tests add the transformers
+# integration.
 # The build step runs `setup.py build_ext --inplace`, or where the Python's setuptools is older than 77 (too
 # old for pyproject.toml) benchmarks/build_inplace.py, which builds the same library without reading it, with
 # the CUDA toolkit that torch finds (CUDA_HOME, else the nvcc on PATH, else /usr/local/cuda), and fails unless

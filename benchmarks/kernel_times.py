@@ -5,7 +5,8 @@
 On a GPU each row is a kernel with its launches (``count``) and device time per call (forward + backward where the op has a
 gradient); on the CPU each row is an operator with its calls and own host time per call. The shapes are the benchmarks'
 (bench_point_loss.py, and bench_masked_attention.py's B=2, Q=100, K=4096 and B=8, Q=200, K=1024 at 50 %
-density, the latter in bfloat16 too). ``--out`` also writes the rows as JSON. benchmarks/gpu_check.sh runs it as its ``kernels`` step.
+density, the latter in bfloat16 too). ``--out`` also writes the rows as JSON. benchmarks/gpu_check.sh runs it
+as its ``kernels`` step.
 """
 
 from __future__ import annotations
