@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from benchmarks import kernel_times
 from m2f_kernels import _backend
@@ -56,18 +57,24 @@ def test_a_run_cut_off_keeps_the_ops_it_finished(tmp_path, monkeypatch):
 
 def test_masked_attention_is_profiled_at_both_benchmark_shapes(monkeypatch, capsys):
     """B=2, Q=100, K=4096 and B=8, Q=200, K=1024 (where the GPU kernels gain the least over SDPA), 50 %
-    dense, as bench_masked_attention.py runs them."""
+    dense, as bench_masked_attention.py runs them; the latter in bfloat16 too."""
     from benchmarks import bench_masked_attention
 
     shapes = []
     make_inputs = bench_masked_attention._inputs
 
-    def small_inputs(batch, queries, keys, density, device):
-        shapes.append((batch, queries, keys, density))
-        return make_inputs(1, 2, 8, density, device)
+    def small_inputs(batch, queries, keys, density, device, dtype):
+        shapes.append((batch, queries, keys, density, dtype))
+        return make_inputs(1, 2, 8, density, device, dtype)
 
     monkeypatch.setattr(bench_masked_attention, "_inputs", small_inputs)
-    ops = ["masked_attention", "masked_attention_k1024"]
+    ops = ["masked_attention", "masked_attention_k1024", "masked_attention_k1024_bf16"]
     assert kernel_times.main(["--ops", *ops, "--backends", "torch", "--calls", "1"]) == 0
-    assert shapes == [(2, 100, 4096, 0.5), (8, 200, 1024, 0.5)]
-    assert "== masked_attention_k1024 torch (cpu)" in capsys.readouterr().out
+    assert shapes == [
+        (2, 100, 4096, 0.5, torch.float32),
+        (8, 200, 1024, 0.5, torch.float32),
+        (8, 200, 1024, 0.5, torch.bfloat16),
+    ]
+    output = capsys.readouterr().out
+    assert "== masked_attention_k1024 torch (cpu)" in output
+    assert "== masked_attention_k1024_bf16 torch (cpu)" in output
