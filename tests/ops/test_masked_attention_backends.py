@@ -5,6 +5,7 @@ scale) and checked against softmax(q k^T * scale + mask) v of m2f_kernels.refere
 (rounded) inputs: output, log-sum-exp and the gradients of q, k and v.
 """
 
+import functools
 import math
 
 import pytest
@@ -91,28 +92,13 @@ def run_backend(backend, q, k, v, grad_out, mask_logits, attn_mask, threshold_lo
     if options:  # direct Triton call with launch options (key splits, config)
         from m2f_kernels.triton import masked_attention as triton_kernels
 
-        out, lse = triton_kernels.masked_attention_forward(
-            q, k, v, mask_logits, attn_mask, threshold_logit, scale, **options
-        )
-        grads = triton_kernels.masked_attention_backward(
-            grad_out,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            mask_logits,
-            attn_mask,
-            threshold_logit,
-            scale,
-            deterministic,
-            **options,
-        )
-        return out, lse, grads
-    out, lse = KERNELS.get(backend, q.device, "forward")(
-        q, k, v, mask_logits, attn_mask, threshold_logit, scale
-    )
-    grads = KERNELS.get(backend, q.device, "backward")(
+        forward = functools.partial(triton_kernels.masked_attention_forward, **options)
+        backward = functools.partial(triton_kernels.masked_attention_backward, **options)
+    else:
+        forward = KERNELS.get(backend, q.device, "forward")
+        backward = KERNELS.get(backend, q.device, "backward")
+    out, lse = forward(q, k, v, mask_logits, attn_mask, threshold_logit, scale)
+    grads = backward(
         grad_out, q, k, v, out, lse, mask_logits, attn_mask, threshold_logit, scale, deterministic
     )
     return out, lse, grads
