@@ -178,12 +178,10 @@ constexpr int64_t kDotLanes = 16;
 // Targets whose dot products share one pass over a chunk of a query's terms.
 constexpr int64_t kTargetBlock = 4;
 
-// Partial sums of one (query, target) pair: positive . t, negative . (1 - t) and prob . t, each in
-// kDotLanes lanes.
+// Partial sums of one (query, target) pair: logit . t and prob . t, each in kDotLanes lanes.
 template <typename acc_t>
 struct PairwiseDots {
-  acc_t positive[kDotLanes];
-  acc_t negative[kDotLanes];
+  acc_t logit[kDotLanes];
   acc_t prob[kDotLanes];
 };
 

@@ -378,41 +378,57 @@ void mask_loss_grad(const MaskPoints<acc_t, scalar_t, target_t>& mask,
 // num_points, already offset to the chunk). Full groups of kDotLanes points go to their lanes, the
 // rest to the first lanes.
 template <int64_t kTargets, typename acc_t>
-M2F_CPU_INLINE void accumulate_dots_block(const acc_t* positive, const acc_t* negative,
-                                          const acc_t* prob, const acc_t* targets,
-                                          int64_t num_points, int64_t count,
+M2F_CPU_INLINE void accumulate_dots_block(const acc_t* logits, const acc_t* probs,
+                                          const acc_t* targets, int64_t num_points, int64_t count,
                                           PairwiseDots<acc_t>* dots) {
-  acc_t positive_dot[kTargets][kDotLanes], negative_dot[kTargets][kDotLanes],
-      prob_dot[kTargets][kDotLanes];
+  acc_t logit_dot[kTargets][kDotLanes], prob_dot[kTargets][kDotLanes];
   for (int64_t t = 0; t < kTargets; ++t) {
     for (int64_t lane = 0; lane < kDotLanes; ++lane) {
-      positive_dot[t][lane] = dots[t].positive[lane];
-      negative_dot[t][lane] = dots[t].negative[lane];
+      logit_dot[t][lane] = dots[t].logit[lane];
       prob_dot[t][lane] = dots[t].prob[lane];
     }
   }
   int64_t p = 0;
+#if defined(__GNUC__)
+  // One kDotLanes-wide vector per dot product and target, spelled out: left to itself, GCC
+  // vectorizes the loop over p instead of the lanes.
+  typedef acc_t Lanes __attribute__((vector_size(sizeof(acc_t) * kDotLanes)));
+  Lanes logit_lanes[kTargets], prob_lanes[kTargets];
+  std::memcpy(logit_lanes, logit_dot, sizeof(logit_lanes));
+  std::memcpy(prob_lanes, prob_dot, sizeof(prob_lanes));
+  for (; p + kDotLanes <= count; p += kDotLanes) {
+    Lanes logit, prob;
+    std::memcpy(&logit, logits + p, sizeof(Lanes));
+    std::memcpy(&prob, probs + p, sizeof(Lanes));
+    for (int64_t t = 0; t < kTargets; ++t) {
+      Lanes label;
+      std::memcpy(&label, targets + t * num_points + p, sizeof(Lanes));
+      logit_lanes[t] += logit * label;
+      prob_lanes[t] += prob * label;
+    }
+  }
+  std::memcpy(logit_dot, logit_lanes, sizeof(logit_lanes));
+  std::memcpy(prob_dot, prob_lanes, sizeof(prob_lanes));
+#else
   for (; p + kDotLanes <= count; p += kDotLanes) {
     for (int64_t t = 0; t < kTargets; ++t) {
       const acc_t* target = targets + t * num_points + p;
       for (int64_t lane = 0; lane < kDotLanes; ++lane) {
         const acc_t label = target[lane];
-        positive_dot[t][lane] += positive[p + lane] * label;
-        negative_dot[t][lane] += negative[p + lane] * (acc_t(1) - label);
-        prob_dot[t][lane] += prob[p + lane] * label;
+        logit_dot[t][lane] += logits[p + lane] * label;
+        prob_dot[t][lane] += probs[p + lane] * label;
       }
     }
   }
+#endif
   for (int64_t t = 0; t < kTargets; ++t) {
     const acc_t* target = targets + t * num_points;
     for (int64_t q = p, lane = 0; q < count; ++q, ++lane) {
-      positive_dot[t][lane] += positive[q] * target[q];
-      negative_dot[t][lane] += negative[q] * (acc_t(1) - target[q]);
-      prob_dot[t][lane] += prob[q] * target[q];
+      logit_dot[t][lane] += logits[q] * target[q];
+      prob_dot[t][lane] += probs[q] * target[q];
     }
     for (int64_t lane = 0; lane < kDotLanes; ++lane) {
-      dots[t].positive[lane] = positive_dot[t][lane];
-      dots[t].negative[lane] = negative_dot[t][lane];
+      dots[t].logit[lane] = logit_dot[t][lane];
       dots[t].prob[lane] = prob_dot[t][lane];
     }
   }
@@ -426,41 +442,39 @@ sum_t sum_lanes(const acc_t* lanes) {
 }
 
 // The CE and dice costs of one query row of P logits x against every target, kChunk points at a
-// time: the chunk's terms softplus(-x), softplus(x) (the sigmoid-CE against labels 1 and 0) and
-// sigmoid(x) come from logit_terms_chunk, then go into the dots of every target while they are in
-// L1. `dots` holds num_targets entries.
+// time: the chunk's softplus(x) and sigmoid(x) (from logit_terms_chunk) go into the row's sums, and
+// x and sigmoid(x) into the dot products with every target while they are in L1 (pairwise_ce_cost
+// has the CE from these). `dots` holds num_targets entries.
 template <typename acc_t>
 void pairwise_query_costs(const acc_t* logits, const acc_t* targets, const acc_t* target_sums,
                           int64_t num_targets, int64_t num_points, PairwiseDots<acc_t>* dots,
                           acc_t* ce, acc_t* dice) {
   std::memset(static_cast<void*>(dots), 0, num_targets * sizeof(PairwiseDots<acc_t>));
-  alignas(64) acc_t chunk[kChunk] = {}, probs[kChunk], log_terms[kChunk], positive[kChunk],
-                    negative[kChunk];
-  acc_t prob_lanes[kDotLanes] = {};
+  alignas(64) acc_t chunk[kChunk] = {}, probs[kChunk], log_terms[kChunk];
+  acc_t softplus_lanes[kDotLanes] = {}, prob_lanes[kDotLanes] = {};
   for (int64_t begin = 0; begin < num_points; begin += kChunk) {
     const int64_t count = std::min(kChunk, num_points - begin);
     std::memcpy(chunk, logits + begin, count * sizeof(acc_t));
     logit_terms_chunk(chunk, probs, log_terms, count);
     for (int64_t i = 0; i < count; ++i) {
-      positive[i] = std::max(-chunk[i], acc_t(0)) + log_terms[i];
-      negative[i] = std::max(chunk[i], acc_t(0)) + log_terms[i];
+      softplus_lanes[i % kDotLanes] += softplus(chunk[i], log_terms[i]);
+      prob_lanes[i % kDotLanes] += probs[i];
     }
-    for (int64_t i = 0; i < count; ++i) prob_lanes[i % kDotLanes] += probs[i];
     const acc_t* chunk_targets = targets + begin;
     int64_t t = 0;
     for (; t + kTargetBlock <= num_targets; t += kTargetBlock) {
-      accumulate_dots_block<kTargetBlock>(positive, negative, probs, chunk_targets + t * num_points,
-                                          num_points, count, dots + t);
+      accumulate_dots_block<kTargetBlock>(chunk, probs, chunk_targets + t * num_points, num_points,
+                                          count, dots + t);
     }
     for (; t < num_targets; ++t) {
-      accumulate_dots_block<1>(positive, negative, probs, chunk_targets + t * num_points,
-                               num_points, count, dots + t);
+      accumulate_dots_block<1>(chunk, probs, chunk_targets + t * num_points, num_points, count,
+                               dots + t);
     }
   }
-  const sum_t prob_sum = sum_lanes(prob_lanes);
+  const sum_t softplus_sum = sum_lanes(softplus_lanes), prob_sum = sum_lanes(prob_lanes);
   for (int64_t t = 0; t < num_targets; ++t) {
-    ce[t] = static_cast<acc_t>(pairwise_ce_cost<sum_t>(sum_lanes(dots[t].positive),
-                                                       sum_lanes(dots[t].negative), num_points));
+    ce[t] = static_cast<acc_t>(
+        pairwise_ce_cost<sum_t>(softplus_sum, sum_lanes(dots[t].logit), num_points));
     dice[t] = static_cast<acc_t>(pairwise_dice_cost<sum_t>(sum_lanes(dots[t].prob), prob_sum,
                                                            static_cast<sum_t>(target_sums[t])));
   }

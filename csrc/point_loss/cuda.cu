@@ -680,7 +680,7 @@ __global__ void pairwise_finalize_kernel(const acc_t* __restrict__ partial_dots,
       prob_sum += partial_prob_sums[split * num_queries + query];
       target_sum += partial_target_sums[split * num_targets + target];
     }
-    ce[index] = pairwise_ce_cost(positive_dot, negative_dot, num_points);
+    ce[index] = pairwise_ce_cost_from_bce_dots(positive_dot, negative_dot, num_points);
     dice[index] = pairwise_dice_cost(prob_dot, prob_sum, target_sum);
   }
 }

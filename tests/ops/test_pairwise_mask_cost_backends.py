@@ -179,3 +179,18 @@ def test_triton_point_splits_on_a_gpu(monkeypatch):
         assert per_split % 64 == 0 and all(tile["BLOCK_P"] <= 64 for tile in module.TILES)
         assert (num_splits - 1) * per_split < points <= num_splits * per_split
         assert num_splits == 1 or per_split >= 512
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_confident_predictions_cost_zero_not_less(backend, dtype):
+    """Logits of magnitude 14-20 that agree with binary labels: the CE cost is about 1e-7. The kernels sum
+    softplus(x) once and subtract x . t, two sums of about 8 per point that cancel, so their rounding must
+    not leave a negative cost (no BCE is negative) nor one far from the true one."""
+    generator = torch.Generator().manual_seed(0)
+    labels = (torch.rand(40, 12544, generator=generator) > 0.5).to(dtype)
+    logits = (14 + 6 * torch.rand(40, 12544, generator=generator, dtype=dtype)) * (2 * labels - 1)
+    ce, _ = KERNELS.get(backend, logits.device, "pairwise_mask_cost")(logits, labels)
+    ref_ce, _ = reference.pairwise_mask_cost(logits.double(), labels.double())
+    assert ce.min() >= 0
+    torch.testing.assert_close(ce.double(), ref_ce, atol=1e-5, rtol=1e-5)
