@@ -172,19 +172,6 @@ struct MaskLossSums {
   sum_t ce = 0, prob_target = 0, prob = 0, target = 0;
 };
 
-// Number of independent partial sums in the pairwise dot products (lets the compiler vectorize
-// them).
-constexpr int64_t kDotLanes = 16;
-// Targets whose dot products share one pass over a chunk of a query's terms.
-constexpr int64_t kTargetBlock = 4;
-
-// Partial sums of one (query, target) pair: logit . t and prob . t, each in kDotLanes lanes.
-template <typename acc_t>
-struct PairwiseDots {
-  acc_t logit[kDotLanes];
-  acc_t prob[kDotLanes];
-};
-
 #if defined(__GNUC__) && !defined(__clang__)
 // Lane vectors only cross inline helpers, so the vector-ABI notes GCC prints for them do not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -244,21 +231,21 @@ void mask_loss_grad(CpuIsa isa, const MaskPoints<acc_t, scalar_t, target_t>& mas
 }
 
 template <typename acc_t>
-void pairwise_query_costs(CpuIsa isa, const acc_t* logits, const acc_t* targets,
-                          const acc_t* target_sums, int64_t num_targets, int64_t num_points,
-                          PairwiseDots<acc_t>* dots, acc_t* ce, acc_t* dice) {
+void pairwise_rows(CpuIsa isa, const acc_t* logits, const acc_t* targets, const acc_t* target_sums,
+                   int64_t num_targets, int64_t num_points, int64_t begin, int64_t end, acc_t* ce,
+                   acc_t* dice) {
   switch (isa) {
 #if M2F_CPU_X86_LEVELS
     case CpuIsa::kAvx512:
-      return avx512::pairwise_query_costs(logits, targets, target_sums, num_targets, num_points,
-                                          dots, ce, dice);
+      return avx512::pairwise_rows(logits, targets, target_sums, num_targets, num_points, begin,
+                                   end, ce, dice);
     case CpuIsa::kAvx2:
-      return avx2::pairwise_query_costs(logits, targets, target_sums, num_targets, num_points, dots,
-                                        ce, dice);
+      return avx2::pairwise_rows(logits, targets, target_sums, num_targets, num_points, begin, end,
+                                 ce, dice);
 #endif
     default:
-      return baseline::pairwise_query_costs(logits, targets, target_sums, num_targets, num_points,
-                                            dots, ce, dice);
+      return baseline::pairwise_rows(logits, targets, target_sums, num_targets, num_points, begin,
+                                     end, ce, dice);
   }
 }
 
@@ -433,12 +420,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_mask_cost_cpu(const at::Tensor& pred
     acc_t* ce_ptr = ce.data_ptr<acc_t>();
     acc_t* dice_ptr = dice.data_ptr<acc_t>();
     at::parallel_for(0, num_queries, 1, [&](int64_t begin, int64_t end) {
-      std::vector<PairwiseDots<acc_t>> dots(num_targets);
-      for (int64_t q = begin; q < end; ++q) {
-        pairwise_query_costs(isa, logits_ptr + q * num_points, targets_ptr, target_sums_ptr,
-                             num_targets, num_points, dots.data(), ce_ptr + q * num_targets,
-                             dice_ptr + q * num_targets);
-      }
+      pairwise_rows(isa, logits_ptr, targets_ptr, target_sums_ptr, num_targets, num_points, begin,
+                    end, ce_ptr, dice_ptr);
     });
   });
   return {ce, dice};

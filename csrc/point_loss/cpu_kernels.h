@@ -374,6 +374,19 @@ void mask_loss_grad(const MaskPoints<acc_t, scalar_t, target_t>& mask,
   }
 }
 
+// Independent partial sums per pairwise dot product: one vector register of floats (lets the
+// compiler vectorize them and keeps a target's two dot products in two registers).
+constexpr int64_t kDotLanes = kVectorLanes;
+// Targets whose dot products share one pass over a chunk of a query's terms.
+constexpr int64_t kTargetBlock = 4;
+
+// Partial sums of one (query, target) pair: logit . t and prob . t, each in kDotLanes lanes.
+template <typename acc_t>
+struct PairwiseDots {
+  acc_t logit[kDotLanes];
+  acc_t prob[kDotLanes];
+};
+
 // Adds points [0, count) of a chunk to the dots of kTargets targets (rows of `targets`, stride
 // num_points, already offset to the chunk). Full groups of kDotLanes points go to their lanes, the
 // rest to the first lanes.
@@ -450,14 +463,16 @@ void pairwise_query_costs(const acc_t* logits, const acc_t* targets, const acc_t
                           int64_t num_targets, int64_t num_points, PairwiseDots<acc_t>* dots,
                           acc_t* ce, acc_t* dice) {
   std::memset(static_cast<void*>(dots), 0, num_targets * sizeof(PairwiseDots<acc_t>));
-  alignas(64) acc_t chunk[kChunk] = {}, probs[kChunk], log_terms[kChunk];
+  alignas(64) acc_t chunk[kChunk] = {}, probs[kChunk], softplus_terms[kChunk];
   acc_t softplus_lanes[kDotLanes] = {}, prob_lanes[kDotLanes] = {};
   for (int64_t begin = 0; begin < num_points; begin += kChunk) {
     const int64_t count = std::min(kChunk, num_points - begin);
     std::memcpy(chunk, logits + begin, count * sizeof(acc_t));
-    logit_terms_chunk(chunk, probs, log_terms, count);
+    logit_terms_chunk(chunk, probs, softplus_terms, count);  // log(1 + exp(-|x|)) first
+    // A loop of its own, which GCC vectorizes (inside the lane sums below it did not).
+    for (int64_t i = 0; i < count; ++i) softplus_terms[i] = softplus(chunk[i], softplus_terms[i]);
     for (int64_t i = 0; i < count; ++i) {
-      softplus_lanes[i % kDotLanes] += softplus(chunk[i], log_terms[i]);
+      softplus_lanes[i % kDotLanes] += softplus_terms[i];
       prob_lanes[i % kDotLanes] += probs[i];
     }
     const acc_t* chunk_targets = targets + begin;
@@ -477,5 +492,18 @@ void pairwise_query_costs(const acc_t* logits, const acc_t* targets, const acc_t
         pairwise_ce_cost<sum_t>(softplus_sum, sum_lanes(dots[t].logit), num_points));
     dice[t] = static_cast<acc_t>(pairwise_dice_cost<sum_t>(sum_lanes(dots[t].prob), prob_sum,
                                                            static_cast<sum_t>(target_sums[t])));
+  }
+}
+
+// The costs of query rows [begin, end) of `logits` (Q, P) against every target: rows of ce and dice
+// (Q, T).
+template <typename acc_t>
+void pairwise_rows(const acc_t* logits, const acc_t* targets, const acc_t* target_sums,
+                   int64_t num_targets, int64_t num_points, int64_t begin, int64_t end, acc_t* ce,
+                   acc_t* dice) {
+  std::vector<PairwiseDots<acc_t>> dots(num_targets);
+  for (int64_t q = begin; q < end; ++q) {
+    pairwise_query_costs(logits + q * num_points, targets, target_sums, num_targets, num_points,
+                         dots.data(), ce + q * num_targets, dice + q * num_targets);
   }
 }
