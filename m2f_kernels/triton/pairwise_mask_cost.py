@@ -64,8 +64,8 @@ def _pairwise_partial_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """Grid (query tiles * target tiles, splits). Writes partial_dots[split, q, t] = (x . t, sigmoid(x) . t)
-    over the split's points, partial_query_sums[split, q] = (sum softplus(x), sum sigmoid(x)) and
+    """Grid (query tiles * target tiles, splits). Writes partial_dots[split, :, q, t] = (x . t, sigmoid(x) . t)
+    over the split's points, partial_query_sums[split, :, q] = (sum softplus(x), sum sigmoid(x)) and
     partial_target_sums[split, t]."""
     # Axis 0 holds the tiles (no 65,535 limit): program = query_tile * target_tiles + target_tile.
     target_tiles = tl.cdiv(num_targets, BLOCK_T)
@@ -107,15 +107,18 @@ def _pairwise_partial_kernel(
         softplus_sum += tl.sum(softplus, axis=1)
         prob_sum += tl.sum(prob, axis=1)
         target_sum += tl.sum(label, axis=1)
-    split_queries = split.to(tl.int64) * num_queries + queries
-    split_targets = split.to(tl.int64) * num_targets + targets
-    dots_ptr = partial_dots_ptr + (split_queries[:, None] * num_targets + targets[None, :]) * 2
+    # Rows of the (S, 2, Q) planes, which index the (S, 2, Q, T) dot products too.
+    logit_rows = split.to(tl.int64) * 2 * num_queries + queries
+    prob_rows = logit_rows + num_queries
     pair_mask = query_mask[:, None] & target_mask[None, :]
-    tl.store(dots_ptr, logit_dot, mask=pair_mask)
-    tl.store(dots_ptr + 1, prob_dot, mask=pair_mask)
+    logit_dots_ptr = partial_dots_ptr + logit_rows[:, None] * num_targets + targets[None, :]
+    prob_dots_ptr = partial_dots_ptr + prob_rows[:, None] * num_targets + targets[None, :]
+    tl.store(logit_dots_ptr, logit_dot, mask=pair_mask)
+    tl.store(prob_dots_ptr, prob_dot, mask=pair_mask)
     query_sums_mask = query_mask & (target_tile == 0)
-    tl.store(partial_query_sums_ptr + split_queries * 2, softplus_sum, mask=query_sums_mask)
-    tl.store(partial_query_sums_ptr + split_queries * 2 + 1, prob_sum, mask=query_sums_mask)
+    tl.store(partial_query_sums_ptr + logit_rows, softplus_sum, mask=query_sums_mask)
+    tl.store(partial_query_sums_ptr + prob_rows, prob_sum, mask=query_sums_mask)
+    split_targets = split.to(tl.int64) * num_targets + targets
     tl.store(partial_target_sums_ptr + split_targets, target_sum, mask=target_mask & (query_tile == 0))
 
 
@@ -133,7 +136,7 @@ def _pairwise_finalize_kernel(
     BLOCK_SPLITS: tl.constexpr,
     BLOCK_PAIRS: tl.constexpr,
 ):
-    """Grid (pair blocks,). Sums partial_dots (S, Q, T, 2), partial_query_sums (S, Q, 2) and
+    """Grid (pair blocks,). Sums partial_dots (S, 2, Q, T), partial_query_sums (S, 2, Q) and
     partial_target_sums (S, T) over the S splits, BLOCK_SPLITS at a time in split order, into ce and dice
     (Q, T)."""
     pairs = tl.program_id(0).to(tl.int64) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
@@ -149,14 +152,17 @@ def _pairwise_finalize_kernel(
     for first_split in range(0, num_splits, BLOCK_SPLITS):
         splits = first_split + tl.arange(0, BLOCK_SPLITS).to(tl.int64)
         mask = (splits[:, None] < num_splits) & pair_mask[None, :]
-        split_queries = splits[:, None] * num_queries + queries[None, :]
+        logit_rows = splits[:, None] * 2 * num_queries + queries[None, :]
+        prob_rows = logit_rows + num_queries
         split_targets = splits[:, None] * num_targets + targets[None, :]
-        dots_ptr = partial_dots_ptr + (split_queries * num_targets + targets[None, :]) * 2
-        logit_dot += tl.sum(tl.load(dots_ptr, mask=mask, other=0), axis=0)
-        prob_dot += tl.sum(tl.load(dots_ptr + 1, mask=mask, other=0), axis=0)
-        query_sums_ptr = partial_query_sums_ptr + split_queries * 2
-        softplus_sum += tl.sum(tl.load(query_sums_ptr, mask=mask, other=0), axis=0)
-        prob_sum += tl.sum(tl.load(query_sums_ptr + 1, mask=mask, other=0), axis=0)
+        logit_dots = tl.load(
+            partial_dots_ptr + logit_rows * num_targets + targets[None, :], mask=mask, other=0
+        )
+        prob_dots = tl.load(partial_dots_ptr + prob_rows * num_targets + targets[None, :], mask=mask, other=0)
+        logit_dot += tl.sum(logit_dots, axis=0)
+        prob_dot += tl.sum(prob_dots, axis=0)
+        softplus_sum += tl.sum(tl.load(partial_query_sums_ptr + logit_rows, mask=mask, other=0), axis=0)
+        prob_sum += tl.sum(tl.load(partial_query_sums_ptr + prob_rows, mask=mask, other=0), axis=0)
         target_sum += tl.sum(tl.load(partial_target_sums_ptr + split_targets, mask=mask, other=0), axis=0)
     ce = (softplus_sum - logit_dot) / num_points
     ce = tl.where(ce < 0, 0.0, ce)  # rounding where the two sums cancel; NaN stays NaN
@@ -205,8 +211,8 @@ def pairwise_mask_cost(
     if num_queries == 0 or num_targets == 0:
         return ce, dice
     num_splits, points_per_split = _point_splits(num_queries, num_targets, num_points, device)
-    partial_dots = torch.empty(num_splits, num_queries, num_targets, 2, dtype=acc_dtype, device=device)
-    partial_query_sums = torch.empty(num_splits, num_queries, 2, dtype=acc_dtype, device=device)
+    partial_dots = torch.empty(num_splits, 2, num_queries, num_targets, dtype=acc_dtype, device=device)
+    partial_query_sums = torch.empty(num_splits, 2, num_queries, dtype=acc_dtype, device=device)
     partial_target_sums = torch.empty(num_splits, num_targets, dtype=acc_dtype, device=device)
     args = (
         pred_point_logits,
