@@ -194,3 +194,15 @@ def test_confident_predictions_cost_zero_not_less(backend, dtype):
     ref_ce, _ = reference.pairwise_mask_cost(logits.double(), labels.double())
     assert ce.min() >= 0
     torch.testing.assert_close(ce.double(), ref_ce, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", *CPU_KERNEL_BACKENDS])
+def test_a_nan_logit_gives_its_row_nan_costs(backend):
+    """The CE cost's clamp at 0 must not turn NaN into 0: a NaN logit makes its query's costs NaN, the
+    other rows stay finite."""
+    logits, labels = make_inputs(4, 3, 100, torch.float32)
+    logits[2, 50] = float("nan")
+    ce, dice = KERNELS.get(backend, logits.device, "pairwise_mask_cost")(logits, labels)
+    for cost in (ce, dice):
+        assert cost[2].isnan().all()
+        assert cost[[0, 1, 3]].isfinite().all()
