@@ -93,6 +93,17 @@ def _kernel_backends(device: torch.device) -> list[str]:
     return [name for name in wanted if name in available_backends()]
 
 
+def _bytes_moved(q, k, v, mask_logits, mode: str) -> int:
+    """Compulsory traffic of one call: the forward reads q, k, v and the mask logits once and writes the
+    output; the backward ("full" mode) also reads them, the output and its gradient once and writes the q,
+    k and v gradients (the (B, H, Q) log-sum-exp left out)."""
+    qkv = sum(t.numel() for t in (q, k, v)) * q.element_size()
+    mask = mask_logits.numel() * mask_logits.element_size()
+    out = q.numel() * q.element_size()
+    forward = qkv + mask + out
+    return forward if mode == "forward" else forward + (qkv + mask + 2 * out) + qkv
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     "config",
@@ -118,7 +129,13 @@ def test_masked_attention(bench, device, mode, config):
         "density": density,
         "dtype": dtype_name,
     }
-    options = {"mode": mode, "grad_inputs": [q, k, v], "device": device, "params": params}
+    options = {
+        "mode": mode,
+        "grad_inputs": [q, k, v],
+        "device": device,
+        "params": params,
+        "bytes_moved": _bytes_moved(q, k, v, mask_logits, mode),
+    }
     if device.type == "cpu":
         options.update(warmup=1, repeats=5)
     baseline = bench.run(group, "sdpa_bool_mask", lambda: mask2former_sdpa(q, k, v, mask_logits), **options)

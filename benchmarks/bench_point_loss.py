@@ -152,6 +152,8 @@ def test_pairwise_mask_cost(bench, device):
         (torch.rand(shape["targets_per_image"], NUM_POINTS, generator=generator) > 0.5).float().to(device)
     )
     params = {"queries": shape["queries"], "targets": shape["targets_per_image"], "points": NUM_POINTS}
+    # Compulsory traffic: the logits and labels read once, the two float32 (Q, T) cost matrices written.
+    moved = (logits.numel() + labels.numel()) * 4 + 2 * logits.shape[0] * labels.shape[0] * 4
     baseline = bench.run(
         "pairwise_mask_cost",
         "mask2former_unfused",
@@ -159,6 +161,7 @@ def test_pairwise_mask_cost(bench, device):
         mode="forward",
         device=device,
         params=params,
+        bytes_moved=moved,
     )
     for backend in _kernel_backends(device):
         ours = bench.run(
@@ -168,6 +171,7 @@ def test_pairwise_mask_cost(bench, device):
             mode="forward",
             device=device,
             params=params,
+            bytes_moved=moved,
         )
         print(f"pairwise_mask_cost {backend}: {baseline.median_ms / ours.median_ms:.2f}x the unfused costs")
 

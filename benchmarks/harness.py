@@ -46,6 +46,13 @@ class Measurement:
     gpu_median_ms: float | None = None
     gpu_times_ms: list[float] | None = None
 
+    def bandwidth_gbs(self) -> float | None:
+        """bytes_moved over the median GPU time where there is one (the host's launch time left out), else
+        over the median time; in GB/s (1e9 bytes per second)."""
+        if not self.bytes_moved:
+            return None
+        return self.bytes_moved / (self.gpu_median_ms or self.median_ms) / 1e6
+
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -338,7 +345,7 @@ class Recorder:
             )
             gpu_ms = f"{m.gpu_median_ms:.3f}" if m.gpu_median_ms else "-"
             memory = f"{m.peak_memory_bytes / 2**20:.1f}" if m.peak_memory_bytes is not None else "-"
-            bandwidth = f"{m.bytes_moved / m.median_ms / 1e6:.0f}" if m.bytes_moved else "-"
+            bandwidth = f"{m.bandwidth_gbs():.0f}" if m.bytes_moved else "-"
             lines.append(
                 f"| {m.group} | {m.mode} | {m.name} | {m.median_ms:.3f} | {gpu_ms} | {memory} | {bandwidth} "
                 f"| {ratios} |"

@@ -132,11 +132,6 @@ def _check_number_or_null(where: str, mapping: dict, key: str) -> None:
         raise ValueError(f"{where}: {key!r} must be a number or null, got {value!r}")
 
 
-def achieved_bandwidth_gbs(m: Measurement) -> float | None:
-    """bytes_moved over the median time, in GB/s (1e9 bytes per second)."""
-    return m.bytes_moved / m.median_ms / 1e6 if m.bytes_moved else None
-
-
 def _cell(value: object) -> str:
     return "-" if value is None else str(value).replace("|", "\\|")
 
@@ -209,7 +204,7 @@ def group_table(
         if has_memory:
             memory = m.peak_memory_bytes / 2**20 if m.peak_memory_bytes is not None else None
             row.append(_format(memory, ".1f"))
-        bandwidth = achieved_bandwidth_gbs(m)
+        bandwidth = m.bandwidth_gbs()
         if has_bandwidth:
             row.append(_format(bandwidth, ".0f"))
             if peak_gbs:

@@ -19,12 +19,12 @@ def _gpu_like_measurements() -> list[Measurement]:
     """Hand-made measurements with peak memory and bytes moved, as a GPU run records them."""
     return [
         Measurement(
-            GPU_GROUP, "ours", "forward", 2.0, 1.5, [2.0, 1.5, 2.5], 3 * 2**20, {}, 3_000_000_000, 0.5, [0.5]
+            GPU_GROUP, "ours", "forward", 2.0, 1.5, [2.0, 1.5, 2.5], 3 * 2**20, {}, 750_000_000, 0.5, [0.5]
         ),
         Measurement(
             GPU_GROUP, "sdpa_bool_mask", "forward", 5.0, 4.0, [5.0, 4.0, 6.0], 5 * 2**20, {}, None, 2.0, [2.0]
         ),
-        Measurement(GPU_GROUP, "ours", "full", 6.0, 5.5, [6.0, 5.5, 7.0], 8 * 2**20, {}, None),
+        Measurement(GPU_GROUP, "ours", "full", 6.0, 5.5, [6.0, 5.5, 7.0], 8 * 2**20, {}, 1_200_000_000),
         Measurement(GPU_GROUP, "sdpa_bool_mask", "full", 9.0, 8.0, [9.0, 8.0, 9.5], 9 * 2**20, {}, None),
     ]
 
@@ -109,13 +109,15 @@ def test_tables_and_ratios(results_path, tmp_path):
     assert "peak MiB" not in tables[TINY_GROUP][0] and "GB/s" not in tables[TINY_GROUP][0]
     assert "GPU ms" not in tables[TINY_GROUP][0]
     ours_forward = _row(tables[GPU_GROUP], "ours", "forward")
-    # 3e9 bytes in 2 ms = 1500 GB/s, 75% of 2000 GB/s.
+    # 7.5e8 bytes in 0.5 ms of GPU time (2 ms with the host's) = 1500 GB/s, 75% of 2000 GB/s.
     assert ours_forward["peak MiB"] == "3.0"
     assert ours_forward["GB/s"] == "1500"
     assert ours_forward["% of peak"] == "75.0%"
     assert ours_forward["speed-up vs sdpa_bool_mask"] == "2.50x"
     assert ours_forward["GPU ms"] == "0.5" and ours_forward["GPU speed-up vs sdpa_bool_mask"] == "4.00x"
-    assert _row(tables[GPU_GROUP], "ours", "full")["GPU ms"] == "-"  # no GPU time recorded for this row
+    ours_full = _row(tables[GPU_GROUP], "ours", "full")
+    assert ours_full["GPU ms"] == "-"  # no GPU time recorded for this row
+    assert ours_full["GB/s"] == "200"  # 1.2e9 bytes over its 6 ms median time
     sdpa_full = _row(tables[GPU_GROUP], "sdpa_bool_mask", "full")
     assert sdpa_full["peak MiB"] == "9.0" and sdpa_full["GB/s"] == "-"
     assert sdpa_full["speed-up vs ours"] == "0.67x"
