@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import m2f_kernels
+from benchmarks.harness import compulsory_bytes
 from m2f_kernels import available_backends
 
 HEADS, HEAD_DIM = 8, 32
@@ -94,14 +95,15 @@ def _kernel_backends(device: torch.device) -> list[str]:
 
 
 def _bytes_moved(q, k, v, mask_logits, mode: str) -> int:
-    """Compulsory traffic of one call: the forward reads q, k, v and the mask logits once and writes the
-    output; the backward ("full" mode) also reads them, the output and its gradient once and writes the q,
-    k and v gradients (the (B, H, Q) log-sum-exp left out)."""
-    qkv = sum(t.numel() for t in (q, k, v)) * q.element_size()
-    mask = mask_logits.numel() * mask_logits.element_size()
-    out = q.numel() * q.element_size()
-    forward = qkv + mask + out
-    return forward if mode == "forward" else forward + (qkv + mask + 2 * out) + qkv
+    """Compulsory traffic of one call: the forward reads q, k, v and the mask logits and writes the output;
+    the backward ("full" mode) reads them, the output and its gradient and writes the q, k and v gradients
+    (the (B, H, Q) log-sum-exp left out)."""
+    forward = compulsory_bytes((q, k, v, mask_logits), q.numel() * q.element_size())
+    if mode == "forward":
+        return forward
+    grads_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
+    output, grad_output = q, q  # the same size as q
+    return forward + compulsory_bytes((q, k, v, mask_logits, output, grad_output), grads_bytes)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import m2f_kernels
+from benchmarks.harness import compulsory_bytes
 from m2f_kernels import available_backends, reference
 
 SHAPES = {
@@ -185,11 +186,6 @@ def _fused_contenders() -> dict:
     return contenders
 
 
-def _bytes_moved(tensors, output_numel, element_size) -> int:
-    """Compulsory traffic of one forward: every input read once and the output written once."""
-    return sum(t.numel() * t.element_size() for t in tensors) + output_numel * element_size
-
-
 def _run(bench, device, group, name, function, tensors, differentiable, mode, params):
     inputs = [
         t.detach().requires_grad_(mode != "forward") if i in differentiable else t
@@ -197,7 +193,7 @@ def _run(bench, device, group, name, function, tensors, differentiable, mode, pa
     ]
     grad_inputs = [inputs[i] for i in differentiable] if mode != "forward" else []
     batch, queries = tensors[-1].shape[:2]
-    moved = _bytes_moved(tensors, batch * queries * HEADS * CHANNELS, tensors[0].element_size())
+    moved = compulsory_bytes(tensors, batch * queries * HEADS * CHANNELS * tensors[0].element_size())
 
     def call():
         with torch.set_grad_enabled(mode != "forward"):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import m2f_kernels
+from benchmarks.harness import compulsory_bytes
 from m2f_kernels import available_backends
 
 NUM_POINTS = 12544
@@ -153,7 +154,7 @@ def test_pairwise_mask_cost(bench, device):
     )
     params = {"queries": shape["queries"], "targets": shape["targets_per_image"], "points": NUM_POINTS}
     # Compulsory traffic: the logits and labels read once, the two float32 (Q, T) cost matrices written.
-    moved = (logits.numel() + labels.numel()) * 4 + 2 * logits.shape[0] * labels.shape[0] * 4
+    moved = compulsory_bytes((logits, labels), 2 * logits.shape[0] * labels.shape[0] * 4)
     baseline = bench.run(
         "pairwise_mask_cost",
         "mask2former_unfused",

@@ -54,6 +54,12 @@ class Measurement:
         return self.bytes_moved / (self.gpu_median_ms or self.median_ms) / 1e6
 
 
+def compulsory_bytes(inputs: Sequence[torch.Tensor], output_bytes: int) -> int:
+    """Compulsory traffic of one call, for Measurement.bytes_moved: every input read once and
+    ``output_bytes`` written once."""
+    return sum(t.numel() * t.element_size() for t in inputs) + output_bytes
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
