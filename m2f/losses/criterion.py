@@ -71,19 +71,25 @@ class Criterion(nn.Module):
         if num_masks is None:
             num_masks = self.average_num_masks(targets, outputs["pred_logits"].device)
         target_masks = batch_target_masks(targets, outputs["pred_masks"].device)
-        losses = self.layer_losses(outputs, targets, num_masks, target_masks)
+        predictions = [outputs]
         if self.deep_supervision:
-            for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                for key, value in self.layer_losses(aux, targets, num_masks, target_masks).items():
-                    losses[f"{key}_{i}"] = value
+            predictions += outputs.get("aux_outputs", [])
+        # Every prediction matched first: the matcher then waits for the device once, not once per prediction.
+        all_indices = self.matcher.match_predictions(predictions, targets)
+        losses = {}
+        for i, (prediction, indices) in enumerate(zip(predictions, all_indices)):
+            suffix = "" if i == 0 else f"_{i - 1}"
+            for key, value in self.layer_losses(
+                prediction, targets, indices, num_masks, target_masks
+            ).items():
+                losses[key + suffix] = value
         return losses
 
     def layer_losses(
-        self, outputs: dict, targets: list[dict], num_masks: float, target_masks: torch.Tensor
+        self, outputs: dict, targets: list[dict], indices, num_masks: float, target_masks: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Weighted loss_ce, loss_mask, loss_dice of one prediction (its own matching); target_masks as
-        batch_target_masks gives them."""
-        indices = self.matcher(outputs, targets)
+        """Weighted loss_ce, loss_mask, loss_dice of one prediction matched by `indices` (the matcher's
+        answer for it); target_masks as batch_target_masks gives them."""
         loss_ce = self.loss_labels(outputs["pred_logits"], targets, indices)
         loss_mask, loss_dice = self.loss_masks(
             outputs["pred_masks"], target_masks, targets, indices, num_masks

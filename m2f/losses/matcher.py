@@ -23,8 +23,9 @@ class HungarianMatcher(nn.Module):
 
     with the masks compared at `num_points` uniform random points shared by all queries and targets of the
     image (m2f_kernels.point_sample + pairwise_mask_cost): `torch.rand(num_points, 2, generator=generator)`
-    on the masks' device, drawn once per image that has targets, in batch order. The assignment is scipy's
-    linear_sum_assignment on the CPU.
+    on the masks' device, drawn once per image that has targets, in batch order (prediction after prediction
+    with match_predictions). The assignment is scipy's linear_sum_assignment on the CPU; the cost matrices of
+    one call reach the CPU in one copy, so the GPU is waited for once per call, not once per image.
     """
 
     def __init__(
@@ -84,29 +85,70 @@ class HungarianMatcher(nn.Module):
         masks (T, H, W). Masks smaller than the batch's largest are zero-padded at the bottom and right to its
         size, as the mask losses pad them. Returns per image (query indices, target indices), int64 CPU tensors
         of length min(Q, T), sorted by query index."""
-        pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
-        if len(targets) != pred_logits.shape[0]:
-            raise ValueError(f"got {len(targets)} targets for a batch of {pred_logits.shape[0]}")
+        return self.match_predictions([outputs], targets, generator)[0]
+
+    @torch.no_grad()
+    def match_predictions(
+        self, predictions: list[dict], targets: list[dict], generator: torch.Generator | None = None
+    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """forward for several predictions of one batch (the decoder's layers), each matched on its own points:
+        the same as calling forward on each in turn, with one device-to-host copy for all of them."""
+        for i, outputs in enumerate(predictions):
+            if len(targets) != outputs["pred_logits"].shape[0]:
+                raise ValueError(
+                    f"got {len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]} "
+                    f"(prediction {i})"
+                )
+        if not predictions:
+            return []
+        device = predictions[0]["pred_masks"].device
         height = max((t["masks"].shape[-2] for t in targets), default=0)
         width = max((t["masks"].shape[-1] for t in targets), default=0)
-        indices = []
-        for b, target in enumerate(targets):
-            labels, masks = target["labels"], target["masks"]
-            if labels.numel() == 0:
-                empty = torch.empty(0, dtype=torch.int64)
-                indices.append((empty, empty.clone()))
-                continue
-            masks = masks.to(pred_masks.device)
+        padded_masks = []
+        for target in targets:
+            masks = target["masks"].to(device)
             if masks.shape[-2:] != (height, width):
                 masks = F.pad(masks, (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
-            coords = torch.rand(
-                self.num_points, 2, dtype=torch.float32, device=pred_masks.device, generator=generator
-            )
-            cost = self.cost_matrix(pred_logits[b], pred_masks[b], labels, masks, coords).cpu()
-            if not torch.isfinite(cost).all():
-                raise FloatingPointError(f"matcher cost matrix of image {b} in the batch has NaN/inf entries")
-            rows, cols = linear_sum_assignment(cost.numpy())
-            indices.append(
-                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
-            )
+            padded_masks.append(masks)
+        costs = []  # (prediction, image) -> (Q, T) on the device, None for an image without targets
+        for outputs in predictions:
+            pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
+            for b, target in enumerate(targets):
+                labels = target["labels"]
+                if labels.numel() == 0:
+                    costs.append(None)
+                    continue
+                coords = torch.rand(
+                    self.num_points, 2, dtype=torch.float32, device=pred_masks.device, generator=generator
+                )
+                costs.append(self.cost_matrix(pred_logits[b], pred_masks[b], labels, padded_masks[b], coords))
+        host_costs = _to_host(costs)
+        indices = []
+        for i in range(len(predictions)):
+            image_indices = []
+            for b in range(len(targets)):
+                cost = host_costs[i * len(targets) + b]
+                if cost is None:
+                    empty = torch.empty(0, dtype=torch.int64)
+                    image_indices.append((empty, empty.clone()))
+                    continue
+                if not torch.isfinite(cost).all():
+                    raise FloatingPointError(
+                        f"matcher cost matrix of image {b} in the batch (prediction {i}) has NaN/inf entries"
+                    )
+                rows, cols = linear_sum_assignment(cost.numpy())
+                image_indices.append(
+                    (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+                )
+            indices.append(image_indices)
         return indices
+
+
+def _to_host(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The tensors on the CPU, copied in one transfer (None stays None)."""
+    present = [tensor for tensor in tensors if tensor is not None]
+    if not present:
+        return list(tensors)
+    flat = torch.cat([tensor.reshape(-1) for tensor in present]).cpu()
+    pieces = iter(flat.split([tensor.numel() for tensor in present]))
+    return [None if tensor is None else next(pieces).view(tensor.shape) for tensor in tensors]

@@ -45,12 +45,12 @@ def make_batch(
 def spy_on(monkeypatch, criterion):
     """Records the matches and the loss points the criterion uses, without changing them."""
     calls = {"indices": [], "coords": []}
-    real_match = criterion.matcher.forward
+    real_match = criterion.matcher.match_predictions
     real_sample = m2f_kernels.sample_uncertain_points
 
-    def match(outputs, targets, generator=None):
-        indices = real_match(outputs, targets, generator)
-        calls["indices"].append(indices)
+    def match(predictions, targets, generator=None):
+        indices = real_match(predictions, targets, generator)
+        calls["indices"].extend(indices)
         return indices
 
     def sample(*args, **kwargs):
@@ -58,7 +58,7 @@ def spy_on(monkeypatch, criterion):
         calls["coords"].append(coords)
         return coords
 
-    monkeypatch.setattr(criterion.matcher, "forward", match)
+    monkeypatch.setattr(criterion.matcher, "match_predictions", match)
     monkeypatch.setattr(m2f_kernels, "sample_uncertain_points", sample)
     return calls
 
@@ -127,6 +127,15 @@ def test_weighted_losses_match_unfused_computation(monkeypatch):
         torch.testing.assert_close(losses[f"loss_ce{suffix}"].double(), 2.0 * ce, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(losses[f"loss_mask{suffix}"].double(), 5.0 * mask, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(losses[f"loss_dice{suffix}"].double(), 5.0 * dice, rtol=1e-5, atol=1e-6)
+
+
+def test_the_cost_matrices_of_every_layer_reach_the_host_in_one_copy(host_copies):
+    """Three predictions of two images: one device-to-host copy (it waits for the GPU), not six."""
+    outputs, targets = make_batch(torch.Generator().manual_seed(0))
+    criterion = make_criterion()
+    criterion(outputs, targets)
+    # the (prediction, image) cost matrices, 6 queries x 2 and 3 targets, together
+    assert host_copies == [(3 * (6 * 2 + 6 * 3),)]
 
 
 def test_more_targets_than_queries_match_unfused_computation(monkeypatch):

@@ -115,6 +115,47 @@ def test_assignment_is_optimal_against_brute_force(num_targets):
         assert total == pytest.approx(brute_force_min(cost), abs=1e-4)
 
 
+def test_several_predictions_are_each_matched_optimally_with_one_host_copy(host_copies):
+    """match_predictions draws each prediction's points in turn (image after image) and assigns each optimally;
+    the cost matrices of all predictions and images reach the host in one copy."""
+    g = torch.Generator().manual_seed(11)
+    cases = [random_case(g, num_queries=5, num_targets=num) for num in (3, 2)]
+    targets = [{"labels": c[2], "masks": c[3]} for c in cases]
+    targets.insert(1, {"labels": cases[0][2][:0], "masks": cases[0][3][:0]})  # an image without targets
+    predictions = [
+        {
+            "pred_logits": torch.randn(3, 5, 5, generator=g) * 2,
+            "pred_masks": torch.randn(3, 5, 6, 5, generator=g) * 3,
+        }
+        for _ in range(3)
+    ]
+    matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=40)
+    indices = matcher.match_predictions(predictions, targets, generator=torch.Generator().manual_seed(5))
+    assert len(host_copies) == 1
+
+    replay = torch.Generator().manual_seed(5)
+    assert len(indices) == len(predictions)
+    for prediction, image_indices in zip(predictions, indices):
+        assert image_indices[1][0].numel() == 0 and image_indices[1][1].numel() == 0
+        for b in (0, 2):
+            coords = torch.rand(40, 2, generator=replay)
+            case = (
+                prediction["pred_logits"][b],
+                prediction["pred_masks"][b],
+                targets[b]["labels"],
+                targets[b]["masks"],
+            )
+            cost = loop_cost(*case, coords, 2.0, 5.0, 5.0)
+            query_idx, target_idx = image_indices[b]
+            assert sorted(target_idx.tolist()) == list(range(len(targets[b]["labels"])))
+            assert cost[query_idx, target_idx].sum().item() == pytest.approx(brute_force_min(cost), abs=1e-4)
+
+
+def test_no_predictions_give_no_matches():
+    targets = [{"labels": torch.tensor([0]), "masks": torch.ones(1, 4, 4, dtype=torch.bool)}]
+    assert HungarianMatcher(num_points=8).match_predictions([], targets) == []
+
+
 def test_more_targets_than_queries_and_empty_targets():
     g = torch.Generator().manual_seed(3)
     pred_logits, pred_masks, labels, masks = random_case(g, num_queries=2, num_targets=4)
