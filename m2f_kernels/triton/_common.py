@@ -3,9 +3,11 @@ the matrix product."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 
+import torch
 import triton
 import triton.language as tl
 
@@ -25,6 +27,18 @@ def interpreting() -> bool:
 # triton.jit chooses between the interpreter and the compiler when a kernel is defined, so the kernels of these
 # modules run as they were imported, whatever TRITON_INTERPRET says later.
 IMPORTED_INTERPRETED = interpreting()
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """The multiprocessor count of a CUDA device, asked of the driver once per device (the launch plans read it
+    on every call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessor_count(index)
+
+
+@functools.cache
+def _multiprocessor_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def size_class(n: int) -> int:

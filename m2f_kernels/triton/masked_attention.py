@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuning, dot, interpreting, size_class
+from ._common import autotuning, dot, interpreting, multiprocessor_count, size_class
 
 _MASK_LOGITS = 0
 _MASK_BOOL = 1
@@ -461,7 +461,7 @@ def _key_splits(device, num_keys, head_dim, num_programs, split_alignment, num_s
     number."""
     if num_splits is None:
         if device.type == "cuda":
-            multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+            multiprocessors = multiprocessor_count(device)
             min_split_keys = 4 * fixed_config(head_dim).kwargs["BLOCK_K"]
             wanted = triton.cdiv(4 * multiprocessors, num_programs)
             num_splits = max(1, min(wanted, triton.cdiv(num_keys, min_split_keys)))

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_configs, dot, interpreting, launch, size_class
+from ._common import block_configs, dot, interpreting, launch, multiprocessor_count, size_class
 from .point_sample import accumulate_dtype, triton_accumulate_dtype
 
 FIXED = triton.Config({"BLOCK_Q": 32, "BLOCK_T": 32, "BLOCK_P": 32}, num_warps=4)
@@ -185,7 +185,7 @@ def _point_splits(
     else:
         query_tiles = triton.cdiv(num_queries, FIXED.kwargs["BLOCK_Q"])
         tiles = query_tiles * triton.cdiv(num_targets, FIXED.kwargs["BLOCK_T"])
-        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+        multiprocessors = multiprocessor_count(device)
         wanted, min_points = triton.cdiv(2 * multiprocessors, tiles), MIN_SPLIT_CHUNKS * SPLIT_ALIGNMENT
     num_splits = max(1, min(wanted, triton.cdiv(num_points, min_points), MAX_SPLITS))
     chunks_per_split = max(1, triton.cdiv(triton.cdiv(num_points, num_splits), SPLIT_ALIGNMENT))

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SAMPLING_OPTIONS, block_configs, interpreting, launch, size_class
+from ._common import SAMPLING_OPTIONS, block_configs, interpreting, launch, multiprocessor_count, size_class
 from .point_sample import (
     POINT_BLOCKS,
     accumulate_dtype,
@@ -242,7 +242,7 @@ def _points_per_split(device: torch.device, num_masks: int, num_points: int) -> 
     unit = max(config.kwargs["BLOCK"] for config in _point_mask_loss_forward_kernel.configs)
     if interpreting():
         return unit
-    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+    multiprocessors = multiprocessor_count(device)
     splits = triton.cdiv(4 * multiprocessors, max(num_masks, 1))
     return max(1, num_points // (splits * unit)) * unit
 

@@ -589,12 +589,9 @@ def test_triton_launch_config_is_pinned_when_deterministic(monkeypatch):
 def test_triton_key_splits_on_a_gpu(monkeypatch):
     """The GPU rule: about four programs per SM (counting 32-query blocks), no more splits than groups of four
     fixed key blocks, each split a multiple of the alignment, and the splits cover the keys exactly."""
-    import types
-
     from m2f_kernels.triton import masked_attention as module
 
-    properties = types.SimpleNamespace(multi_processor_count=132)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+    monkeypatch.setattr(module, "multiprocessor_count", lambda device: 132)
     cuda = torch.device("cuda")
     # B=2, Q=100: 4 query blocks x 16 heads = 64 programs want ceil(528 / 64) = 9 splits; 1024 keys allow 4.
     assert module._key_splits(cuda, 1024, 32, 64, 128, None) == (4, 256)

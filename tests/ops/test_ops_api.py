@@ -2,6 +2,7 @@
 
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -867,3 +868,21 @@ def test_logits_wider_than_q_become_a_bool_mask_not_a_narrowed_copy(backend):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     reference_out, _ = reference.masked_attention(q.float(), k.float(), v.float(), logits)
     torch.testing.assert_close(out.float(), reference_out, rtol=2e-2, atol=2e-2)
+
+
+def test_triton_launch_plans_ask_the_driver_for_the_multiprocessor_count_once_per_device(monkeypatch):
+    triton_common = pytest.importorskip("m2f_kernels.triton._common")
+    asked = []
+
+    def properties(index):
+        asked.append(index)
+        return types.SimpleNamespace(multi_processor_count=100 + index)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    triton_common._multiprocessor_count.cache_clear()
+    try:
+        counts = [triton_common.multiprocessor_count(torch.device("cuda", i)) for i in (0, 1, 0, 1)]
+    finally:
+        triton_common._multiprocessor_count.cache_clear()
+    assert counts == [100, 101, 100, 101]
+    assert asked == [0, 1]

@@ -165,13 +165,10 @@ def test_triton_point_splits_on_a_gpu(monkeypatch):
     """The GPU branch of the split: about two programs per SM counting the fixed config's 32 x 32 tiles, at
     least 512 points per split, lengths a multiple of 64 (every config's BLOCK_P divides them), and the splits
     cover the points exactly."""
-    import types
-
     from m2f_kernels.triton import pairwise_mask_cost as module
 
     monkeypatch.setattr(module, "interpreting", lambda: False)
-    properties = types.SimpleNamespace(multi_processor_count=132)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+    monkeypatch.setattr(module, "multiprocessor_count", lambda device: 132)
     # 4 x 2 tiles want ceil(264 / 8) = 33 splits; 12,544 points allow ceil(12544 / 512) = 25.
     assert module._point_splits(100, 50, 12544, torch.device("cuda")) == (25, 512)
     for queries, targets, points in [(100, 50, 12544), (1, 1, 70000), (300, 200, 100), (7, 3, 1)]:

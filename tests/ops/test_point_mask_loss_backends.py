@@ -319,14 +319,11 @@ def test_triton_several_point_blocks_per_mask(deterministic):
 def test_triton_forward_split_on_a_gpu(monkeypatch):
     """The GPU branch of the forward's split: ranges a multiple of the largest autotuned BLOCK, about four
     programs per SM, and never shorter than one BLOCK."""
-    import types
-
     from m2f_kernels.triton import point_mask_loss as module
 
     unit = max(config.kwargs["BLOCK"] for config in module._point_mask_loss_forward_kernel.configs)
     monkeypatch.setattr(module, "interpreting", lambda: False)
-    properties = types.SimpleNamespace(multi_processor_count=132)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+    monkeypatch.setattr(module, "multiprocessor_count", lambda device: 132)
     device = torch.device("cuda")
     assert unit in (512, 2048)  # the largest BLOCK without and with autotuning: both give the values below
     # 100 masks want ceil(528 / 100) = 6 ranges each; 12,544 / 6 = 2,090 points, rounded down to 2,048.
