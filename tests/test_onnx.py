@@ -291,3 +291,40 @@ def test_tiny_mask2former_matches_pytorch(tmp_path):
     assert "GridSample" in model_ops  # the deformable attention went through our translation
     torch.testing.assert_close(pred_logits, expected["pred_logits"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pred_masks, expected["pred_masks"], atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_mask2former_exported_with_a_dynamic_size_matches_pytorch_at_every_size(tmp_path):
+    """One graph exported from a 64 x 96 example (no padding to the stride of 32) with dynamic batch, height
+    and width: right at sizes that need padding and at a batch of 2 too, masks cropped to ceil(size / 4)."""
+    config = m2f.get_config("demo-tiny")
+    config = dataclasses.replace(
+        config,
+        pixel_decoder=dataclasses.replace(config.pixel_decoder, encoder_layers=1),
+        decoder=dataclasses.replace(config.decoder, num_layers=2),
+    )
+    model = m2f.build_model(config).eval()
+    dims = {
+        0: torch.export.Dim("batch"),
+        2: torch.export.Dim("height", min=32),
+        3: torch.export.Dim("width", min=32),
+    }
+    path = tmp_path / "mask2former.onnx"
+    m2f_onnx.export(
+        model,
+        (torch.rand(1, 3, 64, 96) * 255,),
+        path,
+        input_names=["images"],
+        output_names=["pred_logits", "pred_masks"],
+        dynamic_shapes={"images": dims},
+    )
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, height, width in [(1, 64, 96), (1, 100, 75), (2, 37, 130), (1, 33, 33)]:
+        images = torch.rand(batch, 3, height, width) * 255
+        with torch.no_grad():
+            expected = model(images)
+        pred_logits, pred_masks = session.run(None, {"images": images.numpy()})
+        assert pred_masks.shape == (batch, 16, -(-height // 4), -(-width // 4))
+        torch.testing.assert_close(
+            torch.from_numpy(pred_logits), expected["pred_logits"], atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(torch.from_numpy(pred_masks), expected["pred_masks"], atol=1e-5, rtol=1e-5)

@@ -85,19 +85,19 @@ class Mask2Former(nn.Module):
             images = images.to(self.pixel_mean.dtype)  # the model's dtype (autocast casts after normalizing)
         height, width = images.shape[-2:]
         x = (images - self.pixel_mean) / self.pixel_std
+        # Padded and cropped whatever the size (by 0 where it divides), in non-negative integer arithmetic: a
+        # graph exported with a dynamic image size (torch.export, ONNX) is then right at every size, not only
+        # at the sizes that take the example's branch (ONNX divides negative integers towards zero).
         div = self.size_divisibility
-        pad_h, pad_w = (-height) % div, (-width) % div
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = F.pad(x, (0, (div - width % div) % div, 0, (div - height % div) % div))
         features = self.backbone(x)
         mask_features, multi_scale_features = self.pixel_decoder(features)
         outputs = self.transformer_decoder(multi_scale_features, mask_features)
-        if pad_h or pad_w:  # the masks' part that covers the image, at the mask features' stride
-            stride = self.config.pixel_decoder.common_stride
-            mask_h, mask_w = -(-height // stride), -(-width // stride)
-            outputs["pred_masks"] = outputs["pred_masks"][..., :mask_h, :mask_w]
-            for aux in outputs["aux_outputs"]:
-                aux["pred_masks"] = aux["pred_masks"][..., :mask_h, :mask_w]
+        stride = self.config.pixel_decoder.common_stride  # the masks' part that covers the image
+        mask_h, mask_w = (height + stride - 1) // stride, (width + stride - 1) // stride
+        outputs["pred_masks"] = outputs["pred_masks"][..., :mask_h, :mask_w]
+        for aux in outputs["aux_outputs"]:
+            aux["pred_masks"] = aux["pred_masks"][..., :mask_h, :mask_w]
         if not self.training:
             del outputs["aux_outputs"]
         return outputs
