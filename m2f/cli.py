@@ -1,4 +1,4 @@
-"""Command line: `m2f train|eval|predict|convert|bench|make-synthetic|demo` (also `python -m m2f ...`).
+"""Command line: `m2f train|eval|predict|convert|export|bench|make-synthetic|demo` (also `python -m m2f ...`).
 
 Multi-GPU / multi-node training and evaluation: `torchrun --nproc_per_node=G [--nnodes ...] -m m2f train ...`.
 """
@@ -142,6 +142,23 @@ def _names_a_test_file(argument: str) -> bool:
     return path.endswith(".py") and Path(path).is_file()
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from m2f.engine.export import export_onnx
+
+    result = export_onnx(
+        args.checkpoint,
+        args.out,
+        config_name=args.config,
+        height=args.height,
+        width=args.width,
+        fixed_size=args.fixed_size,
+    )
+    checked = ", ".join(f"{height} x {width}" for height, width in result["sizes"])
+    differences = ", ".join(f"{name} {value:.1e}" for name, value in result["max_difference"].items())
+    print(f"wrote {result['path']}; onnxruntime against PyTorch at {checked}: {differences} (relative)")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     folder = benchmarks_dir()
     if not folder.is_dir():
@@ -283,6 +300,24 @@ def build_parser() -> argparse.ArgumentParser:
         "annotation JSON (names and thing classes), a JSON list or a text file with one name per line",
     )
     convert.set_defaults(func=cmd_convert)
+
+    export = commands.add_parser(
+        "export",
+        help="write a checkpoint's model as ONNX (images in, class and mask logits out), checked in onnxruntime",
+    )
+    export.add_argument("--checkpoint", required=True, help="a .safetensors weights file")
+    export.add_argument("--out", required=True, help="output .onnx file")
+    export.add_argument("--config", help="default: the config stored in the checkpoint")
+    export.add_argument(
+        "--height", type=_positive_int, default=512, help="example image height (default 512)"
+    )
+    export.add_argument("--width", type=_positive_int, default=512, help="example image width (default 512)")
+    export.add_argument(
+        "--fixed-size",
+        action="store_true",
+        help="a graph for one batch of 1 and the example's size only (default: any batch and size)",
+    )
+    export.set_defaults(func=cmd_export)
 
     bench = commands.add_parser(
         "bench",

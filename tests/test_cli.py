@@ -522,6 +522,59 @@ def test_convert_writes_safetensors_with_the_config_and_class_names(monkeypatch,
     assert "note:" not in capsys.readouterr().err
 
 
+def test_export_writes_an_onnx_graph_that_matches_the_checkpoint_at_any_size(trained_run, tmp_path, capsys):
+    """demo-tiny exported from a 64 x 80 example: the file runs in onnxruntime at another batch and size (one
+    that pads to the stride of 32) with the checkpoint's PyTorch outputs; a graph that does not match the model
+    is refused."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import torch
+
+    from m2f.engine.evaluate import (
+        build_checkpoint_model,
+        load_checkpoint_weights,
+        load_config_for_checkpoint,
+    )
+    from m2f.engine.export import _check_against_pytorch
+
+    checkpoint = trained_run / "model_final.safetensors"
+    out = tmp_path / "model.onnx"
+    args = ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--height", "64", "--width", "80"]
+    assert main(args) == 0
+    assert f"wrote {out}; onnxruntime against PyTorch at 64 x 80, 77 x 117" in capsys.readouterr().out
+
+    metadata, _ = ckpt.read_header(checkpoint)
+    model = build_checkpoint_model(load_config_for_checkpoint(None, metadata, checkpoint), checkpoint)
+    load_checkpoint_weights(model, checkpoint, metadata)
+    model.eval()
+    images = torch.rand(2, 3, 50, 90) * 255
+    with torch.no_grad():
+        expected = model(images)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    pred_logits, pred_masks = session.run(["pred_logits", "pred_masks"], {"images": images.numpy()})
+    torch.testing.assert_close(torch.from_numpy(pred_logits), expected["pred_logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(pred_masks), expected["pred_masks"], atol=1e-5, rtol=1e-5)
+
+    with torch.no_grad():
+        model.transformer_decoder.class_embed.bias.add_(0.1)
+    with pytest.raises(ValueError, match=r"pred_logits differs from PyTorch's by .* for a 64 x 80 image"):
+        _check_against_pytorch(model, out.read_bytes(), [(64, 80)], torch.Generator().manual_seed(0))
+
+
+def test_export_bad_input_is_one_clear_line(trained_run, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    checkpoint = str(trained_run / "model_final.safetensors")
+    assert (
+        main(["export", "--checkpoint", checkpoint, "--out", str(tmp_path / "a.onnx"), "--height", "16"]) == 2
+    )
+    assert "height must be an integer of at least 32 pixels, got 16" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", checkpoint, "--out", str(tmp_path)]) == 2
+    assert "is a folder; expected a file name" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "none.safetensors"), "--out", "x.onnx"]) == 2
+    assert "checkpoint file not found" in capsys.readouterr().err
+    assert not (tmp_path / "a.onnx").exists()
+
+
 def test_bench_forwards_arguments_to_pytest(monkeypatch):
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda argv: calls.append(argv) or 0)
