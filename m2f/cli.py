@@ -151,7 +151,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         config_name=args.config,
         height=args.height,
         width=args.width,
-        fixed_size=args.fixed_size,
+        dynamic_size=args.dynamic_size,
     )
     checked = ", ".join(f"{height} x {width}" for height, width in result["sizes"])
     differences = ", ".join(f"{name} {value:.1e}" for name, value in result["max_difference"].items())
@@ -313,9 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--width", type=_positive_int, default=512, help="example image width (default 512)")
     export.add_argument(
-        "--fixed-size",
+        "--dynamic-size",
         action="store_true",
-        help="a graph for one batch of 1 and the example's size only (default: any batch and size)",
+        help="a graph for any batch and image size (ResNet backbones; default: one image of --height x --width)",
     )
     export.set_defaults(func=cmd_export)
 

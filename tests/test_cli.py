@@ -540,7 +540,7 @@ def test_export_writes_an_onnx_graph_that_matches_the_checkpoint_at_any_size(tra
     checkpoint = trained_run / "model_final.safetensors"
     out = tmp_path / "model.onnx"
     args = ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--height", "64", "--width", "80"]
-    assert main(args) == 0
+    assert main([*args, "--dynamic-size"]) == 0
     assert f"wrote {out}; onnxruntime against PyTorch at 64 x 80, 77 x 117" in capsys.readouterr().out
 
     metadata, _ = ckpt.read_header(checkpoint)
@@ -559,6 +559,43 @@ def test_export_writes_an_onnx_graph_that_matches_the_checkpoint_at_any_size(tra
         model.transformer_decoder.class_embed.bias.add_(0.1)
     with pytest.raises(ValueError, match=r"pred_logits differs from PyTorch's by .* for a 64 x 80 image"):
         _check_against_pytorch(model, out.read_bytes(), [(64, 80)], torch.Generator().manual_seed(0))
+
+
+def test_export_of_one_size_and_swin_refusing_a_dynamic_size(tmp_path, capsys):
+    """Without --dynamic-size the graph takes one image of the example's size. A Swin backbone is refused a
+    dynamic size up front (its trace at a symbolic size does not finish) and exports at a fixed one."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import dataclasses
+
+    import onnx
+
+    import m2f
+    from m2f.config import BackboneConfig
+
+    config = m2f.get_config("demo-tiny")
+    swin = BackboneConfig(
+        timm_name="swin_tiny_patch4_window7_224",
+        timm_kwargs={"embed_dim": 16, "depths": (2, 2, 2, 2), "num_heads": (1, 1, 2, 2)},
+        output_norm=True,
+    )
+    config = dataclasses.replace(
+        config,
+        backbone=swin,
+        pixel_decoder=dataclasses.replace(config.pixel_decoder, encoder_layers=1),
+        decoder=dataclasses.replace(config.decoder, num_layers=2),
+    )
+    checkpoint = tmp_path / "swin.safetensors"
+    ckpt.save_weights(checkpoint, m2f.build_model(config), {"config": json.dumps(config.to_dict())})
+    out = tmp_path / "swin.onnx"
+    args = ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--height", "40", "--width", "72"]
+    assert main([*args, "--dynamic-size"]) == 2
+    assert "a dynamic image size is not supported for the Swin backbone" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(args) == 0
+    assert "onnxruntime against PyTorch at 40 x 72:" in capsys.readouterr().out
+    dims = [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 40, 72]
 
 
 def test_export_bad_input_is_one_clear_line(trained_run, tmp_path, capsys):

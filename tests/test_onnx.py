@@ -273,14 +273,19 @@ def test_export_rejects_the_torchscript_exporter(tmp_path):
         )
 
 
-def test_tiny_mask2former_matches_pytorch(tmp_path):
+def tiny_mask2former():
+    """demo-tiny with one encoder and three decoder layers, in eval mode."""
     config = m2f.get_config("demo-tiny")
     config = dataclasses.replace(
         config,
         pixel_decoder=dataclasses.replace(config.pixel_decoder, encoder_layers=1),
         decoder=dataclasses.replace(config.decoder, num_layers=3),
     )
-    model = m2f.build_model(config).eval()
+    return m2f.build_model(config).eval()
+
+
+def test_tiny_mask2former_matches_pytorch(tmp_path):
+    model = tiny_mask2former()
     images = torch.rand(1, 3, 64, 96) * 255
     with torch.no_grad():
         expected = model(images)
@@ -296,13 +301,7 @@ def test_tiny_mask2former_matches_pytorch(tmp_path):
 def test_tiny_mask2former_exported_with_a_dynamic_size_matches_pytorch_at_every_size(tmp_path):
     """One graph exported from a 64 x 96 example (no padding to the stride of 32) with dynamic batch, height
     and width: right at sizes that need padding and at a batch of 2 too, masks cropped to ceil(size / 4)."""
-    config = m2f.get_config("demo-tiny")
-    config = dataclasses.replace(
-        config,
-        pixel_decoder=dataclasses.replace(config.pixel_decoder, encoder_layers=1),
-        decoder=dataclasses.replace(config.decoder, num_layers=2),
-    )
-    model = m2f.build_model(config).eval()
+    model = tiny_mask2former()
     dims = {
         0: torch.export.Dim("batch"),
         2: torch.export.Dim("height", min=32),

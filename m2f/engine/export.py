@@ -3,9 +3,10 @@
 The graph takes images (batch, 3, height, width) float32 RGB 0-255 (the model normalizes them) and returns
 pred_logits (batch, Q, C + 1) and pred_masks (batch, Q, ceil(height / 4), ceil(width / 4)) logits, as the
 PyTorch model in eval mode does; the postprocessing (panoptic merge, instances, semantic) stays in Python.
-Batch, height and width are dynamic (height and width from MIN_SIDE on) unless fixed_size is asked for. Before
+The graph takes one image of the example's size, or with dynamic_size any batch and any height and width from
+MIN_SIDE on (ResNet backbones: the trace of Swin's window padding at a symbolic size does not finish). Before
 the file is written (atomically), onnxruntime runs it on random images at the example size and, for a dynamic
-graph, at a second size, and its outputs must match PyTorch's.
+graph, at a second size that pads differently, and its outputs must match PyTorch's.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def export_onnx(
     config_name: str | None = None,
     height: int = 512,
     width: int = 512,
-    fixed_size: bool = False,
+    dynamic_size: bool = False,
 ) -> dict:
     """Exports the checkpoint's model (see the module docstring) with a (1, 3, height, width) example image;
     returns {"path", "sizes" checked, "max_difference" per output relative to its largest magnitude}.
@@ -51,6 +52,11 @@ def export_onnx(
     if num_classes is not None:
         config = dataclasses.replace(config, num_classes=num_classes)
     model = build_checkpoint_model(config, checkpoint)
+    if dynamic_size and model.backbone.is_swin:
+        raise ValueError(
+            f"a dynamic image size is not supported for the Swin backbone of {config.name!r} (tracing its window "
+            "padding at a symbolic size does not finish); export a fixed size"
+        )
     load_checkpoint_weights(model, checkpoint, metadata)
     model.eval()
 
@@ -58,7 +64,7 @@ def export_onnx(
     example = torch.rand(1, 3, height, width, generator=generator) * 255
     options = {"input_names": ["images"], "output_names": ["pred_logits", "pred_masks"]}
     sizes = [(height, width)]
-    if not fixed_size:
+    if dynamic_size:
         options["dynamic_shapes"] = {
             "images": {
                 0: torch.export.Dim("batch", min=1),

@@ -180,7 +180,10 @@ class WindowAttention(nn.Module):
             )
         q, k, v = (t.reshape(shape) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))
-        out = out.view(batch, num_windows, heads, tokens, -1).transpose(2, 3).reshape(windows.shape)
+        # A copy in every trace: the strides of SDPA's output differ between its fake kernel and the kernels
+        # an exporter decomposes it into, so a reshape traced as a view fails there (ONNX export).
+        out = out.view(batch, num_windows, heads, tokens, -1).transpose(2, 3)
+        out = out.clone(memory_format=torch.contiguous_format).view(windows.shape)
         return self.proj(out)
 
 
