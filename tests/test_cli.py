@@ -557,7 +557,10 @@ def test_export_writes_an_onnx_graph_that_matches_the_checkpoint_at_any_size(tra
 
     with torch.no_grad():
         model.transformer_decoder.class_embed.bias.add_(0.1)
-    with pytest.raises(ValueError, match=r"pred_logits differs from PyTorch's by .* for a 64 x 80 image"):
+    # at the example's own size no other export would do better, so the error gives no advice
+    with pytest.raises(
+        ValueError, match=r"pred_logits differs from PyTorch's by .* for a 64 x 80 image, [^;]*$"
+    ):
         _check_against_pytorch(model, out.read_bytes(), [(64, 80)], torch.Generator().manual_seed(0))
 
 
