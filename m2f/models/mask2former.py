@@ -38,6 +38,7 @@ from torch import nn
 from ..checks import check_int
 from ..config import ModelConfig, get_config
 from .backbone import Backbone
+from .padding import padded_size
 from .pixel_decoder import MSDeformAttnPixelDecoder
 from .transformer_decoder import MultiScaleMaskedTransformerDecoder
 
@@ -89,7 +90,7 @@ class Mask2Former(nn.Module):
         # graph exported with a dynamic image size (torch.export, ONNX) is then right at every size, not only
         # at the sizes that take the example's branch (ONNX divides negative integers towards zero).
         div = self.size_divisibility
-        x = F.pad(x, (0, (div - width % div) % div, 0, (div - height % div) % div))
+        x = F.pad(x, (0, padded_size(width, div) - width, 0, padded_size(height, div) - height))
         features = self.backbone(x)
         mask_features, multi_scale_features = self.pixel_decoder(features)
         outputs = self.transformer_decoder(multi_scale_features, mask_features)

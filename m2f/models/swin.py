@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
+from .padding import padded_size
+
 # Architectures of timm's Swin models (patch size 4 for all).
 _TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
 _SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
@@ -103,15 +105,17 @@ def shifted_window_mask(
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     """(B, H, W, C) with H, W multiples of window -> (B, num_windows, window^2, C), windows row-major."""
     batch, height, width, channels = x.shape
-    x = x.view(batch, height // window, window, width // window, window, channels).transpose(2, 3)
-    return x.reshape(batch, -1, window * window, channels)
+    rows, cols = height // window, width // window
+    x = x.view(batch, rows, window, cols, window, channels).transpose(2, 3)
+    # The copy reshape would make, then a view: a tracer at symbolic sizes needs no proof that dims merge.
+    return x.clone(memory_format=torch.contiguous_format).view(batch, rows * cols, window * window, channels)
 
 
 def window_merge(windows: torch.Tensor, window: int, height: int, width: int) -> torch.Tensor:
     """Inverse of window_partition: (B, num_windows, window^2, C) -> (B, height, width, C)."""
     batch, _, _, channels = windows.shape
     x = windows.view(batch, height // window, width // window, window, window, channels).transpose(2, 3)
-    return x.reshape(batch, height, width, channels)
+    return x.clone(memory_format=torch.contiguous_format).view(batch, height, width, channels)
 
 
 class PatchEmbed(nn.Module):
@@ -125,7 +129,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        x = F.pad(x, (0, (-width) % self.patch_size, 0, (-height) % self.patch_size))
+        patch = self.patch_size
+        x = F.pad(x, (0, padded_size(width, patch) - width, 0, padded_size(height, patch) - height))
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
@@ -138,9 +143,12 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[1:3]
-        x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        batch, height, width, channels = x.shape
+        rows, cols = padded_size(height, 2) // 2, padded_size(width, 2) // 2
+        x = F.pad(x, (0, 0, 0, 2 * cols - width, 0, 2 * rows - height))
+        # per merged token its 2 x 2 neighbours in the official order (0, 0), (1, 0), (0, 1), (1, 1) as (dy, dx)
+        x = x.view(batch, rows, 2, cols, 2, channels).permute(0, 1, 3, 4, 2, 5)
+        x = x.clone(memory_format=torch.contiguous_format).view(batch, rows, cols, 4 * channels)
         return self.reduction(self.norm(x))
 
 
@@ -230,8 +238,8 @@ class SwinBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         height, width = x.shape[1:3]
         window, shift = self.window_size, self.shift_size
-        y = F.pad(self.norm1(x), (0, 0, 0, (-width) % window, 0, (-height) % window))
-        padded_height, padded_width = y.shape[1:3]
+        padded_height, padded_width = padded_size(height, window), padded_size(width, window)
+        y = F.pad(self.norm1(x), (0, 0, 0, padded_width - width, 0, padded_height - height))
         if shift:
             y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
         y = window_merge(self.attn(window_partition(y, window), mask), window, padded_height, padded_width)
@@ -282,7 +290,7 @@ class SwinStage(nn.Module):
         mask = None
         if len(self.blocks) > 1 and self.shift_size:
             height, width = x.shape[1:3]
-            padded_height, padded_width = -(-height // window) * window, -(-width // window) * window
+            padded_height, padded_width = padded_size(height, window), padded_size(width, window)
             mask = shifted_window_mask(
                 padded_height, padded_width, window, self.shift_size, x.dtype, x.device
             )

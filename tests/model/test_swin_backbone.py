@@ -5,6 +5,7 @@ window, then shift, mask built on the padded map) at any size; the weights are c
 Sizes are chosen so that the stages are not multiples of the window and the last one is smaller than it.
 """
 
+import math
 import re
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from m2f.config import BackboneConfig
 from m2f.models.backbone import Backbone
+from m2f.models.padding import padded_size
 from m2f.models.swin import SWIN_ARCHITECTURES, build_swin, shifted_window_mask
 
 transformers = pytest.importorskip("transformers")
@@ -212,3 +214,9 @@ def test_backbone_rejects_other_window_sizes(tmp_path):
         ValueError, match=r"swin64\.safetensors.*layers\.2\.blocks\.0\.attn\.relative_position_bias_table"
     ):
         backbone.load_weights(path)
+
+
+def test_padded_size_is_the_next_multiple():
+    for multiple in (1, 2, 4, 7, 12, 32):
+        for size in range(0, 100):
+            assert padded_size(size, multiple) == math.ceil(size / multiple) * multiple
