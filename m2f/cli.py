@@ -153,9 +153,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         width=args.width,
         dynamic_size=args.dynamic_size,
     )
-    checked = ", ".join(f"{height} x {width}" for height, width in result["sizes"])
+    checked = ", ".join(f"{batch} x 3 x {height} x {width}" for batch, height, width in result["shapes"])
     differences = ", ".join(f"{name} {value:.1e}" for name, value in result["max_difference"].items())
-    print(f"wrote {result['path']}; onnxruntime against PyTorch at {checked}: {differences} (relative)")
+    print(
+        f"wrote {result['path']}; onnxruntime against PyTorch on images {checked}: {differences} (relative)"
+    )
+    if result["max_difference_every_key_visible"] is not None:
+        visible = ", ".join(f"{k} {v:.1e}" for k, v in result["max_difference_every_key_visible"].items())
+        print(
+            f"  with every masked-attention key visible: {visible}; the differences above come from mask logits "
+            "within rounding of the threshold"
+        )
     return 0
 
 
@@ -315,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--dynamic-size",
         action="store_true",
-        help="a graph for any batch and image size (ResNet backbones; default: one image of --height x --width)",
+        help="a graph for any batch and image size from 64 pixels (default: one image of --height x --width)",
     )
     export.set_defaults(func=cmd_export)
 

@@ -535,19 +535,22 @@ def test_export_writes_an_onnx_graph_that_matches_the_checkpoint_at_any_size(tra
         load_checkpoint_weights,
         load_config_for_checkpoint,
     )
-    from m2f.engine.export import _check_against_pytorch
+    from m2f.engine.export import _check_differences, _compare
 
     checkpoint = trained_run / "model_final.safetensors"
     out = tmp_path / "model.onnx"
     args = ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--height", "64", "--width", "80"]
     assert main([*args, "--dynamic-size"]) == 0
-    assert f"wrote {out}; onnxruntime against PyTorch at 64 x 80, 77 x 117" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert (
+        f"wrote {out}; onnxruntime against PyTorch on images 1 x 3 x 64 x 80, 2 x 3 x 77 x 117, " in printed
+    )
 
     metadata, _ = ckpt.read_header(checkpoint)
     model = build_checkpoint_model(load_config_for_checkpoint(None, metadata, checkpoint), checkpoint)
     load_checkpoint_weights(model, checkpoint, metadata)
     model.eval()
-    images = torch.rand(2, 3, 50, 90) * 255
+    images = torch.rand(3, 3, 70, 90) * 255
     with torch.no_grad():
         expected = model(images)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -557,21 +560,24 @@ def test_export_writes_an_onnx_graph_that_matches_the_checkpoint_at_any_size(tra
 
     with torch.no_grad():
         model.transformer_decoder.class_embed.bias.add_(0.1)
-    # at the example's own size no other export would do better, so the error gives no advice
+    shapes = [(1, 64, 80), (1, 70, 90)]
+    worst = _compare(model, out.read_bytes(), shapes)
+    assert worst["pred_logits"][0] > 0.01 and worst["pred_masks"][0] < 1e-5
     with pytest.raises(
-        ValueError, match=r"pred_logits differs from PyTorch's by .* for a 64 x 80 image, [^;]*$"
+        ValueError, match=r"pred_logits differs from PyTorch's by .* for 1 x 3 x \d+ x \d+ images, more"
     ):
-        _check_against_pytorch(model, out.read_bytes(), [(64, 80)], torch.Generator().manual_seed(0))
+        _check_differences(worst, shapes, 1e-4, "")
+    # at the example's own size no other export would do better, so the error gives no advice
+    with pytest.raises(ValueError, match=r"for 1 x 3 x 64 x 80 images, more than 1e-04$"):
+        _check_differences({"pred_logits": (0.5, 0)}, shapes, 1e-4, "")
+    with pytest.raises(ValueError, match=r"for 1 x 3 x 70 x 90 images, more than 1e-04; export a fixed size"):
+        _check_differences({"pred_logits": (0.5, 1)}, shapes, 1e-4, "")
 
 
-def test_export_of_one_size_and_swin_refusing_a_dynamic_size(tmp_path, capsys):
-    """Without --dynamic-size the graph takes one image of the example's size. A Swin backbone is refused a
-    dynamic size up front (its trace at a symbolic size does not finish) and exports at a fixed one."""
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+def tiny_swin_checkpoint(folder):
+    """A demo-tiny model with a Swin backbone of 16 channels (window 7), one encoder and two decoder layers,
+    saved with random weights; returns the checkpoint's path and the model in eval mode."""
     import dataclasses
-
-    import onnx
 
     import m2f
     from m2f.config import BackboneConfig
@@ -588,17 +594,59 @@ def test_export_of_one_size_and_swin_refusing_a_dynamic_size(tmp_path, capsys):
         pixel_decoder=dataclasses.replace(config.pixel_decoder, encoder_layers=1),
         decoder=dataclasses.replace(config.decoder, num_layers=2),
     )
-    checkpoint = tmp_path / "swin.safetensors"
-    ckpt.save_weights(checkpoint, m2f.build_model(config), {"config": json.dumps(config.to_dict())})
+    model = m2f.build_model(config).eval()
+    checkpoint = folder / "swin.safetensors"
+    ckpt.save_weights(checkpoint, model, {"config": json.dumps(config.to_dict())})
+    return checkpoint, model
+
+
+def test_export_of_one_size(tmp_path, capsys):
+    """Without --dynamic-size the graph takes one image of the example's size."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    checkpoint, _ = tiny_swin_checkpoint(tmp_path)
     out = tmp_path / "swin.onnx"
-    args = ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--height", "40", "--width", "72"]
-    assert main([*args, "--dynamic-size"]) == 2
-    assert "a dynamic image size is not supported for the Swin backbone" in capsys.readouterr().err
-    assert not out.exists()
+    args = ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--height", "64", "--width", "72"]
     assert main(args) == 0
-    assert "onnxruntime against PyTorch at 40 x 72:" in capsys.readouterr().out
+    assert "onnxruntime against PyTorch on images 1 x 3 x 64 x 72:" in capsys.readouterr().out
     dims = [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim]
-    assert dims == [1, 3, 40, 72]
+    assert dims == [1, 3, 64, 72]
+
+
+def test_export_of_swin_with_a_dynamic_size(tmp_path, capsys):
+    """A Swin backbone exports with dynamic batch, height and width from an example that gives its last stage
+    two windows along each side (at least 7 x 32 + 1 = 225 pixels here; a smaller one is refused up front).
+    The graph matches PyTorch at sizes where stages have one window, or need padding to the window, the
+    patch merging and the stride of 32."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import torch
+
+    checkpoint, model = tiny_swin_checkpoint(tmp_path)
+    out = tmp_path / "swin.onnx"
+    args = ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--dynamic-size"]
+    assert main([*args, "--height", "224", "--width", "240"]) == 2
+    assert "traced from an example of at least 225 x 225 pixels" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*args, "--height", "240", "--width", "232"]) == 0
+    assert (
+        "onnxruntime against PyTorch on images 1 x 3 x 240 x 232, 2 x 3 x 253 x 269, "
+        in capsys.readouterr().out
+    )
+
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch, height, width in [(3, 70, 450), (1, 97, 64), (2, 300, 230)]:
+        images = torch.rand(batch, 3, height, width) * 255
+        with torch.no_grad():
+            expected = model(images)
+        pred_logits, pred_masks = session.run(["pred_logits", "pred_masks"], {"images": images.numpy()})
+        assert pred_masks.shape == (batch, 16, -(-height // 4), -(-width // 4))
+        torch.testing.assert_close(
+            torch.from_numpy(pred_logits), expected["pred_logits"], atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(torch.from_numpy(pred_masks), expected["pred_masks"], atol=1e-5, rtol=1e-5)
 
 
 def test_export_bad_input_is_one_clear_line(trained_run, tmp_path, capsys):
@@ -607,7 +655,7 @@ def test_export_bad_input_is_one_clear_line(trained_run, tmp_path, capsys):
     assert (
         main(["export", "--checkpoint", checkpoint, "--out", str(tmp_path / "a.onnx"), "--height", "16"]) == 2
     )
-    assert "height must be an integer of at least 32 pixels, got 16" in capsys.readouterr().err
+    assert "height must be an integer of at least 64 pixels, got 16" in capsys.readouterr().err
     assert main(["export", "--checkpoint", checkpoint, "--out", str(tmp_path)]) == 2
     assert "is a folder; expected a file name" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "none.safetensors"), "--out", "x.onnx"]) == 2
