@@ -64,6 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         log_period=args.log_period,
         device=args.device,
         backbone_weights=args.backbone_weights,
+        init_weights=args.init_weights,
         seed=args.seed,
         progress=not args.no_progress,
         validate=not args.no_validate,
@@ -239,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-period", type=_positive_int, default=20, help="metrics.csv row every N iterations"
     )
     train.add_argument("--backbone-weights", help="local timm backbone weights (.safetensors or torch file)")
+    train.add_argument(
+        "--init-weights",
+        help="fine-tune from an m2f model checkpoint (.safetensors, e.g. from m2f convert); a class head for "
+        "another number of classes starts afresh",
+    )
     train.add_argument(
         "--seed", type=_seed, default=0, help="seed of the weights' init and the data stream (0 to 2**32 - 1)"
     )

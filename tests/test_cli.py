@@ -522,6 +522,67 @@ def test_convert_writes_safetensors_with_the_config_and_class_names(monkeypatch,
     assert "note:" not in capsys.readouterr().err
 
 
+def demo_checkpoint(path, **changes):
+    """demo-tiny with the config changes (a decoder dict changes the decoder's fields), random weights of
+    seed 123, saved at path."""
+    import dataclasses
+
+    import torch
+
+    import m2f
+
+    config = m2f.get_config("demo-tiny")
+    decoder = dataclasses.replace(config.decoder, **changes.pop("decoder", {}))
+    config = dataclasses.replace(config, decoder=decoder, **changes)
+    torch.manual_seed(123)
+    ckpt.save_weights(path, m2f.build_model(config), {"config": json.dumps(config.to_dict())})
+    return path
+
+
+def test_train_fine_tunes_from_a_checkpoint_of_other_classes(synthetic_root, tmp_path, capsys):
+    """--init-weights of a checkpoint with 9 classes on data with 6: every parameter but the class head starts
+    from the checkpoint (one AdamW step of lr 3e-4 moves none by 1e-3; a fresh model is far from it), the
+    class head from a random initialization of 6 + 1 rows."""
+    import m2f
+
+    init = demo_checkpoint(tmp_path / "init.safetensors", num_classes=9)
+    out = tmp_path / "run"
+    assert main([*train_args(synthetic_root, out, 1), "--init-weights", str(init)]) == 0
+    assert (
+        f"init_weights: {init} has a class head for 9 classes, the dataset 6; the class head starts from a "
+        "random initialization"
+    ) in capsys.readouterr().out
+    start, _ = ckpt.read_weights(init)
+    final, _ = ckpt.read_weights(out / "model_final.safetensors")
+    assert final[ckpt.CLASS_HEAD_KEYS[0]].shape[0] == start[ckpt.CLASS_HEAD_KEYS[0]].shape[0] - 3 == 7
+    fresh = m2f.build_model("demo-tiny")
+    parameters = [name for name, _ in fresh.named_parameters() if name not in ckpt.CLASS_HEAD_KEYS]
+
+    def largest_difference(state):
+        return max((state[name].double() - start[name].double()).abs().max().item() for name in parameters)
+
+    assert largest_difference(final) < 1e-3
+    assert largest_difference(fresh.state_dict()) > 0.1
+
+
+def test_train_init_weights_of_another_model_are_refused(synthetic_root, tmp_path, capsys):
+    init = demo_checkpoint(tmp_path / "init.safetensors", decoder={"num_queries": 8})
+    out = tmp_path / "run"
+    assert main([*train_args(synthetic_root, out, 1), "--init-weights", str(init)]) == 2
+    error = capsys.readouterr().err
+    assert (
+        f"{init}: checkpoint does not match the model; shape: transformer_decoder.query_embed.weight" in error
+    )
+    assert not out.exists() or not list(out.glob("model_*"))
+    assert (
+        main([*train_args(synthetic_root, out, 1), "--init-weights", str(tmp_path / "none.safetensors")]) == 2
+    )
+    assert "init_weights: checkpoint file not found" in capsys.readouterr().err
+    both = ["--init-weights", str(init), "--backbone-weights", str(init)]
+    assert main([*train_args(synthetic_root, out, 1), *both]) == 2
+    assert "give init_weights or backbone_weights, not both" in capsys.readouterr().err
+
+
 def test_export_writes_an_onnx_graph_that_matches_the_checkpoint_at_any_size(trained_run, tmp_path, capsys):
     """demo-tiny exported from a 64 x 80 example: the file runs in onnxruntime at another batch and size (one
     that pads to the stride of 32) with the checkpoint's PyTorch outputs; a graph that does not match the model

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import random
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ CHECKPOINT_FORMAT = "m2f-checkpoint-v1"
 LAST_CHECKPOINT_FILE = "last_checkpoint"
 WEIGHTS_SUFFIX = ".safetensors"
 STATE_SUFFIX = ".state.pt"
+# The class head's weights, (classes + 1, hidden) and (classes + 1,): what fine-tuning on other classes replaces.
+CLASS_HEAD_KEYS = ("transformer_decoder.class_embed.weight", "transformer_decoder.class_embed.bias")
 
 
 class CheckpointError(ValueError):
@@ -152,7 +155,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, tupl
 def class_head_classes(shapes: dict[str, tuple[int, ...]]) -> int | None:
     """The number of classes of a checkpoint's class head (its rows less "no object"), from read_header's
     shapes; None without one."""
-    shape = shapes.get("transformer_decoder.class_embed.weight")  # (classes + 1, hidden)
+    shape = shapes.get(CLASS_HEAD_KEYS[0])  # (classes + 1, hidden)
     return None if shape is None else shape[0] - 1
 
 
@@ -192,16 +195,23 @@ def stored_classes(
     return names, things, categories
 
 
-def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, str]:
+def load_model_weights(
+    model: torch.nn.Module, path: str | os.PathLike, *, keep_if_mis_shaped: Collection[str] = ()
+) -> dict[str, str]:
     """Loads weights into `model` (strict: same keys and shapes); returns the file's metadata.
 
-    Raises CheckpointError naming the file and listing missing, unexpected and mis-shaped keys.
+    keep_if_mis_shaped: keys whose checkpoint tensor may have another shape, in which case the model keeps
+    its own (CLASS_HEAD_KEYS to fine-tune on other classes). Raises CheckpointError naming the file and
+    listing missing, unexpected and mis-shaped keys.
     """
     state, metadata = read_weights(path)
     target = unwrap_model(model)
     expected = target.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    for key in set(keep_if_mis_shaped) & set(state) & set(expected):
+        if state[key].shape != expected[key].shape:
+            state[key] = expected[key]
     mis_shaped = sorted(
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in set(state) & set(expected)

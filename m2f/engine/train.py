@@ -853,6 +853,7 @@ def run_training(
     log_period: int = 20,
     device: str | None = None,
     backbone_weights: str | None = None,
+    init_weights: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool = True,
     validate: bool = True,
@@ -863,7 +864,10 @@ def run_training(
     image_size overrides the config's crop size (LSJ for panoptic and instance configs, Mask2Former's
     semantic recipe, SemanticAugmentation, for semantic ones, whose test size follows it: short side
     image_size, long side at most 4 * image_size). validate: check the train split (and the val
-    split when evaluating) before training: annotations, categories and image files, not the PNGs' pixels."""
+    split when evaluating) before training: annotations, categories and image files, not the PNGs' pixels.
+    init_weights: an m2f model checkpoint (.safetensors, e.g. `m2f convert`'s) to start from, for fine-tuning;
+    its class head is kept when it has the dataset's number of classes, else initialized afresh. Any other
+    difference from the config's model is refused. A resumed checkpoint takes precedence."""
     from m2f.config import ModelConfig, get_config
     from m2f.data import LSJ, SemanticAugmentation, collate
     from m2f.losses import build_criterion
@@ -876,6 +880,15 @@ def run_training(
         raise ValueError(f"dataset_kind must be one of {tuple(DATASET_TASKS)}, got {dataset_kind!r}")
     if backbone_weights is not None and not Path(backbone_weights).is_file():
         raise FileNotFoundError(f"backbone_weights: no such file: {backbone_weights}")
+    if init_weights is not None:
+        if backbone_weights is not None:
+            raise ValueError(
+                "give init_weights or backbone_weights, not both: a model checkpoint holds the backbone"
+            )
+        try:  # readable, before the data is read
+            init_classes = ckpt.class_head_classes(ckpt.read_header(init_weights)[1])
+        except ckpt.CheckpointError as error:
+            raise ckpt.CheckpointError(f"init_weights: {error}") from None
     if image_size is not None:
         config = dataclasses.replace(config, solver=dataclasses.replace(config.solver, image_size=image_size))
     device = dist_utils.init_distributed(device)
@@ -930,6 +943,13 @@ def run_training(
     )
     torch.manual_seed(seed)
     model = build_model(config, backbone_weights=backbone_weights)
+    if init_weights is not None:
+        ckpt.load_model_weights(model, init_weights, keep_if_mis_shaped=ckpt.CLASS_HEAD_KEYS)
+        if init_classes not in (None, config.num_classes) and dist_utils.is_main_process():
+            print(
+                f"init_weights: {init_weights} has a class head for {init_classes} classes, the dataset "
+                f"{config.num_classes}; the class head starts from a random initialization"
+            )
     criterion = build_criterion(config, config.num_classes)
     evaluate_fn = None
     if eval_period:

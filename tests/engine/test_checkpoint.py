@@ -94,6 +94,32 @@ def test_mismatched_model_lists_keys(tmp_path):
     assert str(path) in message and "extra.weight" in message and "head.weight" in message
 
 
+def test_keys_kept_if_mis_shaped_load_when_their_shape_fits(tmp_path):
+    """keep_if_mis_shaped: a mis-shaped tensor of those keys leaves the model's own, one that fits is loaded;
+    other mis-shaped keys are refused still."""
+    source = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 5))
+    path = tmp_path / "w.safetensors"
+    ckpt.save_weights(path, source, {})
+    keep = ("1.weight", "1.bias")
+
+    same = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 5))
+    ckpt.load_model_weights(same, path, keep_if_mis_shaped=keep)
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(same.state_dict()[name], tensor), name
+
+    other_head = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    own = {name: tensor.clone() for name, tensor in other_head.state_dict().items()}
+    ckpt.load_model_weights(other_head, path, keep_if_mis_shaped=keep)
+    assert torch.equal(other_head[0].weight, source[0].weight)
+    assert torch.equal(other_head[1].weight, own["1.weight"]) and torch.equal(
+        other_head[1].bias, own["1.bias"]
+    )
+
+    other_body = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Linear(6, 5))
+    with pytest.raises(ckpt.CheckpointError, match=r"shape: 0\.bias: checkpoint \(4,\) vs model \(6,\)"):
+        ckpt.load_model_weights(other_body, path, keep_if_mis_shaped=keep)
+
+
 def test_resume_from_corrupt_checkpoint_names_the_file(tmp_path):
     make_trainer(tmp_path, max_iters=3).train()
     path = tmp_path / "model_0000003.safetensors"
