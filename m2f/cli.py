@@ -93,6 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         validate=not args.no_validate,
         progress=not args.no_progress,
         resume=args.resume,
+        tta=args.tta,
     )
     return 0
 
@@ -274,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-workers", type=_non_negative_int, default=2, help="data loader processes per rank (default 2)"
     )
     evaluate.add_argument("--no-validate", action="store_true", help="skip the dataset check")
+    evaluate.add_argument(
+        "--tta",
+        action="store_true",
+        help="semantic segmentation with Mask2Former's multi-scale (0.5-1.75 x the test size) and flip test",
+    )
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.add_argument(
         "--resume",

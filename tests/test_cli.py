@@ -945,6 +945,29 @@ def test_semantic_training_at_another_crop_size_tests_at_it(tmp_path):
     assert (config["inference"]["test_short_edge"], config["inference"]["test_max_size"]) == (48, 192)
 
 
+def test_eval_tta_of_a_semantic_model(tmp_path, trained_run, synthetic_root, capsys):
+    """`m2f eval --tta` writes its own results file, which says how it tested; other tasks are refused."""
+    from m2f.data import make_synthetic_ade20k
+
+    root = make_synthetic_ade20k(str(tmp_path / "ade"), num_train=2, num_val=2, image_size=48, seed=0)
+    out = tmp_path / "run"
+    assert main([*train_args(root, out, 1), "--dataset", "ade20k"]) == 0
+    checkpoint = out / "model_final.safetensors"
+    args = ["eval", "--checkpoint", str(checkpoint), "--data-root", str(root), "--num-workers", "0"]
+    assert main([*args, "--no-progress", "--tta"]) == 0
+    results = json.loads((out / "model_final.eval-ade20k-val-tta.json").read_text())
+    assert results["tta"] == {"scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "flip": True}
+    assert 0 <= results["mIoU"] <= 100
+    assert not (out / "model_final.eval-ade20k-val.json").exists()
+    capsys.readouterr()
+
+    panoptic = ["eval", "--checkpoint", str(trained_run / "model_final.safetensors")]
+    assert main([*panoptic, "--data-root", str(synthetic_root), "--no-progress", "--tta"]) == 2
+    assert (
+        "tta: the multi-scale and flip test is for semantic segmentation (ade20k)" in capsys.readouterr().err
+    )
+
+
 def test_train_out_that_is_a_file_is_refused(synthetic_root, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")

@@ -5,6 +5,7 @@ mIoU (ADE20K). Under torchrun each rank predicts a shard and rank 0 merges the e
 and writes the results as JSON. On the way it stores the evaluator state of every PART_SIZE images in a part
 file (<results>.parts/part-NNNNNN.json, written atomically); `--resume` reuses the parts an interrupted run
 finished, so only the missing ones are predicted. The folder is removed once the results are written.
+`--tta` evaluates semantic segmentation with Mask2Former's multi-scale and flip test (predict_semantic_tta).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,10 @@ from m2f.engine.train import AMP_DTYPES, DATASET_TASKS, build_dataset, default_d
 from m2f.files import check_output_path, write_json_atomic
 
 PART_SIZE = 100  # images per part file of `m2f eval`
+# Mask2Former's multi-scale test of semantic segmentation (TEST.AUG of its ADE20K configs: short sides 256 to
+# 896 for a test size of 512, long sides at most 3584): the test size times each of these, each image also
+# flipped, the long side at most the test's largest times the largest scale.
+TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 def inference_transform(config):
@@ -80,6 +86,45 @@ def predict_masks(
     pred_masks = outputs["pred_masks"].float()
     mask_pred = resize_masks(pred_masks, padded_size, (height, width), (height, width))[0]
     return outputs["pred_logits"][0].float(), mask_pred
+
+
+@torch.no_grad()
+def predict_semantic_tta(
+    model: nn.Module,
+    image: torch.Tensor,
+    config,
+    *,
+    device: torch.device,
+    amp: str | None = None,
+    scales: Sequence[float] = TTA_SCALES,
+    flip: bool = True,
+) -> torch.Tensor:
+    """One image (3, H, W) uint8 at its original size -> (C, H, W) float32 class scores, the mean over the
+    scaled copies (short side config.inference.test_short_edge x scale, long side at most test_max_size x
+    max(scales)) and, with flip, their mirror images, of each copy's semantic_inference resized to (H, W)
+    and mirrored back: Mask2Former's SemanticSegmentorWithTTA. argmax(0) gives the class map."""
+    from m2f.data import ResizeShortestEdge
+    from m2f.models.postprocess import semantic_inference
+
+    if not scales or not all(isinstance(s, (int, float)) and 0 < s < float("inf") for s in scales):
+        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
+    height, width = image.shape[-2:]
+    pixels = image.permute(1, 2, 0).numpy()
+    inference = config.inference
+    max_size = round(inference.test_max_size * max(scales))
+    total = None
+    for scale in scales:
+        resize = ResizeShortestEdge(max(1, round(inference.test_short_edge * scale)), max_size)
+        resized = resize.get_geometry(height, width).apply_image(pixels)
+        resized = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        for flipped in (False, True) if flip else (False,):
+            mask_cls, mask_pred = predict_masks(
+                model, resized.flip(-1) if flipped else resized, device=device, amp=amp
+            )
+            scores = _resize(semantic_inference(mask_cls, mask_pred), (height, width))
+            scores = scores.flip(-1) if flipped else scores
+            total = scores if total is None else total + scores
+    return total / (len(scales) * (2 if flip else 1))
 
 
 def postprocess(
@@ -184,8 +229,10 @@ def evaluate_model(
     parts_dir: str | os.PathLike | None = None,
     run_key: dict | None = None,
     model_categories: list[dict] | None = None,
+    tta: bool = False,
 ) -> dict:
-    """Runs `model` over `dataset` (built with inference_transform) and evaluates it.
+    """Runs `model` over `dataset` (built with inference_transform; without transforms for tta) and evaluates
+    it. tta: semantic segmentation by predict_semantic_tta of each original image.
 
     task defaults to the dataset's kind (panoptic for COCO panoptic, instance for COCO instance, semantic for
     ADE20K). model_categories: the COCO categories (id, name, isthing) of the model's classes when they are not
@@ -210,6 +257,8 @@ def evaluate_model(
             if isinstance(dataset, CocoInstanceDataset)
             else "panoptic"
         )
+    if tta and task != "semantic":
+        raise ValueError(f"tta: the multi-scale and flip test is for semantic segmentation, not {task}")
     evaluator = make_evaluator(task, dataset)
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     if count == 0:  # every metric would read 0, as for a model that finds nothing
@@ -264,9 +313,18 @@ def evaluate_model(
         items = zip(tqdm(loader, desc=f"eval {task}", disable=not show, dynamic_ncols=True), todo_indices)
         for number, indices in todo:
             for item, index in itertools.islice(items, len(indices)):
-                mask_cls, mask_pred = predict_masks(model, item["image"], device=device, amp=amp)
                 size = item["orig_size"]
-                prediction = postprocess([task], mask_cls, mask_pred, size, config, thing_classes)[task]
+                if tta:
+                    if tuple(item["image"].shape[-2:]) != tuple(size):
+                        raise ValueError(
+                            f"tta: the dataset gives image {index} at {tuple(item['image'].shape[-2:])}, not at "
+                            f"its original size {tuple(size)} (build it without transforms)"
+                        )
+                    scores = predict_semantic_tta(model, item["image"], config, device=device, amp=amp)
+                    prediction = scores.argmax(0)
+                else:
+                    mask_cls, mask_pred = predict_masks(model, item["image"], device=device, amp=amp)
+                    prediction = postprocess([task], mask_cls, mask_pred, size, config, thing_classes)[task]
                 if task == "panoptic":
                     evaluator.update(item["image_id"], *prediction)
                 elif task == "instance":
@@ -422,9 +480,11 @@ def run_evaluation(
     validate: bool = True,
     progress: bool = True,
     resume: bool = False,
+    tta: bool = False,
 ) -> dict:
     """`m2f eval`: validates the dataset, evaluates the checkpoint, prints the table (rank 0) and writes the
-    results JSON (default: beside the checkpoint, <name>.eval-<dataset>-<split>.json). Returns the results.
+    results JSON (default: beside the checkpoint, <name>.eval-<dataset>-<split>.json, -tta.json with tta).
+    Returns the results. tta: semantic segmentation with Mask2Former's multi-scale and flip test.
 
     The evaluation goes in parts stored in <results JSON>.parts/ (module docstring); resume=True reuses the
     parts found there, else that folder is emptied first. It is removed after the results are written."""
@@ -443,9 +503,14 @@ def run_evaluation(
     if dataset_kind not in DATASET_TASKS:
         raise ValueError(f"dataset must be one of {tuple(DATASET_TASKS)}, got {dataset_kind!r}")
     task = DATASET_TASKS[dataset_kind]
+    if tta and task != "semantic":
+        raise ValueError(
+            f"tta: the multi-scale and flip test is for semantic segmentation (ade20k), not the {task} task of "
+            f"{dataset_kind}"
+        )
     if validate:
         validate_split(data_root, split, task)
-    dataset = build_dataset(dataset_kind, data_root, split, inference_transform(config))
+    dataset = build_dataset(dataset_kind, data_root, split, None if tta else inference_transform(config))
     model_categories = ckpt.stored_classes(metadata, checkpoint)[2]
     if (
         model_categories is None
@@ -473,7 +538,9 @@ def run_evaluation(
     output = (
         Path(output)
         if output
-        else checkpoint.with_name(f"{checkpoint.stem}.eval-{dataset_kind}-{split}.json")
+        else checkpoint.with_name(
+            f"{checkpoint.stem}.eval-{dataset_kind}-{split}{'-tta' if tta else ''}.json"
+        )
     )
     # Before the evaluation, not after it.
     source_files = dataset.source_files()
@@ -494,6 +561,7 @@ def run_evaluation(
         "task": task,
         "config": config.to_dict(),
         "amp": amp,
+        "tta": list(TTA_SCALES) if tta else None,
     }
     evaluation = evaluate_model(
         model,
@@ -508,10 +576,14 @@ def run_evaluation(
         parts_dir=parts_dir,
         run_key=run_key,
         model_categories=model_categories,
+        tta=tta,
     )
     results = evaluation["results"]
     if dist_utils.is_main_process():
-        write_results(str(output), {"checkpoint": str(checkpoint), "dataset": dataset_kind, **results})
+        header = {"checkpoint": str(checkpoint), "dataset": dataset_kind}
+        if tta:
+            header["tta"] = {"scales": list(TTA_SCALES), "flip": True}
+        write_results(str(output), {**header, **results})
         shutil.rmtree(parts_dir, ignore_errors=True)
         print(format_table(results))
         print(f"results written to {output}")

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -114,6 +116,62 @@ def test_predicted_masks_are_upsampled_at_the_padded_size_then_cropped(size):
     # In training mode the batch norms would learn from the image and drop path would drop layers.
     with pytest.raises(ValueError, match=r"predict_masks needs the model in eval mode \(model.eval\(\)\)"):
         predict_masks(model.train(), image, device=torch.device("cpu"))
+
+
+def semantic_scores(model, image, short, max_size, flipped=False):
+    """The oracle of one test-time copy: the image resized (short side, long side at most max_size), mirrored
+    if flipped, predicted; softmax class probabilities (no-object dropped) times sigmoid masks summed over the
+    queries, bilinearly resized to the image's size and mirrored back."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from m2f.data import ResizeShortestEdge
+
+    height, width = image.shape[-2:]
+    geometry = ResizeShortestEdge(short, max_size).get_geometry(height, width)
+    resized = torch.from_numpy(np.ascontiguousarray(geometry.apply_image(image.permute(1, 2, 0).numpy())))
+    resized = resized.permute(2, 0, 1)
+    mask_cls, mask_pred = predict_masks(
+        model, resized.flip(-1) if flipped else resized, device=torch.device("cpu")
+    )
+    scores = torch.einsum("qc,qhw->chw", mask_cls.softmax(-1)[:, :-1], mask_pred.sigmoid())
+    scores = F.interpolate(scores[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    return scores.flip(-1) if flipped else scores
+
+
+@pytest.mark.parametrize("size", [(50, 70), (30, 190)])
+def test_semantic_tta_averages_the_scaled_and_flipped_copies(size):
+    """Mask2Former's multi-scale and flip test: the mean of the copies' scores, each at the test size (128 for
+    demo-tiny) times the scale, the long side at most the test's (128) times the largest scale (a 30 x 190
+    image reaches it), mirrored copies mirrored back."""
+    import m2f
+    from m2f.engine.evaluate import postprocess, predict_semantic_tta
+
+    torch.manual_seed(0)
+    model = m2f.build_model("demo-tiny", backend="torch").eval()
+    config = model.config
+    image = torch.randint(0, 256, (3, *size), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+
+    scores = predict_semantic_tta(model, image, config, device=cpu, scales=(0.5, 1.25), flip=True)
+    copies = [semantic_scores(model, image, short, 160, flipped) for short in (64, 160) for flipped in (0, 1)]
+    torch.testing.assert_close(scores, torch.stack(copies).mean(0), atol=1e-5, rtol=1e-5)
+
+    # one scale of 1, no flip: the ordinary semantic inference of a semantic model
+    single = predict_semantic_tta(model, image, config, device=cpu, scales=(1.0,), flip=False)
+    torch.testing.assert_close(single, semantic_scores(model, image, 128, 128), atol=1e-5, rtol=1e-5)
+    from m2f.engine.evaluate import inference_transform
+
+    geometry = inference_transform(config).get_geometry(*size)
+    resized = torch.from_numpy(geometry.apply_image(image.permute(1, 2, 0).numpy()).copy()).permute(2, 0, 1)
+    semantic_config = dataclasses.replace(config, task="semantic")
+    plain = postprocess(
+        ["semantic"], *predict_masks(model, resized, device=cpu), size, semantic_config, set()
+    )
+    assert torch.equal(single.argmax(0), plain["semantic"])
+
+    with pytest.raises(ValueError, match="scales must be a non-empty sequence of positive numbers"):
+        predict_semantic_tta(model, image, config, device=cpu, scales=(1.0, 0.0))
 
 
 def test_summarize_flattens_groups_and_skips_per_class():
