@@ -111,6 +111,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         amp=args.amp,
         score_threshold=args.score_threshold,
         skip_existing=args.skip_existing,
+        tta=args.tta,
     )
     print(f"{len(written)} files in {args.out}")
     return 0
@@ -305,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-existing",
         action="store_true",
         help="do not predict an image again whose output files are all in --out (resumes a stopped run)",
+    )
+    predict.add_argument(
+        "--tta",
+        action="store_true",
+        help="the semantic task with Mask2Former's multi-scale (0.5-1.75 x the test size) and flip test",
     )
     _add_device(predict)
     predict.set_defaults(func=cmd_predict)

@@ -945,8 +945,9 @@ def test_semantic_training_at_another_crop_size_tests_at_it(tmp_path):
     assert (config["inference"]["test_short_edge"], config["inference"]["test_max_size"]) == (48, 192)
 
 
-def test_eval_tta_of_a_semantic_model(tmp_path, trained_run, synthetic_root, capsys):
-    """`m2f eval --tta` writes its own results file, which says how it tested; other tasks are refused."""
+def test_eval_and_predict_tta_of_a_semantic_model(tmp_path, trained_run, synthetic_root, capsys):
+    """`m2f eval --tta` writes its own results file, which says how it tested, `m2f predict --tta` the class
+    map of predict_semantic_tta; other tasks are refused."""
     from m2f.data import make_synthetic_ade20k
 
     root = make_synthetic_ade20k(str(tmp_path / "ade"), num_train=2, num_val=2, image_size=48, seed=0)
@@ -966,6 +967,33 @@ def test_eval_tta_of_a_semantic_model(tmp_path, trained_run, synthetic_root, cap
     assert (
         "tta: the multi-scale and flip test is for semantic segmentation (ade20k)" in capsys.readouterr().err
     )
+
+    # m2f predict --tta writes the class map of predict_semantic_tta, which differs from the plain prediction's
+    # for random weights whose class and mask logits are scaled up (else the map is one class)
+    import torch
+
+    from m2f.engine.evaluate import build_checkpoint_model, load_config_for_checkpoint, predict_semantic_tta
+
+    metadata, _ = ckpt.read_header(checkpoint)
+    torch.manual_seed(1)
+    model = build_checkpoint_model(load_config_for_checkpoint(None, metadata, checkpoint), checkpoint).eval()
+    with torch.no_grad():
+        model.transformer_decoder.class_embed.weight.mul_(30)
+        model.transformer_decoder.mask_embed.layers[-1].weight.mul_(30)
+    random_weights = tmp_path / "random.safetensors"
+    ckpt.save_weights(random_weights, model, metadata)
+    image = next((Path(root) / "images" / "validation").glob("*.jpg"))
+    predict = ["predict", str(image), "--checkpoint", str(random_weights), "--out", str(tmp_path / "tta")]
+    assert main([*predict, "--tta"]) == 0
+    labels = np.array(Image.open(tmp_path / "tta" / f"{image.stem}.semantic_labels.png"))
+    pixels = torch.from_numpy(np.array(Image.open(image).convert("RGB")).transpose(2, 0, 1).copy())
+    expected = predict_semantic_tta(model, pixels, model.config, device=torch.device("cpu")).argmax(0)
+    assert np.array_equal(labels, expected.numpy())
+    assert main([*predict[:-1], str(tmp_path / "plain")]) == 0
+    plain = np.array(Image.open(tmp_path / "plain" / f"{image.stem}.semantic_labels.png"))
+    assert (plain != labels).any()
+    assert main([*predict, "--tta", "--task", "panoptic"]) == 2
+    assert "tta: the multi-scale and flip test is for the semantic task alone" in capsys.readouterr().err
 
 
 def test_train_out_that_is_a_file_is_refused(synthetic_root, tmp_path, capsys):

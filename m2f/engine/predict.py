@@ -10,7 +10,8 @@ an overlay PNG with a legend and the raw predictions:
   semantic  <stem>.semantic.png (overlay), <stem>.semantic_labels.png (class index per pixel, 8 or 16 bit)
 
 The model, its classes and the task come from the checkpoint's metadata (or --config for checkpoints that
-store none). Every file is written atomically; with --skip-existing an image whose files are all there is not
+store none). With --tta the semantic task runs Mask2Former's multi-scale and flip test (predict_semantic_tta).
+Every file is written atomically; with --skip-existing an image whose files are all there is not
 predicted again, so an interrupted run over many images continues where it stopped.
 """
 
@@ -35,6 +36,7 @@ from m2f.engine.evaluate import (
     load_config_for_checkpoint,
     postprocess,
     predict_masks,
+    predict_semantic_tta,
 )
 from m2f.files import (
     check_output_path,
@@ -146,11 +148,13 @@ def run_prediction(
     amp: str | None = None,
     score_threshold: float = 0.5,
     skip_existing: bool = False,
+    tta: bool = False,
 ) -> list[Path]:
     """Predicts every image and writes the files described in the module docstring; returns their paths.
 
     tasks defaults to the checkpoint config's task. skip_existing: an image whose files for every task
-    exist already is not predicted (its paths are still returned)."""
+    exist already is not predicted (its paths are still returned). tta: the semantic task (the only one
+    allowed then) by Mask2Former's multi-scale and flip test."""
 
     if isinstance(images, (str, os.PathLike)):
         raise TypeError(f"images must be a sequence of image paths, got the single path {str(images)!r}")
@@ -186,6 +190,10 @@ def run_prediction(
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"tasks must be among {TASKS}, got {unknown}")
+    if tta and tasks != ["semantic"]:
+        raise ValueError(
+            f"tta: the multi-scale and flip test is for the semantic task alone, got tasks {tasks}"
+        )
     out_dir = Path(out_dir)
     outputs = {
         path: [p for task in tasks for p in prediction_paths(task, out_dir / Path(path).stem)]
@@ -210,10 +218,15 @@ def run_prediction(
             written += existing
             continue
         image = read_image(path)
-        geometry = transform.get_geometry(*image.shape[:2])
-        resized = torch.from_numpy(np.ascontiguousarray(geometry.apply_image(image).transpose(2, 0, 1)))
-        mask_cls, mask_pred = predict_masks(model, resized, device=device, amp=amp)
-        predictions = postprocess(tasks, mask_cls, mask_pred, image.shape[:2], config, classes.things)
+        if tta:
+            pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            scores = predict_semantic_tta(model, pixels, config, device=device, amp=amp)
+            predictions = {"semantic": scores.argmax(0)}
+        else:
+            geometry = transform.get_geometry(*image.shape[:2])
+            resized = torch.from_numpy(np.ascontiguousarray(geometry.apply_image(image).transpose(2, 0, 1)))
+            mask_cls, mask_pred = predict_masks(model, resized, device=device, amp=amp)
+            predictions = postprocess(tasks, mask_cls, mask_pred, image.shape[:2], config, classes.things)
         for task, prediction in predictions.items():
             written += save_prediction(task, prediction, image, stem, classes, score_threshold)
     return written
