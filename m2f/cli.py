@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
 
     predict = commands.add_parser("predict", help="overlay PNGs and raw predictions for image files")
-    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("images", nargs="+", help="image files, or folders of them")
     predict.add_argument("--checkpoint", required=True, help="a .safetensors weights file")
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--config", help="default: the config stored in the checkpoint")

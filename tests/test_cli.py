@@ -433,6 +433,29 @@ def test_predict_refuses_images_whose_outputs_would_clash(trained_run, tmp_path,
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_predict_of_a_folder_predicts_the_images_in_it(trained_run, tmp_path, capsys):
+    """A folder stands for its image files (any case of the suffix, not in subfolders, not the files predict
+    writes there); a folder without images is refused."""
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    image = Image.new("RGB", (8, 8))
+    for name in ("b.JPG", "a.png", "sub/c.jpg", "old.panoptic.png"):
+        image.save(folder / name)
+    (folder / "notes.txt").write_text("x")
+    checkpoint = ["--checkpoint", str(trained_run / "model_final.safetensors"), "--device", "cpu"]
+    assert main(["predict", str(folder), *checkpoint, "--out", str(tmp_path / "out")]) == 0
+    assert "6 files" in capsys.readouterr().out  # 3 per image for a panoptic model
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.panoptic.json")) == [
+        "a.panoptic.json",
+        "b.panoptic.json",
+    ]
+    assert (
+        main(["predict", str(folder / "sub"), str(tmp_path / "out"), *checkpoint, "--out", str(tmp_path)])
+        == 2
+    )
+    assert f"folder {tmp_path / 'out'} holds no image file" in capsys.readouterr().err
+
+
 def test_predict_never_overwrites_its_inputs_and_runs_an_image_once(trained_run, tmp_path, capsys):
     """--out in the input folder, where an input is named like an output of another input, is refused; an
     image given twice (under two spellings) is predicted once."""

@@ -1,5 +1,5 @@
-"""`m2f predict IMAGES... --checkpoint F --out DIR`: runs a checkpoint on image files and writes, per image,
-an overlay PNG with a legend and the raw predictions:
+"""`m2f predict IMAGES... --checkpoint F --out DIR`: runs a checkpoint on image files (a folder: its images,
+expand_image_paths) and writes, per image, an overlay PNG with a legend and the raw predictions:
 
   panoptic  <stem>.panoptic.png (overlay), <stem>.panoptic_ids.png (COCO panoptic PNG, id = R + 256 G +
             256^2 B), <stem>.panoptic.json (segments_info as in COCO panoptic: id, category_id (the dataset's
@@ -53,6 +53,31 @@ PREDICTION_SUFFIXES = {
     "semantic": (".semantic.png", ".semantic_labels.png"),
 }
 TASKS = tuple(PREDICTION_SUFFIXES)
+# The files a folder given as input contributes (its prediction files left out).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def expand_image_paths(paths: Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
+    """Each folder in paths replaced by the image files directly in it (IMAGE_SUFFIXES, any case, sorted by
+    name), except the files this command writes; other paths kept as given. ValueError naming a folder
+    without images."""
+    expanded = []
+    for path in paths:
+        if not Path(path).is_dir():
+            expanded.append(path)
+            continue
+        ours = tuple(suffix for suffixes in PREDICTION_SUFFIXES.values() for suffix in suffixes)
+        files = sorted(
+            child
+            for child in Path(path).iterdir()
+            if child.is_file()
+            and child.suffix.lower() in IMAGE_SUFFIXES
+            and not child.name.lower().endswith(ours)
+        )
+        if not files:
+            raise ValueError(f"folder {path} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
+        expanded += files
+    return expanded
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -150,7 +175,8 @@ def run_prediction(
     skip_existing: bool = False,
     tta: bool = False,
 ) -> list[Path]:
-    """Predicts every image and writes the files described in the module docstring; returns their paths.
+    """Predicts every image (a folder among images: the image files in it) and writes the files described in
+    the module docstring; returns their paths.
 
     tasks defaults to the checkpoint config's task. skip_existing: an image whose files for every task
     exist already is not predicted (its paths are still returned). tta: the semantic task (the only one
@@ -158,9 +184,9 @@ def run_prediction(
 
     if isinstance(images, (str, os.PathLike)):
         raise TypeError(f"images must be a sequence of image paths, got the single path {str(images)!r}")
-    images = list(images)  # an iterator (e.g. Path.glob) is read once
+    images = expand_image_paths(list(images))  # an iterator (e.g. Path.glob) is read once
     if not images:
-        raise ValueError("images must name at least one image file")
+        raise ValueError("images must name at least one image file or folder")
     if not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
     missing = [str(p) for p in images if not Path(p).is_file()]
