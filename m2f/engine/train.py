@@ -645,17 +645,19 @@ class Trainer:
             summed = values.double() if summed is None else summed + values.double()
         return summed / len(micro_batches)
 
-    def optimizer_step(self, iteration: int) -> None:
-        """Clips the full-model gradient norm (fp16 gradients unscaled first), steps optimizer and scaler.
+    def largest_gradient(self) -> torch.Tensor | None:
+        """The largest |gradient| (0-dim, on the device), finite exactly when every gradient is (a 2-norm could
+        overflow); None with fp16's loss scaling, which skips a step whose gradients are not finite and lowers
+        the scale (without it, bf16 and float32, train() stops before such gradients reach the weights)."""
+        if self.scaler.is_enabled():
+            return None
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return (
+            torch.nn.utils.get_total_norm(grads, math.inf) if grads else torch.zeros((), device=self.device)
+        )
 
-        fp16's loss scaling skips a step whose gradients are not finite and lowers the scale; without it (bf16,
-        float32) such gradients raise FloatingPointError before they reach the weights."""
-        if not self.scaler.is_enabled():
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            # The largest |gradient|: finite exactly when every gradient is (a 2-norm could overflow).
-            largest = torch.nn.utils.get_total_norm(grads, math.inf) if grads else torch.zeros(())
-            if not torch.isfinite(largest):
-                self._stop(f"non-finite gradients at iteration {iteration + 1} (finite loss)")
+    def optimizer_step(self, iteration: int) -> None:
+        """Clips the full-model gradient norm (fp16 gradients unscaled first), steps optimizer and scaler."""
         if self.settings.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.settings.clip_grad_norm)
@@ -707,10 +709,17 @@ class Trainer:
                 except FloatingPointError as error:  # e.g. the matcher refusing NaN predictions
                     self._stop(f"non-finite predictions at iteration {iteration + 1}: {error}")
                 values = dist_utils.all_reduce_sum(values) / self.world_size
+                largest = self.largest_gradient()
+                if largest is not None:  # read with the losses: each read waits for the device
+                    values = torch.cat([values, largest.to(values)[None]])
                 values_list = values.tolist()
+                if largest is not None:
+                    largest = values_list.pop()
                 if not all(math.isfinite(v) for v in values_list):
                     terms = dict(zip(["total_loss", *self.loss_names], values_list))
                     self._stop(f"non-finite loss at iteration {iteration + 1}: {terms}")
+                if largest is not None and not math.isfinite(largest):
+                    self._stop(f"non-finite gradients at iteration {iteration + 1} (finite loss)")
                 self.optimizer_step(iteration)
                 done = iteration + 1
                 window_iters += 1

@@ -70,68 +70,67 @@ class Criterion(nn.Module):
         self._check_targets(outputs, targets)
         if num_masks is None:
             num_masks = self.average_num_masks(targets, outputs["pred_logits"].device)
-        target_masks = batch_target_masks(targets, outputs["pred_masks"].device)
+        device = outputs["pred_masks"].device
+        target_masks = batch_target_masks(targets, device)
+        target_labels = torch.cat([t["labels"].to(device, torch.int64) for t in targets])
         predictions = [outputs]
         if self.deep_supervision:
             predictions += outputs.get("aux_outputs", [])
         # Every prediction matched first: the matcher then waits for the device once, not once per prediction.
         all_indices = self.matcher.match_predictions(predictions, targets)
+        all_pairs = matched_pairs(all_indices, [len(t["labels"]) for t in targets], device)
         losses = {}
-        for i, (prediction, indices) in enumerate(zip(predictions, all_indices)):
+        for i, (prediction, pairs) in enumerate(zip(predictions, all_pairs)):
             suffix = "" if i == 0 else f"_{i - 1}"
             for key, value in self.layer_losses(
-                prediction, targets, indices, num_masks, target_masks
+                prediction, pairs, num_masks, target_labels, target_masks
             ).items():
                 losses[key + suffix] = value
         return losses
 
     def layer_losses(
-        self, outputs: dict, targets: list[dict], indices, num_masks: float, target_masks: torch.Tensor
+        self,
+        outputs: dict,
+        pairs: torch.Tensor,
+        num_masks: float,
+        target_labels: torch.Tensor,
+        target_masks: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Weighted loss_ce, loss_mask, loss_dice of one prediction matched by `indices` (the matcher's
-        answer for it); target_masks as batch_target_masks gives them."""
-        loss_ce = self.loss_labels(outputs["pred_logits"], targets, indices)
-        loss_mask, loss_dice = self.loss_masks(
-            outputs["pred_masks"], target_masks, targets, indices, num_masks
-        )
+        """Weighted loss_ce, loss_mask, loss_dice of one prediction whose matched pairs are `pairs` (as
+        matched_pairs gives them); target_labels (T,) and target_masks (T, H, W): every target of the batch,
+        image after image (batch_target_masks)."""
+        loss_ce = self.loss_labels(outputs["pred_logits"], pairs, target_labels)
+        loss_mask, loss_dice = self.loss_masks(outputs["pred_masks"], target_masks, pairs, num_masks)
         return {
             "loss_ce": self.class_weight * loss_ce,
             "loss_mask": self.mask_weight * loss_mask,
             "loss_dice": self.dice_weight * loss_dice,
         }
 
-    def loss_labels(self, pred_logits: torch.Tensor, targets: list[dict], indices) -> torch.Tensor:
+    def loss_labels(
+        self, pred_logits: torch.Tensor, pairs: torch.Tensor, target_labels: torch.Tensor
+    ) -> torch.Tensor:
         """Unweighted cross-entropy (mean weighted by class weights, as F.cross_entropy with `weight`)."""
         batch, num_queries, _ = pred_logits.shape
         device = pred_logits.device
         target_classes = torch.full((batch, num_queries), self.num_classes, dtype=torch.int64, device=device)
-        for b, (query_idx, target_idx) in enumerate(indices):
-            labels = targets[b]["labels"]
-            target_classes[b, query_idx.to(device)] = labels[target_idx.to(labels.device)].to(
-                device, torch.int64
-            )
+        image_idx, query_idx, target_idx = pairs
+        target_classes[image_idx, query_idx] = target_labels[target_idx]
         dtype = torch.promote_types(pred_logits.dtype, torch.float32)  # float64 stays float64 (gradcheck)
         weight = self.empty_weight.to(device, dtype)
         return F.cross_entropy(pred_logits.to(dtype).transpose(1, 2), target_classes, weight)
 
     def loss_masks(
-        self,
-        pred_masks: torch.Tensor,
-        target_masks: torch.Tensor,
-        targets: list[dict],
-        indices,
-        num_masks: float,
+        self, pred_masks: torch.Tensor, target_masks: torch.Tensor, pairs: torch.Tensor, num_masks: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unweighted (BCE, dice) of the matched masks on importance-sampled points, / num_masks. target_masks:
         every target mask of the batch (batch_target_masks)."""
-        batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
-        query_idx = torch.cat([q for q, _ in indices])
+        image_idx, query_idx, target_idx = pairs
         if query_idx.numel() == 0:
             # Linked to the graph without reading a value: sum(x) * 0 is NaN for an infinite x.
             zero = pred_masks[:0].float().sum()
             return zero, zero.clone()
-        device = pred_masks.device
-        matched_logits = pred_masks[batch_idx.to(device), query_idx.to(device)]  # (N, h, w)
+        matched_logits = pred_masks[image_idx, query_idx]  # (N, h, w)
         coords = m2f_kernels.sample_uncertain_points(
             matched_logits.detach(),
             self.num_points,
@@ -139,12 +138,6 @@ class Criterion(nn.Module):
             self.importance_sample_ratio,
             backend=self.backend,
         )
-        first_target = 0
-        target_idx = []
-        for target, (_, idx) in zip(targets, indices):
-            target_idx.append(idx.to(device) + first_target)
-            first_target += len(target["labels"])
-        target_idx = torch.cat(target_idx)
         if len(target_idx) < len(target_masks):  # fewer queries than targets somewhere
             return m2f_kernels.point_mask_loss(
                 matched_logits, target_masks[target_idx], coords, num_masks, backend=self.backend
@@ -160,12 +153,13 @@ class Criterion(nn.Module):
     def average_num_masks(targets: list[dict], device: torch.device, num_batches: int = 1) -> float:
         """Target masks per batch (`targets` holding num_batches batches), averaged over processes when
         torch.distributed is initialized; >= 1."""
-        num_masks = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+        num_masks = float(sum(len(t["labels"]) for t in targets))
         world_size = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(num_masks)
-            world_size = dist.get_world_size()
-        return max(num_masks.item() / (world_size * num_batches), 1.0)
+        if dist.is_available() and dist.is_initialized():  # one process alone reads no device value
+            total = torch.tensor(num_masks, device=device)
+            dist.all_reduce(total)
+            num_masks, world_size = total.item(), dist.get_world_size()
+        return max(num_masks / (world_size * num_batches), 1.0)
 
     def _check_targets(self, outputs: dict, targets: list[dict]) -> None:
         if not targets:
@@ -181,19 +175,56 @@ class Criterion(nn.Module):
                 )
             if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
                 raise TypeError(f"targets[{b}]['labels'] must be integer class indices, got {labels.dtype}")
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(
-                    f"targets[{b}]['labels'] must be in [0, {self.num_classes}), got {labels.tolist()}"
-                )
             if masks.dtype.is_complex:
                 raise TypeError(f"targets[{b}]['masks'] must be bool (or 0/1 values), got {masks.dtype}")
+        # The value ranges of the whole batch read in one copy: a read from the device waits for its queue.
+        device = targets[0]["labels"].device
+        ranges = []
+        for target in targets:
+            labels, masks = target["labels"], target["masks"]
+            label_range = (
+                torch.stack(torch.aminmax(labels)) if labels.numel() else torch.zeros(2, device=device)
+            )
+            mask_range = torch.tensor([0.0, 1.0], device=device)
             if masks.dtype != torch.bool and masks.numel():
-                low, high = torch.aminmax(masks)
-                if low < 0 or high > 1:
-                    raise ValueError(
-                        f"targets[{b}]['masks'] must be bool or hold values in [0, 1] (a 0/255 image is not a "
-                        f"mask), got values in [{low.item()}, {high.item()}]"
-                    )
+                mask_range = torch.stack(torch.aminmax(masks))
+            ranges.append(torch.cat([label_range.double().to(device), mask_range.double().to(device)]))
+        for b, (label_low, label_high, mask_low, mask_high) in enumerate(torch.stack(ranges).tolist()):
+            if label_low < 0 or label_high >= self.num_classes:
+                raise ValueError(
+                    f"targets[{b}]['labels'] must be in [0, {self.num_classes}), got {targets[b]['labels'].tolist()}"
+                )
+            if mask_low < 0 or mask_high > 1:
+                raise ValueError(
+                    f"targets[{b}]['masks'] must be bool or hold values in [0, 1] (a 0/255 image is not a "
+                    f"mask), got values in [{mask_low:g}, {mask_high:g}]"
+                )
+
+
+def matched_pairs(all_indices: list, target_counts: list[int], device: torch.device) -> list[torch.Tensor]:
+    """The matcher's answers for several predictions (each a list over images of (query indices, target
+    indices)) -> per prediction a (3, pairs) int64 tensor on device: image, query and target index of each
+    pair, the target index counting the batch's targets image after image; pairs image after image.
+
+    All predictions' pairs reach the device in one copy, from pinned memory on a GPU so that the host does not
+    wait for the device there (a copy from pageable memory waits for all the queued work, once per tensor).
+    """
+    offsets = [sum(target_counts[:b]) for b in range(len(target_counts))]
+    per_prediction = []
+    for indices in all_indices:
+        columns = [
+            torch.stack([torch.full_like(query_idx, b), query_idx, target_idx + offsets[b]]).long()
+            for b, (query_idx, target_idx) in enumerate(indices)
+        ]
+        per_prediction.append(torch.cat(columns, dim=1) if columns else torch.zeros(3, 0, dtype=torch.int64))
+    if not per_prediction:
+        return []
+    flat = torch.cat(per_prediction, dim=1)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    return list(flat.split([pairs.shape[1] for pairs in per_prediction], dim=1))
 
 
 def batch_target_masks(targets: list[dict], device: torch.device) -> torch.Tensor:

@@ -424,6 +424,26 @@ def test_non_finite_gradients_never_reach_the_weights(tmp_path, amp, clip):
     assert all(torch.isfinite(t).all() for t in trainer.module.state_dict().values())
 
 
+def test_a_training_step_reads_the_device_once(tmp_path, monkeypatch):
+    """The losses and the largest gradient (checked before the step) reach the host in one read per
+    iteration: on a GPU each read waits for the queued work."""
+    import sys
+
+    reads = []
+    for name in ("cpu", "tolist", "item", "numpy", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _name=name, _real=real, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.endswith("m2f/engine/train.py") and caller.co_name != "index_at":
+                reads.append(f"{caller.co_name}: {_name}")  # index_at: the sampler's host permutation
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    make_trainer(tmp_path, max_iters=4, checkpoint_period=100).train()
+    assert reads == ["train: tolist"] * 4
+
+
 def test_huge_finite_gradients_are_not_taken_for_infinite_ones(tmp_path):
     """Gradients of 1e20 (a sum of squares beyond float32) are finite: the step is taken."""
 

@@ -138,6 +138,55 @@ def test_the_cost_matrices_of_every_layer_reach_the_host_in_one_copy(host_copies
     assert host_copies == [(3 * (6 * 2 + 6 * 3),)]
 
 
+def test_outside_the_matcher_a_criterion_call_reads_the_device_once(host_reads, monkeypatch):
+    """For the targets' value ranges (labels, 0/1 masks), with three predictions of two images and float masks;
+    the mask count of one process is not read back, nor the matched pairs. (The matcher copies its costs to
+    the host once, test_the_cost_matrices_of_every_layer_reach_the_host_in_one_copy, and works there.)"""
+    outputs, targets = make_batch(torch.Generator().manual_seed(0))
+    criterion = make_criterion()
+    real_match = criterion.matcher.match_predictions
+
+    def match_uncounted(*args, **kwargs):
+        before = len(host_reads)
+        indices = real_match(*args, **kwargs)
+        del host_reads[before:]
+        return indices
+
+    monkeypatch.setattr(criterion.matcher, "match_predictions", match_uncounted)
+    criterion(outputs, [{**t, "masks": t["masks"].float()} for t in targets])
+    assert host_reads == ["tolist"]
+
+
+def test_matched_pairs_of_several_predictions_in_one_copy(monkeypatch):
+    """Image, query and target index (counting the batch's targets) per pair, image after image, for each
+    prediction, moved to the device by one Tensor.to."""
+    from m2f.losses.criterion import matched_pairs
+
+    long = lambda *values: torch.tensor(values, dtype=torch.int64)
+    all_indices = [
+        [
+            (long(4, 1), long(0, 2)),
+            (
+                long(
+                    3,
+                ),
+                long(
+                    1,
+                ),
+            ),
+        ],
+        [(long(), long()), (long(0, 5), long(1, 0))],
+    ]
+    calls = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(a) or real_to(self, *a, **k))
+    first, second = matched_pairs(all_indices, [3, 2], torch.device("cpu"))
+    assert len(calls) == 1
+    assert first.tolist() == [[0, 0, 1], [4, 1, 3], [0, 2, 4]]
+    assert second.tolist() == [[1, 1], [0, 5], [4, 3]]
+    assert matched_pairs([], [3, 2], torch.device("cpu")) == []
+
+
 def test_more_targets_than_queries_match_unfused_computation(monkeypatch):
     """Some targets unmatched (2 queries, 3 targets): the matched targets are gathered in matching order."""
     g = torch.Generator().manual_seed(3)
