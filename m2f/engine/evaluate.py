@@ -56,6 +56,7 @@ def predict_masks(
     As detectron2's Mask2Former: the image is padded to the model's size divisibility (with the pixel mean,
     0 after normalization), and the masks, at 1/4 of the padded size, are upsampled to it and then cropped.
     """
+    from m2f.models.padding import padded_size
     from m2f.models.postprocess import resize_masks
 
     if amp not in (None, *AMP_DTYPES):
@@ -77,14 +78,14 @@ def predict_masks(
         raise ValueError(f"image must be a (3, h, w) uint8 tensor (RGB, 0..255), got {described}")
     height, width = image.shape[-2:]
     divisibility = model.size_divisibility
-    padded_size = (-(-height // divisibility) * divisibility, -(-width // divisibility) * divisibility)
-    padded = model.pixel_mean.to(device).expand(1, 3, *padded_size).clone()
+    padded_shape = (padded_size(height, divisibility), padded_size(width, divisibility))
+    padded = model.pixel_mean.to(device).expand(1, 3, *padded_shape).clone()
     padded[..., :height, :width] = image.to(device)
     amp_dtype = AMP_DTYPES.get(amp)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         outputs = model(padded)
     pred_masks = outputs["pred_masks"].float()
-    mask_pred = resize_masks(pred_masks, padded_size, (height, width), (height, width))[0]
+    mask_pred = resize_masks(pred_masks, padded_shape, (height, width), (height, width))[0]
     return outputs["pred_logits"][0].float(), mask_pred
 
 
