@@ -55,6 +55,7 @@ PREDICTION_SUFFIXES = {
 TASKS = tuple(PREDICTION_SUFFIXES)
 # The files a folder given as input contributes (its prediction files left out).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+_PREDICTION_FILE_SUFFIXES = tuple(suffix for suffixes in PREDICTION_SUFFIXES.values() for suffix in suffixes)
 
 
 def expand_image_paths(paths: Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
@@ -66,13 +67,12 @@ def expand_image_paths(paths: Sequence[str | os.PathLike]) -> list[str | os.Path
         if not Path(path).is_dir():
             expanded.append(path)
             continue
-        ours = tuple(suffix for suffixes in PREDICTION_SUFFIXES.values() for suffix in suffixes)
         files = sorted(
             child
             for child in Path(path).iterdir()
             if child.is_file()
             and child.suffix.lower() in IMAGE_SUFFIXES
-            and not child.name.lower().endswith(ours)
+            and not child.name.lower().endswith(_PREDICTION_FILE_SUFFIXES)
         )
         if not files:
             raise ValueError(f"folder {path} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
