@@ -112,6 +112,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         score_threshold=args.score_threshold,
         skip_existing=args.skip_existing,
         tta=args.tta,
+        coco_results=args.coco_results,
     )
     print(f"{len(written)} files in {args.out}")
     return 0
@@ -311,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta",
         action="store_true",
         help="the semantic task with Mask2Former's multi-scale (0.5-1.75 x the test size) and flip test",
+    )
+    predict.add_argument(
+        "--coco-results",
+        metavar="IMAGES_JSON",
+        help="also write COCO results files (panoptic_results.json, instances_results.json) for the images a "
+        "COCO JSON lists (e.g. image_info_test-dev2017.json): only those among the inputs are predicted, and "
+        "all must be there",
     )
     _add_device(predict)
     predict.set_defaults(func=cmd_predict)

@@ -1035,3 +1035,102 @@ def test_predict_writes_each_task_once_and_checks_the_score_threshold(trained_ru
     assert "2 files" in capsys.readouterr().out  # the overlay and the label map, once
     assert main([*args, "--score-threshold", "nan"]) == 2
     assert "score_threshold must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_predict_coco_results_score_as_m2f_eval_does(synthetic_root, tmp_path, capsys):
+    """The results files of `m2f predict --coco-results` give, in panopticapi's pq_compute and pycocotools'
+    COCOeval, the PQ and mask AP `m2f eval` computes; only the listed images are predicted, and a run resumed
+    with --skip-existing writes the same files."""
+    from panopticapi.evaluation import pq_compute
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    run = tmp_path / "run"  # trained long enough that PQ and AP are above 0 on its training images
+    assert main(train_args(synthetic_root, run, 80)) == 0
+    checkpoint = run / "model_final.safetensors"
+    evaluated = {}
+    for dataset in ("coco-panoptic", "coco-instance"):
+        output = tmp_path / f"{dataset}.json"
+        args = eval_args(checkpoint, synthetic_root, output)
+        assert main([*args, "--dataset", dataset, "--split", "train"]) == 0
+        evaluated[dataset] = json.loads(output.read_text())
+    annotations = synthetic_root / "annotations"
+    out = tmp_path / "predictions"
+    args = ["predict", str(synthetic_root / "train2017"), str(synthetic_root / "val2017")]
+    args += ["--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu"]
+    args += ["--task", "panoptic", "--task", "instance"]
+    args += ["--coco-results", str(annotations / "panoptic_train2017.json")]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert not list(out.glob("0000001*"))  # the val images are not listed
+
+    panoptic = json.loads((out / "panoptic_results.json").read_text())
+    assert sorted(a["image_id"] for a in panoptic["annotations"]) == [1, 2, 3, 4]
+    pq = pq_compute(
+        str(annotations / "panoptic_train2017.json"),
+        str(out / "panoptic_results.json"),
+        str(annotations / "panoptic_train2017"),
+        str(out),
+    )
+    assert evaluated["coco-panoptic"]["PQ"] > 0
+    assert pq["All"]["pq"] * 100 == pytest.approx(evaluated["coco-panoptic"]["PQ"], abs=1e-9)
+    assert pq["Things"]["pq"] * 100 == pytest.approx(evaluated["coco-panoptic"]["PQ_th"], abs=1e-9)
+
+    ground_truth = COCO(str(annotations / "instances_train2017.json"))
+    coco_eval = COCOeval(ground_truth, ground_truth.loadRes(str(out / "instances_results.json")), "segm")
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    assert evaluated["coco-instance"]["segm"]["AP"] > 0
+    assert coco_eval.stats[0] * 100 == pytest.approx(evaluated["coco-instance"]["segm"]["AP"], abs=1e-9)
+    assert coco_eval.stats[1] * 100 == pytest.approx(evaluated["coco-instance"]["segm"]["AP50"], abs=1e-9)
+
+    results = {
+        name: (out / name).read_bytes() for name in ("panoptic_results.json", "instances_results.json")
+    }
+    (out / "000000000002.instances.npz").unlink()  # as if the run had stopped there
+    (out / "panoptic_results.json").unlink()
+    assert main([*args, "--skip-existing"]) == 0
+    assert {name: (out / name).read_bytes() for name in results} == results
+
+
+def test_predict_coco_results_bad_input_is_one_clear_line(synthetic_root, trained_run, tmp_path, capsys):
+    checkpoint = trained_run / "model_final.safetensors"
+    images_json = synthetic_root / "annotations" / "panoptic_train2017.json"
+    base = ["predict", str(synthetic_root / "train2017"), "--out", str(tmp_path / "out"), "--device", "cpu"]
+
+    one_image = ["predict", str(next((synthetic_root / "train2017").glob("*.jpg")))]
+    assert (
+        main([*one_image, *base[2:], "--checkpoint", str(checkpoint), "--coco-results", str(images_json)])
+        == 2
+    )
+    assert (
+        f"3 images that {images_json} lists are not among the inputs: 000000000002.jpg"
+        in capsys.readouterr().err
+    )
+
+    no_categories = demo_checkpoint(tmp_path / "random.safetensors")
+    assert main([*base, "--checkpoint", str(no_categories), "--coco-results", str(images_json)]) == 2
+    assert "stores no dataset category ids" in capsys.readouterr().err
+
+    semantic = [
+        *base,
+        "--checkpoint",
+        str(checkpoint),
+        "--task",
+        "semantic",
+        "--coco-results",
+        str(images_json),
+    ]
+    assert main(semantic) == 2
+    assert "COCO results files are for the panoptic and instance tasks" in capsys.readouterr().err
+
+    malformed = tmp_path / "images.json"
+    malformed.write_text(json.dumps({"images": [{"id": "1", "file_name": "000000000001.jpg"}]}))
+    assert main([*base, "--checkpoint", str(checkpoint), "--coco-results", str(malformed)]) == 2
+    assert f'{malformed}: "images" must be a list of' in capsys.readouterr().err
+    twice = {"images": [{"id": 1, "file_name": "a/x.jpg"}, {"id": 2, "file_name": "b/x.jpg"}]}
+    malformed.write_text(json.dumps(twice))
+    assert main([*base, "--checkpoint", str(checkpoint), "--coco-results", str(malformed)]) == 2
+    assert "the file name 'x.jpg' is listed twice" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -12,7 +12,8 @@ expand_image_paths) and writes, per image, an overlay PNG with a legend and the 
 The model, its classes and the task come from the checkpoint's metadata (or --config for checkpoints that
 store none). With --tta the semantic task runs Mask2Former's multi-scale and flip test (predict_semantic_tta).
 Every file is written atomically; with --skip-existing an image whose files are all there is not
-predicted again, so an interrupted run over many images continues where it stopped.
+predicted again, so an interrupted run over many images continues where it stopped. With --coco-results
+IMAGES_JSON the COCO results files of the panoptic and instance tasks are written as well (coco_results.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from PIL import Image
 
 from m2f import visualize
 from m2f.engine import checkpoint as ckpt
+from m2f.engine import coco_results as results_files
 from m2f.engine import distributed as dist_utils
 from m2f.engine.evaluate import (
     build_checkpoint_model,
@@ -174,13 +176,16 @@ def run_prediction(
     score_threshold: float = 0.5,
     skip_existing: bool = False,
     tta: bool = False,
+    coco_results: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Predicts every image (a folder among images: the image files in it) and writes the files described in
     the module docstring; returns their paths.
 
     tasks defaults to the checkpoint config's task. skip_existing: an image whose files for every task
     exist already is not predicted (its paths are still returned). tta: the semantic task (the only one
-    allowed then) by Mask2Former's multi-scale and flip test."""
+    allowed then) by Mask2Former's multi-scale and flip test. coco_results: a COCO JSON whose "images" name
+    the images to predict among the inputs (all must be there) and their ids; the COCO results file of each
+    panoptic and instance task is written too (m2f.engine.coco_results)."""
 
     if isinstance(images, (str, os.PathLike)):
         raise TypeError(f"images must be a sequence of image paths, got the single path {str(images)!r}")
@@ -192,6 +197,9 @@ def run_prediction(
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise ValueError(f"image files not found: {', '.join(missing)}")
+    if coco_results is not None:
+        image_ids = results_files.read_image_ids(coco_results)
+        images = results_files.listed_images(images, image_ids, coco_results)
     check_output_path(out_dir, "out", folder=True)
     images = list({Path(path).resolve(): path for path in images}.values())  # a file given twice runs once
     files_by_stem: dict[str, set[Path]] = {}
@@ -220,6 +228,16 @@ def run_prediction(
         raise ValueError(
             f"tta: the multi-scale and flip test is for the semantic task alone, got tasks {tasks}"
         )
+    if coco_results is not None:
+        if not set(tasks) & set(results_files.RESULTS_FILES):
+            raise ValueError(
+                f"coco_results: COCO results files are for the panoptic and instance tasks, got {tasks}"
+            )
+        if classes.category_ids is None:
+            raise ValueError(
+                f"coco_results: {checkpoint} stores no dataset category ids (a trained checkpoint does; convert "
+                "with --classes <COCO annotation JSON>)"
+            )
     out_dir = Path(out_dir)
     outputs = {
         path: [p for task in tasks for p in prediction_paths(task, out_dir / Path(path).stem)]
@@ -234,7 +252,12 @@ def run_prediction(
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     # What a killed earlier prediction of these images left half-written.
-    remove_stale_temporaries(out_dir, tuple(p.name for paths in outputs.values() for p in paths))
+    written_names = [p.name for paths in outputs.values() for p in paths]
+    if coco_results is not None:
+        written_names += [
+            results_files.RESULTS_FILES[task] for task in tasks if task in results_files.RESULTS_FILES
+        ]
+    remove_stale_temporaries(out_dir, tuple(written_names))
     transform = inference_transform(config)
     written = []
     for path in images:
@@ -255,4 +278,7 @@ def run_prediction(
             predictions = postprocess(tasks, mask_cls, mask_pred, image.shape[:2], config, classes.things)
         for task, prediction in predictions.items():
             written += save_prediction(task, prediction, image, stem, classes, score_threshold)
+    if coco_results is not None:
+        stem_ids = {Path(path).stem: image_ids[Path(path).name] for path in images}
+        written += results_files.write_coco_results(tasks, out_dir, stem_ids, classes.category_ids)
     return written
