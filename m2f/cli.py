@@ -114,7 +114,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         tta=args.tta,
         coco_results=args.coco_results,
     )
-    print(f"{len(written)} files in {args.out}")
+    from m2f.engine.distributed import is_main_process
+
+    if is_main_process():
+        print(f"{len(written)} files in {args.out}")
     return 0
 
 
@@ -291,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
-    predict = commands.add_parser("predict", help="overlay PNGs and raw predictions for image files")
+    predict = commands.add_parser(
+        "predict", help="overlay PNGs and raw predictions for image files (torchrun shares them out)"
+    )
     predict.add_argument("images", nargs="+", help="image files, or folders of them")
     predict.add_argument("--checkpoint", required=True, help="a .safetensors weights file")
     predict.add_argument("--out", required=True, help="output folder")

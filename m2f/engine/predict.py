@@ -12,7 +12,8 @@ expand_image_paths) and writes, per image, an overlay PNG with a legend and the 
 The model, its classes and the task come from the checkpoint's metadata (or --config for checkpoints that
 store none). With --tta the semantic task runs Mask2Former's multi-scale and flip test (predict_semantic_tta).
 Every file is written atomically; with --skip-existing an image whose files are all there is not
-predicted again, so an interrupted run over many images continues where it stopped. With --coco-results
+predicted again, so an interrupted run over many images continues where it stopped. Under torchrun the
+ranks share the images. With --coco-results
 IMAGES_JSON the COCO results files of the panoptic and instance tasks are written as well (coco_results.py).
 """
 
@@ -84,11 +85,14 @@ def expand_image_paths(paths: Sequence[str | os.PathLike]) -> list[str | os.Path
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """(H, W, 3) uint8 RGB with the EXIF orientation applied; ValueError naming the file if unreadable."""
+    from m2f.data.common import DatasetError
     from m2f.data.common import read_image as read_rgb
 
     try:
         return read_rgb(str(path))
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+    except DatasetError as error:  # its message names the file; PIL's, its cause, says what is wrong
+        raise ValueError(f"cannot read image {path}: {error.__cause__ or error}") from error
+    except (OSError, ValueError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
@@ -179,7 +183,8 @@ def run_prediction(
     coco_results: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Predicts every image (a folder among images: the image files in it) and writes the files described in
-    the module docstring; returns their paths.
+    the module docstring; returns their paths. Under torchrun each rank predicts every world_size-th image
+    and rank 0 writes the results files.
 
     tasks defaults to the checkpoint config's task. skip_existing: an image whose files for every task
     exist already is not predicted (its paths are still returned). tta: the semantic task (the only one
@@ -212,7 +217,8 @@ def run_prediction(
             + "; ".join(" and ".join(files) for files in clashes)
             + " (predict them into separate --out folders)"
         )
-    device = dist_utils.pick_device(device)
+    device = dist_utils.init_distributed(device)
+    rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
     metadata, shapes = ckpt.read_header(checkpoint)
     config = load_config_for_checkpoint(config_name, metadata, checkpoint)
     num_classes = ckpt.class_head_classes(shapes)
@@ -251,34 +257,46 @@ def run_prediction(
     load_checkpoint_weights(model, checkpoint, metadata)
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    # What a killed earlier prediction of these images left half-written.
-    written_names = [p.name for paths in outputs.values() for p in paths]
+    results_paths = []
     if coco_results is not None:
-        written_names += [
-            results_files.RESULTS_FILES[task] for task in tasks if task in results_files.RESULTS_FILES
+        results_paths = [
+            out_dir / results_files.RESULTS_FILES[t] for t in tasks if t in results_files.RESULTS_FILES
         ]
-    remove_stale_temporaries(out_dir, tuple(written_names))
+    if rank == 0:  # what a killed earlier prediction of these images left half-written
+        written_names = [p.name for paths in outputs.values() for p in paths] + [
+            p.name for p in results_paths
+        ]
+        remove_stale_temporaries(out_dir, tuple(written_names))
+    dist_utils.barrier()  # before any rank writes a temporary file
     transform = inference_transform(config)
-    written = []
-    for path in images:
-        stem = out_dir / Path(path).stem
-        existing = outputs[path]
-        if skip_existing and all(p.exists() for p in existing):
-            written += existing
-            continue
-        image = read_image(path)
-        if tta:
-            pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-            scores = predict_semantic_tta(model, pixels, config, device=device, amp=amp)
-            predictions = {"semantic": scores.argmax(0)}
-        else:
-            geometry = transform.get_geometry(*image.shape[:2])
-            resized = torch.from_numpy(np.ascontiguousarray(geometry.apply_image(image).transpose(2, 0, 1)))
-            mask_cls, mask_pred = predict_masks(model, resized, device=device, amp=amp)
-            predictions = postprocess(tasks, mask_cls, mask_pred, image.shape[:2], config, classes.things)
-        for task, prediction in predictions.items():
-            written += save_prediction(task, prediction, image, stem, classes, score_threshold)
-    if coco_results is not None:
+    problem = None
+    try:
+        for path in images[rank::world_size]:
+            existing = outputs[path]
+            if skip_existing and all(p.exists() for p in existing):
+                continue
+            image = read_image(path)
+            if tta:
+                pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+                scores = predict_semantic_tta(model, pixels, config, device=device, amp=amp)
+                predictions = {"semantic": scores.argmax(0)}
+            else:
+                geometry = transform.get_geometry(*image.shape[:2])
+                resized = torch.from_numpy(
+                    np.ascontiguousarray(geometry.apply_image(image).transpose(2, 0, 1))
+                )
+                mask_cls, mask_pred = predict_masks(model, resized, device=device, amp=amp)
+                predictions = postprocess(tasks, mask_cls, mask_pred, image.shape[:2], config, classes.things)
+            for task, prediction in predictions.items():
+                save_prediction(task, prediction, image, out_dir / Path(path).stem, classes, score_threshold)
+    except (ValueError, OSError) as error:  # e.g. an unreadable image
+        problem = error
+    # Every rank stops when one fails, instead of the others waiting for it in a collective.
+    problems = [p for p in dist_utils.all_gather_object(problem) if p is not None]
+    if problems:
+        raise problems[0]
+    if coco_results is not None and rank == 0:
         stem_ids = {Path(path).stem: image_ids[Path(path).name] for path in images}
-        written += results_files.write_coco_results(tasks, out_dir, stem_ids, classes.category_ids)
-    return written
+        results_files.write_coco_results(tasks, out_dir, stem_ids, classes.category_ids)
+    dist_utils.barrier()
+    return [p for path in images for p in outputs[path]] + results_paths

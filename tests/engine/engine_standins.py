@@ -217,6 +217,42 @@ def real_model_ddp_worker(rank: int, world_size: int, port: int, data_root: str,
         distributed.cleanup()
 
 
+def predict_ddp_worker(
+    rank: int, world_size: int, port: int, images: list[str], checkpoint: str, images_json: str, out: str
+) -> None:
+    """One rank of `m2f predict`'s code path (panoptic and instance, with the COCO results of the images
+    images_json lists) under gloo DDP when world_size > 1. Writes <out>.rank<rank>.json: the paths returned or
+    the ValueError raised, and the number of images this rank predicted."""
+    import json
+
+    from m2f.engine import distributed, predict
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
+    os.environ.update(WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    predicted = []
+    predict_masks = predict.predict_masks
+    predict.predict_masks = lambda *args, **kwargs: predicted.append(1) or predict_masks(*args, **kwargs)
+    report = {"predicted": 0}
+    try:
+        written = predict.run_prediction(
+            images,
+            checkpoint,
+            out,
+            tasks=["panoptic", "instance"],
+            device="cpu",
+            coco_results=images_json,
+        )
+        report["written"] = sorted(map(str, written))
+    except ValueError as error:
+        report["error"] = str(error)
+    finally:
+        report["predicted"] = len(predicted)
+        distributed.cleanup()
+    with open(f"{out}.rank{rank}.json", "w") as f:
+        json.dump(report, f)
+
+
 class OracleModel(nn.Module):
     """Answers each forward with the ground truth of the next queued image: one confident query per segment
     (class logit 10) whose mask logits are +-20 on the ground-truth mask, the other queries "no object"."""

@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -11,6 +13,7 @@ from engine_standins import (
     late_import_ddp_worker,
     make_trainer,
     nan_after_checkpoint_ddp_worker,
+    predict_ddp_worker,
     real_model_ddp_worker,
 )
 
@@ -72,6 +75,59 @@ def test_demo_tiny_trains_under_two_process_ddp(tmp_path):
     assert ckpt.find_last_checkpoint(out).name == "model_0000002.safetensors"
     state = ckpt.load_training_state(out / "model_0000002.safetensors")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+def run_predict_workers(world_size: int, images: list[str], checkpoint, images_json, out) -> list[dict]:
+    args = (world_size, free_port(), images, str(checkpoint), str(images_json), str(out))
+    mp.spawn(predict_ddp_worker, args=args, nprocs=world_size, join=True)
+    return [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in range(world_size)]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_predict_under_two_process_ddp_shares_the_images(tmp_path):
+    """Each rank predicts half of the images; the files, results files included, are those of one process,
+    and every rank returns all their paths. An image one rank cannot read stops both ranks with its error."""
+    from m2f.data import make_synthetic
+    from m2f.engine.evaluate import build_checkpoint_model, load_config_for_checkpoint
+    from m2f.engine.train import run_training
+
+    data = Path(make_synthetic(str(tmp_path / "data"), num_train=3, num_val=2, image_size=64))
+    run = tmp_path / "run"
+    run_training(
+        "demo-tiny", data, run, max_iters=1, batch_size=2, image_size=64, num_workers=0, progress=False
+    )
+    metadata, _ = ckpt.read_header(run / "model_final.safetensors")
+    model = build_checkpoint_model(
+        load_config_for_checkpoint(None, metadata, run), run / "model_final.safetensors"
+    )
+    with torch.no_grad():  # confident enough for panoptic segments
+        model.transformer_decoder.class_embed.weight.mul_(30)
+        model.transformer_decoder.mask_embed.layers[-1].weight.mul_(30)
+    checkpoint = tmp_path / "confident.safetensors"
+    ckpt.save_weights(checkpoint, model, metadata)
+    images = sorted(map(str, (data / "train2017").glob("*.jpg")))
+    images_json = data / "annotations" / "panoptic_train2017.json"
+
+    single = run_predict_workers(1, images, checkpoint, images_json, tmp_path / "single")
+    shared = run_predict_workers(2, images, checkpoint, images_json, tmp_path / "shared")
+    assert [report["predicted"] for report in single] == [3]
+    assert [report["predicted"] for report in shared] == [2, 1]
+    files = {p.name: p.read_bytes() for p in (tmp_path / "single").iterdir()}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "shared").iterdir()} == files
+    panoptic = json.loads(files["panoptic_results.json"])["annotations"]
+    assert sorted(a["image_id"] for a in panoptic) == [1, 2, 3] and any(a["segments_info"] for a in panoptic)
+    assert {result["image_id"] for result in json.loads(files["instances_results.json"])} == {1, 2, 3}
+    for report in shared:
+        assert report["written"] == [p.replace("single", "shared") for p in single[0]["written"]]
+
+    broken = tmp_path / "images" / Path(images[1]).name
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a JPEG")
+    reports = run_predict_workers(
+        2, [images[0], str(broken), images[2]], checkpoint, images_json, tmp_path / "b"
+    )
+    message = f"cannot read image {broken}: cannot identify image file '{broken}'"
+    assert [report["error"] for report in reports] == [message] * 2
 
 
 def test_pick_device_names_a_missing_gpu(monkeypatch):
