@@ -2,7 +2,8 @@
 random init), the same transformers model with `patch_transformers` (its deformable and masked attention
 on our ops) and m2f with backend="torch" (the PyTorch reference ops), in the same run.
 
-GPU: training step (forward + loss + backward, bf16 autocast) at 1024 x 1024, batch 2, with peak memory;
+GPU: training step (forward + loss + backward, bf16 autocast) at 1024 x 1024, batch 2, with peak memory (m2f
+also with Mask2Former.set_grad_checkpointing);
 inference images/s at 800 x 1333, batch 1. CPU: inference only at 256 x 256, batch 1 (seconds per image).
 
     pytest benchmarks/bench_model.py -s
@@ -169,8 +170,9 @@ def test_model_training_step(bench, device):
     targets = _targets(TRAIN_BATCH, TRAIN_SIZE, config.num_classes, device)
     params = {"config": CONFIG, "height": TRAIN_SIZE[0], "width": TRAIN_SIZE[1], "batch": TRAIN_BATCH}
 
-    def ours_step(backend: str):
+    def ours_step(backend: str, grad_checkpointing: bool = False):
         model = build_model(CONFIG, backend=backend).to(device).train()
+        model.set_grad_checkpointing(grad_checkpointing)
         criterion = build_criterion(config, backend=backend)
 
         def fn():
@@ -196,6 +198,7 @@ def test_model_training_step(bench, device):
 
     for name, fn in (
         ("m2f", ours_step("auto")),
+        ("m2f grad checkpointing", ours_step("auto", grad_checkpointing=True)),
         ("m2f backend=torch", ours_step("torch")),
         ("transformers", hf_step(hf)),
         ("transformers patched", hf_step(_patched_copy(hf))),

@@ -68,6 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         validate=not args.no_validate,
+        grad_checkpointing=args.grad_checkpointing,
     )
     from m2f.engine.distributed import is_main_process
 
@@ -227,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="crop size: LSJ's, or the semantic recipe's and then its test size too (default: the config's)",
     )
     train.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps")
+    train.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute the backbone's and pixel decoder's activations in the backward pass: less memory, "
+        "the same gradients, for one more forward pass of those parts",
+    )
     train.add_argument(
         "--num-workers", type=_non_negative_int, default=4, help="data loader processes per rank"
     )

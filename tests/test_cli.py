@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from m2f.cli import main
@@ -1134,3 +1135,43 @@ def test_predict_coco_results_bad_input_is_one_clear_line(synthetic_root, traine
     assert main([*base, "--checkpoint", str(checkpoint), "--coco-results", str(malformed)]) == 2
     assert "the file name 'x.jpg' is listed twice" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_train_grad_checkpointing(synthetic_root, tmp_path, capsys, monkeypatch):
+    """The same weights after a step as without; refused before the data is read for a backbone whose
+    BatchNorm layers update running statistics (demo-tiny's)."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    import m2f
+    from m2f.engine import train
+    from m2f.models.mask2former import Mask2Former
+
+    config = m2f.get_config("demo-tiny")
+    config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, frozen_batchnorm=True))
+    calls = []
+    set_grad_checkpointing = Mask2Former.set_grad_checkpointing
+    monkeypatch.setattr(
+        Mask2Former,
+        "set_grad_checkpointing",
+        lambda model, enable=True: calls.append(enable) or set_grad_checkpointing(model, enable),
+    )
+    weights = {}
+    for enable in (False, True):
+        out = tmp_path / f"run-{enable}"
+        options = dict(max_iters=1, batch_size=2, image_size=64, num_workers=0, device="cpu", progress=False)
+        train.run_training(config, synthetic_root, out, grad_checkpointing=enable, **options)
+        weights[enable] = load_file(str(out / "model_final.safetensors"))
+    assert calls == [False, True]
+    assert weights[True].keys() == weights[False].keys()
+    for name, tensor in weights[False].items():
+        torch.testing.assert_close(weights[True][name], tensor, msg=name)
+
+    monkeypatch.setattr(train, "build_dataset", lambda *a, **k: pytest.fail("the data was read"))
+    args = [*train_args(synthetic_root, tmp_path / "refused", 1), "--grad-checkpointing"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert (
+        "grad checkpointing: backbone 'test_resnet' has BatchNorm layers" in error and error.count("\n") == 1
+    )

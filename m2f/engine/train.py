@@ -866,6 +866,7 @@ def run_training(
     seed: int = 0,
     progress: bool = True,
     validate: bool = True,
+    grad_checkpointing: bool = False,
 ) -> Path:
     """Trains a config (name or m2f.config.ModelConfig) on the train split of data_root, optionally evaluating
     on the val split every eval_period iterations and at the end; returns the final weights path. Works under
@@ -876,7 +877,8 @@ def run_training(
     split when evaluating) before training: annotations, categories and image files, not the PNGs' pixels.
     init_weights: an m2f model checkpoint (.safetensors, e.g. `m2f convert`'s) to start from, for fine-tuning;
     its class head is kept when it has the dataset's number of classes, else initialized afresh. Any other
-    difference from the config's model is refused. A resumed checkpoint takes precedence."""
+    difference from the config's model is refused. A resumed checkpoint takes precedence.
+    grad_checkpointing: Mask2Former.set_grad_checkpointing (less activation memory, the same gradients)."""
     from m2f.config import ModelConfig, get_config
     from m2f.data import LSJ, SemanticAugmentation, collate
     from m2f.losses import build_criterion
@@ -898,6 +900,11 @@ def run_training(
             init_classes = ckpt.class_head_classes(ckpt.read_header(init_weights)[1])
         except ckpt.CheckpointError as error:
             raise ckpt.CheckpointError(f"init_weights: {error}") from None
+    if grad_checkpointing:  # refused before the data is read when the backbone cannot have it
+        from m2f.models.backbone import Backbone
+
+        with torch.device("meta"):
+            Backbone(config.backbone).set_grad_checkpointing(True)
     if image_size is not None:
         config = dataclasses.replace(config, solver=dataclasses.replace(config.solver, image_size=image_size))
     device = dist_utils.init_distributed(device)
@@ -952,6 +959,7 @@ def run_training(
     )
     torch.manual_seed(seed)
     model = build_model(config, backbone_weights=backbone_weights)
+    model.set_grad_checkpointing(grad_checkpointing)
     if init_weights is not None:
         ckpt.load_model_weights(model, init_weights, keep_if_mis_shaped=ckpt.CLASS_HEAD_KEYS)
         if init_classes not in (None, config.num_classes) and dist_utils.is_main_process():

@@ -76,6 +76,23 @@ class Backbone(nn.Module):
         self.out_strides = list(config.out_strides)
         self.norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels) if config.output_norm else None
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the activations of each block (ResNet bottleneck, Swin block) in the backward pass instead
+        of keeping them. ValueError for a body with BatchNorm layers that update running statistics, which the
+        recomputation would update a second time (ResNet configs freeze them, as detectron2 does)."""
+        tracking = [
+            name
+            for name, module in self.body.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+        ]
+        if enable and tracking:
+            raise ValueError(
+                f"grad checkpointing: backbone {self.timm_name!r} has BatchNorm layers that update running "
+                f"statistics ({tracking[0]}, ...), which recomputing them would update twice; it needs a config "
+                "with frozen_batchnorm"
+            )
+        self.body.set_grad_checkpointing(enable)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.is_swin:
             stages = self.body(x)

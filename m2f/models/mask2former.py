@@ -73,6 +73,14 @@ class Mask2Former(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the activations of the backbone's blocks and the pixel decoder's encoder layers in the
+        backward pass instead of keeping them from the forward pass: the same gradients for less memory
+        and about one more forward pass of those parts. ValueError for a backbone whose BatchNorm layers update
+        running statistics (Backbone.set_grad_checkpointing)."""
+        self.backbone.set_grad_checkpointing(enable)
+        self.pixel_decoder.set_grad_checkpointing(enable)
+
     def forward(self, images: torch.Tensor) -> dict:
         """images (B, 3, H, W) RGB, 0-255 (uint8, integer or floating) -> {"pred_logits" (B, Q, C + 1),
         "pred_masks" (B, Q, ceil(H / 4), ceil(W / 4)) logits, and in training "aux_outputs"}."""

@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from m2f_kernels.nn import MSDeformAttn
 
@@ -69,10 +70,15 @@ class MSDeformAttnEncoder(nn.Module):
     def __init__(self, num_layers: int, **layer_kwargs):
         super().__init__()
         self.layers = nn.ModuleList(MSDeformAttnEncoderLayer(**layer_kwargs) for _ in range(num_layers))
+        self.grad_checkpointing = False
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index):
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index)
+            inputs = (src, pos, reference_points, spatial_shapes, level_start_index)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                src = checkpoint(layer, *inputs, use_reentrant=False)
+            else:
+                src = layer(*inputs)
         return src
 
 
@@ -206,6 +212,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.mask_features = nn.Conv2d(conv_dim, config.mask_dim, 1)
         nn.init.kaiming_uniform_(self.mask_features.weight, a=1)
         nn.init.constant_(self.mask_features.bias, 0)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each encoder layer's activations in the backward pass instead of keeping them."""
+        self.transformer.encoder.grad_checkpointing = enable
 
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         sources = [proj(features[name]) for proj, name in zip(self.input_proj, self.transformer_features)]

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .padding import padded_size
 
@@ -283,6 +284,7 @@ class SwinStage(nn.Module):
             )
             for i in range(depth)
         )
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -295,7 +297,11 @@ class SwinStage(nn.Module):
                 padded_height, padded_width, window, self.shift_size, x.dtype, x.device
             )
         for block in self.blocks:
-            x = block(x, mask if block.shift_size else None)
+            block_mask = mask if block.shift_size else None
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, block_mask, use_reentrant=False)
+            else:
+                x = block(x, block_mask)
         return x
 
 
@@ -353,6 +359,11 @@ class SwinTransformer(nn.Module):
             self.layers.append(stage)
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2**i, module=f"layers.{i}"))
         self.apply(_init_weights)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (timm's call)."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
 
     def prune_stages(self, num_stages: int) -> None:
         """Keeps the first num_stages stages (the later ones compute no requested feature)."""

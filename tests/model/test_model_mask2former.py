@@ -402,3 +402,67 @@ def test_empty_batches_and_bad_images():
 def test_size_divisibility_below_one_is_refused():
     with pytest.raises(ValueError, match=r"size_divisibility must be >= 1 \(1: no padding\), got 0"):
         ModelConfig(size_divisibility=0)
+
+
+def checkpointable_config(backbone: str) -> ModelConfig:
+    """tiny_config with a frozen-BatchNorm ResNet, or a 16-channel Swin with stochastic depth."""
+    from m2f.config import BackboneConfig
+
+    config = tiny_config()
+    if backbone == "resnet":
+        return dataclasses.replace(
+            config, backbone=dataclasses.replace(config.backbone, frozen_batchnorm=True)
+        )
+    swin = BackboneConfig(
+        timm_name="swin_tiny_patch4_window7_224",
+        timm_kwargs={
+            "embed_dim": 16,
+            "depths": (2, 2, 2, 2),
+            "num_heads": (1, 1, 2, 2),
+            "drop_path_rate": 0.3,
+        },
+        output_norm=True,
+    )
+    return dataclasses.replace(config, backbone=swin)
+
+
+@pytest.mark.parametrize("backbone", ["resnet", "swin"])
+def test_grad_checkpointing_gives_the_same_gradients_from_fewer_saved_activations(backbone):
+    """The loss and every gradient as without recomputation (Swin's stochastic depth draws the same paths
+    again), while the forward pass keeps far fewer bytes for the backward pass (counted by a saved-tensor
+    hook: the checkpointed parts keep only their inputs)."""
+    config = checkpointable_config(backbone)
+    images, targets = fixed_batch()
+    results = {}
+    for enable in (False, True):
+        torch.manual_seed(0)
+        model = m2f.build_model(config).train()
+        model.set_grad_checkpointing(enable)
+        saved_bytes = []
+
+        def count(tensor, saved_bytes=saved_bytes):
+            saved_bytes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+            loss = total_loss(model, build_criterion(config), images, targets, seed=1)
+        loss.backward()
+        gradients = {n: p.grad for n, p in model.named_parameters()}
+        results[enable] = loss.detach(), gradients, sum(saved_bytes)
+    (loss, gradients, saved), (checkpointed_loss, checkpointed_gradients, checkpointed_saved) = (
+        results.values()
+    )
+    torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=0)
+    assert None not in gradients.values()
+    torch.testing.assert_close(checkpointed_gradients, gradients)
+    assert checkpointed_saved < 0.8 * saved
+
+
+def test_grad_checkpointing_refuses_batchnorm_that_updates_its_statistics():
+    """Recomputing a BatchNorm layer in training mode would update its running statistics twice."""
+    model = m2f.build_model(tiny_config())
+    with pytest.raises(
+        ValueError, match=r"'test_resnet' has BatchNorm layers that update running statistics"
+    ):
+        model.set_grad_checkpointing()
+    model.set_grad_checkpointing(False)
