@@ -95,6 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         resume=args.resume,
         tta=args.tta,
+        task=args.task,
     )
     return 0
 
@@ -283,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="val", help="default: val")
     evaluate.add_argument("--output", help="results JSON (default: beside the checkpoint)")
     evaluate.add_argument("--max-images", type=_positive_int, help="evaluate only the first N images")
+    evaluate.add_argument(
+        "--task",
+        choices=("panoptic", "instance", "semantic"),
+        help="default: the dataset's; semantic on coco-panoptic: the mIoU of a panoptic model, as Mask2Former "
+        "reports it (ground truth from the panoptic annotations)",
+    )
     evaluate.add_argument(
         "--num-workers", type=_non_negative_int, default=2, help="data loader processes per rank (default 2)"
     )

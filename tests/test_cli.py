@@ -95,6 +95,24 @@ def test_eval_of_a_panoptic_checkpoint_on_instances(synthetic_root, trained_run,
     assert "AP" in capsys.readouterr().out
 
 
+def test_eval_of_a_panoptic_checkpoint_on_semantic_ground_truth(synthetic_root, trained_run, capsys):
+    """--task semantic: the mIoU Mask2Former reports for panoptic models, in a results file of its own."""
+    checkpoint = trained_run / "model_final.safetensors"
+    args = ["eval", "--checkpoint", str(checkpoint), "--data-root", str(synthetic_root), "--device", "cpu"]
+    args += ["--num-workers", "0", "--no-progress"]
+    assert main([*args, "--task", "semantic"]) == 0
+    results = json.loads((trained_run / "model_final.eval-coco-panoptic-val-semantic.json").read_text())
+    assert results["task"] == "semantic" and 0 <= results["mIoU"] <= 100
+    assert "mIoU" in capsys.readouterr().out
+    assert main([*args, "--task", "semantic", "--tta"]) == 0
+    results = json.loads((trained_run / "model_final.eval-coco-panoptic-val-semantic-tta.json").read_text())
+    assert results["task"] == "semantic" and results["tta"]["flip"]
+    assert main([*args, "--task", "semantic", "--dataset", "coco-instance"]) == 2
+    assert "task: coco-instance evaluates instance, not 'semantic'" in capsys.readouterr().err
+    assert main([*args, "--task", "instance"]) == 2
+    assert "task: coco-panoptic evaluates panoptic or semantic, not 'instance'" in capsys.readouterr().err
+
+
 def eval_args(checkpoint, data_root, output) -> list[str]:
     args = ["eval", "--config", "demo-tiny", "--checkpoint", str(checkpoint), "--data-root", str(data_root)]
     return [*args, "--output", str(output), "--device", "cpu", "--num-workers", "0", "--no-progress"]
@@ -989,7 +1007,8 @@ def test_eval_and_predict_tta_of_a_semantic_model(tmp_path, trained_run, synthet
     panoptic = ["eval", "--checkpoint", str(trained_run / "model_final.safetensors")]
     assert main([*panoptic, "--data-root", str(synthetic_root), "--no-progress", "--tta"]) == 2
     assert (
-        "tta: the multi-scale and flip test is for semantic segmentation (ade20k)" in capsys.readouterr().err
+        "tta: the multi-scale and flip test is for semantic segmentation (ade20k, or coco-panoptic with task "
+        "semantic)" in capsys.readouterr().err
     )
 
     # m2f predict --tta writes the class map of predict_semantic_tta, which differs from the plain prediction's

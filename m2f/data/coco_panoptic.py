@@ -63,17 +63,15 @@ class CocoPanopticDataset(SegmentationDataset):
             if image_id not in images:
                 raise DatasetError(f"{paths['panoptic_json']}: annotation for unknown image id {image_id}")
             image = images[image_id]
-            segments = []
+            segments, crowd_segments = [], []
             for segment in annotation["segments_info"]:
-                if segment.get("iscrowd", 0):
-                    continue
                 label = self.metadata.category_id_to_contiguous.get(segment["category_id"])
                 if label is None:
                     raise DatasetError(
                         f"{paths['panoptic_json']}: image id {image_id} segment id {segment['id']} has "
                         f"unknown category_id {segment['category_id']}"
                     )
-                segments.append((segment["id"], label))
+                (crowd_segments if segment.get("iscrowd", 0) else segments).append((segment["id"], label))
             records.append(
                 (
                     image_id,
@@ -81,6 +79,7 @@ class CocoPanopticDataset(SegmentationDataset):
                     (image["height"], image["width"]),
                     annotation["file_name"],
                     segments,
+                    crowd_segments,
                 )
             )
         self.records = PackedRecords(records)
@@ -93,15 +92,28 @@ class CocoPanopticDataset(SegmentationDataset):
         files = [self.metadata.panoptic_json] + (
             [self.metadata.instances_json] if self.metadata.instances_json else []
         )
-        for _, file_name, _, png_name, _ in self.records:
+        for _, file_name, _, png_name, _, _ in self.records:
             files += [
                 os.path.join(self.metadata.image_root, file_name),
                 os.path.join(self.metadata.panoptic_root, png_name),
             ]
         return files
 
+    def load_semantic_gt(self, index: int) -> np.ndarray:
+        """Semantic ground truth of item `index` at its original size, as Mask2Former derives it from the
+        panoptic annotation for the mIoU of panoptic models: (H, W) int64, each segment's class (crowd
+        segments too), void ignore_label."""
+        _, _, size, png_name, segments, crowd_segments = self.records[index]
+        png_path = os.path.join(self.metadata.panoptic_root, png_name)
+        ids = read_panoptic_png(png_path)
+        check_image_size(ids, size, png_path)
+        every_segment = segments + crowd_segments
+        segment_ids = np.array([s[0] for s in every_segment], dtype=np.int64)
+        labels = np.array([s[1] for s in every_segment] + [self.metadata.ignore_label], dtype=np.int64)
+        return labels[index_map_from_ids(ids, segment_ids)]  # -1 (void) picks the last entry
+
     def __getitem__(self, index: int) -> dict:
-        image_id, file_name, size, png_name, segments = self.records[index]
+        image_id, file_name, size, png_name, segments, _ = self.records[index]
         image_path = os.path.join(self.metadata.image_root, file_name)
         png_path = os.path.join(self.metadata.panoptic_root, png_name)
         image = read_image(image_path)

@@ -236,7 +236,7 @@ def evaluate_model(
     it. tta: semantic segmentation by predict_semantic_tta of each original image.
 
     task defaults to the dataset's kind (panoptic for COCO panoptic, instance for COCO instance, semantic for
-    ADE20K). model_categories: the COCO categories (id, name, isthing) of the model's classes when they are not
+    ADE20K); "semantic" on COCO panoptic scores against its load_semantic_gt. model_categories: the COCO categories (id, name, isthing) of the model's classes when they are not
     the dataset's, as for a panoptic model evaluated on COCO instances (task "instance" only): its instances
     are mapped to the dataset's classes by category (same id and name), those of other categories (stuff)
     dropped; ValueError when no category is shared. With parts_dir, the images go in parts of PART_SIZE; each finished part's evaluator state is
@@ -466,6 +466,14 @@ def load_checkpoint_weights(
         ) from None
 
 
+# The tasks each dataset evaluates, its own first.
+EVAL_TASKS = {
+    "coco-panoptic": ("panoptic", "semantic"),
+    "coco-instance": ("instance",),
+    "ade20k": ("semantic",),
+}
+
+
 def run_evaluation(
     checkpoint: str | os.PathLike,
     data_root: str | os.PathLike,
@@ -482,10 +490,13 @@ def run_evaluation(
     progress: bool = True,
     resume: bool = False,
     tta: bool = False,
+    task: str | None = None,
 ) -> dict:
     """`m2f eval`: validates the dataset, evaluates the checkpoint, prints the table (rank 0) and writes the
-    results JSON (default: beside the checkpoint, <name>.eval-<dataset>-<split>.json, -tta.json with tta).
-    Returns the results. tta: semantic segmentation with Mask2Former's multi-scale and flip test.
+    results JSON (default: beside the checkpoint, <name>.eval-<dataset>-<split>.json; -<task> before .json for
+    a task other than the dataset's, then -tta with tta). Returns the results. tta: semantic segmentation with
+    Mask2Former's multi-scale and flip test. task: the dataset's (DATASET_TASKS) by default; "semantic" on
+    coco-panoptic gives the mIoU Mask2Former reports for panoptic models (CocoPanopticDataset.load_semantic_gt).
 
     The evaluation goes in parts stored in <results JSON>.parts/ (module docstring); resume=True reuses the
     parts found there, else that folder is emptied first. It is removed after the results are written."""
@@ -503,14 +514,19 @@ def run_evaluation(
     dataset_kind = dataset_kind or metadata.get("dataset") or default_dataset_kind(config)
     if dataset_kind not in DATASET_TASKS:
         raise ValueError(f"dataset must be one of {tuple(DATASET_TASKS)}, got {dataset_kind!r}")
-    task = DATASET_TASKS[dataset_kind]
+    dataset_task = DATASET_TASKS[dataset_kind]
+    task = task or dataset_task
+    if task not in EVAL_TASKS[dataset_kind]:
+        raise ValueError(
+            f"task: {dataset_kind} evaluates {' or '.join(EVAL_TASKS[dataset_kind])}, not {task!r}"
+        )
     if tta and task != "semantic":
         raise ValueError(
-            f"tta: the multi-scale and flip test is for semantic segmentation (ade20k), not the {task} task of "
-            f"{dataset_kind}"
+            f"tta: the multi-scale and flip test is for semantic segmentation (ade20k, or coco-panoptic with task "
+            f"semantic), not the {task} task of {dataset_kind}"
         )
     if validate:
-        validate_split(data_root, split, task)
+        validate_split(data_root, split, dataset_task)
     dataset = build_dataset(dataset_kind, data_root, split, None if tta else inference_transform(config))
     model_categories = ckpt.stored_classes(metadata, checkpoint)[2]
     if (
@@ -540,7 +556,8 @@ def run_evaluation(
         Path(output)
         if output
         else checkpoint.with_name(
-            f"{checkpoint.stem}.eval-{dataset_kind}-{split}{'-tta' if tta else ''}.json"
+            f"{checkpoint.stem}.eval-{dataset_kind}-{split}{'' if task == dataset_task else '-' + task}"
+            f"{'-tta' if tta else ''}.json"
         )
     )
     # Before the evaluation, not after it.

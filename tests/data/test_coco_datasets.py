@@ -332,6 +332,41 @@ def test_panoptic_void_and_crowd_pixels_are_in_no_mask(synthetic_root, tmp_path)
     assert np.array_equal(covered, np.isin(ids, kept))
 
 
+def test_panoptic_semantic_ground_truth_is_each_segments_class(synthetic_root, tmp_path):
+    """As Mask2Former's semantic annotations from the panoptic ones: every segment's pixels carry its
+    category's class (ids in sorted order), crowd segments too; void pixels 255."""
+    import shutil
+
+    from m2f.data.common import id_to_rgb, read_panoptic_png
+
+    root = str(tmp_path / "coco")
+    shutil.copytree(synthetic_root, root)
+    data = _load_json(root, "panoptic_val2017.json")
+    data["annotations"][0]["segments_info"][0]["iscrowd"] = 1
+    with open(os.path.join(root, "annotations", "panoptic_val2017.json"), "w") as f:
+        json.dump(data, f)
+    png = os.path.join(root, "annotations", "panoptic_val2017", data["annotations"][0]["file_name"])
+    ids = read_panoptic_png(png)
+    ids[:20, :30] = 0  # void
+    Image.fromarray(id_to_rgb(ids)).save(png)
+
+    dataset = CocoPanopticDataset(root, "val", transforms=LSJ(32, 0.5, 0.5))  # the ground truth ignores them
+    class_of_category = {c: i for i, c in enumerate(sorted(c["id"] for c in data["categories"]))}
+    images = {image["id"]: image for image in data["images"]}
+    for index, annotation in enumerate(data["annotations"]):
+        path = os.path.join(root, "annotations", "panoptic_val2017", annotation["file_name"])
+        ids = rgb2id(np.array(Image.open(path), dtype=np.uint32))
+        expected = np.full(ids.shape, 255)
+        for segment in annotation["segments_info"]:
+            expected[ids == segment["id"]] = class_of_category[segment["category_id"]]
+        image = images[annotation["image_id"]]
+        gt = dataset.load_semantic_gt(index)
+        assert gt.dtype == np.int64 and gt.shape == (image["height"], image["width"])
+        assert np.array_equal(gt, expected)
+    first = dataset.load_semantic_gt(0)
+    assert (first[:20, :30] == 255).all() and (first != 255).sum() > 0.5 * first.size
+
+
 def test_panoptic_padding_is_in_no_mask(synthetic_root):
     """LSJ pads images smaller than its size at the bottom and right; the padding belongs to no segment."""
     dataset = CocoPanopticDataset(synthetic_root, "train", LSJ(128, min_scale=0.3, max_scale=0.6), seed=3)

@@ -32,6 +32,44 @@ def test_empty_predictions_score_zero(synthetic_root):
     assert evaluation["results"]["PQ"] == 0.0
 
 
+def test_semantic_evaluation_of_a_panoptic_dataset(synthetic_root):
+    """The mIoU of a panoptic model against the panoptic annotations read as semantic ground truth: 100 for
+    the oracle; with every segment of the first image called class 0, the mIoU of the confusion counted here
+    from the PNGs."""
+    import json
+    import os
+
+    import numpy as np
+    from panopticapi.utils import rgb2id
+    from PIL import Image
+
+    config, dataset = oracle_eval_setup(synthetic_root)
+    num_classes = dataset.metadata.num_classes
+    oracle = OracleModel(oracle_answers(synthetic_root), num_classes)
+    perfect = evaluate_model(oracle, dataset, config, task="semantic", progress=False)["results"]
+    assert perfect["task"] == "semantic" and perfect["mIoU"] == pytest.approx(100.0)
+
+    answers = oracle_answers(synthetic_root)
+    answers[0] = (torch.zeros_like(answers[0][0]), answers[0][1])
+    results = evaluate_model(
+        OracleModel(answers, num_classes), dataset, config, task="semantic", progress=False
+    )
+    with open(os.path.join(synthetic_root, "annotations", "panoptic_val2017.json")) as f:
+        data = json.load(f)
+    class_of_category = {c: i for i, c in enumerate(sorted(c["id"] for c in data["categories"]))}
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    for number, annotation in enumerate(data["annotations"]):
+        png = os.path.join(synthetic_root, "annotations", "panoptic_val2017", annotation["file_name"])
+        ids = rgb2id(np.array(Image.open(png), dtype=np.uint32))
+        for segment in annotation["segments_info"]:
+            label = class_of_category[segment["category_id"]]
+            confusion[label, 0 if number == 0 else label] += (ids == segment["id"]).sum()
+    iou = np.diag(confusion) / (confusion.sum(0) + confusion.sum(1) - np.diag(confusion))
+    expected = 100 * iou[confusion.sum(1) > 0].mean()
+    assert expected < 95
+    assert results["results"]["mIoU"] == pytest.approx(expected)
+
+
 def test_no_image_to_evaluate_is_refused(synthetic_root):
     """PQ 0.000 and exit 0 before: the score of a model that finds nothing."""
     config, dataset = oracle_eval_setup(synthetic_root)
