@@ -236,13 +236,14 @@ def evaluate_model(
     it. tta: semantic segmentation by predict_semantic_tta of each original image.
 
     task defaults to the dataset's kind (panoptic for COCO panoptic, instance for COCO instance, semantic for
-    ADE20K); "semantic" on COCO panoptic scores against its load_semantic_gt. model_categories: the COCO categories (id, name, isthing) of the model's classes when they are not
-    the dataset's, as for a panoptic model evaluated on COCO instances (task "instance" only): its instances
-    are mapped to the dataset's classes by category (same id and name), those of other categories (stuff)
-    dropped; ValueError when no category is shared. With parts_dir, the images go in parts of PART_SIZE; each finished part's evaluator state is
-    written to parts_dir/part-NNNNNN.json with run_key (what must match for a part to be reused: checkpoint,
-    dataset, ...), and a part whose file is already there is read instead of predicted (ValueError naming the file
-    when it belongs to another run or its state does not fit the evaluator). Returns {"results":
+    ADE20K); "semantic" on COCO panoptic scores against its load_semantic_gt. model_categories: the COCO
+    categories (id, name, isthing) of the model's classes when they are not the dataset's, as for a panoptic
+    model evaluated on COCO instances (task "instance" only): its instances are mapped to the dataset's
+    classes by category (same id and name), those of other categories (stuff) dropped; ValueError when no
+    category is shared. With parts_dir, the images go in parts of PART_SIZE; each finished part's evaluator
+    state is written to parts_dir/part-NNNNNN.json with run_key (what must match for a part to be reused:
+    checkpoint, dataset, ...), and a part whose file is already there is read instead of predicted
+    (ValueError naming the file when it belongs to another run or its state does not fit the evaluator). Returns {"results":
     the evaluator's dict, "summary": summarize(results)} on every rank.
     """
     from tqdm import tqdm

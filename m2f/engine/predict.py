@@ -13,8 +13,8 @@ The model, its classes and the task come from the checkpoint's metadata (or --co
 store none). With --tta the semantic task runs Mask2Former's multi-scale and flip test (predict_semantic_tta).
 Every file is written atomically; with --skip-existing an image whose files are all there is not
 predicted again, so an interrupted run over many images continues where it stopped. Under torchrun the
-ranks share the images. With --coco-results
-IMAGES_JSON the COCO results files of the panoptic and instance tasks are written as well (coco_results.py).
+ranks share the images. With --coco-results IMAGES_JSON the COCO results files of the panoptic and instance
+tasks are written as well (coco_results.py).
 """
 
 from __future__ import annotations
@@ -281,11 +281,9 @@ def run_prediction(
                 scores = predict_semantic_tta(model, pixels, config, device=device, amp=amp)
                 predictions = {"semantic": scores.argmax(0)}
             else:
-                geometry = transform.get_geometry(*image.shape[:2])
-                resized = torch.from_numpy(
-                    np.ascontiguousarray(geometry.apply_image(image).transpose(2, 0, 1))
-                )
-                mask_cls, mask_pred = predict_masks(model, resized, device=device, amp=amp)
+                resized = transform.get_geometry(*image.shape[:2]).apply_image(image)
+                pixels = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+                mask_cls, mask_pred = predict_masks(model, pixels, device=device, amp=amp)
                 predictions = postprocess(tasks, mask_cls, mask_pred, image.shape[:2], config, classes.things)
             for task, prediction in predictions.items():
                 save_prediction(task, prediction, image, out_dir / Path(path).stem, classes, score_threshold)
