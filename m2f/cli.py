@@ -115,6 +115,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         skip_existing=args.skip_existing,
         tta=args.tta,
         coco_results=args.coco_results,
+        overlay=not args.no_overlay,
     )
     from m2f.engine.distributed import is_main_process
 
@@ -331,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta",
         action="store_true",
         help="the semantic task with Mask2Former's multi-scale (0.5-1.75 x the test size) and flip test",
+    )
+    predict.add_argument(
+        "--no-overlay",
+        action="store_true",
+        help="write the raw predictions only, no overlay pictures (faster and far smaller for many images)",
     )
     predict.add_argument(
         "--coco-results",

@@ -1194,3 +1194,23 @@ def test_train_grad_checkpointing(synthetic_root, tmp_path, capsys, monkeypatch)
     assert (
         "grad checkpointing: backbone 'test_resnet' has BatchNorm layers" in error and error.count("\n") == 1
     )
+
+
+def test_predict_no_overlay_writes_the_same_raw_files_only(
+    synthetic_root, trained_run, tmp_path, monkeypatch
+):
+    from m2f.engine import predict
+
+    images = sorted((synthetic_root / "val2017").glob("*.jpg"))
+    args = ["predict", *map(str, images), "--checkpoint", str(trained_run / "model_final.safetensors")]
+    args += ["--device", "cpu", "--task", "panoptic", "--task", "instance", "--task", "semantic"]
+    assert main([*args, "--out", str(tmp_path / "all")]) == 0
+    assert main([*args, "--out", str(tmp_path / "raw"), "--no-overlay"]) == 0
+    raw_suffixes = (".panoptic_ids.png", ".panoptic.json", ".instances.npz", ".semantic_labels.png")
+    expected = {p.name: p.read_bytes() for p in (tmp_path / "all").iterdir() if p.name.endswith(raw_suffixes)}
+    assert len(expected) == 4 * len(images)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "raw").iterdir()} == expected
+
+    predicted = count_predictions(monkeypatch, predict)  # the raw files are all a --no-overlay run needs
+    assert main([*args, "--out", str(tmp_path / "raw"), "--no-overlay", "--skip-existing"]) == 0
+    assert predicted == []

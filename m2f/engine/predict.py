@@ -1,5 +1,6 @@
 """`m2f predict IMAGES... --checkpoint F --out DIR`: runs a checkpoint on image files (a folder: its images,
-expand_image_paths) and writes, per image, an overlay PNG with a legend and the raw predictions:
+expand_image_paths) and writes, per image, an overlay PNG with a legend (not with --no-overlay) and the raw
+predictions:
 
   panoptic  <stem>.panoptic.png (overlay), <stem>.panoptic_ids.png (COCO panoptic PNG, id = R + 256 G +
             256^2 B), <stem>.panoptic.json (segments_info as in COCO panoptic: id, category_id (the dataset's
@@ -117,25 +118,36 @@ def class_info(metadata: dict[str, str], num_classes: int, checkpoint: str | os.
     return ClassInfo(names, things, category_ids)
 
 
-def prediction_paths(task: str, stem: Path) -> list[Path]:
-    """The files save_prediction writes for `task` (overlay first)."""
-    return [Path(f"{stem}{suffix}") for suffix in PREDICTION_SUFFIXES[task]]
+def prediction_paths(task: str, stem: Path, overlay: bool = True) -> list[Path]:
+    """The files save_prediction writes for `task` (overlay first, unless overlay is False)."""
+    suffixes = PREDICTION_SUFFIXES[task]
+    return [Path(f"{stem}{suffix}") for suffix in (suffixes if overlay else suffixes[1:])]
 
 
 def save_prediction(
-    task: str, prediction, image: np.ndarray, stem: Path, classes: ClassInfo, score_threshold: float
+    task: str,
+    prediction,
+    image: np.ndarray,
+    stem: Path,
+    classes: ClassInfo,
+    score_threshold: float,
+    *,
+    overlay: bool = True,
 ) -> list[Path]:
-    """Writes the overlay and the raw files of one prediction; returns their paths."""
+    """Writes the raw files of one prediction and, with overlay, its overlay picture; returns their paths."""
     from m2f.data import id_to_rgb
 
     class_names = classes.names
+    overlay_path, *raw_paths = prediction_paths(task, stem)
     if task == "panoptic":
         panoptic_seg, segments_info = prediction
         panoptic_seg = panoptic_seg.cpu().numpy()
         segments = [{k: (v.item() if hasattr(v, "item") else v) for k, v in s.items()} for s in segments_info]
-        paths = prediction_paths(task, stem)
-        save_image_atomic(visualize.draw_panoptic(image, panoptic_seg, segments, class_names), paths[0])
-        save_image_atomic(Image.fromarray(id_to_rgb(panoptic_seg)), paths[1])
+        if overlay:
+            save_image_atomic(
+                visualize.draw_panoptic(image, panoptic_seg, segments, class_names), overlay_path
+            )
+        save_image_atomic(Image.fromarray(id_to_rgb(panoptic_seg)), raw_paths[0])
         ids = classes.category_ids or range(len(class_names))
         file_segments = []
         for segment in segments:
@@ -143,29 +155,30 @@ def save_prediction(
             file_segments.append(
                 {**segment, "category_id": ids[index], "class_index": index, "name": class_names[index]}
             )
-        write_json_atomic(paths[2], {"segments_info": file_segments}, indent=2)
-        return paths
-    if task == "instance":
+        write_json_atomic(raw_paths[1], {"segments_info": file_segments}, indent=2)
+    elif task == "instance":
         arrays = {k: v.cpu().numpy() for k, v in prediction.items()}
-        paths = prediction_paths(task, stem)
-        overlay = visualize.draw_instances(
-            image,
-            arrays["masks"],
-            arrays["labels"].tolist(),
-            arrays["scores"].tolist(),
-            class_names,
-            score_threshold,
+        if overlay:
+            picture = visualize.draw_instances(
+                image,
+                arrays["masks"],
+                arrays["labels"].tolist(),
+                arrays["scores"].tolist(),
+                class_names,
+                score_threshold,
+            )
+            save_image_atomic(picture, overlay_path)
+        save_npz_atomic(raw_paths[0], **arrays)
+    else:
+        labels = prediction.cpu().numpy()
+        if overlay:
+            save_image_atomic(
+                visualize.draw_semantic(image, labels, class_names, ignore_index=None), overlay_path
+            )
+        save_image_atomic(
+            Image.fromarray(labels.astype(np.uint8 if len(class_names) < 256 else np.uint16)), raw_paths[0]
         )
-        save_image_atomic(overlay, paths[0])
-        save_npz_atomic(paths[1], **arrays)
-        return paths
-    labels = prediction.cpu().numpy()
-    paths = prediction_paths(task, stem)
-    save_image_atomic(visualize.draw_semantic(image, labels, class_names, ignore_index=None), paths[0])
-    save_image_atomic(
-        Image.fromarray(labels.astype(np.uint8 if len(class_names) < 256 else np.uint16)), paths[1]
-    )
-    return paths
+    return [overlay_path, *raw_paths] if overlay else raw_paths
 
 
 def run_prediction(
@@ -181,6 +194,7 @@ def run_prediction(
     skip_existing: bool = False,
     tta: bool = False,
     coco_results: str | os.PathLike | None = None,
+    overlay: bool = True,
 ) -> list[Path]:
     """Predicts every image (a folder among images: the image files in it) and writes the files described in
     the module docstring; returns their paths. Under torchrun each rank predicts every world_size-th image
@@ -190,7 +204,7 @@ def run_prediction(
     exist already is not predicted (its paths are still returned). tta: the semantic task (the only one
     allowed then) by Mask2Former's multi-scale and flip test. coco_results: a COCO JSON whose "images" name
     the images to predict among the inputs (all must be there) and their ids; the COCO results file of each
-    panoptic and instance task is written too (m2f.engine.coco_results)."""
+    panoptic and instance task is written too (m2f.engine.coco_results). overlay=False: the raw files only."""
 
     if isinstance(images, (str, os.PathLike)):
         raise TypeError(f"images must be a sequence of image paths, got the single path {str(images)!r}")
@@ -246,7 +260,7 @@ def run_prediction(
             )
     out_dir = Path(out_dir)
     outputs = {
-        path: [p for task in tasks for p in prediction_paths(task, out_dir / Path(path).stem)]
+        path: [p for task in tasks for p in prediction_paths(task, out_dir / Path(path).stem, overlay)]
         for path in images
     }
     inputs = {Path(path).resolve() for path in images}
@@ -286,7 +300,8 @@ def run_prediction(
                 mask_cls, mask_pred = predict_masks(model, pixels, device=device, amp=amp)
                 predictions = postprocess(tasks, mask_cls, mask_pred, image.shape[:2], config, classes.things)
             for task, prediction in predictions.items():
-                save_prediction(task, prediction, image, out_dir / Path(path).stem, classes, score_threshold)
+                stem = out_dir / Path(path).stem
+                save_prediction(task, prediction, image, stem, classes, score_threshold, overlay=overlay)
     except (ValueError, OSError) as error:  # e.g. an unreadable image
         problem = error
     # Every rank stops when one fails, instead of the others waiting for it in a collective.
