@@ -64,27 +64,28 @@ def listed_images(
     return found
 
 
+def results_paths(tasks: Sequence[str], out_dir: Path) -> list[Path]:
+    """The results files write_coco_results writes for `tasks` (its panoptic and instance ones)."""
+    return [out_dir / RESULTS_FILES[task] for task in tasks if task in RESULTS_FILES]
+
+
 def write_coco_results(
     tasks: Sequence[str], out_dir: Path, stem_ids: Mapping[str, int], category_ids: Sequence[int]
-) -> list[Path]:
+) -> None:
     """Writes the results file of each panoptic or instance task in `tasks` from the per-image files in
     out_dir; stem_ids maps each image's file stem to its image id, category_ids each class index to the
-    dataset's id. Returns the paths written."""
-    written = []
+    dataset's id."""
     if "panoptic" in tasks:
         path = out_dir / RESULTS_FILES["panoptic"]
         write_json_atomic(
             path, {"annotations": [_panoptic_annotation(out_dir, s, i) for s, i in stem_ids.items()]}
         )
-        written.append(path)
     if "instance" in tasks:
         path = out_dir / RESULTS_FILES["instance"]
         results = [
             r for stem, id_ in stem_ids.items() for r in _instance_results(out_dir, stem, id_, category_ids)
         ]
         write_json_atomic(path, results)
-        written.append(path)
-    return written
 
 
 def _panoptic_annotation(out_dir: Path, stem: str, image_id: int) -> dict:
@@ -101,22 +102,13 @@ def _panoptic_annotation(out_dir: Path, stem: str, image_id: int) -> dict:
 
 
 def _instance_results(out_dir: Path, stem: str, image_id: int, category_ids: Sequence[int]) -> list[dict]:
-    from pycocotools import mask as mask_utils
+    from m2f.evaluation.instance import masks_to_rles
 
     with np.load(out_dir / f"{stem}.instances.npz") as arrays:
         masks, scores, labels = arrays["masks"], arrays["scores"], arrays["labels"]
     if not len(masks):
         return []
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    results = []
-    for rle, score, label in zip(rles, scores.tolist(), labels.tolist()):
-        segmentation = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-        results.append(
-            {
-                "image_id": image_id,
-                "category_id": category_ids[label],
-                "segmentation": segmentation,
-                "score": score,
-            }
-        )
-    return results
+    return [
+        {"image_id": image_id, "category_id": category_ids[label], "segmentation": rle, "score": score}
+        for rle, score, label in zip(masks_to_rles(masks), scores.tolist(), labels.tolist())
+    ]

@@ -271,11 +271,7 @@ def run_prediction(
     load_checkpoint_weights(model, checkpoint, metadata)
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    results_paths = []
-    if coco_results is not None:
-        results_paths = [
-            out_dir / results_files.RESULTS_FILES[t] for t in tasks if t in results_files.RESULTS_FILES
-        ]
+    results_paths = results_files.results_paths(tasks, out_dir) if coco_results is not None else []
     if rank == 0:  # what a killed earlier prediction of these images left half-written
         written_names = [p.name for paths in outputs.values() for p in paths] + [
             p.name for p in results_paths

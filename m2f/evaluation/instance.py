@@ -19,6 +19,14 @@ from m2f.evaluation.arrays import check_new_images, per_class_keys, to_numpy
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+def masks_to_rles(masks: np.ndarray) -> list[dict]:
+    """(K, H, W) bool or uint8 masks -> COCO RLEs {"size": [H, W], "counts": str}, as results files hold them."""
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8, copy=False)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
 def _fill_optional_keys(coco_gt: COCO) -> None:
     """Adds what pycocotools needs and COCO files may leave out (the loader reads them as optional): iscrowd
     (0), and area and bbox from the segmentation."""
@@ -131,13 +139,12 @@ class InstanceEvaluator:
         self._seen.add(image_id)
         if not len(masks):
             return
-        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+        rles = masks_to_rles(masks)
         boxes = mask_utils.toBbox(rles)
         for rle, box, score, label in zip(rles, boxes, scores.tolist(), labels.tolist()):
             category_id = self.metadata.contiguous_to_category_id[label]
             if category_id not in self.class_names:
                 continue  # a stuff class of a panoptic model: no instance ground truth
-            rle["counts"] = rle["counts"].decode("ascii")
             common = {"image_id": image_id, "category_id": category_id, "score": score}
             self.segm_results.append({**common, "segmentation": rle})
             self.box_results.append({**common, "bbox": [float(v) for v in box]})
