@@ -2,7 +2,8 @@
 
 Baselines: the bool (B*H, Q, K) mask built from the mask logits (threshold 0.5, fully blocked rows opened) and
 ``F.scaled_dot_product_attention``; on GPU also ``flex_attention`` (compiled) with the same mask as a mask_mod
-over a block mask built per call (the mask changes at every decoder layer).
+over a block mask built per call (the mask changes at every decoder layer). On GPU the Triton kernels run a
+second time with deterministic algorithms on (fixed configs, dq from its own kernel instead of atomics).
 
 GPU: decoder shapes at 1024 x 1024: B in {2, 8}, H=8, d=32, Q in {100, 200}, K in {1024, 4096, 16384}, mask
 density 10 / 50 / 100 %, in float32 and in bfloat16 (q, k, v and the mask logits, as under mixed-precision
@@ -13,6 +14,7 @@ training). CPU: B=2, H=8, d=32, Q=100, K in {1024, 4096} for the C++ kernel, flo
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -89,6 +91,18 @@ def flex_attention_masked(q, k, v, mask_logits):
     return _compiled_flex_attention(q, k, v, block_mask=block_mask)
 
 
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) inside, the previous setting after: the Triton backward then
+    takes its dq kernel instead of adding dq with atomics."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def _kernel_backends(device: torch.device) -> list[str]:
     wanted = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
     return [name for name in wanted if name in available_backends()]
@@ -156,6 +170,14 @@ def test_masked_attention(bench, device, mode, config):
             **options,
         )
         print(f"{group} {mode} {backend}: {baseline.median_ms / ours.median_ms:.2f}x sdpa_bool_mask")
+    if device.type == "cuda" and mode != "forward" and "triton" in _kernel_backends(device):
+        with deterministic_algorithms():
+            bench.run(
+                group,
+                "masked_attention_triton_deterministic",
+                lambda: m2f_kernels.masked_attention(q, k, v, mask_logits=mask_logits, backend="triton"),
+                **options,
+            )
 
 
 MODULE_EMBED = HEADS * HEAD_DIM

@@ -5,13 +5,14 @@
 On a GPU each row is a kernel with its launches (``count``) and device time per call (forward + backward where the op has a
 gradient); on the CPU each row is an operator with its calls and own host time per call. The shapes are the benchmarks'
 (bench_point_loss.py, and bench_masked_attention.py's B=2, Q=100, K=4096 and B=8, Q=200, K=1024 at 50 %
-density, the latter in bfloat16 too). ``--out`` also writes the rows as JSON. benchmarks/gpu_check.sh runs it
-as its ``kernels`` step.
+density, the latter in bfloat16 too and with deterministic algorithms on). ``--out`` also writes the rows as
+JSON. benchmarks/gpu_check.sh runs it as its ``kernels`` step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -49,13 +50,14 @@ def _point_mask_loss(device, backend):
     return call
 
 
-def _masked_attention(device, backend, shape=ATTENTION_SHAPE, dtype=torch.float32):
+def _masked_attention(device, backend, shape=ATTENTION_SHAPE, dtype=torch.float32, deterministic=False):
     q, k, v, mask_logits = bench_masked_attention._inputs(*shape, device, dtype)
 
     def call():
         q.grad = k.grad = v.grad = None  # no accumulation kernels in the profile
-        out = m2f_kernels.masked_attention(q, k, v, mask_logits=mask_logits, backend=backend)
-        out.backward(torch.ones_like(out))
+        with bench_masked_attention.deterministic_algorithms() if deterministic else contextlib.nullcontext():
+            out = m2f_kernels.masked_attention(q, k, v, mask_logits=mask_logits, backend=backend)
+            out.backward(torch.ones_like(out))
 
     return call
 
@@ -67,6 +69,9 @@ OPS = {
     "masked_attention_k1024": functools.partial(_masked_attention, shape=SMALL_KEYS_ATTENTION_SHAPE),
     "masked_attention_k1024_bf16": functools.partial(
         _masked_attention, shape=SMALL_KEYS_ATTENTION_SHAPE, dtype=torch.bfloat16
+    ),
+    "masked_attention_k1024_deterministic": functools.partial(
+        _masked_attention, shape=SMALL_KEYS_ATTENTION_SHAPE, deterministic=True
     ),
 }
 

@@ -6,9 +6,11 @@ A row with no visible key attends to all keys: a first pass over the mask (share
 has one head) stores one "row has a visible key" flag per row, read by the attention kernels.
 
 Forward: online softmax over key blocks; the keys may be split across programs (split-K), each writing a
-partial (max, sum, acc) that a combine kernel merges. Backward: P is recomputed from the forward's lse; dq
-(split over keys, partials summed in a fixed order; it also stores delta = rowsum(dO * O)) and then dk/dv (one
-program per key block looping over all queries) never use atomics.
+partial (max, sum, acc) that a combine kernel merges. Backward: P is recomputed from the forward's lse, with
+delta = rowsum(dO * O); one program per key block loops over all queries for dk and dv. By default the same
+program adds its share of dq, dS K, to a float32 buffer with atomics, so that P and dS are computed once. While
+torch.are_deterministic_algorithms_enabled(), a separate dq kernel (split over keys, partials summed in a
+fixed order) recomputes them instead, and nothing uses atomics.
 
 The query and key block sizes, warps and stages are autotuned per shape class (queries and keys bucketed to
 powers of two, head dim); the sums follow the blocks, so their rounding depends on the config, which is
@@ -21,6 +23,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import Autotuner
 
 from ._common import autotuning, dot, interpreting, multiprocessor_count, size_class
 
@@ -44,6 +47,7 @@ TUNED_CONFIGS = [
 ]
 FLAG_BLOCK_ROWS = 16
 FLAG_BLOCK_K = 256
+DELTA_BLOCK_ROWS = 64
 
 
 @functools.cache
@@ -58,8 +62,12 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _autotuned(kernel):
-    return triton.autotune(configs=TUNED_CONFIGS, key=["QUERIES_CLASS", "KEYS_CLASS", "head_dim"])(kernel)
+def _autotuned(kernel, reset_to_zero=None):
+    """`kernel` autotuned over TUNED_CONFIGS; `reset_to_zero` names the buffers it accumulates into, zeroed
+    before each timed launch and before the real one."""
+    return triton.autotune(
+        configs=TUNED_CONFIGS, key=["QUERIES_CLASS", "KEYS_CLASS", "head_dim"], reset_to_zero=reset_to_zero
+    )(kernel)
 
 
 @triton.jit
@@ -257,7 +265,27 @@ def _combine_kernel(
     tl.store(lse_ptr + rows, row_max + tl.log(row_sum), mask=row_valid)
 
 
-@_autotuned
+@triton.jit
+def _delta_kernel(
+    out_ptr,
+    grad_out_ptr,
+    delta_ptr,
+    num_rows,
+    head_dim,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """delta[r] = sum over the head dim of grad_out[r] * out[r] in float32, for the (rows, d) planes."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    row_valid = rows < num_rows
+    valid = row_valid[:, None] & (dims[None, :] < head_dim)
+    offsets = rows[:, None] * head_dim + dims[None, :]
+    grad_out = tl.load(grad_out_ptr + offsets, mask=valid, other=0.0)
+    out = tl.load(out_ptr + offsets, mask=valid, other=0.0)
+    tl.store(delta_ptr + rows, tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), axis=1), mask=row_valid)
+
+
 @triton.jit
 def _backward_dq_kernel(
     q_ptr,
@@ -341,7 +369,6 @@ def _backward_dq_kernel(
     tl.store(grad_q_partial_ptr + partial_offsets, grad_q, mask=q_valid)
 
 
-@_autotuned
 @triton.jit
 def _backward_dkdv_kernel(
     q_ptr,
@@ -354,6 +381,7 @@ def _backward_dkdv_kernel(
     flag_ptr,
     grad_k_ptr,
     grad_v_ptr,
+    grad_q_ptr,
     num_heads,
     num_queries,
     num_keys,
@@ -365,12 +393,14 @@ def _backward_dkdv_kernel(
     KEYS_CLASS,
     MASK_KIND: tl.constexpr,
     INTERPRETED: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One program per key block: dV = P^T dO and dK = scale * dS^T Q over all queries, with the dq kernel's
-    delta = rowsum(dO * O)."""
+    """One program per key block: dV = P^T dO and dK = scale * dS^T Q over all queries, with
+    delta = rowsum(dO * O). With ATOMIC_DQ it also adds scale * dS K of its keys to grad_q (float32, zeroed
+    before)."""
     key_block, batch_head = _block_and_batch_head(num_keys, BLOCK_K)
     batch = batch_head // num_heads
     head = batch_head % num_heads
@@ -413,9 +443,16 @@ def _backward_dkdv_kernel(
         grad_probs = dot(v, tl.trans(grad_out), INTERPRETED)
         grad_scores = probs * (grad_probs - delta[None, :])
         grad_k += dot(grad_scores.to(q.dtype), q, INTERPRETED)
+        if ATOMIC_DQ:
+            grad_q = dot(tl.trans(grad_scores.to(k.dtype)), k, INTERPRETED) * scale
+            tl.atomic_add(grad_q_ptr + q_offsets, grad_q, mask=q_valid, sem="relaxed")
 
     tl.store(grad_k_ptr + kv_offsets, (grad_k * scale).to(grad_k_ptr.dtype.element_ty), mask=kv_valid)
     tl.store(grad_v_ptr + kv_offsets, grad_v.to(grad_v_ptr.dtype.element_ty), mask=kv_valid)
+
+
+# The deterministic backward (dq kernel, then dk/dv) always runs pinned configs; the default one autotunes.
+_backward_dkdv_dq_kernel = _autotuned(_backward_dkdv_kernel, reset_to_zero=["grad_q_ptr"])
 
 
 def _mask_source(mask_logits, attn_mask, batch, num_queries, num_keys):
@@ -446,11 +483,12 @@ def _launch_configs(
 
 
 def _run(kernel, grid, args, config, **constexprs):
-    """Launches an autotuned kernel, or its function with `config` when given."""
+    """Launches an autotuned kernel, or the kernel (an autotuned one's function) with `config` when given."""
     if config is None:
         kernel[grid](*args, **constexprs)
     else:
-        kernel.fn[grid](*args, **config.all_kwargs(), **constexprs)
+        jit_function = kernel.fn if isinstance(kernel, Autotuner) else kernel
+        jit_function[grid](*args, **config.all_kwargs(), **constexprs)
 
 
 def _key_splits(device, num_keys, head_dim, num_programs, split_alignment, num_splits):
@@ -600,8 +638,8 @@ def masked_attention_backward(
 ):
     """Gradients (grad_q, grad_k, grad_v) of masked_attention_forward, in q's dtype.
 
-    No atomics; with `deterministic` (the op passes torch.are_deterministic_algorithms_enabled()) the launch
-    config is pinned.
+    With `deterministic` (the op passes torch.are_deterministic_algorithms_enabled()) the launch config is
+    pinned and dq comes from its own kernel, without atomics; otherwise the dk/dv kernel adds dq with atomics.
     """
     _check_inputs(q, k, v)
     batch, num_heads, num_queries, head_dim = q.shape
@@ -615,26 +653,51 @@ def masked_attention_backward(
 
     config, num_splits, keys_per_split = _launch_plan(q, num_keys, config, deterministic, num_splits)
     batch_heads = batch * num_heads
-    if num_splits == 1:
-        grad_q = grad_q_partial = torch.empty_like(q)
-    else:
-        grad_q_partial = torch.empty(
-            (num_splits, batch, num_heads, num_queries, head_dim), device=q.device, dtype=torch.float32
-        )
     delta = torch.empty_like(lse)
     sizes = (num_heads, num_queries, num_keys, head_dim, mask_heads)
     mask_and_scale = (threshold_logit, scale, size_class(num_queries), size_class(num_keys))
-    constexprs = {"MASK_KIND": mask_kind, "INTERPRETED": interpreting(), "BLOCK_D": _block_d(head_dim)}
-    dq_grid = lambda meta: (triton.cdiv(num_queries, meta["BLOCK_Q"]) * batch_heads, num_splits)
-    dq_args = (q, k, v, out, grad_out, lse, mask, flags, grad_q_partial, delta, *sizes, keys_per_split)
-    dq_args = (*dq_args, *mask_and_scale)
-    _run(_backward_dq_kernel, dq_grid, dq_args, config, **constexprs)
-    if num_splits > 1:
-        grad_q = grad_q_partial.sum(0).to(q.dtype)
+    block_d = _block_d(head_dim)
+    constexprs = {"MASK_KIND": mask_kind, "INTERPRETED": interpreting(), "BLOCK_D": block_d}
+    if deterministic:
+        if num_splits == 1:
+            grad_q = grad_q_partial = torch.empty_like(q)
+        else:
+            grad_q_partial = torch.empty(
+                (num_splits, batch, num_heads, num_queries, head_dim), device=q.device, dtype=torch.float32
+            )
+        dq_grid = lambda meta: (triton.cdiv(num_queries, meta["BLOCK_Q"]) * batch_heads, num_splits)
+        dq_args = (q, k, v, out, grad_out, lse, mask, flags, grad_q_partial, delta, *sizes, keys_per_split)
+        _run(_backward_dq_kernel, dq_grid, (*dq_args, *mask_and_scale), config, **constexprs)
+        if num_splits > 1:
+            grad_q = grad_q_partial.sum(0).to(q.dtype)
+        grad_q_acc, dkdv_kernel = grad_q, _backward_dkdv_kernel  # grad_q_acc is not written
+    else:
+        num_rows = batch_heads * num_queries
+        _delta_kernel[(triton.cdiv(num_rows, DELTA_BLOCK_ROWS),)](
+            out, grad_out, delta, num_rows, head_dim, BLOCK_ROWS=DELTA_BLOCK_ROWS, BLOCK_D=block_d
+        )
+        grad_q_acc = torch.zeros_like(q, dtype=torch.float32)
+        dkdv_kernel = _backward_dkdv_dq_kernel
 
     grad_k = torch.empty_like(k)
     grad_v = torch.empty_like(v)
     dkdv_grid = lambda meta: (triton.cdiv(num_keys, meta["BLOCK_K"]) * batch_heads,)
-    dkdv_args = (q, k, v, delta, grad_out, lse, mask, flags, grad_k, grad_v, *sizes, *mask_and_scale)
-    _run(_backward_dkdv_kernel, dkdv_grid, dkdv_args, config, **constexprs)
+    dkdv_args = (
+        q,
+        k,
+        v,
+        delta,
+        grad_out,
+        lse,
+        mask,
+        flags,
+        grad_k,
+        grad_v,
+        grad_q_acc,
+        *sizes,
+        *mask_and_scale,
+    )
+    _run(dkdv_kernel, dkdv_grid, dkdv_args, config, ATOMIC_DQ=not deterministic, **constexprs)
+    if not deterministic:
+        grad_q = grad_q_acc.to(q.dtype)
     return grad_q, grad_k, grad_v

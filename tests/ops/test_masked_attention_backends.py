@@ -31,7 +31,7 @@ TOLERANCES = {
     torch.bfloat16: (3e-2, 3e-2),
 }
 LSE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
-ATTENTION_KERNELS = ("_forward_kernel", "_backward_dq_kernel", "_backward_dkdv_kernel")  # Triton, autotuned
+ATTENTION_KERNELS = ("_forward_kernel", "_backward_dkdv_dq_kernel")  # Triton, autotuned (not deterministic)
 
 
 def mask_threshold(dtype):
@@ -85,10 +85,14 @@ def reference_results(q, k, v, grad_out, mask_logits, attn_mask, threshold, scal
     return out.detach(), lse, grads
 
 
-def run_backend(backend, q, k, v, grad_out, mask_logits, attn_mask, threshold_logit, scale, **options):
+def run_backend(
+    backend, q, k, v, grad_out, mask_logits, attn_mask, threshold_logit, scale, deterministic=None, **options
+):
     """Forward and backward of one backend's kernels; the backward's `deterministic` is torch's setting, as
-    the op passes it (off by default: the Triton launches autotune on a GPU)."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    the op passes it (off by default: the Triton launches autotune on a GPU and add dq with atomics), unless
+    given."""
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     if options:  # direct Triton call with launch options (key splits, config)
         from m2f_kernels.triton import masked_attention as triton_kernels
 
@@ -104,7 +108,7 @@ def run_backend(backend, q, k, v, grad_out, mask_logits, attn_mask, threshold_lo
     return out, lse, grads
 
 
-def check_backend(backend, dtype, shape, mask_kind, device="cpu", **options):
+def check_backend(backend, dtype, shape, mask_kind, device="cpu", deterministic=None, **options):
     """Runs one backend on one shape and mask kind and compares everything with the reference."""
     batch, heads, queries, keys, head_dim = shape
     q, k, v, grad_out = make_inputs(batch, heads, queries, keys, head_dim, dtype, device)
@@ -123,7 +127,7 @@ def check_backend(backend, dtype, shape, mask_kind, device="cpu", **options):
     scale = head_dim**-0.5
 
     out, lse, grads = run_backend(
-        backend, q, k, v, grad_out, mask_logits, attn_mask, threshold_logit, scale, **options
+        backend, q, k, v, grad_out, mask_logits, attn_mask, threshold_logit, scale, deterministic, **options
     )
     ref_out, ref_lse, ref_grads = reference_results(
         q, k, v, grad_out, mask_logits, attn_mask, threshold, scale
@@ -173,16 +177,26 @@ def test_cpu_kernel_bool_masks_match_reference(dtype, mask_kind, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", TRITON_SHAPES)
 @pytest.mark.parametrize("mask_kind", ["logits", "bool", "bool_per_head"])
-def test_triton_matches_reference(dtype, shape, mask_kind):
-    check_backend("triton", dtype, shape, mask_kind)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "dq_kernel"])
+def test_triton_matches_reference(dtype, shape, mask_kind, deterministic):
+    check_backend("triton", dtype, shape, mask_kind, deterministic=deterministic)
 
 
 @needs_triton
 @pytest.mark.parametrize("num_splits", [2, 3])
 @pytest.mark.parametrize("mask_kind", ["logits", "bool_per_head"])
-def test_triton_split_keys_match_reference(num_splits, mask_kind):
-    # 150 keys: the last split and the last key block are partial.
-    check_backend("triton", torch.float32, (1, 2, 40, 150, 32), mask_kind, num_splits=num_splits)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "dq_kernel"])
+def test_triton_split_keys_match_reference(num_splits, mask_kind, deterministic):
+    """150 keys: the last split and the last key block are partial. The splits serve the forward and the
+    deterministic backward's dq kernel."""
+    check_backend(
+        "triton",
+        torch.float32,
+        (1, 2, 40, 150, 32),
+        mask_kind,
+        deterministic=deterministic,
+        num_splits=num_splits,
+    )
 
 
 @needs_cpu_kernel
@@ -365,11 +379,19 @@ def tuned_configs():
     tuned_configs(),
     ids=lambda c: f"Q{c.kwargs['BLOCK_Q']}-K{c.kwargs['BLOCK_K']}-warps{c.num_warps}-stages{c.num_stages}",
 )
-def test_cuda_triton_every_autotuned_config_matches_reference(dtype, config):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "dq_kernel"])
+def test_cuda_triton_every_autotuned_config_matches_reference(dtype, config, deterministic):
     """Each config the autotuner may pick (block sizes, warps, stages), pinned, on the GPU's compiler and
-    tensor cores: 100 queries, 1030 keys in two splits."""
+    tensor cores: 100 queries, 1030 keys in two splits; dq added with atomics or from its own kernel."""
     check_backend(
-        "triton", dtype, (2, 8, 100, 1030, 32), "logits", device="cuda", num_splits=2, config=config
+        "triton",
+        dtype,
+        (2, 8, 100, 1030, 32),
+        "logits",
+        device="cuda",
+        deterministic=deterministic,
+        num_splits=2,
+        config=config,
     )
 
 
@@ -458,10 +480,12 @@ def test_cpu_kernel_with_window_masks(dtype, mask_kind):
 
 @needs_triton
 @pytest.mark.parametrize("mask_kind", ["logits", "bool_per_head"])
-def test_triton_many_heads_query_blocks_and_splits(mask_kind):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "dq_kernel"])
+def test_triton_many_heads_query_blocks_and_splits(mask_kind, deterministic):
     """Two images x three heads, two query blocks, three key splits and three key blocks: the kernels' grid
     folds (block, batch * heads) into its first axis, and each program must recover both."""
-    check_backend("triton", torch.float32, (2, 3, 40, 150, 32), mask_kind, num_splits=3)
+    shape = (2, 3, 40, 150, 32)
+    check_backend("triton", torch.float32, shape, mask_kind, deterministic=deterministic, num_splits=3)
 
 
 def tuned_block_sizes():
@@ -473,7 +497,10 @@ def tuned_block_sizes():
 @needs_triton
 @pytest.mark.parametrize("block_q, block_k", tuned_block_sizes() if HAS_TRITON_ON_CPU else [])
 @pytest.mark.parametrize("mask_kind", ["logits", "bool_per_head"])
-def test_triton_every_autotuned_block_size_matches_reference(monkeypatch, block_q, block_k, mask_kind):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "dq_kernel"])
+def test_triton_every_autotuned_block_size_matches_reference(
+    monkeypatch, block_q, block_k, mask_kind, deterministic
+):
     """The block sizes the GPU autotuner may pick, pinned: 70 queries (a partial query block of every size),
     600 keys in two splits (partial last split and key block); with mask logits, a row whose only visible key
     is key 300, in the mask pass's second key program. Every attention launch runs the given config."""
@@ -492,20 +519,24 @@ def test_triton_every_autotuned_block_size_matches_reference(monkeypatch, block_
         ),
     )
     config = triton.Config({"BLOCK_Q": block_q, "BLOCK_K": block_k}, num_warps=4)
-    check_backend("triton", torch.float32, (2, 2, 70, 600, 32), mask_kind, num_splits=2, config=config)
-    assert launched == [config] * 3  # forward, dq, dk/dv
+    shape = (2, 2, 70, 600, 32)
+    check_backend(
+        "triton", torch.float32, shape, mask_kind, deterministic=deterministic, num_splits=2, config=config
+    )
+    assert launched == [config] * (3 if deterministic else 2)  # forward, [dq,] dk/dv
 
 
 @needs_triton
 @pytest.mark.parametrize("mask_kind", ["logits", "bool_per_head"])
 def test_triton_autotuned_launches_match_reference(monkeypatch, mask_kind):
     """The launches a GPU makes: each kernel's autotuner times every tuned config (here with made-up times, so
-    that the forward, dq and dk/dv kernels each keep a different one, none of them the fixed config) and runs
-    the winner, with key splits of whole 128-key blocks."""
+    that the forward and the dk/dv/dq kernels each keep a different one, none of them the fixed config) and
+    runs the winner, with key splits of whole 128-key blocks. Every timed launch adds to dq: the winner's must
+    start from zero again."""
     from m2f_kernels.triton import masked_attention as module
 
     monkeypatch.setattr(module, "autotuning", lambda: True)
-    winners = {"_forward_kernel": 4, "_backward_dq_kernel": 2, "_backward_dkdv_kernel": 5}
+    winners = {"_forward_kernel": 4, "_backward_dkdv_dq_kernel": 5}
     for name, winner in winners.items():
         kernel = getattr(module, name)
         order = iter(range(len(module.TUNED_CONFIGS)))
@@ -582,7 +613,8 @@ def test_triton_launch_config_is_pinned_when_deterministic(monkeypatch):
         finally:
             torch.use_deterministic_algorithms(previous)
         module.masked_attention_backward(q, q, kv, kv, out, lse, logits, None, 0.0, 1.0, deterministic)
-    assert [config is not None for config in pinned] == [False, False, False, True, True, True]
+    # forward and dk/dv/dq autotuned; then forward, dq and dk/dv pinned
+    assert [config is not None for config in pinned] == [False, False, True, True, True]
 
 
 @needs_triton
