@@ -10,6 +10,7 @@ export MAX_JOBS ?= 2
 export M2F_KERNELS_SKIP_CUDA ?= 0
 
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
+CXX_FORMATTED := $(CSRC) $(shell find tests/cuda_emulation -name '*.cpp' -o -name '*.h')
 PYSRC_DIRS := m2f m2f_kernels tests benchmarks setup.py
 
 .PHONY: setup build lint format test demo bench report gpu-check clean FORCE
@@ -40,12 +41,12 @@ build: m2f_kernels/_C.so
 lint: setup
 	$(VENV)/bin/ruff check $(PYSRC_DIRS)
 	$(VENV)/bin/ruff format --check $(PYSRC_DIRS)
-	$(VENV)/bin/clang-format --dry-run -Werror $(CSRC)
+	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_FORMATTED)
 
 format: setup
 	$(VENV)/bin/ruff check --fix $(PYSRC_DIRS)
 	$(VENV)/bin/ruff format $(PYSRC_DIRS)
-	$(VENV)/bin/clang-format -i $(CSRC)
+	$(VENV)/bin/clang-format -i $(CXX_FORMATTED)
 
 test: build lint
 	$(PY) -m pytest -q tests

@@ -4,8 +4,8 @@
 // blocks of kLossSplitPoints with a fixed block reduction and adds the blocks in order, so they are
 // deterministic. Backward scatter to the image planes: the default adds
 // with atomics; the deterministic mode uses scatter_rows_kernel, where each thread owns one image
-// row and adds the contributions of the points in point order, without atomics. The pairwise costs
-// split the points over blocks and sum the partial results in a fixed order.
+// row and adds the contributions of the points in point order, without atomics. The pairwise
+// costs' kernels are in pairwise_kernels.cuh.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "common/dispatch.h"
+#include "point_loss/pairwise_kernels.cuh"
 #include "point_loss/sampling.h"
 #include "point_loss/targets.h"
 
@@ -31,14 +32,6 @@ constexpr int kThreads = 256;
 // Points per block of the loss forward: 4 per thread, so the 100 masks of a batch fill the GPU.
 constexpr int64_t kLossSplitPoints = 4 * kThreads;
 constexpr int kScatterThreads = 256;
-// pairwise_mask_cost: kPairTile x kPairTile pairs per block, kPairMicro x kPairMicro per thread.
-constexpr int kPairTile = 32;
-constexpr int kPairMicro = 4;
-constexpr int kPairStride = kPairTile / kPairMicro;
-constexpr int kPairThreads = kPairStride * kPairStride;
-constexpr int kPairChunk = 32;
-static_assert(kPairThreads == 2 * kPairTile,
-              "one row sum per thread: kPairTile probs, kPairTile labels");
 
 at::ScalarType accumulate_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
@@ -560,131 +553,6 @@ at::Tensor point_mask_loss_backward_cuda(const at::Tensor& grad_ce, const at::Te
 // ---------------------------------------------------------------------------------------------------------
 // pairwise_mask_cost
 
-// Block (query tile, target tile, point split) of kPairThreads threads; each thread computes a
-// kPairMicro x kPairMicro block of (query, target) pairs: queries ty + kPairStride * i and targets
-// tx + kPairStride * j, where ty = thread / kPairStride and tx = thread % kPairStride. Each chunk
-// of kPairChunk points is staged in shared memory, [row][point] with one column of padding so that
-// neither the row-wise staging nor the pair loop has bank conflicts. Points past the split, queries
-// past Q and targets past T are staged as zeros, which add nothing to any dot product that is kept.
-// Writes the split's three dot products per pair, and its per-row sums of sigmoid(x) (from the
-// first target tile) and of the labels (from the first query tile).
-template <typename scalar_t, typename label_t>
-__global__ void __launch_bounds__(kPairThreads)
-    pairwise_partial_kernel(const scalar_t* __restrict__ logits, const label_t* __restrict__ labels,
-                            at::opmath_type<scalar_t>* __restrict__ partial_dots,
-                            at::opmath_type<scalar_t>* __restrict__ partial_prob_sums,
-                            at::opmath_type<scalar_t>* __restrict__ partial_target_sums,
-                            int64_t num_queries, int64_t num_targets, int64_t num_points,
-                            int64_t points_per_split) {
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t positive[kPairTile][kPairChunk + 1];  // softplus(-x)
-  __shared__ acc_t negative[kPairTile][kPairChunk + 1];  // softplus(x)
-  __shared__ acc_t prob[kPairTile][kPairChunk + 1];      // sigmoid(x)
-  __shared__ acc_t label[kPairTile][kPairChunk + 1];
-  const int thread = threadIdx.x;
-  const int ty = thread / kPairStride, tx = thread % kPairStride;
-  const int64_t query_base = static_cast<int64_t>(blockIdx.x) * kPairTile;
-  const int64_t target_base = static_cast<int64_t>(blockIdx.y) * kPairTile;
-  const int64_t split = blockIdx.z;
-  const int64_t point_begin = split * points_per_split;
-  const int64_t point_end = std::min(point_begin + points_per_split, num_points);
-  const bool sums_probs = blockIdx.y == 0, sums_labels = blockIdx.x == 0;
-  acc_t positive_dot[kPairMicro][kPairMicro] = {}, negative_dot[kPairMicro][kPairMicro] = {},
-        prob_dot[kPairMicro][kPairMicro] = {};
-  acc_t row_sum = 0;  // thread < kPairTile: prob row `thread`; else label row `thread - kPairTile`
-  for (int64_t start = point_begin; start < point_end; start += kPairChunk) {
-    for (int e = thread; e < kPairTile * kPairChunk; e += kPairThreads) {
-      const int row = e / kPairChunk, k = e % kPairChunk;
-      const int64_t p = start + k, query = query_base + row, target = target_base + row;
-      acc_t pos = 0, neg = 0, pr = 0, lab = 0;
-      if (p < point_end && query < num_queries) {
-        const acc_t logit = static_cast<acc_t>(logits[query * num_points + p]);
-        const LogitTerms<acc_t> terms = logit_terms(logit);
-        pos = softplus(-logit, terms.log_term);
-        neg = softplus(logit, terms.log_term);
-        pr = terms.prob;
-      }
-      if (p < point_end && target < num_targets)
-        lab = static_cast<acc_t>(labels[target * num_points + p]);
-      positive[row][k] = pos;
-      negative[row][k] = neg;
-      prob[row][k] = pr;
-      label[row][k] = lab;
-    }
-    __syncthreads();
-    if (thread < kPairTile ? sums_probs : sums_labels) {
-      const acc_t* summed = thread < kPairTile ? prob[thread] : label[thread - kPairTile];
-#pragma unroll
-      for (int k = 0; k < kPairChunk; ++k) row_sum += summed[k];
-    }
-#pragma unroll 4
-    for (int k = 0; k < kPairChunk; ++k) {
-      acc_t t[kPairMicro], not_t[kPairMicro];
-#pragma unroll
-      for (int j = 0; j < kPairMicro; ++j) {
-        t[j] = label[tx + kPairStride * j][k];
-        not_t[j] = acc_t(1) - t[j];
-      }
-#pragma unroll
-      for (int i = 0; i < kPairMicro; ++i) {
-        const int row = ty + kPairStride * i;
-        const acc_t pos = positive[row][k], neg = negative[row][k], pr = prob[row][k];
-#pragma unroll
-        for (int j = 0; j < kPairMicro; ++j) {
-          positive_dot[i][j] += pos * t[j];
-          negative_dot[i][j] += neg * not_t[j];
-          prob_dot[i][j] += pr * t[j];
-        }
-      }
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < kPairMicro; ++i) {
-#pragma unroll
-    for (int j = 0; j < kPairMicro; ++j) {
-      const int64_t query = query_base + ty + kPairStride * i;
-      const int64_t target = target_base + tx + kPairStride * j;
-      if (query < num_queries && target < num_targets) {
-        acc_t* out = partial_dots + ((split * num_queries + query) * num_targets + target) * 3;
-        out[0] = positive_dot[i][j];
-        out[1] = negative_dot[i][j];
-        out[2] = prob_dot[i][j];
-      }
-    }
-  }
-  if (thread < kPairTile && sums_probs && query_base + thread < num_queries)
-    partial_prob_sums[split * num_queries + query_base + thread] = row_sum;
-  const int target_row = thread - kPairTile;
-  if (thread >= kPairTile && sums_labels && target_base + target_row < num_targets)
-    partial_target_sums[split * num_targets + target_base + target_row] = row_sum;
-}
-
-template <typename acc_t>
-__global__ void pairwise_finalize_kernel(const acc_t* __restrict__ partial_dots,
-                                         const acc_t* __restrict__ partial_prob_sums,
-                                         const acc_t* __restrict__ partial_target_sums,
-                                         acc_t* __restrict__ ce, acc_t* __restrict__ dice,
-                                         int64_t num_queries, int64_t num_targets,
-                                         int64_t num_points, int64_t num_splits) {
-  const int64_t total = num_queries * num_targets;
-  for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < total;
-       index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t query = index / num_targets, target = index - query * num_targets;
-    acc_t positive_dot = 0, negative_dot = 0, prob_dot = 0, prob_sum = 0, target_sum = 0;
-    for (int64_t split = 0; split < num_splits; ++split) {
-      const acc_t* dots = partial_dots + (split * total + index) * 3;
-      positive_dot += dots[0];
-      negative_dot += dots[1];
-      prob_dot += dots[2];
-      prob_sum += partial_prob_sums[split * num_queries + query];
-      target_sum += partial_target_sums[split * num_targets + target];
-    }
-    ce[index] = pairwise_ce_cost_from_bce_dots(positive_dot, negative_dot, num_points);
-    dice[index] = pairwise_dice_cost(prob_dot, prob_sum, target_sum);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> pairwise_mask_cost_cuda(const at::Tensor& pred_point_logits,
                                                            const at::Tensor& target_point_labels) {
   check_cuda(pred_point_logits, "pred_point_logits");
@@ -706,42 +574,33 @@ std::tuple<at::Tensor, at::Tensor> pairwise_mask_cost_cuda(const at::Tensor& pre
   at::Tensor ce = at::empty({num_queries, num_targets}, out_options);
   at::Tensor dice = at::empty({num_queries, num_targets}, out_options);
   if (num_queries == 0 || num_targets == 0) return {ce, dice};
-  const int64_t query_tiles = (num_queries + kPairTile - 1) / kPairTile;
-  const int64_t target_tiles = (num_targets + kPairTile - 1) / kPairTile;
-  TORCH_CHECK(query_tiles <= std::numeric_limits<int32_t>::max() && target_tiles <= 65535,
+  const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const PairwisePlan plan = pairwise_plan(num_queries, num_targets, num_points, sm_count);
+  TORCH_CHECK(plan.query_tiles <= std::numeric_limits<int32_t>::max() && plan.target_tiles <= 65535,
               "pairwise_mask_cost supports at most ", 65535 * kPairTile, " targets, got ",
               num_targets);
-  // Enough splits to give every SM about four blocks, each split at least 8 chunks of points long.
-  const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t max_splits =
-      std::max<int64_t>(1, (num_points + 8 * kPairChunk - 1) / (8 * kPairChunk));
-  const int64_t wanted_splits =
-      (4 * sm_count + query_tiles * target_tiles - 1) / (query_tiles * target_tiles);
-  const int64_t num_splits =
-      std::min<int64_t>({max_splits, std::max<int64_t>(1, wanted_splits), 65535});
-  const int64_t points_per_split =
-      ((num_points + num_splits - 1) / num_splits + kPairChunk - 1) / kPairChunk * kPairChunk;
-  at::Tensor partial_dots = at::empty({num_splits, num_queries, num_targets, 3}, out_options);
-  at::Tensor partial_prob_sums = at::empty({num_splits, num_queries}, out_options);
-  at::Tensor partial_target_sums = at::empty({num_splits, num_targets}, out_options);
+  at::Tensor partial_dots = at::empty({plan.num_splits, num_queries, num_targets, 2}, out_options);
+  at::Tensor partial_query_sums = at::empty({plan.num_splits, num_queries, 2}, out_options);
+  at::Tensor partial_target_sums = at::empty({plan.num_splits, num_targets}, out_options);
   const auto stream = at::cuda::getCurrentCUDAStream();
   M2F_DISPATCH_FLOATING_TYPES(pred_point_logits.scalar_type(), "pairwise_mask_cost_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const dim3 grid(static_cast<unsigned>(query_tiles), static_cast<unsigned>(target_tiles),
-                    static_cast<unsigned>(num_splits));
+    const dim3 grid(static_cast<unsigned>(plan.query_tiles),
+                    static_cast<unsigned>(plan.target_tiles),
+                    static_cast<unsigned>(plan.num_splits));
     dispatch_soft_target_type<scalar_t>(target_point_labels, [&](auto labels_ptr) {
       using label_t = std::remove_const_t<std::remove_pointer_t<decltype(labels_ptr)>>;
       pairwise_partial_kernel<scalar_t, label_t><<<grid, kPairThreads, 0, stream>>>(
           pred_point_logits.data_ptr<scalar_t>(), labels_ptr, partial_dots.data_ptr<acc_t>(),
-          partial_prob_sums.data_ptr<acc_t>(), partial_target_sums.data_ptr<acc_t>(), num_queries,
-          num_targets, num_points, points_per_split);
+          partial_query_sums.data_ptr<acc_t>(), partial_target_sums.data_ptr<acc_t>(), num_queries,
+          num_targets, num_points, plan.points_per_split);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    const int64_t total = num_queries * num_targets;
-    pairwise_finalize_kernel<<<grid_size(total, kThreads), kThreads, 0, stream>>>(
-        partial_dots.data_ptr<acc_t>(), partial_prob_sums.data_ptr<acc_t>(),
+    pairwise_finalize_kernel<<<static_cast<unsigned>(plan.finalize_blocks), kPairFinalizeThreads, 0,
+                               stream>>>(
+        partial_dots.data_ptr<acc_t>(), partial_query_sums.data_ptr<acc_t>(),
         partial_target_sums.data_ptr<acc_t>(), ce.data_ptr<acc_t>(), dice.data_ptr<acc_t>(),
-        num_queries, num_targets, num_points, num_splits);
+        num_queries, num_targets, num_points, plan.num_splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {ce, dice};

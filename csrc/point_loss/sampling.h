@@ -214,14 +214,6 @@ M2F_HOST_DEVICE acc_t pairwise_ce_cost(acc_t softplus_sum, acc_t logit_target_do
   return ce < acc_t(0) ? acc_t(0) : ce;
 }
 
-// The CE cost from Mask2Former's three dot products, positive = softplus(-x).t and negative =
-// softplus(x).(1 - t).
-template <typename acc_t>
-M2F_HOST_DEVICE acc_t pairwise_ce_cost_from_bce_dots(acc_t positive_dot, acc_t negative_dot,
-                                                     int64_t num_points) {
-  return (positive_dot + negative_dot) / static_cast<acc_t>(num_points);
-}
-
 // dice = 1 - (2 sigmoid(x) . t + 1) / (sum sigmoid(x) + sum t + 1).
 template <typename acc_t>
 M2F_HOST_DEVICE acc_t pairwise_dice_cost(acc_t prob_target_dot, acc_t prob_sum, acc_t target_sum) {

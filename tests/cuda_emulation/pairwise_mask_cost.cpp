@@ -1,0 +1,58 @@
+// pairwise_mask_cost's CUDA kernels (csrc/point_loss/pairwise_kernels.cuh) run on the CPU through
+// cuda_emulation.h, with the launches of pairwise_mask_cost_cuda. One C entry point per (logits,
+// labels) type pair the CUDA op dispatches to; tests/ops/test_cuda_kernels_emulated.py calls them
+// through ctypes. Inputs are contiguous; ce and dice are (Q, T) in the accumulation type.
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "cuda_emulation.h"
+#include "point_loss/pairwise_kernels.cuh"
+
+namespace {
+
+template <typename scalar_t, typename label_t>
+void pairwise_mask_cost(const void* logits, const void* labels, void* ce, void* dice,
+                        int64_t num_queries, int64_t num_targets, int64_t num_points,
+                        int64_t sm_count) {
+  using namespace m2f::point_loss;
+  using acc_t = at::opmath_type<scalar_t>;
+  const PairwisePlan plan = pairwise_plan(num_queries, num_targets, num_points, sm_count);
+  // NaN where the partial kernel does not write: a sum that reads such an element is NaN.
+  const acc_t unwritten = std::numeric_limits<acc_t>::quiet_NaN();
+  std::vector<acc_t> partial_dots(plan.num_splits * num_queries * num_targets * 2, unwritten);
+  std::vector<acc_t> partial_query_sums(plan.num_splits * num_queries * 2, unwritten);
+  std::vector<acc_t> partial_target_sums(plan.num_splits * num_targets, unwritten);
+  cuda_emulation::launch(dim3(plan.query_tiles, plan.target_tiles, plan.num_splits),
+                         dim3(kPairThreads), pairwise_partial_kernel<scalar_t, label_t>,
+                         static_cast<const scalar_t*>(logits), static_cast<const label_t*>(labels),
+                         partial_dots.data(), partial_query_sums.data(), partial_target_sums.data(),
+                         num_queries, num_targets, num_points, plan.points_per_split);
+  cuda_emulation::launch(
+      dim3(plan.finalize_blocks), dim3(kPairFinalizeThreads), pairwise_finalize_kernel<acc_t>,
+      static_cast<const acc_t*>(partial_dots.data()),
+      static_cast<const acc_t*>(partial_query_sums.data()),
+      static_cast<const acc_t*>(partial_target_sums.data()), static_cast<acc_t*>(ce),
+      static_cast<acc_t*>(dice), num_queries, num_targets, num_points, plan.num_splits);
+}
+
+}  // namespace
+
+#define M2F_PAIRWISE_ENTRY(name, scalar_t, label_t)                                           \
+  extern "C" void name(const void* logits, const void* labels, void* ce, void* dice,          \
+                       int64_t num_queries, int64_t num_targets, int64_t num_points,          \
+                       int64_t sm_count) {                                                    \
+    pairwise_mask_cost<scalar_t, label_t>(logits, labels, ce, dice, num_queries, num_targets, \
+                                          num_points, sm_count);                              \
+  }
+
+M2F_PAIRWISE_ENTRY(pairwise_mask_cost_float_float, float, float)
+M2F_PAIRWISE_ENTRY(pairwise_mask_cost_double_double, double, double)
+M2F_PAIRWISE_ENTRY(pairwise_mask_cost_half_half, c10::Half, c10::Half)
+M2F_PAIRWISE_ENTRY(pairwise_mask_cost_half_float, c10::Half, float)
+M2F_PAIRWISE_ENTRY(pairwise_mask_cost_bfloat16_bfloat16, c10::BFloat16, c10::BFloat16)
+M2F_PAIRWISE_ENTRY(pairwise_mask_cost_bfloat16_float, c10::BFloat16, float)
