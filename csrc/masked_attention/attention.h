@@ -15,11 +15,17 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "common/math.h"
 
 namespace m2f {
 namespace masked_attention {
+
+// The sizes of one call: q (B, H, Q, d), k and v (B, H, K, d), Hm mask heads.
+struct Sizes {
+  int64_t batch, heads, queries, keys, head_dim, mask_heads;
+};
 
 template <typename acc_t>
 M2F_HOST_DEVICE acc_t negative_infinity() {

@@ -8,13 +8,10 @@
 #include <optional>
 
 #include "common/checks.h"
+#include "masked_attention/attention.h"
 
 namespace m2f {
 namespace masked_attention {
-
-struct Sizes {
-  int64_t batch, heads, queries, keys, head_dim, mask_heads;
-};
 
 // q (B, H, Q, d), k and v (B, H, K, d), and exactly one of mask_logits (B, Q, K) in q's dtype or
 // attn_mask (B, Hm, Q, K) bool with Hm in {1, H}; all contiguous and on one device.

@@ -1,19 +1,5 @@
-// Masked cross-attention, CUDA kernels (float32, float16, bfloat16; float32 accumulation).
-//
-// The mask is read per (query, key) from mask_logits (B, Q, K) (visible iff logit >=
-// threshold_logit, NaN blocked) or from the bool attn_mask (B, Hm, Q, K) (True = blocked); no
-// per-head mask is built. Fully-blocked-row rule: a cheap first pass (row_flags_kernel, one warp
-// per mask row, stopping at the first visible key) stores one "row has a visible key" flag per mask
-// row, shared by the heads when Hm == 1; the attention kernels then treat every key of a
-// flagged-empty row as visible.
-//
-// Forward: one thread per query row, blocks of kQueryTile queries times one key split. K and V
-// tiles and the tile's visibility are staged in shared memory; the online softmax state lives in
-// registers. With several key splits (the small-Q / large-K decoder shape), each block writes its
-// partial (max, sum, acc) and combine_kernel merges the splits in split order. Backward: delta =
-// rowsum(dO * O); dq: one thread per query row over a key split, partials summed in split order by
-// reduce_splits_kernel; dk and dv: one thread per key looping over all queries. Nothing uses
-// atomics, so the backward is deterministic whatever `deterministic` says.
+// Masked cross-attention on CUDA: argument checks, buffers and launches on the current stream of
+// the kernels and launch sequences in kernels.cuh.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -33,353 +19,11 @@
 #include "common/checks.h"
 #include "masked_attention/attention.h"
 #include "masked_attention/checks.h"
+#include "masked_attention/kernels.cuh"
 
 namespace m2f {
 namespace masked_attention {
 namespace {
-
-constexpr int kQueryTile = 64;   // threads (queries) per block of the forward and dq kernels
-constexpr int kKeyTile = 32;     // keys staged in shared memory per step of those kernels
-constexpr int kKeyThreads = 64;  // threads (keys) per block of the dk/dv kernel
-constexpr int kQueryStage = 16;  // queries staged in shared memory per step of the dk/dv kernel
-constexpr int kRowsPerFlagBlock = 8;
-// Row length of the shared visibility tile: the 4 padding bytes put the 32 keys that one warp
-// stores for a query in 32 different banks.
-constexpr int kVisibleRowLength = kQueryTile + 4;
-
-__host__ __device__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Mask source plus the row flags; all accessors take a mask row index (b * Hm + hm) * Q + i.
-template <typename scalar_t>
-struct MaskSource {
-  const scalar_t* logits;  // (B, Q, K) or null
-  const bool* blocked;     // (B, Hm, Q, K) or null
-  const uint8_t* row_has_visible_key;
-  float threshold_logit;
-  int64_t mask_heads, queries, keys;
-
-  __device__ __forceinline__ int64_t row(int64_t b, int64_t h, int64_t i) const {
-    return (b * mask_heads + (mask_heads > 1 ? h : 0)) * queries + i;
-  }
-  __device__ __forceinline__ bool mask_visible(int64_t row_index, int64_t key) const {
-    const int64_t offset = row_index * keys + key;
-    return logits != nullptr
-               ? logit_is_visible<float>(static_cast<float>(logits[offset]), threshold_logit)
-               : bool_mask_is_visible(blocked[offset]);
-  }
-  __device__ __forceinline__ bool visible(int64_t row_index, int64_t key) const {
-    return key_is_visible(mask_visible(row_index, key), row_has_visible_key[row_index] != 0);
-  }
-};
-
-template <typename scalar_t>
-__global__ void row_flags_kernel(MaskSource<scalar_t> mask, int64_t num_rows, uint8_t* flags) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerFlagBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= num_rows) return;  // uniform per warp
-  for (int64_t base = 0; base < mask.keys; base += 32) {
-    const int64_t key = base + lane;
-    const bool visible = key < mask.keys && mask.mask_visible(row, key);
-    if (__any_sync(0xffffffffu, visible)) {
-      if (lane == 0) flags[row] = 1;
-      return;
-    }
-  }
-  if (lane == 0) flags[row] = 0;
-}
-
-// Stages keys [tile, tile + kKeyTile) of K and V (zeros past key_end) and the visibility of those
-// keys for the block's kQueryTile queries (false past the end of either).
-template <typename scalar_t, int D>
-__device__ __forceinline__ void stage_key_tile(
-    const scalar_t* k, const scalar_t* v, const MaskSource<scalar_t>& mask, int64_t b, int64_t h,
-    int64_t bh, int64_t query0, int64_t queries, int64_t keys, int64_t tile, int64_t key_end,
-    float (*k_tile)[D], float (*v_tile)[D], bool (*visible_tile)[kVisibleRowLength]) {
-  for (int idx = threadIdx.x; idx < kKeyTile * D; idx += kQueryTile) {
-    const int j = idx / D, c = idx % D;
-    const int64_t key = tile + j;
-    const bool in_range = key < key_end;
-    const int64_t offset = (bh * keys + key) * D + c;
-    k_tile[j][c] = in_range ? static_cast<float>(k[offset]) : 0.0f;
-    v_tile[j][c] = in_range ? static_cast<float>(v[offset]) : 0.0f;
-  }
-  for (int idx = threadIdx.x; idx < kKeyTile * kQueryTile; idx += kQueryTile) {
-    const int qi = idx / kKeyTile, j = idx % kKeyTile;
-    const int64_t query = query0 + qi, key = tile + j;
-    visible_tile[j][qi] =
-        query < queries && key < key_end && mask.visible(mask.row(b, h, query), key);
-  }
-}
-
-template <typename scalar_t, int D>
-__global__ void __launch_bounds__(kQueryTile)
-    forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                   const scalar_t* __restrict__ v, MaskSource<scalar_t> mask, int64_t heads,
-                   int64_t queries, int64_t keys, int64_t keys_per_split, float scale,
-                   scalar_t* __restrict__ out, float* __restrict__ lse,
-                   float* __restrict__ partial_max, float* __restrict__ partial_sum,
-                   float* __restrict__ partial_acc) {
-  __shared__ float k_tile[kKeyTile][D];
-  __shared__ float v_tile[kKeyTile][D];
-  __shared__ bool visible_tile[kKeyTile][kVisibleRowLength];
-
-  const int64_t bh = blockIdx.x;
-  const int64_t b = bh / heads, h = bh % heads;
-  const int64_t query0 = static_cast<int64_t>(blockIdx.y) * kQueryTile;
-  const int split = blockIdx.z, num_splits = gridDim.z;
-  const int t = threadIdx.x;
-  const int64_t i = query0 + t;
-  const bool query_valid = i < queries;
-  const int64_t row = bh * queries + i;
-  const int64_t key_begin = split * keys_per_split;
-  const int64_t key_end = key_begin + keys_per_split < keys ? key_begin + keys_per_split : keys;
-
-  float q_row[D], acc[D];
-#pragma unroll
-  for (int c = 0; c < D; ++c) {
-    q_row[c] = query_valid ? static_cast<float>(q[row * D + c]) : 0.0f;
-    acc[c] = 0.0f;
-  }
-  float row_max = negative_infinity<float>(), row_sum = 0.0f;
-
-  for (int64_t tile = key_begin; tile < key_end; tile += kKeyTile) {
-    stage_key_tile<scalar_t, D>(k, v, mask, b, h, bh, query0, queries, keys, tile, key_end, k_tile,
-                                v_tile, visible_tile);
-    __syncthreads();
-    float scores[kKeyTile];
-    float tile_max = negative_infinity<float>();
-#pragma unroll
-    for (int j = 0; j < kKeyTile; ++j) {
-      float dot = 0.0f;
-#pragma unroll
-      for (int c = 0; c < D; ++c) dot += q_row[c] * k_tile[j][c];
-      scores[j] = visible_tile[j][t] ? dot * scale : negative_infinity<float>();
-      tile_max = fmaxf(tile_max, scores[j]);
-    }
-    const float new_max = fmaxf(row_max, tile_max);
-    if (new_max != negative_infinity<float>()) {
-      const float alpha = rescale_factor(row_max, new_max);
-      row_sum *= alpha;
-#pragma unroll
-      for (int c = 0; c < D; ++c) acc[c] *= alpha;
-#pragma unroll
-      for (int j = 0; j < kKeyTile; ++j) {
-        const float weight = softmax_weight(scores[j], new_max);
-        row_sum += weight;
-#pragma unroll
-        for (int c = 0; c < D; ++c) acc[c] += weight * v_tile[j][c];
-      }
-      row_max = new_max;
-    }
-    __syncthreads();
-  }
-  if (!query_valid) return;
-  if (num_splits == 1) {
-#pragma unroll
-    for (int c = 0; c < D; ++c) out[row * D + c] = static_cast<scalar_t>(acc[c] / row_sum);
-    lse[row] = log_sum_exp(row_max, row_sum);
-  } else {
-    const int64_t partial_row = split * (gridDim.x * queries) + row;
-    partial_max[partial_row] = row_max;
-    partial_sum[partial_row] = row_sum;
-#pragma unroll
-    for (int c = 0; c < D; ++c) partial_acc[partial_row * D + c] = acc[c];
-  }
-}
-
-// One thread per output element: merges the split partials of its row in split order.
-template <typename scalar_t>
-__global__ void combine_kernel(const float* __restrict__ partial_max,
-                               const float* __restrict__ partial_sum,
-                               const float* __restrict__ partial_acc, int num_splits,
-                               int64_t num_rows, int head_dim, scalar_t* __restrict__ out,
-                               float* __restrict__ lse) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= num_rows * head_dim) return;
-  const int64_t row = idx / head_dim;
-  const int c = idx % head_dim;
-  float row_max = negative_infinity<float>();
-  for (int s = 0; s < num_splits; ++s) row_max = fmaxf(row_max, partial_max[s * num_rows + row]);
-  float row_sum = 0.0f, value = 0.0f;
-  for (int s = 0; s < num_splits; ++s) {
-    const int64_t partial_row = s * num_rows + row;
-    const float factor = rescale_factor(partial_max[partial_row], row_max);
-    row_sum += partial_sum[partial_row] * factor;
-    value += partial_acc[partial_row * head_dim + c] * factor;
-  }
-  out[idx] = static_cast<scalar_t>(value / row_sum);
-  if (c == 0) lse[row] = log_sum_exp(row_max, row_sum);
-}
-
-template <typename scalar_t>
-__global__ void delta_kernel(const scalar_t* __restrict__ grad_out,
-                             const scalar_t* __restrict__ out, int64_t num_rows, int head_dim,
-                             float* __restrict__ delta) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= num_rows) return;
-  float sum = 0.0f;
-  for (int c = 0; c < head_dim; ++c) {
-    sum += static_cast<float>(grad_out[row * head_dim + c]) *
-           static_cast<float>(out[row * head_dim + c]);
-  }
-  delta[row] = sum;
-}
-
-template <typename scalar_t, int D>
-__global__ void __launch_bounds__(kQueryTile)
-    backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                       const scalar_t* __restrict__ v, const scalar_t* __restrict__ grad_out,
-                       const float* __restrict__ lse, const float* __restrict__ delta,
-                       MaskSource<scalar_t> mask, int64_t heads, int64_t queries, int64_t keys,
-                       int64_t keys_per_split, float scale, scalar_t* __restrict__ grad_q,
-                       float* __restrict__ partial_grad_q) {
-  __shared__ float k_tile[kKeyTile][D];
-  __shared__ float v_tile[kKeyTile][D];
-  __shared__ bool visible_tile[kKeyTile][kVisibleRowLength];
-
-  const int64_t bh = blockIdx.x;
-  const int64_t b = bh / heads, h = bh % heads;
-  const int64_t query0 = static_cast<int64_t>(blockIdx.y) * kQueryTile;
-  const int split = blockIdx.z, num_splits = gridDim.z;
-  const int t = threadIdx.x;
-  const int64_t i = query0 + t;
-  const bool query_valid = i < queries;
-  const int64_t row = bh * queries + i;
-  const int64_t key_begin = split * keys_per_split;
-  const int64_t key_end = key_begin + keys_per_split < keys ? key_begin + keys_per_split : keys;
-
-  float q_row[D], grad_out_row[D], grad_q_row[D];
-#pragma unroll
-  for (int c = 0; c < D; ++c) {
-    q_row[c] = query_valid ? static_cast<float>(q[row * D + c]) : 0.0f;
-    grad_out_row[c] = query_valid ? static_cast<float>(grad_out[row * D + c]) : 0.0f;
-    grad_q_row[c] = 0.0f;
-  }
-  const float row_lse = query_valid ? lse[row] : 0.0f;
-  const float row_delta = query_valid ? delta[row] : 0.0f;
-
-  for (int64_t tile = key_begin; tile < key_end; tile += kKeyTile) {
-    stage_key_tile<scalar_t, D>(k, v, mask, b, h, bh, query0, queries, keys, tile, key_end, k_tile,
-                                v_tile, visible_tile);
-    __syncthreads();
-#pragma unroll 4
-    for (int j = 0; j < kKeyTile; ++j) {
-      if (!visible_tile[j][t]) continue;
-      float score = 0.0f, grad_prob = 0.0f;
-#pragma unroll
-      for (int c = 0; c < D; ++c) {
-        score += q_row[c] * k_tile[j][c];
-        grad_prob += grad_out_row[c] * v_tile[j][c];
-      }
-      const float prob = probability_from_lse(score * scale, row_lse);
-      const float grad_score = score_gradient(prob, grad_prob, row_delta);
-#pragma unroll
-      for (int c = 0; c < D; ++c) grad_q_row[c] += grad_score * k_tile[j][c];
-    }
-    __syncthreads();
-  }
-  if (!query_valid) return;
-  if (num_splits == 1) {
-#pragma unroll
-    for (int c = 0; c < D; ++c) grad_q[row * D + c] = static_cast<scalar_t>(grad_q_row[c] * scale);
-  } else {
-    const int64_t partial_row = split * (gridDim.x * queries) + row;
-#pragma unroll
-    for (int c = 0; c < D; ++c) partial_grad_q[partial_row * D + c] = grad_q_row[c] * scale;
-  }
-}
-
-// out[x] = sum over splits s (in order) of partial[s * count + x].
-template <typename scalar_t>
-__global__ void reduce_splits_kernel(const float* __restrict__ partial, int num_splits,
-                                     int64_t count, scalar_t* __restrict__ out) {
-  const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (x >= count) return;
-  float sum = 0.0f;
-  for (int s = 0; s < num_splits; ++s) sum += partial[s * count + x];
-  out[x] = static_cast<scalar_t>(sum);
-}
-
-template <typename scalar_t, int D>
-__global__ void __launch_bounds__(kKeyThreads)
-    backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                         const scalar_t* __restrict__ v, const scalar_t* __restrict__ grad_out,
-                         const float* __restrict__ lse, const float* __restrict__ delta,
-                         MaskSource<scalar_t> mask, int64_t heads, int64_t queries, int64_t keys,
-                         float scale, scalar_t* __restrict__ grad_k,
-                         scalar_t* __restrict__ grad_v) {
-  // Each thread reads its own key row; the +1 padding spreads the rows over the banks.
-  __shared__ float k_rows[kKeyThreads][D + 1];
-  __shared__ float v_rows[kKeyThreads][D + 1];
-  __shared__ float q_tile[kQueryStage][D];
-  __shared__ float grad_out_tile[kQueryStage][D];
-  __shared__ float lse_tile[kQueryStage];
-  __shared__ float delta_tile[kQueryStage];
-
-  // One flat grid dimension: blocks are (batch * head, key tile), key tiles innermost.
-  const int64_t key_tiles = ceil_div(keys, kKeyThreads);
-  const int64_t bh = blockIdx.x / key_tiles;
-  const int64_t b = bh / heads, h = bh % heads;
-  const int64_t key0 = (blockIdx.x % key_tiles) * kKeyThreads;
-  const int t = threadIdx.x;
-  const int64_t key = key0 + t;
-  const bool key_valid = key < keys;
-
-  for (int idx = t; idx < kKeyThreads * D; idx += kKeyThreads) {
-    const int r = idx / D, c = idx % D;
-    const bool in_range = key0 + r < keys;
-    const int64_t offset = (bh * keys + key0 + r) * D + c;
-    k_rows[r][c] = in_range ? static_cast<float>(k[offset]) : 0.0f;
-    v_rows[r][c] = in_range ? static_cast<float>(v[offset]) : 0.0f;
-  }
-  float grad_k_row[D], grad_v_row[D];
-#pragma unroll
-  for (int c = 0; c < D; ++c) {
-    grad_k_row[c] = 0.0f;
-    grad_v_row[c] = 0.0f;
-  }
-
-  for (int64_t query0 = 0; query0 < queries; query0 += kQueryStage) {
-    const int staged =
-        queries - query0 < kQueryStage ? static_cast<int>(queries - query0) : kQueryStage;
-    __syncthreads();  // the previous stage is consumed (and the key rows are stored)
-    for (int idx = t; idx < staged * D; idx += kKeyThreads) {
-      const int r = idx / D, c = idx % D;
-      const int64_t offset = (bh * queries + query0 + r) * D + c;
-      q_tile[r][c] = static_cast<float>(q[offset]);
-      grad_out_tile[r][c] = static_cast<float>(grad_out[offset]);
-    }
-    if (t < staged) {
-      lse_tile[t] = lse[bh * queries + query0 + t];
-      delta_tile[t] = delta[bh * queries + query0 + t];
-    }
-    __syncthreads();
-    if (!key_valid) continue;
-    for (int r = 0; r < staged; ++r) {
-      if (!mask.visible(mask.row(b, h, query0 + r), key)) continue;
-      float score = 0.0f, grad_prob = 0.0f;
-#pragma unroll
-      for (int c = 0; c < D; ++c) {
-        score += k_rows[t][c] * q_tile[r][c];
-        grad_prob += v_rows[t][c] * grad_out_tile[r][c];
-      }
-      const float prob = probability_from_lse(score * scale, lse_tile[r]);
-      const float grad_score = score_gradient(prob, grad_prob, delta_tile[r]);
-#pragma unroll
-      for (int c = 0; c < D; ++c) {
-        grad_v_row[c] += prob * grad_out_tile[r][c];
-        grad_k_row[c] += grad_score * q_tile[r][c];
-      }
-    }
-  }
-  if (!key_valid) return;
-  const int64_t offset = (bh * keys + key) * D;
-#pragma unroll
-  for (int c = 0; c < D; ++c) {
-    grad_k[offset + c] = static_cast<scalar_t>(grad_k_row[c] * scale);
-    grad_v[offset + c] = static_cast<scalar_t>(grad_v_row[c]);
-  }
-}
 
 // The shared checks plus what the CUDA kernels need.
 Sizes check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -398,55 +42,37 @@ Sizes check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return s;
 }
 
-// Builds the mask source and runs the row-flag pass; `flags` must outlive the returned source.
-template <typename scalar_t>
-MaskSource<scalar_t> make_mask_source(const Sizes& s, const std::optional<at::Tensor>& mask_logits,
-                                      const std::optional<at::Tensor>& attn_mask,
-                                      double threshold_logit, at::Tensor& flags,
-                                      cudaStream_t stream) {
-  MaskSource<scalar_t> mask{mask_logits.has_value() ? mask_logits->data_ptr<scalar_t>() : nullptr,
-                            attn_mask.has_value() ? attn_mask->data_ptr<bool>() : nullptr,
-                            nullptr,
-                            static_cast<float>(threshold_logit),
-                            s.mask_heads,
-                            s.queries,
-                            s.keys};
-  const int64_t num_rows = s.batch * s.mask_heads * s.queries;
-  flags = at::empty({num_rows},
-                    at::TensorOptions().dtype(at::kByte).device(
-                        mask_logits.has_value() ? mask_logits->device() : attn_mask->device()));
-  row_flags_kernel<scalar_t>
-      <<<ceil_div(num_rows, kRowsPerFlagBlock), kRowsPerFlagBlock * 32, 0, stream>>>(
-          mask, num_rows, flags.data_ptr<uint8_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  mask.row_has_visible_key = flags.data_ptr<uint8_t>();
-  return mask;
-}
+// kernels.cuh's `launch` on the current stream of the call.
+struct StreamLaunch {
+  cudaStream_t stream;
 
-// Key splits for a grid of `blocks` blocks: enough to give every multiprocessor a few blocks, with
-// at least four key tiles per split. Returns keys per split (a multiple of kKeyTile).
-int64_t keys_per_split(int64_t blocks, int64_t keys) {
+  template <typename... Params, typename... Args>
+  void operator()(dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) const {
+    kernel<<<grid, block, 0, stream>>>(args...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+int64_t multiprocessor_count() {
   int device = 0, multiprocessors = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
-  const int64_t wanted = ceil_div(4 * multiprocessors, blocks);
-  const int64_t splits = std::max<int64_t>(1, std::min(wanted, ceil_div(keys, 4 * kKeyTile)));
-  return ceil_div(ceil_div(keys, splits), kKeyTile) * kKeyTile;
+  return multiprocessors;
 }
 
-template <typename F>
-void dispatch_head_dim(int64_t head_dim, F&& launch) {
-  switch (head_dim) {
-    case 16:
-      launch(std::integral_constant<int, 16>{});
-      break;
-    case 32:
-      launch(std::integral_constant<int, 32>{});
-      break;
-    default:
-      launch(std::integral_constant<int, 64>{});
-      break;
-  }
+// Allocates the row flags and runs their pass (launch_row_flags) on the call's mask.
+template <typename scalar_t>
+MaskSource<scalar_t> run_row_flags(const StreamLaunch& launch, const Sizes& s,
+                                   const AttentionPlan& plan,
+                                   const std::optional<at::Tensor>& mask_logits,
+                                   const std::optional<at::Tensor>& attn_mask,
+                                   double threshold_logit, at::Tensor& flags) {
+  const at::Tensor& mask = mask_logits.has_value() ? *mask_logits : *attn_mask;
+  flags = at::empty({plan.mask_rows}, mask.options().dtype(at::kByte));
+  return launch_row_flags<scalar_t>(
+      launch, s, plan, mask_logits.has_value() ? mask_logits->data_ptr<scalar_t>() : nullptr,
+      attn_mask.has_value() ? attn_mask->data_ptr<bool>() : nullptr,
+      static_cast<float>(threshold_logit), flags.data_ptr<uint8_t>());
 }
 
 #define M2F_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                                 \
@@ -463,40 +89,26 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_forward_cuda(
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(at::kFloat));
   if (q.numel() == 0 || s.keys == 0) return {out.zero_(), lse.zero_()};
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t num_rows = s.batch * s.heads * s.queries;
-  const int64_t query_tiles = ceil_div(s.queries, kQueryTile);
-  const int64_t split_keys = keys_per_split(s.batch * s.heads * query_tiles, s.keys);
-  const int64_t num_splits = ceil_div(s.keys, split_keys);
+  const StreamLaunch launch{c10::cuda::getCurrentCUDAStream()};
+  const AttentionPlan plan = attention_plan(s, multiprocessor_count());
   at::Tensor partial_max, partial_sum, partial_acc;
-  if (num_splits > 1) {
-    partial_max = at::empty({num_splits, num_rows}, q.options().dtype(at::kFloat));
-    partial_sum = at::empty({num_splits, num_rows}, q.options().dtype(at::kFloat));
-    partial_acc = at::empty({num_splits, num_rows, s.head_dim}, q.options().dtype(at::kFloat));
+  if (plan.num_splits > 1) {
+    const auto options = q.options().dtype(at::kFloat);
+    partial_max = at::empty({plan.num_splits, plan.num_rows}, options);
+    partial_sum = at::empty({plan.num_splits, plan.num_rows}, options);
+    partial_acc = at::empty({plan.num_splits, plan.num_rows, s.head_dim}, options);
   }
   M2F_DISPATCH_CUDA_TYPES(q.scalar_type(), "masked_attention_forward_cuda", [&] {
     at::Tensor flags;
     const auto mask =
-        make_mask_source<scalar_t>(s, mask_logits, attn_mask, threshold_logit, flags, stream);
-    float* max_ptr = num_splits > 1 ? partial_max.data_ptr<float>() : nullptr;
-    float* sum_ptr = num_splits > 1 ? partial_sum.data_ptr<float>() : nullptr;
-    float* acc_ptr = num_splits > 1 ? partial_acc.data_ptr<float>() : nullptr;
-    const dim3 grid(s.batch * s.heads, query_tiles, num_splits);
-    dispatch_head_dim(s.head_dim, [&](auto head_dim) {
-      constexpr int D = decltype(head_dim)::value;
-      forward_kernel<scalar_t, D><<<grid, kQueryTile, 0, stream>>>(
-          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), mask, s.heads,
-          s.queries, s.keys, split_keys, static_cast<float>(scale), out.data_ptr<scalar_t>(),
-          lse.data_ptr<float>(), max_ptr, sum_ptr, acc_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    if (num_splits > 1) {
-      const int64_t elements = num_rows * s.head_dim;
-      combine_kernel<scalar_t><<<ceil_div(elements, 256), 256, 0, stream>>>(
-          max_ptr, sum_ptr, acc_ptr, static_cast<int>(num_splits), num_rows,
-          static_cast<int>(s.head_dim), out.data_ptr<scalar_t>(), lse.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+        run_row_flags<scalar_t>(launch, s, plan, mask_logits, attn_mask, threshold_logit, flags);
+    const bool split = plan.num_splits > 1;
+    launch_forward<scalar_t>(launch, s, plan, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                             v.data_ptr<scalar_t>(), mask, static_cast<float>(scale),
+                             out.data_ptr<scalar_t>(), lse.data_ptr<float>(),
+                             split ? partial_max.data_ptr<float>() : nullptr,
+                             split ? partial_sum.data_ptr<float>() : nullptr,
+                             split ? partial_acc.data_ptr<float>() : nullptr);
   });
   return {out, lse};
 }
@@ -513,48 +125,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cuda(
   at::Tensor grad_k = at::empty_like(k);
   at::Tensor grad_v = at::empty_like(v);
   if (q.numel() == 0 || k.numel() == 0) return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t num_rows = s.batch * s.heads * s.queries;
-  const int64_t query_tiles = ceil_div(s.queries, kQueryTile);
-  const int64_t split_keys = keys_per_split(s.batch * s.heads * query_tiles, s.keys);
-  const int64_t num_splits = ceil_div(s.keys, split_keys);
-  at::Tensor delta = at::empty({num_rows}, q.options().dtype(at::kFloat));
+  const StreamLaunch launch{c10::cuda::getCurrentCUDAStream()};
+  const AttentionPlan plan = attention_plan(s, multiprocessor_count());
+  at::Tensor delta = at::empty({plan.num_rows}, q.options().dtype(at::kFloat));
   at::Tensor partial_grad_q;
-  if (num_splits > 1) {
-    partial_grad_q = at::empty({num_splits, num_rows, s.head_dim}, q.options().dtype(at::kFloat));
+  if (plan.num_splits > 1) {
+    partial_grad_q =
+        at::empty({plan.num_splits, plan.num_rows, s.head_dim}, q.options().dtype(at::kFloat));
   }
   M2F_DISPATCH_CUDA_TYPES(q.scalar_type(), "masked_attention_backward_cuda", [&] {
     at::Tensor flags;
     const auto mask =
-        make_mask_source<scalar_t>(s, mask_logits, attn_mask, threshold_logit, flags, stream);
-    delta_kernel<scalar_t><<<ceil_div(num_rows, 256), 256, 0, stream>>>(
-        grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), num_rows,
-        static_cast<int>(s.head_dim), delta.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    float* partial_ptr = num_splits > 1 ? partial_grad_q.data_ptr<float>() : nullptr;
-    dispatch_head_dim(s.head_dim, [&](auto head_dim) {
-      constexpr int D = decltype(head_dim)::value;
-      const dim3 dq_grid(s.batch * s.heads, query_tiles, num_splits);
-      backward_dq_kernel<scalar_t, D><<<dq_grid, kQueryTile, 0, stream>>>(
-          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-          grad_out.data_ptr<scalar_t>(), lse.data_ptr<float>(), delta.data_ptr<float>(), mask,
-          s.heads, s.queries, s.keys, split_keys, static_cast<float>(scale),
-          grad_q.data_ptr<scalar_t>(), partial_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t dkdv_blocks = s.batch * s.heads * ceil_div(s.keys, kKeyThreads);
-      backward_dkdv_kernel<scalar_t, D><<<dkdv_blocks, kKeyThreads, 0, stream>>>(
-          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-          grad_out.data_ptr<scalar_t>(), lse.data_ptr<float>(), delta.data_ptr<float>(), mask,
-          s.heads, s.queries, s.keys, static_cast<float>(scale), grad_k.data_ptr<scalar_t>(),
-          grad_v.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    if (num_splits > 1) {
-      const int64_t count = num_rows * s.head_dim;
-      reduce_splits_kernel<scalar_t><<<ceil_div(count, 256), 256, 0, stream>>>(
-          partial_ptr, static_cast<int>(num_splits), count, grad_q.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+        run_row_flags<scalar_t>(launch, s, plan, mask_logits, attn_mask, threshold_logit, flags);
+    launch_backward<scalar_t>(
+        launch, s, plan, grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
+        k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+        lse.data_ptr<float>(), mask, static_cast<float>(scale), delta.data_ptr<float>(),
+        plan.num_splits > 1 ? partial_grad_q.data_ptr<float>() : nullptr,
+        grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>());
   });
   return {grad_q, grad_k, grad_v};
 }
