@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/stream_launch.cuh"
 #include "masked_attention/attention.h"
 #include "masked_attention/checks.h"
 #include "masked_attention/kernels.cuh"
@@ -41,17 +42,6 @@ Sizes check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
               65535 * kQueryTile, " queries, got ", s.queries);
   return s;
 }
-
-// kernels.cuh's `launch` on the current stream of the call.
-struct StreamLaunch {
-  cudaStream_t stream;
-
-  template <typename... Params, typename... Args>
-  void operator()(dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) const {
-    kernel<<<grid, block, 0, stream>>>(args...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
 
 int64_t multiprocessor_count() {
   int device = 0, multiprocessors = 0;

@@ -224,5 +224,28 @@ __global__ void __launch_bounds__(kPairFinalizeThreads)
   }
 }
 
+// ce and dice (Q, T) in the accumulation type; partial_dots holds num_splits * Q * T * 2 values,
+// partial_query_sums num_splits * Q * 2 and partial_target_sums num_splits * T. Needs Q, T, P > 0.
+template <typename scalar_t, typename label_t, typename Launch>
+void launch_pairwise_mask_cost(const Launch& launch, const PairwisePlan& plan,
+                               const scalar_t* logits, const label_t* labels,
+                               at::opmath_type<scalar_t>* partial_dots,
+                               at::opmath_type<scalar_t>* partial_query_sums,
+                               at::opmath_type<scalar_t>* partial_target_sums,
+                               at::opmath_type<scalar_t>* ce, at::opmath_type<scalar_t>* dice,
+                               int64_t num_queries, int64_t num_targets, int64_t num_points) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const dim3 grid(static_cast<unsigned>(plan.query_tiles), static_cast<unsigned>(plan.target_tiles),
+                  static_cast<unsigned>(plan.num_splits));
+  launch(grid, kPairThreads, pairwise_partial_kernel<scalar_t, label_t>, logits, labels,
+         partial_dots, partial_query_sums, partial_target_sums, num_queries, num_targets,
+         num_points, plan.points_per_split);
+  launch(static_cast<unsigned>(plan.finalize_blocks), kPairFinalizeThreads,
+         pairwise_finalize_kernel<acc_t>, static_cast<const acc_t*>(partial_dots),
+         static_cast<const acc_t*>(partial_query_sums),
+         static_cast<const acc_t*>(partial_target_sums), ce, dice, num_queries, num_targets,
+         num_points, plan.num_splits);
+}
+
 }  // namespace point_loss
 }  // namespace m2f

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <memory>
@@ -26,61 +27,93 @@ namespace cuda_emulation {
 
 constexpr unsigned kWarpSize = 32;
 
-// The threads of one warp: a barrier for their votes and one slot per lane.
+// The threads of one warp: a barrier for their exchanges and one slot per lane.
 struct Warp {
-  explicit Warp(unsigned size) : barrier(size), votes(size) {}
+  explicit Warp(unsigned size) : barrier(size), slots(size) {}
   std::barrier<> barrier;
-  std::vector<int> votes;
+  std::vector<double> slots;  // exact for the int, float and double values exchanged
 };
 
 inline thread_local std::barrier<>* block_barrier = nullptr;
 inline thread_local Warp* warp = nullptr;
 inline thread_local unsigned lane = 0;
 
-// kernel<<<grid, block>>>(args...): the blocks in order, x fastest, each with its threads at once.
+// kernel<<<grid, block>>>(args...): one CPU thread per thread of a block, which runs the blocks in
+// order, x fastest; a block starts when every thread has finished the one before. A thread that
+// returns leaves its block's and its warp's barriers, as an exited GPU thread stops counting.
 template <typename Kernel, typename... Args>
 void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
   gridDim = grid;
   blockDim = block;
   const unsigned threads = block.x * block.y * block.z;
-  for (unsigned bz = 0; bz < grid.z; ++bz) {
-    for (unsigned by = 0; by < grid.y; ++by) {
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::barrier<> barrier(threads);
-        std::vector<std::unique_ptr<Warp>> warps;
-        for (unsigned first = 0; first < threads; first += kWarpSize)
-          warps.push_back(std::make_unique<Warp>(std::min(kWarpSize, threads - first)));
-        std::vector<std::thread> workers;
-        workers.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t) {
-          workers.emplace_back([&, t] {
-            threadIdx = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
-            blockIdx = dim3(bx, by, bz);
-            block_barrier = &barrier;
-            warp = warps[t / kWarpSize].get();
-            lane = t % kWarpSize;
-            kernel(args...);
-          });
-        }
-        for (std::thread& worker : workers) worker.join();
-      }
-    }
+  const unsigned blocks = grid.x * grid.y * grid.z;
+  const unsigned warps_per_block = (threads + kWarpSize - 1) / kWarpSize;
+  std::vector<std::unique_ptr<std::barrier<>>> block_barriers;
+  std::vector<std::unique_ptr<Warp>> warps;
+  for (unsigned b = 0; b < blocks; ++b) {
+    block_barriers.push_back(std::make_unique<std::barrier<>>(threads));
+    for (unsigned first = 0; first < threads; first += kWarpSize)
+      warps.push_back(std::make_unique<Warp>(std::min(kWarpSize, threads - first)));
   }
+  std::barrier<> block_done(threads);
+  std::vector<std::thread> workers;
+  workers.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t) {
+    workers.emplace_back([&, t] {
+      threadIdx = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
+      lane = t % kWarpSize;
+      for (unsigned b = 0; b < blocks; ++b) {
+        blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y));
+        block_barrier = block_barriers[b].get();
+        warp = warps[b * warps_per_block + t / kWarpSize].get();
+        kernel(args...);
+        block_barrier->arrive_and_drop();
+        warp->barrier.arrive_and_drop();
+        block_done.arrive_and_wait();
+      }
+    });
+  }
+  for (std::thread& worker : workers) worker.join();
 }
+
+// The kernel headers' `launch(grid, block, kernel, args...)` callable.
+struct Launch {
+  template <typename Kernel, typename... Args>
+  void operator()(dim3 grid, dim3 block, Kernel kernel, Args... args) const {
+    cuda_emulation::launch(grid, block, kernel, args...);
+  }
+};
 
 }  // namespace cuda_emulation
 
 inline void __syncthreads() { cuda_emulation::block_barrier->arrive_and_wait(); }
 
-// Every lane of the warp must call it (the full mask), as on a GPU.
+// Every lane of the warp must call the warp functions (the full mask), as on a GPU.
 inline int __any_sync(unsigned /*mask*/, int predicate) {
   cuda_emulation::Warp& warp = *cuda_emulation::warp;
-  warp.votes[cuda_emulation::lane] = predicate != 0;
+  warp.slots[cuda_emulation::lane] = predicate != 0;
   warp.barrier.arrive_and_wait();
   int any = 0;
-  for (int vote : warp.votes) any |= vote;
-  warp.barrier.arrive_and_wait();  // nobody votes again before every lane has counted
+  for (double vote : warp.slots) any |= vote != 0;
+  warp.barrier.arrive_and_wait();  // nobody writes again before every lane has read
   return any;
+}
+
+template <typename T>
+T __shfl_down_sync(unsigned /*mask*/, T value, unsigned delta) {
+  cuda_emulation::Warp& warp = *cuda_emulation::warp;
+  const unsigned lane = cuda_emulation::lane;
+  warp.slots[lane] = static_cast<double>(value);
+  warp.barrier.arrive_and_wait();
+  const T result =
+      lane + delta < warp.slots.size() ? static_cast<T>(warp.slots[lane + delta]) : value;
+  warp.barrier.arrive_and_wait();
+  return result;
+}
+
+template <typename T>
+T atomicAdd(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_add(value);
 }
 
 #define __global__

@@ -18,13 +18,6 @@ namespace {
 using m2f::masked_attention::AttentionPlan;
 using m2f::masked_attention::Sizes;
 
-struct EmulatedLaunch {
-  template <typename Kernel, typename... Args>
-  void operator()(dim3 grid, dim3 block, Kernel kernel, Args... args) const {
-    cuda_emulation::launch(grid, block, kernel, args...);
-  }
-};
-
 // NaN where a kernel does not write: a result that reads such an element is NaN.
 std::vector<float> unwritten(int64_t size) {
   return std::vector<float>(size, std::numeric_limits<float>::quiet_NaN());
@@ -37,7 +30,7 @@ m2f::masked_attention::MaskSource<scalar_t> row_flags(const Sizes& s, const Atte
                                                       std::vector<uint8_t>& flags) {
   flags.assign(plan.mask_rows, 2);  // neither 0 nor 1
   return m2f::masked_attention::launch_row_flags<scalar_t>(
-      EmulatedLaunch{}, s, plan, static_cast<const scalar_t*>(mask_logits),
+      cuda_emulation::Launch{}, s, plan, static_cast<const scalar_t*>(mask_logits),
       static_cast<const bool*>(blocked), threshold_logit, flags.data());
 }
 
@@ -53,9 +46,9 @@ void forward(const int64_t* sizes, int64_t multiprocessors, const void* q, const
   std::vector<float> partial_sum = unwritten(plan.num_splits * plan.num_rows);
   std::vector<float> partial_acc = unwritten(plan.num_splits * plan.num_rows * s.head_dim);
   m2f::masked_attention::launch_forward<scalar_t>(
-      EmulatedLaunch{}, s, plan, static_cast<const scalar_t*>(q), static_cast<const scalar_t*>(k),
-      static_cast<const scalar_t*>(v), mask, scale, static_cast<scalar_t*>(out), lse,
-      partial_max.data(), partial_sum.data(), partial_acc.data());
+      cuda_emulation::Launch{}, s, plan, static_cast<const scalar_t*>(q),
+      static_cast<const scalar_t*>(k), static_cast<const scalar_t*>(v), mask, scale,
+      static_cast<scalar_t*>(out), lse, partial_max.data(), partial_sum.data(), partial_acc.data());
 }
 
 template <typename scalar_t>
@@ -70,7 +63,7 @@ void backward(const int64_t* sizes, int64_t multiprocessors, const void* grad_ou
   std::vector<float> delta = unwritten(plan.num_rows);
   std::vector<float> partial_grad_q = unwritten(plan.num_splits * plan.num_rows * s.head_dim);
   m2f::masked_attention::launch_backward<scalar_t>(
-      EmulatedLaunch{}, s, plan, static_cast<const scalar_t*>(grad_out),
+      cuda_emulation::Launch{}, s, plan, static_cast<const scalar_t*>(grad_out),
       static_cast<const scalar_t*>(q), static_cast<const scalar_t*>(k),
       static_cast<const scalar_t*>(v), static_cast<const scalar_t*>(out), lse, mask, scale,
       delta.data(), partial_grad_q.data(), static_cast<scalar_t*>(grad_q),

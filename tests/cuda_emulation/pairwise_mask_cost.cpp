@@ -1,7 +1,8 @@
-// pairwise_mask_cost's CUDA kernels (csrc/point_loss/pairwise_kernels.cuh) run on the CPU through
-// cuda_emulation.h, with the launches of pairwise_mask_cost_cuda. One C entry point per (logits,
-// labels) type pair the CUDA op dispatches to; tests/ops/test_cuda_kernels_emulated.py calls them
-// through ctypes. Inputs are contiguous; ce and dice are (Q, T) in the accumulation type.
+// pairwise_mask_cost's CUDA kernels and launch sequence (csrc/point_loss/pairwise_kernels.cuh) run
+// on the CPU through cuda_emulation.h, as pairwise_mask_cost_cuda runs them on a GPU. One C entry
+// point per (logits, labels) type pair the CUDA op dispatches to;
+// tests/ops/test_cuda_kernels_on_cpu.py calls them through ctypes. Inputs are contiguous; ce and
+// dice are (Q, T) in the accumulation type.
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -27,17 +28,11 @@ void pairwise_mask_cost(const void* logits, const void* labels, void* ce, void* 
   std::vector<acc_t> partial_dots(plan.num_splits * num_queries * num_targets * 2, unwritten);
   std::vector<acc_t> partial_query_sums(plan.num_splits * num_queries * 2, unwritten);
   std::vector<acc_t> partial_target_sums(plan.num_splits * num_targets, unwritten);
-  cuda_emulation::launch(dim3(plan.query_tiles, plan.target_tiles, plan.num_splits),
-                         dim3(kPairThreads), pairwise_partial_kernel<scalar_t, label_t>,
-                         static_cast<const scalar_t*>(logits), static_cast<const label_t*>(labels),
-                         partial_dots.data(), partial_query_sums.data(), partial_target_sums.data(),
-                         num_queries, num_targets, num_points, plan.points_per_split);
-  cuda_emulation::launch(
-      dim3(plan.finalize_blocks), dim3(kPairFinalizeThreads), pairwise_finalize_kernel<acc_t>,
-      static_cast<const acc_t*>(partial_dots.data()),
-      static_cast<const acc_t*>(partial_query_sums.data()),
-      static_cast<const acc_t*>(partial_target_sums.data()), static_cast<acc_t*>(ce),
-      static_cast<acc_t*>(dice), num_queries, num_targets, num_points, plan.num_splits);
+  launch_pairwise_mask_cost(cuda_emulation::Launch{}, plan, static_cast<const scalar_t*>(logits),
+                            static_cast<const label_t*>(labels), partial_dots.data(),
+                            partial_query_sums.data(), partial_target_sums.data(),
+                            static_cast<acc_t*>(ce), static_cast<acc_t*>(dice), num_queries,
+                            num_targets, num_points);
 }
 
 }  // namespace

@@ -1,14 +1,16 @@
 """The CUDA library's kernel source run on the CPU (tests/cuda_emulation/cuda_emulation.h): each block's
-threads are CPU threads that meet at __syncthreads (and each warp's at its votes). It checks the kernels'
-indexing, staging, synchronization and launch plans against the float64 reference where there is no GPU; the
-`cuda` tests run the same kernels on one.
+threads are CPU threads that meet at __syncthreads, each warp's at its votes and shuffles, and atomicAdd is a
+host atomic. The kernels run with the launch sequences of the CUDA ops (the kernel headers' launch_* functions)
+and are checked by the backend tests' own checks against the float64 reference, so wrong indexing, a wrong
+launch plan or a missing barrier fails without a GPU; the `cuda` tests run the same kernels on one.
 
-Only kernels that use thread and block indices, shared memory, __syncthreads and __any_sync can run this way:
-pairwise_mask_cost's (csrc/point_loss/pairwise_kernels.cuh) and masked_attention's
-(csrc/masked_attention/kernels.cuh, with the forward and backward launch sequences of the CUDA op).
+Covered: pairwise_mask_cost (csrc/point_loss/pairwise_kernels.cuh), point_sample and point_mask_loss
+(csrc/point_loss/kernels.cuh) and masked_attention (csrc/masked_attention/kernels.cuh). Not covered:
+deformable attention, whose CUDA kernels are not in headers of their own.
 """
 
 import ctypes
+import functools
 import os
 import shutil
 import subprocess
@@ -16,12 +18,13 @@ from pathlib import Path
 
 import pytest
 import test_masked_attention_backends as attention_tests
+import test_pairwise_mask_cost_backends as pairwise_tests
+import test_point_mask_loss_backends as loss_tests
+import test_point_sample_backends as sample_tests
 import torch
 import torch.utils.cpp_extension
-from test_pairwise_mask_cost_backends import TOLERANCES, make_inputs
 
 from m2f_kernels import reference
-from m2f_kernels.reference.masked_attention import threshold_to_logit
 
 ROOT = Path(__file__).resolve().parents[2]
 EMULATION_DIR = ROOT / "tests" / "cuda_emulation"
@@ -30,16 +33,9 @@ DTYPE_NAMES = {
     torch.float64: "double",
     torch.float16: "half",
     torch.bfloat16: "bfloat16",
+    torch.uint8: "uint8",
 }
-# (logits, labels) dtypes the CUDA op takes: labels in the logits' dtype or in float32 beside 16-bit logits.
-DTYPE_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.float16, torch.float16),
-    (torch.float16, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),
-]
+ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
 def build_library(source: str, out_dir: Path) -> ctypes.CDLL:
@@ -71,101 +67,231 @@ def build_library(source: str, out_dir: Path) -> ctypes.CDLL:
 
 
 @pytest.fixture(scope="module")
-def pairwise_library(tmp_path_factory):
-    return build_library("pairwise_mask_cost.cpp", tmp_path_factory.mktemp("cuda_emulation"))
+def libraries(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("cuda_emulation")
+    sources = ("pairwise_mask_cost", "point_loss", "masked_attention")
+    return {name: build_library(f"{name}.cpp", out_dir) for name in sources}
 
 
-@pytest.fixture(scope="module")
-def attention_library(tmp_path_factory):
-    return build_library("masked_attention.cpp", tmp_path_factory.mktemp("cuda_emulation"))
+class EmulatedKernels:
+    """Stands in for an op's OpKernels in a backend test module: get() returns the emulated stage."""
+
+    def __init__(self, stages):
+        self.stages = stages
+
+    def get(self, backend, device, stage):
+        return self.stages[stage]
 
 
 def pointer(tensor):
     return None if tensor is None else ctypes.c_void_p(tensor.data_ptr())
 
 
+def int64_array(*values):
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def entry(library, prefix, *dtypes):
+    return getattr(library, prefix + "_".join(DTYPE_NAMES[dtype] for dtype in dtypes))
+
+
+def accumulate_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# pairwise_mask_cost
+
+
 def emulated_pairwise_mask_cost(library, logits, labels, sm_count):
     """(ce, dice) of the CUDA kernels with the launch plan of a GPU with `sm_count` multiprocessors."""
-    num_queries, num_points = logits.shape
-    num_targets = labels.shape[0]
-    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    ce = torch.empty(num_queries, num_targets, dtype=acc_dtype)
-    dice = torch.empty(num_queries, num_targets, dtype=acc_dtype)
-    kernel = getattr(library, f"pairwise_mask_cost_{DTYPE_NAMES[logits.dtype]}_{DTYPE_NAMES[labels.dtype]}")
-    kernel.restype = None
-    pointers = (pointer(t) for t in (logits.contiguous(), labels.contiguous(), ce, dice))
+    logits, labels = logits.contiguous(), labels.contiguous()
+    (num_queries, num_points), num_targets = logits.shape, labels.shape[0]
+    ce = torch.empty(num_queries, num_targets, dtype=accumulate_dtype(logits.dtype))
+    dice = torch.empty_like(ce)
+    kernel = entry(library, "pairwise_mask_cost_", logits.dtype, labels.dtype)
     sizes = (ctypes.c_int64(n) for n in (num_queries, num_targets, num_points, sm_count))
-    kernel(*pointers, *sizes)
+    kernel(*map(pointer, (logits, labels, ce, dice)), *sizes)
     return ce, dice
 
 
-@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda pair: "-".join(DTYPE_NAMES[d] for d in pair))
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize(
     ("num_queries", "num_targets", "num_points"),
     [(1, 1, 1), (1, 5, 100), (37, 3, 999), (33, 65, 300), (100, 50, 2000)],
 )
 @pytest.mark.parametrize("sm_count", [1, 132])
-def test_pairwise_kernels_match_reference(
-    pairwise_library, dtypes, num_queries, num_targets, num_points, sm_count
+def test_pairwise_mask_cost_kernels(
+    monkeypatch, libraries, dtype, num_queries, num_targets, num_points, sm_count
 ):
     """Partial query and target tiles (33 x 65 is two by three 32-pair tiles), points that end inside a chunk,
     one split per tile (sm_count 1) or up to 16 (a 132-SM GPU, 2,000 points in splits of 128)."""
-    dtype, label_dtype = dtypes
-    logits, labels = make_inputs(num_queries, num_targets, num_points, dtype)
-    labels = make_inputs(num_queries, num_targets, num_points, torch.float64)[1].to(label_dtype)
-    ce, dice = emulated_pairwise_mask_cost(pairwise_library, logits, labels, sm_count)
-    ref_ce, ref_dice = reference.pairwise_mask_cost(logits.double(), labels.double())
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(ce.double(), ref_ce, atol=atol, rtol=rtol)
-    torch.testing.assert_close(dice.double(), ref_dice, atol=atol, rtol=rtol)
+    kernel = functools.partial(
+        emulated_pairwise_mask_cost, libraries["pairwise_mask_cost"], sm_count=sm_count
+    )
+    monkeypatch.setattr(pairwise_tests, "KERNELS", EmulatedKernels({"pairwise_mask_cost": kernel}))
+    pairwise_tests.check_backend("emulated", dtype, num_queries, num_targets, num_points, "cpu")
+    if dtype in (torch.float16, torch.bfloat16):
+        label_dtype = torch.float32  # labels read in float32 beside 16-bit logits
+        pairwise_tests.check_backend(
+            "emulated", dtype, num_queries, num_targets, num_points, "cpu", label_dtype
+        )
 
 
-def test_pairwise_kernels_confident_predictions_and_nan(pairwise_library):
+def test_pairwise_mask_cost_kernels_confident_predictions_and_nan(libraries):
     """Confident logits that agree with binary labels cost about 1e-7, never less than 0; a NaN logit makes
     its query's costs NaN and leaves the others finite."""
+    library = libraries["pairwise_mask_cost"]
     generator = torch.Generator().manual_seed(0)
     labels = (torch.rand(40, 3000, generator=generator) > 0.5).float()
     logits = (14 + 6 * torch.rand(40, 3000, generator=generator)) * (2 * labels - 1)
-    ce, _ = emulated_pairwise_mask_cost(pairwise_library, logits, labels, 132)
+    ce, _ = emulated_pairwise_mask_cost(library, logits, labels, 132)
     ref_ce, _ = reference.pairwise_mask_cost(logits.double(), labels.double())
     assert ce.min() >= 0
     torch.testing.assert_close(ce.double(), ref_ce, atol=1e-5, rtol=1e-5)
 
     logits[7, 1234] = float("nan")
-    ce, dice = emulated_pairwise_mask_cost(pairwise_library, logits, labels, 132)
+    ce, dice = emulated_pairwise_mask_cost(library, logits, labels, 132)
     for cost in (ce, dice):
         assert cost[7].isnan().all()
         assert cost[torch.arange(40) != 7].isfinite().all()
 
 
-def emulated_masked_attention(
-    library, q, k, v, grad_out, mask_logits, attn_mask, threshold_logit, scale, sm_count
+# point_sample and point_mask_loss
+
+
+def emulated_point_sample(library, deterministic):
+    """point_sample's forward and backward stages (kernel signatures) on the CUDA kernels; the backward takes
+    the given deterministic mode."""
+
+    def forward(image, coords):
+        image, coords = image.contiguous(), coords.contiguous()
+        (batch, channels, height, width), num_points = image.shape, coords.shape[1]
+        output = image.new_empty(batch, channels, num_points)
+        sizes = int64_array(batch, channels, height, width, num_points)
+        entry(library, "point_sample_forward_", image.dtype, coords.dtype)(
+            sizes, *map(pointer, (image, coords, output))
+        )
+        return output
+
+    def backward(grad_output, image, coords, _deterministic):
+        image, coords = image.contiguous(), coords.contiguous()
+        (batch, channels, height, width), num_points = image.shape, coords.shape[1]
+        acc_dtype = accumulate_dtype(image.dtype)
+        grad_output = grad_output.to(acc_dtype).contiguous()
+        grad_image = torch.zeros(image.shape, dtype=acc_dtype)
+        grad_coords = torch.empty_like(coords)
+        sizes = int64_array(batch, channels, height, width, num_points)
+        entry(library, "point_sample_backward_", image.dtype, coords.dtype)(
+            sizes,
+            ctypes.c_int(deterministic),
+            *map(pointer, (grad_output, image, coords, grad_image, grad_coords)),
+        )
+        return grad_image.to(image.dtype), grad_coords
+
+    return EmulatedKernels({"forward": forward, "backward": backward})
+
+
+def emulated_point_mask_loss(library):
+    """point_mask_loss's forward and backward stages (kernel signatures) on the CUDA kernels."""
+
+    def sizes(logits, targets, coords):
+        return int64_array(*logits.shape, *targets.shape[1:], coords.shape[1])
+
+    def forward(logits, targets, coords):
+        logits, targets, coords = logits.contiguous(), targets.contiguous(), coords.contiguous()
+        ce = torch.empty(logits.shape[0], dtype=accumulate_dtype(logits.dtype))
+        dice, dice_sums = torch.empty_like(ce), ce.new_empty(logits.shape[0], 3)
+        entry(library, "point_mask_loss_forward_", logits.dtype, targets.dtype, coords.dtype)(
+            sizes(logits, targets, coords), *map(pointer, (logits, targets, coords, ce, dice, dice_sums))
+        )
+        return ce, dice, dice_sums
+
+    def backward(grad_ce, grad_dice, logits, targets, coords, dice_sums, deterministic):
+        logits, targets, coords = logits.contiguous(), targets.contiguous(), coords.contiguous()
+        acc_dtype = accumulate_dtype(logits.dtype)
+        grad_ce, grad_dice, dice_sums = (
+            t.to(acc_dtype).contiguous() for t in (grad_ce, grad_dice, dice_sums)
+        )
+        grad = torch.zeros(logits.shape, dtype=acc_dtype)
+        tensors = (grad_ce, grad_dice, logits, targets, coords, dice_sums, grad)
+        entry(library, "point_mask_loss_backward_", logits.dtype, targets.dtype, coords.dtype)(
+            sizes(logits, targets, coords), ctypes.c_int(deterministic), *map(pointer, tensors)
+        )
+        return grad.to(logits.dtype)
+
+    return EmulatedKernels({"forward": forward, "backward": backward})
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape", sample_tests.SHAPES)
+@pytest.mark.parametrize("num_points", [1, 100, 700])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_point_sample_kernels(monkeypatch, libraries, dtype, shape, num_points, deterministic):
+    """Points inside, on the borders and outside; several blocks of the grid-stride kernels (700 points) and
+    both scatters of the image gradient, with float32 coords beside 16-bit images too."""
+    monkeypatch.setattr(
+        sample_tests, "KERNELS", emulated_point_sample(libraries["point_loss"], deterministic)
+    )
+    sample_tests.check_backend("emulated", dtype, shape, num_points, "cpu")
+    if dtype in (torch.float16, torch.bfloat16):
+        sample_tests.check_backend("emulated", dtype, shape, num_points, "cpu", coords_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize(("logit_size", "target_size"), loss_tests.MASK_SIZES)
+@pytest.mark.parametrize("num_points", [1, 100, 1500])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_point_mask_loss_kernels(
+    monkeypatch, libraries, dtype, logit_size, target_size, num_points, deterministic
 ):
-    """out, lse and the q, k, v gradients of the CUDA op's forward and backward launch sequences."""
-    batch, heads, queries, head_dim = q.shape
-    mask_heads = 1 if attn_mask is None else attn_mask.shape[1]
-    sizes = (ctypes.c_int64 * 6)(batch, heads, queries, k.shape[2], head_dim, mask_heads)
-    name = DTYPE_NAMES[q.dtype]
-    masks = (pointer(mask_logits), pointer(attn_mask))
-    out, lse = torch.empty_like(q), torch.empty(batch, heads, queries)
-    grads = [torch.empty_like(t) for t in (q, k, v)]
-    constants = (ctypes.c_float(threshold_logit), ctypes.c_float(scale))
-    forward = getattr(library, f"masked_attention_forward_{name}")
-    forward(
-        sizes,
-        ctypes.c_int64(sm_count),
-        *map(pointer, (q, k, v)),
-        *masks,
-        *constants,
-        pointer(out),
-        pointer(lse),
-    )
-    backward = getattr(library, f"masked_attention_backward_{name}")
-    tensors = (grad_out, q, k, v, out, lse)
-    backward(
-        sizes, ctypes.c_int64(sm_count), *map(pointer, tensors), *masks, *constants, *map(pointer, grads)
-    )
-    return out, lse, grads
+    """uint8 and soft targets (float32 beside 16-bit logits too), masks of odd and 1x1 sizes, one block of
+    1,024 points per mask or two (1,500 points, summed in order), both scatters of the gradient."""
+    monkeypatch.setattr(loss_tests, "KERNELS", emulated_point_mask_loss(libraries["point_loss"]))
+    target_kinds = ["uint8", "float"] + (["float32"] if dtype in (torch.float16, torch.bfloat16) else [])
+    for target_kind in target_kinds:
+        loss_tests.check_backend(
+            "emulated", dtype, logit_size, target_size, num_points, target_kind, "cpu", deterministic
+        )
+
+
+# masked_attention
+
+
+def emulated_masked_attention(library, sm_count):
+    """masked_attention's forward and backward stages (kernel signatures) on the CUDA op's launch sequences, with
+    the key splits of a GPU with `sm_count` multiprocessors."""
+
+    def sizes(q, k, attn_mask):
+        mask_heads = 1 if attn_mask is None else attn_mask.shape[1]
+        return int64_array(*q.shape[:3], k.shape[2], q.shape[3], mask_heads)
+
+    def constants(threshold_logit, scale):
+        return ctypes.c_float(threshold_logit), ctypes.c_float(scale)
+
+    def forward(q, k, v, mask_logits, attn_mask, threshold_logit, scale):
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
+        entry(library, "masked_attention_forward_", q.dtype)(
+            sizes(q, k, attn_mask),
+            ctypes.c_int64(sm_count),
+            *map(pointer, (q, k, v, mask_logits, attn_mask)),
+            *constants(threshold_logit, scale),
+            pointer(out),
+            pointer(lse),
+        )
+        return out, lse
+
+    def backward(grad_out, q, k, v, out, lse, mask_logits, attn_mask, threshold_logit, scale, deterministic):
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        entry(library, "masked_attention_backward_", q.dtype)(
+            sizes(q, k, attn_mask),
+            ctypes.c_int64(sm_count),
+            *map(pointer, (grad_out, q, k, v, out, lse, mask_logits, attn_mask)),
+            *constants(threshold_logit, scale),
+            *map(pointer, grads),
+        )
+        return tuple(grads)
+
+    return EmulatedKernels({"forward": forward, "backward": backward})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -174,35 +300,10 @@ def emulated_masked_attention(
     "shape", [(1, 2, 1, 1, 16), (2, 2, 5, 7, 32), (1, 2, 70, 300, 32), (1, 1, 9, 130, 64)]
 )
 @pytest.mark.parametrize("sm_count", [1, 132])
-def test_masked_attention_kernels_match_reference(attention_library, dtype, mask_kind, shape, sm_count):
+def test_masked_attention_kernels(monkeypatch, libraries, dtype, mask_kind, shape, sm_count):
     """Every row case of the mask (fully blocked, NaN, a single key at the threshold, random density), a partial
     query tile (70 queries in tiles of 64), keys that end inside a key tile, the dk/dv kernel's partial query
     stage, and one key split or up to three (a 132-SM GPU), for each head dim the kernels take."""
-    batch, heads, queries, keys, head_dim = shape
-    q, k, v, grad_out = attention_tests.make_inputs(batch, heads, queries, keys, head_dim, dtype)
-    threshold = attention_tests.mask_threshold(dtype)
-    threshold_logit = threshold_to_logit(threshold)
-    logits = attention_tests.make_mask_logits(batch, queries, keys, threshold_logit, dtype)
-    mask_logits, attn_mask = logits, None
-    if mask_kind == "bool":
-        mask_logits, attn_mask = None, ~(logits.double() >= threshold_logit).unsqueeze(1)
-    elif mask_kind == "bool_per_head":
-        attn_mask = torch.rand(batch, heads, queries, keys) < torch.rand(batch, heads, queries, 1)
-        attn_mask[:, 0, 0] = True  # a fully blocked row in one head only
-        mask_logits = None
-    scale = head_dim**-0.5
-
-    out, lse, grads = emulated_masked_attention(
-        attention_library, q, k, v, grad_out, mask_logits, attn_mask, threshold_logit, scale, sm_count
-    )
-    ref_out, ref_lse, ref_grads = attention_tests.reference_results(
-        q, k, v, grad_out, mask_logits, attn_mask, threshold, scale
-    )
-    atol, rtol = attention_tests.TOLERANCES[dtype]
-    lse_tolerance = attention_tests.LSE_TOLERANCE[dtype]
-    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=lse_tolerance, rtol=lse_tolerance)
-    for name, grad, ref_grad in zip(("grad_q", "grad_k", "grad_v"), grads, ref_grads):
-        torch.testing.assert_close(
-            grad.double(), ref_grad, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}"
-        )
+    kernels = emulated_masked_attention(libraries["masked_attention"], sm_count)
+    monkeypatch.setattr(attention_tests, "KERNELS", kernels)
+    attention_tests.check_backend("emulated", dtype, shape, mask_kind)
