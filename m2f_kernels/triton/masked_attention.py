@@ -316,7 +316,7 @@ def _backward_dq_kernel(
 ):
     """grad_q_partial[split] = scale * sum over the split's keys of dS K, with dS = P (dP - delta) and
     delta = rowsum(dO * O); float32 partials, or grad_q itself (q's dtype) with one split. The programs of
-    split 0 store delta (float32) for the dk/dv kernel."""
+    split 0 store delta (float32) for the dk/dv kernel. Deterministic backward only, so never autotuned."""
     q_block, batch_head = _block_and_batch_head(num_queries, BLOCK_Q)
     split = tl.program_id(1)
     batch = batch_head // num_heads
@@ -369,6 +369,7 @@ def _backward_dq_kernel(
     tl.store(grad_q_partial_ptr + partial_offsets, grad_q, mask=q_valid)
 
 
+@functools.partial(_autotuned, reset_to_zero=["grad_q_ptr"])
 @triton.jit
 def _backward_dkdv_kernel(
     q_ptr,
@@ -449,10 +450,6 @@ def _backward_dkdv_kernel(
 
     tl.store(grad_k_ptr + kv_offsets, (grad_k * scale).to(grad_k_ptr.dtype.element_ty), mask=kv_valid)
     tl.store(grad_v_ptr + kv_offsets, grad_v.to(grad_v_ptr.dtype.element_ty), mask=kv_valid)
-
-
-# The deterministic backward (dq kernel, then dk/dv) always runs pinned configs; the default one autotunes.
-_backward_dkdv_dq_kernel = _autotuned(_backward_dkdv_kernel, reset_to_zero=["grad_q_ptr"])
 
 
 def _mask_source(mask_logits, attn_mask, batch, num_queries, num_keys):
@@ -670,14 +667,13 @@ def masked_attention_backward(
         _run(_backward_dq_kernel, dq_grid, (*dq_args, *mask_and_scale), config, **constexprs)
         if num_splits > 1:
             grad_q = grad_q_partial.sum(0).to(q.dtype)
-        grad_q_acc, dkdv_kernel = grad_q, _backward_dkdv_kernel  # grad_q_acc is not written
+        grad_q_acc = grad_q  # not written without ATOMIC_DQ
     else:
         num_rows = batch_heads * num_queries
         _delta_kernel[(triton.cdiv(num_rows, DELTA_BLOCK_ROWS),)](
             out, grad_out, delta, num_rows, head_dim, BLOCK_ROWS=DELTA_BLOCK_ROWS, BLOCK_D=block_d
         )
         grad_q_acc = torch.zeros_like(q, dtype=torch.float32)
-        dkdv_kernel = _backward_dkdv_dq_kernel
 
     grad_k = torch.empty_like(k)
     grad_v = torch.empty_like(v)
@@ -697,7 +693,7 @@ def masked_attention_backward(
         *sizes,
         *mask_and_scale,
     )
-    _run(dkdv_kernel, dkdv_grid, dkdv_args, config, ATOMIC_DQ=not deterministic, **constexprs)
+    _run(_backward_dkdv_kernel, dkdv_grid, dkdv_args, config, ATOMIC_DQ=not deterministic, **constexprs)
     if not deterministic:
         grad_q = grad_q_acc.to(q.dtype)
     return grad_q, grad_k, grad_v

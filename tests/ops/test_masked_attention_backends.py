@@ -31,7 +31,7 @@ TOLERANCES = {
     torch.bfloat16: (3e-2, 3e-2),
 }
 LSE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
-ATTENTION_KERNELS = ("_forward_kernel", "_backward_dkdv_dq_kernel")  # Triton, autotuned (not deterministic)
+ATTENTION_KERNELS = ("_forward_kernel", "_backward_dkdv_kernel")  # Triton, autotuned (not deterministic)
 
 
 def mask_threshold(dtype):
@@ -536,7 +536,7 @@ def test_triton_autotuned_launches_match_reference(monkeypatch, mask_kind):
     from m2f_kernels.triton import masked_attention as module
 
     monkeypatch.setattr(module, "autotuning", lambda: True)
-    winners = {"_forward_kernel": 4, "_backward_dkdv_dq_kernel": 5}
+    winners = {"_forward_kernel": 4, "_backward_dkdv_kernel": 5}
     for name, winner in winners.items():
         kernel = getattr(module, name)
         order = iter(range(len(module.TUNED_CONFIGS)))
