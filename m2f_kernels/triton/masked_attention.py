@@ -7,10 +7,10 @@ has one head) stores one "row has a visible key" flag per row, read by the atten
 
 Forward: online softmax over key blocks; the keys may be split across programs (split-K), each writing a
 partial (max, sum, acc) that a combine kernel merges. Backward: P is recomputed from the forward's lse, with
-delta = rowsum(dO * O); one program per key block loops over all queries for dk and dv. By default the same
-program adds its share of dq, dS K, to a float32 buffer with atomics, so that P and dS are computed once. While
-torch.are_deterministic_algorithms_enabled(), a separate dq kernel (split over keys, partials summed in a
-fixed order) recomputes them instead, and nothing uses atomics.
+delta = rowsum(dO * O) from a kernel of its own; one program per key block loops over all queries for dk and
+dv. By default the same program adds its share of dq, dS K, to a float32 buffer with atomics, so that P and dS
+are computed once. While torch.are_deterministic_algorithms_enabled(), a separate dq kernel (split over keys,
+partials summed in a fixed order) recomputes them instead, and nothing uses atomics.
 
 The query and key block sizes, warps and stages are autotuned per shape class (queries and keys bucketed to
 powers of two, head dim); the sums follow the blocks, so their rounding depends on the config, which is
@@ -291,7 +291,6 @@ def _backward_dq_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
-    out_ptr,
     grad_out_ptr,
     lse_ptr,
     mask_ptr,
@@ -315,8 +314,8 @@ def _backward_dq_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """grad_q_partial[split] = scale * sum over the split's keys of dS K, with dS = P (dP - delta) and
-    delta = rowsum(dO * O); float32 partials, or grad_q itself (q's dtype) with one split. The programs of
-    split 0 store delta (float32) for the dk/dv kernel. Deterministic backward only, so never autotuned."""
+    delta = rowsum(dO * O) from the delta kernel; float32 partials, or grad_q itself (q's dtype) with one
+    split. Deterministic backward only, so never autotuned."""
     q_block, batch_head = _block_and_batch_head(num_queries, BLOCK_Q)
     split = tl.program_id(1)
     batch = batch_head // num_heads
@@ -334,9 +333,7 @@ def _backward_dq_kernel(
     q = tl.load(q_ptr + q_offsets, mask=q_valid, other=0.0)
     grad_out = tl.load(grad_out_ptr + q_offsets, mask=q_valid, other=0.0)
     lse = tl.load(lse_ptr + stat_rows, mask=query_valid, other=0.0)
-    out = tl.load(out_ptr + q_offsets, mask=q_valid, other=0.0)
-    delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), axis=1)
-    tl.store(delta_ptr + stat_rows, delta, mask=query_valid & (split == 0))
+    delta = tl.load(delta_ptr + stat_rows, mask=query_valid, other=0.0)
     mask_rows = mask_row_block.to(tl.int64) * num_queries + queries
     row_has_visible = tl.load(flag_ptr + mask_rows, mask=query_valid, other=1) != 0
     mask_row_offsets = mask_rows[:, None] * num_keys
@@ -655,6 +652,10 @@ def masked_attention_backward(
     mask_and_scale = (threshold_logit, scale, size_class(num_queries), size_class(num_keys))
     block_d = _block_d(head_dim)
     constexprs = {"MASK_KIND": mask_kind, "INTERPRETED": interpreting(), "BLOCK_D": block_d}
+    num_rows = batch_heads * num_queries
+    _delta_kernel[(triton.cdiv(num_rows, DELTA_BLOCK_ROWS),)](
+        out, grad_out, delta, num_rows, head_dim, BLOCK_ROWS=DELTA_BLOCK_ROWS, BLOCK_D=block_d
+    )
     if deterministic:
         if num_splits == 1:
             grad_q = grad_q_partial = torch.empty_like(q)
@@ -663,16 +664,12 @@ def masked_attention_backward(
                 (num_splits, batch, num_heads, num_queries, head_dim), device=q.device, dtype=torch.float32
             )
         dq_grid = lambda meta: (triton.cdiv(num_queries, meta["BLOCK_Q"]) * batch_heads, num_splits)
-        dq_args = (q, k, v, out, grad_out, lse, mask, flags, grad_q_partial, delta, *sizes, keys_per_split)
+        dq_args = (q, k, v, grad_out, lse, mask, flags, grad_q_partial, delta, *sizes, keys_per_split)
         _run(_backward_dq_kernel, dq_grid, (*dq_args, *mask_and_scale), config, **constexprs)
         if num_splits > 1:
             grad_q = grad_q_partial.sum(0).to(q.dtype)
         grad_q_acc = grad_q  # not written without ATOMIC_DQ
     else:
-        num_rows = batch_heads * num_queries
-        _delta_kernel[(triton.cdiv(num_rows, DELTA_BLOCK_ROWS),)](
-            out, grad_out, delta, num_rows, head_dim, BLOCK_ROWS=DELTA_BLOCK_ROWS, BLOCK_D=block_d
-        )
         grad_q_acc = torch.zeros_like(q, dtype=torch.float32)
 
     grad_k = torch.empty_like(k)
