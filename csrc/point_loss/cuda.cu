@@ -54,8 +54,7 @@ void dispatch_coords_type(const at::Tensor& coords, Body&& body) {
 
 // The limits of scatter_grid.
 void check_scatter_grid(int64_t planes, int64_t height) {
-  const int64_t row_blocks = (height + kScatterThreads - 1) / kScatterThreads;
-  TORCH_CHECK(planes <= std::numeric_limits<int32_t>::max() && row_blocks <= 65535,
+  TORCH_CHECK(planes <= std::numeric_limits<int32_t>::max() && scatter_row_blocks(height) <= 65535,
               "the deterministic backward supports at most 2^31 - 1 planes of at most ",
               65535 * kScatterThreads, " rows, got ", planes, " planes of ", height, " rows");
 }

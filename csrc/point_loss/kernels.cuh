@@ -30,11 +30,14 @@ inline unsigned grid_size(int64_t total, int threads) {
       std::max<int64_t>(1, std::min<int64_t>((total + threads - 1) / threads, 1 << 20)));
 }
 
+inline int64_t scatter_row_blocks(int64_t height) {
+  return (height + kScatterThreads - 1) / kScatterThreads;
+}
+
 // Grid of scatter_rows_kernel: a block per (plane, kScatterThreads rows); needs height > 0, planes
 // < 2^31 and fewer than 65,536 row blocks (check_scatter_grid in cuda.cu).
 inline dim3 scatter_grid(int64_t planes, int64_t height) {
-  const int64_t row_blocks = (height + kScatterThreads - 1) / kScatterThreads;
-  return dim3(static_cast<unsigned>(planes), static_cast<unsigned>(row_blocks));
+  return dim3(static_cast<unsigned>(planes), static_cast<unsigned>(scatter_row_blocks(height)));
 }
 
 template <typename acc_t, typename coord_t>

@@ -25,6 +25,7 @@ import torch
 import torch.utils.cpp_extension
 
 from m2f_kernels import reference
+from m2f_kernels.ops._common import accumulate_dtype
 
 ROOT = Path(__file__).resolve().parents[2]
 EMULATION_DIR = ROOT / "tests" / "cuda_emulation"
@@ -93,10 +94,6 @@ def int64_array(*values):
 
 def entry(library, prefix, *dtypes):
     return getattr(library, prefix + "_".join(DTYPE_NAMES[dtype] for dtype in dtypes))
-
-
-def accumulate_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # pairwise_mask_cost
