@@ -1,5 +1,5 @@
 // Fused multi-scale deformable attention, CUDA: location = reference + offset / (W, H) and
-// weight = softmax over the L * P logits are computed inside the sampling kernels of cuda.cu
+// weight = softmax over the L * P logits are computed inside the sampling kernels of kernels.cuh
 // (through FusedSamples), so the (N, Q, M, L, P, 2) locations and the weights are never stored.
 //
 // reference_points (N, Q, L, 2) normalized (x, y); sampling_offsets (N, Q, M, L, P, 2) in pixels of
@@ -7,13 +7,14 @@
 // grad_sampling_offsets, grad_attention_logits.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/stream_launch.cuh"
 #include "ms_deform_attn/checks.h"
+#include "ms_deform_attn/kernels.cuh"
 #include "ms_deform_attn/sampling.h"
 
 namespace m2f {
@@ -28,22 +29,6 @@ void backward_cuda(const Sizes& sz, const at::Tensor& grad_output, const at::Ten
                    const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                    const Samples& samples, bool deterministic, bool normalized_xy,
                    at::Tensor& grad_value, at::Tensor& grad_weight, at::Tensor& grad_xy);
-
-constexpr int kFinishThreads = 128;
-
-// One thread per query (n, q): softmax backward and grad_reference (finish_fused_backward).
-template <typename scalar_t>
-__global__ void __launch_bounds__(kFinishThreads)
-    finish_backward_kernel(Sizes sz, const int64_t* __restrict__ shapes,
-                           const scalar_t* __restrict__ logits,
-                           const acc_t<scalar_t>* __restrict__ grad_offsets,
-                           acc_t<scalar_t>* __restrict__ grad_logits,
-                           acc_t<scalar_t>* __restrict__ grad_reference) {
-  const int64_t query = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (query >= sz.batch * sz.num_queries) return;
-  finish_fused_backward<scalar_t, acc_t<scalar_t>>(query, sz, shapes, logits, grad_offsets,
-                                                   grad_logits, grad_reference);
-}
 
 }  // namespace msda
 
@@ -138,13 +123,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_fused_
       msda::backward_cuda<scalar_t>(sz, grad_output, value, spatial_shapes, level_start_index,
                                     samples, deterministic, /*normalized_xy=*/false, grad_value,
                                     grad_logits, grad_offsets);
-      const int64_t blocks = (queries + msda::kFinishThreads - 1) / msda::kFinishThreads;
-      msda::finish_backward_kernel<scalar_t>
-          <<<blocks, msda::kFinishThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              sz, spatial_shapes.data_ptr<int64_t>(), attention_logits.data_ptr<scalar_t>(),
-              grad_offsets.data_ptr<accscalar_t>(), grad_logits.data_ptr<accscalar_t>(),
-              grad_reference.data_ptr<accscalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      msda::launch_finish_backward(
+          StreamLaunch{at::cuda::getCurrentCUDAStream()}, sz, spatial_shapes.data_ptr<int64_t>(),
+          attention_logits.data_ptr<scalar_t>(), grad_offsets.data_ptr<accscalar_t>(),
+          grad_logits.data_ptr<accscalar_t>(), grad_reference.data_ptr<accscalar_t>());
     });
   }
   const auto dtype = value.scalar_type();

@@ -1,17 +1,22 @@
 // Runs CUDA kernels on the CPU, so that the tests check their indexing and synchronization where
-// there is no GPU. Each block's threads are std::threads that meet at __syncthreads, and each
-// warp's (32 consecutive threads) at its warp votes; blocks run one after the other, so a kernel's
-// __shared__ variables become static ones, which the threads of the running block share. Enough for
-// kernels that use thread and block indices, shared memory, __syncthreads and __any_sync: no
-// shuffles, atomics or device intrinsics. Include after the C++ library headers and before the
-// kernel headers.
+// there is no GPU. Each block's threads are std::threads that meet at __syncthreads, and the lanes
+// of a warp (32 consecutive threads) at its votes and shuffles; blocks run one after the other, so
+// a kernel's __shared__ variables become static ones, which the threads of the running block share.
+// Enough for kernels that use thread and block indices, shared memory, __syncthreads, __any_sync,
+// __shfl_down_sync, __shfl_xor_sync and scalar atomicAdd: no other device intrinsics. Include after
+// the C++ library headers and before the kernel headers.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <bit>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -32,6 +37,40 @@ struct Warp {
   explicit Warp(unsigned size) : barrier(size), slots(size) {}
   std::barrier<> barrier;
   std::vector<double> slots;  // exact for the int, float and double values exchanged
+  std::mutex mutex;
+  std::map<unsigned, std::unique_ptr<std::barrier<>>> lane_barriers;
+
+  // Where the lanes of `mask` meet: the warp's barrier when the mask names all its lanes, else one
+  // of their own, so that the lane groups of a warp exchange independently, as with the masks of
+  // __shfl_*_sync on a GPU. Every lane of the mask takes part in each exchange, and one that
+  // returns must not be in a partial mask. A lane outside its own mask (undefined on a GPU) stops
+  // the process rather than wait forever.
+  std::barrier<>& lanes(unsigned mask, unsigned lane) {
+    if ((mask >> lane & 1u) == 0) {
+      std::fprintf(stderr, "cuda_emulation: lane %u exchanges with mask %#x\n", lane, mask);
+      std::abort();
+    }
+    const unsigned present = slots.size() == 32 ? ~0u : (1u << slots.size()) - 1;
+    mask &= present;
+    if (mask == present) return barrier;
+    const std::lock_guard<std::mutex> lock(this->mutex);
+    std::unique_ptr<std::barrier<>>& group = lane_barriers[mask];
+    if (!group) group = std::make_unique<std::barrier<>>(std::popcount(mask));
+    return *group;
+  }
+
+  // The value of lane `source(lane)` for every lane of `mask` (a lane's own when its source is not
+  // a lane of the warp).
+  template <typename T, typename Source>
+  T exchange(unsigned mask, unsigned lane, T value, Source source) {
+    std::barrier<>& meeting = lanes(mask, lane);
+    slots[lane] = static_cast<double>(value);
+    meeting.arrive_and_wait();
+    const unsigned from = source(lane);
+    const T result = from < slots.size() ? static_cast<T>(slots[from]) : value;
+    meeting.arrive_and_wait();  // nobody writes again before every lane has read
+    return result;
+  }
 };
 
 inline thread_local std::barrier<>* block_barrier = nullptr;
@@ -88,7 +127,7 @@ struct Launch {
 
 inline void __syncthreads() { cuda_emulation::block_barrier->arrive_and_wait(); }
 
-// Every lane of the warp must call the warp functions (the full mask), as on a GPU.
+// Every lane of the warp must call __any_sync (the full mask), as on a GPU.
 inline int __any_sync(unsigned /*mask*/, int predicate) {
   cuda_emulation::Warp& warp = *cuda_emulation::warp;
   warp.slots[cuda_emulation::lane] = predicate != 0;
@@ -100,15 +139,19 @@ inline int __any_sync(unsigned /*mask*/, int predicate) {
 }
 
 template <typename T>
-T __shfl_down_sync(unsigned /*mask*/, T value, unsigned delta) {
-  cuda_emulation::Warp& warp = *cuda_emulation::warp;
-  const unsigned lane = cuda_emulation::lane;
-  warp.slots[lane] = static_cast<double>(value);
-  warp.barrier.arrive_and_wait();
-  const T result =
-      lane + delta < warp.slots.size() ? static_cast<T>(warp.slots[lane + delta]) : value;
-  warp.barrier.arrive_and_wait();
-  return result;
+T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
+  return cuda_emulation::warp->exchange(mask, cuda_emulation::lane, value,
+                                        [&](unsigned lane) { return lane + delta; });
+}
+
+// Within segments of `width` lanes: a source outside the caller's segment gives its own value.
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, unsigned lane_mask, int width = 32) {
+  const unsigned segment = static_cast<unsigned>(width);
+  return cuda_emulation::warp->exchange(mask, cuda_emulation::lane, value, [&](unsigned lane) {
+    const unsigned from = lane ^ lane_mask;
+    return from / segment == lane / segment ? from : ~0u;
+  });
 }
 
 template <typename T>

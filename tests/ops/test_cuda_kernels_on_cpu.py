@@ -5,12 +5,13 @@ and are checked by the backend tests' own checks against the float64 reference, 
 launch plan or a missing barrier fails without a GPU; the `cuda` tests run the same kernels on one.
 
 Covered: pairwise_mask_cost (csrc/point_loss/pairwise_kernels.cuh), point_sample and point_mask_loss
-(csrc/point_loss/kernels.cuh) and masked_attention (csrc/masked_attention/kernels.cuh). Not covered:
-deformable attention, whose CUDA kernels are not in headers of their own.
+(csrc/point_loss/kernels.cuh), masked_attention (csrc/masked_attention/kernels.cuh), ms_deform_attn and
+ms_deform_attn_fused (csrc/ms_deform_attn/kernels.cuh).
 """
 
 import ctypes
 import functools
+import importlib
 import os
 import shutil
 import subprocess
@@ -18,12 +19,15 @@ from pathlib import Path
 
 import pytest
 import test_masked_attention_backends as attention_tests
+import test_ms_deform_attn_backends as msda_tests
+import test_ms_deform_attn_fused_backends as fused_tests
 import test_pairwise_mask_cost_backends as pairwise_tests
 import test_point_mask_loss_backends as loss_tests
 import test_point_sample_backends as sample_tests
 import torch
 import torch.utils.cpp_extension
 
+import m2f_kernels
 from m2f_kernels import reference
 from m2f_kernels.ops._common import accumulate_dtype
 
@@ -70,18 +74,22 @@ def build_library(source: str, out_dir: Path) -> ctypes.CDLL:
 @pytest.fixture(scope="module")
 def libraries(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("cuda_emulation")
-    sources = ("pairwise_mask_cost", "point_loss", "masked_attention")
+    sources = ("pairwise_mask_cost", "point_loss", "masked_attention", "ms_deform_attn")
     return {name: build_library(f"{name}.cpp", out_dir) for name in sources}
 
 
 class EmulatedKernels:
-    """Stands in for an op's OpKernels in a backend test module: get() returns the emulated stage."""
+    """Stands in for an op's OpKernels (in a backend test module or in the op's module): get() returns the
+    emulated stage, whatever the backend."""
 
     def __init__(self, stages):
         self.stages = stages
 
     def get(self, backend, device, stage):
         return self.stages[stage]
+
+    def resolve(self, backend, device, stage="forward"):
+        return backend
 
 
 def pointer(tensor):
@@ -304,3 +312,122 @@ def test_masked_attention_kernels(monkeypatch, libraries, dtype, mask_kind, shap
     kernels = emulated_masked_attention(libraries["masked_attention"], sm_count)
     monkeypatch.setattr(attention_tests, "KERNELS", kernels)
     attention_tests.check_backend("emulated", dtype, shape, mask_kind)
+
+
+# ms_deform_attn and ms_deform_attn_fused
+
+
+def emulated_ms_deform_attn(library, fused):
+    """The op's forward and backward stages (kernel signatures) on the CUDA kernels; the backward takes the
+    deterministic mode the op passes (torch.are_deterministic_algorithms_enabled())."""
+    prefix = "ms_deform_attn_fused_" if fused else "ms_deform_attn_"
+
+    def sizes(value, spatial_shapes, weights):
+        """N, S, M, D, L, P, Q; weights: the (N, Q, M, L, P) weights or the fused op's (N, Q, M, L * P) logits."""
+        levels = spatial_shapes.shape[0]
+        points = weights.shape[3] // levels if fused else weights.shape[4]
+        return int64_array(*value.shape, levels, points, weights.shape[1])
+
+    def forward(value, spatial_shapes, level_start_index, *samples):
+        value, *samples = (t.contiguous() for t in (value, *samples))
+        batch, _, heads, channels = value.shape
+        output = value.new_empty(batch, samples[-1].shape[1], heads * channels)
+        entry(library, prefix + "forward_", value.dtype)(
+            sizes(value, spatial_shapes, samples[-1]),
+            *map(pointer, (value, spatial_shapes, level_start_index, *samples, output)),
+        )
+        return output
+
+    def backward(grad_output, value, spatial_shapes, level_start_index, *samples_and_flag):
+        """(grad_value, then one gradient per sample input: locations and weights, or reference points,
+        offsets and logits)."""
+        *samples, deterministic = samples_and_flag
+        grad_output, value, *samples = (t.contiguous() for t in (grad_output, value, *samples))
+        acc_dtype = accumulate_dtype(value.dtype)
+        grads = [torch.zeros(t.shape, dtype=acc_dtype) for t in (value, *samples)]
+        entry(library, prefix + "backward_", value.dtype)(
+            sizes(value, spatial_shapes, samples[-1]),
+            ctypes.c_int(deterministic),
+            *map(pointer, (grad_output, value, spatial_shapes, level_start_index, *samples, *grads)),
+        )
+        return tuple(grad.to(value.dtype) for grad in grads)
+
+    return EmulatedKernels({"forward": forward, "backward": backward})
+
+
+def use_emulated_ms_deform_attn(monkeypatch, library, fused):
+    """Makes the public op (ms_deform_attn or ms_deform_attn_fused) run the emulated CUDA kernels."""
+    module = importlib.import_module(
+        "m2f_kernels.ops." + ("ms_deform_attn_fused" if fused else "ms_deform_attn")
+    )
+    monkeypatch.setattr(module, "KERNELS", emulated_ms_deform_attn(library, fused))
+
+
+# (batch, levels, points, (heads, channels)): every level set and point count, and channel counts for every
+# vector width (5: 1, 6: 2, 24 and 96: 4), idle group lanes (5, 6) and several chunks per lane (264).
+MSDA_CASES = [
+    (1, 1, 4, (8, 32)),
+    (3, 3, 1, (4, 16)),
+    (1, 4, 8, (1, 64)),
+    (3, 4, 4, (2, 5)),
+    (2, 3, 4, (3, 6)),
+    (2, 1, 8, (2, 24)),
+    (1, 3, 4, (1, 96)),
+    (2, 3, 4, (2, 264)),
+]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize(
+    ("batch", "num_levels", "points", "heads_channels"),
+    MSDA_CASES,
+    ids=[f"n{n}-l{levels}-p{points}-m{m}-d{d}" for n, levels, points, (m, d) in MSDA_CASES],
+)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("fused", [False, True], ids=["ms_deform_attn", "fused"])
+def test_ms_deform_attn_kernels(
+    monkeypatch, libraries, dtype, batch, num_levels, points, heads_channels, deterministic, fused
+):
+    """Samples on borders, on pixel centres, outside and NaN (the backend tests' inputs), both ways of summing
+    grad_value, and the fused op's softmax and reference-point gradients."""
+    use_emulated_ms_deform_attn(monkeypatch, libraries["ms_deform_attn"], fused)
+    heads, channels = heads_channels
+    check = fused_tests.check_fused_against_reference if fused else msda_tests.check_against_reference
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        check("emulated", batch, heads, channels, msda_tests.LEVELS[num_levels], points, dtype)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ms_deform_attn_kernels_with_misaligned_value(monkeypatch, libraries, dtype):
+    """value whose data is not 16-byte aligned: the kernels take narrower loads, with the same results."""
+    use_emulated_ms_deform_attn(monkeypatch, libraries["ms_deform_attn"], fused=False)
+    inputs = msda_tests.make_inputs(2, 7, 4, 32, msda_tests.LEVELS[3], 4, dtype)
+    storage = torch.empty(inputs[0].numel() + 1, dtype=dtype)
+    shifted = storage[1:].view(inputs[0].shape).copy_(inputs[0])
+    assert shifted.data_ptr() % 16 != 0
+    grad_output = torch.randn(2, 7, 4 * 32, dtype=dtype)
+
+    def run(value):
+        return msda_tests.forward_backward(
+            lambda *t: m2f_kernels.ms_deform_attn(*t, backend="emulated"), [value, *inputs[1:]], grad_output
+        )
+
+    exact = msda_tests.forward_backward(reference.ms_deform_attn, inputs, grad_output, torch.float64)
+    lowp = msda_tests.forward_backward(reference.ms_deform_attn, inputs, grad_output)
+    msda_tests.assert_matches_reference(run(shifted), exact, lowp if dtype == torch.float16 else exact, dtype)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["ms_deform_attn", "fused"])
+def test_ms_deform_attn_kernels_deterministic_mode_is_bitwise_reproducible(
+    monkeypatch, libraries, deterministic_algorithms, fused
+):
+    """Many samples on the same value rows, whose atomic sums would depend on the threads' order."""
+    use_emulated_ms_deform_attn(monkeypatch, libraries["ms_deform_attn"], fused)
+    if fused:
+        fused_tests.deterministic_fused_gradients("emulated", "cpu")
+    else:
+        msda_tests.deterministic_gradients("emulated", "cpu")
