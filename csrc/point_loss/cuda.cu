@@ -138,6 +138,13 @@ void check_loss_inputs(const at::Tensor& mask_logits, const at::Tensor& target_m
   check_coords(coords, mask_logits, mask_logits.size(0));
 }
 
+// The forward and the atomic backward launch a block per loss_splits(P) points of each mask.
+void check_loss_blocks(int64_t num_masks, int64_t num_points) {
+  TORCH_CHECK(num_masks * loss_splits(num_points) <= std::numeric_limits<int32_t>::max(),
+              "point_mask_loss supports at most 2^31 - 1 blocks of ", kLossSplitPoints,
+              " points, got ", num_masks, " masks of ", num_points, " points");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> point_mask_loss_forward_cuda(
     const at::Tensor& mask_logits, const at::Tensor& target_masks, const at::Tensor& coords) {
   check_loss_inputs(mask_logits, target_masks, coords);
@@ -153,10 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> point_mask_loss_forward_cuda(
   if (num_masks == 0) return {ce, dice, dice_sums};
   if (num_points == 0)
     return {ce.zero_(), dice.zero_(), dice_sums.zero_()};  // ce: 0 over no points
+  check_loss_blocks(num_masks, num_points);
   const int64_t num_splits = loss_splits(num_points);
-  TORCH_CHECK(num_masks * num_splits <= std::numeric_limits<int32_t>::max(),
-              "point_mask_loss supports at most 2^31 - 1 blocks of ", kLossSplitPoints,
-              " points, got ", num_masks, " masks of ", num_points, " points");
   at::Tensor partial_sums = at::empty({num_masks, num_splits, 4}, out_options);
   const StreamLaunch launch{at::cuda::getCurrentCUDAStream()};
   M2F_DISPATCH_FLOATING_TYPES(mask_logits.scalar_type(), "point_mask_loss_forward_cuda", [&] {
@@ -198,7 +203,11 @@ at::Tensor point_mask_loss_backward_cuda(const at::Tensor& grad_ce, const at::Te
   at::Tensor dice_sums_acc = dice_sums.to(acc_type).contiguous();
   at::Tensor grad_acc = at::zeros(mask_logits.sizes(), mask_logits.options().dtype(acc_type));
   if (mask_logits.numel() == 0 || num_points == 0) return grad_acc.to(mask_logits.scalar_type());
-  if (deterministic) check_scatter_grid(num_masks, height);
+  if (deterministic) {
+    check_scatter_grid(num_masks, height);
+  } else {
+    check_loss_blocks(num_masks, num_points);
+  }
   const StreamLaunch launch{at::cuda::getCurrentCUDAStream()};
   M2F_DISPATCH_FLOATING_TYPES(mask_logits.scalar_type(), "point_mask_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

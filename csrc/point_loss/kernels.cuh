@@ -50,9 +50,8 @@ __device__ __forceinline__ BilinearPoint<acc_t> locate(const coord_t* coords, in
 template <typename acc_t>
 __device__ __forceinline__ void atomic_add_corners(acc_t* plane, int64_t height, int64_t width,
                                                    const BilinearPoint<acc_t>& point, acc_t grad) {
-  const CornerWeights<acc_t> corners = corner_weights(height, width, point);
-  for (int k = 0; k < corners.count; ++k)
-    atomicAdd(plane + corners.index[k], grad * corners.weight[k]);
+  for_each_corner(height, width, point,
+                  [&](int64_t index, acc_t weight) { atomicAdd(plane + index, grad * weight); });
 }
 
 // Deterministic scatter: block (plane, row block); thread t owns row blockIdx.y * kScatterThreads +
@@ -298,30 +297,41 @@ struct PointLossGradSource {
   int64_t target_width;
   int64_t num_points;
 
-  __device__ void load(int64_t n, int64_t p, BilinearPoint<acc_t>* point, acc_t* grad) const {
+  __device__ PointLossGradScales<acc_t> scales(int64_t n) const {
+    return point_loss_grad_scales<acc_t>(grad_ce[n], grad_dice[n], num_points, dice_sums[3 * n],
+                                         dice_sums[3 * n + 1], dice_sums[3 * n + 2]);
+  }
+
+  __device__ void load(int64_t n, int64_t p, const PointLossGradScales<acc_t>& mask_scales,
+                       BilinearPoint<acc_t>* point, acc_t* grad) const {
     acc_t logit, target;
     sample_logit_and_target(logits + n * height * width, targets + n * target_height * target_width,
                             coords, n * num_points + p, height, width, target_height, target_width,
                             point, &logit, &target);
-    const PointLossGradScales<acc_t> scales =
-        point_loss_grad_scales<acc_t>(grad_ce[n], grad_dice[n], num_points, dice_sums[3 * n],
-                                      dice_sums[3 * n + 1], dice_sums[3 * n + 2]);
-    *grad = point_loss_grad(scales, sigmoid(logit), target);
+    *grad = point_loss_grad(mask_scales, sigmoid(logit), target);
+  }
+
+  __device__ void load(int64_t n, int64_t p, BilinearPoint<acc_t>* point, acc_t* grad) const {
+    load(n, p, scales(n), point, grad);
   }
 };
 
+// Block n * num_splits + s adds the gradients of the points that the forward's block of the same
+// index summed, points [s, s + 1) * kLossSplitPoints of mask n, with the mask's scales computed
+// once.
 template <typename Source, typename acc_t>
-__global__ void point_loss_grad_atomic_kernel(Source source, acc_t* __restrict__ grad,
-                                              int64_t height, int64_t width, int64_t num_points,
-                                              int64_t total) {
-  for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < total;
-       index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t n = index / num_points;
+__global__ void __launch_bounds__(kThreads)
+    point_loss_grad_atomic_kernel(Source source, acc_t* __restrict__ grad, int64_t num_splits) {
+  const int64_t n = blockIdx.x / num_splits;
+  const int64_t split = blockIdx.x - n * num_splits;
+  const int64_t end = std::min<int64_t>((split + 1) * kLossSplitPoints, source.num_points);
+  const PointLossGradScales<acc_t> mask_scales = source.scales(n);
+  acc_t* plane = grad + n * source.height * source.width;
+  for (int64_t p = split * kLossSplitPoints + threadIdx.x; p < end; p += kThreads) {
     BilinearPoint<acc_t> point;
     acc_t point_grad;
-    source.load(n, index - n * num_points, &point, &point_grad);
-    if (!point.valid) continue;
-    atomic_add_corners(grad + n * height * width, height, width, point, point_grad);
+    source.load(n, p, mask_scales, &point, &point_grad);
+    if (point.valid) atomic_add_corners(plane, source.height, source.width, point, point_grad);
   }
 }
 
@@ -388,7 +398,7 @@ void launch_point_mask_loss_forward(const Launch& launch, const scalar_t* logits
 }
 
 // Adds the loss gradient of every point to grad (N, H, W), zeroed, in the accumulation type.
-// Needs N * H * W > 0 and P > 0.
+// Needs N * H * W > 0, P > 0 and, without `deterministic`, N * loss_splits(P) < 2^31 blocks.
 template <typename scalar_t, typename target_t, typename coord_t, typename Launch>
 void launch_point_mask_loss_backward(const Launch& launch, bool deterministic,
                                      const PointLossGradSource<scalar_t, target_t, coord_t>& source,
@@ -400,9 +410,9 @@ void launch_point_mask_loss_backward(const Launch& launch, bool deterministic,
            scatter_rows_kernel<acc_t, Source>, source, grad, source.height, source.width,
            source.num_points);
   } else {
-    const int64_t total = num_masks * source.num_points;
-    launch(grid_size(total, kThreads), kThreads, point_loss_grad_atomic_kernel<Source, acc_t>,
-           source, grad, source.height, source.width, source.num_points, total);
+    const int64_t num_splits = loss_splits(source.num_points);
+    launch(num_masks * num_splits, kThreads, point_loss_grad_atomic_kernel<Source, acc_t>, source,
+           grad, num_splits);
   }
 }
 

@@ -86,7 +86,30 @@ M2F_HOST_DEVICE void sample_plane_coord_grad(const value_t* plane, int64_t heigh
   *grad_y = (hx * (c.v10 - c.v00) + point.lx * (c.v11 - c.v01)) * static_cast<acc_t>(height);
 }
 
-// A corner of the floor cell that lies inside the plane: its flat index and bilinear weight.
+// Calls add(index, weight) for each corner of the point's floor cell that lies inside the plane,
+// with its flat index and bilinear weight, in the order (y0, x0), (y0, x1), (y1, x0), (y1, x1);
+// never for a point that does not contribute. No arrays: on a GPU everything stays in registers.
+template <typename acc_t, typename Add>
+M2F_HOST_DEVICE void for_each_corner(int64_t height, int64_t width,
+                                     const BilinearPoint<acc_t>& point, Add&& add) {
+  if (!point.valid) return;
+  const acc_t hx = acc_t(1) - point.lx;
+  const acc_t hy = acc_t(1) - point.ly;
+  const int64_t x1 = point.x0 + 1;
+  const int64_t y1 = point.y0 + 1;
+  const bool x0_in = point.x0 >= 0;
+  const bool x1_in = x1 < width;
+  if (point.y0 >= 0) {
+    if (x0_in) add(point.y0 * width + point.x0, hy * hx);
+    if (x1_in) add(point.y0 * width + x1, hy * point.lx);
+  }
+  if (y1 < height) {
+    if (x0_in) add(y1 * width + point.x0, point.ly * hx);
+    if (x1_in) add(y1 * width + x1, point.ly * point.lx);
+  }
+}
+
+// The corners of for_each_corner as a list, for the CPU kernels.
 template <typename acc_t>
 struct CornerWeights {
   int64_t index[4];
@@ -98,33 +121,10 @@ template <typename acc_t>
 M2F_HOST_DEVICE CornerWeights<acc_t> corner_weights(int64_t height, int64_t width,
                                                     const BilinearPoint<acc_t>& point) {
   CornerWeights<acc_t> out{{0, 0, 0, 0}, {acc_t(0), acc_t(0), acc_t(0), acc_t(0)}, 0};
-  if (!point.valid) return out;
-  const acc_t hx = acc_t(1) - point.lx;
-  const acc_t hy = acc_t(1) - point.ly;
-  const int64_t x1 = point.x0 + 1;
-  const int64_t y1 = point.y0 + 1;
-  const bool x0_in = point.x0 >= 0;
-  const bool x1_in = x1 < width;
-  if (point.y0 >= 0) {
-    if (x0_in) {
-      out.index[out.count] = point.y0 * width + point.x0;
-      out.weight[out.count++] = hy * hx;
-    }
-    if (x1_in) {
-      out.index[out.count] = point.y0 * width + x1;
-      out.weight[out.count++] = hy * point.lx;
-    }
-  }
-  if (y1 < height) {
-    if (x0_in) {
-      out.index[out.count] = y1 * width + point.x0;
-      out.weight[out.count++] = point.ly * hx;
-    }
-    if (x1_in) {
-      out.index[out.count] = y1 * width + x1;
-      out.weight[out.count++] = point.ly * point.lx;
-    }
-  }
+  for_each_corner(height, width, point, [&](int64_t index, acc_t weight) {
+    out.index[out.count] = index;
+    out.weight[out.count++] = weight;
+  });
   return out;
 }
 
