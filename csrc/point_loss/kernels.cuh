@@ -225,6 +225,20 @@ __device__ __forceinline__ void sample_logit_and_target(
                                 locate_point<acc_t>(x, y, target_height, target_width));
 }
 
+// The points of block n * num_splits + s of the loss kernels: [s, s + 1) * kLossSplitPoints of
+// mask n, cut at num_points. This thread's first point is begin + threadIdx.x; it steps by
+// kThreads.
+struct LossBlockPoints {
+  int64_t mask, begin, end;
+};
+
+__device__ __forceinline__ LossBlockPoints loss_block_points(int64_t num_splits,
+                                                             int64_t num_points) {
+  const int64_t n = blockIdx.x / num_splits;
+  const int64_t begin = (blockIdx.x - n * num_splits) * kLossSplitPoints;
+  return {n, begin, std::min<int64_t>(begin + kLossSplitPoints, num_points)};
+}
+
 // Block n * num_splits + s sums the four point terms of points [s, s + 1) * kLossSplitPoints of
 // mask n into partial_sums[n][s] = (ce, sum p t, sum p, sum t). A mask's splits are neighbouring
 // blocks, which run together and share the mask's planes in the cache.
@@ -237,13 +251,12 @@ __global__ void __launch_bounds__(kThreads)
                                    int64_t height, int64_t width, int64_t target_height,
                                    int64_t target_width, int64_t num_points, int64_t num_splits) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = blockIdx.x / num_splits;
-  const int64_t split = blockIdx.x - n * num_splits;
-  const int64_t end = std::min<int64_t>((split + 1) * kLossSplitPoints, num_points);
+  const LossBlockPoints block = loss_block_points(num_splits, num_points);
+  const int64_t n = block.mask;
   const scalar_t* logit_plane = logits + n * height * width;
   const target_t* target_plane = targets + n * target_height * target_width;
   acc_t sums[4] = {0, 0, 0, 0};  // ce, sum p t, sum p, sum t
-  for (int64_t p = split * kLossSplitPoints + threadIdx.x; p < end; p += kThreads) {
+  for (int64_t p = block.begin + threadIdx.x; p < block.end; p += kThreads) {
     BilinearPoint<acc_t> point;
     acc_t logit, target;
     sample_logit_and_target(logit_plane, target_plane, coords, n * num_points + p, height, width,
@@ -317,21 +330,18 @@ struct PointLossGradSource {
 };
 
 // Block n * num_splits + s adds the gradients of the points that the forward's block of the same
-// index summed, points [s, s + 1) * kLossSplitPoints of mask n, with the mask's scales computed
-// once.
+// index summed (loss_block_points), with mask n's scales computed once.
 template <typename Source, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     point_loss_grad_atomic_kernel(Source source, acc_t* __restrict__ grad, int64_t num_splits) {
-  const int64_t n = blockIdx.x / num_splits;
-  const int64_t split = blockIdx.x - n * num_splits;
-  const int64_t end = std::min<int64_t>((split + 1) * kLossSplitPoints, source.num_points);
-  const PointLossGradScales<acc_t> mask_scales = source.scales(n);
-  acc_t* plane = grad + n * source.height * source.width;
-  for (int64_t p = split * kLossSplitPoints + threadIdx.x; p < end; p += kThreads) {
+  const LossBlockPoints block = loss_block_points(num_splits, source.num_points);
+  const PointLossGradScales<acc_t> mask_scales = source.scales(block.mask);
+  acc_t* plane = grad + block.mask * source.height * source.width;
+  for (int64_t p = block.begin + threadIdx.x; p < block.end; p += kThreads) {
     BilinearPoint<acc_t> point;
     acc_t point_grad;
-    source.load(n, p, mask_scales, &point, &point_grad);
-    if (point.valid) atomic_add_corners(plane, source.height, source.width, point, point_grad);
+    source.load(block.mask, p, mask_scales, &point, &point_grad);
+    atomic_add_corners(plane, source.height, source.width, point, point_grad);  // none if invalid
   }
 }
 
