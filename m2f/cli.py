@@ -116,6 +116,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         tta=args.tta,
         coco_results=args.coco_results,
         overlay=not args.no_overlay,
+        category_ids=args.category_ids,
     )
     from m2f.engine.distributed import is_main_process
 
@@ -344,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write COCO results files (panoptic_results.json, instances_results.json) for the images a "
         "COCO JSON lists (e.g. image_info_test-dev2017.json): only those among the inputs are predicted, and "
         "all must be there",
+    )
+    predict.add_argument(
+        "--category-ids",
+        action="store_true",
+        help="the semantic labels as the dataset's category ids, in <image>.semantic_category_ids.png instead of "
+        ".semantic_labels.png (for ADE20K: class index + 1, what its test server reads)",
     )
     _add_device(predict)
     predict.set_defaults(func=cmd_predict)

@@ -1214,3 +1214,59 @@ def test_predict_no_overlay_writes_the_same_raw_files_only(
     predicted = count_predictions(monkeypatch, predict)  # the raw files are all a --no-overlay run needs
     assert main([*args, "--out", str(tmp_path / "raw"), "--no-overlay", "--skip-existing"]) == 0
     assert predicted == []
+
+
+def test_predict_category_ids_writes_each_class_as_its_dataset_id(
+    synthetic_root, trained_run, tmp_path, monkeypatch, capsys
+):
+    """--category-ids: the semantic labels of the plain run, each class index replaced by the id of the
+    dataset's category at that index (categories sorted by id; the synthetic ids are not contiguous)."""
+    from m2f.engine import predict
+
+    categories = json.loads((synthetic_root / "annotations" / "panoptic_val2017.json").read_text())[
+        "categories"
+    ]
+    id_of_class = np.array(sorted(c["id"] for c in categories))
+    assert list(id_of_class) != list(range(1, len(id_of_class) + 1))
+    folder = synthetic_root / "val2017"
+    checkpoint = str(trained_run / "model_final.safetensors")
+    args = ["predict", str(folder), "--checkpoint", checkpoint, "--device", "cpu", "--task", "semantic"]
+    assert main([*args, "--out", str(tmp_path / "index")]) == 0
+    assert main([*args, "--out", str(tmp_path / "ids"), "--category-ids"]) == 0
+
+    images = sorted(folder.glob("*.jpg"))
+    written = sorted(p.name for p in (tmp_path / "ids").iterdir())
+    assert written == sorted(
+        f"{i.stem}{s}" for i in images for s in (".semantic.png", ".semantic_category_ids.png")
+    )
+    for image in images:
+        labels = np.asarray(Image.open(tmp_path / "index" / f"{image.stem}.semantic_labels.png"))
+        ids = np.asarray(Image.open(tmp_path / "ids" / f"{image.stem}.semantic_category_ids.png"))
+        assert ids.dtype == np.uint8
+        np.testing.assert_array_equal(ids, id_of_class[labels])
+
+    predicted = count_predictions(monkeypatch, predict)
+    assert main([*args, "--out", str(tmp_path / "ids"), "--category-ids", "--skip-existing"]) == 0
+    assert predicted == []
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "index"), "--category-ids", "--skip-existing"]) == 0
+    assert len(predicted) == len(images)  # the class-index files are not the ones asked for
+    # a folder of these predictions as input: its label files are not images to predict
+    assert main(["predict", str(tmp_path / "ids"), *args[2:], "--out", str(tmp_path / "again")]) == 2
+    assert f"folder {tmp_path / 'ids'} holds no image file" in capsys.readouterr().err
+
+
+def test_predict_category_ids_bad_input_is_one_clear_line(synthetic_root, trained_run, tmp_path, capsys):
+    images = str(synthetic_root / "val2017")
+    base = ["predict", images, "--out", str(tmp_path / "out"), "--device", "cpu", "--category-ids"]
+    checkpoint = str(trained_run / "model_final.safetensors")
+    assert main([*base, "--checkpoint", checkpoint, "--task", "panoptic"]) == 2
+    error = capsys.readouterr().err
+    assert "category_ids: the category id labels are the semantic task's, got tasks ['panoptic']" in error
+    assert error.count("\n") == 1
+
+    no_categories = demo_checkpoint(tmp_path / "random.safetensors")
+    assert main([*base, "--checkpoint", str(no_categories), "--task", "semantic"]) == 2
+    error = capsys.readouterr().err
+    assert "category_ids: " in error and "stores no dataset category ids" in error and error.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,9 @@ predictions:
             index), isthing, plus class_index (the model's contiguous class) and name)
   instance  <stem>.instances.png (overlay), <stem>.instances.npz (masks (K, H, W) bool, scores, labels, boxes
             xyxy in pixels)
-  semantic  <stem>.semantic.png (overlay), <stem>.semantic_labels.png (class index per pixel, 8 or 16 bit)
+  semantic  <stem>.semantic.png (overlay), <stem>.semantic_labels.png (class index per pixel, 8 or 16 bit);
+            with --category-ids <stem>.semantic_category_ids.png in its place (the dataset's category id of
+            the class per pixel: ADE20K's class index + 1, the form its test server reads)
 
 The model, its classes and the task come from the checkpoint's metadata (or --config for checkpoints that
 store none). With --tta the semantic task runs Mask2Former's multi-scale and flip test (predict_semantic_tta).
@@ -56,10 +58,15 @@ PREDICTION_SUFFIXES = {
     "instance": (".instances.png", ".instances.npz"),
     "semantic": (".semantic.png", ".semantic_labels.png"),
 }
+# The semantic task's label file when it holds the dataset's category ids instead of class indices.
+CATEGORY_ID_LABELS_SUFFIX = ".semantic_category_ids.png"
 TASKS = tuple(PREDICTION_SUFFIXES)
 # The files a folder given as input contributes (its prediction files left out).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-_PREDICTION_FILE_SUFFIXES = tuple(suffix for suffixes in PREDICTION_SUFFIXES.values() for suffix in suffixes)
+_PREDICTION_FILE_SUFFIXES = (
+    *(suffix for suffixes in PREDICTION_SUFFIXES.values() for suffix in suffixes),
+    CATEGORY_ID_LABELS_SUFFIX,
+)
 
 
 def expand_image_paths(paths: Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
@@ -118,9 +125,12 @@ def class_info(metadata: dict[str, str], num_classes: int, checkpoint: str | os.
     return ClassInfo(names, things, category_ids)
 
 
-def prediction_paths(task: str, stem: Path, overlay: bool = True) -> list[Path]:
-    """The files save_prediction writes for `task` (overlay first, unless overlay is False)."""
+def prediction_paths(task: str, stem: Path, overlay: bool = True, category_ids: bool = False) -> list[Path]:
+    """The files save_prediction writes for `task` (overlay first, unless overlay is False; category_ids: the
+    semantic labels as category ids)."""
     suffixes = PREDICTION_SUFFIXES[task]
+    if task == "semantic" and category_ids:
+        suffixes = (suffixes[0], CATEGORY_ID_LABELS_SUFFIX)
     return [Path(f"{stem}{suffix}") for suffix in (suffixes if overlay else suffixes[1:])]
 
 
@@ -133,12 +143,14 @@ def save_prediction(
     score_threshold: float,
     *,
     overlay: bool = True,
+    category_ids: bool = False,
 ) -> list[Path]:
-    """Writes the raw files of one prediction and, with overlay, its overlay picture; returns their paths."""
+    """Writes the raw files of one prediction and, with overlay, its overlay picture; returns their paths.
+    category_ids: the semantic label file holds each pixel's category id (classes.category_ids must be set)."""
     from m2f.data import id_to_rgb
 
     class_names = classes.names
-    overlay_path, *raw_paths = prediction_paths(task, stem)
+    overlay_path, *raw_paths = prediction_paths(task, stem, category_ids=category_ids)
     if task == "panoptic":
         panoptic_seg, segments_info = prediction
         panoptic_seg = panoptic_seg.cpu().numpy()
@@ -175,8 +187,11 @@ def save_prediction(
             save_image_atomic(
                 visualize.draw_semantic(image, labels, class_names, ignore_index=None), overlay_path
             )
+        largest = len(class_names)  # the bit depth is the same for every image of a checkpoint
+        if category_ids:
+            labels, largest = np.asarray(classes.category_ids)[labels], max(classes.category_ids)
         save_image_atomic(
-            Image.fromarray(labels.astype(np.uint8 if len(class_names) < 256 else np.uint16)), raw_paths[0]
+            Image.fromarray(labels.astype(np.uint8 if largest < 256 else np.uint16)), raw_paths[0]
         )
     return [overlay_path, *raw_paths] if overlay else raw_paths
 
@@ -195,6 +210,7 @@ def run_prediction(
     tta: bool = False,
     coco_results: str | os.PathLike | None = None,
     overlay: bool = True,
+    category_ids: bool = False,
 ) -> list[Path]:
     """Predicts every image (a folder among images: the image files in it) and writes the files described in
     the module docstring; returns their paths. Under torchrun each rank predicts every world_size-th image
@@ -204,7 +220,8 @@ def run_prediction(
     exist already is not predicted (its paths are still returned). tta: the semantic task (the only one
     allowed then) by Mask2Former's multi-scale and flip test. coco_results: a COCO JSON whose "images" name
     the images to predict among the inputs (all must be there) and their ids; the COCO results file of each
-    panoptic and instance task is written too (m2f.engine.coco_results). overlay=False: the raw files only."""
+    panoptic and instance task is written too (m2f.engine.coco_results). overlay=False: the raw files only.
+    category_ids: the semantic task's labels as the dataset's category ids (the checkpoint must store them)."""
 
     if isinstance(images, (str, os.PathLike)):
         raise TypeError(f"images must be a sequence of image paths, got the single path {str(images)!r}")
@@ -258,9 +275,23 @@ def run_prediction(
                 f"coco_results: {checkpoint} stores no dataset category ids (a trained checkpoint does; convert "
                 "with --classes <COCO annotation JSON>)"
             )
+    if category_ids:
+        if "semantic" not in tasks:
+            raise ValueError(
+                f"category_ids: the category id labels are the semantic task's, got tasks {tasks}"
+            )
+        if classes.category_ids is None:
+            raise ValueError(
+                f"category_ids: {checkpoint} stores no dataset category ids (a trained checkpoint does; convert "
+                "with --classes ade20k or a COCO annotation JSON)"
+            )
     out_dir = Path(out_dir)
     outputs = {
-        path: [p for task in tasks for p in prediction_paths(task, out_dir / Path(path).stem, overlay)]
+        path: [
+            p
+            for task in tasks
+            for p in prediction_paths(task, out_dir / Path(path).stem, overlay, category_ids)
+        ]
         for path in images
     }
     inputs = {Path(path).resolve() for path in images}
@@ -297,7 +328,16 @@ def run_prediction(
                 predictions = postprocess(tasks, mask_cls, mask_pred, image.shape[:2], config, classes.things)
             for task, prediction in predictions.items():
                 stem = out_dir / Path(path).stem
-                save_prediction(task, prediction, image, stem, classes, score_threshold, overlay=overlay)
+                save_prediction(
+                    task,
+                    prediction,
+                    image,
+                    stem,
+                    classes,
+                    score_threshold,
+                    overlay=overlay,
+                    category_ids=category_ids,
+                )
     except (ValueError, OSError) as error:  # e.g. an unreadable image
         problem = error
     # Every rank stops when one fails, instead of the others waiting for it in a collective.
