@@ -86,9 +86,12 @@ class CocoInstanceDataset(SegmentationDataset):
 
     Polygons are transformed as coordinates and rasterized at the training resolution; RLE masks are decoded
     at the original size and resized with nearest neighbour. Instances empty after the crop are dropped.
+
+    skip_empty leaves out the images without a non-crowd annotation, as Mask2Former's training set does
+    (detectron2's FILTER_EMPTY_ANNOTATIONS: about 1,000 of train2017's 118,287 images).
     """
 
-    def __init__(self, root: str, split: str, transforms=None, *, seed: int = 0):
+    def __init__(self, root: str, split: str, transforms=None, *, seed: int = 0, skip_empty: bool = False):
         super().__init__(transforms, seed)
         paths = coco_paths(root, split)
         data = read_json(paths["instances_json"])
@@ -132,6 +135,7 @@ class CocoInstanceDataset(SegmentationDataset):
                 annotations_by_image.get(image["id"], []),
             )
             for image in sorted(data["images"], key=lambda image: image["id"])
+            if not skip_empty or image["id"] in annotations_by_image
         )
 
     def __len__(self) -> int:

@@ -814,13 +814,16 @@ def validate_split(data_root: str | os.PathLike, split: str, task: str, *, check
 
 
 def build_dataset(kind: str, data_root: str | os.PathLike, split: str, transforms=None, seed: int = 0):
-    """The dataset of `kind` (see DATASET_KINDS) under data_root; split "train" or "val"."""
+    """The dataset of `kind` (see DATASET_KINDS) under data_root; split "train" or "val". COCO instance
+    training leaves out the images without an instance, as Mask2Former does."""
     from m2f import data
 
     classes = {"coco-panoptic": data.CocoPanopticDataset, "coco-instance": data.CocoInstanceDataset}
     classes["ade20k"] = data.ADE20KDataset
     if kind not in classes:
         raise ValueError(f"dataset must be one of {DATASET_KINDS}, got {kind!r}")
+    if kind == "coco-instance" and split == "train":
+        return data.CocoInstanceDataset(str(data_root), split, transforms, seed=seed, skip_empty=True)
     return classes[kind](str(data_root), split, transforms, seed=seed)
 
 

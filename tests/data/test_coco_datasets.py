@@ -391,3 +391,38 @@ def test_ade20k_keeps_the_last_class_and_ignores_values_beyond(tmp_path):
     labels = read_ade20k_labels(str(tmp_path / "labels.png"))
     assert np.array_equal(labels, expected)
     assert ADE20K_CLASS_NAMES[149] == "flag"
+
+
+def test_instance_training_leaves_out_images_without_an_instance(synthetic_root, tmp_path):
+    """One image with crowd annotations alone and one with none: both in the dataset, neither in training
+    (Mask2Former's training set), both in evaluation."""
+    import shutil
+
+    from m2f.engine.train import build_dataset
+
+    root = str(tmp_path / "coco")
+    shutil.copytree(synthetic_root, root)
+    json_path = os.path.join(root, "annotations", "instances_train2017.json")
+    data = _load_json(root, "instances_train2017.json")
+    all_ids = sorted(image["id"] for image in data["images"])
+    crowd_only, unannotated = all_ids[0], all_ids[-1]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != unannotated]
+    for annotation in data["annotations"]:
+        if annotation["image_id"] == crowd_only:
+            annotation["iscrowd"] = 1
+    with open(json_path, "w") as f:
+        json.dump(data, f)
+    with_instances = sorted({a["image_id"] for a in data["annotations"] if not a["iscrowd"]})
+    assert with_instances == [i for i in all_ids if i not in (crowd_only, unannotated)]
+
+    def image_ids(dataset):
+        return [dataset.records[i][0] for i in range(len(dataset))]
+
+    assert image_ids(CocoInstanceDataset(root, "train")) == all_ids
+    assert image_ids(CocoInstanceDataset(root, "train", skip_empty=True)) == with_instances
+    assert image_ids(build_dataset("coco-instance", root, "train", LSJ(64))) == with_instances
+    shutil.copy(json_path, os.path.join(root, "annotations", "instances_val2017.json"))
+    shutil.rmtree(os.path.join(root, "val2017"))
+    shutil.copytree(os.path.join(root, "train2017"), os.path.join(root, "val2017"))
+    assert image_ids(build_dataset("coco-instance", root, "val")) == all_ids
+    assert image_ids(build_dataset("coco-panoptic", root, "train")) == all_ids
