@@ -31,7 +31,7 @@ using msda::Sizes;
 constexpr int kLanes = 8;  // channels per SIMD step of the backward dot products
 
 // Every level's rows lie inside value's S rows, so the kernels never read outside value. The Python
-// wrapper checks the same in eager mode with clearer errors; traced and compiled calls reach this.
+// ops check the same with clearer errors; a direct call of the kernel op reaches this.
 void check_level_table(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                        int64_t num_values) {
   const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();

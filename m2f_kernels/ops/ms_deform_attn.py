@@ -50,6 +50,7 @@ def _ms_deform_attn(
     attention_weights: Tensor,
     backend: str,
 ) -> Tensor:
+    check_level_values(value, spatial_shapes, level_start_index)
     batch, _, heads, channels = value.shape
     if value.numel() == 0 or attention_weights.numel() == 0:
         return value.new_zeros(batch, sampling_locations.shape[1], heads * channels)
@@ -118,11 +119,7 @@ _ms_deform_attn.register_autograd(_backward, setup_context=_setup_context)
 
 
 def check_levels(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor) -> None:
-    """Checks that the level table describes ``value``'s S rows.
-
-    The data checks run when the table is on the CPU (free); a table on an accelerator or the meta device is
-    trusted, so that an op call never waits for the device, and so is any table while compiling.
-    """
+    """Checks the level table's shapes and devices; check_level_values checks its values."""
     levels = spatial_shapes.shape[0]
     check_shape("level_start_index", level_start_index, (levels,), "one start row per level")
     for name, table in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
@@ -131,11 +128,13 @@ def check_levels(value: Tensor, spatial_shapes: Tensor, level_start_index: Tenso
                 f"{name} is on the meta device, which holds no values, but value is on {value.device}; "
                 "put the level table on the CPU or on value's device"
             )
-    if (
-        torch.compiler.is_compiling()
-        or spatial_shapes.device.type != "cpu"
-        or level_start_index.device.type != "cpu"
-    ):
+
+
+def check_level_values(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor) -> None:
+    """Checks that the level table describes ``value``'s S rows, when the table is on the CPU (free); a table
+    on an accelerator is trusted, so that an op call never waits for the device. The custom ops call it:
+    their bodies see the real tables in eager, traced and compiled calls alike."""
+    if spatial_shapes.device.type != "cpu" or level_start_index.device.type != "cpu":
         return
     shapes = spatial_shapes.tolist()  # a few levels: plain Python is cheaper than tensor ops here
     if any(size < 0 for shape in shapes for size in shape):

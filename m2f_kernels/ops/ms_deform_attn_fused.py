@@ -24,7 +24,7 @@ from ._common import (
     reference_vjp,
 )
 from .ms_deform_attn import KERNELS as UNFUSED_KERNELS
-from .ms_deform_attn import check_levels
+from .ms_deform_attn import check_level_values, check_levels
 
 
 def _torch_forward(
@@ -107,6 +107,7 @@ def _ms_deform_attn_fused(
     attention_logits: Tensor,
     backend: str,
 ) -> Tensor:
+    check_level_values(value, spatial_shapes, level_start_index)
     batch, _, heads, channels = value.shape
     if value.numel() == 0 or attention_logits.numel() == 0:
         return value.new_zeros(batch, sampling_offsets.shape[1], heads * channels)

@@ -458,8 +458,8 @@ def test_triton_several_query_blocks_per_batch_and_head(deterministic):
     ],
 )
 def test_cpu_kernel_refuses_a_level_table_outside_value(fused, shapes, starts, message):
-    """The C++ kernel checks the level table itself (torch.compile skips the Python checks): a level that
-    reaches past value's S rows is an error, not a read outside the tensor."""
+    """The C++ kernel checks the level table itself (a direct call of the kernel op has no Python checks): a
+    level that reaches past value's S rows is an error, not a read outside the tensor."""
     if "cpu" not in cpu_kernel_backends("ms_deform_attn"):
         pytest.skip("the C++ CPU library is not built")
     value = torch.ones(1, 4, 1, 2)

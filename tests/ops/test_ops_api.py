@@ -430,6 +430,29 @@ def test_msda_bad_inputs():
         m2f_kernels.ms_deform_attn(value, shapes, starts, meta_locations, weights)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["ms_deform_attn", "fused"])
+@pytest.mark.parametrize(
+    "backend", [b for b in ("torch", "cpu", "triton") if b in m2f_kernels.available_backends()]
+)
+def test_msda_level_table_is_checked_in_compiled_calls(backend, fused):
+    """Compiling traces the ops with tables that hold no values; the ops check the real ones when they run,
+    so a wrong table is the eager call's error on every backend, not a read past value."""
+    if fused:
+        value, shapes, _, *args = fused_inputs()
+        op = m2f_kernels.ms_deform_attn_fused
+    else:
+        value, shapes, _, *args = msda_inputs()
+        op = m2f_kernels.ms_deform_attn
+    compiled = torch.compile(
+        lambda starts: op(value, shapes, starts, *args, backend=backend), backend="aot_eager", fullgraph=True
+    )
+    assert compiled(torch.tensor([0, 12])).shape == (2, args[0].shape[1], 6)
+    with pytest.raises(
+        ValueError, match=r"level_start_index must be the running sum of H\*W, \[0, 12\], got \[0, 30\]"
+    ):
+        compiled(torch.tensor([0, 30]))
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_masked_attention_without_a_mask_is_dense_attention(backend):
     q, k, v, _ = attention_inputs(requires_grad=True)
