@@ -125,6 +125,18 @@ def class_info(metadata: dict[str, str], num_classes: int, checkpoint: str | os.
     return ClassInfo(names, things, category_ids)
 
 
+def check_stored_category_ids(
+    option: str, classes: ClassInfo, checkpoint: str | os.PathLike, classes_hint: str
+) -> None:
+    """ValueError naming `option` when the checkpoint stores no dataset category ids; classes_hint: the
+    `m2f convert --classes` values that store them."""
+    if classes.category_ids is None:
+        raise ValueError(
+            f"{option}: {checkpoint} stores no dataset category ids (a trained checkpoint does; convert with "
+            f"--classes {classes_hint})"
+        )
+
+
 def prediction_paths(task: str, stem: Path, overlay: bool = True, category_ids: bool = False) -> list[Path]:
     """The files save_prediction writes for `task` (overlay first, unless overlay is False; category_ids: the
     semantic labels as category ids)."""
@@ -187,7 +199,7 @@ def save_prediction(
             save_image_atomic(
                 visualize.draw_semantic(image, labels, class_names, ignore_index=None), overlay_path
             )
-        largest = len(class_names)  # the bit depth is the same for every image of a checkpoint
+        largest = len(class_names)  # above every class index; one bit depth for all images of a checkpoint
         if category_ids:
             labels, largest = np.asarray(classes.category_ids)[labels], max(classes.category_ids)
         save_image_atomic(
@@ -270,21 +282,13 @@ def run_prediction(
             raise ValueError(
                 f"coco_results: COCO results files are for the panoptic and instance tasks, got {tasks}"
             )
-        if classes.category_ids is None:
-            raise ValueError(
-                f"coco_results: {checkpoint} stores no dataset category ids (a trained checkpoint does; convert "
-                "with --classes <COCO annotation JSON>)"
-            )
+        check_stored_category_ids("coco_results", classes, checkpoint, "<COCO annotation JSON>")
     if category_ids:
         if "semantic" not in tasks:
             raise ValueError(
                 f"category_ids: the category id labels are the semantic task's, got tasks {tasks}"
             )
-        if classes.category_ids is None:
-            raise ValueError(
-                f"category_ids: {checkpoint} stores no dataset category ids (a trained checkpoint does; convert "
-                "with --classes ade20k or a COCO annotation JSON)"
-            )
+        check_stored_category_ids("category_ids", classes, checkpoint, "ade20k or a COCO annotation JSON")
     out_dir = Path(out_dir)
     outputs = {
         path: [
