@@ -822,9 +822,8 @@ def build_dataset(kind: str, data_root: str | os.PathLike, split: str, transform
     classes["ade20k"] = data.ADE20KDataset
     if kind not in classes:
         raise ValueError(f"dataset must be one of {DATASET_KINDS}, got {kind!r}")
-    if kind == "coco-instance" and split == "train":
-        return data.CocoInstanceDataset(str(data_root), split, transforms, seed=seed, skip_empty=True)
-    return classes[kind](str(data_root), split, transforms, seed=seed)
+    options = {"skip_empty": True} if kind == "coco-instance" and split == "train" else {}
+    return classes[kind](str(data_root), split, transforms, seed=seed, **options)
 
 
 def checkpoint_metadata(config, dataset_kind: str, dataset_metadata) -> dict[str, str]:
