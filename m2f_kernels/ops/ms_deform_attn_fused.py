@@ -55,7 +55,7 @@ KERNELS = OpKernels("ms_deform_attn_fused", {"forward": _torch_forward, "backwar
 def _composed_forward(backend, value, spatial_shapes, level_start_index, reference_points, offsets, logits):
     locations, weights = sampling_locations_and_weights(spatial_shapes, reference_points, offsets, logits)
     forward = UNFUSED_KERNELS.get(backend, value.device, "forward")
-    return forward(value, spatial_shapes, level_start_index, locations.contiguous(), weights.contiguous())
+    return forward(value, spatial_shapes, level_start_index, locations.to(value.dtype), weights.contiguous())
 
 
 def _composed_backward(
@@ -77,7 +77,7 @@ def _composed_backward(
         value,
         spatial_shapes,
         level_start_index,
-        locations.contiguous(),
+        locations.to(value.dtype),
         weights.contiguous(),
         deterministic,
     )
