@@ -354,16 +354,25 @@ void weighted_rows_transposed(const acc_t* weights, int64_t num_rows, int64_t n,
       weights, n, 1, stride, a, d, num_rows, d, out, d);
 }
 
-// values[j] = exp(values[j] * scale - shift) where visible[j] != 0, else 0, for j < n; returns the
-// sum. Blocked keys are dropped by selection, not by multiplying with 0: a blocked key's score may
-// be NaN or overflow the exponential.
+// scores[j] *= scale for j < n. The softmax subtracts a rounded scaled score (the row max, or the
+// lse made from it) from every scaled score; with the products stored first the compiler cannot
+// fuse product and subtraction into an FMA, which would leave the product's rounding error where 0
+// belongs, beyond exp's range once |score * scale| nears 2^31.
 template <typename acc_t>
-acc_t exp_visible(acc_t* values, const acc_t* visible, int64_t n, acc_t scale, acc_t shift) {
+void scale_row(acc_t* scores, int64_t n, acc_t scale) {
+  for (int64_t j = 0; j < n; ++j) scores[j] *= scale;
+}
+
+// values[j] = exp(values[j] - shift) where visible[j] != 0, else 0, for j < n; returns the sum.
+// Blocked keys are dropped by selection, not by multiplying with 0: a blocked key's score may be
+// NaN or overflow the exponential.
+template <typename acc_t>
+acc_t exp_visible(acc_t* values, const acc_t* visible, int64_t n, acc_t shift) {
   const lanes_t<acc_t> zero{};
   lanes_t<acc_t> lane_sums{};
   int64_t j0 = 0;
   for (; j0 + kLanes <= n; j0 += kLanes) {
-    const lanes_t<acc_t> e = exp_lanes(load_lanes(values + j0) * scale - shift);
+    const lanes_t<acc_t> e = exp_lanes(load_lanes(values + j0) - shift);
     const lanes_t<acc_t> kept = load_lanes(visible + j0) != zero ? e : zero;
     store_lanes(values + j0, kept);
     lane_sums += kept;
@@ -371,13 +380,13 @@ acc_t exp_visible(acc_t* values, const acc_t* visible, int64_t n, acc_t scale, a
   acc_t sum = 0;
   for (int64_t l = 0; l < kLanes; ++l) sum += lane_sums[l];
   for (; j0 < n; ++j0) {
-    values[j0] = visible[j0] != acc_t(0) ? exp_scalar(values[j0] * scale - shift) : acc_t(0);
+    values[j0] = visible[j0] != acc_t(0) ? exp_scalar(values[j0] - shift) : acc_t(0);
     sum += values[j0];
   }
   return sum;
 }
 
-// For one row of the backward: probs[j] = P = exp(probs[j] * scale - lse) from the raw score, 0 for
+// For one row of the backward: probs[j] = P = exp(probs[j] - lse) from the scaled score, 0 for
 // a blocked key (selected, as in exp_visible), and grad_scores[j] = scale * score_gradient(P, dP =
 // grad_scores[j], delta), the gradient of the raw score: 0 for a blocked key.
 template <typename acc_t>
@@ -387,33 +396,33 @@ void probabilities_and_score_gradients(acc_t* probs, acc_t* grad_scores, const a
   int64_t j0 = 0;
   for (; j0 + kLanes <= n; j0 += kLanes) {
     const auto keep = load_lanes(visible + j0) != zero;
-    const lanes_t<acc_t> p = keep ? exp_lanes(load_lanes(probs + j0) * scale - lse) : zero;
+    const lanes_t<acc_t> p = keep ? exp_lanes(load_lanes(probs + j0) - lse) : zero;
     store_lanes(probs + j0, p);
     store_lanes(grad_scores + j0, keep ? p * (load_lanes(grad_scores + j0) - delta) * scale : zero);
   }
   for (; j0 < n; ++j0) {
     const bool keep = visible[j0] != acc_t(0);
-    probs[j0] = keep ? exp_scalar(probs[j0] * scale - lse) : acc_t(0);
+    probs[j0] = keep ? exp_scalar(probs[j0] - lse) : acc_t(0);
     grad_scores[j0] = keep ? score_gradient(probs[j0], grad_scores[j0], delta) * scale : acc_t(0);
   }
 }
 
-// Largest visible scaled score of a row, -inf if none.
+// Largest visible score of a row, -inf if none.
 template <typename acc_t>
-acc_t visible_max(const acc_t* scores, const acc_t* visible, int64_t n, acc_t scale) {
+acc_t visible_max(const acc_t* scores, const acc_t* visible, int64_t n) {
   const lanes_t<acc_t> blocked = splat(negative_infinity<acc_t>());
   const lanes_t<acc_t> zero{};
   lanes_t<acc_t> lane_max = blocked;
   int64_t j0 = 0;
   for (; j0 + kLanes <= n; j0 += kLanes) {
-    const lanes_t<acc_t> scaled = load_lanes(scores + j0) * scale;
-    const lanes_t<acc_t> candidate = load_lanes(visible + j0) != zero ? scaled : blocked;
+    const lanes_t<acc_t> candidate =
+        load_lanes(visible + j0) != zero ? load_lanes(scores + j0) : blocked;
     lane_max = lane_max < candidate ? candidate : lane_max;
   }
   acc_t result = negative_infinity<acc_t>();
   for (int64_t l = 0; l < kLanes; ++l) result = std::max(result, lane_max[l]);
   for (; j0 < n; ++j0) {
-    if (visible[j0] != acc_t(0)) result = std::max(result, scores[j0] * scale);
+    if (visible[j0] != acc_t(0)) result = std::max(result, scores[j0]);
   }
   return result;
 }
@@ -469,15 +478,15 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           const int64_t kv_row0 = (b * heads + h) * s.keys + key_begin;
           load_rows_transposed(k_data, kv_row0, nk, d, kKeyBlock, k_transposed.data());
           const acc* v_rows = rows_as_acc(v_data, kv_row0, nk, d, v_block);
-          // weights holds the raw scores first, then the unnormalized softmax weights.
+          // weights holds the raw scores, then the scaled scores, then the unnormalized weights.
           rows_times_columns(q_rows.data() + h * nq * d, nq, k_transposed.data(), nk, d, kKeyBlock,
                              weights.data());
           for (int64_t i = 0; i < nq; ++i) {
             acc* row_weights = weights.data() + i * kKeyBlock;
             const acc* row_visible = visible.data() + i * kKeyBlock;
             const int64_t state = h * nq + i;
-            const acc new_max =
-                std::max(row_max[state], visible_max(row_weights, row_visible, nk, scale));
+            scale_row(row_weights, nk, scale);
+            const acc new_max = std::max(row_max[state], visible_max(row_weights, row_visible, nk));
             if (new_max == negative_infinity<acc>()) {
               std::fill(row_weights, row_weights + nk, acc(0));
               continue;
@@ -487,7 +496,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               for (int64_t c = 0; c < d; ++c) row_acc[state * d + c] *= alpha;
             }
             row_sum[state] =
-                row_sum[state] * alpha + exp_visible(row_weights, row_visible, nk, scale, new_max);
+                row_sum[state] * alpha + exp_visible(row_weights, row_visible, nk, new_max);
             row_max[state] = new_max;
           }
           weighted_rows(weights.data(), nq, nk, kKeyBlock, v_rows, d, /*accumulate=*/true,
@@ -535,10 +544,11 @@ void recompute_row_lse(const MaskView<scalar_t, acc_t>& mask, int64_t b, int64_t
     for (int64_t i = 0; i < nq; ++i) {
       acc_t* row_scores = scores + i * kKeyBlock;
       mask.fill_visibility(mask.row(b, h, i), key_begin, nk, visible);
-      const acc_t new_max = std::max(row_max[i], visible_max(row_scores, visible, nk, scale));
+      scale_row(row_scores, nk, scale);
+      const acc_t new_max = std::max(row_max[i], visible_max(row_scores, visible, nk));
       if (new_max == negative_infinity<acc_t>()) continue;
       const acc_t alpha = rescale_factor(row_max[i], new_max);
-      row_sum[i] = row_sum[i] * alpha + exp_visible(row_scores, visible, nk, scale, new_max);
+      row_sum[i] = row_sum[i] * alpha + exp_visible(row_scores, visible, nk, new_max);
       row_max[i] = new_max;
     }
   }
@@ -627,12 +637,13 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           // acc_t gradients are written in place; other dtypes go through acc_t buffers.
           acc* grad_k_rows = output_rows(grad_k_data, kv_row0, d, grad_k_buffer);
           acc* grad_v_rows = output_rows(grad_v_data, kv_row0, d, grad_v_buffer);
-          // probs holds the raw scores S = Q K^T first; grad_scores holds dP = dO V^T first, then
-          // the gradients of the raw scores.
+          // probs holds the raw scores S = Q K^T, then the scaled scores, then P; grad_scores holds
+          // dP = dO V^T first, then the gradients of the raw scores.
           rows_times_columns(q_head, nq, k_transposed.data(), nk, d, kKeyBlock, probs.data());
           rows_times_columns(grad_out_head, nq, v_transposed.data(), nk, d, kKeyBlock,
                              grad_scores.data());
           for (int64_t i = 0; i < nq; ++i) {
+            scale_row(probs.data() + i * kKeyBlock, nk, scale);
             probabilities_and_score_gradients(probs.data() + i * kKeyBlock,
                                               grad_scores.data() + i * kKeyBlock,
                                               visible.data() + i * kKeyBlock, nk, scale,

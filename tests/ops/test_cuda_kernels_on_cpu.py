@@ -43,6 +43,14 @@ DTYPE_NAMES = {
 ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
+def fused_multiply_add_flags() -> list[str]:
+    """Where the CPU has FMA instructions, let the compiler fuse products and sums into them, as nvcc does
+    (at -O1 GCC fuses only with -fexpensive-optimizations)."""
+    cpu_info = Path("/proc/cpuinfo")
+    flags = cpu_info.read_text().split() if cpu_info.exists() else []
+    return ["-mfma", "-fexpensive-optimizations"] if "fma" in flags else []
+
+
 def build_library(source: str, out_dir: Path) -> ctypes.CDLL:
     """tests/cuda_emulation/<source> built with the host C++ compiler, loaded with ctypes."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
@@ -59,6 +67,7 @@ def build_library(source: str, out_dir: Path) -> ctypes.CDLL:
         "-Wall",
         "-Werror",
         "-Wno-unknown-pragmas",
+        *fused_multiply_add_flags(),
         f"-I{ROOT / 'csrc'}",
         f"-I{torch.utils.cpp_extension.include_paths()[0]}",
         f"-I{EMULATION_DIR}",
@@ -312,6 +321,14 @@ def test_masked_attention_kernels(monkeypatch, libraries, dtype, mask_kind, shap
     kernels = emulated_masked_attention(libraries["masked_attention"], sm_count)
     monkeypatch.setattr(attention_tests, "KERNELS", kernels)
     attention_tests.check_backend("emulated", dtype, shape, mask_kind)
+
+
+@pytest.mark.parametrize("sm_count", [1, 132])
+def test_masked_attention_kernels_huge_scores(monkeypatch, libraries, sm_count):
+    """With products and sums fused into FMAs where the host has them (as nvcc fuses them)."""
+    kernels = emulated_masked_attention(libraries["masked_attention"], sm_count)
+    monkeypatch.setattr(attention_tests, "KERNELS", kernels)
+    attention_tests.check_huge_scores_keep_the_top_key("emulated")
 
 
 # ms_deform_attn and ms_deform_attn_fused

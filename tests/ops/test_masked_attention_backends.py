@@ -296,6 +296,40 @@ def test_blocked_key_never_reaches_the_output(backend, dtype, key_value, queries
     check_blocked_key_never_reaches_the_output(backend, dtype, queries, keys, key_value)
 
 
+def check_huge_scores_keep_the_top_key(backend, device="cpu"):
+    """Scaled scores around 1e11, past 2^31: each row's top key takes all of the softmax, as in the float64
+    reference. A kernel that fuses score * scale - max (or - lse) into one FMA leaves the product's rounding
+    error (thousands) where 0 belongs, and exp's clamping turns the row into a flat average (the scale 0.3
+    rounds; a power of two would not). The gradients
+    of q and k are not compared: at these scores float32 makes them rounding noise times 1e11."""
+    generator = torch.Generator().manual_seed(5)
+    q, k, v, grad_out = (
+        torch.randn(shape, generator=generator).to(device)
+        for shape in [(1, 2, 5, 16), (1, 2, 40, 16), (1, 2, 40, 16), (1, 2, 5, 16)]
+    )
+    k = k * 1e11
+    logits = torch.ones(1, 5, 40, device=device)
+    logits[:, 1, ::2] = -1.0  # row 1 sees every other key
+    out, lse, (_, _, grad_v) = run_backend(backend, q, k, v, grad_out, logits, None, 0.0, 0.3)
+    ref_out, ref_lse, (_, _, ref_grad_v) = reference_results(q, k, v, grad_out, logits, None, 0.5, 0.3)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=0, rtol=1e-6)
+    torch.testing.assert_close(grad_v.double(), ref_grad_v, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_cpu_kernel_huge_scores_keep_the_top_key(monkeypatch, isa):
+    if not HAS_CPU_KERNEL:
+        pytest.skip("C++ CPU kernel not built")
+    monkeypatch.setenv("M2F_KERNELS_CPU_ISA", isa)
+    check_huge_scores_keep_the_top_key("cpu")
+
+
+@needs_triton
+def test_triton_huge_scores_keep_the_top_key():
+    check_huge_scores_keep_the_top_key("triton")
+
+
 @needs_cpu_kernel
 def test_cpu_kernel_gradcheck_float64():
     q = torch.randn(1, 2, 5, 16, dtype=torch.float64, requires_grad=True)
@@ -364,6 +398,12 @@ CUDA_SHAPES = [*CPU_SHAPES, (2, 8, 100, 16384, 32), (8, 8, 200, 4096, 32)]
 @pytest.mark.parametrize("shape", CUDA_SHAPES)
 def test_cuda_backends_match_reference(backend, dtype, shape):
     check_backend(backend, dtype, shape, "logits", device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_backends_huge_scores_keep_the_top_key(backend):
+    check_huge_scores_keep_the_top_key(backend, device="cuda")
 
 
 def tuned_configs():
