@@ -66,6 +66,13 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that switches autocast off on ``device`` while it is on there; else it does nothing."""
+    if autocast_dtype(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 def cast_for_autocast(device: torch.device, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """Under autocast, casts floating tensors to the autocast dtype so the op runs natively in it."""
     dtype = autocast_dtype(device)
@@ -106,6 +113,24 @@ def whole_number(name: str, value, minimum: int) -> int:
         expected = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return int(value)
+
+
+def check_unit_interval(name: str, tensor: torch.Tensor) -> None:
+    """ValueError naming ``name`` unless the values of a CPU tensor lie in [0, 1], up to 16 ulps of rounding
+    (bilinear samples of a 0/1 mask may reach 1 + 1 ulp); NaN passes. Checked by the graph in compiled
+    calls. Values on an accelerator are not read: that would wait for the device."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    slack = 16 * torch.finfo(tensor.dtype).eps
+    if torch.compiler.is_compiling():
+        inside = ((tensor >= -slack) & (tensor <= 1 + slack)) | tensor.isnan()
+        torch._assert_async(inside.all(), f"{name} must hold values in [0, 1]")
+        return
+    low, high = torch.aminmax(tensor)
+    if low < -slack or high > 1 + slack:
+        raise ValueError(
+            f"{name} must hold values in [0, 1], got values from {low.item():g} to {high.item():g}"
+        )
 
 
 def check_index(name: str, tensor) -> torch.Tensor:

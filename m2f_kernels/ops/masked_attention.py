@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -14,7 +13,7 @@ from .._backend import BACKENDS, OpKernels
 from ..reference.masked_attention import blocked_keys, logits_visible, threshold_to_logit
 from ._common import (
     accumulate_dtype,
-    autocast_dtype,
+    autocast_off,
     call_op,
     cast_for_autocast,
     check_same_device,
@@ -264,8 +263,7 @@ def masked_attention(
         return out
     blocked = blocked_keys(mask_logits, attn_mask, threshold_logit)
     # In float32 under autocast too, which would otherwise run the product in half precision.
-    autocast_on = autocast_dtype(q.device) is not None
-    with torch.autocast(q.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
+    with autocast_off(q.device):
         scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     if blocked is not None:
         scores = scores.masked_fill(blocked, -math.inf)

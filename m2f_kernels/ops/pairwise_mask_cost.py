@@ -7,7 +7,14 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import OpKernels
-from ._common import accumulate_dtype, call_op, check_same_device, check_tensor, soft_target_dtype
+from ._common import (
+    accumulate_dtype,
+    call_op,
+    check_same_device,
+    check_tensor,
+    check_unit_interval,
+    soft_target_dtype,
+)
 
 KERNELS = OpKernels("pairwise_mask_cost", {"pairwise_mask_cost": reference.pairwise_mask_cost})
 
@@ -36,8 +43,9 @@ def pairwise_mask_cost(
 ) -> tuple[Tensor, Tensor]:
     """Mask2Former's matcher costs between Q predictions and T targets sampled at the same P points.
 
-    pred_point_logits (Q, P) mask logits; target_point_labels (T, P) in [0, 1] (any float or bool/uint8 dtype;
-    float labels are read in float32 or wider, never rounded to half logits' dtype).
+    pred_point_logits (Q, P) mask logits; target_point_labels (T, P): float labels in [0, 1] (ValueError
+    otherwise, for labels on the CPU), read in float32 or wider, never rounded to half logits' dtype; or a
+    bool/uint8 mask, where any nonzero value is 1 (0/255 masks read as 0/1).
     Returns (ce, dice), each (Q, T) float32 (float64 for float64 logits): the mean sigmoid cross-entropy and
     the dice loss of every (prediction, target) pair. Not differentiable (the matcher needs no gradient).
     """
@@ -58,9 +66,10 @@ def pairwise_mask_cost(
     if pred_point_logits.shape[1] == 0:
         raise ValueError("pred_point_logits must have at least one point (P >= 1)")
     if target_point_labels.dtype.is_floating_point:
+        check_unit_interval("target_point_labels", target_point_labels)
         labels = target_point_labels.to(soft_target_dtype(target_point_labels, pred_point_logits))
     else:
-        labels = target_point_labels.to(pred_point_logits.dtype)  # integers are exact in any float dtype
+        labels = (target_point_labels != 0).to(pred_point_logits.dtype)
     return call_op(
         _pairwise_mask_cost, pred_point_logits.detach().contiguous(), labels.detach().contiguous(), backend
     )

@@ -16,6 +16,7 @@ from ._common import (
     check_same_device,
     check_shape,
     check_tensor,
+    check_unit_interval,
     real_number,
     reference_vjp,
     soft_target_dtype,
@@ -130,12 +131,17 @@ def _checked_num_masks(num_masks: float | Tensor) -> float | Tensor:
                 f"shape {tuple(num_masks.shape)}"
             )
         num_masks = num_masks.reshape(())
-        if num_masks.device.type != "cpu" or torch.compiler.is_compiling():
+        if num_masks.device.type != "cpu":
+            return num_masks
+        if torch.compiler.is_compiling():  # no value while tracing: the compiled graph checks it
+            torch._assert_async(
+                (num_masks > 0) & torch.isfinite(num_masks), "num_masks must be positive and finite"
+            )
             return num_masks
     value = real_number("num_masks", num_masks)
     if not 0 < value < math.inf:
         raise ValueError(f"num_masks must be positive and finite, got {value}")
-    return num_masks
+    return num_masks if isinstance(num_masks, Tensor) else value
 
 
 def point_mask_loss(
@@ -148,11 +154,12 @@ def point_mask_loss(
 ) -> tuple[Tensor, Tensor]:
     """Mask2Former's mask losses on sampled points, sampling fused into the loss.
 
-    mask_logits (N, H, W) predicted mask logits (e.g. at 1/4 resolution); target_masks (N, Ht, Wt) bool, uint8
-    or float in [0, 1] (e.g. at full resolution; float targets are read in float32 or wider, never rounded to
-    half logits' dtype); coords (N, P, 2) normalized (x, y) in [0, 1]; num_masks the normalizer (Mask2Former:
+    mask_logits (N, H, W) predicted mask logits (e.g. at 1/4 resolution); target_masks (N, Ht, Wt) (e.g. at
+    full resolution): float in [0, 1] (ValueError otherwise, for targets on the CPU), read in float32 or
+    wider, never rounded to half logits' dtype; or a bool/uint8 mask, where any nonzero value is 1 (a uint8
+    mask is copied as such; a bool one is read in place); coords (N, P, 2) normalized (x, y) in [0, 1]; num_masks the normalizer (Mask2Former:
     matched masks averaged over processes), a number or a one-element tensor (whose value is checked on the CPU
-    only: reading it from a GPU would wait for the device). Both maps are sampled bilinearly
+    only, in eager and compiled calls: reading it from a GPU would wait for the device). Both maps are sampled bilinearly
     (align_corners=False, zero padding). Returns (ce, dice), float32 scalars (float64 for float64 logits): the
     sum over masks of the mean BCE-with-logits over points, and of 1 - (2 sum(p t) + 1) / (sum p + sum t + 1),
     each divided by num_masks.
@@ -174,9 +181,12 @@ def point_mask_loss(
         mask_logits = mask_logits.sum(dim=(1, 2), keepdim=True)
     if 0 in target_masks.shape[1:]:
         target_masks = target_masks.new_zeros(masks, 1, 1)
-    if target_masks.dtype in (torch.bool, torch.uint8):
-        target_masks = target_masks.view(torch.uint8) if target_masks.dtype == torch.bool else target_masks
+    if target_masks.dtype == torch.bool:
+        target_masks = target_masks.view(torch.uint8)
+    elif target_masks.dtype == torch.uint8:
+        target_masks = (target_masks != 0).view(torch.uint8)
     elif target_masks.dtype.is_floating_point:
+        check_unit_interval("target_masks", target_masks)
         target_masks = target_masks.to(soft_target_dtype(target_masks, mask_logits))
     else:
         raise TypeError(f"target_masks must be bool, uint8 or floating, got {target_masks.dtype}")

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .._backend import BACKENDS
-from ._common import INT32_MAX, accumulate_dtype, real_number, whole_number
+from ._common import INT32_MAX, accumulate_dtype, autocast_off, real_number, whole_number
 from .point_sample import point_sample
 
 # Oversampled candidates alive at once (coordinates and logits of about this many points per chunk): on CPU
@@ -87,7 +87,7 @@ def sample_uncertain_points(
             )
             # Ranked in float32 (float64 for float64 logits) whatever the logits' dtype or autocast, as
             # Mask2Former's grid_sample runs: 16-bit sampled values would reorder near-ties.
-            with torch.autocast(device.type, enabled=False), torch.no_grad():
+            with autocast_off(device), torch.no_grad():
                 chunk = mask_logits[start:end].unsqueeze(1).to(coords_dtype)
                 logits = point_sample(chunk, candidates, backend=backend)
             uncertainty = logits.squeeze(1).abs_().neg_()  # -|logit|, in place: no (masks, candidates) copies

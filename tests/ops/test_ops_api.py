@@ -453,6 +453,75 @@ def test_msda_level_table_is_checked_in_compiled_calls(backend, fused):
         compiled(torch.tensor([0, 30]))
 
 
+def test_point_mask_loss_num_masks_is_checked_in_compiled_calls():
+    """A CPU tensor num_masks has no value while tracing; the compiled graph checks it when it runs."""
+    logits, targets, coords = torch.randn(2, 4, 4), torch.rand(2, 8, 8), torch.rand(2, 5, 2)
+    compiled = torch.compile(
+        lambda num_masks: m2f_kernels.point_mask_loss(logits, targets, coords, num_masks), backend="aot_eager"
+    )
+    torch.testing.assert_close(
+        compiled(torch.tensor(2.0)), m2f_kernels.point_mask_loss(logits, targets, coords, 2)
+    )
+    for num_masks in (torch.tensor(0.0), torch.tensor(-1.0), torch.tensor(math.inf)):
+        with pytest.raises(RuntimeError, match="num_masks must be positive and finite"):
+            compiled(num_masks)
+
+
+@pytest.mark.parametrize(
+    "backend", [*CPU_BACKENDS, *(["triton"] if "triton" in m2f_kernels.available_backends() else [])]
+)
+def test_uint8_masks_read_any_nonzero_value_as_one(backend):
+    """A 0/255 uint8 mask gives the costs and losses of the bool mask (255 was read as 255: negative
+    cross-entropies, or 0 where the kernels clamp)."""
+    generator = torch.Generator().manual_seed(0)
+    binary = torch.rand(3, 7, 9, generator=generator) > 0.5
+    as_255 = binary.to(torch.uint8) * 255
+    point_labels = binary.flatten(1)[:, :20]
+    logits = torch.randn(4, 20, generator=generator)
+    expected = m2f_kernels.pairwise_mask_cost(logits, point_labels, backend="torch")
+    for labels in (point_labels.to(torch.uint8) * 255, point_labels.to(torch.uint8) * 7):
+        torch.testing.assert_close(m2f_kernels.pairwise_mask_cost(logits, labels, backend=backend), expected)
+    mask_logits, coords = torch.randn(3, 5, 6, generator=generator), torch.rand(3, 11, 2, generator=generator)
+    expected = m2f_kernels.point_mask_loss(mask_logits, binary.float(), coords, 3, backend="torch")
+    got = m2f_kernels.point_mask_loss(mask_logits, as_255, coords, 3, backend=backend)
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(as_255, binary.to(torch.uint8) * 255)  # the caller's mask is left as it was
+
+
+def test_float_labels_outside_the_unit_interval_are_refused():
+    logits, mask_logits, coords = torch.randn(4, 5), torch.randn(2, 4, 4), torch.rand(2, 5, 2)
+    for bad in (100.0, -1.0):
+        labels = torch.rand(3, 5)
+        labels[1, 2] = bad
+        with pytest.raises(ValueError, match=r"target_point_labels must hold values in \[0, 1\], got values"):
+            m2f_kernels.pairwise_mask_cost(logits, labels)
+        targets = torch.rand(2, 8, 8, dtype=torch.float64)
+        targets[0, 3, 3] = bad
+        with pytest.raises(ValueError, match=r"target_masks must hold values in \[0, 1\], got values"):
+            m2f_kernels.point_mask_loss(mask_logits, targets, coords, 2)
+    # Rounding of a sampled 0/1 mask (1 + 1 ulp) and NaN pass; so do targets on the meta device.
+    labels = torch.ones(3, 5)
+    labels[0, 0] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
+    labels[0, 1] = math.nan
+    m2f_kernels.pairwise_mask_cost(logits, labels)
+    m2f_kernels.point_mask_loss(
+        mask_logits.to("meta"), torch.full((2, 8, 8), 5.0, device="meta"), coords.to("meta"), 2
+    )
+    compiled = torch.compile(
+        lambda labels: m2f_kernels.pairwise_mask_cost(logits, labels), backend="aot_eager"
+    )
+    with pytest.raises(RuntimeError, match=r"target_point_labels must hold values in \[0, 1\]"):
+        compiled(torch.full((3, 5), 2.0))
+
+
+def test_point_mask_loss_takes_any_size_of_python_number():
+    """A Python int beyond int64 divides as the float it is (it raised an OverflowError naming nothing)."""
+    logits, targets, coords = torch.randn(2, 4, 4), torch.rand(2, 8, 8), torch.rand(2, 5, 2)
+    ce, dice = m2f_kernels.point_mask_loss(logits, targets, coords, 1)
+    huge_ce, huge_dice = m2f_kernels.point_mask_loss(logits, targets, coords, 2**70)
+    torch.testing.assert_close((huge_ce, huge_dice), (ce / 2.0**70, dice / 2.0**70))
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_masked_attention_without_a_mask_is_dense_attention(backend):
     q, k, v, _ = attention_inputs(requires_grad=True)
@@ -840,6 +909,8 @@ def test_meta_tensors_give_shapes():
         2.0,
     )
     assert ce.shape == dice.shape == () and ce.is_meta
+    coords = m2f_kernels.sample_uncertain_points(torch.randn(4, 9, 11, device="meta"), 20)
+    assert coords.shape == (4, 20, 2) and coords.is_meta
     with torch.device("meta"):
         module = MSDeformAttn(8, n_levels=2, n_heads=2, n_points=2)
         out = module(
