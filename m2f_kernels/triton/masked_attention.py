@@ -79,6 +79,18 @@ def _block_and_batch_head(num_rows, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _scaled_scores(scores, scale, INTERPRETED: tl.constexpr):
+    """scores * scale, rounded: on a GPU never fused into an FMA with the subtraction of the row max or lse
+    that follows, which would leave the product's rounding error where 0 belongs (past exp's range once
+    |score * scale| nears 2^31). The interpreter never fuses."""
+    if INTERPRETED:
+        return scores * scale
+    return tl.inline_asm_elementwise(
+        "mul.rn.f32 $0, $1, $2;", "=r,r,r", [scores, scale], dtype=tl.float32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
 def _load_visibility(
     mask_ptr,
     mask_row_offsets,
@@ -192,7 +204,7 @@ def _forward_kernel(
             mask_ptr, mask_row_offsets, keys[None, :], valid, threshold_logit, MASK_KIND
         )
         visible = (visible | ~row_has_visible[:, None]) & valid
-        scores = dot(q, tl.trans(k), INTERPRETED) * scale
+        scores = _scaled_scores(dot(q, tl.trans(k), INTERPRETED), scale, INTERPRETED)
         scores = tl.where(visible, scores, float("-inf"))
 
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
@@ -354,7 +366,7 @@ def _backward_dq_kernel(
             mask_ptr, mask_row_offsets, keys[None, :], valid, threshold_logit, MASK_KIND
         )
         visible = (visible | ~row_has_visible[:, None]) & valid
-        scores = dot(q, tl.trans(k), INTERPRETED) * scale
+        scores = _scaled_scores(dot(q, tl.trans(k), INTERPRETED), scale, INTERPRETED)
         probs = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
         grad_probs = dot(grad_out, tl.trans(v), INTERPRETED)
         grad_scores = probs * (grad_probs - delta[:, None])
@@ -435,7 +447,7 @@ def _backward_dkdv_kernel(
             mask_ptr, mask_rows[None, :] * num_keys, keys[:, None], valid, threshold_logit, MASK_KIND
         )
         visible = (visible | ~row_has_visible[None, :]) & valid
-        scores = dot(k, tl.trans(q), INTERPRETED) * scale
+        scores = _scaled_scores(dot(k, tl.trans(q), INTERPRETED), scale, INTERPRETED)
         probs = tl.where(visible, tl.exp(scores - lse[None, :]), 0.0)
         grad_v += dot(probs.to(grad_out.dtype), grad_out, INTERPRETED)
         grad_probs = dot(v, tl.trans(grad_out), INTERPRETED)
