@@ -118,8 +118,10 @@ def _backward(ctx, grad_output):
 _ms_deform_attn.register_autograd(_backward, setup_context=_setup_context)
 
 
-def check_levels(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor) -> None:
-    """Checks the level table's shapes and devices; check_level_values checks its values."""
+def checked_levels(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor) -> tuple[Tensor, Tensor]:
+    """The level table on value's device, its shapes and devices checked. check_level_values checks its
+    values in the op body, or here for a CPU table bound for another device: free before the move, while the
+    op body then sees a table on the device, which it trusts."""
     levels = spatial_shapes.shape[0]
     check_shape("level_start_index", level_start_index, (levels,), "one start row per level")
     for name, table in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
@@ -128,6 +130,9 @@ def check_levels(value: Tensor, spatial_shapes: Tensor, level_start_index: Tenso
                 f"{name} is on the meta device, which holds no values, but value is on {value.device}; "
                 "put the level table on the CPU or on value's device"
             )
+    if value.device.type != "cpu" and not torch.compiler.is_compiling():
+        check_level_values(value, spatial_shapes, level_start_index)
+    return spatial_shapes.to(value.device), level_start_index.to(value.device)
 
 
 def check_level_values(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor) -> None:
@@ -191,9 +196,7 @@ def ms_deform_attn(
     check_shape(
         "attention_weights", attention_weights, (batch, queries, heads, levels, points), "N, Q, M, L, P"
     )
-    check_levels(value, spatial_shapes, level_start_index)
-    spatial_shapes = spatial_shapes.to(value.device)
-    level_start_index = level_start_index.to(value.device)
+    spatial_shapes, level_start_index = checked_levels(value, spatial_shapes, level_start_index)
     value, sampling_locations, attention_weights = cast_for_autocast(
         value.device, value, sampling_locations, attention_weights
     )

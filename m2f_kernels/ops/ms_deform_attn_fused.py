@@ -24,7 +24,7 @@ from ._common import (
     reference_vjp,
 )
 from .ms_deform_attn import KERNELS as UNFUSED_KERNELS
-from .ms_deform_attn import check_level_values, check_levels
+from .ms_deform_attn import check_level_values, checked_levels
 
 
 def _torch_forward(
@@ -219,9 +219,7 @@ def ms_deform_attn_fused(
     check_shape(
         "attention_logits", attention_logits, (batch, queries, heads, levels * points), "N, Q, M, L*P"
     )
-    check_levels(value, spatial_shapes, level_start_index)
-    spatial_shapes = spatial_shapes.to(value.device)
-    level_start_index = level_start_index.to(value.device)
+    spatial_shapes, level_start_index = checked_levels(value, spatial_shapes, level_start_index)
     value, reference_points, sampling_offsets, attention_logits = cast_for_autocast(
         value.device, value, reference_points, sampling_offsets, attention_logits
     )

@@ -453,6 +453,18 @@ def test_msda_level_table_is_checked_in_compiled_calls(backend, fused):
         compiled(torch.tensor([0, 30]))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_msda_cpu_level_table_is_checked_before_it_moves_to_value_device(fused):
+    """value on the meta device stands in for a GPU: the op body sees the table on value's device and trusts
+    it there, so a table given on the CPU is checked before it moves."""
+    value, shapes, _, *args = fused_inputs() if fused else msda_inputs()
+    op = m2f_kernels.ms_deform_attn_fused if fused else m2f_kernels.ms_deform_attn
+    value, *args = (t.to("meta") for t in (value, *args))
+    assert op(value, shapes, torch.tensor([0, 12]), *args).shape == (2, args[0].shape[1], 6)
+    with pytest.raises(ValueError, match=r"level_start_index must be the running sum of H\*W"):
+        op(value, shapes, torch.tensor([0, 30]), *args)
+
+
 def test_point_mask_loss_num_masks_is_checked_in_compiled_calls():
     """A CPU tensor num_masks has no value while tracing; the compiled graph checks it when it runs."""
     logits, targets, coords = torch.randn(2, 4, 4), torch.rand(2, 8, 8), torch.rand(2, 5, 2)
