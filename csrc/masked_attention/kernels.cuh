@@ -39,12 +39,6 @@ constexpr int kRowsPerFlagBlock = 8;
 // stores for a query in 32 different banks.
 constexpr int kVisibleRowLength = kQueryTile + 4;
 
-// score * scale, rounded: never fused into an FMA with the subtraction of the row max or lse that
-// follows (see scale_row in cpu_kernels.h).
-__device__ __forceinline__ float scaled_score(float score, float scale) {
-  return __fmul_rn(score, scale);
-}
-
 M2F_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Mask source plus the row flags; all accessors take a mask row index (b * Hm + hm) * Q + i.
@@ -151,7 +145,7 @@ __global__ void __launch_bounds__(kQueryTile)
       float dot = 0.0f;
 #pragma unroll
       for (int c = 0; c < D; ++c) dot += q_row[c] * k_tile[j][c];
-      scores[j] = visible_tile[j][t] ? scaled_score(dot, scale) : negative_infinity<float>();
+      scores[j] = visible_tile[j][t] ? unfused_product(dot, scale) : negative_infinity<float>();
       tile_max = fmaxf(tile_max, scores[j]);
     }
     const float new_max = fmaxf(row_max, tile_max);
@@ -269,7 +263,7 @@ __global__ void __launch_bounds__(kQueryTile)
         score += q_row[c] * k_tile[j][c];
         grad_prob += grad_out_row[c] * v_tile[j][c];
       }
-      const float prob = probability_from_lse(scaled_score(score, scale), row_lse);
+      const float prob = probability_from_lse(unfused_product(score, scale), row_lse);
       const float grad_score = score_gradient(prob, grad_prob, row_delta);
 #pragma unroll
       for (int c = 0; c < D; ++c) grad_q_row[c] += grad_score * k_tile[j][c];
@@ -361,7 +355,7 @@ __global__ void __launch_bounds__(kKeyThreads)
         score += k_rows[t][c] * q_tile[r][c];
         grad_prob += v_rows[t][c] * grad_out_tile[r][c];
       }
-      const float prob = probability_from_lse(scaled_score(score, scale), lse_tile[r]);
+      const float prob = probability_from_lse(unfused_product(score, scale), lse_tile[r]);
       const float grad_score = score_gradient(prob, grad_prob, delta_tile[r]);
 #pragma unroll
       for (int c = 0; c < D; ++c) {

@@ -3,8 +3,8 @@
 // of a warp (32 consecutive threads) at its votes and shuffles; blocks run one after the other, so
 // a kernel's __shared__ variables become static ones, which the threads of the running block share.
 // Enough for kernels that use thread and block indices, shared memory, __syncthreads, __any_sync,
-// __shfl_down_sync, __shfl_xor_sync, scalar atomicAdd and __fmul_rn: no other device intrinsics.
-// Include after the C++ library headers and before the kernel headers.
+// __shfl_down_sync, __shfl_xor_sync and scalar atomicAdd: no other device intrinsics. Include after
+// the C++ library headers and before the kernel headers.
 #pragma once
 
 #include <algorithm>
@@ -157,13 +157,6 @@ T __shfl_xor_sync(unsigned mask, T value, unsigned lane_mask, int width = 32) {
 template <typename T>
 T atomicAdd(T* address, T value) {
   return std::atomic_ref<T>(*address).fetch_add(value);
-}
-
-// The product rounded to float; the volatile store keeps the host compiler from fusing it into an
-// FMA, as nvcc keeps __fmul_rn.
-inline float __fmul_rn(float a, float b) {
-  volatile float product = a * b;
-  return product;
 }
 
 #define __global__

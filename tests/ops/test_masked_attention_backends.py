@@ -299,9 +299,9 @@ def test_blocked_key_never_reaches_the_output(backend, dtype, key_value, queries
 def check_huge_scores_keep_the_top_key(backend, device="cpu"):
     """Scaled scores around 1e11, past 2^31: each row's top key takes all of the softmax, as in the float64
     reference. A kernel that fuses score * scale - max (or - lse) into one FMA leaves the product's rounding
-    error (thousands) where 0 belongs, and exp's clamping turns the row into a flat average (the scale 0.3
-    rounds; a power of two would not). The gradients
-    of q and k are not compared: at these scores float32 makes them rounding noise times 1e11."""
+    error (thousands) where 0 belongs, and exp's clamping turns a row into a flat average (the scale 0.3
+    rounds; a power of two would not). The exact gradients of q and k are 0; in float32 they are rounding
+    noise times scale * k (about 1e-7 of it), where a probability of e^88 makes them huge or infinite."""
     generator = torch.Generator().manual_seed(5)
     q, k, v, grad_out = (
         torch.randn(shape, generator=generator).to(device)
@@ -310,11 +310,15 @@ def check_huge_scores_keep_the_top_key(backend, device="cpu"):
     k = k * 1e11
     logits = torch.ones(1, 5, 40, device=device)
     logits[:, 1, ::2] = -1.0  # row 1 sees every other key
-    out, lse, (_, _, grad_v) = run_backend(backend, q, k, v, grad_out, logits, None, 0.0, 0.3)
-    ref_out, ref_lse, (_, _, ref_grad_v) = reference_results(q, k, v, grad_out, logits, None, 0.5, 0.3)
+    scale = 0.3
+    out, lse, (grad_q, grad_k, grad_v) = run_backend(backend, q, k, v, grad_out, logits, None, 0.0, scale)
+    ref_out, ref_lse, (_, _, ref_grad_v) = reference_results(q, k, v, grad_out, logits, None, 0.5, scale)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lse.double(), ref_lse, atol=0, rtol=1e-6)
     torch.testing.assert_close(grad_v.double(), ref_grad_v, atol=1e-6, rtol=1e-6)
+    size = grad_out.abs().max() * v.abs().max()
+    assert grad_q.abs().max() <= 1e-5 * size * scale * k.abs().max()  # False for NaN too
+    assert grad_k.abs().max() <= 1e-5 * size * q.abs().max()
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
