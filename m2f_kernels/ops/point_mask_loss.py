@@ -157,12 +157,12 @@ def point_mask_loss(
     mask_logits (N, H, W) predicted mask logits (e.g. at 1/4 resolution); target_masks (N, Ht, Wt) (e.g. at
     full resolution): float in [0, 1] (ValueError otherwise, for targets on the CPU), read in float32 or
     wider, never rounded to half logits' dtype; or a bool/uint8 mask, where any nonzero value is 1 (a uint8
-    mask is copied as such; a bool one is read in place); coords (N, P, 2) normalized (x, y) in [0, 1]; num_masks the normalizer (Mask2Former:
-    matched masks averaged over processes), a number or a one-element tensor (whose value is checked on the CPU
-    only, in eager and compiled calls: reading it from a GPU would wait for the device). Both maps are sampled bilinearly
-    (align_corners=False, zero padding). Returns (ce, dice), float32 scalars (float64 for float64 logits): the
-    sum over masks of the mean BCE-with-logits over points, and of 1 - (2 sum(p t) + 1) / (sum p + sum t + 1),
-    each divided by num_masks.
+    mask is copied as such; a bool one is read in place); coords (N, P, 2) normalized (x, y) in [0, 1];
+    num_masks the normalizer (Mask2Former: matched masks averaged over processes), a number or a one-element
+    tensor (whose value is checked on the CPU only, in eager and compiled calls: reading it from a GPU would
+    wait for the device). Both maps are sampled bilinearly (align_corners=False, zero padding).
+    Returns (ce, dice), float32 scalars (float64 for float64 logits): the sum over masks of the mean
+    BCE-with-logits over points, and of 1 - (2 sum(p t) + 1) / (sum p + sum t + 1), each divided by num_masks.
     An empty map (H, W, Ht or Wt = 0) samples as zeros. With no mask or no point both losses are 0.
     Differentiable w.r.t. mask_logits only; nothing of size (N, P) is kept for the backward.
     """
