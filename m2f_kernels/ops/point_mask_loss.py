@@ -184,7 +184,7 @@ def point_mask_loss(
     if target_masks.dtype == torch.bool:
         target_masks = target_masks.view(torch.uint8)
     elif target_masks.dtype == torch.uint8:
-        target_masks = (target_masks != 0).view(torch.uint8)
+        target_masks = target_masks.clamp(max=1)  # unsigned: any nonzero byte becomes 1
     elif target_masks.dtype.is_floating_point:
         check_unit_interval("target_masks", target_masks)
         target_masks = target_masks.to(soft_target_dtype(target_masks, mask_logits))
