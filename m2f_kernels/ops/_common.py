@@ -115,6 +115,12 @@ def whole_number(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def binary_mask_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A bool or uint8 mask as uint8 0/1, any nonzero value read as 1: a bool mask viewed in place, a uint8
+    one clamped at 1 (unsigned, so every nonzero byte becomes 1; a copy)."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask.clamp(max=1)
+
+
 def check_unit_interval(name: str, tensor: torch.Tensor) -> None:
     """ValueError naming ``name`` unless the values of a CPU tensor lie in [0, 1], up to 16 ulps of rounding
     (bilinear samples of a 0/1 mask may reach 1 + 1 ulp); NaN passes. Checked by the graph in compiled

@@ -9,6 +9,7 @@ from .. import reference
 from .._backend import OpKernels
 from ._common import (
     accumulate_dtype,
+    binary_mask_bytes,
     call_op,
     check_same_device,
     check_tensor,
@@ -69,7 +70,7 @@ def pairwise_mask_cost(
         check_unit_interval("target_point_labels", target_point_labels)
         labels = target_point_labels.to(soft_target_dtype(target_point_labels, pred_point_logits))
     else:
-        labels = (target_point_labels != 0).to(pred_point_logits.dtype)
+        labels = binary_mask_bytes(target_point_labels).to(pred_point_logits.dtype)
     return call_op(
         _pairwise_mask_cost, pred_point_logits.detach().contiguous(), labels.detach().contiguous(), backend
     )

@@ -11,6 +11,7 @@ from .. import reference
 from .._backend import OpKernels
 from ._common import (
     accumulate_dtype,
+    binary_mask_bytes,
     call_op,
     cast_for_autocast,
     check_same_device,
@@ -181,10 +182,8 @@ def point_mask_loss(
         mask_logits = mask_logits.sum(dim=(1, 2), keepdim=True)
     if 0 in target_masks.shape[1:]:
         target_masks = target_masks.new_zeros(masks, 1, 1)
-    if target_masks.dtype == torch.bool:
-        target_masks = target_masks.view(torch.uint8)
-    elif target_masks.dtype == torch.uint8:
-        target_masks = target_masks.clamp(max=1)  # unsigned: any nonzero byte becomes 1
+    if target_masks.dtype in (torch.bool, torch.uint8):
+        target_masks = binary_mask_bytes(target_masks)
     elif target_masks.dtype.is_floating_point:
         check_unit_interval("target_masks", target_masks)
         target_masks = target_masks.to(soft_target_dtype(target_masks, mask_logits))
