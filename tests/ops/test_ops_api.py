@@ -526,6 +526,49 @@ def test_float_labels_outside_the_unit_interval_are_refused():
         compiled(torch.full((3, 5), 2.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float_targets_one_ulp_above_one_pass_and_a_larger_excess_is_refused(dtype):
+    """Bilinear samples of a 0/1 mask may reach 1 + 1 ulp: such labels and targets are read, while 1 + 1e-3
+    is refused."""
+    logits, mask_logits, coords = torch.randn(4, 5), torch.randn(2, 4, 4), torch.rand(2, 5, 2)
+    above_one = torch.nextafter(torch.tensor(1.0, dtype=dtype), torch.tensor(2.0, dtype=dtype))
+    labels, targets = torch.ones(3, 5, dtype=dtype), torch.ones(2, 8, 8, dtype=dtype)
+    labels[0, 0], targets[1, 2, 3] = above_one, above_one
+    m2f_kernels.pairwise_mask_cost(logits, labels)
+    m2f_kernels.point_mask_loss(mask_logits, targets, coords, 2)
+    labels[0, 0], targets[1, 2, 3] = 1 + 1e-3, 1 + 1e-3
+    with pytest.raises(ValueError, match=r"target_point_labels must hold values in \[0, 1\]"):
+        m2f_kernels.pairwise_mask_cost(logits, labels)
+    with pytest.raises(ValueError, match=r"target_masks must hold values in \[0, 1\]"):
+        m2f_kernels.point_mask_loss(mask_logits, targets, coords, 2)
+
+
+def test_a_nan_does_not_hide_values_outside_the_unit_interval():
+    """NaN passes the check, in eager and compiled calls, and the values beside it are still checked (a NaN
+    made the whole range NaN, which compared as inside)."""
+    logits, mask_logits, coords = torch.randn(4, 5), torch.randn(2, 4, 4), torch.rand(2, 5, 2)
+    labels, targets = torch.rand(3, 5), torch.rand(2, 8, 8)
+    labels[0, 1], targets[1, 1, 1] = math.nan, math.nan
+    m2f_kernels.pairwise_mask_cost(logits, labels)
+    m2f_kernels.point_mask_loss(mask_logits, targets, coords, 2)
+    compiled = torch.compile(
+        lambda labels: m2f_kernels.pairwise_mask_cost(logits, labels), backend="aot_eager"
+    )
+    compiled(labels)
+    compiled(torch.full((3, 5), math.nan))
+    labels[2, 4], targets[0, 0, 0] = 100.0, 255.0
+    with pytest.raises(
+        ValueError, match=r"target_point_labels must hold values in \[0, 1\], got values from"
+    ):
+        m2f_kernels.pairwise_mask_cost(logits, labels)
+    with pytest.raises(
+        ValueError, match=r"target_masks must hold values in \[0, 1\], got values from .* to 255"
+    ):
+        m2f_kernels.point_mask_loss(mask_logits, targets, coords, 2)
+    with pytest.raises(RuntimeError, match=r"target_point_labels must hold values in \[0, 1\]"):
+        compiled(labels)
+
+
 def test_point_mask_loss_takes_any_size_of_python_number():
     """A Python int beyond int64 divides as the float it is (it raised an OverflowError naming nothing)."""
     logits, targets, coords = torch.randn(2, 4, 4), torch.rand(2, 8, 8), torch.rand(2, 5, 2)
