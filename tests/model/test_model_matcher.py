@@ -151,6 +151,15 @@ def test_several_predictions_are_each_matched_optimally_with_one_host_copy(host_
             assert cost[query_idx, target_idx].sum().item() == pytest.approx(brute_force_min(cost), abs=1e-4)
 
 
+def test_a_prediction_of_another_batch_size_is_refused_naming_it():
+    """Every prediction (here the second, a decoder layer's) must have one image per target dict."""
+    targets = [{"labels": torch.tensor([0]), "masks": torch.ones(1, 4, 4, dtype=torch.bool)}] * 2
+    fits = {"pred_logits": torch.zeros(2, 3, 4), "pred_masks": torch.zeros(2, 3, 4, 4)}
+    too_many = {"pred_logits": torch.zeros(3, 3, 4), "pred_masks": torch.zeros(3, 3, 4, 4)}
+    with pytest.raises(ValueError, match=r"got 2 targets for a batch of 3 \(prediction 1\)"):
+        HungarianMatcher(num_points=8).match_predictions([fits, too_many], targets)
+
+
 def test_no_predictions_give_no_matches():
     targets = [{"labels": torch.tensor([0]), "masks": torch.ones(1, 4, 4, dtype=torch.bool)}]
     assert HungarianMatcher(num_points=8).match_predictions([], targets) == []

@@ -216,6 +216,39 @@ def test_backbone_rejects_other_window_sizes(tmp_path):
         backbone.load_weights(path)
 
 
+def test_grad_checkpointing_recomputes_every_block_of_every_stage(monkeypatch):
+    """set_grad_checkpointing runs each block of each stage (depths 1, 2, 3, 2) under activation
+    checkpointing when gradients are recorded, and no block without gradients or once switched off."""
+    from m2f.models import swin
+
+    config = BackboneConfig(
+        timm_name="swin_tiny_patch4_window7_224",
+        timm_kwargs=dict(SMALL, depths=(1, 2, 3, 2)),
+        output_norm=True,
+    )
+    backbone = Backbone(config)
+    every_block = [block for stage in backbone.body.layers for block in stage.blocks]
+    assert len(every_block) == 8
+    checkpointed = []
+    real_checkpoint = swin.checkpoint
+    monkeypatch.setattr(
+        swin,
+        "checkpoint",
+        lambda block, *a, **k: checkpointed.append(block) or real_checkpoint(block, *a, **k),
+    )
+    images = torch.randn(1, 3, 40, 56)
+    backbone.set_grad_checkpointing(True)
+    sum(feature.sum() for feature in backbone(images).values()).backward()
+    assert len(checkpointed) == len(every_block)
+    assert all(a is b for a, b in zip(checkpointed, every_block))
+    checkpointed.clear()
+    with torch.no_grad():
+        backbone(images)
+    backbone.set_grad_checkpointing(False)
+    backbone(images)
+    assert checkpointed == []
+
+
 def test_padded_size_is_the_next_multiple():
     for multiple in (1, 2, 4, 7, 12, 32):
         for size in range(0, 100):
