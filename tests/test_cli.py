@@ -190,6 +190,18 @@ def test_eval_resume_refuses_parts_of_another_run(synthetic_root, trained_run, t
     assert json.loads(output.read_text())["num_images"] == 2
 
 
+def test_eval_resume_refuses_parts_of_a_run_without_tta(
+    synthetic_root, trained_run, tmp_path, capsys, monkeypatch
+):
+    """Parts of a plain semantic evaluation are not reused by a --tta one written to the same results file."""
+    output = tmp_path / "results.json"
+    args = [*eval_args(trained_run / "model_final.safetensors", synthetic_root, output), "--task", "semantic"]
+    run_eval_stopped_at_the_second_image(monkeypatch, args)
+    assert main([*args, "--tta", "--resume"]) == 2
+    assert "part-000000.json belongs to another evaluation" in capsys.readouterr().err
+    assert not output.exists()
+
+
 def test_eval_resume_refuses_parts_of_other_data_at_the_same_path(
     synthetic_root, trained_run, tmp_path, capsys, monkeypatch
 ):
@@ -934,6 +946,30 @@ def test_predict_removes_what_a_killed_prediction_of_its_images_left(trained_run
     ]
 
 
+def test_predict_removes_what_a_killed_run_left_of_its_coco_results_files(trained_run, tmp_path):
+    """The temporary file of a results file that a killed --coco-results run was writing is removed too."""
+    from m2f.engine.predict import run_prediction
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (20, 24)).save(image)
+    images_json = tmp_path / "images.json"
+    images_json.write_text(json.dumps({"images": [{"id": 5, "file_name": "x.png"}]}))
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".panoptic_results.json.k2j4l5m6.tmp"
+    stale.write_bytes(b"half")
+    checkpoint = trained_run / "model_final.safetensors"
+    run_prediction([image], checkpoint, out, tasks=["panoptic"], coco_results=images_json, overlay=False)
+    assert sorted(path.name for path in out.iterdir()) == [
+        "panoptic_results.json",
+        "x.panoptic.json",
+        "x.panoptic_ids.png",
+    ]
+    assert [
+        a["image_id"] for a in json.loads((out / "panoptic_results.json").read_text())["annotations"]
+    ] == [5]
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
@@ -1147,6 +1183,9 @@ def test_predict_coco_results_bad_input_is_one_clear_line(synthetic_root, traine
 
     malformed = tmp_path / "images.json"
     malformed.write_text(json.dumps({"images": [{"id": "1", "file_name": "000000000001.jpg"}]}))
+    assert main([*base, "--checkpoint", str(checkpoint), "--coco-results", str(malformed)]) == 2
+    assert f'{malformed}: "images" must be a list of' in capsys.readouterr().err
+    malformed.write_text(json.dumps({"images": [{"id": True, "file_name": "000000000001.jpg"}]}))
     assert main([*base, "--checkpoint", str(checkpoint), "--coco-results", str(malformed)]) == 2
     assert f'{malformed}: "images" must be a list of' in capsys.readouterr().err
     twice = {"images": [{"id": 1, "file_name": "a/x.jpg"}, {"id": 2, "file_name": "b/x.jpg"}]}

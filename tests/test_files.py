@@ -89,6 +89,20 @@ def test_interrupted_prediction_leaves_no_partial_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_semantic_category_ids_above_255_read_back_in_16_bit(tmp_path):
+    """A label file of category ids holds every id as written, in 16 bit when an id is beyond 8 bit (three
+    classes, so the class indices alone would fit 8 bit)."""
+    image = np.zeros((4, 6, 3), dtype=np.uint8)
+    labels = torch.tensor([[0, 1, 2, 1, 0, 2]] * 4)
+    classes = ClassInfo(["a", "b", "c"], set(), [7, 300, 12])
+    written = save_prediction(
+        "semantic", labels, image, tmp_path / "img", classes, 0.5, overlay=False, category_ids=True
+    )
+    assert [p.name for p in written] == ["img.semantic_category_ids.png"]
+    expected = np.array([[7, 300, 12, 300, 7, 12]] * 4)
+    np.testing.assert_array_equal(np.asarray(Image.open(written[0])), expected)
+
+
 def test_output_paths_are_checked_before_writing(tmp_path):
     a_file, a_folder = tmp_path / "file", tmp_path / "folder"
     a_file.write_text("x")

@@ -212,6 +212,25 @@ def test_semantic_tta_averages_the_scaled_and_flipped_copies(size):
         predict_semantic_tta(model, image, config, device=cpu, scales=(1.0, 0.0))
 
 
+def test_tta_is_refused_for_other_tasks_and_for_resized_images(synthetic_root):
+    """The multi-scale and flip test is for semantic segmentation, of each image at its original size: a
+    dataset that resizes its images (here 64 to 256 pixels) is named with the sizes."""
+    from m2f.engine.train import build_dataset
+
+    config, resized = oracle_eval_setup(synthetic_root)
+    original = build_dataset("coco-panoptic", synthetic_root, "val")
+    model = OracleModel(oracle_answers(synthetic_root), resized.metadata.num_classes)
+    with pytest.raises(
+        ValueError, match="tta: the multi-scale and flip test is for semantic segmentation, not panoptic"
+    ):
+        evaluate_model(model, original, config, tta=True, progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"tta: the dataset gives image 0 at \(256, 256\), not at its original size \(64, 64\)",
+    ):
+        evaluate_model(model, resized, config, task="semantic", tta=True, progress=False)
+
+
 def test_summarize_flattens_groups_and_skips_per_class():
     results = {"task": "instance", "segm": {"AP": 40.0, "per_class": {"a": 1.0}}, "num_images": 5, "PQ": 3}
     assert summarize(results) == {"segm/AP": 40.0, "PQ": 3.0}

@@ -87,6 +87,49 @@ def test_a_graph_is_refused_where_the_mask_threshold_does_not_explain_the_differ
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_a_graph_whose_masks_alone_miss_the_tolerance_is_checked_with_every_key_visible(
+    checkpoint, tmp_path, monkeypatch
+):
+    """pred_masks beyond TOLERANCE with pred_logits within it leads to the export with mask threshold 0 as
+    well, and the graph is refused when that one does not match either."""
+    exports = []
+
+    def fake_export(model, example, options, dynamic_size):
+        (threshold,) = thresholds(model)
+        exports.append(threshold)
+        return str(threshold).encode()
+
+    def fake_compare(model, data, shapes):
+        return {"pred_logits": (1e-6, 0), "pred_masks": (3e-3, 0)}
+
+    monkeypatch.setattr(export, "_export", fake_export)
+    monkeypatch.setattr(export, "_compare", fake_compare)
+    with pytest.raises(
+        ValueError, match=r"^with every masked-attention key visible, the exported graph's pred_masks"
+    ):
+        export.export_onnx(checkpoint, tmp_path / "m.onnx", height=64, width=64)
+    assert exports == [0.5, 0.0]
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_config_name_takes_the_class_count_of_the_checkpoint(tmp_path, standins):
+    """--config names the architecture; the class head has the size of the checkpoint's classes (here 3,
+    where demo-tiny has 6), so the checkpoint's weights load."""
+    import dataclasses
+
+    import safetensors.torch
+
+    config = m2f.get_config("demo-tiny")
+    assert config.num_classes != 3
+    path = tmp_path / "three.safetensors"
+    safetensors.torch.save_file(
+        m2f.build_model(dataclasses.replace(config, num_classes=3)).state_dict(), path
+    )
+    standins["differences"] = {0.5: 3e-5}
+    export.export_onnx(path, tmp_path / "m.onnx", config_name="demo-tiny", height=64, width=64)
+    assert (tmp_path / "m.onnx").read_bytes() == b"0.5"
+
+
 def test_every_key_visible_sets_the_thresholds_to_zero_and_restores_them():
     model = m2f.build_model("demo-tiny")
     assert thresholds(model) == {0.5}
