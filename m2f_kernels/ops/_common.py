@@ -123,8 +123,9 @@ def binary_mask_bytes(mask: torch.Tensor) -> torch.Tensor:
 
 def check_unit_interval(name: str, tensor: torch.Tensor) -> None:
     """ValueError naming ``name`` unless the values of a CPU tensor lie in [0, 1], up to 16 ulps of rounding
-    (bilinear samples of a 0/1 mask may reach 1 + 1 ulp); NaN passes, and the other values are
-    still checked. Checked by the graph in compiled calls. Values on an accelerator are not read: that would wait for the device."""
+    (bilinear samples of a 0/1 mask may reach 1 + 1 ulp); NaN passes, and the other values are still
+    checked. Checked by the graph in compiled calls. Values on an accelerator are not read: that would wait
+    for the device."""
     if tensor.device.type != "cpu" or tensor.numel() == 0:
         return
     slack = 16 * torch.finfo(tensor.dtype).eps
