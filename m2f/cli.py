@@ -126,10 +126,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from m2f.convert import convert_to_file
+    if (args.format is None) == (args.to is None):
+        raise ValueError(
+            "give --format (a foreign checkpoint to m2f) or --to (an m2f checkpoint to a format)"
+        )
+    if args.to is not None:
+        return _convert_to_format(args)
+    if args.config is None:
+        raise ValueError("--format needs --config: the m2f config the weights belong to")
+    from m2f.convert import CLASS_HEAD_KEY, convert_to_file
 
     state_dict, metadata = convert_to_file(args.src, args.format, args.config, args.out, classes=args.classes)
-    num_classes = state_dict["transformer_decoder.class_embed.weight"].shape[0] - 1
+    num_classes = state_dict[CLASS_HEAD_KEY].shape[0] - 1
     named = ", named" if "class_names" in metadata else ""
     print(f"wrote {args.out} ({len(state_dict)} tensors, {num_classes} classes{named})")
     if json.loads(metadata["config"])["task"] == "panoptic" and "thing_classes" not in metadata:
@@ -138,6 +146,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
             "<COCO panoptic annotation JSON>; without it panoptic predictions treat every class as a thing",
             file=sys.stderr,
         )
+    return 0
+
+
+def _convert_to_format(args: argparse.Namespace) -> int:
+    if args.classes is not None:
+        raise ValueError("--classes applies to --format; with --to the class names come from the checkpoint")
+    from m2f.convert import export_to_file
+
+    exported, written = export_to_file(args.src, args.to, args.out, config_name=args.config)
+    print(f"wrote {', '.join(str(path) for path in written)} ({len(exported)} tensors, {args.to} names)")
     return 0
 
 
@@ -355,11 +373,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(predict)
     predict.set_defaults(func=cmd_predict)
 
-    convert = commands.add_parser("convert", help="convert transformers/detectron2/mmdet weights to m2f")
-    convert.add_argument("src", help="checkpoint file or Hugging Face model directory (sharded or not)")
-    convert.add_argument("--format", required=True, choices=("transformers", "detectron2", "mmdet"))
-    convert.add_argument("--config", required=True, help="the m2f config the weights belong to")
-    convert.add_argument("--out", required=True, help="output .safetensors file")
+    convert = commands.add_parser(
+        "convert", help="convert transformers/detectron2/mmdet weights to m2f (--format) or back (--to)"
+    )
+    convert.add_argument(
+        "src",
+        help="with --format: a checkpoint file or Hugging Face model directory (sharded or not); with --to: "
+        "an m2f .safetensors checkpoint",
+    )
+    formats = ("transformers", "detectron2", "mmdet")  # m2f.convert.FORMATS, without importing torch
+    convert.add_argument("--format", choices=formats, help="the format of src, converted to m2f")
+    convert.add_argument(
+        "--to",
+        choices=formats,
+        help="the format src (m2f) is written in: a transformers model directory, a detectron2 .pkl or an "
+        "mmdet .pth",
+    )
+    convert.add_argument(
+        "--config",
+        help="the m2f config the weights belong to (needed with --format; with --to: default the stored one)",
+    )
+    convert.add_argument(
+        "--out", required=True, help="output: .safetensors (--format), a folder, .pkl or .pth (--to)"
+    )
     convert.add_argument(
         "--classes",
         help="class names when the checkpoint has none (detectron2) or to replace its own: 'ade20k', a COCO "

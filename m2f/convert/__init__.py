@@ -1,4 +1,5 @@
-"""Checkpoint converters: Hugging Face transformers, detectron2 and mmdetection Mask2Former weights to m2f.
+"""Checkpoint converters: Hugging Face transformers, detectron2 and mmdetection Mask2Former weights to m2f,
+and m2f checkpoints back to those formats.
 
     state_dict = convert_checkpoint("model_final.pkl", "detectron2", "panoptic-r50")
     save(state_dict, "panoptic-r50.safetensors")
@@ -11,6 +12,11 @@ or, for a file that `m2f predict` / `m2f eval` read directly (config and class n
 Every format is mapped to detectron2's names first (m2f.convert.keymaps), then to m2f's. Nothing in a
 checkpoint is executed: .pkl files go through a restricted unpickler, torch files through
 torch.load(weights_only=True). Unknown, missing and mis-shaped keys raise ConversionError listing them.
+
+The other way, an m2f checkpoint as a transformers model directory (`from_pretrained` loads it), a
+detectron2 .pkl or an mmdet .pth:
+
+    export_to_file("runs/r50/model_final.safetensors", "transformers", "r50-hf/")
 
 Class names: transformers checkpoints give them in config.json ("id2label"), mmdet checkpoints in their meta;
 detectron2 checkpoints have none. `classes` names them (and replaces the checkpoint's): a list of names,
@@ -29,18 +35,22 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..files import check_output_path
-from .detectron2 import UnsafeCheckpointError, load_detectron2_state_dict
+from ..files import check_output_path, write_text_atomic
+from .detectron2 import UnsafeCheckpointError, load_detectron2_state_dict, save_detectron2_pkl
 from .keymaps import ConversionError, apply_rules, detect_backbone, detectron2_to_model_rules, reverse_rules
-from .mmdet import detectron2_to_mmdet, load_mmdet_checkpoint, mmdet_to_detectron2
+from .mmdet import detectron2_to_mmdet, load_mmdet_checkpoint, mmdet_to_detectron2, save_mmdet_checkpoint
 from .transformers import (
     check_transformers_architecture,
+    check_transformers_model,
     check_transformers_points,
     check_transformers_source,
     detectron2_to_transformers,
     load_transformers_state_dict,
     transformers_class_names,
+    transformers_image_processor_config,
+    transformers_model_config,
     transformers_to_detectron2,
+    transformers_unused_tensors,
 )
 
 __all__ = [
@@ -50,6 +60,7 @@ __all__ = [
     "convert_checkpoint",
     "convert_to_file",
     "export_checkpoint",
+    "export_to_file",
     "load_checkpoint_file",
     "read_checkpoint",
     "resolve_classes",
@@ -63,6 +74,7 @@ ClassNames = tuple[list[str], list[int] | None]
 _Map = Callable[[Mapping[str, torch.Tensor]], tuple[StateDict, list[str]]]
 
 FORMATS = ("transformers", "detectron2", "mmdet")
+CLASS_HEAD_KEY = "transformer_decoder.class_embed.weight"
 
 _LOADERS: dict[str, Callable[[Path], tuple[StateDict, ClassNames | None]]] = {
     "transformers": lambda path: (
@@ -176,10 +188,9 @@ def convert_checkpoint(
     ours, unknown = apply_rules(hub, detectron2_to_model_rules(backbone))
     if unknown:
         raise ConversionError(f"{fmt} checkpoint: {_listing('unknown keys', unknown)}")
-    class_key = "transformer_decoder.class_embed.weight"
-    if class_key not in ours:
-        raise ConversionError(f"{fmt} checkpoint: no class head ({class_key} after renaming)")
-    expected = _expected_state(config, ours[class_key].shape[0] - 1)
+    if CLASS_HEAD_KEY not in ours:
+        raise ConversionError(f"{fmt} checkpoint: no class head ({CLASS_HEAD_KEY} after renaming)")
+    expected = _expected_state(config, ours[CLASS_HEAD_KEY].shape[0] - 1)
     return _match_expected(ours, expected, fmt)
 
 
@@ -229,7 +240,7 @@ def export_checkpoint(
     _check_format(fmt)
     config = _resolve_config(config_name)
     if fmt == "transformers":
-        check_transformers_points(config)
+        check_transformers_model(config)
     backbone = _config_backbone(config)
     hub, unknown = apply_rules(state_dict, reverse_rules(detectron2_to_model_rules(backbone)))
     if unknown:
@@ -348,7 +359,7 @@ def convert_to_file(
     _check_architecture(src, fmt, _resolve_config(config_name))
     state, found = read_checkpoint(src, fmt)
     state_dict = convert_checkpoint(state, fmt, config_name)
-    num_classes = state_dict["transformer_decoder.class_embed.weight"].shape[0] - 1
+    num_classes = state_dict[CLASS_HEAD_KEY].shape[0] - 1
     if given is not None:
         found = given
         if len(found[0]) != num_classes:
@@ -371,3 +382,65 @@ def convert_to_file(
         metadata["categories"] = json.dumps(categories)
     save(state_dict, out, metadata=metadata)
     return state_dict, metadata
+
+
+# What export_to_file writes: a model directory for transformers, a file of this suffix for the others.
+TRANSFORMERS_FILES = ("model.safetensors", "preprocessor_config.json", "config.json")
+EXPORT_SUFFIXES = {"detectron2": ".pkl", "mmdet": ".pth"}
+
+
+def export_to_file(
+    checkpoint: str | Path, fmt: str, out: str | Path, *, config_name: str | ModelConfig | None = None
+) -> tuple[StateDict, list[Path]]:
+    """Writes the m2f checkpoint `checkpoint` (a .safetensors file from training or convert_to_file) in
+    format `fmt`; the inverse of convert_to_file. Returns (the exported state dict, the files written).
+
+    transformers: `out` is a model directory that transformers' `from_pretrained` loads, holding
+    model.safetensors, preprocessor_config.json (the config's test resize and normalization for
+    `Mask2FormerImageProcessor`) and config.json (the architecture, read from the weights; the class names
+    in id2label), written last, so that a directory with a config.json is complete. detectron2: `out` is a
+    model-zoo .pkl (no class names: detectron2 keeps them in its dataset catalog). mmdet: `out` is a .pth
+    with the state dict and meta["dataset_meta"] ("classes", "thing_classes").
+    The config is the one stored in the checkpoint, or `config_name` when given, with the checkpoint's class
+    count. Every file is written atomically. Raises ConversionError when the weights do not fit the config
+    or the model has no form in `fmt` (check_transformers_model), ValueError for a bad `out`."""
+    from ..engine.checkpoint import class_head_classes, read_header, read_weights, stored_classes
+
+    _check_format(fmt)
+    if fmt == "transformers":
+        check_output_path(out, "out", folder=True)
+    else:
+        check_output_path(out, "out", inputs=[checkpoint])
+        if Path(out).suffix != EXPORT_SUFFIXES[fmt]:
+            raise ValueError(f"out must be a {EXPORT_SUFFIXES[fmt]} file for {fmt}, got {str(out)!r}")
+    metadata, shapes = read_header(checkpoint)
+    if config_name is not None:
+        config = _resolve_config(config_name)
+    elif "config" in metadata:
+        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+    else:
+        raise ValueError(f"{checkpoint}: the checkpoint stores no config; name one (config_name, --config)")
+    num_classes = class_head_classes(shapes)
+    if num_classes is None:
+        raise ConversionError(f"{checkpoint}: no class head ({CLASS_HEAD_KEY})")
+    config = dataclasses.replace(config, num_classes=num_classes)
+    names, things, _ = stored_classes(metadata, checkpoint)
+    state, _ = read_weights(checkpoint)
+    _match_expected(state, _expected_state(config, num_classes), f"{checkpoint}: m2f")
+    exported = export_checkpoint(state, fmt, config)
+    out = Path(out)
+    if fmt == "transformers":
+        model_config = transformers_model_config(config, exported, names)
+        written = [out / name for name in TRANSFORMERS_FILES]
+        complete = {**exported, **transformers_unused_tensors(config, exported)}
+        save(complete, written[0], metadata={"format": "pt"})
+        write_text_atomic(
+            written[1], json.dumps(transformers_image_processor_config(config), indent=2) + "\n"
+        )
+        write_text_atomic(written[2], json.dumps(model_config, indent=2) + "\n")
+        return exported, written
+    if fmt == "detectron2":
+        save_detectron2_pkl(exported, out)
+    else:
+        save_mmdet_checkpoint(exported, out, names, things)
+    return exported, [out]

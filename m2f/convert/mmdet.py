@@ -10,11 +10,13 @@ from its "thing_classes" where present, as for panoptic models) or `meta["CLASSE
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from ..files import write_bytes_atomic
 from .keymaps import (
     DETECTRON2_TO_TIMM_RESNET,
     ConversionError,
@@ -183,3 +185,25 @@ def mmdet_to_detectron2(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[st
 def detectron2_to_mmdet(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The inverse map, in mmdet 3.x names."""
     return apply_rules(state_dict, reverse_rules(MMDET_TO_DETECTRON2))
+
+
+def save_mmdet_checkpoint(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+    thing_classes: Sequence[int] | None = None,
+) -> None:
+    """Writes an mmdet 3.x checkpoint ({"state_dict", "meta"}) atomically; the class names and, when known,
+    the thing classes go to meta["dataset_meta"] ("classes", "thing_classes", "stuff_classes")."""
+    meta: dict = {}
+    if class_names is not None:
+        dataset_meta: dict = {"classes": list(class_names)}
+        if thing_classes is not None:
+            things = set(thing_classes)
+            dataset_meta["thing_classes"] = [name for i, name in enumerate(class_names) if i in things]
+            dataset_meta["stuff_classes"] = [name for i, name in enumerate(class_names) if i not in things]
+        meta["dataset_meta"] = dataset_meta
+    tensors = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in state_dict.items()}
+    buffer = io.BytesIO()
+    torch.save({"state_dict": tensors, "meta": meta}, buffer)
+    write_bytes_atomic(path, buffer.getvalue())

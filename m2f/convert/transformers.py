@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
+from ..data.common import IGNORE_LABEL
 from .keymaps import BN_PARAM, ConversionError, Drop, Fuse, Rename, Rule, apply_rules, prefixed, reverse_rules
 from .reading import read_checkpoint_file
 
@@ -360,3 +361,202 @@ def check_transformers_source(keys: list[str]) -> None:
             "not a transformers Mask2Former checkpoint: no 'model.pixel_level_module.*' keys "
             f"(first keys: {keys[:5]})"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The config files of a transformers model directory, for weights exported from m2f.
+
+_STAGES = ["stage1", "stage2", "stage3", "stage4"]
+_RESNET_STEM = re.compile(r"\.embedder\.embedder\.convolution\.weight$")
+_RESNET_CONV = re.compile(r"\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.weight$")
+_SWIN_PATCHES = re.compile(r"\.embeddings\.patch_embeddings\.projection\.weight$")
+_SWIN_BLOCK = re.compile(r"\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.(attention\.[\w.]+|mlp\.fc1\.weight)$")
+# timm's Swin default, which m2f's Swin keeps
+SWIN_DROP_PATH_RATE = 0.1
+
+
+def _backbone_tensors(state: Mapping[str, torch.Tensor], pattern: re.Pattern) -> dict[tuple, torch.Tensor]:
+    """{match groups: tensor} of the backbone keys (HF_ENCODER ...) that `pattern` matches."""
+    found = {}
+    for key, tensor in state.items():
+        match = pattern.search(key) if key.startswith(HF_ENCODER) else None
+        if match:
+            found[tuple(int(g) if g.isdigit() else g for g in match.groups())] = tensor
+    return found
+
+
+def _stage_depths(indices: list[tuple[int, int]]) -> list[int]:
+    stages = sorted({stage for stage, _ in indices})
+    if stages != list(range(len(_STAGES))):
+        raise ConversionError(f"the backbone has stages {stages}; transformers' Mask2Former takes 4")
+    return [1 + max(block for stage, block in indices if stage == s) for s in stages]
+
+
+def _resnet_backbone_config(state: Mapping[str, torch.Tensor]) -> dict:
+    convs = _backbone_tensors(state, _RESNET_CONV)
+    depths = _stage_depths([(stage, block) for stage, block, _ in convs])
+    convs_per_block = 1 + max(conv for _, _, conv in convs)
+    if convs_per_block not in (2, 3):
+        raise ConversionError(f"ResNet blocks of {convs_per_block} convolutions have no transformers form")
+    last = convs_per_block - 1
+    hidden_sizes = [convs[(stage, 0, last)].shape[0] for stage in range(len(depths))]
+    if convs_per_block == 3 and any(convs[(s, 0, 0)].shape[0] * 4 != hidden_sizes[s] for s in range(4)):
+        raise ConversionError(
+            "transformers' ResNet bottlenecks are 4 times narrower than their output; this backbone's are not"
+        )
+    stem = next(iter(_backbone_tensors(state, _RESNET_STEM).values()))
+    return {
+        "model_type": "resnet",
+        "num_channels": stem.shape[1],
+        "embedding_size": stem.shape[0],
+        "hidden_sizes": hidden_sizes,
+        "depths": depths,
+        "layer_type": "bottleneck" if convs_per_block == 3 else "basic",
+        **_FIXED_BACKBONE_SETTINGS["resnet"],
+        "out_features": _STAGES,
+    }
+
+
+def _swin_backbone_config(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict:
+    patches = next(iter(_backbone_tensors(state, _SWIN_PATCHES).values()))
+    blocks = _backbone_tensors(state, _SWIN_BLOCK)
+    depths = _stage_depths([(stage, block) for stage, block, _ in blocks])
+    table = "attention.relative_position_bias.relative_position_bias_table"
+    tables = [blocks[(stage, 0, table)] for stage in range(len(depths))]
+    window = (round(tables[0].shape[0] ** 0.5) + 1) // 2
+    kwargs = config.backbone.timm_kwargs
+    return {
+        "model_type": "swin",
+        "image_size": kwargs.get("img_size", 224),
+        "patch_size": patches.shape[-1],
+        "num_channels": patches.shape[1],
+        "embed_dim": patches.shape[0],
+        "depths": depths,
+        "num_heads": [t.shape[1] for t in tables],
+        "window_size": window,
+        "mlp_ratio": blocks[(0, 0, "mlp.fc1.weight")].shape[0] / patches.shape[0],
+        "qkv_bias": (0, 0, "attention.q_proj.bias") in blocks,
+        "drop_path_rate": kwargs.get("drop_path_rate", SWIN_DROP_PATH_RATE),
+        **_FIXED_BACKBONE_SETTINGS["swin"],
+        "use_absolute_embeddings": False,
+        "out_features": _STAGES,
+    }
+
+
+def check_transformers_model(config: ModelConfig) -> None:
+    """ConversionError unless transformers' Mask2Former computes what the m2f config does: one head count for
+    the pixel decoder's encoder and the decoder, 4 sampling points, a mask threshold of 0.5 and a deformable
+    encoder on the three coarsest backbone levels."""
+    check_transformers_points(config)
+    pixel_decoder, decoder = config.pixel_decoder, config.decoder
+    differences = []
+    if pixel_decoder.encoder_heads != decoder.num_heads:
+        differences.append(
+            f"pixel_decoder.encoder_heads={pixel_decoder.encoder_heads} and decoder.num_heads="
+            f"{decoder.num_heads} differ (transformers has one num_attention_heads for both)"
+        )
+    if decoder.mask_threshold != 0.5:
+        differences.append(f"decoder.mask_threshold={decoder.mask_threshold} (transformers: 0.5)")
+    if tuple(pixel_decoder.transformer_strides) != tuple(config.backbone.out_strides[-3:]):
+        differences.append(
+            f"pixel_decoder.transformer_strides={pixel_decoder.transformer_strides} are not the three coarsest "
+            f"of backbone.out_strides={config.backbone.out_strides} (transformers' encoder takes those)"
+        )
+    if differences:
+        raise ConversionError(f"config {config.name!r} has no transformers form: {'; '.join(differences)}")
+
+
+def transformers_model_config(
+    config: ModelConfig, state: Mapping[str, torch.Tensor], class_names: Sequence[str] | None = None
+) -> dict:
+    """The config.json of `Mask2FormerForUniversalSegmentation` for `state`, the transformers-named weights
+    of an m2f model of `config` (export_checkpoint). Backbone sizes are read from the weights; class names
+    go to id2label (transformers' placeholders LABEL_i without them). ConversionError when the model has
+    no transformers form (check_transformers_model)."""
+    check_transformers_model(config)
+    backbone = "swin" if any(_SWIN_PATCHES.search(key) for key in state) else "resnet"
+    num_classes = state["class_predictor.weight"].shape[0] - 1
+    names = list(class_names) if class_names is not None else [f"LABEL_{i}" for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ConversionError(f"{len(names)} class names for a class head of {num_classes} classes")
+    pixel_decoder, decoder, loss = config.pixel_decoder, config.decoder, config.loss
+    return {
+        "model_type": "mask2former",
+        "architectures": ["Mask2FormerForUniversalSegmentation"],
+        "dtype": str(state["class_predictor.weight"].dtype).removeprefix("torch."),
+        "id2label": {str(i): name for i, name in enumerate(names)},
+        "label2id": {name: i for i, name in enumerate(names)},
+        "backbone_config": (
+            _swin_backbone_config(state, config) if backbone == "swin" else _resnet_backbone_config(state)
+        ),
+        "use_timm_backbone": False,
+        "use_pretrained_backbone": False,
+        "feature_size": pixel_decoder.conv_dim,
+        "mask_feature_size": pixel_decoder.mask_dim,
+        "hidden_dim": decoder.hidden_dim,
+        "encoder_feedforward_dim": pixel_decoder.encoder_ffn_dim,
+        "encoder_layers": pixel_decoder.encoder_layers,
+        "decoder_layers": decoder.num_layers + 1,  # transformers counts the prediction before the first layer
+        "num_attention_heads": decoder.num_heads,
+        "dim_feedforward": decoder.ffn_dim,
+        "pre_norm": decoder.pre_norm,
+        "enforce_input_projection": decoder.enforce_input_proj,
+        "common_stride": pixel_decoder.common_stride,
+        "feature_strides": list(config.backbone.out_strides),
+        "num_queries": decoder.num_queries,
+        "dropout": 0.0,
+        **_FIXED_SETTINGS,
+        "ignore_value": IGNORE_LABEL,
+        "no_object_weight": loss.no_object_weight,
+        "class_weight": loss.class_weight,
+        "mask_weight": loss.mask_weight,
+        "dice_weight": loss.dice_weight,
+        "train_num_points": loss.num_points,
+        "oversample_ratio": loss.oversample_ratio,
+        "importance_sample_ratio": loss.importance_sample_ratio,
+        "use_auxiliary_loss": loss.deep_supervision,
+    }
+
+
+def transformers_unused_tensors(
+    config: ModelConfig, state: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The tensors transformers' model keeps and m2f's has no counterpart for, at the values transformers
+    starts them with (so that `from_pretrained` reports no missing key): BatchNorm counters (m2f's ResNet
+    has frozen BatchNorm), the loss's class weights and Swin's final norm (unused by the backbone)."""
+    extra = {
+        key.removesuffix("running_mean") + "num_batches_tracked": torch.zeros((), dtype=torch.int64)
+        for key in state
+        if key.endswith(".normalization.running_mean")
+    }
+    class_weight = torch.ones(state["class_predictor.weight"].shape[0])
+    class_weight[-1] = config.loss.no_object_weight
+    extra["criterion.empty_weight"] = class_weight
+    last_norm = HF_ENCODER + "hidden_states_norms.stage4.weight"
+    if any(_SWIN_PATCHES.search(key) for key in state) and last_norm in state:
+        channels = state[last_norm].shape[0]
+        extra[HF_ENCODER + "swin.layernorm.weight"] = torch.ones(channels)
+        extra[HF_ENCODER + "swin.layernorm.bias"] = torch.zeros(channels)
+    return {key: tensor for key, tensor in extra.items() if key not in state}
+
+
+def transformers_image_processor_config(config: ModelConfig) -> dict:
+    """The preprocessor_config.json of `Mask2FormerImageProcessor` for an m2f config: its test resize,
+    padding multiple and normalization (m2f's 0..255 mean and std as fractions of 255)."""
+    return {
+        "image_processor_type": "Mask2FormerImageProcessor",
+        "do_resize": True,
+        "size": {
+            "shortest_edge": config.inference.test_short_edge,
+            "longest_edge": config.inference.test_max_size,
+        },
+        "resample": 2,  # bilinear
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [value / 255 for value in config.pixel_mean],
+        "image_std": [value / 255 for value in config.pixel_std],
+        "size_divisor": config.size_divisibility,
+        "ignore_index": IGNORE_LABEL,
+        "do_reduce_labels": False,
+    }
