@@ -45,29 +45,48 @@ def summed_magnitude(image, coords, grad_output):
     return magnitude
 
 
-def assert_close_to_sum(actual, expected, magnitude, atol, rtol):
-    """|actual - expected| <= atol + rtol * magnitude elementwise (magnitude >= |expected| by the triangle
-    inequality, so this is assert_close's bound with the sum's scale in place of its value)."""
-    bound = atol + rtol * magnitude
+def touching_magnitude(image, coords, grad_output):
+    """Per pixel, the sum of |grad_output| over the points whose four corners include it (float64): a
+    position that moves by d pixels moves each corner's weight, so its share of that sum, by up to 2 d."""
+    batch, channels, height, width = image.shape
+    padded = torch.zeros(
+        batch, channels, (height + 4) * (width + 4), dtype=torch.float64, device=image.device
+    )
+    for index in corner_indices(image, coords):
+        padded.scatter_add_(2, index, grad_output.double().abs())
+    return padded.view(batch, channels, height + 4, width + 4)[..., 2:-2, 2:-2]
+
+
+def assert_close_to_sum(actual, expected, magnitude, atol, rtol, moved=0.0):
+    """|actual - expected| <= atol + rtol * magnitude + moved elementwise (magnitude >= |expected| by the
+    triangle inequality, so this is assert_close's bound with the sum's scale in place of its value; moved:
+    what the rounding of the positions may add)."""
+    bound = atol + rtol * magnitude + moved
     error = (actual.double() - expected).abs()
     assert (error <= bound).all(), (
         f"max error {error.max().item():.3g}, worst error/bound {(error / bound).max():.3g}"
     )
 
 
-def corners(image, coords):
-    """The four pixels around each point, v00, v01, v10, v11 (v_yx, zeros outside the image), each
-    (B, C, P) float64."""
+def corner_indices(image, coords):
+    """The four pixels around each point, (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1), as indices
+    (B, C, P) into the image padded by 2 on each side and flattened."""
     channels, height, width = image.shape[1:]
-    padded = torch.nn.functional.pad(image.double(), (2, 2, 2, 2)).flatten(2)
     pixel = coords.double() * torch.tensor([width, height], dtype=torch.float64, device=coords.device) - 0.5
     x0 = pixel[..., 0].floor().clamp(-2, width).long() + 2
     y0 = pixel[..., 1].floor().clamp(-2, height).long() + 2
+    return [
+        ((y0 + dy) * (width + 4) + x0 + dx)[:, None, :].expand(-1, channels, -1)
+        for dy in (0, 1)
+        for dx in (0, 1)
+    ]
 
-    def corner(y, x):
-        return padded.gather(2, (y * (width + 4) + x)[:, None, :].expand(-1, channels, -1))
 
-    return corner(y0, x0), corner(y0, x0 + 1), corner(y0 + 1, x0), corner(y0 + 1, x0 + 1)
+def corners(image, coords):
+    """The four pixels around each point, v00, v01, v10, v11 (v_yx, zeros outside the image), each
+    (B, C, P) float64."""
+    padded = torch.nn.functional.pad(image.double(), (2, 2, 2, 2)).flatten(2)
+    return tuple(padded.gather(2, index) for index in corner_indices(image, coords))
 
 
 def position_error(image, coords):
@@ -88,8 +107,10 @@ def check_backend(backend, dtype, shape, num_points, device, coords_dtype=None):
     """coords_dtype: float32 coords for a float16 / bfloat16 image (default: the image's dtype).
 
     Besides the dtype's tolerance, the output may move by the position's rounding (position_error) times
-    the slope between the corners, and the coords gradient by that rounding times the rate at which one
-    coordinate's gradient changes with the other (H or W times v00 - v01 - v10 + v11 per channel)."""
+    the slope between the corners, the image gradient by twice that rounding times the gradients of the
+    points around each pixel (touching_magnitude), and the coords gradient by that rounding times the rate at
+    which one coordinate's gradient changes with the other (H or W times v00 - v01 - v10 + v11 per
+    channel)."""
     batch, channels, height, width = shape
     image = torch.randn(shape, dtype=dtype, device=device)
     coords = make_coords(batch, num_points, coords_dtype or dtype, device)
@@ -105,7 +126,9 @@ def check_backend(backend, dtype, shape, num_points, device, coords_dtype=None):
     delta = position_error(image, coords)
     slope = (v01 - v00).abs() + (v11 - v10).abs() + (v10 - v00).abs() + (v11 - v01).abs()
     assert_within("output", out, ref_out, atol + rtol * ref_out.abs() + delta * slope)
-    assert_close_to_sum(grad_image, ref_grad_image, summed_magnitude(image, coords, grad_output), atol, rtol)
+    magnitude = summed_magnitude(image, coords, grad_output)
+    moved = 2 * delta * touching_magnitude(image, coords, grad_output)
+    assert_close_to_sum(grad_image, ref_grad_image, magnitude, atol, rtol, moved)
     # d/dcoord scales with the image size; its low-precision error with the corner values' rounding too.
     scale = max(height, width)
     mixed = (grad_output.double().abs() * (v00 - v01 - v10 + v11).abs()).sum(1)  # (B, P)
