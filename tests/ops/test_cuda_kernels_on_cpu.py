@@ -271,15 +271,13 @@ def test_point_mask_loss_kernels(
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_deterministic_scatter_covers_planes_taller_than_a_block(monkeypatch, libraries, dtype):
     """The deterministic scatter gives each thread one row of the image, 256 rows per block: a plane of 300
-    rows needs a second block of rows (and its grid counts rows, not columns). The loss in float64 only: its
-    float32 bound leaves out the rounding of the positions, which grows with the plane (point_sample's
-    includes it)."""
+    rows needs a second block of rows (and its grid counts rows, not columns). The loss's points lie on a
+    grid of 1/4096, whose positions are exact (its tolerance leaves out their rounding)."""
     library = libraries["point_loss"]
     monkeypatch.setattr(sample_tests, "KERNELS", emulated_point_sample(library, deterministic=True))
     sample_tests.check_backend("emulated", dtype, (1, 2, 300, 5), 700, "cpu")
-    if dtype == torch.float64:
-        monkeypatch.setattr(loss_tests, "KERNELS", emulated_point_mask_loss(library))
-        loss_tests.check_backend("emulated", dtype, (300, 5), (301, 7), 1500, "float", "cpu", True)
+    monkeypatch.setattr(loss_tests, "KERNELS", emulated_point_mask_loss(library))
+    loss_tests.check_backend("emulated", dtype, (300, 5), (301, 7), 1500, "float", "cpu", True, grid=4096)
 
 
 # masked_attention
