@@ -178,6 +178,20 @@ def test_triton_point_splits_on_a_gpu(monkeypatch):
         assert num_splits == 1 or per_split >= 512
 
 
+@pytest.mark.skipif("triton" not in CPU_KERNEL_BACKENDS, reason="Triton does not run on CPU here")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_sums_more_splits_than_one_finalize_block(monkeypatch, dtype):
+    """The finalize kernel adds the splits FINALIZE_BLOCK_SPLITS at a time. A GPU launch can have more splits
+    than that (25 at Mask2Former's size), the interpreter's default at most 4: here it takes 40."""
+    from m2f_kernels.triton import pairwise_mask_cost as module
+
+    monkeypatch.setattr(module, "INTERPRETER_SPLITS", 40)
+    num_points = 40 * module.SPLIT_ALIGNMENT - 10
+    num_splits, _ = module._point_splits(5, 3, num_points, torch.device("cpu"))
+    assert num_splits > 2 * module.FINALIZE_BLOCK_SPLITS
+    check_backend("triton", dtype, 5, 3, num_points, "cpu")
+
+
 @pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_confident_predictions_cost_zero_not_less(backend, dtype):
