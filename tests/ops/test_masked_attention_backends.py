@@ -679,6 +679,9 @@ def test_triton_key_splits_on_a_gpu(monkeypatch):
         assert per_split % alignment == 0 and (splits - 1) * per_split < num_keys <= splits * per_split
         assert splits <= max(1, -(-num_keys // 256))  # four 64-key blocks per split at least, as wanted
     assert module._key_splits(torch.device("cpu"), 4097, 32, 1, 128, None) == (1, 4224)
+    # a wanted count beyond the grid's 65,535 on axis 1 is capped: 2^26 keys in 32-key splits would be 2^21
+    splits, per_split = module._key_splits(cuda, 2**26, 32, 1, 32, 2**21)
+    assert splits <= 65535 and per_split % 32 == 0 and (splits - 1) * per_split < 2**26 <= splits * per_split
 
 
 @pytest.mark.cuda
