@@ -433,6 +433,7 @@ def export_to_file(
         model_config = transformers_model_config(config, exported, names)
         written = [out / name for name in TRANSFORMERS_FILES]
         complete = {**exported, **transformers_unused_tensors(config, exported)}
+        written[-1].unlink(missing_ok=True)  # a folder being rewritten is incomplete until the new one is in
         save(complete, written[0], metadata={"format": "pt"})
         write_text_atomic(
             written[1], json.dumps(transformers_image_processor_config(config), indent=2) + "\n"

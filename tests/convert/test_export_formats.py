@@ -118,6 +118,25 @@ def test_the_image_processor_normalizes_like_m2f(exported):
     torch.testing.assert_close(pixels[0].double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_directory_being_rewritten_has_no_config_until_its_weights_are_in(exported, tmp_path, monkeypatch):
+    """An export that fails between removing the old config.json and writing the new one leaves a folder
+    that from_pretrained refuses, not new weights under an old config."""
+    import m2f.convert
+
+    _, _, _, checkpoint, _ = exported
+    directory = tmp_path / "hf"
+    export_to_file(checkpoint, "transformers", directory)
+    assert (directory / "config.json").is_file()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(m2f.convert, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_to_file(checkpoint, "transformers", directory)
+    assert not (directory / "config.json").exists()
+
+
 def test_the_directory_converts_back_to_the_same_weights_and_names(exported, tmp_path):
     _, config, state, _, directory = exported
     back, metadata = convert_to_file(directory, "transformers", config, tmp_path / "back.safetensors")
