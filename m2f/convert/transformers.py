@@ -385,6 +385,10 @@ def _backbone_tensors(state: Mapping[str, torch.Tensor], pattern: re.Pattern) ->
     return found
 
 
+def _has_swin_backbone(state: Mapping[str, torch.Tensor]) -> bool:
+    return any(_SWIN_PATCHES.search(key) for key in state)
+
+
 def _stage_depths(indices: list[tuple[int, int]]) -> list[int]:
     stages = sorted({stage for stage, _ in indices})
     if stages != list(range(len(_STAGES))):
@@ -474,7 +478,6 @@ def transformers_model_config(
     go to id2label (transformers' placeholders LABEL_i without them). ConversionError when the model has
     no transformers form (check_transformers_model)."""
     check_transformers_model(config)
-    backbone = "swin" if any(_SWIN_PATCHES.search(key) for key in state) else "resnet"
     num_classes = state["class_predictor.weight"].shape[0] - 1
     names = list(class_names) if class_names is not None else [f"LABEL_{i}" for i in range(num_classes)]
     if len(names) != num_classes:
@@ -487,7 +490,9 @@ def transformers_model_config(
         "id2label": {str(i): name for i, name in enumerate(names)},
         "label2id": {name: i for i, name in enumerate(names)},
         "backbone_config": (
-            _swin_backbone_config(state, config) if backbone == "swin" else _resnet_backbone_config(state)
+            _swin_backbone_config(state, config)
+            if _has_swin_backbone(state)
+            else _resnet_backbone_config(state)
         ),
         "use_timm_backbone": False,
         "use_pretrained_backbone": False,
@@ -533,7 +538,7 @@ def transformers_unused_tensors(
     class_weight[-1] = config.loss.no_object_weight
     extra["criterion.empty_weight"] = class_weight
     last_norm = HF_ENCODER + "hidden_states_norms.stage4.weight"
-    if any(_SWIN_PATCHES.search(key) for key in state) and last_norm in state:
+    if _has_swin_backbone(state) and last_norm in state:
         channels = state[last_norm].shape[0]
         extra[HF_ENCODER + "swin.layernorm.weight"] = torch.ones(channels)
         extra[HF_ENCODER + "swin.layernorm.bias"] = torch.zeros(channels)
