@@ -645,11 +645,8 @@ def test_export_writes_an_onnx_graph_that_matches_the_checkpoint_at_any_size(tra
     pytest.importorskip("onnxscript")
     import torch
 
-    from m2f.engine.evaluate import (
-        build_checkpoint_model,
-        load_checkpoint_weights,
-        load_config_for_checkpoint,
-    )
+    from m2f.engine.checkpoint import load_config_for_checkpoint
+    from m2f.engine.evaluate import build_checkpoint_model, load_checkpoint_weights
     from m2f.engine.export import _check_differences, _compare
 
     checkpoint = trained_run / "model_final.safetensors"
@@ -1051,7 +1048,8 @@ def test_eval_and_predict_tta_of_a_semantic_model(tmp_path, trained_run, synthet
     # for random weights whose class and mask logits are scaled up (else the map is one class)
     import torch
 
-    from m2f.engine.evaluate import build_checkpoint_model, load_config_for_checkpoint, predict_semantic_tta
+    from m2f.engine.checkpoint import load_config_for_checkpoint
+    from m2f.engine.evaluate import build_checkpoint_model, predict_semantic_tta
 
     metadata, _ = ckpt.read_header(checkpoint)
     torch.manual_seed(1)

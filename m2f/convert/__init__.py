@@ -35,6 +35,14 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..engine.checkpoint import (
+    CLASS_HEAD_KEYS,
+    class_head_classes,
+    load_config_for_checkpoint,
+    read_header,
+    read_weights,
+    stored_classes,
+)
 from ..files import check_output_path, write_text_atomic
 from .detectron2 import UnsafeCheckpointError, load_detectron2_state_dict, save_detectron2_pkl
 from .keymaps import ConversionError, apply_rules, detect_backbone, detectron2_to_model_rules, reverse_rules
@@ -74,7 +82,7 @@ ClassNames = tuple[list[str], list[int] | None]
 _Map = Callable[[Mapping[str, torch.Tensor]], tuple[StateDict, list[str]]]
 
 FORMATS = ("transformers", "detectron2", "mmdet")
-CLASS_HEAD_KEY = "transformer_decoder.class_embed.weight"
+CLASS_HEAD_KEY = CLASS_HEAD_KEYS[0]  # (classes + 1, hidden)
 
 _LOADERS: dict[str, Callable[[Path], tuple[StateDict, ClassNames | None]]] = {
     "transformers": lambda path: (
@@ -404,8 +412,6 @@ def export_to_file(
     The config is the one stored in the checkpoint, or `config_name` when given, with the checkpoint's class
     count. Every file is written atomically. Raises ConversionError when the weights do not fit the config
     or the model has no form in `fmt` (check_transformers_model), ValueError for a bad `out`."""
-    from ..engine.checkpoint import class_head_classes, read_header, read_weights, stored_classes
-
     _check_format(fmt)
     if fmt == "transformers":
         check_output_path(out, "out", folder=True)
@@ -414,12 +420,10 @@ def export_to_file(
         if Path(out).suffix != EXPORT_SUFFIXES[fmt]:
             raise ValueError(f"out must be a {EXPORT_SUFFIXES[fmt]} file for {fmt}, got {str(out)!r}")
     metadata, shapes = read_header(checkpoint)
-    if config_name is not None:
-        config = _resolve_config(config_name)
-    elif "config" in metadata:
-        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+    if isinstance(config_name, ModelConfig):
+        config = config_name
     else:
-        raise ValueError(f"{checkpoint}: the checkpoint stores no config; name one (config_name, --config)")
+        config = load_config_for_checkpoint(config_name, metadata, checkpoint)
     num_classes = class_head_classes(shapes)
     if num_classes is None:
         raise ConversionError(f"{checkpoint}: no class head ({CLASS_HEAD_KEY})")

@@ -195,6 +195,24 @@ def stored_classes(
     return names, things, categories
 
 
+def load_config_for_checkpoint(
+    config_name: str | None, metadata: dict[str, str], checkpoint: str | os.PathLike
+):
+    """The config named on the command line, else the one stored in the checkpoint's metadata."""
+    from m2f.config import ModelConfig, get_config
+
+    if config_name is not None:
+        return get_config(config_name)
+    if "config" not in metadata:
+        raise ValueError(f"{checkpoint}: the checkpoint stores no config; pass --config NAME")
+    try:
+        return ModelConfig.from_dict(json.loads(metadata["config"]))
+    except ValueError as error:  # json.JSONDecodeError included
+        raise ValueError(
+            f"{checkpoint}: its stored config is unreadable ({error}); pass --config NAME"
+        ) from error
+
+
 def load_model_weights(
     model: torch.nn.Module, path: str | os.PathLike, *, keep_if_mis_shaped: Collection[str] = ()
 ) -> dict[str, str]:

@@ -416,24 +416,6 @@ def data_fingerprint(source_files: list[str], data_root: str | os.PathLike) -> s
     return digest.hexdigest()
 
 
-def load_config_for_checkpoint(
-    config_name: str | None, metadata: dict[str, str], checkpoint: str | os.PathLike
-):
-    """The config named on the command line, else the one stored in the checkpoint's metadata."""
-    from m2f.config import ModelConfig, get_config
-
-    if config_name is not None:
-        return get_config(config_name)
-    if "config" not in metadata:
-        raise ValueError(f"{checkpoint}: the checkpoint stores no config; pass --config NAME")
-    try:
-        return ModelConfig.from_dict(json.loads(metadata["config"]))
-    except ValueError as error:  # json.JSONDecodeError included
-        raise ValueError(
-            f"{checkpoint}: its stored config is unreadable ({error}); pass --config NAME"
-        ) from error
-
-
 def build_checkpoint_model(config, checkpoint: str | os.PathLike) -> nn.Module:
     """build_model(config), an error naming the checkpoint when its config builds no model (an unknown timm
     name, a bad option)."""
@@ -511,7 +493,7 @@ def run_evaluation(
         check_output_path(output, "output", inputs=[checkpoint])
     metadata, shapes = ckpt.read_header(checkpoint)
     head_classes = ckpt.class_head_classes(shapes)
-    config = load_config_for_checkpoint(config_name, metadata, checkpoint)
+    config = ckpt.load_config_for_checkpoint(config_name, metadata, checkpoint)
     dataset_kind = dataset_kind or metadata.get("dataset") or default_dataset_kind(config)
     if dataset_kind not in DATASET_TASKS:
         raise ValueError(f"dataset must be one of {tuple(DATASET_TASKS)}, got {dataset_kind!r}")

@@ -28,7 +28,7 @@ import os
 import torch
 
 from m2f.engine import checkpoint as ckpt
-from m2f.engine.evaluate import build_checkpoint_model, load_checkpoint_weights, load_config_for_checkpoint
+from m2f.engine.evaluate import build_checkpoint_model, load_checkpoint_weights
 from m2f.files import check_output_path, write_bytes_atomic
 
 MIN_SIDE = 64
@@ -60,7 +60,7 @@ def export_onnx(
             raise ValueError(f"{name} must be an integer of at least {MIN_SIDE} pixels, got {side!r}")
     out = check_output_path(out, "out", inputs=[checkpoint])
     metadata, shapes = ckpt.read_header(checkpoint)
-    config = load_config_for_checkpoint(config_name, metadata, checkpoint)
+    config = ckpt.load_config_for_checkpoint(config_name, metadata, checkpoint)
     num_classes = ckpt.class_head_classes(shapes)
     if num_classes is not None:
         config = dataclasses.replace(config, num_classes=num_classes)

@@ -39,7 +39,6 @@ from m2f.engine.evaluate import (
     build_checkpoint_model,
     inference_transform,
     load_checkpoint_weights,
-    load_config_for_checkpoint,
     postprocess,
     predict_masks,
     predict_semantic_tta,
@@ -263,7 +262,7 @@ def run_prediction(
     device = dist_utils.init_distributed(device)
     rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
     metadata, shapes = ckpt.read_header(checkpoint)
-    config = load_config_for_checkpoint(config_name, metadata, checkpoint)
+    config = ckpt.load_config_for_checkpoint(config_name, metadata, checkpoint)
     num_classes = ckpt.class_head_classes(shapes)
     classes = class_info(metadata, config.num_classes if num_classes is None else num_classes, checkpoint)
     config = dataclasses.replace(config, num_classes=len(classes.names))

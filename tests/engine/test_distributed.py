@@ -88,7 +88,8 @@ def test_predict_under_two_process_ddp_shares_the_images(tmp_path):
     """Each rank predicts half of the images; the files, results files included, are those of one process,
     and every rank returns all their paths. An image one rank cannot read stops both ranks with its error."""
     from m2f.data import make_synthetic
-    from m2f.engine.evaluate import build_checkpoint_model, load_config_for_checkpoint
+    from m2f.engine.checkpoint import load_config_for_checkpoint
+    from m2f.engine.evaluate import build_checkpoint_model
     from m2f.engine.train import run_training
 
     data = Path(make_synthetic(str(tmp_path / "data"), num_train=3, num_val=2, image_size=64))
