@@ -3,9 +3,9 @@
 `build_model` is imported on first use so that `import m2f` stays light (no timm import).
 """
 
-from .config import CONFIG_NAMES, ModelConfig, get_config
+from .config import CONFIG_NAMES, ModelConfig, apply_overrides, get_config, load_config
 
-__all__ = ["CONFIG_NAMES", "ModelConfig", "build_model", "get_config"]
+__all__ = ["CONFIG_NAMES", "ModelConfig", "apply_overrides", "build_model", "get_config", "load_config"]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""Command line: `m2f train|eval|predict|convert|export|bench|make-synthetic|demo` (also `python -m m2f ...`).
+"""Command line: `m2f train|eval|predict|convert|export|config|bench|make-synthetic|demo` (also `python -m m2f
+...`).
 
 Multi-GPU / multi-node training and evaluation: `torchrun --nproc_per_node=G [--nnodes ...] -m m2f train ...`.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 AMP_CHOICES = ("bf16", "fp16")
 DATASET_CHOICES = ("coco-panoptic", "coco-instance", "ade20k")
+CHECKPOINT_CONFIG_HELP = "a config name or .json file (default: the config stored in the checkpoint)"
 
 
 def _int_at_least(minimum: int, meaning: str, below: int | None = None):
@@ -44,13 +46,60 @@ def _add_device(parser: argparse.ArgumentParser, amp_help: str = "mixed precisio
     parser.add_argument("--amp", choices=AMP_CHOICES, help=amp_help)
 
 
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="repeatable: set a config field by its dotted name, the value as JSON or plain text "
+        "(solver.lr=2e-4, decoder.num_queries=200, solver.lr_steps=[9000,9500]; `m2f config NAME` lists "
+        "the fields)",
+    )
+
+
+def _checkpoint_config(config: str | None, overrides: list[str], checkpoint: str):
+    """`config` (a name or a JSON file), else the checkpoint's stored config, with the overrides."""
+    from m2f.config import apply_overrides
+    from m2f.engine.checkpoint import load_config_for_checkpoint, read_header
+
+    metadata = read_header(checkpoint)[0] if config is None else {}
+    return apply_overrides(load_config_for_checkpoint(config, metadata, checkpoint), overrides)
+
+
+def _command_config(args: argparse.Namespace, checkpoint: str):
+    """The config eval, predict, export and convert --to run with: --config as given (None: the
+    checkpoint's, read there) without --set, else the config with the overrides applied."""
+    return _checkpoint_config(args.config, args.overrides, checkpoint) if args.overrides else args.config
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from m2f.config import apply_overrides, load_config
+    from m2f.files import check_output_path, write_text_atomic
+
+    if Path(args.source).suffix == ".safetensors":
+        config = _checkpoint_config(None, args.overrides, args.source)
+    else:
+        config = apply_overrides(load_config(args.source), args.overrides)
+    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    check_output_path(args.out, "out", inputs=[args.source])
+    write_text_atomic(args.out, text)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from m2f.config import apply_overrides, load_config
     from m2f.engine.train import run_training
 
     final = run_training(
-        args.config,
+        apply_overrides(load_config(args.config), args.overrides),
         args.data_root,
-        args.out or str(Path("output") / args.config),
+        args.out or str(Path("output") / Path(args.config).stem),
         dataset_kind=args.dataset,
         resume=args.resume,
         amp=args.amp,
@@ -83,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_evaluation(
         args.checkpoint,
         args.data_root,
-        config_name=args.config,
+        config_name=_command_config(args, args.checkpoint),
         dataset_kind=args.dataset,
         split=args.split,
         output=args.output,
@@ -107,7 +156,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.images,
         args.checkpoint,
         args.out,
-        config_name=args.config,
+        config_name=_command_config(args, args.checkpoint),
         tasks=args.task,
         device=args.device,
         amp=args.amp,
@@ -134,9 +183,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return _convert_to_format(args)
     if args.config is None:
         raise ValueError("--format needs --config: the m2f config the weights belong to")
+    from m2f.config import apply_overrides, load_config
     from m2f.convert import CLASS_HEAD_KEY, convert_to_file
 
-    state_dict, metadata = convert_to_file(args.src, args.format, args.config, args.out, classes=args.classes)
+    config = apply_overrides(load_config(args.config), args.overrides)
+    state_dict, metadata = convert_to_file(args.src, args.format, config, args.out, classes=args.classes)
     num_classes = state_dict[CLASS_HEAD_KEY].shape[0] - 1
     named = ", named" if "class_names" in metadata else ""
     print(f"wrote {args.out} ({len(state_dict)} tensors, {num_classes} classes{named})")
@@ -154,7 +205,9 @@ def _convert_to_format(args: argparse.Namespace) -> int:
         raise ValueError("--classes applies to --format; with --to the class names come from the checkpoint")
     from m2f.convert import export_to_file
 
-    exported, written = export_to_file(args.src, args.to, args.out, config_name=args.config)
+    exported, written = export_to_file(
+        args.src, args.to, args.out, config_name=_command_config(args, args.src)
+    )
     print(f"wrote {', '.join(str(path) for path in written)} ({len(exported)} tensors, {args.to} names)")
     return 0
 
@@ -177,7 +230,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export_onnx(
         args.checkpoint,
         args.out,
-        config_name=args.config,
+        config_name=_command_config(args, args.checkpoint),
         height=args.height,
         width=args.width,
         dynamic_size=args.dynamic_size,
@@ -230,12 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a config (torchrun for several GPUs/nodes)")
-    train.add_argument("--config", required=True, help="a name from m2f.config.CONFIG_NAMES")
+    train.add_argument(
+        "--config",
+        required=True,
+        help="a name from m2f.config.CONFIG_NAMES, or a config .json file (m2f config)",
+    )
+    _add_overrides(train)
     train.add_argument(
         "--data-root", required=True, help="dataset root (COCO layout, or ADEChallengeData2016)"
     )
     train.add_argument("--dataset", choices=DATASET_CHOICES, help="default: from the config's task")
-    train.add_argument("--out", help="output folder (default: output/CONFIG)")
+    train.add_argument("--out", help="output folder (default: output/<config name or file stem>)")
     train.add_argument(
         "--resume", action="store_true", help="continue from OUT/last_checkpoint if there is one"
     )
@@ -299,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--data-root", required=True, help="dataset root (COCO layout, or ADEChallengeData2016)"
     )
-    evaluate.add_argument("--config", help="default: the config stored in the checkpoint")
+    evaluate.add_argument("--config", help=CHECKPOINT_CONFIG_HELP)
+    _add_overrides(evaluate)
     evaluate.add_argument("--dataset", choices=DATASET_CHOICES, help="default: the checkpoint's / config's")
     evaluate.add_argument("--split", default="val", help="default: val")
     evaluate.add_argument("--output", help="results JSON (default: beside the checkpoint)")
@@ -334,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files, or folders of them")
     predict.add_argument("--checkpoint", required=True, help="a .safetensors weights file")
     predict.add_argument("--out", required=True, help="output folder")
-    predict.add_argument("--config", help="default: the config stored in the checkpoint")
+    predict.add_argument("--config", help=CHECKPOINT_CONFIG_HELP)
+    _add_overrides(predict)
     predict.add_argument(
         "--task",
         action="append",
@@ -391,8 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument(
         "--config",
-        help="the m2f config the weights belong to (needed with --format; with --to: default the stored one)",
+        help="the m2f config the weights belong to, a name or a .json file (needed with --format; with --to: "
+        "default the stored one)",
     )
+    _add_overrides(convert)
     convert.add_argument(
         "--out", required=True, help="output: .safetensors (--format), a folder, .pkl or .pth (--to)"
     )
@@ -409,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--checkpoint", required=True, help="a .safetensors weights file")
     export.add_argument("--out", required=True, help="output .onnx file")
-    export.add_argument("--config", help="default: the config stored in the checkpoint")
+    export.add_argument("--config", help=CHECKPOINT_CONFIG_HELP)
+    _add_overrides(export)
     export.add_argument(
         "--height", type=_positive_int, default=512, help="example image height (default 512)"
     )
@@ -420,6 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a graph for any batch and image size from 64 pixels (default: one image of --height x --width)",
     )
     export.set_defaults(func=cmd_export)
+
+    config = commands.add_parser(
+        "config",
+        help="print a config as JSON (or write it with --out): edit it and train with --config FILE.json",
+    )
+    config.add_argument("source", help="a config name, a config .json file or an m2f .safetensors checkpoint")
+    _add_overrides(config)
+    config.add_argument("--out", help="write the JSON to this file instead of printing it")
+    config.set_defaults(func=cmd_config)
 
     bench = commands.add_parser(
         "bench",

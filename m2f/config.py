@@ -2,7 +2,8 @@
 
 `get_config(name)` returns a fresh `ModelConfig`; change fields with `dataclasses.replace` (nested groups:
 `replace(cfg, loss=replace(cfg.loss, num_points=1024))`). `ModelConfig.to_dict()` / `ModelConfig.from_dict()`
-round-trip through plain Python types (for checkpoints and JSON).
+round-trip through plain Python types (for checkpoints and JSON). `load_config` also reads a JSON file of
+one, and `apply_overrides(cfg, ["solver.lr=2e-4"])` sets fields by dotted name (the CLI's `--set`).
 
 Units: image sizes and strides in pixels, learning rates per step, iterations are optimizer steps.
 """
@@ -10,9 +11,13 @@ Units: image sizes and strides in pixels, learning rates per step, iterations ar
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 TASKS = ("panoptic", "instance", "semantic")
@@ -201,6 +206,28 @@ class ModelConfig:
             if not (math.isfinite(value) and low <= value and (high is None or value <= high)):
                 bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
                 raise ValueError(f"{name} must be {bounds}, got {value}")
+        solver = self.solver
+        for name, value in (
+            ("solver.max_iter", solver.max_iter),
+            ("solver.batch_size", solver.batch_size),
+            ("solver.image_size", solver.image_size),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if solver.lr_schedule not in ("step", "poly"):
+            raise ValueError(f"solver.lr_schedule must be 'step' or 'poly', got {solver.lr_schedule!r}")
+        # A step past max_iter never comes: a shorter max_iter needs its own steps (or --max-iters).
+        steps = solver.lr_steps
+        if list(steps) != sorted(steps) or not all(0 <= step <= solver.max_iter for step in steps):
+            raise ValueError(
+                f"solver.lr_steps must be in increasing order, each from 0 to solver.max_iter ({solver.max_iter}), "
+                f"got {steps}"
+            )
+        if not 0 < solver.min_scale <= solver.max_scale < math.inf:
+            raise ValueError(
+                "solver.min_scale and solver.max_scale must be positive and min_scale <= max_scale, got "
+                f"{solver.min_scale} and {solver.max_scale}"
+            )
         if self.decoder.dropout != 0.0 or self.pixel_decoder.encoder_dropout != 0.0:
             raise ValueError(
                 "dropout is not supported (Mask2Former trains without it): decoder.dropout and "
@@ -429,3 +456,71 @@ def get_config(name: str) -> ModelConfig:
     if name not in _BUILDERS:
         raise ValueError(f"unknown config name {name!r}; available: {', '.join(CONFIG_NAMES)}")
     return _BUILDERS[name]()
+
+
+def load_config(config: str | os.PathLike | ModelConfig) -> ModelConfig:
+    """`config` itself if it is a ModelConfig, else one of CONFIG_NAMES, else a .json file of
+    `ModelConfig.to_dict()` (what `m2f config NAME --out FILE.json` writes). ValueError naming the file for an
+    unreadable one, listing the names for anything else."""
+    if isinstance(config, ModelConfig):
+        return config
+    if isinstance(config, str) and config in _BUILDERS:
+        return get_config(config)
+    if not isinstance(config, str | os.PathLike):
+        raise TypeError(f"config must be a name, a path or a ModelConfig, got {type(config).__name__}")
+    path = Path(config)
+    if path.suffix != ".json":
+        raise ValueError(
+            f"unknown config name {str(config)!r}; available: {', '.join(CONFIG_NAMES)}, or a config's .json file"
+        )
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except ValueError as error:  # json.JSONDecodeError included
+        raise ValueError(f"{path}: {error}") from None
+
+
+def apply_overrides(config: ModelConfig, overrides: Iterable[str]) -> ModelConfig:
+    """A copy of `config` with each "FIELD=VALUE" of `overrides` set, in order. FIELD is dotted
+    (`solver.lr`, `decoder.num_queries`, `backbone.timm_kwargs.drop_path_rate`); VALUE is read as JSON (`2e-4`,
+    `true`, `[1000, 2000]`), except that a text field takes the text as it is (`task=semantic`). The result
+    is checked as `ModelConfig.from_dict` checks a stored config; ValueError naming the field otherwise."""
+    data = config.to_dict()
+    for override in overrides:
+        field_path, equals, text = override.partition("=")
+        if not equals or not field_path:
+            raise ValueError(f"an override must be FIELD=VALUE (e.g. solver.lr=2e-4), got {override!r}")
+        *groups, name = field_path.split(".")
+        node, cls = data, ModelConfig
+        for depth, group in enumerate(groups):
+            where = ".".join(groups[: depth + 1])
+            default = _field_default(cls, group, where) if cls is not None else node.get(group)
+            if not isinstance(default, dict) and not dataclasses.is_dataclass(default):
+                raise ValueError(f"{where} is not a group of fields (in the override {override!r})")
+            cls = type(default) if dataclasses.is_dataclass(default) else None
+            node = node[group]
+        if cls is not None:
+            default = _field_default(cls, name, field_path)
+            if dataclasses.is_dataclass(default):
+                raise ValueError(
+                    f"{field_path} is a group of fields: set one of them ({field_path}.FIELD=VALUE)"
+                )
+        else:
+            default = node.get(name)
+        value = _json_or_text(text)
+        node[name] = text if isinstance(default, str) and not isinstance(value, str) else value
+    return ModelConfig.from_dict(data)
+
+
+def _field_default(cls: type, name: str, where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise ValueError(f"{where}: {cls.__name__} has no field {name!r}; its fields: {', '.join(fields)}")
+    field_ = fields[name]
+    return field_.default if field_.default_factory is dataclasses.MISSING else field_.default_factory()
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text

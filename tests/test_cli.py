@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -1307,3 +1308,101 @@ def test_predict_category_ids_bad_input_is_one_clear_line(synthetic_root, traine
     error = capsys.readouterr().err
     assert "category_ids: " in error and "stores no dataset category ids" in error and error.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_config_command_prints_a_config_and_writes_one_to_train_with(
+    synthetic_root, tmp_path, capsys, monkeypatch
+):
+    """`m2f config` prints a config (a name, a JSON file or a checkpoint's) with --set applied, --out writes
+    it; `m2f train --config FILE.json --set ...` trains that config, stores it in the checkpoint, and its
+    output folder defaults to output/<file stem>."""
+    import m2f
+    from m2f.config import ModelConfig
+
+    assert main(["config", "demo-tiny", "--set", "decoder.num_queries=8"]) == 0
+    printed = ModelConfig.from_dict(json.loads(capsys.readouterr().out))
+    expected = m2f.get_config("demo-tiny")
+    expected = dataclasses.replace(expected, decoder=dataclasses.replace(expected.decoder, num_queries=8))
+    assert printed == expected
+    path = tmp_path / "mine.json"
+    assert main(["config", "demo-tiny", "--set", "decoder.num_queries=8", "--out", str(path)]) == 0
+    assert capsys.readouterr().out == f"wrote {path}\n"
+    assert ModelConfig.from_dict(json.loads(path.read_text())) == expected
+
+    monkeypatch.chdir(tmp_path)
+    args = train_args(synthetic_root, "unused", 1)
+    del args[args.index("--out") : args.index("--out") + 2]
+    args[args.index("demo-tiny")] = str(path)
+    assert main([*args, "--set", "loss.num_points=64"]) == 0
+    checkpoint = tmp_path / "output" / "mine" / "model_final.safetensors"
+    metadata, shapes = ckpt.read_header(checkpoint)
+    stored = ModelConfig.from_dict(json.loads(metadata["config"]))
+    assert (stored.decoder.num_queries, stored.loss.num_points) == (8, 64)
+    assert shapes["transformer_decoder.query_embed.weight"][0] == 8
+    capsys.readouterr()
+    assert main(["config", str(checkpoint), "--set", "inference.top_k=7"]) == 0
+    from_checkpoint = ModelConfig.from_dict(json.loads(capsys.readouterr().out))
+    assert from_checkpoint == dataclasses.replace(
+        stored, inference=dataclasses.replace(stored.inference, top_k=7)
+    )
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "export", "convert"])
+@pytest.mark.parametrize("named", [False, True])
+def test_set_applies_to_the_checkpoint_config_of_each_command(
+    trained_run, tmp_path, monkeypatch, command, named
+):
+    """--set changes the stored config (or the one --config names) before eval, predict, export and
+    convert --to build the model; without --set they get --config as given."""
+    import m2f
+    from m2f.config import ModelConfig
+
+    received = []
+    module, name, result = {
+        "eval": ("m2f.engine.evaluate", "run_evaluation", None),
+        "predict": ("m2f.engine.predict", "run_prediction", []),
+        "export": ("m2f.engine.export", "export_onnx", {"path": "", "shapes": [], "max_difference": {}}),
+        "convert": ("m2f.convert", "export_to_file", ({}, [])),
+    }[command]
+    if command == "export":
+        result["max_difference_every_key_visible"] = None
+
+    def capture(*args, config_name=None, **kwargs):
+        received.append(config_name)
+        return result
+
+    monkeypatch.setattr(f"{module}.{name}", capture)
+    checkpoint = str(trained_run / "model_final.safetensors")
+    args = {
+        "eval": ["eval", "--checkpoint", checkpoint, "--data-root", str(tmp_path)],
+        "predict": ["predict", checkpoint, "--checkpoint", checkpoint, "--out", str(tmp_path / "out")],
+        "export": ["export", "--checkpoint", checkpoint, "--out", str(tmp_path / "m.onnx")],
+        "convert": ["convert", checkpoint, "--to", "mmdet", "--out", str(tmp_path / "m.pth")],
+    }[command]
+    if named:
+        args += ["--config", "demo-tiny"]
+    assert main(args) == 0
+    assert main([*args, "--set", "inference.top_k=7", "--set", "decoder.mask_threshold=0.25"]) == 0
+    assert received[0] == ("demo-tiny" if named else None)
+    base = m2f.get_config("demo-tiny")
+    if not named:
+        base = ModelConfig.from_dict(json.loads(ckpt.read_header(checkpoint)[0]["config"]))
+    assert received[1] == dataclasses.replace(
+        base,
+        inference=dataclasses.replace(base.inference, top_k=7),
+        decoder=dataclasses.replace(base.decoder, mask_threshold=0.25),
+    )
+
+
+def test_set_reaches_the_model_eval_builds(synthetic_root, trained_run, tmp_path, capsys):
+    """A decoder of 8 queries where the checkpoint has 16: the model built from the overridden config does
+    not take the weights, and the error says so."""
+    checkpoint = trained_run / "model_final.safetensors"
+    args = eval_args(checkpoint, synthetic_root, tmp_path / "results.json")
+    assert main([*args, "--set", "decoder.num_queries=8"]) == 2
+    error = capsys.readouterr().err
+    assert (
+        "checkpoint does not match the model" in error and "transformer_decoder.query_embed.weight" in error
+    )
+    assert main([*args, "--set", "decoder.num_queries=eight"]) == 2
+    assert "config.decoder.num_queries must be of type int, got 'eight'" in capsys.readouterr().err

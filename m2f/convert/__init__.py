@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, load_config
 from ..engine.checkpoint import (
     CLASS_HEAD_KEYS,
     class_head_classes,
@@ -143,14 +143,6 @@ def _config_backbone(config) -> str:
     raise ConversionError(f"no checkpoint key map for backbone {name!r} (only ResNet and Swin)")
 
 
-def _resolve_config(config_name: str | ModelConfig) -> ModelConfig:
-    from ..config import get_config
-
-    if isinstance(config_name, ModelConfig):
-        return config_name
-    return get_config(config_name)
-
-
 def _expected_state(config, num_classes: int) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Key -> (shape, dtype) of m2f's model for the config, built on the meta device (nothing allocated)."""
     from ..models import build_model
@@ -166,13 +158,13 @@ def convert_checkpoint(
     """A foreign Mask2Former checkpoint as a state dict for `m2f.build_model(config_name, num_classes=C)`.
 
     src: a file path (format-specific loader, see the format modules) or an already-loaded state dict in
-    the format's own names. config_name: one of m2f.config.CONFIG_NAMES or a ModelConfig. C is read from
-    the class head (its rows minus the no-object row). BatchNorm `num_batches_tracked` counters are dropped
-    or zero-filled as the model needs. Raises ConversionError listing unknown keys (no rule for them),
+    the format's own names. config_name: one of m2f.config.CONFIG_NAMES, a config JSON file or a
+    ModelConfig. C is read from the class head (its rows minus the no-object row). BatchNorm
+    `num_batches_tracked` counters are dropped or zero-filled as the model needs. Raises ConversionError listing unknown keys (no rule for them),
     missing keys and shape mismatches.
     """
     _check_format(fmt)
-    config = _resolve_config(config_name)
+    config = load_config(config_name)
     if isinstance(src, Mapping):
         state = dict(src)
     elif isinstance(src, str | Path):
@@ -246,7 +238,7 @@ def export_checkpoint(
     """The inverse of convert_checkpoint: an m2f state dict in `fmt`'s names (transformers: current names;
     mmdet: 3.x names). BatchNorm counters are kept where the format has a place for them."""
     _check_format(fmt)
-    config = _resolve_config(config_name)
+    config = load_config(config_name)
     if fmt == "transformers":
         check_transformers_model(config)
     backbone = _config_backbone(config)
@@ -364,7 +356,7 @@ def convert_to_file(
     given, categories = (None, None) if classes is None else _resolve_classes(classes)
     class_files = [classes] if isinstance(classes, str | Path) and Path(classes).is_file() else []
     check_output_path(out, "out", inputs=[src, *class_files])
-    _check_architecture(src, fmt, _resolve_config(config_name))
+    _check_architecture(src, fmt, load_config(config_name))
     state, found = read_checkpoint(src, fmt)
     state_dict = convert_checkpoint(state, fmt, config_name)
     num_classes = state_dict[CLASS_HEAD_KEY].shape[0] - 1
@@ -379,7 +371,7 @@ def convert_to_file(
             f"{src}: its {len(found[0])} class names do not match the {num_classes} classes of its class head; "
             "pass the right names as `classes`"
         )
-    config = dataclasses.replace(_resolve_config(config_name), num_classes=num_classes)
+    config = dataclasses.replace(load_config(config_name), num_classes=num_classes)
     metadata = {"config": json.dumps(config.to_dict()), "converted_from": f"{fmt}:{Path(src).name}"}
     if found is not None:
         names, things = found
@@ -420,10 +412,7 @@ def export_to_file(
         if Path(out).suffix != EXPORT_SUFFIXES[fmt]:
             raise ValueError(f"out must be a {EXPORT_SUFFIXES[fmt]} file for {fmt}, got {str(out)!r}")
     metadata, shapes = read_header(checkpoint)
-    if isinstance(config_name, ModelConfig):
-        config = config_name
-    else:
-        config = load_config_for_checkpoint(config_name, metadata, checkpoint)
+    config = load_config_for_checkpoint(config_name, metadata, checkpoint)
     num_classes = class_head_classes(shapes)
     if num_classes is None:
         raise ConversionError(f"{checkpoint}: no class head ({CLASS_HEAD_KEY})")

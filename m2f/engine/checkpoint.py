@@ -195,14 +195,13 @@ def stored_classes(
     return names, things, categories
 
 
-def load_config_for_checkpoint(
-    config_name: str | None, metadata: dict[str, str], checkpoint: str | os.PathLike
-):
-    """The config named on the command line, else the one stored in the checkpoint's metadata."""
-    from m2f.config import ModelConfig, get_config
+def load_config_for_checkpoint(config_name, metadata: dict[str, str], checkpoint: str | os.PathLike):
+    """The config given (a name, a JSON file or a ModelConfig: m2f.config.load_config), else the one stored
+    in the checkpoint's metadata."""
+    from m2f.config import ModelConfig, load_config
 
     if config_name is not None:
-        return get_config(config_name)
+        return load_config(config_name)
     if "config" not in metadata:
         raise ValueError(f"{checkpoint}: the checkpoint stores no config; pass --config NAME")
     try:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from m2f.config import ModelConfig
 from m2f.engine import checkpoint as ckpt
 from m2f.engine import distributed as dist_utils
 from m2f.engine.train import AMP_DTYPES, DATASET_TASKS, build_dataset, default_dataset_kind, validate_split
@@ -461,7 +462,7 @@ def run_evaluation(
     checkpoint: str | os.PathLike,
     data_root: str | os.PathLike,
     *,
-    config_name: str | None = None,
+    config_name: str | ModelConfig | None = None,
     dataset_kind: str | None = None,
     split: str = "val",
     output: str | os.PathLike | None = None,

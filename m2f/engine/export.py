@@ -27,6 +27,7 @@ import os
 
 import torch
 
+from m2f.config import ModelConfig
 from m2f.engine import checkpoint as ckpt
 from m2f.engine.evaluate import build_checkpoint_model, load_checkpoint_weights
 from m2f.files import check_output_path, write_bytes_atomic
@@ -44,7 +45,7 @@ def export_onnx(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    config_name: str | None = None,
+    config_name: str | ModelConfig | None = None,
     height: int = 512,
     width: int = 512,
     dynamic_size: bool = False,

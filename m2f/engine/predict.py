@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from m2f import visualize
+from m2f.config import ModelConfig
 from m2f.engine import checkpoint as ckpt
 from m2f.engine import coco_results as results_files
 from m2f.engine import distributed as dist_utils
@@ -212,7 +213,7 @@ def run_prediction(
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    config_name: str | None = None,
+    config_name: str | ModelConfig | None = None,
     tasks: Sequence[str] | None = None,
     device: str | None = None,
     amp: str | None = None,

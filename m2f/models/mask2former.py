@@ -29,6 +29,7 @@ Names in the original checkpoints (same tensor shapes and layouts unless noted):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_int
-from ..config import ModelConfig, get_config
+from ..config import ModelConfig, load_config
 from .backbone import Backbone
 from .padding import padded_size
 from .pixel_decoder import MSDeformAttnPixelDecoder
@@ -119,20 +120,19 @@ def build_model(
     backbone_weights: str | Path | None = None,
     backend: str = "auto",
 ) -> Mask2Former:
-    """Builds a Mask2Former from a config name (see m2f.config.CONFIG_NAMES) or a ModelConfig.
+    """Builds a Mask2Former from a config name (see m2f.config.CONFIG_NAMES), a config JSON file or a
+    ModelConfig (m2f.config.load_config).
 
     num_classes overrides the config's; backbone_weights is a local timm-format state dict (.safetensors or a
     torch file, loaded with weights_only=True); nothing is downloaded. Build under `with torch.device("meta")`
     to count parameters without allocating them. backend goes to every m2f_kernels op.
     """
-    if isinstance(name_or_config, str):
-        config = get_config(name_or_config)
-    elif isinstance(name_or_config, ModelConfig):
-        config = name_or_config
-    else:
+    if not isinstance(name_or_config, str | os.PathLike | ModelConfig):
         raise TypeError(
-            f"name_or_config must be a config name or a ModelConfig, got {type(name_or_config).__name__}"
+            f"name_or_config must be a config name, a JSON file or a ModelConfig, got "
+            f"{type(name_or_config).__name__}"
         )
+    config = load_config(name_or_config)
     if num_classes is not None:
         from dataclasses import replace
 
