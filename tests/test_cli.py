@@ -1406,3 +1406,32 @@ def test_set_reaches_the_model_eval_builds(synthetic_root, trained_run, tmp_path
     )
     assert main([*args, "--set", "decoder.num_queries=eight"]) == 2
     assert "config.decoder.num_queries must be of type int, got 'eight'" in capsys.readouterr().err
+
+
+def test_semantic_dataset_with_its_own_classes_trains_and_evaluates_on_them(tmp_path, capsys):
+    """An ADE20K-layout dataset whose classes.txt names 6 classes: the model gets a head of 6 + 1 classes,
+    the checkpoint their names, eval's table their per-class IoU, and predict --category-ids the PNG values."""
+    from m2f.data import SYNTHETIC_CATEGORIES, make_synthetic_ade20k
+
+    root = Path(make_synthetic_ade20k(str(tmp_path / "ade"), num_train=2, num_val=1, image_size=48, seed=0))
+    names = [category["name"] for category in SYNTHETIC_CATEGORIES]
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    out = tmp_path / "run"
+    assert main([*train_args(root, out, 1), "--dataset", "ade20k"]) == 0
+    checkpoint = out / "model_final.safetensors"
+    metadata, shapes = ckpt.read_header(checkpoint)
+    assert shapes[ckpt.CLASS_HEAD_KEYS[0]][0] == len(names) + 1
+    stored_names, _, categories = ckpt.stored_classes(metadata, checkpoint)
+    assert stored_names == names and [c["id"] for c in categories] == list(range(1, len(names) + 1))
+    capsys.readouterr()
+    args = ["eval", "--checkpoint", str(checkpoint), "--data-root", str(root), "--num-workers", "0"]
+    assert main([*args, "--no-progress"]) == 0
+    results = json.loads((out / "model_final.eval-ade20k-val.json").read_text())
+    assert results["per_class"] and set(results["per_class"]) <= set(names)  # the classes of the val labels
+    image = next((root / "images" / "validation").glob("*.jpg"))
+    predict = ["predict", str(image), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "predicted")]
+    assert main([*predict, "--task", "semantic", "--category-ids"]) == 0
+    values = np.unique(
+        np.array(Image.open(tmp_path / "predicted" / f"{image.stem}.semantic_category_ids.png"))
+    )
+    assert 1 <= values.min() and values.max() <= len(names)

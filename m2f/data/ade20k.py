@@ -1,6 +1,9 @@
 """ADE20K scene parsing (ADEChallengeData2016): images/{training,validation}/*.jpg and
 annotations/{training,validation}/*.png with 150 classes; PNG value 0 is "other" and becomes ignore (255),
-value v in 1..150 becomes class v - 1."""
+value v in 1..150 becomes class v - 1.
+
+Other semantic datasets in this layout name their own classes in a `classes.txt` at the root, one name per
+line: the name on line v is PNG value v (class v - 1), 0 is still ignored, and there are at most 255."""
 
 from __future__ import annotations
 
@@ -43,6 +46,9 @@ ADE20K_CLASS_NAMES = (
 )  # fmt: skip
 
 ADE20K_SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
+CLASSES_FILE = "classes.txt"
+# Classes are 0..N-1 beside the ignore label 255.
+MAX_CLASSES = IGNORE_LABEL
 
 
 def ade20k_metadata(class_names=ADE20K_CLASS_NAMES, image_root: str | None = None) -> DatasetMetadata:
@@ -51,18 +57,47 @@ def ade20k_metadata(class_names=ADE20K_CLASS_NAMES, image_root: str | None = Non
     return DatasetMetadata(categories, image_root=image_root)
 
 
+def ade20k_root(root: str) -> str:
+    """The dataset folder: `root`, or its ADEChallengeData2016 when it has one."""
+    nested = os.path.join(root, "ADEChallengeData2016")
+    return nested if os.path.isdir(nested) else root
+
+
 def ade20k_paths(root: str, split: str) -> tuple[str, str]:
     """(image folder, annotation folder); `root` may be ADEChallengeData2016 or its parent."""
     if split not in ADE20K_SPLITS:
         raise ValueError(f"split must be one of {sorted(ADE20K_SPLITS)}, got {split!r}")
-    if os.path.isdir(os.path.join(root, "ADEChallengeData2016")):
-        root = os.path.join(root, "ADEChallengeData2016")
     folder = ADE20K_SPLITS[split]
-    return os.path.join(root, "images", folder), os.path.join(root, "annotations", folder)
+    return os.path.join(ade20k_root(root), "images", folder), os.path.join(
+        ade20k_root(root), "annotations", folder
+    )
+
+
+def ade20k_class_names(root: str) -> tuple[str, ...]:
+    """The names in the dataset's classes.txt (line v: PNG value v), else ADE20K's 150. DatasetError naming the
+    file and line for an empty or repeated name, and for more than MAX_CLASSES names."""
+    path = os.path.join(ade20k_root(root), CLASSES_FILE)
+    if not os.path.isfile(path):
+        return ADE20K_CLASS_NAMES
+    try:
+        with open(path, encoding="utf-8") as file:
+            names = [line.strip() for line in file.read().rstrip().splitlines()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path}: unreadable ({error})") from error
+    if not 1 <= len(names) <= MAX_CLASSES:
+        raise DatasetError(f"{path}: must name 1 to {MAX_CLASSES} classes, one per line, names {len(names)}")
+    first_line = {}
+    for line, name in enumerate(names, start=1):
+        if not name:
+            raise DatasetError(f"{path}: line {line} is empty (line v names PNG value v)")
+        if name in first_line:
+            raise DatasetError(f"{path}: line {line} repeats the class {name!r} of line {first_line[name]}")
+        first_line[name] = line
+    return tuple(names)
 
 
 def read_raw_ade20k_labels(path: str) -> np.ndarray:
-    """(H, W) int64 label values as stored: 0 for "other", 1..150 for the classes. DatasetError naming the file
+    """(H, W) int64 label values as stored: 0 for "other", 1..N for the classes. DatasetError naming the file
     when it cannot be read or has more than one channel."""
     with naming_unreadable(path), Image.open(path) as png:
         raw = np.asarray(png, dtype=np.int64)
@@ -92,7 +127,7 @@ class ADE20KDataset(SegmentationDataset):
         self.image_root, self.annotation_root = ade20k_paths(root, split)
         if not os.path.isdir(self.image_root):
             raise DatasetError(f"{self.image_root}: image folder not found")
-        self.metadata = ade20k_metadata(image_root=self.image_root)
+        self.metadata = ade20k_metadata(ade20k_class_names(root), image_root=self.image_root)
         self.file_names = sorted(f for f in os.listdir(self.image_root) if f.lower().endswith(".jpg"))
         annotations = set(os.listdir(self.annotation_root)) if os.path.isdir(self.annotation_root) else set()
         missing = [f for f in self.file_names if os.path.splitext(f)[0] + ".png" not in annotations]

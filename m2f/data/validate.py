@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from m2f.data.ade20k import ADE20K_CLASS_NAMES, ade20k_paths, read_raw_ade20k_labels
+from m2f.data.ade20k import ade20k_class_names, ade20k_paths, read_raw_ade20k_labels
 from m2f.data.coco_instance import rle_problem
 from m2f.data.coco_panoptic import coco_paths
 from m2f.data.common import (
@@ -203,6 +203,7 @@ def _read_or_report(read, path: str, problems: list[str]):
 
 def _validate_semantic(root: str, split: str, check_files: bool, problems: list[str]) -> dict:
     image_root, annotation_root = ade20k_paths(root, split)
+    num_classes = len(ade20k_class_names(root))
     for folder in (image_root, annotation_root):
         if not os.path.isdir(folder):
             problems.append(f"{folder}: folder not found")
@@ -224,10 +225,8 @@ def _validate_semantic(root: str, split: str, check_files: bool, problems: list[
             if label_size != image_size:
                 problems.append(f"{png_path}: size {label_size} differs from the image's {image_size}")
             values = np.unique(labels_array)
-            for value in values[values > len(ADE20K_CLASS_NAMES)].tolist():
-                problems.append(
-                    f"{png_path}: unknown category {value} (labels are 0..{len(ADE20K_CLASS_NAMES)})"
-                )
+            for value in values[values > num_classes].tolist():
+                problems.append(f"{png_path}: unknown category {value} (labels are 0..{num_classes})")
     return {"images": len(images)}
 
 

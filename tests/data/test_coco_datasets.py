@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from pycocotools.coco import COCO
 
 from m2f.data import (
     LSJ,
+    SYNTHETIC_CATEGORIES,
     ADE20KDataset,
     CocoInstanceDataset,
     CocoPanopticDataset,
@@ -426,3 +428,39 @@ def test_instance_training_leaves_out_images_without_an_instance(synthetic_root,
     shutil.copytree(os.path.join(root, "train2017"), os.path.join(root, "val2017"))
     assert image_ids(build_dataset("coco-instance", root, "val")) == all_ids
     assert image_ids(build_dataset("coco-panoptic", root, "train")) == all_ids
+
+
+def test_ade20k_layout_with_its_own_classes(tmp_path):
+    """classes.txt at the root (found from its parent too) names the classes: line v is PNG value v, 0 stays
+    ignored and values beyond the list are ignored as well."""
+    from m2f.data.ade20k import read_ade20k_labels
+
+    root = make_synthetic_ade20k(str(tmp_path), num_train=0, num_val=2, image_size=64, seed=0)
+    names = [category["name"] for category in SYNTHETIC_CATEGORIES]
+    with open(os.path.join(root, "classes.txt"), "w") as file:
+        file.write("\n".join(f"  {name} " for name in names) + "\n\n")
+    for dataset in (ADE20KDataset(root, "val"), ADE20KDataset(str(tmp_path), "val")):
+        assert dataset.metadata.class_names == names and dataset.metadata.num_classes == len(names)
+        assert dataset.metadata.contiguous_to_category_id == list(range(1, len(names) + 1))
+        assert dataset.metadata.thing_classes == set()
+    item = ADE20KDataset(root, "val")[0]
+    assert item["labels"].max() < len(names)
+    Image.fromarray(np.array([[0, 1, 6, 7, 200]], dtype=np.uint8)).save(tmp_path / "labels.png")
+    labels = read_ade20k_labels(str(tmp_path / "labels.png"), num_classes=len(names))
+    assert labels.tolist() == [[255, 0, 5, 255, 255]]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", r"must name 1 to 255 classes, one per line, names 0"),
+        ("\n".join(f"class {i}" for i in range(256)), r"must name 1 to 255 classes, one per line, names 256"),
+        ("sky\n\nroad\n", r"line 2 is empty \(line v names PNG value v\)"),
+        ("sky\nroad\n sky\n", r"line 3 repeats the class 'sky' of line 1"),
+    ],
+)
+def test_ade20k_class_list_problems_name_the_file_and_line(tmp_path, text, message):
+    root = make_synthetic_ade20k(str(tmp_path), num_train=0, num_val=1, image_size=32, seed=0)
+    (Path(root) / "classes.txt").write_text(text)
+    with pytest.raises(DatasetError, match=f"classes.txt: {message}"):
+        ADE20KDataset(root, "val")

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from m2f.data import (
+    SYNTHETIC_CATEGORIES,
     ADE20KDataset,
     CocoInstanceDataset,
     DatasetError,
@@ -326,3 +327,22 @@ def test_synthetic_ade20k_refuses_a_folder_with_files_it_would_not_write(tmp_pat
     ):
         make_synthetic_ade20k(str(tmp_path), num_train=2, num_val=1, image_size=32)
     assert len(ADE20KDataset(root, "train")) == 3
+
+
+def test_semantic_values_are_checked_against_the_dataset_class_list(tmp_path):
+    """With a classes.txt of 5 names, the synthetic labels' value 6 is unknown (labels are 0..5)."""
+    root = make_synthetic_ade20k(str(tmp_path), num_train=3, num_val=0, image_size=64)
+    assert validate_dataset(root, "train", "semantic") == {"images": 3}
+    names = [category["name"] for category in SYNTHETIC_CATEGORIES]
+    with open(os.path.join(root, "classes.txt"), "w") as file:
+        file.write("\n".join(names[:5]))
+    labels = os.path.join(root, "annotations", "training")
+    with_six = sorted(
+        name
+        for name in os.listdir(labels)
+        if 6 in np.unique(np.asarray(Image.open(os.path.join(labels, name))))
+    )
+    problems = _problems(root, "semantic").problems
+    assert with_six and problems == [
+        f"{os.path.join(labels, name)}: unknown category 6 (labels are 0..5)" for name in with_six
+    ]
