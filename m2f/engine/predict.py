@@ -44,6 +44,7 @@ from m2f.engine.evaluate import (
     predict_masks,
     predict_semantic_tta,
 )
+from m2f.engine.train import AMP_DTYPES
 from m2f.files import (
     check_output_path,
     remove_stale_temporaries,
@@ -208,6 +209,102 @@ def save_prediction(
     return [overlay_path, *raw_paths] if overlay else raw_paths
 
 
+def checked_tasks(tasks: Sequence[str] | None, default: str, tta: bool = False) -> list[str]:
+    """tasks (default [default]) each once, in the order given; TypeError for a string, ValueError for an
+    unknown task or tta with a task other than semantic."""
+    if isinstance(tasks, str):
+        raise TypeError(f"tasks must be a sequence of task names, got the string {tasks!r}")
+    tasks = list(dict.fromkeys(tasks or [default]))
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"tasks must be among {TASKS}, got {unknown}")
+    if tta and tasks != ["semantic"]:
+        raise ValueError(
+            f"tta: the multi-scale and flip test is for the semantic task alone, got tasks {tasks}"
+        )
+    return tasks
+
+
+def rgb_array(image) -> np.ndarray:
+    """image (a path, a PIL image, an (H, W, 3) uint8 RGB array or a (3, H, W) uint8 tensor) as an (H, W, 3)
+    uint8 RGB array; ValueError saying what was given otherwise."""
+    if isinstance(image, str | os.PathLike):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if (
+        isinstance(image, torch.Tensor)
+        and image.dtype == torch.uint8
+        and image.dim() == 3
+        and image.shape[0] == 3
+    ):
+        return image.permute(1, 2, 0).cpu().numpy()
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return image
+    described = (
+        f"a {tuple(image.shape)} {image.dtype} {type(image).__name__}"
+        if isinstance(image, torch.Tensor | np.ndarray)
+        else f"a {type(image).__name__}"
+    )
+    raise ValueError(
+        "image must be a path, a PIL image, an (H, W, 3) uint8 RGB array or a (3, H, W) uint8 tensor, got "
+        + described
+    )
+
+
+class Predictor:
+    """A checkpoint's model, ready to segment single images: `Predictor("model.safetensors")(image)`.
+
+    checkpoint: an m2f .safetensors checkpoint; config: a config name, JSON file or ModelConfig (default: the
+    one the checkpoint stores); device: default cuda when available, else cpu; amp: None, "bf16" or "fp16".
+    Attributes: config, classes (ClassInfo: names, thing class indices, the dataset's category ids when
+    stored), model (in eval mode), device.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        *,
+        config: str | os.PathLike | ModelConfig | None = None,
+        device: str | torch.device | None = None,
+        amp: str | None = None,
+    ):
+        metadata, shapes = ckpt.read_header(checkpoint)
+        config = ckpt.load_config_for_checkpoint(config, metadata, checkpoint)
+        num_classes = ckpt.class_head_classes(shapes)
+        self.classes = class_info(
+            metadata, config.num_classes if num_classes is None else num_classes, checkpoint
+        )
+        self.config = dataclasses.replace(config, num_classes=len(self.classes.names))
+        if amp not in (None, *AMP_DTYPES):
+            raise ValueError(f"amp must be None or one of {sorted(AMP_DTYPES)}, got {amp!r}")
+        self.amp = amp
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = build_checkpoint_model(self.config, checkpoint).to(self.device)
+        load_checkpoint_weights(self.model, checkpoint, metadata)
+        self.model.eval()
+        self._transform = inference_transform(self.config)
+
+    def __call__(self, image, tasks: Sequence[str] | None = None, *, tta: bool = False) -> dict:
+        """Predictions for one image (see rgb_array for the forms it takes) at its own size: {task: ...} for
+        each of tasks (default: the config's), "panoptic": (segment id map (H, W), segments_info: id,
+        category_id (the class index), isthing), "instance": {masks (K, H, W) bool, scores, labels, boxes
+        xyxy}, "semantic": the (H, W) class map. tta: the semantic task by Mask2Former's multi-scale and flip
+        test. Class indices name self.classes.names."""
+        return self.predict_array(rgb_array(image), checked_tasks(tasks, self.config.task, tta), tta=tta)
+
+    def predict_array(self, image: np.ndarray, tasks: list[str], *, tta: bool = False) -> dict:
+        """__call__ for an (H, W, 3) uint8 RGB array and checked tasks."""
+        if tta:
+            pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            scores = predict_semantic_tta(self.model, pixels, self.config, device=self.device, amp=self.amp)
+            return {"semantic": scores.argmax(0)}
+        resized = self._transform.get_geometry(*image.shape[:2]).apply_image(image)
+        pixels = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        mask_cls, mask_pred = predict_masks(self.model, pixels, device=self.device, amp=self.amp)
+        return postprocess(tasks, mask_cls, mask_pred, image.shape[:2], self.config, self.classes.things)
+
+
 def run_prediction(
     images: Iterable[str | os.PathLike],
     checkpoint: str | os.PathLike,
@@ -266,17 +363,7 @@ def run_prediction(
     config = ckpt.load_config_for_checkpoint(config_name, metadata, checkpoint)
     num_classes = ckpt.class_head_classes(shapes)
     classes = class_info(metadata, config.num_classes if num_classes is None else num_classes, checkpoint)
-    config = dataclasses.replace(config, num_classes=len(classes.names))
-    if isinstance(tasks, str):
-        raise TypeError(f"tasks must be a sequence of task names, got the string {tasks!r}")
-    tasks = list(dict.fromkeys(tasks or [config.task]))  # each once, in the order given
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"tasks must be among {TASKS}, got {unknown}")
-    if tta and tasks != ["semantic"]:
-        raise ValueError(
-            f"tta: the multi-scale and flip test is for the semantic task alone, got tasks {tasks}"
-        )
+    tasks = checked_tasks(tasks, config.task, tta)
     if coco_results is not None:
         if not set(tasks) & set(results_files.RESULTS_FILES):
             raise ValueError(
@@ -302,9 +389,7 @@ def run_prediction(
     overwritten = [str(p) for paths in outputs.values() for p in paths if p.resolve() in inputs]
     if overwritten:
         raise ValueError(f"the outputs would overwrite input images: {', '.join(overwritten)}")
-    model = build_checkpoint_model(config, checkpoint).to(device)
-    load_checkpoint_weights(model, checkpoint, metadata)
-    model.eval()
+    predictor = Predictor(checkpoint, config=config, device=device, amp=amp)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_paths = results_files.results_paths(tasks, out_dir) if coco_results is not None else []
     if rank == 0:  # what a killed earlier prediction of these images left half-written
@@ -313,7 +398,6 @@ def run_prediction(
         ]
         remove_stale_temporaries(out_dir, tuple(written_names))
     dist_utils.barrier()  # before any rank writes a temporary file
-    transform = inference_transform(config)
     problem = None
     try:
         for path in images[rank::world_size]:
@@ -321,16 +405,7 @@ def run_prediction(
             if skip_existing and all(p.exists() for p in existing):
                 continue
             image = read_image(path)
-            if tta:
-                pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-                scores = predict_semantic_tta(model, pixels, config, device=device, amp=amp)
-                predictions = {"semantic": scores.argmax(0)}
-            else:
-                resized = transform.get_geometry(*image.shape[:2]).apply_image(image)
-                pixels = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-                mask_cls, mask_pred = predict_masks(model, pixels, device=device, amp=amp)
-                predictions = postprocess(tasks, mask_cls, mask_pred, image.shape[:2], config, classes.things)
-            for task, prediction in predictions.items():
+            for task, prediction in predictor.predict_array(image, tasks, tta=tta).items():
                 stem = out_dir / Path(path).stem
                 save_prediction(
                     task,
