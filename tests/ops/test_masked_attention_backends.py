@@ -173,6 +173,15 @@ def test_cpu_kernel_bool_masks_match_reference(dtype, mask_kind, shape):
     check_backend("cpu", dtype, shape, mask_kind)
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [1, 3, 20, 40])
+def test_cpu_kernel_takes_any_head_dim(dtype, head_dim):
+    """The CPU kernel runs head dims the GPU kernels do not (e.g. 192 / 8 = 24): the columns beyond the last
+    whole vector of lanes go one at a time, added to the running output over 600 keys (two key chunks)."""
+    check_backend("cpu", dtype, (1, 2, 9, 600, head_dim), "logits")
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", TRITON_SHAPES)
@@ -203,7 +212,9 @@ def test_triton_split_keys_match_reference(num_splits, mask_kind, deterministic)
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mask_kind", ["logits", "bool_per_head"])
-@pytest.mark.parametrize("shape", [(2, 2, 1, 4097, 16), (1, 2, 100, 1024, 32), (2, 3, 9, 130, 64)])
+@pytest.mark.parametrize(
+    "shape", [(2, 2, 1, 4097, 16), (1, 2, 100, 1024, 32), (2, 3, 9, 130, 64), (1, 2, 9, 600, 6)]
+)
 def test_cpu_kernel_lower_instruction_sets_match_reference(monkeypatch, isa, dtype, mask_kind, shape):
     """The kernels compiled for x86-64-v3 (AVX2) and baseline x86-64, which have their own vector widths and
     tiles; M2F_KERNELS_CPU_ISA lowers the level the CPU would get (other CPUs always run the baseline)."""
