@@ -116,6 +116,16 @@ def test_cpu_kernel_matches_reference(batch, num_levels, points, heads_channels,
     check_against_reference("cpu", batch, heads, channels, LEVELS[num_levels], points, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [1, 5, 13])
+def test_cpu_kernel_takes_any_channel_count(channels, dtype):
+    """Channel counts that are not a multiple of the backward's 8 lanes: the channels past the last whole
+    group of lanes are summed and scattered one at a time."""
+    if "cpu" not in cpu_kernel_backends("ms_deform_attn"):
+        pytest.skip("the C++ CPU kernel is not built")
+    check_against_reference("cpu", 2, 3, channels, LEVELS[3], 4, dtype)
+
+
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch, num_levels, points, heads_channels", SMALL_GRID)
