@@ -220,8 +220,8 @@ class ModelConfig:
         steps = solver.lr_steps
         if list(steps) != sorted(steps) or not all(0 <= step <= solver.max_iter for step in steps):
             raise ValueError(
-                f"solver.lr_steps must be in increasing order, each from 0 to solver.max_iter ({solver.max_iter}), "
-                f"got {steps}"
+                "solver.lr_steps must be in increasing order, each from 0 to solver.max_iter "
+                f"({solver.max_iter}), got {steps}"
             )
         if not 0 < solver.min_scale <= solver.max_scale < math.inf:
             raise ValueError(
@@ -471,7 +471,8 @@ def load_config(config: str | os.PathLike | ModelConfig) -> ModelConfig:
     path = Path(config)
     if path.suffix != ".json":
         raise ValueError(
-            f"unknown config name {str(config)!r}; available: {', '.join(CONFIG_NAMES)}, or a config's .json file"
+            f"unknown config name {str(config)!r}; available: {', '.join(CONFIG_NAMES)}, or a config's "
+            ".json file"
         )
     try:
         return ModelConfig.from_dict(json.loads(path.read_text()))

@@ -160,8 +160,8 @@ def convert_checkpoint(
     src: a file path (format-specific loader, see the format modules) or an already-loaded state dict in
     the format's own names. config_name: one of m2f.config.CONFIG_NAMES, a config JSON file or a
     ModelConfig. C is read from the class head (its rows minus the no-object row). BatchNorm
-    `num_batches_tracked` counters are dropped or zero-filled as the model needs. Raises ConversionError listing unknown keys (no rule for them),
-    missing keys and shape mismatches.
+    `num_batches_tracked` counters are dropped or zero-filled as the model needs. Raises ConversionError
+    listing unknown keys (no rule for them), missing keys and shape mismatches.
     """
     _check_format(fmt)
     config = load_config(config_name)

@@ -67,10 +67,8 @@ def ade20k_paths(root: str, split: str) -> tuple[str, str]:
     """(image folder, annotation folder); `root` may be ADEChallengeData2016 or its parent."""
     if split not in ADE20K_SPLITS:
         raise ValueError(f"split must be one of {sorted(ADE20K_SPLITS)}, got {split!r}")
-    folder = ADE20K_SPLITS[split]
-    return os.path.join(ade20k_root(root), "images", folder), os.path.join(
-        ade20k_root(root), "annotations", folder
-    )
+    root, folder = ade20k_root(root), ADE20K_SPLITS[split]
+    return os.path.join(root, "images", folder), os.path.join(root, "annotations", folder)
 
 
 def ade20k_class_names(root: str) -> tuple[str, ...]:

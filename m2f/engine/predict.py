@@ -126,6 +126,14 @@ def class_info(metadata: dict[str, str], num_classes: int, checkpoint: str | os.
     return ClassInfo(names, things, category_ids)
 
 
+def checkpoint_classes(
+    config, metadata: dict[str, str], shapes: dict, checkpoint: str | os.PathLike
+) -> ClassInfo:
+    """class_info for the checkpoint's class head (the config's class count where it has none)."""
+    num_classes = ckpt.class_head_classes(shapes)
+    return class_info(metadata, config.num_classes if num_classes is None else num_classes, checkpoint)
+
+
 def check_stored_category_ids(
     option: str, classes: ClassInfo, checkpoint: str | os.PathLike, classes_hint: str
 ) -> None:
@@ -271,10 +279,7 @@ class Predictor:
     ):
         metadata, shapes = ckpt.read_header(checkpoint)
         config = ckpt.load_config_for_checkpoint(config, metadata, checkpoint)
-        num_classes = ckpt.class_head_classes(shapes)
-        self.classes = class_info(
-            metadata, config.num_classes if num_classes is None else num_classes, checkpoint
-        )
+        self.classes = checkpoint_classes(config, metadata, shapes, checkpoint)
         self.config = dataclasses.replace(config, num_classes=len(self.classes.names))
         if amp not in (None, *AMP_DTYPES):
             raise ValueError(f"amp must be None or one of {sorted(AMP_DTYPES)}, got {amp!r}")
@@ -361,8 +366,7 @@ def run_prediction(
     rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
     metadata, shapes = ckpt.read_header(checkpoint)
     config = ckpt.load_config_for_checkpoint(config_name, metadata, checkpoint)
-    num_classes = ckpt.class_head_classes(shapes)
-    classes = class_info(metadata, config.num_classes if num_classes is None else num_classes, checkpoint)
+    classes = checkpoint_classes(config, metadata, shapes, checkpoint)
     tasks = checked_tasks(tasks, config.task, tta)
     if coco_results is not None:
         if not set(tasks) & set(results_files.RESULTS_FILES):
