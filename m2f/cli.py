@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -82,7 +83,9 @@ def cmd_config(args: argparse.Namespace) -> int:
         config = _checkpoint_config(None, args.overrides, args.source)
     else:
         config = apply_overrides(load_config(args.source), args.overrides)
-    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    # One line per field: lists of numbers (strides, steps, pixel statistics) stay on theirs.
+    text = json.dumps(config.to_dict(), indent=2)
+    text = re.sub(r"\[([^\[\]{}\"]*)\]", lambda m: json.dumps(json.loads(m.group(0))), text) + "\n"
     if args.out is None:
         sys.stdout.write(text)
         return 0

@@ -1320,7 +1320,9 @@ def test_config_command_prints_a_config_and_writes_one_to_train_with(
     from m2f.config import ModelConfig
 
     assert main(["config", "demo-tiny", "--set", "decoder.num_queries=8"]) == 0
-    printed = ModelConfig.from_dict(json.loads(capsys.readouterr().out))
+    text = capsys.readouterr().out
+    assert '\n    "out_strides": [4, 8, 16, 32],\n' in text  # one line per field
+    printed = ModelConfig.from_dict(json.loads(text))
     expected = m2f.get_config("demo-tiny")
     expected = dataclasses.replace(expected, decoder=dataclasses.replace(expected.decoder, num_queries=8))
     assert printed == expected
