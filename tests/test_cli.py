@@ -1411,13 +1411,14 @@ def test_set_reaches_the_model_eval_builds(synthetic_root, trained_run, tmp_path
 
 
 def test_semantic_dataset_with_its_own_classes_trains_and_evaluates_on_them(tmp_path, capsys):
-    """An ADE20K-layout dataset whose classes.txt names 6 classes: the model gets a head of 6 + 1 classes,
-    the checkpoint their names, eval's table their per-class IoU, and predict --category-ids the PNG values."""
+    """An ADE20K-layout dataset whose classes.txt names 6 classes (the synthetic one's): the model gets a
+    head of 6 + 1 classes, the checkpoint their names, eval's table their per-class IoU, and predict
+    --category-ids the PNG values."""
     from m2f.data import SYNTHETIC_CATEGORIES, make_synthetic_ade20k
 
     root = Path(make_synthetic_ade20k(str(tmp_path / "ade"), num_train=2, num_val=1, image_size=48, seed=0))
     names = [category["name"] for category in SYNTHETIC_CATEGORIES]
-    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    assert (root / "classes.txt").read_text().splitlines() == names
     out = tmp_path / "run"
     assert main([*train_args(root, out, 1), "--dataset", "ade20k"]) == 0
     checkpoint = out / "model_final.safetensors"

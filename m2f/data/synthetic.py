@@ -17,6 +17,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from m2f.checks import check_int
+from m2f.data.ade20k import CLASSES_FILE
 from m2f.data.common import id_to_rgb
 from m2f.files import write_bytes_atomic, write_json_atomic
 
@@ -218,8 +219,8 @@ def make_synthetic_ade20k(
     out_dir: str, num_train: int = 64, num_val: int = 16, image_size: int = 128, seed: int = 0
 ) -> str:
     """Write the same scenes in the ADE20K layout under out_dir/ADEChallengeData2016: label PNG value =
-    1 + index of the category in SYNTHETIC_CATEGORIES (so classes 0..5 of ADE20KDataset), 0 for void.
-    Returns the ADEChallengeData2016 folder.
+    1 + index of the category in SYNTHETIC_CATEGORIES (so classes 0..5 of ADE20KDataset), 0 for void, and
+    classes.txt naming those six classes. Returns the ADEChallengeData2016 folder.
 
     The layout is whatever files the folders hold, so ValueError when they already hold ADE-named files
     beyond the ones this call writes (from a larger earlier run, or a real ADE20K): they would join the set.
@@ -241,6 +242,8 @@ def make_synthetic_ade20k(
                     f"{path} holds {len(extra)} ADE20K files besides the {count} this call writes (e.g. "
                     f"{extra[0]}), which would join the dataset; write into an empty folder"
                 )
+    names = "".join(f"{category['name']}\n" for category in SYNTHETIC_CATEGORIES)
+    write_bytes_atomic(os.path.join(root, CLASSES_FILE), names.encode())
     for split_key, (folder, count, prefix) in enumerate(splits):
         for n in range(count):
             image, segments = draw_scene(np.random.default_rng([seed, split_key, n]), image_size)
