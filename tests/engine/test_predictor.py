@@ -68,6 +68,8 @@ def test_every_image_form_gives_the_same_predictions_at_the_image_size(checkpoin
         torch.from_numpy(pixels).permute(2, 0, 1),
     ):
         assert_same_predictions(predictor(image, tasks), from_path)
+    gray = np.ascontiguousarray(np.repeat(pixels[..., :1], 3, axis=2))  # a one-channel image, as RGB
+    assert_same_predictions(predictor(Image.fromarray(pixels[..., 0]), tasks), predictor(gray, tasks))
     assert list(predictor(pixels)) == ["panoptic"]  # the config's task
     assert list(predictor(pixels, ["semantic", "semantic", "instance"])) == ["semantic", "instance"]
 
