@@ -356,9 +356,10 @@ def convert_to_file(
     given, categories = (None, None) if classes is None else _resolve_classes(classes)
     class_files = [classes] if isinstance(classes, str | Path) and Path(classes).is_file() else []
     check_output_path(out, "out", inputs=[src, *class_files])
-    _check_architecture(src, fmt, load_config(config_name))
+    config = load_config(config_name)  # a JSON file is read once
+    _check_architecture(src, fmt, config)
     state, found = read_checkpoint(src, fmt)
-    state_dict = convert_checkpoint(state, fmt, config_name)
+    state_dict = convert_checkpoint(state, fmt, config)
     num_classes = state_dict[CLASS_HEAD_KEY].shape[0] - 1
     if given is not None:
         found = given
@@ -371,7 +372,7 @@ def convert_to_file(
             f"{src}: its {len(found[0])} class names do not match the {num_classes} classes of its class head; "
             "pass the right names as `classes`"
         )
-    config = dataclasses.replace(load_config(config_name), num_classes=num_classes)
+    config = dataclasses.replace(config, num_classes=num_classes)
     metadata = {"config": json.dumps(config.to_dict()), "converted_from": f"{fmt}:{Path(src).name}"}
     if found is not None:
         names, things = found

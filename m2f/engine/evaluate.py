@@ -43,6 +43,12 @@ def inference_transform(config):
     return ResizeShortestEdge(config.inference.test_short_edge, config.inference.test_max_size)
 
 
+def check_amp(amp: str | None) -> None:
+    """ValueError unless amp is None or one of AMP_DTYPES' names."""
+    if amp not in (None, *AMP_DTYPES):
+        raise ValueError(f"amp must be None or one of {sorted(AMP_DTYPES)}, got {amp!r}")
+
+
 @torch.no_grad()
 def predict_masks(
     model: nn.Module,
@@ -60,8 +66,7 @@ def predict_masks(
     from m2f.models.padding import padded_size
     from m2f.models.postprocess import resize_masks
 
-    if amp not in (None, *AMP_DTYPES):
-        raise ValueError(f"amp must be None or one of {sorted(AMP_DTYPES)}, got {amp!r}")
+    check_amp(amp)
     if model.training:
         raise ValueError(
             "predict_masks needs the model in eval mode (model.eval()): in training mode its batch norms "

@@ -38,13 +38,13 @@ from m2f.engine import coco_results as results_files
 from m2f.engine import distributed as dist_utils
 from m2f.engine.evaluate import (
     build_checkpoint_model,
+    check_amp,
     inference_transform,
     load_checkpoint_weights,
     postprocess,
     predict_masks,
     predict_semantic_tta,
 )
-from m2f.engine.train import AMP_DTYPES
 from m2f.files import (
     check_output_path,
     remove_stale_temporaries,
@@ -281,8 +281,7 @@ class Predictor:
         config = ckpt.load_config_for_checkpoint(config, metadata, checkpoint)
         self.classes = checkpoint_classes(config, metadata, shapes, checkpoint)
         self.config = dataclasses.replace(config, num_classes=len(self.classes.names))
-        if amp not in (None, *AMP_DTYPES):
-            raise ValueError(f"amp must be None or one of {sorted(AMP_DTYPES)}, got {amp!r}")
+        check_amp(amp)  # before the model is built
         self.amp = amp
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = build_checkpoint_model(self.config, checkpoint).to(self.device)
