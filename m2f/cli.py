@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 AMP_CHOICES = ("bf16", "fp16")
-DATASET_CHOICES = ("coco-panoptic", "coco-instance", "ade20k")
+DATASET_CHOICES = ("coco-panoptic", "coco-instance", "ade20k", "ade20k-panoptic", "ade20k-instance")
 CHECKPOINT_CONFIG_HELP = "a config name or .json file (default: the config stored in the checkpoint)"
 
 
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--data-root", required=True, help="dataset root (COCO layout, or ADEChallengeData2016)"
     )
-    train.add_argument("--dataset", choices=DATASET_CHOICES, help="default: from the config's task")
+    train.add_argument("--dataset", choices=DATASET_CHOICES, help="default: the config's dataset and task")
     train.add_argument("--out", help="output folder (default: output/<config name or file stem>)")
     train.add_argument(
         "--resume", action="store_true", help="continue from OUT/last_checkpoint if there is one"
@@ -512,7 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--num-val", type=int, default=16, help="val images (default 16)")
     synthetic.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
     synthetic.add_argument("--seed", type=_non_negative_int, default=0, help="default 0")
-    synthetic.add_argument("--ade20k", action="store_true", help="ADE20K layout instead of COCO")
+    synthetic.add_argument(
+        "--ade20k", action="store_true", help="ADE20K layout (semantic, panoptic, instance)"
+    )
     synthetic.set_defaults(func=cmd_make_synthetic)
 
     demo = commands.add_parser("demo", help="synthetic data -> train demo-tiny on CPU -> PQ before/after")

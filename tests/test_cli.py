@@ -1021,6 +1021,74 @@ def test_semantic_training_at_another_crop_size_tests_at_it(tmp_path):
     assert (config["inference"]["test_short_edge"], config["inference"]["test_max_size"]) == (48, 192)
 
 
+def test_ade20k_panoptic_training_and_its_three_evaluations(tmp_path, capsys):
+    """A model trained on ADE20K's panoptic files takes Mask2Former's ADE20K recipe (crops of --image-size,
+    tested at that size) and is evaluated by PQ, by the mIoU of its semantic task and, on ADE20K's instance
+    files, by mask AP, each in its own results file; the dataset kinds are the CLI's choices."""
+    import safetensors
+
+    from m2f.cli import DATASET_CHOICES
+    from m2f.data import make_synthetic_ade20k
+    from m2f.engine.train import DATASET_KINDS
+
+    assert DATASET_CHOICES == DATASET_KINDS
+    root = make_synthetic_ade20k(str(tmp_path / "ade"), num_train=2, num_val=2, image_size=64, seed=0)
+    out = tmp_path / "run"
+    args = [*train_args(root, out, 1), "--dataset", "ade20k-panoptic"]
+    assert main([*args[: args.index("--image-size") + 1], "48", *args[args.index("--image-size") + 2 :]]) == 0
+    checkpoint = out / "model_final.safetensors"
+    with safetensors.safe_open(str(checkpoint), "pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["config"])
+    assert metadata["dataset"] == "ade20k-panoptic" and config["task"] == "panoptic"
+    assert (config["inference"]["test_short_edge"], config["inference"]["test_max_size"]) == (48, 192)
+    assert [c["id"] for c in json.loads(metadata["categories"])] == list(range(6))
+
+    args = [
+        "eval",
+        "--checkpoint",
+        str(checkpoint),
+        "--data-root",
+        str(root),
+        "--num-workers",
+        "0",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    assert main([*args, "--task", "semantic"]) == 0
+    assert main([*args, "--dataset", "ade20k-instance"]) == 0
+    panoptic = json.loads((out / "model_final.eval-ade20k-panoptic-val.json").read_text())
+    semantic = json.loads((out / "model_final.eval-ade20k-panoptic-val-semantic.json").read_text())
+    instance = json.loads((out / "model_final.eval-ade20k-instance-val.json").read_text())
+    assert panoptic["num_images"] == instance["num_images"] == 2
+    assert (panoptic["N"], panoptic["N_th"], len(semantic["per_class"])) == (6, 3, 6)
+    assert 0 <= panoptic["PQ"] <= 100 and 0 <= semantic["mIoU"] <= 100 and 0 <= instance["segm"]["AP"] <= 100
+
+    # COCO results files with ADE20K's string image ids, read by panopticapi as eval scores them
+    from panopticapi.evaluation import pq_compute
+
+    predictions = tmp_path / "predictions"
+    predict = ["predict", str(Path(root) / "images" / "validation"), "--checkpoint", str(checkpoint)]
+    predict += ["--out", str(predictions), "--device", "cpu", "--task", "panoptic", "--task", "instance"]
+    assert (
+        main([*predict, "--no-overlay", "--coco-results", str(Path(root) / "ade20k_panoptic_val.json")]) == 0
+    )
+    results = json.loads((predictions / "panoptic_results.json").read_text())
+    assert sorted(a["image_id"] for a in results["annotations"]) == ["ADE_val_00000001", "ADE_val_00000002"]
+    pq = pq_compute(
+        str(Path(root) / "ade20k_panoptic_val.json"),
+        str(predictions / "panoptic_results.json"),
+        str(Path(root) / "ade20k_panoptic_val"),
+        str(predictions),
+    )
+    assert pq["All"]["pq"] * 100 == pytest.approx(panoptic["PQ"], abs=1e-9)
+    capsys.readouterr()
+
+    limited = [*train_args(root, tmp_path / "instance", 1), "--dataset", "ade20k-instance"]
+    assert main([*limited, "--set", "solver.single_category_max_area=0.5"]) == 2
+    assert "the crop's single-category limit needs a class map" in capsys.readouterr().err
+
+
 def test_eval_and_predict_tta_of_a_semantic_model(tmp_path, trained_run, synthetic_root, capsys):
     """`m2f eval --tta` writes its own results file, which says how it tested, `m2f predict --tta` the class
     map of predict_semantic_tta; other tasks are refused."""
@@ -1041,7 +1109,7 @@ def test_eval_and_predict_tta_of_a_semantic_model(tmp_path, trained_run, synthet
     panoptic = ["eval", "--checkpoint", str(trained_run / "model_final.safetensors")]
     assert main([*panoptic, "--data-root", str(synthetic_root), "--no-progress", "--tta"]) == 2
     assert (
-        "tta: the multi-scale and flip test is for semantic segmentation (ade20k, or coco-panoptic with task "
+        "tta: the multi-scale and flip test is for semantic segmentation (ade20k, or a panoptic set with task "
         "semantic)" in capsys.readouterr().err
     )
 
@@ -1181,7 +1249,7 @@ def test_predict_coco_results_bad_input_is_one_clear_line(synthetic_root, traine
     assert "COCO results files are for the panoptic and instance tasks" in capsys.readouterr().err
 
     malformed = tmp_path / "images.json"
-    malformed.write_text(json.dumps({"images": [{"id": "1", "file_name": "000000000001.jpg"}]}))
+    malformed.write_text(json.dumps({"images": [{"id": 1.5, "file_name": "000000000001.jpg"}]}))
     assert main([*base, "--checkpoint", str(checkpoint), "--coco-results", str(malformed)]) == 2
     assert f'{malformed}: "images" must be a list of' in capsys.readouterr().err
     malformed.write_text(json.dumps({"images": [{"id": True, "file_name": "000000000001.jpg"}]}))

@@ -1,4 +1,5 @@
-"""Datasets (COCO panoptic, COCO instance, ADE20K), the synthetic dataset, augmentations and validation."""
+"""Datasets (COCO panoptic and instance, in COCO's files or ADE20K's; ADE20K semantic), the synthetic dataset,
+augmentations and validation."""
 
 from m2f.data.ade20k import ADE20K_CLASS_NAMES, ADE20KDataset, ade20k_metadata
 from m2f.data.coco_instance import CocoInstanceDataset, decode_segmentation

@@ -91,9 +91,18 @@ class CocoInstanceDataset(SegmentationDataset):
     (detectron2's FILTER_EMPTY_ANNOTATIONS: about 1,000 of train2017's 118,287 images).
     """
 
-    def __init__(self, root: str, split: str, transforms=None, *, seed: int = 0, skip_empty: bool = False):
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        transforms=None,
+        *,
+        seed: int = 0,
+        skip_empty: bool = False,
+        layout: str = "coco",
+    ):
         super().__init__(transforms, seed)
-        paths = coco_paths(root, split)
+        paths = coco_paths(root, split, layout)
         data = read_json(paths["instances_json"])
         self.metadata = DatasetMetadata(
             data["categories"],

@@ -1,4 +1,5 @@
-"""COCO panoptic segmentation: annotations/panoptic_{split}2017.json + PNG folder, images in {split}2017/."""
+"""COCO-format panoptic segmentation: COCO's layout (annotations/panoptic_{split}2017.json + PNG folder, images
+in {split}2017/) or ADE20K's panoptic files (see coco_paths)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import numpy as np
 import torch
 
+from m2f.data.ade20k import ade20k_paths, ade20k_root
 from m2f.data.common import (
     DatasetError,
     DatasetMetadata,
@@ -21,11 +23,32 @@ from m2f.data.common import (
     read_panoptic_png,
 )
 
+LAYOUTS = ("coco", "ade20k")
 
-def coco_paths(root: str, split: str) -> dict[str, str]:
-    """Files of the COCO layout under `root` for split "train" or "val" (any name used as {split}2017)."""
+
+def coco_paths(root: str, split: str, layout: str = "coco") -> dict[str, str]:
+    """Files of a COCO-format panoptic and instance dataset under `root` for split "train" or "val".
+
+    layout "coco": annotations/{panoptic,instances}_{split}2017.json, the PNGs in
+    annotations/panoptic_{split}2017/, the images in {split}2017/ (any split name is used as {split}2017).
+    layout "ade20k": ADE20K's panoptic and instance annotations as Mask2Former's preparation scripts write
+    them into ADEChallengeData2016 (`root` may be its parent): ade20k_panoptic_{split}.json, the PNGs in
+    ade20k_panoptic_{split}/, ade20k_instance_{split}.json, the images in images/{training,validation}/.
+    """
     if not isinstance(split, str) or not split:
         raise ValueError(f"split must be a non-empty string such as 'train' or 'val', got {split!r}")
+    if layout == "ade20k":
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val' for the ADE20K layout, got {split!r}")
+        root = ade20k_root(root)
+        return {
+            "panoptic_json": os.path.join(root, f"ade20k_panoptic_{split}.json"),
+            "panoptic_root": os.path.join(root, f"ade20k_panoptic_{split}"),
+            "instances_json": os.path.join(root, f"ade20k_instance_{split}.json"),
+            "image_root": ade20k_paths(root, split)[0],
+        }
+    if layout != "coco":
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     annotations = os.path.join(root, "annotations")
     return {
         "panoptic_json": os.path.join(annotations, f"panoptic_{split}2017.json"),
@@ -42,11 +65,12 @@ class CocoPanopticDataset(SegmentationDataset):
     mapper (COCOPanopticNewBaselineDatasetMapper; its instance mapper and CocoInstanceDataset drop them).
 
     Masks are decoded from the PNG's id-map after the geometric transform, at the training resolution.
+    layout: "coco" or "ade20k", where the files are (see coco_paths).
     """
 
-    def __init__(self, root: str, split: str, transforms=None, *, seed: int = 0):
+    def __init__(self, root: str, split: str, transforms=None, *, seed: int = 0, layout: str = "coco"):
         super().__init__(transforms, seed)
-        paths = coco_paths(root, split)
+        paths = coco_paths(root, split, layout)
         data = read_json(paths["panoptic_json"])
         instances_json = paths["instances_json"] if os.path.isfile(paths["instances_json"]) else None
         self.metadata = DatasetMetadata(
@@ -125,7 +149,10 @@ class CocoPanopticDataset(SegmentationDataset):
         labels = np.array([s[1] for s in segments], dtype=np.int64)
         index_map = index_map_from_ids(ids, segment_ids)
 
-        geometry = self.geometry(index, *size)
+        def class_map() -> np.ndarray:
+            return np.append(labels, self.metadata.ignore_label)[index_map]  # -1 (no target) picks the last
+
+        geometry = self.geometry(index, *size, sem_seg=class_map)
         index_map = geometry.apply_segmentation(index_map, fill=-1)
         return {
             "image": image_to_tensor(geometry.apply_image(image)),

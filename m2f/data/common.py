@@ -231,12 +231,22 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """The only source of randomness of item `index` in the current epoch."""
         return np.random.default_rng([self.seed, self.epoch, index])
 
-    def geometry(self, index: int, height: int, width: int):
-        from m2f.data.transforms import Geometry
+    def geometry(self, index: int, height: int, width: int, sem_seg=None):
+        """The transform of item `index`. sem_seg: a callable giving its (height, width) class map (ignore
+        label where none), called only for a SemanticAugmentation whose crop looks at the classes."""
+        from m2f.data.transforms import Geometry, SemanticAugmentation
 
         if self.transforms is None:
             return Geometry((height, width), (height, width))
-        return self.transforms.get_geometry(height, width, self.item_rng(index))
+        rng = self.item_rng(index)
+        if isinstance(self.transforms, SemanticAugmentation) and self.transforms.single_category_max_area < 1:
+            if sem_seg is None:
+                raise ValueError(
+                    f"{type(self).__name__} has no class map for the crop's single-category limit "
+                    f"(single_category_max_area {self.transforms.single_category_max_area}); use 1.0"
+                )
+            return self.transforms.get_geometry(height, width, rng, sem_seg())
+        return self.transforms.get_geometry(height, width, rng)
 
 
 def masks_from_index_map(index_map: np.ndarray, count: int) -> torch.Tensor:

@@ -17,7 +17,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from m2f.checks import check_int
-from m2f.data.ade20k import CLASSES_FILE
+from m2f.data.ade20k import CLASSES_FILE, ade20k_paths
+from m2f.data.coco_panoptic import coco_paths
 from m2f.data.common import id_to_rgb
 from m2f.files import write_bytes_atomic, write_json_atomic
 
@@ -125,17 +126,29 @@ def _bbox(mask: np.ndarray) -> list[float]:
     return [float(v) for v in mask_utils.toBbox(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8))))]
 
 
-def _write_split(out_dir: str, split: str, num_images: int, size: int, seed: int, first_id: int) -> None:
-    panoptic_folder = os.path.join(out_dir, "annotations", f"panoptic_{split}2017")
-    image_folder = os.path.join(out_dir, f"{split}2017")
+def _write_split(
+    out_dir: str, split: str, num_images: int, size: int, seed: int, first_id: int = 1, layout: str = "coco"
+) -> None:
+    """The panoptic and instance files of one split in `layout` (m2f.data.coco_paths). COCO: integer image
+    ids from first_id, the categories' own ids; ADE20K (as Mask2Former's preparation scripts write them):
+    the file stem as image id, a category's position in SYNTHETIC_CATEGORIES as its id."""
+    paths = coco_paths(out_dir, split, layout)
+    if layout == "coco":
+        category_ids = {c["id"]: c["id"] for c in SYNTHETIC_CATEGORIES}
+    else:
+        category_ids = {c["id"]: i for i, c in enumerate(SYNTHETIC_CATEGORIES)}
+    categories = [{**c, "id": category_ids[c["id"]]} for c in SYNTHETIC_CATEGORIES]
     images, panoptic_annotations, instance_annotations = [], [], []
     split_key = 0 if split == "train" else 1
     for n in range(num_images):
         rng = np.random.default_rng([seed, split_key, n])
-        image_id = first_id + n
         image, segments = draw_scene(rng, size)
-        file_name = f"{image_id:012d}.jpg"
-        png_name = f"{image_id:012d}.png"
+        if layout == "coco":
+            image_id = first_id + n
+            stem = f"{image_id:012d}"
+        else:
+            image_id = stem = _ade20k_stem(split, n)
+        file_name, png_name = stem + ".jpg", stem + ".png"
         images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
 
         segment_ids = rng.choice(256**3 - 1, size=len(segments), replace=False) + 1
@@ -145,14 +158,9 @@ def _write_split(out_dir: str, split: str, num_images: int, size: int, seed: int
             ids[segment["mask"]] = segment_id
             area = int(segment["mask"].sum())
             bbox = _bbox(segment["mask"])
+            category_id = category_ids[segment["category_id"]]
             segments_info.append(
-                {
-                    "id": segment_id,
-                    "category_id": segment["category_id"],
-                    "area": area,
-                    "bbox": bbox,
-                    "iscrowd": 0,
-                }
+                {"id": segment_id, "category_id": category_id, "area": area, "bbox": bbox, "iscrowd": 0}
             )
             if segment["isthing"]:
                 if segment["polygon"] is not None:
@@ -164,7 +172,7 @@ def _write_split(out_dir: str, split: str, num_images: int, size: int, seed: int
                     {
                         "id": len(instance_annotations) + 1,
                         "image_id": image_id,
-                        "category_id": segment["category_id"],
+                        "category_id": category_id,
                         "segmentation": segmentation,
                         "area": area,
                         "bbox": bbox,
@@ -175,21 +183,24 @@ def _write_split(out_dir: str, split: str, num_images: int, size: int, seed: int
             {"image_id": image_id, "file_name": png_name, "segments_info": segments_info}
         )
         write_bytes_atomic(
-            os.path.join(image_folder, file_name), _encode(Image.fromarray(image), "JPEG", quality=95)
+            os.path.join(paths["image_root"], file_name), _encode(Image.fromarray(image), "JPEG", quality=95)
         )
         write_bytes_atomic(
-            os.path.join(panoptic_folder, png_name), _encode(Image.fromarray(id_to_rgb(ids)), "PNG")
+            os.path.join(paths["panoptic_root"], png_name), _encode(Image.fromarray(id_to_rgb(ids)), "PNG")
         )
 
-    annotations = os.path.join(out_dir, "annotations")
     write_json_atomic(
-        os.path.join(annotations, f"panoptic_{split}2017.json"),
-        {"images": images, "annotations": panoptic_annotations, "categories": list(SYNTHETIC_CATEGORIES)},
+        paths["panoptic_json"],
+        {"images": images, "annotations": panoptic_annotations, "categories": categories},
     )
+    things = [c for c in categories if c["isthing"]]
     write_json_atomic(
-        os.path.join(annotations, f"instances_{split}2017.json"),
-        {"images": images, "annotations": instance_annotations, "categories": list(THING_CATEGORIES)},
+        paths["instances_json"], {"images": images, "annotations": instance_annotations, "categories": things}
     )
+
+
+def _ade20k_stem(split: str, n: int) -> str:
+    return f"ADE_{split}_{n + 1:08d}"
 
 
 def _check_arguments(num_train: int, num_val: int, image_size: int, seed: int) -> None:
@@ -218,21 +229,22 @@ def make_synthetic(
 def make_synthetic_ade20k(
     out_dir: str, num_train: int = 64, num_val: int = 16, image_size: int = 128, seed: int = 0
 ) -> str:
-    """Write the same scenes in the ADE20K layout under out_dir/ADEChallengeData2016: label PNG value =
-    1 + index of the category in SYNTHETIC_CATEGORIES (so classes 0..5 of ADE20KDataset), 0 for void, and
-    classes.txt naming those six classes. Returns the ADEChallengeData2016 folder.
+    """Write the same scenes in the ADE20K layout under out_dir/ADEChallengeData2016, for the three tasks:
+    semantic label PNGs (value = 1 + index of the category in SYNTHETIC_CATEGORIES, so classes 0..5 of
+    ADE20KDataset; 0 for void) with classes.txt naming those six classes, and the panoptic and instance
+    files of Mask2Former's ADE20K preparation (category id = that index; see m2f.data.coco_paths).
+    Returns the ADEChallengeData2016 folder.
 
     The layout is whatever files the folders hold, so ValueError when they already hold ADE-named files
     beyond the ones this call writes (from a larger earlier run, or a real ADE20K): they would join the set.
     """
     _check_arguments(num_train, num_val, image_size, seed)
     root = os.path.join(out_dir, "ADEChallengeData2016")
-    value_of = {c["id"]: i + 1 for i, c in enumerate(SYNTHETIC_CATEGORIES)}
-    splits = (("training", num_train, "ADE_train"), ("validation", num_val, "ADE_val"))
-    for folder, count, prefix in splits:
-        written = {f"{prefix}_{n + 1:08d}" for n in range(count)}
-        for kind in ("images", "annotations"):
-            path = os.path.join(root, kind, folder)
+    splits = (("train", num_train), ("val", num_val))
+    for split, count in splits:
+        written = {_ade20k_stem(split, n) for n in range(count)}
+        prefix = f"ADE_{split}_"
+        for path in (*ade20k_paths(root, split), coco_paths(root, split, "ade20k")["panoptic_root"]):
             names = os.listdir(path) if os.path.isdir(path) else []
             extra = sorted(
                 name for name in names if name.startswith(prefix) and os.path.splitext(name)[0] not in written
@@ -244,17 +256,17 @@ def make_synthetic_ade20k(
                 )
     names = "".join(f"{category['name']}\n" for category in SYNTHETIC_CATEGORIES)
     write_bytes_atomic(os.path.join(root, CLASSES_FILE), names.encode())
-    for split_key, (folder, count, prefix) in enumerate(splits):
+    value_of = {c["id"]: i + 1 for i, c in enumerate(SYNTHETIC_CATEGORIES)}
+    for split_key, (split, count) in enumerate(splits):
+        _write_split(root, split, count, image_size, seed, layout="ade20k")
+        label_root = ade20k_paths(root, split)[1]
         for n in range(count):
-            image, segments = draw_scene(np.random.default_rng([seed, split_key, n]), image_size)
+            _, segments = draw_scene(np.random.default_rng([seed, split_key, n]), image_size)
             labels = np.zeros((image_size, image_size), dtype=np.uint8)
             for segment in segments:
                 labels[segment["mask"]] = value_of[segment["category_id"]]
-            stem = f"{prefix}_{n + 1:08d}"
-            image_bytes = _encode(Image.fromarray(image), "JPEG", quality=95)
-            write_bytes_atomic(os.path.join(root, "images", folder, stem + ".jpg"), image_bytes)
             write_bytes_atomic(
-                os.path.join(root, "annotations", folder, stem + ".png"),
+                os.path.join(label_root, _ade20k_stem(split, n) + ".png"),
                 _encode(Image.fromarray(labels), "PNG"),
             )
     return root

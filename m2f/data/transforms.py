@@ -22,10 +22,41 @@ from m2f.data.common import IGNORE_LABEL
 
 
 @dataclass(frozen=True)
+class ColorJitter:
+    """One draw of PhotometricDistortion; None skips a step. brightness: offset on the 0..255 scale;
+    contrast: factor on the pixel values; saturation: factor on the HSV saturation; hue: rotation in degrees.
+    Order: brightness, then contrast, saturation, hue (or saturation, hue, contrast when contrast_last)."""
+
+    brightness: float | None = None
+    contrast: float | None = None
+    saturation: float | None = None
+    hue: float | None = None
+    contrast_last: bool = False
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> (H, W, 3) uint8; values are clipped to 0..255 after every step."""
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"image must be (H, W, 3), got shape {image.shape}")
+        out = image.astype(np.float32)
+        if self.brightness is not None:
+            out = np.clip(out + self.brightness, 0, 255)
+        if self.contrast is not None and not self.contrast_last:
+            out = np.clip(out * self.contrast, 0, 255)
+        if self.saturation is not None:
+            out = np.clip(_scale_saturation(out, self.saturation), 0, 255)
+        if self.hue is not None:
+            out = np.clip(_rotate_hue(out, self.hue), 0, 255)
+        if self.contrast is not None and self.contrast_last:
+            out = np.clip(out * self.contrast, 0, 255)
+        return np.round(out).astype(np.uint8)
+
+
+@dataclass(frozen=True)
 class Geometry:
     """Resize in_size -> resized_size, take the window of out_size at (top, left) of the resized image,
     mirror its content horizontally when flip, then pad the bottom and right up to out_size (padding is
-    never mirrored). Sizes are (H, W)."""
+    never mirrored). Sizes are (H, W). color: a colour jitter applied to the image's part of the output (not
+    to the padding nor to segmentation maps)."""
 
     in_size: tuple[int, int]
     resized_size: tuple[int, int]
@@ -33,6 +64,7 @@ class Geometry:
     left: int = 0
     out_size: tuple[int, int] | None = None
     flip: bool = False
+    color: ColorJitter | None = None
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -63,7 +95,11 @@ class Geometry:
         if self.resized_size != self.in_size:
             h, w = self.resized_size
             image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-        return self._window(image, pad_value)
+        out = self._window(image, pad_value)
+        if self.color is not None:
+            valid_h, valid_w = self.valid_size
+            out[:valid_h, :valid_w] = self.color.apply(out[:valid_h, :valid_w])
+        return out
 
     def apply_segmentation(self, seg: np.ndarray, fill: int) -> np.ndarray:
         """(H, W) integer map (values fit int32) -> (out_h, out_w) int32, nearest; padding gets `fill`."""
@@ -227,36 +263,6 @@ def _rotate_hue(image: np.ndarray, degrees: float) -> np.ndarray:
     return np.stack(channels, -1)
 
 
-@dataclass(frozen=True)
-class ColorJitter:
-    """One draw of PhotometricDistortion; None skips a step. brightness: offset on the 0..255 scale;
-    contrast: factor on the pixel values; saturation: factor on the HSV saturation; hue: rotation in degrees.
-    Order: brightness, then contrast, saturation, hue (or saturation, hue, contrast when contrast_last)."""
-
-    brightness: float | None = None
-    contrast: float | None = None
-    saturation: float | None = None
-    hue: float | None = None
-    contrast_last: bool = False
-
-    def apply(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 RGB -> (H, W, 3) uint8; values are clipped to 0..255 after every step."""
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"image must be (H, W, 3), got shape {image.shape}")
-        out = image.astype(np.float32)
-        if self.brightness is not None:
-            out = np.clip(out + self.brightness, 0, 255)
-        if self.contrast is not None and not self.contrast_last:
-            out = np.clip(out * self.contrast, 0, 255)
-        if self.saturation is not None:
-            out = np.clip(_scale_saturation(out, self.saturation), 0, 255)
-        if self.hue is not None:
-            out = np.clip(_rotate_hue(out, self.hue), 0, 255)
-        if self.contrast is not None and self.contrast_last:
-            out = np.clip(out * self.contrast, 0, 255)
-        return np.round(out).astype(np.uint8)
-
-
 class PhotometricDistortion:
     """SSD-style colour augmentation: a brightness offset uniform in +-brightness_delta, then contrast,
     saturation and hue (contrast first or last, with probability 0.5 each); every step is applied with
@@ -354,8 +360,8 @@ class SemanticAugmentation:
     def get_geometry(
         self, height: int, width: int, rng: np.random.Generator, sem_seg: np.ndarray | None = None
     ) -> Geometry:
-        """The resize, crop and flip for an image of (height, width). sem_seg (height, width) is the label
-        map the single-category limit looks at; required when that limit is on."""
+        """The resize, crop, flip and colour jitter for an image of (height, width). sem_seg (height, width) is
+        the label map the single-category limit looks at; required when that limit is on."""
         resized_size = self.resize.get_geometry(height, width, rng).resized_size
         crop = (self.crop_size, self.crop_size)
         if self.single_category_max_area < 1.0:
@@ -368,7 +374,8 @@ class SemanticAugmentation:
         else:
             top, left, _, _ = random_window(resized_size, crop, rng)
         flip = bool(self.flip and rng.uniform() < 0.5)
-        return Geometry((height, width), resized_size, top, left, crop, flip)
+        color = self.photometric.sample(rng) if self.photometric is not None else None
+        return Geometry((height, width), resized_size, top, left, crop, flip, color)
 
     def apply(
         self, image: np.ndarray, sem_seg: np.ndarray, rng: np.random.Generator
@@ -378,12 +385,9 @@ class SemanticAugmentation:
         if tuple(sem_seg.shape) != tuple(image.shape[:2]):
             raise ValueError(f"sem_seg has size {sem_seg.shape}, the image {image.shape[:2]}")
         geometry = self.get_geometry(*image.shape[:2], rng, sem_seg)
-        out_image = geometry.apply_image(image, self.image_pad_value)
-        if self.photometric is not None:
-            valid_h, valid_w = geometry.valid_size
-            jitter = self.photometric.sample(rng)
-            out_image[:valid_h, :valid_w] = jitter.apply(out_image[:valid_h, :valid_w])
-        return out_image, geometry.apply_segmentation(sem_seg, self.ignore_label)
+        return geometry.apply_image(image, self.image_pad_value), geometry.apply_segmentation(
+            sem_seg, self.ignore_label
+        )
 
     def __repr__(self) -> str:
         return (

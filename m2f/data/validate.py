@@ -83,9 +83,8 @@ def _check_panoptic_png_job(job) -> list[str]:
 
 
 def _validate_panoptic(
-    root: str, split: str, check_files: bool, num_workers: int, problems: list[str]
+    paths: dict[str, str], check_files: bool, num_workers: int, problems: list[str]
 ) -> dict:
-    paths = coco_paths(root, split)
     json_path = paths["panoptic_json"]
     data = read_json(json_path)
     category_ids = _check_categories(json_path, data["categories"], problems)
@@ -150,8 +149,7 @@ def _is_empty_segmentation(segmentation, height: int, width: int) -> bool:
     return int(mask_utils.area(rle)) == 0
 
 
-def _validate_instance(root: str, split: str, check_files: bool, problems: list[str]) -> dict:
-    paths = coco_paths(root, split)
+def _validate_instance(paths: dict[str, str], check_files: bool, problems: list[str]) -> dict:
     json_path = paths["instances_json"]
     data = read_json(json_path)
     category_ids = _check_categories(json_path, data["categories"], problems)
@@ -231,9 +229,17 @@ def _validate_semantic(root: str, split: str, check_files: bool, problems: list[
 
 
 def validate_dataset(
-    root: str, split: str, task: str, *, check_files: bool = True, num_workers: int = 0, max_listed: int = 50
+    root: str,
+    split: str,
+    task: str,
+    *,
+    check_files: bool = True,
+    num_workers: int = 0,
+    max_listed: int = 50,
+    layout: str = "coco",
 ) -> dict:
-    """Check a dataset before use. task: "panoptic" | "instance" (COCO layout) or "semantic" (ADE20K).
+    """Check a dataset before use. task: "panoptic" | "instance" (COCO format, in the files `layout` names:
+    "coco" or "ade20k", see m2f.data.coco_paths) or "semantic" (ADE20K's layout).
 
     Checks category ids, image files, panoptic PNGs (missing, size, segment ids in the JSON but not in the PNG
     and the reverse), empty segments and duplicates. check_files=False skips what reads or rasterizes every
@@ -242,16 +248,17 @@ def validate_dataset(
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    paths = coco_paths(root, split, layout)
     problems: list[str] = []
     try:
         if task == "panoptic":
-            summary = _validate_panoptic(root, split, check_files, num_workers, problems)
+            summary = _validate_panoptic(paths, check_files, num_workers, problems)
         elif task == "instance":
-            summary = _validate_instance(root, split, check_files, problems)
+            summary = _validate_instance(paths, check_files, problems)
         else:
             summary = _validate_semantic(root, split, check_files, problems)
     except (KeyError, TypeError, AttributeError) as error:  # a JSON without the COCO format's keys and types
-        json_path = coco_paths(root, split)["panoptic_json" if task == "panoptic" else "instances_json"]
+        json_path = paths["panoptic_json" if task == "panoptic" else "instances_json"]
         what = (
             f"a record lacks the key {error}"
             if isinstance(error, KeyError)

@@ -27,22 +27,23 @@ from m2f.files import write_json_atomic
 RESULTS_FILES = {"panoptic": "panoptic_results.json", "instance": "instances_results.json"}
 
 
-def read_image_ids(path: str | os.PathLike) -> dict[str, int]:
-    """{file name (without folders): image id} from a COCO JSON's "images"; ValueError naming the file for a
-    malformed list or a name listed twice."""
+def read_image_ids(path: str | os.PathLike) -> dict[str, int | str]:
+    """{file name (without folders): image id} from a COCO JSON's "images" (ids are ints, or strings in
+    ADE20K's panoptic and instance files); ValueError naming the file for a malformed list or a name listed
+    twice."""
     from m2f.data.common import read_json
 
     content = read_json(str(path))
     images = content.get("images") if isinstance(content, dict) else None
     if not isinstance(images, list) or not all(
         isinstance(image, dict)
-        and isinstance(image.get("id"), int)
+        and isinstance(image.get("id"), (int, str))
         and not isinstance(image.get("id"), bool)
         and isinstance(image.get("file_name"), str)
         for image in images
     ):
-        raise ValueError(f'{path}: "images" must be a list of {{"id": int, "file_name": str, ...}}')
-    ids: dict[str, int] = {}
+        raise ValueError(f'{path}: "images" must be a list of {{"id": int or str, "file_name": str, ...}}')
+    ids: dict[str, int | str] = {}
     for image in images:
         name = Path(image["file_name"]).name
         if name in ids:
@@ -52,7 +53,7 @@ def read_image_ids(path: str | os.PathLike) -> dict[str, int]:
 
 
 def listed_images(
-    images: Sequence[str | os.PathLike], image_ids: Mapping[str, int], path: str | os.PathLike
+    images: Sequence[str | os.PathLike], image_ids: Mapping[str, int | str], path: str | os.PathLike
 ) -> list[str | os.PathLike]:
     """The images whose file name image_ids lists; ValueError when a listed image is not among them (a
     results file covers every image of its set)."""
@@ -70,7 +71,7 @@ def results_paths(tasks: Sequence[str], out_dir: Path) -> list[Path]:
 
 
 def write_coco_results(
-    tasks: Sequence[str], out_dir: Path, stem_ids: Mapping[str, int], category_ids: Sequence[int]
+    tasks: Sequence[str], out_dir: Path, stem_ids: Mapping[str, int | str], category_ids: Sequence[int]
 ) -> None:
     """Writes the results file of each panoptic or instance task in `tasks` from the per-image files in
     out_dir; stem_ids maps each image's file stem to its image id, category_ids each class index to the
@@ -88,7 +89,7 @@ def write_coco_results(
         write_json_atomic(path, results)
 
 
-def _panoptic_annotation(out_dir: Path, stem: str, image_id: int) -> dict:
+def _panoptic_annotation(out_dir: Path, stem: str, image_id: int | str) -> dict:
     from m2f.data.common import read_json
 
     segments = read_json(str(out_dir / f"{stem}.panoptic.json"))["segments_info"]
@@ -101,7 +102,9 @@ def _panoptic_annotation(out_dir: Path, stem: str, image_id: int) -> dict:
     }
 
 
-def _instance_results(out_dir: Path, stem: str, image_id: int, category_ids: Sequence[int]) -> list[dict]:
+def _instance_results(
+    out_dir: Path, stem: str, image_id: int | str, category_ids: Sequence[int]
+) -> list[dict]:
     from m2f.evaluation.instance import masks_to_rles
 
     with np.load(out_dir / f"{stem}.instances.npz") as arrays:

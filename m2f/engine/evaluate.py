@@ -26,7 +26,14 @@ from torch import nn
 from m2f.config import ModelConfig
 from m2f.engine import checkpoint as ckpt
 from m2f.engine import distributed as dist_utils
-from m2f.engine.train import AMP_DTYPES, DATASET_TASKS, build_dataset, default_dataset_kind, validate_split
+from m2f.engine.train import (
+    AMP_DTYPES,
+    DATASET_TASKS,
+    build_dataset,
+    check_dataset_kind,
+    default_dataset_kind,
+    validate_split,
+)
 from m2f.files import check_output_path, write_json_atomic
 
 PART_SIZE = 100  # images per part file of `m2f eval`
@@ -460,6 +467,8 @@ EVAL_TASKS = {
     "coco-panoptic": ("panoptic", "semantic"),
     "coco-instance": ("instance",),
     "ade20k": ("semantic",),
+    "ade20k-panoptic": ("panoptic", "semantic"),
+    "ade20k-instance": ("instance",),
 }
 
 
@@ -485,7 +494,7 @@ def run_evaluation(
     results JSON (default: beside the checkpoint, <name>.eval-<dataset>-<split>.json; -<task> before .json for
     a task other than the dataset's, then -tta with tta). Returns the results. tta: semantic segmentation with
     Mask2Former's multi-scale and flip test. task: the dataset's (DATASET_TASKS) by default; "semantic" on
-    coco-panoptic gives the mIoU Mask2Former reports for panoptic models (CocoPanopticDataset.load_semantic_gt).
+    coco-panoptic and ade20k-panoptic gives the mIoU Mask2Former reports for panoptic models (CocoPanopticDataset.load_semantic_gt).
 
     The evaluation goes in parts stored in <results JSON>.parts/ (module docstring); resume=True reuses the
     parts found there, else that folder is emptied first. It is removed after the results are written."""
@@ -500,9 +509,7 @@ def run_evaluation(
     metadata, shapes = ckpt.read_header(checkpoint)
     head_classes = ckpt.class_head_classes(shapes)
     config = ckpt.load_config_for_checkpoint(config_name, metadata, checkpoint)
-    dataset_kind = dataset_kind or metadata.get("dataset") or default_dataset_kind(config)
-    if dataset_kind not in DATASET_TASKS:
-        raise ValueError(f"dataset must be one of {tuple(DATASET_TASKS)}, got {dataset_kind!r}")
+    dataset_kind = check_dataset_kind(dataset_kind or metadata.get("dataset") or default_dataset_kind(config))
     dataset_task = DATASET_TASKS[dataset_kind]
     task = task or dataset_task
     if task not in EVAL_TASKS[dataset_kind]:
@@ -511,11 +518,11 @@ def run_evaluation(
         )
     if tta and task != "semantic":
         raise ValueError(
-            f"tta: the multi-scale and flip test is for semantic segmentation (ade20k, or coco-panoptic with task "
+            f"tta: the multi-scale and flip test is for semantic segmentation (ade20k, or a panoptic set with task "
             f"semantic), not the {task} task of {dataset_kind}"
         )
     if validate:
-        validate_split(data_root, split, dataset_task)
+        validate_split(data_root, split, dataset_kind)
     dataset = build_dataset(dataset_kind, data_root, split, None if tta else inference_transform(config))
     model_categories = ckpt.stored_classes(metadata, checkpoint)[2]
     if (
@@ -535,7 +542,7 @@ def run_evaluation(
     else:
         raise ValueError(
             f"{checkpoint} predicts other classes than the {dataset_kind} dataset has; only instance "
-            "evaluation (--dataset coco-instance) maps a model's classes to a dataset's"
+            "evaluation (--dataset coco-instance or ade20k-instance) maps a model's classes to a dataset's"
         )
     config = dataclasses.replace(config, num_classes=num_classes)
     model = build_checkpoint_model(config, checkpoint).to(device)

@@ -785,27 +785,58 @@ class Trainer:
             eval_log.write({"iteration": iterations_done, **{k: float(v) for k, v in results.items()}})
 
 
-DATASET_TASKS = {"coco-panoptic": "panoptic", "coco-instance": "instance", "ade20k": "semantic"}
+# Each dataset kind's task; the panoptic and instance kinds read COCO-format files in a layout of
+# m2f.data.coco_paths (DATASET_LAYOUTS), "ade20k" ADE20K's semantic PNGs.
+DATASET_TASKS = {
+    "coco-panoptic": "panoptic",
+    "coco-instance": "instance",
+    "ade20k": "semantic",
+    "ade20k-panoptic": "panoptic",
+    "ade20k-instance": "instance",
+}
 DATASET_KINDS = tuple(DATASET_TASKS)
+DATASET_LAYOUTS = {
+    "coco-panoptic": "coco",
+    "coco-instance": "coco",
+    "ade20k-panoptic": "ade20k",
+    "ade20k-instance": "ade20k",
+}
 
 
 def default_dataset_kind(config) -> str:
-    """coco-panoptic for panoptic configs (and the synthetic demo), coco-instance for instance, ade20k for
-    semantic."""
-    return {task: kind for kind, task in DATASET_TASKS.items()}[config.task]
+    """The config's dataset in the config's task: ade20k, ade20k-panoptic or ade20k-instance for ADE20K
+    configs, else coco-panoptic, coco-instance, or ade20k for semantic (the synthetic demo: coco-panoptic)."""
+    if config.dataset == "ade20k":
+        return {"semantic": "ade20k", "panoptic": "ade20k-panoptic", "instance": "ade20k-instance"}[
+            config.task
+        ]
+    return {"panoptic": "coco-panoptic", "instance": "coco-instance", "semantic": "ade20k"}[config.task]
 
 
-def validate_split(data_root: str | os.PathLike, split: str, task: str, *, check_files: bool = True) -> None:
-    """m2f.data.validate_dataset on rank 0; every rank raises its DatasetError (none waits in a collective).
-    check_files=False skips reading or rasterizing every segment (image files are still looked for); the
-    file checks use up to 8 processes."""
+def check_dataset_kind(kind: str, name: str = "dataset") -> str:
+    if kind not in DATASET_TASKS:
+        raise ValueError(f"{name} must be one of {DATASET_KINDS}, got {kind!r}")
+    return kind
+
+
+def validate_split(data_root: str | os.PathLike, split: str, kind: str, *, check_files: bool = True) -> None:
+    """m2f.data.validate_dataset of dataset `kind` on rank 0; every rank raises its DatasetError (none waits in
+    a collective). check_files=False skips reading or rasterizing every segment (image files are still looked
+    for); the file checks use up to 8 processes."""
     from m2f.data import DatasetError, validate_dataset
 
     problem = None
     if dist_utils.is_main_process():
         try:
             num_workers = min(8, os.cpu_count() or 1) if check_files else 0
-            validate_dataset(str(data_root), split, task, check_files=check_files, num_workers=num_workers)
+            validate_dataset(
+                str(data_root),
+                split,
+                DATASET_TASKS[kind],
+                check_files=check_files,
+                num_workers=num_workers,
+                layout=DATASET_LAYOUTS.get(kind, "coco"),
+            )
         except DatasetError as error:
             problem = error
     problem = dist_utils.broadcast_object(problem)
@@ -814,16 +845,19 @@ def validate_split(data_root: str | os.PathLike, split: str, task: str, *, check
 
 
 def build_dataset(kind: str, data_root: str | os.PathLike, split: str, transforms=None, seed: int = 0):
-    """The dataset of `kind` (see DATASET_KINDS) under data_root; split "train" or "val". COCO instance
-    training leaves out the images without an instance, as Mask2Former does."""
+    """The dataset of `kind` (see DATASET_KINDS) under data_root; split "train" or "val". Instance training
+    leaves out the images without an instance, as Mask2Former does."""
     from m2f import data
 
-    classes = {"coco-panoptic": data.CocoPanopticDataset, "coco-instance": data.CocoInstanceDataset}
-    classes["ade20k"] = data.ADE20KDataset
-    if kind not in classes:
-        raise ValueError(f"dataset must be one of {DATASET_KINDS}, got {kind!r}")
-    options = {"skip_empty": True} if kind == "coco-instance" and split == "train" else {}
-    return classes[kind](str(data_root), split, transforms, seed=seed, **options)
+    check_dataset_kind(kind)
+    if DATASET_TASKS[kind] == "semantic":
+        return data.ADE20KDataset(str(data_root), split, transforms, seed=seed)
+    options = {"layout": DATASET_LAYOUTS[kind]}
+    if DATASET_TASKS[kind] == "instance":
+        return data.CocoInstanceDataset(
+            str(data_root), split, transforms, seed=seed, skip_empty=split == "train", **options
+        )
+    return data.CocoPanopticDataset(str(data_root), split, transforms, seed=seed, **options)
 
 
 def checkpoint_metadata(config, dataset_kind: str, dataset_metadata) -> dict[str, str]:
@@ -873,10 +907,10 @@ def run_training(
     """Trains a config (name or m2f.config.ModelConfig) on the train split of data_root, optionally evaluating
     on the val split every eval_period iterations and at the end; returns the final weights path. Works under
     torchrun.
-    image_size overrides the config's crop size (LSJ for panoptic and instance configs, Mask2Former's
-    semantic recipe, SemanticAugmentation, for semantic ones, whose test size follows it: short side
-    image_size, long side at most 4 * image_size). validate: check the train split (and the val
-    split when evaluating) before training: annotations, categories and image files, not the PNGs' pixels.
+    image_size overrides the config's crop size (LSJ for COCO; for ADE20K, all three tasks, Mask2Former's
+    semantic recipe, SemanticAugmentation, whose test size follows it: short side image_size, long side at
+    most 4 * image_size). validate: check the train split (and the val split when evaluating) before
+    training: annotations, categories and image files, not the PNGs' pixels.
     init_weights: an m2f model checkpoint (.safetensors, e.g. `m2f convert`'s) to start from, for fine-tuning;
     its class head is kept when it has the dataset's number of classes, else initialized afresh. Any other
     difference from the config's model is refused. A resumed checkpoint takes precedence.
@@ -888,9 +922,7 @@ def run_training(
 
     config = config if isinstance(config, ModelConfig) else get_config(config)
     check_output_path(out_dir, "out", folder=True)
-    dataset_kind = dataset_kind or default_dataset_kind(config)
-    if dataset_kind not in DATASET_TASKS:
-        raise ValueError(f"dataset_kind must be one of {tuple(DATASET_TASKS)}, got {dataset_kind!r}")
+    dataset_kind = check_dataset_kind(dataset_kind or default_dataset_kind(config), "dataset_kind")
     if backbone_weights is not None and not Path(backbone_weights).is_file():
         raise FileNotFoundError(f"backbone_weights: no such file: {backbone_weights}")
     if init_weights is not None:
@@ -917,7 +949,14 @@ def run_training(
                 f"config {config.name!r} is for the {config.task} task; trained on {dataset_kind}, its model is for {task}"
             )
         config = dataclasses.replace(config, task=task)
-    if image_size is not None and config.task == "semantic":
+    # Mask2Former trains ADE20K (all three tasks) with its semantic recipe, COCO with large-scale jitter.
+    resize_and_crop = dataset_kind.startswith("ade20k")
+    if resize_and_crop and config.solver.single_category_max_area < 1 and task == "instance":
+        raise ValueError(
+            f"solver.single_category_max_area {config.solver.single_category_max_area}: the crop's "
+            "single-category limit needs a class map, which instance datasets do not have; use 1.0"
+        )
+    if image_size is not None and resize_and_crop:
         # The semantic recipe tests at the crop size, the long side at most 4 crops (Mask2Former's ADE20K
         # configs, m2f.config): a new crop size brings its test size.
         inference = dataclasses.replace(
@@ -942,7 +981,7 @@ def run_training(
     StreamBatchSampler.check(
         None, settings.batch_size, settings.grad_accum_steps, dist_utils.get_world_size()
     )
-    if config.task == "semantic":
+    if resize_and_crop:
         augmentation = SemanticAugmentation(
             solver.image_size,
             solver.min_scale,
@@ -953,7 +992,7 @@ def run_training(
         augmentation = LSJ(solver.image_size, solver.min_scale, solver.max_scale)
     if validate:  # before the dataset is built: both parse the annotation JSON, so one at a time
         for split in ("train", "val") if eval_period else ("train",):
-            validate_split(data_root, split, DATASET_TASKS[dataset_kind], check_files=False)
+            validate_split(data_root, split, dataset_kind, check_files=False)
     dataset = build_dataset(dataset_kind, data_root, "train", augmentation, seed=seed)
     config = dataclasses.replace(config, num_classes=dataset.metadata.num_classes)
     StreamBatchSampler.check(

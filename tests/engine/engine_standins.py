@@ -281,9 +281,9 @@ class OracleModel(nn.Module):
         return {"pred_logits": logits, "pred_masks": mask_logits}
 
 
-def oracle_eval_setup(data_root):
-    """(config, dataset) for evaluating an OracleModel on the val split: demo-tiny with inference at 256,
-    the dataset built with its inference transform."""
+def oracle_eval_setup(data_root, kind="coco-panoptic"):
+    """(config, dataset) for evaluating an OracleModel on the val split of a dataset of `kind`: demo-tiny
+    with inference at 256, the dataset built with its inference transform."""
     import dataclasses
 
     from m2f.config import get_config
@@ -293,15 +293,18 @@ def oracle_eval_setup(data_root):
     config = get_config("demo-tiny")
     inference = dataclasses.replace(config.inference, test_short_edge=256, test_max_size=256)
     config = dataclasses.replace(config, inference=inference)
-    return config, build_dataset("coco-panoptic", data_root, "val", inference_transform(config))
+    return config, build_dataset(kind, data_root, "val", inference_transform(config))
 
 
-def oracle_answers(data_root, silent: set[int] = frozenset()) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The ground truth (labels, masks) of every val image; no segment at all for the indices in `silent`."""
+def oracle_answers(
+    data_root, silent: set[int] = frozenset(), kind="coco-panoptic"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ground truth (labels, masks) of every val image of a panoptic dataset of `kind`; no segment at all
+    for the indices in `silent`."""
     from m2f.engine.train import build_dataset
 
     answers = []
-    for index, item in enumerate(build_dataset("coco-panoptic", data_root, "val")):
+    for index, item in enumerate(build_dataset(kind, data_root, "val")):
         if index in silent:
             height, width = item["masks"].shape[-2:]
             answers.append(

@@ -328,3 +328,57 @@ def test_a_part_with_a_malformed_state_is_named(synthetic_root, tmp_path, monkey
         evaluate_model(
             OracleModel([], num_classes), dataset, config, progress=False, parts_dir=parts, run_key=key
         )
+
+
+@pytest.fixture(scope="module")
+def ade20k_root(tmp_path_factory):
+    """The scenes of synthetic_root in ADE20K's layout: string image ids, category ids from 0."""
+    from m2f.data import make_synthetic_ade20k
+
+    return make_synthetic_ade20k(
+        str(tmp_path_factory.mktemp("ade")), num_train=1, num_val=3, image_size=64, seed=5
+    )
+
+
+@pytest.mark.parametrize("silent", [set(), {1}])
+def test_ade20k_panoptic_scores_as_the_same_scenes_in_cocos_layout(synthetic_root, ade20k_root, silent):
+    """PQ and the semantic mIoU of an oracle on ADE20K's panoptic files (string image ids) equal those on the
+    COCO files of the same scenes, which the COCO tests check against panopticapi."""
+    scores = []
+    for root, kind in ((synthetic_root, "coco-panoptic"), (ade20k_root, "ade20k-panoptic")):
+        config, dataset = oracle_eval_setup(root, kind)
+        num_classes = dataset.metadata.num_classes
+        results = [
+            evaluate_model(
+                OracleModel(oracle_answers(root, silent, kind), num_classes),
+                dataset,
+                config,
+                task=task,
+                progress=False,
+            )["results"]
+            for task in ("panoptic", "semantic")
+        ]
+        scores.append((results[0]["PQ"], results[0]["SQ"], results[0]["RQ"], results[1]["mIoU"]))
+    assert scores[1] == pytest.approx(scores[0])
+    assert (scores[1][0] == pytest.approx(100.0)) == (not silent)
+
+
+def test_ade20k_panoptic_model_is_evaluated_on_ade20k_instances(ade20k_root):
+    """Mask2Former gives ADE20K's instance classes the panoptic category ids, so a panoptic model's thing
+    predictions map to them: an oracle scores mask AP 100 through pycocotools with string image ids."""
+    from m2f.engine.train import build_dataset
+
+    config, panoptic = oracle_eval_setup(ade20k_root, "ade20k-panoptic")
+    instances = build_dataset("ade20k-instance", ade20k_root, "val", panoptic.transforms)
+    assert instances.metadata.num_classes < panoptic.metadata.num_classes
+    oracle = OracleModel(oracle_answers(ade20k_root, kind="ade20k-panoptic"), panoptic.metadata.num_classes)
+    results = evaluate_model(
+        oracle,
+        instances,
+        config,
+        task="instance",
+        progress=False,
+        model_categories=panoptic.metadata.categories,
+    )["results"]
+    assert results["num_images"] == 3
+    assert results["segm"]["AP"] == pytest.approx(100.0)
