@@ -367,24 +367,35 @@ def _coco_panoptic(
     )
 
 
-def _coco_instance(name: str, backbone: BackboneConfig) -> ModelConfig:
+def _coco_instance(
+    name: str, backbone: BackboneConfig, num_queries: int = 100, max_iter: int = COCO_50_EPOCHS
+) -> ModelConfig:
     return ModelConfig(
         name=name,
         task="instance",
         dataset="coco",
         num_classes=80,
         backbone=backbone,
-        solver=_step_solver(COCO_50_EPOCHS),
+        decoder=DecoderConfig(num_queries=num_queries),
+        solver=_step_solver(max_iter),
     )
 
 
-def _ade20k_semantic(name: str, backbone: BackboneConfig, crop: int) -> ModelConfig:
+# ADE20K's classes per task: 150 for scene parsing and panoptic segmentation, the 100 thing classes for
+# instance segmentation.
+ADE20K_CLASSES = {"semantic": 150, "panoptic": 150, "instance": 100}
+
+
+def _ade20k(name: str, task: str, backbone: BackboneConfig, crop: int, num_queries: int = 100) -> ModelConfig:
+    """Mask2Former's ADE20K recipe, the same for the three tasks: crops of crop x crop from the short side
+    resized to 0.5-2.0 crops, 160k iterations of poly schedule, tested at the crop size."""
     return ModelConfig(
         name=name,
-        task="semantic",
+        task=task,
         dataset="ade20k",
-        num_classes=150,
+        num_classes=ADE20K_CLASSES[task],
         backbone=backbone,
+        decoder=DecoderConfig(num_queries=num_queries),
         inference=InferenceConfig(test_short_edge=crop, test_max_size=4 * crop),
         solver=SolverConfig(
             max_iter=ADE20K_160K,
@@ -441,8 +452,25 @@ _BUILDERS = {
     "instance-r101": lambda: _coco_instance("instance-r101", _resnet(101)),
     "instance-swin-t": lambda: _coco_instance("instance-swin-t", _swin("t")),
     "instance-swin-s": lambda: _coco_instance("instance-swin-s", _swin("s")),
-    "semantic-ade20k-r50": lambda: _ade20k_semantic("semantic-ade20k-r50", _resnet(50), crop=512),
-    "semantic-ade20k-swin-l": lambda: _ade20k_semantic("semantic-ade20k-swin-l", _swin("l"), crop=640),
+    "instance-swin-b": lambda: _coco_instance("instance-swin-b", _swin("b")),
+    "instance-swin-b-in21k": lambda: _coco_instance("instance-swin-b-in21k", _swin("b")),
+    "instance-swin-l-in21k": lambda: _coco_instance(
+        "instance-swin-l-in21k", _swin("l"), num_queries=200, max_iter=COCO_100_EPOCHS
+    ),
+    "semantic-ade20k-r50": lambda: _ade20k("semantic-ade20k-r50", "semantic", _resnet(50), crop=512),
+    "semantic-ade20k-r101": lambda: _ade20k("semantic-ade20k-r101", "semantic", _resnet(101), crop=512),
+    "semantic-ade20k-swin-t": lambda: _ade20k("semantic-ade20k-swin-t", "semantic", _swin("t"), crop=512),
+    "semantic-ade20k-swin-s": lambda: _ade20k("semantic-ade20k-swin-s", "semantic", _swin("s"), crop=512),
+    "semantic-ade20k-swin-b": lambda: _ade20k("semantic-ade20k-swin-b", "semantic", _swin("b"), crop=640),
+    "semantic-ade20k-swin-b-in21k": lambda: _ade20k(
+        "semantic-ade20k-swin-b-in21k", "semantic", _swin("b"), crop=640
+    ),
+    "semantic-ade20k-swin-l": lambda: _ade20k("semantic-ade20k-swin-l", "semantic", _swin("l"), crop=640),
+    "panoptic-ade20k-r50": lambda: _ade20k("panoptic-ade20k-r50", "panoptic", _resnet(50), crop=640),
+    "panoptic-ade20k-swin-l": lambda: _ade20k(
+        "panoptic-ade20k-swin-l", "panoptic", _swin("l"), crop=640, num_queries=200
+    ),
+    "instance-ade20k-r50": lambda: _ade20k("instance-ade20k-r50", "instance", _resnet(50), crop=640),
     "demo-tiny": _demo_tiny,
 }
 

@@ -21,6 +21,11 @@ PAPER_PARAMS = {
     "panoptic-swin-l-in21k": 216,
     "instance-r50": 44,
     "semantic-ade20k-swin-l": 216,
+    # ADE20K's tables
+    "semantic-ade20k-r101": 63,
+    "semantic-ade20k-swin-t": 47,
+    "semantic-ade20k-swin-b": 107,
+    "panoptic-ade20k-swin-l": 216,
 }
 
 
@@ -44,8 +49,19 @@ def test_config_names_and_bad_name():
         "instance-r101",
         "instance-swin-t",
         "instance-swin-s",
+        "instance-swin-b",
+        "instance-swin-b-in21k",
+        "instance-swin-l-in21k",
         "semantic-ade20k-r50",
+        "semantic-ade20k-r101",
+        "semantic-ade20k-swin-t",
+        "semantic-ade20k-swin-s",
+        "semantic-ade20k-swin-b",
+        "semantic-ade20k-swin-b-in21k",
         "semantic-ade20k-swin-l",
+        "panoptic-ade20k-r50",
+        "panoptic-ade20k-swin-l",
+        "instance-ade20k-r50",
         "demo-tiny",
     }
     with pytest.raises(ValueError, match="panoptic-r50") as error:
@@ -71,6 +87,50 @@ def test_config_values_and_round_trip():
         dataclasses.replace(r50, task="detection")
     with pytest.raises(ValueError, match="unknown ModelConfig fields"):
         ModelConfig.from_dict({"num_querys": 3})
+
+
+# From Mask2Former's published configs: (task, classes, queries, Swin embed dim and window or ResNet depth,
+# crop size, iterations, schedule).
+PUBLISHED = {
+    "instance-swin-b": ("instance", 80, 100, "swin_base_patch4_window12_384", 1024, 368750, "step"),
+    "instance-swin-b-in21k": ("instance", 80, 100, "swin_base_patch4_window12_384", 1024, 368750, "step"),
+    "instance-swin-l-in21k": ("instance", 80, 200, "swin_large_patch4_window12_384", 1024, 737500, "step"),
+    "semantic-ade20k-r101": ("semantic", 150, 100, "resnet101", 512, 160000, "poly"),
+    "semantic-ade20k-swin-t": ("semantic", 150, 100, "swin_tiny_patch4_window7_224", 512, 160000, "poly"),
+    "semantic-ade20k-swin-s": ("semantic", 150, 100, "swin_small_patch4_window7_224", 512, 160000, "poly"),
+    "semantic-ade20k-swin-b": ("semantic", 150, 100, "swin_base_patch4_window12_384", 640, 160000, "poly"),
+    "semantic-ade20k-swin-b-in21k": (
+        "semantic",
+        150,
+        100,
+        "swin_base_patch4_window12_384",
+        640,
+        160000,
+        "poly",
+    ),
+    "panoptic-ade20k-r50": ("panoptic", 150, 100, "resnet50", 640, 160000, "poly"),
+    "panoptic-ade20k-swin-l": ("panoptic", 150, 200, "swin_large_patch4_window12_384", 640, 160000, "poly"),
+    "instance-ade20k-r50": ("instance", 100, 100, "resnet50", 640, 160000, "poly"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_configs_follow_mask2formers_published_ones(name):
+    from m2f.engine.train import default_dataset_kind
+
+    config = m2f.get_config(name)
+    task, classes, queries, backbone, crop, iterations, schedule = PUBLISHED[name]
+    assert (config.task, config.num_classes, config.num_queries) == (task, classes, queries)
+    assert config.backbone.timm_name == backbone
+    solver = config.solver
+    assert (solver.image_size, solver.max_iter, solver.lr_schedule) == (crop, iterations, schedule)
+    if config.dataset == "ade20k":  # tested at the crop size, the long side at most 4 crops; no warmup
+        assert (config.inference.test_short_edge, config.inference.test_max_size) == (crop, 4 * crop)
+        assert (solver.min_scale, solver.max_scale, solver.warmup_iters, solver.lr_steps) == (0.5, 2.0, 0, ())
+        assert default_dataset_kind(config) == ("ade20k" if task == "semantic" else f"ade20k-{task}")
+    else:
+        assert (solver.min_scale, solver.max_scale) == (0.1, 2.0)
+        assert default_dataset_kind(config) == f"coco-{task}"
 
 
 def test_stored_configs_with_retired_fields_still_load():
