@@ -329,8 +329,10 @@ def _step_solver(max_iter: int, **overrides: Any) -> SolverConfig:
     return SolverConfig(max_iter=max_iter, lr_steps=steps, **overrides)
 
 
-def _resnet(depth: int) -> BackboneConfig:
-    return BackboneConfig(timm_name=f"resnet{depth}", frozen_batchnorm=True)
+def _resnet(depth: int, frozen_batchnorm: bool = True) -> BackboneConfig:
+    """detectron2's ResNet: frozen BatchNorm ("FrozenBN"), or trainable ("SyncBN", synchronized under DDP on
+    GPUs)."""
+    return BackboneConfig(timm_name=f"resnet{depth}", frozen_batchnorm=frozen_batchnorm)
 
 
 # (timm model, pretraining image size); Mask2Former uses windows of 7 (224 pretraining) or 12 (384).
@@ -458,7 +460,10 @@ _BUILDERS = {
         "instance-swin-l-in21k", _swin("l"), num_queries=200, max_iter=COCO_100_EPOCHS
     ),
     "semantic-ade20k-r50": lambda: _ade20k("semantic-ade20k-r50", "semantic", _resnet(50), crop=512),
-    "semantic-ade20k-r101": lambda: _ade20k("semantic-ade20k-r101", "semantic", _resnet(101), crop=512),
+    # The one published ADE20K config that trains its ResNet's BatchNorm (SyncBN).
+    "semantic-ade20k-r101": lambda: _ade20k(
+        "semantic-ade20k-r101", "semantic", _resnet(101, frozen_batchnorm=False), crop=512
+    ),
     "semantic-ade20k-swin-t": lambda: _ade20k("semantic-ade20k-swin-t", "semantic", _swin("t"), crop=512),
     "semantic-ade20k-swin-s": lambda: _ade20k("semantic-ade20k-swin-s", "semantic", _swin("s"), crop=512),
     "semantic-ade20k-swin-b": lambda: _ade20k("semantic-ade20k-swin-b", "semantic", _swin("b"), crop=640),

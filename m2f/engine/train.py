@@ -142,6 +142,25 @@ NORM_TYPES = (
 )
 
 
+def synchronize_batch_norm(model: nn.Module, device: torch.device, announce: bool = True) -> nn.Module:
+    """Under DDP on GPUs, the BatchNorm layers of `model` become SyncBatchNorm, which normalizes over the
+    whole batch of all processes (detectron2's "SyncBN": Mask2Former's norm where a ResNet's BatchNorm is not
+    frozen); their parameters and buffers stay the same tensors. In one process the model is returned as it
+    is, and under DDP on CPUs too, which SyncBatchNorm does not run on: there each process normalizes over
+    its own part of the batch (said once when announce)."""
+    batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not dist_utils.is_distributed() or not batch_norms:
+        return model
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if announce:
+        print(
+            f"the model's {len(batch_norms)} BatchNorm layers normalize over each process's part of the batch: "
+            "SyncBatchNorm runs on GPUs only"
+        )
+    return model
+
+
 def is_norm_module(module: nn.Module) -> bool:
     """Normalization layers, whose parameters train with weight_decay_norm."""
     return isinstance(module, NORM_TYPES)
@@ -443,7 +462,7 @@ class Trainer:
         # The random numbers of training (the criterion's points, dropout) differ between ranks; the model's
         # initial weights were drawn before, and DDP sends rank 0's to the others.
         torch.manual_seed(settings.seed + self.rank)
-        model = model.to(self.device)
+        model = synchronize_batch_norm(model.to(self.device), self.device, self.is_main)
         if isinstance(criterion, nn.Module):
             criterion.to(self.device)
         self.optimizer = torch.optim.AdamW(

@@ -737,3 +737,34 @@ def test_training_augmentation_follows_the_task(monkeypatch, tmp_path, config_na
             config_name, tmp_path, tmp_path / "out", device="cpu", progress=False, validate=False
         )
     assert type(seen["transforms"]).__name__ == expected
+
+
+def test_ddp_on_gpus_synchronizes_the_batch_norm_layers(monkeypatch, capsys):
+    """Mask2Former's "SyncBN": under DDP on GPUs a trainable BatchNorm normalizes over the batches of all
+    processes. The conversion needs no GPU: the model stays on the CPU, only the device type is given."""
+    from m2f.engine import train
+    from m2f.models import build_model
+
+    def batch_norms(model):
+        return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    model = build_model("demo-tiny")
+    parameters, keys = dict(model.named_parameters()), list(model.state_dict())
+    assert batch_norms(model) and not any(isinstance(m, nn.SyncBatchNorm) for m in batch_norms(model))
+    assert train.synchronize_batch_norm(model, torch.device("cuda")) is model  # one process
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in batch_norms(model))
+
+    monkeypatch.setattr(train.dist_utils, "is_distributed", lambda: True)
+    converted = train.synchronize_batch_norm(model, torch.device("cuda"))
+    assert all(isinstance(m, nn.SyncBatchNorm) for m in batch_norms(converted))
+    assert list(converted.state_dict()) == keys  # checkpoints keep their keys
+    assert all(p is parameters[name] for name, p in converted.named_parameters())  # the optimizer's tensors
+    assert capsys.readouterr().out == ""
+
+    on_cpu = build_model("demo-tiny")
+    assert train.synchronize_batch_norm(on_cpu, torch.device("cpu")) is on_cpu
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in batch_norms(on_cpu))
+    assert "BatchNorm layers normalize over each process's part of the batch" in capsys.readouterr().out
+    with torch.device("meta"):
+        frozen = build_model("panoptic-r50")
+    assert train.synchronize_batch_norm(frozen, torch.device("cuda")) is frozen and not batch_norms(frozen)

@@ -122,6 +122,10 @@ def test_configs_follow_mask2formers_published_ones(name):
     task, classes, queries, backbone, crop, iterations, schedule = PUBLISHED[name]
     assert (config.task, config.num_classes, config.num_queries) == (task, classes, queries)
     assert config.backbone.timm_name == backbone
+    # FrozenBN but for the R-101 ADE20K config, which sets SyncBN
+    assert config.backbone.frozen_batchnorm == (
+        backbone.startswith("resnet") and name != "semantic-ade20k-r101"
+    )
     solver = config.solver
     assert (solver.image_size, solver.max_iter, solver.lr_schedule) == (crop, iterations, schedule)
     if config.dataset == "ade20k":  # tested at the crop size, the long side at most 4 crops; no warmup
