@@ -144,3 +144,22 @@ def test_panoptic_pngs_are_read_from_the_ade20k_folder(ade_root):
     ids = png[..., 0].astype(np.int64) + 256 * png[..., 1] + 256**2 * png[..., 2]
     for segment_id, mask in zip(item["segment_ids"].tolist(), item["masks"]):
         np.testing.assert_array_equal(mask.numpy(), ids == segment_id)
+
+
+def test_instance_training_leaves_out_the_images_without_an_instance(ade_root, tmp_path):
+    """Mask2Former's ADE20K instance training filters empty images as its COCO training does; evaluation
+    keeps them."""
+    from m2f.engine.train import build_dataset
+
+    root = tmp_path / "ADEChallengeData2016"
+    shutil.copytree(ade_root, root)
+    for split in ("train", "val"):
+        path = root / f"ade20k_instance_{split}.json"
+        data = json.loads(path.read_text())
+        empty = data["images"][1]["id"]
+        data["annotations"] = [a for a in data["annotations"] if a["image_id"] != empty]
+        path.write_text(json.dumps(data))
+    train = build_dataset("ade20k-instance", str(tmp_path), "train")
+    val = build_dataset("ade20k-instance", str(tmp_path), "val")
+    assert [record[0] for record in train.records] == [f"ADE_train_{n:08d}" for n in (1, 3, 4, 5)]
+    assert [record[0] for record in val.records] == [f"ADE_val_{n:08d}" for n in (1, 2, 3)]
