@@ -316,6 +316,12 @@ def _resolve_classes(classes: str | Path | Sequence[str]) -> tuple[ClassNames, l
             return (list(dataset.class_names), sorted(dataset.thing_classes)), dataset.categories
         if str(classes) in ("coco-panoptic", "coco-instance"):
             raise ValueError(f"classes={str(classes)!r}: {_COCO_NAMES_HINT}")
+        if str(classes) in ("ade20k-panoptic", "ade20k-instance"):
+            raise ValueError(
+                f"classes={str(classes)!r}: ADE20K's panoptic and instance classes (ids 0-149, things marked) come "
+                "from their annotation files: pass e.g. ADEChallengeData2016/ade20k_panoptic_val.json ('ade20k' "
+                "is the scene-parsing list)"
+            )
         path = Path(classes)
         if not path.is_file():
             raise ValueError(

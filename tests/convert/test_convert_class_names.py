@@ -269,6 +269,18 @@ def test_classes_from_a_coco_annotation_file(tmp_path):
     assert resolve_classes(names) == (NAMES, None)
 
 
+def test_classes_from_ade20k_panoptic_and_instance_files(tmp_path):
+    """ADE20K's panoptic categories (ids from 0) give the panoptic model's names and things; its instance
+    categories, the 100 thing classes, the instance model's."""
+    from m2f.data import SYNTHETIC_CATEGORIES, make_synthetic_ade20k
+
+    root = make_synthetic_ade20k(str(tmp_path), num_train=0, num_val=1, image_size=32)
+    names = [c["name"] for c in SYNTHETIC_CATEGORIES]
+    things = [i for i, c in enumerate(SYNTHETIC_CATEGORIES) if c["isthing"]]
+    assert resolve_classes(f"{root}/ade20k_panoptic_val.json") == (names, things)
+    assert resolve_classes(f"{root}/ade20k_instance_val.json") == ([names[i] for i in things], [0, 1, 2])
+
+
 def test_classes_ade20k():
     from m2f.data.ade20k import ADE20K_CLASS_NAMES
 
@@ -281,6 +293,8 @@ def test_classes_ade20k():
     ("classes", "error", "message"),
     [
         ("coco-panoptic", ValueError, "annotation file"),
+        ("ade20k-panoptic", ValueError, "pass e.g. ADEChallengeData2016/ade20k_panoptic_val.json"),
+        ("ade20k-instance", ValueError, "ids 0-149, things marked"),
         ("no/such/file.txt", ValueError, "no such file"),
         (["a", ""], ValueError, "non-empty name"),
         ([], ValueError, "non-empty name"),
