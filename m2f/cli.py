@@ -17,7 +17,15 @@ import threading
 from pathlib import Path
 
 AMP_CHOICES = ("bf16", "fp16")
-DATASET_CHOICES = ("coco-panoptic", "coco-instance", "ade20k", "ade20k-panoptic", "ade20k-instance")
+DATASET_CHOICES = (
+    "coco-panoptic",
+    "coco-instance",
+    "ade20k",
+    "ade20k-panoptic",
+    "ade20k-instance",
+    "cityscapes",
+    "cityscapes-panoptic",
+)
 CHECKPOINT_CONFIG_HELP = "a config name or .json file (default: the config stored in the checkpoint)"
 
 
@@ -264,9 +272,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_make_synthetic(args: argparse.Namespace) -> int:
-    from m2f.data import make_synthetic, make_synthetic_ade20k
+    from m2f.data import make_synthetic, make_synthetic_ade20k, make_synthetic_cityscapes
 
-    make = make_synthetic_ade20k if args.ade20k else make_synthetic
+    make = {"coco": make_synthetic, "ade20k": make_synthetic_ade20k, "cityscapes": make_synthetic_cityscapes}[
+        args.layout
+    ]
     root = make(
         args.out, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed
     )
@@ -463,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument(
         "--classes",
-        help="class names when the checkpoint has none (detectron2) or to replace its own: 'ade20k', a COCO "
+        help="class names when the checkpoint has none (detectron2) or to replace its own: 'ade20k', 'cityscapes', a COCO "
         "annotation JSON (names and thing classes), a JSON list or a text file with one name per line",
     )
     convert.set_defaults(func=cmd_convert)
@@ -505,15 +515,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     synthetic = commands.add_parser(
-        "make-synthetic", help="write the synthetic dataset (COCO or ADE20K layout)"
+        "make-synthetic", help="write the synthetic dataset (COCO, ADE20K or Cityscapes layout)"
     )
     synthetic.add_argument("--out", required=True, help="dataset root to write")
     synthetic.add_argument("--num-train", type=int, default=64, help="train images (default 64)")
     synthetic.add_argument("--num-val", type=int, default=16, help="val images (default 16)")
     synthetic.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
     synthetic.add_argument("--seed", type=_non_negative_int, default=0, help="default 0")
-    synthetic.add_argument(
-        "--ade20k", action="store_true", help="ADE20K layout (semantic, panoptic, instance)"
+    layouts = synthetic.add_mutually_exclusive_group()
+    layouts.add_argument(
+        "--ade20k",
+        dest="layout",
+        action="store_const",
+        const="ade20k",
+        default="coco",
+        help="ADE20K layout (semantic, panoptic, instance)",
+    )
+    layouts.add_argument(
+        "--cityscapes",
+        dest="layout",
+        action="store_const",
+        const="cityscapes",
+        help="Cityscapes layout (semantic, panoptic)",
     )
     synthetic.set_defaults(func=cmd_make_synthetic)
 

@@ -123,9 +123,23 @@ class SolverConfig:
     image_size: int = 1024
     min_scale: float = 0.1
     max_scale: float = 2.0
+    # Crops of the resize-and-crop recipe (ADE20K, Cityscapes): height / width, the long side image_size
+    # (Cityscapes: 0.5, crops of 512 x 1024). Large-scale jitter (COCO) crops squares.
+    crop_aspect: float = 1.0
     # Semantic training crops: redraw (up to 10 times) while one class covers this share of the crop; 1.0 = off.
     single_category_max_area: float = 1.0
     amp: bool = True
+
+    @property
+    def crop_size(self) -> tuple[int, int]:
+        """(height, width) of the resize-and-crop recipe's crops: the long side image_size, the other by
+        crop_aspect."""
+        if not 0 < self.crop_aspect < math.inf:
+            return (0, 0)
+        return (
+            round(self.image_size * min(1.0, self.crop_aspect)),
+            round(self.image_size * min(1.0, 1.0 / self.crop_aspect)),
+        )
 
 
 @dataclass
@@ -222,6 +236,11 @@ class ModelConfig:
             raise ValueError(
                 "solver.lr_steps must be in increasing order, each from 0 to solver.max_iter "
                 f"({solver.max_iter}), got {steps}"
+            )
+        if not 0 < solver.crop_aspect < math.inf or min(solver.crop_size) < 1:
+            raise ValueError(
+                f"solver.crop_aspect must be positive and leave crops of at least one pixel, got "
+                f"{solver.crop_aspect} (crops of {solver.crop_size[0]} x {solver.crop_size[1]})"
             )
         if not 0 < solver.min_scale <= solver.max_scale < math.inf:
             raise ValueError(
@@ -411,6 +430,33 @@ def _ade20k(name: str, task: str, backbone: BackboneConfig, crop: int, num_queri
     )
 
 
+CITYSCAPES_90K = 90000
+
+
+def _cityscapes(name: str, task: str, backbone: BackboneConfig, num_queries: int = 100) -> ModelConfig:
+    """Mask2Former's Cityscapes recipe: 512 x 1024 crops from the short side resized to 512-2048, 90k
+    iterations of poly schedule, tested with the short side at 1024 (long side at most 2048)."""
+    return ModelConfig(
+        name=name,
+        task=task,
+        dataset="cityscapes",
+        num_classes=19,
+        backbone=backbone,
+        decoder=DecoderConfig(num_queries=num_queries),
+        inference=InferenceConfig(test_short_edge=1024, test_max_size=2048),
+        solver=SolverConfig(
+            max_iter=CITYSCAPES_90K,
+            lr_schedule="poly",
+            lr_steps=(),
+            warmup_iters=0,
+            image_size=1024,
+            crop_aspect=0.5,
+            min_scale=0.5,
+            max_scale=2.0,
+        ),
+    )
+
+
 def _demo_tiny() -> ModelConfig:
     """0.8M parameters, 128-pixel images: trains on the synthetic dataset on a CPU in minutes."""
     return ModelConfig(
@@ -476,6 +522,18 @@ _BUILDERS = {
         "panoptic-ade20k-swin-l", "panoptic", _swin("l"), crop=640, num_queries=200
     ),
     "instance-ade20k-r50": lambda: _ade20k("instance-ade20k-r50", "instance", _resnet(50), crop=640),
+    # Cityscapes' ResNets train their BatchNorm (SyncBN).
+    "semantic-cityscapes-r50": lambda: _cityscapes("semantic-cityscapes-r50", "semantic", _resnet(50, False)),
+    "semantic-cityscapes-r101": lambda: _cityscapes(
+        "semantic-cityscapes-r101", "semantic", _resnet(101, False)
+    ),
+    "semantic-cityscapes-swin-s": lambda: _cityscapes("semantic-cityscapes-swin-s", "semantic", _swin("s")),
+    "semantic-cityscapes-swin-l": lambda: _cityscapes("semantic-cityscapes-swin-l", "semantic", _swin("l")),
+    "panoptic-cityscapes-r50": lambda: _cityscapes("panoptic-cityscapes-r50", "panoptic", _resnet(50, False)),
+    "panoptic-cityscapes-swin-t": lambda: _cityscapes("panoptic-cityscapes-swin-t", "panoptic", _swin("t")),
+    "panoptic-cityscapes-swin-b-in21k": lambda: _cityscapes(
+        "panoptic-cityscapes-swin-b-in21k", "panoptic", _swin("b")
+    ),
     "demo-tiny": _demo_tiny,
 }
 

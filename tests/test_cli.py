@@ -1089,6 +1089,46 @@ def test_ade20k_panoptic_training_and_its_three_evaluations(tmp_path, capsys):
     assert "the crop's single-category limit needs a class map" in capsys.readouterr().err
 
 
+def test_cityscapes_training_crops_half_as_high_as_wide_and_evaluates(tmp_path, monkeypatch, capsys):
+    """`make-synthetic --cityscapes` writes both Cityscapes sets; training on either takes Mask2Former's
+    recipe with crops of solver.crop_aspect (here 32 x 64 from --image-size 64), evaluation scores mIoU and PQ
+    on the classes the scenes hold (six of the 19). Large-scale jitter (COCO) refuses a crop aspect before reading the data."""
+    from m2f.engine import train
+
+    root = tmp_path / "cityscapes"
+    make = ["make-synthetic", "--cityscapes", "--out", str(root), "--num-train", "2", "--num-val", "2"]
+    assert main([*make, "--image-size", "64"]) == 0
+    transforms = []
+    build_dataset = train.build_dataset
+
+    def recording_build_dataset(kind, data_root, split, transforms_=None, seed=0):
+        transforms.append((kind, split, transforms_))
+        return build_dataset(kind, data_root, split, transforms_, seed)
+
+    monkeypatch.setattr(train, "build_dataset", recording_build_dataset)
+    for kind in ("cityscapes", "cityscapes-panoptic"):
+        out = tmp_path / kind
+        args = [*train_args(root, out, 1), "--dataset", kind, "--set", "solver.crop_aspect=0.5"]
+        assert main(args) == 0
+        assert transforms[-1][0] == kind and transforms[-1][2].crop_size == (32, 64)
+        evaluate = ["eval", "--checkpoint", str(out / "model_final.safetensors"), "--data-root", str(root)]
+        assert main([*evaluate, "--num-workers", "0", "--no-progress"]) == 0
+        results = json.loads((out / f"model_final.eval-{kind}-val.json").read_text())
+        assert results["dataset"] == kind
+        if kind == "cityscapes":
+            assert set(results["per_class"]) == {"road", "building", "vegetation", "person", "car", "bicycle"}
+            assert 0 <= results["mIoU"] <= 100
+        else:
+            assert (results["N"], results["N_th"]) == (6, 3) and results["num_images"] == 2
+    capsys.readouterr()
+
+    transforms.clear()
+    square_only = [*train_args(tmp_path / "coco", tmp_path / "lsj", 1), "--set", "solver.crop_aspect=0.5"]
+    assert main(square_only) == 2
+    assert "coco-panoptic trains with large-scale jitter, whose crops are square" in capsys.readouterr().err
+    assert transforms == []
+
+
 def test_eval_and_predict_tta_of_a_semantic_model(tmp_path, trained_run, synthetic_root, capsys):
     """`m2f eval --tta` writes its own results file, which says how it tested, `m2f predict --tta` the class
     map of predict_semantic_tta; other tasks are refused."""

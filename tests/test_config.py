@@ -83,11 +83,21 @@ def test_bad_overrides_name_the_field(override, message):
         ({"lr_steps": [-1]}, r"each from 0 to solver.max_iter \(368750\), got \(-1,\)"),
         ({"min_scale": 0.0}, "solver.min_scale and solver.max_scale must be positive"),
         ({"min_scale": 2.5}, r"min_scale <= max_scale, got 2.5 and 2.0"),
+        ({"crop_aspect": 0.0}, r"solver.crop_aspect must be positive .*got 0.0"),
+        ({"crop_aspect": 3000.0}, r"leave crops of at least one pixel, got 3000.0 \(crops of 1024 x 0\)"),
     ],
 )
 def test_solver_settings_are_checked_with_the_config(solver, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_dict({**get_config("panoptic-r50").to_dict(), "solver": solver})
+
+
+def test_crop_aspect_keeps_the_long_side():
+    crop_sizes = [
+        apply_overrides(get_config("panoptic-r50"), [f"solver.crop_aspect={aspect}"]).solver.crop_size
+        for aspect in (1.0, 0.5, 2.0, 0.75, 2000.0)
+    ]
+    assert crop_sizes == [(1024, 1024), (512, 1024), (1024, 512), (768, 1024), (1024, 1)]
 
 
 def test_load_config_reads_names_json_files_and_config_objects(tmp_path):

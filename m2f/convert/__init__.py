@@ -20,8 +20,9 @@ detectron2 .pkl or an mmdet .pth:
 
 Class names: transformers checkpoints give them in config.json ("id2label"), mmdet checkpoints in their meta;
 detectron2 checkpoints have none. `classes` names them (and replaces the checkpoint's): a list of names,
-"ade20k" (the built-in ADE20K names), a COCO annotation JSON (its "categories": names and thing classes, as
-training stores them), a JSON list of names or a text file with one name per line. Without any, predictions
+"ade20k" or "cityscapes" (the built-in ADE20K and Cityscapes classes), a COCO annotation JSON (its
+"categories": names and thing classes, as training stores them), a JSON list of names or a text file with one
+name per line. Without any, predictions
 use generic names ("class 0", ...). Files are written atomically (temporary file, fsync, rename).
 """
 
@@ -300,7 +301,7 @@ def _names_from_file(path: Path) -> tuple[ClassNames, list[dict] | None]:
 
 def resolve_classes(classes: str | Path | Sequence[str]) -> ClassNames:
     """(class names, thing class indices or None) for the `classes` argument of convert_to_file: a list of
-    names, "ade20k", a COCO annotation JSON (names and isthing of its "categories", sorted by id), a JSON
+    names, "ade20k", "cityscapes", a COCO annotation JSON (names and isthing of its "categories", sorted by id), a JSON
     list of names, or a text file with one name per line."""
     return _resolve_classes(classes)[0]
 
@@ -309,10 +310,12 @@ def _resolve_classes(classes: str | Path | Sequence[str]) -> tuple[ClassNames, l
     """resolve_classes, and the dataset's categories (id, name, isthing per class) when `classes` gives them."""
     categories = None
     if isinstance(classes, str | Path):
-        if str(classes) == "ade20k":
-            from ..data.ade20k import ade20k_metadata
+        if str(classes) in ("ade20k", "cityscapes"):
+            from ..data import DatasetMetadata, ade20k_metadata, cityscapes_categories
 
-            dataset = ade20k_metadata()
+            dataset = (
+                ade20k_metadata() if str(classes) == "ade20k" else DatasetMetadata(cityscapes_categories())
+            )
             return (list(dataset.class_names), sorted(dataset.thing_classes)), dataset.categories
         if str(classes) in ("coco-panoptic", "coco-instance"):
             raise ValueError(f"classes={str(classes)!r}: {_COCO_NAMES_HINT}")
@@ -325,7 +328,7 @@ def _resolve_classes(classes: str | Path | Sequence[str]) -> tuple[ClassNames, l
         path = Path(classes)
         if not path.is_file():
             raise ValueError(
-                f"classes must be a list of names, 'ade20k' or a file of names, got {str(classes)!r} "
+                f"classes must be a list of names, 'ade20k', 'cityscapes' or a file of names, got {str(classes)!r} "
                 "(no such file)"
             )
         (names, things), categories = _names_from_file(path)
@@ -333,7 +336,7 @@ def _resolve_classes(classes: str | Path | Sequence[str]) -> tuple[ClassNames, l
         names, things = list(classes), None
     else:
         raise TypeError(
-            f"classes must be a list of names, 'ade20k' or a file path, got {type(classes).__name__}"
+            f"classes must be a list of names, 'ade20k', 'cityscapes' or a file path, got {type(classes).__name__}"
         )
     if not names or not all(names):
         raise ValueError(f"classes must give one non-empty name per class, got {names[:10]!r}")
@@ -352,7 +355,7 @@ def convert_to_file(
     file `out` with the metadata `m2f predict` and `m2f eval` read: "config" (the config with the
     checkpoint's class count), "converted_from" ("fmt:file name") and, when known, "class_names" and
     "thing_classes" (JSON lists) and "categories" (the dataset's categories, when `classes` is a COCO
-    annotation JSON or "ade20k": predict writes their ids, eval maps classes by them). Class names come from `classes` (see resolve_classes) if given, else from
+    annotation JSON, "ade20k" or "cityscapes": predict writes their ids, eval maps classes by them). Class names come from `classes` (see resolve_classes) if given, else from
     the checkpoint. Returns (state dict, metadata).
 
     Raises ValueError when `classes` does not give one name per class of the checkpoint, ConversionError

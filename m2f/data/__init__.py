@@ -1,7 +1,8 @@
-"""Datasets (COCO panoptic and instance, in COCO's files or ADE20K's; ADE20K semantic), the synthetic dataset,
-augmentations and validation."""
+"""Datasets (COCO-format panoptic and instance sets: COCO's, ADE20K's, Cityscapes' panoptic; ADE20K and
+Cityscapes semantic), the synthetic dataset in each layout, augmentations and validation."""
 
-from m2f.data.ade20k import ADE20K_CLASS_NAMES, ADE20KDataset, ade20k_metadata
+from m2f.data.ade20k import ADE20K_CLASS_NAMES, ADE20KDataset, SemanticDataset, ade20k_metadata
+from m2f.data.cityscapes import CITYSCAPES_CLASSES, CityscapesDataset, cityscapes_categories
 from m2f.data.coco_instance import CocoInstanceDataset, decode_segmentation
 from m2f.data.coco_panoptic import CocoPanopticDataset, coco_paths
 from m2f.data.common import (
@@ -13,7 +14,12 @@ from m2f.data.common import (
     read_panoptic_png,
     rgb_to_id,
 )
-from m2f.data.synthetic import SYNTHETIC_CATEGORIES, make_synthetic, make_synthetic_ade20k
+from m2f.data.synthetic import (
+    SYNTHETIC_CATEGORIES,
+    make_synthetic,
+    make_synthetic_ade20k,
+    make_synthetic_cityscapes,
+)
 from m2f.data.transforms import (
     LSJ,
     Geometry,
@@ -26,10 +32,12 @@ from m2f.data.validate import validate_dataset
 
 __all__ = [
     "ADE20K_CLASS_NAMES",
+    "CITYSCAPES_CLASSES",
     "IGNORE_LABEL",
     "LSJ",
     "SYNTHETIC_CATEGORIES",
     "ADE20KDataset",
+    "CityscapesDataset",
     "CocoInstanceDataset",
     "CocoPanopticDataset",
     "DatasetError",
@@ -38,14 +46,17 @@ __all__ = [
     "PhotometricDistortion",
     "ResizeShortestEdge",
     "SemanticAugmentation",
+    "SemanticDataset",
     "ade20k_metadata",
     "category_limited_crop",
+    "cityscapes_categories",
     "coco_paths",
     "collate",
     "decode_segmentation",
     "id_to_rgb",
     "make_synthetic",
     "make_synthetic_ade20k",
+    "make_synthetic_cityscapes",
     "read_panoptic_png",
     "rgb_to_id",
     "validate_dataset",

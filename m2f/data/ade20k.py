@@ -110,8 +110,11 @@ def read_ade20k_labels(path: str, num_classes: int = len(ADE20K_CLASS_NAMES)) ->
     return np.where((raw == 0) | (raw > num_classes), IGNORE_LABEL, raw - 1)
 
 
-class ADE20KDataset(SegmentationDataset):
-    """Items: image (3, H, W) uint8, labels (T,) int64 (the classes present), masks (T, H, W) bool (one per
+class SemanticDataset(SegmentationDataset):
+    """Base of the semantic segmentation datasets: images image_root/file_names[i], one label map each
+    (annotation_path, load_semantic_gt).
+
+    Items: image (3, H, W) uint8, labels (T,) int64 (the classes present), masks (T, H, W) bool (one per
     class), sem_seg (H, W) int64 with 255 = ignore, image_id (position in the sorted file list), file_name,
     orig_size (H, W).
 
@@ -120,20 +123,15 @@ class ADE20KDataset(SegmentationDataset):
     transformed label map, so they only name classes left in the crop; ignore pixels are in no mask.
     """
 
-    def __init__(self, root: str, split: str, transforms=None, *, seed: int = 0):
-        super().__init__(transforms, seed)
-        self.image_root, self.annotation_root = ade20k_paths(root, split)
-        if not os.path.isdir(self.image_root):
-            raise DatasetError(f"{self.image_root}: image folder not found")
-        self.metadata = ade20k_metadata(ade20k_class_names(root), image_root=self.image_root)
-        self.file_names = sorted(f for f in os.listdir(self.image_root) if f.lower().endswith(".jpg"))
-        annotations = set(os.listdir(self.annotation_root)) if os.path.isdir(self.annotation_root) else set()
-        missing = [f for f in self.file_names if os.path.splitext(f)[0] + ".png" not in annotations]
-        if missing:
-            raise DatasetError(
-                f"{len(missing)} images lack a label PNG in {self.annotation_root}, first: {missing[0]}",
-                [os.path.join(self.annotation_root, os.path.splitext(f)[0] + ".png") for f in missing],
-            )
+    image_root: str
+    file_names: list[str]
+
+    def annotation_path(self, index: int) -> str:
+        raise NotImplementedError
+
+    def load_semantic_gt(self, index: int) -> np.ndarray:
+        """Ground truth of item `index` at its original size: (H, W) int64 classes, 255 = ignore."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.file_names)
@@ -142,13 +140,6 @@ class ADE20KDataset(SegmentationDataset):
         """Every file the items and the evaluation read: the images and their label PNGs."""
         images = [os.path.join(self.image_root, name) for name in self.file_names]
         return images + [self.annotation_path(index) for index in range(len(self))]
-
-    def annotation_path(self, index: int) -> str:
-        return os.path.join(self.annotation_root, os.path.splitext(self.file_names[index])[0] + ".png")
-
-    def load_semantic_gt(self, index: int) -> np.ndarray:
-        """Ground truth of item `index` at its original size: (H, W) int64, 255 = ignore."""
-        return read_ade20k_labels(self.annotation_path(index), self.metadata.num_classes)
 
     def __getitem__(self, index: int) -> dict:
         image_path = os.path.join(self.image_root, self.file_names[index])
@@ -178,3 +169,30 @@ class ADE20KDataset(SegmentationDataset):
             "file_name": self.file_names[index],
             "orig_size": orig_size,
         }
+
+
+class ADE20KDataset(SemanticDataset):
+    """ADE20K scene parsing, or another dataset in its layout whose classes.txt names its classes (see the
+    module docstring); items and transforms as SemanticDataset's."""
+
+    def __init__(self, root: str, split: str, transforms=None, *, seed: int = 0):
+        super().__init__(transforms, seed)
+        self.image_root, self.annotation_root = ade20k_paths(root, split)
+        if not os.path.isdir(self.image_root):
+            raise DatasetError(f"{self.image_root}: image folder not found")
+        self.metadata = ade20k_metadata(ade20k_class_names(root), image_root=self.image_root)
+        self.file_names = sorted(f for f in os.listdir(self.image_root) if f.lower().endswith(".jpg"))
+        annotations = set(os.listdir(self.annotation_root)) if os.path.isdir(self.annotation_root) else set()
+        missing = [f for f in self.file_names if os.path.splitext(f)[0] + ".png" not in annotations]
+        if missing:
+            raise DatasetError(
+                f"{len(missing)} images lack a label PNG in {self.annotation_root}, first: {missing[0]}",
+                [os.path.join(self.annotation_root, os.path.splitext(f)[0] + ".png") for f in missing],
+            )
+
+    def annotation_path(self, index: int) -> str:
+        return os.path.join(self.annotation_root, os.path.splitext(self.file_names[index])[0] + ".png")
+
+    def load_semantic_gt(self, index: int) -> np.ndarray:
+        """Ground truth of item `index` at its original size: (H, W) int64, 255 = ignore."""
+        return read_ade20k_labels(self.annotation_path(index), self.metadata.num_classes)

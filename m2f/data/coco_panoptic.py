@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from m2f.data.ade20k import ade20k_paths, ade20k_root
+from m2f.data.cityscapes import city_image_path
 from m2f.data.common import (
     DatasetError,
     DatasetMetadata,
@@ -23,7 +24,7 @@ from m2f.data.common import (
     read_panoptic_png,
 )
 
-LAYOUTS = ("coco", "ade20k")
+LAYOUTS = ("coco", "ade20k", "cityscapes")
 
 
 def coco_paths(root: str, split: str, layout: str = "coco") -> dict[str, str]:
@@ -34,9 +35,20 @@ def coco_paths(root: str, split: str, layout: str = "coco") -> dict[str, str]:
     layout "ade20k": ADE20K's panoptic and instance annotations as Mask2Former's preparation scripts write
     them into ADEChallengeData2016 (`root` may be its parent): ade20k_panoptic_{split}.json, the PNGs in
     ade20k_panoptic_{split}/, ade20k_instance_{split}.json, the images in images/{training,validation}/.
+    layout "cityscapes": the panoptic annotations of cityscapesscripts' createPanopticImgs.py,
+    gtFine/cityscapes_panoptic_{split}.json and the PNGs in gtFine/cityscapes_panoptic_{split}/, the images in
+    leftImg8bit/{split}/<city>/ (image_file_name); no instance file ("instances_json" is left out).
     """
     if not isinstance(split, str) or not split:
         raise ValueError(f"split must be a non-empty string such as 'train' or 'val', got {split!r}")
+    if layout == "cityscapes":
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val' for the Cityscapes layout, got {split!r}")
+        return {
+            "panoptic_json": os.path.join(root, "gtFine", f"cityscapes_panoptic_{split}.json"),
+            "panoptic_root": os.path.join(root, "gtFine", f"cityscapes_panoptic_{split}"),
+            "image_root": os.path.join(root, "leftImg8bit", split),
+        }
     if layout == "ade20k":
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val' for the ADE20K layout, got {split!r}")
@@ -58,6 +70,12 @@ def coco_paths(root: str, split: str, layout: str = "coco") -> dict[str, str]:
     }
 
 
+def image_file_name(file_name: str, layout: str) -> str:
+    """The path under the image folder of an image the JSON names: file_name, or for Cityscapes
+    <city>/file_name, the city being the file name's first part."""
+    return city_image_path(file_name) if layout == "cityscapes" else file_name
+
+
 class CocoPanopticDataset(SegmentationDataset):
     """Items: image (3, H, W) uint8, labels (T,) int64 contiguous, masks (T, H, W) bool, segment_ids (T,)
     int64 (the PNG ids), image_id, file_name, orig_size (H, W). Crowd segments and void are not targets. A
@@ -65,14 +83,15 @@ class CocoPanopticDataset(SegmentationDataset):
     mapper (COCOPanopticNewBaselineDatasetMapper; its instance mapper and CocoInstanceDataset drop them).
 
     Masks are decoded from the PNG's id-map after the geometric transform, at the training resolution.
-    layout: "coco" or "ade20k", where the files are (see coco_paths).
+    layout: "coco", "ade20k" or "cityscapes", where the files are (see coco_paths).
     """
 
     def __init__(self, root: str, split: str, transforms=None, *, seed: int = 0, layout: str = "coco"):
         super().__init__(transforms, seed)
         paths = coco_paths(root, split, layout)
         data = read_json(paths["panoptic_json"])
-        instances_json = paths["instances_json"] if os.path.isfile(paths["instances_json"]) else None
+        instances_json = paths.get("instances_json")
+        instances_json = instances_json if instances_json and os.path.isfile(instances_json) else None
         self.metadata = DatasetMetadata(
             data["categories"],
             panoptic_json=paths["panoptic_json"],
@@ -99,7 +118,7 @@ class CocoPanopticDataset(SegmentationDataset):
             records.append(
                 (
                     image_id,
-                    image["file_name"],
+                    image_file_name(image["file_name"], layout),
                     (image["height"], image["width"]),
                     annotation["file_name"],
                     segments,

@@ -18,7 +18,8 @@ from pycocotools import mask as mask_utils
 
 from m2f.checks import check_int
 from m2f.data.ade20k import CLASSES_FILE, ade20k_paths
-from m2f.data.coco_panoptic import coco_paths
+from m2f.data.cityscapes import IMAGE_SUFFIX, LABEL_SUFFIX, cityscapes_categories, cityscapes_paths
+from m2f.data.coco_panoptic import coco_paths, image_file_name
 from m2f.data.common import id_to_rgb
 from m2f.files import write_bytes_atomic, write_json_atomic
 
@@ -34,6 +35,9 @@ STUFF_CATEGORIES = (
 )
 SYNTHETIC_CATEGORIES = THING_CATEGORIES + STUFF_CATEGORIES
 MIN_THING_AREA = 12
+# The Cityscapes classes the synthetic ones stand for in that layout (label ids; train ids 11, 13, 18, 0, 8, 2).
+CITYSCAPES_LABEL_IDS = {1: 24, 3: 26, 5: 33, 100: 7, 101: 21, 102: 11}
+SYNTHETIC_CITIES = {"train": ("aachen", "bremen"), "val": ("frankfurt", "lindau")}
 
 
 def _thing_polygon(rng: np.random.Generator, category_id: int, size: int) -> list[float]:
@@ -135,9 +139,14 @@ def _write_split(
     paths = coco_paths(out_dir, split, layout)
     if layout == "coco":
         category_ids = {c["id"]: c["id"] for c in SYNTHETIC_CATEGORIES}
-    else:
+    elif layout == "ade20k":
         category_ids = {c["id"]: i for i, c in enumerate(SYNTHETIC_CATEGORIES)}
-    categories = [{**c, "id": category_ids[c["id"]]} for c in SYNTHETIC_CATEGORIES]
+    else:
+        category_ids = CITYSCAPES_LABEL_IDS
+    if layout == "cityscapes":  # createPanopticImgs.py lists the 19 classes
+        categories = cityscapes_categories()
+    else:
+        categories = [{**c, "id": category_ids[c["id"]]} for c in SYNTHETIC_CATEGORIES]
     images, panoptic_annotations, instance_annotations = [], [], []
     split_key = 0 if split == "train" else 1
     for n in range(num_images):
@@ -146,9 +155,14 @@ def _write_split(
         if layout == "coco":
             image_id = first_id + n
             stem = f"{image_id:012d}"
-        else:
+        elif layout == "ade20k":
             image_id = stem = _ade20k_stem(split, n)
-        file_name, png_name = stem + ".jpg", stem + ".png"
+        else:
+            image_id = stem = _cityscapes_stem(split, n)
+        if layout == "cityscapes":
+            file_name, png_name = stem + "_leftImg8bit.png", stem + "_gtFine_panopticLabels.png"
+        else:
+            file_name, png_name = stem + ".jpg", stem + ".png"
         images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
 
         segment_ids = rng.choice(256**3 - 1, size=len(segments), replace=False) + 1
@@ -182,25 +196,37 @@ def _write_split(
         panoptic_annotations.append(
             {"image_id": image_id, "file_name": png_name, "segments_info": segments_info}
         )
-        write_bytes_atomic(
-            os.path.join(paths["image_root"], file_name), _encode(Image.fromarray(image), "JPEG", quality=95)
+        image_bytes = (
+            _encode(Image.fromarray(image), "PNG")
+            if layout == "cityscapes"
+            else _encode(Image.fromarray(image), "JPEG", quality=95)
         )
+        write_bytes_atomic(os.path.join(paths["image_root"], image_file_name(file_name, layout)), image_bytes)
         write_bytes_atomic(
             os.path.join(paths["panoptic_root"], png_name), _encode(Image.fromarray(id_to_rgb(ids)), "PNG")
         )
 
+    if layout == "cityscapes":  # createPanopticImgs.py lists the images by path: city, then name
+        images.sort(key=lambda image: image_file_name(image["file_name"], layout))
+        panoptic_annotations.sort(key=lambda annotation: image_file_name(annotation["file_name"], layout))
     write_json_atomic(
         paths["panoptic_json"],
         {"images": images, "annotations": panoptic_annotations, "categories": categories},
     )
-    things = [c for c in categories if c["isthing"]]
-    write_json_atomic(
-        paths["instances_json"], {"images": images, "annotations": instance_annotations, "categories": things}
-    )
+    if "instances_json" in paths:
+        things = [c for c in categories if c["isthing"]]
+        write_json_atomic(
+            paths["instances_json"],
+            {"images": images, "annotations": instance_annotations, "categories": things},
+        )
 
 
 def _ade20k_stem(split: str, n: int) -> str:
     return f"ADE_{split}_{n + 1:08d}"
+
+
+def _cityscapes_stem(split: str, n: int) -> str:
+    return f"{SYNTHETIC_CITIES[split][n % 2]}_000000_{n:06d}"
 
 
 def _check_arguments(num_train: int, num_val: int, image_size: int, seed: int) -> None:
@@ -270,3 +296,29 @@ def make_synthetic_ade20k(
                 _encode(Image.fromarray(labels), "PNG"),
             )
     return root
+
+
+def make_synthetic_cityscapes(
+    out_dir: str, num_train: int = 64, num_val: int = 16, image_size: int = 128, seed: int = 0
+) -> str:
+    """Write the same scenes in the Cityscapes layout under out_dir, semantic and panoptic: the images in
+    leftImg8bit/{train,val}/<city>/, train id maps gtFine/{split}/<city>/*_gtFine_labelTrainIds.png and the
+    panoptic files of createPanopticImgs.py (gtFine/cityscapes_panoptic_{split}.json and PNG folder, the 19
+    classes with label ids as category ids), two cities per split. The synthetic classes stand for six of the
+    Cityscapes classes (CITYSCAPES_LABEL_IDS). Same seed, same files. Returns out_dir."""
+    _check_arguments(num_train, num_val, image_size, seed)
+    train_id = {c["id"]: i for i, c in enumerate(cityscapes_categories())}
+    for split_key, (split, count) in enumerate((("train", num_train), ("val", num_val))):
+        _write_split(out_dir, split, count, image_size, seed, layout="cityscapes")
+        label_root = cityscapes_paths(out_dir, split)[1]
+        for n in range(count):
+            _, segments = draw_scene(np.random.default_rng([seed, split_key, n]), image_size)
+            labels = np.full((image_size, image_size), 255, dtype=np.uint8)
+            for segment in segments:
+                labels[segment["mask"]] = train_id[CITYSCAPES_LABEL_IDS[segment["category_id"]]]
+            name = image_file_name(_cityscapes_stem(split, n) + IMAGE_SUFFIX, "cityscapes")
+            write_bytes_atomic(
+                os.path.join(label_root, name.removesuffix(IMAGE_SUFFIX) + LABEL_SUFFIX),
+                _encode(Image.fromarray(labels), "PNG"),
+            )
+    return out_dir

@@ -308,21 +308,23 @@ class PhotometricDistortion:
 
 
 class SemanticAugmentation:
-    """Semantic segmentation training augmentation (Mask2Former's ADE20K recipe), in this order:
+    """Semantic segmentation training augmentation (Mask2Former's ADE20K and Cityscapes recipe), in this order:
 
-    1. resize the short side to crop_size x s, s a random multiple of 0.1 in [min_scale, max_scale], unless
-       the long side would pass max_size (default 4 x crop_size; then the long side is max_size);
-    2. a random crop_size x crop_size window (smaller when the image is), redrawn while one class dominates
-       it (see category_limited_crop; off at single_category_max_area = 1, the recipe's value);
+    1. resize the short side to base x s, s a random multiple of 0.1 in [min_scale, max_scale], base the
+       crop's long side, unless the long side would pass max_size (default 4 x base; then the long side is
+       max_size);
+    2. a random window of crop_size (smaller when the image is), redrawn while one class dominates it (see
+       category_limited_crop; off at single_category_max_area = 1, the recipe's value);
     3. horizontal flip with probability 0.5;
     4. PhotometricDistortion on the image when color;
-    5. pad the bottom and right to crop_size x crop_size: the image with image_pad_value, labels with
-       ignore_label.
+    5. pad the bottom and right to crop_size: the image with image_pad_value, labels with ignore_label.
+
+    crop_size: an int for square crops (ADE20K: 512 or 640) or (height, width) (Cityscapes: (512, 1024)).
     """
 
     def __init__(
         self,
-        crop_size: int = 512,
+        crop_size: int | tuple[int, int] = 512,
         min_scale: float = 0.5,
         max_scale: float = 2.0,
         max_size: int | None = None,
@@ -332,7 +334,15 @@ class SemanticAugmentation:
         flip: bool = True,
         image_pad_value: int = 128,
     ):
-        check_int("crop_size", crop_size, 1)
+        sizes = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
+        if not (
+            isinstance(sizes, tuple | list)
+            and len(sizes) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes)
+        ):
+            raise ValueError(
+                f"crop_size must be an int >= 1 or (height, width) of ints >= 1, got {crop_size!r}"
+            )
         if not 0 < min_scale <= max_scale < math.inf:
             raise ValueError(f"need 0 < min_scale <= max_scale < inf, got {min_scale}, {max_scale}")
         first, last = math.ceil(min_scale * 10 - 1e-6), math.floor(max_scale * 10 + 1e-6)
@@ -342,11 +352,10 @@ class SemanticAugmentation:
             )
         if single_category_max_area <= 0:
             raise ValueError(f"single_category_max_area must be > 0, got {single_category_max_area}")
-        self.crop_size = int(crop_size)
-        self.max_size = 4 * self.crop_size if max_size is None else max_size
-        self.resize = ResizeShortestEdge(
-            [self.crop_size * k // 10 for k in range(first, last + 1)], self.max_size
-        )
+        self.crop_size = (int(sizes[0]), int(sizes[1]))
+        base = max(self.crop_size)
+        self.max_size = 4 * base if max_size is None else max_size
+        self.resize = ResizeShortestEdge([base * k // 10 for k in range(first, last + 1)], self.max_size)
         self.single_category_max_area = single_category_max_area
         self.ignore_label = ignore_label
         self.photometric = PhotometricDistortion() if color else None
@@ -363,7 +372,7 @@ class SemanticAugmentation:
         """The resize, crop, flip and colour jitter for an image of (height, width). sem_seg (height, width) is
         the label map the single-category limit looks at; required when that limit is on."""
         resized_size = self.resize.get_geometry(height, width, rng).resized_size
-        crop = (self.crop_size, self.crop_size)
+        crop = self.crop_size
         if self.single_category_max_area < 1.0:
             if sem_seg is None:
                 raise ValueError("sem_seg is required when single_category_max_area < 1")
@@ -380,8 +389,8 @@ class SemanticAugmentation:
     def apply(
         self, image: np.ndarray, sem_seg: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        """image (H, W, 3) uint8, sem_seg (H, W) ints -> (crop_size, crop_size, 3) uint8 and
-        (crop_size, crop_size) int32 (padding = ignore_label)."""
+        """image (H, W, 3) uint8, sem_seg (H, W) ints -> (crop height, crop width, 3) uint8 and
+        (crop height, crop width) int32 (padding = ignore_label)."""
         if tuple(sem_seg.shape) != tuple(image.shape[:2]):
             raise ValueError(f"sem_seg has size {sem_seg.shape}, the image {image.shape[:2]}")
         geometry = self.get_geometry(*image.shape[:2], rng, sem_seg)

@@ -10,9 +10,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from m2f.data.ade20k import ade20k_class_names, ade20k_paths, read_raw_ade20k_labels
+from m2f.data.cityscapes import CITYSCAPES_CLASSES, CityscapesDataset
 from m2f.data.coco_instance import rle_problem
-from m2f.data.coco_panoptic import coco_paths
+from m2f.data.coco_panoptic import coco_paths, image_file_name
 from m2f.data.common import (
+    IGNORE_LABEL,
     DatasetError,
     naming_unreadable,
     oriented_size,
@@ -38,7 +40,7 @@ def _check_categories(json_path: str, categories: list[dict], problems: list[str
 
 
 def _check_images(
-    json_path: str, image_root: str, images: list[dict], problems: list[str]
+    json_path: str, image_root: str, images: list[dict], problems: list[str], layout: str = "coco"
 ) -> dict[int, dict]:
     present = _list_files(image_root)
     by_id: dict[int, dict] = {}
@@ -46,10 +48,10 @@ def _check_images(
         if image["id"] in by_id:
             problems.append(f"{json_path}: image id {image['id']} appears more than once")
         by_id[image["id"]] = image
-        file_name = image["file_name"]
+        file_name = image_file_name(image["file_name"], layout)
         if file_name not in present and not os.path.isfile(os.path.join(image_root, file_name)):
             problems.append(
-                f"{os.path.join(image_root, image['file_name'])}: missing image file (image id {image['id']})"
+                f"{os.path.join(image_root, file_name)}: missing image file (image id {image['id']})"
             )
     return by_id
 
@@ -83,12 +85,12 @@ def _check_panoptic_png_job(job) -> list[str]:
 
 
 def _validate_panoptic(
-    paths: dict[str, str], check_files: bool, num_workers: int, problems: list[str]
+    paths: dict[str, str], layout: str, check_files: bool, num_workers: int, problems: list[str]
 ) -> dict:
     json_path = paths["panoptic_json"]
     data = read_json(json_path)
     category_ids = _check_categories(json_path, data["categories"], problems)
-    images = _check_images(json_path, paths["image_root"], data["images"], problems)
+    images = _check_images(json_path, paths["image_root"], data["images"], problems, layout)
     annotated = set()
     png_jobs = []
     num_segments = 0
@@ -228,6 +230,28 @@ def _validate_semantic(root: str, split: str, check_files: bool, problems: list[
     return {"images": len(images)}
 
 
+def _validate_cityscapes(root: str, split: str, check_files: bool, problems: list[str]) -> dict:
+    try:
+        dataset = CityscapesDataset(root, split)
+    except DatasetError as error:
+        problems.extend(error.problems or [str(error)])
+        return {"images": 0}
+    if check_files:
+        for index, file_name in enumerate(dataset.file_names):
+            png_path = dataset.annotation_path(index)
+            image_path = os.path.join(dataset.image_root, file_name)
+            raw = _read_or_report(read_raw_ade20k_labels, png_path, problems)
+            image_size = _read_or_report(_read_oriented_size, image_path, problems)
+            if raw is None or image_size is None:
+                continue
+            if raw.shape[::-1] != image_size:
+                problems.append(f"{png_path}: size {raw.shape[::-1]} differs from the image's {image_size}")
+            values = np.unique(raw)
+            for value in values[(values >= len(CITYSCAPES_CLASSES)) & (values != IGNORE_LABEL)].tolist():
+                problems.append(f"{png_path}: unknown train id {value} (train ids are 0..18, 255 ignored)")
+    return {"images": len(dataset)}
+
+
 def validate_dataset(
     root: str,
     split: str,
@@ -239,7 +263,8 @@ def validate_dataset(
     layout: str = "coco",
 ) -> dict:
     """Check a dataset before use. task: "panoptic" | "instance" (COCO format, in the files `layout` names:
-    "coco" or "ade20k", see m2f.data.coco_paths) or "semantic" (ADE20K's layout).
+    "coco", "ade20k" or "cityscapes" (panoptic only), see m2f.data.coco_paths) or "semantic" (ADE20K's layout,
+    or Cityscapes' train id maps with layout "cityscapes").
 
     Checks category ids, image files, panoptic PNGs (missing, size, segment ids in the JSON but not in the PNG
     and the reverse), empty segments and duplicates. check_files=False skips what reads or rasterizes every
@@ -248,13 +273,17 @@ def validate_dataset(
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    paths = coco_paths(root, split, layout)
+    if task == "instance" and layout == "cityscapes":
+        raise ValueError("the Cityscapes layout has panoptic and semantic annotations, no COCO instance file")
+    paths = coco_paths(root, split, layout) if task != "semantic" else {}
     problems: list[str] = []
     try:
         if task == "panoptic":
-            summary = _validate_panoptic(paths, check_files, num_workers, problems)
+            summary = _validate_panoptic(paths, layout, check_files, num_workers, problems)
         elif task == "instance":
             summary = _validate_instance(paths, check_files, problems)
+        elif layout == "cityscapes":
+            summary = _validate_cityscapes(root, split, check_files, problems)
         else:
             summary = _validate_semantic(root, split, check_files, problems)
     except (KeyError, TypeError, AttributeError) as error:  # a JSON without the COCO format's keys and types

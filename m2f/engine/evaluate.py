@@ -261,13 +261,13 @@ def evaluate_model(
     """
     from tqdm import tqdm
 
-    from m2f.data import ADE20KDataset, CocoInstanceDataset
+    from m2f.data import CocoInstanceDataset, SemanticDataset
 
     device = torch.device(device)
     if task is None:
         task = (
             "semantic"
-            if isinstance(dataset, ADE20KDataset)
+            if isinstance(dataset, SemanticDataset)
             else "instance"
             if isinstance(dataset, CocoInstanceDataset)
             else "panoptic"
@@ -469,6 +469,8 @@ EVAL_TASKS = {
     "ade20k": ("semantic",),
     "ade20k-panoptic": ("panoptic", "semantic"),
     "ade20k-instance": ("instance",),
+    "cityscapes": ("semantic",),
+    "cityscapes-panoptic": ("panoptic", "semantic"),
 }
 
 

@@ -804,32 +804,43 @@ class Trainer:
             eval_log.write({"iteration": iterations_done, **{k: float(v) for k, v in results.items()}})
 
 
-# Each dataset kind's task; the panoptic and instance kinds read COCO-format files in a layout of
-# m2f.data.coco_paths (DATASET_LAYOUTS), "ade20k" ADE20K's semantic PNGs.
+# Each dataset kind's task and layout: the panoptic and instance kinds read COCO-format files in a layout of
+# m2f.data.coco_paths, "ade20k" and "cityscapes" their semantic label maps.
 DATASET_TASKS = {
     "coco-panoptic": "panoptic",
     "coco-instance": "instance",
     "ade20k": "semantic",
     "ade20k-panoptic": "panoptic",
     "ade20k-instance": "instance",
+    "cityscapes": "semantic",
+    "cityscapes-panoptic": "panoptic",
 }
 DATASET_KINDS = tuple(DATASET_TASKS)
 DATASET_LAYOUTS = {
     "coco-panoptic": "coco",
     "coco-instance": "coco",
+    "ade20k": "ade20k",
     "ade20k-panoptic": "ade20k",
     "ade20k-instance": "ade20k",
+    "cityscapes": "cityscapes",
+    "cityscapes-panoptic": "cityscapes",
 }
 
 
 def default_dataset_kind(config) -> str:
     """The config's dataset in the config's task: ade20k, ade20k-panoptic or ade20k-instance for ADE20K
-    configs, else coco-panoptic, coco-instance, or ade20k for semantic (the synthetic demo: coco-panoptic)."""
-    if config.dataset == "ade20k":
-        return {"semantic": "ade20k", "panoptic": "ade20k-panoptic", "instance": "ade20k-instance"}[
-            config.task
-        ]
-    return {"panoptic": "coco-panoptic", "instance": "coco-instance", "semantic": "ade20k"}[config.task]
+    configs, cityscapes or cityscapes-panoptic for Cityscapes ones, else coco-panoptic, coco-instance, or
+    ade20k for semantic (the synthetic demo: coco-panoptic)."""
+    kinds = {"panoptic": "coco-panoptic", "instance": "coco-instance", "semantic": "ade20k"}
+    if config.dataset in ("ade20k", "cityscapes"):
+        kinds = {task: f"{config.dataset}-{task}" for task in ("panoptic", "instance")}
+        kinds["semantic"] = config.dataset
+    kind = kinds[config.task]
+    if kind not in DATASET_TASKS:
+        raise ValueError(
+            f"config {config.name!r}: no {config.task} dataset of {config.dataset} ({DATASET_KINDS})"
+        )
+    return kind
 
 
 def check_dataset_kind(kind: str, name: str = "dataset") -> str:
@@ -854,7 +865,7 @@ def validate_split(data_root: str | os.PathLike, split: str, kind: str, *, check
                 DATASET_TASKS[kind],
                 check_files=check_files,
                 num_workers=num_workers,
-                layout=DATASET_LAYOUTS.get(kind, "coco"),
+                layout=DATASET_LAYOUTS[kind],
             )
         except DatasetError as error:
             problem = error
@@ -870,7 +881,8 @@ def build_dataset(kind: str, data_root: str | os.PathLike, split: str, transform
 
     check_dataset_kind(kind)
     if DATASET_TASKS[kind] == "semantic":
-        return data.ADE20KDataset(str(data_root), split, transforms, seed=seed)
+        semantic = data.CityscapesDataset if kind == "cityscapes" else data.ADE20KDataset
+        return semantic(str(data_root), split, transforms, seed=seed)
     options = {"layout": DATASET_LAYOUTS[kind]}
     if DATASET_TASKS[kind] == "instance":
         return data.CocoInstanceDataset(
@@ -968,8 +980,14 @@ def run_training(
                 f"config {config.name!r} is for the {config.task} task; trained on {dataset_kind}, its model is for {task}"
             )
         config = dataclasses.replace(config, task=task)
-    # Mask2Former trains ADE20K (all three tasks) with its semantic recipe, COCO with large-scale jitter.
-    resize_and_crop = dataset_kind.startswith("ade20k")
+    # Mask2Former trains ADE20K and Cityscapes (all tasks) with its semantic recipe, COCO with large-scale
+    # jitter, which crops squares.
+    resize_and_crop = DATASET_LAYOUTS[dataset_kind] != "coco"
+    if not resize_and_crop and config.solver.crop_aspect != 1:
+        raise ValueError(
+            f"solver.crop_aspect {config.solver.crop_aspect}: {dataset_kind} trains with large-scale jitter, "
+            "whose crops are square; crop_aspect is for ADE20K's and Cityscapes' resize-and-crop recipe"
+        )
     if resize_and_crop and config.solver.single_category_max_area < 1 and task == "instance":
         raise ValueError(
             f"solver.single_category_max_area {config.solver.single_category_max_area}: the crop's "
@@ -1002,7 +1020,7 @@ def run_training(
     )
     if resize_and_crop:
         augmentation = SemanticAugmentation(
-            solver.image_size,
+            solver.crop_size,
             solver.min_scale,
             solver.max_scale,
             single_category_max_area=solver.single_category_max_area,

@@ -281,6 +281,17 @@ def test_classes_from_ade20k_panoptic_and_instance_files(tmp_path):
     assert resolve_classes(f"{root}/ade20k_instance_val.json") == ([names[i] for i in things], [0, 1, 2])
 
 
+def test_classes_cityscapes():
+    """Cityscapes' 19 classes in train id order, the eight from person on things, and their label ids as the
+    categories predict writes and eval maps by."""
+    from m2f.convert import _resolve_classes
+
+    (names, things), categories = _resolve_classes("cityscapes")
+    assert len(names) == 19 and names[0] == "road" and names[11:13] == ["person", "rider"]
+    assert things == list(range(11, 19))
+    assert [c["id"] for c in categories][:5] == [7, 8, 11, 12, 13] and categories[-1]["id"] == 33
+
+
 def test_classes_ade20k():
     from m2f.data.ade20k import ADE20K_CLASS_NAMES
 

@@ -489,3 +489,25 @@ def test_lsj_crop_offsets_range_over_each_side_independently():
     for offsets in (lefts, tops):
         assert 0 <= min(offsets) and max(offsets) <= 100
         assert max(offsets) - min(offsets) > 70 and len(set(offsets)) > 20
+
+
+def test_semantic_augmentation_takes_crops_of_any_shape():
+    """Cityscapes' recipe: 512 x 1024 crops from the short side resized to 0.5-2 x 1024 (the crop's long side),
+    the long side at most 4096; every output has the crop's shape, padding where the image is smaller."""
+    augmentation = SemanticAugmentation((512, 1024))
+    assert augmentation.crop_size == (512, 1024)
+    assert augmentation.short_sizes == [int(x * 0.1 * 1024) for x in range(5, 21)]
+    assert augmentation.max_size == 4096
+    image, labels = _coordinate_image(200, 240)
+    small = SemanticAugmentation((24, 48), min_scale=0.1, max_scale=0.1)  # short side 4: all padding beyond
+    for seed in range(5):
+        out_image, out_labels = SemanticAugmentation((24, 48)).apply(
+            image, labels, np.random.default_rng(seed)
+        )
+        assert out_image.shape == (24, 48, 3) and out_labels.shape == (24, 48)
+        assert (out_labels != 255).all()  # the resized image (short side >= 24) covers every crop
+        _, padded = small.apply(image, labels, np.random.default_rng(seed))
+        assert padded.shape == (24, 48) and (padded[4:] == 255).all() and (padded[:, 5:] == 255).all()
+    for bad in ((0, 5), (5,), (5.0, 5), (True, 5), "64"):
+        with pytest.raises(ValueError, match=r"crop_size must be an int >= 1 or \(height, width\)"):
+            SemanticAugmentation(bad)

@@ -62,6 +62,13 @@ def test_config_names_and_bad_name():
         "panoptic-ade20k-r50",
         "panoptic-ade20k-swin-l",
         "instance-ade20k-r50",
+        "semantic-cityscapes-r50",
+        "semantic-cityscapes-r101",
+        "semantic-cityscapes-swin-s",
+        "semantic-cityscapes-swin-l",
+        "panoptic-cityscapes-r50",
+        "panoptic-cityscapes-swin-t",
+        "panoptic-cityscapes-swin-b-in21k",
         "demo-tiny",
     }
     with pytest.raises(ValueError, match="panoptic-r50") as error:
@@ -111,6 +118,29 @@ PUBLISHED = {
     "panoptic-ade20k-r50": ("panoptic", 150, 100, "resnet50", 640, 160000, "poly"),
     "panoptic-ade20k-swin-l": ("panoptic", 150, 200, "swin_large_patch4_window12_384", 640, 160000, "poly"),
     "instance-ade20k-r50": ("instance", 100, 100, "resnet50", 640, 160000, "poly"),
+    "semantic-cityscapes-r50": ("semantic", 19, 100, "resnet50", 1024, 90000, "poly"),
+    "semantic-cityscapes-r101": ("semantic", 19, 100, "resnet101", 1024, 90000, "poly"),
+    "semantic-cityscapes-swin-s": ("semantic", 19, 100, "swin_small_patch4_window7_224", 1024, 90000, "poly"),
+    "semantic-cityscapes-swin-l": (
+        "semantic",
+        19,
+        100,
+        "swin_large_patch4_window12_384",
+        1024,
+        90000,
+        "poly",
+    ),
+    "panoptic-cityscapes-r50": ("panoptic", 19, 100, "resnet50", 1024, 90000, "poly"),
+    "panoptic-cityscapes-swin-t": ("panoptic", 19, 100, "swin_tiny_patch4_window7_224", 1024, 90000, "poly"),
+    "panoptic-cityscapes-swin-b-in21k": (
+        "panoptic",
+        19,
+        100,
+        "swin_base_patch4_window12_384",
+        1024,
+        90000,
+        "poly",
+    ),
 }
 
 
@@ -122,16 +152,21 @@ def test_configs_follow_mask2formers_published_ones(name):
     task, classes, queries, backbone, crop, iterations, schedule = PUBLISHED[name]
     assert (config.task, config.num_classes, config.num_queries) == (task, classes, queries)
     assert config.backbone.timm_name == backbone
-    # FrozenBN but for the R-101 ADE20K config, which sets SyncBN
-    assert config.backbone.frozen_batchnorm == (
-        backbone.startswith("resnet") and name != "semantic-ade20k-r101"
-    )
+    # FrozenBN but for the R-101 ADE20K config and Cityscapes, which set SyncBN
+    trained_batchnorm = name == "semantic-ade20k-r101" or config.dataset == "cityscapes"
+    assert config.backbone.frozen_batchnorm == (backbone.startswith("resnet") and not trained_batchnorm)
     solver = config.solver
     assert (solver.image_size, solver.max_iter, solver.lr_schedule) == (crop, iterations, schedule)
     if config.dataset == "ade20k":  # tested at the crop size, the long side at most 4 crops; no warmup
         assert (config.inference.test_short_edge, config.inference.test_max_size) == (crop, 4 * crop)
         assert (solver.min_scale, solver.max_scale, solver.warmup_iters, solver.lr_steps) == (0.5, 2.0, 0, ())
+        assert solver.crop_size == (crop, crop)
         assert default_dataset_kind(config) == ("ade20k" if task == "semantic" else f"ade20k-{task}")
+    elif config.dataset == "cityscapes":  # 512 x 1024 crops, tested at 1024 x 2048
+        assert (config.inference.test_short_edge, config.inference.test_max_size) == (1024, 2048)
+        assert (solver.min_scale, solver.max_scale, solver.warmup_iters, solver.lr_steps) == (0.5, 2.0, 0, ())
+        assert solver.crop_size == (512, 1024)
+        assert default_dataset_kind(config) == ("cityscapes" if task == "semantic" else f"cityscapes-{task}")
     else:
         assert (solver.min_scale, solver.max_scale) == (0.1, 2.0)
         assert default_dataset_kind(config) == f"coco-{task}"
