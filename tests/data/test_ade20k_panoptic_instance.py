@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from item_maps import semantic_map
 from PIL import Image
 
 from m2f.data import (
@@ -27,16 +28,6 @@ from m2f.data import (
 @pytest.fixture(scope="module")
 def ade_root(tmp_path_factory):
     return make_synthetic_ade20k(str(tmp_path_factory.mktemp("ade")), num_train=5, num_val=3, image_size=80)
-
-
-def semantic_map(item) -> np.ndarray:
-    """(H, W) class of each pixel from an item's masks, 255 where none."""
-    masks = item["masks"].numpy()
-    assert masks.sum(0).max() <= 1, "masks overlap"
-    out = np.full(masks.shape[1:], 255, dtype=np.int64)
-    for label, mask in zip(item["labels"].tolist(), masks):
-        out[mask] = label
-    return out
 
 
 def test_paths_follow_mask2formers_preparation_and_accept_the_parent_folder(ade_root):

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from item_maps import semantic_map
 from PIL import Image
 
 from m2f.data import (
@@ -28,15 +29,6 @@ def root(tmp_path_factory):
     return make_synthetic_cityscapes(
         str(tmp_path_factory.mktemp("cityscapes")), num_train=5, num_val=3, image_size=80
     )
-
-
-def semantic_map(item) -> np.ndarray:
-    masks = item["masks"].numpy()
-    assert masks.sum(0).max() <= 1, "masks overlap"
-    out = np.full(masks.shape[1:], 255, dtype=np.int64)
-    for label, mask in zip(item["labels"].tolist(), masks):
-        out[mask] = label
-    return out
 
 
 def test_paths_and_classes(root):
