@@ -612,7 +612,7 @@ def test_iteration_time_leaves_out_evaluation_and_checkpoints(tmp_path):
     import time as clock
 
     def slow_evaluation(model):
-        clock.sleep(0.5)
+        clock.sleep(2.0)
         return {"score": 0.0}
 
     trainer = make_trainer(tmp_path, eval_period=3, log_period=2, checkpoint_period=3)
@@ -620,7 +620,9 @@ def test_iteration_time_leaves_out_evaluation_and_checkpoints(tmp_path):
     trainer.train()
     with (tmp_path / "metrics.csv").open() as f:
         times = [float(row["time"]) for row in csv.DictReader(f)]
-    assert len(times) == 3 and max(times) < 0.2  # with an evaluation in it, a window's would be > 0.25
+    # With an evaluation in it, a window's time would be over 1 s per iteration; a tiny iteration takes a few
+    # hundredths of that, up to 0.2 s on a loaded 2-core machine.
+    assert len(times) == 3 and max(times) < 0.8
 
 
 def test_resume_follows_this_runs_optimizer_settings(tmp_path, capsys):
