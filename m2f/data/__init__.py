@@ -1,8 +1,14 @@
 """Datasets (COCO-format panoptic and instance sets: COCO's, ADE20K's, Cityscapes' panoptic; ADE20K and
-Cityscapes semantic), the synthetic dataset in each layout, augmentations and validation."""
+Cityscapes semantic; Cityscapes instance), the synthetic dataset in each layout, augmentations and validation."""
 
 from m2f.data.ade20k import ADE20K_CLASS_NAMES, ADE20KDataset, SemanticDataset, ade20k_metadata
-from m2f.data.cityscapes import CITYSCAPES_CLASSES, CityscapesDataset, cityscapes_categories
+from m2f.data.cityscapes import (
+    CITYSCAPES_CLASSES,
+    CityscapesDataset,
+    CityscapesInstanceDataset,
+    cityscapes_categories,
+    cityscapes_thing_categories,
+)
 from m2f.data.coco_instance import CocoInstanceDataset, decode_segmentation
 from m2f.data.coco_panoptic import CocoPanopticDataset, coco_paths
 from m2f.data.common import (
@@ -38,6 +44,7 @@ __all__ = [
     "SYNTHETIC_CATEGORIES",
     "ADE20KDataset",
     "CityscapesDataset",
+    "CityscapesInstanceDataset",
     "CocoInstanceDataset",
     "CocoPanopticDataset",
     "DatasetError",
@@ -50,6 +57,7 @@ __all__ = [
     "ade20k_metadata",
     "category_limited_crop",
     "cityscapes_categories",
+    "cityscapes_thing_categories",
     "coco_paths",
     "collate",
     "decode_segmentation",

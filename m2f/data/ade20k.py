@@ -11,7 +11,6 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
 
 from m2f.data.common import (
     IGNORE_LABEL,
@@ -21,8 +20,8 @@ from m2f.data.common import (
     check_image_size,
     image_to_tensor,
     masks_from_index_map,
-    naming_unreadable,
     read_image,
+    read_label_png,
 )
 from m2f.data.transforms import SemanticAugmentation
 
@@ -94,19 +93,9 @@ def ade20k_class_names(root: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def read_raw_ade20k_labels(path: str) -> np.ndarray:
-    """(H, W) int64 label values as stored: 0 for "other", 1..N for the classes. DatasetError naming the file
-    when it cannot be read or has more than one channel."""
-    with naming_unreadable(path), Image.open(path) as png:
-        raw = np.asarray(png, dtype=np.int64)
-    if raw.ndim != 2:
-        raise DatasetError(f"{path}: expected a single-channel label PNG, got shape {raw.shape}")
-    return raw
-
-
 def read_ade20k_labels(path: str, num_classes: int = len(ADE20K_CLASS_NAMES)) -> np.ndarray:
     """(H, W) int64 contiguous classes, 255 for ignore."""
-    raw = read_raw_ade20k_labels(path)
+    raw = read_label_png(path)
     return np.where((raw == 0) | (raw > num_classes), IGNORE_LABEL, raw - 1)
 
 

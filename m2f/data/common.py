@@ -102,6 +102,16 @@ def read_panoptic_png(path: str) -> np.ndarray:
         return rgb_to_id(np.asarray(png.convert("RGB")))
 
 
+def read_label_png(path: str) -> np.ndarray:
+    """(H, W) int64 values of a single-channel label PNG (8 or 16 bit) as stored. DatasetError naming the file
+    when it cannot be read or has more than one channel."""
+    with naming_unreadable(path), Image.open(path) as png:
+        raw = np.asarray(png, dtype=np.int64)
+    if raw.ndim != 2:
+        raise DatasetError(f"{path}: expected a single-channel label PNG, got shape {raw.shape}")
+    return raw
+
+
 def read_image(path: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB, EXIF orientation applied (as detectron2's read_image). A 16-bit grayscale image
     keeps its high byte (PIL's conversion to RGB would clip every value above 255). DatasetError naming the
@@ -212,7 +222,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     Randomness of item i in epoch e comes only from numpy's Generator seeded with (seed, e, i), so items are
     the same whatever worker loads them; call set_epoch(e) each epoch to draw new augmentations. No file is
-    opened outside __getitem__ except the annotation JSON read once in __init__.
+    opened outside __getitem__ except the annotation JSON read once in __init__ (and the id maps
+    CityscapesInstanceDataset reads there to leave out images without objects).
     """
 
     def __init__(self, transforms=None, seed: int = 0):

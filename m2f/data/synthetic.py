@@ -1,5 +1,5 @@
-"""A small synthetic dataset in the COCO panoptic + instance layout (and the ADE20K layout), so the same
-loaders, training and evaluation run on a laptop in minutes.
+"""A small synthetic dataset in the COCO panoptic + instance layout (and the ADE20K and Cityscapes layouts), so
+the same loaders, training and evaluation run on a laptop in minutes.
 
 Each image has 2-3 textured stuff regions separated by wavy boundaries and 1-4 things; every thing class is a
 distinct shape and colour (red circles, green rectangles, blue triangles), so a tiny model can learn them.
@@ -18,7 +18,15 @@ from pycocotools import mask as mask_utils
 
 from m2f.checks import check_int
 from m2f.data.ade20k import CLASSES_FILE, ade20k_paths
-from m2f.data.cityscapes import IMAGE_SUFFIX, LABEL_SUFFIX, cityscapes_categories, cityscapes_paths
+from m2f.data.cityscapes import (
+    IMAGE_SUFFIX,
+    INSTANCE_ID_BASE,
+    INSTANCE_SUFFIX,
+    LABEL_SUFFIX,
+    city_image_path,
+    cityscapes_categories,
+    cityscapes_paths,
+)
 from m2f.data.coco_panoptic import coco_paths, image_file_name
 from m2f.data.common import id_to_rgb
 from m2f.files import write_bytes_atomic, write_json_atomic
@@ -131,11 +139,21 @@ def _bbox(mask: np.ndarray) -> list[float]:
 
 
 def _write_split(
-    out_dir: str, split: str, num_images: int, size: int, seed: int, first_id: int = 1, layout: str = "coco"
+    out_dir: str,
+    split: str,
+    num_images: int,
+    size: int,
+    seed: int,
+    first_id: int = 1,
+    layout: str = "coco",
+    write_label_maps=None,
 ) -> None:
-    """The panoptic and instance files of one split in `layout` (m2f.data.coco_paths). COCO: integer image
-    ids from first_id, the categories' own ids; ADE20K (as Mask2Former's preparation scripts write them):
-    the file stem as image id, a category's position in SYNTHETIC_CATEGORIES as its id."""
+    """The images and the panoptic and instance files of one split in `layout` (m2f.data.coco_paths). COCO:
+    integer image ids from first_id, the categories' own ids; ADE20K (as Mask2Former's preparation scripts
+    write them): the file stem as image id, a category's position in SYNTHETIC_CATEGORIES as its id;
+    Cityscapes (as createPanopticImgs.py writes them): the stem as image id, the 19 classes with their label
+    ids (CITYSCAPES_LABEL_IDS), PNG images, no instance file. write_label_maps(split, n, segments), if given,
+    writes the label maps of image n from its draw_scene segments."""
     paths = coco_paths(out_dir, split, layout)
     if layout == "coco":
         category_ids = {c["id"]: c["id"] for c in SYNTHETIC_CATEGORIES}
@@ -152,6 +170,8 @@ def _write_split(
     for n in range(num_images):
         rng = np.random.default_rng([seed, split_key, n])
         image, segments = draw_scene(rng, size)
+        if write_label_maps is not None:
+            write_label_maps(split, n, segments)
         if layout == "coco":
             image_id = first_id + n
             stem = f"{image_id:012d}"
@@ -160,7 +180,7 @@ def _write_split(
         else:
             image_id = stem = _cityscapes_stem(split, n)
         if layout == "cityscapes":
-            file_name, png_name = stem + "_leftImg8bit.png", stem + "_gtFine_panopticLabels.png"
+            file_name, png_name = stem + IMAGE_SUFFIX, stem + "_gtFine_panopticLabels.png"
         else:
             file_name, png_name = stem + ".jpg", stem + ".png"
         images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
@@ -283,42 +303,53 @@ def make_synthetic_ade20k(
     names = "".join(f"{category['name']}\n" for category in SYNTHETIC_CATEGORIES)
     write_bytes_atomic(os.path.join(root, CLASSES_FILE), names.encode())
     value_of = {c["id"]: i + 1 for i, c in enumerate(SYNTHETIC_CATEGORIES)}
-    for split_key, (split, count) in enumerate(splits):
-        _write_split(root, split, count, image_size, seed, layout="ade20k")
-        label_root = ade20k_paths(root, split)[1]
-        for n in range(count):
-            _, segments = draw_scene(np.random.default_rng([seed, split_key, n]), image_size)
-            labels = np.zeros((image_size, image_size), dtype=np.uint8)
-            for segment in segments:
-                labels[segment["mask"]] = value_of[segment["category_id"]]
-            write_bytes_atomic(
-                os.path.join(label_root, _ade20k_stem(split, n) + ".png"),
-                _encode(Image.fromarray(labels), "PNG"),
-            )
+
+    def write_label_map(split: str, n: int, segments: list[dict]) -> None:
+        labels = np.zeros((image_size, image_size), dtype=np.uint8)
+        for segment in segments:
+            labels[segment["mask"]] = value_of[segment["category_id"]]
+        write_bytes_atomic(
+            os.path.join(ade20k_paths(root, split)[1], _ade20k_stem(split, n) + ".png"),
+            _encode(Image.fromarray(labels), "PNG"),
+        )
+
+    for split, count in splits:
+        _write_split(root, split, count, image_size, seed, layout="ade20k", write_label_maps=write_label_map)
     return root
 
 
 def make_synthetic_cityscapes(
     out_dir: str, num_train: int = 64, num_val: int = 16, image_size: int = 128, seed: int = 0
 ) -> str:
-    """Write the same scenes in the Cityscapes layout under out_dir, semantic and panoptic: the images in
-    leftImg8bit/{train,val}/<city>/, train id maps gtFine/{split}/<city>/*_gtFine_labelTrainIds.png and the
-    panoptic files of createPanopticImgs.py (gtFine/cityscapes_panoptic_{split}.json and PNG folder, the 19
-    classes with label ids as category ids), two cities per split. The synthetic classes stand for six of the
-    Cityscapes classes (CITYSCAPES_LABEL_IDS). Same seed, same files. Returns out_dir."""
+    """Write the same scenes in the Cityscapes layout under out_dir for the three tasks: the images in
+    leftImg8bit/{train,val}/<city>/; in gtFine/{split}/<city>/, train id maps *_gtFine_labelTrainIds.png and
+    instance id maps *_gtFine_instanceIds.png (16-bit; label id * 1000 + the object's number within its class
+    for things, the label id for stuff, 0 for void); the panoptic files of createPanopticImgs.py
+    (gtFine/cityscapes_panoptic_{split}.json and PNG folder, the 19 classes with label ids as category ids);
+    two cities per split. The synthetic classes stand for six of the Cityscapes classes
+    (CITYSCAPES_LABEL_IDS). Same seed, same files. Returns out_dir."""
     _check_arguments(num_train, num_val, image_size, seed)
     train_id = {c["id"]: i for i, c in enumerate(cityscapes_categories())}
-    for split_key, (split, count) in enumerate((("train", num_train), ("val", num_val))):
-        _write_split(out_dir, split, count, image_size, seed, layout="cityscapes")
+
+    def write_label_maps(split: str, n: int, segments: list[dict]) -> None:
+        labels = np.full((image_size, image_size), 255, dtype=np.uint8)
+        instance_ids = np.zeros((image_size, image_size), dtype=np.uint16)
+        objects_of_class: dict[int, int] = {}
+        for segment in segments:
+            label_id = CITYSCAPES_LABEL_IDS[segment["category_id"]]
+            labels[segment["mask"]] = train_id[label_id]
+            if segment["isthing"]:
+                number = objects_of_class[label_id] = objects_of_class.get(label_id, -1) + 1
+                instance_ids[segment["mask"]] = label_id * INSTANCE_ID_BASE + number
+            else:
+                instance_ids[segment["mask"]] = label_id
         label_root = cityscapes_paths(out_dir, split)[1]
-        for n in range(count):
-            _, segments = draw_scene(np.random.default_rng([seed, split_key, n]), image_size)
-            labels = np.full((image_size, image_size), 255, dtype=np.uint8)
-            for segment in segments:
-                labels[segment["mask"]] = train_id[CITYSCAPES_LABEL_IDS[segment["category_id"]]]
-            name = image_file_name(_cityscapes_stem(split, n) + IMAGE_SUFFIX, "cityscapes")
-            write_bytes_atomic(
-                os.path.join(label_root, name.removesuffix(IMAGE_SUFFIX) + LABEL_SUFFIX),
-                _encode(Image.fromarray(labels), "PNG"),
-            )
+        stem = os.path.join(label_root, city_image_path(_cityscapes_stem(split, n)))
+        write_bytes_atomic(stem + LABEL_SUFFIX, _encode(Image.fromarray(labels), "PNG"))
+        write_bytes_atomic(stem + INSTANCE_SUFFIX, _encode(Image.fromarray(instance_ids), "PNG"))
+
+    for split, count in (("train", num_train), ("val", num_val)):
+        _write_split(
+            out_dir, split, count, image_size, seed, layout="cityscapes", write_label_maps=write_label_maps
+        )
     return out_dir

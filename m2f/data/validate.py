@@ -9,8 +9,13 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from m2f.data.ade20k import ade20k_class_names, ade20k_paths, read_raw_ade20k_labels
-from m2f.data.cityscapes import CITYSCAPES_CLASSES, CityscapesDataset
+from m2f.data.ade20k import ade20k_class_names, ade20k_paths
+from m2f.data.cityscapes import (
+    CITYSCAPES_CLASSES,
+    INSTANCE_ID_BASE,
+    CityscapesDataset,
+    CityscapesInstanceDataset,
+)
 from m2f.data.coco_instance import rle_problem
 from m2f.data.coco_panoptic import coco_paths, image_file_name
 from m2f.data.common import (
@@ -20,10 +25,12 @@ from m2f.data.common import (
     oriented_size,
     pool_context,
     read_json,
+    read_label_png,
     read_panoptic_png,
 )
 
 TASKS = ("panoptic", "instance", "semantic")
+MAX_CITYSCAPES_LABEL_ID = 33  # bicycle; the labels of cityscapesscripts (0 is unlabeled)
 PNGS_PER_WORKER = 64
 
 
@@ -217,7 +224,7 @@ def _validate_semantic(root: str, split: str, check_files: bool, problems: list[
         for stem in sorted(images.keys() & labels):
             png_path = os.path.join(annotation_root, stem + ".png")
             image_path = os.path.join(image_root, images[stem])
-            labels_array = _read_or_report(read_raw_ade20k_labels, png_path, problems)
+            labels_array = _read_or_report(read_label_png, png_path, problems)
             image_size = _read_or_report(_read_oriented_size, image_path, problems)
             if labels_array is None or image_size is None:
                 continue
@@ -230,9 +237,11 @@ def _validate_semantic(root: str, split: str, check_files: bool, problems: list[
     return {"images": len(images)}
 
 
-def _validate_cityscapes(root: str, split: str, check_files: bool, problems: list[str]) -> dict:
+def _validate_cityscapes(root: str, split: str, task: str, check_files: bool, problems: list[str]) -> dict:
+    """The semantic (train id maps) or instance (instance id maps) set: every image has its map, of its size,
+    holding train ids 0..18 or 255, or label ids 0..33 (times 1000 plus a number for an object)."""
     try:
-        dataset = CityscapesDataset(root, split)
+        dataset = (CityscapesDataset if task == "semantic" else CityscapesInstanceDataset)(root, split)
     except DatasetError as error:
         problems.extend(error.problems or [str(error)])
         return {"images": 0}
@@ -240,15 +249,25 @@ def _validate_cityscapes(root: str, split: str, check_files: bool, problems: lis
         for index, file_name in enumerate(dataset.file_names):
             png_path = dataset.annotation_path(index)
             image_path = os.path.join(dataset.image_root, file_name)
-            raw = _read_or_report(read_raw_ade20k_labels, png_path, problems)
+            raw = _read_or_report(read_label_png, png_path, problems)
             image_size = _read_or_report(_read_oriented_size, image_path, problems)
             if raw is None or image_size is None:
                 continue
             if raw.shape[::-1] != image_size:
                 problems.append(f"{png_path}: size {raw.shape[::-1]} differs from the image's {image_size}")
             values = np.unique(raw)
-            for value in values[(values >= len(CITYSCAPES_CLASSES)) & (values != IGNORE_LABEL)].tolist():
-                problems.append(f"{png_path}: unknown train id {value} (train ids are 0..18, 255 ignored)")
+            if task == "semantic":
+                for value in values[(values >= len(CITYSCAPES_CLASSES)) & (values != IGNORE_LABEL)].tolist():
+                    problems.append(
+                        f"{png_path}: unknown train id {value} (train ids are 0..18, 255 ignored)"
+                    )
+                continue
+            label_ids = np.where(values >= INSTANCE_ID_BASE, values // INSTANCE_ID_BASE, values)
+            for value in values[(label_ids < 0) | (label_ids > MAX_CITYSCAPES_LABEL_ID)].tolist():
+                problems.append(
+                    f"{png_path}: unknown value {value} (label ids are 0..{MAX_CITYSCAPES_LABEL_ID}, objects "
+                    f"label id * {INSTANCE_ID_BASE} + number)"
+                )
     return {"images": len(dataset)}
 
 
@@ -263,8 +282,9 @@ def validate_dataset(
     layout: str = "coco",
 ) -> dict:
     """Check a dataset before use. task: "panoptic" | "instance" (COCO format, in the files `layout` names:
-    "coco", "ade20k" or "cityscapes" (panoptic only), see m2f.data.coco_paths) or "semantic" (ADE20K's layout,
-    or Cityscapes' train id maps with layout "cityscapes").
+    "coco", "ade20k" or "cityscapes" (panoptic), see m2f.data.coco_paths; Cityscapes' instance id maps for
+    instance with layout "cityscapes") or "semantic" (ADE20K's layout, or Cityscapes' train id maps with
+    layout "cityscapes").
 
     Checks category ids, image files, panoptic PNGs (missing, size, segment ids in the JSON but not in the PNG
     and the reverse), empty segments and duplicates. check_files=False skips what reads or rasterizes every
@@ -273,20 +293,21 @@ def validate_dataset(
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if task == "instance" and layout == "cityscapes":
-        raise ValueError("the Cityscapes layout has panoptic and semantic annotations, no COCO instance file")
-    paths = coco_paths(root, split, layout) if task != "semantic" else {}
+    cityscapes_maps = layout == "cityscapes" and task != "panoptic"
+    paths = coco_paths(root, split, layout) if task != "semantic" and not cityscapes_maps else {}
     problems: list[str] = []
     try:
         if task == "panoptic":
             summary = _validate_panoptic(paths, layout, check_files, num_workers, problems)
+        elif cityscapes_maps:
+            summary = _validate_cityscapes(root, split, task, check_files, problems)
         elif task == "instance":
             summary = _validate_instance(paths, check_files, problems)
-        elif layout == "cityscapes":
-            summary = _validate_cityscapes(root, split, check_files, problems)
         else:
             summary = _validate_semantic(root, split, check_files, problems)
     except (KeyError, TypeError, AttributeError) as error:  # a JSON without the COCO format's keys and types
+        if not paths:  # no JSON was read: not the data's fault
+            raise
         json_path = paths["panoptic_json" if task == "panoptic" else "instances_json"]
         what = (
             f"a record lacks the key {error}"
