@@ -1,5 +1,7 @@
-"""Evaluation: panoptic quality, COCO instance AP (pycocotools), semantic mIoU, result tables."""
+"""Evaluation: panoptic quality, COCO instance AP (pycocotools), Cityscapes instance AP (cityscapesscripts),
+semantic mIoU, result tables."""
 
+from m2f.evaluation.cityscapes_instance import CityscapesInstanceEvaluator
 from m2f.evaluation.instance import InstanceEvaluator
 from m2f.evaluation.panoptic import (
     PanopticEvaluator,
@@ -12,6 +14,7 @@ from m2f.evaluation.semantic import SemanticEvaluator
 from m2f.evaluation.table import format_table, write_results
 
 __all__ = [
+    "CityscapesInstanceEvaluator",
     "InstanceEvaluator",
     "PQStats",
     "PanopticEvaluator",

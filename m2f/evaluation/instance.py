@@ -27,6 +27,33 @@ def masks_to_rles(masks: np.ndarray) -> list[dict]:
     return rles
 
 
+def check_instances(image_id, instances: dict, size: tuple[int, int], num_classes: int):
+    """An instance prediction dict (masks (K, H, W) bool at the image's size, scores (K,), labels (K,) in
+    [0, num_classes)) as numpy (masks uint8, scores float64, labels int64); ValueError naming what is wrong."""
+    masks = to_numpy(instances["masks"])
+    scores = to_numpy(instances["scores"]).astype(np.float64)
+    labels = to_numpy(instances["labels"]).astype(np.int64)
+    if (
+        masks.ndim != 3
+        or scores.ndim != 1
+        or labels.ndim != 1
+        or not len(masks) == len(scores) == len(labels)
+    ):
+        raise ValueError(
+            f"instances need masks (K, H, W), scores (K,), labels (K,); got {masks.shape}, "
+            f"{scores.shape}, {labels.shape}"
+        )
+    if masks.dtype != bool:  # probabilities or logits would be cut to garbage
+        raise ValueError(f"image_id {image_id}: masks must be bool, got {masks.dtype}")
+    if len(masks) and masks.shape[1:] != tuple(size):
+        raise ValueError(
+            f"image_id {image_id}: masks have size {masks.shape[1:]}, the image is {tuple(size)}"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"image_id {image_id}: labels must be in [0, {num_classes})")
+    return masks.astype(np.uint8), scores, labels
+
+
 def _fill_optional_keys(coco_gt: COCO) -> None:
     """Adds what pycocotools needs and COCO files may leave out (the loader reads them as optional): iscrowd
     (0), and area and bbox from the segmentation."""
@@ -111,30 +138,10 @@ class InstanceEvaluator:
         if image_id not in self.coco_gt.imgs:
             raise ValueError(f"image_id {image_id} is not in the ground truth")
         check_new_images(self._seen, [image_id])
-        masks = to_numpy(instances["masks"])
-        scores = to_numpy(instances["scores"]).astype(np.float64)
-        labels = to_numpy(instances["labels"]).astype(np.int64)
-        if (
-            masks.ndim != 3
-            or scores.ndim != 1
-            or labels.ndim != 1
-            or not len(masks) == len(scores) == len(labels)
-        ):
-            raise ValueError(
-                f"instances need masks (K, H, W), scores (K,), labels (K,); got {masks.shape}, "
-                f"{scores.shape}, {labels.shape}"
-            )
-        if masks.dtype != bool:  # probabilities or logits would be cut to garbage
-            raise ValueError(f"image_id {image_id}: masks must be bool, got {masks.dtype}")
-        masks = masks.astype(np.uint8)
         image = self.coco_gt.imgs[image_id]
-        if len(masks) and masks.shape[1:] != (image["height"], image["width"]):
-            raise ValueError(
-                f"image_id {image_id}: masks have size {masks.shape[1:]}, the image is "
-                f"{(image['height'], image['width'])}"
-            )
-        if len(labels) and (labels.min() < 0 or labels.max() >= self.metadata.num_classes):
-            raise ValueError(f"image_id {image_id}: labels must be in [0, {self.metadata.num_classes})")
+        masks, scores, labels = check_instances(
+            image_id, instances, (image["height"], image["width"]), self.metadata.num_classes
+        )
         self.image_ids.append(image_id)
         self._seen.add(image_id)
         if not len(masks):

@@ -46,7 +46,7 @@ def _semantic_table(results: dict) -> str:
 def format_table(results: dict) -> str:
     """Tables for one evaluator's compute() result, or for a dict of such results (e.g. {"panoptic": ...,
     "instance": ...}): PQ/SQ/RQ rows for All/Things/Stuff; segm AP and box AP (from masks) with AP50, AP75,
-    APs/m/l; mIoU, fwIoU, mACC, pACC."""
+    APs/m/l (Cityscapes: AP and AP50); mIoU, fwIoU, mACC, pACC."""
     if not isinstance(results, dict):
         raise TypeError(f"results must be a dict, got {type(results).__name__}")
     if "task" not in results:
@@ -57,6 +57,12 @@ def format_table(results: dict) -> str:
     task = results["task"]
     if task == "panoptic":
         return _panoptic_table(results)
+    if task == "instance" and results.get("benchmark") == "cityscapes":
+        names = ["AP", "AP50"]
+        metrics = results["segm"]
+        return "Instance segmentation, Cityscapes AP:\n" + _markdown(
+            names, [[_number(metrics[n]) for n in names]]
+        )
     if task == "instance":
         return "\n\n".join(
             [

@@ -1,0 +1,144 @@
+"""Cityscapes instance segmentation AP, computed by cityscapesscripts' own evaluation
+(evalInstanceLevelSemanticLabeling), which the benchmark and Mask2Former's tables use: AP averaged over the
+IoU thresholds 0.50:0.05:0.95 and AP50, for each of the 8 thing classes and their mean; ground-truth objects
+under 100 pixels and groups of objects are ignored, and an unmatched prediction that lies mostly on void or
+ignored pixels is no false positive. It needs the `cityscapesscripts` package (the "cityscapes" extra)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from m2f.data.common import DatasetMetadata, naming_unreadable
+from m2f.evaluation.arrays import check_new_images
+from m2f.evaluation.instance import check_instances, masks_to_rles
+from m2f.files import write_bytes_atomic
+
+
+def _load_cityscapes_evaluation():
+    try:
+        from cityscapesscripts.evaluation import evalInstanceLevelSemanticLabeling
+    except ImportError as error:
+        raise ImportError(
+            "Cityscapes instance AP is computed by cityscapesscripts: pip install cityscapesscripts (or the "
+            "package's [cityscapes] extra)"
+        ) from error
+    return evalInstanceLevelSemanticLabeling
+
+
+def _mask_png(rle: dict) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(mask_utils.decode(rle) * np.uint8(255)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class CityscapesInstanceEvaluator:
+    """Accumulates predicted instances and computes Cityscapes' AP against the instance id maps.
+
+    annotation_paths: {image_id: its *_gtFine_instanceIds.png}. update(image_id, instances) as
+    InstanceEvaluator's: masks (K, H, W) bool at the original size, scores (K,), labels (K,) contiguous
+    classes of `metadata` (written as their category ids, Cityscapes' label ids).
+    compute() -> {"task": "instance", "benchmark": "cityscapes", "segm": {"AP", "AP50", "per_class": {name:
+    AP}}, "num_images"}, in percent; a class with neither ground truth nor prediction has no AP (left out of
+    the mean and of per_class, as cityscapesscripts does).
+    """
+
+    def __init__(self, metadata: DatasetMetadata, annotation_paths: dict[str, str]):
+        self.metadata = metadata
+        self.annotation_paths = dict(annotation_paths)
+        self.reset()
+
+    def reset(self) -> None:
+        self.results: list[dict] = []
+        self.image_ids: list = []
+        self._seen: set = set()
+
+    def update(self, image_id, instances: dict) -> None:
+        if image_id not in self.annotation_paths:
+            raise ValueError(f"image_id {image_id} is not in the ground truth")
+        check_new_images(self._seen, [image_id])
+        path = self.annotation_paths[image_id]
+        with naming_unreadable(path), Image.open(path) as png:  # the size, without decoding the pixels
+            size = png.height, png.width
+        masks, scores, labels = check_instances(image_id, instances, size, self.metadata.num_classes)
+        self.image_ids.append(image_id)
+        self._seen.add(image_id)
+        if not len(masks):
+            return
+        for rle, score, label in zip(masks_to_rles(masks), scores.tolist(), labels.tolist()):
+            category_id = self.metadata.contiguous_to_category_id[label]
+            self.results.append(
+                {"image_id": image_id, "category_id": category_id, "score": score, "segmentation": rle}
+            )
+
+    def get_state(self) -> dict:
+        """The results so far (JSON-able), to gather across processes or store, and pass to merge_state."""
+        return {"segm": self.results, "image_ids": self.image_ids}
+
+    def merge_state(self, state: dict) -> None:
+        needed = {"image_id", "category_id", "score", "segmentation"}
+        if not isinstance(state["segm"], list) or not all(
+            isinstance(r, dict) and needed <= r.keys() for r in state["segm"]
+        ):
+            raise ValueError(f"state['segm'] must be a list of results with the keys {sorted(needed)}")
+        if not isinstance(state["image_ids"], list):
+            raise ValueError(f"state['image_ids'] must be a list, got {type(state['image_ids']).__name__}")
+        check_new_images(self._seen, state["image_ids"])
+        self.results.extend(state["segm"])
+        self.image_ids.extend(state["image_ids"])
+        self._seen.update(state["image_ids"])
+
+    def compute(self) -> dict:
+        evaluation = _load_cityscapes_evaluation()
+        image_ids = sorted(set(self.image_ids))
+        with tempfile.TemporaryDirectory() as folder:
+            folder = os.path.realpath(folder)
+            # The script reads one text file per image listing "mask PNG, label id, score" lines.
+            lines: dict = {image_id: [] for image_id in image_ids}
+            for number, result in enumerate(self.results):
+                name = f"mask{number:07d}.png"
+                write_bytes_atomic(os.path.join(folder, name), _mask_png(result["segmentation"]))
+                lines[result["image_id"]].append(f"{name} {result['category_id']} {result['score']!r}\n")
+            prediction_files = []
+            for number, image_id in enumerate(image_ids):
+                prediction_files.append(os.path.join(folder, f"image{number:07d}.txt"))
+                write_bytes_atomic(prediction_files[-1], "".join(lines[image_id]).encode())
+            args = copy.deepcopy(evaluation.args)
+            args.predictionPath = folder
+            args.gtInstancesFile = os.path.join(folder, "gtInstances.json")
+            args.JSONOutput, args.quiet, args.colorized = False, True, False
+            ground_truth = [os.path.abspath(self.annotation_paths[image_id]) for image_id in image_ids]
+            working_folder = os.getcwd()
+            os.chdir(folder)  # it also writes a matches.json into the working folder
+            try:
+                with contextlib.redirect_stdout(io.StringIO()) as printed:
+                    averages = evaluation.evaluateImgLists(prediction_files, ground_truth, args)["averages"]
+            except SystemExit:  # how the script reports an error, after printing it
+                raise RuntimeError(
+                    f"cityscapesscripts' evaluation failed: {printed.getvalue().strip()}"
+                ) from None
+            finally:
+                os.chdir(working_folder)
+        per_class = {
+            name: 100 * float(values["ap"])
+            for name, values in averages["classes"].items()
+            if not math.isnan(values["ap"])
+        }
+        return {
+            "task": "instance",
+            "benchmark": "cityscapes",
+            "segm": {
+                "AP": 100 * float(averages["allAp"]),
+                "AP50": 100 * float(averages["allAp50%"]),
+                "per_class": per_class,
+            },
+            "num_images": len(image_ids),
+        }
