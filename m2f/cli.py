@@ -25,6 +25,7 @@ DATASET_CHOICES = (
     "ade20k-instance",
     "cityscapes",
     "cityscapes-panoptic",
+    "cityscapes-instance",
 )
 CHECKPOINT_CONFIG_HELP = "a config name or .json file (default: the config stored in the checkpoint)"
 
@@ -473,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument(
         "--classes",
-        help="class names when the checkpoint has none (detectron2) or to replace its own: 'ade20k', 'cityscapes', a COCO "
+        help="class names when the checkpoint has none (detectron2) or to replace its own: 'ade20k', 'cityscapes', 'cityscapes-instance', a COCO "
         "annotation JSON (names and thing classes), a JSON list or a text file with one name per line",
     )
     convert.set_defaults(func=cmd_convert)

@@ -435,12 +435,13 @@ CITYSCAPES_90K = 90000
 
 def _cityscapes(name: str, task: str, backbone: BackboneConfig, num_queries: int = 100) -> ModelConfig:
     """Mask2Former's Cityscapes recipe: 512 x 1024 crops from the short side resized to 512-2048, 90k
-    iterations of poly schedule, tested with the short side at 1024 (long side at most 2048)."""
+    iterations of poly schedule, tested with the short side at 1024 (long side at most 2048). Semantic and
+    panoptic models have the 19 evaluated classes, instance models the 8 thing classes."""
     return ModelConfig(
         name=name,
         task=task,
         dataset="cityscapes",
-        num_classes=19,
+        num_classes=8 if task == "instance" else 19,
         backbone=backbone,
         decoder=DecoderConfig(num_queries=num_queries),
         inference=InferenceConfig(test_short_edge=1024, test_max_size=2048),
@@ -533,6 +534,10 @@ _BUILDERS = {
     "panoptic-cityscapes-swin-t": lambda: _cityscapes("panoptic-cityscapes-swin-t", "panoptic", _swin("t")),
     "panoptic-cityscapes-swin-b-in21k": lambda: _cityscapes(
         "panoptic-cityscapes-swin-b-in21k", "panoptic", _swin("b")
+    ),
+    "instance-cityscapes-r50": lambda: _cityscapes("instance-cityscapes-r50", "instance", _resnet(50, False)),
+    "instance-cityscapes-swin-l-in21k": lambda: _cityscapes(
+        "instance-cityscapes-swin-l-in21k", "instance", _swin("l"), num_queries=200
     ),
     "demo-tiny": _demo_tiny,
 }

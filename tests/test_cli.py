@@ -1090,9 +1090,9 @@ def test_ade20k_panoptic_training_and_its_three_evaluations(tmp_path, capsys):
 
 
 def test_cityscapes_training_crops_half_as_high_as_wide_and_evaluates(tmp_path, monkeypatch, capsys):
-    """`make-synthetic --cityscapes` writes both Cityscapes sets; training on either takes Mask2Former's
-    recipe with crops of solver.crop_aspect (here 32 x 64 from --image-size 64), evaluation scores mIoU and PQ
-    on the classes the scenes hold (six of the 19). Large-scale jitter (COCO) refuses a crop aspect before reading the data."""
+    """`make-synthetic --cityscapes` writes the three Cityscapes sets; training on each takes Mask2Former's
+    recipe with crops of solver.crop_aspect (here 32 x 64 from --image-size 64), evaluation scores mIoU, PQ
+    and cityscapesscripts' AP on the classes the scenes hold (six of the 19, three of the 8 things). Large-scale jitter (COCO) refuses a crop aspect before reading the data."""
     from m2f.engine import train
 
     root = tmp_path / "cityscapes"
@@ -1106,7 +1106,7 @@ def test_cityscapes_training_crops_half_as_high_as_wide_and_evaluates(tmp_path, 
         return build_dataset(kind, data_root, split, transforms_, seed)
 
     monkeypatch.setattr(train, "build_dataset", recording_build_dataset)
-    for kind in ("cityscapes", "cityscapes-panoptic"):
+    for kind in ("cityscapes", "cityscapes-panoptic", "cityscapes-instance"):
         out = tmp_path / kind
         args = [*train_args(root, out, 1), "--dataset", kind, "--set", "solver.crop_aspect=0.5"]
         assert main(args) == 0
@@ -1118,9 +1118,13 @@ def test_cityscapes_training_crops_half_as_high_as_wide_and_evaluates(tmp_path, 
         if kind == "cityscapes":
             assert set(results["per_class"]) == {"road", "building", "vegetation", "person", "car", "bicycle"}
             assert 0 <= results["mIoU"] <= 100
-        else:
+        elif kind == "cityscapes-panoptic":
             assert (results["N"], results["N_th"]) == (6, 3) and results["num_images"] == 2
-    capsys.readouterr()
+        else:
+            assert results["benchmark"] == "cityscapes" and results["num_images"] == 2
+            assert set(results["segm"]["per_class"]) <= {"person", "car", "bicycle"}
+            assert 0 <= results["segm"]["AP50"] <= 100
+    assert "Instance segmentation, Cityscapes AP" in capsys.readouterr().out
 
     transforms.clear()
     square_only = [*train_args(tmp_path / "coco", tmp_path / "lsj", 1), "--set", "solver.crop_aspect=0.5"]

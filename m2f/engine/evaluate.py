@@ -201,11 +201,19 @@ def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def make_evaluator(task: str, dataset):
-    from m2f.evaluation import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator
+    from m2f.data import CityscapesInstanceDataset
+    from m2f.evaluation import (
+        CityscapesInstanceEvaluator,
+        InstanceEvaluator,
+        PanopticEvaluator,
+        SemanticEvaluator,
+    )
 
     metadata = dataset.metadata
     if task == "panoptic":
         return PanopticEvaluator(metadata)
+    if task == "instance" and isinstance(dataset, CityscapesInstanceDataset):
+        return CityscapesInstanceEvaluator(metadata, dataset.annotation_paths())
     if task == "instance":
         return InstanceEvaluator(metadata)
     return SemanticEvaluator(metadata.num_classes, metadata.ignore_label, list(metadata.class_names))
@@ -261,7 +269,7 @@ def evaluate_model(
     """
     from tqdm import tqdm
 
-    from m2f.data import CocoInstanceDataset, SemanticDataset
+    from m2f.data import CityscapesInstanceDataset, CocoInstanceDataset, SemanticDataset
 
     device = torch.device(device)
     if task is None:
@@ -269,7 +277,7 @@ def evaluate_model(
             "semantic"
             if isinstance(dataset, SemanticDataset)
             else "instance"
-            if isinstance(dataset, CocoInstanceDataset)
+            if isinstance(dataset, CocoInstanceDataset | CityscapesInstanceDataset)
             else "panoptic"
         )
     if tta and task != "semantic":
@@ -471,6 +479,7 @@ EVAL_TASKS = {
     "ade20k-instance": ("instance",),
     "cityscapes": ("semantic",),
     "cityscapes-panoptic": ("panoptic", "semantic"),
+    "cityscapes-instance": ("instance",),
 }
 
 
@@ -544,7 +553,7 @@ def run_evaluation(
     else:
         raise ValueError(
             f"{checkpoint} predicts other classes than the {dataset_kind} dataset has; only instance "
-            "evaluation (--dataset coco-instance or ade20k-instance) maps a model's classes to a dataset's"
+            "evaluation (--dataset coco-instance, ade20k-instance or cityscapes-instance) maps a model's classes to a dataset's"
         )
     config = dataclasses.replace(config, num_classes=num_classes)
     model = build_checkpoint_model(config, checkpoint).to(device)

@@ -805,7 +805,8 @@ class Trainer:
 
 
 # Each dataset kind's task and layout: the panoptic and instance kinds read COCO-format files in a layout of
-# m2f.data.coco_paths, "ade20k" and "cityscapes" their semantic label maps.
+# m2f.data.coco_paths (cityscapes-instance: Cityscapes' instance id maps), "ade20k" and "cityscapes" their
+# semantic label maps.
 DATASET_TASKS = {
     "coco-panoptic": "panoptic",
     "coco-instance": "instance",
@@ -814,6 +815,7 @@ DATASET_TASKS = {
     "ade20k-instance": "instance",
     "cityscapes": "semantic",
     "cityscapes-panoptic": "panoptic",
+    "cityscapes-instance": "instance",
 }
 DATASET_KINDS = tuple(DATASET_TASKS)
 DATASET_LAYOUTS = {
@@ -824,12 +826,13 @@ DATASET_LAYOUTS = {
     "ade20k-instance": "ade20k",
     "cityscapes": "cityscapes",
     "cityscapes-panoptic": "cityscapes",
+    "cityscapes-instance": "cityscapes",
 }
 
 
 def default_dataset_kind(config) -> str:
     """The config's dataset in the config's task: ade20k, ade20k-panoptic or ade20k-instance for ADE20K
-    configs, cityscapes or cityscapes-panoptic for Cityscapes ones, else coco-panoptic, coco-instance, or
+    configs, cityscapes, cityscapes-panoptic or cityscapes-instance for Cityscapes ones, else coco-panoptic, coco-instance, or
     ade20k for semantic (the synthetic demo: coco-panoptic)."""
     kinds = {"panoptic": "coco-panoptic", "instance": "coco-instance", "semantic": "ade20k"}
     if config.dataset in ("ade20k", "cityscapes"):
@@ -884,6 +887,10 @@ def build_dataset(kind: str, data_root: str | os.PathLike, split: str, transform
         semantic = data.CityscapesDataset if kind == "cityscapes" else data.ADE20KDataset
         return semantic(str(data_root), split, transforms, seed=seed)
     options = {"layout": DATASET_LAYOUTS[kind]}
+    if kind == "cityscapes-instance":
+        return data.CityscapesInstanceDataset(
+            str(data_root), split, transforms, seed=seed, skip_empty=split == "train"
+        )
     if DATASET_TASKS[kind] == "instance":
         return data.CocoInstanceDataset(
             str(data_root), split, transforms, seed=seed, skip_empty=split == "train", **options

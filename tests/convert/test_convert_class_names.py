@@ -290,6 +290,10 @@ def test_classes_cityscapes():
     assert len(names) == 19 and names[0] == "road" and names[11:13] == ["person", "rider"]
     assert things == list(range(11, 19))
     assert [c["id"] for c in categories][:5] == [7, 8, 11, 12, 13] and categories[-1]["id"] == 33
+    # the instance models' 8 classes: those things, with the same ids
+    (instance_names, instance_things), instance_categories = _resolve_classes("cityscapes-instance")
+    assert instance_names == names[11:] and instance_things == list(range(8))
+    assert instance_categories == categories[11:]
 
 
 def test_classes_ade20k():

@@ -416,3 +416,48 @@ def test_ade20k_panoptic_model_is_evaluated_on_ade20k_instances(ade20k_root):
     )["results"]
     assert results["num_images"] == 3
     assert results["segm"]["AP"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("silent_scenes", [set(), {1}])
+def test_cityscapes_panoptic_model_is_evaluated_on_cityscapes_instances(cityscapes_root, silent_scenes):
+    """A panoptic model's things map to the 8 instance classes by label id, and cityscapesscripts scores them
+    against the instance id maps: an oracle (silent on some scenes) finds no false positive, so each class's
+    AP is the share of its objects (of 100 pixels or more, the benchmark's smallest) that it finds, counted
+    here from the id maps."""
+    import numpy as np
+
+    from m2f.data.common import read_label_png
+    from m2f.engine.train import build_dataset
+
+    config, panoptic = oracle_eval_setup(cityscapes_root, "cityscapes-panoptic")
+    instances = build_dataset("cityscapes-instance", cityscapes_root, "val", panoptic.transforms)
+    assert [record[1] for record in panoptic.records] == instances.file_names
+    silent = {
+        i for i, record in enumerate(panoptic.records) if scene_number("cityscapes", record) in silent_scenes
+    }
+    found, total = {}, {}
+    for index in range(len(instances)):
+        ids = read_label_png(instances.annotation_path(index))
+        values, counts = np.unique(ids[ids >= 1000], return_counts=True)
+        for value in values[counts >= 100].tolist():
+            name = {24: "person", 26: "car", 33: "bicycle"}[value // 1000]
+            total[name] = total.get(name, 0) + 1
+            found[name] = found.get(name, 0) + (index not in silent)
+    assert total and (found != total) == bool(silent_scenes)
+
+    oracle = OracleModel(
+        oracle_answers(cityscapes_root, silent, kind="cityscapes-panoptic"), panoptic.metadata.num_classes
+    )
+    results = evaluate_model(
+        oracle,
+        instances,
+        config,
+        task="instance",
+        progress=False,
+        model_categories=panoptic.metadata.categories,
+    )["results"]
+    assert results["benchmark"] == "cityscapes" and results["num_images"] == 3
+    expected = {name: 100 * found[name] / total[name] for name in total}
+    assert results["segm"]["per_class"] == pytest.approx(expected)
+    assert results["segm"]["AP"] == pytest.approx(np.mean(list(expected.values())))
+    assert results["segm"]["AP50"] == pytest.approx(results["segm"]["AP"])

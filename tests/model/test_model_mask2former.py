@@ -69,6 +69,8 @@ def test_config_names_and_bad_name():
         "panoptic-cityscapes-r50",
         "panoptic-cityscapes-swin-t",
         "panoptic-cityscapes-swin-b-in21k",
+        "instance-cityscapes-r50",
+        "instance-cityscapes-swin-l-in21k",
         "demo-tiny",
     }
     with pytest.raises(ValueError, match="panoptic-r50") as error:
@@ -137,6 +139,16 @@ PUBLISHED = {
         19,
         100,
         "swin_base_patch4_window12_384",
+        1024,
+        90000,
+        "poly",
+    ),
+    "instance-cityscapes-r50": ("instance", 8, 100, "resnet50", 1024, 90000, "poly"),
+    "instance-cityscapes-swin-l-in21k": (
+        "instance",
+        8,
+        200,
+        "swin_large_patch4_window12_384",
         1024,
         90000,
         "poly",
