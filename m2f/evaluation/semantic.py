@@ -13,8 +13,8 @@ from m2f.evaluation.arrays import per_class_keys, to_numpy
 class SemanticEvaluator:
     """update(pred, gt): pred (H, W) class indices or (C, H, W) scores (argmax taken), gt (H, W) class indices
     with ignore_index for unlabeled pixels. compute() -> {"task": "semantic", "mIoU", "fwIoU", "mACC", "pACC"
-    (percent), "per_class": {name: {"IoU", "ACC"}}} (a name that several classes share becomes
-    "name (class index)")."""
+    (percent), "per_class": {name: {"IoU", "ACC"}} (a name that several classes share becomes
+    "name (class index)"), "num_images"}."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255, class_names: list[str] | None = None):
         num_classes = check_int("num_classes", num_classes, 1)
@@ -29,6 +29,7 @@ class SemanticEvaluator:
 
     def reset(self) -> None:
         self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)  # [gt, pred]
+        self.num_images = 0
 
     def update(self, pred, gt) -> None:
         pred, gt = to_numpy(pred), to_numpy(gt).astype(np.int64)
@@ -50,10 +51,12 @@ class SemanticEvaluator:
                 )
         counts = np.bincount(gt * self.num_classes + pred, minlength=self.num_classes**2)
         self.confusion += counts.reshape(self.num_classes, self.num_classes)
+        self.num_images += 1
 
     def get_state(self) -> dict:
-        """The confusion counts as JSON-able lists, to gather across processes or store."""
-        return {"confusion": self.confusion.tolist()}
+        """The confusion counts as JSON-able lists and the number of images, to gather across processes or
+        store."""
+        return {"confusion": self.confusion.tolist(), "num_images": self.num_images}
 
     def merge_state(self, state: dict) -> None:
         confusion = np.asarray(state["confusion"], dtype=np.int64)
@@ -61,7 +64,11 @@ class SemanticEvaluator:
             raise ValueError(
                 f"state has a confusion matrix of shape {confusion.shape}, expected {self.confusion.shape}"
             )
+        num_images = state["num_images"]
+        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 0:
+            raise ValueError(f"state['num_images'] must be an int >= 0, got {num_images!r}")
         self.confusion += confusion
+        self.num_images += num_images
 
     def compute(self) -> dict:
         true_positive = np.diag(self.confusion).astype(np.float64)
@@ -85,4 +92,5 @@ class SemanticEvaluator:
                 for k, key in enumerate(per_class_keys(self.class_names, range(len(self.class_names))))
                 if present[k]
             },
+            "num_images": self.num_images,
         }

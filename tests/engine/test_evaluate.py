@@ -49,6 +49,7 @@ def test_semantic_evaluation_of_a_panoptic_dataset(synthetic_root):
     oracle = OracleModel(oracle_answers(synthetic_root), num_classes)
     perfect = evaluate_model(oracle, dataset, config, task="semantic", progress=False)["results"]
     assert perfect["task"] == "semantic" and perfect["mIoU"] == pytest.approx(100.0)
+    assert perfect["num_images"] == len(dataset) == 3
 
     answers = oracle_answers(synthetic_root)
     answers[0] = (torch.zeros_like(answers[0][0]), answers[0][1])

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -126,3 +128,17 @@ def test_fwiou_weights_by_ground_truth_pixels():
     assert results["per_class"]["0"]["IoU"] == pytest.approx(200 / 3)
     assert results["per_class"]["1"]["IoU"] == pytest.approx(50.0)
     assert results["fwIoU"] == pytest.approx(62.5)
+
+
+def test_image_count_travels_with_the_state():
+    """num_images counts updates, and merged states add theirs (the evaluation in parts and processes)."""
+    first, second, merged = SemanticEvaluator(2), SemanticEvaluator(2), SemanticEvaluator(2)
+    for _ in range(3):
+        first.update(np.zeros((2, 2)), np.zeros((2, 2)))
+    second.update(np.ones((2, 2)), np.ones((2, 2)))
+    for evaluator in (first, second):
+        merged.merge_state(json.loads(json.dumps(evaluator.get_state())))
+    assert (first.compute()["num_images"], merged.compute()["num_images"]) == (3, 4)
+    for bad in (-1, 1.5, True, None):
+        with pytest.raises(ValueError, match=r"state\['num_images'\] must be an int >= 0"):
+            SemanticEvaluator(2).merge_state({**first.get_state(), "num_images": bad})
