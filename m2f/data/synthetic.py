@@ -138,6 +138,26 @@ def _bbox(mask: np.ndarray) -> list[float]:
     return [float(v) for v in mask_utils.toBbox(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8))))]
 
 
+def _layout_categories(layout: str) -> tuple[dict[int, int], list[dict]]:
+    """({synthetic category id: the layout's}, the layout's category list)."""
+    if layout == "cityscapes":  # createPanopticImgs.py lists the 19 classes
+        return CITYSCAPES_LABEL_IDS, cityscapes_categories()
+    ids = {c["id"]: c["id"] if layout == "coco" else i for i, c in enumerate(SYNTHETIC_CATEGORIES)}
+    return ids, [{**c, "id": ids[c["id"]]} for c in SYNTHETIC_CATEGORIES]
+
+
+def _image_names(layout: str, split: str, n: int, first_id: int) -> tuple[int | str, str, str]:
+    """(image id, image file name, panoptic PNG name) of image n of a split."""
+    if layout == "coco":
+        image_id = first_id + n
+        return image_id, f"{image_id:012d}.jpg", f"{image_id:012d}.png"
+    if layout == "ade20k":
+        stem = _ade20k_stem(split, n)
+        return stem, stem + ".jpg", stem + ".png"
+    stem = _cityscapes_stem(split, n)
+    return stem, stem + IMAGE_SUFFIX, stem + "_gtFine_panopticLabels.png"
+
+
 def _write_split(
     out_dir: str,
     split: str,
@@ -155,16 +175,7 @@ def _write_split(
     ids (CITYSCAPES_LABEL_IDS), PNG images, no instance file. write_label_maps(split, n, segments), if given,
     writes the label maps of image n from its draw_scene segments."""
     paths = coco_paths(out_dir, split, layout)
-    if layout == "coco":
-        category_ids = {c["id"]: c["id"] for c in SYNTHETIC_CATEGORIES}
-    elif layout == "ade20k":
-        category_ids = {c["id"]: i for i, c in enumerate(SYNTHETIC_CATEGORIES)}
-    else:
-        category_ids = CITYSCAPES_LABEL_IDS
-    if layout == "cityscapes":  # createPanopticImgs.py lists the 19 classes
-        categories = cityscapes_categories()
-    else:
-        categories = [{**c, "id": category_ids[c["id"]]} for c in SYNTHETIC_CATEGORIES]
+    category_ids, categories = _layout_categories(layout)
     images, panoptic_annotations, instance_annotations = [], [], []
     split_key = 0 if split == "train" else 1
     for n in range(num_images):
@@ -172,17 +183,7 @@ def _write_split(
         image, segments = draw_scene(rng, size)
         if write_label_maps is not None:
             write_label_maps(split, n, segments)
-        if layout == "coco":
-            image_id = first_id + n
-            stem = f"{image_id:012d}"
-        elif layout == "ade20k":
-            image_id = stem = _ade20k_stem(split, n)
-        else:
-            image_id = stem = _cityscapes_stem(split, n)
-        if layout == "cityscapes":
-            file_name, png_name = stem + IMAGE_SUFFIX, stem + "_gtFine_panopticLabels.png"
-        else:
-            file_name, png_name = stem + ".jpg", stem + ".png"
+        image_id, file_name, png_name = _image_names(layout, split, n, first_id)
         images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
 
         segment_ids = rng.choice(256**3 - 1, size=len(segments), replace=False) + 1
@@ -218,7 +219,7 @@ def _write_split(
         )
         image_bytes = (
             _encode(Image.fromarray(image), "PNG")
-            if layout == "cityscapes"
+            if file_name.endswith(".png")
             else _encode(Image.fromarray(image), "JPEG", quality=95)
         )
         write_bytes_atomic(os.path.join(paths["image_root"], image_file_name(file_name, layout)), image_bytes)
@@ -226,9 +227,9 @@ def _write_split(
             os.path.join(paths["panoptic_root"], png_name), _encode(Image.fromarray(id_to_rgb(ids)), "PNG")
         )
 
-    if layout == "cityscapes":  # createPanopticImgs.py lists the images by path: city, then name
-        images.sort(key=lambda image: image_file_name(image["file_name"], layout))
-        panoptic_annotations.sort(key=lambda annotation: image_file_name(annotation["file_name"], layout))
+    # createPanopticImgs.py lists the images by path (city, then name); the other layouts are in that order.
+    images.sort(key=lambda image: image_file_name(image["file_name"], layout))
+    panoptic_annotations.sort(key=lambda annotation: image_file_name(annotation["file_name"], layout))
     write_json_atomic(
         paths["panoptic_json"],
         {"images": images, "annotations": panoptic_annotations, "categories": categories},
