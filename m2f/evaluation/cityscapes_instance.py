@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 
 from m2f.data.common import DatasetMetadata, naming_unreadable
 from m2f.evaluation.arrays import check_new_images
-from m2f.evaluation.instance import check_instances, masks_to_rles
+from m2f.evaluation.instance import check_instances, check_results_state, masks_to_rles
 from m2f.files import write_bytes_atomic
 
 
@@ -84,13 +84,7 @@ class CityscapesInstanceEvaluator:
         return {"segm": self.results, "image_ids": self.image_ids}
 
     def merge_state(self, state: dict) -> None:
-        needed = {"image_id", "category_id", "score", "segmentation"}
-        if not isinstance(state["segm"], list) or not all(
-            isinstance(r, dict) and needed <= r.keys() for r in state["segm"]
-        ):
-            raise ValueError(f"state['segm'] must be a list of results with the keys {sorted(needed)}")
-        if not isinstance(state["image_ids"], list):
-            raise ValueError(f"state['image_ids'] must be a list, got {type(state['image_ids']).__name__}")
+        check_results_state(state, {"segm": "segmentation"})
         check_new_images(self._seen, state["image_ids"])
         self.results.extend(state["segm"])
         self.image_ids.extend(state["image_ids"])

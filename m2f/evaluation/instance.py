@@ -54,6 +54,20 @@ def check_instances(image_id, instances: dict, size: tuple[int, int], num_classe
     return masks.astype(np.uint8), scores, labels
 
 
+def check_results_state(state: dict, result_keys: dict[str, str]) -> None:
+    """ValueError unless state["image_ids"] is a list and each state[key] of result_keys a list of result
+    dicts with image_id, category_id, score and result_keys[key] (an evaluator state read back from JSON)."""
+    for key, result_key in result_keys.items():
+        results = state[key]
+        needed = {"image_id", "category_id", "score", result_key}
+        if not isinstance(results, list) or not all(
+            isinstance(r, dict) and needed <= r.keys() for r in results
+        ):
+            raise ValueError(f"state[{key!r}] must be a list of results with the keys {sorted(needed)}")
+    if not isinstance(state["image_ids"], list):
+        raise ValueError(f"state['image_ids'] must be a list, got {type(state['image_ids']).__name__}")
+
+
 def _fill_optional_keys(coco_gt: COCO) -> None:
     """Adds what pycocotools needs and COCO files may leave out (the loader reads them as optional): iscrowd
     (0), and area and bbox from the segmentation."""
@@ -161,15 +175,7 @@ class InstanceEvaluator:
         return {"segm": self.segm_results, "box": self.box_results, "image_ids": self.image_ids}
 
     def merge_state(self, state: dict) -> None:
-        for key, result_key in (("segm", "segmentation"), ("box", "bbox")):
-            results = state[key]
-            needed = {"image_id", "category_id", "score", result_key}
-            if not isinstance(results, list) or not all(
-                isinstance(r, dict) and needed <= r.keys() for r in results
-            ):
-                raise ValueError(f"state[{key!r}] must be a list of results with the keys {sorted(needed)}")
-        if not isinstance(state["image_ids"], list):
-            raise ValueError(f"state['image_ids'] must be a list, got {type(state['image_ids']).__name__}")
+        check_results_state(state, {"segm": "segmentation", "box": "bbox"})
         check_new_images(self._seen, state["image_ids"])
         self.segm_results.extend(state["segm"])
         self.box_results.extend(state["box"])
