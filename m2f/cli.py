@@ -176,6 +176,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         skip_existing=args.skip_existing,
         tta=args.tta,
         coco_results=args.coco_results,
+        cityscapes_results=args.cityscapes_results,
         overlay=not args.no_overlay,
         category_ids=args.category_ids,
     )
@@ -437,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write COCO results files (panoptic_results.json, instances_results.json) for the images a "
         "COCO JSON lists (e.g. image_info_test-dev2017.json): only those among the inputs are predicted, and "
         "all must be there",
+    )
+    predict.add_argument(
+        "--cityscapes-results",
+        action="store_true",
+        help="also write the instance task's Cityscapes results (OUT/cityscapes_instance_results/: a .txt per "
+        "image and the mask PNGs), what cityscapesscripts' evaluation and the benchmark's server read",
     )
     predict.add_argument(
         "--category-ids",

@@ -1124,7 +1124,27 @@ def test_cityscapes_training_crops_half_as_high_as_wide_and_evaluates(tmp_path, 
             assert results["benchmark"] == "cityscapes" and results["num_images"] == 2
             assert set(results["segm"]["per_class"]) <= {"person", "car", "bicycle"}
             assert 0 <= results["segm"]["AP50"] <= 100
-    assert "Instance segmentation, Cityscapes AP" in capsys.readouterr().out
+            cities = sorted((root / "leftImg8bit" / "val").iterdir())
+            predict = ["predict", *map(str, cities), "--checkpoint", str(out / "model_final.safetensors")]
+            assert (
+                main([*predict, "--out", str(out / "predictions"), "--no-overlay", "--cityscapes-results"])
+                == 0
+            )
+            folder = out / "predictions" / "cityscapes_instance_results"
+            stems = sorted(path.stem for city in cities for path in city.iterdir())
+            assert sorted(path.stem for path in folder.glob("*.txt")) == stems
+            semantic = [
+                *predict,
+                "--out",
+                str(out / "semantic"),
+                "--task",
+                "semantic",
+                "--cityscapes-results",
+            ]
+            assert main(semantic) == 2
+    captured = capsys.readouterr()
+    assert "Instance segmentation, Cityscapes AP" in captured.out
+    assert "cityscapes_results: the Cityscapes results are the instance task's" in captured.err
 
     transforms.clear()
     square_only = [*train_args(tmp_path / "coco", tmp_path / "lsj", 1), "--set", "solver.crop_aspect=0.5"]

@@ -17,7 +17,8 @@ store none). With --tta the semantic task runs Mask2Former's multi-scale and fli
 Every file is written atomically; with --skip-existing an image whose files are all there is not
 predicted again, so an interrupted run over many images continues where it stopped. Under torchrun the
 ranks share the images. With --coco-results IMAGES_JSON the COCO results files of the panoptic and instance
-tasks are written as well (coco_results.py).
+tasks are written as well (coco_results.py), with --cityscapes-results the instance task's files for
+Cityscapes' benchmark (cityscapes_results.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from PIL import Image
 from m2f import visualize
 from m2f.config import ModelConfig
 from m2f.engine import checkpoint as ckpt
+from m2f.engine import cityscapes_results as cityscapes_files
 from m2f.engine import coco_results as results_files
 from m2f.engine import distributed as dist_utils
 from m2f.engine.evaluate import (
@@ -322,6 +324,7 @@ def run_prediction(
     skip_existing: bool = False,
     tta: bool = False,
     coco_results: str | os.PathLike | None = None,
+    cityscapes_results: bool = False,
     overlay: bool = True,
     category_ids: bool = False,
 ) -> list[Path]:
@@ -333,7 +336,9 @@ def run_prediction(
     exist already is not predicted (its paths are still returned). tta: the semantic task (the only one
     allowed then) by Mask2Former's multi-scale and flip test. coco_results: a COCO JSON whose "images" name
     the images to predict among the inputs (all must be there) and their ids; the COCO results file of each
-    panoptic and instance task is written too (m2f.engine.coco_results). overlay=False: the raw files only.
+    panoptic and instance task is written too (m2f.engine.coco_results). cityscapes_results: the instance
+    task's files for Cityscapes' benchmark too, in out_dir/cityscapes_instance_results/
+    (m2f.engine.cityscapes_results; the folder is among the returned paths). overlay=False: the raw files only.
     category_ids: the semantic task's labels as the dataset's category ids (the checkpoint must store them)."""
 
     if isinstance(images, (str, os.PathLike)):
@@ -373,6 +378,12 @@ def run_prediction(
                 f"coco_results: COCO results files are for the panoptic and instance tasks, got {tasks}"
             )
         check_stored_category_ids("coco_results", classes, checkpoint, "<COCO annotation JSON>")
+    if cityscapes_results:
+        if "instance" not in tasks:
+            raise ValueError(
+                f"cityscapes_results: the Cityscapes results are the instance task's, got tasks {tasks}"
+            )
+        check_stored_category_ids("cityscapes_results", classes, checkpoint, "cityscapes-instance")
     if category_ids:
         if "semantic" not in tasks:
             raise ValueError(
@@ -395,6 +406,8 @@ def run_prediction(
     predictor = Predictor(checkpoint, config=config, device=device, amp=amp)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_paths = results_files.results_paths(tasks, out_dir) if coco_results is not None else []
+    if cityscapes_results:
+        results_paths.append(out_dir / cityscapes_files.RESULTS_FOLDER)
     if rank == 0:  # what a killed earlier prediction of these images left half-written
         written_names = [p.name for paths in outputs.values() for p in paths] + [
             p.name for p in results_paths
@@ -429,5 +442,8 @@ def run_prediction(
     if coco_results is not None and rank == 0:
         stem_ids = {Path(path).stem: image_ids[Path(path).name] for path in images}
         results_files.write_coco_results(tasks, out_dir, stem_ids, classes.category_ids)
+    if cityscapes_results and rank == 0:
+        stems = [Path(path).stem for path in images]
+        cityscapes_files.write_cityscapes_results(out_dir, stems, classes.category_ids)
     dist_utils.barrier()
     return [p for path in images for p in outputs[path]] + results_paths

@@ -12,6 +12,7 @@ import io
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image
@@ -34,10 +35,20 @@ def _load_cityscapes_evaluation():
     return evalInstanceLevelSemanticLabeling
 
 
-def _mask_png(rle: dict) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(mask_utils.decode(rle) * np.uint8(255)).save(buffer, format="PNG")
-    return buffer.getvalue()
+def write_instance_files(folder: str, name: str, instances: Iterable[tuple[np.ndarray, int, float]]) -> str:
+    """One image's instances (mask (H, W) bool, label id, score) as cityscapesscripts' evaluation and the
+    benchmark's server read them: folder/<name>.txt with a line "masks/<name>_<k>.png <label id> <score>" per
+    instance, each mask a PNG (255 inside, 0 outside). Returns the text file's path."""
+    lines = []
+    for number, (mask, label_id, score) in enumerate(instances):
+        mask_name = f"masks/{name}_{number}.png"
+        buffer = io.BytesIO()
+        Image.fromarray(mask.astype(np.uint8) * np.uint8(255)).save(buffer, format="PNG")
+        write_bytes_atomic(os.path.join(folder, mask_name), buffer.getvalue())
+        lines.append(f"{mask_name} {int(label_id)} {float(score)!r}\n")
+    path = os.path.join(folder, f"{name}.txt")
+    write_bytes_atomic(path, "".join(lines).encode())
+    return path
 
 
 class CityscapesInstanceEvaluator:
@@ -95,16 +106,20 @@ class CityscapesInstanceEvaluator:
         image_ids = sorted(set(self.image_ids))
         with tempfile.TemporaryDirectory() as folder:
             folder = os.path.realpath(folder)
-            # The script reads one text file per image listing "mask PNG, label id, score" lines.
-            lines: dict = {image_id: [] for image_id in image_ids}
-            for number, result in enumerate(self.results):
-                name = f"mask{number:07d}.png"
-                write_bytes_atomic(os.path.join(folder, name), _mask_png(result["segmentation"]))
-                lines[result["image_id"]].append(f"{name} {result['category_id']} {result['score']!r}\n")
-            prediction_files = []
-            for number, image_id in enumerate(image_ids):
-                prediction_files.append(os.path.join(folder, f"image{number:07d}.txt"))
-                write_bytes_atomic(prediction_files[-1], "".join(lines[image_id]).encode())
+            by_image: dict = {image_id: [] for image_id in image_ids}
+            for result in self.results:
+                by_image[result["image_id"]].append(result)
+            prediction_files = [
+                write_instance_files(
+                    folder,
+                    f"image{number:07d}",
+                    (
+                        (mask_utils.decode(r["segmentation"]).astype(bool), r["category_id"], r["score"])
+                        for r in by_image[image_id]
+                    ),
+                )
+                for number, image_id in enumerate(image_ids)
+            ]
             args = copy.deepcopy(evaluation.args)
             args.predictionPath = folder
             args.gtInstancesFile = os.path.join(folder, "gtInstances.json")
