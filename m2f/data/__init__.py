@@ -1,5 +1,6 @@
-"""Datasets (COCO-format panoptic and instance sets: COCO's, ADE20K's, Cityscapes' panoptic; ADE20K and
-Cityscapes semantic; Cityscapes instance), the synthetic dataset in each layout, augmentations and validation."""
+"""Datasets (COCO-format panoptic and instance sets: COCO's, ADE20K's, Cityscapes' and Mapillary Vistas'
+panoptic; ADE20K, Cityscapes and Mapillary Vistas semantic; Cityscapes instance), the synthetic dataset in
+each layout, augmentations and validation."""
 
 from m2f.data.ade20k import ADE20K_CLASS_NAMES, ADE20KDataset, SemanticDataset, ade20k_metadata
 from m2f.data.cityscapes import (
@@ -20,11 +21,13 @@ from m2f.data.common import (
     read_panoptic_png,
     rgb_to_id,
 )
+from m2f.data.mapillary import MAPILLARY_CLASSES, MapillaryVistasDataset, mapillary_categories
 from m2f.data.synthetic import (
     SYNTHETIC_CATEGORIES,
     make_synthetic,
     make_synthetic_ade20k,
     make_synthetic_cityscapes,
+    make_synthetic_mapillary,
 )
 from m2f.data.transforms import (
     LSJ,
@@ -41,6 +44,7 @@ __all__ = [
     "CITYSCAPES_CLASSES",
     "IGNORE_LABEL",
     "LSJ",
+    "MAPILLARY_CLASSES",
     "SYNTHETIC_CATEGORIES",
     "ADE20KDataset",
     "CityscapesDataset",
@@ -50,6 +54,7 @@ __all__ = [
     "DatasetError",
     "DatasetMetadata",
     "Geometry",
+    "MapillaryVistasDataset",
     "PhotometricDistortion",
     "ResizeShortestEdge",
     "SemanticAugmentation",
@@ -65,6 +70,8 @@ __all__ = [
     "make_synthetic",
     "make_synthetic_ade20k",
     "make_synthetic_cityscapes",
+    "make_synthetic_mapillary",
+    "mapillary_categories",
     "read_panoptic_png",
     "rgb_to_id",
     "validate_dataset",

@@ -23,8 +23,9 @@ from m2f.data.common import (
     read_json,
     read_panoptic_png,
 )
+from m2f.data.mapillary import mapillary_split_root
 
-LAYOUTS = ("coco", "ade20k", "cityscapes")
+LAYOUTS = ("coco", "ade20k", "cityscapes", "mapillary")
 
 
 def coco_paths(root: str, split: str, layout: str = "coco") -> dict[str, str]:
@@ -38,6 +39,8 @@ def coco_paths(root: str, split: str, layout: str = "coco") -> dict[str, str]:
     layout "cityscapes": the panoptic annotations of cityscapesscripts' createPanopticImgs.py,
     gtFine/cityscapes_panoptic_{split}.json and the PNGs in gtFine/cityscapes_panoptic_{split}/, the images in
     leftImg8bit/{split}/<city>/ (image_file_name); no instance file ("instances_json" is left out).
+    layout "mapillary": Mapillary Vistas' {training,validation}/panoptic/panoptic_2018.json with the PNGs
+    beside it, the images in {training,validation}/images/; no instance file.
     """
     if not isinstance(split, str) or not split:
         raise ValueError(f"split must be a non-empty string such as 'train' or 'val', got {split!r}")
@@ -48,6 +51,13 @@ def coco_paths(root: str, split: str, layout: str = "coco") -> dict[str, str]:
             "panoptic_json": os.path.join(root, "gtFine", f"cityscapes_panoptic_{split}.json"),
             "panoptic_root": os.path.join(root, "gtFine", f"cityscapes_panoptic_{split}"),
             "image_root": os.path.join(root, "leftImg8bit", split),
+        }
+    if layout == "mapillary":
+        split_root = mapillary_split_root(root, split)
+        return {
+            "panoptic_json": os.path.join(split_root, "panoptic", "panoptic_2018.json"),
+            "panoptic_root": os.path.join(split_root, "panoptic"),
+            "image_root": os.path.join(split_root, "images"),
         }
     if layout == "ade20k":
         if split not in ("train", "val"):
@@ -83,7 +93,7 @@ class CocoPanopticDataset(SegmentationDataset):
     mapper (COCOPanopticNewBaselineDatasetMapper; its instance mapper and CocoInstanceDataset drop them).
 
     Masks are decoded from the PNG's id-map after the geometric transform, at the training resolution.
-    layout: "coco", "ade20k" or "cityscapes", where the files are (see coco_paths).
+    layout: "coco", "ade20k", "cityscapes" or "mapillary", where the files are (see coco_paths).
     """
 
     def __init__(self, root: str, split: str, transforms=None, *, seed: int = 0, layout: str = "coco"):

@@ -1,5 +1,5 @@
-"""A small synthetic dataset in the COCO panoptic + instance layout (and the ADE20K and Cityscapes layouts), so
-the same loaders, training and evaluation run on a laptop in minutes.
+"""A small synthetic dataset in the COCO panoptic + instance layout (and the ADE20K, Cityscapes and Mapillary
+Vistas layouts), so the same loaders, training and evaluation run on a laptop in minutes.
 
 Each image has 2-3 textured stuff regions separated by wavy boundaries and 1-4 things; every thing class is a
 distinct shape and colour (red circles, green rectangles, blue triangles), so a tiny model can learn them.
@@ -29,6 +29,7 @@ from m2f.data.cityscapes import (
 )
 from m2f.data.coco_panoptic import coco_paths, image_file_name
 from m2f.data.common import id_to_rgb
+from m2f.data.mapillary import UNLABELED, mapillary_categories, mapillary_split_root
 from m2f.files import write_bytes_atomic, write_json_atomic
 
 THING_CATEGORIES = (
@@ -45,6 +46,8 @@ SYNTHETIC_CATEGORIES = THING_CATEGORIES + STUFF_CATEGORIES
 MIN_THING_AREA = 12
 # The Cityscapes classes the synthetic ones stand for in that layout (label ids; train ids 11, 13, 18, 0, 8, 2).
 CITYSCAPES_LABEL_IDS = {1: 24, 3: 26, 5: 33, 100: 7, 101: 21, 102: 11}
+# The Mapillary Vistas classes they stand for (category ids: Person, Car, Bicycle, Road, Vegetation, Building).
+MAPILLARY_IDS = {1: 20, 3: 56, 5: 53, 100: 14, 101: 31, 102: 18}
 SYNTHETIC_CITIES = {"train": ("aachen", "bremen"), "val": ("frankfurt", "lindau")}
 
 
@@ -142,6 +145,8 @@ def _layout_categories(layout: str) -> tuple[dict[int, int], list[dict]]:
     """({synthetic category id: the layout's}, the layout's category list)."""
     if layout == "cityscapes":  # createPanopticImgs.py lists the 19 classes
         return CITYSCAPES_LABEL_IDS, cityscapes_categories()
+    if layout == "mapillary":  # as Mapillary Vistas' panoptic_2018.json, all 65 classes
+        return MAPILLARY_IDS, mapillary_categories()
     ids = {c["id"]: c["id"] if layout == "coco" else i for i, c in enumerate(SYNTHETIC_CATEGORIES)}
     return ids, [{**c, "id": ids[c["id"]]} for c in SYNTHETIC_CATEGORIES]
 
@@ -151,8 +156,8 @@ def _image_names(layout: str, split: str, n: int, first_id: int) -> tuple[int | 
     if layout == "coco":
         image_id = first_id + n
         return image_id, f"{image_id:012d}.jpg", f"{image_id:012d}.png"
-    if layout == "ade20k":
-        stem = _ade20k_stem(split, n)
+    if layout in ("ade20k", "mapillary"):
+        stem = _ade20k_stem(split, n) if layout == "ade20k" else _mapillary_stem(split, n)
         return stem, stem + ".jpg", stem + ".png"
     stem = _cityscapes_stem(split, n)
     return stem, stem + IMAGE_SUFFIX, stem + "_gtFine_panopticLabels.png"
@@ -244,6 +249,10 @@ def _write_split(
 
 def _ade20k_stem(split: str, n: int) -> str:
     return f"ADE_{split}_{n + 1:08d}"
+
+
+def _mapillary_stem(split: str, n: int) -> str:
+    return f"synthetic_{split}_{n:06d}"
 
 
 def _cityscapes_stem(split: str, n: int) -> str:
@@ -352,5 +361,30 @@ def make_synthetic_cityscapes(
     for split, count in (("train", num_train), ("val", num_val)):
         _write_split(
             out_dir, split, count, image_size, seed, layout="cityscapes", write_label_maps=write_label_maps
+        )
+    return out_dir
+
+
+def make_synthetic_mapillary(
+    out_dir: str, num_train: int = 64, num_val: int = 16, image_size: int = 128, seed: int = 0
+) -> str:
+    """Write the same scenes in Mapillary Vistas' layout under out_dir for the semantic and panoptic tasks:
+    {training,validation}/images/*.jpg, the label maps {split}/labels/*.png (category id - 1, 65 for void)
+    and {split}/panoptic/panoptic_2018.json with its PNGs (all 65 categories). The synthetic classes stand for
+    six of them (MAPILLARY_IDS). Same seed, same files. Returns out_dir."""
+    _check_arguments(num_train, num_val, image_size, seed)
+
+    def write_label_map(split: str, n: int, segments: list[dict]) -> None:
+        labels = np.full((image_size, image_size), UNLABELED, dtype=np.uint8)
+        for segment in segments:
+            labels[segment["mask"]] = MAPILLARY_IDS[segment["category_id"]] - 1
+        path = os.path.join(
+            mapillary_split_root(out_dir, split), "labels", _mapillary_stem(split, n) + ".png"
+        )
+        write_bytes_atomic(path, _encode(Image.fromarray(labels), "PNG"))
+
+    for split, count in (("train", num_train), ("val", num_val)):
+        _write_split(
+            out_dir, split, count, image_size, seed, layout="mapillary", write_label_maps=write_label_map
         )
     return out_dir

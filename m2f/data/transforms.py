@@ -311,8 +311,8 @@ class SemanticAugmentation:
     """Semantic segmentation training augmentation (Mask2Former's ADE20K and Cityscapes recipe), in this order:
 
     1. resize the short side to base x s, s a random multiple of 0.1 in [min_scale, max_scale], base the
-       crop's long side, unless the long side would pass max_size (default 4 x base; then the long side is
-       max_size);
+       crop's long side unless given (Mapillary Vistas: 2 crops), unless the long side would pass max_size
+       (default 4 x base; then the long side is max_size);
     2. a random window of crop_size (smaller when the image is), redrawn while one class dominates it (see
        category_limited_crop; off at single_category_max_area = 1, the recipe's value);
     3. horizontal flip with probability 0.5;
@@ -329,6 +329,7 @@ class SemanticAugmentation:
         max_scale: float = 2.0,
         max_size: int | None = None,
         single_category_max_area: float = 1.0,
+        base: int | None = None,
         ignore_label: int = IGNORE_LABEL,
         color: bool = True,
         flip: bool = True,
@@ -353,7 +354,7 @@ class SemanticAugmentation:
         if single_category_max_area <= 0:
             raise ValueError(f"single_category_max_area must be > 0, got {single_category_max_area}")
         self.crop_size = (int(sizes[0]), int(sizes[1]))
-        base = max(self.crop_size)
+        base = max(self.crop_size) if base is None else check_int("base", base, 1)
         self.max_size = 4 * base if max_size is None else max_size
         self.resize = ResizeShortestEdge([base * k // 10 for k in range(first, last + 1)], self.max_size)
         self.single_category_max_area = single_category_max_area

@@ -28,6 +28,7 @@ from m2f.data.common import (
     read_label_png,
     read_panoptic_png,
 )
+from m2f.data.mapillary import UNLABELED, MapillaryVistasDataset
 
 TASKS = ("panoptic", "instance", "semantic")
 MAX_CITYSCAPES_LABEL_ID = 33  # bicycle; the labels of cityscapesscripts (0 is unlabeled)
@@ -237,11 +238,12 @@ def _validate_semantic(root: str, split: str, check_files: bool, problems: list[
     return {"images": len(images)}
 
 
-def _validate_cityscapes(root: str, split: str, task: str, check_files: bool, problems: list[str]) -> dict:
-    """The semantic (train id maps) or instance (instance id maps) set: every image has its map, of its size,
-    holding train ids 0..18 or 255, or label ids 0..33 (times 1000 plus a number for an object)."""
+def _validate_label_maps(build_dataset, unknown_values, check_files: bool, problems: list[str]) -> dict:
+    """A dataset of one label map per image (build_dataset() -> it, with file_names, image_root and
+    annotation_path): every image has its map, of its size, without a value unknown_values(values) (the
+    problem of each unknown value) reports."""
     try:
-        dataset = (CityscapesDataset if task == "semantic" else CityscapesInstanceDataset)(root, split)
+        dataset = build_dataset()
     except DatasetError as error:
         problems.extend(error.problems or [str(error)])
         return {"images": 0}
@@ -255,20 +257,31 @@ def _validate_cityscapes(root: str, split: str, task: str, check_files: bool, pr
                 continue
             if raw.shape[::-1] != image_size:
                 problems.append(f"{png_path}: size {raw.shape[::-1]} differs from the image's {image_size}")
-            values = np.unique(raw)
-            if task == "semantic":
-                for value in values[(values >= len(CITYSCAPES_CLASSES)) & (values != IGNORE_LABEL)].tolist():
-                    problems.append(
-                        f"{png_path}: unknown train id {value} (train ids are 0..18, 255 ignored)"
-                    )
-                continue
-            label_ids = np.where(values >= INSTANCE_ID_BASE, values // INSTANCE_ID_BASE, values)
-            for value in values[(label_ids < 0) | (label_ids > MAX_CITYSCAPES_LABEL_ID)].tolist():
-                problems.append(
-                    f"{png_path}: unknown value {value} (label ids are 0..{MAX_CITYSCAPES_LABEL_ID}, objects "
-                    f"label id * {INSTANCE_ID_BASE} + number)"
-                )
+            problems.extend(f"{png_path}: {problem}" for problem in unknown_values(np.unique(raw)))
     return {"images": len(dataset)}
+
+
+def _unknown_train_ids(values: np.ndarray) -> list[str]:
+    unknown = values[(values >= len(CITYSCAPES_CLASSES)) & (values != IGNORE_LABEL)]
+    return [f"unknown train id {value} (train ids are 0..18, 255 ignored)" for value in unknown.tolist()]
+
+
+def _unknown_instance_ids(values: np.ndarray) -> list[str]:
+    label_ids = np.where(values >= INSTANCE_ID_BASE, values // INSTANCE_ID_BASE, values)
+    unknown = values[(label_ids < 0) | (label_ids > MAX_CITYSCAPES_LABEL_ID)]
+    return [
+        f"unknown value {value} (label ids are 0..{MAX_CITYSCAPES_LABEL_ID}, objects label id * "
+        f"{INSTANCE_ID_BASE} + number)"
+        for value in unknown.tolist()
+    ]
+
+
+def _unknown_mapillary_labels(values: np.ndarray) -> list[str]:
+    unknown = values[values > UNLABELED]
+    return [
+        f"unknown label {value} (labels are 0..{UNLABELED - 1}, {UNLABELED} unlabeled)"
+        for value in unknown.tolist()
+    ]
 
 
 def validate_dataset(
@@ -282,9 +295,9 @@ def validate_dataset(
     layout: str = "coco",
 ) -> dict:
     """Check a dataset before use. task: "panoptic" | "instance" (COCO format, in the files `layout` names:
-    "coco", "ade20k" or "cityscapes" (panoptic), see m2f.data.coco_paths; Cityscapes' instance id maps for
-    instance with layout "cityscapes") or "semantic" (ADE20K's layout, or Cityscapes' train id maps with
-    layout "cityscapes").
+    "coco", "ade20k", or "cityscapes" and "mapillary" for panoptic, see m2f.data.coco_paths; Cityscapes'
+    instance id maps for instance with layout "cityscapes") or "semantic" (ADE20K's layout, or the label maps
+    of Cityscapes (train ids) or Mapillary Vistas with their layout).
 
     Checks category ids, image files, panoptic PNGs (missing, size, segment ids in the JSON but not in the PNG
     and the reverse), empty segments and duplicates. check_files=False skips what reads or rasterizes every
@@ -293,14 +306,26 @@ def validate_dataset(
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    cityscapes_maps = layout == "cityscapes" and task != "panoptic"
-    paths = coco_paths(root, split, layout) if task != "semantic" and not cityscapes_maps else {}
+    if task == "instance" and layout == "mapillary":
+        raise ValueError("Mapillary Vistas has no instance annotations here (semantic and panoptic only)")
+    label_maps = task == "semantic" or (task == "instance" and layout == "cityscapes")
+    paths = {} if label_maps else coco_paths(root, split, layout)
     problems: list[str] = []
     try:
         if task == "panoptic":
             summary = _validate_panoptic(paths, layout, check_files, num_workers, problems)
-        elif cityscapes_maps:
-            summary = _validate_cityscapes(root, split, task, check_files, problems)
+        elif layout == "cityscapes" and task == "semantic":
+            summary = _validate_label_maps(
+                lambda: CityscapesDataset(root, split), _unknown_train_ids, check_files, problems
+            )
+        elif layout == "cityscapes":
+            summary = _validate_label_maps(
+                lambda: CityscapesInstanceDataset(root, split), _unknown_instance_ids, check_files, problems
+            )
+        elif layout == "mapillary" and task == "semantic":
+            summary = _validate_label_maps(
+                lambda: MapillaryVistasDataset(root, split), _unknown_mapillary_labels, check_files, problems
+            )
         elif task == "instance":
             summary = _validate_instance(paths, check_files, problems)
         else:

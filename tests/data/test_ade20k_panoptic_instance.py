@@ -43,7 +43,7 @@ def test_paths_follow_mask2formers_preparation_and_accept_the_parent_folder(ade_
     with pytest.raises(ValueError, match="split must be 'train' or 'val' for the ADE20K layout"):
         coco_paths(ade_root, "test", "ade20k")
     with pytest.raises(ValueError, match="layout must be one of"):
-        coco_paths(ade_root, "val", "mapillary")
+        coco_paths(ade_root, "val", "kitti")
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
