@@ -26,6 +26,8 @@ DATASET_CHOICES = (
     "cityscapes",
     "cityscapes-panoptic",
     "cityscapes-instance",
+    "mapillary",
+    "mapillary-panoptic",
 )
 CHECKPOINT_CONFIG_HELP = "a config name or .json file (default: the config stored in the checkpoint)"
 
@@ -274,11 +276,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_make_synthetic(args: argparse.Namespace) -> int:
-    from m2f.data import make_synthetic, make_synthetic_ade20k, make_synthetic_cityscapes
+    from m2f import data
 
-    make = {"coco": make_synthetic, "ade20k": make_synthetic_ade20k, "cityscapes": make_synthetic_cityscapes}[
-        args.layout
-    ]
+    make = {
+        "coco": data.make_synthetic,
+        "ade20k": data.make_synthetic_ade20k,
+        "cityscapes": data.make_synthetic_cityscapes,
+        "mapillary": data.make_synthetic_mapillary,
+    }[args.layout]
     root = make(
         args.out, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed
     )
@@ -481,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument(
         "--classes",
-        help="class names when the checkpoint has none (detectron2) or to replace its own: 'ade20k', 'cityscapes', 'cityscapes-instance', a COCO "
+        help="class names when the checkpoint has none (detectron2) or to replace its own: 'ade20k', 'cityscapes', 'cityscapes-instance', 'mapillary', a COCO "
         "annotation JSON (names and thing classes), a JSON list or a text file with one name per line",
     )
     convert.set_defaults(func=cmd_convert)
@@ -544,7 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="layout",
         action="store_const",
         const="cityscapes",
-        help="Cityscapes layout (semantic, panoptic)",
+        help="Cityscapes layout (semantic, panoptic, instance)",
+    )
+    layouts.add_argument(
+        "--mapillary",
+        dest="layout",
+        action="store_const",
+        const="mapillary",
+        help="Mapillary Vistas layout (semantic, panoptic)",
     )
     synthetic.set_defaults(func=cmd_make_synthetic)
 

@@ -126,6 +126,9 @@ class SolverConfig:
     # Crops of the resize-and-crop recipe (ADE20K, Cityscapes): height / width, the long side image_size
     # (Cityscapes: 0.5, crops of 512 x 1024). Large-scale jitter (COCO) crops squares.
     crop_aspect: float = 1.0
+    # The resize-and-crop recipe resizes the short side to base x [min_scale, max_scale], base resize_base x the
+    # crop's long side (Mapillary Vistas: 2, 1024-pixel crops from 1024-4096 short sides).
+    resize_base: float = 1.0
     # Semantic training crops: redraw (up to 10 times) while one class covers this share of the crop; 1.0 = off.
     single_category_max_area: float = 1.0
     amp: bool = True
@@ -242,6 +245,8 @@ class ModelConfig:
                 f"solver.crop_aspect must be positive and leave crops of at least one pixel, got "
                 f"{solver.crop_aspect} (crops of {solver.crop_size[0]} x {solver.crop_size[1]})"
             )
+        if not 0 < solver.resize_base < math.inf:
+            raise ValueError(f"solver.resize_base must be positive, got {solver.resize_base}")
         if not 0 < solver.min_scale <= solver.max_scale < math.inf:
             raise ValueError(
                 "solver.min_scale and solver.max_scale must be positive and min_scale <= max_scale, got "
@@ -458,6 +463,34 @@ def _cityscapes(name: str, task: str, backbone: BackboneConfig, num_queries: int
     )
 
 
+MAPILLARY_300K = 300000
+
+
+def _mapillary(name: str, task: str, backbone: BackboneConfig, num_queries: int = 100) -> ModelConfig:
+    """Mask2Former's Mapillary Vistas recipe: 1024 x 1024 crops from the short side resized to 1024-4096,
+    300k iterations of poly schedule, tested with the long side at 2048, every query's mask kept (object mask
+    threshold 0); the 65 classes."""
+    return ModelConfig(
+        name=name,
+        task=task,
+        dataset="mapillary",
+        num_classes=65,
+        backbone=backbone,
+        decoder=DecoderConfig(num_queries=num_queries),
+        inference=InferenceConfig(object_mask_threshold=0.0, test_short_edge=2048, test_max_size=2048),
+        solver=SolverConfig(
+            max_iter=MAPILLARY_300K,
+            lr_schedule="poly",
+            lr_steps=(),
+            warmup_iters=0,
+            image_size=1024,
+            resize_base=2.0,
+            min_scale=0.5,
+            max_scale=2.0,
+        ),
+    )
+
+
 def _demo_tiny() -> ModelConfig:
     """0.8M parameters, 128-pixel images: trains on the synthetic dataset on a CPU in minutes."""
     return ModelConfig(
@@ -538,6 +571,14 @@ _BUILDERS = {
     "instance-cityscapes-r50": lambda: _cityscapes("instance-cityscapes-r50", "instance", _resnet(50, False)),
     "instance-cityscapes-swin-l-in21k": lambda: _cityscapes(
         "instance-cityscapes-swin-l-in21k", "instance", _swin("l"), num_queries=200
+    ),
+    "semantic-mapillary-r50": lambda: _mapillary("semantic-mapillary-r50", "semantic", _resnet(50)),
+    "semantic-mapillary-swin-l-in21k": lambda: _mapillary(
+        "semantic-mapillary-swin-l-in21k", "semantic", _swin("l")
+    ),
+    "panoptic-mapillary-r50": lambda: _mapillary("panoptic-mapillary-r50", "panoptic", _resnet(50)),
+    "panoptic-mapillary-swin-l-in21k": lambda: _mapillary(
+        "panoptic-mapillary-swin-l-in21k", "panoptic", _swin("l"), num_queries=200
     ),
     "demo-tiny": _demo_tiny,
 }

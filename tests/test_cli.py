@@ -1153,6 +1153,62 @@ def test_cityscapes_training_crops_half_as_high_as_wide_and_evaluates(tmp_path, 
     assert transforms == []
 
 
+def test_mapillary_training_resizes_from_twice_the_crop_and_evaluates(tmp_path, monkeypatch, capsys):
+    """`make-synthetic --mapillary` writes both Mapillary Vistas sets; training takes Mask2Former's recipe
+    with short sides of solver.resize_base x the crop (here 0.5-2 x 128 for 64-pixel crops) and the test size
+    that follows, evaluation scores mIoU and PQ on the six classes the scenes hold. Large-scale jitter (COCO)
+    refuses resize_base before reading the data."""
+    import safetensors
+
+    from m2f.engine import train
+
+    root = tmp_path / "mapillary"
+    make = ["make-synthetic", "--mapillary", "--out", str(root), "--num-train", "2", "--num-val", "2"]
+    assert main([*make, "--image-size", "64"]) == 0
+    transforms = []
+    build_dataset = train.build_dataset
+
+    def recording_build_dataset(kind, data_root, split, transforms_=None, seed=0):
+        transforms.append((kind, split, transforms_))
+        return build_dataset(kind, data_root, split, transforms_, seed)
+
+    monkeypatch.setattr(train, "build_dataset", recording_build_dataset)
+    for kind in ("mapillary", "mapillary-panoptic"):
+        out = tmp_path / kind
+        recipe = [
+            "--set",
+            "solver.resize_base=2",
+            "--set",
+            "solver.min_scale=0.5",
+            "--set",
+            "solver.max_scale=2",
+        ]
+        assert main([*train_args(root, out, 1), "--dataset", kind, *recipe]) == 0
+        augmentation = transforms[-1][2]
+        assert transforms[-1][0] == kind and augmentation.crop_size == (64, 64)
+        assert augmentation.short_sizes == [128 * k // 10 for k in range(5, 21)]
+        with safetensors.safe_open(str(out / "model_final.safetensors"), "pt") as f:
+            inference = json.loads(f.metadata()["config"])["inference"]
+        assert (inference["test_short_edge"], inference["test_max_size"]) == (128, 256)
+        evaluate = ["eval", "--checkpoint", str(out / "model_final.safetensors"), "--data-root", str(root)]
+        assert main([*evaluate, "--num-workers", "0", "--no-progress"]) == 0
+        results = json.loads((out / f"model_final.eval-{kind}-val.json").read_text())
+        assert results["dataset"] == kind and results["num_images"] == 2
+        if kind == "mapillary":
+            assert set(results["per_class"]) == {"Road", "Building", "Vegetation", "Person", "Car", "Bicycle"}
+        else:
+            assert (results["N"], results["N_th"]) == (6, 3)
+    capsys.readouterr()
+
+    transforms.clear()
+    lsj = [*train_args(tmp_path / "coco", tmp_path / "lsj", 1), "--set", "solver.resize_base=2"]
+    assert main(lsj) == 2
+    assert (
+        "coco-panoptic trains with large-scale jitter, which scales the crop size" in capsys.readouterr().err
+    )
+    assert transforms == []
+
+
 def test_eval_and_predict_tta_of_a_semantic_model(tmp_path, trained_run, synthetic_root, capsys):
     """`m2f eval --tta` writes its own results file, which says how it tested, `m2f predict --tta` the class
     map of predict_semantic_tta; other tasks are refused."""

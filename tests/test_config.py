@@ -85,6 +85,8 @@ def test_bad_overrides_name_the_field(override, message):
         ({"min_scale": 2.5}, r"min_scale <= max_scale, got 2.5 and 2.0"),
         ({"crop_aspect": 0.0}, r"solver.crop_aspect must be positive .*got 0.0"),
         ({"crop_aspect": 3000.0}, r"leave crops of at least one pixel, got 3000.0 \(crops of 1024 x 0\)"),
+        ({"resize_base": 0.0}, "solver.resize_base must be positive, got 0.0"),
+        ({"resize_base": float("inf")}, "solver.resize_base must be positive, got inf"),
     ],
 )
 def test_solver_settings_are_checked_with_the_config(solver, message):

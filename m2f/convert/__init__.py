@@ -301,7 +301,7 @@ def _names_from_file(path: Path) -> tuple[ClassNames, list[dict] | None]:
 
 def resolve_classes(classes: str | Path | Sequence[str]) -> ClassNames:
     """(class names, thing class indices or None) for the `classes` argument of convert_to_file: a list of
-    names, "ade20k", "cityscapes", "cityscapes-instance" (its 8 thing classes), a COCO annotation JSON (names and isthing of its "categories", sorted by id), a JSON
+    names, "ade20k", "cityscapes", "cityscapes-instance" (its 8 thing classes), "mapillary" (Mapillary Vistas' 65), a COCO annotation JSON (names and isthing of its "categories", sorted by id), a JSON
     list of names, or a text file with one name per line."""
     return _resolve_classes(classes)[0]
 
@@ -310,18 +310,20 @@ def _resolve_classes(classes: str | Path | Sequence[str]) -> tuple[ClassNames, l
     """resolve_classes, and the dataset's categories (id, name, isthing per class) when `classes` gives them."""
     categories = None
     if isinstance(classes, str | Path):
-        if str(classes) in ("ade20k", "cityscapes", "cityscapes-instance"):
+        if str(classes) in ("ade20k", "cityscapes", "cityscapes-instance", "mapillary"):
             from ..data import (
                 DatasetMetadata,
                 ade20k_metadata,
                 cityscapes_categories,
                 cityscapes_thing_categories,
+                mapillary_categories,
             )
 
             dataset = {
                 "ade20k": ade20k_metadata,
                 "cityscapes": lambda: DatasetMetadata(cityscapes_categories()),
                 "cityscapes-instance": lambda: DatasetMetadata(cityscapes_thing_categories()),
+                "mapillary": lambda: DatasetMetadata(mapillary_categories()),
             }[str(classes)]()
             return (list(dataset.class_names), sorted(dataset.thing_classes)), dataset.categories
         if str(classes) in ("coco-panoptic", "coco-instance"):
@@ -335,7 +337,7 @@ def _resolve_classes(classes: str | Path | Sequence[str]) -> tuple[ClassNames, l
         path = Path(classes)
         if not path.is_file():
             raise ValueError(
-                f"classes must be a list of names, 'ade20k', 'cityscapes', 'cityscapes-instance' or a file of names, got {str(classes)!r} "
+                f"classes must be a list of names, 'ade20k', 'cityscapes', 'cityscapes-instance', 'mapillary' or a file of names, got {str(classes)!r} "
                 "(no such file)"
             )
         (names, things), categories = _names_from_file(path)
@@ -343,7 +345,7 @@ def _resolve_classes(classes: str | Path | Sequence[str]) -> tuple[ClassNames, l
         names, things = list(classes), None
     else:
         raise TypeError(
-            f"classes must be a list of names, 'ade20k', 'cityscapes', 'cityscapes-instance' or a file path, got {type(classes).__name__}"
+            f"classes must be a list of names, 'ade20k', 'cityscapes', 'cityscapes-instance', 'mapillary' or a file path, got {type(classes).__name__}"
         )
     if not names or not all(names):
         raise ValueError(f"classes must give one non-empty name per class, got {names[:10]!r}")

@@ -480,6 +480,8 @@ EVAL_TASKS = {
     "cityscapes": ("semantic",),
     "cityscapes-panoptic": ("panoptic", "semantic"),
     "cityscapes-instance": ("instance",),
+    "mapillary": ("semantic",),
+    "mapillary-panoptic": ("panoptic", "semantic"),
 }
 
 

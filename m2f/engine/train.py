@@ -805,8 +805,8 @@ class Trainer:
 
 
 # Each dataset kind's task and layout: the panoptic and instance kinds read COCO-format files in a layout of
-# m2f.data.coco_paths (cityscapes-instance: Cityscapes' instance id maps), "ade20k" and "cityscapes" their
-# semantic label maps.
+# m2f.data.coco_paths (cityscapes-instance: Cityscapes' instance id maps), "ade20k", "cityscapes" and
+# "mapillary" their semantic label maps.
 DATASET_TASKS = {
     "coco-panoptic": "panoptic",
     "coco-instance": "instance",
@@ -816,6 +816,8 @@ DATASET_TASKS = {
     "cityscapes": "semantic",
     "cityscapes-panoptic": "panoptic",
     "cityscapes-instance": "instance",
+    "mapillary": "semantic",
+    "mapillary-panoptic": "panoptic",
 }
 DATASET_KINDS = tuple(DATASET_TASKS)
 DATASET_LAYOUTS = {
@@ -827,15 +829,18 @@ DATASET_LAYOUTS = {
     "cityscapes": "cityscapes",
     "cityscapes-panoptic": "cityscapes",
     "cityscapes-instance": "cityscapes",
+    "mapillary": "mapillary",
+    "mapillary-panoptic": "mapillary",
 }
 
 
 def default_dataset_kind(config) -> str:
     """The config's dataset in the config's task: ade20k, ade20k-panoptic or ade20k-instance for ADE20K
-    configs, cityscapes, cityscapes-panoptic or cityscapes-instance for Cityscapes ones, else coco-panoptic, coco-instance, or
+    configs, cityscapes, cityscapes-panoptic or cityscapes-instance for Cityscapes ones, mapillary or
+    mapillary-panoptic for Mapillary Vistas ones, else coco-panoptic, coco-instance, or
     ade20k for semantic (the synthetic demo: coco-panoptic)."""
     kinds = {"panoptic": "coco-panoptic", "instance": "coco-instance", "semantic": "ade20k"}
-    if config.dataset in ("ade20k", "cityscapes"):
+    if config.dataset in ("ade20k", "cityscapes", "mapillary"):
         kinds = {task: f"{config.dataset}-{task}" for task in ("panoptic", "instance")}
         kinds["semantic"] = config.dataset
     kind = kinds[config.task]
@@ -884,7 +889,11 @@ def build_dataset(kind: str, data_root: str | os.PathLike, split: str, transform
 
     check_dataset_kind(kind)
     if DATASET_TASKS[kind] == "semantic":
-        semantic = data.CityscapesDataset if kind == "cityscapes" else data.ADE20KDataset
+        semantic = {
+            "ade20k": data.ADE20KDataset,
+            "cityscapes": data.CityscapesDataset,
+            "mapillary": data.MapillaryVistasDataset,
+        }[kind]
         return semantic(str(data_root), split, transforms, seed=seed)
     options = {"layout": DATASET_LAYOUTS[kind]}
     if kind == "cityscapes-instance":
@@ -995,16 +1004,23 @@ def run_training(
             f"solver.crop_aspect {config.solver.crop_aspect}: {dataset_kind} trains with large-scale jitter, "
             "whose crops are square; crop_aspect is for ADE20K's and Cityscapes' resize-and-crop recipe"
         )
+    if not resize_and_crop and config.solver.resize_base != 1:
+        raise ValueError(
+            f"solver.resize_base {config.solver.resize_base}: {dataset_kind} trains with large-scale jitter, "
+            "which scales the crop size; resize_base is for the resize-and-crop recipe"
+        )
     if resize_and_crop and config.solver.single_category_max_area < 1 and task == "instance":
         raise ValueError(
             f"solver.single_category_max_area {config.solver.single_category_max_area}: the crop's "
             "single-category limit needs a class map, which instance datasets do not have; use 1.0"
         )
     if image_size is not None and resize_and_crop:
-        # The semantic recipe tests at the crop size, the long side at most 4 crops (Mask2Former's ADE20K
-        # configs, m2f.config): a new crop size brings its test size.
+        # The semantic recipe tests at the crop size (times resize_base), the long side at most 4 crops
+        # (Mask2Former's ADE20K configs, m2f.config): a new crop size brings its test size.
         inference = dataclasses.replace(
-            config.inference, test_short_edge=image_size, test_max_size=4 * image_size
+            config.inference,
+            test_short_edge=round(config.solver.resize_base * image_size),
+            test_max_size=4 * image_size,
         )
         config = dataclasses.replace(config, inference=inference)
     solver = config.solver
@@ -1031,6 +1047,7 @@ def run_training(
             solver.min_scale,
             solver.max_scale,
             single_category_max_area=solver.single_category_max_area,
+            base=round(solver.resize_base * max(solver.crop_size)),
         )
     else:
         augmentation = LSJ(solver.image_size, solver.min_scale, solver.max_scale)

@@ -296,6 +296,16 @@ def test_classes_cityscapes():
     assert instance_categories == categories[11:]
 
 
+def test_classes_mapillary():
+    """Mapillary Vistas' 65 classes with their panoptic category ids (class + 1) and things."""
+    from m2f.convert import _resolve_classes
+
+    (names, things), categories = _resolve_classes("mapillary")
+    assert len(names) == 65 and names[19] == "Person" and names[-1] == "Ego Vehicle"
+    assert 19 in things and 13 not in things and len(things) == 37  # Person a thing, Road not
+    assert [c["id"] for c in categories] == list(range(1, 66))
+
+
 def test_classes_ade20k():
     from m2f.data.ade20k import ADE20K_CLASS_NAMES
 

@@ -71,6 +71,10 @@ def test_config_names_and_bad_name():
         "panoptic-cityscapes-swin-b-in21k",
         "instance-cityscapes-r50",
         "instance-cityscapes-swin-l-in21k",
+        "semantic-mapillary-r50",
+        "semantic-mapillary-swin-l-in21k",
+        "panoptic-mapillary-r50",
+        "panoptic-mapillary-swin-l-in21k",
         "demo-tiny",
     }
     with pytest.raises(ValueError, match="panoptic-r50") as error:
@@ -153,6 +157,26 @@ PUBLISHED = {
         90000,
         "poly",
     ),
+    "semantic-mapillary-r50": ("semantic", 65, 100, "resnet50", 1024, 300000, "poly"),
+    "semantic-mapillary-swin-l-in21k": (
+        "semantic",
+        65,
+        100,
+        "swin_large_patch4_window12_384",
+        1024,
+        300000,
+        "poly",
+    ),
+    "panoptic-mapillary-r50": ("panoptic", 65, 100, "resnet50", 1024, 300000, "poly"),
+    "panoptic-mapillary-swin-l-in21k": (
+        "panoptic",
+        65,
+        200,
+        "swin_large_patch4_window12_384",
+        1024,
+        300000,
+        "poly",
+    ),
 }
 
 
@@ -169,6 +193,7 @@ def test_configs_follow_mask2formers_published_ones(name):
     assert config.backbone.frozen_batchnorm == (backbone.startswith("resnet") and not trained_batchnorm)
     solver = config.solver
     assert (solver.image_size, solver.max_iter, solver.lr_schedule) == (crop, iterations, schedule)
+    assert solver.resize_base == (2.0 if config.dataset == "mapillary" else 1.0)
     if config.dataset == "ade20k":  # tested at the crop size, the long side at most 4 crops; no warmup
         assert (config.inference.test_short_edge, config.inference.test_max_size) == (crop, 4 * crop)
         assert (solver.min_scale, solver.max_scale, solver.warmup_iters, solver.lr_steps) == (0.5, 2.0, 0, ())
@@ -179,6 +204,12 @@ def test_configs_follow_mask2formers_published_ones(name):
         assert (solver.min_scale, solver.max_scale, solver.warmup_iters, solver.lr_steps) == (0.5, 2.0, 0, ())
         assert solver.crop_size == (512, 1024)
         assert default_dataset_kind(config) == ("cityscapes" if task == "semantic" else f"cityscapes-{task}")
+    elif config.dataset == "mapillary":  # 1024 crops from short sides of 1024-4096, tested at 2048
+        assert (config.inference.test_short_edge, config.inference.test_max_size) == (2048, 2048)
+        assert (solver.min_scale, solver.max_scale, solver.warmup_iters, solver.lr_steps) == (0.5, 2.0, 0, ())
+        assert solver.crop_size == (1024, 1024) and solver.resize_base == 2.0
+        assert config.inference.object_mask_threshold == 0.0
+        assert default_dataset_kind(config) == ("mapillary" if task == "semantic" else f"mapillary-{task}")
     else:
         assert (solver.min_scale, solver.max_scale) == (0.1, 2.0)
         assert default_dataset_kind(config) == f"coco-{task}"
