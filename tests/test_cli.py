@@ -1089,28 +1089,35 @@ def test_ade20k_panoptic_training_and_its_three_evaluations(tmp_path, capsys):
     assert "the crop's single-category limit needs a class map" in capsys.readouterr().err
 
 
-def test_cityscapes_training_crops_half_as_high_as_wide_and_evaluates(tmp_path, monkeypatch, capsys):
-    """`make-synthetic --cityscapes` writes the three Cityscapes sets; training on each takes Mask2Former's
-    recipe with crops of solver.crop_aspect (here 32 x 64 from --image-size 64), evaluation scores mIoU, PQ
-    and cityscapesscripts' AP on the classes the scenes hold (six of the 19, three of the 8 things). Large-scale jitter (COCO) refuses a crop aspect before reading the data."""
+@pytest.fixture
+def built_datasets(monkeypatch) -> list:
+    """(kind, split, transforms) of each dataset the engine builds, in order."""
     from m2f.engine import train
 
+    built = []
+    build_dataset = train.build_dataset
+
+    def recording_build_dataset(kind, data_root, split, transforms=None, seed=0):
+        built.append((kind, split, transforms))
+        return build_dataset(kind, data_root, split, transforms, seed)
+
+    monkeypatch.setattr(train, "build_dataset", recording_build_dataset)
+    return built
+
+
+def test_cityscapes_training_crops_half_as_high_as_wide_and_evaluates(tmp_path, built_datasets, capsys):
+    """`make-synthetic --cityscapes` writes the three Cityscapes sets; training on each takes Mask2Former's
+    recipe with crops of solver.crop_aspect (here 32 x 64 from --image-size 64), evaluation scores mIoU, PQ
+    and cityscapesscripts' AP on the classes the scenes hold (six of the 19, three of the 8 things). Large-scale
+    jitter (COCO) refuses a crop aspect before reading the data."""
     root = tmp_path / "cityscapes"
     make = ["make-synthetic", "--cityscapes", "--out", str(root), "--num-train", "2", "--num-val", "2"]
     assert main([*make, "--image-size", "64"]) == 0
-    transforms = []
-    build_dataset = train.build_dataset
-
-    def recording_build_dataset(kind, data_root, split, transforms_=None, seed=0):
-        transforms.append((kind, split, transforms_))
-        return build_dataset(kind, data_root, split, transforms_, seed)
-
-    monkeypatch.setattr(train, "build_dataset", recording_build_dataset)
     for kind in ("cityscapes", "cityscapes-panoptic", "cityscapes-instance"):
         out = tmp_path / kind
         args = [*train_args(root, out, 1), "--dataset", kind, "--set", "solver.crop_aspect=0.5"]
         assert main(args) == 0
-        assert transforms[-1][0] == kind and transforms[-1][2].crop_size == (32, 64)
+        assert built_datasets[-1][0] == kind and built_datasets[-1][2].crop_size == (32, 64)
         evaluate = ["eval", "--checkpoint", str(out / "model_final.safetensors"), "--data-root", str(root)]
         assert main([*evaluate, "--num-workers", "0", "--no-progress"]) == 0
         results = json.loads((out / f"model_final.eval-{kind}-val.json").read_text())
@@ -1146,33 +1153,23 @@ def test_cityscapes_training_crops_half_as_high_as_wide_and_evaluates(tmp_path, 
     assert "Instance segmentation, Cityscapes AP" in captured.out
     assert "cityscapes_results: the Cityscapes results are the instance task's" in captured.err
 
-    transforms.clear()
+    built_datasets.clear()
     square_only = [*train_args(tmp_path / "coco", tmp_path / "lsj", 1), "--set", "solver.crop_aspect=0.5"]
     assert main(square_only) == 2
     assert "coco-panoptic trains with large-scale jitter, whose crops are square" in capsys.readouterr().err
-    assert transforms == []
+    assert built_datasets == []
 
 
-def test_mapillary_training_resizes_from_twice_the_crop_and_evaluates(tmp_path, monkeypatch, capsys):
+def test_mapillary_training_resizes_from_twice_the_crop_and_evaluates(tmp_path, built_datasets, capsys):
     """`make-synthetic --mapillary` writes both Mapillary Vistas sets; training takes Mask2Former's recipe
     with short sides of solver.resize_base x the crop (here 0.5-2 x 128 for 64-pixel crops) and the test size
     that follows, evaluation scores mIoU and PQ on the six classes the scenes hold. Large-scale jitter (COCO)
     refuses resize_base before reading the data."""
     import safetensors
 
-    from m2f.engine import train
-
     root = tmp_path / "mapillary"
     make = ["make-synthetic", "--mapillary", "--out", str(root), "--num-train", "2", "--num-val", "2"]
     assert main([*make, "--image-size", "64"]) == 0
-    transforms = []
-    build_dataset = train.build_dataset
-
-    def recording_build_dataset(kind, data_root, split, transforms_=None, seed=0):
-        transforms.append((kind, split, transforms_))
-        return build_dataset(kind, data_root, split, transforms_, seed)
-
-    monkeypatch.setattr(train, "build_dataset", recording_build_dataset)
     for kind in ("mapillary", "mapillary-panoptic"):
         out = tmp_path / kind
         recipe = [
@@ -1184,8 +1181,8 @@ def test_mapillary_training_resizes_from_twice_the_crop_and_evaluates(tmp_path, 
             "solver.max_scale=2",
         ]
         assert main([*train_args(root, out, 1), "--dataset", kind, *recipe]) == 0
-        augmentation = transforms[-1][2]
-        assert transforms[-1][0] == kind and augmentation.crop_size == (64, 64)
+        augmentation = built_datasets[-1][2]
+        assert built_datasets[-1][0] == kind and augmentation.crop_size == (64, 64)
         assert augmentation.short_sizes == [128 * k // 10 for k in range(5, 21)]
         with safetensors.safe_open(str(out / "model_final.safetensors"), "pt") as f:
             inference = json.loads(f.metadata()["config"])["inference"]
@@ -1200,13 +1197,13 @@ def test_mapillary_training_resizes_from_twice_the_crop_and_evaluates(tmp_path, 
             assert (results["N"], results["N_th"]) == (6, 3)
     capsys.readouterr()
 
-    transforms.clear()
+    built_datasets.clear()
     lsj = [*train_args(tmp_path / "coco", tmp_path / "lsj", 1), "--set", "solver.resize_base=2"]
     assert main(lsj) == 2
     assert (
         "coco-panoptic trains with large-scale jitter, which scales the crop size" in capsys.readouterr().err
     )
-    assert transforms == []
+    assert built_datasets == []
 
 
 def test_eval_and_predict_tta_of_a_semantic_model(tmp_path, trained_run, synthetic_root, capsys):
