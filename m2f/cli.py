@@ -486,8 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument(
         "--classes",
-        help="class names when the checkpoint has none (detectron2) or to replace its own: 'ade20k', 'cityscapes', 'cityscapes-instance', 'mapillary', a COCO "
-        "annotation JSON (names and thing classes), a JSON list or a text file with one name per line",
+        help="class names when the checkpoint has none (detectron2) or to replace its own: 'ade20k', "
+        "'cityscapes', 'cityscapes-instance', 'mapillary', a COCO annotation JSON (names and thing classes), a "
+        "JSON list or a text file with one name per line",
     )
     convert.set_defaults(func=cmd_convert)
 

@@ -301,8 +301,9 @@ def _names_from_file(path: Path) -> tuple[ClassNames, list[dict] | None]:
 
 def resolve_classes(classes: str | Path | Sequence[str]) -> ClassNames:
     """(class names, thing class indices or None) for the `classes` argument of convert_to_file: a list of
-    names, "ade20k", "cityscapes", "cityscapes-instance" (its 8 thing classes), "mapillary" (Mapillary Vistas' 65), a COCO annotation JSON (names and isthing of its "categories", sorted by id), a JSON
-    list of names, or a text file with one name per line."""
+    names, "ade20k", "cityscapes", "cityscapes-instance" (its 8 thing classes), "mapillary" (Mapillary
+    Vistas' 65), a COCO annotation JSON (names and isthing of its "categories", sorted by id), a JSON list of
+    names, or a text file with one name per line."""
     return _resolve_classes(classes)[0]
 
 

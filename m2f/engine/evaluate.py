@@ -555,7 +555,8 @@ def run_evaluation(
     else:
         raise ValueError(
             f"{checkpoint} predicts other classes than the {dataset_kind} dataset has; only instance "
-            "evaluation (--dataset coco-instance, ade20k-instance or cityscapes-instance) maps a model's classes to a dataset's"
+            "evaluation (--dataset coco-instance, ade20k-instance or cityscapes-instance) maps a model's "
+            "classes to a dataset's"
         )
     config = dataclasses.replace(config, num_classes=num_classes)
     model = build_checkpoint_model(config, checkpoint).to(device)
