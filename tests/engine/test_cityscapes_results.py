@@ -72,7 +72,7 @@ def test_results_files_score_as_their_predictions(dataset, tmp_path):
     assert (
         mask_name == f"masks/{stems[0]}_0.png" and int(label_id) == values[0] // 1000 and float(score) == 0.9
     )
-    mask = np.asarray(Image.open(folder / mask_name))
+    mask = np.asarray(Image.open(folder / mask_name).convert("L"))  # as cityscapesscripts reads it
     assert set(np.unique(mask).tolist()) == {0, 255}
     np.testing.assert_array_equal(mask == 255, read_label_png(dataset.annotation_path(0)) == values[0])
     averages = official_scores(dataset, folder)
