@@ -1,5 +1,6 @@
-"""CityscapesInstanceEvaluator: predictions reach cityscapesscripts' evaluation with their image, class and
-score, against the raw instance id maps (groups and void ignored as the benchmark does)."""
+"""CityscapesInstanceEvaluator: the same AP as cityscapesscripts' evaluation run on files of the predictions,
+each prediction counted with its image, class and score against the raw instance id maps (groups and void
+ignored as the benchmark does)."""
 
 import json
 import sys
@@ -138,8 +139,8 @@ def test_states_merge_as_one_evaluation(ground_truth):
     assert merged.compute() == whole.compute()
     with pytest.raises(ValueError, match="already evaluated"):
         merged.merge_state(json.loads(json.dumps(part.get_state())))
-    with pytest.raises(ValueError, match=r"state\['segm'\] must be a list of results"):
-        evaluator(ground_truth).merge_state({"segm": [{"image_id": first}], "image_ids": [first]})
+    with pytest.raises(ValueError, match=r"state\['images'\] must map image ids to their objects"):
+        evaluator(ground_truth).merge_state({"images": {first: {"objects": []}}})
 
 
 def test_bad_input_is_named(ground_truth):
@@ -161,6 +162,95 @@ def test_bad_input_is_named(ground_truth):
 
 def test_without_cityscapesscripts_the_error_says_what_to_install(ground_truth, monkeypatch):
     monkeypatch.setitem(sys.modules, "cityscapesscripts.evaluation", None)
-    metric = evaluator(ground_truth)
     with pytest.raises(ImportError, match="pip install cityscapesscripts"):
-        metric.compute()
+        evaluator(ground_truth)
+
+
+def random_scene(rng) -> np.ndarray:
+    """A 64 x 96 instance id map: road, two kinds of void, a caravan, groups of cars and persons, and 1-5 objects each of
+    person, car and bicycle (some under 100 pixels), overlapping in random order."""
+    ids = np.full((64, 96), 7, dtype=np.int64)
+    ids[:, :8] = 0
+    ids[:, 88:] = 5  # "dynamic": void too
+    regions = [29000, 26, 24] + [
+        label * 1000 + n for label in (24, 26, 33) for n in range(rng.integers(1, 6))
+    ]
+    for value in rng.permutation(regions):
+        top, left = rng.integers(0, 56), rng.integers(0, 88)
+        height, width = rng.integers(4, 30), rng.integers(4, 30)
+        ids[top : top + height, left : left + width] = value
+    return ids
+
+
+def random_predictions(rng, ids: np.ndarray) -> dict:
+    """Ground-truth objects grown, shrunk or moved, groups and void, random boxes; random classes of the 8
+    for a quarter of them, distinct random scores."""
+    masks, labels = [], []
+    class_of = {24: 0, 26: 2, 29: 2, 33: 7, 0: 2, 5: 0}  # label id (void, caravans: car, person) -> class
+    for value in [*np.unique(ids[ids >= 1000]).tolist(), 26, 24, 0, 5]:
+        shifted = np.roll(ids == value, (rng.integers(-3, 4), rng.integers(-3, 4)), axis=(0, 1))
+        masks.append(shifted)
+        labels.append(class_of[value // 1000 if value >= 1000 else value])
+    for _ in range(6):
+        box = np.zeros_like(ids, dtype=bool)
+        top, left = rng.integers(0, 56), rng.integers(0, 88)
+        box[top : top + rng.integers(3, 25), left : left + rng.integers(3, 25)] = True
+        masks.append(box)
+        labels.append(int(rng.integers(0, 8)))
+    labels = [int(rng.integers(0, 8)) if rng.random() < 0.25 else label for label in labels]
+    masks.append(np.zeros_like(ids, dtype=bool))  # empty: skipped by both
+    labels.append(0)
+    return {
+        "masks": torch.from_numpy(np.stack(masks)),
+        "scores": torch.from_numpy(rng.permutation(len(masks)) / len(masks) + 0.01),
+        "labels": torch.tensor(labels),
+    }
+
+
+THING_LABEL_IDS = [24, 25, 26, 27, 28, 31, 32, 33]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_same_ap_as_cityscapesscripts_on_files(tmp_path, seed):
+    """cityscapesscripts' evaluation of the predictions written as its files (mask PNGs and one list per image)
+    gives the evaluator's AP, AP50 and per-class AP exactly."""
+    import copy
+    import os
+
+    from cityscapesscripts.evaluation import evalInstanceLevelSemanticLabeling as evaluation
+
+    from m2f.evaluation.cityscapes_instance import write_instance_files
+
+    rng = np.random.default_rng(seed)
+    paths, prediction_files = {}, []
+    metric = None
+    predictions = {}
+    for number in range(3):
+        image_id = f"aachen_000000_00000{number}"
+        ids = random_scene(rng)
+        paths[image_id] = str(tmp_path / f"{image_id}_gtFine_instanceIds.png")
+        Image.fromarray(ids.astype(np.uint16)).save(paths[image_id])
+        predictions[image_id] = random_predictions(rng, ids)
+    metric = evaluator(paths)
+    folder = tmp_path / "results"
+    for image_id, instances in predictions.items():
+        metric.update(image_id, instances)
+        label_ids = [THING_LABEL_IDS[label] for label in instances["labels"].tolist()]
+        rows = zip(instances["masks"].numpy(), label_ids, instances["scores"].tolist())
+        prediction_files.append(write_instance_files(str(folder), image_id, rows))
+    ours = metric.compute()["segm"]
+
+    args = copy.deepcopy(evaluation.args)
+    args.predictionPath, args.gtInstancesFile = str(folder), str(tmp_path / "gtInstances.json")
+    args.JSONOutput, args.quiet = False, True
+    working = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        averages = evaluation.evaluateImgLists(prediction_files, list(paths.values()), args)["averages"]
+    finally:
+        os.chdir(working)
+    assert ours["AP"] == pytest.approx(100 * averages["allAp"], abs=1e-9)
+    assert ours["AP50"] == pytest.approx(100 * averages["allAp50%"], abs=1e-9)
+    official = {name: 100 * v["ap"] for name, v in averages["classes"].items() if not np.isnan(v["ap"])}
+    assert ours["per_class"] == pytest.approx(official, abs=1e-9)
+    assert 0 < ours["AP"] < 100 and len(ours["per_class"]) >= 3
