@@ -12,20 +12,14 @@ own matching and AP code (evaluateMatches, computeAverages). Tested against the 
 from __future__ import annotations
 
 import copy
-import io
 import math
-import os
-from collections.abc import Iterable
 
 import numpy as np
-from PIL import Image
 
+from m2f.data.cityscapes import INSTANCE_ID_BASE
 from m2f.data.common import DatasetMetadata, read_label_png
 from m2f.evaluation.arrays import check_new_images
 from m2f.evaluation.instance import check_instances
-from m2f.files import write_bytes_atomic
-
-INSTANCE_ID_BASE = 1000  # an object's id is its label id * 1000 + its number
 
 
 def _load_cityscapes_evaluation():
@@ -37,23 +31,6 @@ def _load_cityscapes_evaluation():
             "package's [cityscapes] extra)"
         ) from error
     return evalInstanceLevelSemanticLabeling
-
-
-def write_instance_files(folder: str, name: str, instances: Iterable[tuple[np.ndarray, int, float]]) -> str:
-    """One image's instances (mask (H, W) bool, label id, score) as cityscapesscripts' evaluation and the
-    benchmark's server read them: folder/<name>.txt with a line "masks/<name>_<k>.png <label id> <score>" per
-    instance, each mask a 1-bit PNG (a few hundred bytes, and quick to write at 2048 x 1024). Returns the text
-    file's path."""
-    lines = []
-    for number, (mask, label_id, score) in enumerate(instances):
-        mask_name = f"masks/{name}_{number}.png"
-        buffer = io.BytesIO()
-        Image.fromarray(np.asarray(mask, dtype=bool)).save(buffer, format="PNG")
-        write_bytes_atomic(os.path.join(folder, mask_name), buffer.getvalue())
-        lines.append(f"{mask_name} {int(label_id)} {float(score)!r}\n")
-    path = os.path.join(folder, f"{name}.txt")
-    write_bytes_atomic(path, "".join(lines).encode())
-    return path
 
 
 def _label_ids(ids: np.ndarray) -> np.ndarray:

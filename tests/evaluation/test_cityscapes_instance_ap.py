@@ -219,7 +219,7 @@ def test_same_ap_as_cityscapesscripts_on_files(tmp_path, seed):
 
     from cityscapesscripts.evaluation import evalInstanceLevelSemanticLabeling as evaluation
 
-    from m2f.evaluation.cityscapes_instance import write_instance_files
+    from m2f.engine.cityscapes_results import write_instance_files
 
     rng = np.random.default_rng(seed)
     paths, prediction_files = {}, []
