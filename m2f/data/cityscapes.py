@@ -17,6 +17,7 @@ from m2f.data.common import (
     DatasetError,
     DatasetMetadata,
     SegmentationDataset,
+    check_annotations_exist,
     check_image_size,
     image_to_tensor,
     masks_from_index_map,
@@ -75,16 +76,6 @@ def list_city_images(image_root: str) -> list[str]:
     )
 
 
-def check_annotations_exist(paths: list[str], what: str, source: str) -> None:
-    """DatasetError listing the missing files among paths; what: their kind, source: where they come from."""
-    missing = [path for path in paths if not os.path.isfile(path)]
-    if missing:
-        raise DatasetError(
-            f"{len(missing)} images lack a {what} ({source}), first: {missing[0]}",
-            [f"{path}: missing {what}" for path in missing],
-        )
-
-
 def read_train_ids(path: str) -> np.ndarray:
     """(H, W) int64 train ids, 255 (ignore) for every value beyond the 19 classes."""
     raw = read_label_png(path)
@@ -114,6 +105,11 @@ class CityscapesDataset(SemanticDataset):
     def load_semantic_gt(self, index: int) -> np.ndarray:
         """Ground truth of item `index` at its original size: (H, W) int64 train ids, 255 = ignore."""
         return read_train_ids(self.annotation_path(index))
+
+
+def label_ids(instance_ids: np.ndarray) -> np.ndarray:
+    """The label id of each value of an instance id map (an object's: its id // INSTANCE_ID_BASE)."""
+    return np.where(instance_ids >= INSTANCE_ID_BASE, instance_ids // INSTANCE_ID_BASE, instance_ids)
 
 
 def instance_segments(instance_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -102,6 +102,16 @@ def read_panoptic_png(path: str) -> np.ndarray:
         return rgb_to_id(np.asarray(png.convert("RGB")))
 
 
+def check_annotations_exist(paths: list[str], what: str, source: str) -> None:
+    """DatasetError listing the missing files among paths; what: their kind, source: where they come from."""
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} images lack a {what} ({source}), first: {missing[0]}",
+            [f"{path}: missing {what}" for path in missing],
+        )
+
+
 def read_label_png(path: str) -> np.ndarray:
     """(H, W) int64 values of a single-channel label PNG (8 or 16 bit) as stored. DatasetError naming the file
     when it cannot be read or has more than one channel."""

@@ -10,7 +10,13 @@ import os
 import numpy as np
 
 from m2f.data.ade20k import SemanticDataset
-from m2f.data.common import IGNORE_LABEL, DatasetError, DatasetMetadata, read_label_png
+from m2f.data.common import (
+    IGNORE_LABEL,
+    DatasetError,
+    DatasetMetadata,
+    check_annotations_exist,
+    read_label_png,
+)
 
 # (category id, name, isthing) of the 65 classes; class = id - 1 = the label maps' value.
 MAPILLARY_CLASSES = (
@@ -66,12 +72,9 @@ class MapillaryVistasDataset(SemanticDataset):
             raise DatasetError(f"{self.image_root}: image folder not found")
         self.metadata = DatasetMetadata(mapillary_categories(), image_root=self.image_root)
         self.file_names = sorted(f for f in os.listdir(self.image_root) if f.endswith(".jpg"))
-        missing = [path for path in map(self.annotation_path, range(len(self))) if not os.path.isfile(path)]
-        if missing:
-            raise DatasetError(
-                f"{len(missing)} images lack a label map in {self.annotation_root}, first: {missing[0]}",
-                [f"{path}: missing label map" for path in missing],
-            )
+        check_annotations_exist(
+            [self.annotation_path(index) for index in range(len(self))], "label map", self.annotation_root
+        )
 
     def annotation_path(self, index: int) -> str:
         return os.path.join(self.annotation_root, self.file_names[index].removesuffix(".jpg") + ".png")

@@ -15,6 +15,7 @@ from m2f.data.cityscapes import (
     INSTANCE_ID_BASE,
     CityscapesDataset,
     CityscapesInstanceDataset,
+    label_ids,
 )
 from m2f.data.coco_instance import rle_problem
 from m2f.data.coco_panoptic import coco_paths, image_file_name
@@ -267,8 +268,8 @@ def _unknown_train_ids(values: np.ndarray) -> list[str]:
 
 
 def _unknown_instance_ids(values: np.ndarray) -> list[str]:
-    label_ids = np.where(values >= INSTANCE_ID_BASE, values // INSTANCE_ID_BASE, values)
-    unknown = values[(label_ids < 0) | (label_ids > MAX_CITYSCAPES_LABEL_ID)]
+    labels = label_ids(values)
+    unknown = values[(labels < 0) | (labels > MAX_CITYSCAPES_LABEL_ID)]
     return [
         f"unknown value {value} (label ids are 0..{MAX_CITYSCAPES_LABEL_ID}, objects label id * "
         f"{INSTANCE_ID_BASE} + number)"

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from m2f.data.cityscapes import INSTANCE_ID_BASE
+from m2f.data.cityscapes import label_ids
 from m2f.data.common import DatasetMetadata, read_label_png
 from m2f.evaluation.arrays import check_new_images
 from m2f.evaluation.instance import check_instances
@@ -31,11 +31,6 @@ def _load_cityscapes_evaluation():
             "package's [cityscapes] extra)"
         ) from error
     return evalInstanceLevelSemanticLabeling
-
-
-def _label_ids(ids: np.ndarray) -> np.ndarray:
-    """The label id of each value of an instance id map (objects: id // 1000)."""
-    return np.where(ids >= INSTANCE_ID_BASE, ids // INSTANCE_ID_BASE, ids)
 
 
 class CityscapesInstanceEvaluator:
@@ -80,7 +75,7 @@ class CityscapesInstanceEvaluator:
             if not covered.size or self._name_of.get(label_id) not in self._args.instLabels:
                 continue  # the script skips empty masks and classes it does not evaluate
             under, counts = np.unique(covered, return_counts=True)
-            same_class = _label_ids(under) == label_id
+            same_class = label_ids(under) == label_id
             predictions.append(
                 {
                     "label_id": label_id,
@@ -116,11 +111,12 @@ class CityscapesInstanceEvaluator:
             ground_truth = {name: [] for name in self._args.instLabels}
             by_id = {}
             for value, pixels in image["objects"]:
-                name = self._name_of.get(int(_label_ids(np.array(value))))
+                label_id = int(label_ids(np.array(value)))
+                name = self._name_of.get(label_id)
                 if name in ground_truth:
                     by_id[value] = {
                         "instID": value,
-                        "labelID": int(_label_ids(np.array(value))),
+                        "labelID": label_id,
                         "pixelCount": pixels,
                         "medDist": -1,
                         "distConf": 0.0,
