@@ -6,8 +6,8 @@ positive. It needs the `cityscapesscripts` package (the "cityscapes" extra).
 
 The script reads each prediction back from a mask PNG and compares it with every ground-truth object of its
 class, which takes minutes per hundred images; the evaluator counts the same overlaps with one pass over each
-prediction's pixels when it is given the prediction, keeps only those counts, and hands them to the script's
-own matching and AP code (evaluateMatches, computeAverages). Tested against the script run on files."""
+prediction's bounding box when it is given the prediction, keeps only those counts, and hands them to the
+script's own matching and AP code (evaluateMatches, computeAverages). Tested against the script run on files."""
 
 from __future__ import annotations
 
@@ -67,26 +67,32 @@ class CityscapesInstanceEvaluator:
         check_new_images(set(self.images), [image_id])
         ids = read_label_png(self.annotation_paths[image_id])
         masks, scores, labels = check_instances(image_id, instances, ids.shape, self.metadata.num_classes)
-        values, pixels = np.unique(ids, return_counts=True)
+        pixels_of = np.bincount(ids.ravel())  # ids are small: label id x 1000 + number
+        values = np.flatnonzero(pixels_of)
+        value_label_ids = label_ids(values)
+        is_void = np.isin(values, self._void_label_ids)
+        rows, columns = masks.any(2), masks.any(1)
         predictions = []
-        for mask, score, label in zip(masks.view(bool), scores.tolist(), labels.tolist()):
+        for mask, row, column, score, label in zip(masks, rows, columns, scores.tolist(), labels.tolist()):
             label_id = self.metadata.contiguous_to_category_id[label]
-            covered = ids[mask]
-            if not covered.size or self._name_of.get(label_id) not in self._args.instLabels:
+            if not row.any() or self._name_of.get(label_id) not in self._args.instLabels:
                 continue  # the script skips empty masks and classes it does not evaluate
-            under, counts = np.unique(covered, return_counts=True)
-            same_class = label_ids(under) == label_id
+            top, bottom = np.flatnonzero(row)[[0, -1]]
+            left, right = np.flatnonzero(column)[[0, -1]]
+            box = (slice(top, bottom + 1), slice(left, right + 1))
+            counts = np.bincount(ids[box][mask[box]], minlength=len(pixels_of))[values]
+            overlapping = (counts > 0) & (value_label_ids == label_id)
             predictions.append(
                 {
                     "label_id": label_id,
                     "score": score,
-                    "pixels": int(covered.size),
-                    "void": int(counts[np.isin(under, self._void_label_ids)].sum()),
-                    "overlaps": np.stack([under[same_class], counts[same_class]], 1).tolist(),
+                    "pixels": int(counts.sum()),
+                    "void": int(counts[is_void].sum()),
+                    "overlaps": np.stack([values[overlapping], counts[overlapping]], 1).tolist(),
                 }
             )
         self.images[image_id] = {
-            "objects": np.stack([values, pixels], 1).tolist(),
+            "objects": np.stack([values, pixels_of[values]], 1).tolist(),
             "predictions": predictions,
         }
 

@@ -29,7 +29,7 @@ def masks_to_rles(masks: np.ndarray) -> list[dict]:
 
 def check_instances(image_id, instances: dict, size: tuple[int, int], num_classes: int):
     """An instance prediction dict (masks (K, H, W) bool at the image's size, scores (K,), labels (K,) in
-    [0, num_classes)) as numpy (masks uint8, scores float64, labels int64); ValueError naming what is wrong."""
+    [0, num_classes)) as numpy (masks bool, scores float64, labels int64); ValueError naming what is wrong."""
     masks = to_numpy(instances["masks"])
     scores = to_numpy(instances["scores"]).astype(np.float64)
     labels = to_numpy(instances["labels"]).astype(np.int64)
@@ -51,7 +51,7 @@ def check_instances(image_id, instances: dict, size: tuple[int, int], num_classe
         )
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"image_id {image_id}: labels must be in [0, {num_classes})")
-    return masks.astype(np.uint8), scores, labels
+    return masks, scores, labels
 
 
 def check_results_state(state: dict, result_keys: dict[str, str]) -> None:
