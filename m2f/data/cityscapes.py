@@ -7,6 +7,7 @@ gtFine/cityscapes_panoptic_{split}.json and PNG folder) is read by CocoPanopticD
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -116,8 +117,8 @@ def instance_segments(instance_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     """The single objects of the 8 thing classes in an instance id map: (instance ids (K,) sorted, their
     classes (K,) int64 in cityscapes_thing_categories() order). Groups, stuff and void are left out."""
     thing_label_ids = np.array([c["id"] for c in cityscapes_thing_categories()])
-    values = np.unique(instance_ids)
-    values = values[np.isin(values // INSTANCE_ID_BASE, thing_label_ids)]  # a bare label id gives 0: none
+    values = np.unique(instance_ids[instance_ids >= INSTANCE_ID_BASE])  # a bare label id is no object
+    values = values[np.isin(values // INSTANCE_ID_BASE, thing_label_ids)]
     return values, np.searchsorted(thing_label_ids, values // INSTANCE_ID_BASE)
 
 
@@ -129,7 +130,7 @@ class CityscapesInstanceDataset(SegmentationDataset):
     Targets are cut from the id map after the transform (nearest); those the crop empties are dropped.
 
     skip_empty leaves out the images without a single object, as Mask2Former's training set does; it reads
-    every id map once here (about a minute for the 2,975 training images)."""
+    every id map once here, on up to 8 threads (30 ms per 2048 x 1024 map and thread)."""
 
     def __init__(self, root: str, split: str, transforms=None, *, seed: int = 0, skip_empty: bool = False):
         super().__init__(transforms, seed)
@@ -142,17 +143,18 @@ class CityscapesInstanceDataset(SegmentationDataset):
             f"*{INSTANCE_SUFFIX}, part of the gtFine release",
         )
         if skip_empty:
-            self.file_names = [
-                name
-                for index, name in enumerate(self.file_names)
-                if len(instance_segments(read_label_png(self.annotation_path(index)))[0])
-            ]
+            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PNG decoding releases the GIL
+                has_objects = list(pool.map(self._has_objects, range(len(self))))
+            self.file_names = [name for name, keep in zip(self.file_names, has_objects) if keep]
 
     def __len__(self) -> int:
         return len(self.file_names)
 
     def image_id(self, index: int) -> str:
         return os.path.basename(self.file_names[index]).removesuffix(IMAGE_SUFFIX)
+
+    def _has_objects(self, index: int) -> bool:
+        return len(instance_segments(read_label_png(self.annotation_path(index)))[0]) > 0
 
     def annotation_path(self, index: int) -> str:
         return os.path.join(
