@@ -529,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     synthetic = commands.add_parser(
-        "make-synthetic", help="write the synthetic dataset (COCO, ADE20K or Cityscapes layout)"
+        "make-synthetic",
+        help="write the synthetic dataset (COCO, ADE20K, Cityscapes or Mapillary Vistas layout)",
     )
     synthetic.add_argument("--out", required=True, help="dataset root to write")
     synthetic.add_argument("--num-train", type=int, default=64, help="train images (default 64)")
