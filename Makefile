@@ -48,8 +48,10 @@ format: setup
 	$(VENV)/bin/ruff format $(PYSRC_DIRS)
 	$(VENV)/bin/clang-format -i $(CXX_FORMATTED)
 
+# The suite on TEST_WORKERS processes (pytest-xdist); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: build lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 # Without a GPU the demo needs only the CPU kernels, which build in a fraction of the CUDA build's time; a
 # library built before (with or without CUDA) serves as it is.
