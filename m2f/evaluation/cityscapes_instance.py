@@ -67,7 +67,7 @@ class CityscapesInstanceEvaluator:
         check_new_images(set(self.images), [image_id])
         ids = read_label_png(self.annotation_paths[image_id])
         masks, scores, labels = check_instances(image_id, instances, ids.shape, self.metadata.num_classes)
-        pixels_of = np.bincount(ids.ravel())  # ids are small: label id x 1000 + number
+        pixels_of = np.bincount(ids.ravel())  # a PNG holds at most 16 bits per value
         values = np.flatnonzero(pixels_of)
         value_label_ids = label_ids(values)
         is_void = np.isin(values, self._void_label_ids)
