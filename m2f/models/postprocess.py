@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torchvision
 
 
 def resize_masks(
@@ -136,20 +137,8 @@ def instance_inference(
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     """(K, H, W) bool -> (K, 4) float xyxy: [min x, min y, max x + 1, max y + 1]; zeros for empty masks."""
-    boxes = torch.zeros((masks.shape[0], 4), dtype=torch.float32, device=masks.device)
-    if masks.shape[0] == 0:
-        return boxes
-    rows = masks.any(dim=2)  # (K, H)
-    cols = masks.any(dim=1)  # (K, W)
-    height, width = masks.shape[-2:]
-    y_index = torch.arange(height, device=masks.device)
-    x_index = torch.arange(width, device=masks.device)
-    nonempty = rows.any(dim=1)
-    boxes[:, 0] = torch.where(cols, x_index, width).min(dim=1).values
-    boxes[:, 1] = torch.where(rows, y_index, height).min(dim=1).values
-    boxes[:, 2] = torch.where(cols, x_index, -1).max(dim=1).values + 1
-    boxes[:, 3] = torch.where(rows, y_index, -1).max(dim=1).values + 1
-    boxes[~nonempty] = 0
+    boxes = torchvision.ops.masks_to_boxes(masks)  # inclusive max x, max y
+    boxes[masks.flatten(1).any(1), 2:] += 1
     return boxes
 
 
