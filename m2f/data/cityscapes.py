@@ -118,8 +118,9 @@ def instance_segments(instance_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     classes (K,) int64 in cityscapes_thing_categories() order). Groups, stuff and void are left out."""
     thing_label_ids = np.array([c["id"] for c in cityscapes_thing_categories()])
     values = np.unique(instance_ids[instance_ids >= INSTANCE_ID_BASE])  # a bare label id is no object
-    values = values[np.isin(values // INSTANCE_ID_BASE, thing_label_ids)]
-    return values, np.searchsorted(thing_label_ids, values // INSTANCE_ID_BASE)
+    value_label_ids = label_ids(values)
+    is_thing = np.isin(value_label_ids, thing_label_ids)
+    return values[is_thing], np.searchsorted(thing_label_ids, value_label_ids[is_thing])
 
 
 class CityscapesInstanceDataset(SegmentationDataset):
