@@ -353,6 +353,21 @@ def _step_solver(max_iter: int, **overrides: Any) -> SolverConfig:
     return SolverConfig(max_iter=max_iter, lr_steps=steps, **overrides)
 
 
+def _poly_solver(max_iter: int, image_size: int, **overrides: Any) -> SolverConfig:
+    """Power-0.9 decay without warmup over scales 0.5-2.0 of the base size (the paper's ADE20K, Cityscapes
+    and Mapillary Vistas schedule)."""
+    return SolverConfig(
+        max_iter=max_iter,
+        lr_schedule="poly",
+        lr_steps=(),
+        warmup_iters=0,
+        image_size=image_size,
+        min_scale=0.5,
+        max_scale=2.0,
+        **overrides,
+    )
+
+
 def _resnet(depth: int, frozen_batchnorm: bool = True) -> BackboneConfig:
     """detectron2's ResNet: frozen BatchNorm ("FrozenBN"), or trainable ("SyncBN", synchronized under DDP on
     GPUs)."""
@@ -379,28 +394,19 @@ COCO_100_EPOCHS = 737500
 ADE20K_160K = 160000
 
 
-def _coco_panoptic(
-    name: str, backbone: BackboneConfig, num_queries: int = 100, max_iter: int = COCO_50_EPOCHS
-):
-    return ModelConfig(
-        name=name,
-        task="panoptic",
-        dataset="coco",
-        num_classes=133,
-        backbone=backbone,
-        decoder=DecoderConfig(num_queries=num_queries),
-        solver=_step_solver(max_iter),
-    )
+# COCO's classes per task: the 133 of the panoptic annotations, the 80 thing classes for instances.
+COCO_CLASSES = {"panoptic": 133, "instance": 80}
 
 
-def _coco_instance(
-    name: str, backbone: BackboneConfig, num_queries: int = 100, max_iter: int = COCO_50_EPOCHS
+def _coco(
+    name: str, task: str, backbone: BackboneConfig, num_queries: int = 100, max_iter: int = COCO_50_EPOCHS
 ) -> ModelConfig:
+    """Mask2Former's COCO recipe: large-scale jitter crops of 1024, step schedule, 50 (or 100) epochs."""
     return ModelConfig(
         name=name,
-        task="instance",
+        task=task,
         dataset="coco",
-        num_classes=80,
+        num_classes=COCO_CLASSES[task],
         backbone=backbone,
         decoder=DecoderConfig(num_queries=num_queries),
         solver=_step_solver(max_iter),
@@ -423,15 +429,7 @@ def _ade20k(name: str, task: str, backbone: BackboneConfig, crop: int, num_queri
         backbone=backbone,
         decoder=DecoderConfig(num_queries=num_queries),
         inference=InferenceConfig(test_short_edge=crop, test_max_size=4 * crop),
-        solver=SolverConfig(
-            max_iter=ADE20K_160K,
-            lr_schedule="poly",
-            lr_steps=(),
-            warmup_iters=0,
-            image_size=crop,
-            min_scale=0.5,
-            max_scale=2.0,
-        ),
+        solver=_poly_solver(ADE20K_160K, image_size=crop),
     )
 
 
@@ -450,16 +448,7 @@ def _cityscapes(name: str, task: str, backbone: BackboneConfig, num_queries: int
         backbone=backbone,
         decoder=DecoderConfig(num_queries=num_queries),
         inference=InferenceConfig(test_short_edge=1024, test_max_size=2048),
-        solver=SolverConfig(
-            max_iter=CITYSCAPES_90K,
-            lr_schedule="poly",
-            lr_steps=(),
-            warmup_iters=0,
-            image_size=1024,
-            crop_aspect=0.5,
-            min_scale=0.5,
-            max_scale=2.0,
-        ),
+        solver=_poly_solver(CITYSCAPES_90K, image_size=1024, crop_aspect=0.5),
     )
 
 
@@ -478,16 +467,7 @@ def _mapillary(name: str, task: str, backbone: BackboneConfig, num_queries: int 
         backbone=backbone,
         decoder=DecoderConfig(num_queries=num_queries),
         inference=InferenceConfig(object_mask_threshold=0.0, test_short_edge=2048, test_max_size=2048),
-        solver=SolverConfig(
-            max_iter=MAPILLARY_300K,
-            lr_schedule="poly",
-            lr_steps=(),
-            warmup_iters=0,
-            image_size=1024,
-            resize_base=2.0,
-            min_scale=0.5,
-            max_scale=2.0,
-        ),
+        solver=_poly_solver(MAPILLARY_300K, image_size=1024, resize_base=2.0),
     )
 
 
@@ -521,23 +501,23 @@ def _demo_tiny() -> ModelConfig:
 
 
 _BUILDERS = {
-    "panoptic-r50": lambda: _coco_panoptic("panoptic-r50", _resnet(50)),
-    "panoptic-r101": lambda: _coco_panoptic("panoptic-r101", _resnet(101)),
-    "panoptic-swin-t": lambda: _coco_panoptic("panoptic-swin-t", _swin("t")),
-    "panoptic-swin-s": lambda: _coco_panoptic("panoptic-swin-s", _swin("s")),
-    "panoptic-swin-b": lambda: _coco_panoptic("panoptic-swin-b", _swin("b")),
-    "panoptic-swin-b-in21k": lambda: _coco_panoptic("panoptic-swin-b-in21k", _swin("b")),
-    "panoptic-swin-l-in21k": lambda: _coco_panoptic(
-        "panoptic-swin-l-in21k", _swin("l"), num_queries=200, max_iter=COCO_100_EPOCHS
+    "panoptic-r50": lambda: _coco("panoptic-r50", "panoptic", _resnet(50)),
+    "panoptic-r101": lambda: _coco("panoptic-r101", "panoptic", _resnet(101)),
+    "panoptic-swin-t": lambda: _coco("panoptic-swin-t", "panoptic", _swin("t")),
+    "panoptic-swin-s": lambda: _coco("panoptic-swin-s", "panoptic", _swin("s")),
+    "panoptic-swin-b": lambda: _coco("panoptic-swin-b", "panoptic", _swin("b")),
+    "panoptic-swin-b-in21k": lambda: _coco("panoptic-swin-b-in21k", "panoptic", _swin("b")),
+    "panoptic-swin-l-in21k": lambda: _coco(
+        "panoptic-swin-l-in21k", "panoptic", _swin("l"), num_queries=200, max_iter=COCO_100_EPOCHS
     ),
-    "instance-r50": lambda: _coco_instance("instance-r50", _resnet(50)),
-    "instance-r101": lambda: _coco_instance("instance-r101", _resnet(101)),
-    "instance-swin-t": lambda: _coco_instance("instance-swin-t", _swin("t")),
-    "instance-swin-s": lambda: _coco_instance("instance-swin-s", _swin("s")),
-    "instance-swin-b": lambda: _coco_instance("instance-swin-b", _swin("b")),
-    "instance-swin-b-in21k": lambda: _coco_instance("instance-swin-b-in21k", _swin("b")),
-    "instance-swin-l-in21k": lambda: _coco_instance(
-        "instance-swin-l-in21k", _swin("l"), num_queries=200, max_iter=COCO_100_EPOCHS
+    "instance-r50": lambda: _coco("instance-r50", "instance", _resnet(50)),
+    "instance-r101": lambda: _coco("instance-r101", "instance", _resnet(101)),
+    "instance-swin-t": lambda: _coco("instance-swin-t", "instance", _swin("t")),
+    "instance-swin-s": lambda: _coco("instance-swin-s", "instance", _swin("s")),
+    "instance-swin-b": lambda: _coco("instance-swin-b", "instance", _swin("b")),
+    "instance-swin-b-in21k": lambda: _coco("instance-swin-b-in21k", "instance", _swin("b")),
+    "instance-swin-l-in21k": lambda: _coco(
+        "instance-swin-l-in21k", "instance", _swin("l"), num_queries=200, max_iter=COCO_100_EPOCHS
     ),
     "semantic-ade20k-r50": lambda: _ade20k("semantic-ade20k-r50", "semantic", _resnet(50), crop=512),
     # The one published ADE20K config that trains its ResNet's BatchNorm (SyncBN).
