@@ -17,6 +17,7 @@ from m2f.data.common import (
     DatasetError,
     DatasetMetadata,
     SegmentationDataset,
+    check_annotations_exist,
     check_image_size,
     image_to_tensor,
     masks_from_index_map,
@@ -171,13 +172,9 @@ class ADE20KDataset(SemanticDataset):
             raise DatasetError(f"{self.image_root}: image folder not found")
         self.metadata = ade20k_metadata(ade20k_class_names(root), image_root=self.image_root)
         self.file_names = sorted(f for f in os.listdir(self.image_root) if f.lower().endswith(".jpg"))
-        annotations = set(os.listdir(self.annotation_root)) if os.path.isdir(self.annotation_root) else set()
-        missing = [f for f in self.file_names if os.path.splitext(f)[0] + ".png" not in annotations]
-        if missing:
-            raise DatasetError(
-                f"{len(missing)} images lack a label PNG in {self.annotation_root}, first: {missing[0]}",
-                [os.path.join(self.annotation_root, os.path.splitext(f)[0] + ".png") for f in missing],
-            )
+        check_annotations_exist(
+            [self.annotation_path(index) for index in range(len(self))], "label PNG", self.annotation_root
+        )
 
     def annotation_path(self, index: int) -> str:
         return os.path.join(self.annotation_root, os.path.splitext(self.file_names[index])[0] + ".png")

@@ -252,9 +252,11 @@ def test_ade20k_training_recipe_builds_targets_after_the_crop(tmp_path):
 
 def test_ade20k_missing_annotation_names_the_file(tmp_path):
     root = make_synthetic_ade20k(str(tmp_path), num_train=0, num_val=2, image_size=64)
-    os.remove(os.path.join(root, "annotations", "validation", "ADE_val_00000002.png"))
-    with pytest.raises(DatasetError, match="ADE_val_00000002"):
+    missing = os.path.join(root, "annotations", "validation", "ADE_val_00000002.png")
+    os.remove(missing)
+    with pytest.raises(DatasetError, match="1 images lack a label PNG") as error:
         ADE20KDataset(root, "val")
+    assert error.value.problems == [f"{missing}: missing label PNG"]
     with pytest.raises(ValueError, match="split"):
         ADE20KDataset(root, "test")
 
