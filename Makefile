@@ -48,10 +48,11 @@ format: setup
 	$(VENV)/bin/ruff format $(PYSRC_DIRS)
 	$(VENV)/bin/clang-format -i $(CXX_FORMATTED)
 
-# The suite on TEST_WORKERS processes (pytest-xdist); TEST_WORKERS=0 runs it in this process.
+# The suite on TEST_WORKERS processes (pytest-xdist); TEST_WORKERS=0 runs it in this process. The 15
+# slowest tests are listed at the end, to keep the suite inside its time budget (DESIGN.md 4).
 TEST_WORKERS ?= 2
 test: build lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 # Without a GPU the demo needs only the CPU kernels, which build in a fraction of the CUDA build's time; a
 # library built before (with or without CUDA) serves as it is.
