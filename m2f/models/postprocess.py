@@ -137,8 +137,9 @@ def instance_inference(
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     """(K, H, W) bool -> (K, 4) float xyxy: [min x, min y, max x + 1, max y + 1]; zeros for empty masks."""
-    boxes = torchvision.ops.masks_to_boxes(masks)  # inclusive max x, max y
-    boxes[masks.flatten(1).any(1), 2:] += 1
+    boxes = torchvision.ops.masks_to_boxes(masks)  # inclusive max x, max y; zeros for an empty mask
+    nonempty = boxes.any(1) | masks[:, 0, 0]  # the box of the single pixel (0, 0) is zeros too
+    boxes[nonempty, 2:] += 1
     return boxes
 
 

@@ -144,10 +144,11 @@ def test_semantic_is_probability_weighted_sum():
 
 
 def test_masks_to_boxes_empty_and_single_pixel():
-    masks = torch.zeros(3, 5, 7, dtype=torch.bool)
+    masks = torch.zeros(4, 5, 7, dtype=torch.bool)
     masks[1, 2, 3] = True
     masks[2, 1:4, 0:7] = True
-    assert masks_to_boxes(masks).tolist() == [[0, 0, 0, 0], [3, 2, 4, 3], [0, 1, 7, 4]]
+    masks[3, 0, 0] = True
+    assert masks_to_boxes(masks).tolist() == [[0, 0, 0, 0], [3, 2, 4, 3], [0, 1, 7, 4], [0, 0, 1, 1]]
     assert masks_to_boxes(torch.zeros(0, 5, 7, dtype=torch.bool)).shape == (0, 4)
 
 
