@@ -388,7 +388,7 @@ class TorchCrossAttentionLayer(nn.Module):
 
 
 def test_swaps_into_a_layer_written_for_torch_attention():
-    """The README's recipe: same outputs, float64 weights kept exactly."""
+    """The recipe of docs/ops.md: same outputs, float64 weights kept exactly."""
     layer = TorchCrossAttentionLayer().double()
     with torch.no_grad():
         layer.multihead_attn.in_proj_weight.add_(1e-12)  # not representable in float32
