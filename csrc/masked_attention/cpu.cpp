@@ -38,11 +38,6 @@ namespace m2f {
 namespace masked_attention {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__)
-// Lane vectors only cross inline helpers, so the vector-ABI notes GCC prints for them do not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
 // Output rows x lane vectors of the register tiles of the three matrix products.
 struct TileShape {
   int64_t rows, vectors;

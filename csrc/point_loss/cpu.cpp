@@ -172,11 +172,6 @@ struct MaskLossSums {
   sum_t ce = 0, prob_target = 0, prob = 0, target = 0;
 };
 
-#if defined(__GNUC__) && !defined(__clang__)
-// Lane vectors only cross inline helpers, so the vector-ABI notes GCC prints for them do not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
 #if M2F_CPU_X86_LEVELS
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
