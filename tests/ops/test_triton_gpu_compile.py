@@ -5,7 +5,8 @@ The CPU tests run the Triton kernels in the interpreter, which does not see what
 tiny inputs in the interpreter while every kernel launch is recorded (argument types, constexprs, launch
 options); each distinct launch is then compiled to cubin for sm_80 and sm_90 in a process without the
 interpreter, which needs Triton's NVIDIA backend and ptxas but no GPU. On sm_90 every config of the kernel's
-autotuner is compiled too: float32 launches by default, the bfloat16 and float64 ones in the slow test.
+autotuner is compiled too, to LLVM IR (where its shared memory is known): float32 launches by default, the
+bfloat16 and float64 ones in the slow test.
 
 Shared memory: the recorded config (the one pinned launches use) must fit on both architectures. An autotuner
 config that does not fit is skipped by Triton's autotuner at run time (it catches OutOfResources), so it is
@@ -358,3 +359,31 @@ def test_the_check_reports_a_kernel_the_gpu_compiler_rejects_and_one_that_does_n
     for arch, line in zip(ARCHS, found[1:], strict=True):
         assert line.startswith(f"needs {needed} bytes of shared memory (limit {SHARED_MEMORY_LIMITS[arch]})")
         assert f"for sm_{arch} recorded" in line and "_wide_dot_kernel" in line
+
+
+@triton.autotune(configs=[triton.Config({"M": 16}), triton.Config({"M": 64})], key=[])
+@triton.jit
+def _autotuned_wide_dot_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, K: tl.constexpr):
+    """_wide_dot_kernel with M from its autotuner."""
+    a = tl.load(a_ptr + tl.arange(0, M)[:, None] * K + tl.arange(0, K)[None, :])
+    b = tl.load(b_ptr + tl.arange(0, K)[:, None] * M + tl.arange(0, M)[None, :])
+    tl.store(c_ptr + tl.arange(0, M)[:, None] * M + tl.arange(0, M)[None, :], tl.dot(a, b))
+
+
+def test_autotuner_configs_stop_after_the_llvm_ir_with_the_shared_memory_of_a_whole_compile():
+    a, b = torch.randn(16, 1024), torch.randn(1024, 16)
+    with recorded_launches() as recorded:
+        _wide_dot_kernel[(1,)](a, b, torch.empty(16, 16), M=16, K=1024)
+    (whole,) = recorded.values()
+    tasks = [
+        {"spec": whole, "archs": [SWEEP_ARCH], "sweep_archs": []},
+        {"spec": {**whole, "kernel": "_autotuned_wide_dot_kernel"}, "archs": [], "sweep_archs": [SWEEP_ARCH]},
+    ]
+    results = compile_tasks(tasks)
+
+    assert [(r["task"], r["last_stage"], r["ok"]) for r in results] == [(0, "cubin", True)] + [
+        (1, "llir", True)
+    ] * 2
+    assert results[1]["shared"] == results[0]["shared"] == 2 * 16 * 1024 * 4
+    assert results[2]["shared"] == 2 * 64 * 1024 * 4 > SHARED_MEMORY_LIMITS[SWEEP_ARCH]
+    assert failures(tasks, results) == []  # the M=16 config fits

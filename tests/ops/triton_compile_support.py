@@ -1,10 +1,13 @@
 """Compiles Triton kernels for NVIDIA GPUs on a machine without one.
 
 `recorded_launches()` records, under TRITON_INTERPRET=1, the launch specs (argument types, constexpr values,
-launch options) of every kernel an op runs. `compile_in_subprocess()` compiles specs to cubin for given
-architectures in a separate Python process without the interpreter (the interpreter's kernel objects cannot be
-compiled); run as a script, this module is that process: it reads jobs from a JSON file and writes results to
-another.
+launch options) of every kernel an op runs. `compile_in_subprocess()` compiles specs for given architectures in
+a separate Python process without the interpreter (the interpreter's kernel objects cannot be compiled); run as
+a script, this module is that process: it reads jobs from a JSON file and writes results to another.
+
+A spec at its recorded config (the one pinned launches run) is compiled to cubin. The autotuner's other configs
+stop after the LLVM IR, where the shared memory a config needs is known and the layout and tensor-core lowering
+has passed; PTX and ptxas, which took 40 % of the time of a compile, run only for the recorded configs.
 """
 
 from __future__ import annotations
@@ -118,13 +121,14 @@ def recorded_launches():
 
 
 def compile_in_subprocess(tasks: list[dict], workers: int = 2) -> dict:
-    """Compiles launch specs to cubin in a process without the interpreter.
+    """Compiles launch specs for NVIDIA GPUs in a process without the interpreter.
 
     tasks: {"spec": spec, "archs": [80, ...], "sweep_archs": [90, ...]}: the spec with its recorded config for
     each arch of archs, and with every config of the kernel's autotuner for each arch of sweep_archs.
     Returns {"unavailable": reason} when Triton's NVIDIA backend or ptxas is missing, else {"results": [...]}:
     one dict per compile with task (index into tasks), arch, config ("recorded" or "autotune <i>: <config>"),
-    ok, shared (bytes of shared memory), error and seconds.
+    ok, shared (bytes of shared memory), error, last_stage ("cubin", or "llir" for the autotuner's configs; None
+    after an error) and seconds.
     """
     with tempfile.TemporaryDirectory() as folder_name:
         folder = Path(folder_name)
@@ -219,10 +223,35 @@ def _compile_key(spec: dict, job: dict) -> str:
     return spec_key({**spec, "constexprs": constexprs, "options": options.hash(), "arch": job["arch"]})
 
 
+class _LLVMIRDone(Exception):
+    """Ends a compile after its LLVM IR, with the shared memory (bytes) the IR needs."""
+
+    def __init__(self, shared: int):
+        super().__init__(shared)
+        self.shared = shared
+
+
+def _stop_after_llvm_ir(*args):
+    """Triton's pipeline hook: called without arguments, the part it adds to the compile's cache key; with the
+    backend's stages, makes the LLVM IR stage the last one."""
+    if not args:
+        return "stop-after-llir", "stop-after-llir"
+    _, stages, *_ = args
+    make_llvm_ir = stages["llir"]
+
+    def llvm_ir_then_stop(source, metadata):
+        make_llvm_ir(source, metadata)
+        raise _LLVMIRDone(metadata["shared"])
+
+    stages["llir"] = llvm_ir_then_stop
+
+
 def _compile(spec: dict, job: dict) -> dict:
-    """{"ok", "shared", "error", "seconds"} of compiling `spec` with the job's arch, constexprs and options."""
+    """{"ok", "shared", "error", "seconds"} of compiling `spec` with the job's arch, constexprs and options: to
+    cubin at the recorded config, to LLVM IR at the autotuner's configs."""
     import triton
     import triton.language as tl
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -234,10 +263,15 @@ def _compile(spec: dict, job: dict) -> dict:
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec["aligned"]}
     source = ASTSource(kernel, spec["signature"], constexprs=constexprs, attrs=attrs)
     start = time.perf_counter()
-    result = {"shared": None, "error": None}
+    result = {"shared": None, "error": None, "last_stage": None}
+    knobs.runtime.add_stages_inspection_hook = None if job["config"] == "recorded" else _stop_after_llvm_ir
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
         result["shared"] = compiled.metadata.shared
+        result["last_stage"] = "cubin"
+    except _LLVMIRDone as done:
+        result["shared"] = done.shared
+        result["last_stage"] = "llir"
     except Exception as error:  # every compile error is a result, with its message
         message = str(error) or traceback.format_exc(limit=3)
         result["error"] = f"{type(error).__name__}: {message}"[-3000:]
@@ -258,12 +292,11 @@ def main(request_path: str, response_path: str) -> None:
         return
     tasks = request["tasks"]
     jobs = _jobs(tasks)
+    keys = [_compile_key(tasks[job["task"]]["spec"], job) for job in jobs]
+    # Recorded configs first: an autotuner config equal to one reuses its cubin compile, never the other way.
     unique: dict[str, tuple[dict, dict]] = {}
-    keys = []
-    for job in jobs:
-        spec = tasks[job["task"]]["spec"]
-        keys.append(_compile_key(spec, job))
-        unique.setdefault(keys[-1], (spec, job))
+    for job, key in sorted(zip(jobs, keys, strict=True), key=lambda pair: pair[0]["config"] != "recorded"):
+        unique.setdefault(key, (tasks[job["task"]]["spec"], job))
     with concurrent.futures.ProcessPoolExecutor(max(1, request["workers"])) as pool:
         compiled = dict(zip(unique, pool.map(_compile_unpacked, unique.values()), strict=True))
     results = [{**job, **compiled[key]} for job, key in zip(jobs, keys, strict=True)]
