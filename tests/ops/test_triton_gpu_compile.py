@@ -361,13 +361,10 @@ def test_the_check_reports_a_kernel_the_gpu_compiler_rejects_and_one_that_does_n
         assert f"for sm_{arch} recorded" in line and "_wide_dot_kernel" in line
 
 
-@triton.autotune(configs=[triton.Config({"M": 16}), triton.Config({"M": 64})], key=[])
-@triton.jit
-def _autotuned_wide_dot_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, K: tl.constexpr):
-    """_wide_dot_kernel with M from its autotuner."""
-    a = tl.load(a_ptr + tl.arange(0, M)[:, None] * K + tl.arange(0, K)[None, :])
-    b = tl.load(b_ptr + tl.arange(0, K)[:, None] * M + tl.arange(0, M)[None, :])
-    tl.store(c_ptr + tl.arange(0, M)[:, None] * M + tl.arange(0, M)[None, :], tl.dot(a, b))
+# _wide_dot_kernel with M from an autotuner.
+_autotuned_wide_dot_kernel = triton.autotune(
+    configs=[triton.Config({"M": 16}), triton.Config({"M": 64})], key=[]
+)(_wide_dot_kernel)
 
 
 def test_autotuner_configs_stop_after_the_llvm_ir_with_the_shared_memory_of_a_whole_compile():
