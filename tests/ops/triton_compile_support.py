@@ -247,8 +247,8 @@ def _stop_after_llvm_ir(*args):
 
 
 def _compile(spec: dict, job: dict) -> dict:
-    """{"ok", "shared", "error", "seconds"} of compiling `spec` with the job's arch, constexprs and options: to
-    cubin at the recorded config, to LLVM IR at the autotuner's configs."""
+    """{"ok", "shared", "error", "last_stage", "seconds"} of compiling `spec` with the job's arch, constexprs and
+    options: to cubin at the recorded config, to LLVM IR at the autotuner's configs."""
     import triton
     import triton.language as tl
     from triton import knobs
