@@ -1,6 +1,7 @@
-"""The source distribution carries everything a build from it reads."""
+"""The source distribution carries everything a build from it reads; the test tools are pinned."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,3 +101,16 @@ def test_wheel_marks_both_packages_as_typed(tmp_path):
     wheel = build_from_a_copy(tmp_path, "--wheel", {"M2F_KERNELS_NO_EXTENSION": "1"})
     with zipfile.ZipFile(wheel) as archive:
         assert {"m2f/py.typed", "m2f_kernels/py.typed"} <= set(archive.namelist())
+
+
+def test_the_test_tools_are_pinned_and_the_runtime_dependencies_are_not():
+    """A new release of a linter or of a library the tests compare against cannot change what `make test`
+    says about an unchanged checkout; the package's own dependencies stay unpinned."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    unpinned = [
+        r for r in project["optional-dependencies"]["test"] if not re.fullmatch(r"[\w.-]+==[\w.]+", r)
+    ]
+    assert unpinned == []
+    exact = [r for r in project["dependencies"] if "==" in r]
+    assert exact == ["torch==2.14.1", "torchvision==0.29.1"]
