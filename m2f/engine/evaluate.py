@@ -35,6 +35,7 @@ from m2f.engine.train import (
     validate_split,
 )
 from m2f.files import check_output_path, write_json_atomic
+from m2f.models.postprocess import ImageMasks
 
 PART_SIZE = 100  # images per part file of `m2f eval`
 # Mask2Former's multi-scale test of semantic segmentation (TEST.AUG of its ADE20K configs: short sides 256 to
@@ -63,15 +64,15 @@ def predict_masks(
     *,
     device: torch.device,
     amp: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image (3, h, w) uint8 (already resized for inference) -> (class logits (Q, C+1) float32,
-    mask logits (Q, h, w) float32 at the image's size; postprocess takes them to the original size).
+) -> tuple[torch.Tensor, ImageMasks]:
+    """One image (3, h, w) uint8 (already resized for inference) -> (class logits (Q, C+1) float32, the mask
+    logits as ImageMasks: `masks.at((h, w))` gives them (Q, h, w) at the image's size, postprocess at the
+    original size and for the queries each task needs).
 
     As detectron2's Mask2Former: the image is padded to the model's size divisibility (with the pixel mean,
     0 after normalization), and the masks, at 1/4 of the padded size, are upsampled to it and then cropped.
     """
     from m2f.models.padding import padded_size
-    from m2f.models.postprocess import resize_masks
 
     check_amp(amp)
     if model.training:
@@ -97,9 +98,8 @@ def predict_masks(
     amp_dtype = AMP_DTYPES.get(amp)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         outputs = model(padded)
-    pred_masks = outputs["pred_masks"].float()
-    mask_pred = resize_masks(pred_masks, padded_shape, (height, width), (height, width))[0]
-    return outputs["pred_logits"][0].float(), mask_pred
+    masks = ImageMasks(outputs["pred_masks"][0].float(), padded_shape, (height, width))
+    return outputs["pred_logits"][0].float(), masks
 
 
 @torch.no_grad()
@@ -132,10 +132,10 @@ def predict_semantic_tta(
         resized = resize.get_geometry(height, width).apply_image(pixels)
         resized = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
         for flipped in (False, True) if flip else (False,):
-            mask_cls, mask_pred = predict_masks(
+            mask_cls, masks = predict_masks(
                 model, resized.flip(-1) if flipped else resized, device=device, amp=amp
             )
-            scores = _resize(semantic_inference(mask_cls, mask_pred), (height, width))
+            scores = _resize(semantic_inference(mask_cls, masks.at(masks.image_size)), (height, width))
             scores = scores.flip(-1) if flipped else scores
             total = scores if total is None else total + scores
     return total / (len(scales) * (2 if flip else 1))
@@ -144,15 +144,17 @@ def predict_semantic_tta(
 def postprocess(
     tasks: Sequence[str],
     mask_cls: torch.Tensor,
-    mask_pred: torch.Tensor,
+    masks: ImageMasks,
     output_size: tuple[int, int],
     config,
     thing_classes: set[int],
 ) -> dict[str, Any]:
     """Applies Mask2Former's inference for each of `tasks` ("panoptic", "instance", "semantic") to
     predict_masks' results, at output_size (the original image size). In Mask2Former's order: the mask logits
-    are resized to output_size first (once for all tasks), except for a semantic model's semantic output,
-    whose class scores are computed at the network input's size and resized.
+    are resized to output_size first, except for a semantic model's semantic output, whose class scores are
+    computed at the network input's size and resized. Only the queries a task reads are resized (panoptic:
+    the confident ones, instance: those of the top (query, class) pairs), all of them once when a semantic
+    output needs them; the results are those of resizing every query.
 
     Returns {task: prediction}: (panoptic_seg, segments_info) for panoptic, the instance dict (masks, scores,
     labels, boxes) for instance, and the (H, W) int64 class map for semantic."""
@@ -164,20 +166,25 @@ def postprocess(
         if task not in ("panoptic", "instance", "semantic"):
             raise ValueError(f"task must be 'panoptic', 'instance' or 'semantic', got {task!r}")
     inference = config.inference
+    semantic_of_logits = "semantic" in tasks and config.task != "semantic"
+    all_resized = masks.at(output_size) if semantic_of_logits else None
+
+    def resized(queries: torch.Tensor) -> torch.Tensor:
+        return all_resized[queries] if all_resized is not None else masks.at(output_size, queries)
+
     predictions: dict[str, Any] = {}
-    resized_pred = None
     for task in tasks:
-        if task == "semantic" and config.task == "semantic":
-            predictions[task] = _resize(post.semantic_inference(mask_cls, mask_pred), output_size).argmax(0)
-            continue
-        if resized_pred is None:
-            resized_pred = _resize(mask_pred, output_size)
         if task == "semantic":
-            predictions[task] = post.semantic_inference(mask_cls, resized_pred).argmax(0)
+            if semantic_of_logits:
+                predictions[task] = post.semantic_inference(mask_cls, all_resized).argmax(0)
+            else:
+                scores = post.semantic_inference(mask_cls, masks.at(masks.image_size))
+                predictions[task] = _resize(scores, output_size).argmax(0)
         elif task == "panoptic":
+            keep = post.confident_queries(mask_cls, inference.object_mask_threshold).nonzero()[:, 0]
             predictions[task] = post.panoptic_inference(
-                mask_cls,
-                resized_pred,
+                mask_cls[keep],
+                resized(keep),
                 thing_classes,
                 object_mask_threshold=inference.object_mask_threshold,
                 overlap_threshold=inference.overlap_threshold,
@@ -185,13 +192,14 @@ def postprocess(
         else:
             # Only a panoptic model's instances are restricted to thing classes (Mask2Former's rule): a
             # semantic model's classes may all be stuff.
-            predictions[task] = post.instance_inference(
+            class_scores, labels, query_index = post.top_instance_queries(
                 mask_cls,
-                resized_pred,
                 mask_cls.shape[-1] - 1,
                 top_k=inference.top_k,
                 thing_classes=thing_classes if config.task == "panoptic" else None,
             )
+            queries, position = query_index.unique(return_inverse=True)
+            predictions[task] = post.instances_from_logits(class_scores, labels, resized(queries)[position])
     return predictions
 
 
@@ -346,8 +354,8 @@ def evaluate_model(
                     scores = predict_semantic_tta(model, item["image"], config, device=device, amp=amp)
                     prediction = scores.argmax(0)
                 else:
-                    mask_cls, mask_pred = predict_masks(model, item["image"], device=device, amp=amp)
-                    prediction = postprocess([task], mask_cls, mask_pred, size, config, thing_classes)[task]
+                    mask_cls, masks = predict_masks(model, item["image"], device=device, amp=amp)
+                    prediction = postprocess([task], mask_cls, masks, size, config, thing_classes)[task]
                 if task == "panoptic":
                     evaluator.update(item["image_id"], *prediction)
                 elif task == "instance":

@@ -307,8 +307,8 @@ class Predictor:
             return {"semantic": scores.argmax(0)}
         resized = self._transform.get_geometry(*image.shape[:2]).apply_image(image)
         pixels = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        mask_cls, mask_pred = predict_masks(self.model, pixels, device=self.device, amp=self.amp)
-        return postprocess(tasks, mask_cls, mask_pred, image.shape[:2], self.config, self.classes.things)
+        mask_cls, masks = predict_masks(self.model, pixels, device=self.device, amp=self.amp)
+        return postprocess(tasks, mask_cls, masks, image.shape[:2], self.config, self.classes.things)
 
 
 def run_prediction(

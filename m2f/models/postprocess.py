@@ -1,12 +1,14 @@
 """Inference post-processing of one image's Mask2Former predictions (panoptic, instance, semantic).
 
 Inputs for one image: mask_cls (Q, C+1) class logits (last = no object) and mask_pred (Q, H, W) mask logits
-at the size of the result (`resize_masks` takes the model's 1/4-resolution masks there;
-m2f.engine.evaluate.postprocess resizes the masks before panoptic and instance inference and the semantic
-scores after semantic inference, Mask2Former's order).
+at the size of the result (`resize_masks` takes the model's 1/4-resolution masks there, `ImageMasks` on
+request and for chosen queries only; m2f.engine.evaluate.postprocess resizes the masks before panoptic and
+instance inference and the semantic scores after semantic inference, Mask2Former's order).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +31,39 @@ def resize_masks(
         pred_masks = pred_masks[None]
     if pred_masks.dim() != 4:
         raise ValueError(f"pred_masks must be (Q, h, w) or (B, Q, h, w), got {tuple(pred_masks.shape)}")
-    masks = F.interpolate(pred_masks, size=tuple(padded_size), mode="bilinear", align_corners=False)
-    masks = masks[..., : image_size[0], : image_size[1]]
-    masks = F.interpolate(masks, size=tuple(output_size), mode="bilinear", align_corners=False)
+    masks = _bilinear(pred_masks, padded_size)[..., : image_size[0], : image_size[1]]
+    masks = _bilinear(masks, output_size)
     return masks[0] if squeeze else masks
+
+
+def _bilinear(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(..., h, w) -> (..., *size), bilinear, align_corners=False; maps themselves when already at size
+    (the interpolation would copy them unchanged). No maps (a 0 in ...) give none."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    if maps.shape[:-2].numel() == 0:
+        return maps.new_empty((*maps.shape[:-2], *size))
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageMasks:
+    """One image's mask logits as the model predicts them, resized on request.
+
+    logits (Q, h, w) float32 at 1/4 of padded_size (the padded network input); image_size: the image inside
+    the padding. Each query is resized on its own, so the logits of a few queries cost a fraction of those of all
+    and have the same values.
+    """
+
+    logits: torch.Tensor
+    padded_size: tuple[int, int]
+    image_size: tuple[int, int]
+
+    def at(self, size: tuple[int, int], queries: torch.Tensor | None = None) -> torch.Tensor:
+        """(len(queries) or Q, *size) logits of queries (an index or bool tensor; default all):
+        resize_masks' upsampling to padded_size, crop to image_size and resize to size."""
+        logits = self.logits if queries is None else self.logits[queries]
+        return resize_masks(logits, self.padded_size, self.image_size, size)
 
 
 def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
@@ -61,11 +92,9 @@ def panoptic_inference(
     is that of its first query).
     """
     _check(mask_cls, mask_pred)
-    num_classes = mask_cls.shape[-1] - 1
     scores, labels = mask_cls.float().softmax(-1).max(-1)
-    probs = mask_pred.float().sigmoid()
-    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
-    cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], probs[keep]
+    keep = confident_queries(mask_cls, object_mask_threshold)
+    cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], mask_pred[keep].float().sigmoid()
     height, width = mask_pred.shape[-2:]
     panoptic_seg = torch.zeros((height, width), dtype=torch.int32, device=mask_pred.device)
     segments_info: list[dict] = []
@@ -98,6 +127,13 @@ def panoptic_inference(
     return panoptic_seg, segments_info
 
 
+def confident_queries(mask_cls: torch.Tensor, object_mask_threshold: float = 0.8) -> torch.Tensor:
+    """(Q,) bool: the queries panoptic_inference keeps, those whose top class is not "no object" with
+    probability > object_mask_threshold."""
+    scores, labels = mask_cls.float().softmax(-1).max(-1)
+    return labels.ne(mask_cls.shape[-1] - 1) & (scores > object_mask_threshold)
+
+
 def instance_inference(
     mask_cls: torch.Tensor,
     mask_pred: torch.Tensor,
@@ -114,9 +150,21 @@ def instance_inference(
     descending score.
     """
     _check(mask_cls, mask_pred)
-    if mask_cls.shape[-1] != num_classes + 1:
+    class_scores, labels, query_index = top_instance_queries(mask_cls, num_classes, top_k, thing_classes)
+    return instances_from_logits(class_scores, labels, mask_pred[query_index])
+
+
+def top_instance_queries(
+    mask_cls: torch.Tensor,
+    num_classes: int,
+    top_k: int = 100,
+    thing_classes: set[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """instance_inference's choice of (query, class) pairs: class probabilities (K,), labels (K,) and query
+    indices (K,), by descending probability (a query may come more than once)."""
+    if mask_cls.dim() != 2 or mask_cls.shape[-1] != num_classes + 1:
         raise ValueError(
-            f"mask_cls must have num_classes + 1 = {num_classes + 1} columns, got {mask_cls.shape[-1]}"
+            f"mask_cls must have num_classes + 1 = {num_classes + 1} columns, got {tuple(mask_cls.shape)}"
         )
     probs = mask_cls.float().softmax(-1)[:, :-1]
     class_scores, flat_index = probs.flatten().topk(min(top_k, probs.numel()), sorted=True)
@@ -126,7 +174,15 @@ def instance_inference(
         is_thing = torch.tensor([int(c) in thing_classes for c in labels.tolist()], dtype=torch.bool)
         is_thing = is_thing.to(labels.device)
         class_scores, labels, query_index = class_scores[is_thing], labels[is_thing], query_index[is_thing]
-    logits = mask_pred[query_index].float()
+    return class_scores, labels, query_index
+
+
+def instances_from_logits(
+    class_scores: torch.Tensor, labels: torch.Tensor, mask_logits: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """instance_inference's result for the chosen pairs (top_instance_queries) and their (K, H, W) mask
+    logits."""
+    logits = mask_logits.float()
     masks = logits > 0
     mask_scores = (logits.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
     scores = class_scores * mask_scores

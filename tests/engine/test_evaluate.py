@@ -133,12 +133,17 @@ def test_predicted_masks_are_upsampled_at_the_padded_size_then_cropped(size):
     model.transformer_decoder.register_forward_hook(
         lambda module, args, outputs: decoder_masks.append(outputs["pred_masks"])
     )
-    mask_cls, mask_pred = predict_masks(model, image, device=torch.device("cpu"))
+    mask_cls, masks = predict_masks(model, image, device=torch.device("cpu"))
     padded_size = (-(-size[0] // 32) * 32, -(-size[1] // 32) * 32)
     with torch.no_grad():
         model(image[None].float())
     expected = F.interpolate(decoder_masks[1], size=padded_size, mode="bilinear", align_corners=False)
-    torch.testing.assert_close(mask_pred, expected[0, :, : size[0], : size[1]], atol=1e-5, rtol=1e-5)
+    expected = expected[0, :, : size[0], : size[1]]
+    torch.testing.assert_close(masks.at(size), expected, atol=1e-5, rtol=1e-5)
+    queries = torch.tensor([3, 0, 3])
+    torch.testing.assert_close(masks.at(size, queries), expected[queries], atol=1e-5, rtol=1e-5)
+    smaller = F.interpolate(expected[None], size=(7, 11), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(masks.at((7, 11)), smaller, atol=1e-5, rtol=1e-5)
     assert mask_cls.shape == (model.config.decoder.num_queries, model.num_classes + 1)
     with pytest.raises(ValueError, match="amp must be"):
         predict_masks(model, image, device=torch.device("cpu"), amp="bfloat16")
@@ -171,9 +176,10 @@ def semantic_scores(model, image, short, max_size, flipped=False):
     geometry = ResizeShortestEdge(short, max_size).get_geometry(height, width)
     resized = torch.from_numpy(np.ascontiguousarray(geometry.apply_image(image.permute(1, 2, 0).numpy())))
     resized = resized.permute(2, 0, 1)
-    mask_cls, mask_pred = predict_masks(
+    mask_cls, masks = predict_masks(
         model, resized.flip(-1) if flipped else resized, device=torch.device("cpu")
     )
+    mask_pred = masks.at(masks.image_size)
     scores = torch.einsum("qc,qhw->chw", mask_cls.softmax(-1)[:, :-1], mask_pred.sigmoid())
     scores = F.interpolate(scores[None], size=(height, width), mode="bilinear", align_corners=False)[0]
     return scores.flip(-1) if flipped else scores

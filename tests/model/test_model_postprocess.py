@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from m2f.models.postprocess import (
+    ImageMasks,
     instance_inference,
     masks_to_boxes,
     panoptic_inference,
@@ -31,6 +32,12 @@ def mask_from_pixels(height, width, pixels):
 
 def block(rows, cols):
     return [(y, x) for y in rows for x in cols]
+
+
+def at_image_size(mask_pred):
+    """mask_pred (Q, H, W) as predict_masks' ImageMasks of an unpadded image whose masks are at its size."""
+    size = tuple(mask_pred.shape[-2:])
+    return ImageMasks(mask_pred, size, size)
 
 
 def test_panoptic_thresholds_overlap_and_stuff_merging():
@@ -192,39 +199,121 @@ def test_engine_postprocess_resizes_in_mask2formers_order():
     scores_resized = resized(semantic_inference(mask_cls, mask_pred)).argmax(0)
     logits_resized = semantic_inference(mask_cls, resized(mask_pred)).argmax(0)
     assert not torch.equal(scores_resized, logits_resized)
-    semantic = postprocess(["semantic"], mask_cls, mask_pred, output_size, semantic_model, set())
+    semantic = postprocess(
+        ["semantic"], mask_cls, at_image_size(mask_pred), output_size, semantic_model, set()
+    )
     assert torch.equal(semantic["semantic"], scores_resized)
-    semantic = postprocess(["semantic"], mask_cls, mask_pred, output_size, panoptic_model, set())
+    semantic = postprocess(
+        ["semantic"], mask_cls, at_image_size(mask_pred), output_size, panoptic_model, set()
+    )
     assert torch.equal(semantic["semantic"], logits_resized)
-    panoptic = postprocess(["panoptic"], mask_cls, mask_pred, output_size, panoptic_model, {0, 1})
+    panoptic = postprocess(
+        ["panoptic"], mask_cls, at_image_size(mask_pred), output_size, panoptic_model, {0, 1}
+    )
     panoptic_seg, segments = panoptic["panoptic"]
     expected_seg, expected_segments = panoptic_inference(mask_cls, resized(mask_pred), {0, 1})
     assert torch.equal(panoptic_seg, expected_seg) and segments == expected_segments
     with pytest.raises(ValueError, match="task must be"):
-        postprocess(["panoptic", "depth"], mask_cls, mask_pred, output_size, panoptic_model, set())
+        postprocess(
+            ["panoptic", "depth"], mask_cls, at_image_size(mask_pred), output_size, panoptic_model, set()
+        )
     with pytest.raises(TypeError, match="sequence of task names"):
-        postprocess("panoptic", mask_cls, mask_pred, output_size, panoptic_model, set())
+        postprocess("panoptic", mask_cls, at_image_size(mask_pred), output_size, panoptic_model, set())
+
+
+def predicted_masks(seed: int, queries: int = 6):
+    """Class logits (queries, 5) with queries 1 and 4 confident (thing class 0, stuff class 2; the top and the
+    bottom half of the image), query 0 split between classes 0 and 3, and ImageMasks of a 30 x 37 image padded
+    to 32 x 40."""
+    generator = torch.Generator().manual_seed(seed)
+    mask_cls = torch.randn(queries, 5, generator=generator)
+    mask_cls[1, 0] = mask_cls[4, 2] = 8.0
+    mask_cls[0, 0] = mask_cls[0, 3] = 6.0  # two likely classes: two of the top instance pairs
+    logits = torch.randn(queries, 8, 10, generator=generator) * 4
+    logits[1, :4], logits[1, 4:], logits[4, :4], logits[4, 4:] = ON, OFF, OFF, ON  # top and bottom halves
+    return mask_cls, ImageMasks(logits, (32, 40), (30, 37))
+
+
+def resized_every_query(masks: ImageMasks, size) -> torch.Tensor:
+    """All the masks at size, by upsampling, cropping and resizing with F.interpolate."""
+    up = F.interpolate(masks.logits[None], size=masks.padded_size, mode="bilinear", align_corners=False)
+    up = up[..., : masks.image_size[0], : masks.image_size[1]]
+    return F.interpolate(up, size=size, mode="bilinear", align_corners=False)[0]
+
+
+def count_resized_queries(monkeypatch) -> list[int]:
+    """Replaces ImageMasks.at by a wrapper that appends the number of queries it resizes."""
+    counts = []
+    resize = ImageMasks.at
+
+    def counting(self, size, queries=None):
+        resized = resize(self, size, queries)
+        counts.append(resized.shape[0])
+        return resized
+
+    monkeypatch.setattr(ImageMasks, "at", counting)
+    return counts
+
+
+def test_postprocess_resizes_only_the_queries_a_task_reads(monkeypatch):
+    """Panoptic resizes the confident queries, instance the queries of its top (query, class) pairs (each
+    once), semantic all; the results equal those of the inference functions given every query resized."""
+    import dataclasses
+
+    from m2f.config import get_config
+    from m2f.engine.evaluate import postprocess
+
+    config = get_config("demo-tiny")
+    config = dataclasses.replace(config, inference=dataclasses.replace(config.inference, top_k=4))
+    mask_cls, masks = predicted_masks(0)
+    output_size = (45, 50)
+    every = resized_every_query(masks, output_size)
+    counts = count_resized_queries(monkeypatch)
+
+    panoptic = postprocess(["panoptic"], mask_cls, masks, output_size, config, {0})["panoptic"]
+    expected_seg, expected_segments = panoptic_inference(mask_cls, every, {0})
+    assert torch.equal(panoptic[0], expected_seg) and panoptic[1] == expected_segments
+    assert [s["category_id"] for s in expected_segments] == [0, 2]
+    assert counts == [2]
+
+    instances = postprocess(["instance"], mask_cls, masks, output_size, config, {0, 1, 2, 3})["instance"]
+    expected = instance_inference(mask_cls, every, 4, top_k=4, thing_classes={0, 1, 2, 3})
+    for key, value in expected.items():
+        assert torch.equal(instances[key], value), key
+    assert sorted(instances["labels"].tolist()) == [0, 0, 2, 3]
+    assert counts[1:] == [3]  # queries 0, 1 and 4
+
+    semantic = postprocess(["semantic"], mask_cls, masks, output_size, config, set())["semantic"]
+    assert torch.equal(semantic, semantic_inference(mask_cls, every).argmax(0))
+    assert counts[2:] == [6]
+
+
+def test_postprocess_with_no_confident_query_resizes_nothing(monkeypatch):
+    from m2f.config import get_config
+    from m2f.engine.evaluate import postprocess
+
+    mask_cls, masks = predicted_masks(1)
+    mask_cls[:, -1] = 20.0  # every query says "no object"
+    counts = count_resized_queries(monkeypatch)
+    panoptic_seg, segments = postprocess(
+        ["panoptic"], mask_cls, masks, (45, 50), get_config("demo-tiny"), {0}
+    )["panoptic"]
+    assert counts == [0] and segments == []
+    assert panoptic_seg.shape == (45, 50) and not panoptic_seg.any()
 
 
 def test_postprocess_of_several_tasks_resizes_the_mask_logits_once(monkeypatch):
-    """Each task's output equals that of its own call; the (Q, H, W) mask logits are resized once."""
+    """Each task's output equals that of its own call; with a semantic output, every query is resized once
+    and the other tasks take theirs from it."""
     from m2f.config import get_config
     from m2f.engine import evaluate
 
-    generator = torch.Generator().manual_seed(1)
-    mask_cls = torch.randn(6, 5, generator=generator) * 3
-    mask_pred = torch.randn(6, 5, 7, generator=generator) * 4
+    mask_cls, masks = predicted_masks(2)
     config, tasks = get_config("demo-tiny"), ["instance", "semantic", "panoptic"]
-    single = {
-        task: evaluate.postprocess([task], mask_cls, mask_pred, (13, 17), config, {0, 1}) for task in tasks
-    }
-    resized_shapes = []
-    resize = evaluate._resize
-    monkeypatch.setattr(
-        evaluate, "_resize", lambda maps, size: resized_shapes.append(maps.shape) or resize(maps, size)
-    )
-    together = evaluate.postprocess(tasks, mask_cls, mask_pred, (13, 17), config, {0, 1})
-    assert resized_shapes == [mask_pred.shape]
+    single = {task: evaluate.postprocess([task], mask_cls, masks, (13, 17), config, {0, 1}) for task in tasks}
+    counts = count_resized_queries(monkeypatch)
+    together = evaluate.postprocess(tasks, mask_cls, masks, (13, 17), config, {0, 1})
+    assert counts == [6]
     assert list(together) == tasks
     assert torch.equal(together["semantic"], single["semantic"]["semantic"])
     assert torch.equal(together["panoptic"][0], single["panoptic"]["panoptic"][0])
@@ -244,7 +333,7 @@ def test_only_panoptic_models_restrict_instances_to_things():
     mask_pred[0, :2], mask_pred[1, 2:] = ON, ON
     for name, expected in (("semantic-ade20k-r50", 2), ("demo-tiny", 0)):
         instances = postprocess(
-            ["instance"], mask_cls, mask_pred, (4, 4), get_config(name), thing_classes=set()
+            ["instance"], mask_cls, at_image_size(mask_pred), (4, 4), get_config(name), thing_classes=set()
         )["instance"]
         assert (instances["scores"] > 0.5).sum() == expected, name
 
