@@ -38,7 +38,7 @@ def resize_masks(
 
 def _bilinear(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(..., h, w) -> (..., *size), bilinear, align_corners=False; maps themselves when already at size
-    (the interpolation would copy them unchanged). No maps (a 0 in ...) give none."""
+    (the interpolation would copy them unchanged), an empty tensor when there are no maps (a 0 in ...)."""
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     if maps.shape[:-2].numel() == 0:
@@ -51,8 +51,8 @@ class ImageMasks:
     """One image's mask logits as the model predicts them, resized on request.
 
     logits (Q, h, w) float32 at 1/4 of padded_size (the padded network input); image_size: the image inside
-    the padding. Each query is resized on its own, so the logits of a few queries cost a fraction of those of all
-    and have the same values.
+    the padding. Each query is resized on its own, so the logits of a few queries cost a fraction of those of
+    all and have the same values.
     """
 
     logits: torch.Tensor
