@@ -458,6 +458,26 @@ def test_frozen_batchnorm_backbone_without_weights_trains_every_block():
     assert convs and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in convs)
 
 
+def test_cpu_backbone_runs_channels_last_with_the_results_of_nchw():
+    """On the CPU the ResNet body gets the image channels-last (oneDNN's fastest layout): its features come out
+    channels-last, with the values the body gives an NCHW image, and so do their gradients."""
+    from m2f.config import BackboneConfig
+    from m2f.models.backbone import Backbone
+
+    torch.manual_seed(0)
+    backbone = Backbone(BackboneConfig(timm_name="resnet26", frozen_batchnorm=True)).eval()
+    image = torch.randn(1, 3, 64, 96, requires_grad=True)
+    features = backbone(image)
+    expected = backbone.body.forward_intermediates(image, indices=backbone.indices, intermediates_only=True)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features.values())
+    assert not any(e.is_contiguous(memory_format=torch.channels_last) for e in expected)
+    for name, reference in zip(features, expected):
+        torch.testing.assert_close(features[name], reference, rtol=1e-4, atol=1e-5)
+    (grad,) = torch.autograd.grad(sum(f.sum() for f in features.values()), image)
+    (expected_grad,) = torch.autograd.grad(sum(e.sum() for e in expected), image)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
 def test_export_with_a_dynamic_batch():
     """torch.export with a dynamic batch size: the argument checks of the ops add no guard that ties the
     batch to other sizes, and the exported program matches eager at another batch size."""
