@@ -181,7 +181,7 @@ def postprocess(
                 scores = post.semantic_inference(mask_cls, masks.at(masks.image_size))
                 predictions[task] = _resize(scores, output_size).argmax(0)
         elif task == "panoptic":
-            keep = post.confident_queries(mask_cls, inference.object_mask_threshold).nonzero()[:, 0]
+            keep = post.confident_queries(mask_cls, inference.object_mask_threshold)
             predictions[task] = post.panoptic_inference(
                 mask_cls[keep],
                 resized(keep),
