@@ -17,6 +17,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torchvision
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
@@ -27,6 +28,21 @@ from .swin import CLASSIFIER_KEYS, SWIN_ARCHITECTURES, build_swin
 def feature_name(stride: int) -> str:
     """detectron2's name of the feature at `stride`: 4 -> "res2", ..., 32 -> "res5"."""
     return f"res{int(math.log2(stride))}"
+
+
+class FrozenBatchNorm2d(torchvision.ops.misc.FrozenBatchNorm2d):
+    """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias per channel of x (B, C, H, W), in x's
+    dtype, with torchvision's buffers and state dict.
+
+    torchvision's forward, x * scale + shift, writes the map twice and, with float32 statistics, turns a
+    float16 or bfloat16 map (autocast) into a float32 one, so every layer after it would run in float32.
+    One addcmul writes it once, and its backward keeps only the (C,) scale.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1))
 
 
 class Backbone(nn.Module):
@@ -68,6 +84,9 @@ class Backbone(nn.Module):
                     nn.init.ones_(module.weight)
                     nn.init.zeros_(module.bias)
             body = freeze_batch_norm_2d(body)
+            for module in body.modules():
+                if type(module) is torchvision.ops.misc.FrozenBatchNorm2d:
+                    module.__class__ = FrozenBatchNorm2d  # the same buffers, a one-pass forward
         self.body = body
         # Checkpoint entries for the classifier, final norm and unused stages; ignored when loading.
         self.pruned_keys = keys_before_pruning - set(body.state_dict())

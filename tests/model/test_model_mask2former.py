@@ -478,6 +478,47 @@ def test_cpu_backbone_runs_channels_last_with_the_results_of_nchw():
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
 
 
+def frozen_backbone(timm_name: str, dtype=torch.float32):
+    """A ResNet backbone with frozen norms whose statistics and affine values are random, not the identity."""
+    from m2f.config import BackboneConfig
+    from m2f.models.backbone import Backbone, FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    backbone = Backbone(BackboneConfig(timm_name=timm_name, frozen_batchnorm=True)).to(dtype).eval()
+    norms = [m for m in backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+    for norm in norms:
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return backbone, norms
+
+
+def test_frozen_batchnorm_computes_batchnorm_in_the_inputs_dtype():
+    """(x - mean) / sqrt(var + eps) * weight + bias per channel, and its input gradient, against that formula in
+    float64; a bfloat16 map stays bfloat16 (torchvision's FrozenBatchNorm2d returns float32), so a frozen ResNet
+    under autocast gives bfloat16 features."""
+    backbone, norms = frozen_backbone("resnet26")
+    norm = norms[1]
+    channels = norm.weight.numel()
+    x = torch.randn(2, channels, 5, 7, dtype=torch.float64, requires_grad=True)
+    mean, var, weight, bias = (
+        t.double()[None, :, None, None] for t in (norm.running_mean, norm.running_var, norm.weight, norm.bias)
+    )
+    expected = (x.detach() - mean) / torch.sqrt(var + norm.eps) * weight + bias
+    out = norm.double()(x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(x.grad, (weight / torch.sqrt(var + norm.eps)).expand_as(x), rtol=1e-12, atol=0)
+    norm.float()
+    low = norm(x.detach().to(torch.bfloat16))
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), expected, rtol=2e-2, atol=5e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = backbone(torch.randn(1, 3, 64, 64))
+    assert {f.dtype for f in features.values()} == {torch.bfloat16}
+
+
 def test_export_with_a_dynamic_batch():
     """torch.export with a dynamic batch size: the argument checks of the ops add no guard that ties the
     batch to other sizes, and the exported program matches eager at another batch size."""
