@@ -458,6 +458,17 @@ def build_checkpoint_model(config, checkpoint: str | os.PathLike) -> nn.Module:
         ) from error
 
 
+def load_inference_model(
+    config, checkpoint: str | os.PathLike, metadata: dict[str, str], device: str | torch.device = "cpu"
+) -> nn.Module:
+    """The checkpoint's model on device in eval mode, with the backbone's frozen norms folded into its convs
+    (Backbone.fold_frozen_batchnorm): for inference, not for training or saving."""
+    model = build_checkpoint_model(config, checkpoint).to(device)
+    load_checkpoint_weights(model, checkpoint, metadata)
+    model.backbone.fold_frozen_batchnorm()
+    return model.eval()
+
+
 def load_checkpoint_weights(
     model: nn.Module, checkpoint: str | os.PathLike, metadata: dict[str, str]
 ) -> None:
@@ -567,8 +578,7 @@ def run_evaluation(
             "classes to a dataset's"
         )
     config = dataclasses.replace(config, num_classes=num_classes)
-    model = build_checkpoint_model(config, checkpoint).to(device)
-    load_checkpoint_weights(model, checkpoint, metadata)
+    model = load_inference_model(config, checkpoint, metadata, device)
     checkpoint = Path(checkpoint)
     output = (
         Path(output)

@@ -29,7 +29,7 @@ import torch
 
 from m2f.config import ModelConfig
 from m2f.engine import checkpoint as ckpt
-from m2f.engine.evaluate import build_checkpoint_model, load_checkpoint_weights
+from m2f.engine.evaluate import load_inference_model
 from m2f.files import check_output_path, write_bytes_atomic
 
 MIN_SIDE = 64
@@ -65,7 +65,7 @@ def export_onnx(
     num_classes = ckpt.class_head_classes(shapes)
     if num_classes is not None:
         config = dataclasses.replace(config, num_classes=num_classes)
-    model = build_checkpoint_model(config, checkpoint)
+    model = load_inference_model(config, checkpoint, metadata)
     if dynamic_size:
         smallest = smallest_dynamic_example(model.backbone)
         if min(height, width) < smallest:
@@ -73,8 +73,6 @@ def export_onnx(
                 f"a dynamic-size graph of {config.name!r} is traced from an example of at least {smallest} x "
                 f"{smallest} pixels (two windows along each side of its last Swin stage), got {height} x {width}"
             )
-    load_checkpoint_weights(model, checkpoint, metadata)
-    model.eval()
 
     generator = torch.Generator().manual_seed(0)
     example = torch.rand(2 if dynamic_size else 1, 3, height, width, generator=generator) * 255

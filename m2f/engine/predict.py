@@ -39,10 +39,9 @@ from m2f.engine import cityscapes_results as cityscapes_files
 from m2f.engine import coco_results as results_files
 from m2f.engine import distributed as dist_utils
 from m2f.engine.evaluate import (
-    build_checkpoint_model,
     check_amp,
     inference_transform,
-    load_checkpoint_weights,
+    load_inference_model,
     postprocess,
     predict_masks,
     predict_semantic_tta,
@@ -268,7 +267,7 @@ class Predictor:
     checkpoint: an m2f .safetensors checkpoint; config: a config name, JSON file or ModelConfig (default: the
     one the checkpoint stores); device: default cuda when available, else cpu; amp: None, "bf16" or "fp16".
     Attributes: config, classes (ClassInfo: names, thing class indices, the dataset's category ids when
-    stored), model (in eval mode), device.
+    stored), model (in eval mode, its frozen norms folded into the convs: for inference only), device.
     """
 
     def __init__(
@@ -286,9 +285,7 @@ class Predictor:
         check_amp(amp)  # before the model is built
         self.amp = amp
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = build_checkpoint_model(self.config, checkpoint).to(self.device)
-        load_checkpoint_weights(self.model, checkpoint, metadata)
-        self.model.eval()
+        self.model = load_inference_model(self.config, checkpoint, metadata, self.device)
         self._transform = inference_transform(self.config)
 
     def __call__(self, image, tasks: Sequence[str] | None = None, *, tta: bool = False) -> dict:

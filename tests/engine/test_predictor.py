@@ -112,3 +112,36 @@ def test_bad_input_is_named(checkpoint, tmp_path):
         m2f.Predictor(checkpoint, device="cpu", amp="fp8")
     with pytest.raises(ckpt.CheckpointError, match="checkpoint file not found"):
         m2f.Predictor(tmp_path / "none.safetensors")
+
+
+def test_frozen_norms_are_folded_into_the_convs_with_the_same_outputs(tmp_path):
+    """A ResNet with frozen norms (the COCO configs) predicts with them folded into its convs (the state dict
+    changes, so only the Predictor's model is folded): only the norm after the deep stem's Sequential is left,
+    and the raw outputs are those of the checkpoint's model."""
+    import dataclasses
+
+    from m2f.models.backbone import FrozenBatchNorm2d
+
+    config = m2f.get_config("demo-tiny")
+    config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, frozen_batchnorm=True))
+    torch.manual_seed(2)
+    model = m2f.build_model(config).eval()
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)):
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.normal_()
+            norm.bias.normal_()
+    path = tmp_path / "frozen.safetensors"
+    ckpt.save_weights(path, model, {"config": json.dumps(config.to_dict())})
+    predictor = m2f.Predictor(path, device="cpu")
+
+    def frozen_norms(module):
+        return sum(isinstance(m, FrozenBatchNorm2d) for m in module.modules())
+
+    assert frozen_norms(model) == 15 and frozen_norms(predictor.model) == 1
+    image = torch.from_numpy(scene(128)).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        expected, outputs = model(image), predictor.model(image)
+    for key in ("pred_logits", "pred_masks"):
+        torch.testing.assert_close(outputs[key], expected[key], rtol=1e-4, atol=1e-4)

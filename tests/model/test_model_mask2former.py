@@ -519,6 +519,38 @@ def test_frozen_batchnorm_computes_batchnorm_in_the_inputs_dtype():
     assert {f.dtype for f in features.values()} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("timm_name", ["resnet26", "resnet26d"])
+def test_folding_frozen_norms_into_the_convs_keeps_the_features(timm_name):
+    """Every frozen norm after a conv is folded into it (the deep stem of resnet26d ends in a norm after a
+    Sequential, which stays) and the features are the unfolded ones up to float64 rounding."""
+    from m2f.models.backbone import FrozenBatchNorm2d
+
+    backbone, norms = frozen_backbone(timm_name, torch.float64)
+    image = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        expected = backbone(image)
+        kept = 1 if timm_name == "resnet26d" else 0
+        assert backbone.fold_frozen_batchnorm() == len(norms) - kept
+        assert sum(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules()) == kept
+        features = backbone(image)
+    for name in expected:
+        torch.testing.assert_close(features[name], expected[name], rtol=1e-10, atol=1e-10)
+
+
+def test_folding_leaves_backbones_without_frozen_norms_as_they_are():
+    from m2f.config import BackboneConfig
+    from m2f.models.backbone import Backbone
+
+    trained_norms = Backbone(BackboneConfig(timm_name="resnet18"))
+    state = {k: v.clone() for k, v in trained_norms.state_dict().items()}
+    assert trained_norms.fold_frozen_batchnorm() == 0
+    assert trained_norms.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in trained_norms.state_dict().items())
+    with torch.device("meta"):
+        swin = m2f.build_model("panoptic-swin-t").backbone
+    assert swin.fold_frozen_batchnorm() == 0
+
+
 def test_export_with_a_dynamic_batch():
     """torch.export with a dynamic batch size: the argument checks of the ops add no guard that ties the
     batch to other sizes, and the exported program matches eager at another batch size."""
