@@ -102,14 +102,12 @@ class Mask2Former(nn.Module):
         x = F.pad(x, (0, padded_size(width, div) - width, 0, padded_size(height, div) - height))
         features = self.backbone(x)
         mask_features, multi_scale_features = self.pixel_decoder(features)
-        outputs = self.transformer_decoder(multi_scale_features, mask_features)
+        outputs = self.transformer_decoder(multi_scale_features, mask_features, aux_outputs=self.training)
         stride = self.config.pixel_decoder.common_stride  # the masks' part that covers the image
         mask_h, mask_w = (height + stride - 1) // stride, (width + stride - 1) // stride
         outputs["pred_masks"] = outputs["pred_masks"][..., :mask_h, :mask_w]
-        for aux in outputs["aux_outputs"]:
+        for aux in outputs.get("aux_outputs", []):
             aux["pred_masks"] = aux["pred_masks"][..., :mask_h, :mask_w]
-        if not self.training:
-            del outputs["aux_outputs"]
         return outputs
 
 

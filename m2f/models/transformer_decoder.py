@@ -109,8 +109,9 @@ class MLP(nn.Module):
 
 class MultiScaleMaskedTransformerDecoder(nn.Module):
     """forward(multi_scale_features [L maps (B, C_l, H_l, W_l), coarsest first],
-    mask_features (B, mask_dim, H/4, W/4)) -> {"pred_logits": (B, Q, C+1), "pred_masks": (B, Q, H/4, W/4),
-    "aux_outputs": [num_layers dicts of the same keys, from the query state before each layer]}.
+    mask_features (B, mask_dim, H/4, W/4), aux_outputs=True) -> {"pred_logits": (B, Q, C+1),
+    "pred_masks": (B, Q, H/4, W/4), "aux_outputs": [num_layers dicts of the same keys, from the query state
+    before each layer; left out, and those masks not computed, with aux_outputs=False]}.
     """
 
     def __init__(
@@ -155,7 +156,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.class_embed = nn.Linear(d, num_classes + 1)
         self.mask_embed = MLP(d, d, mask_dim, 3)
 
-    def forward(self, multi_scale_features: list[torch.Tensor], mask_features: torch.Tensor) -> dict:
+    def forward(
+        self, multi_scale_features: list[torch.Tensor], mask_features: torch.Tensor, aux_outputs: bool = True
+    ) -> dict:
         if len(multi_scale_features) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} feature levels, got {len(multi_scale_features)}")
         sources, positions, sizes = [], [], []
@@ -164,13 +167,21 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             positions.append(self.pe_layer(x).flatten(2).transpose(1, 2))  # (B, HW, D)
             src = self.input_proj[lvl](x).flatten(2).transpose(1, 2) + self.level_embed.weight[lvl]
             sources.append(src)
+        # A layer attends where the previous prediction's mask logits, resized to its level, are >= the
+        # threshold. Resizing is linear in each channel, so those are the logits of the mask features resized
+        # to the level, once per level rather than 100-odd masks per layer.
+        with torch.no_grad():
+            level_mask_features = [
+                F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                for size in sizes
+            ]
         batch = mask_features.shape[0]
         query_pos = self.query_embed.weight[None].expand(batch, -1, -1)
         output = self.query_feat.weight[None].expand(batch, -1, -1)
 
         predictions_class, predictions_mask = [], []
         outputs_class, outputs_mask, mask_logits = self.forward_prediction_heads(
-            output, mask_features, sizes[0]
+            output, mask_features, level_mask_features[0], full=aux_outputs
         )
         predictions_class.append(outputs_class)
         predictions_mask.append(outputs_mask)
@@ -181,28 +192,33 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             )
             output = self.transformer_self_attention_layers[i](output, query_pos)
             output = self.transformer_ffn_layers[i](output)
-            next_size = sizes[(i + 1) % self.num_levels]
             outputs_class, outputs_mask, mask_logits = self.forward_prediction_heads(
-                output, mask_features, next_size
+                output,
+                mask_features,
+                level_mask_features[(i + 1) % self.num_levels],
+                full=aux_outputs or i == self.num_layers - 1,
             )
             predictions_class.append(outputs_class)
             predictions_mask.append(outputs_mask)
 
-        return {
-            "pred_logits": predictions_class[-1],
-            "pred_masks": predictions_mask[-1],
-            "aux_outputs": [
+        outputs = {"pred_logits": predictions_class[-1], "pred_masks": predictions_mask[-1]}
+        if aux_outputs:
+            outputs["aux_outputs"] = [
                 {"pred_logits": c, "pred_masks": m}
                 for c, m in zip(predictions_class[:-1], predictions_mask[:-1])
-            ],
-        }
+            ]
+        return outputs
 
-    def forward_prediction_heads(self, output, mask_features, attn_size):
-        """-> class logits (B, Q, C+1), mask logits (B, Q, H/4, W/4), and the detached mask logits resized to
-        attn_size and flattened (B, Q, h*w) for the next layer's masked attention."""
+    def forward_prediction_heads(self, output, mask_features, level_mask_features, full: bool = True):
+        """-> class logits (B, Q, C+1) and mask logits (B, Q, H/4, W/4) (None and None unless full), and the
+        detached mask logits (B, Q, h*w) of level_mask_features (B, mask_dim, h, w), the mask features resized
+        to the next layer's level."""
         decoder_output = self.decoder_norm(output)
-        outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
-        outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
-        mask_logits = F.interpolate(outputs_mask, size=attn_size, mode="bilinear", align_corners=False)
-        return outputs_class, outputs_mask, mask_logits.flatten(2).detach()
+        outputs_class = outputs_mask = None
+        if full:
+            outputs_class = self.class_embed(decoder_output)
+            outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+        with torch.no_grad():  # the attention masks carry no gradient (Mask2Former detaches them)
+            mask_logits = torch.einsum("bqc,bchw->bqhw", mask_embed, level_mask_features).flatten(2)
+        return outputs_class, outputs_mask, mask_logits

@@ -197,13 +197,29 @@ def test_transformer_decoder_matches_mask2former_forward():
         torch.testing.assert_close(masks, ref_masks, rtol=1e-4, atol=1e-4, msg=f"masks {layer}")
 
 
-def test_attention_masks_are_detached_from_the_mask_predictions():
-    """The masks steering the next layer's attention carry no gradient (Mask2Former detaches them)."""
-    config = DecoderConfig(hidden_dim=32, num_queries=6, num_heads=4, ffn_dim=64, num_layers=2)
-    decoder = MultiScaleMaskedTransformerDecoder(config, in_channels=32, mask_dim=16, num_classes=5)
-    output = torch.randn(2, 6, 32, requires_grad=True)
-    outputs_class, outputs_mask, mask_logits = decoder.forward_prediction_heads(
-        output, torch.randn(2, 16, 8, 8), (4, 4)
-    )
-    assert outputs_class.requires_grad and outputs_mask.requires_grad
-    assert mask_logits.shape == (2, 6, 16) and not mask_logits.requires_grad
+def test_attention_masks_are_the_detached_previous_masks_resized_to_the_level():
+    """Each layer attends by the previous prediction's mask logits bilinearly resized to its level (computed
+    from the mask features resized once per level), without gradient (Mask2Former detaches them); without
+    aux_outputs the last prediction is the same and the earlier masks are not computed."""
+    torch.manual_seed(0)
+    config = DecoderConfig(hidden_dim=32, num_queries=6, num_heads=4, ffn_dim=64, num_layers=4)
+    decoder = MultiScaleMaskedTransformerDecoder(config, in_channels=24, mask_dim=16, num_classes=5)
+    features = [torch.randn(2, 24, h, w) for h, w in ((2, 3), (4, 5), (7, 9))]
+    mask_features = torch.randn(2, 16, 14, 18, requires_grad=True)
+    seen = []
+    for layer in decoder.transformer_cross_attention_layers:
+        layer.register_forward_pre_hook(lambda module, args: seen.append(args[2]))
+    out = decoder(features, mask_features)
+    previous = [aux["pred_masks"] for aux in out["aux_outputs"]]
+    assert len(seen) == len(previous) == 4 and all(m.requires_grad for m in previous)
+    for i, (logits, masks) in enumerate(zip(seen, previous)):
+        size = features[i % 3].shape[-2:]
+        resized = F.interpolate(masks, size=size, mode="bilinear", align_corners=False).flatten(2)
+        assert not logits.requires_grad
+        torch.testing.assert_close(logits, resized, rtol=1e-5, atol=1e-5, msg=f"layer {i}")
+    seen.clear()
+    with torch.no_grad():
+        final = decoder(features, mask_features, aux_outputs=False)
+    assert final.keys() == {"pred_logits", "pred_masks"} and len(seen) == 4
+    torch.testing.assert_close(final["pred_logits"], out["pred_logits"])
+    torch.testing.assert_close(final["pred_masks"], out["pred_masks"])
