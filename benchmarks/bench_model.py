@@ -99,6 +99,8 @@ def _inference_fns(device: torch.device, size: tuple[int, int]) -> dict:
     ours = build_model(CONFIG).to(device).eval()
     ours_torch = build_model(CONFIG, backend="torch").to(device).eval()
     ours_torch.load_state_dict(ours.state_dict())
+    for model in (ours, ours_torch):  # as Predictor and m2f eval run it
+        model.backbone.fold_frozen_batchnorm()
     hf = _hf_model(num_classes).to(device).eval()
     hf_patched = _patched_copy(hf)
     pixel_values = _normalized(images)
