@@ -63,7 +63,10 @@ class MSDeformAttnEncoderLayer(nn.Module):
         src = self.norm1(
             src + self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
         )
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src), inplace=True)))
+        # On (N*S, C) rows the hidden layer is a tensor of its own, not a view: an in-place ReLU on a view
+        # would make the backward pass copy the whole hidden layer twice (CopySlices).
+        hidden = F.relu(self.linear1(src.flatten(0, 1)), inplace=True)
+        return self.norm2(src + self.linear2(hidden).view_as(src))
 
 
 class MSDeformAttnEncoder(nn.Module):

@@ -121,6 +121,36 @@ def test_pixel_decoder_shapes_and_level_order():
         MSDeformAttnPixelDecoder(PixelDecoderConfig(transformer_strides=(8, 16, 64)), channels, strides)
 
 
+def test_encoder_layer_is_its_definition_and_copies_no_slices_in_the_backward():
+    """norm2(x + linear2(relu(linear1(x)))) after norm1(src + attention), by the formula; its in-place ReLU acts
+    on a tensor of its own, so the graph holds no CopySlices node (which copies the whole FFN hidden layer
+    twice in the backward pass)."""
+    from m2f.models.pixel_decoder import MSDeformAttnEncoderLayer
+
+    torch.manual_seed(0)
+    layer = MSDeformAttnEncoderLayer(
+        d_model=16, ffn_dim=32, n_levels=2, n_heads=2, n_points=2, backend="torch"
+    )
+    shapes = torch.tensor([[4, 6], [2, 3]])
+    starts = torch.tensor([0, 24])
+    src = torch.randn(2, 30, 16, requires_grad=True)
+    pos = torch.randn(2, 30, 16)
+    reference_points = torch.rand(2, 30, 2, 2)
+    out = layer(src, pos, reference_points, shapes, starts)
+    attended = layer.norm1(src + layer.self_attn(src + pos, reference_points, src, shapes, starts))
+    expected = layer.norm2(attended + layer.linear2(torch.relu(layer.linear1(attended))))
+    torch.testing.assert_close(out, expected)
+    names, stack, seen = set(), [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    assert "ReluBackward0" in names and "CopySlices" not in names
+
+
 def _torch_attention(module, num_heads):
     """nn.MultiheadAttention (sequence first, as Mask2Former's) holding a MaskedMultiheadAttention's weights."""
     attention = nn.MultiheadAttention(module.embed_dim, num_heads)
