@@ -13,6 +13,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -109,6 +111,7 @@ void check_fused_inputs(const at::Tensor& value, const at::Tensor& reference_poi
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 namespace avx512 {
+constexpr int64_t kVectorBytes = 64;  // one AVX-512 register
 #include "ms_deform_attn/cpu_kernels.h"
 }  // namespace avx512
 #pragma GCC pop_options
@@ -116,12 +119,14 @@ namespace avx512 {
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 namespace avx2 {
+constexpr int64_t kVectorBytes = 32;  // one AVX register
 #include "ms_deform_attn/cpu_kernels.h"
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
 
 namespace baseline {
+constexpr int64_t kVectorBytes = 16;  // one SSE / NEON register
 #include "ms_deform_attn/cpu_kernels.h"
 }  // namespace baseline
 
@@ -264,21 +269,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_fused_
           reference_points.data_ptr<scalar_t>(), sampling_offsets.data_ptr<scalar_t>(),
           attention_logits.data_ptr<scalar_t>()};
       // The pixel coordinate is (reference + offset / W) * W - 0.5, so d loss / d offset is the
-      // pixel gradient. grad_logits holds d loss / d weight until finish_fused_backward.
+      // pixel gradient; the kernel leaves d loss / d logit in grad_logits.
       backward_kernel<scalar_t>(
           sz, grad_output.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
           spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(), samples,
           grad_value.data_ptr<accscalar_t>(), grad_logits.data_ptr<accscalar_t>(),
           grad_offsets.data_ptr<accscalar_t>(), /*normalized_xy=*/false);
       const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
-      const scalar_t* logits = attention_logits.data_ptr<scalar_t>();
       const accscalar_t* grad_offsets_data = grad_offsets.data_ptr<accscalar_t>();
-      accscalar_t* grad_logits_data = grad_logits.data_ptr<accscalar_t>();
       accscalar_t* grad_reference_data = grad_reference.data_ptr<accscalar_t>();
       at::parallel_for(0, sz.batch * sz.num_queries, 64, [&](int64_t begin, int64_t end) {
         for (int64_t query = begin; query < end; ++query) {
-          msda::finish_fused_backward<scalar_t, accscalar_t>(
-              query, sz, shapes, logits, grad_offsets_data, grad_logits_data, grad_reference_data);
+          msda::reference_backward<accscalar_t>(query, sz, shapes, grad_offsets_data,
+                                                grad_reference_data);
         }
       });
     });

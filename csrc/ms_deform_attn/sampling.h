@@ -144,21 +144,32 @@ struct PlainSamples {
   const scalar_t* locations;
   const scalar_t* weights;
 
-  struct Head {
+  struct Locations {
     const scalar_t* locations;
-    const scalar_t* weights;
     M2F_HOST_DEVICE acc_t loc_x(int64_t point, int64_t, int64_t) const {
       return static_cast<acc_t>(locations[2 * point]);
     }
     M2F_HOST_DEVICE acc_t loc_y(int64_t point, int64_t, int64_t) const {
       return static_cast<acc_t>(locations[2 * point + 1]);
     }
+  };
+  struct Head : Locations {
+    const scalar_t* weights;
     M2F_HOST_DEVICE acc_t weight(int64_t point) const { return static_cast<acc_t>(weights[point]); }
   };
-  M2F_HOST_DEVICE Head head(int64_t head_index, const Sizes& sz) const {
-    const int64_t level_points = sz.level_points();
-    return Head{locations + 2 * head_index * level_points, weights + head_index * level_points};
+  M2F_HOST_DEVICE Locations head_locations(int64_t head_index, const Sizes& sz) const {
+    return Locations{locations + 2 * head_index * sz.level_points()};
   }
+  M2F_HOST_DEVICE Head head(int64_t head_index, const Sizes& sz) const {
+    return Head{{head_locations(head_index, sz)}, weights + head_index * sz.level_points()};
+  }
+  // The head's L * P weights into out.
+  M2F_HOST_DEVICE void head_weights(int64_t head_index, const Sizes& sz, acc_t* out) const {
+    const int64_t level_points = sz.level_points();
+    const scalar_t* head = weights + head_index * level_points;
+    for (int64_t i = 0; i < level_points; ++i) out[i] = static_cast<acc_t>(head[i]);
+  }
+  static constexpr bool kSoftmaxWeights = false;
 };
 
 // Fused: reference_points (N, Q, L, 2) normalized, sampling_offsets (N, Q, M, L, P, 2) in pixels of
@@ -170,11 +181,9 @@ struct FusedSamples {
   const scalar_t* offsets;
   const scalar_t* logits;
 
-  struct Head {
+  struct Locations {
     const scalar_t* reference;  // (L, 2) of this query
     const scalar_t* offsets;
-    const scalar_t* logits;
-    SoftmaxStats<acc_t> stats;
     M2F_HOST_DEVICE acc_t loc_x(int64_t point, int64_t level, int64_t width) const {
       return fused_location<acc_t>(static_cast<acc_t>(reference[2 * level]),
                                    static_cast<acc_t>(offsets[2 * point]), width);
@@ -183,24 +192,83 @@ struct FusedSamples {
       return fused_location<acc_t>(static_cast<acc_t>(reference[2 * level + 1]),
                                    static_cast<acc_t>(offsets[2 * point + 1]), height);
     }
+  };
+  struct Head : Locations {
+    const scalar_t* logits;
+    SoftmaxStats<acc_t> stats;
     M2F_HOST_DEVICE acc_t weight(int64_t point) const {
       return softmax_weight<acc_t>(stats, static_cast<acc_t>(logits[point]));
     }
   };
+  M2F_HOST_DEVICE Locations head_locations(int64_t head_index, const Sizes& sz) const {
+    const int64_t query = head_index / sz.num_heads;
+    return Locations{reference + 2 * query * sz.num_levels,
+                     offsets + 2 * head_index * sz.level_points()};
+  }
+  // Each weight() call takes an exp: for kernels that read a weight once or twice.
   M2F_HOST_DEVICE Head head(int64_t head_index, const Sizes& sz) const {
     const int64_t level_points = sz.level_points();
-    const int64_t query = head_index / sz.num_heads;
     const scalar_t* head_logits = logits + head_index * level_points;
-    return Head{reference + 2 * query * sz.num_levels, offsets + 2 * head_index * level_points,
-                head_logits, softmax_stats<acc_t>(head_logits, static_cast<int>(level_points))};
+    return Head{{head_locations(head_index, sz)},
+                head_logits,
+                softmax_stats<acc_t>(head_logits, static_cast<int>(level_points))};
   }
+  // The head's L * P weights into out, one exp per logit; the same values as Head::weight.
+  M2F_HOST_DEVICE void head_weights(int64_t head_index, const Sizes& sz, acc_t* out) const {
+    const int64_t level_points = sz.level_points();
+    const scalar_t* head_logits = logits + head_index * level_points;
+    acc_t max = static_cast<acc_t>(head_logits[0]);
+    for (int64_t i = 1; i < level_points; ++i) {
+      const acc_t logit = static_cast<acc_t>(head_logits[i]);
+      max = logit > max ? logit : max;
+    }
+    acc_t sum = 0;
+    for (int64_t i = 0; i < level_points; ++i) {
+      out[i] = exp_acc(static_cast<acc_t>(head_logits[i]) - max);
+      sum += out[i];
+    }
+    for (int64_t i = 0; i < level_points; ++i) out[i] /= sum;
+  }
+  static constexpr bool kSoftmaxWeights = true;
 };
+
+// d loss / d logit of one head's softmax, in place: grad[i] = w[i] * (grad[i] - sum_j w[j] grad[j])
+// from the weights w and d loss / d weight in grad.
+template <typename acc_t>
+M2F_HOST_DEVICE void softmax_backward(const acc_t* weights, int64_t count, acc_t* grad) {
+  acc_t dot = 0;
+  for (int64_t i = 0; i < count; ++i) dot += weights[i] * grad[i];
+  for (int64_t i = 0; i < count; ++i) grad[i] = weights[i] * (grad[i] - dot);
+}
+
+// grad_reference (N, Q, L, 2) of one query (flat index over (n, q)): the pixel gradients in
+// grad_offsets (N, Q, M, L, P, 2) summed over heads and points, times (W, H) (d pixel / d
+// reference).
+template <typename acc_t>
+M2F_HOST_DEVICE void reference_backward(int64_t query, const Sizes& sz, const int64_t* shapes,
+                                        const acc_t* grad_offsets, acc_t* grad_reference) {
+  const int64_t level_points = sz.level_points();
+  for (int64_t l = 0; l < sz.num_levels; ++l) {
+    acc_t grad_x = 0;
+    acc_t grad_y = 0;
+    for (int64_t m = 0; m < sz.num_heads; ++m) {
+      const int64_t first = (query * sz.num_heads + m) * level_points + l * sz.num_points;
+      for (int64_t p = 0; p < sz.num_points; ++p) {
+        grad_x += grad_offsets[2 * (first + p)];
+        grad_y += grad_offsets[2 * (first + p) + 1];
+      }
+    }
+    grad_reference[2 * (query * sz.num_levels + l)] =
+        grad_x * static_cast<acc_t>(shapes[2 * l + 1]);
+    grad_reference[2 * (query * sz.num_levels + l) + 1] =
+        grad_y * static_cast<acc_t>(shapes[2 * l]);
+  }
+}
 
 // Fused backward, last step for one query (flat index over (n, q)), after the sampling backward
 // left d loss / d weight in grad_logits (N, Q, M, L * P) and d loss / d pixel in grad_offsets (N,
-// Q, M, L, P, 2). Turns grad_logits into d loss / d logit in place (softmax backward per head, d
-// logit_j = w_j * (d w_j - sum_i w_i d w_i)) and writes grad_reference (N, Q, L, 2): the pixel
-// gradients summed over heads and points, times (W, H) (d pixel / d reference).
+// Q, M, L, P, 2). Turns grad_logits into d loss / d logit in place (softmax_backward per head, the
+// weights recomputed from the logits) and writes grad_reference (reference_backward).
 template <typename scalar_t, typename acc_t>
 M2F_HOST_DEVICE void finish_fused_backward(int64_t query, const Sizes& sz, const int64_t* shapes,
                                            const scalar_t* logits, const acc_t* grad_offsets,
@@ -220,21 +288,7 @@ M2F_HOST_DEVICE void finish_fused_backward(int64_t query, const Sizes& sz, const
       grad_logits[first + i] = weight * (grad_logits[first + i] - dot);
     }
   }
-  for (int64_t l = 0; l < sz.num_levels; ++l) {
-    acc_t grad_x = 0;
-    acc_t grad_y = 0;
-    for (int64_t m = 0; m < sz.num_heads; ++m) {
-      const int64_t first = (query * sz.num_heads + m) * level_points + l * sz.num_points;
-      for (int64_t p = 0; p < sz.num_points; ++p) {
-        grad_x += grad_offsets[2 * (first + p)];
-        grad_y += grad_offsets[2 * (first + p) + 1];
-      }
-    }
-    grad_reference[2 * (query * sz.num_levels + l)] =
-        grad_x * static_cast<acc_t>(shapes[2 * l + 1]);
-    grad_reference[2 * (query * sz.num_levels + l) + 1] =
-        grad_y * static_cast<acc_t>(shapes[2 * l]);
-  }
+  reference_backward<acc_t>(query, sz, shapes, grad_offsets, grad_reference);
 }
 
 }  // namespace msda
