@@ -60,8 +60,14 @@ def _load_sample(
     if FUSED:
         ref_x = tl.load(ref_ptr + 2 * (query * L + level), mask=row_mask, other=0.0).to(ACC)
         ref_y = tl.load(ref_ptr + 2 * (query * L + level) + 1, mask=row_mask, other=0.0).to(ACC)
-        loc_x = ref_x + raw_x / width_f
-        loc_y = ref_y + raw_y / height_f
+        if ACC == tl.float32:
+            # The correctly rounded quotient, as the reference and the CUDA kernels form it: float32 `/`
+            # compiles to an approximate division on NVIDIA GPUs, which moves some boundary locations a cell.
+            loc_x = ref_x + tl.div_rn(raw_x, width_f)
+            loc_y = ref_y + tl.div_rn(raw_y, height_f)
+        else:
+            loc_x = ref_x + raw_x / width_f
+            loc_y = ref_y + raw_y / height_f
         weight = tl.exp(raw_w - softmax_max) / softmax_sum
     else:
         loc_x = raw_x
