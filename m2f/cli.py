@@ -30,6 +30,8 @@ DATASET_CHOICES = (
     "mapillary-panoptic",
 )
 CHECKPOINT_CONFIG_HELP = "a config name or .json file (default: the config stored in the checkpoint)"
+# The commands that run the model; they keep freed host memory for reuse (m2f.engine.host_memory).
+MODEL_COMMANDS = ("train", "eval", "predict", "demo")
 
 
 def _int_at_least(minimum: int, meaning: str, below: int | None = None):
@@ -580,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
         args.pytest_args = extra[1:] if extra[:1] == ["--"] else extra  # `m2f bench -- -k point` too
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in MODEL_COMMANDS:
+        from m2f.engine.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()
     try:
         with _terminate_as_exit():
             return args.func(args)
