@@ -39,12 +39,13 @@ struct PairwisePlan {
   int64_t target_tiles;
   int64_t num_splits;
   int64_t points_per_split;  // a multiple of kPairChunk
+  int finalize_lanes;        // threads that add one pair's splits: a power of two, at most 32
   int64_t finalize_blocks;
 };
 
 // Enough splits to give each of the `sm_count` multiprocessors about four partial blocks, each
-// split at least kPairMinSplitChunks chunks long. num_queries, num_targets and num_points are
-// positive.
+// split at least kPairMinSplitChunks chunks long, and a finalize group of lanes for every pair as
+// wide as its splits, up to a warp. num_queries, num_targets and num_points are positive.
 inline PairwisePlan pairwise_plan(int64_t num_queries, int64_t num_targets, int64_t num_points,
                                   int64_t sm_count) {
   PairwisePlan plan;
@@ -59,10 +60,13 @@ inline PairwisePlan pairwise_plan(int64_t num_queries, int64_t num_targets, int6
   const int64_t chunks = (num_points + kPairChunk - 1) / kPairChunk;
   plan.points_per_split = (chunks + splits - 1) / splits * kPairChunk;
   plan.num_splits = (num_points + plan.points_per_split - 1) / plan.points_per_split;
+  plan.finalize_lanes = 1;
+  while (plan.finalize_lanes < 32 && plan.finalize_lanes < plan.num_splits)
+    plan.finalize_lanes *= 2;
+  const int64_t pairs_per_block = kPairFinalizeThreads / plan.finalize_lanes;
   const int64_t pairs = num_queries * num_targets;
   plan.finalize_blocks = std::max<int64_t>(
-      1, std::min<int64_t>((pairs + kPairFinalizeThreads - 1) / kPairFinalizeThreads, int64_t(1)
-                                                                                          << 20));
+      1, std::min<int64_t>((pairs + pairs_per_block - 1) / pairs_per_block, int64_t(1) << 20));
   return plan;
 }
 
@@ -196,31 +200,48 @@ __global__ void __launch_bounds__(kPairThreads)
     partial_target_sums[split * num_targets + target_base + target_row] = row_sum;
 }
 
-// ce and dice (Q, T) from the partial kernel's outputs, the splits added in order.
+// ce and dice (Q, T) from the partial kernel's outputs. A group of `lanes` threads of a warp (a
+// power of two, at most 32) finalizes one pair: lane j adds splits j, j + lanes, ... in order, then
+// the group adds its lanes' sums in a fixed butterfly, so the result does not depend on scheduling.
+// The groups of a warp take consecutive pairs; a warp's lanes stay together through the shuffles,
+// those past the last pair adding zeros.
 template <typename acc_t>
 __global__ void __launch_bounds__(kPairFinalizeThreads)
     pairwise_finalize_kernel(const acc_t* __restrict__ partial_dots,
                              const acc_t* __restrict__ partial_query_sums,
                              const acc_t* __restrict__ partial_target_sums, acc_t* __restrict__ ce,
                              acc_t* __restrict__ dice, int64_t num_queries, int64_t num_targets,
-                             int64_t num_points, int64_t num_splits) {
+                             int64_t num_points, int64_t num_splits, int lanes) {
   const int64_t total = num_queries * num_targets;
-  for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < total;
-       index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t query = index / num_targets, target = index - query * num_targets;
-    acc_t logit_dot = 0, prob_dot = 0, softplus_sum = 0, prob_sum = 0, target_sum = 0;
-#pragma unroll 4
-    for (int64_t split = 0; split < num_splits; ++split) {
+  const int lane = threadIdx.x % lanes;
+  const int64_t groups_per_block = kPairFinalizeThreads / lanes;
+  const int64_t group_stride = static_cast<int64_t>(gridDim.x) * groups_per_block;
+  const int64_t warp_first_group = static_cast<int64_t>(blockIdx.x) * groups_per_block +
+                                   (threadIdx.x - threadIdx.x % 32) / lanes;
+  // Every lane of a warp runs the same number of rounds: the loop bound is the warp's first pair.
+  for (int64_t round_base = warp_first_group; round_base < total; round_base += group_stride) {
+    const int64_t index = round_base + (threadIdx.x % 32) / lanes;
+    const bool has_pair = index < total;
+    const int64_t query = has_pair ? index / num_targets : 0;
+    const int64_t target = has_pair ? index - query * num_targets : 0;
+    acc_t sums[5] = {0, 0, 0, 0, 0};  // x.t, sigmoid(x).t, sum softplus(x), sum sigmoid(x), sum t
+    for (int64_t split = lane; has_pair && split < num_splits; split += lanes) {
       const acc_t* dots = partial_dots + (split * total + index) * 2;
       const acc_t* query_sums = partial_query_sums + (split * num_queries + query) * 2;
-      logit_dot += dots[0];
-      prob_dot += dots[1];
-      softplus_sum += query_sums[0];
-      prob_sum += query_sums[1];
-      target_sum += partial_target_sums[split * num_targets + target];
+      sums[0] += dots[0];
+      sums[1] += dots[1];
+      sums[2] += query_sums[0];
+      sums[3] += query_sums[1];
+      sums[4] += partial_target_sums[split * num_targets + target];
     }
-    ce[index] = pairwise_ce_cost(softplus_sum, logit_dot, num_points);
-    dice[index] = pairwise_dice_cost(prob_dot, prob_sum, target_sum);
+    for (int offset = lanes / 2; offset > 0; offset /= 2) {
+#pragma unroll
+      for (int i = 0; i < 5; ++i) sums[i] += __shfl_xor_sync(0xffffffffu, sums[i], offset);
+    }
+    if (has_pair && lane == 0) {
+      ce[index] = pairwise_ce_cost(sums[2], sums[0], num_points);
+      dice[index] = pairwise_dice_cost(sums[1], sums[3], sums[4]);
+    }
   }
 }
 
@@ -244,7 +265,7 @@ void launch_pairwise_mask_cost(const Launch& launch, const PairwisePlan& plan,
          pairwise_finalize_kernel<acc_t>, static_cast<const acc_t*>(partial_dots),
          static_cast<const acc_t*>(partial_query_sums),
          static_cast<const acc_t*>(partial_target_sums), ce, dice, num_queries, num_targets,
-         num_points, plan.num_splits);
+         num_points, plan.num_splits, plan.finalize_lanes);
 }
 
 }  // namespace point_loss

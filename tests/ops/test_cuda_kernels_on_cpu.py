@@ -131,14 +131,15 @@ def emulated_pairwise_mask_cost(library, logits, labels, sm_count):
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize(
     ("num_queries", "num_targets", "num_points"),
-    [(1, 1, 1), (1, 5, 100), (37, 3, 999), (33, 65, 300), (100, 50, 2000)],
+    [(1, 1, 1), (1, 5, 100), (37, 3, 999), (33, 65, 300), (100, 50, 2000), (40, 9, 5000)],
 )
 @pytest.mark.parametrize("sm_count", [1, 132])
 def test_pairwise_mask_cost_kernels(
     monkeypatch, libraries, dtype, num_queries, num_targets, num_points, sm_count
 ):
     """Partial query and target tiles (33 x 65 is two by three 32-pair tiles), points that end inside a chunk,
-    one split per tile (sm_count 1) or up to 16 (a 132-SM GPU, 2,000 points in splits of 128)."""
+    one split per tile (sm_count 1) or up to 40 (a 132-SM GPU: 2,000 points in 16 splits of 128, 5,000 in 40,
+    which the finalize kernel's 32 lanes per pair add two or one at a time)."""
     kernel = functools.partial(
         emulated_pairwise_mask_cost, libraries["pairwise_mask_cost"], sm_count=sm_count
     )
