@@ -28,9 +28,9 @@ def keep_freed_host_memory() -> bool:
 
     By default glibc maps each block of more than 32 MB afresh and unmaps it when it is freed, so a forward
     pass on the CPU page-faults its large tensors (an encoder FFN's hidden layer, the 1/4-resolution maps) on
-    every call: with the R-50 model at 800 x 1067, 240,000 page faults and about 15 % of the time per image.
-    The process keeps its peak memory instead of returning it between calls. Returns whether the settings
-    were applied: False where the C library is not glibc, or where the environment already sets glibc's
+    every call: with the R-50 model at 800 x 1067, 140,000-220,000 page faults and about 10 % of the time per
+    image. The process keeps its peak memory instead of returning it between calls. Returns whether the
+    settings were applied: False where the C library is not glibc, or where the environment already sets glibc's
     malloc options (MALLOC_*_ variables, glibc.malloc tunables in GLIBC_TUNABLES), which are left as they are.
     """
     global _applied
