@@ -1,3 +1,5 @@
+"""m2f.engine.host_memory: glibc's malloc keeping freed memory for reuse, and the CLI commands that ask for it."""
+
 import json
 import os
 import platform
