@@ -79,13 +79,18 @@ def dot(a, b, INTERPRETED: tl.constexpr):
     """a @ b summed in float32, or float64 for float64 tiles.
 
     float32 tiles take three tf32 tensor-core products (about float32 accuracy), 16-bit tiles the tensor cores
-    directly, float64 tiles IEEE products. The CPU interpreter multiplies 32- and 16-bit tiles in float32 (it
-    gets bfloat16 products wrong).
+    directly, float64 tiles IEEE products. The CPU interpreter sums 32- and 16-bit tiles in float64 and rounds
+    once to float32. Its float32 product (numpy's BLAS) rounds in an order that on some CPUs depends on the
+    tiles' shapes and orientation: on an AMD EPYC masked attention's backward recomputed scores near 1e11 two
+    ulps above the forward's, and exp made its gradients infinite (the GPU kernels pass that test). It also
+    gets bfloat16 products wrong.
     """
     if a.dtype == tl.float64:
         return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float64)
     if INTERPRETED:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float64), b.to(tl.float64), input_precision="ieee", out_dtype=tl.float64).to(
+            tl.float32
+        )
     if a.dtype == tl.float32:
         return tl.dot(a, b, input_precision="tf32x3")
     return tl.dot(a, b)
