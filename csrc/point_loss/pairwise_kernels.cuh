@@ -30,6 +30,8 @@ constexpr int kPairStagedRowStep = kPairThreads / kPairChunk;
 // A split is at least this many chunks long.
 constexpr int64_t kPairMinSplitChunks = 4;
 constexpr int kPairFinalizeThreads = 256;
+// A finalize lane adds at least this many splits, or all of them.
+constexpr int64_t kPairFinalizeSplitsPerLane = 4;
 static_assert(kPairThreads == 2 * kPairTile,
               "one row sum per thread: kPairTile query rows, kPairTile target rows");
 static_assert(kPairThreads % kPairChunk == 0, "each thread stages whole rows of one point column");
@@ -44,8 +46,9 @@ struct PairwisePlan {
 };
 
 // Enough splits to give each of the `sm_count` multiprocessors about four partial blocks, each
-// split at least kPairMinSplitChunks chunks long, and a finalize group of lanes for every pair as
-// wide as its splits, up to a warp. num_queries, num_targets and num_points are positive.
+// split at least kPairMinSplitChunks chunks long, and a finalize group for every pair of the most
+// lanes (a power of two, up to a warp) that each add kPairFinalizeSplitsPerLane splits or more.
+// num_queries, num_targets and num_points are positive.
 inline PairwisePlan pairwise_plan(int64_t num_queries, int64_t num_targets, int64_t num_points,
                                   int64_t sm_count) {
   PairwisePlan plan;
@@ -60,8 +63,10 @@ inline PairwisePlan pairwise_plan(int64_t num_queries, int64_t num_targets, int6
   const int64_t chunks = (num_points + kPairChunk - 1) / kPairChunk;
   plan.points_per_split = (chunks + splits - 1) / splits * kPairChunk;
   plan.num_splits = (num_points + plan.points_per_split - 1) / plan.points_per_split;
+  const int64_t lanes_wanted =
+      (plan.num_splits + kPairFinalizeSplitsPerLane - 1) / kPairFinalizeSplitsPerLane;
   plan.finalize_lanes = 1;
-  while (plan.finalize_lanes < 32 && plan.finalize_lanes < plan.num_splits)
+  while (plan.finalize_lanes < 32 && 2 * plan.finalize_lanes <= lanes_wanted)
     plan.finalize_lanes *= 2;
   const int64_t pairs_per_block = kPairFinalizeThreads / plan.finalize_lanes;
   const int64_t pairs = num_queries * num_targets;
@@ -201,10 +206,10 @@ __global__ void __launch_bounds__(kPairThreads)
 }
 
 // ce and dice (Q, T) from the partial kernel's outputs. A group of `lanes` threads of a warp (a
-// power of two, at most 32) finalizes one pair: lane j adds splits j, j + lanes, ... in order, then
-// the group adds its lanes' sums in a fixed butterfly, so the result does not depend on scheduling.
-// The groups of a warp take consecutive pairs; a warp's lanes stay together through the shuffles,
-// those past the last pair adding zeros.
+// power of two, at most 32: pairwise_plan) finalizes one pair: lane j adds splits j, j + lanes, ...
+// in order, then the group adds its lanes' sums in a fixed butterfly, so the result does not depend
+// on scheduling. The groups of a warp take consecutive pairs; a warp's lanes stay together through
+// the shuffles, those past the last pair adding zeros.
 template <typename acc_t>
 __global__ void __launch_bounds__(kPairFinalizeThreads)
     pairwise_finalize_kernel(const acc_t* __restrict__ partial_dots,

@@ -138,8 +138,8 @@ def test_pairwise_mask_cost_kernels(
     monkeypatch, libraries, dtype, num_queries, num_targets, num_points, sm_count
 ):
     """Partial query and target tiles (33 x 65 is two by three 32-pair tiles), points that end inside a chunk,
-    one split per tile (sm_count 1) or up to 40 (a 132-SM GPU: 2,000 points in 16 splits of 128, 5,000 in 40,
-    which the finalize kernel's 32 lanes per pair add two or one at a time)."""
+    one split per tile (sm_count 1) or up to 40 (a 132-SM GPU: 999 points in 8 splits, 2,000 in 16, 5,000 in
+    40, which the finalize kernel adds with 2, 4 and 8 lanes per pair)."""
     kernel = functools.partial(
         emulated_pairwise_mask_cost, libraries["pairwise_mask_cost"], sm_count=sm_count
     )
